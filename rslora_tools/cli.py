@@ -1,0 +1,141 @@
+"""The `rslora-tools` command line: parse, call the library, print. All click code lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import RsloraError
+
+DEBUG_ENV = "RSLORA_TOOLS_DEBUG"
+
+
+class _Group(click.Group):
+    """Maps library errors to one line `Error: ...` and exit 1; a traceback only with RSLORA_TOOLS_DEBUG=1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except RsloraError as e:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            raise click.ClickException(_one_line(str(e))) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; nothing was written") from None
+        except Exception as e:  # an unexpected failure: still one line, unless debugging
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            raise click.ClickException(
+                f"unexpected {type(e).__name__}: {_one_line(str(e))} (set {DEBUG_ENV}=1 for a traceback)"
+            ) from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="rslora-tools")
+def cli() -> None:
+    """Merge, convert and inspect PEFT LoRA and rsLoRA adapters, exactly as PEFT does.
+
+    \b
+    Examples:
+      rslora-tools merge base-model/ my-adapter/ merged/
+      rslora-tools merge base-model/ my-adapter/ merged/ --dtype bf16 --max-shard-size 5GB
+    """
+
+
+@cli.command()
+@click.argument("base", type=click.Path(file_okay=False))
+@click.argument("adapter", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Dtype of the merged floating tensors; auto keeps the base's.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the deltas are computed; auto = cuda when available. Bit-exact with PEFT on cpu.")
+@click.option("--max-shard-size", metavar="SIZE", default=None,
+              help="Re-shard the output, e.g. 5GB (decimal, like transformers) or 2GiB. Default: keep the base's shards.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load an adapter that exists only as adapter_model.bin (torch.load weights_only=True; no code runs).")
+@click.option("--dry-run", is_flag=True, help="Plan the merge and print it; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (errors still print).")
+def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_size: str | None, overwrite: bool,
+          allow_pickle: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
+    """Merge ADAPTER into BASE and write the merged model to OUT.
+
+    The result equals PEFT's merge_and_unload() bit for bit on CPU, for classic LoRA and rsLoRA,
+    rank/alpha patterns, DoRA, embedding and convolution LoRA, GPT-2 Conv1D, lora_bias,
+    modules_to_save and trainable tokens, without loading the model: tensors stream one at a
+    time, untouched ones are copied as raw bytes. OUT keeps the base's shards, config, tokenizer
+    and generation config (the adapter's tokenizer wins when it has one).
+
+    \b
+    Examples:
+      rslora-tools merge fixtures/tiny-llama fixtures/tiny-llama-rslora merged/
+      rslora-tools merge base/ adapter/ merged/ --dtype bf16 --max-shard-size 5GB --json
+    """
+    from .checkpoint import parse_size
+    from .merge import merge as run_merge
+
+    if max_shard_size is not None:
+        try:
+            parse_size(max_shard_size)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
+    report = run_merge(
+        base, adapter, out, dtype=None if dtype == "auto" else dtype, device=device,
+        max_shard_size=max_shard_size, overwrite=overwrite, progress=not (quiet or as_json),
+        allow_pickle=allow_pickle, dry_run=dry_run,
+    )
+    for warning in report.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    if quiet:
+        return
+    scale = "no LoRA modules"
+    if report.scale_min is not None:
+        scale = f"scale {report.scale_min:.6g}" if report.scale_min == report.scale_max else \
+            f"scales {report.scale_min:.6g} to {report.scale_max:.6g}"
+    verb = "Would merge" if report.dry_run else "Merged"
+    click.echo(f"{verb} {report.modules} LoRA modules ({_convention(report.convention)}, {scale}) into {report.out}")
+    click.echo(
+        f"  tensors: {report.tensors_merged} changed, {report.tensors_copied} copied as is, {report.tensors_total} total; "
+        f"{len(report.shards)} shard(s), {_size(report.bytes_written)}, {report.dtype or 'no float'} on {report.device}"
+        + ("" if report.dry_run else f", {report.seconds:.2f} s")
+    )
+    for key, value in report.config_updates.items():
+        click.echo(f"  config.json: {key} = {json.dumps(value)}")
+    for note in report.notes:
+        click.echo(f"  note: {note}")
+
+
+def _convention(name: str) -> str:
+    return {"rslora": "rsLoRA, alpha/sqrt(r)", "classic": "classic LoRA, alpha/r"}[name]
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def main() -> None:
+    cli(prog_name="rslora-tools")
+
+
+if __name__ == "__main__":
+    main()

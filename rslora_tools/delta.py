@@ -1,0 +1,129 @@
+"""The value of one merged tensor, computed exactly as PEFT's default merge_and_unload does.
+
+Every operation below mirrors PEFT 0.21 op for op (peft-semantics §2-§6), because bit-exact
+results need the same torch ops in the same order and dtypes:
+- adapter tensors are upcast to fp32 when saved in half precision (PEFT's autocast_adapter_dtype);
+- Linear / Conv1D / ConvNd add the fp32 delta in place: one rounding to the base dtype;
+- Embedding, MultiheadAttention and target_parameters cast the delta to the base dtype first;
+- DoRA computes in fp32 and rounds once at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .plan import LoraOp, TensorPlan
+
+_HALF = {torch.float16, torch.bfloat16}
+_UPCAST = _HALF | {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+Reader = Callable[[str], torch.Tensor]
+
+
+def adapter_weight(read: Reader, key: str, device: torch.device) -> torch.Tensor:
+    """An adapter tensor as PEFT holds it after loading: half precision upcast to fp32."""
+    t = read(key).to(device)
+    return t.float() if t.dtype in _UPCAST else t
+
+
+def lora_delta(op: LoraOp, read: Reader, w_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """PEFT's get_delta_weight for the op's layer kind (fp32, scale included, base weight layout)."""
+    a = adapter_weight(read, op.module.a_key, device)  # type: ignore[arg-type]
+    b = adapter_weight(read, op.module.b_key, device)  # type: ignore[arg-type]
+    s = op.scale.scale
+    if op.kind in ("linear", "param", "mha"):
+        delta = b @ a
+        return (delta.T if op.transpose else delta) * s
+    if op.kind == "embedding":
+        return (b @ a).T * s
+    if op.kind == "conv":
+        if len(w_shape) == 4 and tuple(w_shape[2:4]) == (1, 1):  # PEFT's Conv2d 1x1 shortcut
+            return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * s
+        # The general formula for every other kernel, Conv3d 1x1xk included (PEFT's shortcut crashes there).
+        return _CONV[len(w_shape)](a.transpose(0, 1), b).transpose(0, 1) * s
+    if op.kind == "experts":
+        a3 = a.reshape(op.experts, -1, a.shape[-1])  # expert-major rows: e*r + k
+        b3 = b.reshape(b.shape[0], -1, op.experts)  # expert-minor columns: k*E + e
+        if op.transpose:  # W[e] is (out, in): Mixtral/Qwen-MoE in transformers v5
+            return torch.einsum("o r e, e r i -> e o i", b3, a3) * s
+        return torch.einsum("o r e, e r i -> e i o", b3, a3) * s
+    raise AssertionError(op.kind)
+
+
+def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
+    """Merge one LoRA module into its (writable) weight; returns the merged weight."""
+    delta = lora_delta(op, read, w.shape, w.device)
+    if op.dora:
+        return _apply_dora(w, op, delta, read)
+    if op.kind in ("embedding", "mha", "param", "experts"):
+        if op.kind in ("param", "experts") and w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            w += delta  # low-precision parameters: PEFT adds without downcasting the delta first
+        else:
+            w += delta.to(w.dtype)
+        return w
+    w += delta  # mixed-dtype in-place add: computed in fp32, rounded once
+    return w
+
+
+def _apply_dora(w: torch.Tensor, op: LoraOp, delta: torch.Tensor, read: Reader) -> torch.Tensor:
+    magnitude = adapter_weight(read, op.module.magnitude_key, w.device)  # type: ignore[arg-type]
+    orig_dtype = w.dtype
+    if op.kind == "conv":
+        weight = w + 1 * delta
+        norm = weight.norm(p=2, dim=tuple(range(1, weight.dim())), keepdim=True).transpose(1, 0)
+        factor = (magnitude / norm).view(*((-1,) + (1,) * (w.dim() - 1)))
+        return (factor * (w + delta)).to(orig_dtype)
+    if op.kind == "embedding":  # norm per embedding dim, over the vocabulary
+        weight = w.T + 1 * delta.T
+        norm = torch.linalg.norm(weight, dim=1).to(weight.dtype)
+        factor = (magnitude / norm).view(1, -1)
+        return (factor * (w + delta)).to(orig_dtype)
+    # Linear, or Conv1D when transposed: the norm is per output feature
+    weight = _t(w, op.transpose) + 1 * _t(delta, op.transpose)
+    norm = torch.linalg.norm(weight, dim=1).to(weight.dtype)
+    factor = _t((magnitude / norm).view(-1, 1), op.transpose)
+    return (factor * (w + delta)).to(orig_dtype)
+
+
+def _t(x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return x.T if transpose else x
+
+
+def apply_lora_bias(bias: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
+    """lora_bias: b += lora_B.bias * scale (fp32, rounded once), as PEFT's unsafe merge does."""
+    lora_b_bias = adapter_weight(read, op.module.bias_key, bias.device)  # type: ignore[arg-type]
+    bias += lora_b_bias * op.scale.scale
+    return bias
+
+
+def apply_tokens(w: torch.Tensor, key: str, indices: list[int], read: Reader) -> torch.Tensor:
+    """Trainable tokens: the saved rows replace rows `indices` (index_copy, as PEFT merges them)."""
+    rows = read(key).to(w.device)
+    return w.index_copy(0, torch.tensor(indices, device=w.device), rows.to(w.dtype))
+
+
+def compute(
+    plan: TensorPlan,
+    base: torch.Tensor | None,
+    read: Reader,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The merged value of one output tensor, from its base value (None when a replacement gives it)."""
+    if plan.replacement is not None:
+        w = read(plan.replacement)
+        device = base.device if base is not None else w.device
+        w = w.to(device=device, dtype=out_dtype)
+    else:
+        assert base is not None
+        w = base if base.dtype == out_dtype else base.to(out_dtype)
+    if plan.lora is not None:
+        w = apply_lora(w, plan.lora, read)
+    if plan.bias_of is not None:
+        w = apply_lora_bias(w, plan.bias_of, read)
+    if plan.tokens is not None:
+        w = apply_tokens(w, plan.tokens[0], plan.tokens[1], read)
+    return w

@@ -1,0 +1,342 @@
+"""Execute a merge plan: stream tensors from the base shards through the deltas into OUT.
+
+One tensor at a time: read it (pread, no mmap), apply its delta, write it, drop it. Untouched
+tensors are copied as raw bytes. Everything is written into a temporary folder beside OUT
+that is renamed at the end, so a failure or Ctrl-C leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import __version__
+from .adapter import Adapter, load_adapter
+from .checkpoint import (
+    INDEX_FILE,
+    Checkpoint,
+    is_tokenizer_file,
+    open_checkpoint,
+    parse_size,
+    read_json_file,
+    side_files,
+    write_json_file,
+)
+from .delta import compute
+from .errors import InputError, OutputError, UnsupportedAdapterError
+from .plan import Plan, TensorPlan, build_plan
+from .safetensors_file import ST_TO_TORCH, StreamingWriter, read_tensor, tensor_nbytes
+
+
+@dataclass
+class MergeReport:
+    """What a merge did; `to_dict()` is what `--json` prints."""
+
+    base: str
+    adapter: str
+    out: str
+    convention: str
+    modules: int
+    tensors_merged: int
+    tensors_copied: int
+    tensors_total: int
+    scale_min: float | None
+    scale_max: float | None
+    shards: list[str]
+    bytes_written: int
+    dtype: str
+    device: str
+    seconds: float
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return torch.device(device)
+
+
+def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """OUT may not be, contain, or sit inside an input; an existing non-empty OUT needs overwrite."""
+    out_r = out.resolve()
+    for inp in inputs:
+        inp_r = inp.resolve()
+        if out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents:
+            raise OutputError(f"{out}: the output folder may not be, contain or be inside an input ({inp})")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+
+
+def prepare(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike | Adapter,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[Checkpoint, Adapter, Plan]:
+    """Open both inputs and plan the merge (headers and config only)."""
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, allow_pickle=allow_pickle)
+    checkpoint = open_checkpoint(base)
+    quant = (checkpoint.config or {}).get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
+        raise UnsupportedAdapterError(
+            f"{checkpoint.folder}: the base is a {method} checkpoint; merge into the unquantized base model "
+            "(merging into quantized weights loses the adapter to rounding)"
+        )
+    size = parse_size(max_shard_size) if max_shard_size is not None else None
+    plan = build_plan(checkpoint, adapter, dtype=dtype, max_shard_size=size)
+    return checkpoint, adapter, plan
+
+
+def merge(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike | Adapter,
+    out: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    allow_pickle: bool = False,
+    dry_run: bool = False,
+) -> MergeReport:
+    """Merge a PEFT LoRA adapter into a base checkpoint, streaming, exactly as PEFT's merge_and_unload.
+
+    Args:
+        base: base model folder (safetensors, single file or sharded).
+        adapter: adapter folder (adapter_config.json + adapter_model.safetensors) or a loaded `Adapter`.
+        out: output folder; written atomically (a temporary folder beside it is renamed at the end).
+        dtype: output dtype for floating tensors ("bf16", "fp16", "fp32"); default: the base's.
+        device: "cpu", "cuda" or "auto" (cuda when available).
+        max_shard_size: re-shard the output ("5GB" = 5e9 bytes); default: keep the base's shards.
+        overwrite: replace an existing non-empty OUT.
+        progress: show a progress bar on stderr (only when it is a terminal).
+        dry_run: plan only; write nothing.
+
+    Returns:
+        A `MergeReport` with what was merged.
+    """
+    started = time.monotonic()
+    out = Path(out)
+    checkpoint, adapter_obj, plan = prepare(
+        base, adapter, dtype=dtype, max_shard_size=max_shard_size, allow_pickle=allow_pickle
+    )
+    check_output_location(out, [checkpoint.folder, adapter_obj.path], overwrite)
+    torch_device = resolve_device(device)
+    report = _report(checkpoint, adapter_obj, plan, out, torch_device, dtype)
+    report.dry_run = dry_run
+    if dry_run:
+        report.seconds = time.monotonic() - started
+        return report
+
+    with _atomic_folder(out, overwrite) as tmp:
+        written = _write_shards(checkpoint, adapter_obj, plan, tmp, torch_device, progress)
+        _write_index(checkpoint, plan, tmp, max_shard_size is not None)
+        _copy_side_files(checkpoint, adapter_obj, plan, tmp)
+    report.bytes_written = written
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _report(
+    checkpoint: Checkpoint, adapter: Adapter, plan: Plan, out: Path, device: torch.device, dtype: str | None
+) -> MergeReport:
+    tensors = plan.tensors
+    scales = [op.scale.scale for op in plan.lora_ops]
+    dtypes = sorted({t.dtype for t in tensors if t.dtype in ("BF16", "F16", "F32", "F64")})
+    return MergeReport(
+        base=str(checkpoint.folder),
+        adapter=str(adapter.path),
+        out=str(out),
+        convention=adapter.config.convention,
+        modules=len(plan.lora_ops),
+        tensors_merged=sum(not t.untouched for t in tensors),
+        tensors_copied=sum(t.untouched and _same_dtype(checkpoint, t) for t in tensors),
+        tensors_total=len(tensors),
+        scale_min=min(scales) if scales else None,
+        scale_max=max(scales) if scales else None,
+        shards=[name for name, _ in plan.shards],
+        bytes_written=sum(tensor_nbytes(t.dtype, t.shape) for t in tensors),
+        dtype=",".join(dtypes),
+        device=str(device),
+        seconds=0.0,
+        config_updates=plan.config_updates,
+        notes=plan.notes,
+        warnings=plan.warnings,
+    )
+
+
+def _same_dtype(checkpoint: Checkpoint, t: TensorPlan) -> bool:
+    return t.source is not None and checkpoint.info(t.source).dtype == t.dtype
+
+
+@contextmanager
+def _atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside OUT; on success it replaces OUT, on any failure it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.rslora-tools-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield tmp
+        if out.exists():
+            if any(out.iterdir()) and not overwrite:
+                raise OutputError(f"{out}: appeared while merging and is not empty; nothing was replaced")
+            old = out.parent / f".{out.name}.rslora-tools-old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class _BaseFiles:
+    """Open base shard files on demand (read-only), one descriptor per shard."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.fds: dict[str, int] = {}
+
+    def fd(self, shard: str) -> int:
+        if shard not in self.fds:
+            self.fds[shard] = os.open(self.checkpoint.folder / shard, os.O_RDONLY)
+        return self.fds[shard]
+
+    def read(self, name: str) -> torch.Tensor:
+        shard = self.checkpoint.weight_map[name]
+        return read_tensor(self.fd(shard), self.checkpoint.headers[shard], name)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _write_shards(
+    checkpoint: Checkpoint, adapter: Adapter, plan: Plan, tmp: Path, device: torch.device, progress: bool
+) -> int:
+    from tqdm.auto import tqdm
+
+    total = sum(tensor_nbytes(t.dtype, t.shape) for t in plan.tensors)
+    bar = tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Merging", file=sys.stderr,
+        disable=None if progress else True, dynamic_ncols=True,
+    )
+    files = _BaseFiles(checkpoint)
+    metadata = {"format": "pt"}
+    written = 0
+    try:
+        for shard_name, tensors in plan.shards:
+            entries = [(t.name, t.dtype, t.shape) for t in tensors]
+            writer = StreamingWriter(tmp / shard_name, entries, metadata)
+            try:
+                for t in tensors:
+                    if t.untouched and _same_dtype(checkpoint, t):
+                        source = t.source
+                        assert source is not None
+                        shard = checkpoint.weight_map[source]
+                        info = checkpoint.info(source)
+                        writer.copy_raw(t.name, files.fd(shard), checkpoint.headers[shard].data_start + info.begin)
+                    else:
+                        writer.write_tensor(t.name, _merged_tensor(t, files, adapter, device))
+                    n = tensor_nbytes(t.dtype, t.shape)
+                    written += n
+                    bar.update(n)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+    except OSError as e:
+        raise OutputError(f"{tmp.parent}: writing the merged model failed: {e.strerror or e}; nothing was written") from e
+    finally:
+        files.close()
+        bar.close()
+    return written
+
+
+def _merged_tensor(t: TensorPlan, files: _BaseFiles, adapter: Adapter, device: torch.device) -> torch.Tensor:
+    base = files.read(t.source).to(device) if t.source is not None else None
+    out_dtype = ST_TO_TORCH[t.dtype]
+    value = compute(t, base, adapter.tensor, out_dtype)
+    return value.cpu() if value.device.type != "cpu" else value
+
+
+def _write_index(checkpoint: Checkpoint, plan: Plan, tmp: Path, resharded: bool) -> None:
+    """Write model.safetensors.index.json when there are several shards (or the base had an index)."""
+    if len(plan.shards) == 1 and (resharded or not checkpoint.sharded):
+        return
+    weight_map = {t.name: shard for shard, tensors in plan.shards for t in tensors}
+    metadata = dict(checkpoint.index_metadata or {})
+    metadata["total_size"] = sum(tensor_nbytes(t.dtype, t.shape) for t in plan.tensors)
+    if "total_parameters" in metadata:
+        metadata["total_parameters"] = sum(_numel(t.shape) for t in plan.tensors)
+    write_json_file(tmp / INDEX_FILE, {"metadata": metadata, "weight_map": weight_map}, sort_keys=True)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _copy_side_files(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, tmp: Path) -> None:
+    """config.json (updated only where the merge changes it), generation config, tokenizer, templates.
+
+    The tokenizer comes from the adapter folder when it has one (the tokenizer it was trained with).
+    """
+    adapter_files = [p for p in side_files(adapter.path) if is_tokenizer_file(p.name)]
+    take_tokenizer_from_adapter = bool(adapter_files)
+    for path in side_files(checkpoint.folder):
+        if take_tokenizer_from_adapter and is_tokenizer_file(path.name):
+            continue
+        if path.name == "config.json" and plan.config_updates:
+            config = read_json_file(path)
+            config.update(plan.config_updates)
+            if "text_config" in config and isinstance(config["text_config"], dict) and "vocab_size" in plan.config_updates:
+                config["text_config"]["vocab_size"] = plan.config_updates["vocab_size"]
+            write_json_file(tmp / path.name, config)
+            continue
+        shutil.copyfile(path, tmp / path.name)
+    for path in adapter_files:
+        shutil.copyfile(path, tmp / path.name)

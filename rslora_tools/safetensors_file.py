@@ -1,0 +1,258 @@
+"""Read and write single safetensors files, one tensor at a time.
+
+Reading parses the header ourselves (so that every defect gets a clear message) and reads
+each tensor with `os.pread`, so that nothing is memory-mapped and memory never grows with the
+file. Writing lays out the whole header first (a merge knows every name, dtype and shape in
+advance) and then streams tensor bytes after it, so no shard is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from .errors import InputError
+
+MAX_HEADER_SIZE = 100_000_000  # the Rust reader's limit
+
+# safetensors dtype name -> bits per element
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8,
+    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+
+_TORCH_DTYPES: dict[str, str] = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+    "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
+    "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64",
+    "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+TORCH_TO_ST: dict[torch.dtype, str] = {}
+ST_TO_TORCH: dict[str, torch.dtype] = {}
+for _name, _attr in _TORCH_DTYPES.items():
+    if hasattr(torch, _attr):
+        ST_TO_TORCH[_name] = getattr(torch, _attr)
+        TORCH_TO_ST[getattr(torch, _attr)] = _name
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # offset of the first byte, relative to the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class SafetensorsHeader:
+    """The parsed header of one file: tensors in file order, metadata, data start."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+    data_start: int
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    return (bits + 7) // 8
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file; raise InputError naming the defect."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_SIZE:
+                raise InputError(f"{path}: corrupt safetensors header (header length {n} exceeds the 100 MB limit)")
+            if 8 + n > size:
+                raise InputError(
+                    f"{path}: truncated or corrupt safetensors file (header length {n} runs past the end "
+                    f"of the {size}-byte file); download it again"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header (not valid UTF-8 JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    infos = []
+    for name, entry in header.items():
+        infos.append(_parse_entry(path, name, entry))
+    infos.sort(key=lambda t: (t.begin, t.end))
+    position = 0
+    for info in infos:
+        if info.begin != position:
+            what = "overlap" if info.begin < position else "leave a hole"
+            raise InputError(f"{path}: corrupt safetensors header (offsets of tensor {info.name!r} {what})")
+        position = info.end
+    if 8 + n + position != size:
+        raise InputError(
+            f"{path}: truncated or corrupt safetensors file (header describes {8 + n + position} bytes, "
+            f"file has {size}); download it again"
+        )
+    return SafetensorsHeader(path, {t.name: t for t in infos}, metadata, 8 + n)
+
+
+def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
+    bad = f"{path}: corrupt safetensors header (tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise InputError(f"{bad} is not an object)")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        raise InputError(f"{bad} has unknown dtype {dtype!r})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InputError(f"{bad} has an invalid shape {shape!r})")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise InputError(f"{bad} has invalid data_offsets {offsets!r})")
+    expected = tensor_nbytes(dtype, tuple(shape))
+    if offsets[1] - offsets[0] != expected:
+        raise InputError(
+            f"{bad}: dtype {dtype} and shape {shape} need {expected} bytes, offsets give {offsets[1] - offsets[0]})"
+        )
+    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def read_tensor(f: BinaryIO | int, header: SafetensorsHeader, name: str) -> torch.Tensor:
+    """Read one tensor with pread: a fresh, writable, CPU tensor that owns its memory."""
+    info = header.tensors[name]
+    torch_dtype = ST_TO_TORCH.get(info.dtype)
+    if torch_dtype is None:
+        raise InputError(f"{header.path}: tensor {name!r} has dtype {info.dtype}, which this torch cannot compute with")
+    buf = read_bytes(f, header.data_start + info.begin, info.nbytes)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=torch_dtype)
+    return torch.frombuffer(buf, dtype=torch_dtype).reshape(info.shape)
+
+
+def read_bytes(f: BinaryIO | int, offset: int, length: int) -> bytearray:
+    fd = f if isinstance(f, int) else f.fileno()
+    buf = bytearray(length)
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise InputError(f"unexpected end of file while reading {length} bytes at offset {offset}")
+        done += n
+    return buf
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (zero-copy when contiguous)."""
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
+    """Serialize a header for tensors laid out in the given order; return its bytes and offsets."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    infos = []
+    position = 0
+    for name, dtype, shape in entries:
+        size = tensor_nbytes(dtype, shape)
+        infos.append(TensorInfo(name, dtype, shape, position, position + size))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + size]}
+        position += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # pad so that the data section starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, infos
+
+
+class StreamingWriter:
+    """Writes one safetensors file whose header is known up front, tensor by tensor, in order."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
+        self.path = path
+        header, self.infos = build_header(entries, metadata)
+        self._next = 0
+        self._file = open(path, "wb")
+        self._file.write(header)
+
+    def _expect(self, name: str) -> TensorInfo:
+        info = self.infos[self._next]
+        if info.name != name:
+            raise RuntimeError(f"writer expected tensor {info.name!r}, got {name!r}")
+        self._next += 1
+        return info
+
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        info = self._expect(name)
+        if TORCH_TO_ST.get(tensor.dtype) != info.dtype or tuple(tensor.shape) != info.shape:
+            raise RuntimeError(f"tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, header says {info.dtype}{info.shape}")
+        self._file.write(tensor_bytes(tensor))
+
+    def copy_raw(self, name: str, source_fd: int, source_offset: int) -> None:
+        """Copy a tensor's bytes from another file without decoding them (in-kernel when possible)."""
+        info = self._expect(name)
+        self._file.flush()
+        out_fd = self._file.fileno()
+        remaining, offset = info.nbytes, source_offset
+        while remaining > 0:
+            try:
+                n = os.copy_file_range(source_fd, out_fd, remaining, offset)
+            except OSError:
+                n = 0
+            if n <= 0:  # not supported here (or EOF): fall back to a plain buffered copy
+                chunk = read_bytes(source_fd, offset, min(remaining, 64 << 20))
+                self._file.write(chunk)
+                self._file.flush()
+                n = len(chunk)
+            remaining -= n
+            offset += n
+        self._file.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        if self._next != len(self.infos):
+            missing = self.infos[self._next].name
+            self._file.close()
+            raise RuntimeError(f"{self.path}: tensor {missing!r} was never written")
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
