@@ -303,8 +303,22 @@ def _group_keys(adapter: Adapter) -> None:
         else:
             loose.append((path, key))
     wrapped = {m.name for m in adapter.modules.values()} | set(adapter.token_deltas)
+    # modules_to_save: `M.modules_to_save.<p>` is the trained copy and wins over a plain `M.<p>` saved
+    # beside it; `M.original_module.<p>` is the untrained original and is not merged.
+    trained_copies: set[str] = set()
     for path, key in loose:
-        adapter.replacements[_unwrap(path, wrapped)] = key
+        parts = path.split(".")
+        if "original_module" in parts:
+            continue
+        if "modules_to_save" in parts:
+            parts.remove("modules_to_save")
+            target = _unwrap(".".join(parts), wrapped)
+            adapter.replacements[target] = key
+            trained_copies.add(target)
+            continue
+        target = _unwrap(path, wrapped)
+        if target not in trained_copies:
+            adapter.replacements[target] = key
     for module in adapter.modules.values():
         _check_module(adapter, module)
 

@@ -154,8 +154,11 @@ def build_plan(
         tie.note_target(target, "replacement")
 
     # 2. LoRA modules.
+    def shape_of(name: str) -> tuple[int, ...]:
+        return plans[name].shape if name in plans else checkpoint.info(name).shape
+
     for module in adapter.lora_modules:
-        target, op = _place_module(module, adapter, checkpoint, resolver, model_type)
+        target, op = _place_module(module, adapter, shape_of, resolver, model_type)
         if target is None and tie.is_missing_head(module.name + ".weight"):
             op = _make_op(module, adapter, "linear", tie.embedding_shape_for_head(), False)
             tie.head_ops.append(("lora", module.name, op))
@@ -221,20 +224,20 @@ def _token_indices(adapter: Adapter, path: str, key: str) -> list[int]:
 
 
 def _place_module(
-    module: LoraModule, adapter: Adapter, checkpoint: Checkpoint, resolver: _Resolver, model_type: str | None
+    module: LoraModule, adapter: Adapter, shape_of, resolver: _Resolver, model_type: str | None
 ) -> tuple[str | None, LoraOp]:
     """Find the base tensor a LoRA module changes, and the kind of delta."""
     cfg = adapter.config
     a_shape = adapter.shapes[module.a_key]  # type: ignore[index]
     if cfg.target_parameters and (module.depth > 0 or resolver.find(module.name + ".weight") is None):
-        return _place_parameter(module, adapter, checkpoint, resolver)
+        return _place_parameter(module, adapter, shape_of, resolver)
     target = resolver.find(module.name + ".weight")
     if target is None and resolver.find(module.name + ".in_proj_weight") is not None:
         target = resolver.find(module.name + ".in_proj_weight")
-        return target, _make_op(module, adapter, "mha", checkpoint.info(target).shape, False)  # type: ignore[arg-type]
+        return target, _make_op(module, adapter, "mha", shape_of(target), False)  # type: ignore[arg-type]
     if target is None:
         return None, _make_op(module, adapter, "linear", (), False)
-    w_shape = checkpoint.info(target).shape
+    w_shape = shape_of(target)
     if module.embedding:
         return target, _make_op(module, adapter, "embedding", w_shape, False)
     if len(a_shape) > 2:
@@ -259,7 +262,7 @@ def _linear_layout(module: LoraModule, adapter: Adapter, w_shape: tuple[int, ...
 
 
 def _place_parameter(
-    module: LoraModule, adapter: Adapter, checkpoint: Checkpoint, resolver: _Resolver
+    module: LoraModule, adapter: Adapter, shape_of, resolver: _Resolver
 ) -> tuple[str | None, LoraOp]:
     """target_parameters (ParamWrapper): find the parameter of `module` this wrapper holds, by shape."""
     a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]  # type: ignore[index]
@@ -272,7 +275,7 @@ def _place_parameter(
         target = resolver.find(full)
         if target is None:
             continue
-        w = checkpoint.info(target).shape
+        w = shape_of(target)
         if len(w) == 2 and w == (b[0], a[1]):
             fits.append((target, _make_op(module, adapter, "param", w, False, scale_name=full)))
         elif len(w) == 3 and a[0] % w[0] == 0 and b[1] == a[0]:

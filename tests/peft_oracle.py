@@ -88,7 +88,20 @@ def peft_merged_state_dict(base: Path | torch.nn.Module, adapter: Path, prepare=
     if prepare is not None:
         prepare(model)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    return unique_tensors(merged.state_dict())
+
+
+def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tied aliases (a tensor sharing storage with an earlier one), as transformers' save does."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state_dict.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        out[k] = v.detach().clone()
+    return out
 
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from peft_oracle import make_gpt2, make_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama_fp32(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("llama-fp32"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def llama_bf16(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("llama-bf16"), torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def llama_fp16(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("llama-fp16"), torch.float16)
+
+
+@pytest.fixture(scope="session")
+def llama_sharded(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("llama-sharded"), torch.bfloat16, max_shard_size="20KB")
+
+
+@pytest.fixture(scope="session")
+def llama_tied(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("llama-tied"), torch.bfloat16, tie=True)
+
+
+@pytest.fixture(scope="session")
+def gpt2_bf16(tmp_path_factory) -> Path:
+    return make_gpt2(tmp_path_factory.mktemp("gpt2-bf16"), torch.bfloat16)
+
+
+@pytest.fixture
+def bases(llama_fp32, llama_bf16, llama_fp16) -> dict[str, Path]:
+    return {"fp32": llama_fp32, "bf16": llama_bf16, "fp16": llama_fp16}
