@@ -48,9 +48,9 @@ def lora_delta(op: LoraOp, read: Reader, w_shape: torch.Size, device: torch.devi
     if op.kind == "experts":
         a3 = a.reshape(op.experts, -1, a.shape[-1])  # expert-major rows: e*r + k
         b3 = b.reshape(b.shape[0], -1, op.experts)  # expert-minor columns: k*E + e
-        if op.transpose:  # W[e] is (out, in): Mixtral/Qwen-MoE in transformers v5
-            return torch.einsum("o r e, e r i -> e o i", b3, a3) * s
-        return torch.einsum("o r e, e r i -> e i o", b3, a3) * s
+        if op.transpose:  # W[e] is (in, out), as in GPT-OSS
+            return torch.einsum("o r e, e r i -> e i o", b3, a3) * s
+        return torch.einsum("o r e, e r i -> e o i", b3, a3) * s  # W[e] is (out, in): Mixtral/Qwen-MoE in v5
     raise AssertionError(op.kind)
 
 

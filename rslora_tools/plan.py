@@ -163,6 +163,14 @@ def build_plan(
             op = _make_op(module, adapter, "linear", tie.embedding_shape_for_head(), False)
             tie.head_ops.append(("lora", module.name, op))
             continue
+        if target is None and cfg.target_parameters and any(
+            ".experts.0." in n for n in checkpoint.weight_map
+        ):
+            raise UnsupportedAdapterError(
+                f"{where}: adapter module {module.name!r} targets fused expert parameters "
+                f"({', '.join(cfg.target_parameters)}) but the base checkpoint stores its experts per expert "
+                "(e.g. experts.0.w1.weight); splitting fused-expert deltas is not supported: merge with PEFT"
+            )
         if target is None:
             raise MismatchError(
                 f"{where}: adapter module {module.name!r} (tensor {module.a_key!r}) matches no tensor in the base checkpoint"
@@ -288,7 +296,8 @@ def _place_parameter(
                     f"{list(w)}, so the orientation of the LoRA delta is ambiguous; merge it with PEFT"
                 )
             if straight or swapped:
-                fits.append((target, _make_op(module, adapter, "experts", w, swapped, experts=experts, scale_name=full)))
+                op = _make_op(module, adapter, "experts", w, swapped, experts=experts, scale_name=full)
+                fits.append((target, op))
     if len(fits) == 1:
         return fits[0]
     if len(fits) > 1:
