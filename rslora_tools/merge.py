@@ -8,6 +8,7 @@ that is renamed at the end, so a failure or Ctrl-C leaves nothing behind.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -252,6 +253,43 @@ class _BaseFiles:
         self.fds.clear()
 
 
+class _WriteBehind:
+    """Runs write jobs in order on one background thread, so that writing overlaps reading and computing.
+
+    torch and file writes release the GIL; the queue depth bounds the tensors held in memory.
+    """
+
+    def __init__(self, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="rslora-tools-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as e:  # re-raised on the main thread
+                    self._error = e
+
+    def submit(self, job) -> None:
+        self.raise_error()
+        self._queue.put(job)
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.raise_error()
+
+
 def _write_shards(
     checkpoint: Checkpoint, adapter: Adapter, plan: Plan, tmp: Path, device: torch.device, progress: bool
 ) -> int:
@@ -264,34 +302,43 @@ def _write_shards(
     )
     files = _BaseFiles(checkpoint)
     metadata = {"format": "pt"}
-    written = 0
+    writers: list[StreamingWriter] = []
+    background = _WriteBehind()
+    finished = False
     try:
         for shard_name, tensors in plan.shards:
             entries = [(t.name, t.dtype, t.shape) for t in tensors]
             writer = StreamingWriter(tmp / shard_name, entries, metadata)
-            try:
-                for t in tensors:
-                    if t.untouched and _same_dtype(checkpoint, t):
-                        source = t.source
-                        assert source is not None
-                        shard = checkpoint.weight_map[source]
-                        info = checkpoint.info(source)
-                        writer.copy_raw(t.name, files.fd(shard), checkpoint.headers[shard].data_start + info.begin)
-                    else:
-                        writer.write_tensor(t.name, _merged_tensor(t, files, adapter, device))
-                    n = tensor_nbytes(t.dtype, t.shape)
-                    written += n
-                    bar.update(n)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+            writers.append(writer)
+            for t in tensors:
+                n = tensor_nbytes(t.dtype, t.shape)
+                if t.untouched and _same_dtype(checkpoint, t):
+                    source = t.source
+                    assert source is not None
+                    shard = checkpoint.weight_map[source]
+                    offset = checkpoint.headers[shard].data_start + checkpoint.info(source).begin
+                    fd = files.fd(shard)
+                    background.submit(lambda w=writer, t=t, fd=fd, offset=offset: w.copy_raw(t.name, fd, offset))
+                else:
+                    value = _merged_tensor(t, files, adapter, device)
+                    background.submit(lambda w=writer, t=t, value=value: w.write_tensor(t.name, value))
+                bar.update(n)
+            background.submit(writer.close)
+        background.finish()
+        finished = True
     except OSError as e:
         raise OutputError(f"{tmp.parent}: writing the merged model failed: {e.strerror or e}; nothing was written") from e
     finally:
+        if not finished:
+            try:
+                background.finish()
+            except BaseException:
+                pass
+            for writer in writers:
+                writer.abort()
         files.close()
         bar.close()
-    return written
+    return total
 
 
 def _merged_tensor(t: TensorPlan, files: _BaseFiles, adapter: Adapter, device: torch.device) -> torch.Tensor:

@@ -340,3 +340,21 @@ def test_every_shard_has_pt_format_metadata(llama_sharded, tmp_path):
     for shard in (tmp_path / "out").glob("*.safetensors"):
         with safe_open(shard, "pt") as f:
             assert f.metadata()["format"] == "pt"
+
+
+class Wide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(2048, 700, bias=False)  # merged in 512-row blocks, the last one overlapping
+        self.down = torch.nn.Linear(4096, 300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_large_linear_merged_in_blocks_equals_peft(tmp_path, dtype):
+    torch.manual_seed(0)
+    net = Wide().to(dtype)
+    base = save_module(net, tmp_path / "base")
+    cfg = LoraConfig(r=16, lora_alpha=32, use_rslora=True, target_modules=["up", "down"], init_lora_weights=False)
+    adapter = make_adapter(net, tmp_path / "adapter", cfg)
+    cli_merge(base, adapter, tmp_path / "out")
+    assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(net, adapter))
