@@ -8,6 +8,11 @@ Python API (the CLI is a thin layer over it):
 
 from __future__ import annotations
 
+import warnings
+
+# torch warns at import when numpy is absent; rslora-tools never needs numpy.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
 __version__ = "0.1.0"
 
 from .adapter import Adapter, AdapterConfig, load_adapter  # noqa: E402

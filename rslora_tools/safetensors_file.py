@@ -8,6 +8,7 @@ advance) and then streams tensor bytes after it, so no shard is ever held in mem
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -180,11 +181,15 @@ def read_bytes(f: BinaryIO | int, offset: int, length: int) -> bytearray:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor (zero-copy when contiguous)."""
-    t = t.contiguous()
-    if t.numel() == 0:
+    """The raw little-endian bytes of a contiguous CPU tensor, zero-copy (no numpy needed).
+
+    The caller keeps `t` alive while the view is used.
+    """
+    assert t.is_contiguous() and t.device.type == "cpu"
+    n = t.numel() * t.element_size()
+    if n == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
@@ -225,6 +230,7 @@ class StreamingWriter:
         info = self._expect(name)
         if TORCH_TO_ST.get(tensor.dtype) != info.dtype or tuple(tensor.shape) != info.shape:
             raise RuntimeError(f"tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, header says {info.dtype}{info.shape}")
+        tensor = tensor.contiguous()
         self._file.write(tensor_bytes(tensor))
 
     def copy_raw(self, name: str, source_fd: int, source_offset: int) -> None:
