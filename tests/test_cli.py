@@ -263,3 +263,9 @@ def test_quantized_base_refused(tmp_path):
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (base / "config.json").write_text(json.dumps(cfg))
     assert_clean_error(run("merge", base, ADAPTER, tmp_path / "out"), "bitsandbytes", "unquantized")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(tmp_path):
+    assert_clean_error(run("merge", BASE, ADAPTER, tmp_path / "out", "--device", "cuda"), "CUDA is not available")
+    assert not (tmp_path / "out").exists()
