@@ -7,6 +7,7 @@ that is renamed at the end, so a failure or Ctrl-C leaves nothing behind.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import shutil
@@ -157,10 +158,9 @@ def merge(
         return report
 
     with _atomic_folder(out, overwrite) as tmp:
-        written = _write_shards(checkpoint, adapter_obj, plan, tmp, torch_device, progress)
+        _write_shards(checkpoint, adapter_obj, plan, tmp, torch_device, progress)
         _write_index(checkpoint, plan, tmp, max_shard_size is not None)
         _copy_side_files(checkpoint, adapter_obj, plan, tmp)
-    report.bytes_written = written
     report.seconds = time.monotonic() - started
     return report
 
@@ -292,7 +292,7 @@ class _WriteBehind:
 
 def _write_shards(
     checkpoint: Checkpoint, adapter: Adapter, plan: Plan, tmp: Path, device: torch.device, progress: bool
-) -> int:
+) -> None:
     from tqdm.auto import tqdm
 
     total = sum(tensor_nbytes(t.dtype, t.shape) for t in plan.tensors)
@@ -338,7 +338,6 @@ def _write_shards(
                 writer.abort()
         files.close()
         bar.close()
-    return total
 
 
 def _merged_tensor(t: TensorPlan, files: _BaseFiles, adapter: Adapter, device: torch.device) -> torch.Tensor:
@@ -356,15 +355,8 @@ def _write_index(checkpoint: Checkpoint, plan: Plan, tmp: Path, resharded: bool)
     metadata = dict(checkpoint.index_metadata or {})
     metadata["total_size"] = sum(tensor_nbytes(t.dtype, t.shape) for t in plan.tensors)
     if "total_parameters" in metadata:
-        metadata["total_parameters"] = sum(_numel(t.shape) for t in plan.tensors)
+        metadata["total_parameters"] = sum(math.prod(t.shape) for t in plan.tensors)
     write_json_file(tmp / INDEX_FILE, {"metadata": metadata, "weight_map": weight_map}, sort_keys=True)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _copy_side_files(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, tmp: Path) -> None:

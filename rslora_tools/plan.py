@@ -8,6 +8,7 @@ trainable-token rows applied on top.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .adapter import Adapter, LoraModule
@@ -32,10 +33,6 @@ class LoraOp:
     transpose: bool = False  # linear: Conv1D layout (W is (in, out)); experts: W[e] is (in, out)
     experts: int = 1
     dora: bool = False
-
-    @property
-    def rank(self) -> int:
-        return self.scale.r
 
 
 @dataclass
@@ -366,10 +363,7 @@ def _check_shapes(op: LoraOp, adapter: Adapter, w: tuple[int, ...], target: str)
         out = w[1]
     if op.dora:
         m = adapter.shapes[module.magnitude_key]  # type: ignore[index]
-        numel = 1
-        for d in m:
-            numel *= d
-        if numel != out or max(m, default=1) != out:
+        if math.prod(m) != out or max(m, default=1) != out:
             raise MismatchError(
                 f"{where}: module {module.name!r}: DoRA magnitude vector has shape {list(m)}, expected {out} values"
             )
