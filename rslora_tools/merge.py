@@ -11,18 +11,15 @@ import math
 import os
 import queue
 import shutil
-import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from . import __version__
 from .adapter import Adapter, load_adapter
 from .checkpoint import (
     INDEX_FILE,
@@ -36,6 +33,7 @@ from .checkpoint import (
 )
 from .delta import compute
 from .errors import InputError, OutputError, UnsupportedAdapterError
+from .output import atomic_folder, check_output_location
 from .plan import Plan, TensorPlan, build_plan
 from .safetensors_file import ST_TO_TORCH, StreamingWriter, read_tensor, tensor_nbytes
 
@@ -76,19 +74,6 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise InputError(f"unknown device {device!r}; use cpu, cuda or auto")
     return torch.device(device)
-
-
-def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """OUT may not be, contain, or sit inside an input; an existing non-empty OUT needs overwrite."""
-    out_r = out.resolve()
-    for inp in inputs:
-        inp_r = inp.resolve()
-        if out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents:
-            raise OutputError(f"{out}: the output folder may not be, contain or be inside an input ({inp})")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
 
 
 def prepare(
@@ -157,7 +142,7 @@ def merge(
         report.seconds = time.monotonic() - started
         return report
 
-    with _atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite) as tmp:
         _write_shards(checkpoint, adapter_obj, plan, tmp, torch_device, progress)
         _write_index(checkpoint, plan, tmp, max_shard_size is not None)
         _copy_side_files(checkpoint, adapter_obj, plan, tmp)
@@ -195,40 +180,6 @@ def _report(
 
 def _same_dtype(checkpoint: Checkpoint, t: TensorPlan) -> bool:
     return t.source is not None and checkpoint.info(t.source).dtype == t.dtype
-
-
-@contextmanager
-def _atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside OUT; on success it replaces OUT, on any failure it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.rslora-tools-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield tmp
-        if out.exists():
-            if any(out.iterdir()) and not overwrite:
-                raise OutputError(f"{out}: appeared while merging and is not empty; nothing was replaced")
-            old = out.parent / f".{out.name}.rslora-tools-old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class _BaseFiles:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .adapter import Adapter, LoraModule
 from .checkpoint import Checkpoint
 from .errors import MismatchError, UnsupportedAdapterError
-from .safetensors_file import FLOAT_DTYPES, TensorInfo
+from .safetensors_file import FLOAT_DTYPES
 from .scaling import ModuleScale
 
 # Architectures whose linear layers are transformers' Conv1D ((in, out) weights; PEFT's fan_in_fan_out).
