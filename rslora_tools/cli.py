@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import click
@@ -49,6 +50,8 @@ def cli() -> None:
     Examples:
       rslora-tools merge base-model/ my-adapter/ merged/
       rslora-tools merge base-model/ my-adapter/ merged/ --dtype bf16 --max-shard-size 5GB
+      rslora-tools convert my-adapter/ for-vllm/ --target vllm
+      rslora-tools inspect my-adapter/ --base base-model/
     """
 
 
@@ -118,6 +121,132 @@ def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_
         click.echo(f"  config.json: {key} = {json.dumps(value)}")
     for note in report.notes:
         click.echo(f"  note: {note}")
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--to-rslora", "to", flag_value="rslora", help="Rewrite to rsLoRA (alpha/sqrt(r)), same scales.")
+@click.option("--to-classic", "to", flag_value="classic", help="Rewrite to classic LoRA (alpha/r), same scales.")
+@click.option("--target", type=click.Choice(["peft", "vllm", "tgi", "lorax", "sglang", "llama.cpp", "unit"]),
+              help="Produce an adapter that this runtime serves with PEFT's exact per-module scales.")
+@click.option("--bake", is_flag=True, help="With --to-*: fold the scale change into lora_B instead of rewriting alphas.")
+@click.option("--base", type=click.Path(file_okay=False),
+              help="Base model folder; needed for --target llama.cpp with a .gguf OUT (tensor names).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read an adapter that exists only as adapter_model.bin (torch.load weights_only=True).")
+@click.option("--dry-run", is_flag=True, help="Say what would change; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bool, base: str | None,
+            overwrite: bool, allow_pickle: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
+    """Convert ADAPTER into OUT so that it is served with PEFT's exact scale everywhere.
+
+    --to-rslora / --to-classic rewrite the alphas (per module when ranks or alphas differ), so
+    that PEFT computes bit-identical scales; the weights are copied byte for byte. --bake folds
+    the change into lora_B instead. --target RUNTIME picks what the runtime needs: a no-op copy
+    when it already applies PEFT's scales, a config rewrite when that suffices, or the
+    unit-scale form (scale folded into lora_B in float32, alpha = r). Runtimes that cannot
+    serve an adapter (DoRA on vLLM, modules_to_save on TGI, ...) are refused with the reason.
+
+    \b
+    Examples:
+      rslora-tools convert my-adapter/ my-adapter-classic/ --to-classic
+      rslora-tools convert my-adapter/ for-vllm/ --target vllm
+      rslora-tools convert my-adapter/ adapter.gguf --target llama.cpp --base base-model/
+    """
+    from .convert import convert as run_convert
+
+    if (to is None) == (target is None):
+        raise click.UsageError("choose one of --to-rslora, --to-classic or --target RUNTIME")
+    if bake and to is None:
+        raise click.UsageError("--bake goes with --to-rslora or --to-classic (--target bakes when it must)")
+    report = run_convert(adapter, out, to=to, target=target, bake=bake, base=base, overwrite=overwrite,
+                         dry_run=dry_run, allow_pickle=allow_pickle)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    if quiet:
+        return
+    verb = "Would write" if report.dry_run else "Wrote"
+    click.echo(f"{verb} {report.out}: {report.message}")
+    for key, (before, after) in report.config_changes.items():
+        click.echo(f"  {key}: {json.dumps(before)} -> {json.dumps(after)}")
+    if report.weights_changed:
+        click.echo(f"  weights: scales folded into lora_B ({report.weights_dtype or 'dtype kept'})")
+    elif report.action != "gguf":
+        click.echo("  weights: unchanged (byte for byte)")
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--base", type=click.Path(file_okay=False), help="Also check the adapter against this base model.")
+@click.option("--runtime", "runtimes", multiple=True,
+              type=click.Choice(["peft", "vllm", "tgi", "lorax", "sglang", "llama.cpp"]),
+              help="Runtime(s) you will serve with: their problems become warnings (repeatable).")
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too (for CI pipelines).")
+@click.option("--allow-pickle", is_flag=True, help="Read an adapter that exists only as adapter_model.bin.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: bool, allow_pickle: bool,
+            as_json: bool) -> None:
+    """Show ADAPTER's per-module ranks, alphas and scales, the scale each runtime would apply, and lints.
+
+    Reads only the config and tensor headers. Exit code: 0 when there is no error (and, with
+    --strict, no warning), 1 otherwise.
+
+    \b
+    Examples:
+      rslora-tools inspect my-adapter/
+      rslora-tools inspect my-adapter/ --base base-model/ --runtime vllm --strict
+      rslora-tools inspect my-adapter/ --json | jq .groups
+    """
+    from .inspection import inspect_adapter
+
+    report = inspect_adapter(adapter, base=base, runtimes=list(runtimes), allow_pickle=allow_pickle)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_inspection(report)
+    if report.errors or (strict and report.warnings):
+        sys.exit(1)
+
+
+def _print_inspection(report) -> None:
+    from .runtimes import RUNTIMES
+
+    cfg = f"r={report.r}, lora_alpha={report.lora_alpha:g}"
+    if report.rank_pattern:
+        cfg += f", rank_pattern={json.dumps(report.rank_pattern)}"
+    if report.alpha_pattern:
+        cfg += f", alpha_pattern={json.dumps(report.alpha_pattern)}"
+    click.echo(f"{report.adapter}: {_convention(report.convention)}; {cfg}")
+    click.echo(f"  {len(report.modules)} LoRA modules; features: {', '.join(report.features) or 'plain LoRA'}")
+    runtime_names = [n for n in RUNTIMES if n != "peft"]
+    header = ["modules", "n", "layers", "rank", "alpha", "PEFT scale", *(RUNTIMES[n].label for n in runtime_names)]
+    rows = [header]
+    for g in report.groups:
+        ratios = [_ratio(g["ratios"][n], report.runtimes[n]["status"]) for n in runtime_names]
+        rows.append([g["modules"], str(g["count"]), g["layers"] or "-", str(g["rank"]), f"{g['alpha']:g}",
+                     f"{g['scale']:.6g}", *ratios])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    click.echo()
+    for row in rows:
+        click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    click.echo("  (runtime columns: the runtime's scale as a multiple of PEFT's; 'no' = cannot serve)")
+    if report.lints:
+        click.echo()
+    for lint in report.lints:
+        click.echo(f"{lint.level}: {lint.message}" + (f" [{lint.code}]" if lint.level != "info" else ""))
+    click.echo(f"\n{report.errors} error(s), {report.warnings} warning(s)")
+
+
+def _ratio(ratio: float | None, status: str) -> str:
+    if status == "cannot serve":
+        return "no"
+    if ratio is None:
+        return "-"
+    return "1x" if ratio == 1.0 else f"{ratio:.4g}x"
 
 
 def _convention(name: str) -> str:

@@ -1,0 +1,278 @@
+"""Convert an adapter between conventions, or for a serving runtime, keeping PEFT's per-module scale.
+
+Decide (`plan_conversion`): a no-op copy, a config-only rewrite (weights byte-identical), or
+folding scales into the weights (`--bake`, the unit-scale form). Then write (`convert`): the
+new config, the weights (copied as is, or rewritten with the conversion in the safetensors
+metadata), every other file of the adapter folder, a note in its README, and a provenance file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .adapter import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapter, load_adapter
+from .convention import (
+    ModuleEntry,
+    convention_config,
+    is_power_of_two,
+    module_entries,
+    normalized_raw,
+    unit_config,
+)
+from .errors import InputError, UnsupportedAdapterError
+from .output import atomic_folder, check_output_location
+from .runtimes import RUNTIMES, Runtime, missing_features, runtime_scale
+from .safetensors_file import TORCH_TO_ST, StreamingWriter, read_header
+from .scaling import scale
+
+PROVENANCE_NAME = "rslora_tools.json"
+CONVENTIONS = {"rslora": True, "classic": False}
+TARGETS = (*RUNTIMES, "unit")
+
+
+@dataclass
+class ConversionPlan:
+    """What a conversion does: the new config, and per-module factors folded into lora_B (if any)."""
+
+    action: str  # "copy", "config", "bake", "unit", "gguf"
+    config: dict[str, Any]
+    factors: dict[tuple[str, int], float]  # (module name, depth) -> factor multiplied into its B (and lora bias)
+    message: str
+
+
+@dataclass
+class ConvertReport:
+    adapter: str
+    out: str
+    action: str
+    source_convention: str
+    target: str
+    modules: int
+    message: str
+    config_changes: dict[str, list[Any]] = field(default_factory=dict)
+    weights_changed: bool = False
+    weights_dtype: str | None = None
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_conversion(adapter: Adapter, entries: list[ModuleEntry], *, to: str | None = None,
+                    target: str | None = None, bake: bool = False) -> ConversionPlan:
+    """Choose how to convert: `to` a convention ("rslora"/"classic"), or for a `target` runtime (or "unit")."""
+    raw = normalized_raw(adapter)
+    current = adapter.config.convention
+    if to is not None:
+        use_rslora = CONVENTIONS[to]
+        if to == current:
+            return ConversionPlan("copy", raw, {}, f"the adapter is already {_label(to)}; copied unchanged")
+        if bake:
+            new = dict(raw, use_rslora=use_rslora)
+            factors = {_key(e): e.scale.scale / scale(e.scale.alpha, e.scale.r, use_rslora) for e in entries}
+            return ConversionPlan("bake", new, factors, f"{_label(current)} -> {_label(to)}: scale change folded into lora_B")
+        new = convention_config(adapter, entries, use_rslora)
+        return ConversionPlan("config", new, {}, f"{_label(current)} -> {_label(to)}: alphas rewritten, weights unchanged")
+
+    if target == "unit":
+        return _unit_plan(adapter, entries, "unit-scale form (scale 1 in every runtime)")
+    runtime = RUNTIMES[target]  # type: ignore[index]
+    lacks = missing_features(runtime, adapter)
+    if lacks:
+        raise UnsupportedAdapterError(
+            f"{runtime.label} cannot serve this adapter: {'; '.join(lacks)}. Merge it into the base model "
+            "instead (rslora-tools merge BASE ADAPTER OUT) and serve the merged model"
+        )
+    if _serves_right(runtime, raw, entries):
+        return ConversionPlan("copy", raw, {}, f"{runtime.label} already applies PEFT's scale to every module; copied unchanged")
+    try:
+        rewritten = convention_config(adapter, entries, adapter.config.use_rslora and runtime.honours_rslora)
+    except UnsupportedAdapterError:
+        rewritten = None
+    if rewritten is not None and _serves_right(runtime, rewritten, entries):
+        return ConversionPlan("config", rewritten, {}, f"config rewritten so that {runtime.label} applies PEFT's scales; weights unchanged")
+    if runtime.rank_from_shape:
+        new = unit_config(adapter, entries, global_alpha_only=True)
+        factors = {_key(e): e.scale.scale / scale(new["lora_alpha"], e.scale.r, False) for e in entries}
+        return ConversionPlan("unit", new, factors,
+                              f"scales folded into lora_B so that {runtime.label}'s alpha/rank per tensor gives PEFT's scale")
+    return _unit_plan(adapter, entries, f"{runtime.label} ignores {_ignored(runtime, adapter)}: scales folded into lora_B (unit-scale form)")
+
+
+def _unit_plan(adapter: Adapter, entries: list[ModuleEntry], message: str) -> ConversionPlan:
+    return ConversionPlan("unit", unit_config(adapter, entries), {_key(e): e.scale.scale for e in entries}, message)
+
+
+def _key(e: ModuleEntry) -> tuple[str, int]:
+    return (e.module.name, e.module.depth)
+
+
+def _serves_right(runtime: Runtime, raw: dict[str, Any], entries: list[ModuleEntry]) -> bool:
+    return all(runtime_scale(runtime, raw, e) == e.scale.scale for e in entries)
+
+
+def _ignored(runtime: Runtime, adapter: Adapter) -> str:
+    cfg = adapter.config
+    parts = []
+    if cfg.use_rslora and not runtime.honours_rslora:
+        parts.append("use_rslora")
+    if (cfg.rank_pattern or cfg.alpha_pattern) and not runtime.honours_patterns:
+        parts.append("rank_pattern/alpha_pattern")
+    return " and ".join(parts) or "per-module scales"
+
+
+def _label(convention: str) -> str:
+    return {"rslora": "rsLoRA", "classic": "classic LoRA"}[convention]
+
+
+def convert(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    to: str | None = None,
+    target: str | None = None,
+    bake: bool = False,
+    base: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    allow_pickle: bool = False,
+) -> ConvertReport:
+    """Convert ADAPTER into OUT (a folder, or a .gguf file for `target="llama.cpp"`); see the module doc."""
+    started = time.monotonic()
+    if (to is None) == (target is None):
+        raise InputError("choose one of --to-rslora, --to-classic or --target RUNTIME")
+    if to is not None and to not in CONVENTIONS:
+        raise InputError(f"unknown convention {to!r}; use rslora or classic")
+    if target is not None and target not in TARGETS:
+        raise InputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    out = Path(out)
+    loaded = load_adapter(adapter, allow_pickle=allow_pickle)
+    entries = module_entries(loaded)
+    gguf = out.suffix == ".gguf"
+    if gguf and target != "llama.cpp":
+        raise InputError(f"{out}: a .gguf output is written only for --target llama.cpp")
+    if gguf:
+        from .gguf_export import export_gguf
+
+        if base is None:
+            raise InputError("--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)")
+        return export_gguf(loaded, entries, base, out, overwrite=overwrite, dry_run=dry_run, started=started)
+
+    check_output_location(out, [loaded.path], overwrite)
+    plan = plan_conversion(loaded, entries, to=to, target=target, bake=bake)
+    upcast = any(not is_power_of_two(abs(f)) for f in plan.factors.values() if f != 1.0)
+    report = ConvertReport(
+        adapter=str(loaded.path), out=str(out), action=plan.action, source_convention=loaded.config.convention,
+        target=to or target or "", modules=len(entries), message=plan.message,
+        config_changes=_changes(loaded.config.raw, plan.config),
+        weights_changed=any(f != 1.0 for f in plan.factors.values()),
+        weights_dtype="F32" if upcast and plan.factors else None, dry_run=dry_run,
+    )
+    if dry_run:
+        report.seconds = time.monotonic() - started
+        return report
+    with atomic_folder(out, overwrite) as tmp:
+        _write_config(loaded, plan, tmp)
+        _write_weights(loaded, plan, upcast, tmp)
+        _copy_other_files(loaded, tmp, plan)
+        _write_provenance(tmp, {
+            "operation": "convert", "adapter": str(loaded.path), "base_model": loaded.config.base_model_name_or_path,
+            "revision": loaded.config.revision, "from": loaded.config.convention, "target": report.target,
+            "method": plan.action, "convention": "rslora" if plan.config.get("use_rslora") else "classic",
+        })
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    keys = ("use_rslora", "r", "lora_alpha", "rank_pattern", "alpha_pattern")
+    defaults = {"use_rslora": False, "r": 8, "lora_alpha": 8, "rank_pattern": {}, "alpha_pattern": {}}
+    changes = {}
+    for k in keys:
+        before = old.get(k) if old.get(k) is not None else defaults[k]
+        if before != new.get(k):
+            changes[k] = [before, new.get(k)]
+    return changes
+
+
+def _write_config(adapter: Adapter, plan: ConversionPlan, tmp: Path) -> None:
+    source = adapter.path / CONFIG_NAME
+    if plan.action == "copy":
+        shutil.copyfile(source, tmp / CONFIG_NAME)
+        return
+    # PEFT's own format: sorted keys, indent 2 (so a round trip gives back the same text).
+    (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _write_weights(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Path) -> None:
+    """Copy the weights byte for byte, or write them with the factors folded into each lora_B."""
+    if not plan.factors and adapter.weights_path.name == WEIGHTS_NAME:
+        shutil.copyfile(adapter.weights_path, tmp / WEIGHTS_NAME)
+        return
+    scaled: dict[str, float] = {}
+    lora_keys: set[str] = set()
+    for m in adapter.lora_modules:
+        factor = plan.factors.get((m.name, m.depth), 1.0)
+        lora_keys.update(k for k in (m.a_key, m.b_key, m.bias_key) if k is not None)
+        for key in (m.b_key, m.bias_key):
+            if key is not None and factor != 1.0:
+                scaled[key] = factor
+    metadata = {"format": "pt"}
+    if adapter.weights_path.name == WEIGHTS_NAME:
+        metadata.update(read_header(adapter.weights_path).metadata or {})
+    metadata["rslora_tools.conversion"] = json.dumps(
+        {"tool": f"rslora-tools {__version__}", "method": plan.action, "message": plan.message,
+         "factors_folded_into_lora_B": len(scaled)}, sort_keys=True)
+    keys = list(adapter.shapes)
+    out_dtype = {k: "F32" if upcast and k in lora_keys else adapter.dtypes[k] for k in keys}
+    writer = StreamingWriter(tmp / WEIGHTS_NAME, [(k, out_dtype[k], adapter.shapes[k]) for k in keys], metadata)
+    try:
+        for key in keys:
+            tensor = adapter.tensor(key)
+            if key in scaled or out_dtype[key] != adapter.dtypes[key]:
+                tensor = (tensor.to(torch.float32) * scaled.get(key, 1.0)).to(_torch_dtype(out_dtype[key]))
+            writer.write_tensor(key, tensor)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _torch_dtype(st_dtype: str) -> torch.dtype:
+    return next(t for t, s in TORCH_TO_ST.items() if s == st_dtype)
+
+
+def _copy_other_files(adapter: Adapter, tmp: Path, plan: ConversionPlan) -> None:
+    """Every other top-level file travels along; the README gets a note of the conversion."""
+    skip = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, PROVENANCE_NAME}
+    for path in sorted(adapter.path.iterdir()):
+        if path.name in skip or path.name.startswith(".") or not path.is_file():
+            continue
+        if path.name == "README.md":
+            text = path.read_text(encoding="utf-8", errors="replace")
+            (tmp / path.name).write_text(text.rstrip("\n") + "\n\n" + _readme_note(plan), encoding="utf-8")
+            continue
+        shutil.copyfile(path, tmp / path.name)
+
+
+def _readme_note(plan: ConversionPlan) -> str:
+    return (
+        "## Converted with rslora-tools\n\n"
+        f"{plan.message[0].upper()}{plan.message[1:]} (rslora-tools {__version__}). "
+        "Every module keeps the scale PEFT applied to the original adapter.\n"
+    )
+
+
+def _write_provenance(folder: Path, record: dict[str, Any]) -> None:
+    record = {"tool": "rslora-tools", "version": __version__, **record}
+    (folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

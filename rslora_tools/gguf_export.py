@@ -1,0 +1,156 @@
+"""Write an adapter as a llama.cpp GGUF LoRA file, with every tensor at PEFT's scale.
+
+llama.cpp applies `alpha / rank` per tensor (rank from lora_b's shape, one alpha per file) and
+ignores use_rslora and the patterns. When one alpha reproduces every module's scale in float32,
+it is written as is; otherwise alpha is 0 (scale 1) and each scale is folded into the weights,
+kept in float32. Tensor names and the Q/K row permutation follow llama.cpp's converters.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .adapter import Adapter
+from .checkpoint import open_checkpoint
+from .convention import ModuleEntry
+from .errors import InputError, MismatchError, UnsupportedAdapterError
+from .output import atomic_file
+
+# config.json model_type -> (gguf MODEL_ARCH member, Q/K rows permuted like convert_hf_to_gguf's LlamaModel)
+ARCHITECTURES = {
+    "llama": ("LLAMA", True),
+    "mistral": ("LLAMA", True),
+    "qwen2": ("QWEN2", False),
+    "qwen3": ("QWEN3", False),
+    "gemma": ("GEMMA", False),
+    "gemma2": ("GEMMA2", False),
+    "gemma3": ("GEMMA3", False),
+    "gemma3_text": ("GEMMA3", False),
+    "phi3": ("PHI3", False),
+}
+
+
+def export_gguf(adapter: Adapter, entries: list[ModuleEntry], base: str | os.PathLike, out: Path, *,
+                overwrite: bool, dry_run: bool, started: float):
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - gguf is a dependency
+        raise InputError("writing GGUF needs the 'gguf' package: pip install gguf") from e
+    checkpoint = open_checkpoint(base)
+    config = checkpoint.config or {}
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedAdapterError(
+            f"{checkpoint.folder}: model_type {model_type!r} is not one rslora-tools maps to llama.cpp tensor names "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))}); write a PEFT folder with --target llama.cpp and use "
+            "llama.cpp's convert_lora_to_gguf.py"
+        )
+    arch_member, permute_qk = ARCHITECTURES[model_type]
+    arch = getattr(gguf.MODEL_ARCH, arch_member)
+    _refuse_unsupported(adapter, entries)
+    names = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers", 0)))
+    for path, key in adapter.replacements.items():  # saved base layers (PEFT's save_embedding_layers)
+        if path in checkpoint.weight_map and checkpoint.info(path).shape != adapter.shapes[key]:
+            raise UnsupportedAdapterError(
+                f"{adapter.path}: the adapter saves {path!r} with shape {list(adapter.shapes[key])}, the base has "
+                f"{list(checkpoint.info(path).shape)} (a resized vocabulary); llama.cpp LoRA files cannot change it, "
+                "merge the adapter instead"
+            )
+    alpha, factors = _alpha_and_factors(entries)
+    tensors = []
+    for e in entries:
+        hf_name = f"{e.module.name}.weight"
+        if hf_name not in checkpoint.weight_map:
+            raise MismatchError(f"{adapter.path}: module {e.module.name!r} has no weight {hf_name!r} in the base {checkpoint.folder}")
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UnsupportedAdapterError(f"module {e.module.name!r} has no llama.cpp tensor in the {model_type} architecture")
+        tensors.append((e, gguf_name, checkpoint.info(hf_name).shape))
+
+    from .convert import ConvertReport
+
+    report = ConvertReport(
+        adapter=str(adapter.path), out=str(out), action="gguf", source_convention=adapter.config.convention,
+        target="llama.cpp", modules=len(entries), weights_changed=bool(factors), weights_dtype="F32", dry_run=dry_run,
+        message=(f"GGUF LoRA for llama.cpp ({gguf.MODEL_ARCH_NAMES[arch]}), adapter.lora.alpha = {alpha:g}"
+                 + ("; scales folded into the weights" if factors else "; weights unchanged")),
+    )
+    if dry_run:
+        report.seconds = time.monotonic() - started
+        return report
+    with atomic_file(out, overwrite) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for e, gguf_name, base_shape in tensors:
+            a, b = _lora_pair(adapter, e, base_shape, factors.get(e.module.name, 1.0))
+            if permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = int(config["num_attention_heads"])
+                kv = heads if gguf_name.endswith("attn_q.weight") else int(config.get("num_key_value_heads") or heads)
+                b = permute_rows(b, kv)
+            writer.add_tensor(f"{gguf_name}.lora_a", a.numpy())
+            writer.add_tensor(f"{gguf_name}.lora_b", b.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _refuse_unsupported(adapter: Adapter, entries: list[ModuleEntry]) -> None:
+    cfg = adapter.config
+    problems = []
+    if cfg.use_dora:
+        problems.append("DoRA")
+    if adapter.config.modules_to_save or any(".modules_to_save." in k for k in adapter.replacements.values()):
+        problems.append("modules_to_save")
+    if adapter.token_deltas:
+        problems.append("trainable tokens")
+    if any(e.module.bias_key for e in entries):
+        problems.append("lora_bias")
+    if cfg.fan_in_fan_out:
+        problems.append("fan_in_fan_out (Conv1D) layers")
+    if any(e.kind == "param" or len(adapter.shapes[e.module.a_key]) != 2 for e in entries):  # type: ignore[index]
+        problems.append("convolution or target_parameters LoRA")
+    if problems:
+        raise UnsupportedAdapterError(
+            f"llama.cpp LoRA files cannot hold {', '.join(problems)}; merge the adapter instead "
+            "(rslora-tools merge BASE ADAPTER OUT) and convert the merged model to GGUF"
+        )
+
+
+def _alpha_and_factors(entries: list[ModuleEntry]) -> tuple[float, dict[str, float]]:
+    """One float32 alpha with fp32(alpha / rank) == fp32(scale) for every tensor, else alpha 0 and baked scales."""
+    if not entries:
+        return 0.0, {}
+    candidate = torch.tensor(entries[0].scale.scale * entries[0].shape_rank, dtype=torch.float32)
+    if all(bool(candidate / e.shape_rank == torch.tensor(e.scale.scale, dtype=torch.float32)) for e in entries):
+        return float(candidate), {}
+    return 0.0, {e.module.name: e.scale.scale for e in entries}
+
+
+def _lora_pair(adapter: Adapter, e: ModuleEntry, base_shape: tuple[int, ...], factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's lora_a [r, n_in] and lora_b [n_out, r] (numpy order), float32, the factor in B's side."""
+    a = adapter.tensor(e.module.a_key).to(torch.float32)  # type: ignore[arg-type]
+    b = adapter.tensor(e.module.b_key).to(torch.float32)  # type: ignore[arg-type]
+    if factor != 1.0:
+        b = b * factor
+    if e.module.embedding:  # PEFT: A [r, vocab], B [dim, r], delta (B@A)^T laid over the [vocab, dim] table
+        a, b = b.T, a.T
+    if (b.shape[0], a.shape[1]) != tuple(base_shape):
+        raise MismatchError(
+            f"{adapter.path}: module {e.module.name!r}: LoRA delta {[b.shape[0], a.shape[1]]} does not fit the base "
+            f"weight {list(base_shape)}"
+        )
+    return a.contiguous(), b.contiguous()
+
+
+def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf's LlamaModel.permute on the output rows (rotary halves interleaved)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape).contiguous()

@@ -1,0 +1,213 @@
+"""`inspect`: what an adapter is, the scale each runtime would apply, and what is wrong with it.
+
+Reads only the config and safetensors headers (and, with a base, the base's headers), so it is
+fast for any adapter size. Findings ("lints") have a level: error (PEFT would fail or merge
+something else than intended), warning (likely a mistake), info (worth knowing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .adapter import Adapter, load_adapter
+from .convention import ModuleEntry, module_entries, normalized_raw, unstable_patterns
+from .errors import RsloraError
+from .runtimes import FEATURE_NAMES, RUNTIMES, adapter_features, missing_features, runtime_scale
+from .scaling import matching_keys
+
+_TIED_NAMES = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)$")
+
+
+@dataclass
+class Lint:
+    level: str  # "error", "warning", "info"
+    code: str
+    message: str
+
+
+@dataclass
+class InspectReport:
+    adapter: str
+    convention: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    features: list[str]
+    modules: list[dict[str, Any]]
+    groups: list[dict[str, Any]]
+    runtimes: dict[str, dict[str, Any]]
+    lints: list[Lint] = field(default_factory=list)
+    base: str | None = None
+
+    @property
+    def errors(self) -> int:
+        return sum(lint.level == "error" for lint in self.lints)
+
+    @property
+    def warnings(self) -> int:
+        return sum(lint.level == "warning" for lint in self.lints)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["errors"], d["warnings"] = self.errors, self.warnings
+        return d
+
+
+def inspect_adapter(
+    adapter: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    runtimes: list[str] | None = None,
+    allow_pickle: bool = False,
+) -> InspectReport:
+    """Inspect an adapter; findings about `runtimes` (names from RUNTIMES) are warnings, others info."""
+    loaded = load_adapter(adapter, allow_pickle=allow_pickle)
+    cfg = loaded.config
+    entries = module_entries(loaded, check_ranks=False)
+    raw = normalized_raw(loaded)
+    selected = set(runtimes or [])
+    lints: list[Lint] = []
+    modules = [_module_row(raw, e) for e in entries]
+    report = InspectReport(
+        adapter=str(loaded.path), convention=cfg.convention, r=cfg.r, lora_alpha=cfg.lora_alpha,
+        use_rslora=cfg.use_rslora, rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern,
+        features=[FEATURE_NAMES[f] for f in adapter_features(loaded)], modules=modules,
+        groups=_groups(modules), runtimes=_runtime_summary(loaded, raw, entries), lints=lints,
+        base=str(base) if base is not None else None,
+    )
+    _lint_ranks(entries, lints)
+    _lint_patterns(raw, entries, lints)
+    _lint_features(loaded, entries, lints)
+    _lint_runtimes(report, selected, lints)
+    if base is not None:
+        _lint_base(loaded, base, lints)
+    return report
+
+
+def _module_row(raw: dict[str, Any], e: ModuleEntry) -> dict[str, Any]:
+    peft = e.scale.scale
+    scales = {}
+    for name, rt in RUNTIMES.items():
+        s = runtime_scale(rt, raw, e)
+        scales[name] = {"scale": s, "ratio": s / peft if peft else None}
+    return {
+        "name": e.name, "kind": e.kind, "rank": e.shape_rank, "config_rank": e.scale.r, "alpha": e.scale.alpha,
+        "scale": peft, "rank_key": e.scale.rank_key, "alpha_key": e.scale.alpha_key, "runtimes": scales,
+    }
+
+
+def _groups(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Modules that agree on everything but their layer number share a row."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for m in modules:
+        generic = re.sub(r"\.(\d+)(?=\.|$)", ".*", m["name"])
+        layers = [int(x) for x in re.findall(r"\.(\d+)(?=\.|$)", m["name"])[:1]]
+        key = (generic, m["rank"], m["alpha"], m["scale"], tuple(v["scale"] for v in m["runtimes"].values()))
+        g = groups.setdefault(key, {
+            "modules": generic, "count": 0, "layers": [], "rank": m["rank"], "alpha": m["alpha"], "scale": m["scale"],
+            "ratios": {k: v["ratio"] for k, v in m["runtimes"].items()},
+        })
+        g["count"] += 1
+        g["layers"] += layers
+    for g in groups.values():
+        g["layers"] = _ranges(sorted(set(g["layers"])))
+    return list(groups.values())
+
+
+def _ranges(numbers: list[int]) -> str:
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ",".join(parts)
+
+
+def _runtime_summary(adapter: Adapter, raw: dict[str, Any], entries: list[ModuleEntry]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, rt in RUNTIMES.items():
+        lacks = missing_features(rt, adapter)
+        off = [e for e in entries if runtime_scale(rt, raw, e) != e.scale.scale]
+        ratios = [runtime_scale(rt, raw, e) / e.scale.scale for e in off if e.scale.scale]
+        status = "cannot serve" if lacks else ("wrong scale" if off else "exact")
+        out[name] = {
+            "label": rt.label, "status": status, "reasons": lacks, "modules_off": len(off),
+            "ratio_min": min(ratios) if ratios else 1.0, "ratio_max": max(ratios) if ratios else 1.0,
+        }
+    return out
+
+
+def _lint_ranks(entries: list[ModuleEntry], lints: list[Lint]) -> None:
+    for e in entries:
+        if e.shape_rank != e.scale.r:
+            source = f"rank_pattern key {e.scale.rank_key!r}" if e.scale.rank_key is not None else "'r'"
+            lints.append(Lint("error", "rank-mismatch",
+                              f"{e.name}: the config gives rank {e.scale.r} (from {source}) but the tensors have rank "
+                              f"{e.shape_rank}; PEFT cannot load this adapter"))
+
+
+def _lint_patterns(raw: dict[str, Any], entries: list[ModuleEntry], lints: list[Lint]) -> None:
+    names = [e.name for e in entries]
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        pattern = raw[field_name]
+        for key in pattern:
+            if not any(matching_keys([key], n) for n in names):
+                lints.append(Lint("warning", "unmatched-pattern",
+                                  f"{field_name} key {key!r} matches no module of the adapter (typo, or a leading '^' "
+                                  "that needs the full module name?)"))
+        for n in names:
+            hits = matching_keys(pattern, n)
+            if len({pattern[k] for k in hits}) > 1:
+                lints.append(Lint("warning", "order-dependent",
+                                  f"{n}: matched by several {field_name} keys with different values "
+                                  f"({', '.join(f'{k!r}: {pattern[k]}' for k in hits)}); PEFT takes the first in file "
+                                  f"order ({hits[0]!r}), and saving sorts the keys, so the value can change between "
+                                  "training and loading"))
+    for reason in unstable_patterns(raw, names):
+        if "regular expression" in reason:
+            lints.append(Lint("info", "pattern-syntax", f"{reason}: PEFT < 0.15 matches it differently"))
+
+
+def _lint_features(adapter: Adapter, entries: list[ModuleEntry], lints: list[Lint]) -> None:
+    for feature in adapter_features(adapter):
+        lints.append(Lint("info", "feature", f"uses {FEATURE_NAMES[feature]}"))
+    for e in entries:
+        if _TIED_NAMES.search(e.module.name):
+            lints.append(Lint("info", "tied-embedding",
+                              f"{e.module.name}: LoRA on an embedding or output head; if the base ties them, merging "
+                              "unties them (check with --base)"))
+
+
+def _lint_runtimes(report: InspectReport, selected: set[str], lints: list[Lint]) -> None:
+    for name, summary in report.runtimes.items():
+        level = "warning" if name in selected else "info"
+        if summary["status"] == "cannot serve":
+            lints.append(Lint(level, "runtime-unsupported",
+                              f"{summary['label']} cannot serve this adapter: {'; '.join(summary['reasons'])}"))
+        elif summary["status"] == "wrong scale":
+            lo, hi = summary["ratio_min"], summary["ratio_max"]
+            ratio = f"{lo:.4g}x" if lo == hi else f"{lo:.4g}x to {hi:.4g}x"
+            lints.append(Lint(level, "runtime-scale",
+                              f"{summary['label']} would apply {ratio} PEFT's scale to {summary['modules_off']} of "
+                              f"{len(report.modules)} modules; fix: rslora-tools convert {report.adapter} OUT --target {name}"))
+
+
+def _lint_base(adapter: Adapter, base: str | os.PathLike, lints: list[Lint]) -> None:
+    from .merge import prepare
+
+    try:
+        _, _, plan = prepare(base, adapter)
+    except RsloraError as e:
+        lints.append(Lint("error", "base", str(e)))
+        return
+    for warning in plan.warnings:
+        lints.append(Lint("warning", "base", warning))
+    for note in plan.notes:
+        lints.append(Lint("info", "base", note))
