@@ -52,12 +52,52 @@ def cli() -> None:
       rslora-tools merge base-model/ my-adapter/ merged/ --dtype bf16 --max-shard-size 5GB
       rslora-tools convert my-adapter/ for-vllm/ --target vllm
       rslora-tools inspect my-adapter/ --base base-model/
+      rslora-tools merge org/base org/adapter merged/ --push-to-hub me/merged
     """
 
 
+def _hub_push_options(f):
+    """--push-to-hub and its companions, shared by merge and convert."""
+    for option in reversed([
+        click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Upload OUT to this Hub repo when done."),
+        click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
+        click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing to main."),
+        click.option("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _token_option(f):
+    return click.option("--token", metavar="TOKEN", default=None,
+                        help="Hugging Face token (default: HF_TOKEN or the stored login). Never printed.")(f)
+
+
+def _push_after(out: str, push_to: str | None, private: bool, create_pr: bool, commit_message: str | None,
+                token: str | None, quiet: bool) -> dict[str, Any] | None:
+    if not push_to:
+        return None
+    from .errors import RsloraError
+    from .hub import push
+
+    try:
+        report = push(out, push_to, private=private, create_pr=create_pr, commit_message=commit_message, token=token)
+    except RsloraError as e:
+        raise type(e)(f"{e} ({out} is complete on disk; push it later with: rslora-tools push {out} {push_to})") from e
+    if not quiet:
+        _echo_push(report)
+    return report.to_dict()
+
+
+def _echo_push(report) -> None:
+    where = report.pr_url or report.commit_url
+    card = ", model card written" if report.card_written else ""
+    click.echo(f"Pushed {report.files} files to {report.repo_id}{card}: {where}", err=True)
+
+
 @cli.command()
-@click.argument("base", type=click.Path(file_okay=False))
-@click.argument("adapter", type=click.Path())
+@click.argument("base")
+@click.argument("adapter")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Dtype of the merged floating tensors; auto keeps the base's.")
@@ -71,8 +111,14 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="Plan the merge and print it; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (errors still print).")
+@click.option("--base-revision", metavar="REV", help="Branch, tag or commit of BASE when it is a Hub repo.")
+@click.option("--adapter-revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
+@_token_option
+@_hub_push_options
 def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_size: str | None, overwrite: bool,
-          allow_pickle: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
+          allow_pickle: bool, dry_run: bool, as_json: bool, quiet: bool, base_revision: str | None,
+          adapter_revision: str | None, token: str | None, push_to: str | None, private: bool, create_pr: bool,
+          commit_message: str | None) -> None:
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
     The result equals PEFT's merge_and_unload() bit for bit on CPU, for classic LoRA and rsLoRA,
@@ -81,10 +127,15 @@ def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_
     time, untouched ones are copied as raw bytes. OUT keeps the base's shards, config, tokenizer
     and generation config (the adapter's tokenizer wins when it has one).
 
+    BASE and ADAPTER are local folders or Hub repos (org/name, org/name@revision, hf://org/name);
+    BASE may be `auto`: the base the adapter records. Only what the merge reads is downloaded.
+
     \b
     Examples:
       rslora-tools merge fixtures/tiny-llama fixtures/tiny-llama-rslora merged/
       rslora-tools merge base/ adapter/ merged/ --dtype bf16 --max-shard-size 5GB --json
+      rslora-tools merge org/base org/adapter merged/ --push-to-hub me/merged
+      rslora-tools merge auto org/adapter@v2 merged/
     """
     from .checkpoint import parse_size
     from .merge import merge as run_merge
@@ -94,15 +145,23 @@ def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_
             parse_size(max_shard_size)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
+    from .hub import resolve_merge_inputs
+
+    base_source, adapter_source, hub_warnings = resolve_merge_inputs(
+        base, adapter, base_revision=base_revision, adapter_revision=adapter_revision, token=token,
+        allow_pickle=allow_pickle,
+    )
     report = run_merge(
-        base, adapter, out, dtype=None if dtype == "auto" else dtype, device=device,
+        base_source.path, adapter_source.path, out, dtype=None if dtype == "auto" else dtype, device=device,
         max_shard_size=max_shard_size, overwrite=overwrite, progress=not (quiet or as_json),
         allow_pickle=allow_pickle, dry_run=dry_run,
+        sources={"base": base_source.to_dict(), "adapter": adapter_source.to_dict()},
     )
-    for warning in report.warnings:
+    for warning in hub_warnings + report.warnings:
         click.echo(f"Warning: {warning}", err=True)
+    pushed = None if dry_run else _push_after(out, push_to, private, create_pr, commit_message, token, quiet or as_json)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps({**report.to_dict(), "push": pushed}, indent=2))
         return
     if quiet:
         return
@@ -124,23 +183,27 @@ def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_
 
 
 @cli.command()
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter")
 @click.argument("out", type=click.Path())
 @click.option("--to-rslora", "to", flag_value="rslora", help="Rewrite to rsLoRA (alpha/sqrt(r)), same scales.")
 @click.option("--to-classic", "to", flag_value="classic", help="Rewrite to classic LoRA (alpha/r), same scales.")
 @click.option("--target", type=click.Choice(["peft", "vllm", "tgi", "lorax", "sglang", "llama.cpp", "unit"]),
               help="Produce an adapter that this runtime serves with PEFT's exact per-module scales.")
 @click.option("--bake", is_flag=True, help="With --to-*: fold the scale change into lora_B instead of rewriting alphas.")
-@click.option("--base", type=click.Path(file_okay=False),
-              help="Base model folder; needed for --target llama.cpp with a .gguf OUT (tensor names).")
+@click.option("--base", help="Base model folder or Hub repo; needed for --target llama.cpp with a .gguf OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-pickle", is_flag=True,
               help="Read an adapter that exists only as adapter_model.bin (torch.load weights_only=True).")
 @click.option("--dry-run", is_flag=True, help="Say what would change; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
+@_token_option
+@_hub_push_options
 def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bool, base: str | None,
-            overwrite: bool, allow_pickle: bool, dry_run: bool, as_json: bool, quiet: bool) -> None:
+            overwrite: bool, allow_pickle: bool, dry_run: bool, as_json: bool, quiet: bool, revision: str | None,
+            token: str | None, push_to: str | None, private: bool, create_pr: bool,
+            commit_message: str | None) -> None:
     """Convert ADAPTER into OUT so that it is served with PEFT's exact scale everywhere.
 
     --to-rslora / --to-classic rewrite the alphas (per module when ranks or alphas differ), so
@@ -155,17 +218,24 @@ def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bo
       rslora-tools convert my-adapter/ my-adapter-classic/ --to-classic
       rslora-tools convert my-adapter/ for-vllm/ --target vllm
       rslora-tools convert my-adapter/ adapter.gguf --target llama.cpp --base base-model/
+      rslora-tools convert org/adapter for-sglang/ --target sglang --push-to-hub me/adapter-sglang
     """
     from .convert import convert as run_convert
+    from .hub import resolve_input
 
     if (to is None) == (target is None):
         raise click.UsageError("choose one of --to-rslora, --to-classic or --target RUNTIME")
     if bake and to is None:
         raise click.UsageError("--bake goes with --to-rslora or --to-classic (--target bakes when it must)")
-    report = run_convert(adapter, out, to=to, target=target, bake=bake, base=base, overwrite=overwrite,
-                         dry_run=dry_run, allow_pickle=allow_pickle)
+    if push_to and out.endswith(".gguf"):
+        raise click.UsageError("--push-to-hub pushes a folder; push a .gguf file with: hf upload REPO FILE")
+    source = resolve_input(adapter, kind="adapter", revision=revision, token=token, allow_pickle=allow_pickle)
+    base_path = resolve_input(base, kind="base", token=token).path if base is not None else None
+    report = run_convert(source.path, out, to=to, target=target, bake=bake, base=base_path, overwrite=overwrite,
+                         dry_run=dry_run, allow_pickle=allow_pickle, source=source.to_dict())
+    pushed = None if dry_run else _push_after(out, push_to, private, create_pr, commit_message, token, quiet or as_json)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps({**report.to_dict(), "push": pushed}, indent=2))
         return
     if quiet:
         return
@@ -180,16 +250,18 @@ def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bo
 
 
 @cli.command()
-@click.argument("adapter", type=click.Path())
-@click.option("--base", type=click.Path(file_okay=False), help="Also check the adapter against this base model.")
+@click.argument("adapter")
+@click.option("--base", help="Also check the adapter against this base model (folder or Hub repo).")
 @click.option("--runtime", "runtimes", multiple=True,
               type=click.Choice(["peft", "vllm", "tgi", "lorax", "sglang", "llama.cpp"]),
               help="Runtime(s) you will serve with: their problems become warnings (repeatable).")
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too (for CI pipelines).")
 @click.option("--allow-pickle", is_flag=True, help="Read an adapter that exists only as adapter_model.bin.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
+@_token_option
 def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: bool, allow_pickle: bool,
-            as_json: bool) -> None:
+            as_json: bool, revision: str | None, token: str | None) -> None:
     """Show ADAPTER's per-module ranks, alphas and scales, the scale each runtime would apply, and lints.
 
     Reads only the config and tensor headers. Exit code: 0 when there is no error (and, with
@@ -201,15 +273,51 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
       rslora-tools inspect my-adapter/ --base base-model/ --runtime vllm --strict
       rslora-tools inspect my-adapter/ --json | jq .groups
     """
+    from .hub import resolve_input
     from .inspection import inspect_adapter
 
-    report = inspect_adapter(adapter, base=base, runtimes=list(runtimes), allow_pickle=allow_pickle)
+    source = resolve_input(adapter, kind="adapter", revision=revision, token=token, allow_pickle=allow_pickle)
+    base_path = resolve_input(base, kind="base", token=token).path if base is not None else None
+    report = inspect_adapter(source.path, base=base_path, runtimes=list(runtimes), allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         _print_inspection(report)
     if report.errors or (strict and report.warnings):
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", metavar="BRANCH", help="Commit to this branch (created if needed) instead of main.")
+@click.option("--commit-message", metavar="TEXT", help="The commit message.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@_token_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+         create_pr: bool, token: str | None, as_json: bool) -> None:
+    """Upload FOLDER (a merged model or converted adapter) to the Hub repo REPO_ID.
+
+    Creates the repo if needed and uploads with huggingface_hub's upload_folder (re-run the same
+    command to resume an interrupted upload), then checks that every local file is in the repo.
+    When FOLDER has no README.md, a model card is generated from what rslora-tools recorded
+    (base, adapter, convention, scales) and uploaded with it; FOLDER itself is not changed.
+
+    \b
+    Examples:
+      rslora-tools push merged/ me/my-merged-model --private
+      rslora-tools push for-vllm/ me/my-adapter-vllm --create-pr
+    """
+    from .hub import push as run_push
+
+    report = run_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                      create_pr=create_pr, token=token)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _echo_push(report)
 
 
 def _print_inspection(report) -> None:

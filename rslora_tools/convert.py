@@ -30,11 +30,11 @@ from .convention import (
 )
 from .errors import InputError, UnsupportedAdapterError
 from .output import atomic_folder, check_output_location
+from .provenance import PROVENANCE_NAME, write_provenance
 from .runtimes import RUNTIMES, Runtime, missing_features, runtime_scale
 from .safetensors_file import TORCH_TO_ST, StreamingWriter, read_header
 from .scaling import scale
 
-PROVENANCE_NAME = "rslora_tools.json"
 CONVENTIONS = {"rslora": True, "classic": False}
 TARGETS = (*RUNTIMES, "unit")
 
@@ -146,8 +146,12 @@ def convert(
     overwrite: bool = False,
     dry_run: bool = False,
     allow_pickle: bool = False,
+    source: dict[str, Any] | None = None,
 ) -> ConvertReport:
-    """Convert ADAPTER into OUT (a folder, or a .gguf file for `target="llama.cpp"`); see the module doc."""
+    """Convert ADAPTER into OUT (a folder, or a .gguf file for `target="llama.cpp"`); see the module doc.
+
+    `source` (a hub.Source as a dict) is recorded in OUT's provenance file when ADAPTER came from the Hub.
+    """
     started = time.monotonic()
     if (to is None) == (target is None):
         raise InputError("choose one of --to-rslora, --to-classic or --target RUNTIME")
@@ -185,8 +189,9 @@ def convert(
         _write_config(loaded, plan, tmp)
         _write_weights(loaded, plan, upcast, tmp)
         _copy_other_files(loaded, tmp, plan)
-        _write_provenance(tmp, {
-            "operation": "convert", "adapter": str(loaded.path), "base_model": loaded.config.base_model_name_or_path,
+        write_provenance(tmp, {
+            "operation": "convert", "adapter": source or {"spec": str(loaded.path)},
+            "base_model": loaded.config.base_model_name_or_path, "message": plan.message,
             "revision": loaded.config.revision, "from": loaded.config.convention, "target": report.target,
             "method": plan.action, "convention": "rslora" if plan.config.get("use_rslora") else "classic",
         })
@@ -271,8 +276,3 @@ def _readme_note(plan: ConversionPlan) -> str:
         f"{plan.message[0].upper()}{plan.message[1:]} (rslora-tools {__version__}). "
         "Every module keeps the scale PEFT applied to the original adapter.\n"
     )
-
-
-def _write_provenance(folder: Path, record: dict[str, Any]) -> None:
-    record = {"tool": "rslora-tools", "version": __version__, **record}
-    (folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -34,6 +34,7 @@ from .checkpoint import (
 from .delta import compute
 from .errors import InputError, OutputError, UnsupportedAdapterError
 from .output import atomic_folder, check_output_location
+from .provenance import write_provenance
 from .plan import Plan, TensorPlan, build_plan
 from .safetensors_file import ST_TO_TORCH, StreamingWriter, read_tensor, tensor_nbytes
 
@@ -112,6 +113,7 @@ def merge(
     progress: bool = False,
     allow_pickle: bool = False,
     dry_run: bool = False,
+    sources: dict[str, dict[str, Any]] | None = None,
 ) -> MergeReport:
     """Merge a PEFT LoRA adapter into a base checkpoint, streaming, exactly as PEFT's merge_and_unload.
 
@@ -125,6 +127,8 @@ def merge(
         overwrite: replace an existing non-empty OUT.
         progress: show a progress bar on stderr (only when it is a terminal).
         dry_run: plan only; write nothing.
+        sources: where BASE and ADAPTER came from ({"base": ..., "adapter": ...}, hub.Source dicts), for the
+            provenance file OUT gets (a later `push` writes the model card from it).
 
     Returns:
         A `MergeReport` with what was merged.
@@ -146,6 +150,14 @@ def merge(
         _write_shards(checkpoint, adapter_obj, plan, tmp, torch_device, progress)
         _write_index(checkpoint, plan, tmp, max_shard_size is not None)
         _copy_side_files(checkpoint, adapter_obj, plan, tmp)
+        sources = sources or {}
+        write_provenance(tmp, {
+            "operation": "merge",
+            "base": sources.get("base") or {"spec": str(checkpoint.folder)},
+            "adapter": sources.get("adapter") or {"spec": str(adapter_obj.path)},
+            "convention": report.convention, "modules": report.modules,
+            "scale_min": report.scale_min, "scale_max": report.scale_max, "dtype": report.dtype,
+        })
     report.seconds = time.monotonic() - started
     return report
 

@@ -1,0 +1,442 @@
+"""The Hugging Face Hub: BASE/ADAPTER given as repo ids are downloaded; results are pushed with a card.
+
+Inputs: a local folder wins; then `hf://org/name[@rev][/subfolder]`; then `org/name[@rev]`.
+Downloads go through `snapshot_download` into the standard cache with allow-patterns (never
+pickles, and for a base only the shards its index lists). HF_ENDPOINT, HF_HOME, HF_HUB_CACHE
+and HF_HUB_OFFLINE are read when a command runs. The token is never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import InputError, RsloraError
+from .provenance import read_provenance
+
+LIBRARY = {"library_name": "rslora-tools", "library_version": __version__}
+TOKENIZER_PATTERNS = ["tokenizer*", "*.model", "*.tiktoken", "vocab.*", "merges.txt", "*.jinja", "chat_template*"]
+BASE_PATTERNS = ["*.json", *TOKENIZER_PATTERNS]
+ADAPTER_PATTERNS = ["*.json", "*.safetensors", "*.md", *TOKENIZER_PATTERNS]
+
+
+class HubError(RsloraError):
+    """A Hub request failed (unknown repo or revision, no access, offline without a cached copy, ...)."""
+
+
+@dataclass
+class Source:
+    """Where an input came from: a local folder, or a Hub repo at a resolved commit."""
+
+    spec: str
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    subfolder: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """What provenance records (no cache paths: the file may be published)."""
+        if self.repo_id is None:
+            return {"spec": self.spec}
+        return {"spec": self.spec, "repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
+                "subfolder": self.subfolder}
+
+
+@dataclass
+class HubRef:
+    repo_id: str
+    revision: str | None
+    subfolder: str = ""
+
+
+def parse_ref(spec: str, revision: str | None = None) -> HubRef | None:
+    """`hf://org/name[@rev][/sub]` or `org/name[@rev]` as a HubRef; None when it is neither."""
+    from huggingface_hub import parse_hf_uri
+    from huggingface_hub.errors import HFValidationError
+
+    if spec.startswith("hf://"):
+        try:
+            uri = parse_hf_uri(spec)
+        except (ValueError, HFValidationError) as e:
+            raise InputError(f"{spec}: not a valid hf:// URI ({e})") from e
+        if uri.type != "model":
+            raise InputError(f"{spec}: only model repos can be used (this is a {uri.type} repo)")
+        return HubRef(uri.id, _one_revision(spec, uri.revision, revision), (uri.path_in_repo or "").strip("/"))
+    repo_id, _, at = spec.partition("@")
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return None
+    if repo_id.count("/") != 1:
+        return None
+    return HubRef(repo_id, _one_revision(spec, at or None, revision))
+
+
+def _one_revision(spec: str, in_spec: str | None, option: str | None) -> str | None:
+    if in_spec and option and in_spec != option:
+        raise InputError(f"{spec}: the revision is given twice ({in_spec!r} and --revision {option!r})")
+    return in_spec or option
+
+
+def resolve_input(spec: str, *, kind: str, revision: str | None = None, token: str | None = None,
+                  allow_pickle: bool = False) -> Source:
+    """A local folder for BASE ("base") or ADAPTER ("adapter"): the path itself, or a cached Hub snapshot."""
+    local = Path(spec).expanduser()
+    if local.exists():
+        if revision:
+            raise InputError(f"{spec}: is a local folder; a revision applies to Hub repos only")
+        return Source(spec, local)
+    what = "base model" if kind == "base" else kind
+    if _looks_local(spec):
+        raise InputError(f"{spec}: {what} folder not found")
+    ref = parse_ref(spec, revision)
+    if ref is None:
+        raise InputError(
+            f"{spec}: no such local {what} folder, and not a Hub repo id (use org/name, org/name@revision or hf://org/name)"
+        )
+    if kind == "adapter":
+        patterns = ADAPTER_PATTERNS + (["adapter_model.bin"] if allow_pickle else [])
+        snapshot = _download(spec, ref, patterns, token)
+    else:
+        snapshot = _download(spec, ref, BASE_PATTERNS, token)
+        folder = snapshot / ref.subfolder if ref.subfolder else snapshot
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise InputError(f"{spec}: model.safetensors.index.json in the repo is not a valid index ({e})") from e
+        else:
+            shards = ["model.safetensors"]
+        if any("/" in s or s.startswith(".") for s in shards):
+            raise InputError(f"{spec}: the index names shard files outside the model folder")
+        pinned = HubRef(ref.repo_id, snapshot.name, ref.subfolder)
+        _download(spec, pinned, shards, token, exact=True)
+        if not all((folder / s).is_file() for s in shards):
+            raise InputError(f"{spec}: the repo has no model.safetensors (or index); pickle-only checkpoints are refused")
+    folder = snapshot / ref.subfolder if ref.subfolder else snapshot
+    if not folder.is_dir():
+        raise InputError(f"{spec}: the repo has no folder {ref.subfolder!r}")
+    return Source(spec, folder, ref.repo_id, ref.revision, snapshot.name, ref.subfolder)
+
+
+def _looks_local(spec: str) -> bool:
+    """A path, not a repo id: starts with / . or ~, or has more than one '/' (mergekit's rule), not hf://."""
+    if spec.startswith("hf://"):
+        return False
+    return spec.startswith(("/", ".", "~")) or spec.partition("@")[0].count("/") > 1 or os.sep != "/" and os.sep in spec
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def _cache_dir() -> str | None:
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def _download(spec: str, ref: HubRef, patterns: list[str], token: str | None, exact: bool = False) -> Path:
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{ref.subfolder}/" if ref.subfolder else ""
+    allow = [prefix + p for p in patterns]
+    ignore = None if exact else [prefix + "*/*"]
+    offline = _offline()
+    try:
+        path = snapshot_download(
+            ref.repo_id, revision=ref.revision, allow_patterns=allow, ignore_patterns=ignore, token=token,
+            cache_dir=_cache_dir(), endpoint=_endpoint(), local_files_only=offline, **LIBRARY,
+        )
+    except Exception as e:  # each client error becomes one line that says what to do
+        raise HubError(_download_error(spec, ref, e, offline)) from e
+    return Path(path)
+
+
+def _download_error(spec: str, ref: HubRef, e: Exception, offline: bool) -> str:
+    from huggingface_hub import errors
+
+    where = f"{ref.repo_id}@{ref.revision}" if ref.revision else ref.repo_id
+    if isinstance(e, errors.IncompleteSnapshotError) or (offline and isinstance(e, errors.LocalEntryNotFoundError)):
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return (f"{where}: not (completely) in the local cache and HF_HUB_OFFLINE=1 forbids downloading: {detail}. "
+                "Download it once online, or unset HF_HUB_OFFLINE")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return f"{where}: revision {ref.revision!r} not found in {ref.repo_id} (check the branch, tag or commit)"
+    if isinstance(e, errors.GatedRepoError):
+        return f"{ref.repo_id}: gated repo; accept its terms on the Hub and pass --token or set HF_TOKEN"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return (f"{ref.repo_id}: no such repo on the Hub, or it is private (pass --token or set HF_TOKEN); "
+                f"'{spec}' is not a local folder either")
+    if isinstance(e, errors.HfHubHTTPError):
+        return f"{where}: the Hub answered {_status(e)}: {_first_line(e)}"
+    return f"{where}: download failed ({type(e).__name__}: {_first_line(e)})"
+
+
+def _status(e: Exception) -> str:
+    response = getattr(e, "response", None)
+    return str(getattr(response, "status_code", "an error"))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def auto_base(adapter_config: dict[str, Any], adapter_spec: str) -> tuple[str, str | None]:
+    """BASE `auto`: the base the adapter records (base_model_name_or_path, revision)."""
+    base = adapter_config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise InputError(f"{adapter_spec}: the adapter does not record its base model; pass BASE explicitly")
+    revision = adapter_config.get("revision") if isinstance(adapter_config.get("revision"), str) else None
+    return base, revision
+
+
+def resolve_merge_inputs(
+    base: str, adapter: str, *, base_revision: str | None = None, adapter_revision: str | None = None,
+    token: str | None = None, allow_pickle: bool = False,
+) -> tuple[Source, Source, list[str]]:
+    """Resolve ADAPTER, then BASE (`auto` = the base the adapter records); warn on a base mismatch."""
+    from .adapter import CONFIG_NAME, find_adapter_folder
+
+    adapter_source = resolve_input(adapter, kind="adapter", revision=adapter_revision, token=token,
+                                   allow_pickle=allow_pickle)
+    try:
+        config = json.loads((find_adapter_folder(adapter_source.path) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RsloraError):
+        config = {}  # load_adapter reports what is wrong with it
+    if not isinstance(config, dict):
+        config = {}
+    if base == "auto":
+        base, recorded_revision = auto_base(config, adapter)
+        base_revision = base_revision or recorded_revision
+    base_source = resolve_input(base, kind="base", revision=base_revision, token=token)
+    warning = base_mismatch(base_source, config)
+    return base_source, adapter_source, [warning] if warning else []
+
+
+def base_mismatch(base: Source, adapter_config: dict[str, Any]) -> str | None:
+    """A warning when BASE is a repo other than the one the adapter records."""
+    recorded = adapter_config.get("base_model_name_or_path")
+    if not isinstance(recorded, str) or not recorded or base.repo_id is None:
+        return None
+    recorded_ref = parse_ref(recorded) if not Path(recorded).exists() else None
+    if recorded_ref is not None and recorded_ref.repo_id.lower() != base.repo_id.lower():
+        return f"the adapter was trained on {recorded!r} but BASE is {base.repo_id!r}"
+    return None
+
+
+# --- publishing ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PushReport:
+    repo_id: str
+    folder: str
+    commit: str
+    commit_url: str
+    pr_url: str | None
+    files: int
+    card_written: bool
+    private: bool | None = None
+    revision: str | None = None
+    verified: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def push(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+) -> PushReport:
+    """Create the repo if needed, upload FOLDER (with a model card when it has none), check every file arrived."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder")
+    local = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    if not local:
+        raise InputError(f"{folder}: is empty; nothing to push")
+    ref = parse_ref(repo_id)
+    if ref is None or ref.revision or ref.subfolder:
+        raise InputError(f"{repo_id}: not a Hub repo id (org/name); use --revision for a branch")
+    repo_id = ref.repo_id
+    if _offline():
+        raise HubError("HF_HUB_OFFLINE=1 is set; pushing needs the network (unset it)")
+    api = HfApi(endpoint=_endpoint(), token=token, **LIBRARY)
+    card = None if (folder / "README.md").is_file() else model_card(folder, repo_id)
+    message = commit_message or f"Upload {folder.name} with rslora-tools {__version__}"
+    try:
+        api.create_repo(repo_id, private=private or None, exist_ok=True)
+        if revision and revision != "main" and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with _staged(folder, card) as staged:
+            info = api.upload_folder(repo_id=repo_id, folder_path=staged, commit_message=message,
+                                     revision=revision, create_pr=create_pr, ignore_patterns=[".*", "**/.*"])
+        remote = {f.path: f.size for f in api.list_repo_tree(repo_id, revision=info.oid, recursive=True)
+                  if getattr(f, "size", None) is not None and type(f).__name__ == "RepoFile"}
+    except RsloraError:
+        raise
+    except Exception as e:  # one line; nothing local was changed
+        raise HubError(_push_error(repo_id, e)) from e
+    expected = dict(local)
+    if card is not None:
+        expected["README.md"] = len(card.encode("utf-8"))
+    missing = sorted(p for p, size in expected.items() if remote.get(p) != size)
+    if missing:
+        raise HubError(
+            f"{repo_id}: the upload finished but {len(missing)} file(s) are missing or differ in the repo "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run the same push again to resume"
+        )
+    return PushReport(repo_id, str(folder), info.oid, str(info.commit_url), info.pr_url, len(expected),
+                      card is not None, private, revision, sorted(expected))
+
+
+def _push_error(repo_id: str, e: Exception) -> str:
+    from huggingface_hub import errors
+
+    status = _status(e)
+    if status == "401" or isinstance(e, errors.LocalTokenNotFoundError):
+        return f"{repo_id}: not authorized (401): log in with 'hf auth login', set HF_TOKEN or pass --token"
+    if status == "403":
+        return f"{repo_id}: forbidden (403): the token cannot write to this repo or namespace"
+    if isinstance(e, errors.HfHubHTTPError):
+        return (f"{repo_id}: the Hub answered {status} during the upload ({_first_line(e)}); "
+                "re-run the same push to resume, files already uploaded are skipped")
+    return f"{repo_id}: upload failed ({type(e).__name__}: {_first_line(e)}); re-run the same push to resume"
+
+
+class _staged:
+    """FOLDER itself, or (when a card must be added) a temporary folder of links to its files plus the card.
+
+    FOLDER is never modified.
+    """
+
+    def __init__(self, folder: Path, card: str | None):
+        self.folder, self.card, self.tmp = folder, card, None
+
+    def __enter__(self) -> Path:
+        if self.card is None:
+            return self.folder
+        self.tmp = Path(tempfile.mkdtemp(prefix="rslora-tools-push-"))
+        for path in self.folder.rglob("*"):
+            rel = path.relative_to(self.folder)
+            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+                (self.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (self.tmp / rel).symlink_to(path.resolve())
+        (self.tmp / "README.md").write_text(self.card, encoding="utf-8")
+        return self.tmp
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def model_card(folder: Path, repo_id: str) -> str:
+    """A model card for a merged model or a converted adapter, from the provenance file rslora-tools wrote."""
+    from huggingface_hub import ModelCardData
+
+    prov = read_provenance(folder)
+    is_adapter = (folder / "adapter_config.json").is_file()
+    base = _hub_id(prov.get("base")) or _hub_id(prov.get("base_model"))
+    adapter = _hub_id(prov.get("adapter"))
+    if is_adapter and base is None:
+        try:
+            recorded = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        base = recorded if isinstance(recorded, str) and parse_ref(recorded) else None
+    convention = prov.get("convention")
+    tags = ["lora", *(["rslora"] if convention == "rslora" else []), "rslora-tools"]
+    data: dict[str, Any] = {"library_name": "peft" if is_adapter else "transformers"}
+    if base:
+        data["base_model"] = base
+        data["base_model_relation"] = "adapter" if is_adapter else "finetune"
+        if is_adapter:
+            tags.insert(0, f"base_model:adapter:{base}")
+    if not is_adapter:
+        tags.append("merge")
+    card_data = ModelCardData(tags=tags, **data)
+    return f"---\n{card_data.to_yaml()}\n---\n\n{_card_body(repo_id, prov, is_adapter, base, adapter)}"
+
+
+def _hub_id(source: Any) -> str | None:
+    if isinstance(source, dict) and source.get("repo_id"):
+        return source["repo_id"]
+    if isinstance(source, str) and not Path(source).exists() and parse_ref(source):
+        return source.partition("@")[0]
+    return None
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, dict):
+        if source.get("repo_id"):
+            rev = f" at revision `{source['revision']}`" if source.get("revision") else ""
+            commit = f" (commit `{source['commit'][:12]}`)" if source.get("commit") else ""
+            return f"[{source['repo_id']}](https://huggingface.co/{source['repo_id']}){rev}{commit}"
+        return f"local folder `{Path(str(source.get('spec', '?'))).name}`"
+    return f"`{source}`" if source else "unknown"
+
+
+def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None, adapter: str | None) -> str:
+    name = repo_id.split("/")[-1]
+    version = prov.get("version", __version__)
+    lines = [f"# {name}", ""]
+    convention = {"rslora": "rsLoRA (scale = lora_alpha / sqrt(r))", "classic": "classic LoRA (scale = lora_alpha / r)"}
+    if prov.get("operation") == "merge":
+        lines += [
+            f"This model is the LoRA adapter {_describe(prov.get('adapter'))} merged into "
+            f"{_describe(prov.get('base'))} with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
+            "The merged weights equal PEFT's `merge_and_unload()` bit for bit.",
+            "",
+            f"- Adapter convention: {convention.get(prov.get('convention'), prov.get('convention', 'unknown'))}",
+            f"- LoRA modules merged: {prov.get('modules', '?')}",
+        ]
+        if prov.get("scale_min") is not None:
+            lo, hi = prov["scale_min"], prov["scale_max"]
+            lines.append(f"- Per-module scale: {lo:.6g}" + ("" if lo == hi else f" to {hi:.6g} (rank/alpha patterns)"))
+        lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
+    elif is_adapter:
+        what = prov.get("message") or "converted"
+        lines += [
+            f"A PEFT LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, converted with "
+            f"[rslora-tools](https://pypi.org/project/rslora-tools/) {version}: {what}.",
+            f"Every module keeps the scale PEFT applied to the original adapter {_describe(prov.get('adapter'))}.",
+            "",
+            f"- Convention now: {convention.get(prov.get('convention'), prov.get('convention', 'unknown'))}",
+            f"- Conversion: {prov.get('method', '?')} (target: {prov.get('target', '?')})",
+            "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
+        ]
+    else:
+        lines += ["Uploaded with rslora-tools."]
+    return "\n".join(lines) + "\n"

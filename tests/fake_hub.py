@@ -1,0 +1,298 @@
+"""A loopback stand-in for the Hugging Face Hub HTTP API, for the real huggingface_hub client.
+
+It implements what `snapshot_download`, `create_repo`, `upload_folder` (legacy LFS path, so
+run with HF_HUB_DISABLE_XET=1) and `list_repo_tree` use (../shared/docs/ecosystem.md §2.6):
+repo info, tree, resolve (HEAD/GET), repo create, validate-yaml, preupload, LFS batch /
+upload / verify, and the NDJSON commit. Every request is recorded; faults can be injected.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlparse
+
+
+@dataclass
+class Repo:
+    private: bool = False
+    branches: dict[str, str] = field(default_factory=dict)  # name -> commit sha
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> {path: content}
+    messages: dict[str, str] = field(default_factory=dict)
+
+
+class FakeHub:
+    def __init__(self, token: str = "hf_fake_token"):
+        self.token = token
+        self.repos: dict[str, Repo] = {}
+        self.lfs: dict[str, bytes] = {}  # sha256 -> content
+        self.requests: list[tuple[str, str]] = []
+        self.user_agents: list[str] = []
+        self.fail: dict[str, int] = {}  # path regex -> HTTP status to answer with
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> FakeHub:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # --- state helpers for tests ------------------------------------------------------------------
+
+    def add_commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", message: str = "commit",
+                   parent: str | None = None) -> str:
+        repo = self.repos.setdefault(repo_id, Repo())
+        base = dict(repo.commits.get(parent or repo.branches.get(branch, ""), {}))
+        base.update(files)
+        sha = hashlib.sha1(json.dumps([repo_id, branch, message, len(repo.commits),
+                                       sorted((k, hashlib.sha256(v).hexdigest()) for k, v in base.items())]).encode()).hexdigest()
+        repo.commits[sha] = base
+        repo.messages[sha] = message
+        repo.branches[branch] = sha
+        return sha
+
+    def upload_local_folder(self, repo_id: str, folder, branch: str = "main", message: str = "upload") -> str:
+        from pathlib import Path
+
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+        return self.add_commit(repo_id, files, branch, message)
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        repo = self.repos[repo_id]
+        return repo.commits[repo.branches.get(revision, revision)]
+
+    def resolve(self, repo_id: str, revision: str) -> tuple[Repo | None, str | None]:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return None, None
+        if revision in repo.branches:
+            return repo, repo.branches[revision]
+        if revision in repo.commits:
+            return repo, revision
+        return repo, None
+
+    # --- HTTP --------------------------------------------------------------------------------------
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes | dict | list = b"", headers: dict | None = None,
+                      content_type: str = "application/json", head: bool = False) -> None:
+                if not isinstance(body, bytes):
+                    body = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def _error(self, status: int, code: str, message: str, head: bool = False) -> None:
+                self._send(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message}, head=head)
+
+            def _body(self) -> bytes:
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _authorized(self) -> bool:
+                return self.headers.get("Authorization") == f"Bearer {hub.token}"
+
+            def _route(self, method: str) -> None:
+                url = urlparse(self.path)
+                path, query = unquote(url.path), parse_qs(url.query)
+                hub.requests.append((method, path))
+                hub.user_agents.append(self.headers.get("User-Agent", ""))
+                body = self._body() if method in ("POST", "PUT") else b""
+                for pattern, status in hub.fail.items():
+                    if re.search(pattern, path):
+                        return self._error(status, "Injected", f"injected failure {status}")
+                head = method == "HEAD"
+                if method == "POST" and path == "/api/repos/create":
+                    return self._create(json.loads(body))
+                if method == "POST" and path == "/api/validate-yaml":
+                    return self._send(200, {"errors": [], "warnings": []})
+                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path)
+                if m and method == "GET":
+                    return self._info(m.group(1), m.group(2))
+                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+(?:/pr/\d+)?)(?:/(.*))?", path)
+                if m and method == "GET":
+                    return self._tree(m.group(1), m.group(2), m.group(3) or "")
+                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/(.+)", path)
+                if m and method == "POST":
+                    return self._preupload(m.group(1), json.loads(body))
+                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/(.+)", path)
+                if m and method == "POST":
+                    return self._commit(m.group(1), m.group(2), body, "create_pr" in query)
+                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/branch/(.+)", path)
+                if m and method == "POST":
+                    return self._branch(m.group(1), m.group(2))
+                m = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+                if m and method == "POST":
+                    return self._lfs_batch(json.loads(body))
+                m = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", path)
+                if m and method == "PUT":
+                    if hashlib.sha256(body).hexdigest() != m.group(1):
+                        return self._error(400, "BadOid", "sha256 mismatch")
+                    hub.lfs[m.group(1)] = body
+                    return self._send(200, {})
+                if re.fullmatch(r"/lfs-verify/([0-9a-f]{64})", path) and method == "POST":
+                    return self._send(200, {})
+                m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+(?:/pr/\d+)?)/(.+)", path)
+                if m and method in ("GET", "HEAD"):
+                    return self._resolve(m.group(1), m.group(2), m.group(3), head)
+                return self._error(404, "EntryNotFound", f"no route for {method} {path}", head=head)
+
+            def _create(self, payload: dict) -> None:
+                if not self._authorized():
+                    return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+                repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
+                if repo_id in hub.repos:  # the real Hub's 409 body carries the repo url too
+                    return self._send(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
+                                      {"X-Error-Code": "RepoExists", "X-Error-Message": "You already created this model repo"})
+                private = payload.get("visibility") == "private" or bool(payload.get("private"))
+                hub.repos[repo_id] = Repo(private=private)
+                hub.add_commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                               message="initial commit")
+                self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+
+            def _repo_or_error(self, repo_id: str, revision: str, head: bool = False):
+                repo, sha = hub.resolve(repo_id, revision)
+                if repo is None or (repo.private and not self._authorized()):
+                    self._error(404, "RepoNotFound", f"Repository Not Found for url: {self.path}.", head=head)
+                    return None, None
+                if sha is None:
+                    self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
+                    return None, None
+                return repo, sha
+
+            def _info(self, repo_id: str, revision: str) -> None:
+                repo, sha = self._repo_or_error(repo_id, revision)
+                if repo is None:
+                    return
+                siblings = [{"rfilename": p} for p in sorted(repo.commits[sha])]
+                self._send(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
+                                 "siblings": siblings, "tags": [], "downloads": 0, "likes": 0})
+
+            def _tree(self, repo_id: str, revision: str, prefix: str) -> None:
+                repo, sha = self._repo_or_error(repo_id, revision)
+                if repo is None:
+                    return
+                entries, folders = [], set()
+                for p, content in sorted(repo.commits[sha].items()):
+                    if prefix and not p.startswith(prefix.rstrip("/") + "/"):
+                        continue
+                    parts = p.split("/")
+                    for i in range(1, len(parts)):
+                        folders.add("/".join(parts[:i]))
+                    oid = hashlib.sha256(content).hexdigest()
+                    entries.append({"type": "file", "path": p, "size": len(content), "oid": _git_oid(content),
+                                    "lfs": {"oid": oid, "size": len(content), "pointerSize": 134}})
+                entries += [{"type": "directory", "path": f, "oid": "0" * 40, "size": 0} for f in sorted(folders)
+                            if not prefix or f.startswith(prefix.rstrip("/") + "/")]
+                self._send(200, entries)
+
+            def _resolve(self, repo_id: str, revision: str, file: str, head: bool) -> None:
+                repo, sha = self._repo_or_error(repo_id, revision, head)
+                if repo is None:
+                    return
+                content = repo.commits[sha].get(file)
+                if content is None:
+                    return self._error(404, "EntryNotFound", f"{file} does not exist", head=head)
+                etag = f'"{hashlib.sha256(content).hexdigest()}"'
+                self._send(200, content, {"X-Repo-Commit": sha, "ETag": etag, "X-Linked-Etag": etag,
+                                          "X-Linked-Size": str(len(content))},
+                           content_type="application/octet-stream", head=head)
+
+            def _branch(self, repo_id: str, branch: str) -> None:
+                if not self._authorized():
+                    return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+                repo = hub.repos.get(repo_id)
+                if repo is None:
+                    return self._error(404, "RepoNotFound", "Repository Not Found")
+                if branch in repo.branches:
+                    return self._error(409, "BranchExists", "Reference already exists")
+                repo.branches[branch] = repo.branches["main"]
+                self._send(200, {})
+
+            def _preupload(self, repo_id: str, payload: dict) -> None:
+                if not self._authorized():
+                    return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+                files = [{"path": f["path"], "uploadMode": "lfs" if f["size"] > 0 else "regular",
+                          "shouldIgnore": False, "oid": None} for f in payload["files"]]
+                self._send(200, {"files": files})
+
+            def _lfs_batch(self, payload: dict) -> None:
+                if not self._authorized():
+                    return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+                objects = []
+                for obj in payload["objects"]:
+                    entry = {"oid": obj["oid"], "size": obj["size"]}
+                    if obj["oid"] not in hub.lfs:
+                        entry["actions"] = {"upload": {"href": f"{hub.url}/lfs-upload/{obj['oid']}"},
+                                            "verify": {"href": f"{hub.url}/lfs-verify/{obj['oid']}"}}
+                    objects.append(entry)
+                self._send(200, {"objects": objects}, content_type="application/vnd.git-lfs+json")
+
+            def _commit(self, repo_id: str, revision: str, body: bytes, create_pr: bool) -> None:
+                if not self._authorized():
+                    return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+                repo = hub.repos.get(repo_id)
+                if repo is None:
+                    return self._error(404, "RepoNotFound", "Repository Not Found")
+                lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                header = next(x["value"] for x in lines if x["key"] == "header")
+                files: dict[str, bytes] = {}
+                for line in lines:
+                    v = line["value"]
+                    if line["key"] == "file":
+                        files[v["path"]] = base64.b64decode(v["content"])
+                    elif line["key"] == "lfsFile":
+                        if v["oid"] not in hub.lfs:
+                            return self._error(422, "MissingLfs", f"LFS object {v['oid']} was never uploaded")
+                        files[v["path"]] = hub.lfs[v["oid"]]
+                parent = repo.branches.get(revision, revision)
+                branch = revision
+                pr_url = None
+                if create_pr:
+                    branch = f"refs/pr/{sum(b.startswith('refs/pr/') for b in repo.branches) + 1}"
+                    pr_url = f"{hub.url}/{repo_id}/discussions/{branch.rsplit('/', 1)[1]}"
+                elif revision not in repo.branches:
+                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+                sha = hub.add_commit(repo_id, files, branch, header["summary"], parent=parent)
+                self._send(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha,
+                                 "pullRequestUrl": pr_url})
+
+            def do_GET(self) -> None:
+                self._route("GET")
+
+            def do_HEAD(self) -> None:
+                self._route("HEAD")
+
+            def do_POST(self) -> None:
+                self._route("POST")
+
+            def do_PUT(self) -> None:
+                self._route("PUT")
+
+        return Handler
+
+
+def _git_oid(content: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
