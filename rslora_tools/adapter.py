@@ -383,3 +383,21 @@ def _check_module(adapter: Adapter, module: LoraModule) -> None:
         )
     if adapter.config.use_dora and module.magnitude_key is None and module.depth == 0:
         raise InputError(f"{where}: use_dora is true but module {module.name!r} has no lora_magnitude_vector")
+
+
+def check_finite(adapter: Adapter) -> None:
+    """Refuse adapter weights holding NaN or Inf (a diverged training run); reads each tensor once."""
+    bad = []
+    for key, dtype in adapter.dtypes.items():
+        if dtype not in ("BF16", "F16", "F32", "F64"):
+            continue
+        t = adapter.tensor(key)
+        count = int(t.numel() - torch.isfinite(t).sum())
+        if count:
+            bad.append(f"{key} ({count} values)")
+    if bad:
+        raise InputError(
+            f"{adapter.weights_path}: NaN or Inf in {len(bad)} adapter tensor(s): {', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}; the adapter is broken (diverged training?). "
+            "Pass --allow-nonfinite to merge it anyway"
+        )

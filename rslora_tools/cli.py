@@ -11,6 +11,7 @@ import click
 
 from . import __version__
 from .errors import RsloraError
+from .output import human_size
 
 DEBUG_ENV = "RSLORA_TOOLS_DEBUG"
 
@@ -53,6 +54,7 @@ def cli() -> None:
       rslora-tools convert my-adapter/ for-vllm/ --target vllm
       rslora-tools inspect my-adapter/ --base base-model/
       rslora-tools merge org/base org/adapter merged/ --push-to-hub me/merged
+      rslora-tools verify merged/ base-model/ my-adapter/
     """
 
 
@@ -113,12 +115,15 @@ def _echo_push(report) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (errors still print).")
 @click.option("--base-revision", metavar="REV", help="Branch, tag or commit of BASE when it is a Hub repo.")
 @click.option("--adapter-revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
+@click.option("--verify", "verify_output", is_flag=True,
+              help="Recompute and compare every merged tensor before OUT is replaced; fail on a mismatch.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge even if the adapter weights hold NaN or Inf.")
 @_token_option
 @_hub_push_options
 def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_size: str | None, overwrite: bool,
           allow_pickle: bool, dry_run: bool, as_json: bool, quiet: bool, base_revision: str | None,
-          adapter_revision: str | None, token: str | None, push_to: str | None, private: bool, create_pr: bool,
-          commit_message: str | None) -> None:
+          adapter_revision: str | None, verify_output: bool, allow_nonfinite: bool, token: str | None,
+          push_to: str | None, private: bool, create_pr: bool, commit_message: str | None) -> None:
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
     The result equals PEFT's merge_and_unload() bit for bit on CPU, for classic LoRA and rsLoRA,
@@ -156,6 +161,7 @@ def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_
         max_shard_size=max_shard_size, overwrite=overwrite, progress=not (quiet or as_json),
         allow_pickle=allow_pickle, dry_run=dry_run,
         sources={"base": base_source.to_dict(), "adapter": adapter_source.to_dict()},
+        verify=verify_output, allow_nonfinite=allow_nonfinite,
     )
     for warning in hub_warnings + report.warnings:
         click.echo(f"Warning: {warning}", err=True)
@@ -173,13 +179,45 @@ def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_
     click.echo(f"{verb} {report.modules} LoRA modules ({_convention(report.convention)}, {scale}) into {report.out}")
     click.echo(
         f"  tensors: {report.tensors_merged} changed, {report.tensors_copied} copied as is, {report.tensors_total} total; "
-        f"{len(report.shards)} shard(s), {_size(report.bytes_written)}, {report.dtype or 'no float'} on {report.device}"
+        f"{len(report.shards)} shard(s), {human_size(report.bytes_written)}, {report.dtype or 'no float'} on {report.device}"
         + ("" if report.dry_run else f", {report.seconds:.2f} s")
     )
     for key, value in report.config_updates.items():
         click.echo(f"  config.json: {key} = {json.dumps(value)}")
     for note in report.notes:
         click.echo(f"  note: {note}")
+    if report.verify is not None:
+        v = report.verify
+        click.echo(f"  verified: {v['verdict']} ({v['exact']} exact, {v['rounding']} within rounding, "
+                   f"{v['tensors_checked']} tensors)")
+    if report.dry_run:
+        _print_dry_run(report)
+
+
+def _print_dry_run(report) -> None:
+    """The plan in detail: changes grouped over layers, unmatched adapter tensors, memory and disk."""
+    import re
+
+    groups: dict[tuple, list[dict]] = {}
+    for change in report.changes:
+        generic = re.sub(r"\.\d+\.", ".*.", change["tensor"])
+        groups.setdefault((generic, change["how"], change["scale"]), []).append(change)
+    click.echo("  changes:")
+    for (generic, how, scale), items in groups.items():
+        at = f" at scale {scale:.6g}" if scale is not None else ""
+        count = f" (x{len(items)})" if len(items) > 1 else ""
+        click.echo(f"    {generic}{count}: {how}{at}")
+    click.echo(f"  copied as is: {report.tensors_total - report.tensors_merged} tensors")
+    click.echo(f"  shards: {', '.join(report.shards[:4])}{', ...' if len(report.shards) > 4 else ''}")
+    click.echo(f"  memory needed: about {human_size(report.memory_bytes)}")
+    if report.free_bytes is not None:
+        fits = "fits" if report.bytes_written <= report.free_bytes else "DOES NOT FIT"
+        click.echo(f"  disk: writes {human_size(report.bytes_written)}, {human_size(report.free_bytes)} free ({fits})")
+    for key in report.unmatched:
+        click.echo(f"  matches nothing in the base: {key}")
+    if report.unmatched:
+        raise click.ClickException(
+            f"{len(report.unmatched)} adapter tensor(s) match no base tensor; a merge would fail")
 
 
 @cli.command()
@@ -198,11 +236,12 @@ def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
+@click.option("--allow-nonfinite", is_flag=True, help="Convert even if the adapter weights hold NaN or Inf.")
 @_token_option
 @_hub_push_options
 def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bool, base: str | None,
             overwrite: bool, allow_pickle: bool, dry_run: bool, as_json: bool, quiet: bool, revision: str | None,
-            token: str | None, push_to: str | None, private: bool, create_pr: bool,
+            allow_nonfinite: bool, token: str | None, push_to: str | None, private: bool, create_pr: bool,
             commit_message: str | None) -> None:
     """Convert ADAPTER into OUT so that it is served with PEFT's exact scale everywhere.
 
@@ -232,7 +271,8 @@ def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bo
     source = resolve_input(adapter, kind="adapter", revision=revision, token=token, allow_pickle=allow_pickle)
     base_path = resolve_input(base, kind="base", token=token).path if base is not None else None
     report = run_convert(source.path, out, to=to, target=target, bake=bake, base=base_path, overwrite=overwrite,
-                         dry_run=dry_run, allow_pickle=allow_pickle, source=source.to_dict())
+                         dry_run=dry_run, allow_pickle=allow_pickle, source=source.to_dict(),
+                         allow_nonfinite=allow_nonfinite)
     pushed = None if dry_run else _push_after(out, push_to, private, create_pr, commit_message, token, quiet or as_json)
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "push": pushed}, indent=2))
@@ -284,6 +324,69 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
     else:
         _print_inspection(report)
     if report.errors or (strict and report.warnings):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("merged", type=click.Path(exists=True, file_okay=False))
+@click.argument("base")
+@click.argument("adapter")
+@click.option("--sample", type=click.IntRange(min=1), metavar="N",
+              help="Check only N tensors spread over the model (changed ones first), for a quick check.")
+@click.option("--allow-pickle", is_flag=True, help="Read an adapter that exists only as adapter_model.bin.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@click.option("--base-revision", metavar="REV", help="Branch, tag or commit of BASE when it is a Hub repo.")
+@click.option("--adapter-revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
+@_token_option
+def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickle: bool, as_json: bool,
+           quiet: bool, base_revision: str | None, adapter_revision: str | None, token: str | None) -> None:
+    """Check that MERGED is BASE with ADAPTER merged: recompute every tensor and compare.
+
+    Per tensor: exact (same bytes), within rounding (at most 1 ulp of the dtype off, e.g. a GPU
+    merge), or a mismatch, with the max absolute and relative error. Also checks that the
+    folder's index, shards, tensor names/shapes/dtypes and config.json agree. Exit code 1 on
+    any mismatch beyond rounding.
+
+    \b
+    Examples:
+      rslora-tools verify merged/ base-model/ my-adapter/
+      rslora-tools verify merged/ org/base org/adapter --sample 20
+    """
+    from tqdm.auto import tqdm
+
+    from .hub import resolve_merge_inputs
+    from .verify import verify as run_verify
+
+    base_source, adapter_source, _ = resolve_merge_inputs(
+        base, adapter, base_revision=base_revision, adapter_revision=adapter_revision, token=token,
+        allow_pickle=allow_pickle)
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="Verifying", file=sys.stderr,
+               disable=True if (quiet or as_json) else None)
+    try:
+        report = run_verify(merged, base_source.path, adapter_source.path, sample=sample,
+                            allow_pickle=allow_pickle, progress=bar.update)
+    finally:
+        bar.close()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        if not quiet:
+            for problem in report.problems:
+                click.echo(f"problem: {problem}")
+            for c in report.tensors:
+                if c.status == "mismatch":
+                    click.echo(f"mismatch: {c.name} ({c.dtype}): max abs error {c.max_abs_error:.3g}, "
+                               f"max rel error {c.max_rel_error:.3g}, {c.max_ulps:.3g} ulp")
+            worst = max(report.tensors, key=lambda c: c.max_ulps, default=None)
+            if worst is not None and worst.status == "rounding":
+                click.echo(f"largest rounding difference: {worst.name}: {worst.max_abs_error:.3g} "
+                           f"({worst.max_ulps:.3g} ulp of {worst.dtype})")
+        sampled = f" (sample of {report.tensors_total})" if report.tensors_checked < report.tensors_total else ""
+        click.echo(f"{report.verdict.upper()}: {report.tensors_checked} tensors checked{sampled}: {report.exact} exact, "
+                   f"{report.rounding} within rounding, {report.mismatched} mismatched, "
+                   f"{len(report.problems)} folder problem(s); {report.seconds:.2f} s")
+    if not report.ok:
         sys.exit(1)
 
 
@@ -359,14 +462,6 @@ def _ratio(ratio: float | None, status: str) -> str:
 
 def _convention(name: str) -> str:
     return {"rslora": "rsLoRA, alpha/sqrt(r)", "classic": "classic LoRA, alpha/r"}[name]
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .adapter import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapter, load_adapter
+from .adapter import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapter, check_finite, load_adapter
 from .convention import (
     ModuleEntry,
     convention_config,
@@ -147,6 +147,7 @@ def convert(
     dry_run: bool = False,
     allow_pickle: bool = False,
     source: dict[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> ConvertReport:
     """Convert ADAPTER into OUT (a folder, or a .gguf file for `target="llama.cpp"`); see the module doc.
 
@@ -162,6 +163,8 @@ def convert(
     out = Path(out)
     loaded = load_adapter(adapter, allow_pickle=allow_pickle)
     entries = module_entries(loaded)
+    if not allow_nonfinite and not dry_run:
+        check_finite(loaded)
     gguf = out.suffix == ".gguf"
     if gguf and target != "llama.cpp":
         raise InputError(f"{out}: a .gguf output is written only for --target llama.cpp")

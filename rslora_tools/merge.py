@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, load_adapter
+from .adapter import Adapter, check_finite, load_adapter
 from .checkpoint import (
     INDEX_FILE,
     Checkpoint,
@@ -32,8 +32,8 @@ from .checkpoint import (
     write_json_file,
 )
 from .delta import compute
-from .errors import InputError, OutputError, UnsupportedAdapterError
-from .output import atomic_folder, check_output_location
+from .errors import InputError, MismatchError, OutputError, UnsupportedAdapterError
+from .output import atomic_folder, check_output_location, human_size
 from .provenance import write_provenance
 from .plan import Plan, TensorPlan, build_plan
 from .safetensors_file import ST_TO_TORCH, StreamingWriter, read_tensor, tensor_nbytes
@@ -62,6 +62,11 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+    changes: list[dict[str, Any]] = field(default_factory=list)  # what happens to each changed tensor
+    unmatched: list[str] = field(default_factory=list)  # adapter tensors that match nothing (dry run)
+    memory_bytes: int = 0  # estimated peak memory of the merge
+    free_bytes: int | None = None  # free disk space where OUT goes
+    verify: dict[str, Any] | None = None  # the verification of the fresh output (--verify)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +89,7 @@ def prepare(
     dtype: str | None = None,
     max_shard_size: int | str | None = None,
     allow_pickle: bool = False,
+    collect_unmatched: bool = False,
 ) -> tuple[Checkpoint, Adapter, Plan]:
     """Open both inputs and plan the merge (headers and config only)."""
     if not isinstance(adapter, Adapter):
@@ -97,7 +103,7 @@ def prepare(
             "(merging into quantized weights loses the adapter to rounding)"
         )
     size = parse_size(max_shard_size) if max_shard_size is not None else None
-    plan = build_plan(checkpoint, adapter, dtype=dtype, max_shard_size=size)
+    plan = build_plan(checkpoint, adapter, dtype=dtype, max_shard_size=size, collect_unmatched=collect_unmatched)
     return checkpoint, adapter, plan
 
 
@@ -114,6 +120,8 @@ def merge(
     allow_pickle: bool = False,
     dry_run: bool = False,
     sources: dict[str, dict[str, Any]] | None = None,
+    verify: bool = False,
+    allow_nonfinite: bool = False,
 ) -> MergeReport:
     """Merge a PEFT LoRA adapter into a base checkpoint, streaming, exactly as PEFT's merge_and_unload.
 
@@ -126,7 +134,11 @@ def merge(
         max_shard_size: re-shard the output ("5GB" = 5e9 bytes); default: keep the base's shards.
         overwrite: replace an existing non-empty OUT.
         progress: show a progress bar on stderr (only when it is a terminal).
-        dry_run: plan only; write nothing.
+        dry_run: plan only (headers and config); write nothing. The report lists every change,
+            adapter tensors that match nothing, the memory needed and the free disk space.
+        verify: recompute and compare every tensor of the fresh output before it replaces OUT;
+            a mismatch beyond rounding fails the merge and nothing is written.
+        allow_nonfinite: merge an adapter whose weights hold NaN or Inf (refused by default).
         sources: where BASE and ADAPTER came from ({"base": ..., "adapter": ...}, hub.Source dicts), for the
             provenance file OUT gets (a later `push` writes the model card from it).
 
@@ -136,21 +148,38 @@ def merge(
     started = time.monotonic()
     out = Path(out)
     checkpoint, adapter_obj, plan = prepare(
-        base, adapter, dtype=dtype, max_shard_size=max_shard_size, allow_pickle=allow_pickle
+        base, adapter, dtype=dtype, max_shard_size=max_shard_size, allow_pickle=allow_pickle,
+        collect_unmatched=dry_run,
     )
     check_output_location(out, [checkpoint.folder, adapter_obj.path], overwrite)
     torch_device = resolve_device(device)
     report = _report(checkpoint, adapter_obj, plan, out, torch_device, dtype)
     report.dry_run = dry_run
+    report.free_bytes = free_space(out)
     if dry_run:
         report.seconds = time.monotonic() - started
         return report
+    check_free_space(out, report.bytes_written + _side_bytes(checkpoint), report.free_bytes)
+    if not allow_nonfinite:
+        check_finite(adapter_obj)
 
+    try:
+        _write_output(out, overwrite, checkpoint, adapter_obj, plan, report, torch_device, progress,
+                      max_shard_size is not None, sources or {}, verify)
+    except OSError as e:  # a full disk (ENOSPC), a read error, ...: the partial output is already removed
+        where = f" ({e.filename})" if e.filename else ""
+        raise OutputError(f"{out}: the merge failed: {e.strerror or e}{where}; nothing was written") from e
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _write_output(out: Path, overwrite: bool, checkpoint: Checkpoint, adapter_obj: Adapter, plan: Plan,
+                  report: MergeReport, torch_device: torch.device, progress: bool, resharded: bool,
+                  sources: dict[str, dict[str, Any]], verify: bool) -> None:
     with atomic_folder(out, overwrite) as tmp:
         _write_shards(checkpoint, adapter_obj, plan, tmp, torch_device, progress)
-        _write_index(checkpoint, plan, tmp, max_shard_size is not None)
+        _write_index(checkpoint, plan, tmp, resharded)
         _copy_side_files(checkpoint, adapter_obj, plan, tmp)
-        sources = sources or {}
         write_provenance(tmp, {
             "operation": "merge",
             "base": sources.get("base") or {"spec": str(checkpoint.folder)},
@@ -158,8 +187,15 @@ def merge(
             "convention": report.convention, "modules": report.modules,
             "scale_min": report.scale_min, "scale_max": report.scale_max, "dtype": report.dtype,
         })
-    report.seconds = time.monotonic() - started
-    return report
+        if verify:
+            from .verify import verify as run_verify
+
+            checked = run_verify(tmp, checkpoint.folder, adapter_obj)
+            report.verify = checked.to_dict()
+            if not checked.ok:
+                raise MismatchError(
+                    f"verification of the merged output failed ({_verify_summary(checked)}); nothing was written"
+                )
 
 
 def _report(
@@ -187,15 +223,86 @@ def _report(
         config_updates=plan.config_updates,
         notes=plan.notes,
         warnings=plan.warnings,
+        changes=_changes(plan),
+        unmatched=plan.unmatched,
+        memory_bytes=estimate_memory(plan),
     )
+
+
+def _verify_summary(checked) -> str:
+    first = next((c.name for c in checked.tensors if c.status == "mismatch"), None)
+    parts = [f"{checked.mismatched} tensor(s) differ beyond rounding" + (f", e.g. {first}" if first else "")]
+    return "; ".join(parts + checked.problems[:3])
+
+
+def _changes(plan: Plan) -> list[dict[str, Any]]:
+    changes = []
+    for t in plan.tensors:
+        if t.untouched:
+            continue
+        how = []
+        if t.replacement is not None:
+            how.append(f"replaced by adapter tensor {t.replacement}")
+        if t.lora is not None:
+            how.append(("DoRA" if t.lora.dora else "LoRA") + f" ({t.lora.kind})")
+        if t.bias_of is not None:
+            how.append("lora_bias")
+        if t.tokens is not None:
+            how.append(f"{len(t.tokens[1])} trainable token rows")
+        op = t.lora or t.bias_of
+        changes.append({
+            "tensor": t.name, "how": ", ".join(how), "module": op.module.name if op is not None else None,
+            "scale": op.scale.scale if op is not None else None, "rank": op.scale.r if op is not None else None,
+            "alpha": op.scale.alpha if op is not None else None,
+        })
+    return changes
+
+
+def estimate_memory(plan: Plan) -> int:
+    """Peak memory of a merge: the runtime, plus the largest changed tensor's working set.
+
+    A changed tensor is held as its base value, an fp32 working copy and the result, and up
+    to two finished tensors wait in the write-behind queue.
+    """
+    runtime = 400 * 10**6  # Python, torch and the libraries
+    peak = 0
+    for t in plan.tensors:
+        if t.untouched:
+            continue
+        n = math.prod(t.shape)
+        peak = max(peak, n * 4 * 2 + tensor_nbytes(t.dtype, t.shape) * 4)
+    return runtime + peak
+
+
+def free_space(out: Path) -> int | None:
+    """Free bytes on the file system OUT will be written to (its nearest existing ancestor)."""
+    folder = out.resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_free_space(out: Path, needed: int, free: int | None) -> None:
+    if free is not None and needed > free:
+        raise OutputError(
+            f"{out}: the merge writes {human_size(needed)} but only {human_size(free)} is free there; free some space or "
+            "choose another output folder (nothing was written)"
+        )
+
+
+def _side_bytes(checkpoint: Checkpoint) -> int:
+    return sum(p.stat().st_size for p in side_files(checkpoint.folder))
 
 
 def _same_dtype(checkpoint: Checkpoint, t: TensorPlan) -> bool:
     return t.source is not None and checkpoint.info(t.source).dtype == t.dtype
 
 
-class _BaseFiles:
-    """Open base shard files on demand (read-only), one descriptor per shard."""
+class BaseFiles:
+    """Open a checkpoint's shard files on demand (read-only), one descriptor per shard."""
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
@@ -263,7 +370,7 @@ def _write_shards(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Merging", file=sys.stderr,
         disable=None if progress else True, dynamic_ncols=True,
     )
-    files = _BaseFiles(checkpoint)
+    files = BaseFiles(checkpoint)
     metadata = {"format": "pt"}
     writers: list[StreamingWriter] = []
     background = _WriteBehind()
@@ -283,14 +390,12 @@ def _write_shards(
                     fd = files.fd(shard)
                     background.submit(lambda w=writer, t=t, fd=fd, offset=offset: w.copy_raw(t.name, fd, offset))
                 else:
-                    value = _merged_tensor(t, files, adapter, device)
+                    value = merged_tensor(t, files, adapter, device)
                     background.submit(lambda w=writer, t=t, value=value: w.write_tensor(t.name, value))
                 bar.update(n)
             background.submit(writer.close)
         background.finish()
         finished = True
-    except OSError as e:
-        raise OutputError(f"{tmp.parent}: writing the merged model failed: {e.strerror or e}; nothing was written") from e
     finally:
         if not finished:
             try:
@@ -303,9 +408,11 @@ def _write_shards(
         bar.close()
 
 
-def _merged_tensor(t: TensorPlan, files: _BaseFiles, adapter: Adapter, device: torch.device) -> torch.Tensor:
+def merged_tensor(t: TensorPlan, files: BaseFiles, adapter: Adapter, device: torch.device,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The merged value of one planned tensor (in the plan's dtype, or `out_dtype`)."""
     base = files.read(t.source).to(device) if t.source is not None else None
-    out_dtype = ST_TO_TORCH[t.dtype]
+    out_dtype = out_dtype or ST_TO_TORCH[t.dtype]
     value = compute(t, base, adapter.tensor, out_dtype)
     return value.cpu() if value.device.type != "cpu" else value
 

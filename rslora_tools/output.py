@@ -84,3 +84,11 @@ def atomic_file(out: Path, overwrite: bool) -> Iterator[Path]:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
+
+def human_size(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, like the Hub and transformers)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"

@@ -61,6 +61,7 @@ class Plan:
     config_updates: dict[str, object] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # adapter keys that match nothing (dry runs only)
 
     @property
     def tensors(self) -> list[TensorPlan]:
@@ -108,8 +109,20 @@ def build_plan(
     *,
     dtype: str | None = None,
     max_shard_size: int | None = None,
+    collect_unmatched: bool = False,
 ) -> Plan:
-    """Decide, from headers and config alone, what every output tensor becomes."""
+    """Decide, from headers and config alone, what every output tensor becomes.
+
+    Adapter tensors that match no base tensor are an error, or, with `collect_unmatched` (for a
+    dry run that shows everything at once), listed in `Plan.unmatched`.
+    """
+    unmatched: list[str] = []
+
+    def no_match(message: str, keys: list[str]) -> None:
+        if not collect_unmatched:
+            raise MismatchError(message)
+        unmatched.extend(keys)
+
     resolver = _Resolver(checkpoint)
     cfg = adapter.config
     plans: dict[str, TensorPlan] = {}
@@ -133,7 +146,8 @@ def build_plan(
             tie.head_ops.append(("replacement", path, key))
             continue
         if target is None:
-            raise MismatchError(f"{where}: adapter tensor {key!r} matches no tensor in the base checkpoint")
+            no_match(f"{where}: adapter tensor {key!r} matches no tensor in the base checkpoint", [key])
+            continue
         plan = plan_for(target)
         shape = adapter.shapes[key]
         if shape != plan.shape:
@@ -169,9 +183,11 @@ def build_plan(
                 "(e.g. experts.0.w1.weight); splitting fused-expert deltas is not supported: merge with PEFT"
             )
         if target is None:
-            raise MismatchError(
-                f"{where}: adapter module {module.name!r} (tensor {module.a_key!r}) matches no tensor in the base checkpoint"
+            no_match(
+                f"{where}: adapter module {module.name!r} (tensor {module.a_key!r}) matches no tensor in the base checkpoint",
+                [k for k in (module.a_key, module.b_key, module.bias_key, module.magnitude_key) if k is not None],
             )
+            continue
         plan = plan_for(target)
         if plan.lora is not None:
             raise MismatchError(f"{where}: two adapter modules target base tensor {target!r}")
@@ -195,7 +211,8 @@ def build_plan(
             tie.head_ops.append(("tokens", path, (key, indices)))
             continue
         if target is None:
-            raise MismatchError(f"{where}: trainable tokens of {path!r} match no tensor in the base checkpoint")
+            no_match(f"{where}: trainable tokens of {path!r} match no tensor in the base checkpoint", [key])
+            continue
         plan = plan_for(target)
         rows = plan.shape[0]
         if any(i >= rows for i in indices) or adapter.shapes[key] != (len(indices), plan.shape[1]):
@@ -210,7 +227,7 @@ def build_plan(
     config_updates = _config_updates(checkpoint, plans, tie, dtype)
     shards = _layout(checkpoint, plans, extra, dtype, max_shard_size)
     _check_untouched_patterns(adapter, warnings)
-    return Plan(shards, config_updates, notes, warnings)
+    return Plan(shards, config_updates, notes, warnings, unmatched)
 
 
 def _is_vocab(name: str, tie: _TieState) -> bool:
