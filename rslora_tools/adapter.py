@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,15 @@ def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
         "alpha_pattern", {}, lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
         "an object mapping module patterns to numbers",
     )
+    for field_name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key in pattern:
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise AdapterConfigError(
+                    f"{where}: {field_name} key {key!r} is not a valid regular expression ({e}); PEFT matches these "
+                    "keys as regular expressions"
+                ) from e
     boolean = lambda v: isinstance(v, bool)  # noqa: E731
     fan_in_fan_out = get("fan_in_fan_out", False, boolean, "true or false")
     use_dora = get("use_dora", False, boolean, "true or false")

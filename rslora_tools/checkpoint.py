@@ -131,8 +131,12 @@ def _open_sharded(folder: Path, index_path: Path, config: dict[str, Any] | None)
             shards.append(shard)
     shards.sort()
     headers = {shard: read_header(folder / shard) for shard in shards}
+    seen: dict[str, str] = {}
     for shard, header in headers.items():
         for name in header.tensors:
+            if name in seen:
+                raise InputError(f"{folder}: tensor {name!r} is stored in two shards ({seen[name]} and {shard})")
+            seen[name] = shard
             mapped = weight_map.get(name)
             if mapped is None:
                 raise InputError(f"{index_path}: tensor {name!r} is in shard {shard} but not in the weight_map")

@@ -136,7 +136,7 @@ def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise InputError(f"{bad} is not an object)")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise InputError(f"{bad} has unknown dtype {dtype!r})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InputError(f"{bad} has an invalid shape {shape!r})")

@@ -1,0 +1,254 @@
+"""Every bad input we know of gets one clear line, exit 1, no traceback, and nothing written.
+
+The table in docs/reliability.md is generated from these cases; the test fails when the doc
+drifts. Regenerate it with: RSLORA_TOOLS_WRITE_DOCS=1 pytest tests/test_reliability.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from rslora_tools.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+DOC = ROOT / "docs" / "reliability.md"
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def base_copy(tmp: Path) -> Path:
+    dst = tmp / "base"
+    if not dst.exists():
+        shutil.copytree(FIXTURES / "tiny-llama", dst)
+    return dst
+
+
+def adapter_copy(tmp: Path) -> Path:
+    dst = tmp / "adapter"
+    if not dst.exists():
+        shutil.copytree(FIXTURES / "tiny-llama-rslora", dst)
+    return dst
+
+
+def sharded_base(tmp: Path) -> Path:
+    """The fixture base split into two shards with an index."""
+    dst = tmp / "base"
+    dst.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(FIXTURES / "tiny-llama" / name, dst / name)
+    tensors = load_file(FIXTURES / "tiny-llama" / "model.safetensors")
+    names = sorted(tensors)
+    half = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+            "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for shard, keys in half.items():
+        save_file({k: tensors[k] for k in keys}, dst / shard, metadata={"format": "pt"})
+        weight_map.update({k: shard for k in keys})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return dst
+
+
+def edit_index(tmp: Path, edit: Callable[[dict], None]) -> Path:
+    base = sharded_base(tmp)
+    path = base / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    edit(index)
+    path.write_text(json.dumps(index))
+    return base
+
+
+def edit_config(tmp: Path, edit: Callable[[dict], object]) -> Path:
+    adapter = adapter_copy(tmp)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    result = edit(cfg)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg if result is None else result))
+    return adapter
+
+
+def edit_adapter_tensors(tmp: Path, edit: Callable[[dict], None]) -> Path:
+    adapter = adapter_copy(tmp)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    return adapter
+
+
+def raw_safetensors(path: Path, header: dict, data: bytes, n: int | None = None) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if n is None else n) + raw + data)
+
+
+def bad_base_file(tmp: Path, header: dict, data: bytes, n: int | None = None) -> Path:
+    base = base_copy(tmp)
+    raw_safetensors(base / "model.safetensors", header, data, n)
+    return base
+
+
+X = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+def merge_args(base=None, adapter=None, *extra):
+    def build(tmp: Path) -> list:
+        return ["merge", base(tmp) if base else base_copy(tmp), adapter(tmp) if adapter else adapter_copy(tmp),
+                tmp / "out", *extra]
+    return build
+
+
+def link_outside(tmp: Path) -> Path:
+    base = sharded_base(tmp)
+    outside = tmp / "elsewhere.safetensors"
+    shard = base / "model-00002-of-00002.safetensors"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    return base
+
+
+def duplicated_tensor(tmp: Path) -> Path:
+    base = sharded_base(tmp)
+    first = load_file(base / "model-00001-of-00002.safetensors")
+    second = load_file(base / "model-00002-of-00002.safetensors")
+    second[next(iter(first))] = next(iter(first.values()))
+    save_file(second, base / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    return base
+
+
+def pickle_only(tmp: Path) -> Path:
+    adapter = adapter_copy(tmp)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save(tensors, adapter / "adapter_model.bin")
+    return adapter
+
+
+def not_json_header(tmp: Path) -> Path:
+    base = base_copy(tmp)
+    (base / "model.safetensors").write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{}")
+    return base
+
+
+def existing_out(tmp: Path) -> Path:
+    (tmp / "out").mkdir()
+    (tmp / "out" / "mine.txt").write_text("keep me")
+    return tmp / "out"
+
+
+def nonfinite(value: float):
+    def edit(t):
+        t[Q_A][0, 0] = value
+    return lambda tmp: edit_adapter_tensors(tmp, edit)
+
+
+# (what, how the input is broken, the command to run)
+CASES: list[tuple[str, Callable[[Path], list]]] = [
+    ("base shard truncated", merge_args(lambda t: bad_base_file(t, {"x": X}, b"\0" * 4))),
+    ("header length past the end of the file", merge_args(lambda t: bad_base_file(t, {"x": X}, b"\0" * 8, n=10**6))),
+    ("huge header length", merge_args(lambda t: bad_base_file(t, {"x": X}, b"\0" * 8, n=10**9))),
+    ("header is not JSON", merge_args(lambda t: not_json_header(t))),
+    ("tensor offsets overlap", merge_args(lambda t: bad_base_file(t, {"x": X, "y": {**X, "data_offsets": [4, 12]}}, b"\0" * 12))),
+    ("tensor offsets leave a hole", merge_args(lambda t: bad_base_file(t, {"x": {**X, "data_offsets": [4, 12]}}, b"\0" * 12))),
+    ("dtype does not match the byte count", merge_args(lambda t: bad_base_file(t, {"x": {**X, "data_offsets": [0, 12]}}, b"\0" * 12))),
+    ("unknown dtype", merge_args(lambda t: bad_base_file(t, {"x": {**X, "dtype": "Q4"}}, b"\0" * 8))),
+    ("shard listed in the index is missing", merge_args(lambda t: (sharded_base(t) / "model-00002-of-00002.safetensors").unlink() or t / "base")),
+    ("tensor in a shard but not in the index", merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].pop(next(iter(i["weight_map"])))))),
+    ("tensor duplicated across shards", merge_args(duplicated_tensor)),
+    ("index maps a tensor to the wrong shard", merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "model-00002-of-00002.safetensors"})))),
+    ("index names a file with ../", merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "../evil.safetensors"})))),
+    ("index names an absolute path", merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "/etc/passwd"})))),
+    ("shard is a symlink out of the folder", merge_args(link_outside)),
+    ("index without weight_map", merge_args(lambda t: edit_index(t, lambda i: i.pop("weight_map")))),
+    ("base exists only as a pickle", merge_args(lambda t: ((base_copy(t) / "model.safetensors").rename(t / "base" / "pytorch_model.bin"), t / "base")[1])),
+    ("quantized base", merge_args(lambda t: ((base_copy(t) / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}})), t / "base")[1])),
+    ("adapter_config.json is not JSON", merge_args(adapter=lambda t: ((adapter_copy(t) / "adapter_config.json").write_text("{oops"), t / "adapter")[1])),
+    ("adapter_config.json is a list", merge_args(adapter=lambda t: edit_config(t, lambda c: [c]))),
+    ("adapter_config.json without peft_type", merge_args(adapter=lambda t: edit_config(t, lambda c: c.pop("peft_type") and None))),
+    ("unknown peft_type", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(peft_type="LOKR")))),
+    ("r is a string", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(r="8")))),
+    ("lora_alpha is not a number", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(lora_alpha=None) or c.update(lora_alpha=[16])))),
+    ("rank_pattern value is not a positive integer", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(rank_pattern={"o_proj": 0})))),
+    ("pattern key is not a valid regex", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(alpha_pattern={"o_proj(": 4})))),
+    ("rank in config disagrees with the tensors", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(r=16)))),
+    ("layer_replication (cannot be merged)", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(layer_replication=[[0, 1]])))),
+    ("PiSSA adapter not converted", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(init_lora_weights="pissa")))),
+    ("NaN in adapter weights", merge_args(adapter=nonfinite(float("nan")))),
+    ("Inf in adapter weights", merge_args(adapter=nonfinite(float("inf")))),
+    ("adapter tensor with an impossible shape", merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: x.update({Q_A: torch.zeros(8)})))),
+    ("LoRA A without B", merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: x.pop(Q_A.replace("lora_A", "lora_B"))))),
+    ("adapter module not in the base", merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: [x.update({k.replace("layers.0.", "layers.9."): x.pop(k)}) for k in list(x) if "layers.0.self_attn.q_proj" in k]))),
+    ("LoRA shapes do not fit the base weight", merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: x.update({Q_A.replace("lora_A", "lora_B"): torch.zeros(40, 8)})))),
+    ("adapter safetensors header corrupt", merge_args(adapter=lambda t: (raw_safetensors(adapter_copy(t) / "adapter_model.safetensors", {"x": X}, b"\0" * 4), t / "adapter")[1])),
+    ("adapter only as a pickle (adapter_model.bin)", merge_args(adapter=pickle_only)),
+    ("adapter folder without adapter_config.json", merge_args(adapter=lambda t: (t / "empty").mkdir() or t / "empty")),
+    ("OUT inside an input", lambda t: ["merge", base_copy(t), adapter_copy(t), t / "base" / "out"]),
+    ("OUT exists and is not empty", lambda t: [*merge_args()(t)[:3], existing_out(t)]),
+    ("BASE neither a folder nor a repo id", lambda t: ["merge", "not a repo!", adapter_copy(t), t / "out"]),
+]
+
+
+def normalize(text: str, tmp: Path) -> str:
+    text = text.replace(str(tmp.resolve()), "<tmp>").replace(str(tmp), "<tmp>").replace(str(FIXTURES), "<fixtures>")
+    text = re.sub(r"\(\[Errno \d+\] ", "(", text)
+    return text.removeprefix("Error: ").strip()
+
+
+def run_case(build, tmp: Path) -> tuple[int, str]:
+    args = [str(a) for a in build(tmp)]
+    before = {p for p in tmp.rglob("*")}
+    result = CliRunner().invoke(cli, args)
+    after = {p for p in tmp.rglob("*")}
+    assert after == before, f"something was written: {sorted(map(str, after - before))}"
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("Warning:")]
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output and "unexpected" not in lines[0], result.output
+    return result.exit_code, normalize(lines[0], tmp)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> list[tuple[str, str]]:
+    rows = []
+    for i, (what, build) in enumerate(CASES):
+        tmp = tmp_path_factory.mktemp(f"case{i}")
+        _, message = run_case(build, tmp)
+        rows.append((what, message))
+    return rows
+
+
+def render(rows: list[tuple[str, str]]) -> str:
+    lines = [
+        "# Reliability: bad inputs and what rslora-tools says",
+        "",
+        "Every row is a bad input that `tests/test_reliability.py` builds and feeds to `rslora-tools merge`.",
+        "Each one ends with exit code 1, one `Error:` line, no traceback, and nothing written.",
+        "The messages below are those exact lines (temporary paths shown as `<tmp>`); the test fails if this",
+        "file drifts. Regenerate it with `RSLORA_TOOLS_WRITE_DOCS=1 pytest tests/test_reliability.py`.",
+        "",
+        "Parsers are also fuzzed with hypothesis (`tests/test_fuzz.py`): mutated safetensors headers,",
+        "indexes and adapter configs must give a clean error and never a crash.",
+        "",
+        "| bad input | message |",
+        "|---|---|",
+    ]
+    for what, message in rows:
+        escaped = message.replace("|", "\\|")
+        lines.append(f"| {what} | {escaped} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_every_bad_input_gets_one_clear_line_and_the_doc_is_current(table):
+    text = render(table)
+    if os.environ.get("RSLORA_TOOLS_WRITE_DOCS") == "1":
+        DOC.parent.mkdir(exist_ok=True)
+        DOC.write_text(text)
+    assert DOC.is_file(), "docs/reliability.md is missing; run with RSLORA_TOOLS_WRITE_DOCS=1 to create it"
+    assert DOC.read_text() == text, "docs/reliability.md is out of date; run with RSLORA_TOOLS_WRITE_DOCS=1"
