@@ -4,46 +4,61 @@ Python API (the CLI is a thin layer over it):
 
     from rslora_tools import merge, load_adapter
     report = merge("base-model/", "my-adapter/", "merged/")
+
+Names are imported on first use, so that `import rslora_tools` (and `rslora-tools --help`)
+does not load torch.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
+from typing import TYPE_CHECKING, Any
 
 # torch warns at import when numpy is absent; rslora-tools never needs numpy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 __version__ = "0.1.0"
 
-from .adapter import Adapter, AdapterConfig, load_adapter  # noqa: E402
-from .checkpoint import Checkpoint, open_checkpoint  # noqa: E402
-from .errors import (  # noqa: E402
-    AdapterConfigError,
-    InputError,
-    MismatchError,
-    OutputError,
-    RsloraError,
-    UnsupportedAdapterError,
-)
-from .merge import MergeReport, merge  # noqa: E402
-from .scaling import ModuleScale, module_scale, scale  # noqa: E402
+# public name -> module that defines it
+_EXPORTS = {
+    "Adapter": "adapter", "AdapterConfig": "adapter", "load_adapter": "adapter",
+    "Checkpoint": "checkpoint", "open_checkpoint": "checkpoint",
+    "AdapterConfigError": "errors", "InputError": "errors", "MismatchError": "errors", "OutputError": "errors",
+    "RsloraError": "errors", "UnsupportedAdapterError": "errors",
+    "MergeReport": "merging", "merge": "merging",
+    "ConvertReport": "conversion", "convert": "conversion",
+    "VerifyReport": "verification", "verify": "verification",
+    "InspectReport": "inspection", "inspect_adapter": "inspection",
+    "PushReport": "hub", "push": "hub",
+    "ModuleScale": "scaling", "module_scale": "scaling", "scale": "scaling",
+}
 
-__all__ = [
-    "__version__",
-    "Adapter",
-    "AdapterConfig",
-    "AdapterConfigError",
-    "Checkpoint",
-    "InputError",
-    "MergeReport",
-    "MismatchError",
-    "ModuleScale",
-    "OutputError",
-    "RsloraError",
-    "UnsupportedAdapterError",
-    "load_adapter",
-    "merge",
-    "module_scale",
-    "open_checkpoint",
-    "scale",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .adapter import Adapter, AdapterConfig, load_adapter  # noqa: F401
+    from .checkpoint import Checkpoint, open_checkpoint  # noqa: F401
+    from .conversion import ConvertReport, convert  # noqa: F401
+    from .errors import (  # noqa: F401
+        AdapterConfigError,
+        InputError,
+        MismatchError,
+        OutputError,
+        RsloraError,
+        UnsupportedAdapterError,
+    )
+    from .hub import PushReport, push  # noqa: F401
+    from .inspection import InspectReport, inspect_adapter  # noqa: F401
+    from .merging import MergeReport, merge  # noqa: F401
+    from .scaling import ModuleScale, module_scale, scale  # noqa: F401
+    from .verification import VerifyReport, verify  # noqa: F401

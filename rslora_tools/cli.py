@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -143,7 +144,7 @@ def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_
       rslora-tools merge auto org/adapter@v2 merged/
     """
     from .checkpoint import parse_size
-    from .merge import merge as run_merge
+    from .merging import merge as run_merge
 
     if max_shard_size is not None:
         try:
@@ -259,7 +260,7 @@ def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bo
       rslora-tools convert my-adapter/ adapter.gguf --target llama.cpp --base base-model/
       rslora-tools convert org/adapter for-sglang/ --target sglang --push-to-hub me/adapter-sglang
     """
-    from .convert import convert as run_convert
+    from .conversion import convert as run_convert
     from .hub import resolve_input
 
     if (to is None) == (target is None):
@@ -356,7 +357,7 @@ def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickl
     from tqdm.auto import tqdm
 
     from .hub import resolve_merge_inputs
-    from .verify import verify as run_verify
+    from .verification import verify as run_verify
 
     base_source, adapter_source, _ = resolve_merge_inputs(
         base, adapter, base_revision=base_revision, adapter_revision=adapter_revision, token=token,
@@ -465,6 +466,12 @@ def _convention(name: str) -> str:
 
 
 def main() -> None:
+    # A background thread writes while torch computes: idle OpenMP workers must sleep rather
+    # than spin, or they take the CPU the writer needs. Read once, when torch first loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # A short-lived process that allocates few cyclic objects: reference counting frees them;
+    # the cyclic collector would only rescan torch's import graph again and again.
+    gc.disable()
     cli(prog_name="rslora-tools")
 
 

@@ -71,7 +71,7 @@ def export_gguf(adapter: Adapter, entries: list[ModuleEntry], base: str | os.Pat
             raise UnsupportedAdapterError(f"module {e.module.name!r} has no llama.cpp tensor in the {model_type} architecture")
         tensors.append((e, gguf_name, checkpoint.info(hf_name).shape))
 
-    from .convert import ConvertReport
+    from .conversion import ConvertReport
 
     report = ConvertReport(
         adapter=str(adapter.path), out=str(out), action="gguf", source_convention=adapter.config.convention,

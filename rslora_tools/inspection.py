@@ -200,7 +200,7 @@ def _lint_runtimes(report: InspectReport, selected: set[str], lints: list[Lint])
 
 
 def _lint_base(adapter: Adapter, base: str | os.PathLike, lints: list[Lint]) -> None:
-    from .merge import prepare
+    from .merging import prepare
 
     try:
         _, _, plan = prepare(base, adapter)

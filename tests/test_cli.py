@@ -222,7 +222,7 @@ def test_traceback_only_with_debug(tmp_path):
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     import importlib
 
-    merge_module = importlib.import_module("rslora_tools.merge")
+    merge_module = importlib.import_module("rslora_tools.merging")
 
     calls = {"n": 0}
     real = merge_module.merged_tensor

@@ -127,7 +127,7 @@ def test_verify_catches_index_disagreements(llama_sharded, tmp_path):
 def test_merge_verify_failure_writes_nothing(tmp_path, monkeypatch):
     import importlib
 
-    verify_module = importlib.import_module("rslora_tools.verify")
+    verify_module = importlib.import_module("rslora_tools.verification")
 
     real = verify_module.merged_tensor
 
@@ -181,7 +181,7 @@ def test_dry_run_lists_every_unmatched_tensor(tmp_path):
 def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     import importlib
 
-    merge_module = importlib.import_module("rslora_tools.merge")
+    merge_module = importlib.import_module("rslora_tools.merging")
 
     monkeypatch.setattr(merge_module, "free_space", lambda out: 1000)
     result = run("merge", BASE, ADAPTER, tmp_path / "out", code=1)
@@ -210,7 +210,7 @@ def test_small_disk_is_refused_by_the_free_space_check(tiny_disk):
 def test_full_disk_midway_leaves_nothing(tiny_disk, monkeypatch):
     import importlib
 
-    merge_module = importlib.import_module("rslora_tools.merge")
+    merge_module = importlib.import_module("rslora_tools.merging")
 
     monkeypatch.setattr(merge_module, "free_space", lambda out: None)  # free space unknown: no early refusal
     result = run("merge", BASE, ADAPTER, tiny_disk / "out", code=1)

@@ -21,7 +21,7 @@ import torch
 from .adapter import Adapter
 from .checkpoint import INDEX_FILE, Checkpoint, open_checkpoint, read_json_file
 from .errors import RsloraError
-from .merge import BaseFiles, merged_tensor, prepare
+from .merging import BaseFiles, merged_tensor, prepare
 from .plan import Plan, TensorPlan
 from .safetensors_file import ST_TO_TORCH, tensor_nbytes
 

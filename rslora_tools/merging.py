@@ -188,7 +188,7 @@ def _write_output(out: Path, overwrite: bool, checkpoint: Checkpoint, adapter_ob
             "scale_min": report.scale_min, "scale_max": report.scale_max, "dtype": report.dtype,
         })
         if verify:
-            from .verify import verify as run_verify
+            from .verification import verify as run_verify
 
             checked = run_verify(tmp, checkpoint.folder, adapter_obj)
             report.verify = checked.to_dict()
@@ -307,11 +307,13 @@ class BaseFiles:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def fd(self, shard: str) -> int:
-        if shard not in self.fds:
-            self.fds[shard] = os.open(self.checkpoint.folder / shard, os.O_RDONLY)
-        return self.fds[shard]
+        with self._lock:  # the read-ahead thread opens shards too
+            if shard not in self.fds:
+                self.fds[shard] = os.open(self.checkpoint.folder / shard, os.O_RDONLY)
+            return self.fds[shard]
 
     def read(self, name: str) -> torch.Tensor:
         shard = self.checkpoint.weight_map[name]
@@ -321,6 +323,52 @@ class BaseFiles:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+class _ReadAhead:
+    """Reads the base value of the next tensor to merge on a thread while the current one is computed.
+
+    pread releases the GIL, so reading overlaps computing. One tensor is read ahead at most, on
+    a daemon thread, so that an interrupted merge never waits for it.
+    """
+
+    def __init__(self, files: BaseFiles, tensors: list[TensorPlan]):
+        self._files = files
+        self._todo = [t for t in tensors if t.source is not None]
+        self._next = 0
+        self._pending: tuple[str, dict[str, Any], threading.Event] | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self._pending = None
+        if self._next >= len(self._todo):
+            return
+        t = self._todo[self._next]
+        self._next += 1
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def read() -> None:
+            try:
+                box["value"] = self._files.read(t.source)  # type: ignore[arg-type]
+            except BaseException as e:  # re-raised by take()
+                box["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=read, name="rslora-tools-reader", daemon=True).start()
+        self._pending = (t.name, box, done)
+
+    def take(self, t: TensorPlan) -> torch.Tensor | None:
+        """The base value of `t` if it was read ahead (and start reading the next one), else None."""
+        if self._pending is None or self._pending[0] != t.name:
+            return None
+        _, box, done = self._pending
+        done.wait()
+        self._start()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
 
 class _WriteBehind:
@@ -371,6 +419,7 @@ def _write_shards(
         disable=None if progress else True, dynamic_ncols=True,
     )
     files = BaseFiles(checkpoint)
+    ahead = _ReadAhead(files, [t for t in plan.tensors if not (t.untouched and _same_dtype(checkpoint, t))])
     metadata = {"format": "pt"}
     writers: list[StreamingWriter] = []
     background = _WriteBehind()
@@ -378,7 +427,7 @@ def _write_shards(
     try:
         for shard_name, tensors in plan.shards:
             entries = [(t.name, t.dtype, t.shape) for t in tensors]
-            writer = StreamingWriter(tmp / shard_name, entries, metadata)
+            writer = StreamingWriter(tmp / shard_name, entries, metadata, direct=True)
             writers.append(writer)
             for t in tensors:
                 n = tensor_nbytes(t.dtype, t.shape)
@@ -390,7 +439,7 @@ def _write_shards(
                     fd = files.fd(shard)
                     background.submit(lambda w=writer, t=t, fd=fd, offset=offset: w.copy_raw(t.name, fd, offset))
                 else:
-                    value = merged_tensor(t, files, adapter, device)
+                    value = merged_tensor(t, files, adapter, device, base=ahead.take(t))
                     background.submit(lambda w=writer, t=t, value=value: w.write_tensor(t.name, value))
                 bar.update(n)
             background.submit(writer.close)
@@ -409,9 +458,14 @@ def _write_shards(
 
 
 def merged_tensor(t: TensorPlan, files: BaseFiles, adapter: Adapter, device: torch.device,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The merged value of one planned tensor (in the plan's dtype, or `out_dtype`)."""
-    base = files.read(t.source).to(device) if t.source is not None else None
+                  out_dtype: torch.dtype | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The merged value of one planned tensor (in the plan's dtype, or `out_dtype`).
+
+    `base` is the base tensor when the caller has already read it (read-ahead).
+    """
+    if base is None and t.source is not None:
+        base = files.read(t.source)
+    base = base.to(device) if base is not None else None
     out_dtype = out_dtype or ST_TO_TORCH[t.dtype]
     value = compute(t, base, adapter.tensor, out_dtype)
     return value.cpu() if value.device.type != "cpu" else value
