@@ -269,3 +269,18 @@ def test_quantized_base_refused(tmp_path):
 def test_cuda_requested_without_cuda(tmp_path):
     assert_clean_error(run("merge", BASE, ADAPTER, tmp_path / "out", "--device", "cuda"), "CUDA is not available")
     assert not (tmp_path / "out").exists()
+
+
+def test_package_api_and_lazy_imports():
+    import subprocess
+    import sys
+
+    import rslora_tools
+    import rslora_tools.merging  # noqa: F401  (importing the module must not shadow the function)
+
+    assert callable(rslora_tools.merge) and rslora_tools.merge.__name__ == "merge"
+    from rslora_tools import convert, inspect_adapter, push, verify
+
+    assert all(callable(f) for f in (convert, inspect_adapter, push, verify))
+    code = "import sys, rslora_tools.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
