@@ -27,6 +27,7 @@ from .convention import (
     module_entries,
     normalized_raw,
     unit_config,
+    unstable_patterns,
 )
 from .errors import InputError, UnsupportedAdapterError
 from .output import atomic_folder, check_output_location
@@ -93,6 +94,10 @@ def plan_conversion(adapter: Adapter, entries: list[ModuleEntry], *, to: str | N
             f"{runtime.label} cannot serve this adapter: {'; '.join(lacks)}. Merge it into the base model "
             "instead (rslora-tools merge BASE ADAPTER OUT) and serve the merged model"
         )
+    if runtime.honours_patterns and unstable_patterns(raw, [e.name for e in entries]):
+        stable = convention_config(adapter, entries, adapter.config.use_rslora)
+        return ConversionPlan("config", stable, {}, "pattern keys rewritten so that every PEFT version reads the same "
+                                                    "per-module scales; weights unchanged")
     if _serves_right(runtime, raw, entries):
         return ConversionPlan("copy", raw, {}, f"{runtime.label} already applies PEFT's scale to every module; copied unchanged")
     try:

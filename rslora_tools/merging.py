@@ -315,14 +315,41 @@ class BaseFiles:
                 self.fds[shard] = os.open(self.checkpoint.folder / shard, os.O_RDONLY)
             return self.fds[shard]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         shard = self.checkpoint.weight_map[name]
-        return read_tensor(self.fd(shard), self.checkpoint.headers[shard], name)
+        return read_tensor(self.fd(shard), self.checkpoint.headers[shard], name, out)
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+class _BufferPool:
+    """Byte buffers reused across tensors of the same size (a model repeats a few shapes).
+
+    Fresh large allocations cost page faults and fragment the heap, which made peak memory
+    drift upwards over a long merge; reusing buffers keeps both flat. Thread-safe: buffers are
+    taken by the read-ahead thread and given back by the writer thread.
+    """
+
+    def __init__(self, keep_per_size: int = 3):
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._keep = keep_per_size
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                return free.pop()
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            free = self._free.setdefault(buffer.numel(), [])
+            if len(free) < self._keep:
+                free.append(buffer)
 
 
 class _ReadAhead:
@@ -332,8 +359,9 @@ class _ReadAhead:
     a daemon thread, so that an interrupted merge never waits for it.
     """
 
-    def __init__(self, files: BaseFiles, tensors: list[TensorPlan]):
+    def __init__(self, files: BaseFiles, tensors: list[TensorPlan], pool: _BufferPool):
         self._files = files
+        self._pool = pool
         self._todo = [t for t in tensors if t.source is not None]
         self._next = 0
         self._pending: tuple[str, dict[str, Any], threading.Event] | None = None
@@ -350,7 +378,9 @@ class _ReadAhead:
 
         def read() -> None:
             try:
-                box["value"] = self._files.read(t.source)  # type: ignore[arg-type]
+                buffer = self._pool.take(self._files.checkpoint.info(t.source).nbytes)  # type: ignore[arg-type]
+                box["buffer"] = buffer
+                box["value"] = self._files.read(t.source, buffer)  # type: ignore[arg-type]
             except BaseException as e:  # re-raised by take()
                 box["error"] = e
             finally:
@@ -359,16 +389,16 @@ class _ReadAhead:
         threading.Thread(target=read, name="rslora-tools-reader", daemon=True).start()
         self._pending = (t.name, box, done)
 
-    def take(self, t: TensorPlan) -> torch.Tensor | None:
-        """The base value of `t` if it was read ahead (and start reading the next one), else None."""
+    def take(self, t: TensorPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(base value, its pool buffer) of `t` if it was read ahead (and start reading the next one)."""
         if self._pending is None or self._pending[0] != t.name:
-            return None
+            return None, None
         _, box, done = self._pending
         done.wait()
         self._start()
         if "error" in box:
             raise box["error"]
-        return box["value"]
+        return box["value"], box["buffer"]
 
 
 class _WriteBehind:
@@ -419,7 +449,8 @@ def _write_shards(
         disable=None if progress else True, dynamic_ncols=True,
     )
     files = BaseFiles(checkpoint)
-    ahead = _ReadAhead(files, [t for t in plan.tensors if not (t.untouched and _same_dtype(checkpoint, t))])
+    pool = _BufferPool()
+    ahead = _ReadAhead(files, [t for t in plan.tensors if not (t.untouched and _same_dtype(checkpoint, t))], pool)
     metadata = {"format": "pt"}
     writers: list[StreamingWriter] = []
     background = _WriteBehind()
@@ -439,8 +470,11 @@ def _write_shards(
                     fd = files.fd(shard)
                     background.submit(lambda w=writer, t=t, fd=fd, offset=offset: w.copy_raw(t.name, fd, offset))
                 else:
-                    value = merged_tensor(t, files, adapter, device, base=ahead.take(t))
-                    background.submit(lambda w=writer, t=t, value=value: w.write_tensor(t.name, value))
+                    base, buffer = ahead.take(t)
+                    value = merged_tensor(t, files, adapter, device, base=base)
+                    del base
+                    background.submit(lambda w=writer, t=t, value=value, buffer=buffer: _write_and_recycle(
+                        w, t.name, value, pool, buffer))
                 bar.update(n)
             background.submit(writer.close)
         background.finish()
@@ -455,6 +489,14 @@ def _write_shards(
                 writer.abort()
         files.close()
         bar.close()
+
+
+def _write_and_recycle(writer: StreamingWriter, name: str, value: torch.Tensor, pool: _BufferPool,
+                       buffer: torch.Tensor | None) -> None:
+    """Write a merged tensor, then hand the base buffer it was computed from (often its own memory) back."""
+    writer.write_tensor(name, value)
+    if buffer is not None:
+        pool.give(buffer)
 
 
 def merged_tensor(t: TensorPlan, files: BaseFiles, adapter: Adapter, device: torch.device,

@@ -399,3 +399,16 @@ def test_gguf_needs_base_and_refuses_what_it_cannot_hold(llama_fp32, tmp_path):
                                                                lora_bias=True, init_lora_weights=False))
     result = run("convert", bias, tmp_path / "y.gguf", "--target", "llama.cpp", "--base", llama_fp32, ok=False)
     assert result.exit_code == 1 and "lora_bias" in result.output and not (tmp_path / "y.gguf").exists()
+
+
+def test_target_peft_makes_order_dependent_patterns_version_stable(llama_fp32, tmp_path):
+    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False,
+                     alpha_pattern={"^model.layers.0.self_attn.q_proj": 5, "q_proj": 7.5})
+    adapter = make_adapter(llama_fp32, tmp_path / "a", cfg)
+    report = convert(adapter, tmp_path / "p", "--target", "peft")
+    assert report["action"] == "config" and config(tmp_path / "p")["use_rslora"] is True
+    new = config(tmp_path / "p")
+    for name, (scale, _) in peft_layers(llama_fp32, adapter).items():
+        for version in ("0.13", "0.14"):
+            assert legacy_scale(new, name, version) == scale, (name, version)
+    assert_same_peft_deltas(llama_fp32, adapter, tmp_path / "p", exact=True)
