@@ -73,12 +73,17 @@ def _add_linear_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Te
     if step >= rows:
         w += (b @ a) * s
         return w
+    block = torch.empty(step, a.shape[1], dtype=torch.float32, device=w.device)  # reused for every block
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         first = stop - step  # the last block overlaps the previous one to keep its size
-        block = b[first:stop] @ a
+        torch.mm(b[first:stop], a, out=block)
         block.mul_(s)
-        w[start:stop] += block[start - first :]
+        # fl32(delta + W) then one rounding to W's dtype: the same bits as PEFT's `W += delta`,
+        # in two simple passes instead of a mixed-dtype in-place add.
+        part = block[start - first :]
+        part += w[start:stop]
+        w[start:stop].copy_(part)
     return w
 
 
