@@ -71,6 +71,19 @@ def _hub_push_options(f):
     return f
 
 
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
+_overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+_allow_pickle_option = click.option(
+    "--allow-pickle", is_flag=True,
+    help="Read an adapter that exists only as adapter_model.bin (torch.load weights_only=True; no code runs).")
+
+
+def _input_revision_options(f):
+    """--base-revision and --adapter-revision, for the commands that take BASE and ADAPTER."""
+    f = click.option("--adapter-revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")(f)
+    return click.option("--base-revision", metavar="REV", help="Branch, tag or commit of BASE when it is a Hub repo.")(f)
+
+
 def _token_option(f):
     return click.option("--token", metavar="TOKEN", default=None,
                         help="Hugging Face token (default: HF_TOKEN or the stored login). Never printed.")(f)
@@ -108,14 +121,12 @@ def _echo_push(report) -> None:
               help="Where the deltas are computed; auto = cuda when available. Bit-exact with PEFT on cpu.")
 @click.option("--max-shard-size", metavar="SIZE", default=None,
               help="Re-shard the output, e.g. 5GB (decimal, like transformers) or 2GiB. Default: keep the base's shards.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Load an adapter that exists only as adapter_model.bin (torch.load weights_only=True; no code runs).")
+@_overwrite_option
+@_allow_pickle_option
 @click.option("--dry-run", is_flag=True, help="Plan the merge and print it; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
+@_json_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary (errors still print).")
-@click.option("--base-revision", metavar="REV", help="Branch, tag or commit of BASE when it is a Hub repo.")
-@click.option("--adapter-revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
+@_input_revision_options
 @click.option("--verify", "verify_output", is_flag=True,
               help="Recompute and compare every merged tensor before OUT is replaced; fail on a mismatch.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if the adapter weights hold NaN or Inf.")
@@ -230,11 +241,10 @@ def _print_dry_run(report) -> None:
               help="Produce an adapter that this runtime serves with PEFT's exact per-module scales.")
 @click.option("--bake", is_flag=True, help="With --to-*: fold the scale change into lora_B instead of rewriting alphas.")
 @click.option("--base", help="Base model folder or Hub repo; needed for --target llama.cpp with a .gguf OUT.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Read an adapter that exists only as adapter_model.bin (torch.load weights_only=True).")
+@_overwrite_option
+@_allow_pickle_option
 @click.option("--dry-run", is_flag=True, help="Say what would change; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
+@_json_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert even if the adapter weights hold NaN or Inf.")
@@ -297,8 +307,8 @@ def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bo
               type=click.Choice(["peft", "vllm", "tgi", "lorax", "sglang", "llama.cpp"]),
               help="Runtime(s) you will serve with: their problems become warnings (repeatable).")
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too (for CI pipelines).")
-@click.option("--allow-pickle", is_flag=True, help="Read an adapter that exists only as adapter_model.bin.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@_allow_pickle_option
+@_json_option
 @click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
 @_token_option
 def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: bool, allow_pickle: bool,
@@ -334,11 +344,10 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
 @click.argument("adapter")
 @click.option("--sample", type=click.IntRange(min=1), metavar="N",
               help="Check only N tensors spread over the model (changed ones first), for a quick check.")
-@click.option("--allow-pickle", is_flag=True, help="Read an adapter that exists only as adapter_model.bin.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@_allow_pickle_option
+@_json_option
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
-@click.option("--base-revision", metavar="REV", help="Branch, tag or commit of BASE when it is a Hub repo.")
-@click.option("--adapter-revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
+@_input_revision_options
 @_token_option
 def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickle: bool, as_json: bool,
            quiet: bool, base_revision: str | None, adapter_revision: str | None, token: str | None) -> None:
@@ -399,7 +408,7 @@ def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickl
 @click.option("--commit-message", metavar="TEXT", help="The commit message.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
 @_token_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@_json_option
 def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
          create_pr: bool, token: str | None, as_json: bool) -> None:
     """Upload FOLDER (a merged model or converted adapter) to the Hub repo REPO_ID.
