@@ -177,12 +177,25 @@ def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_
     )
     for warning in hub_warnings + report.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    pushed = None if dry_run else _push_after(out, push_to, private, create_pr, commit_message, token, quiet or as_json)
+    push = dict(push_to=push_to, private=private, create_pr=create_pr, commit_message=commit_message, token=token)
+    _finish(report, _print_merge, out, push, as_json, quiet)
+
+
+def _finish(report, printer, out: str, push: dict[str, Any], as_json: bool, quiet: bool) -> None:
+    """Print the report (JSON or text), then push OUT when asked; with --json the push result is included."""
     if as_json:
+        pushed = None if report.dry_run else _push_after(out, **push, quiet=True)
         click.echo(json.dumps({**report.to_dict(), "push": pushed}, indent=2))
+        if getattr(report, "unmatched", None):  # a dry run that found adapter tensors matching nothing
+            sys.exit(1)
         return
-    if quiet:
-        return
+    if not quiet:
+        printer(report)
+    if not report.dry_run:
+        _push_after(out, **push, quiet=quiet)
+
+
+def _print_merge(report) -> None:
     scale = "no LoRA modules"
     if report.scale_min is not None:
         scale = f"scale {report.scale_min:.6g}" if report.scale_min == report.scale_max else \
@@ -284,12 +297,11 @@ def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bo
     report = run_convert(source.path, out, to=to, target=target, bake=bake, base=base_path, overwrite=overwrite,
                          dry_run=dry_run, allow_pickle=allow_pickle, source=source.to_dict(),
                          allow_nonfinite=allow_nonfinite)
-    pushed = None if dry_run else _push_after(out, push_to, private, create_pr, commit_message, token, quiet or as_json)
-    if as_json:
-        click.echo(json.dumps({**report.to_dict(), "push": pushed}, indent=2))
-        return
-    if quiet:
-        return
+    push = dict(push_to=push_to, private=private, create_pr=create_pr, commit_message=commit_message, token=token)
+    _finish(report, _print_convert, out, push, as_json, quiet)
+
+
+def _print_convert(report) -> None:
     verb = "Would write" if report.dry_run else "Wrote"
     click.echo(f"{verb} {report.out}: {report.message}")
     for key, (before, after) in report.config_changes.items():
