@@ -31,3 +31,16 @@ def test_fixture_inputs_are_not_modified(tmp_path):
     CliRunner().invoke(cli, ["merge", str(FIXTURES / "tiny-llama"), str(FIXTURES / "tiny-llama-rslora"), str(tmp_path / "o")])
     after = {p: p.read_bytes() for p in FIXTURES.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_quickstart_follow_up_commands(tmp_path):
+    """The README's follow-up commands on the fixtures: verify, inspect, convert."""
+    base, adapter = str(FIXTURES / "tiny-llama"), str(FIXTURES / "tiny-llama-rslora")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["merge", base, adapter, str(tmp_path / "merged")]).exit_code == 0
+    result = runner.invoke(cli, ["verify", str(tmp_path / "merged"), base, adapter])
+    assert result.exit_code == 0 and result.output.startswith("EXACT: 21 tensors checked")
+    result = runner.invoke(cli, ["inspect", adapter, "--runtime", "vllm"])
+    assert result.exit_code == 0 and "warning: vLLM would apply" in result.output
+    result = runner.invoke(cli, ["convert", adapter, str(tmp_path / "for-vllm"), "--target", "vllm"])
+    assert result.exit_code == 0 and "unit-scale form" in result.output
