@@ -18,7 +18,7 @@ from .adapter import Adapter
 from .checkpoint import open_checkpoint
 from .convention import ModuleEntry
 from .errors import InputError, MismatchError, UnsupportedAdapterError
-from .output import atomic_file
+from .output import atomic_file, check_output_file
 
 # config.json model_type -> (gguf MODEL_ARCH member, Q/K rows permuted like convert_hf_to_gguf's LlamaModel)
 ARCHITECTURES = {
@@ -41,6 +41,7 @@ def export_gguf(adapter: Adapter, entries: list[ModuleEntry], base: str | os.Pat
     except ImportError as e:  # pragma: no cover - gguf is a dependency
         raise InputError("writing GGUF needs the 'gguf' package: pip install gguf") from e
     checkpoint = open_checkpoint(base)
+    check_output_file(out, [adapter.path, checkpoint.folder], overwrite)
     config = checkpoint.config or {}
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:

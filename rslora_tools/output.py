@@ -30,6 +30,19 @@ def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> Non
         raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
 
 
+def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """A single-file OUT may not be inside an input; an existing one needs overwrite."""
+    out_r = out.resolve()
+    for inp in inputs:
+        inp_r = inp.resolve()
+        if out_r == inp_r or inp_r in out_r.parents:
+            raise OutputError(f"{out}: the output file may not be an input or inside one ({inp})")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a folder; give a file name ending in .gguf")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: exists; pass --overwrite to replace it")
+
+
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside OUT; on success it replaces OUT, on any failure it is removed."""

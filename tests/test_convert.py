@@ -412,3 +412,13 @@ def test_target_peft_makes_order_dependent_patterns_version_stable(llama_fp32, t
         for version in ("0.13", "0.14"):
             assert legacy_scale(new, name, version) == scale, (name, version)
     assert_same_peft_deltas(llama_fp32, adapter, tmp_path / "p", exact=True)
+
+
+def test_gguf_output_may_not_land_in_an_input(llama_fp32, tmp_path):
+    adapter = make_adapter(llama_fp32, tmp_path / "a", patterned(True))
+    result = run("convert", adapter, adapter / "lora.gguf", "--target", "llama.cpp", "--base", llama_fp32, ok=False)
+    assert result.exit_code == 1 and "may not be an input or inside one" in result.output
+    assert not (adapter / "lora.gguf").exists()
+    run("convert", adapter, tmp_path / "x.gguf", "--target", "llama.cpp", "--base", llama_fp32)
+    result = run("convert", adapter, tmp_path / "x.gguf", "--target", "llama.cpp", "--base", llama_fp32, ok=False)
+    assert "--overwrite" in result.output
