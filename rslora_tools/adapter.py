@@ -196,6 +196,9 @@ class LoraModule:
     bias_key: str | None = None
     magnitude_key: str | None = None
     embedding: bool = False
+    # MultiheadAttention's out_proj: PEFT wraps it inside the MHA layer with the MHA's rank and
+    # alpha (patterns match the MHA's name, kept here), and merges its delta twice (see delta.py).
+    mha_parent: str | None = None
 
 
 @dataclass
@@ -357,9 +360,11 @@ def _add_role(adapter: Adapter, path: str, role: str, key: str) -> None:
         adapter.token_deltas[path] = key
         return
     name, depth = _module_name_and_depth(path)
+    mha_parent = None
     if ".base_layer." in name:  # MultiheadAttention out_proj: M.base_layer.out_proj
+        mha_parent = name.split(".base_layer.", 1)[0]
         name = name.replace(".base_layer.", ".")
-    module = adapter.modules.setdefault((name, depth), LoraModule(name=name, depth=depth))
+    module = adapter.modules.setdefault((name, depth), LoraModule(name=name, depth=depth, mha_parent=mha_parent))
     if role in ("A", "embedding_A"):
         module.a_key = key
     elif role in ("B", "embedding_B"):

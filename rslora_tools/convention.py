@@ -37,6 +37,8 @@ class ModuleEntry:
     def kind(self) -> str:
         if self.module.embedding:
             return "embedding"
+        if self.module.mha_parent is not None:
+            return "mha out_proj"
         return "param" if self.name != self.module.name else "module"
 
 
@@ -66,6 +68,8 @@ def module_entries(adapter: Adapter, *, check_ranks: bool = True) -> list[Module
 
 def _pattern_name(adapter: Adapter, module: LoraModule) -> str:
     """PEFT matches patterns against `<module>.<param>` for target_parameters wrappers, else the module name."""
+    if module.mha_parent is not None:  # out_proj inside a MultiheadAttention LoRA layer: the MHA's own name
+        return module.mha_parent
     params = []
     for target in adapter.config.target_parameters:
         full = f"{module.name}.{target.rsplit('.', 1)[-1]}"

@@ -5,6 +5,7 @@ results need the same torch ops in the same order and dtypes:
 - adapter tensors are upcast to fp32 when saved in half precision (PEFT's autocast_adapter_dtype);
 - Linear / Conv1D / ConvNd add the fp32 delta in place: one rounding to the base dtype;
 - Embedding, MultiheadAttention and target_parameters cast the delta to the base dtype first;
+- MultiheadAttention's out_proj gets its delta twice, as PEFT's merge (and forward) apply it;
 - DoRA computes in fp32 and rounds once at the end.
 """
 
@@ -35,7 +36,7 @@ def lora_delta(op: LoraOp, read: Reader, w_shape: torch.Size, device: torch.devi
     a = adapter_weight(read, op.module.a_key, device)  # type: ignore[arg-type]
     b = adapter_weight(read, op.module.b_key, device)  # type: ignore[arg-type]
     s = op.scale.scale
-    if op.kind in ("linear", "param", "mha"):
+    if op.kind in ("linear", "param", "mha", "mha_out"):
         delta = b @ a
         return (delta.T if op.transpose else delta) * s
     if op.kind == "embedding":
@@ -94,6 +95,13 @@ def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
     delta = lora_delta(op, read, w.shape, w.device)
     if op.dora:
         return _apply_dora(w, op, delta, read)
+    if op.kind == "mha_out":
+        # PEFT's MultiheadAttention.merge adds the out_proj delta (cast to W's dtype), then merges
+        # the wrapped out_proj LoRA layer again (fp32 add, one rounding): the delta counts twice.
+        # Its forward merges the same way, so this is what the adapter was trained with.
+        w = w + delta.to(w.dtype)
+        w += delta
+        return w
     if op.kind in ("embedding", "mha", "param", "experts"):
         if op.kind in ("param", "experts") and w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             w += delta  # low-precision parameters: PEFT adds without downcasting the delta first

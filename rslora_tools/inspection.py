@@ -96,7 +96,7 @@ def _module_row(raw: dict[str, Any], e: ModuleEntry) -> dict[str, Any]:
         s = runtime_scale(rt, raw, e)
         scales[name] = {"scale": s, "ratio": s / peft if peft else None}
     return {
-        "name": e.name, "kind": e.kind, "rank": e.shape_rank, "config_rank": e.scale.r, "alpha": e.scale.alpha,
+        "name": e.module.name, "pattern_name": e.name, "kind": e.kind, "rank": e.shape_rank, "config_rank": e.scale.r, "alpha": e.scale.alpha,
         "scale": peft, "rank_key": e.scale.rank_key, "alpha_key": e.scale.alpha_key, "runtimes": scales,
     }
 

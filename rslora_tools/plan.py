@@ -28,7 +28,7 @@ class LoraOp:
     """Add one LoRA module's delta (or apply DoRA) to a weight."""
 
     module: LoraModule
-    kind: str  # linear | embedding | conv | experts | param | mha
+    kind: str  # linear | embedding | conv | experts | param | mha (in_proj) | mha_out
     scale: ModuleScale
     transpose: bool = False  # linear: Conv1D layout (W is (in, out)); experts: W[e] is (in, out)
     experts: int = 1
@@ -260,6 +260,8 @@ def _place_module(
     if target is None:
         return None, _make_op(module, adapter, "linear", (), False)
     w_shape = shape_of(target)
+    if module.mha_parent is not None:
+        return target, _make_op(module, adapter, "mha_out", w_shape, False, scale_name=module.mha_parent)
     if module.embedding:
         return target, _make_op(module, adapter, "embedding", w_shape, False)
     if len(a_shape) > 2:
@@ -372,7 +374,7 @@ def _check_shapes(op: LoraOp, adapter: Adapter, w: tuple[int, ...], target: str)
         if w[0] != b[0] or w[1] != a[1] or tuple(w[2:]) != tuple(a[2:]) or any(d != 1 for d in b[2:]):
             raise bad(f"expected A [r, {w[1]}, {', '.join(map(str, w[2:]))}] and B [{w[0]}, r, 1...]")
         out = w[0]
-    elif op.kind in ("linear", "param", "mha"):
+    elif op.kind in ("linear", "param", "mha", "mha_out"):
         if b[1] != r:
             raise bad("B's second dimension must equal the rank")
         out = w[1] if op.transpose else w[0]

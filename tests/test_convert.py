@@ -422,3 +422,21 @@ def test_gguf_output_may_not_land_in_an_input(llama_fp32, tmp_path):
     run("convert", adapter, tmp_path / "x.gguf", "--target", "llama.cpp", "--base", llama_fp32)
     result = run("convert", adapter, tmp_path / "x.gguf", "--target", "llama.cpp", "--base", llama_fp32, ok=False)
     assert "--overwrite" in result.output
+
+
+def test_multihead_attention_adapter_converts_exactly(tmp_path):
+    from test_merge_matrix import _Attention
+
+    torch.manual_seed(0)
+    net = _Attention()
+    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["mha", "other"], init_lora_weights=False,
+                     rank_pattern={"other": 2}, alpha_pattern={"other": 3})
+    adapter = make_adapter(net, tmp_path / "a", cfg)
+    convert(adapter, tmp_path / "c", "--to-classic")
+    want, got = peft_merged_state_dict(net, adapter), peft_merged_state_dict(net, tmp_path / "c")
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    report = json.loads(run("inspect", adapter, "--json").stdout)
+    rows = {m["name"]: (m["kind"], m["pattern_name"], m["rank"], m["scale"]) for m in report["modules"]}
+    assert rows["other"] == ("module", "other", 2, 3 / math.sqrt(2))
+    assert rows["other.out_proj"] == ("mha out_proj", "other", 2, 3 / math.sqrt(2))  # the MHA's rank and alpha
+    assert rows["mha.out_proj"] == ("mha out_proj", "mha", 4, 8 / 2)
