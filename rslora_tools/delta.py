@@ -88,10 +88,31 @@ def _add_linear_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Te
     return w
 
 
+def _add_embedding_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
+    """W += ((B @ A)^T * s).to(W.dtype), a block of vocabulary rows at a time (never the whole fp32 delta).
+
+    Column blocks of B @ A give the same bits as the full product (checked in the tests), and
+    the delta is cast to W's dtype before the add, as PEFT's Embedding merge does.
+    """
+    a = adapter_weight(read, op.module.a_key, w.device)  # type: ignore[arg-type]  # [r, vocab]
+    b = adapter_weight(read, op.module.b_key, w.device)  # type: ignore[arg-type]  # [dim, r]
+    s = op.scale.scale
+    rows = w.shape[0]
+    step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        first = max(0, stop - step)
+        block = (b @ a[:, first:stop]).T * s
+        w[start:stop] += block[start - first :].to(w.dtype)
+    return w
+
+
 def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
     """Merge one LoRA module into its (writable) weight; returns the merged weight."""
     if op.kind == "linear" and not op.dora and not op.transpose and w.dim() == 2 and w.device.type == "cpu":
         return _add_linear_in_blocks(w, op, read)
+    if op.kind == "embedding" and not op.dora and w.device.type == "cpu":
+        return _add_embedding_in_blocks(w, op, read)
     delta = lora_delta(op, read, w.shape, w.device)
     if op.dora:
         return _apply_dora(w, op, delta, read)

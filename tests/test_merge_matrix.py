@@ -381,3 +381,13 @@ def test_multihead_attention_in_and_out_proj(tmp_path, dtype):
     adapter = make_adapter(net, tmp_path / "adapter", cfg)
     cli_merge(base, adapter, tmp_path / "out")
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(net, adapter))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_embedding_merged_in_blocks_equals_peft(tmp_path, dtype):
+    """A vocabulary big enough that the embedding delta is added in several row blocks."""
+    base = make_llama(tmp_path / "base", dtype, vocab_size=40_000)
+    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=["embed_tokens", "q_proj"],
+                     init_lora_weights=False)
+    adapter = make_adapter(base, tmp_path / "adapter", cfg)
+    check(base, adapter, tmp_path / "out")
