@@ -203,10 +203,12 @@ def _lint_base(adapter: Adapter, base: str | os.PathLike, lints: list[Lint]) -> 
     from .merging import prepare
 
     try:
-        _, _, plan = prepare(base, adapter)
+        _, _, plan = prepare(base, adapter, collect_unmatched=True)
     except RsloraError as e:
         lints.append(Lint("error", "base", str(e)))
         return
+    for key in plan.unmatched:
+        lints.append(Lint("error", "base", f"adapter tensor {key!r} matches no tensor in the base"))
     for warning in plan.warnings:
         lints.append(Lint("warning", "base", warning))
     for note in plan.notes:

@@ -107,3 +107,16 @@ def test_bad_adapter_is_one_line_error(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     result = inspect(tmp_path, code=1)
     assert result.output.startswith("Error:") and len(result.output.strip().splitlines()) == 1
+
+
+def test_with_base_lists_every_module_missing_from_it(patterned, tmp_path):
+    import shutil
+
+    from peft_oracle import make_llama
+
+    shallow = make_llama(tmp_path / "one-layer", num_hidden_layers=1)
+    report = inspect_json(patterned, "--base", shallow, code=1)
+    missing = [lint for lint in report["lints"] if lint["code"] == "base" and lint["level"] == "error"]
+    assert len(missing) == 8  # layer 1's four modules, A and B each
+    assert all("layers.1." in lint["message"] for lint in missing)
+    shutil.rmtree(shallow)
