@@ -83,7 +83,7 @@ def export_gguf(adapter: Adapter, entries: list[ModuleEntry], base: str | os.Pat
     if dry_run:
         report.seconds = time.monotonic() - started
         return report
-    with atomic_file(out, overwrite) as tmp:
+    with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

@@ -78,10 +78,11 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def atomic_file(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary file path beside OUT; on success it replaces OUT, on any failure it is removed."""
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: exists; pass --overwrite to replace it")
+def atomic_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary file path beside OUT; on success it replaces OUT, on any failure it is removed.
+
+    Whether OUT may be written at all is `check_output_file`'s decision, made before.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.rslora-tools-tmp-{os.getpid()}"
     previous_handler = None
