@@ -224,3 +224,15 @@ def test_readme_workflow_in_a_subprocess(hub, tmp_path):
     assert TOKEN not in result.stdout + result.stderr
     assert "Pushed" in result.stderr and hub.files("me/merged")["model.safetensors"] == \
         (tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+def test_hf_uri_with_subfolder_and_pickle_only_base(hub, tmp_path):
+    files = {f"adapters/mine/{p.name}": p.read_bytes() for p in ADAPTER.iterdir() if p.is_file()}
+    files["adapters/other/adapter_model.bin"] = b"never fetched"
+    hub.add_commit("org/many", files)
+    run("merge", BASE, "hf://org/many/adapters/mine", tmp_path / "out")
+    assert not [p for m, p in hub.requests if "adapters/other" in p and "/resolve/" in p]
+    hub.add_commit("org/pickled", {"config.json": (BASE / "config.json").read_bytes(), "pytorch_model.bin": b"x"})
+    result = run("merge", "org/pickled", "org/adapter", tmp_path / "out2", code=1)
+    assert "pickle-only checkpoints are refused" in result.output and not (tmp_path / "out2").exists()
+    assert not [p for m, p in hub.requests if p.endswith("pytorch_model.bin")]
