@@ -77,15 +77,36 @@ def _pattern_name(adapter: Adapter, module: LoraModule) -> str:
             params.append(full)
     if not params:
         return module.name
-    if len(params) > 1:
-        cfg = adapter.config
-        resolved = {(s.r, s.alpha) for s in map(cfg.scale_for, params)}
-        if len(resolved) > 1:
-            raise UnsupportedAdapterError(
-                f"{adapter.path}: module {module.name!r} wraps several target parameters ({', '.join(params)}) "
-                "with different ranks or alphas; which saved tensors belong to which is ambiguous"
-            )
-    return params[0]
+    if len(params) == 1:
+        return params[0]
+    return _nested_parameter(adapter, module, params)
+
+
+def _nested_parameter(adapter: Adapter, module: LoraModule, params: list[str]) -> str:
+    """Which of several target parameters a nested ParamWrapper (`module.depth`) holds.
+
+    Each wrapper's A has rank * experts rows, with one expert count for the whole module. Among
+    the assignments of parameters to nesting depths, keep those where one expert count fits every
+    depth; the answer is known when all of them give this depth the same rank and alpha.
+    """
+    import itertools
+
+    cfg = adapter.config
+    depths = sorted(d for (name, d) in adapter.modules if name == module.name)
+    rows = {d: adapter.shapes[adapter.modules[(module.name, d)].a_key][0] for d in depths}  # type: ignore[index]
+    scales = {p: cfg.scale_for(p) for p in params}
+    answers = set()
+    for chosen in itertools.permutations(params, len(depths)):
+        experts = {rows[d] / scales[p].r for d, p in zip(depths, chosen)}
+        if len(experts) == 1 and next(iter(experts)).is_integer():
+            picked = chosen[depths.index(module.depth)]
+            answers.add((scales[picked].r, scales[picked].alpha, picked))
+    if len({(r, alpha) for r, alpha, _ in answers}) == 1:
+        return sorted(answers)[0][2]
+    raise UnsupportedAdapterError(
+        f"{adapter.path}: module {module.name!r} wraps several target parameters ({', '.join(params)}) whose "
+        "saved tensors cannot be told apart from the adapter alone (merge matches them to the base's shapes)"
+    )
 
 
 def alpha_for_scale(target: float, r: int, use_rslora: bool) -> int | float:

@@ -46,3 +46,24 @@ def test_per_expert_checkpoint_is_refused_clearly(tmp_path):
     result = CliRunner().invoke(cli, ["merge", str(tmp_path / "base"), str(adapter), str(tmp_path / "out")])
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and "experts" in result.output and "per expert" in result.output
+
+
+def test_target_parameters_convert_and_inspect(tmp_path):
+    """rank_pattern keys match `<module>.<param>` for expert parameters; convert keeps every scale."""
+    model = tiny_mixtral(torch.float32)
+    base = save_module(model, tmp_path / "base")
+    (base / "config.json").write_text(model.config.to_json_string())
+    cfg = LoraConfig(r=2, lora_alpha=4, use_rslora=True, init_lora_weights=False,
+                     target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                     rank_pattern={"down_proj": 3}, alpha_pattern={"down_proj": 5})
+    adapter = make_adapter(model, tmp_path / "adapter", cfg)
+    runner = CliRunner()
+    report = json.loads(runner.invoke(cli, ["inspect", str(adapter), "--json"]).stdout)
+    down = [m for m in report["modules"] if m["pattern_name"].endswith("experts.down_proj")]
+    assert down and all((m["kind"], m["rank"], m["alpha"]) == ("param", 3, 5) for m in down)
+    assert report["errors"] == 0
+    result = runner.invoke(cli, ["convert", str(adapter), str(tmp_path / "classic"), "--to-classic"])
+    assert result.exit_code == 0, result.output
+    want = peft_merged_state_dict(model, adapter)
+    got = peft_merged_state_dict(model, tmp_path / "classic")
+    assert all(torch.equal(got[k], v) for k, v in want.items())
