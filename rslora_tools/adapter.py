@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterConfigError, InputError, UnsupportedAdapterError
-from .safetensors_file import SafetensorsHeader, read_header, read_tensor
+from .safetensors_file import FLOAT_DTYPES, TORCH_TO_ST, SafetensorsHeader, read_header, read_tensor
 from .scaling import ModuleScale, module_scale
 
 CONFIG_NAME = "adapter_config.json"
@@ -278,8 +278,6 @@ def load_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> Adap
                 "--allow-pickle to load it with torch.load(weights_only=True)"
             )
         pickled = _load_pickle(weights)
-        from .safetensors_file import TORCH_TO_ST
-
         shapes = {k: tuple(v.shape) for k, v in pickled.items()}
         dtypes = {k: TORCH_TO_ST.get(v.dtype, str(v.dtype)) for k, v in pickled.items()}
     else:
@@ -404,7 +402,7 @@ def check_finite(adapter: Adapter) -> None:
     """Refuse adapter weights holding NaN or Inf (a diverged training run); reads each tensor once."""
     bad = []
     for key, dtype in adapter.dtypes.items():
-        if dtype not in ("BF16", "F16", "F32", "F64"):
+        if dtype not in FLOAT_DTYPES:
             continue
         t = adapter.tensor(key)
         count = int(t.numel() - torch.isfinite(t).sum())

@@ -221,18 +221,18 @@ def _print_merge(report) -> None:
 
 def _print_dry_run(report) -> None:
     """The plan in detail: changes grouped over layers, unmatched adapter tensors, memory and disk."""
-    import re
+    from .inspection import layer_pattern
 
     groups: dict[tuple, list[dict]] = {}
     for change in report.changes:
-        generic = re.sub(r"\.\d+\.", ".*.", change["tensor"])
+        generic = layer_pattern(change["tensor"])
         groups.setdefault((generic, change["how"], change["scale"]), []).append(change)
     click.echo("  changes:")
     for (generic, how, scale), items in groups.items():
         at = f" at scale {scale:.6g}" if scale is not None else ""
         count = f" (x{len(items)})" if len(items) > 1 else ""
         click.echo(f"    {generic}{count}: {how}{at}")
-    click.echo(f"  copied as is: {report.tensors_total - report.tensors_merged} tensors")
+    click.echo(f"  copied as is: {report.tensors_copied} tensors")
     click.echo(f"  shards: {', '.join(report.shards[:4])}{', ...' if len(report.shards) > 4 else ''}")
     click.echo(f"  memory needed: about {human_size(report.memory_bytes)}")
     if report.free_bytes is not None:

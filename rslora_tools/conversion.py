@@ -33,7 +33,7 @@ from .errors import InputError, UnsupportedAdapterError
 from .output import atomic_folder, check_output_location
 from .provenance import PROVENANCE_NAME, write_provenance
 from .runtimes import RUNTIMES, Runtime, missing_features, runtime_scale
-from .safetensors_file import TORCH_TO_ST, StreamingWriter, read_header
+from .safetensors_file import ST_TO_TORCH, StreamingWriter, read_header
 from .scaling import scale
 
 CONVENTIONS = {"rslora": True, "classic": False}
@@ -186,9 +186,9 @@ def convert(
     report = ConvertReport(
         adapter=str(loaded.path), out=str(out), action=plan.action, source_convention=loaded.config.convention,
         target=to or target or "", modules=len(entries), message=plan.message,
-        config_changes=_changes(loaded.config.raw, plan.config),
+        config_changes=_changes(normalized_raw(loaded), plan.config),
         weights_changed=any(f != 1.0 for f in plan.factors.values()),
-        weights_dtype="F32" if upcast and plan.factors else None, dry_run=dry_run,
+        weights_dtype="F32" if upcast else None, dry_run=dry_run,
     )
     if dry_run:
         report.seconds = time.monotonic() - started
@@ -208,14 +208,9 @@ def convert(
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """The scale fields that differ, as [before, after] (both configs normalized)."""
     keys = ("use_rslora", "r", "lora_alpha", "rank_pattern", "alpha_pattern")
-    defaults = {"use_rslora": False, "r": 8, "lora_alpha": 8, "rank_pattern": {}, "alpha_pattern": {}}
-    changes = {}
-    for k in keys:
-        before = old.get(k) if old.get(k) is not None else defaults[k]
-        if before != new.get(k):
-            changes[k] = [before, new.get(k)]
-    return changes
+    return {k: [old[k], new[k]] for k in keys if old[k] != new[k]}
 
 
 def _write_config(adapter: Adapter, plan: ConversionPlan, tmp: Path) -> None:
@@ -253,16 +248,12 @@ def _write_weights(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Pa
         for key in keys:
             tensor = adapter.tensor(key)
             if key in scaled or out_dtype[key] != adapter.dtypes[key]:
-                tensor = (tensor.to(torch.float32) * scaled.get(key, 1.0)).to(_torch_dtype(out_dtype[key]))
+                tensor = (tensor.to(torch.float32) * scaled.get(key, 1.0)).to(ST_TO_TORCH[out_dtype[key]])
             writer.write_tensor(key, tensor)
         writer.close()
     except BaseException:
         writer.abort()
         raise
-
-
-def _torch_dtype(st_dtype: str) -> torch.dtype:
-    return next(t for t, s in TORCH_TO_ST.items() if s == st_dtype)
 
 
 def _copy_other_files(adapter: Adapter, tmp: Path, plan: ConversionPlan) -> None:

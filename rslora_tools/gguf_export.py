@@ -19,6 +19,7 @@ from .checkpoint import open_checkpoint
 from .convention import ModuleEntry
 from .errors import InputError, MismatchError, UnsupportedAdapterError
 from .output import atomic_file, check_output_file
+from .runtimes import FEATURE_NAMES, adapter_features
 
 # config.json model_type -> (gguf MODEL_ARCH member, Q/K rows permuted like convert_hf_to_gguf's LlamaModel)
 ARCHITECTURES = {
@@ -105,20 +106,14 @@ def export_gguf(adapter: Adapter, entries: list[ModuleEntry], base: str | os.Pat
 
 
 def _refuse_unsupported(adapter: Adapter, entries: list[ModuleEntry]) -> None:
-    cfg = adapter.config
-    problems = []
-    if cfg.use_dora:
-        problems.append("DoRA")
-    if adapter.config.modules_to_save or any(".modules_to_save." in k for k in adapter.replacements.values()):
-        problems.append("modules_to_save")
-    if adapter.token_deltas:
-        problems.append("trainable tokens")
+    unsupported = ("dora", "modules_to_save", "trainable_tokens")
+    problems = [FEATURE_NAMES[f] for f in adapter_features(adapter) if f in unsupported]
     if any(e.module.bias_key for e in entries):
         problems.append("lora_bias")
-    if cfg.fan_in_fan_out:
+    if adapter.config.fan_in_fan_out:
         problems.append("fan_in_fan_out (Conv1D) layers")
-    if any(e.kind == "param" or len(adapter.shapes[e.module.a_key]) != 2 for e in entries):  # type: ignore[index]
-        problems.append("convolution or target_parameters LoRA")
+    if any(e.kind not in ("module", "embedding") or len(adapter.shapes[e.module.a_key]) != 2 for e in entries):  # type: ignore[index]
+        problems.append("convolution, MultiheadAttention or target_parameters LoRA")
     if problems:
         raise UnsupportedAdapterError(
             f"llama.cpp LoRA files cannot hold {', '.join(problems)}; merge the adapter instead "

@@ -101,11 +101,16 @@ def _module_row(raw: dict[str, Any], e: ModuleEntry) -> dict[str, Any]:
     }
 
 
+def layer_pattern(name: str) -> str:
+    """`model.layers.3.mlp.up_proj` -> `model.layers.*.mlp.up_proj`: the name shared across layers."""
+    return re.sub(r"\.(\d+)(?=\.|$)", ".*", name)
+
+
 def _groups(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Modules that agree on everything but their layer number share a row."""
     groups: dict[tuple, dict[str, Any]] = {}
     for m in modules:
-        generic = re.sub(r"\.(\d+)(?=\.|$)", ".*", m["name"])
+        generic = layer_pattern(m["name"])
         layers = [int(x) for x in re.findall(r"\.(\d+)(?=\.|$)", m["name"])[:1]]
         key = (generic, m["rank"], m["alpha"], m["scale"], tuple(v["scale"] for v in m["runtimes"].values()))
         g = groups.setdefault(key, {

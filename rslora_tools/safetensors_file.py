@@ -346,11 +346,14 @@ class _DirectSink:
             self._map = None
 
 
+DIRECT_BUFFER_BYTES = 32 << 20  # the O_DIRECT staging buffer of one open writer
+
+
 def open_sink(path: Path, direct: bool) -> _BufferedSink | _DirectSink:
     """A direct-I/O sink where the file system supports it (and `direct`), else a buffered one."""
     if direct and hasattr(os, "O_DIRECT") and os.environ.get("RSLORA_TOOLS_DIRECT_IO", "1") != "0":
         try:
-            return _DirectSink(path, 32 << 20)
+            return _DirectSink(path, DIRECT_BUFFER_BYTES)
         except OSError:  # e.g. tmpfs: O_DIRECT not supported
             pass
     return _BufferedSink(path)

@@ -23,7 +23,7 @@ from .checkpoint import INDEX_FILE, Checkpoint, open_checkpoint, read_json_file
 from .errors import RsloraError
 from .merging import BaseFiles, merged_tensor, prepare
 from .plan import Plan, TensorPlan
-from .safetensors_file import ST_TO_TORCH, tensor_nbytes
+from .safetensors_file import FLOAT_DTYPES, ST_TO_TORCH, tensor_nbytes
 
 # dtype -> (mantissa bits, smallest normal exponent) for the ulp of a value
 _FLOAT_FORMAT = {torch.float32: (23, -126), torch.bfloat16: (7, -126), torch.float16: (10, -14),
@@ -174,14 +174,13 @@ def _structure_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[s
         problems.append(f"{len(missing)} tensor(s) missing from the merged folder, e.g. {missing[0]!r}")
     if extra:
         problems.append(f"{len(extra)} unexpected tensor(s) in the merged folder, e.g. {extra[0]!r}")
-    floats = {t.dtype for t in plan.tensors if t.dtype in ("BF16", "F16", "F32", "F64")}
     for name, t in planned.items():
         if name not in present:
             continue
         info = out.info(name)
         if info.shape != t.shape:
             problems.append(f"{name}: shape {list(info.shape)} in the merged folder, expected {list(t.shape)}")
-        elif info.dtype != t.dtype and not (t.dtype in floats and info.dtype in ("BF16", "F16", "F32", "F64")):
+        elif info.dtype != t.dtype and not (t.dtype in FLOAT_DTYPES and info.dtype in FLOAT_DTYPES):  # --dtype
             problems.append(f"{name}: dtype {info.dtype} in the merged folder, expected {t.dtype}")
     if out.index_metadata is not None and "total_size" in out.index_metadata:
         actual = sum(tensor_nbytes(out.info(n).dtype, out.info(n).shape) for n in present)
