@@ -103,30 +103,31 @@ def resolve_input(spec: str, *, kind: str, revision: str | None = None, token: s
         raise InputError(
             f"{spec}: no such local {what} folder, and not a Hub repo id (use org/name, org/name@revision or hf://org/name)"
         )
-    if kind == "adapter":
-        patterns = ADAPTER_PATTERNS + (["adapter_model.bin"] if allow_pickle else [])
-        snapshot = _download(spec, ref, patterns, token)
-    else:
-        snapshot = _download(spec, ref, BASE_PATTERNS, token)
-        folder = snapshot / ref.subfolder if ref.subfolder else snapshot
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise InputError(f"{spec}: model.safetensors.index.json in the repo is not a valid index ({e})") from e
-        else:
-            shards = ["model.safetensors"]
-        if any("/" in s or s.startswith(".") for s in shards):
-            raise InputError(f"{spec}: the index names shard files outside the model folder")
-        pinned = HubRef(ref.repo_id, snapshot.name, ref.subfolder)
-        _download(spec, pinned, shards, token, exact=True)
-        if not all((folder / s).is_file() for s in shards):
-            raise InputError(f"{spec}: the repo has no model.safetensors (or index); pickle-only checkpoints are refused")
+    patterns = BASE_PATTERNS if kind == "base" else ADAPTER_PATTERNS + (["adapter_model.bin"] if allow_pickle else [])
+    snapshot = _download(spec, ref, patterns, token)
     folder = snapshot / ref.subfolder if ref.subfolder else snapshot
     if not folder.is_dir():
         raise InputError(f"{spec}: the repo has no folder {ref.subfolder!r}")
+    if kind == "base":
+        _download_shards(spec, HubRef(ref.repo_id, snapshot.name, ref.subfolder), folder, token)
     return Source(spec, folder, ref.repo_id, ref.revision, snapshot.name, ref.subfolder)
+
+
+def _download_shards(spec: str, pinned: HubRef, folder: Path, token: str | None) -> None:
+    """The shards the base's index lists (or model.safetensors), at the commit already resolved."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{spec}: model.safetensors.index.json in the repo is not a valid index ({e})") from e
+    else:
+        shards = ["model.safetensors"]
+    if any("/" in s or s.startswith(".") for s in shards):
+        raise InputError(f"{spec}: the index names shard files outside the model folder")
+    _download(spec, pinned, shards, token, exact=True)
+    if not all((folder / s).is_file() for s in shards):
+        raise InputError(f"{spec}: the repo has no model.safetensors (or index); pickle-only checkpoints are refused")
 
 
 def _looks_local(spec: str) -> bool:
@@ -366,7 +367,6 @@ def model_card(folder: Path, repo_id: str) -> str:
     prov = read_provenance(folder)
     is_adapter = (folder / "adapter_config.json").is_file()
     base = _hub_id(prov.get("base")) or _hub_id(prov.get("base_model"))
-    adapter = _hub_id(prov.get("adapter"))
     if is_adapter and base is None:
         try:
             recorded = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -384,7 +384,7 @@ def model_card(folder: Path, repo_id: str) -> str:
     if not is_adapter:
         tags.append("merge")
     card_data = ModelCardData(tags=tags, **data)
-    return f"---\n{card_data.to_yaml()}\n---\n\n{_card_body(repo_id, prov, is_adapter, base, adapter)}"
+    return f"---\n{card_data.to_yaml()}\n---\n\n{_card_body(repo_id, prov, is_adapter, base)}"
 
 
 def _hub_id(source: Any) -> str | None:
@@ -405,7 +405,7 @@ def _describe(source: Any) -> str:
     return f"`{source}`" if source else "unknown"
 
 
-def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None, adapter: str | None) -> str:
+def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None) -> str:
     name = repo_id.split("/")[-1]
     version = prov.get("version", __version__)
     lines = [f"# {name}", ""]
