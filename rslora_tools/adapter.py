@@ -13,12 +13,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterConfigError, InputError, UnsupportedAdapterError
-from .safetensors_file import FLOAT_DTYPES, TORCH_TO_ST, SafetensorsHeader, read_header, read_tensor
+from .safetensors_file import FLOAT_DTYPES, SafetensorsHeader, read_bytes, read_header, read_tensor
+
+if TYPE_CHECKING:
+    import torch
 from .scaling import ModuleScale, module_scale
 
 CONFIG_NAME = "adapter_config.json"
@@ -225,6 +226,19 @@ class Adapter:
             return read_tensor(f, self._header, key)
 
     @property
+    def raw_available(self) -> bool:
+        """Whether `raw` can read tensors (a safetensors adapter, not a pickle)."""
+        return self._header is not None
+
+    def raw(self, key: str) -> bytearray | None:
+        """One tensor's bytes as saved (safetensors adapters only; None for a pickled one)."""
+        if self._header is None:
+            return None
+        info = self._header.tensors[key]
+        with open(self.weights_path, "rb") as f:
+            return read_bytes(f, self._header.data_start + info.begin, info.nbytes)
+
+    @property
     def lora_modules(self) -> list[LoraModule]:
         return list(self.modules.values())
 
@@ -278,8 +292,10 @@ def load_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> Adap
                 "--allow-pickle to load it with torch.load(weights_only=True)"
             )
         pickled = _load_pickle(weights)
+        from . import safetensors_file
+
         shapes = {k: tuple(v.shape) for k, v in pickled.items()}
-        dtypes = {k: TORCH_TO_ST.get(v.dtype, str(v.dtype)) for k, v in pickled.items()}
+        dtypes = {k: safetensors_file.TORCH_TO_ST.get(v.dtype, str(v.dtype)) for k, v in pickled.items()}
     else:
         raise InputError(f"{folder}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
 
@@ -289,6 +305,8 @@ def load_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> Adap
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here; all mean "not a safe tensor pickle"
@@ -400,12 +418,19 @@ def _check_module(adapter: Adapter, module: LoraModule) -> None:
 
 def check_finite(adapter: Adapter) -> None:
     """Refuse adapter weights holding NaN or Inf (a diverged training run); reads each tensor once."""
+    from . import kernel
+
     bad = []
     for key, dtype in adapter.dtypes.items():
         if dtype not in FLOAT_DTYPES:
             continue
-        t = adapter.tensor(key)
-        count = int(t.numel() - torch.isfinite(t).sum())
+        raw = adapter.raw(key)
+        count = kernel.count_nonfinite(raw, dtype) if raw is not None else None
+        if count is None:  # no compiled kernel, or a pickled adapter
+            import torch
+
+            t = adapter.tensor(key)
+            count = int(t.numel() - torch.isfinite(t).sum())
         if count:
             bad.append(f"{key} ({count} values)")
     if bad:

@@ -487,11 +487,11 @@ def _convention(name: str) -> str:
 
 
 def main() -> None:
-    # A background thread writes while torch computes: idle OpenMP workers must sleep rather
-    # than spin, or they take the CPU the writer needs. Read once, when torch first loads.
+    # Worker threads copy and write while torch computes: idle OpenMP workers must sleep rather
+    # than spin, or they take the CPU the other workers need. Read once, when torch first loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # A short-lived process that allocates few cyclic objects: reference counting frees them;
-    # the cyclic collector would only rescan torch's import graph again and again.
+    # the cyclic collector would only rescan torch's import graph (when loaded) again and again.
     gc.disable()
     cli(prog_name="rslora-tools")
 

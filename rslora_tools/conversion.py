@@ -33,7 +33,7 @@ from .errors import InputError, UnsupportedAdapterError
 from .output import atomic_folder, check_output_location
 from .provenance import PROVENANCE_NAME, write_provenance
 from .runtimes import RUNTIMES, Runtime, missing_features, runtime_scale
-from .safetensors_file import ST_TO_TORCH, StreamingWriter, read_header
+from .safetensors_file import ST_TO_TORCH, SafetensorsWriter, read_header
 from .scaling import scale
 
 CONVENTIONS = {"rslora": True, "classic": False}
@@ -243,17 +243,15 @@ def _write_weights(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Pa
          "factors_folded_into_lora_B": len(scaled)}, sort_keys=True)
     keys = list(adapter.shapes)
     out_dtype = {k: "F32" if upcast and k in lora_keys else adapter.dtypes[k] for k in keys}
-    writer = StreamingWriter(tmp / WEIGHTS_NAME, [(k, out_dtype[k], adapter.shapes[k]) for k in keys], metadata)
+    writer = SafetensorsWriter(tmp / WEIGHTS_NAME, [(k, out_dtype[k], adapter.shapes[k]) for k in keys], metadata)
     try:
         for key in keys:
             tensor = adapter.tensor(key)
             if key in scaled or out_dtype[key] != adapter.dtypes[key]:
                 tensor = (tensor.to(torch.float32) * scaled.get(key, 1.0)).to(ST_TO_TORCH[out_dtype[key]])
             writer.write_tensor(key, tensor)
+    finally:
         writer.close()
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def _copy_other_files(adapter: Adapter, tmp: Path, plan: ConversionPlan) -> None:

@@ -1,25 +1,30 @@
 """Execute a merge plan: stream tensors from the base shards through the deltas into OUT.
 
-One tensor at a time: read it (pread, no mmap), apply its delta, write it, drop it. Untouched
-tensors are copied as raw bytes. Everything is written into a temporary folder beside OUT
-that is renamed at the end, so a failure or Ctrl-C leaves nothing behind.
+The output shards are created with their headers first; then a few worker threads fill in the
+tensors, each at its own offset:
+- untouched tensors are copied as raw bytes, inside the kernel (copy_file_range);
+- linear LoRA weights go through the C kernel (kernel.py) a block of rows at a time:
+  read (pread), merge, write (pwrite), with about a megabyte per worker in memory;
+- everything else (embeddings, DoRA, conv, dtype changes, CUDA, ...) is computed with torch
+  (delta.py), one tensor at a time; torch is imported only then.
+Everything is written into a temporary folder beside OUT that is renamed at the end, so a
+failure or Ctrl-C leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
 import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from . import kernel
 from .adapter import Adapter, check_finite, load_adapter
 from .checkpoint import (
     INDEX_FILE,
@@ -31,12 +36,22 @@ from .checkpoint import (
     side_files,
     write_json_file,
 )
-from .delta import compute
 from .errors import InputError, MismatchError, OutputError, UnsupportedAdapterError
 from .output import atomic_folder, check_output_location, human_size
 from .provenance import write_provenance
 from .plan import Plan, TensorPlan, build_plan
-from .safetensors_file import DIRECT_BUFFER_BYTES, FLOAT_DTYPES, ST_TO_TORCH, StreamingWriter, read_tensor, tensor_nbytes
+from .safetensors_file import (
+    DTYPE_BITS,
+    FLOAT_DTYPES,
+    SafetensorsWriter,
+    read_into,
+    read_tensor,
+    tensor_nbytes,
+    write_at,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -72,14 +87,19 @@ class MergeReport:
         return asdict(self)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
-    if device not in ("cpu",) and not device.startswith("cuda"):
+def resolve_device(device: str) -> str:
+    """"cpu" or a CUDA device name; torch is imported only to look for CUDA."""
+    if device == "cpu":
+        return device
+    if device != "auto" and not device.startswith("cuda"):
         raise InputError(f"unknown device {device!r}; use cpu, cuda or auto")
-    return torch.device(device)
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise InputError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
+    return device
 
 
 def prepare(
@@ -152,8 +172,8 @@ def merge(
         collect_unmatched=dry_run,
     )
     check_output_location(out, [checkpoint.folder, adapter_obj.path], overwrite)
-    torch_device = resolve_device(device)
-    report = _report(checkpoint, adapter_obj, plan, out, torch_device, dtype)
+    device = resolve_device(device)
+    report = _report(checkpoint, adapter_obj, plan, out, device, dtype)
     report.dry_run = dry_run
     report.free_bytes = free_space(out)
     if dry_run:
@@ -164,7 +184,7 @@ def merge(
         check_finite(adapter_obj)
 
     try:
-        _write_output(out, overwrite, checkpoint, adapter_obj, plan, report, torch_device, progress,
+        _write_output(out, overwrite, checkpoint, adapter_obj, plan, report, device, progress,
                       max_shard_size is not None, sources or {}, verify)
     except OSError as e:  # a full disk (ENOSPC), a read error, ...: the partial output is already removed
         where = f" ({e.filename})" if e.filename else ""
@@ -174,10 +194,10 @@ def merge(
 
 
 def _write_output(out: Path, overwrite: bool, checkpoint: Checkpoint, adapter_obj: Adapter, plan: Plan,
-                  report: MergeReport, torch_device: torch.device, progress: bool, resharded: bool,
+                  report: MergeReport, device: str, progress: bool, resharded: bool,
                   sources: dict[str, dict[str, Any]], verify: bool) -> None:
     with atomic_folder(out, overwrite) as tmp:
-        _write_shards(checkpoint, adapter_obj, plan, tmp, torch_device, progress)
+        _write_shards(checkpoint, adapter_obj, plan, tmp, device, progress)
         _write_index(checkpoint, plan, tmp, resharded)
         _copy_side_files(checkpoint, adapter_obj, plan, tmp)
         write_provenance(tmp, {
@@ -199,7 +219,7 @@ def _write_output(out: Path, overwrite: bool, checkpoint: Checkpoint, adapter_ob
 
 
 def _report(
-    checkpoint: Checkpoint, adapter: Adapter, plan: Plan, out: Path, device: torch.device, dtype: str | None
+    checkpoint: Checkpoint, adapter: Adapter, plan: Plan, out: Path, device: str, dtype: str | None
 ) -> MergeReport:
     tensors = plan.tensors
     scales = [op.scale.scale for op in plan.lora_ops]
@@ -218,14 +238,14 @@ def _report(
         shards=[name for name, _ in plan.shards],
         bytes_written=sum(tensor_nbytes(t.dtype, t.shape) for t in tensors),
         dtype=",".join(dtypes),
-        device=str(device),
+        device=device,
         seconds=0.0,
         config_updates=plan.config_updates,
         notes=plan.notes,
         warnings=plan.warnings,
         changes=_changes(plan),
         unmatched=plan.unmatched,
-        memory_bytes=estimate_memory(plan),
+        memory_bytes=estimate_memory(plan, checkpoint, adapter, device),
     )
 
 
@@ -258,22 +278,31 @@ def _changes(plan: Plan) -> list[dict[str, Any]]:
     return changes
 
 
-def estimate_memory(plan: Plan) -> int:
-    """Peak memory of a merge: the runtime and output buffer, plus the largest changed tensor's working set.
+def estimate_memory(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device: str = "cpu") -> int:
+    """Peak memory of a merge: the runtime, the kernel workers' blocks, and the largest torch working set.
 
-    Up to five copies of a changed tensor are alive: read ahead, being merged, two queued for
-    the writer, one being written. Linear and embedding deltas are added in small fp32 blocks;
-    other kinds (DoRA, conv, experts, ...) also hold two whole fp32 copies while merging.
+    Kernel and copy jobs hold a block of rows (plus the module's fp32 A and B) per worker. A
+    torch job (one at a time) holds the base tensor and its merged value; linear and embedding
+    deltas are added in small fp32 blocks, other kinds (DoRA, conv, experts, ...) also hold two
+    whole fp32 copies.
     """
-    runtime = 250 * 10**6  # Python, torch and the libraries (measured: ~240 MB for a tiny merge)
-    peak = 0
+    runtime = 40 * 10**6  # Python and the CLI's modules (measured: ~30 MB for a tiny merge)
+    kernel_peak = torch_peak = 0
     for t in plan.tensors:
         if t.untouched:
             continue
+        if _uses_kernel(t, checkpoint, adapter, device):
+            op = t.lora
+            assert op is not None and op.module.a_key is not None and op.module.b_key is not None
+            ab = 4 * (math.prod(adapter.shapes[op.module.a_key]) + math.prod(adapter.shapes[op.module.b_key]))
+            kernel_peak = max(kernel_peak, 2 * _BLOCK_BYTES + 2 * ab)
+            continue
         nbytes = tensor_nbytes(t.dtype, t.shape)
         blocked = t.lora is None or (t.lora.kind in ("linear", "embedding") and not t.lora.dora)
-        peak = max(peak, nbytes * 5 if blocked else math.prod(t.shape) * 4 * 2 + nbytes * 5)
-    return runtime + DIRECT_BUFFER_BYTES + peak
+        torch_peak = max(torch_peak, nbytes * 3 if blocked else math.prod(t.shape) * 4 * 2 + nbytes * 3)
+    if torch_peak:
+        runtime += 210 * 10**6  # torch itself (measured: ~240 MB in all)
+    return runtime + _workers() * kernel_peak + torch_peak
 
 
 def free_space(out: Path) -> int | None:
@@ -313,14 +342,20 @@ class BaseFiles:
         self._lock = threading.Lock()
 
     def fd(self, shard: str) -> int:
-        with self._lock:  # the read-ahead thread opens shards too
+        with self._lock:  # worker threads open shards too
             if shard not in self.fds:
                 self.fds[shard] = os.open(self.checkpoint.folder / shard, os.O_RDONLY)
             return self.fds[shard]
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def locate(self, name: str) -> tuple[int, int]:
+        """(file descriptor, absolute offset) of a tensor's bytes."""
         shard = self.checkpoint.weight_map[name]
-        return read_tensor(self.fd(shard), self.checkpoint.headers[shard], name, out)
+        header = self.checkpoint.headers[shard]
+        return self.fd(shard), header.data_start + header.tensors[name].begin
+
+    def read(self, name: str) -> torch.Tensor:
+        shard = self.checkpoint.weight_map[name]
+        return read_tensor(self.fd(shard), self.checkpoint.headers[shard], name)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -328,122 +363,42 @@ class BaseFiles:
         self.fds.clear()
 
 
-class _BufferPool:
-    """Byte buffers reused across tensors of the same size (a model repeats a few shapes).
-
-    Fresh large allocations cost page faults and fragment the heap, which made peak memory
-    drift upwards over a long merge; reusing buffers keeps both flat. Thread-safe: buffers are
-    taken by the read-ahead thread and given back by the writer thread.
-    """
-
-    def __init__(self, keep_per_size: int = 3):
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._keep = keep_per_size
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        with self._lock:
-            free = self._free.get(nbytes)
-            if free:
-                return free.pop()
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    def give(self, buffer: torch.Tensor) -> None:
-        with self._lock:
-            free = self._free.setdefault(buffer.numel(), [])
-            if len(free) < self._keep:
-                free.append(buffer)
+_BLOCK_BYTES = 1 << 20  # rows the kernel merges per step: in and out stay in the CPU's cache
 
 
-class _ReadAhead:
-    """Reads the base value of the next tensor to merge on a thread while the current one is computed.
-
-    pread releases the GIL, so reading overlaps computing. One tensor is read ahead at most, on
-    a daemon thread, so that an interrupted merge never waits for it.
-    """
-
-    def __init__(self, files: BaseFiles, tensors: list[TensorPlan], pool: _BufferPool):
-        self._files = files
-        self._pool = pool
-        self._todo = [t for t in tensors if t.source is not None]
-        self._next = 0
-        self._pending: tuple[str, dict[str, Any], threading.Event] | None = None
-        self._start()
-
-    def _start(self) -> None:
-        self._pending = None
-        if self._next >= len(self._todo):
-            return
-        t = self._todo[self._next]
-        self._next += 1
-        box: dict[str, Any] = {}
-        done = threading.Event()
-
-        def read() -> None:
-            try:
-                buffer = self._pool.take(self._files.checkpoint.info(t.source).nbytes)  # type: ignore[arg-type]
-                box["buffer"] = buffer
-                box["value"] = self._files.read(t.source, buffer)  # type: ignore[arg-type]
-            except BaseException as e:  # re-raised by take()
-                box["error"] = e
-            finally:
-                done.set()
-
-        threading.Thread(target=read, name="rslora-tools-reader", daemon=True).start()
-        self._pending = (t.name, box, done)
-
-    def take(self, t: TensorPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(base value, its pool buffer) of `t` if it was read ahead (and start reading the next one)."""
-        if self._pending is None or self._pending[0] != t.name:
-            return None, None
-        _, box, done = self._pending
-        done.wait()
-        self._start()
-        if "error" in box:
-            raise box["error"]
-        return box["value"], box["buffer"]
+def _workers() -> int:
+    """Worker threads: one per core (copies wait on I/O, the kernel computes), 2 to 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 2
+    return max(2, min(8, cores))
 
 
-class _WriteBehind:
-    """Runs write jobs in order on one background thread, so that writing overlaps reading and computing.
-
-    torch and file writes release the GIL; the queue depth bounds the tensors held in memory.
-    """
-
-    def __init__(self, depth: int = 2):
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="rslora-tools-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if self._error is None:
-                try:
-                    job()
-                except BaseException as e:  # re-raised on the main thread
-                    self._error = e
-
-    def submit(self, job) -> None:
-        self.raise_error()
-        self._queue.put(job)
-
-    def raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def finish(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self.raise_error()
+def _uses_kernel(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: str) -> bool:
+    return (device == "cpu" and t.source is not None and adapter.raw_available
+            and kernel.handles(t, checkpoint.info(t.source).dtype, adapter.dtypes, adapter.shapes))
 
 
-def _write_shards(
-    checkpoint: Checkpoint, adapter: Adapter, plan: Plan, tmp: Path, device: torch.device, progress: bool
-) -> None:
+class _Stopped(Exception):
+    """Another worker failed or the merge was interrupted: stop at the next block."""
+
+
+@dataclass
+class _Merge:
+    """What the workers share: inputs, outputs, the torch lock and the stop flag."""
+
+    checkpoint: Checkpoint
+    adapter: Adapter
+    files: BaseFiles
+    device: str
+    bar: Any
+    stop: threading.Event = field(default_factory=threading.Event)
+    torch_lock: threading.Lock = field(default_factory=threading.Lock)  # one torch tensor at a time bounds memory
+    progress_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _write_shards(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, tmp: Path, device: str, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     total = sum(tensor_nbytes(t.dtype, t.shape) for t in plan.tensors)
@@ -451,67 +406,129 @@ def _write_shards(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Merging", file=sys.stderr,
         disable=None if progress else True, dynamic_ncols=True,
     )
-    files = BaseFiles(checkpoint)
-    pool = _BufferPool()
-    ahead = _ReadAhead(files, [t for t in plan.tensors if not _copied_raw(checkpoint, t)], pool)
-    metadata = {"format": "pt"}
-    writers: list[StreamingWriter] = []
-    background = _WriteBehind()
-    finished = False
+    merge = _Merge(checkpoint, adapter, BaseFiles(checkpoint), device, bar)
+    workers = _Workers(merge.stop)
+    writers: list[SafetensorsWriter] = []
+    jobs: list[tuple[TensorPlan, SafetensorsWriter]] = []
     try:
         for shard_name, tensors in plan.shards:
-            entries = [(t.name, t.dtype, t.shape) for t in tensors]
-            writer = StreamingWriter(tmp / shard_name, entries, metadata, direct=True)
+            writer = SafetensorsWriter(tmp / shard_name, [(t.name, t.dtype, t.shape) for t in tensors], {"format": "pt"})
             writers.append(writer)
-            for t in tensors:
-                n = tensor_nbytes(t.dtype, t.shape)
-                if _copied_raw(checkpoint, t):
-                    source = t.source
-                    assert source is not None
-                    shard = checkpoint.weight_map[source]
-                    offset = checkpoint.headers[shard].data_start + checkpoint.info(source).begin
-                    fd = files.fd(shard)
-                    background.submit(lambda w=writer, t=t, fd=fd, offset=offset: w.copy_raw(t.name, fd, offset))
-                else:
-                    base, buffer = ahead.take(t)
-                    value = merged_tensor(t, files, adapter, device, base=base)
-                    del base
-                    background.submit(lambda w=writer, t=t, value=value, buffer=buffer: _write_and_recycle(
-                        w, t.name, value, pool, buffer))
-                bar.update(n)
-            background.submit(writer.close)
-        background.finish()
-        finished = True
+            jobs += [(t, writer) for t in tensors]
+        workers.run(jobs, lambda job: _merge_one(merge, *job))
     finally:
-        if not finished:
-            try:
-                background.finish()
-            except BaseException:
-                pass
+        if workers.stopped:  # else a worker may still write: closing would free its descriptor numbers
             for writer in writers:
-                writer.abort()
-        files.close()
+                writer.close()
+            merge.files.close()
         bar.close()
 
 
-def _write_and_recycle(writer: StreamingWriter, name: str, value: torch.Tensor, pool: _BufferPool,
-                       buffer: torch.Tensor | None) -> None:
-    """Write a merged tensor, then hand the base buffer it was computed from (often its own memory) back."""
-    writer.write_tensor(name, value)
-    if buffer is not None:
-        pool.give(buffer)
+class _Workers:
+    """Runs `work(job)` for every job on worker threads, in order; re-raises the first failure.
 
-
-def merged_tensor(t: TensorPlan, files: BaseFiles, adapter: Adapter, device: torch.device,
-                  out_dtype: torch.dtype | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
-    """The merged value of one planned tensor (in the plan's dtype, or `out_dtype`).
-
-    `base` is the base tensor when the caller has already read it (read-ahead).
+    The main thread only waits, so Ctrl-C (KeyboardInterrupt) arrives at once; the workers then
+    stop at their next block (`stop`), and are given a few seconds to do so.
     """
-    if base is None and t.source is not None:
-        base = files.read(t.source)
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def stopped(self) -> bool:
+        return not any(thread.is_alive() for thread in self.threads)
+
+    def run(self, jobs: list, work: Callable[[Any], None]) -> None:
+        todo = iter(jobs)
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def loop() -> None:
+            while not self.stop.is_set():
+                with lock:
+                    job = next(todo, None)
+                if job is None:
+                    return
+                try:
+                    work(job)
+                except _Stopped:
+                    return
+                except BaseException as e:  # re-raised on the main thread
+                    errors.append(e)
+                    self.stop.set()
+                    return
+
+        self.threads = [threading.Thread(target=loop, name=f"rslora-tools-worker-{i}", daemon=True)
+                        for i in range(_workers())]
+        for thread in self.threads:
+            thread.start()
+        try:
+            for thread in self.threads:
+                while thread.is_alive():
+                    thread.join(0.2)
+        finally:
+            self.stop.set()
+            deadline = time.monotonic() + 10
+            for thread in self.threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if errors:
+            raise errors[0]
+
+
+def _merge_one(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -> None:
+    """Produce one output tensor at its place in its shard."""
+    if merge.stop.is_set():
+        raise _Stopped
+    checkpoint = merge.checkpoint
+    if _copied_raw(checkpoint, t):
+        assert t.source is not None
+        writer.copy_raw(t.name, *merge.files.locate(t.source))
+    elif not (_uses_kernel(t, checkpoint, merge.adapter, merge.device) and _merge_with_kernel(merge, t, writer)):
+        with merge.torch_lock:  # torch also when the kernel met a non-finite sum: torch's NaN encoding
+            writer.write_tensor(t.name, merged_tensor(t, merge.files, merge.adapter, merge.device))
+    with merge.progress_lock:
+        merge.bar.update(tensor_nbytes(t.dtype, t.shape))
+
+
+def _merge_with_kernel(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -> bool:
+    """W + s * (B @ A) through the C kernel, a block of rows at a time; False if a sum is not finite."""
+    op = t.lora
+    assert op is not None and t.source is not None and op.module.a_key is not None and op.module.b_key is not None
+    adapter = merge.adapter
+    a = kernel.widen(adapter.raw(op.module.a_key), adapter.dtypes[op.module.a_key])  # type: ignore[arg-type]
+    b = memoryview(kernel.widen(adapter.raw(op.module.b_key), adapter.dtypes[op.module.b_key]))  # type: ignore[arg-type]
+    rows, cols = t.shape
+    rank = adapter.shapes[op.module.a_key][0]
+    row_bytes = cols * DTYPE_BITS[t.dtype] // 8
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    source_fd, source_offset = merge.files.locate(t.source)
+    source_file = merge.checkpoint.folder / merge.checkpoint.weight_map[t.source]
+    target_offset = writer.offset(t.name)
+    block_in = memoryview(bytearray(step * row_bytes))
+    block_out = memoryview(bytearray(step * row_bytes))
+    for start in range(0, rows, step):
+        if merge.stop.is_set():
+            raise _Stopped
+        n = min(step, rows - start)
+        size = n * row_bytes
+        read_into(source_fd, source_offset + start * row_bytes, block_in[:size], f"{t.source!r} from {source_file}")
+        if not kernel.merge_rows(block_in[:size], t.dtype, b[start * rank * 4:(start + n) * rank * 4], a, n, rank, cols,
+                                 op.scale.scale, block_out[:size]):
+            return False
+        write_at(writer.fd, target_offset + start * row_bytes, block_out[:size])
+    return True
+
+
+def merged_tensor(t: TensorPlan, files: BaseFiles, adapter: Adapter, device: str,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The merged value of one planned tensor, computed with torch (in the plan's dtype, or `out_dtype`)."""
+    from . import safetensors_file
+    from .delta import compute
+
+    base = files.read(t.source) if t.source is not None else None
     base = base.to(device) if base is not None else None
-    out_dtype = out_dtype or ST_TO_TORCH[t.dtype]
+    out_dtype = out_dtype or safetensors_file.ST_TO_TORCH[t.dtype]
     value = compute(t, base, adapter.tensor, out_dtype)
     return value.cpu() if value.device.type != "cpu" else value
 

@@ -3,7 +3,8 @@
 Reading parses the header ourselves (so that every defect gets a clear message) and reads
 each tensor with `os.pread`, so that nothing is memory-mapped and memory never grows with the
 file. Writing lays out the whole header first (a merge knows every name, dtype and shape in
-advance) and then streams tensor bytes after it, so no shard is ever held in memory.
+advance); tensor bytes then go to their offsets, in any order and from several threads, so no
+shard is ever held in memory. torch is imported only by the functions that return tensors.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_SIZE = 100_000_000  # the Rust reader's limit
 
@@ -39,12 +41,18 @@ _TORCH_DTYPES: dict[str, str] = {
     "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
     "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }
-TORCH_TO_ST: dict[torch.dtype, str] = {}
-ST_TO_TORCH: dict[str, torch.dtype] = {}
-for _name, _attr in _TORCH_DTYPES.items():
-    if hasattr(torch, _attr):
-        ST_TO_TORCH[_name] = getattr(torch, _attr)
-        TORCH_TO_ST[getattr(torch, _attr)] = _name
+
+
+def __getattr__(name: str) -> Any:
+    """ST_TO_TORCH / TORCH_TO_ST: the dtype maps, built (importing torch) on first use."""
+    if name in ("ST_TO_TORCH", "TORCH_TO_ST"):
+        import torch
+
+        st_to_torch = {k: getattr(torch, v) for k, v in _TORCH_DTYPES.items() if hasattr(torch, v)}
+        globals()["ST_TO_TORCH"] = st_to_torch
+        globals()["TORCH_TO_ST"] = {v: k for k, v in st_to_torch.items()}
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
@@ -158,8 +166,12 @@ def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
 
 def read_tensor(f: BinaryIO | int, header: SafetensorsHeader, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """Read one tensor with pread: a writable CPU tensor (`out`, a reused buffer of the right size, or a new one)."""
+    import torch
+
+    from . import safetensors_file
+
     info = header.tensors[name]
-    torch_dtype = ST_TO_TORCH.get(info.dtype)
+    torch_dtype = safetensors_file.ST_TO_TORCH.get(info.dtype)
     if torch_dtype is None:
         raise InputError(f"{header.path}: tensor {name!r} has dtype {info.dtype}, which this torch cannot compute with")
     if out is None:
@@ -169,25 +181,13 @@ def read_tensor(f: BinaryIO | int, header: SafetensorsHeader, name: str, out: to
     if info.nbytes == 0:
         return out
     fd = f if isinstance(f, int) else f.fileno()
-    view, offset, done = tensor_bytes(out), header.data_start + info.begin, 0
-    while done < info.nbytes:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise InputError(f"{header.path}: unexpected end of file while reading tensor {name!r}")
-        done += n
+    read_into(fd, header.data_start + info.begin, tensor_bytes(out), f"{header.path}: tensor {name!r}")
     return out
 
 
 def read_bytes(f: BinaryIO | int, offset: int, length: int) -> bytearray:
-    fd = f if isinstance(f, int) else f.fileno()
     buf = bytearray(length)
-    view = memoryview(buf)
-    done = 0
-    while done < length:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise InputError(f"unexpected end of file while reading {length} bytes at offset {offset}")
-        done += n
+    read_into(f if isinstance(f, int) else f.fileno(), offset, memoryview(buf), f"{length} bytes at offset {offset}")
     return buf
 
 
@@ -220,189 +220,102 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     return struct.pack("<Q", len(raw)) + raw, infos
 
 
-class _BufferedSink:
-    """Appends to a file through the page cache; raw copies stay in the kernel (copy_file_range)."""
-
-    def __init__(self, path: Path, fd: int | None = None, offset: int = 0):
-        self.fd = fd if fd is not None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.offset = offset
-
-    def write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.pwrite(self.fd, view, self.offset)
-            self.offset += n
-            view = view[n:]
-
-    def copy_from(self, source_fd: int, offset: int, length: int) -> None:
-        while length > 0:
-            try:
-                n = os.copy_file_range(source_fd, self.fd, length, offset, self.offset)
-            except OSError:
-                n = 0
-            if n <= 0:  # not supported here (or EOF): a plain copy through user space
-                chunk = read_bytes(source_fd, offset, min(length, 64 << 20))
-                self.write(chunk)
-                n = len(chunk)
-            else:
-                self.offset += n
-            length -= n
-            offset += n
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def abort(self) -> None:
-        self.close()
+def read_into(fd: int, offset: int, view: memoryview, what: str) -> None:
+    """Fill `view` from `fd` at `offset` (pread until done)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise InputError(f"unexpected end of file while reading {what}")
+        done += n
 
 
-class _DirectSink:
-    """Appends to a file with O_DIRECT through an aligned staging buffer: no page-cache copy.
+def write_at(fd: int, offset: int, data: memoryview | bytes | bytearray) -> None:
+    """Write all of `data` at `offset` (pwrite until done); thread-safe."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        offset += n
+        view = view[n:]
 
-    Writing fresh data through the page cache costs a kernel copy into newly allocated pages,
-    which is slow and CPU-bound on many machines; O_DIRECT lets the disk DMA from one reused,
-    page-aligned buffer instead. The tail is padded to the alignment and truncated at close.
-    Falls back to buffered writes when the file system refuses O_DIRECT.
-    """
 
-    ALIGN = 4096
-
-    def __init__(self, path: Path, buffer_bytes: int):
-        import mmap
-
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        self._map: mmap.mmap | None = mmap.mmap(-1, buffer_bytes)  # page-aligned
-        self._buf = memoryview(self._map)
-        self._used = 0
-        self.offset = 0  # bytes written to the file so far (always a multiple of the buffer size)
-        self.fallback: _BufferedSink | None = None
-
-    def write(self, data: memoryview | bytes) -> None:
-        if self.fallback is not None:
-            return self.fallback.write(data)
-        view = memoryview(data).cast("B")
-        while view:
-            n = min(len(view), len(self._buf) - self._used)
-            self._buf[self._used:self._used + n] = view[:n]
-            self._used += n
-            view = view[n:]
-            if self._used == len(self._buf):
-                self._flush(self._used)
-
-    def copy_from(self, source_fd: int, offset: int, length: int) -> None:
-        if self.fallback is not None:
-            return self.fallback.copy_from(source_fd, offset, length)
-        while length > 0:
-            room = self._buf[self._used:self._used + min(length, len(self._buf) - self._used)]
-            n = os.preadv(source_fd, [room], offset)
-            if n <= 0:
-                raise InputError(f"unexpected end of file while copying {length} bytes at offset {offset}")
-            self._used += n
-            offset += n
-            length -= n
-            if self._used == len(self._buf):
-                self._flush(self._used)
-
-    def _flush(self, size: int) -> None:
-        padded = -(-size // self.ALIGN) * self.ALIGN
+def copy_range(source_fd: int, source_offset: int, fd: int, offset: int, length: int) -> None:
+    """Copy bytes between files in the kernel (copy_file_range), or through user space where it is refused."""
+    while length > 0:
         try:
-            done = 0
-            while done < padded:  # a short write happens when the disk fills up; the next one raises ENOSPC
-                n = os.pwrite(self.fd, self._buf[done:padded], self.offset + done)
-                if n <= 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                done += n
+            n = os.copy_file_range(source_fd, fd, min(length, 1 << 30), source_offset, offset)
         except OSError as e:
-            if e.errno != errno.EINVAL or done:  # EINVAL first: this file system does not take O_DIRECT writes
-                raise
-            os.close(self.fd)
-            self.fallback = _BufferedSink(self.path, os.open(self.path, os.O_WRONLY), self.offset)
-            self.fallback.write(self._buf[:size])
-            self._used = 0
-            return
-        self.offset += size
-        self._used = 0
-
-    def close(self) -> None:
-        try:
-            if self.fallback is None and self._used:
-                self._flush(self._used)  # writes the padded tail
-                if self.fallback is None:
-                    os.ftruncate(self.fd, self.offset)
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        """Close the file without writing what is buffered (the caller removes the file)."""
-        if self.fallback is not None:
-            self.fallback.close()
-        elif self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
-        if self._map is not None:
-            self._buf.release()
-            self._map.close()
-            self._map = None
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                raise  # ENOSPC, EIO: real failures
+            n = 0
+        if n <= 0:  # not supported between these files: a plain copy
+            n = min(length, 16 << 20)
+            chunk = memoryview(bytearray(n))
+            read_into(source_fd, source_offset, chunk, f"{length} bytes at offset {source_offset}")
+            write_at(fd, offset, chunk)
+        length -= n
+        source_offset += n
+        offset += n
 
 
-DIRECT_BUFFER_BYTES = 32 << 20  # the O_DIRECT staging buffer of one open writer
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks up front: a full disk fails now, and writes need no block allocation.
+
+    Uses Linux fallocate(2); where it is missing or refused, nothing happens (no zero-filling emulation).
+    """
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(err, os.strerror(err))
 
 
-def open_sink(path: Path, direct: bool) -> _BufferedSink | _DirectSink:
-    """A direct-I/O sink where the file system supports it (and `direct`), else a buffered one."""
-    if direct and hasattr(os, "O_DIRECT") and os.environ.get("RSLORA_TOOLS_DIRECT_IO", "1") != "0":
-        try:
-            return _DirectSink(path, DIRECT_BUFFER_BYTES)
-        except OSError:  # e.g. tmpfs: O_DIRECT not supported
-            pass
-    return _BufferedSink(path)
+class SafetensorsWriter:
+    """Writes one safetensors file whose header is known up front.
 
-
-class StreamingWriter:
-    """Writes one safetensors file whose header is known up front, tensor by tensor, in order.
-
-    With `direct`, data goes to disk with O_DIRECT where the file system allows it (see _DirectSink).
+    The header is written at once and the file preallocated; each tensor's bytes then go to its
+    own offset (`offset(name)`), in any order and from any thread.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None,
-                 *, direct: bool = False):
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
         self.path = path
-        header, self.infos = build_header(entries, metadata)
-        self._next = 0
-        self._sink = open_sink(path, direct)
-        self._closed = False
-        self._sink.write(header)
+        header, infos = build_header(entries, metadata)
+        self.infos = {info.name: info for info in infos}
+        self.data_start = len(header)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            preallocate(self.fd, self.data_start + (infos[-1].end if infos else 0))
+            write_at(self.fd, 0, header)
+        except BaseException:
+            self.close()
+            raise
 
-    def _expect(self, name: str) -> TensorInfo:
-        info = self.infos[self._next]
-        if info.name != name:
-            raise RuntimeError(f"writer expected tensor {info.name!r}, got {name!r}")
-        self._next += 1
-        return info
+    def offset(self, name: str) -> int:
+        """Where the bytes of tensor `name` start in the file."""
+        return self.data_start + self.infos[name].begin
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        info = self._expect(name)
-        if TORCH_TO_ST.get(tensor.dtype) != info.dtype or tuple(tensor.shape) != info.shape:
+        from . import safetensors_file
+
+        info = self.infos[name]
+        if safetensors_file.TORCH_TO_ST.get(tensor.dtype) != info.dtype or tuple(tensor.shape) != info.shape:
             raise RuntimeError(f"tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, header says {info.dtype}{info.shape}")
-        tensor = tensor.contiguous()
-        self._sink.write(tensor_bytes(tensor))
+        write_at(self.fd, self.offset(name), tensor_bytes(tensor.contiguous()))
 
     def copy_raw(self, name: str, source_fd: int, source_offset: int) -> None:
         """Copy a tensor's bytes from another file without decoding them."""
-        info = self._expect(name)
-        self._sink.copy_from(source_fd, source_offset, info.nbytes)
+        copy_range(source_fd, source_offset, self.fd, self.offset(name), self.infos[name].nbytes)
 
     def close(self) -> None:
-        if self._next != len(self.infos):
-            missing = self.infos[self._next].name
-            self.abort()
-            raise RuntimeError(f"{self.path}: tensor {missing!r} was never written")
-        if not self._closed:
-            self._closed = True
-            self._sink.close()
-
-    def abort(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._sink.abort()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

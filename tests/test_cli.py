@@ -225,7 +225,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     merge_module = importlib.import_module("rslora_tools.merging")
 
     calls = {"n": 0}
-    real = merge_module.merged_tensor
+    real = merge_module._merge_one
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -233,7 +233,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merge_module, "merged_tensor", failing)
+    monkeypatch.setattr(merge_module, "_merge_one", failing)
     result = run("merge", BASE, ADAPTER, tmp_path / "out")
     assert_clean_error(result, "interrupted")
     assert list(tmp_path.iterdir()) == []

@@ -391,3 +391,37 @@ def test_large_embedding_merged_in_blocks_equals_peft(tmp_path, dtype):
                      init_lora_weights=False)
     adapter = make_adapter(base, tmp_path / "adapter", cfg)
     check(base, adapter, tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_torch_path_and_kernel_path_both_equal_peft(bases, tmp_path, dtype, monkeypatch):
+    """Linear weights go through the C kernel when it is built; with RSLORA_TOOLS_KERNEL=0 through torch."""
+    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False)
+    adapter = make_adapter(bases[dtype], tmp_path / "adapter", cfg)
+    expected = peft_merged_state_dict(bases[dtype], adapter)
+    monkeypatch.setenv("RSLORA_TOOLS_KERNEL", "0")
+    cli_merge(bases[dtype], adapter, tmp_path / "torch")
+    assert_same_tensors(read_folder(tmp_path / "torch"), expected)
+    monkeypatch.delenv("RSLORA_TOOLS_KERNEL")
+    cli_merge(bases[dtype], adapter, tmp_path / "default")
+    assert_same_tensors(read_folder(tmp_path / "default"), expected)
+
+
+def test_plain_linear_merge_never_imports_torch(llama_bf16, tmp_path):
+    """With the kernel, a merge of linear LoRA weights runs without torch (which takes a second to import)."""
+    import subprocess
+    import sys
+
+    from rslora_tools import kernel
+
+    if not kernel.available():
+        pytest.skip("merge kernel not built or CPU without AVX2/FMA/F16C")
+    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False)
+    adapter = make_adapter(llama_bf16, tmp_path / "adapter", cfg)
+    code = ("import sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', 'merge', *sys.argv[1:], '-q']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(llama_bf16), str(adapter), str(tmp_path / "out")],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", result.stderr
+    assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(llama_bf16, adapter))

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 
 from rslora_tools.errors import InputError
-from rslora_tools.safetensors_file import StreamingWriter, read_header, read_tensor
+from rslora_tools.safetensors_file import SafetensorsWriter, copy_range, read_header, read_tensor
 
 
 def _tensors():
@@ -35,12 +35,12 @@ def test_read_matches_safetensors(tmp_path):
             assert torch.equal(read_tensor(f, header, name), st.get_tensor(name))
 
 
-def test_streaming_writer_is_readable_by_safetensors(tmp_path):
+def test_writer_output_is_readable_by_safetensors(tmp_path):
     tensors = _tensors()
     path = tmp_path / "out.safetensors"
     entries = [(k, {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32", torch.float16: "F16"}[v.dtype], tuple(v.shape))
                for k, v in tensors.items()]
-    w = StreamingWriter(path, entries, {"format": "pt"})
+    w = SafetensorsWriter(path, entries, {"format": "pt"})
     for k, v in tensors.items():
         w.write_tensor(k, v)
     w.close()
@@ -58,7 +58,7 @@ def test_raw_copy(tmp_path):
     header = read_header(src)
     info = header.tensors["x"]
     out = tmp_path / "dst.safetensors"
-    w = StreamingWriter(out, [("x", "F32", (1000,))], None)
+    w = SafetensorsWriter(out, [("x", "F32", (1000,))], None)
     with open(src, "rb") as f:
         w.copy_raw("x", f.fileno(), header.data_start + info.begin)
     w.close()
@@ -103,53 +103,46 @@ def test_not_json(tmp_path):
 def test_roundtrip_bytes_identical_to_library_for_same_order(tmp_path):
     t = {"w": torch.ones(4, 4, dtype=torch.bfloat16)}
     ours = tmp_path / "ours.safetensors"
-    w = StreamingWriter(ours, [("w", "BF16", (4, 4))], {"format": "pt"})
+    w = SafetensorsWriter(ours, [("w", "BF16", (4, 4))], {"format": "pt"})
     w.write_tensor("w", t["w"])
     w.close()
     assert ours.read_bytes() == save(t, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("buffer_bytes", [4096, 3 * 4096, 1 << 20])
-def test_direct_io_sink_writes_the_same_bytes(tmp_path, buffer_bytes):
-    """O_DIRECT output (staging buffer flushed many times, padded tail truncated) equals buffered output."""
-    import os
+def test_tensors_written_in_any_order_from_threads(tmp_path):
+    """Merge workers fill a file out of order, concurrently: the result is the same file."""
+    import threading
 
-    from rslora_tools.safetensors_file import _BufferedSink, _DirectSink
-
-    g = torch.Generator().manual_seed(1)
-    src = tmp_path / "src.bin"
-    src_bytes = torch.randint(0, 255, (50_001,), generator=g, dtype=torch.uint8)
-    src.write_bytes(bytes(src_bytes.tolist()))
-    chunks = [bytes(torch.randint(0, 255, (n,), generator=g, dtype=torch.uint8).tolist()) for n in (5, 4096, 9000, 1, 70_000)]
-
-    def fill(sink):
-        fd = os.open(src, os.O_RDONLY)
-        try:
-            for i, chunk in enumerate(chunks):
-                sink.write(chunk)
-                sink.copy_from(fd, i * 7, 10_000 + i)
-        finally:
-            os.close(fd)
-        sink.close()
-
-    try:
-        direct = _DirectSink(tmp_path / "direct.bin", buffer_bytes)
-    except OSError:
-        pytest.skip("this file system does not take O_DIRECT")
-    fill(direct)
-    fill(_BufferedSink(tmp_path / "buffered.bin"))
-    assert (tmp_path / "direct.bin").read_bytes() == (tmp_path / "buffered.bin").read_bytes()
-
-
-def test_direct_writer_output_is_readable(tmp_path):
     tensors = _tensors()
-    path = tmp_path / "out.safetensors"
     entries = [(k, {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32", torch.float16: "F16"}[v.dtype], tuple(v.shape))
                for k, v in tensors.items()]
-    w = StreamingWriter(path, entries, {"format": "pt"}, direct=True)
+    in_order = SafetensorsWriter(tmp_path / "a.safetensors", entries, {"format": "pt"})
     for k, v in tensors.items():
-        w.write_tensor(k, v)
-    w.close()
-    with safe_open(path, "pt") as st:
-        for k, v in tensors.items():
-            assert torch.equal(st.get_tensor(k), v)
+        in_order.write_tensor(k, v)
+    in_order.close()
+    shuffled = SafetensorsWriter(tmp_path / "b.safetensors", entries, {"format": "pt"})
+    threads = [threading.Thread(target=shuffled.write_tensor, args=(k, v)) for k, v in reversed(tensors.items())]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    shuffled.close()
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_copy_range_across_file_systems(tmp_path):
+    """copy_file_range refuses some pairs of files (EXDEV); the copy then goes through user space."""
+    import os
+    import tempfile
+
+    data = bytes(range(256)) * 40_000
+    with tempfile.NamedTemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as src:
+        src.write(data)
+        src.flush()
+        dst = tmp_path / "dst.bin"
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT)
+        try:
+            copy_range(src.fileno(), 1000, fd, 7, len(data) - 2000)
+        finally:
+            os.close(fd)
+    assert dst.read_bytes() == b"\0" * 7 + data[1000:-1000]
