@@ -157,27 +157,29 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
     params = json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"] / 2
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    rows = {}
+    commands = {}
     for name in ("copy", "rslora-tools", "peft"):
         out = work / f"{name}-{layers}"
         if name == "copy":
-            cmd = ["cp", "-r", str(base), str(out)]
+            commands[name] = ["cp", "-r", str(base), str(out)]
         elif name == "rslora-tools":
-            cmd = [sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(out), "-q"]
-        else:
-            if skip_peft:
-                continue
-            cmd = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
-        print(f"  {name} ({layers} layers) ...", flush=True)
-        best = None
-        for _ in range(repeat):
-            shutil.rmtree(out, ignore_errors=True)
-            os.sync()  # start every run with no dirty pages left by the previous one
-            warm(base)
+            commands[name] = [sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(out), "-q"]
+        elif not skip_peft:
+            commands[name] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
+    rows: dict[str, tuple[float, float]] = {}
+    for run in range(repeat):  # interleaved, so that slow spells of the machine hit every command alike
+        for name, cmd in commands.items():
+            print(f"  {name} ({layers} layers, run {run + 1}/{repeat}) ...", flush=True)
+            for other in commands:  # every run starts alike: no earlier output filling the page cache,
+                shutil.rmtree(work / f"{other}-{layers}", ignore_errors=True)
+            os.sync()  # no dirty pages left by the previous run,
+            warm(base)  # and the base in the page cache
             wall, rss = timed(cmd, env)
-            best = (wall, rss) if best is None or wall < best[0] else best
-        rows[name] = best
-    equal = same_tensors(work / f"rslora-tools-{layers}", work / f"peft-{layers}") if "peft" in rows else None
+            rows[name] = (wall, rss) if name not in rows or wall < rows[name][0] else rows[name]
+    equal = None
+    if "peft" in rows:  # the last PEFT output is still there: merge once more (untimed) and compare
+        subprocess.run(commands["rslora-tools"], env=env, check=True)
+        equal = same_tensors(work / f"rslora-tools-{layers}", work / f"peft-{layers}")
     for name in ("copy", "rslora-tools", "peft"):
         shutil.rmtree(work / f"{name}-{layers}", ignore_errors=True)
     return {"layers": layers, "params": params, "size_gb": size_gb, "rows": rows, "equal": equal}
@@ -203,8 +205,9 @@ def render(results: list[dict], gpu_note: str) -> str:
         f"Machine: {machine()}.",
         f"Run: `python benchmarks/merge_bench.py` on {time.strftime('%Y-%m-%d')}. Random bf16 TinyLlama-shaped "
         "checkpoints in ~500 MB shards, r=16 rsLoRA adapter on all linear layers (built by PEFT). Inputs are "
-        "read once and `sync` runs before each run, so every command starts from a warm page cache and no dirty pages; "
-        "the fastest of the runs is shown. Peak RSS from `/usr/bin/time -v` (the whole process).",
+        "read once, earlier outputs are deleted and `sync` runs before each run, so every command starts from a warm "
+        "base in the page cache and no dirty pages; "
+        "the commands take turns, and the fastest of each one's runs is shown. Peak RSS from `/usr/bin/time -v` (the whole process).",
         "",
         "| model | tool | wall (s) | vs copy | peak RSS (MB) | output equals PEFT |",
         "|---|---|---:|---:|---:|---|",
@@ -233,7 +236,7 @@ def render(results: list[dict], gpu_note: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[22, 44], help="model depths to run (default 22 44)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per command; the fastest is reported (default 2)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per command; the fastest is reported (default 3)")
     parser.add_argument("--skip-peft", action="store_true", help="do not run the PEFT path")
     parser.add_argument("--work", type=Path, default=CACHE / "work", help="scratch folder for outputs")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md", help="where to write the table")

@@ -89,6 +89,29 @@ static void pack_panels(const float *A, size_t r, size_t n, float *P) {
     }
 }
 
+/* Columns [j, j+32) of one row (fewer at the end of the row, through zero-padded staging);
+ * returns 1 when one of their sums is not finite. */
+SIMD static inline int finish32(__m256 c0, __m256 c1, __m256 c2, __m256 c3, __m256 vs, const char *wi, int dt,
+                                size_t j, size_t n, char *oi) {
+    const size_t es = elem_size(dt);
+    if (j + 32 <= n)
+        return (finish8(c0, vs, wi, dt, j, oi) | finish8(c1, vs, wi, dt, j + 8, oi) |
+                finish8(c2, vs, wi, dt, j + 16, oi) | finish8(c3, vs, wi, dt, j + 24, oi)) != 0;
+    const size_t m = n - j;
+    float w_tail[32] = {0}, o_tail[32];
+    memcpy(w_tail, wi + j * es, m * es);
+    int masks[4] = {finish8(c0, vs, w_tail, dt, 0, o_tail), finish8(c1, vs, w_tail, dt, 8, o_tail),
+                    finish8(c2, vs, w_tail, dt, 16, o_tail), finish8(c3, vs, w_tail, dt, 24, o_tail)};
+    int bad = 0;
+    for (size_t q = 0; q * 8 < m; q++) {
+        size_t lanes = m - q * 8 < 8 ? m - q * 8 : 8;
+        uint32_t real = lanes == 8 ? 0xFFFFFFFFu : (1u << (4 * lanes)) - 1u;
+        bad |= ((uint32_t)masks[q] & real) != 0;
+    }
+    memcpy(oi + j * es, o_tail, m * es);
+    return bad;
+}
+
 /* Returns the number of 32-column groups holding a non-finite sum, or (size_t)-1 when out of memory. */
 SIMD static size_t merge_rows(const void *w, int dt, const float *B, const float *A, size_t rows, size_t r,
                               size_t n, float s, void *out) {
@@ -100,38 +123,17 @@ SIMD static size_t merge_rows(const void *w, int dt, const float *B, const float
     size_t bad = 0;
     for (size_t i = 0; i < rows; i++) {
         const float *b = B + i * r;
-        const char *wi = (const char *)w + i * n * es;
-        char *oi = (char *)out + i * n * es;
         for (size_t p = 0; p < panels; p++) {
             const float *a = P + p * r * 32;
             __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
             for (size_t k = 0; k < r; k++, a += 32) { /* k in order: the same rounding as sgemm */
-                const __m256 bk = _mm256_set1_ps(b[k]);
-                c0 = _mm256_fmadd_ps(bk, _mm256_load_ps(a), c0);
-                c1 = _mm256_fmadd_ps(bk, _mm256_load_ps(a + 8), c1);
-                c2 = _mm256_fmadd_ps(bk, _mm256_load_ps(a + 16), c2);
-                c3 = _mm256_fmadd_ps(bk, _mm256_load_ps(a + 24), c3);
+                const __m256 x = _mm256_set1_ps(b[k]);
+                c0 = _mm256_fmadd_ps(x, _mm256_load_ps(a), c0);
+                c1 = _mm256_fmadd_ps(x, _mm256_load_ps(a + 8), c1);
+                c2 = _mm256_fmadd_ps(x, _mm256_load_ps(a + 16), c2);
+                c3 = _mm256_fmadd_ps(x, _mm256_load_ps(a + 24), c3);
             }
-            const size_t j = p * 32;
-            if (j + 32 <= n) {
-                bad += (finish8(c0, vs, wi, dt, j, oi) | finish8(c1, vs, wi, dt, j + 8, oi) |
-                        finish8(c2, vs, wi, dt, j + 16, oi) | finish8(c3, vs, wi, dt, j + 24, oi)) != 0;
-                continue;
-            }
-            /* the last n % 32 columns go through zero-padded staging buffers */
-            const size_t m = n - j;
-            float w_tail[32] = {0}, o_tail[32];
-            memcpy(w_tail, wi + j * es, m * es);
-            int masks[4] = {finish8(c0, vs, w_tail, dt, 0, o_tail), finish8(c1, vs, w_tail, dt, 8, o_tail),
-                            finish8(c2, vs, w_tail, dt, 16, o_tail), finish8(c3, vs, w_tail, dt, 24, o_tail)};
-            int tail_bad = 0;
-            for (size_t q = 0; q * 8 < m; q++) {
-                size_t lanes = m - q * 8 < 8 ? m - q * 8 : 8;
-                uint32_t real = lanes == 8 ? 0xFFFFFFFFu : (1u << (4 * lanes)) - 1u;
-                tail_bad |= ((uint32_t)masks[q] & real) != 0;
-            }
-            bad += tail_bad;
-            memcpy(oi + j * es, o_tail, m * es);
+            bad += finish32(c0, c1, c2, c3, vs, (const char *)w + i * n * es, dt, p * 32, n, (char *)out + i * n * es);
         }
     }
     free(P);

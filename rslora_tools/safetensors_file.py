@@ -164,8 +164,8 @@ def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def read_tensor(f: BinaryIO | int, header: SafetensorsHeader, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor with pread: a writable CPU tensor (`out`, a reused buffer of the right size, or a new one)."""
+def read_tensor(f: BinaryIO | int, header: SafetensorsHeader, name: str) -> torch.Tensor:
+    """Read one tensor with pread into a new, writable CPU tensor."""
     import torch
 
     from . import safetensors_file
@@ -174,10 +174,7 @@ def read_tensor(f: BinaryIO | int, header: SafetensorsHeader, name: str, out: to
     torch_dtype = safetensors_file.ST_TO_TORCH.get(info.dtype)
     if torch_dtype is None:
         raise InputError(f"{header.path}: tensor {name!r} has dtype {info.dtype}, which this torch cannot compute with")
-    if out is None:
-        out = torch.empty(info.shape, dtype=torch_dtype)  # uninitialized: no memset before the read
-    else:
-        out = out.view(torch.uint8)[: info.nbytes].view(torch_dtype).view(info.shape)
+    out = torch.empty(info.shape, dtype=torch_dtype)  # uninitialized: no memset before the read
     if info.nbytes == 0:
         return out
     fd = f if isinstance(f, int) else f.fileno()
