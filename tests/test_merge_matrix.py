@@ -425,3 +425,33 @@ def test_plain_linear_merge_never_imports_torch(llama_bf16, tmp_path):
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False", result.stderr
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(llama_bf16, adapter))
+
+
+class _TwoLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(64, 48, bias=False)
+        self.b = torch.nn.Linear(48, 64, bias=False)
+
+
+def test_non_finite_base_weights_are_merged_by_torch(tmp_path, monkeypatch):
+    """An Inf in a base weight makes a sum the kernel does not round like torch: that tensor is recomputed with torch."""
+    import importlib
+
+    merging = importlib.import_module("rslora_tools.merging")
+    torch.manual_seed(0)
+    net = _TwoLinear().to(torch.bfloat16)
+    with torch.no_grad():
+        net.a.weight[3, 7] = float("inf")
+        net.a.weight[5, 1] = -float("inf")
+    base = save_module(net, tmp_path / "base")
+    cfg = LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=["a", "b"], init_lora_weights=False)
+    adapter = make_adapter(net, tmp_path / "adapter", cfg)
+    by_torch = []
+    real = merging.merged_tensor
+    monkeypatch.setattr(merging, "merged_tensor", lambda t, *args, **kw: by_torch.append(t.name) or real(t, *args, **kw))
+    cli_merge(base, adapter, tmp_path / "out")
+    assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(net, adapter))
+    from rslora_tools import kernel
+
+    assert by_torch == (["a.weight"] if kernel.available() else ["a.weight", "b.weight"])
