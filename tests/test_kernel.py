@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from rslora_tools import kernel
 from rslora_tools.safetensors_file import tensor_bytes
 
-pytestmark = pytest.mark.skipif(not kernel.available(), reason="merge kernel not built or CPU without AVX2/FMA/F16C")
+needs_kernel = pytest.mark.skipif(not kernel.available(), reason="merge kernel not built or CPU without AVX2/FMA/F16C")
+
+
+def test_kernel_is_built_where_it_can_be():
+    """A machine with a C compiler and an AVX2/FMA/F16C CPU gets the kernel (so the tests below do run)."""
+    import platform
+    import shutil
+
+    flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
+    if not (shutil.which("cc") and platform.machine() == "x86_64" and all(f" {f} " in flags for f in ("avx2", "fma", "f16c"))):
+        pytest.skip("no C compiler or CPU without AVX2/FMA/F16C here")
+    if os.environ.get("RSLORA_TOOLS_KERNEL") == "0":
+        pytest.skip("RSLORA_TOOLS_KERNEL=0")
+    assert kernel.available()
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -36,6 +51,7 @@ def kernel_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float, bl
     return out, finite
 
 
+@needs_kernel
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("rank", [1, 3, 8, 16, 17, 32, 64, 100, 128])
 def test_kernel_equals_torch(dtype, rank):
@@ -50,6 +66,7 @@ def test_kernel_equals_torch(dtype, rank):
             assert torch.equal(got, peft_merge(w, b, a, s)), (dtype, rank, rows, cols, s)
 
 
+@needs_kernel
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_kernel_special_values(dtype):
     """Subnormals, zeros, values that round across a binade or overflow the output dtype."""
@@ -72,6 +89,7 @@ def test_kernel_special_values(dtype):
         assert torch.equal(got, peft_merge(w, b, a, s))
 
 
+@needs_kernel
 def test_adapter_in_half_precision_is_upcast_exactly():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(64, 64, generator=g).bfloat16()
@@ -82,6 +100,7 @@ def test_adapter_in_half_precision_is_upcast_exactly():
         assert torch.equal(got, peft_merge(w, b, a, 2.0))
 
 
+@needs_kernel
 def test_nonfinite_sums_are_reported():
     w = torch.ones(16, 16, dtype=torch.bfloat16)
     w[3, 5] = float("inf")
@@ -94,6 +113,7 @@ def test_nonfinite_sums_are_reported():
     assert kernel_merge(w, b, a, 1.0)[1]
 
 
+@needs_kernel
 def test_count_nonfinite():
     for dtype in ("BF16", "F16", "F32"):
         t = torch.zeros(100, dtype=DTYPES[dtype])
@@ -102,6 +122,7 @@ def test_count_nonfinite():
     assert kernel.count_nonfinite(tensor_bytes(torch.tensor([1.0, float("nan")], dtype=torch.float64)), "F64") == 1
 
 
+@needs_kernel
 def test_bad_buffers_raise_instead_of_crashing():
     w = bytearray(16 * 16 * 2)
     with pytest.raises(ValueError):
