@@ -230,6 +230,11 @@ class Adapter:
         """Whether `raw` can read tensors (a safetensors adapter, not a pickle)."""
         return self._header is not None
 
+    def raw_offset(self, key: str) -> int:
+        """Where one tensor's bytes start in the safetensors file."""
+        assert self._header is not None
+        return self._header.data_start + self._header.tensors[key].begin
+
     def raw(self, key: str) -> bytearray | None:
         """One tensor's bytes as saved (safetensors adapters only; None for a pickled one)."""
         if self._header is None:

@@ -289,7 +289,7 @@ def estimate_memory(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device
     runtime = 40 * 10**6  # Python and the CLI's modules (measured: ~30 MB for a tiny merge)
     kernel_peak = torch_peak = 0
     for t in plan.tensors:
-        if t.untouched:
+        if t.untouched or _copied_from_adapter(adapter, t):
             continue
         if _uses_kernel(t, checkpoint, adapter, device):
             op = t.lora
@@ -333,19 +333,34 @@ def _copied_raw(checkpoint: Checkpoint, t: TensorPlan) -> bool:
     return t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype
 
 
-class BaseFiles:
-    """Open a checkpoint's shard files on demand (read-only), one descriptor per shard."""
+def _copied_from_adapter(adapter: Adapter, t: TensorPlan) -> bool:
+    """A tensor the adapter replaces wholesale (modules_to_save, ...), saved in the output's dtype: copied as is."""
+    return (t.replacement is not None and t.lora is None and t.bias_of is None and t.tokens is None
+            and adapter.raw_available and adapter.dtypes[t.replacement] == t.dtype)
 
-    def __init__(self, checkpoint: Checkpoint):
+
+class BaseFiles:
+    """Open a checkpoint's shard files (and the adapter's) on demand, read-only, one descriptor each."""
+
+    def __init__(self, checkpoint: Checkpoint, adapter: Adapter | None = None):
         self.checkpoint = checkpoint
+        self.adapter = adapter
         self.fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def fd(self, shard: str) -> int:
-        with self._lock:  # worker threads open shards too
-            if shard not in self.fds:
-                self.fds[shard] = os.open(self.checkpoint.folder / shard, os.O_RDONLY)
-            return self.fds[shard]
+        return self._open(shard, self.checkpoint.folder / shard)
+
+    def adapter_fd(self) -> int:
+        """The adapter's safetensors file (for tensors copied from it)."""
+        assert self.adapter is not None
+        return self._open("\0adapter", self.adapter.weights_path)
+
+    def _open(self, key: str, path: Path) -> int:
+        with self._lock:  # worker threads open files too
+            if key not in self.fds:
+                self.fds[key] = os.open(path, os.O_RDONLY)
+            return self.fds[key]
 
     def locate(self, name: str) -> tuple[int, int]:
         """(file descriptor, absolute offset) of a tensor's bytes."""
@@ -406,7 +421,7 @@ def _write_shards(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, tmp: Pat
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Merging", file=sys.stderr,
         disable=None if progress else True, dynamic_ncols=True,
     )
-    merge = _Merge(checkpoint, adapter, BaseFiles(checkpoint), device, bar)
+    merge = _Merge(checkpoint, adapter, BaseFiles(checkpoint, adapter), device, bar)
     workers = _Workers(merge.stop)
     writers: list[SafetensorsWriter] = []
     jobs: list[tuple[TensorPlan, SafetensorsWriter]] = []
@@ -484,6 +499,9 @@ def _merge_one(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -> None:
     if _copied_raw(checkpoint, t):
         assert t.source is not None
         writer.copy_raw(t.name, *merge.files.locate(t.source))
+    elif _copied_from_adapter(merge.adapter, t):
+        assert t.replacement is not None
+        writer.copy_raw(t.name, merge.files.adapter_fd(), merge.adapter.raw_offset(t.replacement))
     elif not (_uses_kernel(t, checkpoint, merge.adapter, merge.device) and _merge_with_kernel(merge, t, writer)):
         with merge.torch_lock:  # torch also when the kernel met a non-finite sum: torch's NaN encoding
             writer.write_tensor(t.name, merged_tensor(t, merge.files, merge.adapter, merge.device))

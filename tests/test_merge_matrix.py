@@ -408,7 +408,8 @@ def test_torch_path_and_kernel_path_both_equal_peft(bases, tmp_path, dtype, monk
 
 
 def test_plain_linear_merge_never_imports_torch(llama_bf16, tmp_path):
-    """With the kernel, a merge of linear LoRA weights runs without torch (which takes a second to import)."""
+    """With the kernel, a merge of linear LoRA weights (and modules saved whole) runs without torch,
+    which takes a second to import."""
     import subprocess
     import sys
 
@@ -416,7 +417,8 @@ def test_plain_linear_merge_never_imports_torch(llama_bf16, tmp_path):
 
     if not kernel.available():
         pytest.skip("merge kernel not built or CPU without AVX2/FMA/F16C")
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False)
+    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False,
+                     modules_to_save=["lm_head"])
     adapter = make_adapter(llama_bf16, tmp_path / "adapter", cfg)
     code = ("import sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', 'merge', *sys.argv[1:], '-q']\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
