@@ -238,13 +238,16 @@ def write_at(fd: int, offset: int, data: memoryview | bytes | bytearray) -> None
 
 def copy_range(source_fd: int, source_offset: int, fd: int, offset: int, length: int) -> None:
     """Copy bytes between files in the kernel (copy_file_range), or through user space where it is refused."""
+    in_kernel = hasattr(os, "copy_file_range")  # Linux
     while length > 0:
-        try:
-            n = os.copy_file_range(source_fd, fd, min(length, 1 << 30), source_offset, offset)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
-                raise  # ENOSPC, EIO: real failures
-            n = 0
+        n = 0
+        if in_kernel:
+            try:
+                n = os.copy_file_range(source_fd, fd, min(length, 1 << 30), source_offset, offset)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                    raise  # ENOSPC, EIO: real failures
+                in_kernel = False
         if n <= 0:  # not supported between these files: a plain copy
             n = min(length, 16 << 20)
             chunk = memoryview(bytearray(n))
