@@ -166,7 +166,8 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
             commands[name] = [sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(out), "-q"]
         elif not skip_peft:
             commands[name] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
-    rows: dict[str, tuple[float, float]] = {}
+    rows: dict[str, tuple[float, float]] = {}  # the fastest run of each command: (wall, peak RSS)
+    walls: dict[str, list[float]] = {name: [] for name in commands}  # every run, to show the spread
     for run in range(repeat):  # interleaved, so that slow spells of the machine hit every command alike
         for name, cmd in commands.items():
             print(f"  {name} ({layers} layers, run {run + 1}/{repeat}) ...", flush=True)
@@ -175,6 +176,7 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
             os.sync()  # no dirty pages left by the previous run,
             warm(base)  # and the base in the page cache
             wall, rss = timed(cmd, env)
+            walls[name].append(wall)
             rows[name] = (wall, rss) if name not in rows or wall < rows[name][0] else rows[name]
     equal = None
     if "peft" in rows:  # the last PEFT output is still there: merge once more (untimed) and compare
@@ -182,7 +184,7 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
         equal = same_tensors(work / f"rslora-tools-{layers}", work / f"peft-{layers}")
     for name in ("copy", "rslora-tools", "peft"):
         shutil.rmtree(work / f"{name}-{layers}", ignore_errors=True)
-    return {"layers": layers, "params": params, "size_gb": size_gb, "rows": rows, "equal": equal}
+    return {"layers": layers, "params": params, "size_gb": size_gb, "rows": rows, "walls": walls, "equal": equal}
 
 
 def machine() -> str:
@@ -209,15 +211,16 @@ def render(results: list[dict], gpu_note: str) -> str:
         "base in the page cache and no dirty pages; "
         "the commands take turns, and the fastest of each one's runs is shown. Peak RSS from `/usr/bin/time -v` (the whole process).",
         "",
-        "| model | tool | wall (s) | vs copy | peak RSS (MB) | output equals PEFT |",
-        "|---|---|---:|---:|---:|---|",
+        "| model | tool | wall (s) | vs copy | peak RSS (MB) | output equals PEFT | every run (s) |",
+        "|---|---|---:|---:|---:|---|---|",
     ]
     for r in results:
         label = f"{r['params'] / 1e9:.2f}B params, {r['layers']} layers, {r['size_gb']:.2f} GB"
         copy_s = r["rows"]["copy"][0]
         for name, (wall, rss) in r["rows"].items():
             eq = {True: "yes (torch.equal, every tensor)", False: "NO", None: "n/a"}[r["equal"]] if name == "rslora-tools" else ""
-            lines.append(f"| {label} | {name} | {wall:.1f} | {wall / copy_s:.2f}x | {rss:.0f} | {eq} |")
+            runs = ", ".join(f"{w:.1f}" for w in r["walls"][name])
+            lines.append(f"| {label} | {name} | {wall:.1f} | {wall / copy_s:.2f}x | {rss:.0f} | {eq} | {runs} |")
     lines += ["", "Targets (issue 4): merge <= 2.0x copy; >= 8x faster than the PEFT path; peak RSS <= 512 MB and "
               "within +10% when the model doubles; output bitwise equal to PEFT's.", ""]
     if len(results) == 2 and all("peft" in r["rows"] for r in results):

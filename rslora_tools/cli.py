@@ -219,6 +219,9 @@ def _print_merge(report) -> None:
         _print_dry_run(report)
 
 
+_BY = {"kernel": "merge kernel", "torch": "torch", "copy": "copied from the adapter"}
+
+
 def _print_dry_run(report) -> None:
     """The plan in detail: changes grouped over layers, unmatched adapter tensors, memory and disk."""
     from .inspection import layer_pattern
@@ -226,12 +229,12 @@ def _print_dry_run(report) -> None:
     groups: dict[tuple, list[dict]] = {}
     for change in report.changes:
         generic = layer_pattern(change["tensor"])
-        groups.setdefault((generic, change["how"], change["scale"]), []).append(change)
+        groups.setdefault((generic, change["how"], change["scale"], change["by"]), []).append(change)
     click.echo("  changes:")
-    for (generic, how, scale), items in groups.items():
+    for (generic, how, scale, by), items in groups.items():
         at = f" at scale {scale:.6g}" if scale is not None else ""
         count = f" (x{len(items)})" if len(items) > 1 else ""
-        click.echo(f"    {generic}{count}: {how}{at}")
+        click.echo(f"    {generic}{count}: {how}{at} [{_BY[by]}]")
     click.echo(f"  copied as is: {report.tensors_copied} tensors")
     click.echo(f"  shards: {', '.join(report.shards[:4])}{', ...' if len(report.shards) > 4 else ''}")
     click.echo(f"  memory needed: about {human_size(report.memory_bytes)}")

@@ -243,7 +243,7 @@ def _report(
         config_updates=plan.config_updates,
         notes=plan.notes,
         warnings=plan.warnings,
-        changes=_changes(plan),
+        changes=_changes(plan, checkpoint, adapter, device),
         unmatched=plan.unmatched,
         memory_bytes=estimate_memory(plan, checkpoint, adapter, device),
     )
@@ -255,7 +255,8 @@ def _verify_summary(checked) -> str:
     return "; ".join(parts + checked.problems[:3])
 
 
-def _changes(plan: Plan) -> list[dict[str, Any]]:
+def _changes(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device: str) -> list[dict[str, Any]]:
+    """Each changed tensor: how it changes, the module and scale, and what computes it (`by`)."""
     changes = []
     for t in plan.tensors:
         if t.untouched:
@@ -274,6 +275,7 @@ def _changes(plan: Plan) -> list[dict[str, Any]]:
             "tensor": t.name, "how": ", ".join(how), "module": op.module.name if op is not None else None,
             "scale": op.scale.scale if op is not None else None, "rank": op.scale.r if op is not None else None,
             "alpha": op.scale.alpha if op is not None else None,
+            "by": _computed_by(t, checkpoint, adapter, device),
         })
     return changes
 
@@ -393,6 +395,13 @@ def _workers() -> int:
 def _uses_kernel(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: str) -> bool:
     return (device == "cpu" and t.source is not None and adapter.raw_available
             and kernel.handles(t, checkpoint.info(t.source).dtype, adapter.dtypes, adapter.shapes))
+
+
+def _computed_by(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: str) -> str:
+    """"copy", "kernel" or "torch": how `_merge_one` produces a changed tensor."""
+    if _copied_from_adapter(adapter, t):
+        return "copy"
+    return "kernel" if _uses_kernel(t, checkpoint, adapter, device) else "torch"
 
 
 class _Stopped(Exception):

@@ -160,6 +160,17 @@ def test_dry_run_plan(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_says_what_computes_each_tensor(tmp_path, monkeypatch):
+    from rslora_tools import kernel
+
+    report = json.loads(run("merge", BASE, ADAPTER, tmp_path / "out", "--dry-run", "--json").stdout)
+    o = next(c for c in report["changes"] if c["tensor"] == "model.layers.0.self_attn.o_proj.weight")
+    assert o["by"] == ("kernel" if kernel.available() else "torch")
+    monkeypatch.setenv("RSLORA_TOOLS_KERNEL", "0")
+    result = run("merge", BASE, ADAPTER, tmp_path / "out", "--dry-run")
+    assert "model.layers.*.self_attn.o_proj.weight (x2): LoRA (linear) at scale 8 [torch]" in result.output
+
+
 def test_dry_run_lists_every_unmatched_tensor(tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(ADAPTER, adapter)
