@@ -1,11 +1,15 @@
-/* The merge kernel: W' = round(W + s * (B @ A)) for a block of rows of a linear weight, in one pass.
+/* The merge kernel: W' = W + s * (B @ A) for a block of rows of a weight, in one pass.
  *
  * Bit-exact with PEFT's merge on CPU (torch: delta = (B @ A) * s in fp32, then `W += delta`):
  * - each element of B @ A is an in-order chain of fused multiply-adds over the rank, starting
  *   from zero, which is what torch's CPU sgemm (MKL) computes for ranks up to 128 and matrices
  *   of at least 16 x 16 (kernel.py keeps to those; the tests check it against torch);
  * - the product is multiplied by s (rounded to fp32), added to W in fp32 (no contraction into an
- *   FMA: build with -ffp-contract=off), and rounded once to W's dtype, to nearest even.
+ *   FMA: build with -ffp-contract=off), and rounded once to W's dtype, to nearest even;
+ * - with round_delta (PEFT's Embedding merge), the scaled product is first rounded to W's
+ *   dtype, then added in fp32 and rounded again.
+ * B and A are read through strides, so that an embedding's transposed delta (W[v, d] takes
+ * lora_embedding_A[:, v] and lora_embedding_B[d, :]) needs no copy.
  * A block whose fp32 sum is not finite is reported, so that the caller recomputes that tensor
  * with torch (whose NaN encodings this kernel does not reproduce).
  *
@@ -39,6 +43,17 @@ static size_t count_nonfinite(const void *src, int dt, size_t n) {
     return bad;
 }
 
+/* The operands of one call: rows x n of W (dtype dt) and out; b[i][k] at b + i * b_row + k * b_col;
+ * a[k][j] at a + k * a_row + j * a_col (r x n); out = W + s * (b @ a). */
+typedef struct {
+    const void *w;
+    void *out;
+    int dt, round_delta;
+    const float *b, *a;
+    size_t b_row, b_col, a_row, a_col, rows, r, n;
+    float s;
+} Operands;
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define SIMD __attribute__((target("avx2,fma,f16c")))
@@ -57,18 +72,32 @@ SIMD static inline __m256 load8(const void *w, int dt, size_t j) {
     return _mm256_loadu_ps((const float *)w + j);
 }
 
+
+/* A value rounded to dtype dt and back to fp32 (bf16: torch's round_to_nearest_even) */
+SIMD static inline __m256 round_to(__m256 v, int dt) {
+    if (dt == DT_BF16) {
+        __m256i u = _mm256_castps_si256(v);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+        return _mm256_castsi256_ps(_mm256_slli_epi32(r, 16));
+    }
+    if (dt == DT_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return v;
+}
+
 /* out[j..j+8) = round(acc * s + w[j..j+8)); returns a lane mask (4 bits per lane) of non-finite sums */
-SIMD static inline int finish8(__m256 acc, __m256 vs, const void *w, int dt, size_t j, void *out) {
-    __m256 v = _mm256_add_ps(_mm256_mul_ps(acc, vs), load8(w, dt, j));
+SIMD static inline int finish8(__m256 acc, const Operands *op, const void *w, size_t j, void *out) {
+    __m256 delta = _mm256_mul_ps(acc, _mm256_set1_ps(op->s));
+    if (op->round_delta) delta = round_to(delta, op->dt);
+    __m256 v = _mm256_add_ps(delta, load8(w, op->dt, j));
     __m256i u = _mm256_castps_si256(v);
     const __m256i expo = _mm256_set1_epi32(0x7F800000);
     int bad = _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_and_si256(u, expo), expo));
-    if (dt == DT_BF16) { /* torch's round_to_nearest_even: (u + 0x7FFF + lsb) >> 16 */
-        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    if (op->dt == DT_BF16) {
+        __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round_to(v, DT_BF16)), 16);
         __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
         _mm_storeu_si128((__m128i *)((uint16_t *)out + j), p);
-    } else if (dt == DT_F16) {
+    } else if (op->dt == DT_F16) {
         _mm_storeu_si128((__m128i *)((uint16_t *)out + j), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     } else {
         _mm256_storeu_ps((float *)out + j, v);
@@ -76,14 +105,15 @@ SIMD static inline int finish8(__m256 acc, __m256 vs, const void *w, int dt, siz
     return bad;
 }
 
-/* A (r x n, row-major) as panels of 32 columns, P[p][k][0..32), zero padded: contiguous loads
- * in the inner loop instead of r streams a row apart (which alias in the L1 cache). */
-static void pack_panels(const float *A, size_t r, size_t n, float *P) {
-    for (size_t p = 0; p * 32 < n; p++) {
-        size_t j0 = p * 32, m = n - j0 < 32 ? n - j0 : 32;
-        for (size_t k = 0; k < r; k++) {
-            float *dst = P + (p * r + k) * 32;
-            memcpy(dst, A + k * n + j0, m * 4);
+/* a (r x n, strided) as panels of 32 columns, P[p][k][0..32), zero padded: contiguous loads in
+ * the inner loop instead of r streams a row apart (which alias in the L1 cache). */
+static void pack_panels(const Operands *op, float *P) {
+    for (size_t p = 0; p * 32 < op->n; p++) {
+        size_t j0 = p * 32, m = op->n - j0 < 32 ? op->n - j0 : 32;
+        for (size_t k = 0; k < op->r; k++) {
+            float *dst = P + (p * op->r + k) * 32;
+            const float *src = op->a + k * op->a_row + j0 * op->a_col;
+            for (size_t j = 0; j < m; j++) dst[j] = src[j * op->a_col];
             memset(dst + m, 0, (32 - m) * 4);
         }
     }
@@ -91,17 +121,17 @@ static void pack_panels(const float *A, size_t r, size_t n, float *P) {
 
 /* Columns [j, j+32) of one row (fewer at the end of the row, through zero-padded staging);
  * returns 1 when one of their sums is not finite. */
-SIMD static inline int finish32(__m256 c0, __m256 c1, __m256 c2, __m256 c3, __m256 vs, const char *wi, int dt,
-                                size_t j, size_t n, char *oi) {
-    const size_t es = elem_size(dt);
+SIMD static inline int finish32(__m256 c0, __m256 c1, __m256 c2, __m256 c3, const Operands *op, const char *wi,
+                                size_t j, char *oi) {
+    const size_t es = elem_size(op->dt), n = op->n;
     if (j + 32 <= n)
-        return (finish8(c0, vs, wi, dt, j, oi) | finish8(c1, vs, wi, dt, j + 8, oi) |
-                finish8(c2, vs, wi, dt, j + 16, oi) | finish8(c3, vs, wi, dt, j + 24, oi)) != 0;
+        return (finish8(c0, op, wi, j, oi) | finish8(c1, op, wi, j + 8, oi) | finish8(c2, op, wi, j + 16, oi) |
+                finish8(c3, op, wi, j + 24, oi)) != 0;
     const size_t m = n - j;
     float w_tail[32] = {0}, o_tail[32];
     memcpy(w_tail, wi + j * es, m * es);
-    int masks[4] = {finish8(c0, vs, w_tail, dt, 0, o_tail), finish8(c1, vs, w_tail, dt, 8, o_tail),
-                    finish8(c2, vs, w_tail, dt, 16, o_tail), finish8(c3, vs, w_tail, dt, 24, o_tail)};
+    int masks[4] = {finish8(c0, op, w_tail, 0, o_tail), finish8(c1, op, w_tail, 8, o_tail),
+                    finish8(c2, op, w_tail, 16, o_tail), finish8(c3, op, w_tail, 24, o_tail)};
     int bad = 0;
     for (size_t q = 0; q * 8 < m; q++) {
         size_t lanes = m - q * 8 < 8 ? m - q * 8 : 8;
@@ -113,27 +143,27 @@ SIMD static inline int finish32(__m256 c0, __m256 c1, __m256 c2, __m256 c3, __m2
 }
 
 /* Returns the number of 32-column groups holding a non-finite sum, or (size_t)-1 when out of memory. */
-SIMD static size_t merge_rows(const void *w, int dt, const float *B, const float *A, size_t rows, size_t r,
-                              size_t n, float s, void *out) {
-    const size_t es = elem_size(dt), panels = (n + 31) / 32;
+SIMD static size_t merge_rows(const Operands *op) {
+    const size_t es = elem_size(op->dt), n = op->n, r = op->r, panels = (n + 31) / 32;
     float *P = aligned_alloc(64, panels * r * 32 * sizeof(float) + 64);
     if (!P) return (size_t)-1;
-    pack_panels(A, r, n, P);
-    const __m256 vs = _mm256_set1_ps(s);
+    pack_panels(op, P);
     size_t bad = 0;
-    for (size_t i = 0; i < rows; i++) {
-        const float *b = B + i * r;
+    for (size_t i = 0; i < op->rows; i++) {
+        const float *b = op->b + i * op->b_row;
+        const char *wi = (const char *)op->w + i * n * es;
+        char *oi = (char *)op->out + i * n * es;
         for (size_t p = 0; p < panels; p++) {
             const float *a = P + p * r * 32;
             __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
             for (size_t k = 0; k < r; k++, a += 32) { /* k in order: the same rounding as sgemm */
-                const __m256 x = _mm256_set1_ps(b[k]);
+                const __m256 x = _mm256_set1_ps(b[k * op->b_col]);
                 c0 = _mm256_fmadd_ps(x, _mm256_load_ps(a), c0);
                 c1 = _mm256_fmadd_ps(x, _mm256_load_ps(a + 8), c1);
                 c2 = _mm256_fmadd_ps(x, _mm256_load_ps(a + 16), c2);
                 c3 = _mm256_fmadd_ps(x, _mm256_load_ps(a + 24), c3);
             }
-            bad += finish32(c0, c1, c2, c3, vs, (const char *)w + i * n * es, dt, p * 32, n, (char *)out + i * n * es);
+            bad += finish32(c0, c1, c2, c3, op, wi, p * 32, oi);
         }
     }
     free(P);
@@ -160,8 +190,7 @@ SIMD static void widen(const void *src, int dt, size_t n, float *dst) {
 }
 #else
 static int cpu_ok(void) { return 0; }
-static size_t merge_rows(const void *w, int dt, const float *B, const float *A, size_t rows, size_t r, size_t n,
-                         float s, void *out) { return (size_t)-1; }
+static size_t merge_rows(const Operands *op) { return (size_t)-1; }
 static void widen(const void *src, int dt, size_t n, float *dst) {}
 #endif
 
@@ -177,22 +206,30 @@ static int check_dtype(int dt, int allow_f64) {
 
 static PyObject *py_merge_rows(PyObject *self, PyObject *args) {
     Py_buffer w, b, a, out;
-    int dt;
-    Py_ssize_t rows, r, n;
-    float s;
-    if (!PyArg_ParseTuple(args, "y*iy*y*nnnfw*", &w, &dt, &b, &a, &rows, &r, &n, &s, &out)) return NULL;
+    Operands op;
+    Py_ssize_t b_row, b_col, a_row, a_col, rows, r, n;
+    if (!PyArg_ParseTuple(args, "y*iy*nny*nnnnnfpw*", &w, &op.dt, &b, &b_row, &b_col, &a, &a_row, &a_col, &rows, &r,
+                          &n, &op.s, &op.round_delta, &out))
+        return NULL;
     PyObject *result = NULL;
     if (!cpu_ok()) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU cannot run the merge kernel");
-    } else if (check_dtype(dt, 0)) {
-        size_t es = elem_size(dt);
-        if (rows < 0 || r < 1 || n < 1 || w.len < (Py_ssize_t)(rows * n * es) || out.len < (Py_ssize_t)(rows * n * es) ||
-            b.len < (Py_ssize_t)(rows * r * 4) || a.len < (Py_ssize_t)(r * n * 4)) {
-            PyErr_SetString(PyExc_ValueError, "buffer too small for the given shape");
+    } else if (check_dtype(op.dt, 0)) {
+        Py_ssize_t es = (Py_ssize_t)elem_size(op.dt);
+        if (rows < 1 || r < 1 || n < 1 || b_row < 0 || b_col < 0 || a_row < 0 || a_col < 0 ||
+            w.len < rows * n * es || out.len < rows * n * es ||
+            b.len < ((rows - 1) * b_row + (r - 1) * b_col + 1) * 4 || a.len < ((r - 1) * a_row + (n - 1) * a_col + 1) * 4) {
+            PyErr_SetString(PyExc_ValueError, "buffer too small for the given shape and strides");
         } else {
+            op.w = w.buf;
+            op.out = out.buf;
+            op.b = b.buf;
+            op.a = a.buf;
+            op.b_row = (size_t)b_row, op.b_col = (size_t)b_col, op.a_row = (size_t)a_row, op.a_col = (size_t)a_col;
+            op.rows = (size_t)rows, op.r = (size_t)r, op.n = (size_t)n;
             size_t bad;
             Py_BEGIN_ALLOW_THREADS
-            bad = merge_rows(w.buf, dt, b.buf, a.buf, (size_t)rows, (size_t)r, (size_t)n, s, out.buf);
+            bad = merge_rows(&op);
             Py_END_ALLOW_THREADS
             result = bad == (size_t)-1 ? PyErr_NoMemory() : PyLong_FromSize_t(bad);
         }
@@ -246,8 +283,9 @@ static PyObject *py_count_nonfinite(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"available", py_available, METH_NOARGS, "available() -> bool: this CPU can run merge_rows and widen."},
     {"merge_rows", py_merge_rows, METH_VARARGS,
-     "merge_rows(w, dtype, b, a, rows, r, n, scale, out) -> groups with a non-finite sum.\n"
-     "out = round(w + scale * (b @ a)); w, out: rows x n (dtype 0 bf16, 1 f16, 2 f32); b: rows x r, a: r x n fp32."},
+     "merge_rows(w, dtype, b, b_row, b_col, a, a_row, a_col, rows, r, n, scale, round_delta, out)\n"
+     "-> groups with a non-finite sum. out = round(w + scale * (b @ a)); w, out: rows x n (dtype 0 bf16, 1 f16,\n"
+     "2 f32); b (rows x r) and a (r x n): fp32 with strides in elements."},
     {"widen", py_widen, METH_VARARGS, "widen(src, dtype, dst): bf16/f16/f32 -> fp32, exactly."},
     {"count_nonfinite", py_count_nonfinite, METH_VARARGS,
      "count_nonfinite(src, dtype) -> number of NaN/Inf values (dtype 0 bf16, 1 f16, 2 f32, 3 f64)."},

@@ -1,7 +1,8 @@
 """The C merge kernel (`_kernel.c`): exact merges of linear LoRA weights without torch.
 
-Most of a merge is `W += s * (B @ A)` on bf16/fp16/fp32 linear weights. The kernel does it for a
-block of rows in one cache-friendly pass, bit for bit as PEFT does it with torch on CPU. `handles`
+Most of a merge is `W += s * (B @ A)` on bf16/fp16/fp32 linear (and embedding) weights. The
+kernel does it for a block of rows in one cache-friendly pass, bit for bit as PEFT does it with
+torch on CPU. `handles`
 says which tensors it takes; every other tensor (and every tensor when the kernel was not built,
 the CPU lacks AVX2/FMA/F16C, or RSLORA_TOOLS_KERNEL=0) is computed with torch by delta.py.
 A merge whose tensors all go through the kernel never imports torch.
@@ -45,11 +46,14 @@ def available() -> bool:
 
 
 def handles(t: TensorPlan, base_dtype: str, adapter_dtypes: dict[str, str], adapter_shapes: dict[str, tuple[int, ...]]) -> bool:
-    """Whether the kernel computes this tensor exactly: a plain linear LoRA merge, same dtype in and out."""
+    """Whether the kernel computes this tensor exactly: a plain linear or embedding LoRA merge, same dtype in and out.
+
+    `base_dtype` is the dtype of the value the delta is added to (the base tensor, or the adapter's replacement).
+    """
     op = t.lora
-    if op is None or op.kind != "linear" or op.dora or op.transpose or op.experts != 1:
+    if op is None or op.kind not in ("linear", "embedding") or op.dora or op.transpose or op.experts != 1:
         return False
-    if t.source is None or t.replacement is not None or t.bias_of is not None or t.tokens is not None:
+    if t.bias_of is not None or t.tokens is not None:
         return False
     if t.dtype != base_dtype or t.dtype not in DTYPE_CODES or len(t.shape) != 2 or min(t.shape) < MIN_DIM:
         return False
@@ -60,8 +64,11 @@ def handles(t: TensorPlan, base_dtype: str, adapter_dtypes: dict[str, str], adap
         return False
     rank = adapter_shapes[a_key][0]
     rows, cols = t.shape
-    return (1 <= rank <= MAX_RANK and adapter_shapes[a_key] == (rank, cols) and adapter_shapes[b_key] == (rows, rank)
-            and available())
+    if op.kind == "linear":  # W (out, in) += B (out, r) @ A (r, in)
+        shapes_fit = adapter_shapes[a_key] == (rank, cols) and adapter_shapes[b_key] == (rows, rank)
+    else:  # W (vocab, dim) += (B (dim, r) @ A (r, vocab)).T
+        shapes_fit = adapter_shapes[a_key] == (rank, rows) and adapter_shapes[b_key] == (cols, rank)
+    return 1 <= rank <= MAX_RANK and shapes_fit and available()
 
 
 def widen(data: bytes | bytearray | memoryview, dtype: str) -> bytearray:
@@ -72,10 +79,30 @@ def widen(data: bytes | bytearray | memoryview, dtype: str) -> bytearray:
     return out
 
 
-def merge_rows(w: memoryview, dtype: str, b: memoryview, a: bytearray, rows: int, rank: int, cols: int,
-               scale: float, out: memoryview) -> bool:
-    """out = round(w + scale * (b @ a)) for `rows` rows; False when a sum is not finite (use torch instead)."""
-    bad = _kernel().merge_rows(w, DTYPE_CODES[dtype], b, a, rows, rank, cols, scale, out)  # type: ignore[union-attr]
+class Operands:
+    """One tensor's LoRA factors (fp32) as the kernel reads them for W's rows.
+
+    Linear: W (out, in) += s * B @ A, row i takes B[i, :] and A. Embedding: W (vocab, dim) +=
+    s * (B @ A).T, row v takes A[:, v] and B.T; PEFT rounds that delta to W's dtype before adding.
+    """
+
+    def __init__(self, kind: str, a: bytearray, b: bytearray, rank: int, rows: int, cols: int):
+        self.rank, self.cols = rank, cols
+        self.round_delta = kind == "embedding"
+        if kind == "linear":
+            self.left, self.left_strides = memoryview(b), (rank, 1)  # row i: B[i, k]
+            self.right, self.right_strides = a, (cols, 1)  # A[k, j]
+        else:
+            self.left, self.left_strides = memoryview(a), (1, rows)  # row v: A[k, v]
+            self.right, self.right_strides = b, (1, rank)  # B[j, k]
+
+
+def merge_rows(w: memoryview, dtype: str, operands: Operands, start: int, rows: int, scale: float, out: memoryview) -> bool:
+    """out = W + scale * delta for `rows` rows from row `start`; False when a sum is not finite (use torch instead)."""
+    o = operands
+    left = o.left[start * o.left_strides[0] * 4:]
+    bad = _kernel().merge_rows(w, DTYPE_CODES[dtype], left, *o.left_strides, o.right, *o.right_strides,  # type: ignore[union-attr]
+                               rows, o.rank, o.cols, scale, o.round_delta, out)
     return bad == 0
 
 

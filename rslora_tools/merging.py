@@ -3,9 +3,9 @@
 The output shards are created with their headers first; then a few worker threads fill in the
 tensors, each at its own offset:
 - untouched tensors are copied as raw bytes, inside the kernel (copy_file_range);
-- linear LoRA weights go through the C kernel (kernel.py) a block of rows at a time:
+- linear and embedding LoRA weights go through the C kernel (kernel.py) a block of rows at a time:
   read (pread), merge, write (pwrite), with about a megabyte per worker in memory;
-- everything else (embeddings, DoRA, conv, dtype changes, CUDA, ...) is computed with torch
+- everything else (DoRA, conv, dtype changes, CUDA, ...) is computed with torch
   (delta.py), one tensor at a time; torch is imported only then.
 Everything is written into a temporary folder beside OUT that is renamed at the end, so a
 failure or Ctrl-C leaves nothing behind.
@@ -393,8 +393,17 @@ def _workers() -> int:
 
 
 def _uses_kernel(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: str) -> bool:
-    return (device == "cpu" and t.source is not None and adapter.raw_available
-            and kernel.handles(t, checkpoint.info(t.source).dtype, adapter.dtypes, adapter.shapes))
+    if device != "cpu" or not adapter.raw_available:
+        return False
+    if t.replacement is not None:  # e.g. an embedding whose base layer the adapter saved (save_embedding_layers)
+        if tuple(adapter.shapes[t.replacement]) != t.shape:
+            return False
+        start_dtype = adapter.dtypes[t.replacement]
+    elif t.source is not None:
+        start_dtype = checkpoint.info(t.source).dtype
+    else:
+        return False
+    return kernel.handles(t, start_dtype, adapter.dtypes, adapter.shapes)
 
 
 def _computed_by(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: str) -> str:
@@ -519,18 +528,23 @@ def _merge_one(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -> None:
 
 
 def _merge_with_kernel(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -> bool:
-    """W + s * (B @ A) through the C kernel, a block of rows at a time; False if a sum is not finite."""
+    """W + s * delta through the C kernel, a block of rows at a time; False if a sum is not finite."""
     op = t.lora
-    assert op is not None and t.source is not None and op.module.a_key is not None and op.module.b_key is not None
+    assert op is not None and op.module.a_key is not None and op.module.b_key is not None
     adapter = merge.adapter
     a = kernel.widen(adapter.raw(op.module.a_key), adapter.dtypes[op.module.a_key])  # type: ignore[arg-type]
-    b = memoryview(kernel.widen(adapter.raw(op.module.b_key), adapter.dtypes[op.module.b_key]))  # type: ignore[arg-type]
+    b = kernel.widen(adapter.raw(op.module.b_key), adapter.dtypes[op.module.b_key])  # type: ignore[arg-type]
     rows, cols = t.shape
-    rank = adapter.shapes[op.module.a_key][0]
+    operands = kernel.Operands(op.kind, a, b, adapter.shapes[op.module.a_key][0], rows, cols)
     row_bytes = cols * DTYPE_BITS[t.dtype] // 8
     step = max(1, _BLOCK_BYTES // row_bytes)
-    source_fd, source_offset = merge.files.locate(t.source)
-    source_file = merge.checkpoint.folder / merge.checkpoint.weight_map[t.source]
+    if t.replacement is not None:  # the delta goes onto the adapter's saved copy of the weight
+        source_fd, source_offset = merge.files.adapter_fd(), adapter.raw_offset(t.replacement)
+        source, source_file = t.replacement, adapter.weights_path
+    else:
+        assert t.source is not None
+        source_fd, source_offset = merge.files.locate(t.source)
+        source, source_file = t.source, merge.checkpoint.folder / merge.checkpoint.weight_map[t.source]
     target_offset = writer.offset(t.name)
     block_in = memoryview(bytearray(step * row_bytes))
     block_out = memoryview(bytearray(step * row_bytes))
@@ -539,9 +553,8 @@ def _merge_with_kernel(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) 
             raise _Stopped
         n = min(step, rows - start)
         size = n * row_bytes
-        read_into(source_fd, source_offset + start * row_bytes, block_in[:size], f"{t.source!r} from {source_file}")
-        if not kernel.merge_rows(block_in[:size], t.dtype, b[start * rank * 4:(start + n) * rank * 4], a, n, rank, cols,
-                                 op.scale.scale, block_out[:size]):
+        read_into(source_fd, source_offset + start * row_bytes, block_in[:size], f"{source!r} from {source_file}")
+        if not kernel.merge_rows(block_in[:size], t.dtype, operands, start, n, op.scale.scale, block_out[:size]):
             return False
         write_at(writer.fd, target_offset + start * row_bytes, block_out[:size])
     return True

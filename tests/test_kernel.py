@@ -35,20 +35,29 @@ def peft_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> t
     return w
 
 
-def kernel_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float, block: int | None = None) -> tuple[torch.Tensor, bool]:
+def kernel_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float, block: int | None = None,
+                 kind: str = "linear") -> tuple[torch.Tensor, bool]:
     """The kernel over row blocks of `block` rows (all rows at once by default)."""
     dtype = next(k for k, v in DTYPES.items() if v == w.dtype)
     a32 = kernel.widen(tensor_bytes(a), next(k for k, v in DTYPES.items() if v == a.dtype))
-    b32 = b.float().contiguous()
+    b32 = kernel.widen(tensor_bytes(b), next(k for k, v in DTYPES.items() if v == b.dtype))
     out = torch.empty_like(w)
     rows, cols = w.shape
+    operands = kernel.Operands(kind, a32, b32, a.shape[0], rows, cols)
     block = block or rows
     finite = True
     for start in range(0, rows, block):
         n = min(block, rows - start)
-        finite &= kernel.merge_rows(tensor_bytes(w[start:start + n]), dtype, tensor_bytes(b32[start:start + n]), a32,
-                                    n, a.shape[0], cols, s, tensor_bytes(out[start:start + n]))
+        finite &= kernel.merge_rows(tensor_bytes(w[start:start + n]), dtype, operands, start, n, s,
+                                    tensor_bytes(out[start:start + n]))
     return out, finite
+
+
+def peft_embedding_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> torch.Tensor:
+    """PEFT's Embedding.merge on CPU: delta = (B @ A).T * s in fp32, cast to W's dtype, then added."""
+    w = w.clone()
+    w += ((b.float() @ a.float()).T * s).to(w.dtype)
+    return w
 
 
 @needs_kernel
@@ -125,5 +134,25 @@ def test_count_nonfinite():
 @needs_kernel
 def test_bad_buffers_raise_instead_of_crashing():
     w = bytearray(16 * 16 * 2)
+    operands = kernel.Operands("linear", bytearray(4), bytearray(4), 1, 16, 16)
     with pytest.raises(ValueError):
-        kernel.merge_rows(memoryview(w), "BF16", memoryview(bytearray(4)), bytearray(4), 16, 1, 16, 1.0, memoryview(bytearray(10)))
+        kernel.merge_rows(memoryview(w), "BF16", operands, 0, 16, 1.0, memoryview(bytearray(16 * 16 * 2)))
+    operands = kernel.Operands("linear", bytearray(16 * 4), bytearray(16 * 4), 1, 16, 16)
+    with pytest.raises(ValueError):
+        kernel.merge_rows(memoryview(w), "BF16", operands, 0, 16, 1.0, memoryview(bytearray(10)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rank", [1, 8, 16, 33, 128])
+def test_embedding_mode_equals_peft(dtype, rank):
+    """Embedding LoRA: W (vocab, dim) += ((B @ A).T * s) rounded to W's dtype first, as PEFT's Embedding merge."""
+    g = torch.Generator().manual_seed(rank)
+    for vocab, dim in [(16, 16), (1000, 48), (300, 2048)]:
+        for s in (8.0, 0.123456789, 1e-3):
+            w = (torch.randn(vocab, dim, generator=g) * 0.02).to(DTYPES[dtype])
+            a = torch.randn(rank, vocab, generator=g)  # lora_embedding_A
+            b = torch.randn(dim, rank, generator=g) * 0.02  # lora_embedding_B
+            got, finite = kernel_merge(w, b, a, s, block=37, kind="embedding")
+            assert finite
+            assert torch.equal(got, peft_embedding_merge(w, b, a, s)), (dtype, rank, vocab, dim, s)

@@ -395,10 +395,15 @@ def test_large_embedding_merged_in_blocks_equals_peft(tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_torch_path_and_kernel_path_both_equal_peft(bases, tmp_path, dtype, monkeypatch):
-    """Linear weights go through the C kernel when it is built; with RSLORA_TOOLS_KERNEL=0 through torch."""
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False)
+    """Linear and embedding LoRA go through the C kernel when it is built; with RSLORA_TOOLS_KERNEL=0 through torch."""
+    from rslora_tools import kernel
+
+    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR + ["embed_tokens"],
+                     init_lora_weights=False)
     adapter = make_adapter(bases[dtype], tmp_path / "adapter", cfg)
     expected = peft_merged_state_dict(bases[dtype], adapter)
+    plan = cli_merge(bases[dtype], adapter, tmp_path / "plan", "--dry-run")
+    assert {c["by"] for c in plan["changes"]} == {"kernel" if kernel.available() else "torch"}
     monkeypatch.setenv("RSLORA_TOOLS_KERNEL", "0")
     cli_merge(bases[dtype], adapter, tmp_path / "torch")
     assert_same_tensors(read_folder(tmp_path / "torch"), expected)
