@@ -51,7 +51,7 @@ def handles(t: TensorPlan, base_dtype: str, adapter_dtypes: dict[str, str], adap
     `base_dtype` is the dtype of the value the delta is added to (the base tensor, or the adapter's replacement).
     """
     op = t.lora
-    if op is None or op.kind not in ("linear", "embedding") or op.dora or op.transpose or op.experts != 1:
+    if op is None or op.kind not in ("linear", "embedding") or op.dora or op.experts != 1:
         return False
     if t.bias_of is not None or t.tokens is not None:
         return False
@@ -64,9 +64,9 @@ def handles(t: TensorPlan, base_dtype: str, adapter_dtypes: dict[str, str], adap
         return False
     rank = adapter_shapes[a_key][0]
     rows, cols = t.shape
-    if op.kind == "linear":  # W (out, in) += B (out, r) @ A (r, in)
+    if op.kind == "linear" and not op.transpose:  # W (out, in) += B (out, r) @ A (r, in)
         shapes_fit = adapter_shapes[a_key] == (rank, cols) and adapter_shapes[b_key] == (rows, rank)
-    else:  # W (vocab, dim) += (B (dim, r) @ A (r, vocab)).T
+    else:  # embedding W (vocab, dim), Conv1D W (in, out): += (B (cols, r) @ A (r, rows)).T
         shapes_fit = adapter_shapes[a_key] == (rank, rows) and adapter_shapes[b_key] == (cols, rank)
     return 1 <= rank <= MAX_RANK and shapes_fit and available()
 
@@ -82,14 +82,15 @@ def widen(data: bytes | bytearray | memoryview, dtype: str) -> bytearray:
 class Operands:
     """One tensor's LoRA factors (fp32) as the kernel reads them for W's rows.
 
-    Linear: W (out, in) += s * B @ A, row i takes B[i, :] and A. Embedding: W (vocab, dim) +=
-    s * (B @ A).T, row v takes A[:, v] and B.T; PEFT rounds that delta to W's dtype before adding.
+    Linear: W (out, in) += s * B @ A, row i takes B[i, :] and A. Embedding, and Conv1D
+    (`transposed`, W is (in, out)): W += s * (B @ A).T, row v takes A[:, v] and B.T. PEFT's
+    Embedding merge rounds that delta to W's dtype before adding it.
     """
 
-    def __init__(self, kind: str, a: bytearray, b: bytearray, rank: int, rows: int, cols: int):
+    def __init__(self, kind: str, a: bytearray, b: bytearray, rank: int, rows: int, cols: int, transposed: bool = False):
         self.rank, self.cols = rank, cols
         self.round_delta = kind == "embedding"
-        if kind == "linear":
+        if kind == "linear" and not transposed:
             self.left, self.left_strides = memoryview(b), (rank, 1)  # row i: B[i, k]
             self.right, self.right_strides = a, (cols, 1)  # A[k, j]
         else:

@@ -535,7 +535,7 @@ def _merge_with_kernel(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) 
     a = kernel.widen(adapter.raw(op.module.a_key), adapter.dtypes[op.module.a_key])  # type: ignore[arg-type]
     b = kernel.widen(adapter.raw(op.module.b_key), adapter.dtypes[op.module.b_key])  # type: ignore[arg-type]
     rows, cols = t.shape
-    operands = kernel.Operands(op.kind, a, b, adapter.shapes[op.module.a_key][0], rows, cols)
+    operands = kernel.Operands(op.kind, a, b, adapter.shapes[op.module.a_key][0], rows, cols, op.transpose)
     row_bytes = cols * DTYPE_BITS[t.dtype] // 8
     step = max(1, _BLOCK_BYTES // row_bytes)
     if t.replacement is not None:  # the delta goes onto the adapter's saved copy of the weight

@@ -36,14 +36,14 @@ def peft_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> t
 
 
 def kernel_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float, block: int | None = None,
-                 kind: str = "linear") -> tuple[torch.Tensor, bool]:
+                 kind: str = "linear", transposed: bool = False) -> tuple[torch.Tensor, bool]:
     """The kernel over row blocks of `block` rows (all rows at once by default)."""
     dtype = next(k for k, v in DTYPES.items() if v == w.dtype)
     a32 = kernel.widen(tensor_bytes(a), next(k for k, v in DTYPES.items() if v == a.dtype))
     b32 = kernel.widen(tensor_bytes(b), next(k for k, v in DTYPES.items() if v == b.dtype))
     out = torch.empty_like(w)
     rows, cols = w.shape
-    operands = kernel.Operands(kind, a32, b32, a.shape[0], rows, cols)
+    operands = kernel.Operands(kind, a32, b32, a.shape[0], rows, cols, transposed)
     block = block or rows
     finite = True
     for start in range(0, rows, block):
@@ -156,3 +156,19 @@ def test_embedding_mode_equals_peft(dtype, rank):
             got, finite = kernel_merge(w, b, a, s, block=37, kind="embedding")
             assert finite
             assert torch.equal(got, peft_embedding_merge(w, b, a, s)), (dtype, rank, vocab, dim, s)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_conv1d_layout_equals_peft(dtype):
+    """GPT-2's Conv1D (fan_in_fan_out): W (in, out) += (B @ A).T * s in fp32, rounded once."""
+    g = torch.Generator().manual_seed(3)
+    for rank in (1, 16, 64):
+        for fan_in, fan_out in [(16, 16), (48, 144), (768, 2304)]:
+            w = (torch.randn(fan_in, fan_out, generator=g) * 0.02).to(DTYPES[dtype])
+            a = torch.randn(rank, fan_in, generator=g) * 0.02
+            b = torch.randn(fan_out, rank, generator=g) * 0.02
+            expected = w.clone()
+            expected += (b @ a).T * 2.5
+            got, finite = kernel_merge(w, b, a, 2.5, block=29, transposed=True)
+            assert finite and torch.equal(got, expected), (dtype, rank, fan_in, fan_out)
