@@ -96,11 +96,16 @@ def main() -> None:
             while f.read(1 << 26):
                 pass
     merge = [sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter)]
-    results = {"copy": timed(["cp", "-r", str(base), str(work / "copy")])}
+
+    def report(name: str, seconds: float) -> float:
+        print(f"{name}: {seconds:.1f} s, {size / 1e9 / seconds:.2f} GB/s", flush=True)
+        return seconds
+
+    results = {"copy": report("copy", timed(["cp", "-r", str(base), str(work / "copy")]))}
     shutil.rmtree(work / "copy")
-    results["cpu"] = timed([*merge, str(work / "cpu"), "--device", "cpu", "-q"])
+    results["cpu"] = report("cpu", timed([*merge, str(work / "cpu"), "--device", "cpu", "-q"]))
     if torch.cuda.is_available():
-        results["cuda"] = timed([*merge, str(work / "cuda"), "--device", "cuda", "-q"])
+        results["cuda"] = report("cuda", timed([*merge, str(work / "cuda"), "--device", "cuda", "-q"]))
         check = subprocess.run([sys.executable, "-c", CHECK, str(work / "cpu"), str(work / "cuda")],
                                capture_output=True, text=True)
         results["cuda vs cpu"] = check.stdout.strip() or check.stderr.strip()[-300:]
