@@ -13,6 +13,7 @@ failure or Ctrl-C leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -284,7 +285,7 @@ def estimate_memory(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device
     """Peak memory of a merge: the runtime, the kernel workers' blocks, and the largest torch working set.
 
     Kernel and copy jobs hold a block of rows (plus the module's fp32 A and B) per worker. A
-    torch job (one at a time) holds the base tensor and its merged value; linear and embedding
+    torch job (one at a time on the CPU, one per worker on a GPU) holds the base tensor and its merged value; linear and embedding
     deltas are added in small fp32 blocks, other kinds (DoRA, conv, experts, ...) also hold two
     whole fp32 copies.
     """
@@ -304,6 +305,8 @@ def estimate_memory(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device
         torch_peak = max(torch_peak, nbytes * 3 if blocked else math.prod(t.shape) * 4 * 2 + nbytes * 3)
     if torch_peak:
         runtime += 210 * 10**6  # torch itself (measured: ~240 MB in all)
+    if device != "cpu":  # on a GPU every worker may hold a torch tensor on the host
+        torch_peak *= _workers()
     return runtime + _workers() * kernel_peak + torch_peak
 
 
@@ -427,7 +430,7 @@ class _Merge:
     device: str
     bar: Any
     stop: threading.Event = field(default_factory=threading.Event)
-    torch_lock: threading.Lock = field(default_factory=threading.Lock)  # one torch tensor at a time bounds memory
+    torch_lock: threading.Lock = field(default_factory=threading.Lock)  # one torch tensor at a time on the CPU
     progress_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -521,7 +524,10 @@ def _merge_one(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -> None:
         assert t.replacement is not None
         writer.copy_raw(t.name, merge.files.adapter_fd(), merge.adapter.raw_offset(t.replacement))
     elif not (_uses_kernel(t, checkpoint, merge.adapter, merge.device) and _merge_with_kernel(merge, t, writer)):
-        with merge.torch_lock:  # torch also when the kernel met a non-finite sum: torch's NaN encoding
+        # torch also when the kernel met a non-finite sum (torch's NaN encoding). On the CPU one
+        # tensor at a time: torch uses every core, and memory stays at one tensor's working set.
+        # On a GPU the workers overlap their reads, transfers and writes.
+        with merge.torch_lock if merge.device == "cpu" else contextlib.nullcontext():
             writer.write_tensor(t.name, merged_tensor(t, merge.files, merge.adapter, merge.device))
     with merge.progress_lock:
         merge.bar.update(tensor_nbytes(t.dtype, t.shape))
