@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import queue
 import shutil
 import sys
 import threading
@@ -47,6 +48,7 @@ from .safetensors_file import (
     SafetensorsWriter,
     read_into,
     read_tensor,
+    tensor_bytes,
     tensor_nbytes,
     write_at,
 )
@@ -285,7 +287,7 @@ def estimate_memory(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device
     """Peak memory of a merge: the runtime, the kernel workers' blocks, and the largest torch working set.
 
     Kernel and copy jobs hold a block of rows (plus the module's fp32 A and B) per worker. A
-    torch job (one at a time on the CPU, one per worker on a GPU) holds the base tensor and its merged value; linear and embedding
+    torch job (one at a time on the CPU, a few on a GPU: _Staging) holds the base tensor and its merged value; linear and embedding
     deltas are added in small fp32 blocks, other kinds (DoRA, conv, experts, ...) also hold two
     whole fp32 copies.
     """
@@ -305,8 +307,8 @@ def estimate_memory(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device
         torch_peak = max(torch_peak, nbytes * 3 if blocked else math.prod(t.shape) * 4 * 2 + nbytes * 3)
     if torch_peak:
         runtime += 210 * 10**6  # torch itself (measured: ~240 MB in all)
-    if device != "cpu":  # on a GPU every worker may hold a torch tensor on the host
-        torch_peak *= _workers()
+    if device != "cpu":  # on a GPU each staging set may hold a tensor on the host
+        torch_peak *= _gpu_sets()
     return runtime + _workers() * kernel_peak + torch_peak
 
 
@@ -422,15 +424,15 @@ class _Stopped(Exception):
 
 @dataclass
 class _Merge:
-    """What the workers share: inputs, outputs, the torch lock and the stop flag."""
+    """What the workers share: inputs, the progress bar, torch's staging buffers and the stop flag."""
 
     checkpoint: Checkpoint
     adapter: Adapter
     files: BaseFiles
     device: str
     bar: Any
+    staging: _Staging
     stop: threading.Event = field(default_factory=threading.Event)
-    torch_lock: threading.Lock = field(default_factory=threading.Lock)  # one torch tensor at a time on the CPU
     progress_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -442,7 +444,7 @@ def _write_shards(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, tmp: Pat
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Merging", file=sys.stderr,
         disable=None if progress else True, dynamic_ncols=True,
     )
-    merge = _Merge(checkpoint, adapter, BaseFiles(checkpoint, adapter), device, bar)
+    merge = _Merge(checkpoint, adapter, BaseFiles(checkpoint, adapter), device, bar, _Staging(device))
     workers = _Workers(merge.stop)
     writers: list[SafetensorsWriter] = []
     jobs: list[tuple[TensorPlan, SafetensorsWriter]] = []
@@ -524,11 +526,7 @@ def _merge_one(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -> None:
         assert t.replacement is not None
         writer.copy_raw(t.name, merge.files.adapter_fd(), merge.adapter.raw_offset(t.replacement))
     elif not (_uses_kernel(t, checkpoint, merge.adapter, merge.device) and _merge_with_kernel(merge, t, writer)):
-        # torch also when the kernel met a non-finite sum (torch's NaN encoding). On the CPU one
-        # tensor at a time: torch uses every core, and memory stays at one tensor's working set.
-        # On a GPU the workers overlap their reads, transfers and writes.
-        with merge.torch_lock if merge.device == "cpu" else contextlib.nullcontext():
-            writer.write_tensor(t.name, merged_tensor(t, merge.files, merge.adapter, merge.device))
+        _merge_with_torch(merge, t, writer)  # also when the kernel met a non-finite sum (torch's NaN encoding)
     with merge.progress_lock:
         merge.bar.update(tensor_nbytes(t.dtype, t.shape))
 
@@ -564,6 +562,74 @@ def _merge_with_kernel(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) 
             return False
         write_at(writer.fd, target_offset + start * row_bytes, block_out[:size])
     return True
+
+
+class _Staging:
+    """Host buffers (page-locked on a GPU) and a CUDA stream per set, for tensors computed with torch.
+
+    A worker takes a set for one tensor, so the number of sets bounds the memory: one on the CPU
+    (torch uses every core for one tensor anyway), a few on a GPU, where reads, transfers and
+    writes of different tensors then overlap. Reused buffers cost no page faults, and pinned
+    ones let the copies to and from the GPU run asynchronously on the set's stream.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.cuda = device != "cpu"
+        self._sets: queue.Queue = queue.Queue()
+        for _ in range(_gpu_sets() if self.cuda else 1):
+            self._sets.put({})
+
+    @contextlib.contextmanager
+    def take(self):
+        buffers = self._sets.get()
+        try:
+            yield buffers
+        finally:
+            self._sets.put(buffers)
+
+    def buffer(self, buffers: dict, key: str, nbytes: int) -> torch.Tensor:
+        import torch
+
+        if key not in buffers or buffers[key].numel() < nbytes:
+            buffers.pop(key, None)  # free the smaller one first
+            buffers[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.cuda)
+        return buffers[key][:nbytes]
+
+
+def _gpu_sets() -> int:
+    return min(4, _workers())
+
+
+def _merge_with_torch(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -> None:
+    """Compute one tensor with torch (delta.py) on merge.device, staged through reused host buffers."""
+    import torch
+
+    from . import safetensors_file
+    from .delta import compute
+
+    st_to_torch = safetensors_file.ST_TO_TORCH
+    staging = merge.staging
+    with staging.take() as buffers:
+        if staging.cuda and "stream" not in buffers:
+            buffers["stream"] = torch.cuda.Stream(device=merge.device)
+        with torch.cuda.stream(buffers["stream"]) if staging.cuda else contextlib.nullcontext():
+            base = None
+            if t.source is not None:
+                info = merge.checkpoint.info(t.source)
+                if info.dtype not in st_to_torch:
+                    raise InputError(f"tensor {t.source!r} has dtype {info.dtype}, which this torch cannot compute with")
+                host = staging.buffer(buffers, "in", info.nbytes)
+                fd, offset = merge.files.locate(t.source)
+                read_into(fd, offset, tensor_bytes(host), f"{t.source!r} from {merge.checkpoint.weight_map[t.source]}")
+                base = host.view(st_to_torch[info.dtype]).view(info.shape).to(merge.device, non_blocking=True)
+            value = compute(t, base, merge.adapter.tensor, st_to_torch[t.dtype])
+            if value.device.type != "cpu":
+                out = staging.buffer(buffers, "out", tensor_nbytes(t.dtype, t.shape)).view(value.dtype).view(value.shape)
+                out.copy_(value, non_blocking=True)
+                buffers["stream"].synchronize()
+                value = out
+            writer.write_tensor(t.name, value)
 
 
 def merged_tensor(t: TensorPlan, files: BaseFiles, adapter: Adapter, device: str,
