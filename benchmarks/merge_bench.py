@@ -166,7 +166,7 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
             commands[name] = [sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(out), "-q"]
         elif not skip_peft:
             commands[name] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
-    rows: dict[str, tuple[float, float]] = {}  # the fastest run of each command: (wall, peak RSS)
+    rows: dict[str, tuple[float, float]] = {}  # each command's fastest wall time and largest peak RSS
     walls: dict[str, list[float]] = {name: [] for name in commands}  # every run, to show the spread
     for run in range(repeat):  # interleaved, so that slow spells of the machine hit every command alike
         for name, cmd in commands.items():
@@ -177,7 +177,8 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
             warm(base)  # and the base in the page cache
             wall, rss = timed(cmd, env)
             walls[name].append(wall)
-            rows[name] = (wall, rss) if name not in rows or wall < rows[name][0] else rows[name]
+            best_wall, peak_rss = rows.get(name, (wall, rss))
+            rows[name] = (min(best_wall, wall), max(peak_rss, rss))
     equal = None
     if "peft" in rows:  # the last PEFT output is still there: merge once more (untimed) and compare
         subprocess.run(commands["rslora-tools"], env=env, check=True)
@@ -209,7 +210,8 @@ def render(results: list[dict], gpu_note: str) -> str:
         "checkpoints in ~500 MB shards, r=16 rsLoRA adapter on all linear layers (built by PEFT). Inputs are "
         "read once, earlier outputs are deleted and `sync` runs before each run, so every command starts from a warm "
         "base in the page cache and no dirty pages; "
-        "the commands take turns, and the fastest of each one's runs is shown. Peak RSS from `/usr/bin/time -v` (the whole process).",
+        "the commands take turns, and the fastest of each one's runs is shown. Peak RSS from `/usr/bin/time -v` (the whole "
+        "process), the largest of the runs.",
         "",
         "| model | tool | wall (s) | vs copy | peak RSS (MB) | output equals PEFT | every run (s) |",
         "|---|---|---:|---:|---:|---|---|",

@@ -9,7 +9,8 @@
  * - with round_delta (PEFT's Embedding merge), the scaled product is first rounded to W's
  *   dtype, then added in fp32 and rounded again.
  * B and A are read through strides, so that an embedding's transposed delta (W[v, d] takes
- * lora_embedding_A[:, v] and lora_embedding_B[d, :]) needs no copy.
+ * lora_embedding_A[:, v] and lora_embedding_B[d, :]) needs no transposed copy; A is packed
+ * once per tensor into the layout the inner loop reads.
  * A block whose fp32 sum is not finite is reported, so that the caller recomputes that tensor
  * with torch (whose NaN encodings this kernel does not reproduce).
  *
@@ -44,15 +45,32 @@ static size_t count_nonfinite(const void *src, int dt, size_t n) {
 }
 
 /* The operands of one call: rows x n of W (dtype dt) and out; b[i][k] at b + i * b_row + k * b_col;
- * a[k][j] at a + k * a_row + j * a_col (r x n); out = W + s * (b @ a). */
+ * a (r x n) packed by pack_panels; out = W + s * (b @ a). */
 typedef struct {
     const void *w;
     void *out;
     int dt, round_delta;
-    const float *b, *a;
-    size_t b_row, b_col, a_row, a_col, rows, r, n;
+    const float *b, *panels;
+    size_t b_row, b_col, rows, r, n;
     float s;
 } Operands;
+
+static size_t panels_size(size_t r, size_t n) { return (n + 31) / 32 * r * 32 * sizeof(float); }
+
+/* a (r x n, element [k][j] at a + k * a_row + j * a_col) as panels of 32 columns, P[p][k][0..32),
+ * zero padded: the kernel's inner loop then reads contiguous memory instead of r streams a row
+ * apart (which alias in the L1 cache). Packed once per tensor. */
+static void pack_panels(const float *a, size_t a_row, size_t a_col, size_t r, size_t n, float *P) {
+    for (size_t p = 0; p * 32 < n; p++) {
+        size_t j0 = p * 32, m = n - j0 < 32 ? n - j0 : 32;
+        for (size_t k = 0; k < r; k++) {
+            float *dst = P + (p * r + k) * 32;
+            const float *src = a + k * a_row + j0 * a_col;
+            for (size_t j = 0; j < m; j++) dst[j] = src[j * a_col];
+            memset(dst + m, 0, (32 - m) * 4);
+        }
+    }
+}
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -105,20 +123,6 @@ SIMD static inline int finish8(__m256 acc, const Operands *op, const void *w, si
     return bad;
 }
 
-/* a (r x n, strided) as panels of 32 columns, P[p][k][0..32), zero padded: contiguous loads in
- * the inner loop instead of r streams a row apart (which alias in the L1 cache). */
-static void pack_panels(const Operands *op, float *P) {
-    for (size_t p = 0; p * 32 < op->n; p++) {
-        size_t j0 = p * 32, m = op->n - j0 < 32 ? op->n - j0 : 32;
-        for (size_t k = 0; k < op->r; k++) {
-            float *dst = P + (p * op->r + k) * 32;
-            const float *src = op->a + k * op->a_row + j0 * op->a_col;
-            for (size_t j = 0; j < m; j++) dst[j] = src[j * op->a_col];
-            memset(dst + m, 0, (32 - m) * 4);
-        }
-    }
-}
-
 /* Columns [j, j+32) of one row (fewer at the end of the row, through zero-padded staging);
  * returns 1 when one of their sums is not finite. */
 SIMD static inline int finish32(__m256 c0, __m256 c1, __m256 c2, __m256 c3, const Operands *op, const char *wi,
@@ -142,12 +146,10 @@ SIMD static inline int finish32(__m256 c0, __m256 c1, __m256 c2, __m256 c3, cons
     return bad;
 }
 
-/* Returns the number of 32-column groups holding a non-finite sum, or (size_t)-1 when out of memory. */
+/* Returns the number of 32-column groups holding a non-finite sum. */
 SIMD static size_t merge_rows(const Operands *op) {
     const size_t es = elem_size(op->dt), n = op->n, r = op->r, panels = (n + 31) / 32;
-    float *P = aligned_alloc(64, panels * r * 32 * sizeof(float) + 64);
-    if (!P) return (size_t)-1;
-    pack_panels(op, P);
+    const float *P = op->panels;
     size_t bad = 0;
     for (size_t i = 0; i < op->rows; i++) {
         const float *b = op->b + i * op->b_row;
@@ -158,15 +160,14 @@ SIMD static size_t merge_rows(const Operands *op) {
             __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
             for (size_t k = 0; k < r; k++, a += 32) { /* k in order: the same rounding as sgemm */
                 const __m256 x = _mm256_set1_ps(b[k * op->b_col]);
-                c0 = _mm256_fmadd_ps(x, _mm256_load_ps(a), c0);
-                c1 = _mm256_fmadd_ps(x, _mm256_load_ps(a + 8), c1);
-                c2 = _mm256_fmadd_ps(x, _mm256_load_ps(a + 16), c2);
-                c3 = _mm256_fmadd_ps(x, _mm256_load_ps(a + 24), c3);
+                c0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(a), c0);
+                c1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(a + 8), c1);
+                c2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(a + 16), c2);
+                c3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(a + 24), c3);
             }
             bad += finish32(c0, c1, c2, c3, op, wi, p * 32, oi);
         }
     }
-    free(P);
     return bad;
 }
 
@@ -190,7 +191,7 @@ SIMD static void widen(const void *src, int dt, size_t n, float *dst) {
 }
 #else
 static int cpu_ok(void) { return 0; }
-static size_t merge_rows(const Operands *op) { return (size_t)-1; }
+static size_t merge_rows(const Operands *op) { return 0; }
 static void widen(const void *src, int dt, size_t n, float *dst) {}
 #endif
 
@@ -204,39 +205,58 @@ static int check_dtype(int dt, int allow_f64) {
     return 1;
 }
 
+static PyObject *py_pack(PyObject *self, PyObject *args) {
+    Py_buffer a;
+    Py_ssize_t a_row, a_col, r, n;
+    if (!PyArg_ParseTuple(args, "y*nnnn", &a, &a_row, &a_col, &r, &n)) return NULL;
+    PyObject *result = NULL;
+    if (r < 1 || n < 1 || a_row < 0 || a_col < 0 || a.len < ((r - 1) * a_row + (n - 1) * a_col + 1) * 4) {
+        PyErr_SetString(PyExc_ValueError, "buffer too small for the given shape and strides");
+    } else {
+        result = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)panels_size((size_t)r, (size_t)n));
+        if (result) {
+            float *P = (float *)PyByteArray_AS_STRING(result);
+            Py_BEGIN_ALLOW_THREADS
+            pack_panels(a.buf, (size_t)a_row, (size_t)a_col, (size_t)r, (size_t)n, P);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    PyBuffer_Release(&a);
+    return result;
+}
+
 static PyObject *py_merge_rows(PyObject *self, PyObject *args) {
-    Py_buffer w, b, a, out;
+    Py_buffer w, b, panels, out;
     Operands op;
-    Py_ssize_t b_row, b_col, a_row, a_col, rows, r, n;
-    if (!PyArg_ParseTuple(args, "y*iy*nny*nnnnnfpw*", &w, &op.dt, &b, &b_row, &b_col, &a, &a_row, &a_col, &rows, &r,
-                          &n, &op.s, &op.round_delta, &out))
+    Py_ssize_t b_row, b_col, rows, r, n;
+    if (!PyArg_ParseTuple(args, "y*iy*nny*nnnfpw*", &w, &op.dt, &b, &b_row, &b_col, &panels, &rows, &r, &n, &op.s,
+                          &op.round_delta, &out))
         return NULL;
     PyObject *result = NULL;
     if (!cpu_ok()) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU cannot run the merge kernel");
     } else if (check_dtype(op.dt, 0)) {
         Py_ssize_t es = (Py_ssize_t)elem_size(op.dt);
-        if (rows < 1 || r < 1 || n < 1 || b_row < 0 || b_col < 0 || a_row < 0 || a_col < 0 ||
-            w.len < rows * n * es || out.len < rows * n * es ||
-            b.len < ((rows - 1) * b_row + (r - 1) * b_col + 1) * 4 || a.len < ((r - 1) * a_row + (n - 1) * a_col + 1) * 4) {
+        if (rows < 1 || r < 1 || n < 1 || b_row < 0 || b_col < 0 || w.len < rows * n * es || out.len < rows * n * es ||
+            b.len < ((rows - 1) * b_row + (r - 1) * b_col + 1) * 4 || panels.len < (Py_ssize_t)panels_size((size_t)r, (size_t)n)) {
             PyErr_SetString(PyExc_ValueError, "buffer too small for the given shape and strides");
         } else {
             op.w = w.buf;
             op.out = out.buf;
             op.b = b.buf;
-            op.a = a.buf;
-            op.b_row = (size_t)b_row, op.b_col = (size_t)b_col, op.a_row = (size_t)a_row, op.a_col = (size_t)a_col;
+            op.panels = panels.buf;
+            op.b_row = (size_t)b_row, op.b_col = (size_t)b_col;
             op.rows = (size_t)rows, op.r = (size_t)r, op.n = (size_t)n;
             size_t bad;
             Py_BEGIN_ALLOW_THREADS
             bad = merge_rows(&op);
             Py_END_ALLOW_THREADS
-            result = bad == (size_t)-1 ? PyErr_NoMemory() : PyLong_FromSize_t(bad);
+            result = PyLong_FromSize_t(bad);
         }
     }
     PyBuffer_Release(&w);
     PyBuffer_Release(&b);
-    PyBuffer_Release(&a);
+    PyBuffer_Release(&panels);
     PyBuffer_Release(&out);
     return result;
 }
@@ -283,9 +303,11 @@ static PyObject *py_count_nonfinite(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"available", py_available, METH_NOARGS, "available() -> bool: this CPU can run merge_rows and widen."},
     {"merge_rows", py_merge_rows, METH_VARARGS,
-     "merge_rows(w, dtype, b, b_row, b_col, a, a_row, a_col, rows, r, n, scale, round_delta, out)\n"
+     "merge_rows(w, dtype, b, b_row, b_col, panels, rows, r, n, scale, round_delta, out)\n"
      "-> groups with a non-finite sum. out = round(w + scale * (b @ a)); w, out: rows x n (dtype 0 bf16, 1 f16,\n"
-     "2 f32); b (rows x r) and a (r x n): fp32 with strides in elements."},
+     "2 f32); b (rows x r): fp32 with strides in elements; panels: a (r x n) as pack() returns it."},
+    {"pack", py_pack, METH_VARARGS,
+     "pack(a, a_row, a_col, r, n) -> bytearray: a (r x n fp32, strides in elements) in merge_rows' layout."},
     {"widen", py_widen, METH_VARARGS, "widen(src, dtype, dst): bf16/f16/f32 -> fp32, exactly."},
     {"count_nonfinite", py_count_nonfinite, METH_VARARGS,
      "count_nonfinite(src, dtype) -> number of NaN/Inf values (dtype 0 bf16, 1 f16, 2 f32, 3 f64)."},

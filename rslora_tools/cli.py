@@ -496,7 +496,25 @@ def main() -> None:
     # A short-lived process that allocates few cyclic objects: reference counting frees them;
     # the cyclic collector would only rescan torch's import graph (when loaded) again and again.
     gc.disable()
+    _return_freed_memory()
     cli(prog_name="rslora-tools")
+
+
+def _return_freed_memory() -> None:
+    """glibc: serve every allocation of 128 KiB or more with its own mapping, given back on free.
+
+    By default glibc raises that threshold after the first such free, and later blocks (a
+    merge's row blocks and fp32 factors) then come from heaps that keep what was freed, so
+    peak memory drifts from run to run. A fixed threshold keeps it at what is really in use.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 if __name__ == "__main__":

@@ -92,17 +92,18 @@ class Operands:
         self.round_delta = kind == "embedding"
         if kind == "linear" and not transposed:
             self.left, self.left_strides = memoryview(b), (rank, 1)  # row i: B[i, k]
-            self.right, self.right_strides = a, (cols, 1)  # A[k, j]
+            right, right_strides = a, (cols, 1)  # A[k, j]
         else:
             self.left, self.left_strides = memoryview(a), (1, rows)  # row v: A[k, v]
-            self.right, self.right_strides = b, (1, rank)  # B[j, k]
+            right, right_strides = b, (1, rank)  # B[j, k]
+        self.panels = _kernel().pack(right, *right_strides, rank, cols)  # type: ignore[union-attr]
 
 
 def merge_rows(w: memoryview, dtype: str, operands: Operands, start: int, rows: int, scale: float, out: memoryview) -> bool:
     """out = W + scale * delta for `rows` rows from row `start`; False when a sum is not finite (use torch instead)."""
     o = operands
     left = o.left[start * o.left_strides[0] * 4:]
-    bad = _kernel().merge_rows(w, DTYPE_CODES[dtype], left, *o.left_strides, o.right, *o.right_strides,  # type: ignore[union-attr]
+    bad = _kernel().merge_rows(w, DTYPE_CODES[dtype], left, *o.left_strides, o.panels,  # type: ignore[union-attr]
                                rows, o.rank, o.cols, scale, o.round_delta, out)
     return bad == 0
 

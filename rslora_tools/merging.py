@@ -531,6 +531,17 @@ def _merge_one(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -> None:
         merge.bar.update(tensor_nbytes(t.dtype, t.shape))
 
 
+_thread_blocks = threading.local()
+
+
+def _block_buffers(nbytes: int) -> tuple[memoryview, memoryview]:
+    """The calling worker's block buffers (in, out), reused from tensor to tensor."""
+    if getattr(_thread_blocks, "size", 0) < nbytes:
+        _thread_blocks.size = max(nbytes, _BLOCK_BYTES)
+        _thread_blocks.views = (memoryview(bytearray(_thread_blocks.size)), memoryview(bytearray(_thread_blocks.size)))
+    return _thread_blocks.views
+
+
 def _merge_with_kernel(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -> bool:
     """W + s * delta through the C kernel, a block of rows at a time; False if a sum is not finite."""
     op = t.lora
@@ -550,8 +561,7 @@ def _merge_with_kernel(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) 
         source_fd, source_offset = merge.files.locate(t.source)
         source, source_file = t.source, merge.checkpoint.folder / merge.checkpoint.weight_map[t.source]
     target_offset = writer.offset(t.name)
-    block_in = memoryview(bytearray(step * row_bytes))
-    block_out = memoryview(bytearray(step * row_bytes))
+    block_in, block_out = _block_buffers(step * row_bytes)
     for start in range(0, rows, step):
         if merge.stop.is_set():
             raise _Stopped

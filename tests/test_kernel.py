@@ -134,8 +134,10 @@ def test_count_nonfinite():
 @needs_kernel
 def test_bad_buffers_raise_instead_of_crashing():
     w = bytearray(16 * 16 * 2)
-    operands = kernel.Operands("linear", bytearray(4), bytearray(4), 1, 16, 16)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # A too small for 1 x 16
+        kernel.Operands("linear", bytearray(4), bytearray(16 * 4), 1, 16, 16)
+    operands = kernel.Operands("linear", bytearray(16 * 4), bytearray(4), 1, 16, 16)
+    with pytest.raises(ValueError):  # B too small for 16 rows
         kernel.merge_rows(memoryview(w), "BF16", operands, 0, 16, 1.0, memoryview(bytearray(16 * 16 * 2)))
     operands = kernel.Operands("linear", bytearray(16 * 4), bytearray(16 * 4), 1, 16, 16)
     with pytest.raises(ValueError):
