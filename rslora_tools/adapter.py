@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterConfigError, InputError, UnsupportedAdapterError
 from .safetensors_file import FLOAT_DTYPES, SafetensorsHeader, read_bytes, read_header, read_tensor
+from .scaling import ModuleScale, module_scale
 
 if TYPE_CHECKING:
     import torch
-from .scaling import ModuleScale, module_scale
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -1,10 +1,10 @@
-"""The C merge kernel (`_kernel.c`): exact merges of linear LoRA weights without torch.
+"""The C merge kernel (`_kernel.c`): exact merges of linear and embedding LoRA weights without torch.
 
 Most of a merge is `W += s * (B @ A)` on bf16/fp16/fp32 linear (and embedding) weights. The
 kernel does it for a block of rows in one cache-friendly pass, bit for bit as PEFT does it with
-torch on CPU. `handles`
-says which tensors it takes; every other tensor (and every tensor when the kernel was not built,
-the CPU lacks AVX2/FMA/F16C, or RSLORA_TOOLS_KERNEL=0) is computed with torch by delta.py.
+torch on CPU. `handles` says which tensors it takes; every other tensor (and every tensor when
+the kernel was not built, the CPU lacks AVX2/FMA/F16C, or RSLORA_TOOLS_KERNEL=0) is computed
+with torch by delta.py.
 A merge whose tensors all go through the kernel never imports torch.
 """
 

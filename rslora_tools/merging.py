@@ -50,6 +50,7 @@ from .safetensors_file import (
     read_tensor,
     tensor_bytes,
     tensor_nbytes,
+    torch_dtype,
     write_at,
 )
 
@@ -287,9 +288,9 @@ def estimate_memory(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device
     """Peak memory of a merge: the runtime, the kernel workers' blocks, and the largest torch working set.
 
     Kernel and copy jobs hold a block of rows (plus the module's fp32 A and B) per worker. A
-    torch job (one at a time on the CPU, a few on a GPU: _Staging) holds the base tensor and its merged value; linear and embedding
-    deltas are added in small fp32 blocks, other kinds (DoRA, conv, experts, ...) also hold two
-    whole fp32 copies.
+    torch job (one at a time on the CPU, a few on a GPU: _Staging) holds the base tensor and its
+    merged value; linear and embedding deltas are added in small fp32 blocks, other kinds (DoRA,
+    conv, experts, ...) also hold two whole fp32 copies.
     """
     runtime = 32 * 10**6  # Python and the CLI's modules (measured: ~31 MB for a tiny merge)
     kernel_peak = torch_peak = 0
@@ -584,7 +585,6 @@ class _Staging:
     """
 
     def __init__(self, device: str):
-        self.device = device
         self.cuda = device != "cpu"
         self._sets: queue.Queue = queue.Queue()
         for _ in range(_gpu_sets() if self.cuda else 1):
@@ -615,10 +615,6 @@ def _merge_with_torch(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -
     """Compute one tensor with torch (delta.py) on merge.device, staged through reused host buffers."""
     import torch
 
-    from . import safetensors_file
-    from .delta import compute
-
-    st_to_torch = safetensors_file.ST_TO_TORCH
     staging = merge.staging
     with staging.take() as buffers:
         if staging.cuda and "stream" not in buffers:
@@ -626,14 +622,14 @@ def _merge_with_torch(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -
         with torch.cuda.stream(buffers["stream"]) if staging.cuda else contextlib.nullcontext():
             base = None
             if t.source is not None:
-                info = merge.checkpoint.info(t.source)
-                if info.dtype not in st_to_torch:
-                    raise InputError(f"tensor {t.source!r} has dtype {info.dtype}, which this torch cannot compute with")
-                host = staging.buffer(buffers, "in", info.nbytes)
-                fd, offset = merge.files.locate(t.source)
-                read_into(fd, offset, tensor_bytes(host), f"{t.source!r} from {merge.checkpoint.weight_map[t.source]}")
-                base = host.view(st_to_torch[info.dtype]).view(info.shape).to(merge.device, non_blocking=True)
-            value = compute(t, base, merge.adapter.tensor, st_to_torch[t.dtype])
+                shard = merge.checkpoint.weight_map[t.source]
+                header = merge.checkpoint.headers[shard]
+                info = header.tensors[t.source]
+                host = staging.buffer(buffers, "in", info.nbytes).view(torch_dtype(header, t.source)).view(info.shape)
+                read_into(merge.files.fd(shard), header.data_start + info.begin, tensor_bytes(host),
+                          f"{header.path}: tensor {t.source!r}")
+                base = host.to(merge.device, non_blocking=True)
+            value = merged_tensor(t, merge.files, merge.adapter, merge.device, base=base)
             if value.device.type != "cpu":
                 out = staging.buffer(buffers, "out", tensor_nbytes(t.dtype, t.shape)).view(value.dtype).view(value.shape)
                 out.copy_(value, non_blocking=True)
@@ -643,16 +639,17 @@ def _merge_with_torch(merge: _Merge, t: TensorPlan, writer: SafetensorsWriter) -
 
 
 def merged_tensor(t: TensorPlan, files: BaseFiles, adapter: Adapter, device: str,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The merged value of one planned tensor, computed with torch (in the plan's dtype, or `out_dtype`)."""
+                  out_dtype: torch.dtype | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The merged value of one planned tensor, computed with torch on `device` (in the plan's dtype, or `out_dtype`).
+
+    `base`: the base value (on `device`, writable) when the caller has read it already.
+    """
     from . import safetensors_file
     from .delta import compute
 
-    base = files.read(t.source) if t.source is not None else None
-    base = base.to(device) if base is not None else None
-    out_dtype = out_dtype or safetensors_file.ST_TO_TORCH[t.dtype]
-    value = compute(t, base, adapter.tensor, out_dtype)
-    return value.cpu() if value.device.type != "cpu" else value
+    if base is None and t.source is not None:
+        base = files.read(t.source).to(device)
+    return compute(t, base, adapter.tensor, out_dtype or safetensors_file.ST_TO_TORCH[t.dtype])
 
 
 def _write_index(checkpoint: Checkpoint, plan: Plan, tmp: Path, resharded: bool) -> None:

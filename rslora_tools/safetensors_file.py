@@ -164,17 +164,22 @@ def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
+def torch_dtype(header: SafetensorsHeader, name: str) -> torch.dtype:
+    """The torch dtype of a tensor in the file; InputError when this torch has none for it."""
+    from . import safetensors_file
+
+    dtype = header.tensors[name].dtype
+    if dtype not in safetensors_file.ST_TO_TORCH:
+        raise InputError(f"{header.path}: tensor {name!r} has dtype {dtype}, which this torch cannot compute with")
+    return safetensors_file.ST_TO_TORCH[dtype]
+
+
 def read_tensor(f: BinaryIO | int, header: SafetensorsHeader, name: str) -> torch.Tensor:
     """Read one tensor with pread into a new, writable CPU tensor."""
     import torch
 
-    from . import safetensors_file
-
     info = header.tensors[name]
-    torch_dtype = safetensors_file.ST_TO_TORCH.get(info.dtype)
-    if torch_dtype is None:
-        raise InputError(f"{header.path}: tensor {name!r} has dtype {info.dtype}, which this torch cannot compute with")
-    out = torch.empty(info.shape, dtype=torch_dtype)  # uninitialized: no memset before the read
+    out = torch.empty(info.shape, dtype=torch_dtype(header, name))  # uninitialized: no memset before the read
     if info.nbytes == 0:
         return out
     fd = f if isinstance(f, int) else f.fileno()
