@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import RsloraError
+from .errors import OutputInterrupted, RsloraError
 from .output import human_size
 
 DEBUG_ENV = "RSLORA_TOOLS_DEBUG"
@@ -29,6 +29,8 @@ class _Group(click.Group):
             if os.environ.get(DEBUG_ENV) == "1":
                 raise
             raise click.ClickException(_one_line(str(e))) from None
+        except OutputInterrupted as e:
+            raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted; nothing was written") from None
         except Exception as e:  # an unexpected failure: still one line, unless debugging

@@ -180,7 +180,7 @@ def convert(
             raise InputError("--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)")
         return export_gguf(loaded, entries, base, out, overwrite=overwrite, dry_run=dry_run, started=started)
 
-    check_output_location(out, [loaded.path], overwrite)
+    written = check_output_location(out, [loaded.path], overwrite)
     plan = plan_conversion(loaded, entries, to=to, target=target, bake=bake)
     upcast = any(not is_power_of_two(abs(f)) for f in plan.factors.values() if f != 1.0)
     report = ConvertReport(
@@ -193,7 +193,7 @@ def convert(
     if dry_run:
         report.seconds = time.monotonic() - started
         return report
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(written, overwrite) as tmp:
         _write_config(loaded, plan, tmp)
         _write_weights(loaded, plan, upcast, tmp)
         _copy_other_files(loaded, tmp, plan)

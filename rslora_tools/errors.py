@@ -25,3 +25,21 @@ class MismatchError(RsloraError):
 
 class OutputError(RsloraError):
     """The output location cannot be used (exists, overlaps an input, disk full)."""
+
+
+class OutputInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while an output was written; `complete` says whether OUT holds the new output.
+
+    False: OUT is as it was before the command (nothing was written). True: the signal came while
+    the finished output was being put in place, and OUT holds the complete new output.
+    """
+
+    def __init__(self, out: str, *, complete: bool):
+        super().__init__(out)
+        self.out = out
+        self.complete = complete
+
+    def __str__(self) -> str:
+        if self.complete:
+            return f"interrupted after {self.out} was written completely; it holds the new output"
+        return "interrupted; nothing was written"

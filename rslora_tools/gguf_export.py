@@ -42,7 +42,7 @@ def export_gguf(adapter: Adapter, entries: list[ModuleEntry], base: str | os.Pat
     except ImportError as e:  # pragma: no cover - gguf is a dependency
         raise InputError("writing GGUF needs the 'gguf' package: pip install gguf") from e
     checkpoint = open_checkpoint(base)
-    check_output_file(out, [adapter.path, checkpoint.folder], overwrite)
+    target = check_output_file(out, [adapter.path, checkpoint.folder], overwrite)
     config = checkpoint.config or {}
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
@@ -84,7 +84,7 @@ def export_gguf(adapter: Adapter, entries: list[ModuleEntry], base: str | os.Pat
     if dry_run:
         report.seconds = time.monotonic() - started
         return report
-    with atomic_file(out) as tmp:
+    with atomic_file(target) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

@@ -39,7 +39,7 @@ from .checkpoint import (
     write_json_file,
 )
 from .errors import InputError, MismatchError, OutputError, UnsupportedAdapterError
-from .output import atomic_folder, check_output_location, human_size
+from .output import atomic_folder, check_output_location, free_space, human_size
 from .provenance import write_provenance
 from .plan import Plan, TensorPlan, build_plan
 from .safetensors_file import (
@@ -175,11 +175,11 @@ def merge(
         base, adapter, dtype=dtype, max_shard_size=max_shard_size, allow_pickle=allow_pickle,
         collect_unmatched=dry_run,
     )
-    check_output_location(out, [checkpoint.folder, adapter_obj.path], overwrite)
+    target = check_output_location(out, [checkpoint.folder, adapter_obj.path], overwrite)
     device = resolve_device(device)
     report = _report(checkpoint, adapter_obj, plan, out, device, dtype)
     report.dry_run = dry_run
-    report.free_bytes = free_space(out)
+    report.free_bytes = free_space(target)
     if dry_run:
         report.seconds = time.monotonic() - started
         return report
@@ -188,7 +188,7 @@ def merge(
         check_finite(adapter_obj)
 
     try:
-        _write_output(out, overwrite, checkpoint, adapter_obj, plan, report, device, progress,
+        _write_output(target, overwrite, checkpoint, adapter_obj, plan, report, device, progress,
                       max_shard_size is not None, sources or {}, verify)
     except OSError as e:  # a full disk (ENOSPC), a read error, ...: the partial output is already removed
         where = f" ({e.filename})" if e.filename else ""
@@ -311,17 +311,6 @@ def estimate_memory(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device
     if device != "cpu":  # on a GPU each staging set may hold a tensor on the host
         torch_peak *= _gpu_sets()
     return runtime + _workers() * kernel_peak + torch_peak
-
-
-def free_space(out: Path) -> int | None:
-    """Free bytes on the file system OUT will be written to (its nearest existing ancestor)."""
-    folder = out.resolve()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
 
 
 def check_free_space(out: Path, needed: int, free: int | None) -> None:

@@ -1,80 +1,167 @@
 """Writing results safely: OUT is checked against the inputs, and is written atomically.
 
-Everything goes into a temporary path beside OUT that is renamed at the end, so a failure,
-Ctrl-C or SIGTERM leaves nothing half-written behind.
+Everything goes into a temporary path beside OUT that replaces OUT at the end, so a failure,
+Ctrl-C or SIGTERM leaves nothing half-written behind. The replacement itself is one atomic
+exchange where the file system offers it (Linux `renameat2(RENAME_EXCHANGE)`), so that OUT is a
+complete folder, old or new, at every instant; signals that arrive during it are held back and
+reported afterwards, with a message that says which one OUT holds.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
 import shutil
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from .errors import OutputError
+from .errors import OutputError, OutputInterrupted
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """OUT may not be, contain, or sit inside an input; an existing non-empty OUT needs overwrite."""
-    out_r = out.resolve()
-    for inp in inputs:
-        inp_r = inp.resolve()
-        if out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents:
-            raise OutputError(f"{out}: the output folder may not be, contain or be inside an input ({inp})")
-    if out.exists() and not out.is_dir():
+def output_target(out: Path) -> Path:
+    """The path that is really written: OUT itself, or the folder or file a symbolic link OUT points to.
+
+    A link is followed (its target is replaced, the link stays), so that the output lands where the
+    user's link says and the free-space check looks at that file system. A link to nothing is refused.
+    """
+    if out.is_symlink():
+        target = out.resolve()
+        if not target.exists():
+            raise OutputError(f"{out}: is a symbolic link to {target}, which does not exist; create it or give another OUT")
+        return target
+    return out.resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path != folder and folder in path.parents
+
+
+def _input_files(folder: Path) -> Iterator[tuple[Path, Path]]:
+    """(entry, real location) for the input folder and every entry in it (shards may be links elsewhere)."""
+    yield folder, folder.resolve()
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        yield entry, entry.resolve()
+
+
+def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> Path:
+    """Refuse an OUT folder whose replacement could destroy an input; return the folder really written.
+
+    OUT may not be, contain or sit inside an input folder, and no input file may really be stored in
+    OUT (a shard that is a link into OUT, a Hugging Face cache snapshot whose blobs OUT is). An
+    existing non-empty OUT needs `overwrite`.
+    """
+    target = output_target(out)
+    for folder in inputs:
+        for entry, real in _input_files(folder):
+            if entry is folder:
+                if target == real or _inside(target, real) or _inside(real, target):
+                    raise OutputError(f"{out}: the output folder may not be, contain or be inside an input ({folder})")
+            elif real == target or _inside(real, target):
+                raise OutputError(
+                    f"{out}: the input file {entry} is stored there ({real}); replacing the output folder would "
+                    "delete it. Choose another output folder"
+                )
+    if target.exists() and not target.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    return target
 
 
-def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """A single-file OUT may not be inside an input; an existing one needs overwrite."""
-    out_r = out.resolve()
-    for inp in inputs:
-        inp_r = inp.resolve()
-        if out_r == inp_r or inp_r in out_r.parents:
-            raise OutputError(f"{out}: the output file may not be an input or inside one ({inp})")
-    if out.is_dir():
+def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> Path:
+    """Refuse a single-file OUT that is an input file or inside an input folder; return the file really written."""
+    target = output_target(out)
+    for folder in inputs:
+        for entry, real in _input_files(folder):
+            if real == target or (entry is folder and _inside(target, real)):
+                raise OutputError(f"{out}: the output file may not be an input or inside one ({entry})")
+    if target.is_dir():
         raise OutputError(f"{out}: is a folder; give a file name ending in .gguf")
-    if out.exists() and not overwrite:
+    if target.exists() and not overwrite:
         raise OutputError(f"{out}: exists; pass --overwrite to replace it")
+    return target
+
+
+def _temporary_name(out: Path, role: str) -> Path:
+    return out.parent / f".{out.name}.rslora-tools-{role}-{os.getpid()}"
 
 
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside OUT; on success it replaces OUT, on any failure it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.rslora-tools-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    """Yield a temporary folder beside OUT; on success it replaces OUT, on any failure it is removed.
+
+    `out` is the folder really written (`check_output_location`'s answer). An interruption before
+    the replacement leaves OUT as it was; one during or after it is reported once OUT holds the
+    complete new folder (`OutputInterrupted(complete=True)`).
+    """
+    created: list[Path] = []
+    tmp = _temporary_name(out, "tmp")
+    committed = False
     try:
-        yield tmp
-        if out.exists():
-            if any(out.iterdir()) and not overwrite:
+        with _sigterm_as_interrupt():
+            created += _make_parents(out.parent)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            yield tmp
+            if out.exists() and any(out.iterdir()) and not overwrite:
                 raise OutputError(f"{out}: appeared while writing and is not empty; nothing was replaced")
-            old = out.parent / f".{out.name}.rslora-tools-old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+            with _signals_held() as received:
+                _replace_folder(tmp, out)
+                committed = True
+            if received:
+                raise KeyboardInterrupt(f"signal {received[0]}")
+    except KeyboardInterrupt as e:
+        if committed:
+            raise OutputInterrupted(str(out), complete=True) from e
+        _remove_partial(tmp, created)
+        raise OutputInterrupted(str(out), complete=False) from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not committed:
+            _remove_partial(tmp, created)
         raise
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Put TMP at OUT. With an existing OUT, one atomic exchange where possible, else two renames."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if _exchange(tmp, out):  # OUT is now the new folder; TMP holds the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = _temporary_name(out, "old")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # this file system cannot exchange: the two renames do it
+    raise OSError(err, os.strerror(err), str(b))
 
 
 @contextmanager
@@ -83,20 +170,97 @@ def atomic_file(out: Path) -> Iterator[Path]:
 
     Whether OUT may be written at all is `check_output_file`'s decision, made before.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.rslora-tools-tmp-{os.getpid()}"
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    created: list[Path] = []
+    tmp = _temporary_name(out, "tmp")
+    committed = False
     try:
-        yield tmp
-        os.replace(tmp, out)
+        with _sigterm_as_interrupt():
+            created += _make_parents(out.parent)
+            yield tmp
+            with _signals_held() as received:
+                os.replace(tmp, out)
+                committed = True
+            if received:
+                raise KeyboardInterrupt(f"signal {received[0]}")
+    except KeyboardInterrupt as e:
+        if committed:
+            raise OutputInterrupted(str(out), complete=True) from e
+        _remove_partial(tmp, created)
+        raise OutputInterrupted(str(out), complete=False) from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if not committed:
+            _remove_partial(tmp, created)
         raise
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create FOLDER and its missing parents; return those created, deepest first (removed again on failure)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove_partial(tmp: Path, created: list[Path]) -> None:
+    """Remove what a failed write left: the temporary path and the parent folders it created."""
+    with _signals_held():  # a second Ctrl-C must not leave half of it behind
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: something else was put there meanwhile
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C, so both clean up the same way (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM that arrive inside are recorded in the yielded list instead of interrupting."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {}
+    try:
+        for signum in _HELD_SIGNALS:
+            previous[signum] = signal.signal(signum, lambda n, _frame: received.append(n))
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def free_space(out: Path) -> int | None:
+    """Free bytes on the file system OUT will be written to (its nearest existing ancestor)."""
+    folder = out.resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def human_size(n: float) -> str:

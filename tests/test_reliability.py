@@ -143,6 +143,39 @@ def existing_out(tmp: Path) -> Path:
     return tmp / "out"
 
 
+def linked_base(tmp: Path) -> list:
+    """A single-file base whose model.safetensors is a link into folder S, merged into OUT = S."""
+    store = tmp / "store"
+    store.mkdir()
+    shutil.copy(FIXTURES / "tiny-llama" / "model.safetensors", store / "weights.safetensors")
+    base = tmp / "base"
+    base.mkdir()
+    shutil.copy(FIXTURES / "tiny-llama" / "config.json", base / "config.json")
+    (base / "model.safetensors").symlink_to(store / "weights.safetensors")
+    return ["merge", base, adapter_copy(tmp), store, "--overwrite"]
+
+
+def hub_cache_blobs(tmp: Path) -> list:
+    """BASE = snapshots/<rev> of a Hugging Face cache repo, OUT = that repo's blobs/."""
+    import hashlib
+
+    repo = tmp / "models--org--base"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / ("a" * 40)
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        data = (FIXTURES / "tiny-llama" / name).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        (blobs / sha).write_bytes(data)
+        (snapshot / name).symlink_to(Path("../..") / "blobs" / sha)
+    return ["merge", snapshot, adapter_copy(tmp), blobs, "--overwrite"]
+
+
+def dangling_out(tmp: Path) -> list:
+    (tmp / "out").symlink_to(tmp / "missing")
+    return merge_args()(tmp)
+
+
 def nonfinite(value: float):
     def edit(t):
         t[Q_A][0, 0] = value
@@ -191,6 +224,9 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
     ("adapter folder without adapter_config.json", merge_args(adapter=lambda t: (t / "empty").mkdir() or t / "empty")),
     ("OUT inside an input", lambda t: ["merge", base_copy(t), adapter_copy(t), t / "base" / "out"]),
     ("OUT exists and is not empty", lambda t: [*merge_args()(t)[:3], existing_out(t)]),
+    ("OUT holds the real file of a linked base shard (--overwrite)", linked_base),
+    ("OUT is the Hugging Face cache blobs folder of BASE (--overwrite)", hub_cache_blobs),
+    ("OUT is a link to a missing folder", dangling_out),
     ("BASE neither a folder nor a repo id", lambda t: ["merge", "not a repo!", adapter_copy(t), t / "out"]),
 ]
 
