@@ -1,4 +1,4 @@
-"""rslora-tools: merge, convert, inspect and publish PEFT LoRA / rsLoRA adapters, exactly and streaming.
+"""Stage 0: rslora-tools, merge, convert, inspect and publish PEFT LoRA / rsLoRA adapters, exactly and streaming.
 
 Python API (the CLI is a thin layer over it):
 
@@ -22,11 +22,11 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "Adapter": "adapter", "AdapterConfig": "adapter", "load_adapter": "adapter",
+    "Adapter": "adapter", "AdapterConfig": "adapter_config", "load_adapter": "adapter",
     "Checkpoint": "checkpoint", "open_checkpoint": "checkpoint",
     "AdapterConfigError": "errors", "InputError": "errors", "MismatchError": "errors", "OutputError": "errors",
-    "RsloraError": "errors", "UnsupportedAdapterError": "errors",
-    "MergeReport": "merging", "merge": "merging",
+    "RsloraError": "errors", "UnsupportedAdapterError": "errors", "HubError": "errors",
+    "MergeOptions": "merging", "MergeReport": "merging", "merge": "merging",
     "ConvertReport": "conversion", "convert": "conversion",
     "VerifyReport": "verification", "verify": "verification",
     "InspectReport": "inspection", "inspect_adapter": "inspection",
@@ -46,11 +46,13 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .adapter import Adapter, AdapterConfig, load_adapter  # noqa: F401
+    from .adapter import Adapter, load_adapter  # noqa: F401
+    from .adapter_config import AdapterConfig  # noqa: F401
     from .checkpoint import Checkpoint, open_checkpoint  # noqa: F401
     from .conversion import ConvertReport, convert  # noqa: F401
     from .errors import (  # noqa: F401
         AdapterConfigError,
+        HubError,
         InputError,
         MismatchError,
         OutputError,
@@ -59,6 +61,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     )
     from .hub import PushReport, push  # noqa: F401
     from .inspection import InspectReport, inspect_adapter  # noqa: F401
-    from .merging import MergeReport, merge  # noqa: F401
+    from .merging import MergeOptions, MergeReport, merge  # noqa: F401
     from .scaling import ModuleScale, module_scale, scale  # noqa: F401
     from .verification import VerifyReport, verify  # noqa: F401

@@ -1,36 +1,30 @@
-"""An adapter = its validated config + its tensors, grouped per module.
+"""Stage 2, adapter and scales: an adapter = its validated config + its tensors, grouped per module.
 
 Reads `adapter_config.json` and the header of `adapter_model.safetensors`; tensors are read
-one at a time when the merge needs them. Knows PEFT's saved key grammar
-(peft-semantics §5.1) and refuses what cannot be merged faithfully (§6).
+one at a time when a command needs them. Knows PEFT's saved key grammar (docs/peft-rules.md,
+"Saved keys"): each key is a LoRA factor of a module, a full tensor that replaces a base
+tensor (modules_to_save, saved embeddings, trained biases), or trainable-token rows.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .errors import AdapterConfigError, InputError, UnsupportedAdapterError
-from .safetensors_file import FLOAT_DTYPES, SafetensorsHeader, read_bytes, read_header, read_tensor
-from .scaling import ModuleScale, module_scale
+from .adapter_config import CONFIG_NAME, AdapterConfig, parse_config, read_config_file
+from .errors import AdapterConfigError, InputError
+from .safetensors_file import SafetensorsHeader, read_bytes, read_header, read_tensor
 
 if TYPE_CHECKING:
     import torch
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
-# Inits whose saved A/B are relative to a residual base that is not saved (peft-semantics §6.1).
-_UNCONVERTED_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-
-# suffix -> (role, is embedding LoRA)
+# saved key suffix -> role
 _LORA_SUFFIXES = {
     ".lora_A.weight": "A",
     ".lora_B.weight": "B",
@@ -44,162 +38,24 @@ _LORA_SUFFIXES = {
 
 
 @dataclass
-class AdapterConfig:
-    """The fields of a PEFT LoraConfig that matter for merging, validated."""
-
-    r: int
-    lora_alpha: float
-    use_rslora: bool
-    rank_pattern: dict[str, int]
-    alpha_pattern: dict[str, float]
-    fan_in_fan_out: bool
-    use_dora: bool
-    lora_bias: bool
-    bias: str
-    modules_to_save: list[str]
-    trainable_token_indices: list[int] | dict[str, list[int]] | None
-    target_parameters: list[str]
-    ensure_weight_tying: bool
-    base_model_name_or_path: str | None
-    revision: str | None
-    raw: dict[str, Any] = field(repr=False)
-
-    @property
-    def convention(self) -> str:
-        return "rslora" if self.use_rslora else "classic"
-
-    def scale_for(self, module_name: str) -> ModuleScale:
-        """PEFT's rank, alpha and scale for a module (the one scale implementation)."""
-        return module_scale(
-            module_name,
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            use_rslora=self.use_rslora,
-            rank_pattern=self.rank_pattern,
-            alpha_pattern=self.alpha_pattern,
-        )
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
-    """Validate a loaded adapter_config.json dict; refuse what cannot be merged."""
-    if not isinstance(raw, dict):
-        raise AdapterConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    peft_type = raw.get("peft_type")
-    if peft_type is None:
-        raise AdapterConfigError(f"{where}: missing 'peft_type'; is this a PEFT adapter folder?")
-    if peft_type != "LORA":
-        raise UnsupportedAdapterError(
-            f"{where}: peft_type is {peft_type!r}; rslora-tools merges LoRA adapters only "
-            "(other PEFT methods use different formulas: merge those with PEFT itself)"
-        )
-
-    def get(name: str, default: Any, check, expected: str) -> Any:
-        value = raw.get(name, default)
-        if value is None:
-            value = default
-        if not check(value):
-            raise AdapterConfigError(f"{where}: '{name}' must be {expected}, got {value!r}")
-        return value
-
-    r = get("r", 8, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer")
-    alpha = get("lora_alpha", 8, _is_number, "a number")
-    use_rslora = get("use_rslora", False, lambda v: isinstance(v, bool), "true or false")
-    rank_pattern = get(
-        "rank_pattern", {},
-        lambda v: isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values()),
-        "an object mapping module patterns to positive integers",
-    )
-    alpha_pattern = get(
-        "alpha_pattern", {}, lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
-        "an object mapping module patterns to numbers",
-    )
-    for field_name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        for key in pattern:
-            try:
-                re.compile(rf"(.*\.)?({key})$")
-            except re.error as e:
-                raise AdapterConfigError(
-                    f"{where}: {field_name} key {key!r} is not a valid regular expression ({e}); PEFT matches these "
-                    "keys as regular expressions"
-                ) from e
-    boolean = lambda v: isinstance(v, bool)  # noqa: E731
-    fan_in_fan_out = get("fan_in_fan_out", False, boolean, "true or false")
-    use_dora = get("use_dora", False, boolean, "true or false")
-    lora_bias = get("lora_bias", False, boolean, "true or false")
-    bias = get("bias", "none", lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'")
-    strings = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
-    modules_to_save = get("modules_to_save", [], strings, "a list of module names")
-    target_parameters = get("target_parameters", [], strings, "a list of parameter names")
-    ensure_weight_tying = get("ensure_weight_tying", False, boolean, "true or false")
-    tokens = raw.get("trainable_token_indices")
-    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)  # noqa: E731
-    if tokens is not None and not (ints(tokens) or (isinstance(tokens, dict) and all(ints(v) for v in tokens.values()))):
-        raise AdapterConfigError(
-            f"{where}: 'trainable_token_indices' must be a list of token ids or an object of such lists, got {tokens!r}"
-        )
-
-    _refuse_variants(raw, where)
-    return AdapterConfig(
-        r=r, lora_alpha=alpha, use_rslora=use_rslora, rank_pattern=dict(rank_pattern),
-        alpha_pattern=dict(alpha_pattern), fan_in_fan_out=fan_in_fan_out, use_dora=use_dora,
-        lora_bias=lora_bias, bias=bias, modules_to_save=list(modules_to_save),
-        trainable_token_indices=tokens, target_parameters=list(target_parameters),
-        ensure_weight_tying=ensure_weight_tying,
-        base_model_name_or_path=raw.get("base_model_name_or_path") if isinstance(raw.get("base_model_name_or_path"), str) else None,
-        revision=raw.get("revision") if isinstance(raw.get("revision"), str) else None,
-        raw=raw,
-    )
-
-
-def _refuse_variants(raw: dict[str, Any], where: str) -> None:
-    if raw.get("layer_replication"):
-        raise UnsupportedAdapterError(
-            f"{where}: 'layer_replication' is set; replicated layers share base weights, so the adapter "
-            "cannot be merged into a checkpoint (serve it unmerged with PEFT instead)"
-        )
-    init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_UNCONVERTED_INITS):
-        raise UnsupportedAdapterError(
-            f"{where}: init_lora_weights={init!r}: this adapter is relative to a modified base that was not "
-            "saved; convert it to plain LoRA first with PEFT's save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...)"
-        )
-    variants = {
-        "alora_invocation_tokens": "aLoRA",
-        "use_qalora": "QALoRA",
-        "kasa_config": "KaSA",
-        "use_bdlora": "BD-LoRA",
-        "arrow_config": "Arrow",
-    }
-    for key, name in variants.items():
-        if raw.get(key):
-            raise UnsupportedAdapterError(
-                f"{where}: '{key}' is set: {name} adapters are not plain LoRA and cannot be merged by rslora-tools"
-            )
-    if raw.get("megatron_config"):
-        raise UnsupportedAdapterError(
-            f"{where}: 'megatron_config' is set: tensor-parallel shards cannot be merged into a full checkpoint"
-        )
-
-
-@dataclass
 class LoraModule:
     """The saved tensors of one LoRA-wrapped module (names are adapter keys)."""
 
     name: str  # module path relative to the wrapped model, PEFT's `.base_layer` wrapper segments removed
     depth: int = 0  # number of nested wrappers (target_parameters on one module)
-    a_key: str | None = None
-    b_key: str | None = None
+    a_key: str = ""
+    b_key: str = ""
     bias_key: str | None = None
     magnitude_key: str | None = None
     embedding: bool = False
     # MultiheadAttention's out_proj: PEFT wraps it inside the MHA layer with the MHA's rank and
-    # alpha (patterns match the MHA's name, kept here), and merges its delta twice (see delta.py).
+    # alpha (patterns match the MHA's name, kept here), and merges its delta twice (see compute.py).
     mha_parent: str | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        """Every adapter key of this module."""
+        return [k for k in (self.a_key, self.b_key, self.bias_key, self.magnitude_key) if k]
 
 
 @dataclass
@@ -211,9 +67,9 @@ class Adapter:
     config: AdapterConfig
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
-    modules: dict[tuple[str, int], LoraModule]
-    replacements: dict[str, str]  # base parameter path -> adapter key (full tensors that replace base ones)
-    token_deltas: dict[str, str]  # module path -> adapter key of trainable_tokens_delta
+    modules: dict[tuple[str, int], LoraModule] = field(default_factory=dict)
+    replacements: dict[str, str] = field(default_factory=dict)  # base parameter path -> adapter key
+    token_deltas: dict[str, str] = field(default_factory=dict)  # module path -> adapter key of trainable_tokens_delta
     _header: SafetensorsHeader | None = field(default=None, repr=False)
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -226,29 +82,30 @@ class Adapter:
             return read_tensor(f, self._header, key)
 
     @property
-    def raw_available(self) -> bool:
-        """Whether `raw` can read tensors (a safetensors adapter, not a pickle)."""
+    def is_safetensors(self) -> bool:
+        """Whether the weights are a safetensors file, whose tensors can be read and copied as bytes."""
         return self._header is not None
 
-    def raw_offset(self, key: str) -> int:
+    def tensor_offset(self, key: str) -> int:
         """Where one tensor's bytes start in the safetensors file."""
         assert self._header is not None
         return self._header.data_start + self._header.tensors[key].begin
 
-    def raw(self, key: str) -> bytearray | None:
-        """One tensor's bytes as saved (safetensors adapters only; None for a pickled one)."""
-        if self._header is None:
-            return None
-        info = self._header.tensors[key]
+    def tensor_nbytes(self, key: str) -> int:
+        assert self._header is not None
+        return self._header.tensors[key].nbytes
+
+    def tensor_bytes(self, key: str) -> bytearray:
+        """One tensor's bytes as saved (safetensors adapters only)."""
         with open(self.weights_path, "rb") as f:
-            return read_bytes(f, self._header.data_start + info.begin, info.nbytes)
+            return read_bytes(f, self.tensor_offset(key), self.tensor_nbytes(key))
 
     @property
     def lora_modules(self) -> list[LoraModule]:
         return list(self.modules.values())
 
 
-def find_adapter_folder(path: str | os.PathLike) -> Path:
+def find_adapter_folder(path: str | os.PathLike[str]) -> Path:
     """The folder holding adapter_config.json: PATH itself, or its single adapter subfolder."""
     path = Path(path)
     if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -266,28 +123,24 @@ def find_adapter_folder(path: str | os.PathLike) -> Path:
     raise InputError(f"{path}: no {CONFIG_NAME} here or in a subfolder; is this a PEFT adapter folder?")
 
 
-def load_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> Adapter:
-    """Read an adapter folder: config and tensor headers (weights are read later, one tensor at a time).
+def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapter:
+    """Read an adapter folder: its config and tensor headers (weights are read later, one tensor at a time).
 
     Args:
         path: an adapter folder as written by PEFT's `save_pretrained` (or a folder with one adapter subfolder).
         allow_pickle: load `adapter_model.bin` when there is no safetensors file, with
             `torch.load(weights_only=True)`, which never executes code.
+
+    Returns:
+        The `Adapter`, with its modules grouped and checked.
     """
     folder = find_adapter_folder(path)
-    config_path = folder / CONFIG_NAME
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterConfigError(f"{config_path}: not valid JSON ({e})") from e
-    config = parse_config(raw, str(config_path))
-
+    config = parse_config(read_config_file(folder), str(folder / CONFIG_NAME))
     weights = folder / WEIGHTS_NAME
-    header = pickled = None
     if weights.is_file():
         header = read_header(weights)
-        shapes = {k: v.shape for k, v in header.tensors.items()}
-        dtypes = {k: v.dtype for k, v in header.tensors.items()}
+        adapter = Adapter(folder, weights, config, {k: v.shape for k, v in header.tensors.items()},
+                          {k: v.dtype for k, v in header.tensors.items()}, _header=header)
     elif (folder / PICKLE_NAME).is_file():
         weights = folder / PICKLE_NAME
         if not allow_pickle:
@@ -296,15 +149,13 @@ def load_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> Adap
                 "Convert it to safetensors (PEFT: save_pretrained(..., safe_serialization=True)) or pass "
                 "--allow-pickle to load it with torch.load(weights_only=True)"
             )
-        pickled = _load_pickle(weights)
-        from . import safetensors_file
+        from .safetensors_file import torch_to_safetensors_dtype
 
-        shapes = {k: tuple(v.shape) for k, v in pickled.items()}
-        dtypes = {k: safetensors_file.TORCH_TO_ST.get(v.dtype, str(v.dtype)) for k, v in pickled.items()}
+        pickled = _load_pickle(weights)
+        adapter = Adapter(folder, weights, config, {k: tuple(v.shape) for k, v in pickled.items()},
+                          {k: torch_to_safetensors_dtype(v.dtype) for k, v in pickled.items()}, _pickled=pickled)
     else:
         raise InputError(f"{folder}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
-
-    adapter = Adapter(folder, weights, config, shapes, dtypes, {}, {}, {}, header, pickled)
     _group_keys(adapter)
     return adapter
 
@@ -359,9 +210,8 @@ def _group_keys(adapter: Adapter) -> None:
 
 def _unwrap(path: str, wrapped: set[str]) -> str:
     """Remove PEFT's `.base_layer` wrapper segments that follow a wrapped module (as PEFT does structurally)."""
-    parts = path.split(".")
     out: list[str] = []
-    for part in parts:
+    for part in path.split("."):
         if part == "base_layer" and ".".join(out) in wrapped:
             continue
         out.append(part)
@@ -400,7 +250,7 @@ def _add_role(adapter: Adapter, path: str, role: str, key: str) -> None:
 
 def _check_module(adapter: Adapter, module: LoraModule) -> None:
     where = adapter.weights_path
-    if module.a_key is None or module.b_key is None:
+    if not module.a_key or not module.b_key:
         have = module.a_key or module.b_key or module.magnitude_key or module.bias_key
         raise InputError(f"{where}: module {module.name!r} has {have!r} but not both LoRA A and B tensors")
     a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
@@ -419,28 +269,3 @@ def _check_module(adapter: Adapter, module: LoraModule) -> None:
         )
     if adapter.config.use_dora and module.magnitude_key is None and module.depth == 0:
         raise InputError(f"{where}: use_dora is true but module {module.name!r} has no lora_magnitude_vector")
-
-
-def check_finite(adapter: Adapter) -> None:
-    """Refuse adapter weights holding NaN or Inf (a diverged training run); reads each tensor once."""
-    from . import kernel
-
-    bad = []
-    for key, dtype in adapter.dtypes.items():
-        if dtype not in FLOAT_DTYPES:
-            continue
-        raw = adapter.raw(key)
-        count = kernel.count_nonfinite(raw, dtype) if raw is not None else None
-        if count is None:  # no compiled kernel, or a pickled adapter
-            import torch
-
-            t = adapter.tensor(key)
-            count = int(t.numel() - torch.isfinite(t).sum())
-        if count:
-            bad.append(f"{key} ({count} values)")
-    if bad:
-        raise InputError(
-            f"{adapter.weights_path}: NaN or Inf in {len(bad)} adapter tensor(s): {', '.join(bad[:3])}"
-            f"{', ...' if len(bad) > 3 else ''}; the adapter is broken (diverged training?). "
-            "Pass --allow-nonfinite to merge it anyway"
-        )

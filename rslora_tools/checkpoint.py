@@ -1,39 +1,51 @@
-"""Hugging Face checkpoints on disk: single file or sharded with an index, plus side files.
+"""Stage 1, formats: Hugging Face checkpoint folders, a single file or shards with an index, plus side files.
 
 Reading validates the index against the shard headers (every tensor in exactly one shard, no
-file names that leave the folder). Writing helpers name shards and write the index the way
-transformers does (`model-00001-of-00004.safetensors`, `indent=2, sort_keys=True`).
+file names that leave the folder) and opens shard files on demand (`CheckpointFiles`).
+Writing follows transformers: shards named `model-00001-of-00004.safetensors`, the index
+written with `indent=2, sort_keys=True`, and the side files (configs, tokenizer, templates)
+copied verbatim, with `config.json` updated only where a merge changes it.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import math
 import os
-import re
+import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
-from .safetensors_file import SafetensorsHeader, TensorInfo, read_header
+from .safetensors_file import SafetensorsHeader, TensorInfo, read_header, read_tensor, tensor_nbytes
+
+if TYPE_CHECKING:
+    import torch
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
-# Files that are not side files: weights, indexes, adapter files, the base's model card.
+# Files that are not side files: weights, indexes, adapter files, the base's model card, provenance.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl")
 _NOT_SIDE_FILES = {"adapter_config.json", "README.md", ".gitattributes", "rslora_tools.json"}
-_TOKENIZER_FILE = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|.*\.model|.*\.tiktoken|"
-    r"chat_template\.(jinja|json)|.*\.jinja|spiece\.model|sentencepiece\..*|(pre)?processor_config\.json|"
-    r"preprocessor_config\.json|image_processor.*\.json|video_preprocessor.*\.json|feature_extractor.*\.json)$"
+# Tokenizer, chat template and processor files (glob patterns): what a merge takes from the adapter
+# folder when it has them, and what a Hub download fetches besides the configs.
+TOKENIZER_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken",
+    "chat_template*", "*.jinja", "sentencepiece.*", "processor_config.json", "preprocessor_config.json",
+    "image_processor*.json", "video_preprocessor*.json", "feature_extractor*.json",
 )
+
+TensorEntry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
 
 
 @dataclass
 class Checkpoint:
-    """A base model folder: its shards (in order), their headers, and config.json."""
+    """A model folder: its shards (in order), their headers, and config.json."""
 
     folder: Path
     shards: list[str]
@@ -58,11 +70,16 @@ class Checkpoint:
         return sum(t.nbytes for h in self.headers.values() for t in h.tensors.values())
 
 
+def check_shard_name(index_path: Path, name: object, what: str) -> str:
+    """A shard named by an index must be a plain file name in the index's folder (no path, no `..`)."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise InputError(f"{index_path}: {what} names file {name!r}, which is not a plain file name in the folder")
+    return name
+
+
 def _safe_member(folder: Path, name: object, what: str) -> Path:
-    """A file inside `folder` named by an index; refuse names that leave the folder."""
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise InputError(f"{folder / INDEX_FILE}: {what} names file {name!r}, which is not a plain file name in the folder")
-    path = folder / name
+    """A file inside `folder` named by an index; refuse names and links that leave the folder."""
+    path = folder / check_shard_name(folder / INDEX_FILE, name, what)
     try:
         resolved = path.resolve(strict=True)
     except (OSError, RuntimeError) as e:
@@ -88,8 +105,24 @@ def _is_hub_blob(resolved: Path, folder: Path) -> bool:
     return "snapshots" in parts and resolved.parent.name == "blobs" and _inside(resolved, folder.resolve().parents[1])
 
 
-def open_checkpoint(folder: str | os.PathLike) -> Checkpoint:
-    """Open a base model folder (single `model.safetensors` or sharded with an index) and validate it."""
+def index_shard_names(folder: Path) -> list[str] | None:
+    """The shard files the folder's index lists (sorted, each a checked plain name), or None without an index."""
+    index_path = folder / INDEX_FILE
+    if not index_path.is_file():
+        return None
+    weight_map = _weight_map(index_path, read_json_file(index_path))
+    return sorted({check_shard_name(index_path, shard, f"tensor {tensor!r}") for tensor, shard in weight_map.items()})
+
+
+def _weight_map(index_path: Path, index: Any) -> dict[str, Any]:
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{index_path}: missing or empty 'weight_map'")
+    return weight_map
+
+
+def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
+    """Open a model folder (single `model.safetensors` or sharded with an index) and validate it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: base model folder not found")
@@ -118,9 +151,7 @@ def open_checkpoint(folder: str | os.PathLike) -> Checkpoint:
 
 def _open_sharded(folder: Path, index_path: Path, config: dict[str, Any] | None) -> Checkpoint:
     index = read_json_file(index_path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise InputError(f"{index_path}: missing or empty 'weight_map'")
+    weight_map = _weight_map(index_path, index)
     metadata = index.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise InputError(f"{index_path}: 'metadata' must be an object")
@@ -148,6 +179,41 @@ def _open_sharded(folder: Path, index_path: Path, config: dict[str, Any] | None)
     return Checkpoint(folder, shards, headers, dict(weight_map), metadata, config)
 
 
+class CheckpointFiles:
+    """A checkpoint's shard files, opened read-only on demand (one descriptor each, shared by threads)."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, shard: str) -> int:
+        with self._lock:  # worker threads open files too
+            if shard not in self._fds:
+                self._fds[shard] = os.open(self.checkpoint.folder / shard, os.O_RDONLY)
+            return self._fds[shard]
+
+    def locate(self, name: str) -> tuple[int, int]:
+        """(file descriptor, absolute offset) of a tensor's bytes."""
+        shard = self.checkpoint.weight_map[name]
+        header = self.checkpoint.headers[shard]
+        return self.fd(shard), header.data_start + header.tensors[name].begin
+
+    def path(self, name: str) -> Path:
+        """The shard file that holds tensor `name`."""
+        return self.checkpoint.folder / self.checkpoint.weight_map[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        shard = self.checkpoint.weight_map[name]
+        return read_tensor(self.fd(shard), self.checkpoint.headers[shard], name)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
 def read_json_file(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -164,23 +230,15 @@ def shard_file_name(index: int, count: int) -> str:
     return SINGLE_FILE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-_SIZE_UNITS = {
-    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """Parse an HF-style size: decimal units ("5GB" = 5e9 bytes), binary with "GiB", or plain bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m or m.group(2) not in _SIZE_UNITS:
-        raise ValueError(f"invalid size {text!r}; use a number of bytes or a size like 500MB, 5GB, 2GiB")
-    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
-    if value <= 0:
-        raise ValueError(f"invalid size {text!r}; it must be positive")
-    return value
+def write_index(folder: Path, shards: list[tuple[str, list[TensorEntry]]], metadata: dict[str, Any]) -> None:
+    """model.safetensors.index.json for these shards: weight_map, total_size in bytes, total_parameters if kept."""
+    weight_map = {name: shard for shard, entries in shards for name, _, _ in entries}
+    entries = [entry for _, shard_entries in shards for entry in shard_entries]
+    metadata = dict(metadata)
+    metadata["total_size"] = sum(tensor_nbytes(dtype, shape) for _, dtype, shape in entries)
+    if "total_parameters" in metadata:
+        metadata["total_parameters"] = sum(math.prod(shape) for _, _, shape in entries)
+    write_json_file(folder / INDEX_FILE, {"metadata": metadata, "weight_map": weight_map}, sort_keys=True)
 
 
 def side_files(folder: Path) -> list[Path]:
@@ -196,4 +254,25 @@ def side_files(folder: Path) -> list[Path]:
 
 
 def is_tokenizer_file(name: str) -> bool:
-    return bool(_TOKENIZER_FILE.match(name))
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TOKENIZER_PATTERNS)
+
+
+def copy_side_files(base: Path, adapter: Path, dest: Path, config_updates: dict[str, Any]) -> None:
+    """config.json (updated only where the merge changes it), generation config, tokenizer, templates.
+
+    The tokenizer comes from the adapter folder when it has one (the tokenizer it was trained with).
+    """
+    adapter_files = [p for p in side_files(adapter) if is_tokenizer_file(p.name)]
+    for path in side_files(base):
+        if adapter_files and is_tokenizer_file(path.name):
+            continue
+        if path.name == "config.json" and config_updates:
+            config = read_json_file(path)
+            config.update(config_updates)
+            if isinstance(config.get("text_config"), dict) and "vocab_size" in config_updates:
+                config["text_config"]["vocab_size"] = config_updates["vocab_size"]
+            write_json_file(dest / path.name, config)
+            continue
+        shutil.copyfile(path, dest / path.name)
+    for path in adapter_files:
+        shutil.copyfile(path, dest / path.name)

@@ -1,4 +1,8 @@
-"""The `rslora-tools` command line: parse, call the library, print. All click code lives here."""
+"""Stage 7, CLI: the `rslora-tools` command line: parse, call the library, print. All click code lives here.
+
+The CLI owns every progress bar (tqdm on stderr, quiet when stderr is not a terminal) and turns
+library errors into one `Error: ...` line with exit code 1.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,17 @@ import gc
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
 from . import __version__
 from .errors import OutputInterrupted, RsloraError
-from .output import human_size
+from .scaling import convention_label
+from .sizes import human_size, parse_size
 
 DEBUG_ENV = "RSLORA_TOOLS_DEBUG"
 
@@ -91,23 +99,64 @@ def _token_option(f):
                         help="Hugging Face token (default: HF_TOKEN or the stored login). Never printed.")(f)
 
 
-def _push_after(out: str, push_to: str | None, private: bool, create_pr: bool, commit_message: str | None,
-                token: str | None, quiet: bool) -> dict[str, Any] | None:
-    if not push_to:
+@dataclass(frozen=True)
+class _PushRequest:
+    """--push-to-hub and its companions, as given on the command line (repo_id None: no push)."""
+
+    repo_id: str | None
+    private: bool = False
+    create_pr: bool = False
+    commit_message: str | None = None
+    token: str | None = None
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> _PushRequest:
+        return cls(flags["push_to"], flags["private"], flags["create_pr"], flags["commit_message"], flags["token"])
+
+
+def _push_after(out: str, request: _PushRequest, quiet: bool) -> dict[str, Any] | None:
+    """Push OUT (complete on disk) when asked; a failure or Ctrl-C says so and how to push it later."""
+    if not request.repo_id:
         return None
-    from .errors import RsloraError
     from .hub import push
 
+    later = f"{out} is complete on disk; push it later with: rslora-tools push {out} {request.repo_id}"
     try:
-        report = push(out, push_to, private=private, create_pr=create_pr, commit_message=commit_message, token=token)
+        report = push(out, request.repo_id, private=request.private, create_pr=request.create_pr,
+                      commit_message=request.commit_message, token=request.token)
     except RsloraError as e:
-        raise type(e)(f"{e} ({out} is complete on disk; push it later with: rslora-tools push {out} {push_to})") from e
+        raise type(e)(f"{e} ({later})") from e
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted during the push; {later}") from None
     if not quiet:
         _echo_push(report)
     return report.to_dict()
 
 
-def _echo_push(report) -> None:
+@contextmanager
+def _progress(desc: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A byte progress bar on stderr (shown only on a terminal), as the `progress(n, total)` callback the library calls."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr, disable=None,
+               dynamic_ncols=True)
+
+    def update(n: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _echo_push(report: Any) -> None:
     where = report.pr_url or report.commit_url
     card = ", model card written" if report.card_written else ""
     click.echo(f"Pushed {report.files} files to {report.repo_id}{card}: {where}", err=True)
@@ -134,10 +183,7 @@ def _echo_push(report) -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if the adapter weights hold NaN or Inf.")
 @_token_option
 @_hub_push_options
-def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_size: str | None, overwrite: bool,
-          allow_pickle: bool, dry_run: bool, as_json: bool, quiet: bool, base_revision: str | None,
-          adapter_revision: str | None, verify_output: bool, allow_nonfinite: bool, token: str | None,
-          push_to: str | None, private: bool, create_pr: bool, commit_message: str | None) -> None:
+def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
     The result equals PEFT's merge_and_unload() bit for bit on CPU, for classic LoRA and rsLoRA,
@@ -156,37 +202,36 @@ def merge(base: str, adapter: str, out: str, dtype: str, device: str, max_shard_
       rslora-tools merge org/base org/adapter merged/ --push-to-hub me/merged
       rslora-tools merge auto org/adapter@v2 merged/
     """
-    from .checkpoint import parse_size
+    from .hub import resolve_merge_inputs
     from .merging import merge as run_merge
 
-    if max_shard_size is not None:
+    if flags["max_shard_size"] is not None:
         try:
-            parse_size(max_shard_size)
+            parse_size(flags["max_shard_size"])
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
-    from .hub import resolve_merge_inputs
-
     base_source, adapter_source, hub_warnings = resolve_merge_inputs(
-        base, adapter, base_revision=base_revision, adapter_revision=adapter_revision, token=token,
-        allow_pickle=allow_pickle,
+        base, adapter, base_revision=flags["base_revision"], adapter_revision=flags["adapter_revision"],
+        token=flags["token"], allow_pickle=flags["allow_pickle"],
     )
-    report = run_merge(
-        base_source.path, adapter_source.path, out, dtype=None if dtype == "auto" else dtype, device=device,
-        max_shard_size=max_shard_size, overwrite=overwrite, progress=not (quiet or as_json),
-        allow_pickle=allow_pickle, dry_run=dry_run,
-        sources={"base": base_source.to_dict(), "adapter": adapter_source.to_dict()},
-        verify=verify_output, allow_nonfinite=allow_nonfinite,
-    )
+    with _progress("Merging", not (flags["quiet"] or flags["as_json"])) as progress:
+        report = run_merge(
+            base_source.path, adapter_source.path, out, dtype=flags["dtype"], device=flags["device"],
+            max_shard_size=flags["max_shard_size"], overwrite=flags["overwrite"], progress=progress,
+            allow_pickle=flags["allow_pickle"], dry_run=flags["dry_run"],
+            sources={"base": base_source.to_dict(), "adapter": adapter_source.to_dict()},
+            verify=flags["verify_output"], allow_nonfinite=flags["allow_nonfinite"],
+        )
     for warning in hub_warnings + report.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    push = dict(push_to=push_to, private=private, create_pr=create_pr, commit_message=commit_message, token=token)
-    _finish(report, _print_merge, out, push, as_json, quiet)
+    _finish(report, _print_merge, out, _PushRequest.from_flags(flags), flags["as_json"], flags["quiet"])
 
 
-def _finish(report, printer, out: str, push: dict[str, Any], as_json: bool, quiet: bool) -> None:
+def _finish(report: Any, printer: Callable[[Any], None], out: str, push: _PushRequest, as_json: bool,
+            quiet: bool) -> None:
     """Print the report (JSON or text), then push OUT when asked; with --json the push result is included."""
     if as_json:
-        pushed = None if report.dry_run else _push_after(out, **push, quiet=True)
+        pushed = None if report.dry_run else _push_after(out, push, quiet=True)
         click.echo(json.dumps({**report.to_dict(), "push": pushed}, indent=2))
         if getattr(report, "unmatched", None):  # a dry run that found adapter tensors matching nothing
             sys.exit(1)
@@ -194,16 +239,16 @@ def _finish(report, printer, out: str, push: dict[str, Any], as_json: bool, quie
     if not quiet:
         printer(report)
     if not report.dry_run:
-        _push_after(out, **push, quiet=quiet)
+        _push_after(out, push, quiet=quiet)
 
 
-def _print_merge(report) -> None:
+def _print_merge(report: Any) -> None:
     scale = "no LoRA modules"
     if report.scale_min is not None:
         scale = f"scale {report.scale_min:.6g}" if report.scale_min == report.scale_max else \
             f"scales {report.scale_min:.6g} to {report.scale_max:.6g}"
     verb = "Would merge" if report.dry_run else "Merged"
-    click.echo(f"{verb} {report.modules} LoRA modules ({_convention(report.convention)}, {scale}) into {report.out}")
+    click.echo(f"{verb} {report.modules} LoRA modules ({convention_label(report.convention, 'short')}, {scale}) into {report.out}")
     click.echo(
         f"  tensors: {report.tensors_merged} changed, {report.tensors_copied} copied as is, {report.tensors_total} total; "
         f"{len(report.shards)} shard(s), {human_size(report.bytes_written)}, {report.dtype or 'no float'} on {report.device}"
@@ -221,10 +266,10 @@ def _print_merge(report) -> None:
         _print_dry_run(report)
 
 
-_BY = {"kernel": "merge kernel", "torch": "torch", "copy": "copied from the adapter"}
+_BY = {"kernel": "merge kernel", "torch": "torch", "copy": "copied from the adapter", "raw": "copied"}
 
 
-def _print_dry_run(report) -> None:
+def _print_dry_run(report: Any) -> None:
     """The plan in detail: changes grouped over layers, unmatched adapter tensors, memory and disk."""
     from .inspection import layer_pattern
 
@@ -268,10 +313,7 @@ def _print_dry_run(report) -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Convert even if the adapter weights hold NaN or Inf.")
 @_token_option
 @_hub_push_options
-def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bool, base: str | None,
-            overwrite: bool, allow_pickle: bool, dry_run: bool, as_json: bool, quiet: bool, revision: str | None,
-            allow_nonfinite: bool, token: str | None, push_to: str | None, private: bool, create_pr: bool,
-            commit_message: str | None) -> None:
+def convert(adapter: str, out: str, **flags: Any) -> None:
     """Convert ADAPTER into OUT so that it is served with PEFT's exact scale everywhere.
 
     --to-rslora / --to-classic rewrite the alphas (per module when ranks or alphas differ), so
@@ -291,22 +333,24 @@ def convert(adapter: str, out: str, to: str | None, target: str | None, bake: bo
     from .conversion import convert as run_convert
     from .hub import resolve_input
 
+    to, target = flags["to"], flags["target"]
     if (to is None) == (target is None):
         raise click.UsageError("choose one of --to-rslora, --to-classic or --target RUNTIME")
-    if bake and to is None:
+    if flags["bake"] and to is None:
         raise click.UsageError("--bake goes with --to-rslora or --to-classic (--target bakes when it must)")
-    if push_to and out.endswith(".gguf"):
+    if flags["push_to"] and out.endswith(".gguf"):
         raise click.UsageError("--push-to-hub pushes a folder; push a .gguf file with: hf upload REPO FILE")
-    source = resolve_input(adapter, kind="adapter", revision=revision, token=token, allow_pickle=allow_pickle)
-    base_path = resolve_input(base, kind="base", token=token).path if base is not None else None
-    report = run_convert(source.path, out, to=to, target=target, bake=bake, base=base_path, overwrite=overwrite,
-                         dry_run=dry_run, allow_pickle=allow_pickle, source=source.to_dict(),
-                         allow_nonfinite=allow_nonfinite)
-    push = dict(push_to=push_to, private=private, create_pr=create_pr, commit_message=commit_message, token=token)
-    _finish(report, _print_convert, out, push, as_json, quiet)
+    source = resolve_input(adapter, role="adapter", revision=flags["revision"], token=flags["token"],
+                           allow_pickle=flags["allow_pickle"])
+    base = flags["base"]
+    base_path = resolve_input(base, role="base", token=flags["token"]).path if base is not None else None
+    report = run_convert(source.path, out, to=to, target=target, bake=flags["bake"], base=base_path,
+                         overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_pickle=flags["allow_pickle"],
+                         source=source.to_dict(), allow_nonfinite=flags["allow_nonfinite"])
+    _finish(report, _print_convert, out, _PushRequest.from_flags(flags), flags["as_json"], flags["quiet"])
 
 
-def _print_convert(report) -> None:
+def _print_convert(report: Any) -> None:
     verb = "Would write" if report.dry_run else "Wrote"
     click.echo(f"{verb} {report.out}: {report.message}")
     for key, (before, after) in report.config_changes.items():
@@ -344,8 +388,8 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
     from .hub import resolve_input
     from .inspection import inspect_adapter
 
-    source = resolve_input(adapter, kind="adapter", revision=revision, token=token, allow_pickle=allow_pickle)
-    base_path = resolve_input(base, kind="base", token=token).path if base is not None else None
+    source = resolve_input(adapter, role="adapter", revision=revision, token=token, allow_pickle=allow_pickle)
+    base_path = resolve_input(base, role="base", token=token).path if base is not None else None
     report = inspect_adapter(source.path, base=base_path, runtimes=list(runtimes), allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -380,21 +424,15 @@ def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickl
       rslora-tools verify merged/ base-model/ my-adapter/
       rslora-tools verify merged/ org/base org/adapter --sample 20
     """
-    from tqdm.auto import tqdm
-
     from .hub import resolve_merge_inputs
     from .verification import verify as run_verify
 
     base_source, adapter_source, _ = resolve_merge_inputs(
         base, adapter, base_revision=base_revision, adapter_revision=adapter_revision, token=token,
         allow_pickle=allow_pickle)
-    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="Verifying", file=sys.stderr,
-               disable=True if (quiet or as_json) else None)
-    try:
+    with _progress("Verifying", not (quiet or as_json)) as progress:
         report = run_verify(merged, base_source.path, adapter_source.path, sample=sample,
-                            allow_pickle=allow_pickle, progress=bar.update)
-    finally:
-        bar.close()
+                            allow_pickle=allow_pickle, progress=progress)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -450,7 +488,7 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_
         _echo_push(report)
 
 
-def _print_inspection(report) -> None:
+def _print_inspection(report: Any) -> None:
     from .runtimes import RUNTIMES
 
     cfg = f"r={report.r}, lora_alpha={report.lora_alpha:g}"
@@ -458,7 +496,7 @@ def _print_inspection(report) -> None:
         cfg += f", rank_pattern={json.dumps(report.rank_pattern)}"
     if report.alpha_pattern:
         cfg += f", alpha_pattern={json.dumps(report.alpha_pattern)}"
-    click.echo(f"{report.adapter}: {_convention(report.convention)}; {cfg}")
+    click.echo(f"{report.adapter}: {convention_label(report.convention, 'short')}; {cfg}")
     click.echo(f"  {len(report.modules)} LoRA modules; features: {', '.join(report.features) or 'plain LoRA'}")
     runtime_names = [n for n in RUNTIMES if n != "peft"]
     header = ["modules", "n", "layers", "rank", "alpha", "PEFT scale", *(RUNTIMES[n].label for n in runtime_names)]
@@ -485,10 +523,6 @@ def _ratio(ratio: float | None, status: str) -> str:
     if ratio is None:
         return "-"
     return "1x" if ratio == 1.0 else f"{ratio:.4g}x"
-
-
-def _convention(name: str) -> str:
-    return {"rslora": "rsLoRA, alpha/sqrt(r)", "classic": "classic LoRA, alpha/r"}[name]
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Convert an adapter between conventions, or for a serving runtime, keeping PEFT's per-module scale.
+"""Stage 6, commands: `convert`, an adapter between conventions or for a serving runtime, keeping PEFT's scales.
 
 Decide (`plan_conversion`): a no-op copy, a config-only rewrite (weights byte-identical), or
 folding scales into the weights (`--bake`, the unit-scale form). Then write (`convert`): the
@@ -14,37 +14,32 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, Literal
 
 from . import __version__
-from .adapter import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, Adapter, check_finite, load_adapter
-from .convention import (
-    ModuleEntry,
-    convention_config,
-    is_power_of_two,
-    module_entries,
-    normalized_raw,
-    unit_config,
-    unstable_patterns,
-)
+from .adapter import PICKLE_NAME, WEIGHTS_NAME, Adapter, load_adapter
+from .adapter_config import CONFIG_NAME
+from .config_rewrite import convention_config, is_power_of_two, unit_config
 from .errors import InputError, UnsupportedAdapterError
-from .output import atomic_folder, check_output_location
+from .finite import check_finite
+from .module_scales import ModuleEntry, module_entries
+from .checkpoint import open_checkpoint
+from .output import atomic_file, atomic_folder, check_output_file, check_output_location
 from .provenance import PROVENANCE_NAME, write_provenance
 from .runtimes import RUNTIMES, Runtime, missing_features, runtime_scale
-from .safetensors_file import ST_TO_TORCH, SafetensorsWriter, read_header
-from .scaling import scale
+from .safetensors_file import SafetensorsWriter, read_header, safetensors_to_torch_dtype
+from .scaling import Convention, convention_label, scale, unstable_patterns
 
-CONVENTIONS = {"rslora": True, "classic": False}
+CONVENTIONS: dict[str, bool] = {"rslora": True, "classic": False}
 TARGETS = (*RUNTIMES, "unit")
+Action = Literal["copy", "config", "bake", "unit", "gguf"]
 
 
 @dataclass
 class ConversionPlan:
     """What a conversion does: the new config, and per-module factors folded into lora_B (if any)."""
 
-    action: str  # "copy", "config", "bake", "unit", "gguf"
+    action: Action
     config: dict[str, Any]
     factors: dict[tuple[str, int], float]  # (module name, depth) -> factor multiplied into its B (and lora bias)
     message: str
@@ -52,6 +47,8 @@ class ConversionPlan:
 
 @dataclass
 class ConvertReport:
+    """What `convert` did (or would do); `to_dict()` is what `--json` prints."""
+
     adapter: str
     out: str
     action: str
@@ -72,18 +69,18 @@ class ConvertReport:
 def plan_conversion(adapter: Adapter, entries: list[ModuleEntry], *, to: str | None = None,
                     target: str | None = None, bake: bool = False) -> ConversionPlan:
     """Choose how to convert: `to` a convention ("rslora"/"classic"), or for a `target` runtime (or "unit")."""
-    raw = normalized_raw(adapter)
+    fields = adapter.config.normalized()
     current = adapter.config.convention
     if to is not None:
         use_rslora = CONVENTIONS[to]
         if to == current:
-            return ConversionPlan("copy", raw, {}, f"the adapter is already {_label(to)}; copied unchanged")
+            return ConversionPlan("copy", fields, {}, f"the adapter is already {convention_label(to)}; copied unchanged")
         if bake:
-            new = dict(raw, use_rslora=use_rslora)
+            new = dict(fields, use_rslora=use_rslora)
             factors = {_key(e): e.scale.scale / scale(e.scale.alpha, e.scale.r, use_rslora) for e in entries}
-            return ConversionPlan("bake", new, factors, f"{_label(current)} -> {_label(to)}: scale change folded into lora_B")
+            return ConversionPlan("bake", new, factors, f"{convention_label(current)} -> {convention_label(to)}: scale change folded into lora_B")
         new = convention_config(adapter, entries, use_rslora)
-        return ConversionPlan("config", new, {}, f"{_label(current)} -> {_label(to)}: alphas rewritten, weights unchanged")
+        return ConversionPlan("config", new, {}, f"{convention_label(current)} -> {convention_label(to)}: alphas rewritten, weights unchanged")
 
     if target == "unit":
         return _unit_plan(adapter, entries, "unit-scale form (scale 1 in every runtime)")
@@ -94,12 +91,12 @@ def plan_conversion(adapter: Adapter, entries: list[ModuleEntry], *, to: str | N
             f"{runtime.label} cannot serve this adapter: {'; '.join(lacks)}. Merge it into the base model "
             "instead (rslora-tools merge BASE ADAPTER OUT) and serve the merged model"
         )
-    if runtime.honours_patterns and unstable_patterns(raw, [e.name for e in entries]):
+    if runtime.honours_patterns and unstable_patterns(fields, [e.name for e in entries]):
         stable = convention_config(adapter, entries, adapter.config.use_rslora)
         return ConversionPlan("config", stable, {}, "pattern keys rewritten so that every PEFT version reads the same "
                                                     "per-module scales; weights unchanged")
-    if _serves_right(runtime, raw, entries):
-        return ConversionPlan("copy", raw, {}, f"{runtime.label} already applies PEFT's scale to every module; copied unchanged")
+    if _serves_right(runtime, fields, entries):
+        return ConversionPlan("copy", fields, {}, f"{runtime.label} already applies PEFT's scale to every module; copied unchanged")
     try:
         rewritten = convention_config(adapter, entries, adapter.config.use_rslora and runtime.honours_rslora)
     except UnsupportedAdapterError:
@@ -122,8 +119,8 @@ def _key(e: ModuleEntry) -> tuple[str, int]:
     return (e.module.name, e.module.depth)
 
 
-def _serves_right(runtime: Runtime, raw: dict[str, Any], entries: list[ModuleEntry]) -> bool:
-    return all(runtime_scale(runtime, raw, e) == e.scale.scale for e in entries)
+def _serves_right(runtime: Runtime, fields: dict[str, Any], entries: list[ModuleEntry]) -> bool:
+    return all(runtime_scale(runtime, fields, e) == e.scale.scale for e in entries)
 
 
 def _ignored(runtime: Runtime, adapter: Adapter) -> str:
@@ -136,74 +133,110 @@ def _ignored(runtime: Runtime, adapter: Adapter) -> str:
     return " and ".join(parts) or "per-module scales"
 
 
-def _label(convention: str) -> str:
-    return {"rslora": "rsLoRA", "classic": "classic LoRA"}[convention]
-
-
 def convert(
-    adapter: str | os.PathLike,
-    out: str | os.PathLike,
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     *,
     to: str | None = None,
     target: str | None = None,
     bake: bool = False,
-    base: str | os.PathLike | None = None,
+    base: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     allow_pickle: bool = False,
     source: dict[str, Any] | None = None,
     allow_nonfinite: bool = False,
 ) -> ConvertReport:
-    """Convert ADAPTER into OUT (a folder, or a .gguf file for `target="llama.cpp"`); see the module doc.
+    """Convert ADAPTER into OUT so that it is served with PEFT's exact per-module scales.
 
-    `source` (a hub.Source as a dict) is recorded in OUT's provenance file when ADAPTER came from the Hub.
+    Args:
+        adapter: the adapter folder.
+        out: the output folder, or a `.gguf` file for `target="llama.cpp"`.
+        to: "rslora" or "classic": rewrite the alphas (or, with `bake`, fold the change into lora_B).
+        target: a runtime name from `runtimes.RUNTIMES`, or "unit": what that runtime needs.
+        bake: with `to`, fold the scale change into lora_B instead of rewriting alphas.
+        base: the base model folder (needed for a `.gguf` OUT: the architecture's tensor names).
+        overwrite: replace an existing OUT.
+        dry_run: decide and report, write nothing.
+        allow_pickle: read an adapter that exists only as `adapter_model.bin` (weights_only).
+        source: where ADAPTER came from (a hub.Source as a dict), recorded in OUT's provenance file.
+        allow_nonfinite: convert an adapter whose weights hold NaN or Inf (refused by default).
+
+    Returns:
+        A `ConvertReport`: the action taken (copy, config rewrite, bake, unit form, GGUF) and the changes.
     """
     started = time.monotonic()
+    _check_choice(to, target)
+    out = Path(out)
+    loaded = load_adapter(adapter, allow_pickle=allow_pickle)
+    entries = module_entries(loaded)
+    if not allow_nonfinite and not dry_run:
+        check_finite(loaded)
+    if out.suffix == ".gguf":
+        if target != "llama.cpp":
+            raise InputError(f"{out}: a .gguf output is written only for --target llama.cpp")
+        if base is None:
+            raise InputError("--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)")
+        report = _convert_to_gguf(loaded, entries, Path(base), out, overwrite=overwrite, dry_run=dry_run)
+    else:
+        report = _convert_to_folder(loaded, entries, out, to=to, target=target, bake=bake, overwrite=overwrite,
+                                    dry_run=dry_run, source=source)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _check_choice(to: str | None, target: str | None) -> None:
     if (to is None) == (target is None):
         raise InputError("choose one of --to-rslora, --to-classic or --target RUNTIME")
     if to is not None and to not in CONVENTIONS:
         raise InputError(f"unknown convention {to!r}; use rslora or classic")
     if target is not None and target not in TARGETS:
         raise InputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
-    out = Path(out)
-    loaded = load_adapter(adapter, allow_pickle=allow_pickle)
-    entries = module_entries(loaded)
-    if not allow_nonfinite and not dry_run:
-        check_finite(loaded)
-    gguf = out.suffix == ".gguf"
-    if gguf and target != "llama.cpp":
-        raise InputError(f"{out}: a .gguf output is written only for --target llama.cpp")
-    if gguf:
-        from .gguf_export import export_gguf
 
-        if base is None:
-            raise InputError("--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)")
-        return export_gguf(loaded, entries, base, out, overwrite=overwrite, dry_run=dry_run, started=started)
 
+def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, *, to: str | None, target: str | None,
+                       bake: bool, overwrite: bool, dry_run: bool, source: dict[str, Any] | None) -> ConvertReport:
     written = check_output_location(out, [loaded.path], overwrite)
     plan = plan_conversion(loaded, entries, to=to, target=target, bake=bake)
     upcast = any(not is_power_of_two(abs(f)) for f in plan.factors.values() if f != 1.0)
     report = ConvertReport(
         adapter=str(loaded.path), out=str(out), action=plan.action, source_convention=loaded.config.convention,
         target=to or target or "", modules=len(entries), message=plan.message,
-        config_changes=_changes(normalized_raw(loaded), plan.config),
+        config_changes=_changes(loaded.config.normalized(), plan.config),
         weights_changed=any(f != 1.0 for f in plan.factors.values()),
         weights_dtype="F32" if upcast else None, dry_run=dry_run,
     )
     if dry_run:
-        report.seconds = time.monotonic() - started
         return report
     with atomic_folder(written, overwrite) as tmp:
         _write_config(loaded, plan, tmp)
         _write_weights(loaded, plan, upcast, tmp)
         _copy_other_files(loaded, tmp, plan)
+        convention: Convention = "rslora" if plan.config.get("use_rslora") else "classic"
         write_provenance(tmp, {
             "operation": "convert", "adapter": source or {"spec": str(loaded.path)},
             "base_model": loaded.config.base_model_name_or_path, "message": plan.message,
             "revision": loaded.config.revision, "from": loaded.config.convention, "target": report.target,
-            "method": plan.action, "convention": "rslora" if plan.config.get("use_rslora") else "classic",
+            "method": plan.action, "convention": convention,
         })
-    report.seconds = time.monotonic() - started
+    return report
+
+
+def _convert_to_gguf(loaded: Adapter, entries: list[ModuleEntry], base: Path, out: Path, *, overwrite: bool,
+                     dry_run: bool) -> ConvertReport:
+    from .gguf_export import plan_gguf, write_gguf
+
+    checkpoint = open_checkpoint(base)
+    written = check_output_file(out, [loaded.path, checkpoint.folder], overwrite)
+    plan = plan_gguf(loaded, entries, checkpoint)
+    report = ConvertReport(
+        adapter=str(loaded.path), out=str(out), action="gguf", source_convention=loaded.config.convention,
+        target="llama.cpp", modules=len(entries), weights_changed=bool(plan.factors), weights_dtype="F32",
+        dry_run=dry_run, message=plan.message,
+    )
+    if not dry_run:
+        with atomic_file(written) as tmp:
+            write_gguf(plan, loaded, tmp)
     return report
 
 
@@ -231,9 +264,9 @@ def _write_weights(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Pa
     lora_keys: set[str] = set()
     for m in adapter.lora_modules:
         factor = plan.factors.get((m.name, m.depth), 1.0)
-        lora_keys.update(k for k in (m.a_key, m.b_key, m.bias_key) if k is not None)
+        lora_keys.update(k for k in (m.a_key, m.b_key, m.bias_key) if k)
         for key in (m.b_key, m.bias_key):
-            if key is not None and factor != 1.0:
+            if key and factor != 1.0:
                 scaled[key] = factor
     metadata = {"format": "pt"}
     if adapter.weights_path.name == WEIGHTS_NAME:
@@ -241,6 +274,8 @@ def _write_weights(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Pa
     metadata["rslora_tools.conversion"] = json.dumps(
         {"tool": f"rslora-tools {__version__}", "method": plan.action, "message": plan.message,
          "factors_folded_into_lora_B": len(scaled)}, sort_keys=True)
+    import torch
+
     keys = list(adapter.shapes)
     out_dtype = {k: "F32" if upcast and k in lora_keys else adapter.dtypes[k] for k in keys}
     writer = SafetensorsWriter(tmp / WEIGHTS_NAME, [(k, out_dtype[k], adapter.shapes[k]) for k in keys], metadata)
@@ -248,7 +283,7 @@ def _write_weights(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Pa
         for key in keys:
             tensor = adapter.tensor(key)
             if key in scaled or out_dtype[key] != adapter.dtypes[key]:
-                tensor = (tensor.to(torch.float32) * scaled.get(key, 1.0)).to(ST_TO_TORCH[out_dtype[key]])
+                tensor = (tensor.to(torch.float32) * scaled.get(key, 1.0)).to(safetensors_to_torch_dtype(out_dtype[key]))
             writer.write_tensor(key, tensor)
     finally:
         writer.close()

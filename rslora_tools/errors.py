@@ -1,4 +1,4 @@
-"""The small exception hierarchy that the CLI maps to one-line messages and exit codes."""
+"""Stage 0: the small exception hierarchy that the CLI maps to one-line messages and exit codes."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ class MismatchError(RsloraError):
 
 class OutputError(RsloraError):
     """The output location cannot be used (exists, overlaps an input, disk full)."""
+
+
+class HubError(RsloraError):
+    """A Hub request failed (unknown repo or revision, no access, offline without a cached copy, ...)."""
 
 
 class OutputInterrupted(KeyboardInterrupt):

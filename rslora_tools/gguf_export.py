@@ -1,24 +1,22 @@
-"""Write an adapter as a llama.cpp GGUF LoRA file, with every tensor at PEFT's scale.
+"""Stage 6, commands (part of `convert`): an adapter as a llama.cpp GGUF LoRA file, every tensor at PEFT's scale.
 
 llama.cpp applies `alpha / rank` per tensor (rank from lora_b's shape, one alpha per file) and
-ignores use_rslora and the patterns. When one alpha reproduces every module's scale in float32,
-it is written as is; otherwise alpha is 0 (scale 1) and each scale is folded into the weights,
-kept in float32. Tensor names and the Q/K row permutation follow llama.cpp's converters.
+ignores use_rslora and the patterns (docs/runtimes.md). When one alpha reproduces every module's
+scale in float32, it is written as is; otherwise alpha is 0 (scale 1) and each scale is folded
+into the weights, kept in float32. Tensor names and the Q/K row permutation follow llama.cpp's
+converters. `plan_gguf` decides and checks (a dry run stops there); `write_gguf` writes the file.
 """
 
 from __future__ import annotations
 
-import os
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from .adapter import Adapter
-from .checkpoint import open_checkpoint
-from .convention import ModuleEntry
+from .checkpoint import Checkpoint
 from .errors import InputError, MismatchError, UnsupportedAdapterError
-from .output import atomic_file, check_output_file
+from .module_scales import ModuleEntry
 from .runtimes import FEATURE_NAMES, adapter_features
 
 # config.json model_type -> (gguf MODEL_ARCH member, Q/K rows permuted like convert_hf_to_gguf's LlamaModel)
@@ -35,14 +33,34 @@ ARCHITECTURES = {
 }
 
 
-def export_gguf(adapter: Adapter, entries: list[ModuleEntry], base: str | os.PathLike, out: Path, *,
-                overwrite: bool, dry_run: bool, started: float):
+@dataclass
+class GgufPlan:
+    """What the GGUF file holds: the architecture, one alpha, the scales folded (if any), each tensor's name."""
+
+    architecture: str  # llama.cpp's architecture name
+    alpha: float
+    factors: dict[str, float]  # module name -> scale folded into its lora_b (empty: alpha does it)
+    tensors: list[tuple[ModuleEntry, str, tuple[int, ...]]] = field(default_factory=list)  # entry, GGUF name, base shape
+    config: dict[str, Any] = field(default_factory=dict)
+    permute_qk: bool = False
+
+    @property
+    def message(self) -> str:
+        return (f"GGUF LoRA for llama.cpp ({self.architecture}), adapter.lora.alpha = {self.alpha:g}"
+                + ("; scales folded into the weights" if self.factors else "; weights unchanged"))
+
+
+def _gguf() -> Any:
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - gguf is a dependency
         raise InputError("writing GGUF needs the 'gguf' package: pip install gguf") from e
-    checkpoint = open_checkpoint(base)
-    target = check_output_file(out, [adapter.path, checkpoint.folder], overwrite)
+    return gguf
+
+
+def plan_gguf(adapter: Adapter, entries: list[ModuleEntry], checkpoint: Checkpoint) -> GgufPlan:
+    """Check that llama.cpp can hold this adapter for this base, and name every tensor."""
+    gguf = _gguf()
     config = checkpoint.config or {}
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
@@ -54,16 +72,10 @@ def export_gguf(adapter: Adapter, entries: list[ModuleEntry], base: str | os.Pat
     arch_member, permute_qk = ARCHITECTURES[model_type]
     arch = getattr(gguf.MODEL_ARCH, arch_member)
     _refuse_unsupported(adapter, entries)
+    _refuse_resized_vocabulary(adapter, checkpoint)
     names = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers", 0)))
-    for path, key in adapter.replacements.items():  # saved base layers (PEFT's save_embedding_layers)
-        if path in checkpoint.weight_map and checkpoint.info(path).shape != adapter.shapes[key]:
-            raise UnsupportedAdapterError(
-                f"{adapter.path}: the adapter saves {path!r} with shape {list(adapter.shapes[key])}, the base has "
-                f"{list(checkpoint.info(path).shape)} (a resized vocabulary); llama.cpp LoRA files cannot change it, "
-                "merge the adapter instead"
-            )
     alpha, factors = _alpha_and_factors(entries)
-    tensors = []
+    plan = GgufPlan(gguf.MODEL_ARCH_NAMES[arch], alpha, factors, config=config, permute_qk=permute_qk)
     for e in entries:
         hf_name = f"{e.module.name}.weight"
         if hf_name not in checkpoint.weight_map:
@@ -71,38 +83,29 @@ def export_gguf(adapter: Adapter, entries: list[ModuleEntry], base: str | os.Pat
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UnsupportedAdapterError(f"module {e.module.name!r} has no llama.cpp tensor in the {model_type} architecture")
-        tensors.append((e, gguf_name, checkpoint.info(hf_name).shape))
+        plan.tensors.append((e, gguf_name, checkpoint.info(hf_name).shape))
+    return plan
 
-    from .conversion import ConvertReport
 
-    report = ConvertReport(
-        adapter=str(adapter.path), out=str(out), action="gguf", source_convention=adapter.config.convention,
-        target="llama.cpp", modules=len(entries), weights_changed=bool(factors), weights_dtype="F32", dry_run=dry_run,
-        message=(f"GGUF LoRA for llama.cpp ({gguf.MODEL_ARCH_NAMES[arch]}), adapter.lora.alpha = {alpha:g}"
-                 + ("; scales folded into the weights" if factors else "; weights unchanged")),
-    )
-    if dry_run:
-        report.seconds = time.monotonic() - started
-        return report
-    with atomic_file(target) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        for e, gguf_name, base_shape in tensors:
-            a, b = _lora_pair(adapter, e, base_shape, factors.get(e.module.name, 1.0))
-            if permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-                heads = int(config["num_attention_heads"])
-                kv = heads if gguf_name.endswith("attn_q.weight") else int(config.get("num_key_value_heads") or heads)
-                b = permute_rows(b, kv)
-            writer.add_tensor(f"{gguf_name}.lora_a", a.numpy())
-            writer.add_tensor(f"{gguf_name}.lora_b", b.numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    report.seconds = time.monotonic() - started
-    return report
+def write_gguf(plan: GgufPlan, adapter: Adapter, path: Path) -> None:
+    """Write the GGUF LoRA file `plan` describes (the caller makes it atomic)."""
+    gguf = _gguf()
+    writer = gguf.GGUFWriter(path, plan.architecture)
+    writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
+    for e, gguf_name, base_shape in plan.tensors:
+        a, b = _lora_pair(adapter, e, base_shape, plan.factors.get(e.module.name, 1.0))
+        if plan.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = int(plan.config["num_attention_heads"])
+            kv = heads if gguf_name.endswith("attn_q.weight") else int(plan.config.get("num_key_value_heads") or heads)
+            b = permute_rows(b, kv)
+        writer.add_tensor(f"{gguf_name}.lora_a", a.numpy())
+        writer.add_tensor(f"{gguf_name}.lora_b", b.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _refuse_unsupported(adapter: Adapter, entries: list[ModuleEntry]) -> None:
@@ -112,7 +115,7 @@ def _refuse_unsupported(adapter: Adapter, entries: list[ModuleEntry]) -> None:
         problems.append("lora_bias")
     if adapter.config.fan_in_fan_out:
         problems.append("fan_in_fan_out (Conv1D) layers")
-    if any(e.kind not in ("module", "embedding") or len(adapter.shapes[e.module.a_key]) != 2 for e in entries):  # type: ignore[index]
+    if any(e.wrapping not in ("module", "embedding") or len(adapter.shapes[e.module.a_key]) != 2 for e in entries):
         problems.append("convolution, MultiheadAttention or target_parameters LoRA")
     if problems:
         raise UnsupportedAdapterError(
@@ -121,8 +124,20 @@ def _refuse_unsupported(adapter: Adapter, entries: list[ModuleEntry]) -> None:
         )
 
 
+def _refuse_resized_vocabulary(adapter: Adapter, checkpoint: Checkpoint) -> None:
+    for path, key in adapter.replacements.items():  # saved base layers (PEFT's save_embedding_layers)
+        if path in checkpoint.weight_map and checkpoint.info(path).shape != adapter.shapes[key]:
+            raise UnsupportedAdapterError(
+                f"{adapter.path}: the adapter saves {path!r} with shape {list(adapter.shapes[key])}, the base has "
+                f"{list(checkpoint.info(path).shape)} (a resized vocabulary); llama.cpp LoRA files cannot change it, "
+                "merge the adapter instead"
+            )
+
+
 def _alpha_and_factors(entries: list[ModuleEntry]) -> tuple[float, dict[str, float]]:
     """One float32 alpha with fp32(alpha / rank) == fp32(scale) for every tensor, else alpha 0 and baked scales."""
+    import torch
+
     if not entries:
         return 0.0, {}
     candidate = torch.tensor(entries[0].scale.scale * entries[0].shape_rank, dtype=torch.float32)
@@ -131,10 +146,12 @@ def _alpha_and_factors(entries: list[ModuleEntry]) -> tuple[float, dict[str, flo
     return 0.0, {e.module.name: e.scale.scale for e in entries}
 
 
-def _lora_pair(adapter: Adapter, e: ModuleEntry, base_shape: tuple[int, ...], factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _lora_pair(adapter: Adapter, e: ModuleEntry, base_shape: tuple[int, ...], factor: float) -> tuple[Any, Any]:
     """llama.cpp's lora_a [r, n_in] and lora_b [n_out, r] (numpy order), float32, the factor in B's side."""
-    a = adapter.tensor(e.module.a_key).to(torch.float32)  # type: ignore[arg-type]
-    b = adapter.tensor(e.module.b_key).to(torch.float32)  # type: ignore[arg-type]
+    import torch
+
+    a = adapter.tensor(e.module.a_key).to(torch.float32)
+    b = adapter.tensor(e.module.b_key).to(torch.float32)
     if factor != 1.0:
         b = b * factor
     if e.module.embedding:  # PEFT: A [r, vocab], B [dim, r], delta (B@A)^T laid over the [vocab, dim] table
@@ -147,6 +164,6 @@ def _lora_pair(adapter: Adapter, e: ModuleEntry, base_shape: tuple[int, ...], fa
     return a.contiguous(), b.contiguous()
 
 
-def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def permute_rows(w: Any, n_head: int) -> Any:
     """convert_hf_to_gguf's LlamaModel.permute on the output rows (rotary halves interleaved)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape).contiguous()

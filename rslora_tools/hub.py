@@ -1,4 +1,4 @@
-"""The Hugging Face Hub: BASE/ADAPTER given as repo ids are downloaded; results are pushed with a card.
+"""Stage 6, commands: the Hugging Face Hub; BASE/ADAPTER given as repo ids are downloaded, results pushed with a card.
 
 Inputs: a local folder wins; then `hf://org/name[@rev][/subfolder]`; then `org/name[@rev]`.
 Downloads go through `snapshot_download` into the standard cache with allow-patterns (never
@@ -8,26 +8,25 @@ and HF_HUB_OFFLINE are read when a command runs. The token is never printed.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import __version__
-from .errors import InputError, RsloraError
-from .provenance import read_provenance
+from .adapter import find_adapter_folder
+from .adapter_config import read_config_file
+from .card import model_card
+from .checkpoint import SINGLE_FILE, TOKENIZER_PATTERNS, index_shard_names
+from .errors import HubError, InputError, RsloraError
+from .hub_refs import HubRef, parse_ref
 
 LIBRARY = {"library_name": "rslora-tools", "library_version": __version__}
-TOKENIZER_PATTERNS = ["tokenizer*", "*.model", "*.tiktoken", "vocab.*", "merges.txt", "*.jinja", "chat_template*"]
 BASE_PATTERNS = ["*.json", *TOKENIZER_PATTERNS]
 ADAPTER_PATTERNS = ["*.json", "*.safetensors", "*.md", *TOKENIZER_PATTERNS]
-
-
-class HubError(RsloraError):
-    """A Hub request failed (unknown repo or revision, no access, offline without a cached copy, ...)."""
+InputRole = Literal["base", "adapter"]
 
 
 @dataclass
@@ -49,45 +48,7 @@ class Source:
                 "subfolder": self.subfolder}
 
 
-@dataclass
-class HubRef:
-    repo_id: str
-    revision: str | None
-    subfolder: str = ""
-
-
-def parse_ref(spec: str, revision: str | None = None) -> HubRef | None:
-    """`hf://org/name[@rev][/sub]` or `org/name[@rev]` as a HubRef; None when it is neither."""
-    from huggingface_hub import parse_hf_uri
-    from huggingface_hub.errors import HFValidationError
-
-    if spec.startswith("hf://"):
-        try:
-            uri = parse_hf_uri(spec)
-        except (ValueError, HFValidationError) as e:
-            raise InputError(f"{spec}: not a valid hf:// URI ({e})") from e
-        if uri.type != "model":
-            raise InputError(f"{spec}: only model repos can be used (this is a {uri.type} repo)")
-        return HubRef(uri.id, _one_revision(spec, uri.revision, revision), (uri.path_in_repo or "").strip("/"))
-    repo_id, _, at = spec.partition("@")
-    try:
-        from huggingface_hub.utils import validate_repo_id
-
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        return None
-    if repo_id.count("/") != 1:
-        return None
-    return HubRef(repo_id, _one_revision(spec, at or None, revision))
-
-
-def _one_revision(spec: str, in_spec: str | None, option: str | None) -> str | None:
-    if in_spec and option and in_spec != option:
-        raise InputError(f"{spec}: the revision is given twice ({in_spec!r} and --revision {option!r})")
-    return in_spec or option
-
-
-def resolve_input(spec: str, *, kind: str, revision: str | None = None, token: str | None = None,
+def resolve_input(spec: str, *, role: InputRole, revision: str | None = None, token: str | None = None,
                   allow_pickle: bool = False) -> Source:
     """A local folder for BASE ("base") or ADAPTER ("adapter"): the path itself, or a cached Hub snapshot."""
     local = Path(spec).expanduser()
@@ -95,7 +56,7 @@ def resolve_input(spec: str, *, kind: str, revision: str | None = None, token: s
         if revision:
             raise InputError(f"{spec}: is a local folder; a revision applies to Hub repos only")
         return Source(spec, local)
-    what = "base model" if kind == "base" else kind
+    what = "base model" if role == "base" else role
     if _looks_local(spec):
         raise InputError(f"{spec}: {what} folder not found")
     ref = parse_ref(spec, revision)
@@ -103,31 +64,28 @@ def resolve_input(spec: str, *, kind: str, revision: str | None = None, token: s
         raise InputError(
             f"{spec}: no such local {what} folder, and not a Hub repo id (use org/name, org/name@revision or hf://org/name)"
         )
-    patterns = BASE_PATTERNS if kind == "base" else ADAPTER_PATTERNS + (["adapter_model.bin"] if allow_pickle else [])
+    patterns = BASE_PATTERNS if role == "base" else ADAPTER_PATTERNS + (["adapter_model.bin"] if allow_pickle else [])
     snapshot = _download(spec, ref, patterns, token)
     folder = snapshot / ref.subfolder if ref.subfolder else snapshot
     if not folder.is_dir():
         raise InputError(f"{spec}: the repo has no folder {ref.subfolder!r}")
-    if kind == "base":
+    if role == "base":
         _download_shards(spec, HubRef(ref.repo_id, snapshot.name, ref.subfolder), folder, token)
     return Source(spec, folder, ref.repo_id, ref.revision, snapshot.name, ref.subfolder)
 
 
 def _download_shards(spec: str, pinned: HubRef, folder: Path, token: str | None) -> None:
     """The shards the base's index lists (or model.safetensors), at the commit already resolved."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise InputError(f"{spec}: model.safetensors.index.json in the repo is not a valid index ({e})") from e
-    else:
-        shards = ["model.safetensors"]
-    if any("/" in s or s.startswith(".") for s in shards):
-        raise InputError(f"{spec}: the index names shard files outside the model folder")
+    try:
+        shards = index_shard_names(folder) or [SINGLE_FILE]
+    except InputError as e:
+        raise InputError(f"{spec}: the repo's index is not valid: {e}") from e
     _download(spec, pinned, shards, token, exact=True)
-    if not all((folder / s).is_file() for s in shards):
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing == [SINGLE_FILE]:
         raise InputError(f"{spec}: the repo has no model.safetensors (or index); pickle-only checkpoints are refused")
+    if missing:
+        raise InputError(f"{spec}: shard {missing[0]} that the index lists is not in the repo (or not in the cache)")
 
 
 def _looks_local(spec: str) -> bool:
@@ -216,20 +174,16 @@ def resolve_merge_inputs(
     token: str | None = None, allow_pickle: bool = False,
 ) -> tuple[Source, Source, list[str]]:
     """Resolve ADAPTER, then BASE (`auto` = the base the adapter records); warn on a base mismatch."""
-    from .adapter import CONFIG_NAME, find_adapter_folder
-
-    adapter_source = resolve_input(adapter, kind="adapter", revision=adapter_revision, token=token,
+    adapter_source = resolve_input(adapter, role="adapter", revision=adapter_revision, token=token,
                                    allow_pickle=allow_pickle)
     try:
-        config = json.loads((find_adapter_folder(adapter_source.path) / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RsloraError):
+        config = read_config_file(find_adapter_folder(adapter_source.path))
+    except RsloraError:
         config = {}  # load_adapter reports what is wrong with it
-    if not isinstance(config, dict):
-        config = {}
     if base == "auto":
         base, recorded_revision = auto_base(config, adapter)
         base_revision = base_revision or recorded_revision
-    base_source = resolve_input(base, kind="base", revision=base_revision, token=token)
+    base_source = resolve_input(base, role="base", revision=base_revision, token=token)
     warning = base_mismatch(base_source, config)
     return base_source, adapter_source, [warning] if warning else []
 
@@ -358,85 +312,3 @@ class _staged:
     def __exit__(self, *exc: object) -> None:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def model_card(folder: Path, repo_id: str) -> str:
-    """A model card for a merged model or a converted adapter, from the provenance file rslora-tools wrote."""
-    from huggingface_hub import ModelCardData
-
-    prov = read_provenance(folder)
-    is_adapter = (folder / "adapter_config.json").is_file()
-    base = _hub_id(prov.get("base")) or _hub_id(prov.get("base_model"))
-    if is_adapter and base is None:
-        try:
-            recorded = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
-        base = recorded if isinstance(recorded, str) and parse_ref(recorded) else None
-    convention = prov.get("convention")
-    tags = ["lora", *(["rslora"] if convention == "rslora" else []), "rslora-tools"]
-    data: dict[str, Any] = {"library_name": "peft" if is_adapter else "transformers"}
-    if base:
-        data["base_model"] = base
-        data["base_model_relation"] = "adapter" if is_adapter else "finetune"
-        if is_adapter:
-            tags.insert(0, f"base_model:adapter:{base}")
-    if not is_adapter:
-        tags.append("merge")
-    card_data = ModelCardData(tags=tags, **data)
-    return f"---\n{card_data.to_yaml()}\n---\n\n{_card_body(repo_id, prov, is_adapter, base)}"
-
-
-def _hub_id(source: Any) -> str | None:
-    if isinstance(source, dict) and source.get("repo_id"):
-        return source["repo_id"]
-    if isinstance(source, str) and not Path(source).exists() and parse_ref(source):
-        return source.partition("@")[0]
-    return None
-
-
-def _describe(source: Any) -> str:
-    if isinstance(source, dict):
-        if source.get("repo_id"):
-            rev = f" at revision `{source['revision']}`" if source.get("revision") else ""
-            commit = f" (commit `{source['commit'][:12]}`)" if source.get("commit") else ""
-            return f"[{source['repo_id']}](https://huggingface.co/{source['repo_id']}){rev}{commit}"
-        return f"local folder `{Path(str(source.get('spec', '?'))).name}`"
-    return f"`{source}`" if source else "unknown"
-
-
-def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None) -> str:
-    name = repo_id.split("/")[-1]
-    version = prov.get("version", __version__)
-    lines = [f"# {name}", ""]
-    convention = {"rslora": "rsLoRA (scale = lora_alpha / sqrt(r))", "classic": "classic LoRA (scale = lora_alpha / r)"}
-    if prov.get("operation") == "merge":
-        lines += [
-            f"This model is the LoRA adapter {_describe(prov.get('adapter'))} merged into "
-            f"{_describe(prov.get('base'))} with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
-            "The merged weights equal PEFT's `merge_and_unload()` bit for bit.",
-            "",
-            f"- Adapter convention: {convention.get(prov.get('convention'), prov.get('convention', 'unknown'))}",
-            f"- LoRA modules merged: {prov.get('modules', '?')}",
-        ]
-        if prov.get("scale_min") is not None:
-            lo, hi = prov["scale_min"], prov["scale_max"]
-            lines.append(f"- Per-module scale: {lo:.6g}" + ("" if lo == hi else f" to {hi:.6g} (rank/alpha patterns)"))
-        lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
-    elif is_adapter:
-        what = prov.get("message") or "converted"
-        lines += [
-            f"A PEFT LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, converted with "
-            f"[rslora-tools](https://pypi.org/project/rslora-tools/) {version}: {what}.",
-            f"Every module keeps the scale PEFT applied to the original adapter {_describe(prov.get('adapter'))}.",
-            "",
-            f"- Convention now: {convention.get(prov.get('convention'), prov.get('convention', 'unknown'))}",
-            f"- Conversion: {prov.get('method', '?')} (target: {prov.get('target', '?')})",
-            "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
-        ]
-    else:
-        lines += ["Uploaded with rslora-tools."]
-    return "\n".join(lines) + "\n"

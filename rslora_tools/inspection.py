@@ -1,4 +1,4 @@
-"""`inspect`: what an adapter is, the scale each runtime would apply, and what is wrong with it.
+"""Stage 6, commands: `inspect`, what an adapter is, the scale each runtime would apply, and what is wrong with it.
 
 Reads only the config and safetensors headers (and, with a base, the base's headers), so it is
 fast for any adapter size. Findings ("lints") have a level: error (PEFT would fail or merge
@@ -10,26 +10,35 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .adapter import Adapter, load_adapter
-from .convention import ModuleEntry, module_entries, normalized_raw, unstable_patterns
 from .errors import RsloraError
+from .module_scales import ModuleEntry, module_entries, pattern_warnings, rank_mismatch
+from .planner import plan_merge
 from .runtimes import FEATURE_NAMES, RUNTIMES, adapter_features, missing_features, runtime_scale
-from .scaling import matching_keys
+from .scaling import unstable_patterns
 
 _TIED_NAMES = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)$")
 
 
+LintLevel = Literal["error", "warning", "info"]
+RuntimeStatus = Literal["exact", "wrong scale", "cannot serve"]
+
+
 @dataclass
 class Lint:
-    level: str  # "error", "warning", "info"
+    """One finding: error (PEFT would fail or merge something else), warning (likely a mistake), info."""
+
+    level: LintLevel
     code: str
     message: str
 
 
 @dataclass
 class InspectReport:
+    """What `inspect` found; `to_dict()` is what `--json` prints."""
+
     adapter: str
     convention: str
     r: int
@@ -59,29 +68,40 @@ class InspectReport:
 
 
 def inspect_adapter(
-    adapter: str | os.PathLike,
+    adapter: str | os.PathLike[str],
     *,
-    base: str | os.PathLike | None = None,
+    base: str | os.PathLike[str] | None = None,
     runtimes: list[str] | None = None,
     allow_pickle: bool = False,
 ) -> InspectReport:
-    """Inspect an adapter; findings about `runtimes` (names from RUNTIMES) are warnings, others info."""
+    """Inspect an adapter from its config and tensor headers.
+
+    Args:
+        adapter: the adapter folder.
+        base: also check the adapter against this base model folder (names, shapes, ties).
+        runtimes: the runtimes (names from `runtimes.RUNTIMES`) you will serve with: their problems
+            are warnings; other runtimes' problems are info.
+        allow_pickle: read an adapter that exists only as `adapter_model.bin` (weights_only).
+
+    Returns:
+        An `InspectReport`: per-module ranks, alphas and scales, each runtime's scale, and lints.
+    """
     loaded = load_adapter(adapter, allow_pickle=allow_pickle)
     cfg = loaded.config
     entries = module_entries(loaded, check_ranks=False)
-    raw = normalized_raw(loaded)
+    fields = cfg.normalized()
     selected = set(runtimes or [])
     lints: list[Lint] = []
-    modules = [_module_row(raw, e) for e in entries]
+    modules = [_module_row(fields, e) for e in entries]
     report = InspectReport(
         adapter=str(loaded.path), convention=cfg.convention, r=cfg.r, lora_alpha=cfg.lora_alpha,
         use_rslora=cfg.use_rslora, rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern,
         features=[FEATURE_NAMES[f] for f in adapter_features(loaded)], modules=modules,
-        groups=_groups(modules), runtimes=_runtime_summary(loaded, raw, entries), lints=lints,
+        groups=_groups(modules), runtimes=_runtime_summary(loaded, fields, entries), lints=lints,
         base=str(base) if base is not None else None,
     )
     _lint_ranks(entries, lints)
-    _lint_patterns(raw, entries, lints)
+    _lint_patterns(loaded, fields, entries, lints)
     _lint_features(loaded, entries, lints)
     _lint_runtimes(report, selected, lints)
     if base is not None:
@@ -89,14 +109,14 @@ def inspect_adapter(
     return report
 
 
-def _module_row(raw: dict[str, Any], e: ModuleEntry) -> dict[str, Any]:
+def _module_row(fields: dict[str, Any], e: ModuleEntry) -> dict[str, Any]:
     peft = e.scale.scale
     scales = {}
     for name, rt in RUNTIMES.items():
-        s = runtime_scale(rt, raw, e)
+        s = runtime_scale(rt, fields, e)
         scales[name] = {"scale": s, "ratio": s / peft if peft else None}
     return {
-        "name": e.module.name, "pattern_name": e.name, "kind": e.kind, "rank": e.shape_rank, "config_rank": e.scale.r, "alpha": e.scale.alpha,
+        "name": e.module.name, "pattern_name": e.name, "kind": e.wrapping, "rank": e.shape_rank, "config_rank": e.scale.r, "alpha": e.scale.alpha,
         "scale": peft, "rank_key": e.scale.rank_key, "alpha_key": e.scale.alpha_key, "runtimes": scales,
     }
 
@@ -135,12 +155,12 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(parts)
 
 
-def _runtime_summary(adapter: Adapter, raw: dict[str, Any], entries: list[ModuleEntry]) -> dict[str, dict[str, Any]]:
+def _runtime_summary(adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry]) -> dict[str, dict[str, Any]]:
     out = {}
     for name, rt in RUNTIMES.items():
         lacks = missing_features(rt, adapter)
-        off = [e for e in entries if runtime_scale(rt, raw, e) != e.scale.scale]
-        ratios = [runtime_scale(rt, raw, e) / e.scale.scale for e in off if e.scale.scale]
+        off = [e for e in entries if runtime_scale(rt, fields, e) != e.scale.scale]
+        ratios = [runtime_scale(rt, fields, e) / e.scale.scale for e in off if e.scale.scale]
         status = "cannot serve" if lacks else ("wrong scale" if off else "exact")
         out[name] = {
             "label": rt.label, "status": status, "reasons": lacks, "modules_off": len(off),
@@ -152,30 +172,14 @@ def _runtime_summary(adapter: Adapter, raw: dict[str, Any], entries: list[Module
 def _lint_ranks(entries: list[ModuleEntry], lints: list[Lint]) -> None:
     for e in entries:
         if e.shape_rank != e.scale.r:
-            source = f"rank_pattern key {e.scale.rank_key!r}" if e.scale.rank_key is not None else "'r'"
-            lints.append(Lint("error", "rank-mismatch",
-                              f"{e.name}: the config gives rank {e.scale.r} (from {source}) but the tensors have rank "
-                              f"{e.shape_rank}; PEFT cannot load this adapter"))
+            lints.append(Lint("error", "rank-mismatch", rank_mismatch(e)))
 
 
-def _lint_patterns(raw: dict[str, Any], entries: list[ModuleEntry], lints: list[Lint]) -> None:
+def _lint_patterns(adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry], lints: list[Lint]) -> None:
     names = [e.name for e in entries]
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        pattern = raw[field_name]
-        for key in pattern:
-            if not any(matching_keys([key], n) for n in names):
-                lints.append(Lint("warning", "unmatched-pattern",
-                                  f"{field_name} key {key!r} matches no module of the adapter (typo, or a leading '^' "
-                                  "that needs the full module name?)"))
-        for n in names:
-            hits = matching_keys(pattern, n)
-            if len({pattern[k] for k in hits}) > 1:
-                lints.append(Lint("warning", "order-dependent",
-                                  f"{n}: matched by several {field_name} keys with different values "
-                                  f"({', '.join(f'{k!r}: {pattern[k]}' for k in hits)}); PEFT takes the first in file "
-                                  f"order ({hits[0]!r}), and saving sorts the keys, so the value can change between "
-                                  "training and loading"))
-    for reason in unstable_patterns(raw, names):
+    for warning in pattern_warnings(adapter.config, names):
+        lints.append(Lint("warning", warning.code, warning.message))
+    for reason in unstable_patterns(fields, names):
         if "regular expression" in reason:
             lints.append(Lint("info", "pattern-syntax", f"{reason}: PEFT < 0.15 matches it differently"))
 
@@ -204,11 +208,9 @@ def _lint_runtimes(report: InspectReport, selected: set[str], lints: list[Lint])
                               f"{len(report.modules)} modules; fix: rslora-tools convert {report.adapter} OUT --target {name}"))
 
 
-def _lint_base(adapter: Adapter, base: str | os.PathLike, lints: list[Lint]) -> None:
-    from .merging import prepare
-
+def _lint_base(adapter: Adapter, base: str | os.PathLike[str], lints: list[Lint]) -> None:
     try:
-        _, _, plan = prepare(base, adapter, collect_unmatched=True)
+        _, _, plan = plan_merge(base, adapter, collect_unmatched=True)
     except RsloraError as e:
         lints.append(Lint("error", "base", str(e)))
         return

@@ -1,19 +1,17 @@
-"""The C merge kernel (`_kernel.c`): exact merges of linear and embedding LoRA weights without torch.
+"""Stage 4, compute: the C merge kernel (`_kernel.c`), exact merges of linear and embedding LoRA without torch.
 
 Most of a merge is `W += s * (B @ A)` on bf16/fp16/fp32 linear (and embedding) weights. The
 kernel does it for a block of rows in one cache-friendly pass, bit for bit as PEFT does it with
-torch on CPU. `handles` says which tensors it takes; every other tensor (and every tensor when
-the kernel was not built, the CPU lacks AVX2/FMA/F16C, or RSLORA_TOOLS_KERNEL=0) is computed
-with torch by delta.py.
-A merge whose tensors all go through the kernel never imports torch.
+torch on CPU (docs/peft-rules.md, "Rounding"). `supports` says which tensors it can compute;
+the executor's lowering decides, and every other tensor (and every tensor when the kernel was
+not built, the CPU lacks AVX2/FMA/F16C, or RSLORA_TOOLS_KERNEL=0) is computed with torch by
+compute.py. A merge whose tensors all go through the kernel never imports torch.
 """
 
 from __future__ import annotations
 
 import os
 from types import ModuleType
-
-from .plan import TensorPlan
 
 DTYPE_CODES = {"BF16": 0, "F16": 1, "F32": 2}
 _NONFINITE_CODES = {**DTYPE_CODES, "F64": 3}
@@ -27,14 +25,24 @@ _module: ModuleType | None | bool = False  # False: not loaded yet
 
 
 def _kernel() -> ModuleType | None:
+    """The compiled module, or None when it was not built (no C compiler at install time)."""
     global _module
     if _module is False:
         try:
-            from . import _kernel as compiled  # type: ignore[attr-defined]
-        except ImportError:  # built without a C compiler
-            compiled = None
-        _module = compiled
-    return _module  # type: ignore[return-value]
+            from . import _kernel as compiled
+        except ImportError:
+            _module = None
+        else:
+            _module = compiled
+    assert not isinstance(_module, bool)
+    return _module
+
+
+def _loaded() -> ModuleType:
+    compiled = _kernel()
+    if compiled is None:
+        raise RuntimeError("the merge kernel is not built")
+    return compiled
 
 
 def available() -> bool:
@@ -45,29 +53,23 @@ def available() -> bool:
     return compiled is not None and compiled.available()
 
 
-def handles(t: TensorPlan, base_dtype: str, adapter_dtypes: dict[str, str], adapter_shapes: dict[str, tuple[int, ...]]) -> bool:
-    """Whether the kernel computes this tensor exactly: a plain linear or embedding LoRA merge, same dtype in and out.
+def supports(*, layer: str, transposed: bool, dtype: str, start_dtype: str, shape: tuple[int, ...],
+             a_dtype: str, b_dtype: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
+    """Whether the kernel computes this merge exactly: plain linear (or Conv1D) or embedding LoRA, same dtype in and out.
 
-    `base_dtype` is the dtype of the value the delta is added to (the base tensor, or the adapter's replacement).
+    `start_dtype` is the dtype of the value the delta is added to (the base tensor, or the adapter's
+    replacement); `dtype` the output's.
     """
-    op = t.lora
-    if op is None or op.kind not in ("linear", "embedding") or op.dora or op.experts != 1:
+    if layer not in ("linear", "embedding") or dtype != start_dtype or dtype not in DTYPE_CODES:
         return False
-    if t.bias_of is not None or t.tokens is not None:
+    if len(shape) != 2 or min(shape) < MIN_DIM or a_dtype not in DTYPE_CODES or b_dtype not in DTYPE_CODES:
         return False
-    if t.dtype != base_dtype or t.dtype not in DTYPE_CODES or len(t.shape) != 2 or min(t.shape) < MIN_DIM:
-        return False
-    a_key, b_key = op.module.a_key, op.module.b_key
-    if a_key is None or b_key is None or a_key not in adapter_dtypes or b_key not in adapter_dtypes:
-        return False
-    if adapter_dtypes[a_key] not in DTYPE_CODES or adapter_dtypes[b_key] not in DTYPE_CODES:
-        return False
-    rank = adapter_shapes[a_key][0]
-    rows, cols = t.shape
-    if op.kind == "linear" and not op.transpose:  # W (out, in) += B (out, r) @ A (r, in)
-        shapes_fit = adapter_shapes[a_key] == (rank, cols) and adapter_shapes[b_key] == (rows, rank)
+    rank = a_shape[0]
+    rows, cols = shape
+    if layer == "linear" and not transposed:  # W (out, in) += B (out, r) @ A (r, in)
+        shapes_fit = a_shape == (rank, cols) and b_shape == (rows, rank)
     else:  # embedding W (vocab, dim), Conv1D W (in, out): += (B (cols, r) @ A (r, rows)).T
-        shapes_fit = adapter_shapes[a_key] == (rank, rows) and adapter_shapes[b_key] == (cols, rank)
+        shapes_fit = a_shape == (rank, rows) and b_shape == (cols, rank)
     return 1 <= rank <= MAX_RANK and shapes_fit and available()
 
 
@@ -75,7 +77,7 @@ def widen(data: bytes | bytearray | memoryview, dtype: str) -> bytearray:
     """bf16/fp16/fp32 bytes as fp32 bytes (exact), as PEFT upcasts half-precision adapter weights."""
     code = DTYPE_CODES[dtype]
     out = bytearray(len(data) // (4 if dtype == "F32" else 2) * 4)
-    _kernel().widen(data, code, out)  # type: ignore[union-attr]
+    _loaded().widen(data, code, out)
     return out
 
 
@@ -96,14 +98,14 @@ class Operands:
         else:
             self.left, self.left_strides = memoryview(a), (1, rows)  # row v: A[k, v]
             right, right_strides = b, (1, rank)  # B[j, k]
-        self.panels = _kernel().pack(right, *right_strides, rank, cols)  # type: ignore[union-attr]
+        self.panels = _loaded().pack(right, *right_strides, rank, cols)
 
 
 def merge_rows(w: memoryview, dtype: str, operands: Operands, start: int, rows: int, scale: float, out: memoryview) -> bool:
     """out = W + scale * delta for `rows` rows from row `start`; False when a sum is not finite (use torch instead)."""
     o = operands
     left = o.left[start * o.left_strides[0] * 4:]
-    bad = _kernel().merge_rows(w, DTYPE_CODES[dtype], left, *o.left_strides, o.panels,  # type: ignore[union-attr]
+    bad = _loaded().merge_rows(w, DTYPE_CODES[dtype], left, *o.left_strides, o.panels,
                                rows, o.rank, o.cols, scale, o.round_delta, out)
     return bad == 0
 

@@ -1,4 +1,4 @@
-"""Writing results safely: OUT is checked against the inputs, and is written atomically.
+"""Stage 1, formats: writing results safely: OUT is checked against the inputs, and is written atomically.
 
 Everything goes into a temporary path beside OUT that replaces OUT at the end, so a failure,
 Ctrl-C or SIGTERM leaves nothing half-written behind. The replacement itself is one atomic
@@ -261,12 +261,3 @@ def free_space(out: Path) -> int | None:
         return shutil.disk_usage(folder).free
     except OSError:
         return None
-
-
-def human_size(n: float) -> str:
-    """1234567 -> '1.2 MB' (decimal units, like the Hub and transformers)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"

@@ -1,7 +1,8 @@
-"""What each serving runtime does with an adapter's scale fields (../shared/docs/runtimes.md).
+"""Stage 2, adapter and scales: what each serving runtime does with an adapter's scale fields.
 
-`runtime_scale` is the scale a runtime applies to one module, given the config it reads; the
-rules are kept here and nowhere else, so `inspect` and `convert --target` agree.
+The facts and their sources are in docs/runtimes.md. `runtime_scale` is the scale a runtime
+applies to one module, given the config it reads; the rules are kept here and nowhere else, so
+`inspect` and `convert --target` agree.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .adapter import Adapter
-from .convention import ModuleEntry, resolve
-from .scaling import scale
+from .module_scales import ModuleEntry
+from .scaling import scale, scale_in
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,14 @@ def adapter_features(adapter: Adapter) -> list[str]:
     return [f for f in FEATURE_NAMES if present[f]]
 
 
-def runtime_scale(runtime: Runtime, raw: dict[str, Any], entry: ModuleEntry) -> float:
-    """The scale `runtime` applies to one module when it reads the config `raw`."""
-    rslora = bool(raw.get("use_rslora")) and runtime.honours_rslora
+def runtime_scale(runtime: Runtime, fields: dict[str, Any], entry: ModuleEntry) -> float:
+    """The scale `runtime` applies to one module when it reads the config `fields`."""
+    rslora = bool(fields.get("use_rslora")) and runtime.honours_rslora
     if runtime.honours_patterns:
-        return resolve(raw, entry.name).scale
+        return scale_in(fields, entry.name).scale
     if runtime.rank_from_shape:
-        return scale(raw["lora_alpha"], entry.shape_rank, rslora)
-    return scale(raw["lora_alpha"], raw["r"], rslora)
+        return scale(fields["lora_alpha"], entry.shape_rank, rslora)
+    return scale(fields["lora_alpha"], fields["r"], rslora)
 
 
 def missing_features(runtime: Runtime, adapter: Adapter) -> list[str]:

@@ -1,4 +1,4 @@
-"""Read and write single safetensors files, one tensor at a time.
+"""Stage 1, formats: read and write single safetensors files, one tensor at a time.
 
 Reading parses the header ourselves (so that every defect gets a clear message) and reads
 each tensor with `os.pread`, so that nothing is memory-mapped and memory never grows with the
@@ -17,7 +17,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import InputError
 
@@ -43,16 +43,32 @@ _TORCH_DTYPES: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """ST_TO_TORCH / TORCH_TO_ST: the dtype maps, built (importing torch) on first use."""
-    if name in ("ST_TO_TORCH", "TORCH_TO_ST"):
+_torch_maps: tuple[dict[str, torch.dtype], dict[torch.dtype, str]] | None = None
+
+
+def _maps() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    """safetensors dtype <-> torch dtype, built (importing torch) on first use."""
+    global _torch_maps
+    if _torch_maps is None:
         import torch
 
         st_to_torch = {k: getattr(torch, v) for k, v in _TORCH_DTYPES.items() if hasattr(torch, v)}
-        globals()["ST_TO_TORCH"] = st_to_torch
-        globals()["TORCH_TO_ST"] = {v: k for k, v in st_to_torch.items()}
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        _torch_maps = (st_to_torch, {v: k for k, v in st_to_torch.items()})
+    return _torch_maps
+
+
+def has_torch_dtype(dtype: str) -> bool:
+    """Whether this torch can hold tensors of the safetensors dtype (F4/F6 and some F8 formats it cannot)."""
+    return dtype in _TORCH_DTYPES and dtype in _maps()[0]
+
+
+def safetensors_to_torch_dtype(dtype: str) -> torch.dtype:
+    return _maps()[0][dtype]
+
+
+def torch_to_safetensors_dtype(dtype: torch.dtype) -> str:
+    return _maps()[1].get(dtype, str(dtype))
+
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
@@ -166,12 +182,10 @@ def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
 
 def torch_dtype(header: SafetensorsHeader, name: str) -> torch.dtype:
     """The torch dtype of a tensor in the file; InputError when this torch has none for it."""
-    from . import safetensors_file
-
     dtype = header.tensors[name].dtype
-    if dtype not in safetensors_file.ST_TO_TORCH:
+    if not has_torch_dtype(dtype):
         raise InputError(f"{header.path}: tensor {name!r} has dtype {dtype}, which this torch cannot compute with")
-    return safetensors_file.ST_TO_TORCH[dtype]
+    return safetensors_to_torch_dtype(dtype)
 
 
 def read_tensor(f: BinaryIO | int, header: SafetensorsHeader, name: str) -> torch.Tensor:
@@ -309,10 +323,8 @@ class SafetensorsWriter:
         return self.data_start + self.infos[name].begin
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        from . import safetensors_file
-
         info = self.infos[name]
-        if safetensors_file.TORCH_TO_ST.get(tensor.dtype) != info.dtype or tuple(tensor.shape) != info.shape:
+        if torch_to_safetensors_dtype(tensor.dtype) != info.dtype or tuple(tensor.shape) != info.shape:
             raise RuntimeError(f"tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, header says {info.dtype}{info.shape}")
         write_at(self.fd, self.offset(name), tensor_bytes(tensor.contiguous()))
 

@@ -1,7 +1,7 @@
-"""`verify`: recompute what every merged tensor must be, and compare it with a merged folder.
+"""Stage 6, commands: `verify`, recompute what every merged tensor must be and compare it with a merged folder.
 
-The expected value comes from the same plan and math as `merge` (streamed, one tensor at a
-time). A tensor is "exact" when its bytes are equal, "rounding" when it is within one unit in
+The expected value comes from the same plan (planner.py) and math (compute.py) as `merge`,
+streamed one tensor at a time, always with torch: an independent check of the merge kernel. A tensor is "exact" when its bytes are equal, "rounding" when it is within one unit in
 the last place of its dtype (what a GPU merge or another implementation may differ by), else a
 mismatch. The folder itself is checked too: index vs shards, tensor names, shapes and dtypes,
 config.json and the index's total_size.
@@ -14,16 +14,17 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
 from .adapter import Adapter
-from .checkpoint import INDEX_FILE, Checkpoint, open_checkpoint, read_json_file
+from .checkpoint import INDEX_FILE, Checkpoint, CheckpointFiles, open_checkpoint, read_json_file
+from .compute import merged_tensor
 from .errors import RsloraError
-from .merging import BaseFiles, merged_tensor, prepare
 from .plan import Plan, TensorPlan
-from .safetensors_file import FLOAT_DTYPES, ST_TO_TORCH, tensor_nbytes
+from .planner import plan_merge
+from .safetensors_file import FLOAT_DTYPES, has_torch_dtype, tensor_nbytes
 
 # dtype -> (mantissa bits, smallest normal exponent) for the ulp of a value
 _FLOAT_FORMAT = {torch.float32: (23, -126), torch.bfloat16: (7, -126), torch.float16: (10, -14),
@@ -31,12 +32,19 @@ _FLOAT_FORMAT = {torch.float32: (23, -126), torch.bfloat16: (7, -126), torch.flo
 _IGNORED_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype"}
 
 
+TensorStatus = Literal["exact", "rounding", "mismatch"]
+Verdict = Literal["exact", "within rounding", "mismatch"]
+ProgressCallback = Callable[[int, int], None]  # (bytes just checked, total bytes to check)
+
+
 @dataclass
 class TensorCheck:
+    """How one tensor of the merged folder compares with what the merge must produce."""
+
     name: str
     dtype: str
     changed: bool  # the merge changes it (else it is a copy of the base tensor)
-    status: str  # exact | rounding | mismatch
+    status: TensorStatus
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
     max_ulps: float = 0.0
@@ -44,10 +52,12 @@ class TensorCheck:
 
 @dataclass
 class VerifyReport:
+    """What `verify` found; `to_dict()` is what `--json` prints."""
+
     merged: str
     base: str
     adapter: str
-    verdict: str  # "exact", "within rounding" or "mismatch"
+    verdict: Verdict
     tensors_total: int
     tensors_checked: int
     exact: int = 0
@@ -66,17 +76,29 @@ class VerifyReport:
 
 
 def verify(
-    merged: str | os.PathLike,
-    base: str | os.PathLike,
-    adapter: str | os.PathLike | Adapter,
+    merged: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str] | Adapter,
     *,
     sample: int | None = None,
     allow_pickle: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> VerifyReport:
-    """Check a merged folder against BASE + ADAPTER; `sample` checks that many tensors spread over the model."""
+    """Check that MERGED is BASE with ADAPTER merged: recompute every tensor and compare, and check the folder.
+
+    Args:
+        merged: the merged model folder to check.
+        base: the base model folder.
+        adapter: the adapter folder, or a loaded `Adapter`.
+        sample: check only this many tensors, spread over the model (changed ones first).
+        allow_pickle: read an adapter that exists only as `adapter_model.bin` (weights_only).
+        progress: called as `progress(bytes_checked_now, total_bytes)` after each tensor.
+
+    Returns:
+        A `VerifyReport`: per tensor exact, within rounding or mismatch, and the folder's problems.
+    """
     started = time.monotonic()
-    checkpoint, adapter_obj, plan = prepare(base, adapter, allow_pickle=allow_pickle)
+    checkpoint, adapter_obj, plan = plan_merge(base, adapter, allow_pickle=allow_pickle)
     planned = plan.tensors
     report = VerifyReport(str(merged), str(checkpoint.folder), str(adapter_obj.path), "mismatch", len(planned), 0)
     try:
@@ -86,20 +108,22 @@ def verify(
         report.seconds = time.monotonic() - started
         return report
     report.problems += _structure_problems(out, checkpoint, plan)
-    files, merged_files = BaseFiles(checkpoint), BaseFiles(out)
+    files, merged_files = CheckpointFiles(checkpoint), CheckpointFiles(out)
+    chosen = _choose(planned, sample)
+    total = sum(tensor_nbytes(t.dtype, t.shape) for t in chosen)
     try:
-        for t in _choose(planned, sample):
+        for t in chosen:
             if t.name not in out.weight_map:
                 continue  # already reported as missing
             info = out.info(t.name)
-            if info.shape != t.shape or info.dtype not in ST_TO_TORCH:
+            if info.shape != t.shape or not has_torch_dtype(info.dtype):
                 continue  # reported by the structure check
             actual = merged_files.read(t.name)
-            expected = merged_tensor(t, files, adapter_obj, torch.device("cpu"), out_dtype=actual.dtype)
+            expected = merged_tensor(t, files.read, adapter_obj.tensor, actual.dtype)
             check = compare(t.name, actual, expected, changed=not t.untouched)
             report.tensors.append(check)
             if progress is not None:
-                progress(tensor_nbytes(info.dtype, info.shape))
+                progress(tensor_nbytes(info.dtype, info.shape), total)
     finally:
         files.close()
         merged_files.close()

@@ -222,10 +222,10 @@ def test_traceback_only_with_debug(tmp_path):
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     import importlib
 
-    merge_module = importlib.import_module("rslora_tools.merging")
+    executor = importlib.import_module("rslora_tools.executor")
 
     calls = {"n": 0}
-    real = merge_module._merge_one
+    real = executor._produce
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -233,7 +233,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merge_module, "_merge_one", failing)
+    monkeypatch.setattr(executor, "_produce", failing)
     result = run("merge", BASE, ADAPTER, tmp_path / "out")
     assert_clean_error(result, "interrupted")
     assert list(tmp_path.iterdir()) == []

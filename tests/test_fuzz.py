@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from rslora_tools.adapter import load_adapter, parse_config
+from rslora_tools.adapter import load_adapter
+from rslora_tools.adapter_config import parse_config
 from rslora_tools.checkpoint import open_checkpoint
-from rslora_tools.convention import module_entries
+from rslora_tools.module_scales import module_entries
 from rslora_tools.errors import RsloraError
 from rslora_tools.safetensors_file import read_header
 

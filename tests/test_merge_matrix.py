@@ -445,7 +445,7 @@ def test_non_finite_base_weights_are_merged_by_torch(tmp_path, monkeypatch):
     """An Inf in a base weight makes a sum the kernel does not round like torch: that tensor is recomputed with torch."""
     import importlib
 
-    merging = importlib.import_module("rslora_tools.merging")
+    executor = importlib.import_module("rslora_tools.executor")
     torch.manual_seed(0)
     net = _TwoLinear().to(torch.bfloat16)
     with torch.no_grad():
@@ -455,8 +455,8 @@ def test_non_finite_base_weights_are_merged_by_torch(tmp_path, monkeypatch):
     cfg = LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=["a", "b"], init_lora_weights=False)
     adapter = make_adapter(net, tmp_path / "adapter", cfg)
     by_torch = []
-    real = merging._merge_with_torch
-    monkeypatch.setattr(merging, "_merge_with_torch", lambda merge, t, writer: by_torch.append(t.name) or real(merge, t, writer))
+    real = executor._with_torch
+    monkeypatch.setattr(executor, "_with_torch", lambda run, t, writer: by_torch.append(t.name) or real(run, t, writer))
     cli_merge(base, adapter, tmp_path / "out")
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(net, adapter))
     from rslora_tools import kernel

@@ -1,7 +1,7 @@
-"""The value of one merged tensor, computed exactly as PEFT's default merge_and_unload does.
+"""Stage 4, compute: the value of one merged tensor, computed with torch exactly as PEFT's merge_and_unload does.
 
-Every operation below mirrors PEFT 0.21 op for op (peft-semantics §2-§6), because bit-exact
-results need the same torch ops in the same order and dtypes:
+Every operation below mirrors PEFT 0.21 op for op (docs/peft-rules.md, "Deltas", "Rounding"
+and "DoRA"), because bit-exact results need the same torch ops in the same order and dtypes:
 - adapter tensors are upcast to fp32 when saved in half precision (PEFT's autocast_adapter_dtype);
 - Linear / Conv1D / ConvNd add the fp32 delta in place: one rounding to the base dtype;
 - Embedding, MultiheadAttention and target_parameters cast the delta to the base dtype first;
@@ -33,8 +33,8 @@ def adapter_weight(read: Reader, key: str, device: torch.device) -> torch.Tensor
 
 def lora_delta(op: LoraOp, read: Reader, w_shape: torch.Size, device: torch.device) -> torch.Tensor:
     """PEFT's get_delta_weight for the op's layer kind (fp32, scale included, base weight layout)."""
-    a = adapter_weight(read, op.module.a_key, device)  # type: ignore[arg-type]
-    b = adapter_weight(read, op.module.b_key, device)  # type: ignore[arg-type]
+    a = adapter_weight(read, op.module.a_key, device)
+    b = adapter_weight(read, op.module.b_key, device)
     s = op.scale.scale
     if op.kind in ("linear", "param", "mha", "mha_out"):
         delta = b @ a
@@ -66,8 +66,8 @@ _BLOCK_ELEMENTS = 1 << 20
 
 def _add_linear_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
     """W += (B @ A) * s, one row block at a time: the same values as PEFT, in a fused pass."""
-    a = adapter_weight(read, op.module.a_key, w.device)  # type: ignore[arg-type]
-    b = adapter_weight(read, op.module.b_key, w.device)  # type: ignore[arg-type]
+    a = adapter_weight(read, op.module.a_key, w.device)
+    b = adapter_weight(read, op.module.b_key, w.device)
     s = op.scale.scale
     rows = w.shape[0]
     step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(1, w.shape[1]))
@@ -94,8 +94,8 @@ def _add_embedding_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch
     Column blocks of B @ A give the same bits as the full product (checked in the tests), and
     the delta is cast to W's dtype before the add, as PEFT's Embedding merge does.
     """
-    a = adapter_weight(read, op.module.a_key, w.device)  # type: ignore[arg-type]  # [r, vocab]
-    b = adapter_weight(read, op.module.b_key, w.device)  # type: ignore[arg-type]  # [dim, r]
+    a = adapter_weight(read, op.module.a_key, w.device)  # [r, vocab]
+    b = adapter_weight(read, op.module.b_key, w.device)  # [dim, r]
     s = op.scale.scale
     rows = w.shape[0]
     step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(1, w.shape[1]))
@@ -134,7 +134,8 @@ def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
 
 
 def _apply_dora(w: torch.Tensor, op: LoraOp, delta: torch.Tensor, read: Reader) -> torch.Tensor:
-    magnitude = adapter_weight(read, op.module.magnitude_key, w.device)  # type: ignore[arg-type]
+    assert op.module.magnitude_key is not None
+    magnitude = adapter_weight(read, op.module.magnitude_key, w.device)
     orig_dtype = w.dtype
     if op.kind == "conv":
         weight = w + 1 * delta
@@ -159,7 +160,8 @@ def _t(x: torch.Tensor, transpose: bool) -> torch.Tensor:
 
 def apply_lora_bias(bias: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
     """lora_bias: b += lora_B.bias * scale (fp32, rounded once), as PEFT's unsafe merge does."""
-    lora_b_bias = adapter_weight(read, op.module.bias_key, bias.device)  # type: ignore[arg-type]
+    assert op.module.bias_key is not None
+    lora_b_bias = adapter_weight(read, op.module.bias_key, bias.device)
     bias += lora_b_bias * op.scale.scale
     return bias
 
@@ -176,7 +178,10 @@ def compute(
     read: Reader,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The merged value of one output tensor, from its base value (None when a replacement gives it)."""
+    """The merged value of one output tensor, from its base value (None when a replacement gives it).
+
+    `read` reads an adapter tensor by key; `base` is writable and may be changed in place.
+    """
     if plan.replacement is not None:
         w = read(plan.replacement)
         device = base.device if base is not None else w.device
@@ -191,3 +196,11 @@ def compute(
     if plan.tokens is not None:
         w = apply_tokens(w, plan.tokens[0], plan.tokens[1], read)
     return w
+
+
+def merged_tensor(t: TensorPlan, read_base: Reader, read_adapter: Reader, out_dtype: torch.dtype,
+                  device: torch.device | str = "cpu", base: torch.Tensor | None = None) -> torch.Tensor:
+    """The merged value of one planned tensor on `device`; `base` when the caller has read the base value already."""
+    if base is None and t.source is not None:
+        base = read_base(t.source).to(device)
+    return compute(t, base, read_adapter, out_dtype)

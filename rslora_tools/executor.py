@@ -1,0 +1,286 @@
+"""Stage 5, execute: run a lowered plan, writing every output shard from worker threads.
+
+The output shards are created with their headers first (safetensors_file.SafetensorsWriter);
+then one worker thread per core takes the steps in order and writes each tensor at its own
+offset, with the function for its `StepKind`:
+- COPY_BASE / COPY_ADAPTER: raw bytes, copied inside the kernel (copy_file_range);
+- KERNEL: the C merge kernel a block of rows at a time: read (pread), merge, write (pwrite),
+  about a megabyte per worker in memory;
+- TORCH: compute.py with torch, one tensor per staging buffer set (page-locked, with a CUDA
+  stream each, on a GPU); torch is imported only then.
+Progress is reported through a callback; the executor never draws anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import kernel
+from .adapter import Adapter
+from .checkpoint import Checkpoint, CheckpointFiles
+from .lowering import BLOCK_BYTES, Device, Lowered, Step, StepKind, staging_sets, worker_count
+from .plan import TensorPlan
+from .safetensors_file import (
+    DTYPE_BITS,
+    SafetensorsWriter,
+    read_into,
+    safetensors_to_torch_dtype,
+    tensor_bytes,
+    tensor_nbytes,
+    torch_dtype,
+    write_at,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+ProgressCallback = Callable[[int, int], None]  # (bytes just finished, total bytes)
+
+
+class _Stopped(Exception):
+    """Another worker failed or the merge was interrupted: stop at the next block."""
+
+
+@dataclass
+class _Run:
+    """What the workers share: inputs, open files, torch's staging buffers, the stop flag and progress."""
+
+    checkpoint: Checkpoint
+    adapter: Adapter
+    base: CheckpointFiles
+    device: Device
+    staging: _Staging
+    total: int
+    progress: ProgressCallback | None
+    adapter_fd: int = -1
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def advance(self, nbytes: int) -> None:
+        if self.progress is not None:
+            with self.lock:
+                self.progress(nbytes, self.total)
+
+
+def execute(lowered: Lowered, checkpoint: Checkpoint, adapter: Adapter, folder: Path,
+            progress: ProgressCallback | None = None) -> None:
+    """Write every shard of `lowered` into `folder`; on failure or interrupt the workers stop at their next block."""
+    steps = lowered.steps
+    run = _Run(checkpoint, adapter, CheckpointFiles(checkpoint), lowered.device, _Staging(lowered.device),
+               sum(step.nbytes for step in steps), progress)
+    if adapter.is_safetensors and any(s.kind in (StepKind.COPY_ADAPTER, StepKind.KERNEL) for s in steps):
+        run.adapter_fd = os.open(adapter.weights_path, os.O_RDONLY)
+    workers = _Workers(run.stop)
+    writers: list[SafetensorsWriter] = []
+    jobs: list[tuple[Step, SafetensorsWriter]] = []
+    try:
+        for shard_name, shard_steps in lowered.shards:
+            entries = [(s.tensor.name, s.tensor.dtype, s.tensor.shape) for s in shard_steps]
+            writer = SafetensorsWriter(folder / shard_name, entries, {"format": "pt"})
+            writers.append(writer)
+            jobs += [(step, writer) for step in shard_steps]
+        workers.run(jobs, lambda job: _produce(run, *job))
+    finally:
+        if workers.stopped:  # else a worker may still write: closing would free its descriptor numbers
+            for writer in writers:
+                writer.close()
+            run.base.close()
+            if run.adapter_fd >= 0:
+                os.close(run.adapter_fd)
+
+
+def _produce(run: _Run, step: Step, writer: SafetensorsWriter) -> None:
+    """Produce one output tensor at its place in its shard, the way its step says."""
+    if run.stop.is_set():
+        raise _Stopped
+    t = step.tensor
+    if step.kind is StepKind.COPY_BASE:
+        assert t.source is not None
+        writer.copy_raw(t.name, *run.base.locate(t.source))
+    elif step.kind is StepKind.COPY_ADAPTER:
+        assert t.replacement is not None
+        writer.copy_raw(t.name, run.adapter_fd, run.adapter.tensor_offset(t.replacement))
+    elif step.kind is StepKind.KERNEL:
+        if not _with_kernel(run, t, writer):
+            _with_torch(run, t, writer)  # the kernel met a non-finite sum: torch's NaN encoding
+    else:
+        _with_torch(run, t, writer)
+    run.advance(step.nbytes)
+
+
+_thread_blocks = threading.local()
+
+
+def _block_buffers(nbytes: int) -> tuple[memoryview, memoryview]:
+    """The calling worker's block buffers (in, out), reused from tensor to tensor."""
+    if getattr(_thread_blocks, "size", 0) < nbytes:
+        _thread_blocks.size = max(nbytes, BLOCK_BYTES)
+        _thread_blocks.views = (memoryview(bytearray(_thread_blocks.size)), memoryview(bytearray(_thread_blocks.size)))
+    views: tuple[memoryview, memoryview] = _thread_blocks.views
+    return views
+
+
+def _with_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
+    """W + s * delta through the C kernel, a block of rows at a time; False if a sum is not finite."""
+    op = t.lora
+    assert op is not None
+    adapter = run.adapter
+    a = kernel.widen(adapter.tensor_bytes(op.module.a_key), adapter.dtypes[op.module.a_key])
+    b = kernel.widen(adapter.tensor_bytes(op.module.b_key), adapter.dtypes[op.module.b_key])
+    rows, cols = t.shape
+    operands = kernel.Operands(op.kind, a, b, adapter.shapes[op.module.a_key][0], rows, cols, op.transpose)
+    row_bytes = cols * DTYPE_BITS[t.dtype] // 8
+    step = max(1, BLOCK_BYTES // row_bytes)
+    if t.replacement is not None:  # the delta goes onto the adapter's saved copy of the weight
+        source_fd, source_offset = run.adapter_fd, adapter.tensor_offset(t.replacement)
+        source, source_file = t.replacement, adapter.weights_path
+    else:
+        assert t.source is not None
+        source_fd, source_offset = run.base.locate(t.source)
+        source, source_file = t.source, run.base.path(t.source)
+    target_offset = writer.offset(t.name)
+    block_in, block_out = _block_buffers(step * row_bytes)
+    for start in range(0, rows, step):
+        if run.stop.is_set():
+            raise _Stopped
+        n = min(step, rows - start)
+        size = n * row_bytes
+        read_into(source_fd, source_offset + start * row_bytes, block_in[:size], f"{source!r} from {source_file}")
+        if not kernel.merge_rows(block_in[:size], t.dtype, operands, start, n, op.scale.scale, block_out[:size]):
+            return False
+        write_at(writer.fd, target_offset + start * row_bytes, block_out[:size])
+    return True
+
+
+class _Staging:
+    """Host buffers (page-locked on a GPU) and a CUDA stream per set, for tensors computed with torch.
+
+    A worker takes a set for one tensor, so the number of sets bounds the memory: one on the CPU
+    (torch uses every core for one tensor anyway), a few on a GPU, where reads, transfers and
+    writes of different tensors then overlap. Reused buffers cost no page faults, and pinned
+    ones let the copies to and from the GPU run asynchronously on the set's stream.
+    """
+
+    def __init__(self, device: Device):
+        self.device = device
+        self._lock = threading.Lock()
+        self._sets: queue.Queue[dict[str, Any]] | None = None  # made on first use: only torch steps need the device
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[dict[str, Any]]:
+        with self._lock:
+            if self._sets is None:
+                self._sets = queue.Queue()
+                for _ in range(staging_sets(self.device)):
+                    self._sets.put({})
+            sets = self._sets
+        buffers = sets.get()
+        try:
+            yield buffers
+        finally:
+            sets.put(buffers)
+
+    def buffer(self, buffers: dict[str, Any], key: str, nbytes: int) -> torch.Tensor:
+        import torch
+
+        if key not in buffers or buffers[key].numel() < nbytes:
+            buffers.pop(key, None)  # free the smaller one first
+            buffers[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.device.is_cuda)
+        tensor: torch.Tensor = buffers[key][:nbytes]
+        return tensor
+
+
+def _with_torch(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> None:
+    """Compute one tensor with torch (compute.py) on the run's device, staged through reused host buffers."""
+    import torch
+
+    from .compute import merged_tensor
+
+    staging, device = run.staging, run.device.torch_device
+    with staging.take() as buffers:
+        cuda = run.device.is_cuda
+        if cuda and "stream" not in buffers:
+            buffers["stream"] = torch.cuda.Stream(device=device)
+        with torch.cuda.stream(buffers["stream"]) if cuda else contextlib.nullcontext():
+            base = None
+            if t.source is not None:
+                base = _read_staged(run, staging, buffers, t.source).to(device, non_blocking=True)
+            value = merged_tensor(t, run.base.read, run.adapter.tensor, safetensors_to_torch_dtype(t.dtype), device,
+                                  base=base)
+            if value.device.type != "cpu":
+                out = staging.buffer(buffers, "out", tensor_nbytes(t.dtype, t.shape)).view(value.dtype).view(value.shape)
+                out.copy_(value, non_blocking=True)
+                buffers["stream"].synchronize()
+                value = out
+            writer.write_tensor(t.name, value)
+
+
+def _read_staged(run: _Run, staging: _Staging, buffers: dict[str, Any], name: str) -> torch.Tensor:
+    """A base tensor read into the set's reused input buffer (a view of it, in the tensor's dtype and shape)."""
+    checkpoint = run.checkpoint
+    header = checkpoint.headers[checkpoint.weight_map[name]]
+    info = header.tensors[name]
+    host = staging.buffer(buffers, "in", info.nbytes).view(torch_dtype(header, name)).view(info.shape)
+    fd, offset = run.base.locate(name)
+    read_into(fd, offset, tensor_bytes(host), f"{header.path}: tensor {name!r}")
+    return host
+
+
+class _Workers:
+    """Runs `work(job)` for every job on worker threads, in order; re-raises the first failure.
+
+    The main thread only waits, so Ctrl-C (KeyboardInterrupt) arrives at once; the workers then
+    stop at their next block (`stop`), and are given a few seconds to do so.
+    """
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def stopped(self) -> bool:
+        return not any(thread.is_alive() for thread in self.threads)
+
+    def run(self, jobs: list[Any], work: Callable[[Any], None]) -> None:
+        todo = iter(jobs)
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def loop() -> None:
+            while not self.stop.is_set():
+                with lock:
+                    job = next(todo, None)
+                if job is None:
+                    return
+                try:
+                    work(job)
+                except _Stopped:
+                    return
+                except BaseException as e:  # re-raised on the main thread
+                    errors.append(e)
+                    self.stop.set()
+                    return
+
+        self.threads = [threading.Thread(target=loop, name=f"rslora-tools-worker-{i}", daemon=True)
+                        for i in range(worker_count())]
+        for thread in self.threads:
+            thread.start()
+        try:
+            for thread in self.threads:
+                while thread.is_alive():
+                    thread.join(0.2)
+        finally:
+            self.stop.set()
+            deadline = time.monotonic() + 10
+            for thread in self.threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if errors:
+            raise errors[0]

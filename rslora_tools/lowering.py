@@ -1,0 +1,183 @@
+"""Stage 5, execute: lowering, the one place that decides how each planned tensor is produced.
+
+The executor's entry. `--device` becomes a `Device` here, once; `lower` turns each `TensorPlan`
+into a `Step` (copy the base's bytes, copy the adapter's bytes, the C merge kernel, or torch
+on the device), and everything downstream reads that decision: the merge report, the dry-run
+listing, the memory estimate and the workers. A new way to produce a tensor is one more
+`StepKind`, chosen in `_step_kind` and run by one function in executor.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from enum import Enum
+
+from . import kernel
+from .adapter import Adapter
+from .checkpoint import Checkpoint
+from .errors import InputError
+from .plan import Plan, TensorPlan
+from .safetensors_file import tensor_nbytes
+
+BLOCK_BYTES = 1 << 20  # rows the kernel merges per step: in and out stay in the CPU's cache
+_RUNTIME_BYTES = 32 * 10**6  # Python and the CLI's modules (measured: ~31 MB for a tiny merge)
+_TORCH_BYTES = 210 * 10**6  # torch itself once imported (measured: ~240 MB in all)
+
+
+class StepKind(str, Enum):
+    """How one output tensor is produced; the value is what reports show (`by`)."""
+
+    COPY_BASE = "raw"  # untouched, same dtype: the base's bytes, copied inside the kernel
+    COPY_ADAPTER = "copy"  # given whole by an adapter tensor in the output's dtype: its bytes
+    KERNEL = "kernel"  # W + s * (B @ A) by the C merge kernel, a block of rows at a time
+    TORCH = "torch"  # everything else, computed with torch (compute.py) on the device
+
+
+class Device:
+    """Where torch computes, and whether the merge kernel may: `--device`, decided once.
+
+    cpu: the kernel where it applies, torch on the CPU for the rest. cuda[:N]: torch on that GPU
+    for every computed tensor. auto: the kernel where it applies, CUDA (when present) for the
+    rest; torch is imported only when a tensor needs it.
+    """
+
+    def __init__(self, spec: str = "cpu"):
+        if spec not in ("cpu", "auto") and not spec.startswith("cuda"):
+            raise InputError(f"unknown device {spec!r}; use cpu, cuda or auto")
+        self.spec = spec
+        self._torch: str | None = "cpu" if spec == "cpu" else None
+        if spec.startswith("cuda"):
+            if not _cuda_available():
+                raise InputError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
+            self._torch = spec
+
+    @property
+    def kernel_allowed(self) -> bool:
+        return self.spec in ("cpu", "auto")
+
+    @property
+    def torch_device(self) -> str:
+        """The torch device name ("cpu", "cuda", "cuda:1"); for auto, CUDA when this machine has it."""
+        if self._torch is None:
+            self._torch = "cuda" if _cuda_available() else "cpu"
+        return self._torch
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.torch_device != "cpu"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One output tensor and how it is produced."""
+
+    tensor: TensorPlan
+    kind: StepKind
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.tensor.dtype, self.tensor.shape)
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """A plan lowered for one device: the steps of each output shard."""
+
+    shards: list[tuple[str, list[Step]]]
+    device: Device
+
+    @property
+    def steps(self) -> list[Step]:
+        return [step for _, steps in self.shards for step in steps]
+
+    @property
+    def uses_torch(self) -> bool:
+        return any(step.kind is StepKind.TORCH for step in self.steps)
+
+    @property
+    def device_name(self) -> str:
+        """Where computed tensors go: the torch device when torch computes any, else the CPU (the kernel)."""
+        return self.device.torch_device if self.uses_torch else "cpu"
+
+
+def lower(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device: Device) -> Lowered:
+    """Decide, for every planned tensor, the step that produces it."""
+    shards = [(name, [Step(t, _step_kind(t, checkpoint, adapter, device)) for t in tensors])
+              for name, tensors in plan.shards]
+    return Lowered(shards, device)
+
+
+def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: Device) -> StepKind:
+    if t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
+        return StepKind.COPY_BASE
+    if t.replaced_whole and t.replacement is not None and adapter.is_safetensors and adapter.dtypes[t.replacement] == t.dtype:
+        return StepKind.COPY_ADAPTER
+    if device.kernel_allowed and _kernel_fits(t, checkpoint, adapter):
+        return StepKind.KERNEL
+    return StepKind.TORCH
+
+
+def _kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> bool:
+    op = t.lora
+    if op is None or op.dora or op.experts != 1 or t.bias_of is not None or t.tokens is not None:
+        return False
+    if not adapter.is_safetensors:
+        return False
+    if t.replacement is not None:  # e.g. an embedding whose base layer the adapter saved (save_embedding_layers)
+        if tuple(adapter.shapes[t.replacement]) != t.shape:
+            return False
+        start_dtype = adapter.dtypes[t.replacement]
+    elif t.source is not None:
+        start_dtype = checkpoint.info(t.source).dtype
+    else:
+        return False
+    a, b = op.module.a_key, op.module.b_key
+    return kernel.supports(layer=op.kind, transposed=op.transpose, dtype=t.dtype, start_dtype=start_dtype, shape=t.shape,
+                           a_dtype=adapter.dtypes[a], b_dtype=adapter.dtypes[b], a_shape=adapter.shapes[a],
+                           b_shape=adapter.shapes[b])
+
+
+def worker_count() -> int:
+    """Worker threads: one per core (copies wait on I/O, the kernel computes), 2 to 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 2
+    return max(2, min(8, cores))
+
+
+def staging_sets(device: Device) -> int:
+    """Buffer sets for tensors computed with torch: one on the CPU (torch uses every core), a few on a GPU."""
+    return min(4, worker_count()) if device.is_cuda else 1
+
+
+def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
+    """Peak memory of a merge: the runtime, the kernel workers' blocks, and the largest torch working set.
+
+    Kernel and copy steps hold a block of rows (plus the module's fp32 A and B) per worker. A
+    torch step (one at a time on the CPU, a few on a GPU) holds the base tensor and its merged
+    value; linear and embedding deltas are added in small fp32 blocks, other kinds (DoRA, conv,
+    experts, ...) also hold two whole fp32 copies.
+    """
+    kernel_peak = torch_peak = 0
+    for step in lowered.steps:
+        t = step.tensor
+        if step.kind is StepKind.KERNEL:
+            assert t.lora is not None
+            ab = 4 * (math.prod(adapter.shapes[t.lora.module.a_key]) + math.prod(adapter.shapes[t.lora.module.b_key]))
+            kernel_peak = max(kernel_peak, 2 * BLOCK_BYTES + 2 * ab)
+        elif step.kind is StepKind.TORCH:
+            blocked = t.lora is None or (t.lora.kind in ("linear", "embedding") and not t.lora.dora)
+            torch_peak = max(torch_peak, step.nbytes * 3 if blocked else math.prod(t.shape) * 4 * 2 + step.nbytes * 3)
+    runtime = _RUNTIME_BYTES + (_TORCH_BYTES if lowered.uses_torch else 0)
+    if lowered.uses_torch:  # on a GPU each staging set may hold a tensor on the host
+        torch_peak *= staging_sets(lowered.device)
+    return runtime + worker_count() * kernel_peak + torch_peak
