@@ -169,7 +169,8 @@ def _echo_push(report: Any) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Dtype of the merged floating tensors; auto keeps the base's.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="Where the deltas are computed; auto = cuda when available. Bit-exact with PEFT on cpu.")
+              help="Where deltas are computed. cpu: bit-exact with PEFT; cuda: every computed tensor on the GPU; "
+                   "auto: the merge kernel where it applies, CUDA (when present) for the rest.")
 @click.option("--max-shard-size", metavar="SIZE", default=None,
               help="Re-shard the output, e.g. 5GB (decimal, like transformers) or 2GiB. Default: keep the base's shards.")
 @_overwrite_option

@@ -23,7 +23,7 @@ from .checkpoint import SINGLE_FILE, TOKENIZER_PATTERNS, index_shard_names
 from .errors import HubError, InputError, RsloraError
 from .hub_refs import HubRef, parse_ref
 
-LIBRARY = {"library_name": "rslora-tools", "library_version": __version__}
+LIBRARY_NAME = "rslora-tools"  # requests identify themselves as rslora-tools/<version>
 BASE_PATTERNS = ["*.json", *TOKENIZER_PATTERNS]
 ADAPTER_PATTERNS = ["*.json", "*.safetensors", "*.md", *TOKENIZER_PATTERNS]
 InputRole = Literal["base", "adapter"]
@@ -123,7 +123,8 @@ def _download(spec: str, ref: HubRef, patterns: list[str], token: str | None, ex
     try:
         path = snapshot_download(
             ref.repo_id, revision=ref.revision, allow_patterns=allow, ignore_patterns=ignore, token=token,
-            cache_dir=_cache_dir(), endpoint=_endpoint(), local_files_only=offline, **LIBRARY,
+            cache_dir=_cache_dir(), endpoint=_endpoint(), local_files_only=offline, library_name=LIBRARY_NAME,
+            library_version=__version__,
         )
     except Exception as e:  # each client error becomes one line that says what to do
         raise HubError(_download_error(spec, ref, e, offline)) from e
@@ -231,6 +232,7 @@ def push(
 ) -> PushReport:
     """Create the repo if needed, upload FOLDER (with a model card when it has none), check every file arrived."""
     from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -245,7 +247,7 @@ def push(
     repo_id = ref.repo_id
     if _offline():
         raise HubError("HF_HUB_OFFLINE=1 is set; pushing needs the network (unset it)")
-    api = HfApi(endpoint=_endpoint(), token=token, **LIBRARY)
+    api = HfApi(endpoint=_endpoint(), token=token, library_name=LIBRARY_NAME, library_version=__version__)
     card = None if (folder / "README.md").is_file() else model_card(folder, repo_id)
     message = commit_message or f"Upload {folder.name} with rslora-tools {__version__}"
     try:
@@ -256,7 +258,7 @@ def push(
             info = api.upload_folder(repo_id=repo_id, folder_path=staged, commit_message=message,
                                      revision=revision, create_pr=create_pr, ignore_patterns=[".*", "**/.*"])
         remote = {f.path: f.size for f in api.list_repo_tree(repo_id, revision=info.oid, recursive=True)
-                  if getattr(f, "size", None) is not None and type(f).__name__ == "RepoFile"}
+                  if isinstance(f, RepoFile)}
     except RsloraError:
         raise
     except Exception as e:  # one line; nothing local was changed
@@ -295,19 +297,20 @@ class _staged:
     """
 
     def __init__(self, folder: Path, card: str | None):
-        self.folder, self.card, self.tmp = folder, card, None
+        self.folder, self.card = folder, card
+        self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
         if self.card is None:
             return self.folder
-        self.tmp = Path(tempfile.mkdtemp(prefix="rslora-tools-push-"))
+        tmp = self.tmp = Path(tempfile.mkdtemp(prefix="rslora-tools-push-"))
         for path in self.folder.rglob("*"):
             rel = path.relative_to(self.folder)
             if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-                (self.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                (self.tmp / rel).symlink_to(path.resolve())
-        (self.tmp / "README.md").write_text(self.card, encoding="utf-8")
-        return self.tmp
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).symlink_to(path.resolve())
+        (tmp / "README.md").write_text(self.card, encoding="utf-8")
+        return tmp
 
     def __exit__(self, *exc: object) -> None:
         if self.tmp is not None:

@@ -196,7 +196,7 @@ def _lint_features(adapter: Adapter, entries: list[ModuleEntry], lints: list[Lin
 
 def _lint_runtimes(report: InspectReport, selected: set[str], lints: list[Lint]) -> None:
     for name, summary in report.runtimes.items():
-        level = "warning" if name in selected else "info"
+        level: LintLevel = "warning" if name in selected else "info"
         if summary["status"] == "cannot serve":
             lints.append(Lint(level, "runtime-unsupported",
                               f"{summary['label']} cannot serve this adapter: {'; '.join(summary['reasons'])}"))

@@ -1,4 +1,4 @@
-"""`rslora_tools.json`: what a merge or conversion was made from, so that a later push writes the right card."""
+"""Stage 1, formats: `rslora_tools.json`, what a merge or conversion was made from, so that a later push writes the right card."""
 
 from __future__ import annotations
 

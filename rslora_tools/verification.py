@@ -175,7 +175,7 @@ def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, *, changed:
     ulps = diff / ulp(e, actual.dtype)
     rel = torch.where(e != 0, diff / e.abs(), torch.where(diff > 0, math.inf, 0.0))
     max_ulps = float(ulps.max())
-    status = "rounding" if max_ulps <= 1.0 else "mismatch"
+    status: TensorStatus = "rounding" if max_ulps <= 1.0 else "mismatch"
     return TensorCheck(name, dtype, changed, status, float(diff.max()), float(rel.max()), max_ulps)
 
 

@@ -1,7 +1,7 @@
 """A loopback stand-in for the Hugging Face Hub HTTP API, for the real huggingface_hub client.
 
 It implements what `snapshot_download`, `create_repo`, `upload_folder` (legacy LFS path, so
-run with HF_HUB_DISABLE_XET=1) and `list_repo_tree` use (../shared/docs/ecosystem.md §2.6):
+run with HF_HUB_DISABLE_XET=1) and `list_repo_tree` use (the Hub's public HTTP API):
 repo info, tree, resolve (HEAD/GET), repo create, validate-yaml, preupload, LFS batch /
 upload / verify, and the NDJSON commit. Every request is recorded; faults can be injected.
 """

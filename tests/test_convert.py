@@ -3,7 +3,7 @@
 Config rewrites (--to-*) are checked with PEFT itself, bit for bit: the converted adapter,
 loaded by PEFT, has the same scaling and merges to the same tensors. Baked forms are checked
 to float32 rounding. Runtime targets are checked with the scale rule each runtime applies
-(../shared/docs/runtimes.md), written out here independently of rslora_tools/runtimes.py.
+(docs/runtimes.md), written out here independently of rslora_tools/runtimes.py.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_overlapping_patterns_are_rewritten_to_full_names(llama_fp32, tmp_path):
 
 
 def legacy_scale(cfg: dict, name: str, version: str) -> float:
-    """The scale older PEFT versions compute (peft-semantics §1.2): 0.13 one combined lookup, 0.14 `.*\\.key$`."""
+    """The scale older PEFT versions compute (docs/peft-rules.md, Patterns): 0.13 one combined lookup, 0.14 `.*\\.key$`."""
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
 
     def find(keys):
@@ -211,7 +211,7 @@ def test_fan_in_fan_out_gpt2_converts_exactly(tmp_path):
 
 
 def served_scale(runtime: str, cfg: dict, b_shape: tuple[int, ...]) -> float:
-    """The scale each runtime applies, per ../shared/docs/runtimes.md (global fields; llama.cpp: rank from B)."""
+    """The scale each runtime applies, per docs/runtimes.md (global fields; llama.cpp: rank from B)."""
     alpha, r = cfg["lora_alpha"], cfg["r"]
     if runtime in ("vllm", "tgi", "lorax"):
         return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
