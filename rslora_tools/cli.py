@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,9 @@ class _Group(click.Group):
     """Maps library errors to one line `Error: ...` and exit 1; a traceback only with RSLORA_TOOLS_DEBUG=1."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from .output import forget_written
+
+        forget_written()
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -40,13 +44,34 @@ class _Group(click.Group):
         except OutputInterrupted as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted; nothing was written") from None
+            raise click.ClickException(_interrupted()) from None
         except Exception as e:  # an unexpected failure: still one line, unless debugging
             if os.environ.get(DEBUG_ENV) == "1":
                 raise
             raise click.ClickException(
                 f"unexpected {type(e).__name__}: {_one_line(str(e))} (set {DEBUG_ENV}=1 for a traceback)"
             ) from None
+        finally:
+            _COMMAND["finished"] = True
+
+
+_COMMAND = {"finished": False}
+
+
+def _interrupted() -> str:
+    """What an interruption left: nothing, or an output already complete (replaced before the signal came)."""
+    from .output import written_outputs
+
+    done = written_outputs()
+    if done:
+        return f"interrupted after {done[-1]} was written completely; it holds the new output"
+    return "interrupted; nothing was written"
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM: interrupt the command (which cleans up and says what is left); ignored once it is done."""
+    if not _COMMAND["finished"]:
+        raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _one_line(text: str) -> str:
@@ -534,7 +559,15 @@ def main() -> None:
     # the cyclic collector would only rescan torch's import graph (when loaded) again and again.
     gc.disable()
     _return_freed_memory()
-    cli(prog_name="rslora-tools")
+    # SIGTERM interrupts like Ctrl-C, and neither interrupts the exit once the command has finished
+    # (its message is already true then).
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        cli(prog_name="rslora-tools")
+    finally:  # the command is over: a signal now must not kill the exit (Python restores SIG_DFL when it shuts down)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _return_freed_memory() -> None:

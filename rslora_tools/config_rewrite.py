@@ -76,13 +76,12 @@ def unit_config(adapter: Adapter, entries: list[ModuleEntry], *, global_alpha_on
 
 def _rewrite_in_place(fields: dict[str, Any], entries: list[ModuleEntry], use_rslora: bool) -> dict[str, Any] | None:
     """Rewrite lora_alpha and each alpha_pattern value for its rank; None when one value cannot serve all its modules."""
-    groups: dict[str | None, set[int | float]] = {}
-    rank_of_group: dict[str | None, set[int]] = {}
+    # a module's group: its alpha_pattern key, else ("rank", its rank_pattern key), else None (the global alpha)
+    groups: dict[str | tuple[str, str] | None, set[int | float]] = {}
     for e in entries:
-        key = e.scale.alpha_key if e.scale.alpha_key is not None else (
+        key: str | tuple[str, str] | None = e.scale.alpha_key if e.scale.alpha_key is not None else (
             ("rank", e.scale.rank_key) if e.scale.rank_key is not None else None)
-        groups.setdefault(key, set()).add(alpha_for_scale(e.scale.scale, e.scale.r, use_rslora))  # type: ignore[arg-type]
-        rank_of_group.setdefault(key, set()).add(e.scale.r)  # type: ignore[arg-type]
+        groups.setdefault(key, set()).add(alpha_for_scale(e.scale.scale, e.scale.r, use_rslora))
     if any(len(v) > 1 for v in groups.values()):
         return None
     new = dict(fields)

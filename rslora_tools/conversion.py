@@ -84,7 +84,9 @@ def plan_conversion(adapter: Adapter, entries: list[ModuleEntry], *, to: str | N
 
     if target == "unit":
         return _unit_plan(adapter, entries, "unit-scale form (scale 1 in every runtime)")
-    runtime = RUNTIMES[target]  # type: ignore[index]
+    if target is None or target not in RUNTIMES:
+        raise InputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    runtime = RUNTIMES[target]
     lacks = missing_features(runtime, adapter)
     if lacks:
         raise UnsupportedAdapterError(

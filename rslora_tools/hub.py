@@ -221,7 +221,7 @@ class PushReport:
 
 
 def push(
-    folder: str | os.PathLike,
+    folder: str | os.PathLike[str],
     repo_id: str,
     *,
     private: bool = False,
@@ -230,7 +230,20 @@ def push(
     create_pr: bool = False,
     token: str | None = None,
 ) -> PushReport:
-    """Create the repo if needed, upload FOLDER (with a model card when it has none), check every file arrived."""
+    """Create the repo if needed, upload FOLDER (with a model card when it has none), check every file arrived.
+
+    Args:
+        folder: a merged model or converted adapter folder; it is never modified.
+        repo_id: the Hub repo, `org/name`.
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: commit to this branch (created if needed) instead of main.
+        commit_message: the commit message.
+        create_pr: open a pull request instead of committing.
+        token: the Hugging Face token (default: HF_TOKEN or the stored login); never printed.
+
+    Returns:
+        A `PushReport`: the commit, its URL (and the PR's), and the files checked in the repo.
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 

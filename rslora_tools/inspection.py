@@ -161,7 +161,7 @@ def _runtime_summary(adapter: Adapter, fields: dict[str, Any], entries: list[Mod
         lacks = missing_features(rt, adapter)
         off = [e for e in entries if runtime_scale(rt, fields, e) != e.scale.scale]
         ratios = [runtime_scale(rt, fields, e) / e.scale.scale for e in off if e.scale.scale]
-        status = "cannot serve" if lacks else ("wrong scale" if off else "exact")
+        status: RuntimeStatus = "cannot serve" if lacks else ("wrong scale" if off else "exact")
         out[name] = {
             "label": rt.label, "status": status, "reasons": lacks, "modules_off": len(off),
             "ratio_min": min(ratios) if ratios else 1.0, "ratio_max": max(ratios) if ratios else 1.0,

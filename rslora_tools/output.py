@@ -23,6 +23,16 @@ from pathlib import Path
 from .errors import OutputError, OutputInterrupted
 
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_written: list[Path] = []  # outputs this process has put in place (for messages after an interruption)
+
+
+def written_outputs() -> list[Path]:
+    """The outputs put in place since `forget_written()`: an interruption after that did not undo them."""
+    return list(_written)
+
+
+def forget_written() -> None:
+    _written.clear()
 
 
 def output_target(out: Path) -> Path:
@@ -120,6 +130,7 @@ def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
             with _signals_held() as received:
                 _replace_folder(tmp, out)
                 committed = True
+                _written.append(out)
             if received:
                 raise KeyboardInterrupt(f"signal {received[0]}")
     except KeyboardInterrupt as e:
@@ -180,6 +191,7 @@ def atomic_file(out: Path) -> Iterator[Path]:
             with _signals_held() as received:
                 os.replace(tmp, out)
                 committed = True
+                _written.append(out)
             if received:
                 raise KeyboardInterrupt(f"signal {received[0]}")
     except KeyboardInterrupt as e:

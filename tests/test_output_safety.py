@@ -271,3 +271,19 @@ def test_signals_from_another_process_at_random_times(old_and_new):
             (out / "model.safetensors").write_bytes(b"an older merge")
             (out / "notes.txt").write_text("old")
     assert len(outcomes) == 16
+
+
+def test_an_interrupt_after_the_output_is_in_place_says_so(tmp_path, monkeypatch):
+    """Ctrl-C while the report is printed: OUT is complete, and the message must not say "nothing was written"."""
+    from rslora_tools import cli as cli_module
+
+    def interrupted(report):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_print_merge", interrupted)
+    result = run("merge", BASE, ADAPTER, tmp_path / "out", code=1)
+    assert "it holds the new output" in result.output and "nothing was written" not in result.output
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    monkeypatch.undo()
+    result = run("merge", BASE, ADAPTER, tmp_path / "out2", "--dry-run")  # a later command starts afresh
+    assert result.exit_code == 0
