@@ -16,8 +16,8 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from .errors import OutputError, OutputInterrupted
@@ -107,28 +107,40 @@ def _temporary_name(out: Path, role: str) -> Path:
     return out.parent / f".{out.name}.rslora-tools-{role}-{os.getpid()}"
 
 
-@contextmanager
-def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_folder(out: Path, overwrite: bool) -> AbstractContextManager[Path]:
     """Yield a temporary folder beside OUT; on success it replaces OUT, on any failure it is removed.
 
     `out` is the folder really written (`check_output_location`'s answer). An interruption before
     the replacement leaves OUT as it was; one during or after it is reported once OUT holds the
     complete new folder (`OutputInterrupted(complete=True)`).
     """
-    created: list[Path] = []
     tmp = _temporary_name(out, "tmp")
+
+    def prepare() -> None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+
+    def commit() -> None:
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise OutputError(f"{out}: appeared while writing and is not empty; nothing was replaced")
+        _replace_folder(tmp, out)
+
+    return _atomic(out, tmp, prepare, commit)
+
+
+@contextmanager
+def _atomic(out: Path, tmp: Path, prepare: Callable[[], None], commit: Callable[[], None]) -> Iterator[Path]:
+    """Write into TMP, then `commit` it to OUT with signals held; clean up on any failure before the commit."""
+    created: list[Path] = []
     committed = False
     try:
         with _sigterm_as_interrupt():
             created += _make_parents(out.parent)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+            prepare()
             yield tmp
-            if out.exists() and any(out.iterdir()) and not overwrite:
-                raise OutputError(f"{out}: appeared while writing and is not empty; nothing was replaced")
             with _signals_held() as received:
-                _replace_folder(tmp, out)
+                commit()
                 committed = True
                 _written.append(out)
             if received:
@@ -175,34 +187,13 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-@contextmanager
-def atomic_file(out: Path) -> Iterator[Path]:
+def atomic_file(out: Path) -> AbstractContextManager[Path]:
     """Yield a temporary file path beside OUT; on success it replaces OUT, on any failure it is removed.
 
     Whether OUT may be written at all is `check_output_file`'s decision, made before.
     """
-    created: list[Path] = []
     tmp = _temporary_name(out, "tmp")
-    committed = False
-    try:
-        with _sigterm_as_interrupt():
-            created += _make_parents(out.parent)
-            yield tmp
-            with _signals_held() as received:
-                os.replace(tmp, out)
-                committed = True
-                _written.append(out)
-            if received:
-                raise KeyboardInterrupt(f"signal {received[0]}")
-    except KeyboardInterrupt as e:
-        if committed:
-            raise OutputInterrupted(str(out), complete=True) from e
-        _remove_partial(tmp, created)
-        raise OutputInterrupted(str(out), complete=False) from e
-    except BaseException:
-        if not committed:
-            _remove_partial(tmp, created)
-        raise
+    return _atomic(out, tmp, lambda: None, lambda: os.replace(tmp, out))
 
 
 def _make_parents(folder: Path) -> list[Path]:
