@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdapterConfigError, UnsupportedAdapterError
-from .scaling import Convention, ModuleScale, module_scale
+from .scaling import Convention, ModuleScale, backtracking_risk, module_scale
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -171,6 +171,12 @@ def _check_pattern_syntax(where: str, rank_pattern: dict[str, Any], alpha_patter
                     f"{where}: {field_name} key {key!r} is not a valid regular expression ({e}); PEFT matches these "
                     "keys as regular expressions"
                 ) from e
+            risk = backtracking_risk(key)
+            if risk:
+                raise AdapterConfigError(
+                    f"{where}: {field_name} key {key!r} has {risk}, which can make regular-expression matching take "
+                    "exponential time (PEFT would hang on it too); use module names, or one level of repetition"
+                )
 
 
 def _refuse_variants(raw: dict[str, Any], where: str) -> None:

@@ -71,9 +71,16 @@ class Checkpoint:
 
 
 def check_shard_name(index_path: Path, name: object, what: str) -> str:
-    """A shard named by an index must be a plain file name in the index's folder (no path, no `..`)."""
+    """A shard named by an index must be a plain `.safetensors` file name in the index's folder.
+
+    No path and no `..` (it would leave the folder), and the `.safetensors` suffix: a shard named
+    like a side file (`tokenizer.json`, `rslora_tools.json`) would be overwritten by that file in
+    a merged folder.
+    """
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
         raise InputError(f"{index_path}: {what} names file {name!r}, which is not a plain file name in the folder")
+    if not name.endswith(".safetensors"):
+        raise InputError(f"{index_path}: {what} names file {name!r}, which is not a .safetensors shard")
     return name
 
 
@@ -130,6 +137,11 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     if config is not None and not isinstance(config, dict):
         raise InputError(f"{folder / 'config.json'}: expected a JSON object")
     index_path = folder / INDEX_FILE
+    if index_path.is_file() and (folder / SINGLE_FILE).is_file():
+        raise InputError(
+            f"{folder}: holds both {SINGLE_FILE} and {INDEX_FILE}; transformers loads {SINGLE_FILE} and ignores "
+            "the index, so which one is the model is ambiguous: remove the other one"
+        )
     if index_path.is_file():
         return _open_sharded(folder, index_path, config)
     candidates = [SINGLE_FILE] if (folder / SINGLE_FILE).is_file() else sorted(
@@ -219,6 +231,8 @@ def read_json_file(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise InputError(f"{path}: not usable JSON (nested too deeply)") from e
 
 
 def write_json_file(path: Path, data: Any, *, sort_keys: bool = False) -> None:
@@ -257,6 +271,14 @@ def is_tokenizer_file(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in TOKENIZER_PATTERNS)
 
 
+def updated_config(config: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """config.json with a merge's changes: the keys updated, and a nested text_config's vocab_size too."""
+    config = {**config, **updates}
+    if isinstance(config.get("text_config"), dict) and "vocab_size" in updates:
+        config["text_config"] = {**config["text_config"], "vocab_size": updates["vocab_size"]}
+    return config
+
+
 def copy_side_files(base: Path, adapter: Path, dest: Path, config_updates: dict[str, Any]) -> None:
     """config.json (updated only where the merge changes it), generation config, tokenizer, templates.
 
@@ -267,11 +289,7 @@ def copy_side_files(base: Path, adapter: Path, dest: Path, config_updates: dict[
         if adapter_files and is_tokenizer_file(path.name):
             continue
         if path.name == "config.json" and config_updates:
-            config = read_json_file(path)
-            config.update(config_updates)
-            if isinstance(config.get("text_config"), dict) and "vocab_size" in config_updates:
-                config["text_config"]["vocab_size"] = config_updates["vocab_size"]
-            write_json_file(dest / path.name, config)
+            write_json_file(dest / path.name, updated_config(read_json_file(path), config_updates))
             continue
         shutil.copyfile(path, dest / path.name)
     for path in adapter_files:

@@ -373,6 +373,8 @@ def convert(adapter: str, out: str, **flags: Any) -> None:
     report = run_convert(source.path, out, to=to, target=target, bake=flags["bake"], base=base_path,
                          overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_pickle=flags["allow_pickle"],
                          source=source.to_dict(), allow_nonfinite=flags["allow_nonfinite"])
+    for warning in report.warnings:
+        click.echo(f"Warning: {warning}", err=True)
     _finish(report, _print_convert, out, _PushRequest.from_flags(flags), flags["as_json"], flags["quiet"])
 
 
@@ -473,7 +475,7 @@ def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickl
             if worst is not None and worst.status == "rounding":
                 click.echo(f"largest rounding difference: {worst.name}: {worst.max_abs_error:.3g} "
                            f"({worst.max_ulps:.3g} ulp of {worst.dtype})")
-        sampled = f" (sample of {report.tensors_total})" if report.tensors_checked < report.tensors_total else ""
+        sampled = f" (sample of {report.tensors_total})" if report.sampled else ""
         click.echo(f"{report.verdict.upper()}: {report.tensors_checked} tensors checked{sampled}: {report.exact} exact, "
                    f"{report.rounding} within rounding, {report.mismatched} mismatched, "
                    f"{len(report.problems)} folder problem(s); {report.seconds:.2f} s")
@@ -565,9 +567,27 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         cli(prog_name="rslora-tools")
+    except SystemExit as e:
+        _exit_now_if_workers_run(e.code)
+        raise
     finally:  # the command is over: a signal now must not kill the exit (Python restores SIG_DFL when it shuts down)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _exit_now_if_workers_run(code: object) -> None:
+    """After an interruption, a merge worker may still be inside a long torch operation: exit without waiting.
+
+    Python's shutdown would otherwise tear down the interpreter under that thread, which aborts
+    the process ("terminate called without an active exception"). The output was cleaned up
+    already and the message printed.
+    """
+    import threading
+
+    if any(t.name.startswith("rslora-tools-worker") and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 1)
 
 
 def _return_freed_memory() -> None:

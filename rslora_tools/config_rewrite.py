@@ -15,7 +15,7 @@ from typing import Any
 from .adapter import Adapter
 from .errors import UnsupportedAdapterError
 from .module_scales import ModuleEntry
-from .scaling import pattern_key, scale, scale_in, unstable_patterns
+from .scaling import matching_keys, scale, scale_in, unstable_patterns
 
 
 def alpha_for_scale(target: float, r: int, use_rslora: bool) -> int | float:
@@ -29,7 +29,7 @@ def alpha_for_scale(target: float, r: int, use_rslora: bool) -> int | float:
     for alpha in candidates:
         if alpha > 0 and scale(alpha, r, use_rslora) == target:
             return int(alpha) if alpha.is_integer() and abs(alpha) < 2**53 else alpha
-    raise UnsupportedAdapterError(f"no alpha gives scale {target!r} at rank {r} exactly")
+    raise UnsupportedAdapterError(f"no alpha gives PEFT's scale {target!r} at rank {r} exactly")
 
 
 def convention_config(adapter: Adapter, entries: list[ModuleEntry], use_rslora: bool) -> dict[str, Any]:
@@ -43,14 +43,19 @@ def convention_config(adapter: Adapter, entries: list[ModuleEntry], use_rslora: 
     """
     fields = adapter.config.normalized()
     names = [e.name for e in entries]
-    new = None
-    if not unstable_patterns(fields, names):
-        new = _rewrite_in_place(fields, entries, use_rslora)
+    new, reason = None, ""
+    try:
+        if not unstable_patterns(fields, names):
+            new = _rewrite_in_place(fields, entries, use_rslora)
+        if new is None or not _keeps_scales(new, entries):
+            alphas = [alpha_for_scale(e.scale.scale, e.scale.r, use_rslora) for e in entries]
+            new = _rewrite_canonical(fields, entries, use_rslora, alphas)
+    except UnsupportedAdapterError as e:
+        new, reason = None, f" ({e})"
     if new is None or not _keeps_scales(new, entries):
-        new = _rewrite_canonical(fields, entries, use_rslora, [alpha_for_scale(e.scale.scale, e.scale.r, use_rslora) for e in entries])
-    if not _keeps_scales(new, entries):
         raise UnsupportedAdapterError(
-            f"{adapter.path}: cannot express these per-module scales in a config; use --bake instead"
+            f"{adapter.path}: cannot express these per-module scales in a config{reason}; use --bake to fold the "
+            "change into lora_B instead"
         )
     return new
 
@@ -119,10 +124,14 @@ def _rewrite_canonical(
     r_global, alpha_global = Counter(pairs).most_common(1)[0][0] if pairs else (fields["r"], fields["lora_alpha"])
     rank_pattern, alpha_pattern = {}, {}
     names = [e.name for e in entries]
+    matched_by: dict[str, list[str]] = {}  # each module name, used as a key: the modules it matches
+    for n in names:
+        for key in matching_keys(names, n):
+            matched_by.setdefault(key, []).append(n)
     for e, (r, alpha) in zip(entries, pairs):
         if (r, alpha) == (r_global, alpha_global):
             continue
-        hits = [n for n in names if pattern_key([e.name], n) is not None]
+        hits = matched_by.get(e.name, [])
         if hits != [e.name]:
             raise UnsupportedAdapterError(
                 f"module name {e.name!r} also matches {', '.join(h for h in hits if h != e.name)} as a pattern key; "

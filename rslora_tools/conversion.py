@@ -24,7 +24,14 @@ from .errors import InputError, UnsupportedAdapterError
 from .finite import check_finite
 from .module_scales import ModuleEntry, module_entries
 from .checkpoint import open_checkpoint
-from .output import atomic_file, atomic_folder, check_output_file, check_output_location
+from .output import (
+    atomic_file,
+    atomic_folder,
+    check_output_file,
+    check_output_location,
+    remove_leftovers,
+    write_failure,
+)
 from .provenance import PROVENANCE_NAME, write_provenance
 from .runtimes import RUNTIMES, Runtime, missing_features, runtime_scale
 from .safetensors_file import SafetensorsWriter, read_header, safetensors_to_torch_dtype
@@ -60,6 +67,7 @@ class ConvertReport:
     weights_changed: bool = False
     weights_dtype: str | None = None
     dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,17 +218,22 @@ def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, *
     )
     if dry_run:
         return report
-    with atomic_folder(written, overwrite) as tmp:
-        _write_config(loaded, plan, tmp)
-        _write_weights(loaded, plan, upcast, tmp)
-        _copy_other_files(loaded, tmp, plan)
-        convention: Convention = "rslora" if plan.config.get("use_rslora") else "classic"
-        write_provenance(tmp, {
-            "operation": "convert", "adapter": source or {"spec": str(loaded.path)},
-            "base_model": loaded.config.base_model_name_or_path, "message": plan.message,
-            "revision": loaded.config.revision, "from": loaded.config.convention, "target": report.target,
-            "method": plan.action, "convention": convention,
-        })
+    report.warnings += [f"removed {name}, left beside OUT by an earlier run that was killed"
+                        for name in remove_leftovers(written)]
+    convention: Convention = "rslora" if plan.config.get("use_rslora") else "classic"
+    try:
+        with atomic_folder(written, overwrite) as tmp:
+            _write_config(loaded, plan, tmp)
+            _write_weights(loaded, plan, upcast, tmp)
+            _copy_other_files(loaded, tmp, plan)
+            write_provenance(tmp, {
+                "operation": "convert", "adapter": source or {"spec": str(loaded.path)},
+                "base_model": loaded.config.base_model_name_or_path, "message": plan.message,
+                "revision": loaded.config.revision, "from": loaded.config.convention, "target": report.target,
+                "method": plan.action, "convention": convention,
+            })
+    except OSError as e:
+        raise write_failure(out, e, "the conversion") from e
     return report
 
 
@@ -237,8 +250,13 @@ def _convert_to_gguf(loaded: Adapter, entries: list[ModuleEntry], base: Path, ou
         dry_run=dry_run, message=plan.message,
     )
     if not dry_run:
-        with atomic_file(written) as tmp:
-            write_gguf(plan, loaded, tmp)
+        report.warnings += [f"removed {name}, left beside OUT by an earlier run that was killed"
+                            for name in remove_leftovers(written)]
+        try:
+            with atomic_file(written) as tmp:
+                write_gguf(plan, loaded, tmp)
+        except OSError as e:
+            raise write_failure(out, e, "writing the GGUF file") from e
     return report
 
 

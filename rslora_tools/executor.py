@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any
 from . import kernel
 from .adapter import Adapter
 from .checkpoint import Checkpoint, CheckpointFiles
+from .errors import InputError
 from .lowering import BLOCK_BYTES, Device, Lowered, Step, StepKind, staging_sets, worker_count
 from .plan import TensorPlan
 from .safetensors_file import (
     DTYPE_BITS,
     SafetensorsWriter,
+    copy_range,
     read_into,
     safetensors_to_torch_dtype,
     tensor_bytes,
@@ -60,6 +62,7 @@ class _Run:
     staging: _Staging
     total: int
     progress: ProgressCallback | None
+    allow_nonfinite: bool = False
     adapter_fd: int = -1
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -71,23 +74,27 @@ class _Run:
 
 
 def execute(lowered: Lowered, checkpoint: Checkpoint, adapter: Adapter, folder: Path,
-            progress: ProgressCallback | None = None) -> None:
-    """Write every shard of `lowered` into `folder`; on failure or interrupt the workers stop at their next block."""
+            progress: ProgressCallback | None = None, *, allow_nonfinite: bool = False) -> None:
+    """Write every shard of `lowered` into `folder`; on failure or interrupt the workers stop at their next block.
+
+    A computed tensor with more NaN/Inf values than its starting value is an error (an adapter that
+    overflows the weights), unless `allow_nonfinite`.
+    """
     steps = lowered.steps
     run = _Run(checkpoint, adapter, CheckpointFiles(checkpoint), lowered.device, _Staging(lowered.device),
-               sum(step.nbytes for step in steps), progress)
+               sum(step.nbytes for step in steps), progress, allow_nonfinite)
     if adapter.is_safetensors and any(s.kind in (StepKind.COPY_ADAPTER, StepKind.KERNEL) for s in steps):
         run.adapter_fd = os.open(adapter.weights_path, os.O_RDONLY)
     workers = _Workers(run.stop)
     writers: list[SafetensorsWriter] = []
-    jobs: list[tuple[Step, SafetensorsWriter]] = []
+    jobs: list[tuple[list[Step], SafetensorsWriter]] = []
     try:
         for shard_name, shard_steps in lowered.shards:
             entries = [(s.tensor.name, s.tensor.dtype, s.tensor.shape) for s in shard_steps]
             writer = SafetensorsWriter(folder / shard_name, entries, {"format": "pt"})
             writers.append(writer)
-            jobs += [(step, writer) for step in shard_steps]
-        workers.run(jobs, lambda job: _produce(run, *job))
+            jobs += [(group, writer) for group in _copy_runs(checkpoint, shard_steps)]
+        workers.run(jobs, lambda job: _produce_group(run, *job))
     finally:
         if workers.stopped:  # else a worker may still write: closing would free its descriptor numbers
             for writer in writers:
@@ -95,6 +102,49 @@ def execute(lowered: Lowered, checkpoint: Checkpoint, adapter: Adapter, folder: 
             run.base.close()
             if run.adapter_fd >= 0:
                 os.close(run.adapter_fd)
+
+
+STOP_WAIT_SECONDS = 10.0  # after a failure or Ctrl-C, how long the workers get to reach their next block
+_RUN_BYTES = 16 << 20  # small untouched tensors stored one after the other are copied together, up to this much
+
+
+def _copy_runs(checkpoint: Checkpoint, steps: list[Step]) -> list[list[Step]]:
+    """The steps of one output shard as jobs: runs of small COPY_BASE steps whose bytes follow each other
+    in one base shard (and so in the output) become one job, every other step is a job of its own."""
+    groups: list[list[Step]] = []
+    end: tuple[str, int] | None = None  # (base shard, offset) where the last run ends
+    size = 0
+    for step in steps:
+        t = step.tensor
+        if step.kind is not StepKind.COPY_BASE or t.source is None or step.nbytes > _RUN_BYTES:
+            groups.append([step])
+            end = None
+            continue
+        shard = checkpoint.weight_map[t.source]
+        info = checkpoint.headers[shard].tensors[t.source]
+        if end == (shard, info.begin) and size + step.nbytes <= _RUN_BYTES:
+            groups[-1].append(step)
+            size += step.nbytes
+        else:
+            groups.append([step])
+            size = step.nbytes
+        end = (shard, info.end)
+    return groups
+
+
+def _produce_group(run: _Run, steps: list[Step], writer: SafetensorsWriter) -> None:
+    """One job: a single step, or a run of untouched tensors copied in one go."""
+    if len(steps) == 1:
+        _produce(run, steps[0], writer)
+        return
+    if run.stop.is_set():
+        raise _Stopped
+    first = steps[0].tensor
+    assert first.source is not None
+    fd, offset = run.base.locate(first.source)
+    nbytes = sum(step.nbytes for step in steps)
+    copy_range(fd, offset, writer.fd, writer.offset(first.name), nbytes)
+    run.advance(nbytes)
 
 
 def _produce(run: _Run, step: Step, writer: SafetensorsWriter) -> None:
@@ -215,12 +265,34 @@ def _with_torch(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> None:
                 base = _read_staged(run, staging, buffers, t.source).to(device, non_blocking=True)
             value = merged_tensor(t, run.base.read, run.adapter.tensor, safetensors_to_torch_dtype(t.dtype), device,
                                   base=base)
+            if not run.allow_nonfinite:
+                _check_finite(run, t, value)
             if value.device.type != "cpu":
                 out = staging.buffer(buffers, "out", tensor_nbytes(t.dtype, t.shape)).view(value.dtype).view(value.shape)
                 out.copy_(value, non_blocking=True)
                 buffers["stream"].synchronize()
                 value = out
             writer.write_tensor(t.name, value)
+
+
+def _check_finite(run: _Run, t: TensorPlan, value: torch.Tensor) -> None:
+    """Refuse a merged tensor with more NaN/Inf values than the value it started from (the delta overflowed)."""
+    import torch
+
+    if not value.is_floating_point():
+        return
+    bad = int(value.numel() - torch.isfinite(value).sum().item())
+    if not bad:
+        return
+    start = run.adapter.tensor(t.replacement) if t.replacement is not None else run.base.read(t.source or t.name)
+    before = int(start.numel() - torch.isfinite(start).sum().item()) if start.is_floating_point() else 0
+    if bad > before:
+        op = t.lora or t.bias_of
+        cause = f" (module {op.module.name!r}, scale {op.scale.scale:g})" if op is not None else ""
+        raise InputError(
+            f"{t.name}: the merge gives {bad} NaN or Inf values where the base has {before}{cause}; the adapter would "
+            "break the model. Pass --allow-nonfinite to merge it anyway"
+        )
 
 
 def _read_staged(run: _Run, staging: _Staging, buffers: dict[str, Any], name: str) -> torch.Tensor:
@@ -279,7 +351,7 @@ class _Workers:
                     thread.join(0.2)
         finally:
             self.stop.set()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + STOP_WAIT_SECONDS
             for thread in self.threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
         if errors:

@@ -9,6 +9,7 @@ converters. `plan_gguf` decides and checks (a dry run stops there); `write_gguf`
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,11 @@ def write_gguf(plan: GgufPlan, adapter: Adapter, path: Path) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
+    expected = writer.fout[0].tell()
     writer.close()
+    written = path.stat().st_size
+    if written != expected:  # the gguf writer can lose a failed write (a full disk) without an error
+        raise OSError(errno.ENOSPC, f"only {written} of {expected} bytes reached the disk (is it full?)", str(path))
 
 
 def _refuse_unsupported(adapter: Adapter, entries: list[ModuleEntry]) -> None:

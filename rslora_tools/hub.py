@@ -113,9 +113,56 @@ def _cache_dir() -> str | None:
     return None
 
 
+_http_timeouts: tuple[float, float] | None = None
+
+
+def _timeout_setting(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def _configure_http() -> None:
+    """Give every Hub request a connect and a read timeout (huggingface_hub's own client has none for API calls).
+
+    Connect: HF_HUB_ETAG_TIMEOUT seconds (default 10); waiting for data: HF_HUB_DOWNLOAD_TIMEOUT
+    seconds (default 60, as a commit of large files can take the server a while). A request that
+    times out is retried where huggingface_hub retries (downloads), and otherwise fails with one line.
+    """
+    global _http_timeouts
+    timeouts = (_timeout_setting("HF_HUB_ETAG_TIMEOUT", 10), _timeout_setting("HF_HUB_DOWNLOAD_TIMEOUT", 60))
+    if timeouts == _http_timeouts:
+        return
+    from huggingface_hub.utils import _http
+
+    connect, read = timeouts
+
+    def fill_timeouts(request: Any) -> None:
+        # huggingface_hub passes timeout=None to many API calls, which overrides a client default:
+        # the limits are filled into each request instead, keeping any finite one it set itself.
+        limits = dict(request.extensions.get("timeout") or {})
+        for key, default in (("connect", connect), ("read", read), ("write", read), ("pool", read)):
+            if limits.get(key) is None:
+                limits[key] = default
+        request.extensions["timeout"] = limits
+
+    def client_factory() -> Any:
+        client = _http.default_client_factory()
+        hooks = dict(client.event_hooks)
+        hooks["request"] = [*hooks.get("request", []), fill_timeouts]
+        client.event_hooks = hooks
+        return client
+
+    _http.set_client_factory(client_factory)
+    _http_timeouts = timeouts
+
+
 def _download(spec: str, ref: HubRef, patterns: list[str], token: str | None, exact: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
+    _configure_http()
     prefix = f"{ref.subfolder}/" if ref.subfolder else ""
     allow = [prefix + p for p in patterns]
     ignore = None if exact else [prefix + "*/*"]
@@ -136,7 +183,7 @@ def _download_error(spec: str, ref: HubRef, e: Exception, offline: bool) -> str:
 
     where = f"{ref.repo_id}@{ref.revision}" if ref.revision else ref.repo_id
     if isinstance(e, errors.IncompleteSnapshotError) or (offline and isinstance(e, errors.LocalEntryNotFoundError)):
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        detail = (str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip(".")
         return (f"{where}: not (completely) in the local cache and HF_HUB_OFFLINE=1 forbids downloading: {detail}. "
                 "Download it once online, or unset HF_HUB_OFFLINE")
     if isinstance(e, errors.RevisionNotFoundError):
@@ -148,7 +195,23 @@ def _download_error(spec: str, ref: HubRef, e: Exception, offline: bool) -> str:
                 f"'{spec}' is not a local folder either")
     if isinstance(e, errors.HfHubHTTPError):
         return f"{where}: the Hub answered {_status(e)}: {_first_line(e)}"
+    if _timed_out(e):
+        return f"{where}: {_timed_out(e)}"
     return f"{where}: download failed ({type(e).__name__}: {_first_line(e)})"
+
+
+def _timed_out(e: BaseException) -> str:
+    """The message for a request that got no answer in time (anywhere in the exception's causes), or ""."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if "Timeout" in type(cause).__name__ or "ReadTimeout" in str(cause):
+            connect, read = _http_timeouts or (10, 60)
+            return (f"the Hub did not answer in time (connect {connect:g} s, read {read:g} s; set "
+                    "HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT to wait longer); check the network or HF_ENDPOINT")
+        cause = cause.__cause__ or cause.__context__
+    return ""
 
 
 def _status(e: Exception) -> str:
@@ -260,6 +323,7 @@ def push(
     repo_id = ref.repo_id
     if _offline():
         raise HubError("HF_HUB_OFFLINE=1 is set; pushing needs the network (unset it)")
+    _configure_http()
     api = HfApi(endpoint=_endpoint(), token=token, library_name=LIBRARY_NAME, library_version=__version__)
     card = None if (folder / "README.md").is_file() else model_card(folder, repo_id)
     message = commit_message or f"Upload {folder.name} with rslora-tools {__version__}"
@@ -300,6 +364,8 @@ def _push_error(repo_id: str, e: Exception) -> str:
     if isinstance(e, errors.HfHubHTTPError):
         return (f"{repo_id}: the Hub answered {status} during the upload ({_first_line(e)}); "
                 "re-run the same push to resume, files already uploaded are skipped")
+    if _timed_out(e):
+        return f"{repo_id}: {_timed_out(e)}; re-run the same push to resume"
     return f"{repo_id}: upload failed ({type(e).__name__}: {_first_line(e)}); re-run the same push to resume"
 
 

@@ -75,7 +75,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Step:
     """One output tensor and how it is produced."""
 

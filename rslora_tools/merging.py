@@ -23,7 +23,7 @@ from .errors import InputError, MismatchError, OutputError
 from .executor import ProgressCallback, execute
 from .finite import check_finite
 from .lowering import Device, Lowered, StepKind, estimate_memory, lower
-from .output import atomic_folder, check_output_location, free_space
+from .output import atomic_folder, check_output_location, free_space, remove_leftovers, write_failure
 from .plan import Plan, parse_dtype
 from .planner import plan_merge
 from .provenance import write_provenance
@@ -155,6 +155,9 @@ def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Ad
     if options.dry_run:
         report.seconds = time.monotonic() - started
         return report
+    for name in remove_leftovers(folder):
+        report.warnings.append(f"removed {name}, left beside OUT by an earlier run that was killed")
+    report.free_bytes = free_space(folder)
     side = sum(p.stat().st_size for p in side_files(checkpoint.folder))
     check_free_space(out, report.bytes_written + side, report.free_bytes)
     if not options.allow_nonfinite:
@@ -162,8 +165,7 @@ def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Ad
     try:
         _write_output(folder, checkpoint, adapter_obj, plan, lowered, report, options)
     except OSError as e:  # a full disk (ENOSPC), a read error, ...: the partial output is already removed
-        where = f" ({e.filename})" if e.filename else ""
-        raise OutputError(f"{out}: the merge failed: {e.strerror or e}{where}; nothing was written") from e
+        raise write_failure(out, e, "the merge") from e
     report.seconds = time.monotonic() - started
     return report
 
@@ -171,7 +173,7 @@ def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Ad
 def _write_output(folder: Path, checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lowered,
                   report: MergeReport, options: MergeOptions) -> None:
     with atomic_folder(folder, options.overwrite) as tmp:
-        execute(lowered, checkpoint, adapter, tmp, options.progress)
+        execute(lowered, checkpoint, adapter, tmp, options.progress, allow_nonfinite=options.allow_nonfinite)
         if plan.index_metadata is not None:
             shards = [(name, [(t.name, t.dtype, t.shape) for t in tensors]) for name, tensors in plan.shards]
             write_index(tmp, shards, plan.index_metadata)

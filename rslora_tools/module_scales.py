@@ -132,17 +132,18 @@ def pattern_warnings(config: AdapterConfig, names: list[str]) -> list[PatternWar
     """Pattern keys that match no module, and modules matched by several keys with different values."""
     found = []
     for field_name, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        hits = {n: matching_keys(pattern, n) for n in names}  # one indexed lookup per module
+        matched = {k for keys in hits.values() for k in keys}
         for key in pattern:
-            if not any(matching_keys([key], n) for n in names):
+            if key not in matched:
                 found.append(PatternWarning("unmatched-pattern",
                                             f"{field_name} key {key!r} matches no module of the adapter (typo, or a "
                                             "leading '^' that needs the full module name?)"))
-        for n in names:
-            hits = matching_keys(pattern, n)
-            if len({pattern[k] for k in hits}) > 1:
-                values = ", ".join(f"{k!r}: {pattern[k]}" for k in hits)
+        for n, keys in hits.items():
+            if len({pattern[k] for k in keys}) > 1:
+                values = ", ".join(f"{k!r}: {pattern[k]}" for k in keys)
                 found.append(PatternWarning("order-dependent",
                                             f"module {n!r} is matched by several {field_name} keys with different "
-                                            f"values ({values}); PEFT takes the first in file order ({hits[0]!r}), and "
+                                            f"values ({values}); PEFT takes the first in file order ({keys[0]!r}), and "
                                             "saving sorts the keys, so the value can change between training and loading"))
     return found

@@ -107,6 +107,44 @@ def _temporary_name(out: Path, role: str) -> Path:
     return out.parent / f".{out.name}.rslora-tools-{role}-{os.getpid()}"
 
 
+def remove_leftovers(out: Path) -> list[str]:
+    """Remove what a killed run left beside OUT (its temporary folder or file); return what was removed.
+
+    A run killed with SIGKILL (the OOM killer) cannot clean up. Its leftovers are named after OUT
+    and its process id; those whose process no longer exists are removed, others left alone (a
+    run still writing).
+    """
+    removed = []
+    prefix = f".{out.name}.rslora-tools-"
+    try:
+        candidates = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+    for path in candidates:
+        role, _, pid = path.name[len(prefix):].rpartition("-")
+        if role not in ("tmp", "old") or not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        with _signals_held():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, and belongs to someone else
+        return True
+    return True
+
+
 def atomic_folder(out: Path, overwrite: bool) -> AbstractContextManager[Path]:
     """Yield a temporary folder beside OUT; on success it replaces OUT, on any failure it is removed.
 
@@ -253,6 +291,12 @@ def _signals_held() -> Iterator[list[int]]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def write_failure(out: Path, e: OSError, what: str) -> OutputError:
+    """One line for a write that failed (full disk, read-only folder, ...); the partial output is removed by then."""
+    where = f" ({e.filename})" if e.filename else ""
+    return OutputError(f"{out}: {what} failed: {e.strerror or e}{where}; nothing was written")
 
 
 def free_space(out: Path) -> int | None:

@@ -44,7 +44,7 @@ def output_dtype(base_dtype: str, dtype: str | None) -> str:
     return dtype
 
 
-@dataclass
+@dataclass(slots=True)
 class LoraOp:
     """Add one LoRA module's delta (or apply DoRA) to a weight."""
 
@@ -56,7 +56,7 @@ class LoraOp:
     dora: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorPlan:
     """How to produce one output tensor."""
 

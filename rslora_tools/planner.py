@@ -22,7 +22,7 @@ from .ties import TieState
 
 
 def plan_merge(
-    base: str | os.PathLike[str],
+    base: str | os.PathLike[str] | Checkpoint,
     adapter: str | os.PathLike[str] | Adapter,
     *,
     dtype: str | None = None,
@@ -30,10 +30,13 @@ def plan_merge(
     allow_pickle: bool = False,
     collect_unmatched: bool = False,
 ) -> tuple[Checkpoint, Adapter, Plan]:
-    """Open both inputs and plan the merge (headers and config only); `dtype` is parsed (None keeps the base's)."""
+    """Open both inputs (unless given opened) and plan the merge (headers and config only).
+
+    `dtype` is a parsed dtype (plan.parse_dtype): None keeps the base's.
+    """
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
-    checkpoint = open_checkpoint(base)
+    checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     quant = (checkpoint.config or {}).get("quantization_config")
     if quant:
         method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
@@ -141,6 +144,7 @@ class _PlanBuilder:
             plan = self.plan_for(target)
             if plan.lora is not None:
                 raise MismatchError(f"{self.where}: two adapter modules target base tensor {target!r}")
+            self._check_float(module, target)
             check_shapes(op, self.adapter, plan.shape, target)
             plan.lora = op
             self.tie.note_target(target, "lora")
@@ -166,6 +170,17 @@ class _PlanBuilder:
             raise UnsupportedAdapterError(
                 f"{self.where}: module {module.name!r} has lora_bias but base layer {layer!r} has no bias; "
                 "PEFT cannot merge this either"
+            )
+        self._check_float(module, layer + ".bias")
+
+    def _check_float(self, module: LoraModule, target: str) -> None:
+        """A delta is added in floating point: an integer, boolean or float8 base tensor cannot take it."""
+        dtype = self.plan_for(target).dtype
+        if dtype not in FLOAT_DTYPES:
+            raise UnsupportedAdapterError(
+                f"{self.where}: module {module.name!r} changes base tensor {target!r}, which has dtype {dtype}; a LoRA "
+                f"delta merges only into floating-point tensors ({', '.join(sorted(FLOAT_DTYPES))}), and PEFT cannot "
+                "merge it either"
             )
 
     def add_tokens(self) -> None:

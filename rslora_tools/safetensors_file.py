@@ -14,7 +14,9 @@ import errno
 import json
 import math
 import os
+import stat
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -57,6 +59,11 @@ def _maps() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
     return _torch_maps
 
 
+def torch_dtype_name(dtype: str) -> str:
+    """The name torch gives a safetensors dtype ("BF16" -> "bfloat16"), without importing torch."""
+    return _TORCH_DTYPES.get(dtype, dtype)
+
+
 def has_torch_dtype(dtype: str) -> bool:
     """Whether this torch can hold tensors of the safetensors dtype (F4/F6 and some F8 formats it cannot)."""
     return dtype in _TORCH_DTYPES and dtype in _maps()[0]
@@ -73,7 +80,7 @@ def torch_to_safetensors_dtype(dtype: torch.dtype) -> str:
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor lives in a safetensors file."""
 
@@ -107,40 +114,33 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return (bits + 7) // 8
 
 
-def read_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse and validate the header of a safetensors file; raise InputError naming the defect."""
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file; raise InputError naming the defect.
+
+    Only regular files are read (a FIFO or device would block or never end), and each tensor's
+    entry is kept as a small tuple while parsing, so that a header of many tensors costs a few
+    hundred bytes per tensor.
+    """
     path = Path(path)
+    raw, n, size = _read_prefix_and_header(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_SIZE:
-                raise InputError(f"{path}: corrupt safetensors header (header length {n} exceeds the 100 MB limit)")
-            if 8 + n > size:
-                raise InputError(
-                    f"{path}: truncated or corrupt safetensors file (header length {n} runs past the end "
-                    f"of the {size}-byte file); download it again"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_compact_entry)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: corrupt safetensors header (not valid UTF-8 JSON: {e})") from e
+    except RecursionError as e:
+        raise InputError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from e
+    del raw
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None)
+    if isinstance(metadata, tuple):  # an object with the keys of a tensor entry
+        metadata = dict(zip(("dtype", "shape", "data_offsets"), metadata))
     if metadata is not None and not (
         isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     ):
         raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
-    infos = []
-    for name, entry in header.items():
-        infos.append(_parse_entry(path, name, entry))
+    infos = [_parse_entry(path, name, entry) for name, entry in header.items()]
+    del header
     infos.sort(key=lambda t: (t.begin, t.end))
     position = 0
     for info in infos:
@@ -156,28 +156,90 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     return SafetensorsHeader(path, {t.name: t for t in infos}, metadata, 8 + n)
 
 
+def _read_prefix_and_header(path: Path) -> tuple[bytearray, int, int]:
+    """The header bytes, their length and the file size, from a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            what = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, socket or device"
+            raise InputError(f"{path}: not a regular file ({what}); a safetensors file is expected")
+        size = info.st_size
+        prefix = os.pread(fd, 8, 0)
+        if len(prefix) < 8:
+            raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_SIZE:
+            raise InputError(f"{path}: corrupt safetensors header (header length {n} exceeds the 100 MB limit)")
+        if 8 + n > size:
+            raise InputError(
+                f"{path}: truncated or corrupt safetensors file (header length {n} runs past the end "
+                f"of the {size}-byte file); download it again"
+            )
+        return read_bytes(fd, 8, n), n, size
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+
+
+_ENTRY_KEYS = ("data_offsets", "dtype", "shape")
+
+
+def _compact_entry(pairs: list[tuple[str, object]]) -> object:
+    """A JSON object as parsed: a tensor entry as the tuple (dtype, shape, offsets), anything else as a dict."""
+    if len(pairs) == 3 and tuple(sorted(k for k, _ in pairs)) == _ENTRY_KEYS:
+        entry = dict(pairs)
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        return (entry["dtype"], tuple(shape) if isinstance(shape, list) else shape,
+                tuple(offsets) if isinstance(offsets, list) else offsets)
+    return dict(pairs)
+
+
 def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
+    if type(entry) is tuple:  # the usual case, checked fast: str dtype, tuples of non-negative ints
+        dtype, shape, offsets = entry
+        if (type(dtype) is str and dtype in DTYPE_BITS and type(shape) is tuple and type(offsets) is tuple
+                and len(offsets) == 2 and all(type(d) is int and d >= 0 for d in (*shape, *offsets))
+                and offsets[0] <= offsets[1] and offsets[1] - offsets[0] == tensor_nbytes(dtype, shape)):
+            return TensorInfo(name, sys.intern(dtype), shape, offsets[0], offsets[1])
+    return _checked_entry(path, name, entry)
+
+
+def _checked_entry(path: Path, name: str, entry: object) -> TensorInfo:
+    """An entry the fast path did not take: the same checks, one at a time, to name the defect."""
     bad = f"{path}: corrupt safetensors header (tensor {name!r}"
-    if not isinstance(entry, dict):
+    if isinstance(entry, dict):  # an object with other keys than a tensor entry's
+        entry = tuple(tuple(v) if isinstance(v, list) else v
+                      for v in (entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")))
+    if not isinstance(entry, tuple):
         raise InputError(f"{bad} is not an object)")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    dtype, shape, offsets = entry
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise InputError(f"{bad} has unknown dtype {dtype!r})")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InputError(f"{bad} has an invalid shape {shape!r})")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InputError(f"{bad} has an invalid shape {_as_json(shape)!r})")
     if (
-        not isinstance(offsets, list)
+        not isinstance(offsets, tuple)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise InputError(f"{bad} has invalid data_offsets {offsets!r})")
-    expected = tensor_nbytes(dtype, tuple(shape))
+        raise InputError(f"{bad} has invalid data_offsets {_as_json(offsets)!r})")
+    expected = tensor_nbytes(dtype, shape)
     if offsets[1] - offsets[0] != expected:
         raise InputError(
-            f"{bad}: dtype {dtype} and shape {shape} need {expected} bytes, offsets give {offsets[1] - offsets[0]})"
+            f"{bad}: dtype {dtype} and shape {list(shape)} need {expected} bytes, offsets give {offsets[1] - offsets[0]})"
         )
-    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+    return TensorInfo(name, sys.intern(dtype), shape, offsets[0], offsets[1])
+
+
+def _as_json(value: object) -> object:
+    """A parsed value as it was written (tuples back to lists), for messages."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def torch_dtype(header: SafetensorsHeader, name: str) -> torch.dtype:
@@ -220,18 +282,20 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
-    """Serialize a header for tensors laid out in the given order; return its bytes and offsets."""
-    header: dict[str, object] = {}
-    if metadata is not None:
-        header["__metadata__"] = metadata
+    """Serialize a header for tensors laid out in the given order; return its bytes and offsets.
+
+    The JSON is what `json.dumps(header, separators=(",", ":"))` writes, built entry by entry.
+    """
+    parts = [f'"__metadata__":{json.dumps(metadata, separators=(",", ":"))}'] if metadata is not None else []
     infos = []
     position = 0
     for name, dtype, shape in entries:
-        size = tensor_nbytes(dtype, shape)
-        infos.append(TensorInfo(name, dtype, shape, position, position + size))
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + size]}
-        position += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        end = position + tensor_nbytes(dtype, shape)
+        infos.append(TensorInfo(name, dtype, shape, position, end))
+        parts.append(f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],'
+                     f'"data_offsets":[{position},{end}]}}')
+        position = end
+    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # pad so that the data section starts 8-byte aligned
     return struct.pack("<Q", len(raw)) + raw, infos
 

@@ -1,10 +1,13 @@
 """Stage 6, commands: `verify`, recompute what every merged tensor must be and compare it with a merged folder.
 
-The expected value comes from the same plan (planner.py) and math (compute.py) as `merge`,
-streamed one tensor at a time, always with torch: an independent check of the merge kernel. A tensor is "exact" when its bytes are equal, "rounding" when it is within one unit in
-the last place of its dtype (what a GPU merge or another implementation may differ by), else a
-mismatch. The folder itself is checked too: index vs shards, tensor names, shapes and dtypes,
-config.json and the index's total_size.
+The folder is judged as a loader sees it: the checkpoint transformers would load (a folder
+with both a single file and an index is a problem), every config.json key that changes the
+model, and every tensor. A tensor the merge copies must be byte for byte the base's (compared
+as bytes, a block at a time, whatever its dtype); a tensor the merge computes is recomputed
+from the same plan (planner.py) and math (compute.py) as `merge`, always with torch (an
+independent check of the merge kernel), and is "exact" (same bytes), "within rounding" (every
+element at most one unit in the last place of its dtype off, as a GPU merge or another tool may
+be) or a mismatch. Comparisons run in blocks, so memory stays at a few copies of one tensor.
 """
 
 from __future__ import annotations
@@ -14,27 +17,27 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import torch
-
-from .adapter import Adapter
-from .checkpoint import INDEX_FILE, Checkpoint, CheckpointFiles, open_checkpoint, read_json_file
+from .adapter import Adapter, load_adapter
+from .checkpoint import INDEX_FILE, Checkpoint, CheckpointFiles, open_checkpoint, read_json_file, updated_config
 from .compute import merged_tensor
 from .errors import RsloraError
 from .plan import Plan, TensorPlan
 from .planner import plan_merge
-from .safetensors_file import FLOAT_DTYPES, has_torch_dtype, tensor_nbytes
+from .safetensors_file import FLOAT_DTYPES, has_torch_dtype, read_into, tensor_nbytes, torch_dtype_name
 
-# dtype -> (mantissa bits, smallest normal exponent) for the ulp of a value
-_FLOAT_FORMAT = {torch.float32: (23, -126), torch.bfloat16: (7, -126), torch.float16: (10, -14),
-                 torch.float64: (52, -1022)}
-_IGNORED_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype"}
-
+if TYPE_CHECKING:
+    import torch
 
 TensorStatus = Literal["exact", "rounding", "mismatch"]
 Verdict = Literal["exact", "within rounding", "mismatch"]
 ProgressCallback = Callable[[int, int], None]  # (bytes just checked, total bytes to check)
+
+# config.json keys a merge may legitimately write differently (dtype is compared on its own)
+_IGNORED_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype"}
+_BLOCK_BYTES = 4 << 20  # raw comparisons read this much of each file at a time
+_BLOCK_ELEMENTS = 1 << 18  # numeric comparisons convert this many elements at a time
 
 
 @dataclass
@@ -66,6 +69,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     tensors: list[TensorCheck] = field(default_factory=list)
     seconds: float = 0.0
+    sampled: bool = False  # only a sample of the tensors was asked for
 
     @property
     def ok(self) -> bool:
@@ -98,45 +102,85 @@ def verify(
         A `VerifyReport`: per tensor exact, within rounding or mismatch, and the folder's problems.
     """
     started = time.monotonic()
-    checkpoint, adapter_obj, plan = plan_merge(base, adapter, allow_pickle=allow_pickle)
-    planned = plan.tensors
-    report = VerifyReport(str(merged), str(checkpoint.folder), str(adapter_obj.path), "mismatch", len(planned), 0)
+    adapter_obj = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    problems: list[str] = []
     try:
-        out = open_checkpoint(merged)
+        out: Checkpoint | None = open_checkpoint(merged)
     except RsloraError as e:
-        report.problems.append(f"the merged folder cannot be read: {e}")
-        report.seconds = time.monotonic() - started
-        return report
-    report.problems += _structure_problems(out, checkpoint, plan)
-    files, merged_files = CheckpointFiles(checkpoint), CheckpointFiles(out)
-    chosen = _choose(planned, sample)
+        out = None
+        problems.append(f"the merged folder cannot be read: {e}")
+    checkpoint = open_checkpoint(base)
+    dtype = _merge_dtype(out, checkpoint) if out is not None else None
+    checkpoint, adapter_obj, plan = plan_merge(checkpoint, adapter_obj, dtype=dtype)
+    chosen = _choose(plan.tensors, sample)
+    report = VerifyReport(str(merged), str(checkpoint.folder), str(adapter_obj.path), "mismatch", len(plan.tensors), 0,
+                          problems=problems, sampled=len(chosen) < len(plan.tensors))
+    if out is not None:
+        report.problems += _structure_problems(out, checkpoint, plan)
+        report.tensors = _check_tensors(out, checkpoint, adapter_obj, chosen, progress)
+    report.tensors_checked = len(report.tensors)
+    report.exact = sum(c.status == "exact" for c in report.tensors)
+    report.rounding = sum(c.status == "rounding" for c in report.tensors)
+    report.mismatched = sum(c.status == "mismatch" for c in report.tensors)
+    if not report.mismatched and not report.problems:
+        report.verdict = "within rounding" if report.rounding else "exact"
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _merge_dtype(out: Checkpoint, base: Checkpoint) -> str | None:
+    """The `--dtype` the merged folder was made with: its floating tensors share one dtype the base's do not all have."""
+    merged = {out.info(n).dtype for n in out.weight_map} & FLOAT_DTYPES
+    original = {base.info(n).dtype for n in base.weight_map} & FLOAT_DTYPES
+    return next(iter(merged)) if len(merged) == 1 and merged != original else None
+
+
+def _check_tensors(out: Checkpoint, checkpoint: Checkpoint, adapter: Adapter, chosen: list[TensorPlan],
+                   progress: ProgressCallback | None) -> list[TensorCheck]:
+    checks = []
     total = sum(tensor_nbytes(t.dtype, t.shape) for t in chosen)
+    files, merged_files = CheckpointFiles(checkpoint), CheckpointFiles(out)
     try:
         for t in chosen:
             if t.name not in out.weight_map:
                 continue  # already reported as missing
             info = out.info(t.name)
-            if info.shape != t.shape or not has_torch_dtype(info.dtype):
+            if info.shape != t.shape or info.dtype != t.dtype:
                 continue  # reported by the structure check
-            actual = merged_files.read(t.name)
-            expected = merged_tensor(t, files.read, adapter_obj.tensor, actual.dtype)
-            check = compare(t.name, actual, expected, changed=not t.untouched)
-            report.tensors.append(check)
+            if t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
+                checks.append(_compare_bytes(t, files, merged_files))
+            elif has_torch_dtype(info.dtype):
+                actual = merged_files.read(t.name)
+                expected = merged_tensor(t, files.read, adapter.tensor, actual.dtype)
+                check = compare(t.name, actual, expected, changed=not t.untouched)
+                if t.untouched and check.status == "rounding":  # a conversion is exact: only computing rounds
+                    check.status = "mismatch"
+                checks.append(check)
             if progress is not None:
                 progress(tensor_nbytes(info.dtype, info.shape), total)
     finally:
         files.close()
         merged_files.close()
-    report.tensors_checked = len(report.tensors)
-    report.exact = sum(c.status == "exact" for c in report.tensors)
-    report.rounding = sum(c.status == "rounding" for c in report.tensors)
-    report.mismatched = sum(c.status == "mismatch" for c in report.tensors)
-    if report.mismatched or report.problems:
-        report.verdict = "mismatch"
-    else:
-        report.verdict = "within rounding" if report.rounding else "exact"
-    report.seconds = time.monotonic() - started
-    return report
+    return checks
+
+
+def _compare_bytes(t: TensorPlan, base: CheckpointFiles, merged: CheckpointFiles) -> TensorCheck:
+    """A copied tensor: its bytes in the merged folder against the base's, a block at a time."""
+    assert t.source is not None
+    (fd_a, at_a), (fd_b, at_b) = merged.locate(t.name), base.locate(t.source)
+    nbytes = tensor_nbytes(t.dtype, t.shape)
+    a, b = memoryview(bytearray(min(nbytes, _BLOCK_BYTES))), memoryview(bytearray(min(nbytes, _BLOCK_BYTES)))
+    for start in range(0, nbytes, _BLOCK_BYTES):
+        n = min(_BLOCK_BYTES, nbytes - start)
+        read_into(fd_a, at_a + start, a[:n], f"{merged.path(t.name)}: tensor {t.name!r}")
+        read_into(fd_b, at_b + start, b[:n], f"{base.path(t.source)}: tensor {t.source!r}")
+        if a[:n] != b[:n]:
+            if has_torch_dtype(t.dtype):  # say how far off it is
+                check = compare(t.name, merged.read(t.name), base.read(t.source), changed=False)
+                check.status = "mismatch"
+                return check
+            return TensorCheck(t.name, torch_dtype_name(t.dtype), False, "mismatch", math.inf, math.inf, math.inf)
+    return TensorCheck(t.name, torch_dtype_name(t.dtype), False, "exact")
 
 
 def _choose(planned: list[TensorPlan], sample: int | None) -> list[TensorPlan]:
@@ -160,28 +204,43 @@ def _spread(items: list[TensorPlan], n: int) -> list[TensorPlan]:
 
 
 def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, *, changed: bool) -> TensorCheck:
-    """Bytes equal -> exact; every element within 1 ulp of its dtype -> rounding; else mismatch."""
+    """Bytes equal -> exact; every element within 1 ulp of its dtype -> rounding; else mismatch (in blocks)."""
+    import torch
+
     dtype = str(actual.dtype).removeprefix("torch.")
     if actual.dtype != expected.dtype or actual.shape != expected.shape:
         return TensorCheck(name, dtype, changed, "mismatch", math.inf, math.inf, math.inf)
-    if torch.equal(actual.reshape(-1).view(torch.uint8), expected.contiguous().reshape(-1).view(torch.uint8)):
+    a_all, e_all = actual.reshape(-1), expected.contiguous().reshape(-1)
+    if torch.equal(a_all.view(torch.uint8), e_all.view(torch.uint8)):
         return TensorCheck(name, dtype, changed, "exact")
-    if actual.dtype not in _FLOAT_FORMAT:
+    if actual.dtype not in _float_formats():
         return TensorCheck(name, dtype, changed, "mismatch", math.inf, math.inf, math.inf)
-    a, e = actual.double(), expected.double()
-    both_nan = torch.isnan(a) & torch.isnan(e)
-    diff = torch.where(both_nan, torch.zeros_like(a), (a - e).abs())
-    diff = torch.nan_to_num(diff, nan=math.inf)
-    ulps = diff / ulp(e, actual.dtype)
-    rel = torch.where(e != 0, diff / e.abs(), torch.where(diff > 0, math.inf, 0.0))
-    max_ulps = float(ulps.max())
+    max_abs = max_rel = max_ulps = 0.0
+    for start in range(0, a_all.numel(), _BLOCK_ELEMENTS):
+        a = a_all[start:start + _BLOCK_ELEMENTS].double()
+        e = e_all[start:start + _BLOCK_ELEMENTS].double()
+        both_nan = torch.isnan(a) & torch.isnan(e)
+        diff = torch.nan_to_num(torch.where(both_nan, torch.zeros_like(a), (a - e).abs()), nan=math.inf)
+        rel = torch.where(e != 0, diff / e.abs(), torch.where(diff > 0, math.inf, 0.0))
+        max_abs = max(max_abs, float(diff.max()))
+        max_rel = max(max_rel, float(rel.max()))
+        max_ulps = max(max_ulps, float((diff / ulp(e, actual.dtype)).max()))
     status: TensorStatus = "rounding" if max_ulps <= 1.0 else "mismatch"
-    return TensorCheck(name, dtype, changed, status, float(diff.max()), float(rel.max()), max_ulps)
+    return TensorCheck(name, dtype, changed, status, max_abs, max_rel, max_ulps)
+
+
+def _float_formats() -> dict[torch.dtype, tuple[int, int]]:
+    """dtype -> (mantissa bits, smallest normal exponent), for the ulp of a value."""
+    import torch
+
+    return {torch.float32: (23, -126), torch.bfloat16: (7, -126), torch.float16: (10, -14), torch.float64: (52, -1022)}
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of `dtype` values at |x| (float64 tensor), subnormals included."""
-    mantissa, emin = _FLOAT_FORMAT[dtype]
+    import torch
+
+    mantissa, emin = _float_formats()[dtype]
     _, exponent = torch.frexp(x.abs().nan_to_num(posinf=0.0, neginf=0.0))
     exponent = torch.clamp(torch.where(x == 0, emin + 1, exponent), min=emin + 1)
     return torch.pow(2.0, (exponent - 1 - mantissa).double())
@@ -204,7 +263,7 @@ def _structure_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[s
         info = out.info(name)
         if info.shape != t.shape:
             problems.append(f"{name}: shape {list(info.shape)} in the merged folder, expected {list(t.shape)}")
-        elif info.dtype != t.dtype and not (t.dtype in FLOAT_DTYPES and info.dtype in FLOAT_DTYPES):  # --dtype
+        elif info.dtype != t.dtype:
             problems.append(f"{name}: dtype {info.dtype} in the merged folder, expected {t.dtype}")
     if out.index_metadata is not None and "total_size" in out.index_metadata:
         actual = sum(tensor_nbytes(out.info(n).dtype, out.info(n).shape) for n in present)
@@ -215,6 +274,7 @@ def _structure_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[s
 
 
 def _config_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[str]:
+    """Every key of config.json as the merge must write it (nested configs included); dtype by its effective value."""
     if base.config is None:
         return []
     path = Path(out.folder) / "config.json"
@@ -224,16 +284,22 @@ def _config_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[str]
         merged_config = read_json_file(path)
     except RsloraError as e:
         return [str(e)]
-    expected = {**base.config, **plan.config_updates}
+    if not isinstance(merged_config, dict):
+        return ["config.json in the merged folder is not a JSON object"]
+    expected = updated_config(base.config, plan.config_updates)
     problems = []
     for key in sorted(set(expected) | set(merged_config)):
-        if key in _IGNORED_CONFIG_KEYS or key.endswith("_config"):
-            continue
-        if expected.get(key) != merged_config.get(key):
+        if key not in _IGNORED_CONFIG_KEYS and expected.get(key) != merged_config.get(key):
             problems.append(f"config.json: {key} is {merged_config.get(key)!r}, expected {expected.get(key)!r}")
+    want, have = _config_dtype(expected), _config_dtype(merged_config)
+    if want is not None and have is not None and want != have:  # from_pretrained(dtype="auto") casts to it
+        problems.append(f"config.json: dtype is {have!r}, expected {want!r}")
     embed = next((t for t in plan.tensors if t.name.endswith("embed_tokens.weight")), None)
     vocab = merged_config.get("vocab_size")
     if embed is not None and isinstance(vocab, int) and vocab != embed.shape[0]:
         problems.append(f"config.json: vocab_size {vocab} does not match {embed.name} with {embed.shape[0]} rows")
     return problems
 
+
+def _config_dtype(config: dict[str, Any]) -> object:
+    return config.get("dtype", config.get("torch_dtype"))

@@ -17,6 +17,21 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from peft_oracle import make_gpt2, make_llama  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def no_unexpected_errors(monkeypatch):
+    """Every input the tests feed the CLI ends in a known message: "unexpected ..." (an unmapped exception) fails."""
+    from click.testing import CliRunner
+
+    real = CliRunner.invoke
+
+    def invoke(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        assert "Error: unexpected" not in result.output, result.output
+        return result
+
+    monkeypatch.setattr(CliRunner, "invoke", invoke)
+
+
 @pytest.fixture(scope="session")
 def llama_fp32(tmp_path_factory) -> Path:
     return make_llama(tmp_path_factory.mktemp("llama-fp32"), torch.float32)

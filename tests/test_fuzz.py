@@ -7,21 +7,26 @@ other exception is a bug.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import struct
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rslora_tools.adapter import load_adapter
 from rslora_tools.adapter_config import parse_config
 from rslora_tools.checkpoint import open_checkpoint
 from rslora_tools.module_scales import module_entries
 from rslora_tools.errors import RsloraError
+from rslora_tools.planner import plan_merge
 from rslora_tools.safetensors_file import read_header
+from rslora_tools.scaling import pattern_key
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 VALID = (FIXTURES / "tiny-llama-rslora" / "adapter_model.safetensors").read_bytes()
@@ -129,11 +134,124 @@ def test_adapter_with_mutated_config_and_renamed_tensors(data):
 @SETTINGS
 @given(json_values | st.fixed_dictionaries({"metadata": json_values, "weight_map": st.dictionaries(
     st.sampled_from(["lm_head.weight", "model.norm.weight", "x", ""]),
-    st.sampled_from(["model.safetensors", "../model.safetensors", "/abs", "", "missing.safetensors"]) | json_values,
+    st.sampled_from(["model-00001-of-00001.safetensors", "../model.safetensors", "/abs", "", "missing.safetensors",
+                     "tokenizer.json", "a\0b.safetensors", "model.safetensors"]) | json_values,
     max_size=3)}))
 def test_mutated_index(index):
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
-        shutil.copy(FIXTURES / "tiny-llama" / "model.safetensors", folder / "model.safetensors")
+        shutil.copy(FIXTURES / "tiny-llama" / "model.safetensors", folder / "model-00001-of-00001.safetensors")
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
         clean(lambda: open_checkpoint(folder))
+
+
+class _Hung(Exception):
+    pass
+
+
+@contextmanager
+def no_hang(seconds: int = 20):
+    """Fail (instead of hanging the run) when the body takes longer than `seconds`."""
+    def alarm(signum, frame):
+        raise _Hung(f"took longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+SPECIAL = ["regular", "link-outside", "link-to-folder", "dangling-link", "link-loop", "fifo", "folder", "empty"]
+
+
+def make_special(path: Path, kind: str, scratch: Path) -> None:
+    """Turn the file at `path` into `kind` (a symbolic link, a FIFO, a folder, ...)."""
+    if kind == "regular":
+        return
+    data = path.read_bytes()
+    path.unlink()
+    if kind == "link-outside":
+        outside = scratch / f"outside-{path.name}"
+        outside.write_bytes(data)
+        path.symlink_to(outside)
+    elif kind == "link-to-folder":
+        path.symlink_to(scratch)
+    elif kind == "dangling-link":
+        path.symlink_to(scratch / "nothing-here")
+    elif kind == "link-loop":
+        path.symlink_to(path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"")
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(SPECIAL), min_size=4, max_size=4), st.booleans())
+def test_links_and_special_files_in_a_base(kinds, sharded):
+    """Shards, index and config as links (out of the folder, to folders, dangling, looping), FIFOs, folders:
+    opening and planning end in a clean error or success, and never hang."""
+    with tempfile.TemporaryDirectory() as d:
+        scratch, folder = Path(d) / "scratch", Path(d) / "base"
+        scratch.mkdir()
+        folder.mkdir()
+        shutil.copy(FIXTURES / "tiny-llama" / "config.json", folder / "config.json")
+        if sharded:
+            tensors = load_file(FIXTURES / "tiny-llama" / "model.safetensors")
+            names = sorted(tensors)
+            shards = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+            for shard, keys in shards.items():
+                save_file({k: tensors[k] for k in keys}, folder / shard, metadata={"format": "pt"})
+            weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+            files = [*shards, "model.safetensors.index.json", "config.json"]
+        else:
+            shutil.copy(FIXTURES / "tiny-llama" / "model.safetensors", folder / "model.safetensors")
+            files = ["model.safetensors", "config.json"]
+        for name, kind in zip(files, kinds):
+            make_special(folder / name, kind, scratch)
+        with no_hang():
+            clean(lambda: plan_merge(folder, FIXTURES / "tiny-llama-rslora"))
+
+
+# Pattern keys from a small regular-expression grammar over the pieces of module names.
+atoms = st.sampled_from(["q_proj", "o_proj", "down_proj", "layers", "model", "mlp", "self_attn", "0", "1", ".",
+                         "\\.", "\\d", "[0-9]", "[a-z_]", "proj", "_", "x"])
+
+
+def _regex(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.tuples(children, children).map("".join),
+        st.tuples(children, children).map(lambda ab: f"({ab[0]}|{ab[1]})"),
+        st.tuples(children, st.sampled_from(["*", "+", "?", "{1,3}", "*?"])).map(lambda x: f"({x[0]}){x[1]}"),
+        children.map(lambda x: f"^{x}"),
+    )
+
+
+regex_keys = st.recursive(atoms, _regex, max_leaves=6)
+MODULE_NAMES = [f"model.layers.{i}.{m}" for i in (0, 1) for m in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+@SETTINGS
+@given(st.lists(regex_keys, min_size=1, max_size=4, unique=True), st.lists(st.integers(1, 16), min_size=4, max_size=4))
+def test_pattern_keys_from_a_regex_grammar(keys, values):
+    """Any key is refused with a clean error (invalid, or backtracking exponentially) or resolved, quickly,
+    exactly as PEFT resolves it: the first key in file order for which `(.*\\.)?(key)$` matches."""
+    import re
+
+    config = {**VALID_CONFIG, "rank_pattern": {}, "alpha_pattern": dict(zip(keys, values))}
+    try:
+        parsed = parse_config(config)
+    except RsloraError:
+        return
+    with no_hang():
+        for name in MODULE_NAMES:
+            expected = next((k for k in keys if re.match(rf"(.*\.)?({k})$", name)), None)
+            assert pattern_key(keys, name) == expected
+            assert parsed.scale_for(name).alpha == (config["alpha_pattern"][expected] if expected else parsed.lora_alpha)

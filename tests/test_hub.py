@@ -236,3 +236,27 @@ def test_hf_uri_with_subfolder_and_pickle_only_base(hub, tmp_path):
     result = run("merge", "org/pickled", "org/adapter", tmp_path / "out2", code=1)
     assert "pickle-only checkpoints are refused" in result.output and not (tmp_path / "out2").exists()
     assert not [p for m, p in hub.requests if p.endswith("pytorch_model.bin")]
+
+
+def test_offline_with_a_cached_base_missing_one_shard_names_the_shard(hub, tmp_path, monkeypatch):
+    """A sharded base in the cache with one shard gone: offline, the error names that shard."""
+    from safetensors.torch import load_file, save_file
+
+    sharded = tmp_path / "sharded-upload"
+    sharded.mkdir()
+    shutil.copy(BASE / "config.json", sharded / "config.json")
+    tensors = load_file(BASE / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, sharded / shard, metadata={"format": "pt"})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+    hub.upload_local_folder("org/sharded", sharded)
+    run("merge", "org/sharded", "org/adapter", tmp_path / "online")
+    for link in (tmp_path / "hf-home" / "hub").rglob("model-00002-of-00002.safetensors"):
+        link.unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run("merge", "org/sharded", "org/adapter", tmp_path / "offline", code=1)
+    assert "model-00002-of-00002.safetensors" in result.output and "no model.safetensors" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

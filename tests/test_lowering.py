@@ -70,7 +70,7 @@ def test_progress_callback_gets_every_byte_once(tmp_path):
         (n, total, threading.current_thread().name)))
     assert sum(n for n, _, _ in calls) == report.bytes_written
     assert {total for _, total, _ in calls} == {report.bytes_written}
-    assert len(calls) == report.tensors_total
+    assert len(calls) >= report.tensors_merged  # untouched neighbours are copied together
     checked: list[tuple[int, int]] = []
     result = verify(tmp_path / "out", BASE, ADAPTER, progress=lambda n, total: checked.append((n, total)))
     assert result.verdict == "exact" and sum(n for n, _ in checked) == checked[0][1] == report.bytes_written

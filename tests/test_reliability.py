@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 from pathlib import Path
 from typing import Callable
@@ -176,6 +177,49 @@ def dangling_out(tmp: Path) -> list:
     return merge_args()(tmp)
 
 
+def fifo_shard(tmp: Path) -> Path:
+    """A base whose shard is a FIFO: opening it for reading would wait for a writer forever."""
+    base = sharded_base(tmp)
+    shard = base / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+    return base
+
+
+def both_single_and_index(tmp: Path) -> Path:
+    base = sharded_base(tmp)
+    shutil.copy(FIXTURES / "tiny-llama" / "model.safetensors", base / "model.safetensors")
+    return base
+
+
+def index_naming_a_side_file(name: str):
+    def build(tmp: Path) -> Path:
+        base = sharded_base(tmp)
+        shard = base / "model-00002-of-00002.safetensors"
+        shard.rename(base / name)
+        edit = json.loads((base / "model.safetensors.index.json").read_text())
+        edit["weight_map"] = {k: (name if v == shard.name else v) for k, v in edit["weight_map"].items()}
+        (base / "model.safetensors.index.json").write_text(json.dumps(edit))
+        return base
+    return build
+
+
+def integer_base_weight(tmp: Path) -> Path:
+    """The weight a LoRA module targets is stored as int64."""
+    base = base_copy(tmp)
+    tensors = load_file(base / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(torch.int64)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    return base
+
+
+def deeply_nested_config(tmp: Path) -> Path:
+    base = base_copy(tmp)
+    (base / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return base
+
+
 def nonfinite(value: float):
     def edit(t):
         t[Q_A][0, 0] = value
@@ -227,6 +271,15 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
     ("OUT holds the real file of a linked base shard (--overwrite)", linked_base),
     ("OUT is the Hugging Face cache blobs folder of BASE (--overwrite)", hub_cache_blobs),
     ("OUT is a link to a missing folder", dangling_out),
+    ("base shard is a FIFO (would block forever)", merge_args(fifo_shard)),
+    ("base holds model.safetensors and an index", merge_args(both_single_and_index)),
+    ("index names a shard tokenizer.json", merge_args(index_naming_a_side_file("tokenizer.json"))),
+    ("index names a shard rslora_tools.json", merge_args(index_naming_a_side_file("rslora_tools.json"))),
+    ("index names a shard with a NUL byte", merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "model\0.safetensors"})))),
+    ("config.json nested too deeply", merge_args(deeply_nested_config)),
+    ("LoRA on an int64 base weight", merge_args(integer_base_weight)),
+    ("pattern key that backtracks exponentially", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(alpha_pattern={"(.*)*z": 4})))),
+    ("lora_alpha 1e308 (merged weights overflow)", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(lora_alpha=1e308)))),
     ("BASE neither a folder nor a repo id", lambda t: ["merge", "not a repo!", adapter_copy(t), t / "out"]),
 ]
 
@@ -237,10 +290,25 @@ def normalize(text: str, tmp: Path) -> str:
     return text.removeprefix("Error: ").strip()
 
 
+class _Hung(Exception):
+    pass
+
+
+def _hung(signum, frame):
+    raise _Hung("the command did not finish within 60 s")
+
+
 def run_case(build, tmp: Path) -> tuple[int, str]:
     args = [str(a) for a in build(tmp)]
     before = {p for p in tmp.rglob("*")}
-    result = CliRunner().invoke(cli, args)
+    previous = signal.signal(signal.SIGALRM, _hung)
+    signal.alarm(60)  # a hang fails the test instead of the whole run
+    try:
+        result = CliRunner().invoke(cli, args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not isinstance(result.exception, _Hung), args
     after = {p for p in tmp.rglob("*")}
     assert after == before, f"something was written: {sorted(map(str, after - before))}"
     lines = [line for line in result.output.strip().splitlines() if not line.startswith("Warning:")]
@@ -270,7 +338,11 @@ def render(rows: list[tuple[str, str]]) -> str:
         "file drifts. Regenerate it with `RSLORA_TOOLS_WRITE_DOCS=1 pytest tests/test_reliability.py`.",
         "",
         "Parsers are also fuzzed with hypothesis (`tests/test_fuzz.py`): mutated safetensors headers,",
-        "indexes and adapter configs must give a clean error and never a crash.",
+        "indexes and adapter configs, base folders whose files are symbolic links (out of the folder, to",
+        "folders, dangling, looping), FIFOs or folders, and pattern keys drawn from a regular-expression",
+        "grammar must give a clean error or PEFT's answer, never a crash or a hang. The README's",
+        "\"Guarantees\" section says what holds for every input; `tests/test_output_safety.py` and",
+        "`tests/test_trust_two.py` test the rest of it (the atomic swap under signals, timeouts, memory).",
         "",
         "| bad input | message |",
         "|---|---|",
