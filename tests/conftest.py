@@ -32,6 +32,27 @@ def no_unexpected_errors(monkeypatch):
     monkeypatch.setattr(CliRunner, "invoke", invoke)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """Make a real file system of a given size (tmpfs, e.g. "24k"): needs root; skipped where mounting is not allowed."""
+    import subprocess
+
+    mounts = []
+
+    def make(size: str) -> Path:
+        mount = tmp_path / f"disk-{len(mounts)}"
+        mount.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+        mounts.append(mount)
+        return mount
+
+    yield make
+    for mount in mounts:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
 @pytest.fixture(scope="session")
 def llama_fp32(tmp_path_factory) -> Path:
     return make_llama(tmp_path_factory.mktemp("llama-fp32"), torch.float32)

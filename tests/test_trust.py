@@ -203,15 +203,8 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 24 KiB file system (tmpfs): needs root; skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+def tiny_disk(small_disk):
+    return small_disk("24k")
 
 
 def test_small_disk_is_refused_by_the_free_space_check(tiny_disk):
