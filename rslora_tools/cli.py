@@ -94,6 +94,26 @@ def cli() -> None:
     """
 
 
+class _RuntimeSpec(click.ParamType):
+    """A runtime name, optionally at a release (vllm@0.6.3); checked against the runtime table."""
+
+    name = "runtime"
+
+    def __init__(self, allow_unit: bool = False):
+        self.allow_unit = allow_unit
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .runtimes import runtime
+
+        if self.allow_unit and value == "unit":
+            return str(value)
+        try:
+            runtime(str(value))
+        except RsloraError as e:
+            self.fail(str(e), param, ctx)
+        return str(value)
+
+
 def _hub_push_options(f):
     """--push-to-hub and its companions, shared by merge and convert."""
     for option in reversed([
@@ -326,8 +346,9 @@ def _print_dry_run(report: Any) -> None:
 @click.argument("out", type=click.Path())
 @click.option("--to-rslora", "to", flag_value="rslora", help="Rewrite to rsLoRA (alpha/sqrt(r)), same scales.")
 @click.option("--to-classic", "to", flag_value="classic", help="Rewrite to classic LoRA (alpha/r), same scales.")
-@click.option("--target", type=click.Choice(["peft", "vllm", "tgi", "lorax", "sglang", "llama.cpp", "unit"]),
-              help="Produce an adapter that this runtime serves with PEFT's exact per-module scales.")
+@click.option("--target", type=_RuntimeSpec(allow_unit=True), metavar="RUNTIME[@VERSION]",
+              help="Produce an adapter that this runtime serves with PEFT's exact per-module scales: peft, vllm, tgi, "
+                   "lorax, sglang, llama.cpp or unit; a release as vllm@0.6.3 (default: the current one).")
 @click.option("--bake", is_flag=True, help="With --to-*: fold the scale change into lora_B instead of rewriting alphas.")
 @click.option("--base", help="Base model folder or Hub repo; needed for --target llama.cpp with a .gguf OUT.")
 @_overwrite_option
@@ -392,9 +413,9 @@ def _print_convert(report: Any) -> None:
 @cli.command()
 @click.argument("adapter")
 @click.option("--base", help="Also check the adapter against this base model (folder or Hub repo).")
-@click.option("--runtime", "runtimes", multiple=True,
-              type=click.Choice(["peft", "vllm", "tgi", "lorax", "sglang", "llama.cpp"]),
-              help="Runtime(s) you will serve with: their problems become warnings (repeatable).")
+@click.option("--runtime", "runtimes", multiple=True, type=_RuntimeSpec(), metavar="RUNTIME[@VERSION]",
+              help="Runtime(s) you will serve with, e.g. vllm or vllm@0.6.3: their problems become warnings, and "
+                   "their other releases are shown where they differ (repeatable).")
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too (for CI pipelines).")
 @_allow_pickle_option
 @_json_option
@@ -517,8 +538,6 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_
 
 
 def _print_inspection(report: Any) -> None:
-    from .runtimes import RUNTIMES
-
     cfg = f"r={report.r}, lora_alpha={report.lora_alpha:g}"
     if report.rank_pattern:
         cfg += f", rank_pattern={json.dumps(report.rank_pattern)}"
@@ -526,8 +545,9 @@ def _print_inspection(report: Any) -> None:
         cfg += f", alpha_pattern={json.dumps(report.alpha_pattern)}"
     click.echo(f"{report.adapter}: {convention_label(report.convention, 'short')}; {cfg}")
     click.echo(f"  {len(report.modules)} LoRA modules; features: {', '.join(report.features) or 'plain LoRA'}")
-    runtime_names = [n for n in RUNTIMES if n != "peft"]
-    header = ["modules", "n", "layers", "rank", "alpha", "PEFT scale", *(RUNTIMES[n].label for n in runtime_names)]
+    runtime_names = [n for n in report.runtimes if n != "peft"]
+    header = ["modules", "n", "layers", "rank", "alpha", "PEFT scale",
+              *(report.runtimes[n]["label"] + (f"@{n.partition('@')[2]}" if "@" in n else "") for n in runtime_names)]
     rows = [header]
     for g in report.groups:
         ratios = [_ratio(g["ratios"][n], report.runtimes[n]["status"]) for n in runtime_names]
@@ -537,7 +557,10 @@ def _print_inspection(report: Any) -> None:
     click.echo()
     for row in rows:
         click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    click.echo("  (runtime columns: the runtime's scale as a multiple of PEFT's; 'no' = cannot serve)")
+    click.echo("  (runtime columns: the runtime's scale as a multiple of PEFT's; 'no' = cannot serve; releases: "
+               + "; ".join(f"{report.runtimes[n]['label']}{'@' + n.partition('@')[2] if '@' in n else ''} "
+                           f"{report.runtimes[n]['version']}" for n in runtime_names if report.runtimes[n]["version"]
+                           != "all releases") + ")")
     if report.lints:
         click.echo()
     for lint in report.lints:

@@ -33,7 +33,7 @@ from .output import (
     write_failure,
 )
 from .provenance import PROVENANCE_NAME, write_provenance
-from .runtimes import RUNTIMES, Runtime, missing_features, runtime_scale
+from .runtimes import RUNTIMES, Runtime, missing_features, runtime, runtime_scale
 from .safetensors_file import SafetensorsWriter, read_header, safetensors_to_torch_dtype
 from .scaling import Convention, convention_label, scale, unstable_patterns
 
@@ -90,35 +90,39 @@ def plan_conversion(adapter: Adapter, entries: list[ModuleEntry], *, to: str | N
         new = convention_config(adapter, entries, use_rslora)
         return ConversionPlan("config", new, {}, f"{convention_label(current)} -> {convention_label(to)}: alphas rewritten, weights unchanged")
 
-    if target == "unit":
+    if target == "unit" or target is None:
         return _unit_plan(adapter, entries, "unit-scale form (scale 1 in every runtime)")
-    if target is None or target not in RUNTIMES:
-        raise InputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
-    runtime = RUNTIMES[target]
-    lacks = missing_features(runtime, adapter)
+    rt = runtime(target)
+    lacks = missing_features(rt, adapter)
     if lacks:
         raise UnsupportedAdapterError(
-            f"{runtime.label} cannot serve this adapter: {'; '.join(lacks)}. Merge it into the base model "
+            f"{rt.title} cannot serve this adapter: {'; '.join(lacks)}. Merge it into the base model "
             "instead (rslora-tools merge BASE ADAPTER OUT) and serve the merged model"
         )
+    return _plan_for_runtime(adapter, entries, rt, fields)
+
+
+def _plan_for_runtime(adapter: Adapter, entries: list[ModuleEntry], runtime: Runtime,
+                      fields: dict[str, Any]) -> ConversionPlan:
+    """The least change that makes `runtime` apply PEFT's scales: nothing, a config rewrite, or folding them in."""
     if runtime.honours_patterns and unstable_patterns(fields, [e.name for e in entries]):
         stable = convention_config(adapter, entries, adapter.config.use_rslora)
         return ConversionPlan("config", stable, {}, "pattern keys rewritten so that every PEFT version reads the same "
                                                     "per-module scales; weights unchanged")
     if _serves_right(runtime, fields, entries):
-        return ConversionPlan("copy", fields, {}, f"{runtime.label} already applies PEFT's scale to every module; copied unchanged")
+        return ConversionPlan("copy", fields, {}, f"{runtime.title} already applies PEFT's scale to every module; copied unchanged")
     try:
         rewritten = convention_config(adapter, entries, adapter.config.use_rslora and runtime.honours_rslora)
     except UnsupportedAdapterError:
         rewritten = None
     if rewritten is not None and _serves_right(runtime, rewritten, entries):
-        return ConversionPlan("config", rewritten, {}, f"config rewritten so that {runtime.label} applies PEFT's scales; weights unchanged")
+        return ConversionPlan("config", rewritten, {}, f"config rewritten so that {runtime.title} applies PEFT's scales; weights unchanged")
     if runtime.rank_from_shape:
         new = unit_config(adapter, entries, global_alpha_only=True)
         factors = {_key(e): e.scale.scale / scale(new["lora_alpha"], e.scale.r, False) for e in entries}
         return ConversionPlan("unit", new, factors,
-                              f"scales folded into lora_B so that {runtime.label}'s alpha/rank per tensor gives PEFT's scale")
-    return _unit_plan(adapter, entries, f"{runtime.label} ignores {_ignored(runtime, adapter)}: scales folded into lora_B (unit-scale form)")
+                              f"scales folded into lora_B so that {runtime.title}'s alpha/rank per tensor gives PEFT's scale")
+    return _unit_plan(adapter, entries, f"{runtime.title} {_ignored(runtime, adapter)}: scales folded into lora_B (unit-scale form)")
 
 
 def _unit_plan(adapter: Adapter, entries: list[ModuleEntry], message: str) -> ConversionPlan:
@@ -134,13 +138,14 @@ def _serves_right(runtime: Runtime, fields: dict[str, Any], entries: list[Module
 
 
 def _ignored(runtime: Runtime, adapter: Adapter) -> str:
+    """What the runtime does not do with this adapter's scale fields, as a phrase."""
     cfg = adapter.config
     parts = []
-    if cfg.use_rslora and not runtime.honours_rslora:
-        parts.append("use_rslora")
+    if cfg.use_rslora and runtime.rslora != "honoured":
+        parts.append("refuses use_rslora" if runtime.rslora == "refused" else "ignores use_rslora")
     if (cfg.rank_pattern or cfg.alpha_pattern) and not runtime.honours_patterns:
-        parts.append("rank_pattern/alpha_pattern")
-    return " and ".join(parts) or "per-module scales"
+        parts.append("ignores rank_pattern/alpha_pattern")
+    return " and ".join(parts) or "cannot express these per-module scales"
 
 
 def convert(
@@ -183,7 +188,7 @@ def convert(
     if not allow_nonfinite and not dry_run:
         check_finite(loaded)
     if out.suffix == ".gguf":
-        if target != "llama.cpp":
+        if target is None or target == "unit" or runtime(target).name != "llama.cpp":
             raise InputError(f"{out}: a .gguf output is written only for --target llama.cpp")
         if base is None:
             raise InputError("--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)")
@@ -200,8 +205,8 @@ def _check_choice(to: str | None, target: str | None) -> None:
         raise InputError("choose one of --to-rslora, --to-classic or --target RUNTIME")
     if to is not None and to not in CONVENTIONS:
         raise InputError(f"unknown convention {to!r}; use rslora or classic")
-    if target is not None and target not in TARGETS:
-        raise InputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    if target is not None and target != "unit":
+        runtime(target)  # an unknown runtime or version is an error before anything is read
 
 
 def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, *, to: str | None, target: str | None,

@@ -17,6 +17,7 @@ from typing import Any
 from .adapter import Adapter
 from .checkpoint import Checkpoint
 from .errors import InputError, MismatchError, UnsupportedAdapterError
+from .hub_refs import parse_ref
 from .module_scales import ModuleEntry
 from .runtimes import FEATURE_NAMES, adapter_features
 
@@ -44,6 +45,9 @@ class GgufPlan:
     tensors: list[tuple[ModuleEntry, str, tuple[int, ...]]] = field(default_factory=list)  # entry, GGUF name, base shape
     config: dict[str, Any] = field(default_factory=dict)
     permute_qk: bool = False
+    name: str = ""  # general.name
+    base_model: str | None = None  # the base the adapter records (general.base_model.0.*)
+    tags: tuple[str, ...] = ()
 
     @property
     def message(self) -> str:
@@ -74,9 +78,12 @@ def plan_gguf(adapter: Adapter, entries: list[ModuleEntry], checkpoint: Checkpoi
     arch = getattr(gguf.MODEL_ARCH, arch_member)
     _refuse_unsupported(adapter, entries)
     _refuse_resized_vocabulary(adapter, checkpoint)
+    _refuse_tied_embedding(adapter, checkpoint)
     names = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers", 0)))
     alpha, factors = _alpha_and_factors(entries)
-    plan = GgufPlan(gguf.MODEL_ARCH_NAMES[arch], alpha, factors, config=config, permute_qk=permute_qk)
+    tags = ("lora", "rslora") if adapter.config.use_rslora else ("lora",)
+    plan = GgufPlan(gguf.MODEL_ARCH_NAMES[arch], alpha, factors, config=config, permute_qk=permute_qk,
+                    name=adapter.path.name, base_model=adapter.config.base_model_name_or_path, tags=tags)
     for e in entries:
         hf_name = f"{e.module.name}.weight"
         if hf_name not in checkpoint.weight_map:
@@ -93,6 +100,13 @@ def write_gguf(plan: GgufPlan, adapter: Adapter, path: Path) -> None:
     gguf = _gguf()
     writer = gguf.GGUFWriter(path, plan.architecture)
     writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+    writer.add_name(plan.name)  # what llama.cpp's convert_lora_to_gguf.py writes as well
+    if plan.base_model:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, plan.base_model)
+        if _is_repo_id(plan.base_model):
+            writer.add_base_model_repo_url(0, f"https://huggingface.co/{plan.base_model}")
+    writer.add_tags(list(plan.tags))
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
     for e, gguf_name, base_shape in plan.tensors:
@@ -129,6 +143,39 @@ def _refuse_unsupported(adapter: Adapter, entries: list[ModuleEntry]) -> None:
         )
 
 
+def _is_repo_id(name: str) -> bool:
+    try:
+        return parse_ref(name) is not None and not Path(name).exists()
+    except InputError:
+        return False
+
+
+TIED_EMBEDDING_REASON = ("it uses token_embd as the output matrix too (tied embeddings) and cannot apply an "
+                         "embedding LoRA there")
+
+
+def tied_embedding_problem(adapter: Adapter, checkpoint: Checkpoint) -> str | None:
+    """Why llama.cpp cannot take this adapter's embedding LoRA on this base, or None.
+
+    A GGUF of a model with tied embeddings (or without an lm_head tensor) has no output matrix of
+    its own: llama.cpp reads token_embd for it, and refuses a LoRA on token_embd (tested).
+    """
+    config = checkpoint.config or {}
+    head = any(name.endswith("lm_head.weight") for name in checkpoint.weight_map)
+    tied = config.get("tie_word_embeddings") is True or not head
+    embedding = [m.name for m in adapter.lora_modules if m.embedding]
+    return f"{embedding[0]!r}: {TIED_EMBEDDING_REASON}" if tied and embedding else None
+
+
+def _refuse_tied_embedding(adapter: Adapter, checkpoint: Checkpoint) -> None:
+    problem = tied_embedding_problem(adapter, checkpoint)
+    if problem:
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: LoRA on the embedding {problem}; merge the adapter instead "
+            "(rslora-tools merge BASE ADAPTER OUT) and convert the merged model to GGUF"
+        )
+
+
 def _refuse_resized_vocabulary(adapter: Adapter, checkpoint: Checkpoint) -> None:
     for path, key in adapter.replacements.items():  # saved base layers (PEFT's save_embedding_layers)
         if path in checkpoint.weight_map and checkpoint.info(path).shape != adapter.shapes[key]:
@@ -152,18 +199,29 @@ def _alpha_and_factors(entries: list[ModuleEntry]) -> tuple[float, dict[str, flo
 
 
 def _lora_pair(adapter: Adapter, e: ModuleEntry, base_shape: tuple[int, ...], factor: float) -> tuple[Any, Any]:
-    """llama.cpp's lora_a [r, n_in] and lora_b [n_out, r] (numpy order), float32, the factor in B's side."""
+    """llama.cpp's lora_a and lora_b for one module (numpy order), float32, the factor in B's side.
+
+    A linear layer's weight is [n_out, n_in] and llama.cpp adds b @ a with a [r, n_in], b [n_out, r]:
+    PEFT's A and B as they are. For the token embedding llama.cpp takes rows of a for the input
+    tokens and multiplies them by b (ggml ne (r, vocab) and (r, dim)): a = A^T [vocab, r] and
+    b = B [dim, r], whose delta a @ b^T is PEFT's (B @ A)^T over the [vocab, dim] table.
+    """
     import torch
 
     a = adapter.tensor(e.module.a_key).to(torch.float32)
     b = adapter.tensor(e.module.b_key).to(torch.float32)
     if factor != 1.0:
         b = b * factor
-    if e.module.embedding:  # PEFT: A [r, vocab], B [dim, r], delta (B@A)^T laid over the [vocab, dim] table
-        a, b = b.T, a.T
-    if (b.shape[0], a.shape[1]) != tuple(base_shape):
+    if e.module.embedding:  # PEFT: A [r, vocab], B [dim, r]
+        a = a.T
+        fits = (a.shape[0], b.shape[0]) == tuple(base_shape)
+        delta_shape = [a.shape[0], b.shape[0]]
+    else:
+        fits = (b.shape[0], a.shape[1]) == tuple(base_shape)
+        delta_shape = [b.shape[0], a.shape[1]]
+    if not fits:
         raise MismatchError(
-            f"{adapter.path}: module {e.module.name!r}: LoRA delta {[b.shape[0], a.shape[1]]} does not fit the base "
+            f"{adapter.path}: module {e.module.name!r}: LoRA delta {delta_shape} does not fit the base "
             f"weight {list(base_shape)}"
         )
     return a.contiguous(), b.contiguous()

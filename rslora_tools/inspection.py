@@ -14,9 +14,19 @@ from typing import Any, Literal
 
 from .adapter import Adapter, load_adapter
 from .errors import RsloraError
+from .gguf_export import tied_embedding_problem
 from .module_scales import ModuleEntry, module_entries, pattern_warnings, rank_mismatch
 from .planner import plan_merge
-from .runtimes import FEATURE_NAMES, RUNTIMES, adapter_features, missing_features, runtime_scale
+from .runtimes import (
+    FEATURE_NAMES,
+    HISTORY,
+    RUNTIMES,
+    Runtime,
+    adapter_features,
+    missing_features,
+    runtime,
+    runtime_scale,
+)
 from .scaling import unstable_patterns
 
 _TIED_NAMES = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)$")
@@ -79,8 +89,9 @@ def inspect_adapter(
     Args:
         adapter: the adapter folder.
         base: also check the adapter against this base model folder (names, shapes, ties).
-        runtimes: the runtimes (names from `runtimes.RUNTIMES`) you will serve with: their problems
-            are warnings; other runtimes' problems are info.
+        runtimes: the runtimes you will serve with ("vllm", or a release: "vllm@0.6.3"): their
+            problems are warnings; other runtimes' problems (current releases) are info, and so are
+            those of older releases of the runtimes you name, where they behave differently.
         allow_pickle: read an adapter that exists only as `adapter_model.bin` (weights_only).
 
     Returns:
@@ -90,31 +101,36 @@ def inspect_adapter(
     cfg = loaded.config
     entries = module_entries(loaded, check_ranks=False)
     fields = cfg.normalized()
-    selected = set(runtimes or [])
+    selected = {spec: runtime(spec) for spec in runtimes or []}
+    columns = {**RUNTIMES, **{spec: rt for spec, rt in selected.items() if "@" in spec}}
     lints: list[Lint] = []
-    modules = [_module_row(fields, e) for e in entries]
+    summaries = {spec: _summary(rt, loaded, fields, entries) for spec, rt in columns.items()}
+    serving = {spec: rt for spec, rt in columns.items() if summaries[spec]["status"] != "cannot serve"}
+    modules = [_module_row(fields, e, columns, serving) for e in entries]
     report = InspectReport(
         adapter=str(loaded.path), convention=cfg.convention, r=cfg.r, lora_alpha=cfg.lora_alpha,
         use_rslora=cfg.use_rslora, rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern,
         features=[FEATURE_NAMES[f] for f in adapter_features(loaded)], modules=modules,
-        groups=_groups(modules), runtimes=_runtime_summary(loaded, fields, entries), lints=lints,
-        base=str(base) if base is not None else None,
+        groups=_groups(modules), runtimes=summaries, lints=lints, base=str(base) if base is not None else None,
     )
     _lint_ranks(entries, lints)
     _lint_patterns(loaded, fields, entries, lints)
     _lint_features(loaded, entries, lints)
-    _lint_runtimes(report, selected, lints)
+    _lint_runtimes(report, set(selected), lints)
+    _lint_older_releases(report, loaded, fields, entries, selected, lints)
     if base is not None:
-        _lint_base(loaded, base, lints)
+        _lint_base(loaded, base, report, set(selected), lints)
     return report
 
 
-def _module_row(fields: dict[str, Any], e: ModuleEntry) -> dict[str, Any]:
+def _module_row(fields: dict[str, Any], e: ModuleEntry, columns: dict[str, Runtime],
+                serving: dict[str, Runtime]) -> dict[str, Any]:
+    """One module's rank, alpha and PEFT scale, and each runtime's scale (None where it cannot serve the adapter)."""
     peft = e.scale.scale
     scales = {}
-    for name, rt in RUNTIMES.items():
-        s = runtime_scale(rt, fields, e)
-        scales[name] = {"scale": s, "ratio": s / peft if peft else None}
+    for spec, rt in columns.items():
+        s = runtime_scale(rt, fields, e) if spec in serving else None
+        scales[spec] = {"scale": s, "ratio": s / peft if s is not None and peft else None}
     return {
         "name": e.module.name, "pattern_name": e.name, "kind": e.wrapping, "rank": e.shape_rank, "config_rank": e.scale.r, "alpha": e.scale.alpha,
         "scale": peft, "rank_key": e.scale.rank_key, "alpha_key": e.scale.alpha_key, "runtimes": scales,
@@ -155,18 +171,19 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(parts)
 
 
-def _runtime_summary(adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry]) -> dict[str, dict[str, Any]]:
-    out = {}
-    for name, rt in RUNTIMES.items():
-        lacks = missing_features(rt, adapter)
-        off = [e for e in entries if runtime_scale(rt, fields, e) != e.scale.scale]
-        ratios = [runtime_scale(rt, fields, e) / e.scale.scale for e in off if e.scale.scale]
-        status: RuntimeStatus = "cannot serve" if lacks else ("wrong scale" if off else "exact")
-        out[name] = {
-            "label": rt.label, "status": status, "reasons": lacks, "modules_off": len(off),
-            "ratio_min": min(ratios) if ratios else 1.0, "ratio_max": max(ratios) if ratios else 1.0,
-        }
-    return out
+def _summary(rt: Runtime, adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry]) -> dict[str, Any]:
+    """One runtime at one range of releases: exact, wrong scale (and how wrong) or cannot serve (and why)."""
+    lacks = missing_features(rt, adapter)
+    scales = [(e, runtime_scale(rt, fields, e)) for e in entries]
+    if any(s is None for _, s in scales):
+        lacks.append("it refuses rsLoRA adapters (use_rslora: true)")
+    off = [(e, s) for e, s in scales if s is not None and s != e.scale.scale]
+    ratios = [s / e.scale.scale for e, s in off if e.scale.scale]
+    status: RuntimeStatus = "cannot serve" if lacks else ("wrong scale" if off else "exact")
+    return {
+        "label": rt.label, "version": rt.versions, "evidence": rt.evidence, "status": status, "reasons": lacks,
+        "modules_off": len(off), "ratio_min": min(ratios) if ratios else 1.0, "ratio_max": max(ratios) if ratios else 1.0,
+    }
 
 
 def _lint_ranks(entries: list[ModuleEntry], lints: list[Lint]) -> None:
@@ -195,25 +212,67 @@ def _lint_features(adapter: Adapter, entries: list[ModuleEntry], lints: list[Lin
 
 
 def _lint_runtimes(report: InspectReport, selected: set[str], lints: list[Lint]) -> None:
-    for name, summary in report.runtimes.items():
-        level: LintLevel = "warning" if name in selected else "info"
-        if summary["status"] == "cannot serve":
-            lints.append(Lint(level, "runtime-unsupported",
-                              f"{summary['label']} cannot serve this adapter: {'; '.join(summary['reasons'])}"))
-        elif summary["status"] == "wrong scale":
-            lo, hi = summary["ratio_min"], summary["ratio_max"]
-            ratio = f"{lo:.4g}x" if lo == hi else f"{lo:.4g}x to {hi:.4g}x"
-            lints.append(Lint(level, "runtime-scale",
-                              f"{summary['label']} would apply {ratio} PEFT's scale to {summary['modules_off']} of "
-                              f"{len(report.modules)} modules; fix: rslora-tools convert {report.adapter} OUT --target {name}"))
+    for spec, summary in report.runtimes.items():
+        level: LintLevel = "warning" if spec in selected else "info"
+        who = summary["label"] if summary["version"] == "all releases" else f"{summary['label']} ({summary['version']})"
+        lint = _runtime_lint(level, who, summary, len(report.modules),
+                             f"rslora-tools convert {report.adapter} OUT --target {spec}")
+        if lint is not None:
+            lints.append(lint)
 
 
-def _lint_base(adapter: Adapter, base: str | os.PathLike[str], lints: list[Lint]) -> None:
+def _runtime_lint(level: LintLevel, who: str, summary: dict[str, Any], modules: int, fix: str) -> Lint | None:
+    if summary["status"] == "cannot serve":
+        return Lint(level, "runtime-unsupported", f"{who} cannot serve this adapter: {'; '.join(summary['reasons'])}")
+    if summary["status"] == "wrong scale":
+        lo, hi = summary["ratio_min"], summary["ratio_max"]
+        ratio = f"{lo:.4g}x" if lo == hi else f"{lo:.4g}x to {hi:.4g}x"
+        return Lint(level, "runtime-scale",
+                    f"{who} would apply {ratio} PEFT's scale to {summary['modules_off']} of {modules} modules; fix: {fix}")
+    return None
+
+
+def _lint_older_releases(report: InspectReport, adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry],
+                         selected: dict[str, Runtime], lints: list[Lint]) -> None:
+    """For each runtime you name: its other releases where this adapter fares differently (info)."""
+    for spec, chosen in selected.items():
+        for rt in HISTORY[chosen.name]:
+            if rt == chosen:
+                continue
+            summary = _summary(rt, adapter, fields, entries)
+            if (summary["status"], summary["reasons"], summary["ratio_min"], summary["ratio_max"]) == tuple(
+                    report.runtimes[spec][k] for k in ("status", "reasons", "ratio_min", "ratio_max")):
+                continue
+            pin = f"{rt.name}@{rt.since}" if rt.since else f"{rt.name}@{rt.versions.removeprefix('up to ')}"
+            lint = _runtime_lint("info", rt.title, summary, len(report.modules),
+                                 f"rslora-tools convert {report.adapter} OUT --target {pin}")
+            if lint is not None:
+                lints.append(lint)
+            elif summary["status"] == "exact":
+                lints.append(Lint("info", "runtime-exact", f"{rt.title} applies PEFT's scale to every module"))
+
+
+def _lint_base(adapter: Adapter, base: str | os.PathLike[str], report: InspectReport, selected: set[str],
+               lints: list[Lint]) -> None:
     try:
-        _, _, plan = plan_merge(base, adapter, collect_unmatched=True)
+        checkpoint, _, plan = plan_merge(base, adapter, collect_unmatched=True)
     except RsloraError as e:
         lints.append(Lint("error", "base", str(e)))
         return
+    tied = tied_embedding_problem(adapter, checkpoint)
+    if tied:  # llama.cpp cannot take it on this base: say so instead of recommending a conversion
+        for spec, summary in report.runtimes.items():
+            if spec.partition("@")[0] == "llama.cpp" and summary["status"] != "cannot serve":
+                summary.update(status="cannot serve", reasons=[f"embedding LoRA {tied}"])
+                for row in [*report.modules, *report.groups]:
+                    if "runtimes" in row:
+                        row["runtimes"][spec] = {"scale": None, "ratio": None}
+                    else:
+                        row["ratios"][spec] = None
+                lints[:] = [lint for lint in lints if not (lint.code == "runtime-scale" and "--target llama.cpp" in lint.message)]
+                lints.append(Lint("warning" if spec in selected else "info", "runtime-unsupported",
+                                  f"llama.cpp cannot serve this adapter on this base: embedding LoRA {tied}; merge "
+                                  "it instead"))
     for key in plan.unmatched:
         lints.append(Lint("error", "base", f"adapter tensor {key!r} matches no tensor in the base"))
     for warning in plan.warnings:

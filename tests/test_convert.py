@@ -210,12 +210,24 @@ def test_fan_in_fan_out_gpt2_converts_exactly(tmp_path):
 # --- --target RUNTIME --------------------------------------------------------------------------------
 
 
-def served_scale(runtime: str, cfg: dict, b_shape: tuple[int, ...]) -> float:
-    """The scale each runtime applies, per docs/runtimes.md (global fields; llama.cpp: rank from B)."""
+def served_scale(runtime: str, cfg: dict, name: str, b_shape: tuple[int, ...]) -> float:
+    """The scale each runtime applies, per docs/runtimes.md (read from each release's source, or measured).
+
+    vLLM >= 0.32 resolves the patterns per module as PEFT does; older vLLM, TGI and LoRAX use the
+    global r and lora_alpha; vLLM <= 0.6.4 and SGLang also ignore use_rslora (vLLM 0.6.5-0.6.6
+    refuse it); llama.cpp takes the rank from B's shape and one alpha.
+    """
+    rslora = cfg.get("use_rslora")
+    if runtime == "vllm@0.6.5":
+        assert not rslora, "vLLM 0.6.5 refuses rsLoRA adapters"
+    if runtime == "vllm":
+        r = next((v for k, v in cfg["rank_pattern"].items() if re.match(rf"(.*\.)?({k})$", name)), cfg["r"])
+        alpha = next((v for k, v in cfg["alpha_pattern"].items() if re.match(rf"(.*\.)?({k})$", name)), cfg["lora_alpha"])
+        return alpha / math.sqrt(r) if rslora else alpha / r
     alpha, r = cfg["lora_alpha"], cfg["r"]
-    if runtime in ("vllm", "tgi", "lorax"):
-        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    if runtime == "sglang":
+    if runtime in ("vllm@0.31.0", "tgi", "lorax"):
+        return alpha / math.sqrt(r) if rslora else alpha / r
+    if runtime in ("sglang", "vllm@0.6.4", "vllm@0.6.5"):
         return alpha / r
     if runtime == "llama.cpp":
         return alpha / b_shape[1]
@@ -229,16 +241,17 @@ def served_deltas(folder: Path, runtime: str) -> dict[str, torch.Tensor]:
         if key.endswith("lora_B.weight"):
             a = tensors(folder)[key.replace("lora_B", "lora_A")]
             name = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
-            out[name] = (b.float() @ a.float()) * served_scale(runtime, cfg, tuple(b.shape))
+            out[name] = (b.float() @ a.float()) * served_scale(runtime, cfg, name, tuple(b.shape))
     return out
 
 
-@pytest.mark.parametrize("runtime", ["vllm", "tgi", "lorax", "sglang", "llama.cpp"])
+@pytest.mark.parametrize("runtime", ["vllm", "vllm@0.31.0", "vllm@0.6.5", "vllm@0.6.4", "tgi", "lorax", "sglang",
+                                     "llama.cpp"])
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_target_runtime_serves_peft_scales(llama_fp32, tmp_path, runtime, use_rslora):
     adapter = make_adapter(llama_fp32, tmp_path / "a", patterned(use_rslora), save_dtype=torch.bfloat16)
     report = convert(adapter, tmp_path / "t", "--target", runtime)
-    assert report["action"] in ("config", "unit")
+    assert report["action"] == "copy" if runtime == "vllm" else report["action"] in ("config", "unit")
     want = peft_layers(llama_fp32, adapter)
     got = served_deltas(tmp_path / "t", runtime)
     assert want.keys() == got.keys()
@@ -266,6 +279,8 @@ def test_sglang_gets_a_lossless_config_rewrite_when_one_scale_fits(llama_fp32, t
     assert (tmp_path / "s/adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
     for name, (_, delta) in peft_layers(llama_fp32, adapter).items():
         assert_close_fp32(served_deltas(tmp_path / "s", "sglang")[name], delta)
+    report = convert(adapter, tmp_path / "v", "--target", "vllm@0.6.5")  # refuses rsLoRA: the same rewrite
+    assert report["action"] == "config" and config(tmp_path / "v")["use_rslora"] is False
 
 
 def test_unit_form(llama_fp32, tmp_path):
@@ -283,6 +298,9 @@ def test_unit_form(llama_fp32, tmp_path):
 @pytest.mark.parametrize(("runtime", "cfg_kwargs", "says"), [
     ("vllm", {"use_dora": True}, "DoRA"),
     ("vllm", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ("vllm", {"lora_bias": True}, "lora_bias"),
+    ("vllm", {"bias": "all"}, "trained biases"),
+    ("vllm@0.20.0", {"use_dora": True}, "DoRA"),
     ("tgi", {"target_modules": ["embed_tokens", "q_proj"]}, "embedding"),
     ("lorax", {"use_dora": True}, "DoRA"),
     ("llama.cpp", {"use_dora": True}, "DoRA"),
@@ -346,7 +364,10 @@ def llama_cpp_deltas(path: Path) -> tuple[float, dict[str, torch.Tensor]]:
     for base, p in pairs.items():
         rank = p["lora_b"].shape[1]  # llama.cpp: b->ne[0]
         scale = alpha / rank if alpha else 1.0
-        out[base] = (p["lora_b"] @ p["lora_a"]) * scale
+        if base == "token_embd.weight":  # get_rows(a, tokens) then b: the [vocab, dim] delta is a @ b^T
+            out[base] = (p["lora_a"] @ p["lora_b"].T) * scale
+        else:
+            out[base] = (p["lora_b"] @ p["lora_a"]) * scale
     return alpha, out
 
 
@@ -386,8 +407,7 @@ def test_gguf_lora_reproduces_peft_deltas(llama_fp32, tmp_path, patterns):
             g = unpermute(g, heads)
         elif name.endswith("k_proj"):
             g = unpermute(g, kv_heads)
-        if name == "model.embed_tokens":
-            delta = delta.T if delta.shape != g.shape else delta
+        assert g.shape == delta.shape, name  # the embedding's delta is laid over the [vocab, dim] table, never transposed
         assert_close_fp32(g, delta, msg=lambda m, name=name: f"{name}: {m}")
 
 

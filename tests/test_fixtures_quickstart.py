@@ -41,6 +41,10 @@ def test_quickstart_follow_up_commands(tmp_path):
     result = runner.invoke(cli, ["verify", str(tmp_path / "merged"), base, adapter])
     assert result.exit_code == 0 and result.output.startswith("EXACT: 21 tensors checked")
     result = runner.invoke(cli, ["inspect", adapter, "--runtime", "vllm"])
-    assert result.exit_code == 0 and "warning: vLLM would apply" in result.output
-    result = runner.invoke(cli, ["convert", adapter, str(tmp_path / "for-vllm"), "--target", "vllm"])
+    assert result.exit_code == 0 and "info: vLLM 0.7.0 to 0.31.x would apply 0.7071x to 1.882x" in result.output
+    result = runner.invoke(cli, ["inspect", adapter, "--runtime", "vllm@0.31.0"])
+    assert result.exit_code == 0 and "warning: vLLM (0.7.0 to 0.31.x) would apply" in result.output
+    result = runner.invoke(cli, ["convert", adapter, str(tmp_path / "for-sglang"), "--target", "sglang"])
     assert result.exit_code == 0 and "unit-scale form" in result.output
+    result = runner.invoke(cli, ["convert", adapter, str(tmp_path / "for-vllm"), "--target", "vllm"])
+    assert result.exit_code == 0 and "copied unchanged" in result.output

@@ -40,21 +40,24 @@ def patterned(llama_fp32, tmp_path) -> Path:
 
 
 def test_modules_scales_and_runtime_ratios(patterned):
-    report = inspect_json(patterned)
+    report = inspect_json(patterned, "--runtime", "vllm@0.31.0", "--runtime", "vllm@0.6.4")
     assert report["convention"] == "rslora" and report["errors"] == 0
     by_name = {m["name"]: m for m in report["modules"]}
     assert len(by_name) == 8
     o = by_name["model.layers.0.self_attn.o_proj"]
     assert (o["rank"], o["alpha"], o["scale"]) == (4, 16, 8.0)
-    assert o["runtimes"]["vllm"]["scale"] == 16 / math.sqrt(8)  # global r: patterns ignored
+    assert o["runtimes"]["vllm"]["scale"] == 8.0 and o["runtimes"]["vllm"]["ratio"] == 1.0  # patterns honoured since 0.32
+    assert o["runtimes"]["vllm@0.31.0"]["scale"] == 16 / math.sqrt(8)  # global r: patterns ignored
+    assert o["runtimes"]["vllm@0.6.4"]["scale"] == 16 / 8  # alpha / r: use_rslora ignored too
     assert o["runtimes"]["sglang"]["scale"] == 2.0  # alpha / r, use_rslora ignored
     assert o["runtimes"]["llama.cpp"]["scale"] == 4.0  # alpha / rank from the shape
     assert o["runtimes"]["peft"]["ratio"] == 1.0
     groups = {g["modules"]: g for g in report["groups"]}
     assert groups["model.layers.*.self_attn.q_proj"]["count"] == 2
     assert groups["model.layers.*.self_attn.q_proj"]["layers"] == "0-1"
-    assert report["runtimes"]["vllm"]["status"] == "wrong scale"
-    assert report["runtimes"]["vllm"]["modules_off"] == 4
+    assert report["runtimes"]["vllm"]["status"] == "exact" and report["runtimes"]["vllm"]["version"] == "0.32.0 and later"
+    assert report["runtimes"]["vllm@0.31.0"]["status"] == "wrong scale"
+    assert report["runtimes"]["vllm@0.31.0"]["modules_off"] == 4
     assert report["runtimes"]["peft"]["status"] == "exact"
 
 
@@ -62,9 +65,12 @@ def test_text_table_and_runtime_warnings_with_strict(patterned):
     text = inspect(patterned).output
     assert "model.layers.*.self_attn.o_proj" in text and "0.7071x" in text
     assert "0 error(s), 0 warning(s)" in text
-    result = inspect(patterned, "--runtime", "vllm", "--strict", code=1)
-    assert "warning: vLLM would apply" in result.output and "--target vllm" in result.output
-    inspect(patterned, "--runtime", "vllm")  # warnings alone do not fail without --strict
+    result = inspect(patterned, "--runtime", "vllm@0.31.0", "--strict", code=1)
+    assert "warning: vLLM (0.7.0 to 0.31.x) would apply" in result.output and "--target vllm@0.31.0" in result.output
+    inspect(patterned, "--runtime", "vllm@0.31.0")  # warnings alone do not fail without --strict
+    current = inspect(patterned, "--runtime", "vllm", "--strict").output  # today's vLLM serves it right
+    assert "info: vLLM 0.7.0 to 0.31.x would apply" in current and "--target vllm@0.7.0" in current
+    assert "info: vLLM 0.6.5 to 0.6.x cannot serve this adapter: it refuses rsLoRA adapters" in current
 
 
 def test_lints_unmatched_and_order_dependent_patterns(patterned):
@@ -89,6 +95,7 @@ def test_features_and_runtimes_that_cannot_serve(llama_fp32, tmp_path):
     report = inspect_json(adapter, "--runtime", "vllm")
     assert "DoRA (use_dora)" in report["features"] and "embedding LoRA" in report["features"]
     assert report["runtimes"]["vllm"]["status"] == "cannot serve"
+    assert all(m["runtimes"]["vllm"] == {"scale": None, "ratio": None} for m in report["modules"])  # not "1x"
     assert any(lint["code"] == "runtime-unsupported" and lint["level"] == "warning" for lint in report["lints"])
     assert any(lint["code"] == "tied-embedding" for lint in report["lints"])
     assert " no " in inspect(adapter).output
