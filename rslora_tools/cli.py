@@ -365,15 +365,17 @@ def convert(adapter: str, out: str, **flags: Any) -> None:
 
     --to-rslora / --to-classic rewrite the alphas (per module when ranks or alphas differ), so
     that PEFT computes bit-identical scales; the weights are copied byte for byte. --bake folds
-    the change into lora_B instead. --target RUNTIME picks what the runtime needs: a no-op copy
-    when it already applies PEFT's scales, a config rewrite when that suffices, or the
-    unit-scale form (scale folded into lora_B in float32, alpha = r). Runtimes that cannot
-    serve an adapter (DoRA on vLLM, modules_to_save on TGI, ...) are refused with the reason.
+    the change into lora_B instead. --target RUNTIME picks what that runtime's current release
+    (or RUNTIME@VERSION's) needs: a no-op copy when it already applies PEFT's scales (today's
+    vLLM does), a config rewrite when that suffices, or the unit-scale form (scale folded into
+    lora_B in float32, alpha = r). Runtimes that cannot serve an adapter (DoRA or lora_bias on
+    vLLM, modules_to_save on TGI, ...) are refused with the reason.
 
     \b
     Examples:
       rslora-tools convert my-adapter/ my-adapter-classic/ --to-classic
       rslora-tools convert my-adapter/ for-vllm/ --target vllm
+      rslora-tools convert my-adapter/ for-old-vllm/ --target vllm@0.6.3
       rslora-tools convert my-adapter/ adapter.gguf --target llama.cpp --base base-model/
       rslora-tools convert org/adapter for-sglang/ --target sglang --push-to-hub me/adapter-sglang
     """
@@ -432,6 +434,7 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
     Examples:
       rslora-tools inspect my-adapter/
       rslora-tools inspect my-adapter/ --base base-model/ --runtime vllm --strict
+      rslora-tools inspect my-adapter/ --runtime vllm@0.31.0 --runtime sglang
       rslora-tools inspect my-adapter/ --json | jq .groups
     """
     from .hub import resolve_input

@@ -137,10 +137,10 @@ def serve(python: str, base: Path, adapter: Path | None, work: Path) -> dict:
         log.close()
     result = json.loads(out.read_text()) if out.is_file() else {"error": "the serving process died"}
     if "error" in result:  # the engine's own reason is in its log ("EngineDeadError" is all the caller sees)
-        reasons = re.findall(r"^\S*(?:Error|Exception): (.+)$", (work / f"{out.stem}.log").read_text(), flags=re.M)
-        reasons = [r for r in reasons if "EngineCore encountered an issue" not in r]
+        log_text = (work / f"{out.stem}.log").read_text()
+        reasons = re.findall(r"(?:^|\] |\s)ValueError: (.+)$", log_text, flags=re.M)  # the adapter check's own message
         if reasons:
-            result["error"] = reasons[-1]
+            result["error"] = reasons[0]
     return result
 
 
@@ -186,12 +186,12 @@ def table(rows: list[dict]) -> str:
         if r["measured"] == "refused":
             served = f"refused: {r['detail']}"
         elif r["measured"] == "PEFT's":
-            served = f"PEFT's (max |Δ log p| {r['max_diff']:.1e})"
+            served = f"PEFT's (max abs Δ log p {r['max_diff']:.1e})"
         elif "diff_to_predicted" in r:
-            served = (f"not PEFT's (max |Δ log p| {r['max_diff']:.2f}); the model at the predicted scales "
-                      f"(max |Δ log p| {r['diff_to_predicted']:.1e})")
+            served = (f"not PEFT's (max abs Δ log p {r['max_diff']:.2f}); the model at the predicted scales "
+                      f"(max abs Δ log p {r['diff_to_predicted']:.1e})")
         else:
-            served = f"not PEFT's, without an error (max |Δ log p| {r['max_diff']:.2f})"
+            served = f"not PEFT's, without an error (max abs Δ log p {r['max_diff']:.2f})"
         lines.append(f"| {r['vllm']} | {r['adapter']} | {served.replace('|', '/')} | {r['predicted']} | "
                      f"{'yes' if r['agrees'] else 'NO'} |")
     return "\n".join(lines)
