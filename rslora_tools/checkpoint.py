@@ -272,8 +272,9 @@ def is_tokenizer_file(name: str) -> bool:
 
 
 def updated_config(config: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
-    """config.json with a merge's changes: the keys updated, and a nested text_config's vocab_size too."""
-    config = {**config, **updates}
+    """config.json with a merge's changes: the keys updated (a None value removes the key), and a nested
+    text_config's vocab_size too."""
+    config = {k: v for k, v in {**config, **updates}.items() if not (k in updates and updates[k] is None)}
     if isinstance(config.get("text_config"), dict) and "vocab_size" in updates:
         config["text_config"] = {**config["text_config"], "vocab_size": updates["vocab_size"]}
     return config

@@ -128,6 +128,46 @@ def _hub_push_options(f):
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
 _overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def _quant_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--trained-on and its BitsAndBytesConfig settings (merge and verify)."""
+    f = click.option("--skip-modules", metavar="NAMES", default=None,
+                     help="With --trained-on: modules transformers left unquantized, comma-separated, as "
+                          "llm_int8_skip_modules (replaces the default, which keeps the output head).")(f)
+    f = click.option("--quant-blocksize", type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]),
+                     default=None, help="With --trained-on nf4/fp4: the 4-bit block size [default: 64, "
+                                        "bitsandbytes' and so BitsAndBytesConfig's].")(f)
+    f = click.option("--double-quant/--no-double-quant", default=None,
+                     help="With --trained-on nf4/fp4: bnb_4bit_use_double_quant [default: off, as in "
+                          "BitsAndBytesConfig; most QLoRA recipes turn it on].")(f)
+    return click.option("--trained-on", type=click.Choice(["nf4", "fp4", "int8"]), default=None,
+                        help="The adapter was trained on BASE quantized this way (QLoRA): quantize the weights "
+                             "transformers would, as bitsandbytes does, then merge. A quantized BASE is "
+                             "dequantized without this.")(f)
+
+
+def _trained_on(flags: dict[str, Any]) -> Any:
+    """The QuantScheme the --trained-on flags describe (None without --trained-on)."""
+    from .quant_formats import trained_on_scheme
+
+    args = _quant_arguments(flags)
+    if args["trained_on"] is None:
+        if any(args[k] is not None for k in ("double_quant", "quant_blocksize", "skip_modules")):
+            raise click.UsageError("--double-quant, --quant-blocksize and --skip-modules describe --trained-on; pass it too")
+        return None
+    return trained_on_scheme(args.pop("trained_on"), double_quant=args["double_quant"],
+                             blocksize=args["quant_blocksize"], skip_modules=args["skip_modules"])
+
+
+def _quant_arguments(flags: dict[str, Any]) -> dict[str, Any]:
+    """The library's keyword arguments for the --trained-on flags."""
+    skip = flags.get("skip_modules")
+    block = flags.get("quant_blocksize")
+    return {"trained_on": flags.get("trained_on"), "double_quant": flags.get("double_quant"),
+            "quant_blocksize": int(block) if block is not None else None,
+            "skip_modules": [m.strip() for m in skip.split(",") if m.strip()] if skip is not None else None}
+
+
+
 _allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True,
     help="Read an adapter that exists only as adapter_model.bin (torch.load weights_only=True; no code runs).")
@@ -227,6 +267,7 @@ def _echo_push(report: Any) -> None:
 @click.option("--verify", "verify_output", is_flag=True,
               help="Recompute and compare every merged tensor before OUT is replaced; fail on a mismatch.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if the adapter weights hold NaN or Inf.")
+@_quant_options
 @_token_option
 @_hub_push_options
 def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
@@ -241,12 +282,18 @@ def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
     BASE and ADAPTER are local folders or Hub repos (org/name, org/name@revision, hf://org/name);
     BASE may be `auto`: the base the adapter records. Only what the merge reads is downloaded.
 
+    QLoRA: a bitsandbytes (4-bit, 8-bit), GPTQ or AWQ BASE is dequantized exactly as its library
+    does and merged in the compute dtype; with an unquantized BASE, --trained-on quantizes the
+    weights as they were in training first (the model the adapter learned to correct).
+
     \b
     Examples:
       rslora-tools merge fixtures/tiny-llama fixtures/tiny-llama-rslora merged/
       rslora-tools merge base/ adapter/ merged/ --dtype bf16 --max-shard-size 5GB --json
       rslora-tools merge org/base org/adapter merged/ --push-to-hub me/merged
       rslora-tools merge auto org/adapter@v2 merged/
+      rslora-tools merge org/base-bnb-4bit qlora-adapter/ merged/
+      rslora-tools merge org/base qlora-adapter/ merged/ --trained-on nf4 --double-quant --dry-run
     """
     from .hub import resolve_merge_inputs
     from .merging import merge as run_merge
@@ -266,7 +313,7 @@ def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
             max_shard_size=flags["max_shard_size"], overwrite=flags["overwrite"], progress=progress,
             allow_pickle=flags["allow_pickle"], dry_run=flags["dry_run"],
             sources={"base": base_source.to_dict(), "adapter": adapter_source.to_dict()},
-            verify=flags["verify_output"], allow_nonfinite=flags["allow_nonfinite"],
+            verify=flags["verify_output"], allow_nonfinite=flags["allow_nonfinite"], **_quant_arguments(flags),
         )
     for warning in hub_warnings + report.warnings:
         click.echo(f"Warning: {warning}", err=True)
@@ -301,7 +348,7 @@ def _print_merge(report: Any) -> None:
         + ("" if report.dry_run else f", {report.seconds:.2f} s")
     )
     for key, value in report.config_updates.items():
-        click.echo(f"  config.json: {key} = {json.dumps(value)}")
+        click.echo(f"  config.json: {key} removed" if value is None else f"  config.json: {key} = {json.dumps(value)}")
     for note in report.notes:
         click.echo(f"  note: {note}")
     if report.verify is not None:
@@ -312,7 +359,8 @@ def _print_merge(report: Any) -> None:
         _print_dry_run(report)
 
 
-_BY = {"kernel": "merge kernel", "torch": "torch", "copy": "copied from the adapter", "raw": "copied"}
+_BY = {"kernel": "merge kernel", "torch": "torch", "copy": "copied from the adapter", "raw": "copied",
+       "dequant": "dequantized with torch"}
 
 
 def _print_dry_run(report: Any) -> None:
@@ -461,9 +509,11 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
 @_json_option
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @_input_revision_options
+@_quant_options
 @_token_option
 def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickle: bool, as_json: bool,
-           quiet: bool, base_revision: str | None, adapter_revision: str | None, token: str | None) -> None:
+           quiet: bool, base_revision: str | None, adapter_revision: str | None, token: str | None,
+           **quant_flags: Any) -> None:
     """Check that MERGED is BASE with ADAPTER merged: recompute every tensor and compare.
 
     Per tensor: exact (same bytes), within rounding (at most 1 ulp of the dtype off, e.g. a GPU
@@ -471,10 +521,14 @@ def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickl
     folder's index, shards, tensor names/shapes/dtypes and config.json agree. Exit code 1 on
     any mismatch beyond rounding.
 
+    A quantized BASE is dequantized as the merge did; a merge made with --trained-on is
+    recomputed the same way (from MERGED's rslora_tools.json, or the --trained-on flags).
+
     \b
     Examples:
       rslora-tools verify merged/ base-model/ my-adapter/
       rslora-tools verify merged/ org/base org/adapter --sample 20
+      rslora-tools verify merged/ base-model/ qlora-adapter/ --trained-on nf4 --double-quant
     """
     from .hub import resolve_merge_inputs
     from .verification import verify as run_verify
@@ -484,7 +538,7 @@ def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickl
         allow_pickle=allow_pickle)
     with _progress("Verifying", not (quiet or as_json)) as progress:
         report = run_verify(merged, base_source.path, adapter_source.path, sample=sample,
-                            allow_pickle=allow_pickle, progress=progress)
+                            allow_pickle=allow_pickle, progress=progress, trained_on=_trained_on(quant_flags))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

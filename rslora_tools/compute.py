@@ -198,9 +198,26 @@ def compute(
     return w
 
 
+def quantized_base(t: TensorPlan, read_base: Reader) -> torch.Tensor:
+    """The base value of a weight that comes through quantization, on the CPU, in the dtype dequantization gives:
+    a stored quantized weight dequantized, or the base weight quantized and dequantized (`--trained-on`)."""
+    from .dequantize import dequantize_stored, simulate
+
+    q = t.quant
+    assert q is not None and t.source is not None
+    if q.stored is not None:
+        value = dequantize_stored(q.stored, read_base)
+    else:
+        w = read_base(t.source)
+        value = simulate(w.T.contiguous() if q.transposed else w, q.scheme)
+    return value.T.contiguous() if q.transposed else value
+
+
 def merged_tensor(t: TensorPlan, read_base: Reader, read_adapter: Reader, out_dtype: torch.dtype,
                   device: torch.device | str = "cpu", base: torch.Tensor | None = None) -> torch.Tensor:
     """The merged value of one planned tensor on `device`; `base` when the caller has read the base value already."""
-    if base is None and t.source is not None:
+    if base is None and t.quant is not None and t.replacement is None:
+        base = quantized_base(t, read_base).to(device)
+    elif base is None and t.source is not None:
         base = read_base(t.source).to(device)
     return compute(t, base, read_adapter, out_dtype)

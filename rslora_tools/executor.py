@@ -7,7 +7,8 @@ offset, with the function for its `StepKind`:
 - KERNEL: the C merge kernel a block of rows at a time: read (pread), merge, write (pwrite),
   about a megabyte per worker in memory;
 - TORCH: compute.py with torch, one tensor per staging buffer set (page-locked, with a CUDA
-  stream each, on a GPU); torch is imported only then.
+  stream each, on a GPU); torch is imported only then;
+- DEQUANT: the same, with the base value dequantized on the CPU first (compute.quantized_base).
 Progress is reported through a callback; the executor never draws anything.
 """
 
@@ -161,7 +162,7 @@ def _produce(run: _Run, step: Step, writer: SafetensorsWriter) -> None:
     elif step.kind is StepKind.KERNEL:
         if not _with_kernel(run, t, writer):
             _with_torch(run, t, writer)  # the kernel met a non-finite sum: torch's NaN encoding
-    else:
+    else:  # TORCH, DEQUANT
         _with_torch(run, t, writer)
     run.advance(step.nbytes)
 
@@ -252,7 +253,7 @@ def _with_torch(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> None:
     """Compute one tensor with torch (compute.py) on the run's device, staged through reused host buffers."""
     import torch
 
-    from .compute import merged_tensor
+    from .compute import merged_tensor, quantized_base
 
     staging, device = run.staging, run.device.torch_device
     with staging.take() as buffers:
@@ -261,7 +262,9 @@ def _with_torch(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> None:
             buffers["stream"] = torch.cuda.Stream(device=device)
         with torch.cuda.stream(buffers["stream"]) if cuda else contextlib.nullcontext():
             base = None
-            if t.source is not None:
+            if t.quant is not None and t.replacement is None:
+                base = quantized_base(t, run.base.read).to(device, non_blocking=True)
+            elif t.source is not None:
                 base = _read_staged(run, staging, buffers, t.source).to(device, non_blocking=True)
             value = merged_tensor(t, run.base.read, run.adapter.tensor, safetensors_to_torch_dtype(t.dtype), device,
                                   base=base)
@@ -284,7 +287,14 @@ def _check_finite(run: _Run, t: TensorPlan, value: torch.Tensor) -> None:
     bad = int(value.numel() - torch.isfinite(value).sum().item())
     if not bad:
         return
-    start = run.adapter.tensor(t.replacement) if t.replacement is not None else run.base.read(t.source or t.name)
+    if t.replacement is not None:
+        start = run.adapter.tensor(t.replacement)
+    elif t.quant is not None:
+        from .compute import quantized_base
+
+        start = quantized_base(t, run.base.read)
+    else:
+        start = run.base.read(t.source or t.name)
     before = int(start.numel() - torch.isfinite(start).sum().item()) if start.is_floating_point() else 0
     if bad > before:
         op = t.lora or t.bias_of

@@ -24,6 +24,7 @@ from .safetensors_file import tensor_nbytes
 BLOCK_BYTES = 1 << 20  # rows the kernel merges per step: in and out stay in the CPU's cache
 _RUNTIME_BYTES = 24 * 10**6  # Python and the CLI's modules (measured: ~24 MB for a tiny merge)
 _TORCH_BYTES = 210 * 10**6  # torch itself once imported (measured: ~240 MB in all)
+_DEQUANT_FP32_COPIES = 4  # dequantizing holds a few whole-weight fp32 temporaries (codes, scales, values)
 
 
 class StepKind(str, Enum):
@@ -32,6 +33,7 @@ class StepKind(str, Enum):
     COPY_BASE = "raw"  # untouched, same dtype: the base's bytes, copied inside the kernel
     COPY_ADAPTER = "copy"  # given whole by an adapter tensor in the output's dtype: its bytes
     KERNEL = "kernel"  # W + s * (B @ A) by the C merge kernel, a block of rows at a time
+    DEQUANT = "dequant"  # a quantized base weight dequantized (or quantized as in training) with torch, then merged
     TORCH = "torch"  # everything else, computed with torch (compute.py) on the device
 
 
@@ -100,7 +102,7 @@ class Lowered:
 
     @property
     def uses_torch(self) -> bool:
-        return any(step.kind is StepKind.TORCH for step in self.steps)
+        return any(step.kind in (StepKind.TORCH, StepKind.DEQUANT) for step in self.steps)
 
     @property
     def device_name(self) -> str:
@@ -116,6 +118,8 @@ def lower(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device: Device) 
 
 
 def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: Device) -> StepKind:
+    if t.quant is not None and t.replacement is None:
+        return StepKind.DEQUANT
     if t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
         return StepKind.COPY_BASE
     if t.replaced_whole and t.replacement is not None and adapter.is_safetensors and adapter.dtypes[t.replacement] == t.dtype:
@@ -174,9 +178,12 @@ def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
             assert t.lora is not None
             ab = 4 * (math.prod(adapter.shapes[t.lora.module.a_key]) + math.prod(adapter.shapes[t.lora.module.b_key]))
             kernel_peak = max(kernel_peak, 2 * BLOCK_BYTES + 2 * ab)
-        elif step.kind is StepKind.TORCH:
+        elif step.kind in (StepKind.TORCH, StepKind.DEQUANT):
             blocked = t.lora is None or (t.lora.kind in ("linear", "embedding") and not t.lora.dora)
-            torch_peak = max(torch_peak, step.nbytes * 3 if blocked else math.prod(t.shape) * 4 * 2 + step.nbytes * 3)
+            peak = step.nbytes * 3 if blocked else math.prod(t.shape) * 4 * 2 + step.nbytes * 3
+            if step.kind is StepKind.DEQUANT:  # fp32 codes, scales and values of the whole weight
+                peak += math.prod(t.shape) * 4 * _DEQUANT_FP32_COPIES
+            torch_peak = max(torch_peak, peak)
     runtime = _RUNTIME_BYTES + (_TORCH_BYTES if lowered.uses_torch else 0)
     if lowered.uses_torch:  # on a GPU each staging set may hold a tensor on the host
         torch_peak *= staging_sets(lowered.device)

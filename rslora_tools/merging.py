@@ -26,6 +26,7 @@ from .lowering import Device, Lowered, StepKind, estimate_memory, lower
 from .output import atomic_folder, check_output_location, free_space, remove_leftovers, write_failure
 from .plan import Plan, parse_dtype
 from .planner import plan_merge
+from .quant_formats import QuantScheme, trained_on_scheme
 from .provenance import write_provenance
 from .safetensors_file import FLOAT_DTYPES
 from .sizes import human_size, parse_size
@@ -46,6 +47,7 @@ class MergeOptions:
     dry_run: bool = False
     verify: bool = False
     allow_nonfinite: bool = False
+    trained_on: QuantScheme | None = None  # quantize the base's weights as in training before merging
     sources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     progress: ProgressCallback | None = None
 
@@ -78,6 +80,7 @@ class MergeReport:
     memory_bytes: int = 0  # estimated peak memory of the merge
     free_bytes: int | None = None  # free disk space where OUT goes
     verify: dict[str, Any] | None = None  # the verification of the fresh output (--verify)
+    quantization: dict[str, Any] | None = None  # a quantized base dequantized, or --trained-on: scheme and measures
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +101,10 @@ def merge(
     sources: Mapping[str, Mapping[str, Any]] | None = None,
     verify: bool = False,
     allow_nonfinite: bool = False,
+    trained_on: str | None = None,
+    double_quant: bool | None = None,
+    quant_blocksize: int | None = None,
+    skip_modules: list[str] | None = None,
 ) -> MergeReport:
     """Merge a PEFT LoRA adapter into a base checkpoint, streaming, exactly as PEFT's merge_and_unload.
 
@@ -117,6 +124,11 @@ def merge(
         verify: recompute and compare every tensor of the fresh output before it replaces OUT;
             a mismatch beyond rounding fails the merge and nothing is written.
         allow_nonfinite: merge an adapter whose weights hold NaN or Inf (refused by default).
+        trained_on: "nf4", "fp4" or "int8": the adapter was trained on BASE quantized this way
+            (QLoRA); the weights transformers quantizes are quantized and dequantized as
+            bitsandbytes does before the merge. `double_quant` (default False) and
+            `quant_blocksize` (default 64) as in BitsAndBytesConfig; `skip_modules` as its
+            llm_int8_skip_modules. A quantized BASE needs none of this: it is dequantized.
         sources: where BASE and ADAPTER came from ({"base": ..., "adapter": ...}, hub.Source dicts), for the
             provenance file OUT gets (a later `push` writes the model card from it).
 
@@ -132,10 +144,16 @@ def merge(
         size = parse_size(max_shard_size) if max_shard_size is not None else None
     except ValueError as e:
         raise InputError(str(e)) from None
+    scheme = None
+    if trained_on is not None:
+        scheme = trained_on_scheme(trained_on, double_quant=double_quant, blocksize=quant_blocksize,
+                                   skip_modules=skip_modules)
+    elif double_quant is not None or quant_blocksize is not None or skip_modules is not None:
+        raise InputError("--double-quant, --quant-blocksize and --skip-modules describe --trained-on; pass it too")
     options = MergeOptions(
         dtype=parse_dtype(dtype), device=device, max_shard_size=size, overwrite=overwrite,
         allow_pickle=allow_pickle, dry_run=dry_run, verify=verify, allow_nonfinite=allow_nonfinite,
-        sources=sources or {}, progress=progress,
+        trained_on=scheme, sources=sources or {}, progress=progress,
     )
     return run_merge(base, adapter, Path(out), options)
 
@@ -146,7 +164,7 @@ def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Ad
     started = time.monotonic()
     checkpoint, adapter_obj, plan = plan_merge(
         base, adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
-        allow_pickle=options.allow_pickle, collect_unmatched=options.dry_run,
+        allow_pickle=options.allow_pickle, collect_unmatched=options.dry_run, trained_on=options.trained_on,
     )
     folder = check_output_location(out, [checkpoint.folder, adapter_obj.path], options.overwrite)
     lowered = lower(plan, checkpoint, adapter_obj, Device(options.device))
@@ -184,11 +202,12 @@ def _write_output(folder: Path, checkpoint: Checkpoint, adapter: Adapter, plan: 
             "adapter": options.sources.get("adapter") or {"spec": str(adapter.path)},
             "convention": report.convention, "modules": report.modules,
             "scale_min": report.scale_min, "scale_max": report.scale_max, "dtype": report.dtype,
+            **({"quantization": report.quantization} if report.quantization else {}),
         })
         if options.verify:
             from .verification import verify  # torch: imported only when asked
 
-            checked = verify(tmp, checkpoint.folder, adapter)
+            checked = verify(tmp, checkpoint.folder, adapter, trained_on=options.trained_on)
             report.verify = checked.to_dict()
             if not checked.ok:
                 raise MismatchError(f"verification of the merged output failed ({_verify_summary(checked)}); "
@@ -222,7 +241,21 @@ def _report(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lower
         changes=_changes(lowered),
         unmatched=plan.unmatched,
         memory_bytes=estimate_memory(lowered, adapter),
+        quantization=_quantization(plan),
     )
+
+
+def _quantization(plan: Plan) -> dict[str, Any] | None:
+    scheme = plan.quantization
+    if scheme is None:
+        return None
+    quantized = [t for t in plan.tensors if t.quant is not None]
+    return {
+        "mode": "dequantized" if plan.prequantized else "as trained", "scheme": scheme.label,
+        "method": scheme.method, "blocksize": scheme.blocksize, "double_quant": scheme.double_quant,
+        "weights": len(quantized), "merged_dtypes": sorted({t.dtype for t in quantized}),
+        "skip_modules": list(scheme.skip_modules) if scheme.skip_modules is not None else None,
+    }
 
 
 def _changes(lowered: Lowered) -> list[dict[str, Any]]:
@@ -233,6 +266,9 @@ def _changes(lowered: Lowered) -> list[dict[str, Any]]:
         if t.untouched:
             continue
         how = []
+        if t.quant is not None:
+            how.append(f"quantized as trained ({t.quant.scheme.method})" if t.quant.simulated
+                       else f"dequantized ({t.quant.scheme.method})")
         if t.replacement is not None:
             how.append(f"replaced by adapter tensor {t.replacement}")
         if t.lora is not None:

@@ -26,8 +26,8 @@ ShapeOf = Callable[[str], tuple[int, ...]]
 class NameResolver:
     """Map module paths from the adapter to tensor names in the checkpoint (prefix differences allowed)."""
 
-    def __init__(self, checkpoint: Checkpoint):
-        self.names = set(checkpoint.weight_map)
+    def __init__(self, checkpoint: Checkpoint, extra: list[str] | None = None):
+        self.names = set(checkpoint.weight_map) | set(extra or ())  # extra: weights a quantized checkpoint packs
         self.prefixes = sorted({n.split(".", 1)[0] for n in self.names if "." in n})
 
     def find(self, path: str) -> str | None:

@@ -1,6 +1,7 @@
 """Stage 3, plan: what each output tensor of a merge becomes (the data; planner.py builds it).
 
-A `TensorPlan` says where an output tensor's starting value comes from (a base tensor, or a
+A `TensorPlan` says where an output tensor's starting value comes from (a base tensor, a
+quantized base weight dequantized or a weight quantized as in training (`QuantSource`), or a
 full replacement saved in the adapter) and what is applied on top: a LoRA delta (`LoraOp`),
 a lora_bias, trainable-token rows. A `Plan` is every output tensor, grouped by output shard,
 plus the config.json changes. Plans hold names and shapes only, never tensor data, so a dry
@@ -15,6 +16,7 @@ from typing import Literal
 
 from .adapter import LoraModule
 from .errors import InputError
+from .quant_formats import QuantizedWeight, QuantScheme
 from .safetensors_file import FLOAT_DTYPES
 from .scaling import ModuleScale
 
@@ -56,6 +58,20 @@ class LoraOp:
     dora: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class QuantSource:
+    """The base value goes through quantization: a stored quantized weight dequantized, or (stored None) the
+    base's own weight quantized and dequantized as bitsandbytes does (`--trained-on`)."""
+
+    scheme: QuantScheme
+    stored: QuantizedWeight | None = None
+    transposed: bool = False  # a Conv1D weight: quantized as (out, in), written (in, out)
+
+    @property
+    def simulated(self) -> bool:
+        return self.stored is None
+
+
 @dataclass(slots=True)
 class TensorPlan:
     """How to produce one output tensor."""
@@ -68,10 +84,12 @@ class TensorPlan:
     tokens: tuple[str, list[int]] | None = None  # (adapter key, row indices) of trainable tokens
     dtype: str = ""
     shape: tuple[int, ...] = ()
+    quant: QuantSource | None = None  # the base value is dequantized (or quantized as in training) first
 
     @property
     def untouched(self) -> bool:
-        return self.replacement is None and self.lora is None and self.bias_of is None and self.tokens is None
+        return (self.replacement is None and self.lora is None and self.bias_of is None and self.tokens is None
+                and self.quant is None)
 
     @property
     def replaced_whole(self) -> bool:
@@ -89,6 +107,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)  # adapter keys that match nothing (dry runs only)
     index_metadata: dict[str, object] | None = None  # the index to write (None: a single file without one)
+    quantization: QuantScheme | None = None  # the base is quantized (dequantized here), or --trained-on
+    prequantized: bool = False  # the base checkpoint itself is quantized
 
     @property
     def tensors(self) -> list[TensorPlan]:

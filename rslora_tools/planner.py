@@ -1,9 +1,10 @@
 """Stage 3, plan: build a merge plan from the base's headers and config and the adapter's, without tensor data.
 
 `plan_merge` opens both inputs and refuses what cannot be merged; `build_plan` decides what
-every output tensor becomes, in four passes over the adapter: full-tensor replacements, LoRA
-modules (placement.py), trainable tokens, then the tie rules (ties.py). It also lays out the
-output shards and the config.json changes.
+every output tensor becomes: the weights that come through quantization (quant_plan.py), then
+four passes over the adapter: full-tensor replacements, LoRA modules (placement.py), trainable
+tokens, then the tie rules (ties.py). It also lays out the output shards and the config.json
+changes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from .errors import MismatchError, UnsupportedAdapterError
 from .module_scales import pattern_warnings
 from .placement import NameResolver, check_shapes, place_module
 from .plan import TORCH_DTYPE_NAMES, Plan, TensorPlan, output_dtype
+from .quant_formats import QuantScheme, dtype_from_name
+from .quant_plan import QuantPlan, merge_dtype, output_shape, plan_quantization
 from .safetensors_file import FLOAT_DTYPES, tensor_nbytes
 from .ties import TieState
 
@@ -29,23 +32,19 @@ def plan_merge(
     max_shard_size: int | None = None,
     allow_pickle: bool = False,
     collect_unmatched: bool = False,
+    trained_on: QuantScheme | None = None,
 ) -> tuple[Checkpoint, Adapter, Plan]:
-    """Open both inputs (unless given opened) and plan the merge (headers and config only).
+    """Open both inputs (unless given opened) and plan the merge (headers, config and quant states only).
 
-    `dtype` is a parsed dtype (plan.parse_dtype): None keeps the base's.
+    `dtype` is a parsed dtype (plan.parse_dtype): None keeps the base's. A quantized base is
+    dequantized; `trained_on` quantizes an unquantized base's weights as they were in training.
     """
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-    quant = (checkpoint.config or {}).get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
-        raise UnsupportedAdapterError(
-            f"{checkpoint.folder}: the base is a {method} checkpoint; merge into the unquantized base model "
-            "(merging into quantized weights loses the adapter to rounding)"
-        )
+    quant = plan_quantization(checkpoint, trained_on)
     plan = build_plan(checkpoint, adapter, dtype=dtype, max_shard_size=max_shard_size,
-                      collect_unmatched=collect_unmatched)
+                      collect_unmatched=collect_unmatched, quant=quant)
     return checkpoint, adapter, plan
 
 
@@ -56,32 +55,38 @@ def build_plan(
     dtype: str | None = None,
     max_shard_size: int | None = None,
     collect_unmatched: bool = False,
+    quant: QuantPlan | None = None,
 ) -> Plan:
     """Decide, from headers and config alone, what every output tensor becomes.
 
     Adapter tensors that match no base tensor are an error, or, with `collect_unmatched` (for a
     dry run that shows everything at once), listed in `Plan.unmatched`.
     """
-    builder = _PlanBuilder(checkpoint, adapter, dtype, collect_unmatched)
+    quant = quant or QuantPlan()
+    builder = _PlanBuilder(checkpoint, adapter, dtype, collect_unmatched, quant)
+    builder.add_quantized()
     builder.add_replacements()
     builder.add_lora_modules()
     builder.add_tokens()
     extra = builder.tie.resolve(builder.plan_for, adapter, builder.notes, builder.warnings)
-    shards = _layout(checkpoint, builder.plans, extra, dtype, max_shard_size)
+    shards = _layout(checkpoint, builder.plans, extra, dtype, max_shard_size, quant)
     index = None
     if len(shards) > 1 or (checkpoint.sharded and max_shard_size is None):
         index = dict(checkpoint.index_metadata or {})
     warnings = builder.warnings + [w.message for w in pattern_warnings(adapter.config, [m.name for m in adapter.lora_modules])]
-    return Plan(shards, _config_updates(checkpoint, builder, dtype), builder.notes, warnings, builder.unmatched, index)
+    return Plan(shards, _config_updates(checkpoint, builder, dtype), builder.notes, warnings, builder.unmatched, index,
+                quantization=quant.scheme, prequantized=quant.prequantized)
 
 
 class _PlanBuilder:
     """The state of one build_plan call: a TensorPlan per changed base tensor, notes, warnings, unmatched keys."""
 
-    def __init__(self, checkpoint: Checkpoint, adapter: Adapter, dtype: str | None, collect_unmatched: bool):
+    def __init__(self, checkpoint: Checkpoint, adapter: Adapter, dtype: str | None, collect_unmatched: bool,
+                 quant: QuantPlan):
         self.checkpoint, self.adapter, self.dtype = checkpoint, adapter, dtype
         self.collect_unmatched = collect_unmatched
-        self.resolver = NameResolver(checkpoint)
+        self.quant = quant
+        self.resolver = NameResolver(checkpoint, extra=quant.names())
         self.tie = TieState(checkpoint, self.resolver)
         self.plans: dict[str, TensorPlan] = {}
         self.notes: list[str] = []
@@ -94,6 +99,28 @@ class _PlanBuilder:
             info = self.checkpoint.info(name)
             self.plans[name] = TensorPlan(name, name, dtype=output_dtype(info.dtype, self.dtype), shape=info.shape)
         return self.plans[name]
+
+    def add_quantized(self) -> None:
+        """Weights whose base value is dequantized (or quantized as in training): merged in their compute dtype."""
+        for name, source in self.quant.sources.items():
+            compute = merge_dtype(source, self.checkpoint, name)
+            self.plans[name] = TensorPlan(name, name, dtype=output_dtype(compute, self.dtype),
+                                          shape=output_shape(source, self.checkpoint, name), quant=source)
+        scheme = self.quant.scheme
+        if self.quant.prequantized and scheme is not None:
+            dtypes = sorted({p.dtype for p in self.plans.values() if p.quant is not None})
+            self.notes.append(f"the base is quantized ({scheme.label}): {len(self.quant.sources)} weights are "
+                              f"dequantized and merged in {', '.join(dtypes)}; quantization_config leaves config.json")
+            config = self.checkpoint.config or {}
+            model_dtype = dtype_from_name(config.get("dtype", config.get("torch_dtype")))
+            if self.dtype is None and model_dtype is not None and dtypes != [model_dtype]:
+                self.warnings.append(
+                    f"the dequantized weights are written in {', '.join(dtypes)} (the dtype the quantized layers compute "
+                    f"in), the model's other weights are {model_dtype}, which is what transformers loads them as; pass "
+                    "--dtype for one dtype throughout")
+        elif scheme is not None:
+            self.notes.append(f"merged as trained on {scheme.label}: {len(self.quant.sources)} weights are quantized "
+                              "and dequantized as bitsandbytes does, then merged")
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.plans[name].shape if name in self.plans else self.checkpoint.info(name).shape
@@ -129,6 +156,7 @@ class _PlanBuilder:
                 raise MismatchError(f"{self.where}: adapter tensor {key!r} has dtype {adapter.dtypes[key]}")
             plan.replacement = key
             plan.source = None
+            plan.quant = None  # the adapter's copy is the whole value
             self.tie.note_target(target, "replacement")
 
     def add_lora_modules(self) -> None:
@@ -226,6 +254,8 @@ def _config_updates(checkpoint: Checkpoint, builder: _PlanBuilder, dtype: str | 
             updates["vocab_size"] = rows
     if builder.tie.untied:
         updates["tie_word_embeddings"] = False
+    if builder.quant.prequantized:
+        updates["quantization_config"] = None  # removed: the output is not quantized
     if dtype is not None:
         for key in ("dtype", "torch_dtype"):
             if key in config or (key == "dtype" and "torch_dtype" not in config):
@@ -239,12 +269,19 @@ def _layout(
     extra: list[tuple[str, TensorPlan]],
     dtype: str | None,
     max_shard_size: int | None,
+    quant: QuantPlan,
 ) -> list[tuple[str, list[TensorPlan]]]:
-    """Output shards: the base's own layout (names kept), or re-sharded greedily with HF names."""
+    """Output shards: the base's own layout (names kept), or re-sharded greedily with HF names.
+
+    A quantized weight takes the place of its packed data; its auxiliary tensors are dropped.
+    """
     groups: list[tuple[str, list[TensorPlan]]] = []
     for shard in checkpoint.shards:
         items = []
         for name, info in checkpoint.headers[shard].tensors.items():
+            if name in quant.dropped:
+                continue
+            name = quant.anchors.get(name, name)
             plan = plans.get(name) or TensorPlan(name, name, dtype=output_dtype(info.dtype, dtype), shape=info.shape)
             items.append(plan)
             items.extend(p for anchor, p in extra if anchor == name)

@@ -25,6 +25,8 @@ from .compute import merged_tensor
 from .errors import RsloraError
 from .plan import Plan, TensorPlan
 from .planner import plan_merge
+from .provenance import read_provenance
+from .quant_formats import QuantScheme, trained_on_scheme
 from .safetensors_file import FLOAT_DTYPES, has_torch_dtype, read_into, tensor_nbytes, torch_dtype_name
 
 if TYPE_CHECKING:
@@ -87,6 +89,7 @@ def verify(
     sample: int | None = None,
     allow_pickle: bool = False,
     progress: ProgressCallback | None = None,
+    trained_on: QuantScheme | None = None,
 ) -> VerifyReport:
     """Check that MERGED is BASE with ADAPTER merged: recompute every tensor and compare, and check the folder.
 
@@ -97,6 +100,9 @@ def verify(
         sample: check only this many tensors, spread over the model (changed ones first).
         allow_pickle: read an adapter that exists only as `adapter_model.bin` (weights_only).
         progress: called as `progress(bytes_checked_now, total_bytes)` after each tensor.
+        trained_on: the merge was made with `--trained-on` (quant_formats.trained_on_scheme);
+            None: as the merged folder's rslora_tools.json records it, if it does. A quantized
+            BASE is dequantized as the merge did.
 
     Returns:
         A `VerifyReport`: per tensor exact, within rounding or mismatch, and the folder's problems.
@@ -111,7 +117,9 @@ def verify(
         problems.append(f"the merged folder cannot be read: {e}")
     checkpoint = open_checkpoint(base)
     dtype = _merge_dtype(out, checkpoint) if out is not None else None
-    checkpoint, adapter_obj, plan = plan_merge(checkpoint, adapter_obj, dtype=dtype)
+    if trained_on is None and out is not None:
+        trained_on = recorded_trained_on(Path(out.folder))
+    checkpoint, adapter_obj, plan = plan_merge(checkpoint, adapter_obj, dtype=dtype, trained_on=trained_on)
     chosen = _choose(plan.tensors, sample)
     report = VerifyReport(str(merged), str(checkpoint.folder), str(adapter_obj.path), "mismatch", len(plan.tensors), 0,
                           problems=problems, sampled=len(chosen) < len(plan.tensors))
@@ -126,6 +134,18 @@ def verify(
         report.verdict = "within rounding" if report.rounding else "exact"
     report.seconds = time.monotonic() - started
     return report
+
+
+def recorded_trained_on(folder: Path) -> QuantScheme | None:
+    """The --trained-on scheme a merge recorded in the folder's rslora_tools.json (None: none recorded)."""
+    record = read_provenance(folder) or {}
+    quant = record.get("quantization")
+    if not isinstance(quant, dict) or quant.get("mode") != "as trained":
+        return None
+    skip = quant.get("skip_modules")
+    return trained_on_scheme(str(quant.get("method")), double_quant=bool(quant.get("double_quant")),
+                             blocksize=quant.get("blocksize") if quant.get("method") != "int8" else None,
+                             skip_modules=list(skip) if isinstance(skip, list) else None)
 
 
 def _merge_dtype(out: Checkpoint, base: Checkpoint) -> str | None:

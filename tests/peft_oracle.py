@@ -28,11 +28,11 @@ def make_llama(path: Path, dtype: torch.dtype = torch.float32, *, tie: bool = Fa
     return path
 
 
-def make_gpt2(path: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+def make_gpt2(path: Path, dtype: torch.dtype = torch.float32, seed: int = 0, n_embd: int = 32) -> Path:
     from transformers import AutoModelForCausalLM, GPT2Config
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=n_embd, n_layer=2, n_head=4)
     AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(path)
     return path
 

@@ -15,10 +15,10 @@ ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 # The data flow, in order. A module may import modules of its own stage or of earlier stages.
 STAGES = {
     0: ("errors", "__init__"),
-    1: ("sizes", "safetensors_file", "checkpoint", "output", "provenance", "hub_refs"),
+    1: ("sizes", "safetensors_file", "checkpoint", "output", "provenance", "hub_refs", "quant_formats"),
     2: ("scaling", "adapter_config", "adapter", "module_scales", "runtimes"),
-    3: ("plan", "placement", "ties", "planner", "config_rewrite"),
-    4: ("kernel", "compute", "finite"),
+    3: ("plan", "placement", "ties", "quant_plan", "planner", "config_rewrite"),
+    4: ("kernel", "compute", "dequantize", "finite"),
     5: ("lowering", "executor"),
     6: ("verification", "merging", "gguf_export", "conversion", "inspection", "card", "hub"),
     7: ("cli", "__main__"),

@@ -256,13 +256,19 @@ def test_index_naming_a_file_outside_the_folder(tmp_path):
     assert_clean_error(run("merge", base, ADAPTER, tmp_path / "out"), "not a plain file name")
 
 
-def test_quantized_base_refused(tmp_path):
+def test_unsupported_quantized_base_refused(tmp_path):
+    """Quantization methods other than bitsandbytes, GPTQ and AWQ are refused with the method named;
+    a config that says bitsandbytes over unquantized weights is refused too."""
     base = tmp_path / "base"
     shutil.copytree(BASE, base)
     cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "hqq", "nbits": 4}
+    (base / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(run("merge", base, ADAPTER, tmp_path / "out"), "'hqq'", "unquantized")
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (base / "config.json").write_text(json.dumps(cfg))
-    assert_clean_error(run("merge", base, ADAPTER, tmp_path / "out"), "bitsandbytes", "unquantized")
+    assert_clean_error(run("merge", base, ADAPTER, tmp_path / "out"), "no quantized weight")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
