@@ -14,6 +14,9 @@
  * A block whose fp32 sum is not finite is reported, so that the caller recomputes that tensor
  * with torch (whose NaN encodings this kernel does not reproduce).
  *
+ * It also quantizes weights to 4 bits and back as bitsandbytes does (block_absmax, simulate_4bit), for merges
+ * of QLoRA adapters "as trained".
+ *
  * The arithmetic needs AVX2, FMA and F16C (x86-64 since 2013); available() says whether this CPU
  * has them. Everywhere else the module still builds and the caller uses torch.
  */
@@ -103,6 +106,19 @@ SIMD static inline __m256 round_to(__m256 v, int dt) {
     return v;
 }
 
+/* out[j..j+8) = v rounded to dt (to nearest even) */
+SIMD static inline void store8(__m256 v, int dt, void *out, size_t j) {
+    if (dt == DT_BF16) {
+        __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round_to(v, DT_BF16)), 16);
+        __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + j), p);
+    } else if (dt == DT_F16) {
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + j), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+        _mm256_storeu_ps((float *)out + j, v);
+    }
+}
+
 /* out[j..j+8) = round(acc * s + w[j..j+8)); returns a lane mask (4 bits per lane) of non-finite sums */
 SIMD static inline int finish8(__m256 acc, const Operands *op, const void *w, size_t j, void *out) {
     __m256 delta = _mm256_mul_ps(acc, _mm256_set1_ps(op->s));
@@ -111,15 +127,7 @@ SIMD static inline int finish8(__m256 acc, const Operands *op, const void *w, si
     __m256i u = _mm256_castps_si256(v);
     const __m256i expo = _mm256_set1_epi32(0x7F800000);
     int bad = _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_and_si256(u, expo), expo));
-    if (op->dt == DT_BF16) {
-        __m256i r = _mm256_srli_epi32(_mm256_castps_si256(round_to(v, DT_BF16)), 16);
-        __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-        _mm_storeu_si128((__m128i *)((uint16_t *)out + j), p);
-    } else if (op->dt == DT_F16) {
-        _mm_storeu_si128((__m128i *)((uint16_t *)out + j), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    } else {
-        _mm256_storeu_ps((float *)out + j, v);
-    }
+    store8(v, op->dt, out, j);
     return bad;
 }
 
@@ -189,10 +197,148 @@ SIMD static void widen(const void *src, int dt, size_t n, float *dst) {
         }
     }
 }
+
+/* bitsandbytes' 4-bit blockwise quantization, pass 1: absmax[b] = max |x| over each block of `bs` elements
+ * (n a multiple of bs); returns the number of non-finite elements (then the caller uses torch). */
+SIMD static size_t block_absmax(const void *w, int dt, size_t n, size_t bs, float *absmax) {
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i expo = _mm256_set1_epi32(0x7F800000);
+    size_t bad = 0;
+    for (size_t b = 0; b * bs < n; b++) {
+        __m256 m = _mm256_setzero_ps();
+        int nonfinite = 0;
+        for (size_t j = b * bs; j < (b + 1) * bs; j += 8) {
+            __m256 x = _mm256_and_ps(load8(w, dt, j), sign);
+            nonfinite |= _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x), expo), expo));
+            m = _mm256_max_ps(m, x);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, m);
+        float best = lanes[0];
+        for (int k = 1; k < 8; k++) best = lanes[k] > best ? lanes[k] : best;
+        absmax[b] = best;
+        bad += nonfinite != 0;
+    }
+    return bad;
+}
+
+/* Pass 2, for n elements starting at block `first`: the code of x * (1 / max(absmax, 1e-38)) is the number
+ * of midpoints below it (torch.bucketize against the sorted code), and the value code[index] * scale[b] (fp32),
+ * rounded once to dt: bitsandbytes' quantize_4bit then dequantize_4bit. */
+SIMD static void simulate_4bit(const void *w, int dt, size_t n, size_t bs, size_t first, const float *absmax,
+                               const float *scale, const float *code, const float *mid, void *out) {
+    const __m256 lo = _mm256_loadu_ps(code), hi = _mm256_loadu_ps(code + 8), m7 = _mm256_set1_ps(mid[7]);
+    __m256 low[7], high[7];
+    for (int k = 0; k < 7; k++) low[k] = _mm256_set1_ps(mid[k]), high[k] = _mm256_set1_ps(mid[8 + k]);
+    for (size_t b = 0; b * bs < n; b++) {
+        const float a = absmax[first + b] > 1e-38f ? absmax[first + b] : 1e-38f;
+        const __m256 inv = _mm256_set1_ps(1.0f / a), s = _mm256_set1_ps(scale[first + b]);
+        for (size_t j = b * bs; j < (b + 1) * bs; j += 8) {
+            const __m256 v = _mm256_mul_ps(load8(w, dt, j), inv);
+            /* the number of midpoints below v: mid[7] < v picks the upper half (8 more), then the 7 midpoints of
+             * that half are counted (masks of -1), in two independent chains */
+            const __m256 upper = _mm256_cmp_ps(m7, v, _CMP_LT_OQ);
+            __m256i c0 = _mm256_and_si256(_mm256_castps_si256(upper), _mm256_set1_epi32(-8)), c1 = _mm256_setzero_si256();
+            for (int k = 0; k < 7; k++) {
+                const __m256 bound = _mm256_blendv_ps(low[k], high[k], upper);
+                const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(bound, v, _CMP_LT_OQ));
+                if (k & 1) c1 = _mm256_add_epi32(c1, below); else c0 = _mm256_add_epi32(c0, below);
+            }
+            const __m256i index = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_add_epi32(c0, c1));
+            const __m256 value = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, index),
+                                                  _mm256_permutevar8x32_ps(hi, index), upper);
+            store8(_mm256_mul_ps(value, s), dt, out, j);
+        }
+    }
+}
+
+#define SIMD512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+static int cpu_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
+SIMD512 static inline __m512 load16(const void *w, int dt, size_t j) {
+    if (dt == DT_BF16) {
+        __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + j)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    }
+    if (dt == DT_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + j)));
+    return _mm512_loadu_ps((const float *)w + j);
+}
+
+SIMD512 static inline void store16(__m512 v, int dt, void *out, size_t j) {
+    if (dt == DT_BF16) { /* round to nearest even, as round_to */
+        __m512i u = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + j), _mm512_cvtepi32_epi16(r));
+    } else if (dt == DT_F16) {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + j), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+        _mm512_storeu_ps((float *)out + j, v);
+    }
+}
+
+/* simulate_4bit with 16 lanes: the same operations (fp32 multiply, the count of midpoints below, code * scale,
+ * one rounding), so the same bits. */
+SIMD512 static void simulate_4bit_512(const void *w, int dt, size_t n, size_t bs, size_t first, const float *absmax,
+                                      const float *scale, const float *code, const float *mid, void *out) {
+    const __m512 table = _mm512_loadu_ps(code), m7 = _mm512_set1_ps(mid[7]);
+    const __m512i one = _mm512_set1_epi32(1), eight = _mm512_set1_epi32(8);
+    __m512 low[7], high[7];
+    for (int k = 0; k < 7; k++) low[k] = _mm512_set1_ps(mid[k]), high[k] = _mm512_set1_ps(mid[8 + k]);
+    for (size_t b = 0; b * bs < n; b++) {
+        const float a = absmax[first + b] > 1e-38f ? absmax[first + b] : 1e-38f;
+        const __m512 inv = _mm512_set1_ps(1.0f / a), s = _mm512_set1_ps(scale[first + b]);
+        for (size_t j = b * bs; j < (b + 1) * bs; j += 16) {
+            const __m512 v = _mm512_mul_ps(load16(w, dt, j), inv);
+            /* mid[7] < v picks the upper half (8 more), then the 7 midpoints of that half are counted */
+            const __mmask16 upper = _mm512_cmp_ps_mask(m7, v, _CMP_LT_OQ);
+            __m512i c0 = _mm512_maskz_mov_epi32(upper, eight), c1 = _mm512_setzero_si512();
+            for (int k = 0; k < 7; k++) {
+                const __mmask16 below = _mm512_cmp_ps_mask(_mm512_mask_blend_ps(upper, low[k], high[k]), v, _CMP_LT_OQ);
+                if (k & 1) c1 = _mm512_mask_add_epi32(c1, below, c1, one); else c0 = _mm512_mask_add_epi32(c0, below, c0, one);
+            }
+            store16(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_add_epi32(c0, c1), table), s), dt, out, j);
+        }
+    }
+}
+
+/* sums[0] += sum w^2, sums[1] += sum (q - w)^2, sums[2] += sum (m - q)^2 (m may be NULL): how far quantization
+ * moved a weight, against how far the merge moved it (for the merge report, a statistic: fp32 sums per call,
+ * one call per block of rows, added up in double). */
+SIMD static void quant_norms(const void *w, const void *q, const void *m, int dt, size_t n, double *sums) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0;
+    for (size_t j = 0; j + 8 <= n; j += 8) {
+        const __m256 a = load8(w, dt, j), b = load8(q, dt, j), e = _mm256_sub_ps(b, a);
+        s0 = _mm256_fmadd_ps(a, a, s0);
+        s1 = _mm256_fmadd_ps(e, e, s1);
+        if (m) {
+            const __m256 d = _mm256_sub_ps(load8(m, dt, j), b);
+            s2 = _mm256_fmadd_ps(d, d, s2);
+        }
+    }
+    float lanes[8];
+    __m256 acc[3] = {s0, s1, s2};
+    for (int i = 0; i < 3; i++) {
+        _mm256_storeu_ps(lanes, acc[i]);
+        for (int k = 0; k < 8; k++) sums[i] += lanes[k];
+    }
+}
+
 #else
 static int cpu_ok(void) { return 0; }
+static void quant_norms(const void *w, const void *q, const void *m, int dt, size_t n, double *sums) {}
 static size_t merge_rows(const Operands *op) { return 0; }
 static void widen(const void *src, int dt, size_t n, float *dst) {}
+static size_t block_absmax(const void *w, int dt, size_t n, size_t bs, float *absmax) { return 0; }
+static void simulate_4bit(const void *w, int dt, size_t n, size_t bs, size_t first, const float *absmax,
+                          const float *scale, const float *code, const float *mid, void *out) {}
+static int cpu_avx512(void) { return 0; }
+static void simulate_4bit_512(const void *w, int dt, size_t n, size_t bs, size_t first, const float *absmax,
+                              const float *scale, const float *code, const float *mid, void *out) {}
 #endif
 
 static PyObject *py_available(PyObject *self, PyObject *args) { return PyBool_FromLong(cpu_ok()); }
@@ -300,6 +446,93 @@ static PyObject *py_count_nonfinite(PyObject *self, PyObject *args) {
     return result;
 }
 
+static PyObject *py_block_absmax(PyObject *self, PyObject *args) {
+    Py_buffer w, absmax;
+    int dt;
+    Py_ssize_t bs;
+    if (!PyArg_ParseTuple(args, "y*inw*", &w, &dt, &bs, &absmax)) return NULL;
+    PyObject *result = NULL;
+    if (!cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU cannot run the merge kernel");
+    } else if (check_dtype(dt, 0)) {
+        size_t es = elem_size(dt), n = (size_t)w.len / es;
+        if (bs < 8 || bs % 8 || (size_t)w.len % es || n % (size_t)bs || (size_t)absmax.len < n / (size_t)bs * 4) {
+            PyErr_SetString(PyExc_ValueError, "buffer sizes do not fit the blocksize");
+        } else {
+            size_t bad;
+            Py_BEGIN_ALLOW_THREADS
+            bad = block_absmax(w.buf, dt, n, (size_t)bs, absmax.buf);
+            Py_END_ALLOW_THREADS
+            result = PyLong_FromSize_t(bad);
+        }
+    }
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&absmax);
+    return result;
+}
+
+static PyObject *py_simulate_4bit(PyObject *self, PyObject *args) {
+    Py_buffer w, absmax, scale, code, mid, out;
+    int dt, use_avx512 = 1;
+    Py_ssize_t bs, first;
+    if (!PyArg_ParseTuple(args, "y*inny*y*y*y*w*|p", &w, &dt, &bs, &first, &absmax, &scale, &code, &mid, &out,
+                          &use_avx512))
+        return NULL;
+    PyObject *result = NULL;
+    if (!cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU cannot run the merge kernel");
+    } else if (check_dtype(dt, 0)) {
+        size_t es = elem_size(dt), n = (size_t)w.len / es;
+        size_t blocks = bs > 0 ? n / (size_t)bs : 0;
+        if (bs < 8 || bs % 8 || (size_t)w.len % es || n % (size_t)bs || first < 0 || out.len < w.len ||
+            (size_t)absmax.len < ((size_t)first + blocks) * 4 || (size_t)scale.len < ((size_t)first + blocks) * 4 ||
+            code.len < 16 * 4 || mid.len < 15 * 4) {
+            PyErr_SetString(PyExc_ValueError, "buffer sizes do not fit the blocksize");
+        } else {
+            int wide = use_avx512 && cpu_avx512();
+            Py_BEGIN_ALLOW_THREADS
+            if (wide)
+                simulate_4bit_512(w.buf, dt, n, (size_t)bs, (size_t)first, absmax.buf, scale.buf, code.buf, mid.buf, out.buf);
+            else
+                simulate_4bit(w.buf, dt, n, (size_t)bs, (size_t)first, absmax.buf, scale.buf, code.buf, mid.buf, out.buf);
+            Py_END_ALLOW_THREADS
+            result = Py_NewRef(Py_None);
+        }
+    }
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&absmax);
+    PyBuffer_Release(&scale);
+    PyBuffer_Release(&code);
+    PyBuffer_Release(&mid);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *py_quant_norms(PyObject *self, PyObject *args) {
+    Py_buffer w, q, m;
+    int dt, have_m;
+    if (!PyArg_ParseTuple(args, "y*y*y*ip", &w, &q, &m, &dt, &have_m)) return NULL;
+    PyObject *result = NULL;
+    if (!cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU cannot run the merge kernel");
+    } else if (check_dtype(dt, 0)) {
+        size_t es = elem_size(dt), n = (size_t)w.len / es;
+        if (q.len < w.len || (have_m && m.len < w.len) || n % 8) {
+            PyErr_SetString(PyExc_ValueError, "buffer sizes do not match");
+        } else {
+            double sums[3] = {0, 0, 0};
+            Py_BEGIN_ALLOW_THREADS
+            quant_norms(w.buf, q.buf, have_m ? m.buf : NULL, dt, n, sums);
+            Py_END_ALLOW_THREADS
+            result = Py_BuildValue("(ddd)", sums[0], sums[1], sums[2]);
+        }
+    }
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&m);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"available", py_available, METH_NOARGS, "available() -> bool: this CPU can run merge_rows and widen."},
     {"merge_rows", py_merge_rows, METH_VARARGS,
@@ -309,6 +542,13 @@ static PyMethodDef methods[] = {
     {"pack", py_pack, METH_VARARGS,
      "pack(a, a_row, a_col, r, n) -> bytearray: a (r x n fp32, strides in elements) in merge_rows' layout."},
     {"widen", py_widen, METH_VARARGS, "widen(src, dtype, dst): bf16/f16/f32 -> fp32, exactly."},
+    {"block_absmax", py_block_absmax, METH_VARARGS,
+     "block_absmax(w, dtype, blocksize, absmax) -> non-finite elements; absmax (fp32) = max |w| per block."},
+    {"simulate_4bit", py_simulate_4bit, METH_VARARGS,
+     "simulate_4bit(w, dtype, blocksize, first_block, absmax, scale, code, midpoints, out, use_avx512=True):\n"
+     "bitsandbytes' 4-bit quantization of w (blocks from first_block), dequantized with `scale`, rounded to dtype."},
+    {"quant_norms", py_quant_norms, METH_VARARGS,
+     "quant_norms(w, q, m, dtype, have_m) -> (sum w^2, sum (q - w)^2, sum (m - q)^2) in double."},
     {"count_nonfinite", py_count_nonfinite, METH_VARARGS,
      "count_nonfinite(src, dtype) -> number of NaN/Inf values (dtype 0 bf16, 1 f16, 2 f32, 3 f64)."},
     {NULL, NULL, 0, NULL},

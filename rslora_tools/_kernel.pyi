@@ -17,3 +17,14 @@ def widen(src: Buffer, dtype: int, dst: Buffer) -> None:
 
 def count_nonfinite(src: Buffer, dtype: int) -> int:
     """The number of NaN/Inf values (dtype 0 bf16, 1 f16, 2 f32, 3 f64)."""
+
+def block_absmax(w: Buffer, dtype: int, blocksize: int, absmax: Buffer) -> int:
+    """absmax (fp32) = max |w| per block of `blocksize`; returns the number of blocks holding NaN/Inf."""
+
+def simulate_4bit(w: Buffer, dtype: int, blocksize: int, first_block: int, absmax: Buffer, scale: Buffer, code: Buffer,
+                  midpoints: Buffer, out: Buffer, use_avx512: bool = True) -> None:
+    """bitsandbytes' 4-bit quantization of w and its dequantization with `scale`, rounded to dtype, into out
+    (16 lanes where the CPU has AVX-512 and use_avx512, else 8: the same bits)."""
+
+def quant_norms(w: Buffer, q: Buffer, m: Buffer, dtype: int, have_m: bool) -> tuple[float, float, float]:
+    """(sum w^2, sum (q - w)^2, sum (m - q)^2) in double; m is ignored unless have_m."""

@@ -45,6 +45,9 @@ class _Group(click.Group):
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             raise click.ClickException(_interrupted()) from None
+        except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as a shell tool does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None
         except Exception as e:  # an unexpected failure: still one line, unless debugging
             if os.environ.get(DEBUG_ENV) == "1":
                 raise
@@ -351,6 +354,13 @@ def _print_merge(report: Any) -> None:
         click.echo(f"  config.json: {key} removed" if value is None else f"  config.json: {key} = {json.dumps(value)}")
     for note in report.notes:
         click.echo(f"  note: {note}")
+    measured = (report.quantization or {}).get("measured")
+    if measured and measured["quant_error_over_delta"] is not None:
+        click.echo(
+            f"  quantization moved the weights by {measured['quant_error_over_weight']:.1%} of their norm, "
+            f"{measured['quant_error_over_delta']:.2g}x the adapter's own delta ({measured['delta_over_weight']:.1%}); "
+            f"median of {measured['tensors']} of {measured['of']} targeted weights; merging into the original weights "
+            "would leave that out of the model the adapter was trained on")
     if report.verify is not None:
         v = report.verify
         click.echo(f"  verified: {v['verdict']} ({v['exact']} exact, {v['rounding']} within rounding, "
@@ -360,7 +370,7 @@ def _print_merge(report: Any) -> None:
 
 
 _BY = {"kernel": "merge kernel", "torch": "torch", "copy": "copied from the adapter", "raw": "copied",
-       "dequant": "dequantized with torch"}
+       "dequant": "dequantized with torch", "quant-kernel": "quantized and merged by the kernel"}
 
 
 def _print_dry_run(report: Any) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .plan import LoraOp, TensorPlan
+from .safetensors_file import safetensors_to_torch_dtype
 
 _HALF = {torch.float16, torch.bfloat16}
 _UPCAST = _HALF | {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
@@ -211,6 +212,22 @@ def quantized_base(t: TensorPlan, read_base: Reader) -> torch.Tensor:
         w = read_base(t.source)
         value = simulate(w.T.contiguous() if q.transposed else w, q.scheme)
     return value.T.contiguous() if q.transposed else value
+
+
+def quantization_norms(original: torch.Tensor, quantized: torch.Tensor, merged: torch.Tensor) -> tuple[float, float, float]:
+    """(|W|^2, |Wq - W|^2, |merged - Wq|^2) in double: how far quantization moved a weight, against how far the
+    merge moved it (for the merge report; the kernel computes the same sums)."""
+    w, q, m = original.double(), quantized.double(), merged.double()
+    return float((w * w).sum()), float(((q - w) ** 2).sum()), float(((m - q) ** 2).sum())
+
+
+def quantization_error(t: TensorPlan, read_base: Reader, read_adapter: Reader) -> tuple[float, float, float]:
+    """quantization_norms of one weight quantized as in training (`--trained-on`) with a LoRA delta."""
+    assert t.quant is not None and t.quant.simulated and t.lora is not None and t.source is not None
+    original = read_base(t.source)
+    quantized = quantized_base(t, read_base).to(safetensors_to_torch_dtype(t.dtype))
+    merged = merged_tensor(t, read_base, read_adapter, quantized.dtype, base=quantized.clone())
+    return quantization_norms(original, quantized, merged)
 
 
 def merged_tensor(t: TensorPlan, read_base: Reader, read_adapter: Reader, out_dtype: torch.dtype,

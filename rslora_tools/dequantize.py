@@ -22,17 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-from .quant_formats import QuantizedWeight, QuantScheme
+from .quant_formats import FOUR_BIT_CODES, QuantizedWeight, QuantScheme
 
 Reader = Callable[[str], torch.Tensor]
 
-# bitsandbytes' 4-bit codes (functional.get_4bit_type), before normalisation to [-1, 1]. FP4 code 0b1000 is
-# the integer -0 there, so +0.0, as in bitsandbytes' torch path and AVX-512 CPU path (its CUDA kernel and scalar
-# CPU path give -0.0: equal values, only an exact zero's sign differs; docs/quantization.md).
-_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
-_FP4 = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
 _INT8_STEP = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
 _LUT_SIZE = 65536
 
@@ -40,7 +33,7 @@ _LUT_SIZE = 65536
 @functools.cache
 def code_4bit(method: str) -> torch.Tensor:
     """The 16 values of a 4-bit code (index = stored nibble), as bitsandbytes builds them: divided by the largest."""
-    data = torch.tensor(_NF4 if method == "nf4" else _FP4, dtype=torch.float32)
+    data = torch.tensor(FOUR_BIT_CODES[method], dtype=torch.float32)
     return data.div_(data.abs().max())
 
 

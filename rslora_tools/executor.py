@@ -6,6 +6,8 @@ offset, with the function for its `StepKind`:
 - COPY_BASE / COPY_ADAPTER: raw bytes, copied inside the kernel (copy_file_range);
 - KERNEL: the C merge kernel a block of rows at a time: read (pread), merge, write (pwrite),
   about a megabyte per worker in memory;
+- QUANT_KERNEL (--trained-on 4-bit): the kernel reads the weight twice, once for the absmax of
+  every block, then quantizes, dequantizes and merges a block of rows at a time;
 - TORCH: compute.py with torch, one tensor per staging buffer set (page-locked, with a CUDA
   stream each, on a GPU); torch is imported only then;
 - DEQUANT: the same, with the base value dequantized on the CPU first (compute.quantized_base).
@@ -64,6 +66,7 @@ class _Run:
     total: int
     progress: ProgressCallback | None
     allow_nonfinite: bool = False
+    measures: dict[str, tuple[float, float, float]] | None = None  # --trained-on: quantization_norms per weight
     adapter_fd: int = -1
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -75,15 +78,17 @@ class _Run:
 
 
 def execute(lowered: Lowered, checkpoint: Checkpoint, adapter: Adapter, folder: Path,
-            progress: ProgressCallback | None = None, *, allow_nonfinite: bool = False) -> None:
+            progress: ProgressCallback | None = None, *, allow_nonfinite: bool = False,
+            measures: dict[str, tuple[float, float, float]] | None = None) -> None:
     """Write every shard of `lowered` into `folder`; on failure or interrupt the workers stop at their next block.
 
     A computed tensor with more NaN/Inf values than its starting value is an error (an adapter that
-    overflows the weights), unless `allow_nonfinite`.
+    overflows the weights), unless `allow_nonfinite`. `measures`, when given, receives for each
+    weight quantized as in training (with a delta) the squared norms of compute.quantization_norms.
     """
     steps = lowered.steps
     run = _Run(checkpoint, adapter, CheckpointFiles(checkpoint), lowered.device, _Staging(lowered.device),
-               sum(step.nbytes for step in steps), progress, allow_nonfinite)
+               sum(step.nbytes for step in steps), progress, allow_nonfinite, measures)
     if adapter.is_safetensors and any(s.kind in (StepKind.COPY_ADAPTER, StepKind.KERNEL) for s in steps):
         run.adapter_fd = os.open(adapter.weights_path, os.O_RDONLY)
     workers = _Workers(run.stop)
@@ -162,6 +167,9 @@ def _produce(run: _Run, step: Step, writer: SafetensorsWriter) -> None:
     elif step.kind is StepKind.KERNEL:
         if not _with_kernel(run, t, writer):
             _with_torch(run, t, writer)  # the kernel met a non-finite sum: torch's NaN encoding
+    elif step.kind is StepKind.QUANT_KERNEL:
+        if not _with_quant_kernel(run, t, writer):
+            _with_torch(run, t, writer)  # NaN/Inf in the weight or the sum: torch's encodings
     else:  # TORCH, DEQUANT
         _with_torch(run, t, writer)
     run.advance(step.nbytes)
@@ -170,13 +178,24 @@ def _produce(run: _Run, step: Step, writer: SafetensorsWriter) -> None:
 _thread_blocks = threading.local()
 
 
-def _block_buffers(nbytes: int) -> tuple[memoryview, memoryview]:
-    """The calling worker's block buffers (in, out), reused from tensor to tensor."""
+def _block_buffers(nbytes: int) -> tuple[memoryview, memoryview, memoryview]:
+    """The calling worker's block buffers (in, out, one more for the 4-bit path), reused from tensor to tensor."""
     if getattr(_thread_blocks, "size", 0) < nbytes:
         _thread_blocks.size = max(nbytes, BLOCK_BYTES)
-        _thread_blocks.views = (memoryview(bytearray(_thread_blocks.size)), memoryview(bytearray(_thread_blocks.size)))
-    views: tuple[memoryview, memoryview] = _thread_blocks.views
+        _thread_blocks.views = tuple(memoryview(bytearray(_thread_blocks.size)) for _ in range(3))
+    views: tuple[memoryview, memoryview, memoryview] = _thread_blocks.views
     return views
+
+
+def _operands(run: _Run, t: TensorPlan) -> kernel.Operands:
+    """The LoRA factors of a tensor's op, widened to fp32 and packed as the kernel reads them."""
+    op = t.lora
+    assert op is not None
+    adapter = run.adapter
+    a = kernel.widen(adapter.tensor_bytes(op.module.a_key), adapter.dtypes[op.module.a_key])
+    b = kernel.widen(adapter.tensor_bytes(op.module.b_key), adapter.dtypes[op.module.b_key])
+    rows, cols = t.shape
+    return kernel.Operands(op.kind, a, b, adapter.shapes[op.module.a_key][0], rows, cols, op.transpose)
 
 
 def _with_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
@@ -184,10 +203,8 @@ def _with_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
     op = t.lora
     assert op is not None
     adapter = run.adapter
-    a = kernel.widen(adapter.tensor_bytes(op.module.a_key), adapter.dtypes[op.module.a_key])
-    b = kernel.widen(adapter.tensor_bytes(op.module.b_key), adapter.dtypes[op.module.b_key])
+    operands = _operands(run, t)
     rows, cols = t.shape
-    operands = kernel.Operands(op.kind, a, b, adapter.shapes[op.module.a_key][0], rows, cols, op.transpose)
     row_bytes = cols * DTYPE_BITS[t.dtype] // 8
     step = max(1, BLOCK_BYTES // row_bytes)
     if t.replacement is not None:  # the delta goes onto the adapter's saved copy of the weight
@@ -198,7 +215,7 @@ def _with_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
         source_fd, source_offset = run.base.locate(t.source)
         source, source_file = t.source, run.base.path(t.source)
     target_offset = writer.offset(t.name)
-    block_in, block_out = _block_buffers(step * row_bytes)
+    block_in, block_out, _ = _block_buffers(step * row_bytes)
     for start in range(0, rows, step):
         if run.stop.is_set():
             raise _Stopped
@@ -209,6 +226,78 @@ def _with_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
             return False
         write_at(writer.fd, target_offset + start * row_bytes, block_out[:size])
     return True
+
+
+def _with_quant_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
+    """--trained-on 4-bit through the kernel, a block of rows at a time: absmax of each block, quantize and
+    dequantize, merge the delta (if any), write. Double quantization needs every absmax value first (their mean):
+    then a first pass computes them, and torch quantizes them. False when the weight or a sum is not finite."""
+    q = t.quant
+    assert q is not None and t.source is not None
+    blocksize = q.scheme.blocksize
+    rows, cols = t.shape
+    row_bytes, row_blocks = cols * DTYPE_BITS[t.dtype] // 8, cols // blocksize
+    step = max(1, BLOCK_BYTES // row_bytes)
+    fd, offset = run.base.locate(t.source)
+    what = f"{t.source!r} from {run.base.path(t.source)}"
+    block_in, block_out, merged = _block_buffers(step * row_bytes)
+    absmax = memoryview(bytearray(rows * row_blocks * 4))
+    scale = absmax
+    if q.scheme.double_quant:
+        for start in range(0, rows, step):
+            size = min(step, rows - start) * row_bytes
+            _read_block(run, fd, offset + start * row_bytes, block_in[:size], what)
+            if kernel.block_absmax(block_in[:size], t.dtype, blocksize, absmax[start * row_blocks * 4:]):
+                return False
+        scale = _double_quantized(absmax)
+    operands = _operands(run, t) if t.lora is not None else None
+    sums = [0.0, 0.0, 0.0]
+    for start in range(0, rows, step):
+        size = min(step, rows - start) * row_bytes
+        _read_block(run, fd, offset + start * row_bytes, block_in[:size], what)
+        if not q.scheme.double_quant and kernel.block_absmax(block_in[:size], t.dtype, blocksize,
+                                                             absmax[start * row_blocks * 4:]):
+            return False
+        kernel.simulate_4bit(block_in[:size], t.dtype, q.scheme.method, blocksize, start * row_blocks, absmax, scale,
+                             block_out[:size])
+        result = block_out
+        if operands is not None and t.lora is not None:
+            if not kernel.merge_rows(block_out[:size], t.dtype, operands, start, size // row_bytes, t.lora.scale.scale,
+                                     merged[:size]):
+                return False
+            if (start // step) % _MEASURE_EVERY == 0:  # a statistic for the report: a quarter of the rows is plenty
+                norms = kernel.quant_norms(block_in[:size], block_out[:size], merged[:size], t.dtype)
+                sums = [a + b for a, b in zip(sums, norms)]
+            result = merged
+        write_at(writer.fd, writer.offset(t.name) + start * row_bytes, result[:size])
+    if operands is not None:
+        _record(run, t.name, (sums[0], sums[1], sums[2]))
+    return True
+
+
+def _record(run: _Run, name: str, norms: tuple[float, float, float]) -> None:
+    if run.measures is not None:
+        with run.lock:
+            run.measures[name] = norms
+
+
+_MEASURE_EVERY = 4  # the 4-bit kernel path measures quantization_norms on every 4th block of rows
+
+
+def _read_block(run: _Run, fd: int, offset: int, view: memoryview, what: str) -> None:
+    if run.stop.is_set():
+        raise _Stopped
+    read_into(fd, offset, view, what)
+
+
+def _double_quantized(absmax: memoryview) -> memoryview:
+    """bitsandbytes' double quantization of the absmax values (dequantize.double_quantized_absmax, torch)."""
+    import torch
+
+    from .dequantize import double_quantized_absmax
+
+    scale = double_quantized_absmax(torch.frombuffer(absmax, dtype=torch.float32)).contiguous()
+    return memoryview(bytearray(tensor_bytes(scale)))
 
 
 class _Staging:
@@ -253,7 +342,7 @@ def _with_torch(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> None:
     """Compute one tensor with torch (compute.py) on the run's device, staged through reused host buffers."""
     import torch
 
-    from .compute import merged_tensor, quantized_base
+    from .compute import merged_tensor, quantization_norms, quantized_base
 
     staging, device = run.staging, run.device.torch_device
     with staging.take() as buffers:
@@ -266,8 +355,12 @@ def _with_torch(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> None:
                 base = quantized_base(t, run.base.read).to(device, non_blocking=True)
             elif t.source is not None:
                 base = _read_staged(run, staging, buffers, t.source).to(device, non_blocking=True)
+            measure = t.quant is not None and t.quant.simulated and t.lora is not None and base is not None
+            quantized = base.to(safetensors_to_torch_dtype(t.dtype), copy=True) if measure and base is not None else None
             value = merged_tensor(t, run.base.read, run.adapter.tensor, safetensors_to_torch_dtype(t.dtype), device,
                                   base=base)
+            if quantized is not None and t.source is not None:
+                _record(run, t.name, quantization_norms(run.base.read(t.source).to(device), quantized, value))
             if not run.allow_nonfinite:
                 _check_finite(run, t, value)
             if value.device.type != "cpu":

@@ -10,8 +10,12 @@ compute.py. A merge whose tensors all go through the kernel never imports torch.
 
 from __future__ import annotations
 
+import functools
 import os
+import struct
 from types import ModuleType
+
+from .quant_formats import FOUR_BIT_CODES
 
 DTYPE_CODES = {"BF16": 0, "F16": 1, "F32": 2}
 _NONFINITE_CODES = {**DTYPE_CODES, "F64": 3}
@@ -116,3 +120,45 @@ def count_nonfinite(data: bytes | bytearray | memoryview, dtype: str) -> int | N
     if compiled is None or dtype not in _NONFINITE_CODES:
         return None
     return compiled.count_nonfinite(data, _NONFINITE_CODES[dtype])
+
+
+def quantizes(*, method: str, blocksize: int, dtype: str, shape: tuple[int, ...]) -> bool:
+    """Whether the kernel quantizes this weight as bitsandbytes does: 4-bit, 2-D, rows made of whole blocks."""
+    return (method in FOUR_BIT_CODES and dtype in DTYPE_CODES and len(shape) == 2 and shape[1] % blocksize == 0
+            and blocksize % 8 == 0 and available())
+
+
+def block_absmax(data: memoryview, dtype: str, blocksize: int, out: memoryview) -> int:
+    """absmax (fp32) of each block of `blocksize` elements into `out`; returns the number of non-finite blocks."""
+    bad: int = _loaded().block_absmax(data, DTYPE_CODES[dtype], blocksize, out)
+    return bad
+
+
+@functools.cache
+def _four_bit_tables(method: str) -> tuple[bytes, bytes]:
+    """(code sorted, the 15 midpoints between neighbours) as fp32, computed as bitsandbytes computes them in torch:
+    code / max |code| and (a + b) / 2, each rounded to fp32 (exact through float64 for these operations)."""
+    def f32(x: float) -> float:
+        return float(struct.unpack("f", struct.pack("f", x))[0])
+
+    data = [f32(v) for v in FOUR_BIT_CODES[method]]
+    top = max(abs(v) for v in data)
+    code = sorted(f32(v / top) for v in data)
+    midpoints = [f32(f32(a + b) / 2) for a, b in zip(code, code[1:])]
+    return struct.pack("16f", *code), struct.pack("15f", *midpoints)
+
+
+def simulate_4bit(data: memoryview, dtype: str, method: str, blocksize: int, first_block: int, absmax: memoryview,
+                  scale: memoryview, out: memoryview, *, wide: bool = True) -> None:
+    """out = bitsandbytes' 4-bit quantization of `data` (its blocks from `first_block` on, with `absmax`), dequantized
+    with `scale` (the absmax values, double quantized or not) and rounded to `dtype`. AVX-512 where the CPU has it
+    (and `wide`), else AVX2: the same bits (the tests check both)."""
+    code, midpoints = _four_bit_tables(method)
+    _loaded().simulate_4bit(data, DTYPE_CODES[dtype], blocksize, first_block, absmax, scale, code, midpoints, out, wide)
+
+
+def quant_norms(w: memoryview, quantized: memoryview, merged: memoryview | None, dtype: str) -> tuple[float, float, float]:
+    """Squared norms for the merge report: (|W|^2, |Wq - W|^2, |merged - Wq|^2), W the original weight block."""
+    sums: tuple[float, float, float] = _loaded().quant_norms(w, quantized, merged if merged is not None else w,
+                                                            DTYPE_CODES[dtype], merged is not None)
+    return sums

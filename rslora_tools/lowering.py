@@ -33,6 +33,7 @@ class StepKind(str, Enum):
     COPY_BASE = "raw"  # untouched, same dtype: the base's bytes, copied inside the kernel
     COPY_ADAPTER = "copy"  # given whole by an adapter tensor in the output's dtype: its bytes
     KERNEL = "kernel"  # W + s * (B @ A) by the C merge kernel, a block of rows at a time
+    QUANT_KERNEL = "quant-kernel"  # --trained-on nf4/fp4: quantized and dequantized, then merged, by the C kernel
     DEQUANT = "dequant"  # a quantized base weight dequantized (or quantized as in training) with torch, then merged
     TORCH = "torch"  # everything else, computed with torch (compute.py) on the device
 
@@ -105,6 +106,12 @@ class Lowered:
         return any(step.kind in (StepKind.TORCH, StepKind.DEQUANT) for step in self.steps)
 
     @property
+    def imports_torch(self) -> bool:
+        """torch computes a tensor, or double quantization's nested step (the kernel's 4-bit path) needs it."""
+        return self.uses_torch or any(step.kind is StepKind.QUANT_KERNEL and step.tensor.quant is not None
+                                      and step.tensor.quant.scheme.double_quant for step in self.steps)
+
+    @property
     def device_name(self) -> str:
         """Where computed tensors go: the torch device when torch computes any, else the CPU (the kernel)."""
         return self.device.torch_device if self.uses_torch else "cpu"
@@ -119,6 +126,8 @@ def lower(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device: Device) 
 
 def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: Device) -> StepKind:
     if t.quant is not None and t.replacement is None:
+        if device.kernel_allowed and _quant_kernel_fits(t, checkpoint, adapter):
+            return StepKind.QUANT_KERNEL
         return StepKind.DEQUANT
     if t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
         return StepKind.COPY_BASE
@@ -149,6 +158,19 @@ def _kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> boo
                            b_shape=adapter.shapes[b])
 
 
+def _quant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> bool:
+    """--trained-on 4-bit on a (out, in) weight merged in its own dtype, with no LoRA or one the kernel merges."""
+    q = t.quant
+    assert q is not None and t.source is not None
+    if not q.simulated or q.transposed or checkpoint.info(t.source).dtype != t.dtype:
+        return False
+    if not kernel.quantizes(method=q.scheme.method, blocksize=q.scheme.blocksize, dtype=t.dtype, shape=t.shape):
+        return False
+    if t.bias_of is not None or t.tokens is not None:
+        return False
+    return t.lora is None or _kernel_fits(t, checkpoint, adapter)
+
+
 def worker_count() -> int:
     """Worker threads: one per core (copies wait on I/O, the kernel computes), 2 to 8."""
     try:
@@ -174,17 +196,21 @@ def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
     kernel_peak = torch_peak = 0
     for step in lowered.steps:
         t = step.tensor
-        if step.kind is StepKind.KERNEL:
-            assert t.lora is not None
-            ab = 4 * (math.prod(adapter.shapes[t.lora.module.a_key]) + math.prod(adapter.shapes[t.lora.module.b_key]))
-            kernel_peak = max(kernel_peak, 2 * BLOCK_BYTES + 2 * ab)
+        if step.kind in (StepKind.KERNEL, StepKind.QUANT_KERNEL):
+            ab = 0
+            if t.lora is not None:
+                ab = 4 * (math.prod(adapter.shapes[t.lora.module.a_key]) + math.prod(adapter.shapes[t.lora.module.b_key]))
+            absmax = 0
+            if t.quant is not None:  # absmax and scale per block, fp32
+                absmax = 2 * 4 * math.prod(t.shape) // t.quant.scheme.blocksize
+            kernel_peak = max(kernel_peak, 2 * BLOCK_BYTES + 2 * ab + absmax)
         elif step.kind in (StepKind.TORCH, StepKind.DEQUANT):
             blocked = t.lora is None or (t.lora.kind in ("linear", "embedding") and not t.lora.dora)
             peak = step.nbytes * 3 if blocked else math.prod(t.shape) * 4 * 2 + step.nbytes * 3
             if step.kind is StepKind.DEQUANT:  # fp32 codes, scales and values of the whole weight
                 peak += math.prod(t.shape) * 4 * _DEQUANT_FP32_COPIES
             torch_peak = max(torch_peak, peak)
-    runtime = _RUNTIME_BYTES + (_TORCH_BYTES if lowered.uses_torch else 0)
+    runtime = _RUNTIME_BYTES + (_TORCH_BYTES if lowered.imports_torch else 0)
     if lowered.uses_torch:  # on a GPU each staging set may hold a tensor on the host
         torch_peak *= staging_sets(lowered.device)
     return runtime + worker_count() * kernel_peak + torch_peak

@@ -9,6 +9,7 @@ reports what was done.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -18,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapter import Adapter
-from .checkpoint import Checkpoint, copy_side_files, side_files, write_index
+from .checkpoint import Checkpoint, CheckpointFiles, copy_side_files, side_files, write_index
 from .errors import InputError, MismatchError, OutputError
 from .executor import ProgressCallback, execute
 from .finite import check_finite
 from .lowering import Device, Lowered, StepKind, estimate_memory, lower
 from .output import atomic_folder, check_output_location, free_space, remove_leftovers, write_failure
-from .plan import Plan, parse_dtype
+from .plan import Plan, TensorPlan, parse_dtype
 from .planner import plan_merge
 from .quant_formats import QuantScheme, trained_on_scheme
 from .provenance import write_provenance
@@ -171,6 +172,9 @@ def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Ad
     report = _report(checkpoint, adapter_obj, plan, lowered, out, options)
     report.free_bytes = free_space(folder)
     if options.dry_run:
+        if report.quantization is not None and not plan.prequantized:
+            report.quantization["measured"] = measured_quantization(sample_quantization(plan, checkpoint, adapter_obj),
+                                                                    _measurable(plan))
         report.seconds = time.monotonic() - started
         return report
     for name in remove_leftovers(folder):
@@ -191,7 +195,11 @@ def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Ad
 def _write_output(folder: Path, checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lowered,
                   report: MergeReport, options: MergeOptions) -> None:
     with atomic_folder(folder, options.overwrite) as tmp:
-        execute(lowered, checkpoint, adapter, tmp, options.progress, allow_nonfinite=options.allow_nonfinite)
+        measures: dict[str, tuple[float, float, float]] = {}
+        execute(lowered, checkpoint, adapter, tmp, options.progress, allow_nonfinite=options.allow_nonfinite,
+                measures=measures)
+        if report.quantization is not None and not plan.prequantized:
+            report.quantization["measured"] = measured_quantization(measures, _measurable(plan))
         if plan.index_metadata is not None:
             shards = [(name, [(t.name, t.dtype, t.shape) for t in tensors]) for name, tensors in plan.shards]
             write_index(tmp, shards, plan.index_metadata)
@@ -241,21 +249,66 @@ def _report(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lower
         changes=_changes(lowered),
         unmatched=plan.unmatched,
         memory_bytes=estimate_memory(lowered, adapter),
-        quantization=_quantization(plan),
+        quantization=_quantization(plan, checkpoint, adapter),
     )
 
 
-def _quantization(plan: Plan) -> dict[str, Any] | None:
+_MEASURED_TENSORS = 8  # how many LoRA-targeted weights --trained-on measures the quantization error on
+
+
+def _quantization(plan: Plan, checkpoint: Checkpoint, adapter: Adapter) -> dict[str, Any] | None:
     scheme = plan.quantization
     if scheme is None:
         return None
     quantized = [t for t in plan.tensors if t.quant is not None]
-    return {
+    summary = {
         "mode": "dequantized" if plan.prequantized else "as trained", "scheme": scheme.label,
         "method": scheme.method, "blocksize": scheme.blocksize, "double_quant": scheme.double_quant,
         "weights": len(quantized), "merged_dtypes": sorted({t.dtype for t in quantized}),
         "skip_modules": list(scheme.skip_modules) if scheme.skip_modules is not None else None,
     }
+    if not plan.prequantized:
+        summary["measured"] = None  # after the merge (or by a dry run's sample): measured_quantization
+    return summary
+
+
+def _measurable(plan: Plan) -> int:
+    return sum(t.quant is not None and t.quant.simulated and t.lora is not None for t in plan.tensors)
+
+
+def sample_quantization(plan: Plan, checkpoint: Checkpoint, adapter: Adapter) -> dict[str, tuple[float, float, float]]:
+    """A dry run's measure: quantization_norms of a few LoRA-targeted weights spread over the model (torch)."""
+    targets = [t for t in plan.tensors if t.quant is not None and t.quant.simulated and t.lora is not None]
+    if not targets:  # (no LoRA on a quantized weight)
+        return {}
+    from .compute import quantization_error
+
+    step = max(1, len(targets) // _MEASURED_TENSORS)
+    files = CheckpointFiles(checkpoint)
+    try:
+        return {t.name: quantization_error(t, files.read, adapter.tensor) for t in targets[::step][:_MEASURED_TENSORS]}
+    finally:
+        files.close()
+
+
+def measured_quantization(norms: dict[str, tuple[float, float, float]], targeted: int) -> dict[str, Any] | None:
+    """The report's summary of quantization_norms: relative norms, medians over the measured weights."""
+    if not norms:
+        return None
+    roots = [tuple(math.sqrt(x) for x in n) for n in norms.values()]
+    error_over_weight = sorted(e / w for w, e, _ in roots if w > 0)
+    error_over_delta = sorted(e / d for _, e, d in roots if d > 0)
+    delta_over_weight = sorted(d / w for w, _, d in roots if w > 0)
+    return {
+        "tensors": len(norms), "of": targeted,
+        "quant_error_over_weight": _median(error_over_weight), "delta_over_weight": _median(delta_over_weight),
+        "quant_error_over_delta": _median(error_over_delta),
+        "quant_error_over_delta_max": error_over_delta[-1] if error_over_delta else None,
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    return values[len(values) // 2] if values else None
 
 
 def _changes(lowered: Lowered) -> list[dict[str, Any]]:

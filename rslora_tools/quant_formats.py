@@ -25,6 +25,17 @@ QuantMethod = Literal["nf4", "fp4", "int8", "gptq", "awq"]
 BNB_4BIT: tuple[QuantMethod, ...] = ("nf4", "fp4")
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 
+# bitsandbytes' 4-bit codes (functional.get_4bit_type, index = stored nibble), before their division by the
+# largest |value|. FP4 code 0b1000 is the integer -0 there, so +0.0, as in bitsandbytes' torch path and AVX-512
+# CPU path (its CUDA kernel and scalar CPU path give -0.0: equal values, only an exact zero's sign differs).
+FOUR_BIT_CODES = {
+    "nf4": [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
+            1.0],
+    "fp4": [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
+}
+
 # torch dtype names in configs and quant states -> safetensors dtypes
 _DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16",
            "torch.float32": "F32"}

@@ -206,7 +206,9 @@ def test_dry_run_and_report_say_what_is_quantized(prequantized, qbase, qadapter,
     assert report["quantization"]["mode"] == "as trained" and report["quantization"]["weights"] == 14
     assert report["quantization"]["scheme"] == "nf4 (double quant, blocksize 64)"
     by = {c["tensor"]: c for c in report["changes"]}
-    assert by["model.layers.0.mlp.up_proj.weight"]["by"] == "dequant"
+    from rslora_tools import kernel
+
+    assert by["model.layers.0.mlp.up_proj.weight"]["by"] == ("quant-kernel" if kernel.available() else "dequant")
     assert "quantized as trained (nf4)" in by["model.layers.0.mlp.up_proj.weight"]["how"]
     assert "model.embed_tokens.weight" not in by and "lm_head.weight" not in by
     text = run("merge", prequantized["fp4-compute-fp32"], qadapter, tmp_path / "out2", "--dry-run")
@@ -452,3 +454,92 @@ def _pack_cols_awq(codes: torch.Tensor, order: list[int]) -> torch.Tensor:
     for j in range(8):
         words |= codes[:, order[j]::8].to(torch.int64) << (4 * j)
     return _as_int32(words)
+
+
+def test_merging_as_trained_gives_the_model_the_adapter_was_trained_with(qbase, tmp_path, capsys):
+    """Logits of the QLoRA model (PEFT on the 4-bit base, the model that was trained) against a merge into the
+    original bf16 weights and a merge as trained. The README quotes the numbers this prints."""
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def small_delta(model):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.02)  # a delta about a tenth of the weights, as after real training
+
+    adapter = make_adapter(qbase, tmp_path / "adapter", LoraConfig(r=16, lora_alpha=16, use_rslora=True,
+                                                                     target_modules="all-linear"), after=small_delta)
+    quantization = bnb_config("nf4", True)
+    trained = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(qbase, dtype=torch.bfloat16, quantization_config=quantization),
+        str(adapter))
+    assert run("merge", qbase, adapter, tmp_path / "original", "-q").exit_code == 0
+    assert run("merge", qbase, adapter, tmp_path / "as-trained", "-q", "--trained-on", "nf4", "--double-quant").exit_code == 0
+    tokens = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = trained(tokens).logits.float()
+        measured = {}
+        for name in ("original", "as-trained"):
+            logits = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.bfloat16)(tokens).logits.float()
+            top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+            measured[name] = ((logits - reference).abs().mean().item(), top1)
+    with capsys.disabled():
+        print("\nlogits vs the QLoRA model (mean |diff|, top-1 agreement):",
+              {k: (f"{e:.2e}", f"{t:.0%}") for k, (e, t) in measured.items()})
+    assert measured["as-trained"][0] < measured["original"][0] / 4
+    assert measured["as-trained"][1] > measured["original"][1]
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_kernel_4bit_path_matches_torch_path(wide):
+    """The C kernel's quantize-dequantize (AVX-512 and AVX2) gives the torch path's bits, block offsets included."""
+    from rslora_tools import kernel
+    from rslora_tools.safetensors_file import tensor_bytes
+
+    if not kernel.available():
+        pytest.skip("the merge kernel is not available here")
+    torch.manual_seed(7)
+    for dtype, name in [(torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.float32, "F32")]:
+        for method in ("nf4", "fp4"):
+            for blocksize, double_quant in [(64, False), (64, True), (128, True), (256, False)]:
+                w = (torch.randn(96, 512) * 0.03).to(dtype)
+                w[5, :blocksize] = 0  # an all-zero block
+                absmax = bytearray(w.numel() // blocksize * 4)
+                assert kernel.block_absmax(tensor_bytes(w), name, blocksize, memoryview(absmax)) == 0
+                am = torch.frombuffer(absmax, dtype=torch.float32)
+                scale = D.double_quantized_absmax(am) if double_quant else am.clone()
+                out = torch.empty_like(w)
+                half = w.numel() // 2  # two calls, the second starting mid-tensor, as the executor's blocks of rows do
+                first = half // blocksize
+                for lo, hi, block in ((0, half, 0), (half, w.numel(), first)):
+                    kernel.simulate_4bit(tensor_bytes(w.view(-1)[lo:hi]), name, method, blocksize, block,
+                                         memoryview(absmax), memoryview(bytearray(tensor_bytes(scale))),
+                                         tensor_bytes(out.view(-1)[lo:hi]), wide=wide)
+                expected = D.simulate(w, QuantScheme(method, blocksize=blocksize, double_quant=double_quant))
+                assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8)), (name, method, blocksize)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_trained_on_kernel_path_over_several_blocks_of_rows(double_quant, tmp_path, monkeypatch):
+    """A weight of 2 MB goes through the kernel in several blocks of rows; it equals bitsandbytes' quantization
+    plus PEFT's delta, and the torch path (RSLORA_TOOLS_KERNEL=0) gives the same bytes."""
+    from peft import LoraConfig
+
+    base = make_llama(tmp_path / "base", torch.bfloat16, hidden_size=512, intermediate_size=2048,
+                      num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=1)
+    adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(r=8, lora_alpha=16, use_rslora=True,
+                                                                    target_modules=["down_proj", "up_proj"]))
+    flags = ["--trained-on", "nf4"] + (["--double-quant"] if double_quant else [])
+    dry = json.loads(run("merge", base, adapter, tmp_path / "x", "--dry-run", "--json", *flags).output)
+    from rslora_tools import kernel
+
+    if kernel.available():
+        assert {c["by"] for c in dry["changes"] if "mlp" in c["tensor"]} == {"quant-kernel"}
+    assert run("merge", base, adapter, tmp_path / "kernel", "-q", *flags).exit_code == 0
+    monkeypatch.setenv("RSLORA_TOOLS_KERNEL", "0")
+    assert run("merge", base, adapter, tmp_path / "torch", "-q", *flags).exit_code == 0
+    kernel_out, torch_out = read_folder(tmp_path / "kernel"), read_folder(tmp_path / "torch")
+    assert_same_tensors(kernel_out, torch_out)
+    expected = oracle(base, adapter, torch.bfloat16, bnb_config("nf4", double_quant))
+    assert_same_tensors(kernel_out, expected)
