@@ -7,8 +7,11 @@ parameters, ~2.2 GB in ~500 MB shards) and an r=16 rsLoRA adapter on all linear 
 by PEFT), then measures wall time and peak RSS (/usr/bin/time -v) of:
   copy          cp -r of the base folder (the I/O floor)
   rslora-tools  rslora-tools merge
+  as trained (nf4)               rslora-tools merge --trained-on nf4 (QLoRA, BitsAndBytesConfig's defaults)
+  as trained (nf4, double quant) the same with --double-quant
   peft          transformers load + PeftModel + merge_and_unload + save_pretrained
-checks that rslora-tools' output equals PEFT's tensor for tensor, repeats with twice the
+checks that rslora-tools' output equals PEFT's tensor for tensor (and the as-trained output
+equals the torch path's, which the tests prove equal to bitsandbytes), repeats with twice the
 layers, and writes the table to docs/benchmarks.md.
 """
 
@@ -144,7 +147,14 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def run_size(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
+TOOLS = ["copy", "rslora-tools", "as trained (nf4)", "as trained (nf4, double quant)", "peft"]
+
+
+def trained_flags(name: str) -> list[str]:
+    return ["--trained-on", "nf4"] + (["--double-quant"] if "double" in name else [])
+
+
+def run_size(layers: int, work: Path, skip_peft: bool, repeat: int, check_trained: list[int]) -> dict:
     base = CACHE / f"tinyllama-{layers}l-bf16"
     adapter = CACHE / f"tinyllama-{layers}l-rslora-r16"
     if not (base / "model.safetensors.index.json").exists():
@@ -158,12 +168,15 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
     params = json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"] / 2
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     commands = {}
-    for name in ("copy", "rslora-tools", "peft"):
-        out = work / f"{name}-{layers}"
+    merge = [sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter)]
+    for name in TOOLS:
+        out = work / f"{TOOLS.index(name)}-{layers}"
         if name == "copy":
             commands[name] = ["cp", "-r", str(base), str(out)]
         elif name == "rslora-tools":
-            commands[name] = [sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(out), "-q"]
+            commands[name] = [*merge, str(out), "-q"]
+        elif name.startswith("as trained"):
+            commands[name] = [*merge, str(out), "-q", *trained_flags(name)]
         elif not skip_peft:
             commands[name] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
     rows: dict[str, tuple[float, float]] = {}  # each command's fastest wall time and largest peak RSS
@@ -172,19 +185,30 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
         for name, cmd in commands.items():
             print(f"  {name} ({layers} layers, run {run + 1}/{repeat}) ...", flush=True)
             for other in commands:  # every run starts alike: no earlier output filling the page cache,
-                shutil.rmtree(work / f"{other}-{layers}", ignore_errors=True)
+                shutil.rmtree(work / f"{TOOLS.index(other)}-{layers}", ignore_errors=True)
             os.sync()  # no dirty pages left by the previous run,
             warm(base)  # and the base in the page cache
             wall, rss = timed(cmd, env)
             walls[name].append(wall)
             best_wall, peak_rss = rows.get(name, (wall, rss))
             rows[name] = (min(best_wall, wall), max(peak_rss, rss))
-    equal = None
+    equal: dict[str, bool | None] = {}
+    ours = work / f"{TOOLS.index('rslora-tools')}-{layers}"
     if "peft" in rows:  # the last PEFT output is still there: merge once more (untimed) and compare
         subprocess.run(commands["rslora-tools"], env=env, check=True)
-        equal = same_tensors(work / f"rslora-tools-{layers}", work / f"peft-{layers}")
-    for name in ("copy", "rslora-tools", "peft"):
-        shutil.rmtree(work / f"{name}-{layers}", ignore_errors=True)
+        equal["rslora-tools"] = same_tensors(ours, work / f"{TOOLS.index('peft')}-{layers}")
+    if check_trained and layers == min(check_trained):  # the as-trained kernel path against the torch path (slow)
+        for name in ("as trained (nf4)", "as trained (nf4, double quant)"):
+            shutil.rmtree(ours, ignore_errors=True)
+            subprocess.run(commands[name], env=env, check=True)
+            torch_out = work / f"torch-{layers}"
+            shutil.rmtree(torch_out, ignore_errors=True)
+            subprocess.run([*merge, str(torch_out), "-q", *trained_flags(name)],
+                           env={**env, "RSLORA_TOOLS_KERNEL": "0"}, check=True)
+            equal[name] = same_tensors(work / f"{TOOLS.index(name)}-{layers}", torch_out)
+            shutil.rmtree(torch_out, ignore_errors=True)
+    for name in TOOLS:
+        shutil.rmtree(work / f"{TOOLS.index(name)}-{layers}", ignore_errors=True)
     return {"layers": layers, "params": params, "size_gb": size_gb, "rows": rows, "walls": walls, "equal": equal}
 
 
@@ -213,18 +237,21 @@ def render(results: list[dict], gpu_note: str) -> str:
         "the commands take turns, and the fastest of each one's runs is shown. Peak RSS from `/usr/bin/time -v` (the whole "
         "process), the largest of the runs.",
         "",
-        "| model | tool | wall (s) | vs copy | peak RSS (MB) | output equals PEFT | every run (s) |",
+        "| model | tool | wall (s) | vs copy | peak RSS (MB) | output check | every run (s) |",
         "|---|---|---:|---:|---:|---|---|",
     ]
     for r in results:
         label = f"{r['params'] / 1e9:.2f}B params, {r['layers']} layers, {r['size_gb']:.2f} GB"
         copy_s = r["rows"]["copy"][0]
         for name, (wall, rss) in r["rows"].items():
-            eq = {True: "yes (torch.equal, every tensor)", False: "NO", None: "n/a"}[r["equal"]] if name == "rslora-tools" else ""
+            same = r["equal"].get(name)
+            eq = "" if same is None else ("NO" if not same else "equals PEFT (torch.equal, every tensor)" if name == "rslora-tools"
+                                          else "yes (equals the torch path, every tensor)")
             runs = ", ".join(f"{w:.1f}" for w in r["walls"][name])
             lines.append(f"| {label} | {name} | {wall:.1f} | {wall / copy_s:.2f}x | {rss:.0f} | {eq} | {runs} |")
     lines += ["", "Targets (issue 4): merge <= 2.0x copy; >= 8x faster than the PEFT path; peak RSS <= 512 MB and "
-              "within +10% when the model doubles; output bitwise equal to PEFT's.", ""]
+              "within +10% when the model doubles; output bitwise equal to PEFT's. (issue 13): a merge as trained on "
+              "NF4 within 1.5x the time of a plain merge, memory flat.", ""]
     if len(results) == 2 and all("peft" in r["rows"] for r in results):
         small, big = results
         ours_s, ours_b = small["rows"]["rslora-tools"], big["rows"]["rslora-tools"]
@@ -234,6 +261,14 @@ def render(results: list[dict], gpu_note: str) -> str:
             f"RSS growth when the model doubles {100 * (ours_b[1] / ours_s[1] - 1):+.1f}%."
         )
         lines.append("")
+    for r in results:
+        plain = r["rows"]["rslora-tools"][0]
+        parts = [f"{name} {r['rows'][name][0] / plain:.2f}x" for name in TOOLS if name.startswith("as trained")
+                 and name in r["rows"]]
+        if parts:
+            lines.append(f"As trained vs plain merge at {r['params'] / 1e9:.2f}B: " + ", ".join(parts) + ".")
+    lines += ["", "Double quantization computes the mean of the absmax values with torch, exactly as bitsandbytes "
+              "does, so that run imports torch (about 1.7 s here, whatever the model size).", ""]
     lines += ["## GPU", "", gpu_note, ""]
     return "\n".join(lines)
 
@@ -243,11 +278,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[22, 44], help="model depths to run (default 22 44)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per command; the fastest is reported (default 3)")
     parser.add_argument("--skip-peft", action="store_true", help="do not run the PEFT path")
+    parser.add_argument("--skip-trained-check", action="store_true",
+                        help="do not compare the as-trained output with the torch path (about a minute)")
     parser.add_argument("--work", type=Path, default=CACHE / "work", help="scratch folder for outputs")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md", help="where to write the table")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    results = [run_size(layers, args.work, args.skip_peft, args.repeat) for layers in args.layers]
+    check = [] if args.skip_trained_check else args.layers
+    results = [run_size(layers, args.work, args.skip_peft, args.repeat, check) for layers in args.layers]
     gpu_note_file = ROOT / "benchmarks" / "gpu_note.md"
     gpu_note = gpu_note_file.read_text().strip() if gpu_note_file.exists() else "Not measured."
     text = render(results, gpu_note)

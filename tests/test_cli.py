@@ -290,3 +290,16 @@ def test_package_api_and_lazy_imports():
     assert all(callable(f) for f in (convert, inspect_adapter, push, verify))
     code = "import sys, rslora_tools.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_closed_stdout_pipe_ends_quietly(tmp_path):
+    """`rslora-tools merge ... --dry-run | true`: the reader is gone before the report is printed; no error message,
+    exit 141 as a shell tool killed by SIGPIPE."""
+    import subprocess
+    import sys
+
+    script = f"{sys.executable} -m rslora_tools merge {BASE} {ADAPTER} {tmp_path / 'out'} --dry-run | true; " \
+             "exit ${PIPESTATUS[0]}"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert done.stderr == "" and done.returncode == 141, (done.returncode, done.stderr)
+    assert not (tmp_path / "out").exists()
