@@ -543,3 +543,20 @@ def test_trained_on_kernel_path_over_several_blocks_of_rows(double_quant, tmp_pa
     assert_same_tensors(kernel_out, torch_out)
     expected = oracle(base, adapter, torch.bfloat16, bnb_config("nf4", double_quant))
     assert_same_tensors(kernel_out, expected)
+
+
+def test_prequantized_bf16_quant_storage_and_dtype_override(qbase, qadapter, tmp_path):
+    """bnb_4bit_quant_storage=bfloat16 (FSDP-QLoRA checkpoints) packs the codes in bf16 words; --dtype fp32 merges in
+    fp32, as dequantize(dtype=float32) then PEFT does."""
+    base = save_quantized(qbase, tmp_path / "bf16-storage",
+                          bnb_config("nf4", True, bnb_4bit_quant_storage=torch.bfloat16))
+    with safe_open(base / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
+    assert run("merge", base, qadapter, tmp_path / "out", "-q").exit_code == 0
+    assert_same_tensors(read_folder(tmp_path / "out"), oracle(base, qadapter, torch.bfloat16))
+    assert run("merge", base, qadapter, tmp_path / "fp32", "-q", "--dtype", "fp32").exit_code == 0
+    merged = read_folder(tmp_path / "fp32")
+    expected = oracle(base, qadapter, torch.float32)
+    for key in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        assert merged[key].dtype == torch.float32 and torch.equal(merged[key], expected[key])
+    assert run("verify", tmp_path / "fp32", base, qadapter).exit_code == 0
