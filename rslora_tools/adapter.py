@@ -82,6 +82,16 @@ class Adapter:
             return read_tensor(f, self._header, key)
 
     @property
+    def on_disk(self) -> bool:
+        """Whether config and tensors are exactly the files in `path` (a derived adapter, e.g. --initial's, is not)."""
+        return True
+
+    @property
+    def sources(self) -> list[Adapter]:
+        """The adapters on disk this one reads (itself; a derived adapter's inputs)."""
+        return [self]
+
+    @property
     def is_safetensors(self) -> bool:
         """Whether the weights are a safetensors file, whose tensors can be read and copied as bytes."""
         return self._header is not None

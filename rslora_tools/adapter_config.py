@@ -20,8 +20,10 @@ from .scaling import Convention, ModuleScale, backtracking_risk, module_scale
 
 CONFIG_NAME = "adapter_config.json"
 
-# Inits whose saved A/B are relative to a residual base that is not saved (docs/peft-rules.md, "Variants").
-_UNCONVERTED_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Initialisations that move part of each target weight into the adapter: the trained adapter is relative to a
+# residual base (docs/peft-rules.md, "Initialisation variants"). LoftQ replaces the base with its own quantization.
+MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")
+_LOFTQ = "loftq"
 _VARIANTS = {
     "alora_invocation_tokens": "aLoRA",
     "use_qalora": "QALoRA",
@@ -51,6 +53,15 @@ class AdapterConfig:
     base_model_name_or_path: str | None
     revision: str | None
     json_dict: dict[str, Any] = field(repr=False)
+
+    @property
+    def init_variant(self) -> str | None:
+        """"pissa", "olora", "corda", "lora_ga" or "loftq" when the adapter is relative to a modified base, else None."""
+        init = self.json_dict.get("init_lora_weights", True)
+        if not isinstance(init, str):
+            return None
+        lowered = init.lower()
+        return next((v for v in (*MUTATING_INITS, _LOFTQ) if lowered.startswith(v)), None)
 
     @property
     def convention(self) -> Convention:
@@ -186,12 +197,8 @@ def _refuse_variants(raw: dict[str, Any], where: str) -> None:
             "cannot be merged into a checkpoint (serve it unmerged with PEFT instead)"
         )
     init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_UNCONVERTED_INITS):
-        raise UnsupportedAdapterError(
-            f"{where}: init_lora_weights={init!r}: this adapter is relative to a modified base that was not "
-            "saved; convert it to plain LoRA first with PEFT's save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...)"
-        )
+    if not isinstance(init, (bool, str)):
+        raise AdapterConfigError(f"{where}: init_lora_weights must be true, false or a string, not {init!r}")
     for key, name in _VARIANTS.items():
         if raw.get(key):
             raise UnsupportedAdapterError(

@@ -148,6 +148,26 @@ def _quant_options(f: Callable[..., Any]) -> Callable[..., Any]:
                              "dequantized without this.")(f)
 
 
+def _initial_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--initial and --base-is-residual (merge and verify): PiSSA, OLoRA, CorDA and LoRA-GA adapters."""
+    f = click.option("--base-is-residual", is_flag=True,
+                     help="PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ: BASE is the residual base the adapter was trained on "
+                          "(you saved it); merge as plain LoRA.")(f)
+    return click.option("--initial", metavar="INIT",
+                        help="PiSSA/OLoRA/CorDA/LoRA-GA: the adapter saved right after initialisation (folder or "
+                             "Hub repo); merge into the original BASE.")(f)
+
+
+def _initial_path(flags: dict[str, Any]) -> str | None:
+    """--initial resolved to a local folder (a Hub repo is downloaded like ADAPTER)."""
+    from .hub import resolve_input
+
+    spec = flags.get("initial")
+    if spec is None:
+        return None
+    return str(resolve_input(spec, role="adapter", token=flags.get("token"), allow_pickle=bool(flags.get("allow_pickle"))).path)
+
+
 def _trained_on(flags: dict[str, Any]) -> Any:
     """The QuantScheme the --trained-on flags describe (None without --trained-on)."""
     from .quant_formats import trained_on_scheme
@@ -271,6 +291,7 @@ def _echo_push(report: Any) -> None:
               help="Recompute and compare every merged tensor before OUT is replaced; fail on a mismatch.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if the adapter weights hold NaN or Inf.")
 @_quant_options
+@_initial_options
 @_token_option
 @_hub_push_options
 def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
@@ -285,6 +306,9 @@ def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
     BASE and ADAPTER are local folders or Hub repos (org/name, org/name@revision, hf://org/name);
     BASE may be `auto`: the base the adapter records. Only what the merge reads is downloaded.
 
+    PiSSA, OLoRA, CorDA and LoRA-GA adapters were trained on a residual base: --initial INIT
+    merges them into the original BASE, --base-is-residual into a residual BASE you saved.
+
     QLoRA: a bitsandbytes (4-bit, 8-bit), GPTQ or AWQ BASE is dequantized exactly as its library
     does and merged in the compute dtype; with an unquantized BASE, --trained-on quantizes the
     weights as they were in training first (the model the adapter learned to correct).
@@ -297,6 +321,7 @@ def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
       rslora-tools merge auto org/adapter@v2 merged/
       rslora-tools merge org/base-bnb-4bit qlora-adapter/ merged/
       rslora-tools merge org/base qlora-adapter/ merged/ --trained-on nf4 --double-quant --dry-run
+      rslora-tools merge org/base pissa-trained/ merged/ --initial pissa-init/
     """
     from .hub import resolve_merge_inputs
     from .merging import merge as run_merge
@@ -317,6 +342,7 @@ def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
             allow_pickle=flags["allow_pickle"], dry_run=flags["dry_run"],
             sources={"base": base_source.to_dict(), "adapter": adapter_source.to_dict()},
             verify=flags["verify_output"], allow_nonfinite=flags["allow_nonfinite"], **_quant_arguments(flags),
+            initial=_initial_path(flags), base_is_residual=flags["base_is_residual"],
         )
     for warning in hub_warnings + report.warnings:
         click.echo(f"Warning: {warning}", err=True)
@@ -416,6 +442,9 @@ def _print_dry_run(report: Any) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert even if the adapter weights hold NaN or Inf.")
+@click.option("--initial", metavar="INIT",
+              help="PiSSA/OLoRA/CorDA/LoRA-GA: the adapter saved right after initialisation (folder or Hub repo); "
+                   "the result is a plain LoRA relative to the original base (rank 2r). Alone, or with --to-*/--target.")
 @_token_option
 @_hub_push_options
 def convert(adapter: str, out: str, **flags: Any) -> None:
@@ -429,6 +458,10 @@ def convert(adapter: str, out: str, **flags: Any) -> None:
     lora_B in float32, alpha = r). Runtimes that cannot serve an adapter (DoRA or lora_bias on
     vLLM, modules_to_save on TGI, ...) are refused with the reason.
 
+    PiSSA, OLoRA, CorDA and LoRA-GA adapters are relative to a residual base; --initial INIT
+    turns them into a plain LoRA for the original base, with every module's scale exact
+    (rsLoRA and rank/alpha patterns included), alone or before --to-*/--target.
+
     \b
     Examples:
       rslora-tools convert my-adapter/ my-adapter-classic/ --to-classic
@@ -436,13 +469,15 @@ def convert(adapter: str, out: str, **flags: Any) -> None:
       rslora-tools convert my-adapter/ for-old-vllm/ --target vllm@0.6.3
       rslora-tools convert my-adapter/ adapter.gguf --target llama.cpp --base base-model/
       rslora-tools convert org/adapter for-sglang/ --target sglang --push-to-hub me/adapter-sglang
+      rslora-tools convert pissa-trained/ plain-lora/ --initial pissa-init/
+      rslora-tools convert pissa-trained/ for-vllm/ --initial pissa-init/ --target vllm
     """
     from .conversion import convert as run_convert
     from .hub import resolve_input
 
     to, target = flags["to"], flags["target"]
-    if (to is None) == (target is None):
-        raise click.UsageError("choose one of --to-rslora, --to-classic or --target RUNTIME")
+    if (to is not None and target is not None) or (to is None and target is None and flags["initial"] is None):
+        raise click.UsageError("choose one of --to-rslora, --to-classic or --target RUNTIME (or --initial INIT alone)")
     if flags["bake"] and to is None:
         raise click.UsageError("--bake goes with --to-rslora or --to-classic (--target bakes when it must)")
     if flags["push_to"] and out.endswith(".gguf"):
@@ -451,9 +486,12 @@ def convert(adapter: str, out: str, **flags: Any) -> None:
                            allow_pickle=flags["allow_pickle"])
     base = flags["base"]
     base_path = resolve_input(base, role="base", token=flags["token"]).path if base is not None else None
+    initial = flags["initial"]
+    initial_path = resolve_input(initial, role="adapter", token=flags["token"], allow_pickle=flags["allow_pickle"]).path \
+        if initial is not None else None
     report = run_convert(source.path, out, to=to, target=target, bake=flags["bake"], base=base_path,
                          overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_pickle=flags["allow_pickle"],
-                         source=source.to_dict(), allow_nonfinite=flags["allow_nonfinite"])
+                         source=source.to_dict(), allow_nonfinite=flags["allow_nonfinite"], initial=initial_path)
     for warning in report.warnings:
         click.echo(f"Warning: {warning}", err=True)
     _finish(report, _print_convert, out, _PushRequest.from_flags(flags), flags["as_json"], flags["quiet"])
@@ -464,7 +502,9 @@ def _print_convert(report: Any) -> None:
     click.echo(f"{verb} {report.out}: {report.message}")
     for key, (before, after) in report.config_changes.items():
         click.echo(f"  {key}: {json.dumps(before)} -> {json.dumps(after)}")
-    if report.weights_changed:
+    if report.action == "initial" or (report.weights_changed and "relative to the original base" in report.message):
+        click.echo(f"  weights: A' = [A; A0], B' = [B, -B0] ({report.weights_dtype or 'dtype kept'})")
+    elif report.weights_changed:
         click.echo(f"  weights: scales folded into lora_B ({report.weights_dtype or 'dtype kept'})")
     elif report.action != "gguf":
         click.echo("  weights: unchanged (byte for byte)")
@@ -520,6 +560,7 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @_input_revision_options
 @_quant_options
+@_initial_options
 @_token_option
 def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickle: bool, as_json: bool,
            quiet: bool, base_revision: str | None, adapter_revision: str | None, token: str | None,
@@ -548,7 +589,9 @@ def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickl
         allow_pickle=allow_pickle)
     with _progress("Verifying", not (quiet or as_json)) as progress:
         report = run_verify(merged, base_source.path, adapter_source.path, sample=sample,
-                            allow_pickle=allow_pickle, progress=progress, trained_on=_trained_on(quant_flags))
+                            allow_pickle=allow_pickle, progress=progress, trained_on=_trained_on(quant_flags),
+                            initial=_initial_path({**quant_flags, "token": token, "allow_pickle": allow_pickle}),
+                            base_is_residual=quant_flags["base_is_residual"])
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

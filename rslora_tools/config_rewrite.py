@@ -8,6 +8,7 @@ once the scale is folded into the weights (docs/runtimes.md, "The unit-scale for
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from typing import Any
@@ -76,6 +77,27 @@ def unit_config(adapter: Adapter, entries: list[ModuleEntry], *, global_alpha_on
     if global_alpha_only:
         new["lora_alpha"] = new["r"]
         new["alpha_pattern"] = {}
+    return new
+
+
+def rank_doubled_config(adapter: Adapter, entries: list[ModuleEntry], *, unit: bool = False) -> dict[str, Any]:
+    """The config of the rank-2r form (`--initial`: A' = [A; A0], B' = [B, -B0]): every rank doubled, alphas chosen so
+    that each module keeps its scale bit for bit at its new rank (`unit`: classic with alpha = rank, scale 1, for
+    scales folded into the weights). Raises UnsupportedAdapterError when no alphas do."""
+    fields = adapter.config.normalized()
+    use_rslora = False if unit else bool(fields["use_rslora"])
+    fields = dict(fields, r=2 * fields["r"], rank_pattern={k: 2 * v for k, v in fields["rank_pattern"].items()},
+                  init_lora_weights=True)
+    doubled = [dataclasses.replace(e, shape_rank=2 * e.shape_rank, scale=dataclasses.replace(
+        e.scale, r=2 * e.scale.r, scale=1.0 if unit else e.scale.scale)) for e in entries]
+    new = None
+    if not unstable_patterns(fields, [e.name for e in doubled]):
+        new = _rewrite_in_place(fields, doubled, use_rslora)
+    if new is None or not _keeps_scales(new, doubled):
+        alphas = [alpha_for_scale(e.scale.scale, e.scale.r, use_rslora) for e in doubled]
+        new = _rewrite_canonical(fields, doubled, use_rslora, alphas)
+    if not _keeps_scales(new, doubled):
+        raise UnsupportedAdapterError(f"{adapter.path}: no config gives every module its scale at twice its rank")
     return new
 
 

@@ -22,6 +22,7 @@ from .adapter_config import CONFIG_NAME
 from .config_rewrite import convention_config, is_power_of_two, unit_config
 from .errors import InputError, UnsupportedAdapterError
 from .finite import check_finite
+from .initial import RelativeAdapter, relative_to_original, require_plain, variant_name
 from .module_scales import ModuleEntry, module_entries
 from .checkpoint import open_checkpoint
 from .output import (
@@ -39,7 +40,7 @@ from .scaling import Convention, convention_label, scale, unstable_patterns
 
 CONVENTIONS: dict[str, bool] = {"rslora": True, "classic": False}
 TARGETS = (*RUNTIMES, "unit")
-Action = Literal["copy", "config", "bake", "unit", "gguf"]
+Action = Literal["copy", "config", "bake", "unit", "gguf", "initial"]
 
 
 @dataclass
@@ -161,6 +162,7 @@ def convert(
     allow_pickle: bool = False,
     source: dict[str, Any] | None = None,
     allow_nonfinite: bool = False,
+    initial: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
     """Convert ADAPTER into OUT so that it is served with PEFT's exact per-module scales.
 
@@ -176,17 +178,24 @@ def convert(
         allow_pickle: read an adapter that exists only as `adapter_model.bin` (weights_only).
         source: where ADAPTER came from (a hub.Source as a dict), recorded in OUT's provenance file.
         allow_nonfinite: convert an adapter whose weights hold NaN or Inf (refused by default).
+        initial: for a PiSSA, OLoRA, CorDA or LoRA-GA adapter, the adapter saved right after initialisation:
+            the result is relative to the original base (rank 2r, initial.relative_to_original); alone, or with
+            `to`/`target` applied on top.
 
     Returns:
         A `ConvertReport`: the action taken (copy, config rewrite, bake, unit form, GGUF) and the changes.
     """
     started = time.monotonic()
-    _check_choice(to, target)
+    _check_choice(to, target, initial is not None)
     out = Path(out)
     loaded = load_adapter(adapter, allow_pickle=allow_pickle)
+    if initial is not None:
+        loaded = relative_to_original(loaded, load_adapter(initial, allow_pickle=allow_pickle))
+    require_plain(loaded)
     entries = module_entries(loaded)
     if not allow_nonfinite and not dry_run:
-        check_finite(loaded)
+        for adapter_on_disk in loaded.sources:
+            check_finite(adapter_on_disk)
     if out.suffix == ".gguf":
         if target is None or target == "unit" or runtime(target).name != "llama.cpp":
             raise InputError(f"{out}: a .gguf output is written only for --target llama.cpp")
@@ -200,9 +209,9 @@ def convert(
     return report
 
 
-def _check_choice(to: str | None, target: str | None) -> None:
-    if (to is None) == (target is None):
-        raise InputError("choose one of --to-rslora, --to-classic or --target RUNTIME")
+def _check_choice(to: str | None, target: str | None, initial: bool = False) -> None:
+    if to is not None and target is not None or (to is None and target is None and not initial):
+        raise InputError("choose one of --to-rslora, --to-classic or --target RUNTIME (or --initial INIT alone)")
     if to is not None and to not in CONVENTIONS:
         raise InputError(f"unknown convention {to!r}; use rslora or classic")
     if target is not None and target != "unit":
@@ -211,15 +220,20 @@ def _check_choice(to: str | None, target: str | None) -> None:
 
 def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, *, to: str | None, target: str | None,
                        bake: bool, overwrite: bool, dry_run: bool, source: dict[str, Any] | None) -> ConvertReport:
-    written = check_output_location(out, [loaded.path], overwrite)
-    plan = plan_conversion(loaded, entries, to=to, target=target, bake=bake)
+    written = check_output_location(out, [a.path for a in loaded.sources], overwrite)
+    if to is None and target is None:  # --initial alone
+        plan = ConversionPlan("initial", loaded.config.normalized(), {}, "")
+    else:
+        plan = plan_conversion(loaded, entries, to=to, target=target, bake=bake)
+    plan.message = _relative_message(loaded, plan.message)
     upcast = any(not is_power_of_two(abs(f)) for f in plan.factors.values() if f != 1.0)
+    original = loaded.trained if isinstance(loaded, RelativeAdapter) and loaded.trained is not None else loaded
     report = ConvertReport(
         adapter=str(loaded.path), out=str(out), action=plan.action, source_convention=loaded.config.convention,
-        target=to or target or "", modules=len(entries), message=plan.message,
-        config_changes=_changes(loaded.config.normalized(), plan.config),
-        weights_changed=any(f != 1.0 for f in plan.factors.values()),
-        weights_dtype="F32" if upcast else None, dry_run=dry_run,
+        target=to or target or "original base", modules=len(entries), message=plan.message,
+        config_changes=_changes(original.config.normalized(), plan.config),
+        weights_changed=any(f != 1.0 for f in plan.factors.values()) or not loaded.on_disk,
+        weights_dtype="F32" if upcast or not loaded.on_disk else None, dry_run=dry_run,
     )
     if dry_run:
         return report
@@ -247,12 +261,12 @@ def _convert_to_gguf(loaded: Adapter, entries: list[ModuleEntry], base: Path, ou
     from .gguf_export import plan_gguf, write_gguf
 
     checkpoint = open_checkpoint(base)
-    written = check_output_file(out, [loaded.path, checkpoint.folder], overwrite)
+    written = check_output_file(out, [*(a.path for a in loaded.sources), checkpoint.folder], overwrite)
     plan = plan_gguf(loaded, entries, checkpoint)
     report = ConvertReport(
         adapter=str(loaded.path), out=str(out), action="gguf", source_convention=loaded.config.convention,
-        target="llama.cpp", modules=len(entries), weights_changed=bool(plan.factors), weights_dtype="F32",
-        dry_run=dry_run, message=plan.message,
+        target="llama.cpp", modules=len(entries), weights_changed=bool(plan.factors) or not loaded.on_disk,
+        weights_dtype="F32", dry_run=dry_run, message=_relative_message(loaded, plan.message),
     )
     if not dry_run:
         report.warnings += [f"removed {name}, left beside OUT by an earlier run that was killed"
@@ -265,15 +279,24 @@ def _convert_to_gguf(loaded: Adapter, entries: list[ModuleEntry], base: Path, ou
     return report
 
 
+def _relative_message(loaded: Adapter, message: str) -> str:
+    """A conversion's message, prefixed with the --initial step when there was one."""
+    if not isinstance(loaded, RelativeAdapter):
+        return message
+    relative = f"{variant_name(loaded.trained or loaded)} adapter made relative to the original base ({loaded.form})"
+    then = message.replace("weights unchanged", "no further change to the weights")
+    return relative + (f"; then {then}" if then else "")
+
+
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
     """The scale fields that differ, as [before, after] (both configs normalized)."""
-    keys = ("use_rslora", "r", "lora_alpha", "rank_pattern", "alpha_pattern")
-    return {k: [old[k], new[k]] for k in keys if old[k] != new[k]}
+    keys = ("use_rslora", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_lora_weights")
+    return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
 
 
 def _write_config(adapter: Adapter, plan: ConversionPlan, tmp: Path) -> None:
     source = adapter.path / CONFIG_NAME
-    if plan.action == "copy":
+    if plan.action == "copy" and adapter.on_disk:
         shutil.copyfile(source, tmp / CONFIG_NAME)
         return
     # PEFT's own format: sorted keys, indent 2 (so a round trip gives back the same text).
@@ -282,7 +305,7 @@ def _write_config(adapter: Adapter, plan: ConversionPlan, tmp: Path) -> None:
 
 def _write_weights(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Path) -> None:
     """Copy the weights byte for byte, or write them with the factors folded into each lora_B."""
-    if not plan.factors and adapter.weights_path.name == WEIGHTS_NAME:
+    if not plan.factors and adapter.weights_path.name == WEIGHTS_NAME and adapter.on_disk:
         shutil.copyfile(adapter.weights_path, tmp / WEIGHTS_NAME)
         return
     scaled: dict[str, float] = {}

@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 from .adapter import Adapter, load_adapter
 from .errors import RsloraError
+from .adapter_config import MUTATING_INITS
 from .gguf_export import tied_embedding_problem
+from .initial import variant_name
 from .module_scales import ModuleEntry, module_entries, pattern_warnings, rank_mismatch
 from .planner import plan_merge
 from .runtimes import (
@@ -62,6 +64,8 @@ class InspectReport:
     runtimes: dict[str, dict[str, Any]]
     lints: list[Lint] = field(default_factory=list)
     base: str | None = None
+    init_variant: str | None = None  # "PiSSA", "OLoRA", "CorDA", "LoRA-GA", "LoftQ": trained on a residual base
+    merge_needs_initial: bool = False  # merge/convert need --initial INIT (or --base-is-residual)
 
     @property
     def errors(self) -> int:
@@ -112,7 +116,9 @@ def inspect_adapter(
         use_rslora=cfg.use_rslora, rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern,
         features=[FEATURE_NAMES[f] for f in adapter_features(loaded)], modules=modules,
         groups=_groups(modules), runtimes=summaries, lints=lints, base=str(base) if base is not None else None,
+        init_variant=variant_name(loaded), merge_needs_initial=loaded.config.init_variant in MUTATING_INITS,
     )
+    _lint_initialisation(report, lints)
     _lint_ranks(entries, lints)
     _lint_patterns(loaded, fields, entries, lints)
     _lint_features(loaded, entries, lints)
@@ -209,6 +215,19 @@ def _lint_features(adapter: Adapter, entries: list[ModuleEntry], lints: list[Lin
             lints.append(Lint("info", "tied-embedding",
                               f"{e.module.name}: LoRA on an embedding or output head; if the base ties them, merging "
                               "unties them (check with --base)"))
+
+
+def _lint_initialisation(report: InspectReport, lints: list[Lint]) -> None:
+    if report.init_variant is None:
+        return
+    if report.merge_needs_initial:
+        how = ("merge and convert need --initial INIT (the adapter saved right after initialisation), or "
+               "--base-is-residual with that residual base")
+    else:
+        how = "LoftQ is refused; with its own base saved, merge with --base-is-residual"
+    lints.append(Lint("warning", "init-variant",
+                      f"{report.init_variant} adapter: trained on a residual base (W - s * B0 @ A0), not on the "
+                      f"original model; runtimes that apply it to the original base serve something else; {how}"))
 
 
 def _lint_runtimes(report: InspectReport, selected: set[str], lints: list[Lint]) -> None:

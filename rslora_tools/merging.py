@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapter import Adapter
+from .adapter import Adapter, load_adapter
+from .initial import RelativeAdapter, relative_to_original, variant_name
 from .checkpoint import Checkpoint, CheckpointFiles, copy_side_files, side_files, write_index
 from .errors import InputError, MismatchError, OutputError
 from .executor import ProgressCallback, execute
@@ -49,6 +50,8 @@ class MergeOptions:
     verify: bool = False
     allow_nonfinite: bool = False
     trained_on: QuantScheme | None = None  # quantize the base's weights as in training before merging
+    initial: str | None = None  # INIT adapter folder: merge a PiSSA/OLoRA/CorDA/LoRA-GA adapter into the original base
+    base_is_residual: bool = False  # BASE is such an adapter's residual base: merge it as plain LoRA
     sources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     progress: ProgressCallback | None = None
 
@@ -106,6 +109,8 @@ def merge(
     double_quant: bool | None = None,
     quant_blocksize: int | None = None,
     skip_modules: list[str] | None = None,
+    initial: str | os.PathLike[str] | None = None,
+    base_is_residual: bool = False,
 ) -> MergeReport:
     """Merge a PEFT LoRA adapter into a base checkpoint, streaming, exactly as PEFT's merge_and_unload.
 
@@ -130,6 +135,10 @@ def merge(
             bitsandbytes does before the merge. `double_quant` (default False) and
             `quant_blocksize` (default 64) as in BitsAndBytesConfig; `skip_modules` as its
             llm_int8_skip_modules. A quantized BASE needs none of this: it is dequantized.
+        initial: for a PiSSA, OLoRA, CorDA or LoRA-GA adapter, the adapter folder saved right after
+            initialisation: the trained adapter is merged into the original BASE as the rank-2r
+            LoRA s * ([B, -B0] @ [A; A0]) (initial.relative_to_original).
+        base_is_residual: BASE is the residual base such an adapter was trained on: merge it as plain LoRA.
         sources: where BASE and ADAPTER came from ({"base": ..., "adapter": ...}, hub.Source dicts), for the
             provenance file OUT gets (a later `push` writes the model card from it).
 
@@ -151,10 +160,14 @@ def merge(
                                    skip_modules=skip_modules)
     elif double_quant is not None or quant_blocksize is not None or skip_modules is not None:
         raise InputError("--double-quant, --quant-blocksize and --skip-modules describe --trained-on; pass it too")
+    if initial is not None and base_is_residual:
+        raise InputError("--initial and --base-is-residual exclude each other: the first merges into the original "
+                         "base, the second into the residual base")
     options = MergeOptions(
         dtype=parse_dtype(dtype), device=device, max_shard_size=size, overwrite=overwrite,
         allow_pickle=allow_pickle, dry_run=dry_run, verify=verify, allow_nonfinite=allow_nonfinite,
-        trained_on=scheme, sources=sources or {}, progress=progress,
+        trained_on=scheme, initial=str(initial) if initial is not None else None, base_is_residual=base_is_residual,
+        sources=sources or {}, progress=progress,
     )
     return run_merge(base, adapter, Path(out), options)
 
@@ -163,11 +176,18 @@ def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Ad
               options: MergeOptions) -> MergeReport:
     """`merge` with its options already parsed."""
     started = time.monotonic()
+    if options.initial is not None:
+        adapter = with_initial(adapter, options.initial, options.allow_pickle)
     checkpoint, adapter_obj, plan = plan_merge(
         base, adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
         allow_pickle=options.allow_pickle, collect_unmatched=options.dry_run, trained_on=options.trained_on,
+        base_is_residual=options.base_is_residual,
     )
-    folder = check_output_location(out, [checkpoint.folder, adapter_obj.path], options.overwrite)
+    if isinstance(adapter_obj, RelativeAdapter):
+        plan.notes.append(f"{variant_name(adapter_obj.trained or adapter_obj)} adapter made relative to the original "
+                          f"base with INIT {options.initial}: {adapter_obj.form}")
+    inputs = [checkpoint.folder, *(a.path for a in adapter_obj.sources)]
+    folder = check_output_location(out, inputs, options.overwrite)
     lowered = lower(plan, checkpoint, adapter_obj, Device(options.device))
     report = _report(checkpoint, adapter_obj, plan, lowered, out, options)
     report.free_bytes = free_space(folder)
@@ -183,7 +203,8 @@ def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Ad
     side = sum(p.stat().st_size for p in side_files(checkpoint.folder))
     check_free_space(out, report.bytes_written + side, report.free_bytes)
     if not options.allow_nonfinite:
-        check_finite(adapter_obj)
+        for source in adapter_obj.sources:
+            check_finite(source)
     try:
         _write_output(folder, checkpoint, adapter_obj, plan, lowered, report, options)
     except OSError as e:  # a full disk (ENOSPC), a read error, ...: the partial output is already removed
@@ -211,11 +232,14 @@ def _write_output(folder: Path, checkpoint: Checkpoint, adapter: Adapter, plan: 
             "convention": report.convention, "modules": report.modules,
             "scale_min": report.scale_min, "scale_max": report.scale_max, "dtype": report.dtype,
             **({"quantization": report.quantization} if report.quantization else {}),
+            **({"initial": options.sources.get("initial") or {"spec": options.initial}} if options.initial else {}),
+            **({"base_is_residual": True} if options.base_is_residual else {}),
         })
         if options.verify:
             from .verification import verify  # torch: imported only when asked
 
-            checked = verify(tmp, checkpoint.folder, adapter, trained_on=options.trained_on)
+            checked = verify(tmp, checkpoint.folder, adapter, trained_on=options.trained_on,
+                             base_is_residual=options.base_is_residual)
             report.verify = checked.to_dict()
             if not checked.ok:
                 raise MismatchError(f"verification of the merged output failed ({_verify_summary(checked)}); "
@@ -270,6 +294,13 @@ def _quantization(plan: Plan, checkpoint: Checkpoint, adapter: Adapter) -> dict[
     if not plan.prequantized:
         summary["measured"] = None  # after the merge (or by a dry run's sample): measured_quantization
     return summary
+
+
+def with_initial(adapter: str | os.PathLike[str] | Adapter, initial: str | os.PathLike[str],
+                 allow_pickle: bool = False) -> RelativeAdapter:
+    """ADAPTER (PiSSA, OLoRA, CorDA, LoRA-GA) relative to the original base, given its INIT adapter."""
+    trained = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    return relative_to_original(trained, load_adapter(initial, allow_pickle=allow_pickle))
 
 
 def _measurable(plan: Plan) -> int:

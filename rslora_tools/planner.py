@@ -15,6 +15,7 @@ from typing import Any
 from .adapter import Adapter, LoraModule, load_adapter
 from .checkpoint import Checkpoint, open_checkpoint, shard_file_name
 from .errors import MismatchError, UnsupportedAdapterError
+from .initial import require_plain
 from .module_scales import pattern_warnings
 from .placement import NameResolver, check_shapes, place_module
 from .plan import TORCH_DTYPE_NAMES, Plan, TensorPlan, output_dtype
@@ -33,14 +34,18 @@ def plan_merge(
     allow_pickle: bool = False,
     collect_unmatched: bool = False,
     trained_on: QuantScheme | None = None,
+    base_is_residual: bool = False,
 ) -> tuple[Checkpoint, Adapter, Plan]:
     """Open both inputs (unless given opened) and plan the merge (headers, config and quant states only).
 
     `dtype` is a parsed dtype (plan.parse_dtype): None keeps the base's. A quantized base is
-    dequantized; `trained_on` quantizes an unquantized base's weights as they were in training.
+    dequantized; `trained_on` quantizes an unquantized base's weights as they were in training. A PiSSA/OLoRA/
+    CorDA/LoRA-GA adapter is refused unless it was made relative to the original base (initial.relative_to_original)
+    or `base_is_residual` says BASE is its residual base.
     """
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
+    require_plain(adapter, base_is_residual=base_is_residual)
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     quant = plan_quantization(checkpoint, trained_on)
     plan = build_plan(checkpoint, adapter, dtype=dtype, max_shard_size=max_shard_size,

@@ -23,6 +23,7 @@ from .adapter import Adapter, load_adapter
 from .checkpoint import INDEX_FILE, Checkpoint, CheckpointFiles, open_checkpoint, read_json_file, updated_config
 from .compute import merged_tensor
 from .errors import RsloraError
+from .initial import relative_to_original
 from .plan import Plan, TensorPlan
 from .planner import plan_merge
 from .provenance import read_provenance
@@ -90,6 +91,8 @@ def verify(
     allow_pickle: bool = False,
     progress: ProgressCallback | None = None,
     trained_on: QuantScheme | None = None,
+    initial: str | os.PathLike[str] | None = None,
+    base_is_residual: bool = False,
 ) -> VerifyReport:
     """Check that MERGED is BASE with ADAPTER merged: recompute every tensor and compare, and check the folder.
 
@@ -103,12 +106,15 @@ def verify(
         trained_on: the merge was made with `--trained-on` (quant_formats.trained_on_scheme);
             None: as the merged folder's rslora_tools.json records it, if it does. A quantized
             BASE is dequantized as the merge did.
+        initial, base_is_residual: as given to the merge, for PiSSA/OLoRA/CorDA/LoRA-GA adapters.
 
     Returns:
         A `VerifyReport`: per tensor exact, within rounding or mismatch, and the folder's problems.
     """
     started = time.monotonic()
     adapter_obj = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    if initial is not None:
+        adapter_obj = relative_to_original(adapter_obj, load_adapter(initial, allow_pickle=allow_pickle))
     problems: list[str] = []
     try:
         out: Checkpoint | None = open_checkpoint(merged)
@@ -119,7 +125,8 @@ def verify(
     dtype = _merge_dtype(out, checkpoint) if out is not None else None
     if trained_on is None and out is not None:
         trained_on = recorded_trained_on(Path(out.folder))
-    checkpoint, adapter_obj, plan = plan_merge(checkpoint, adapter_obj, dtype=dtype, trained_on=trained_on)
+    checkpoint, adapter_obj, plan = plan_merge(checkpoint, adapter_obj, dtype=dtype, trained_on=trained_on,
+                                               base_is_residual=base_is_residual)
     chosen = _choose(plan.tensors, sample)
     report = VerifyReport(str(merged), str(checkpoint.folder), str(adapter_obj.path), "mismatch", len(plan.tensors), 0,
                           problems=problems, sampled=len(chosen) < len(plan.tensors))

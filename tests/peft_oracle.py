@@ -135,3 +135,36 @@ def save_module(module: torch.nn.Module, folder: Path) -> Path:
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / "model.safetensors",
               metadata={"format": "pt"})
     return folder
+
+
+def make_init_variant(base: Path, folder: Path, config, *, vocab: int = 64, std: float = 0.01) -> Path:
+    """A PiSSA/OLoRA/CorDA/LoRA-GA adapter built by PEFT from `config` (its init_lora_weights): folder/init right
+    after initialisation, folder/trained after a perturbation ("training"), folder/residual the base PEFT trained on
+    (the wrapped model with the adapter removed). CorDA and LoRA-GA run the model on a few random token batches."""
+    from peft import get_peft_model
+
+    model = load_causal_lm(base)
+    batch = torch.randint(0, vocab, (4, 16), generator=torch.Generator().manual_seed(0))
+    init = config.init_lora_weights
+    if init == "corda":
+        from peft.tuners.lora.config import CordaConfig
+        from peft.tuners.lora.corda import preprocess_corda
+
+        config.corda_config = config.corda_config or CordaConfig()
+        preprocess_corda(model, config, run_model=lambda: [model(batch[i:i + 1]) for i in range(len(batch))])
+    elif init == "lora_ga":
+        from peft.tuners.lora.config import LoraGAConfig
+        from peft.tuners.lora.loraga import preprocess_loraga
+
+        config.lora_ga_config = config.lora_ga_config or LoraGAConfig()
+
+        def train_step():
+            model(batch, labels=batch).loss.backward()
+
+        preprocess_loraga(model, config, train_step=train_step)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(folder / "init")
+    perturb_trainable(peft_model, seed=3, std=std)
+    peft_model.save_pretrained(folder / "trained")
+    peft_model.unload().save_pretrained(folder / "residual")
+    return folder

@@ -119,7 +119,7 @@ def test_missing_inputs(tmp_path):
     [
         (lambda c: c.update(peft_type="LOHA"), ["peft_type is 'LOHA'", "LoRA adapters only"]),
         (lambda c: c.update(layer_replication=[[0, 2], [1, 2]]), ["layer_replication"]),
-        (lambda c: c.update(init_lora_weights="pissa"), ["pissa", "convert it to plain LoRA"]),
+        (lambda c: c.update(init_lora_weights="pissa"), ["pissa", "--initial INIT", "--base-is-residual"]),
         (lambda c: c.update(init_lora_weights="pissa_niter_4"), ["pissa_niter_4"]),
         (lambda c: c.update(init_lora_weights="olora"), ["olora"]),
         (lambda c: c.update(init_lora_weights="corda"), ["corda"]),

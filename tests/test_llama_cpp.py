@@ -197,6 +197,31 @@ def test_llama_cpps_own_converter_applies_what_inspect_predicts(bases, tmp_path,
         assert m["runtimes"]["llama.cpp"]["ratio"] == (16 / r) / peft_scale[m["name"]]
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_adapter_converted_with_initial_is_served_by_llama_cpp_on_the_original_base(bases, tmp_path, init):
+    """PiSSA/OLoRA trained on a residual base: `convert --initial INIT --target llama.cpp` serves, on the original
+    base's GGUF, PEFT's trained model (the trained adapter on the residual base it was trained on)."""
+    from peft_oracle import make_init_variant
+
+    base, base_gguf = bases["llama"]
+    folder = make_init_variant(base, tmp_path / "variant", LoraConfig(
+        r=8, lora_alpha=16, use_rslora=True, target_modules=LINEAR, init_lora_weights=init,
+        rank_pattern={"o_proj": 4}, alpha_pattern={"down_proj": 8.5}), vocab=512, std=0.05)
+    run("convert", folder / "trained", tmp_path / "lora.gguf", "--initial", folder / "init", "--target", "llama.cpp",
+        "--base", base)
+    config = LoraConfig.from_pretrained(folder / "trained")
+    config.init_lora_weights = True  # the residual base is already residual
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder / "residual", dtype=torch.float32),
+                                      str(folder / "trained"), config=config)
+    with torch.no_grad():
+        want = model(torch.tensor([TOKENS])).logits[0].float()
+    got = llama_cpp_logits(base_gguf, tmp_path / "lora.gguf")
+    assert (want - peft_logits(base)).abs().max() > 0.1  # training moved the model
+    assert (got - want).abs().max() < TOLERANCE
+
+
 def test_embedding_lora_on_tied_embeddings_is_refused_because_llama_cpp_cannot_apply_it(bases, tmp_path):
     from rslora_tools.adapter import load_adapter
     from rslora_tools.checkpoint import open_checkpoint

@@ -220,6 +220,19 @@ def deeply_nested_config(tmp: Path) -> Path:
     return base
 
 
+def pissa_init(edit: Callable[[dict], None]):
+    """merge args for a PiSSA adapter with --initial: a copy of it as INIT, its config edited by `edit`."""
+    def build(tmp: Path) -> list:
+        adapter = edit_config(tmp, lambda c: c.update(init_lora_weights="pissa"))
+        init = tmp / "init"
+        shutil.copytree(adapter, init)
+        cfg = json.loads((init / "adapter_config.json").read_text())
+        edit(cfg)
+        (init / "adapter_config.json").write_text(json.dumps(cfg))
+        return ["merge", base_copy(tmp), adapter, tmp / "out", "--initial", init]
+    return build
+
+
 def nonfinite(value: float):
     def edit(t):
         t[Q_A][0, 0] = value
@@ -258,6 +271,11 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
     ("rank in config disagrees with the tensors", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(r=16)))),
     ("layer_replication (cannot be merged)", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(layer_replication=[[0, 1]])))),
     ("PiSSA adapter not converted", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(init_lora_weights="pissa")))),
+    ("--initial INIT with another lora_alpha than the adapter", pissa_init(lambda c: c.update(lora_alpha=7))),
+    ("--initial INIT of another variant", pissa_init(lambda c: c.update(init_lora_weights="olora"))),
+    ("--initial with a plain LoRA adapter", lambda t: ["merge", base_copy(t), adapter_copy(t), t / "out", "--initial",
+                                                       adapter_copy(t)]),
+    ("--initial and --base-is-residual together", lambda t: [*pissa_init(lambda c: None)(t), "--base-is-residual"]),
     ("NaN in adapter weights", merge_args(adapter=nonfinite(float("nan")))),
     ("Inf in adapter weights", merge_args(adapter=nonfinite(float("inf")))),
     ("adapter tensor with an impossible shape", merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: x.update({Q_A: torch.zeros(8)})))),
