@@ -87,6 +87,11 @@ class Adapter:
         return True
 
     @property
+    def single_file(self) -> bool:
+        """Whether every key is a tensor of `weights_path` (copied by offset); a stacked adapter reads several."""
+        return True
+
+    @property
     def sources(self) -> list[Adapter]:
         """The adapters on disk this one reads (itself; a derived adapter's inputs)."""
         return [self]

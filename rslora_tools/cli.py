@@ -272,8 +272,9 @@ def _echo_push(report: Any) -> None:
 
 @cli.command()
 @click.argument("base")
-@click.argument("adapter")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("adapters", metavar="ADAPTER... OUT", nargs=-1, required=True)
+@click.option("--weights", metavar="W1,W2,...",
+              help="Several adapters: multiply each one's delta by its weight (PEFT's set_scale); default 1 each.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Dtype of the merged floating tensors; auto keeps the base's.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
@@ -294,7 +295,7 @@ def _echo_push(report: Any) -> None:
 @_initial_options
 @_token_option
 @_hub_push_options
-def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
+def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
     The result equals PEFT's merge_and_unload() bit for bit on CPU, for classic LoRA and rsLoRA,
@@ -305,6 +306,11 @@ def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
 
     BASE and ADAPTER are local folders or Hub repos (org/name, org/name@revision, hf://org/name);
     BASE may be `auto`: the base the adapter records. Only what the merge reads is downloaded.
+
+    Several adapters (ADAPTER1 ADAPTER2 ... OUT) are merged one after another in one pass, each
+    with its own convention, patterns and DoRA, exactly as PEFT's merge_and_unload(adapter_names=
+    [...]); --weights scales each one's delta. Two adapters that replace the same tensor
+    (modules_to_save, trainable tokens) are refused.
 
     PiSSA, OLoRA, CorDA and LoRA-GA adapters were trained on a residual base: --initial INIT
     merges them into the original BASE, --base-is-residual into a residual BASE you saved.
@@ -322,9 +328,16 @@ def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
       rslora-tools merge org/base-bnb-4bit qlora-adapter/ merged/
       rslora-tools merge org/base qlora-adapter/ merged/ --trained-on nf4 --double-quant --dry-run
       rslora-tools merge org/base pissa-trained/ merged/ --initial pissa-init/
+      rslora-tools merge org/base domain-adapter/ chat-adapter/ merged/
+      rslora-tools merge org/base task-a/ task-b/ merged/ --weights 0.7,0.4
     """
-    from .hub import resolve_merge_inputs
+    from .hub import resolve_input, resolve_merge_inputs
     from .merging import merge as run_merge
+
+    if len(adapters) < 2:
+        raise click.UsageError("missing argument OUT: merge BASE ADAPTER... OUT")
+    *adapter_specs, out = adapters
+    weights = _parse_weights(flags["weights"], len(adapter_specs))
 
     if flags["max_shard_size"] is not None:
         try:
@@ -332,21 +345,42 @@ def merge(base: str, adapter: str, out: str, **flags: Any) -> None:
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
     base_source, adapter_source, hub_warnings = resolve_merge_inputs(
-        base, adapter, base_revision=flags["base_revision"], adapter_revision=flags["adapter_revision"],
+        base, adapter_specs[0], base_revision=flags["base_revision"], adapter_revision=flags["adapter_revision"],
         token=flags["token"], allow_pickle=flags["allow_pickle"],
     )
+    more = [resolve_input(spec, role="adapter", token=flags["token"], allow_pickle=flags["allow_pickle"])
+            for spec in adapter_specs[1:]]
+    stacked: dict[str, Any] = {"adapters": [s.to_dict() for s in (adapter_source, *more)]} if more else {}
     with _progress("Merging", not (flags["quiet"] or flags["as_json"])) as progress:
         report = run_merge(
-            base_source.path, adapter_source.path, out, dtype=flags["dtype"], device=flags["device"],
+            base_source.path, [adapter_source.path, *(s.path for s in more)] if more else adapter_source.path, out,
+            weights=weights, dtype=flags["dtype"], device=flags["device"],
             max_shard_size=flags["max_shard_size"], overwrite=flags["overwrite"], progress=progress,
             allow_pickle=flags["allow_pickle"], dry_run=flags["dry_run"],
-            sources={"base": base_source.to_dict(), "adapter": adapter_source.to_dict()},
+            sources={"base": base_source.to_dict(), "adapter": adapter_source.to_dict(), **stacked},
             verify=flags["verify_output"], allow_nonfinite=flags["allow_nonfinite"], **_quant_arguments(flags),
             initial=_initial_path(flags), base_is_residual=flags["base_is_residual"],
         )
     for warning in hub_warnings + report.warnings:
         click.echo(f"Warning: {warning}", err=True)
     _finish(report, _print_merge, out, _PushRequest.from_flags(flags), flags["as_json"], flags["quiet"])
+
+
+def _parse_weights(text: str | None, count: int) -> list[float] | None:
+    """--weights W1,W2,...: one finite number per adapter."""
+    from .errors import InputError
+
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise InputError(f"--weights {text!r} is not a comma-separated list of numbers") from None
+    if count < 2:
+        raise InputError("--weights goes with several adapters (to scale one adapter, convert it)")
+    if len(weights) != count:
+        raise InputError(f"--weights has {len(weights)} weights for {count} adapters")
+    return weights
 
 
 def _finish(report: Any, printer: Callable[[Any], None], out: str, push: _PushRequest, as_json: bool,
@@ -370,7 +404,9 @@ def _print_merge(report: Any) -> None:
         scale = f"scale {report.scale_min:.6g}" if report.scale_min == report.scale_max else \
             f"scales {report.scale_min:.6g} to {report.scale_max:.6g}"
     verb = "Would merge" if report.dry_run else "Merged"
-    click.echo(f"{verb} {report.modules} LoRA modules ({convention_label(report.convention, 'short')}, {scale}) into {report.out}")
+    conventions = " + ".join(convention_label(c, "short") for c in report.convention.split(","))
+    what = f"{len(report.adapters)} adapters, " if len(report.adapters) > 1 else ""
+    click.echo(f"{verb} {what}{report.modules} LoRA modules ({conventions}, {scale}) into {report.out}")
     click.echo(
         f"  tensors: {report.tensors_merged} changed, {report.tensors_copied} copied as is, {report.tensors_total} total; "
         f"{len(report.shards)} shard(s), {human_size(report.bytes_written)}, {report.dtype or 'no float'} on {report.device}"
@@ -552,7 +588,8 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
 @cli.command()
 @click.argument("merged", type=click.Path(exists=True, file_okay=False))
 @click.argument("base")
-@click.argument("adapter")
+@click.argument("adapters", metavar="ADAPTER...", nargs=-1, required=True)
+@click.option("--weights", metavar="W1,W2,...", help="Several adapters: the weights the merge was given.")
 @click.option("--sample", type=click.IntRange(min=1), metavar="N",
               help="Check only N tensors spread over the model (changed ones first), for a quick check.")
 @_allow_pickle_option
@@ -562,9 +599,9 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
 @_quant_options
 @_initial_options
 @_token_option
-def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickle: bool, as_json: bool,
-           quiet: bool, base_revision: str | None, adapter_revision: str | None, token: str | None,
-           **quant_flags: Any) -> None:
+def verify(merged: str, base: str, adapters: tuple[str, ...], weights: str | None, sample: int | None,
+           allow_pickle: bool, as_json: bool, quiet: bool, base_revision: str | None, adapter_revision: str | None,
+           token: str | None, **quant_flags: Any) -> None:
     """Check that MERGED is BASE with ADAPTER merged: recompute every tensor and compare.
 
     Per tensor: exact (same bytes), within rounding (at most 1 ulp of the dtype off, e.g. a GPU
@@ -580,15 +617,19 @@ def verify(merged: str, base: str, adapter: str, sample: int | None, allow_pickl
       rslora-tools verify merged/ base-model/ my-adapter/
       rslora-tools verify merged/ org/base org/adapter --sample 20
       rslora-tools verify merged/ base-model/ qlora-adapter/ --trained-on nf4 --double-quant
+      rslora-tools verify merged/ base-model/ task-a/ task-b/ --weights 0.7,0.4
     """
-    from .hub import resolve_merge_inputs
+    from .hub import resolve_input, resolve_merge_inputs
     from .verification import verify as run_verify
 
     base_source, adapter_source, _ = resolve_merge_inputs(
-        base, adapter, base_revision=base_revision, adapter_revision=adapter_revision, token=token,
+        base, adapters[0], base_revision=base_revision, adapter_revision=adapter_revision, token=token,
         allow_pickle=allow_pickle)
+    more = [resolve_input(spec, role="adapter", token=token, allow_pickle=allow_pickle).path for spec in adapters[1:]]
+    adapter_arg: Any = [adapter_source.path, *more] if more else adapter_source.path
     with _progress("Verifying", not (quiet or as_json)) as progress:
-        report = run_verify(merged, base_source.path, adapter_source.path, sample=sample,
+        report = run_verify(merged, base_source.path, adapter_arg, weights=_parse_weights(weights, len(adapters)),
+                            sample=sample,
                             allow_pickle=allow_pickle, progress=progress, trained_on=_trained_on(quant_flags),
                             initial=_initial_path({**quant_flags, "token": token, "allow_pickle": allow_pickle}),
                             base_is_residual=quant_flags["base_is_residual"])

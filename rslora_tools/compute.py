@@ -190,6 +190,8 @@ def compute(
     else:
         assert base is not None
         w = base if base.dtype == out_dtype else base.to(out_dtype)
+    if plan.stacked:
+        return _apply_stacked(w, plan, read)
     if plan.lora is not None:
         w = apply_lora(w, plan.lora, read)
     if plan.bias_of is not None:
@@ -197,6 +199,65 @@ def compute(
     if plan.tokens is not None:
         w = apply_tokens(w, plan.tokens[0], plan.tokens[1], read)
     return w
+
+
+def _apply_stacked(w: torch.Tensor, plan: TensorPlan, read: Reader) -> torch.Tensor:
+    """Several adapters' ops on one tensor, as PEFT's merge_and_unload(adapter_names=[...]) applies them: one after
+    another, each rounded to W's dtype. A DoRA op after others takes its norm from the weight with the earlier ones
+    unmerged, and continues from the weight they are merged into again (PEFT's `_unmerged_base_weight`)."""
+    merged: list[tuple[LoraOp, torch.Tensor | None]] = []  # (op, its DoRA norm)
+    for step in (plan, *plan.stacked):
+        if step.lora is not None:
+            op = step.lora
+            if op.dora and merged:
+                base = _unmerge(w.clone(), merged, read)
+                w, replayed = base.clone(), []
+                for earlier, _ in merged:
+                    w, norm = _merge_one(w, earlier, read, norm_from=base)
+                    replayed.append((earlier, norm))
+                merged = replayed
+                w, norm = _merge_one(w, op, read, norm_from=base)
+            else:
+                w, norm = _merge_one(w, op, read, norm_from=w)
+            merged.append((op, norm))
+        if step.bias_of is not None:
+            w = apply_lora_bias(w, step.bias_of, read)
+    return w
+
+
+def _merge_one(w: torch.Tensor, op: LoraOp, read: Reader, norm_from: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One adapter's merge into W; for DoRA (linear) with the norm taken from `norm_from`, returned for an unmerge."""
+    if not op.dora or op.kind != "linear":  # a non-linear DoRA op is never merged after another (stacking.py)
+        return apply_lora(w, op, read), None
+    delta = lora_delta(op, read, w.shape, w.device)
+    norm = _linear_dora_norm(norm_from, delta, op)
+    return _dora_result(w, op, delta, norm, read), norm
+
+
+def _unmerge(w: torch.Tensor, merged: list[tuple[LoraOp, torch.Tensor | None]], read: Reader) -> torch.Tensor:
+    """PEFT's unmerge, last merged first: W -= delta.to(dtype); DoRA: (W / factor - delta).to(dtype)."""
+    for op, norm in reversed(merged):
+        delta = lora_delta(op, read, w.shape, w.device)
+        if op.dora:
+            assert op.module.magnitude_key is not None and norm is not None
+            magnitude = adapter_weight(read, op.module.magnitude_key, w.device)
+            factor = _t((magnitude / norm).view(-1, 1), op.transpose)
+            w = (w / factor - delta).to(w.dtype)
+        else:
+            w -= delta.to(w.dtype)
+    return w
+
+
+def _linear_dora_norm(w: torch.Tensor, delta: torch.Tensor, op: LoraOp) -> torch.Tensor:
+    weight = _t(w, op.transpose) + 1 * _t(delta, op.transpose)
+    return torch.linalg.norm(weight, dim=1).to(weight.dtype)
+
+
+def _dora_result(w: torch.Tensor, op: LoraOp, delta: torch.Tensor, norm: torch.Tensor, read: Reader) -> torch.Tensor:
+    assert op.module.magnitude_key is not None
+    magnitude = adapter_weight(read, op.module.magnitude_key, w.device)
+    factor = _t((magnitude / norm).view(-1, 1), op.transpose)
+    return (factor * (w + delta)).to(w.dtype)
 
 
 def quantized_base(t: TensorPlan, read_base: Reader) -> torch.Tensor:

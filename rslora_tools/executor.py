@@ -31,7 +31,7 @@ from .adapter import Adapter
 from .checkpoint import Checkpoint, CheckpointFiles
 from .errors import InputError
 from .lowering import BLOCK_BYTES, Device, Lowered, Step, StepKind, staging_sets, worker_count
-from .plan import TensorPlan
+from .plan import LoraOp, TensorPlan
 from .safetensors_file import (
     DTYPE_BITS,
     SafetensorsWriter,
@@ -187,9 +187,10 @@ def _block_buffers(nbytes: int) -> tuple[memoryview, memoryview, memoryview]:
     return views
 
 
-def _operands(run: _Run, t: TensorPlan) -> kernel.Operands:
-    """The LoRA factors of a tensor's op, widened to fp32 and packed as the kernel reads them."""
-    op = t.lora
+def _operands(run: _Run, t: TensorPlan, op: LoraOp | None = None) -> kernel.Operands:
+    """The LoRA factors of a tensor's op (or of `op`, one of its stacked ones), widened to fp32 and packed as the
+    kernel reads them."""
+    op = op or t.lora
     assert op is not None
     adapter = run.adapter
     a = kernel.widen(adapter.tensor_bytes(op.module.a_key), adapter.dtypes[op.module.a_key])
@@ -199,11 +200,11 @@ def _operands(run: _Run, t: TensorPlan) -> kernel.Operands:
 
 
 def _with_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
-    """W + s * delta through the C kernel, a block of rows at a time; False if a sum is not finite."""
-    op = t.lora
-    assert op is not None
+    """W + s * delta through the C kernel, a block of rows at a time; False if a sum is not finite. Stacked ops (a
+    stacked merge) are applied one after another, each rounded to W's dtype, as PEFT merges them."""
+    ops = t.all_lora
     adapter = run.adapter
-    operands = _operands(run, t)
+    chain = [(_operands(run, t, op), op.scale.scale) for op in ops]
     rows, cols = t.shape
     row_bytes = cols * DTYPE_BITS[t.dtype] // 8
     step = max(1, BLOCK_BYTES // row_bytes)
@@ -215,16 +216,19 @@ def _with_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
         source_fd, source_offset = run.base.locate(t.source)
         source, source_file = t.source, run.base.path(t.source)
     target_offset = writer.offset(t.name)
-    block_in, block_out, _ = _block_buffers(step * row_bytes)
+    block_in, block_out, spare = _block_buffers(step * row_bytes)
     for start in range(0, rows, step):
         if run.stop.is_set():
             raise _Stopped
         n = min(step, rows - start)
         size = n * row_bytes
         read_into(source_fd, source_offset + start * row_bytes, block_in[:size], f"{source!r} from {source_file}")
-        if not kernel.merge_rows(block_in[:size], t.dtype, operands, start, n, op.scale.scale, block_out[:size]):
-            return False
-        write_at(writer.fd, target_offset + start * row_bytes, block_out[:size])
+        now, free = block_in, block_out
+        for operands, scale in chain:
+            if not kernel.merge_rows(now[:size], t.dtype, operands, start, n, scale, free[:size]):
+                return False
+            now, free = free, (spare if free is block_out else block_out)
+        write_at(writer.fd, target_offset + start * row_bytes, now[:size])
     return True
 
 
@@ -410,10 +414,12 @@ def _read_staged(run: _Run, staging: _Staging, buffers: dict[str, Any], name: st
 
 
 class _Workers:
-    """Runs `work(job)` for every job on worker threads, in order; re-raises the first failure.
+    """Runs `work(job)` for every job on worker threads, in order; re-raises the failure of the earliest job.
 
-    The main thread only waits, so Ctrl-C (KeyboardInterrupt) arrives at once; the workers then
-    stop at their next block (`stop`), and are given a few seconds to do so.
+    After a failure no later job starts, and the jobs already running finish, so the error raised is
+    the same whatever the threads' timing (the first failing tensor in plan order). The main thread
+    only waits, so Ctrl-C (KeyboardInterrupt) arrives at once; the workers then stop at their next
+    block (`stop`), and are given a few seconds to do so.
     """
 
     def __init__(self, stop: threading.Event):
@@ -425,23 +431,24 @@ class _Workers:
         return not any(thread.is_alive() for thread in self.threads)
 
     def run(self, jobs: list[Any], work: Callable[[Any], None]) -> None:
-        todo = iter(jobs)
+        todo = iter(enumerate(jobs))
         lock = threading.Lock()
-        errors: list[BaseException] = []
+        errors: list[tuple[int, BaseException]] = []
 
         def loop() -> None:
             while not self.stop.is_set():
                 with lock:
-                    job = next(todo, None)
-                if job is None:
-                    return
+                    item = next(todo, None)
+                    if item is None or errors:
+                        return
+                index, job = item
                 try:
                     work(job)
                 except _Stopped:
                     return
                 except BaseException as e:  # re-raised on the main thread
-                    errors.append(e)
-                    self.stop.set()
+                    with lock:
+                        errors.append((index, e))
                     return
 
         self.threads = [threading.Thread(target=loop, name=f"rslora-tools-worker-{i}", daemon=True)
@@ -458,4 +465,4 @@ class _Workers:
             for thread in self.threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
         if errors:
-            raise errors[0]
+            raise min(errors, key=lambda error: error[0])[1]

@@ -18,7 +18,7 @@ from . import kernel
 from .adapter import Adapter
 from .checkpoint import Checkpoint
 from .errors import InputError
-from .plan import Plan, TensorPlan
+from .plan import LoraOp, Plan, TensorPlan
 from .safetensors_file import tensor_nbytes
 
 BLOCK_BYTES = 1 << 20  # rows the kernel merges per step: in and out stay in the CPU's cache
@@ -131,7 +131,8 @@ def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: 
         return StepKind.DEQUANT
     if t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
         return StepKind.COPY_BASE
-    if t.replaced_whole and t.replacement is not None and adapter.is_safetensors and adapter.dtypes[t.replacement] == t.dtype:
+    if (t.replaced_whole and t.replacement is not None and adapter.is_safetensors and adapter.single_file
+            and adapter.dtypes[t.replacement] == t.dtype):
         return StepKind.COPY_ADAPTER
     if device.kernel_allowed and _kernel_fits(t, checkpoint, adapter):
         return StepKind.KERNEL
@@ -140,9 +141,11 @@ def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: 
 
 def _kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> bool:
     op = t.lora
-    if op is None or op.dora or op.experts != 1 or t.bias_of is not None or t.tokens is not None:
+    if op is None or t.bias_of is not None or t.tokens is not None or not adapter.is_safetensors:
         return False
-    if not adapter.is_safetensors:
+    if any(p.lora is None or p.bias_of is not None for p in t.stacked):
+        return False
+    if t.replacement is not None and not adapter.single_file:
         return False
     if t.replacement is not None:  # e.g. an embedding whose base layer the adapter saved (save_embedding_layers)
         if tuple(adapter.shapes[t.replacement]) != t.shape:
@@ -151,6 +154,13 @@ def _kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> boo
     elif t.source is not None:
         start_dtype = checkpoint.info(t.source).dtype
     else:
+        return False
+    return all(_op_fits(o, t, start_dtype if o is op else t.dtype, adapter) for o in t.all_lora)
+
+
+def _op_fits(op: LoraOp, t: TensorPlan, start_dtype: str, adapter: Adapter) -> bool:
+    """One op of a tensor in the kernel: plain LoRA on one weight (a stacked op starts from the previous result)."""
+    if op.dora or op.experts != 1:
         return False
     a, b = op.module.a_key, op.module.b_key
     return kernel.supports(layer=op.kind, transposed=op.transpose, dtype=t.dtype, start_dtype=start_dtype, shape=t.shape,
@@ -166,7 +176,7 @@ def _quant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) 
         return False
     if not kernel.quantizes(method=q.scheme.method, blocksize=q.scheme.blocksize, dtype=t.dtype, shape=t.shape):
         return False
-    if t.bias_of is not None or t.tokens is not None:
+    if t.bias_of is not None or t.tokens is not None or t.stacked:
         return False
     return t.lora is None or _kernel_fits(t, checkpoint, adapter)
 
@@ -197,15 +207,14 @@ def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
     for step in lowered.steps:
         t = step.tensor
         if step.kind in (StepKind.KERNEL, StepKind.QUANT_KERNEL):
-            ab = 0
-            if t.lora is not None:
-                ab = 4 * (math.prod(adapter.shapes[t.lora.module.a_key]) + math.prod(adapter.shapes[t.lora.module.b_key]))
+            ab = sum(4 * (math.prod(adapter.shapes[op.module.a_key]) + math.prod(adapter.shapes[op.module.b_key]))
+                     for op in t.all_lora)
             absmax = 0
             if t.quant is not None:  # absmax and scale per block, fp32
                 absmax = 2 * 4 * math.prod(t.shape) // t.quant.scheme.blocksize
             kernel_peak = max(kernel_peak, 2 * BLOCK_BYTES + 2 * ab + absmax)
         elif step.kind in (StepKind.TORCH, StepKind.DEQUANT):
-            blocked = t.lora is None or (t.lora.kind in ("linear", "embedding") and not t.lora.dora)
+            blocked = all(op.kind in ("linear", "embedding") and not op.dora for op in t.all_lora)
             peak = step.nbytes * 3 if blocked else math.prod(t.shape) * 4 * 2 + step.nbytes * 3
             if step.kind is StepKind.DEQUANT:  # fp32 codes, scales and values of the whole weight
                 peak += math.prod(t.shape) * 4 * _DEQUANT_FP32_COPIES

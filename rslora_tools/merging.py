@@ -13,13 +13,14 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapter import Adapter, load_adapter
 from .initial import RelativeAdapter, relative_to_original, variant_name
+from .stacking import StackedAdapter, stack_adapters
 from .checkpoint import Checkpoint, CheckpointFiles, copy_side_files, side_files, write_index
 from .errors import InputError, MismatchError, OutputError
 from .executor import ProgressCallback, execute
@@ -85,6 +86,8 @@ class MergeReport:
     free_bytes: int | None = None  # free disk space where OUT goes
     verify: dict[str, Any] | None = None  # the verification of the fresh output (--verify)
     quantization: dict[str, Any] | None = None  # a quantized base dequantized, or --trained-on: scheme and measures
+    adapters: list[str] = field(default_factory=list)  # every adapter merged, in order (several: a stacked merge)
+    weights: list[float] = field(default_factory=list)  # each adapter's weight (its delta multiplied)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,9 +95,10 @@ class MergeReport:
 
 def merge(
     base: str | os.PathLike[str],
-    adapter: str | os.PathLike[str] | Adapter,
+    adapter: str | os.PathLike[str] | Adapter | Sequence[str | os.PathLike[str] | Adapter],
     out: str | os.PathLike[str],
     *,
+    weights: Sequence[float] | None = None,
     dtype: str | None = None,
     device: str = "cpu",
     max_shard_size: int | str | None = None,
@@ -116,8 +120,11 @@ def merge(
 
     Args:
         base: base model folder (safetensors, single file or sharded).
-        adapter: adapter folder (adapter_config.json + adapter_model.safetensors) or a loaded `Adapter`.
+        adapter: adapter folder (adapter_config.json + adapter_model.safetensors) or a loaded `Adapter`; or a list
+            of them: a stacked merge, in that order, as PEFT's merge_and_unload(adapter_names=[...]) (stacking.py).
         out: output folder; written atomically (a temporary folder beside it replaces it at the end).
+        weights: with several adapters, each one's delta multiplied by its weight (default 1), as PEFT's
+            set_scale(adapter, weight) does: scale = weight * alpha / sqrt(r) (or / r).
         dtype: output dtype for floating tensors ("bf16", "fp16", "fp32"); None or "auto" keeps the base's.
         device: "cpu" (the merge kernel, torch on the CPU for the rest), "cuda" (torch on the GPU for
             every computed tensor) or "auto" (the kernel where it applies, CUDA when present for the rest).
@@ -163,12 +170,24 @@ def merge(
     if initial is not None and base_is_residual:
         raise InputError("--initial and --base-is-residual exclude each other: the first merges into the original "
                          "base, the second into the residual base")
+    if isinstance(adapter, (list, tuple)):
+        if len(adapter) == 1 and weights is None:
+            adapter = adapter[0]
+        else:
+            if initial is not None:
+                raise InputError("--initial applies to one adapter; convert each PiSSA/OLoRA/CorDA/LoRA-GA adapter with "
+                                 "`convert --initial` first, then merge the converted adapters together")
+            adapter = stack_adapters([a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle)
+                                      for a in adapter], list(weights) if weights is not None else None)
+    elif weights is not None:
+        raise InputError("--weights goes with several adapters")
     options = MergeOptions(
         dtype=parse_dtype(dtype), device=device, max_shard_size=size, overwrite=overwrite,
         allow_pickle=allow_pickle, dry_run=dry_run, verify=verify, allow_nonfinite=allow_nonfinite,
         trained_on=scheme, initial=str(initial) if initial is not None else None, base_is_residual=base_is_residual,
         sources=sources or {}, progress=progress,
     )
+    assert isinstance(adapter, (str, os.PathLike, Adapter))
     return run_merge(base, adapter, Path(out), options)
 
 
@@ -229,6 +248,8 @@ def _write_output(folder: Path, checkpoint: Checkpoint, adapter: Adapter, plan: 
             "operation": "merge",
             "base": options.sources.get("base") or {"spec": str(checkpoint.folder)},
             "adapter": options.sources.get("adapter") or {"spec": str(adapter.path)},
+            **({"adapters": options.sources.get("adapters") or [{"spec": str(p.path)} for p in _parts(adapter)],
+                "weights": list(adapter.weights)} if isinstance(adapter, StackedAdapter) else {}),
             "convention": report.convention, "modules": report.modules,
             "scale_min": report.scale_min, "scale_max": report.scale_max, "dtype": report.dtype,
             **({"quantization": report.quantization} if report.quantization else {}),
@@ -254,7 +275,9 @@ def _report(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lower
         base=str(checkpoint.folder),
         adapter=str(adapter.path),
         out=str(out),
-        convention=adapter.config.convention,
+        convention=",".join(dict.fromkeys(p.config.convention for p in _parts(adapter))),
+        adapters=[str(p.path) for p in _parts(adapter)],
+        weights=list(adapter.weights) if isinstance(adapter, StackedAdapter) else [1.0],
         modules=len(plan.lora_ops),
         tensors_merged=sum(not s.tensor.untouched for s in steps),
         tensors_copied=sum(s.kind is StepKind.COPY_BASE for s in steps),
@@ -294,6 +317,10 @@ def _quantization(plan: Plan, checkpoint: Checkpoint, adapter: Adapter) -> dict[
     if not plan.prequantized:
         summary["measured"] = None  # after the merge (or by a dry run's sample): measured_quantization
     return summary
+
+
+def _parts(adapter: Adapter) -> list[Adapter]:
+    return adapter.parts if isinstance(adapter, StackedAdapter) else [adapter]
 
 
 def with_initial(adapter: str | os.PathLike[str] | Adapter, initial: str | os.PathLike[str],
@@ -355,9 +382,10 @@ def _changes(lowered: Lowered) -> list[dict[str, Any]]:
                        else f"dequantized ({t.quant.scheme.method})")
         if t.replacement is not None:
             how.append(f"replaced by adapter tensor {t.replacement}")
-        if t.lora is not None:
-            how.append(("DoRA" if t.lora.dora else "LoRA") + f" ({t.lora.kind})")
-        if t.bias_of is not None:
+        for each in t.all_lora:
+            how.append(("DoRA" if each.dora else "LoRA") + f" ({each.kind})" + (f" at scale {each.scale.scale:g}"
+                                                                              if t.stacked else ""))
+        if t.bias_of is not None or any(p.bias_of is not None for p in t.stacked):
             how.append("lora_bias")
         if t.tokens is not None:
             how.append(f"{len(t.tokens[1])} trainable token rows")

@@ -85,16 +85,24 @@ class TensorPlan:
     dtype: str = ""
     shape: tuple[int, ...] = ()
     quant: QuantSource | None = None  # the base value is dequantized (or quantized as in training) first
+    # a stacked merge (stacking.py): later adapters' LoRA / lora_bias on this tensor, applied in order after the above
+    stacked: list[TensorPlan] = field(default_factory=list)
 
     @property
     def untouched(self) -> bool:
         return (self.replacement is None and self.lora is None and self.bias_of is None and self.tokens is None
-                and self.quant is None)
+                and self.quant is None and not self.stacked)
 
     @property
     def replaced_whole(self) -> bool:
         """The adapter gives the whole value, with nothing applied on top (modules_to_save, saved biases)."""
-        return self.replacement is not None and self.lora is None and self.bias_of is None and self.tokens is None
+        return (self.replacement is not None and self.lora is None and self.bias_of is None and self.tokens is None
+                and not self.stacked)
+
+    @property
+    def all_lora(self) -> list[LoraOp]:
+        """Every LoRA op on this tensor, in the order they are merged (one, unless stacked)."""
+        return [op for p in (self, *self.stacked) for op in (p.lora,) if op is not None]
 
 
 @dataclass
@@ -116,4 +124,4 @@ class Plan:
 
     @property
     def lora_ops(self) -> list[LoraOp]:
-        return [t.lora for t in self.tensors if t.lora is not None]
+        return [op for t in self.tensors for op in t.all_lora]

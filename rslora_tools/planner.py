@@ -22,6 +22,7 @@ from .plan import TORCH_DTYPE_NAMES, Plan, TensorPlan, output_dtype
 from .quant_formats import QuantScheme, dtype_from_name
 from .quant_plan import QuantPlan, merge_dtype, output_shape, plan_quantization
 from .safetensors_file import FLOAT_DTYPES, tensor_nbytes
+from .stacking import StackedAdapter, fold_plans
 from .ties import TieState
 
 
@@ -39,17 +40,21 @@ def plan_merge(
     """Open both inputs (unless given opened) and plan the merge (headers, config and quant states only).
 
     `dtype` is a parsed dtype (plan.parse_dtype): None keeps the base's. A quantized base is
-    dequantized; `trained_on` quantizes an unquantized base's weights as they were in training. A PiSSA/OLoRA/
+    dequantized; `trained_on` quantizes an unquantized base's weights as they were in training. A StackedAdapter
+    is planned adapter by adapter and folded (stacking.fold_plans). A PiSSA/OLoRA/
     CorDA/LoRA-GA adapter is refused unless it was made relative to the original base (initial.relative_to_original)
     or `base_is_residual` says BASE is its residual base.
     """
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
-    require_plain(adapter, base_is_residual=base_is_residual)
+    parts = adapter.parts if isinstance(adapter, StackedAdapter) else [adapter]
+    for part in parts:
+        require_plain(part, base_is_residual=base_is_residual)
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     quant = plan_quantization(checkpoint, trained_on)
-    plan = build_plan(checkpoint, adapter, dtype=dtype, max_shard_size=max_shard_size,
-                      collect_unmatched=collect_unmatched, quant=quant)
+    plans = [build_plan(checkpoint, part, dtype=dtype, max_shard_size=max_shard_size,
+                        collect_unmatched=collect_unmatched, quant=quant) for part in parts]
+    plan = fold_plans(adapter, plans) if isinstance(adapter, StackedAdapter) else plans[0]
     return checkpoint, adapter, plan
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
@@ -29,6 +30,7 @@ from .planner import plan_merge
 from .provenance import read_provenance
 from .quant_formats import QuantScheme, trained_on_scheme
 from .safetensors_file import FLOAT_DTYPES, has_torch_dtype, read_into, tensor_nbytes, torch_dtype_name
+from .stacking import stack_adapters
 
 if TYPE_CHECKING:
     import torch
@@ -85,8 +87,9 @@ class VerifyReport:
 def verify(
     merged: str | os.PathLike[str],
     base: str | os.PathLike[str],
-    adapter: str | os.PathLike[str] | Adapter,
+    adapter: str | os.PathLike[str] | Adapter | Sequence[str | os.PathLike[str] | Adapter],
     *,
+    weights: Sequence[float] | None = None,
     sample: int | None = None,
     allow_pickle: bool = False,
     progress: ProgressCallback | None = None,
@@ -99,7 +102,8 @@ def verify(
     Args:
         merged: the merged model folder to check.
         base: the base model folder.
-        adapter: the adapter folder, or a loaded `Adapter`.
+        adapter: the adapter folder, or a loaded `Adapter`; or a list of them (a stacked merge, in its order).
+        weights: with several adapters, the weights the merge was given (default 1 each).
         sample: check only this many tensors, spread over the model (changed ones first).
         allow_pickle: read an adapter that exists only as `adapter_model.bin` (weights_only).
         progress: called as `progress(bytes_checked_now, total_bytes)` after each tensor.
@@ -112,7 +116,14 @@ def verify(
         A `VerifyReport`: per tensor exact, within rounding or mismatch, and the folder's problems.
     """
     started = time.monotonic()
-    adapter_obj = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    if isinstance(adapter, (list, tuple)):
+        adapter_obj: Adapter = stack_adapters([a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle)
+                                               for a in adapter], list(weights) if weights is not None else None)
+    elif isinstance(adapter, Adapter):
+        adapter_obj = adapter
+    else:
+        assert isinstance(adapter, (str, os.PathLike))
+        adapter_obj = load_adapter(adapter, allow_pickle=allow_pickle)
     if initial is not None:
         adapter_obj = relative_to_original(adapter_obj, load_adapter(initial, allow_pickle=allow_pickle))
     problems: list[str] = []

@@ -17,7 +17,7 @@ STAGES = {
     0: ("errors", "__init__"),
     1: ("sizes", "safetensors_file", "checkpoint", "output", "provenance", "hub_refs", "quant_formats"),
     2: ("scaling", "adapter_config", "adapter", "module_scales", "runtimes"),
-    3: ("plan", "placement", "ties", "quant_plan", "planner", "config_rewrite", "initial"),
+    3: ("plan", "placement", "ties", "quant_plan", "planner", "config_rewrite", "initial", "stacking"),
     4: ("kernel", "compute", "dequantize", "finite"),
     5: ("lowering", "executor"),
     6: ("verification", "merging", "gguf_export", "conversion", "inspection", "card", "hub"),

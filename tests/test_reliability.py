@@ -233,6 +233,13 @@ def pissa_init(edit: Callable[[dict], None]):
     return build
 
 
+def two_adapters_saving_lm_head(tmp: Path) -> list:
+    first = edit_adapter_tensors(tmp, lambda x: x.update({"base_model.model.lm_head.weight": torch.zeros(64, 32)}))
+    second = tmp / "second"
+    shutil.copytree(first, second)
+    return ["merge", base_copy(tmp), first, second, tmp / "out"]
+
+
 def nonfinite(value: float):
     def edit(t):
         t[Q_A][0, 0] = value
@@ -276,6 +283,9 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
     ("--initial with a plain LoRA adapter", lambda t: ["merge", base_copy(t), adapter_copy(t), t / "out", "--initial",
                                                        adapter_copy(t)]),
     ("--initial and --base-is-residual together", lambda t: [*pissa_init(lambda c: None)(t), "--base-is-residual"]),
+    ("two adapters save the same tensor (modules_to_save)", two_adapters_saving_lm_head),
+    ("--weights with the wrong count", lambda t: ["merge", base_copy(t), adapter_copy(t), adapter_copy(t), t / "out",
+                                                  "--weights", "1,2,3"]),
     ("NaN in adapter weights", merge_args(adapter=nonfinite(float("nan")))),
     ("Inf in adapter weights", merge_args(adapter=nonfinite(float("inf")))),
     ("adapter tensor with an impossible shape", merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: x.update({Q_A: torch.zeros(8)})))),

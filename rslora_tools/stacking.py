@@ -1,0 +1,172 @@
+"""Stage 3, plan: several adapters merged into one base in one pass (`merge BASE ADAPTER1 ADAPTER2 ... OUT`).
+
+PEFT's stacked merge (`merge_and_unload(adapter_names=[...])`) merges the adapters one after
+another into each weight, rounding to the weight's dtype after each (docs/peft-rules.md,
+"Several adapters"). Here each adapter is planned alone, as for a single merge; the plans are
+then folded tensor by tensor: the first adapter's plan is the tensor's plan, and every later
+adapter's LoRA and lora_bias on the same tensor go to `TensorPlan.stacked`, in order. Adapter
+keys are namespaced ("<i>/<key>") so that one `StackedAdapter` reads every adapter's tensors.
+
+Refused with a one-line reason, because PEFT's result would depend on which adapter is active
+rather than on the order the user gave: two adapters that replace the same tensor or one that
+replaces a tensor another adapter changes (modules_to_save, trained biases, grown vocabularies,
+trainable tokens), and plans whose output tensors or config changes differ (a tie one adapter
+unties, a vocabulary one adapter grows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .adapter import Adapter, LoraModule
+from .errors import InputError, UnsupportedAdapterError
+from .plan import LoraOp, Plan, TensorPlan
+from .scaling import ModuleScale
+
+if TYPE_CHECKING:
+    import torch
+
+_SEP = "/"
+
+
+def _key(index: int, key: str) -> str:
+    return f"{index}{_SEP}{key}"
+
+
+@dataclass
+class StackedAdapter(Adapter):
+    """Several adapters read as one: keys "<i>/<key>" name adapter i's tensors; config, path: the first adapter's."""
+
+    parts: list[Adapter] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    @property
+    def on_disk(self) -> bool:
+        return False
+
+    @property
+    def single_file(self) -> bool:
+        return False
+
+    @property
+    def sources(self) -> list[Adapter]:
+        return [source for part in self.parts for source in part.sources]
+
+    def _split(self, key: str) -> tuple[Adapter, str]:
+        index, _, own = key.partition(_SEP)
+        return self.parts[int(index)], own
+
+    def tensor(self, key: str) -> torch.Tensor:
+        part, own = self._split(key)
+        return part.tensor(own)
+
+    def tensor_bytes(self, key: str) -> bytearray:
+        part, own = self._split(key)
+        return part.tensor_bytes(own)
+
+
+def stack_adapters(adapters: list[Adapter], weights: list[float] | None = None) -> StackedAdapter:
+    """The adapters as one StackedAdapter (weights: each adapter's delta multiplied, as PEFT's set_scale does)."""
+    if len(adapters) < 2:
+        raise InputError("a stacked merge needs at least two adapters")
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise InputError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise InputError("--weights must be finite numbers")
+    shapes = {_key(i, k): v for i, a in enumerate(adapters) for k, v in a.shapes.items()}
+    dtypes = {_key(i, k): v for i, a in enumerate(adapters) for k, v in a.dtypes.items()}
+    first = adapters[0]
+    return StackedAdapter(first.path, first.weights_path, first.config, shapes, dtypes, _header=first._header,
+                          parts=list(adapters), weights=weights)
+
+
+def fold_plans(stacked: StackedAdapter, plans: list[Plan]) -> Plan:
+    """One plan for the stacked merge, from each adapter's own plan (see the module)."""
+    first = plans[0]
+    names = [t.name for t in first.tensors]
+    for i, plan in enumerate(plans[1:], start=1):
+        if [t.name for t in plan.tensors] != names or plan.index_metadata != first.index_metadata:
+            raise UnsupportedAdapterError(
+                f"{stacked.parts[i].path}: this adapter changes which tensors the merged model has (it unties or grows "
+                "an embedding, or adds a tensor) differently from the first adapter; merge them one at a time")
+        conflicts = {k for k in plan.config_updates.keys() & first.config_updates.keys()
+                     if plan.config_updates[k] != first.config_updates[k]}
+        if conflicts:
+            raise UnsupportedAdapterError(f"{stacked.parts[i].path}: its merge changes config.json's "
+                                          f"{sorted(conflicts)[0]} differently from the first adapter's")
+    folded: list[tuple[str, list[TensorPlan]]] = []
+    per_adapter = [{t.name: _namespaced(t, i, stacked.weights[i]) for t in plan.tensors} for i, plan in enumerate(plans)]
+    for shard, tensors in first.shards:
+        folded.append((shard, [_fold_tensor([p[t.name] for p in per_adapter], stacked) for t in tensors]))
+    result = dataclasses.replace(first, shards=folded)
+    later = sorted({t.name for plan in plans[1:] for t in plan.tensors if t.replacement is not None})
+    if later:
+        result.notes = result.notes + [
+            f"tensors saved whole by a later adapter applied ({', '.join(later[:3])}{', ...' if len(later) > 3 else ''}); "
+            "PEFT's stacked merge keeps modules_to_save of the active (first loaded) adapter only, and would drop them"]
+    for plan in plans[1:]:
+        result.config_updates = {**result.config_updates, **plan.config_updates}
+        result.notes = result.notes + [n for n in plan.notes if n not in result.notes]
+        result.warnings = result.warnings + [w for w in plan.warnings if w not in result.warnings]
+        result.unmatched = result.unmatched + plan.unmatched
+    return result
+
+
+def _fold_tensor(versions: list[TensorPlan], stacked: StackedAdapter) -> TensorPlan:
+    """One tensor's plan: the first adapter that changes it starts it, the later ones' ops are stacked on it."""
+    changing = [(i, t) for i, t in enumerate(versions) if _changes(t)]
+    if len(changing) <= 1:
+        return changing[0][1] if changing else versions[0]
+    for i, t in changing:
+        if t.replacement is not None or t.tokens is not None:
+            raise UnsupportedAdapterError(
+                f"{stacked.parts[i].path}: {t.name!r} is replaced by this adapter (modules_to_save, a saved tensor or "
+                "trainable tokens) and changed by another one; PEFT's result would depend on which adapter is active, "
+                "not on their order; merge them one at a time in the order you want")
+    start = dataclasses.replace(changing[0][1], stacked=[])
+    for i, t in changing[1:]:
+        if t.lora is not None and t.lora.dora and (start.lora is not None or start.stacked):
+            if t.lora.kind != "linear":
+                raise UnsupportedAdapterError(f"{stacked.parts[i].path}: DoRA on {t.name!r} ({t.lora.kind}) after "
+                                              "another adapter's change to it is not supported")
+        start.stacked.append(TensorPlan(t.name, t.source, lora=t.lora, bias_of=t.bias_of, dtype=t.dtype, shape=t.shape))
+    return start
+
+
+def _changes(t: TensorPlan) -> bool:
+    return t.replacement is not None or t.lora is not None or t.bias_of is not None or t.tokens is not None
+
+
+def _namespaced(t: TensorPlan, index: int, weight: float) -> TensorPlan:
+    """A copy of adapter `index`'s tensor plan whose adapter keys read through the StackedAdapter."""
+    ops: dict[int, LoraOp] = {}
+
+    def op(o: LoraOp | None) -> LoraOp | None:
+        if o is None:
+            return None
+        if id(o) not in ops:
+            module = o.module
+            renamed = LoraModule(**{**dataclasses.asdict(module), **{f: _key(index, getattr(module, f))
+                                                                      for f in _KEY_FIELDS if getattr(module, f)}})
+            ops[id(o)] = dataclasses.replace(o, module=renamed, scale=_weighted(o, weight))
+        return ops[id(o)]
+
+    tokens = (_key(index, t.tokens[0]), t.tokens[1]) if t.tokens is not None else None
+    replacement = _key(index, t.replacement) if t.replacement is not None else None
+    return dataclasses.replace(t, lora=op(t.lora), bias_of=op(t.bias_of), tokens=tokens, replacement=replacement)
+
+
+_KEY_FIELDS = tuple(f.name for f in dataclasses.fields(LoraModule) if f.name.endswith("_key"))
+
+
+def _weighted(op: LoraOp, weight: float) -> ModuleScale:
+    """The op's scale times `weight` in PEFT's set_scale order: weight * alpha / sqrt(r) (or / r)."""
+    if weight == 1.0:
+        return op.scale
+    s = op.scale
+    value = weight * s.alpha / math.sqrt(s.r) if s.use_rslora else weight * s.alpha / s.r
+    return dataclasses.replace(s, scale=value)
