@@ -308,9 +308,9 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     BASE may be `auto`: the base the adapter records. Only what the merge reads is downloaded.
 
     Several adapters (ADAPTER1 ADAPTER2 ... OUT) are merged one after another in one pass, each
-    with its own convention, patterns and DoRA, exactly as PEFT's merge_and_unload(adapter_names=
-    [...]); --weights scales each one's delta. Two adapters that replace the same tensor
-    (modules_to_save, trainable tokens) are refused.
+    with its own convention, patterns and DoRA, exactly as PEFT's stacked merge
+    (merge_and_unload(adapter_names=[...])); --weights scales each one's delta. Two adapters that
+    replace the same tensor (modules_to_save, trainable tokens) are refused.
 
     PiSSA, OLoRA, CorDA and LoRA-GA adapters were trained on a residual base: --initial INIT
     merges them into the original BASE, --base-is-residual into a residual BASE you saved.
