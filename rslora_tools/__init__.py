@@ -28,6 +28,7 @@ _EXPORTS = {
     "RsloraError": "errors", "UnsupportedAdapterError": "errors", "HubError": "errors",
     "MergeOptions": "merging", "MergeReport": "merging", "merge": "merging",
     "ConvertReport": "conversion", "convert": "conversion",
+    "CombineReport": "combining", "combine": "combining",
     "VerifyReport": "verification", "verify": "verification",
     "InspectReport": "inspection", "inspect_adapter": "inspection",
     "PushReport": "hub", "push": "hub",
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .adapter import Adapter, load_adapter  # noqa: F401
     from .adapter_config import AdapterConfig  # noqa: F401
     from .checkpoint import Checkpoint, open_checkpoint  # noqa: F401
+    from .combining import CombineReport, combine  # noqa: F401
     from .conversion import ConvertReport, convert  # noqa: F401
     from .errors import (  # noqa: F401
         AdapterConfigError,

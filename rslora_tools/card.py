@@ -54,6 +54,8 @@ def _hub_id(source: Any) -> str | None:
 
 
 def _describe(source: Any) -> str:
+    if isinstance(source, dict) and isinstance(source.get("combined"), list):
+        return f"a combination ({source.get('method', '?')}) of {_describe_all(source['combined'], source.get('weights'))}"
     if isinstance(source, dict):
         if source.get("repo_id"):
             rev = f" at revision `{source['revision']}`" if source.get("revision") else ""
@@ -63,13 +65,23 @@ def _describe(source: Any) -> str:
     return f"`{source}`" if source else "unknown"
 
 
+def _describe_all(sources: list[Any], weights: Any = None) -> str:
+    described = [_describe(x) for x in sources]
+    if isinstance(weights, list) and len(weights) == len(described) and any(w != 1.0 for w in weights):
+        described = [f"{d} (weight {w:g})" for d, w in zip(described, weights)]
+    return ", ".join(described)
+
+
 def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None) -> str:
     name = repo_id.split("/")[-1]
     version = prov.get("version", __version__)
     lines = [f"# {name}", ""]
     if prov.get("operation") == "merge":
+        stacked = isinstance(prov.get("adapters"), list)
+        what = (f"the LoRA adapters {_describe_all(prov['adapters'], prov.get('weights'))}, merged one after another,"
+                if stacked else f"the LoRA adapter {_describe(prov.get('adapter'))}")
         lines += [
-            f"This model is the LoRA adapter {_describe(prov.get('adapter'))} merged into "
+            f"This model is {what} merged into "
             f"{_describe(prov.get('base'))} with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
             "The merged weights equal PEFT's `merge_and_unload()` bit for bit.",
             "",
@@ -82,6 +94,15 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
         lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
+    elif is_adapter and prov.get("operation") == "combine":
+        lines += [
+            f"A PEFT LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''} combining "
+            f"{_describe_all(prov.get('adapters') or [], prov.get('weights'))} by `{prov.get('method', '?')}`, made "
+            f"with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
+            "Its factors carry every input's scale and weight; its config gives every module scale 1.",
+            "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
+        ]
     elif is_adapter:
         what = prov.get("message") or "converted"
         lines += [

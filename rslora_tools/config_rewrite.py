@@ -13,10 +13,10 @@ import math
 from collections import Counter
 from typing import Any
 
-from .adapter import Adapter
+from .adapter import Adapter, LoraModule
 from .errors import UnsupportedAdapterError
 from .module_scales import ModuleEntry
-from .scaling import matching_keys, scale, scale_in, unstable_patterns
+from .scaling import ModuleScale, matching_keys, scale, scale_in, unstable_patterns
 
 
 def alpha_for_scale(target: float, r: int, use_rslora: bool) -> int | float:
@@ -77,6 +77,22 @@ def unit_config(adapter: Adapter, entries: list[ModuleEntry], *, global_alpha_on
     if global_alpha_only:
         new["lora_alpha"] = new["r"]
         new["alpha_pattern"] = {}
+    return new
+
+
+def scale_one_config(fields: dict[str, Any], ranks: dict[str, int], *, use_rslora: bool = False) -> dict[str, Any]:
+    """A config whose modules (name -> rank) all get scale 1 in every PEFT version: classic with alpha = rank, or
+    rsLoRA with alpha = sqrt(rank) (alpha / sqrt(r) is then exactly 1.0). Used for factors that carry their scale."""
+    entries = []
+    for name, r in ranks.items():
+        alpha = math.sqrt(r) if use_rslora else r
+        scale_ = ModuleScale(r=r, alpha=alpha, scale=1.0, use_rslora=use_rslora, rank_key=None, alpha_key=None)
+        entries.append(ModuleEntry(LoraModule(name), name, r, scale_))
+    fields = dict(fields, use_rslora=use_rslora, rank_pattern={}, alpha_pattern={})
+    new = _rewrite_canonical(fields, entries, use_rslora, [e.scale.alpha for e in entries])
+    if not _keeps_scales(new, entries):
+        raise UnsupportedAdapterError("no config gives every combined module scale 1 (module names that match each "
+                                      "other as patterns)")
     return new
 
 

@@ -260,3 +260,22 @@ def test_offline_with_a_cached_base_missing_one_shard_names_the_shard(hub, tmp_p
     result = run("merge", "org/sharded", "org/adapter", tmp_path / "offline", code=1)
     assert "model-00002-of-00002.safetensors" in result.output and "no model.safetensors" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_combine_from_the_hub_and_push(hub, tmp_path):
+    run("combine", "org/adapter", ADAPTER, tmp_path / "combined", "--weights", "0.5,0.5", "--push-to-hub",
+        "me/combined")
+    remote = hub.files("me/combined")
+    assert set(remote) >= {"adapter_config.json", "adapter_model.safetensors", "README.md", "rslora_tools.json"}
+    card = remote["README.md"].decode()
+    assert "library_name: peft" in card and "base_model:adapter:org/base" in card
+    assert "combining" in card and "org/adapter" in card and "weight 0.5" in card
+    provenance = json.loads(remote["rslora_tools.json"])
+    assert provenance["operation"] == "combine" and provenance["adapters"][0]["repo_id"] == "org/adapter"
+
+
+def test_stacked_merge_card_names_every_adapter(hub, tmp_path):
+    run("merge", "org/base", "org/adapter", ADAPTER, tmp_path / "stacked", "--weights", "1,-1", "--push-to-hub",
+        "me/stacked")
+    card = hub.files("me/stacked")["README.md"].decode()
+    assert "merged one after another" in card and "org/adapter" in card and "weight -1" in card
