@@ -13,6 +13,13 @@ by PEFT), then measures wall time and peak RSS (/usr/bin/time -v) of:
 checks that rslora-tools' output equals PEFT's tensor for tensor (and the as-trained output
 equals the torch path's, which the tests prove equal to bitsandbytes), repeats with twice the
 layers, and writes the table to docs/benchmarks.md.
+
+Several adapters (at the first size): a second adapter (r=16, classic) is built, and
+  stacked merge        rslora-tools merge BASE A B OUT
+  peft stacked merge   PEFT: load_adapter for each, merge_and_unload(adapter_names=[a, b]), save
+  combine cat / svd    rslora-tools combine A B OUT [--method svd --rank 16]
+  peft combine cat / svd   PEFT: add_weighted_adapter on the loaded model, save that adapter
+are timed the same way; the stacked merge is checked against PEFT's tensor for tensor.
 """
 
 from __future__ import annotations
@@ -42,6 +49,31 @@ base, adapter, out = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 merged.save_pretrained(out, max_shard_size="500MB")
+"""
+
+
+PEFT_STACKED_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, first, second, out = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, first, adapter_name="a")
+model.load_adapter(second, adapter_name="b")
+model.merge_and_unload(adapter_names=["a", "b"]).save_pretrained(out, max_shard_size="500MB")
+"""
+
+PEFT_COMBINE_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, first, second, out, method = sys.argv[1:6]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, first, adapter_name="a")
+model.load_adapter(second, adapter_name="b")
+extra = {"svd_rank": 16} if method == "svd" else {}
+model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "c", combination_type=method, **extra)
+model.save_pretrained(out, selected_adapters=["c"])
 """
 
 
@@ -82,8 +114,8 @@ def build_base(folder: Path, layers: int) -> None:
     config.save_pretrained(folder)
 
 
-def build_adapter(base: Path, folder: Path) -> None:
-    """An r=16 rsLoRA adapter on all linear layers, created and saved by PEFT (weights random)."""
+def build_adapter(base: Path, folder: Path, *, use_rslora: bool = True, seed: int = 1) -> None:
+    """An r=16 rsLoRA (or classic) adapter on all linear layers, created and saved by PEFT (weights random)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -91,9 +123,9 @@ def build_adapter(base: Path, folder: Path) -> None:
     config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    lora = LoraConfig(r=16, lora_alpha=32, use_rslora=True, target_modules="all-linear")
+    lora = LoraConfig(r=16, lora_alpha=32, use_rslora=use_rslora, target_modules="all-linear")
     peft_model = get_peft_model(model, lora)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     for module in peft_model.modules():
         for attr in ("lora_A", "lora_B"):
             holder = getattr(module, attr, None)
@@ -179,19 +211,8 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int, check_traine
             commands[name] = [*merge, str(out), "-q", *trained_flags(name)]
         elif not skip_peft:
             commands[name] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
-    rows: dict[str, tuple[float, float]] = {}  # each command's fastest wall time and largest peak RSS
-    walls: dict[str, list[float]] = {name: [] for name in commands}  # every run, to show the spread
-    for run in range(repeat):  # interleaved, so that slow spells of the machine hit every command alike
-        for name, cmd in commands.items():
-            print(f"  {name} ({layers} layers, run {run + 1}/{repeat}) ...", flush=True)
-            for other in commands:  # every run starts alike: no earlier output filling the page cache,
-                shutil.rmtree(work / f"{TOOLS.index(other)}-{layers}", ignore_errors=True)
-            os.sync()  # no dirty pages left by the previous run,
-            warm(base)  # and the base in the page cache
-            wall, rss = timed(cmd, env)
-            walls[name].append(wall)
-            best_wall, peak_rss = rows.get(name, (wall, rss))
-            rows[name] = (min(best_wall, wall), max(peak_rss, rss))
+    outputs = {name: work / f"{TOOLS.index(name)}-{layers}" for name in commands}
+    rows, walls = time_interleaved(commands, outputs, base, env, repeat, f"{layers} layers")
     equal: dict[str, bool | None] = {}
     ours = work / f"{TOOLS.index('rslora-tools')}-{layers}"
     if "peft" in rows:  # the last PEFT output is still there: merge once more (untimed) and compare
@@ -212,6 +233,89 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int, check_traine
     return {"layers": layers, "params": params, "size_gb": size_gb, "rows": rows, "walls": walls, "equal": equal}
 
 
+def time_interleaved(commands: dict[str, list[str]], outputs: dict[str, Path], base: Path, env: dict, repeat: int,
+                     label: str) -> tuple[dict[str, tuple[float, float]], dict[str, list[float]]]:
+    """Each command's fastest wall time and largest peak RSS, and every run's wall time."""
+    rows: dict[str, tuple[float, float]] = {}
+    walls: dict[str, list[float]] = {name: [] for name in commands}  # every run, to show the spread
+    for run in range(repeat):  # interleaved, so that slow spells of the machine hit every command alike
+        for name, cmd in commands.items():
+            print(f"  {name} ({label}, run {run + 1}/{repeat}) ...", flush=True)
+            for out in outputs.values():  # every run starts alike: no earlier output filling the page cache,
+                shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # no dirty pages left by the previous run,
+            warm(base)  # and the base in the page cache
+            wall, rss = timed(cmd, env)
+            walls[name].append(wall)
+            best_wall, peak_rss = rows.get(name, (wall, rss))
+            rows[name] = (min(best_wall, wall), max(peak_rss, rss))
+    return rows, walls
+
+
+SEVERAL = ["stacked merge", "peft stacked merge", "combine cat", "combine svd r16", "peft combine cat",
+           "peft combine svd r16"]
+
+
+def run_several(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
+    """Two r=16 adapters (rsLoRA, classic) on the same base: stacked merge and combine, ours and PEFT's."""
+    base = CACHE / f"tinyllama-{layers}l-bf16"
+    first = CACHE / f"tinyllama-{layers}l-rslora-r16"
+    second = CACHE / f"tinyllama-{layers}l-classic-r16"
+    if not (second / "adapter_model.safetensors").exists():
+        print(f"building the second adapter in {second} ...", flush=True)
+        build_adapter(base, second, use_rslora=False, seed=2)
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    tool = [sys.executable, "-m", "rslora_tools"]
+    outputs = {name: work / f"several-{SEVERAL.index(name)}" for name in SEVERAL}
+    commands = {
+        "stacked merge": [*tool, "merge", str(base), str(first), str(second), str(outputs["stacked merge"]), "-q"],
+        "combine cat": [*tool, "combine", str(first), str(second), str(outputs["combine cat"]), "-q"],
+        "combine svd r16": [*tool, "combine", str(first), str(second), str(outputs["combine svd r16"]), "-q",
+                            "--method", "svd", "--rank", "16"],
+    }
+    peft_svd = None
+    if not skip_peft:
+        def peft_combine(method: str, name: str) -> list[str]:
+            return [sys.executable, "-c", PEFT_COMBINE_SCRIPT, str(base), str(first), str(second), str(outputs[name]),
+                    method]
+
+        commands["peft combine cat"] = peft_combine("cat", "peft combine cat")
+        commands["peft stacked merge"] = [sys.executable, "-c", PEFT_STACKED_SCRIPT, str(base), str(first), str(second),
+                                          str(outputs["peft stacked merge"])]  # last: its output is compared
+        peft_svd = peft_combine("svd", "peft combine svd r16")
+    rows, walls = time_interleaved(commands, outputs, base, env, repeat, f"{layers} layers, two adapters")
+    equal: dict[str, bool | None] = {}
+    if "peft stacked merge" in rows:  # the last PEFT output is still there
+        subprocess.run(commands["stacked merge"], env=env, check=True)
+        equal["stacked merge"] = same_tensors(outputs["stacked merge"], outputs["peft stacked merge"])
+    if peft_svd is not None:  # several minutes (a full SVD per module): timed once
+        more_rows, more_walls = time_interleaved({"peft combine svd r16": peft_svd}, outputs, base, env, 1,
+                                                 f"{layers} layers, two adapters")
+        rows.update(more_rows)
+        walls.update(more_walls)
+    for out in outputs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    params = json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"] / 2
+    return {"layers": layers, "params": params, "rows": rows, "walls": walls, "equal": equal}
+
+
+def render_several(r: dict) -> list[str]:
+    lines = ["## Several adapters", "",
+             f"{r['params'] / 1e9:.2f}B params, {r['layers']} layers: two r=16 adapters on all linear layers (one rsLoRA, "
+             "one classic). PEFT's stacked merge and add_weighted_adapter need the model loaded (bf16); its `svd` "
+             "is a full SVD of every module's delta (run once: it takes minutes), ours works on the factors "
+             "(docs/combining.md). PEFT's combined adapters here are sqrt(new rank) times too strong (the first input is "
+             "rsLoRA); they are timed, not used.", "",
+             "| run | wall (s) | peak RSS (MB) | output check | every run (s) |", "|---|---:|---:|---|---|"]
+    for name, (wall, rss) in r["rows"].items():
+        same = r["equal"].get(name)
+        eq = "" if same is None else ("equals PEFT (torch.equal, every tensor)" if same else "NO")
+        runs = ", ".join(f"{w:.1f}" for w in r["walls"][name])
+        lines.append(f"| {name} | {wall:.1f} | {rss:.0f} | {eq} | {runs} |")
+    lines.append("")
+    return lines
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -225,7 +329,7 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def render(results: list[dict], gpu_note: str) -> str:
+def render(results: list[dict], gpu_note: str, several: dict | None = None) -> str:
     lines = [
         "# Merge benchmark",
         "",
@@ -269,6 +373,8 @@ def render(results: list[dict], gpu_note: str) -> str:
             lines.append(f"As trained vs plain merge at {r['params'] / 1e9:.2f}B: " + ", ".join(parts) + ".")
     lines += ["", "Double quantization computes the mean of the absmax values with torch, exactly as bitsandbytes "
               "does, so that run imports torch (about 1.7 s here, whatever the model size).", ""]
+    if several is not None:
+        lines += render_several(several)
     lines += ["## GPU", "", gpu_note, ""]
     return "\n".join(lines)
 
@@ -280,15 +386,17 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true", help="do not run the PEFT path")
     parser.add_argument("--skip-trained-check", action="store_true",
                         help="do not compare the as-trained output with the torch path (about a minute)")
+    parser.add_argument("--skip-several", action="store_true", help="do not run the several-adapters benchmark")
     parser.add_argument("--work", type=Path, default=CACHE / "work", help="scratch folder for outputs")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md", help="where to write the table")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     check = [] if args.skip_trained_check else args.layers
     results = [run_size(layers, args.work, args.skip_peft, args.repeat, check) for layers in args.layers]
+    several = None if args.skip_several else run_several(args.layers[0], args.work, args.skip_peft, args.repeat)
     gpu_note_file = ROOT / "benchmarks" / "gpu_note.md"
     gpu_note = gpu_note_file.read_text().strip() if gpu_note_file.exists() else "Not measured."
-    text = render(results, gpu_note)
+    text = render(results, gpu_note, several)
     print(text)
     args.write.parent.mkdir(parents=True, exist_ok=True)
     args.write.write_text(text)

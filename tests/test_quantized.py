@@ -560,3 +560,18 @@ def test_prequantized_bf16_quant_storage_and_dtype_override(qbase, qadapter, tmp
     for key in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
         assert merged[key].dtype == torch.float32 and torch.equal(merged[key], expected[key])
     assert run("verify", tmp_path / "fp32", base, qadapter).exit_code == 0
+
+
+def test_stacked_merge_into_a_quantized_base_equals_peft(prequantized, qadapter, qv_adapter, tmp_path):
+    """Two QLoRA adapters stacked on one NF4 base: dequantized, then merged one after another (PEFT's order)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = prequantized["nf4-double-quant"]
+    result = run("merge", base, qadapter, qv_adapter, tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).dequantize(dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(model, str(qadapter), adapter_name="a")
+    model.load_adapter(str(qv_adapter), adapter_name="b")
+    expected = unique_tensors(model.merge_and_unload(adapter_names=["a", "b"]).state_dict())
+    assert_same_tensors(read_folder(tmp_path / "out"), expected)
