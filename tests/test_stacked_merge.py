@@ -175,3 +175,24 @@ def test_verify_command_with_several_adapters_and_weights(setup, tmp_path):
     assert report["verdict"] == "exact", report["problems"]
     wrong = run("verify", out, base, *paths, "--json", ok=False)  # without the weights: not this merge
     assert wrong.exit_code == 1 and json.loads(wrong.stdout)["verdict"] == "mismatch"
+
+
+def test_trainable_tokens_of_one_adapter_are_applied_where_peft_cannot_stack_them(tmp_path):
+    """PEFT 0.21.2 cannot stack an adapter with trainable tokens and one without: load_adapter or merge_and_unload
+    raises KeyError, in either order. rslora-tools merges them: each tensor as the adapter that changes it merges it."""
+    base = make_llama(tmp_path / "base")
+    a = make_adapter(base, tmp_path / "a", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                      init_lora_weights=False), seed=1)
+    b = make_adapter(base, tmp_path / "b", LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"],
+                                                      trainable_token_indices={"embed_tokens": [1, 5]},
+                                                      init_lora_weights=False), seed=2)
+    for order in ([a, b], [b, a]):
+        with pytest.raises(KeyError):
+            peft_stacked(base, order)
+    run("merge", base, a, b, tmp_path / "ab")
+    run("merge", base, a, tmp_path / "a-only")
+    run("merge", base, b, tmp_path / "b-only")
+    stacked, only_a, only_b = (read_folder(tmp_path / n) for n in ("ab", "a-only", "b-only"))
+    for key, value in stacked.items():
+        expected = only_a[key] if "q_proj" in key else only_b[key]
+        assert torch.equal(value, expected), key
