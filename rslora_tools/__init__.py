@@ -29,6 +29,7 @@ _EXPORTS = {
     "MergeOptions": "merging", "MergeReport": "merging", "merge": "merging",
     "ConvertReport": "conversion", "convert": "conversion",
     "CombineReport": "combining", "combine": "combining",
+    "ExtractReport": "extraction", "extract": "extraction",
     "VerifyReport": "verification", "verify": "verification",
     "InspectReport": "inspection", "inspect_adapter": "inspection",
     "PushReport": "hub", "push": "hub",
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .adapter_config import AdapterConfig  # noqa: F401
     from .checkpoint import Checkpoint, open_checkpoint  # noqa: F401
     from .combining import CombineReport, combine  # noqa: F401
+    from .extraction import ExtractReport, extract  # noqa: F401
     from .conversion import ConvertReport, convert  # noqa: F401
     from .errors import (  # noqa: F401
         AdapterConfigError,

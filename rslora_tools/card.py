@@ -94,6 +94,14 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
         lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
+    elif is_adapter and prov.get("operation") == "extract":
+        lines += [
+            f"A PEFT LoRA adapter extracted from {_describe(prov.get('tuned'))} as its difference to "
+            f"{_describe(prov.get('base'))}, with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
+            "Each module's rank, retained energy and relative error were reported when it was made.",
+            "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
+        ]
     elif is_adapter and prov.get("operation") == "combine":
         lines += [
             f"A PEFT LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''} combining "

@@ -279,3 +279,15 @@ def test_stacked_merge_card_names_every_adapter(hub, tmp_path):
         "me/stacked")
     card = hub.files("me/stacked")["README.md"].decode()
     assert "merged one after another" in card and "org/adapter" in card and "weight -1" in card
+
+
+def test_extract_from_the_hub_and_push(hub, tmp_path):
+    """TUNED = the fixture base with the fixture adapter merged: extracted from two Hub repos, pushed with a card."""
+    run("merge", BASE, ADAPTER, tmp_path / "tuned")
+    hub.upload_local_folder("org/tuned", tmp_path / "tuned")
+    run("extract", "org/base", "org/tuned", tmp_path / "extracted", "--energy", "0.999", "--push-to-hub", "me/extracted")
+    remote = hub.files("me/extracted")
+    card = remote["README.md"].decode()
+    assert "extracted from" in card and "org/tuned" in card and "base_model:adapter:org/base" in card
+    config = json.loads(remote["adapter_config.json"])
+    assert config["base_model_name_or_path"] == "org/base" and config["use_rslora"] is True

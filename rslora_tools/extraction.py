@@ -1,0 +1,304 @@
+"""Stage 6, commands: `extract`, a full fine-tune (TUNED) as a LoRA adapter on BASE (docs/extraction.md).
+
+Streams both checkpoints tensor by tensor (extraction_plan.py gives each tensor its role):
+unchanged tensors are skipped; a changed 2-D weight's float32 delta is factorised
+(factorize.py) at a fixed rank, an energy or an error; changed biases of those modules go
+with them (lora_bias when every LoRA module has a bias, else bias="lora_only" with the tuned
+vectors); any other changed tensor puts its module in modules_to_save. Nothing changed is
+dropped: every changed tensor is in the adapter, and the report lists how.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .adapter import PEFT_PREFIX, WEIGHTS_NAME
+from .adapter_config import CONFIG_NAME
+from .checkpoint import Checkpoint, CheckpointFiles, open_checkpoint
+from .config_rewrite import scale_one_config
+from .errors import InputError, UnsupportedAdapterError
+from .extraction_plan import ExtractionPlan, plan_extraction
+from .output import atomic_folder, check_output_location, remove_leftovers, write_failure
+from .provenance import write_provenance
+from .safetensors_file import SafetensorsWriter
+from .scaling import scale_in
+
+if TYPE_CHECKING:
+    import torch
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class ExtractReport:
+    """What `extract` did (or would do); `to_dict()` is what `--json` prints."""
+
+    base: str
+    tuned: str
+    out: str
+    convention: str
+    modules: list[dict[str, Any]]  # per LoRA module: name, kind, rank, energy, relative_error, method
+    modules_to_save: list[str]
+    biases: str  # "none", "lora_bias" or "lora_only"
+    bias_modules: list[str]
+    unchanged: int  # tensors equal in both models (skipped)
+    bytes: int
+    dry_run: bool = False
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def worst_error(self) -> float | None:
+        errors = [m["relative_error"] for m in self.modules if m.get("relative_error") is not None]
+        return max(errors) if errors else None
+
+
+@dataclass
+class _Found:
+    """What the pass over the models found."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=dict)  # module -> (B, A, role)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    bias_delta: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> tuned - base
+    bias_tuned: dict[str, torch.Tensor] = field(default_factory=dict)
+    saved: dict[str, list[str]] = field(default_factory=dict)  # modules_to_save module -> its tensor names
+    unchanged: int = 0
+
+
+def extract(
+    base: str | os.PathLike[str],
+    tuned: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    rslora: bool = True,
+    alpha: float | None = None,
+    target_modules: list[str] | None = None,
+    device: str = "cpu",
+    exact: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: ProgressCallback | None = None,
+    sources: dict[str, Any] | None = None,
+) -> ExtractReport:
+    """Extract TUNED - BASE as a PEFT LoRA adapter into OUT.
+
+    Args:
+        base, tuned: model folders (safetensors, single file or sharded), same tensor names and shapes.
+        out: the adapter folder (written atomically).
+        rank / energy / max_error: one of them: a fixed rank (default 16), the smallest rank keeping `energy` of
+            each delta's squared Frobenius norm, or the smallest with relative error at most `max_error`.
+        rslora: write use_rslora (default) or classic LoRA; with `alpha` None every module's scale is 1 (alpha =
+            sqrt(rank) or rank), else lora_alpha = alpha and each module's scale is folded into its factors.
+        target_modules: only these modules (names or name suffixes) are factorised; other changes still go to
+            modules_to_save.
+        device: "cpu", "cuda" or "auto" (CUDA when present) for the SVDs.
+        exact: always the full SVD (else randomized above 512 columns, see factorize.py).
+        overwrite, dry_run, progress, sources: as for `merge`.
+    """
+    started = time.monotonic()
+    _check_choice(rank, energy, max_error, alpha)
+    base_ckpt, tuned_ckpt = open_checkpoint(base), open_checkpoint(tuned)
+    plan = plan_extraction(base_ckpt, tuned_ckpt, target_modules)
+    out = Path(out)
+    written = check_output_location(out, [base_ckpt.folder, tuned_ckpt.folder], overwrite)
+    convention = "rslora" if rslora else "classic"
+    if dry_run:
+        return _dry_report(plan, base_ckpt, tuned_ckpt, out, convention, rank)
+    found = _scan(plan, base_ckpt, tuned_ckpt, _torch_device(device), progress,
+                  dict(rank=rank if rank is not None or energy is not None or max_error is not None else 16,
+                       energy=energy, max_error=max_error, exact=exact))
+    tensors, config, report = _assemble(found, plan, base_ckpt, tuned_ckpt, out, rslora, alpha, sources)
+    report.notes += [f"removed {name}, left beside OUT by an earlier run that was killed"
+                     for name in remove_leftovers(written)]
+    try:
+        with atomic_folder(written, overwrite) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+            writer = SafetensorsWriter(tmp / WEIGHTS_NAME, [(k, _st_dtype(v), tuple(v.shape)) for k, v in tensors.items()],
+                                       {"format": "pt"})
+            try:
+                for key, value in tensors.items():
+                    writer.write_tensor(key, value)
+            finally:
+                writer.close()
+            write_provenance(tmp, {"operation": "extract", "base": (sources or {}).get("base") or {"spec": str(base)},
+                                   "tuned": (sources or {}).get("tuned") or {"spec": str(tuned)},
+                                   "convention": convention, "base_model": config.get("base_model_name_or_path")})
+    except OSError as e:
+        raise write_failure(out, e, "writing the adapter") from e
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _check_choice(rank: int | None, energy: float | None, max_error: float | None, alpha: float | None) -> None:
+    if sum(x is not None for x in (rank, energy, max_error)) > 1:
+        raise InputError("choose one of --rank, --energy or --max-error")
+    if rank is not None and rank < 1:
+        raise InputError("--rank must be a positive integer")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise InputError("--energy is a fraction of the delta's squared norm, above 0 and at most 1")
+    if max_error is not None and not 0.0 <= max_error < 1.0:
+        raise InputError("--max-error is a relative error, at least 0 and below 1")
+    if alpha is not None and not (alpha > 0 and alpha < float("inf")):
+        raise InputError("--alpha must be a positive number")
+
+
+def _torch_device(device: str) -> str:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _scan(plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, device: str,
+          progress: ProgressCallback | None, how: dict[str, Any]) -> _Found:
+    """Read both models tensor by tensor and factorise what changed."""
+    import torch
+
+    from .factorize import factorize
+
+    found = _Found()
+    base_files, tuned_files = CheckpointFiles(base), CheckpointFiles(tuned)
+    total = sum(tuned.info(r.name).nbytes for r in plan.roles)
+    try:
+        for r in plan.roles:
+            before, after = base_files.read(r.name), tuned_files.read(r.name)
+            if progress is not None:
+                progress(tuned.info(r.name).nbytes, total)
+            if torch.equal(before.view(torch.uint8), after.view(torch.uint8)):
+                found.unchanged += 1
+                continue
+            if r.role in ("linear", "conv1d", "embedding") and plan.targeted(r.module):
+                delta = after.to(device, torch.float32) - before.to(device, torch.float32)
+                if r.role != "linear":  # Conv1D (in, out) and embeddings (vocab, dim): B @ A is the transpose
+                    delta = delta.T.contiguous()
+                f = factorize(delta, **how)
+                found.factors[r.module] = (f.b.cpu(), f.a.cpu(), r.role)
+                found.rows.append({"name": r.module, "kind": r.role, "shape": list(r.shape), "rank": f.rank,
+                                   "energy": f.energy, "relative_error": f.relative_error, "method": f.method})
+            elif r.role == "bias":
+                found.bias_delta[r.module] = after.float() - before.float()
+                found.bias_tuned[r.module] = after
+            else:
+                found.saved.setdefault(r.module, []).append(r.name)
+    finally:
+        base_files.close()
+        tuned_files.close()
+    return found
+
+
+def _assemble(found: _Found, plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, out: Path, rslora: bool,
+              alpha: float | None, sources: dict[str, Any] | None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any], ExtractReport]:
+    """The adapter's tensors (PEFT's key names), its config and the report."""
+    import torch
+
+    for module in list(found.bias_delta):  # a changed bias whose weight is not factorised: save the module whole
+        if module not in found.factors:
+            found.saved.setdefault(module, []).append(f"{module}.bias")
+            del found.bias_delta[module], found.bias_tuned[module]
+    clash = sorted(set(found.saved) & set(found.factors))
+    if clash:
+        raise UnsupportedAdapterError(f"module {clash[0]!r} has a factorisable weight and another changed tensor; "
+                                      "PEFT cannot both wrap it with LoRA and save it whole")
+    if not found.factors and not found.saved:
+        raise InputError("BASE and TUNED are identical: there is nothing to extract")
+    config = _config(found, plan, tuned, rslora, alpha, sources)
+    with_bias = {m for m, _ in found.factors.items() if f"{m}.bias" in tuned.weight_map}
+    biases = "none"
+    if found.bias_delta:
+        biases = "lora_bias" if with_bias == set(found.factors) else "lora_only"
+    config["lora_bias"] = biases == "lora_bias"
+    config["bias"] = "lora_only" if biases == "lora_only" else "none"
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (b, a, role) in found.factors.items():
+        s = scale_in(config, module).scale
+        root = (1.0 / s) ** 0.5 if s != 1.0 else 1.0
+        b, a = (b * root, a * root) if root != 1.0 else (b, a)
+        if role == "embedding":
+            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = a.contiguous()
+            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = b.contiguous()
+        else:
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
+        if biases == "lora_bias":
+            delta = found.bias_delta.get(module)
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = (delta / s if delta is not None else
+                                                             torch.zeros(b.shape[0])).contiguous()
+    if biases == "lora_only":
+        for module, value in found.bias_tuned.items():
+            tensors[f"{PEFT_PREFIX}{module}.base_layer.bias"] = value.contiguous()  # as PEFT saves lora_only
+    reader = CheckpointFiles(tuned)
+    try:
+        for module, names in found.saved.items():
+            params = [n for n in tuned.weight_map if n.rpartition(".")[0] == module]
+            for name in params:  # the whole module, as PEFT saves modules_to_save
+                tensors[f"{PEFT_PREFIX}{name}"] = reader.read(name).contiguous()
+    finally:
+        reader.close()
+    report = ExtractReport(str(base.folder), str(tuned.folder), str(out), "rslora" if rslora else "classic",
+                           found.rows, sorted(found.saved), biases, sorted(found.bias_delta), found.unchanged,
+                           sum(v.numel() * v.element_size() for v in tensors.values()))
+    return tensors, config, report
+
+
+def _config(found: _Found, plan: ExtractionPlan, tuned: Checkpoint, rslora: bool, alpha: float | None,
+            sources: dict[str, Any] | None) -> dict[str, Any]:
+    model_config = tuned.config or {}
+    architectures = model_config.get("architectures") or []
+    base_source = (sources or {}).get("base") or {}
+    fields: dict[str, Any] = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures)
+        else None, "base_model_name_or_path": base_source.get("repo_id") or base_source.get("spec"),
+        "revision": base_source.get("revision"), "lora_dropout": 0.0, "init_lora_weights": True,
+        "inference_mode": True, "fan_in_fan_out": plan.conv1d and any(role == "conv1d" for _, _, role in
+                                                                       found.factors.values()),
+        "target_modules": sorted(found.factors), "modules_to_save": sorted(found.saved) or None,
+        "layers_to_transform": None, "layers_pattern": None, "use_dora": False,
+    }
+    ranks = {m: b.shape[1] for m, (b, _, _) in found.factors.items()}
+    if not ranks:  # only saved modules: a LoRA config still needs a rank
+        return dict(fields, r=1, lora_alpha=1, use_rslora=rslora, rank_pattern={}, alpha_pattern={}, target_modules=[])
+    config = scale_one_config(fields, ranks, use_rslora=rslora)
+    if alpha is not None:
+        config = dict(config, lora_alpha=alpha, alpha_pattern={})
+    return config
+
+
+def _dry_report(plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, out: Path, convention: str,
+                rank: int | None) -> ExtractReport:
+    """The plan from headers only: which tensors could change, and the adapter's size at the fixed rank."""
+    r = rank or 16
+    rows = []
+    size = 0
+    for role in plan.roles:
+        if role.role in ("linear", "conv1d", "embedding") and plan.targeted(role.module):
+            k = min(r, *role.shape)
+            rows.append({"name": role.module, "kind": role.role, "shape": list(role.shape), "rank": k, "energy": None,
+                         "relative_error": None, "method": None})
+            size += 4 * k * sum(role.shape)
+    report = ExtractReport(str(base.folder), str(tuned.folder), str(out), convention, rows, [], "unknown", [], 0, size,
+                           dry_run=True)
+    report.notes.append("a dry run reads headers only: every factorisable weight is listed with the rank it would get "
+                        f"at --rank {r} (an upper bound of the size: unchanged weights are skipped when data is read)")
+    return report
+
+
+def _st_dtype(t: torch.Tensor) -> str:
+    from .safetensors_file import torch_to_safetensors_dtype
+
+    return torch_to_safetensors_dtype(t.dtype)
