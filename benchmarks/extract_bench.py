@@ -106,9 +106,13 @@ def run_size(layers: int, mergekit: str | None) -> tuple[float, dict[str, tuple]
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    runs = {"rslora-tools": [sys.executable, "-m", "rslora_tools", "extract", str(base), str(tuned),
-                             str(work / "rslora-tools"), "--rank", "16", "-q"]}
-    if mergekit:
+    def ours(name: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "rslora_tools", "extract", str(base), str(tuned), str(work / name.replace(" ", "")),
+                "--rank", "16", "-q", *extra]
+
+    runs = {"rslora-tools": ours("rslora-tools")}
+    if mergekit:  # the first size: also the exact SVD, to see how far the randomized one is from the optimum
+        runs["rslora-tools --exact"] = ours("rslora-tools --exact", "--exact")
         runs["mergekit"] = [mergekit, "--model", str(tuned), "--base-model", str(base), "--out-path",
                             str(work / "mergekit"), "--max-rank", "16", "--quiet"]
     rows = {}
@@ -118,7 +122,7 @@ def run_size(layers: int, mergekit: str | None) -> tuple[float, dict[str, tuple]
         merge_bench.warm(base)
         merge_bench.warm(tuned)
         wall, rss = merge_bench.timed(cmd, env)
-        out = work / name
+        out = work / name.replace(" ", "")
         total, worst, modules = reconstruction_error(base, tuned, out)
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         rows[name] = (wall, rss, total, worst, modules, size)
@@ -154,6 +158,10 @@ def main() -> None:
                   f"{ours[1] / theirs[1]:.2f}x its memory, with relative error {ours[2]:.4g} against {theirs[2]:.4g} "
                   "(mergekit writes its factors in the model's bf16). Goal (issue 16): at least 5x faster with equal "
                   "or lower error, memory flat in model size."]
+        if "rslora-tools --exact" in rows:
+            exact = rows["rslora-tools --exact"]
+            lines.append(f"The randomized SVD's error is {ours[2] / exact[2]:.6f}x the exact SVD's (the optimum at rank "
+                         f"16), in {ours[0] / exact[0]:.2f}x its time.")
     if len(results) > 1:
         small, big = results[0][1]["rslora-tools"], results[-1][1]["rslora-tools"]
         lines.append(f"rslora-tools' peak RSS when the model doubles: {100 * (big[1] / small[1] - 1):+.0f}% (the "
