@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .combination import METHODS
 from .errors import OutputInterrupted, RsloraError
 from .scaling import convention_label
 from .sizes import human_size, parse_size
@@ -622,8 +623,7 @@ def _print_extract(report: Any) -> None:
 
 @cli.command()
 @click.argument("adapters", metavar="ADAPTER... OUT", nargs=-1, required=True)
-@click.option("--method", type=click.Choice(["cat", "svd", "linear", "ties", "dare_linear", "dare_ties",
-                                             "magnitude_prune"]), default="cat", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="cat", show_default=True,
               help="cat: the exact weighted sum (rank = sum of ranks); svd: its best rank-R approximation; the others "
                    "are PEFT's task-arithmetic methods on the factors (equal ranks per module).")
 @click.option("--weights", metavar="W1,W2,...", help="One weight per adapter (default 1 each).")

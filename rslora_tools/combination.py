@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from .adapter import Adapter, LoraModule
 from .config_rewrite import scale_one_config
@@ -22,9 +22,7 @@ from .errors import InputError, UnsupportedAdapterError
 from .initial import require_plain
 from .module_scales import module_entries
 
-Method = Literal["cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 METHODS: tuple[str, ...] = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # on A and B separately (PEFT)
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 

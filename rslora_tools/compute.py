@@ -149,10 +149,7 @@ def _apply_dora(w: torch.Tensor, op: LoraOp, delta: torch.Tensor, read: Reader) 
         factor = (magnitude / norm).view(1, -1)
         return (factor * (w + delta)).to(orig_dtype)
     # Linear, or Conv1D when transposed: the norm is per output feature
-    weight = _t(w, op.transpose) + 1 * _t(delta, op.transpose)
-    norm = torch.linalg.norm(weight, dim=1).to(weight.dtype)
-    factor = _t((magnitude / norm).view(-1, 1), op.transpose)
-    return (factor * (w + delta)).to(orig_dtype)
+    return (_linear_dora_factor(op, magnitude, _linear_dora_norm(w, delta, op)) * (w + delta)).to(orig_dtype)
 
 
 def _t(x: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -231,7 +228,8 @@ def _merge_one(w: torch.Tensor, op: LoraOp, read: Reader, norm_from: torch.Tenso
         return apply_lora(w, op, read), None
     delta = lora_delta(op, read, w.shape, w.device)
     norm = _linear_dora_norm(norm_from, delta, op)
-    return _dora_result(w, op, delta, norm, read), norm
+    factor = _linear_dora_factor(op, _magnitude(op, read, w.device), norm)
+    return (factor * (w + delta)).to(w.dtype), norm
 
 
 def _unmerge(w: torch.Tensor, merged: list[tuple[LoraOp, torch.Tensor | None]], read: Reader) -> torch.Tensor:
@@ -239,25 +237,27 @@ def _unmerge(w: torch.Tensor, merged: list[tuple[LoraOp, torch.Tensor | None]], 
     for op, norm in reversed(merged):
         delta = lora_delta(op, read, w.shape, w.device)
         if op.dora:
-            assert op.module.magnitude_key is not None and norm is not None
-            magnitude = adapter_weight(read, op.module.magnitude_key, w.device)
-            factor = _t((magnitude / norm).view(-1, 1), op.transpose)
+            assert norm is not None
+            factor = _linear_dora_factor(op, _magnitude(op, read, w.device), norm)
             w = (w / factor - delta).to(w.dtype)
         else:
             w -= delta.to(w.dtype)
     return w
 
 
+def _magnitude(op: LoraOp, read: Reader, device: torch.device) -> torch.Tensor:
+    assert op.module.magnitude_key is not None
+    return adapter_weight(read, op.module.magnitude_key, device)
+
+
 def _linear_dora_norm(w: torch.Tensor, delta: torch.Tensor, op: LoraOp) -> torch.Tensor:
+    """DoRA's weight norm per output feature of W + delta (Linear, or Conv1D when transposed)."""
     weight = _t(w, op.transpose) + 1 * _t(delta, op.transpose)
     return torch.linalg.norm(weight, dim=1).to(weight.dtype)
 
 
-def _dora_result(w: torch.Tensor, op: LoraOp, delta: torch.Tensor, norm: torch.Tensor, read: Reader) -> torch.Tensor:
-    assert op.module.magnitude_key is not None
-    magnitude = adapter_weight(read, op.module.magnitude_key, w.device)
-    factor = _t((magnitude / norm).view(-1, 1), op.transpose)
-    return (factor * (w + delta)).to(w.dtype)
+def _linear_dora_factor(op: LoraOp, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return _t((magnitude / norm).view(-1, 1), op.transpose)
 
 
 def quantized_base(t: TensorPlan, read_base: Reader) -> torch.Tensor:

@@ -109,6 +109,8 @@ def extract(
     """
     started = time.monotonic()
     _check_choice(rank, energy, max_error, alpha)
+    if rank is None and energy is None and max_error is None:
+        rank = 16
     base_ckpt, tuned_ckpt = open_checkpoint(base), open_checkpoint(tuned)
     plan = plan_extraction(base_ckpt, tuned_ckpt, target_modules)
     out = Path(out)
@@ -117,8 +119,7 @@ def extract(
     if dry_run:
         return _dry_report(plan, base_ckpt, tuned_ckpt, out, convention, rank)
     found = _scan(plan, base_ckpt, tuned_ckpt, _torch_device(device), progress,
-                  dict(rank=rank if rank is not None or energy is not None or max_error is not None else 16,
-                       energy=energy, max_error=max_error, exact=exact))
+                  dict(rank=rank, energy=energy, max_error=max_error, exact=exact))
     tensors, config, report = _assemble(found, plan, base_ckpt, tuned_ckpt, out, rslora, alpha, sources)
     report.notes += [f"removed {name}, left beside OUT by an earlier run that was killed"
                      for name in remove_leftovers(written)]
@@ -282,7 +283,7 @@ def _config(found: _Found, plan: ExtractionPlan, tuned: Checkpoint, rslora: bool
 def _dry_report(plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, out: Path, convention: str,
                 rank: int | None) -> ExtractReport:
     """The plan from headers only: which tensors could change, and the adapter's size at the fixed rank."""
-    r = rank or 16
+    r = rank or 16  # with --energy or --max-error the ranks are only known from the data
     rows = []
     size = 0
     for role in plan.roles:

@@ -102,7 +102,7 @@ class TensorPlan:
     @property
     def all_lora(self) -> list[LoraOp]:
         """Every LoRA op on this tensor, in the order they are merged (one, unless stacked)."""
-        return [op for p in (self, *self.stacked) for op in (p.lora,) if op is not None]
+        return [p.lora for p in (self, *self.stacked) if p.lora is not None]
 
 
 @dataclass
