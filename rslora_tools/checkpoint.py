@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,8 +129,15 @@ def _weight_map(index_path: Path, index: Any) -> dict[str, Any]:
     return weight_map
 
 
-def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
-    """Open a model folder (single `model.safetensors` or sharded with an index) and validate it."""
+HeaderSource = Callable[[str], SafetensorsHeader]  # shard name -> its header (a remote base: fetched, not read)
+
+
+def open_checkpoint(folder: str | os.PathLike[str], remote: HeaderSource | None = None) -> Checkpoint:
+    """Open a model folder (single `model.safetensors` or sharded with an index) and validate it.
+
+    `remote`: the shards are not in FOLDER (yet); their headers come from this function, and FOLDER
+    holds the index and side files only (a Hub base streamed shard by shard, streaming.py).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: base model folder not found")
@@ -137,6 +145,12 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     if config is not None and not isinstance(config, dict):
         raise InputError(f"{folder / 'config.json'}: expected a JSON object")
     index_path = folder / INDEX_FILE
+    if remote is not None:
+        if index_path.is_file():
+            return _open_sharded(folder, index_path, config, remote)
+        header = remote(SINGLE_FILE)
+        return Checkpoint(folder, [SINGLE_FILE], {SINGLE_FILE: header}, {t: SINGLE_FILE for t in header.tensors},
+                          None, config)
     if index_path.is_file() and (folder / SINGLE_FILE).is_file():
         raise InputError(
             f"{folder}: holds both {SINGLE_FILE} and {INDEX_FILE}; transformers loads {SINGLE_FILE} and ignores "
@@ -161,7 +175,8 @@ def open_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     raise InputError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is this a Hugging Face model folder?")
 
 
-def _open_sharded(folder: Path, index_path: Path, config: dict[str, Any] | None) -> Checkpoint:
+def _open_sharded(folder: Path, index_path: Path, config: dict[str, Any] | None,
+                  remote: HeaderSource | None = None) -> Checkpoint:
     index = read_json_file(index_path)
     weight_map = _weight_map(index_path, index)
     metadata = index.get("metadata") or {}
@@ -169,11 +184,14 @@ def _open_sharded(folder: Path, index_path: Path, config: dict[str, Any] | None)
         raise InputError(f"{index_path}: 'metadata' must be an object")
     shards: list[str] = []
     for tensor, shard in weight_map.items():
-        _safe_member(folder, shard, f"tensor {tensor!r}")
+        if remote is None:
+            _safe_member(folder, shard, f"tensor {tensor!r}")
+        else:
+            check_shard_name(index_path, shard, f"tensor {tensor!r}")
         if shard not in shards:
             shards.append(shard)
     shards.sort()
-    headers = {shard: read_header(folder / shard) for shard in shards}
+    headers = {shard: remote(shard) if remote is not None else read_header(folder / shard) for shard in shards}
     seen: dict[str, str] = {}
     for shard, header in headers.items():
         for name in header.tensors:

@@ -296,6 +296,15 @@ def _echo_push(report: Any) -> None:
 @_initial_options
 @_token_option
 @_hub_push_options
+@click.option("--stream", is_flag=True,
+              help="With --push-to-hub: stream shard by shard from BASE to the Hub; OUT is omitted (every argument "
+                   "after BASE is an adapter), the disk holds a few shards at a time.")
+@click.option("--scratch", metavar="DIR", type=click.Path(file_okay=False),
+              help="With --stream: the scratch folder (default ~/.cache/rslora-tools/stream/ORG--NAME); a re-run "
+                   "with the same one resumes.")
+@click.option("--keep-cache", is_flag=True,
+              help="With --stream: keep the downloaded base shards in the Hugging Face cache (default: delete them "
+                   "after use; shards cached before are never deleted).")
 def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
@@ -331,10 +340,21 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
       rslora-tools merge org/base pissa-trained/ merged/ --initial pissa-init/
       rslora-tools merge org/base domain-adapter/ chat-adapter/ merged/
       rslora-tools merge org/base task-a/ task-b/ merged/ --weights 0.7,0.4
+      rslora-tools merge org/base-70b org/adapter --push-to-hub me/merged-70b --stream
+      rslora-tools merge org/base-70b org/adapter --push-to-hub me/merged-70b --stream --dry-run
+
+    Big models, small disks: --stream --push-to-hub downloads the base's shards one or two
+    ahead of the merge, uploads each merged shard as soon as it is complete and deletes it,
+    and makes one commit with the whole model at the end (a PR with --create-pr). The dry run
+    prints the disk bound. Re-running the same command after a failure or Ctrl-C resumes: shards
+    already uploaded are not made again.
     """
     from .hub import resolve_input, resolve_merge_inputs
     from .merging import merge as run_merge
 
+    if flags["stream"] or flags["scratch"] or flags["keep_cache"]:
+        _merge_streamed(base, adapters, flags)
+        return
     if len(adapters) < 2:
         raise click.UsageError("missing argument OUT: merge BASE ADAPTER... OUT")
     *adapter_specs, out = adapters
@@ -365,6 +385,98 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     for warning in hub_warnings + report.warnings:
         click.echo(f"Warning: {warning}", err=True)
     _finish(report, _print_merge, out, _PushRequest.from_flags(flags), flags["as_json"], flags["quiet"])
+
+
+def _merge_streamed(base: str, adapter_specs: tuple[str, ...], flags: dict[str, Any]) -> None:
+    """merge --stream: BASE and ADAPTER... to the Hub repo, shard by shard (streaming.py)."""
+    from pathlib import Path
+
+    from .errors import InputError
+    from .hub import resolve_input, resolve_merge_inputs
+    from .merging import merge_arguments
+    from .streaming import StreamOptions, stream_merge
+
+    if not flags["stream"]:
+        raise InputError("--scratch and --keep-cache go with --stream")
+    if not flags["push_to"]:
+        raise InputError("--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (without --stream, "
+                         "merge into OUT)")
+    for flag, name in (("verify_output", "--verify"), ("overwrite", "--overwrite")):
+        if flags[flag]:
+            raise InputError(f"{name} does not go with --stream (no OUT is written); verify the pushed repo with "
+                             "`rslora-tools verify` after downloading it")
+    try:
+        base_source, adapter_source, hub_warnings = resolve_merge_inputs(
+            base, adapter_specs[0], base_revision=flags["base_revision"], adapter_revision=flags["adapter_revision"],
+            token=flags["token"], allow_pickle=flags["allow_pickle"], base_shards=False)
+        more = [resolve_input(spec, role="adapter", token=flags["token"], allow_pickle=flags["allow_pickle"])
+                for spec in adapter_specs[1:]]
+    except InputError as e:
+        raise InputError(f"{e} (with --stream there is no OUT: every argument after BASE is an adapter; --scratch DIR "
+                         "names the scratch folder)") from e
+    stacked: dict[str, Any] = {"adapters": [s.to_dict() for s in (adapter_source, *more)]} if more else {}
+    adapter, options = merge_arguments(
+        [adapter_source.path, *(s.path for s in more)] if more else adapter_source.path,
+        weights=_parse_weights(flags["weights"], len(adapter_specs)), dtype=flags["dtype"], device=flags["device"],
+        max_shard_size=flags["max_shard_size"], allow_pickle=flags["allow_pickle"], dry_run=flags["dry_run"],
+        sources={"base": base_source.to_dict(), "adapter": adapter_source.to_dict(), **stacked},
+        allow_nonfinite=flags["allow_nonfinite"], **_quant_arguments(flags), initial=_initial_path(flags),
+        base_is_residual=flags["base_is_residual"])
+    with _phase_progress(not (flags["quiet"] or flags["as_json"])) as progress:
+        report = stream_merge(base_source, adapter, options, StreamOptions(
+            flags["push_to"], flags["private"], flags["create_pr"], flags["commit_message"], flags["token"],
+            Path(flags["scratch"]) if flags["scratch"] else None, flags["keep_cache"], progress))
+    for warning in hub_warnings + report.merge.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    if flags["as_json"]:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif not flags["quiet"]:
+        _print_merge(report.merge)
+        _print_stream(report)
+
+
+def _print_stream(report: Any) -> None:
+    bound = f"disk: up to {human_size(report.disk_bound)} in {report.scratch} for a {human_size(report.model_bytes)} model"
+    if report.free_bytes is not None:
+        bound += f", {human_size(report.free_bytes)} free ({'fits' if report.disk_bound <= report.free_bytes else 'DOES NOT FIT'})"
+    click.echo(f"  {bound}")
+    for why, names in report.skipped.items():
+        if names:
+            click.echo(f"  skipped ({why.replace('_', ' ')}): {len(names)} shard(s): {', '.join(names[:3])}"
+                       f"{', ...' if len(names) > 3 else ''}")
+    if report.dry_run:
+        return
+    rates = ", ".join(f"{phase} {human_size(p.bytes)} in {p.seconds:.1f} s" for phase, p in report.phases.items())
+    click.echo(f"  streamed in {report.seconds:.1f} s ({rates})")
+    push = report.push
+    click.echo(f"Pushed {push['files']} files to {push['repo_id']} in one commit: {push['pr_url'] or push['commit_url']}",
+               err=True)
+
+
+@contextmanager
+def _phase_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """One byte progress bar per phase (download, merge, upload) on stderr, shown only on a terminal."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bars = {phase: tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"{phase.capitalize():9}", position=i,
+                        file=sys.stderr, disable=None, dynamic_ncols=True)
+            for i, phase in enumerate(("download", "merge", "upload"))}
+
+    def update(phase: str, n: int, total: int) -> None:
+        bar = bars[phase]
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(n)
+
+    try:
+        yield update
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def _parse_weights(text: str | None, count: int, *, several: bool = True) -> list[float] | None:

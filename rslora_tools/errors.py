@@ -47,3 +47,14 @@ class OutputInterrupted(KeyboardInterrupt):
         if self.complete:
             return f"interrupted after {self.out} was written completely; it holds the new output"
         return "interrupted; nothing was written"
+
+
+class StreamInterrupted(OutputInterrupted):
+    """Ctrl-C or SIGTERM during a streamed push: what is on the Hub stays there (uncommitted) for a re-run."""
+
+    def __init__(self, message: str):
+        super().__init__(message, complete=False)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

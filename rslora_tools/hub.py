@@ -49,8 +49,11 @@ class Source:
 
 
 def resolve_input(spec: str, *, role: InputRole, revision: str | None = None, token: str | None = None,
-                  allow_pickle: bool = False) -> Source:
-    """A local folder for BASE ("base") or ADAPTER ("adapter"): the path itself, or a cached Hub snapshot."""
+                  allow_pickle: bool = False, shards: bool = True) -> Source:
+    """A local folder for BASE ("base") or ADAPTER ("adapter"): the path itself, or a cached Hub snapshot.
+
+    `shards=False`: a Hub base's weight shards are not downloaded (a streamed merge fetches them one at a time).
+    """
     local = Path(spec).expanduser()
     if local.exists():
         if revision:
@@ -69,7 +72,7 @@ def resolve_input(spec: str, *, role: InputRole, revision: str | None = None, to
     folder = snapshot / ref.subfolder if ref.subfolder else snapshot
     if not folder.is_dir():
         raise InputError(f"{spec}: the repo has no folder {ref.subfolder!r}")
-    if role == "base":
+    if role == "base" and shards:
         _download_shards(spec, HubRef(ref.repo_id, snapshot.name, ref.subfolder), folder, token)
     return Source(spec, folder, ref.repo_id, ref.revision, snapshot.name, ref.subfolder)
 
@@ -174,11 +177,12 @@ def _download(spec: str, ref: HubRef, patterns: list[str], token: str | None, ex
             library_version=__version__,
         )
     except Exception as e:  # each client error becomes one line that says what to do
-        raise HubError(_download_error(spec, ref, e, offline)) from e
+        raise HubError(download_error(spec, ref, e, offline)) from e
     return Path(path)
 
 
-def _download_error(spec: str, ref: HubRef, e: Exception, offline: bool) -> str:
+def download_error(spec: str, ref: HubRef, e: Exception, offline: bool) -> str:
+    """One line for a failed download: offline, revision, gated, missing repo, HTTP status or timeout."""
     from huggingface_hub import errors
 
     where = f"{ref.repo_id}@{ref.revision}" if ref.revision else ref.repo_id
@@ -235,9 +239,12 @@ def auto_base(adapter_config: dict[str, Any], adapter_spec: str) -> tuple[str, s
 
 def resolve_merge_inputs(
     base: str, adapter: str, *, base_revision: str | None = None, adapter_revision: str | None = None,
-    token: str | None = None, allow_pickle: bool = False,
+    token: str | None = None, allow_pickle: bool = False, base_shards: bool = True,
 ) -> tuple[Source, Source, list[str]]:
-    """Resolve ADAPTER, then BASE (`auto` = the base the adapter records); warn on a base mismatch."""
+    """Resolve ADAPTER, then BASE (`auto` = the base the adapter records); warn on a base mismatch.
+
+    `base_shards=False`: a Hub base's shards are not downloaded (a streamed merge fetches them itself).
+    """
     adapter_source = resolve_input(adapter, role="adapter", revision=adapter_revision, token=token,
                                    allow_pickle=allow_pickle)
     try:
@@ -247,7 +254,7 @@ def resolve_merge_inputs(
     if base == "auto":
         base, recorded_revision = auto_base(config, adapter)
         base_revision = base_revision or recorded_revision
-    base_source = resolve_input(base, role="base", revision=base_revision, token=token)
+    base_source = resolve_input(base, role="base", revision=base_revision, token=token, shards=base_shards)
     warning = base_mismatch(base_source, config)
     return base_source, adapter_source, [warning] if warning else []
 
@@ -307,7 +314,6 @@ def push(
     Returns:
         A `PushReport`: the commit, its URL (and the PR's), and the files checked in the repo.
     """
-    from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
     folder = Path(folder)
@@ -321,10 +327,7 @@ def push(
     if ref is None or ref.revision or ref.subfolder:
         raise InputError(f"{repo_id}: not a Hub repo id (org/name); use --revision for a branch")
     repo_id = ref.repo_id
-    if _offline():
-        raise HubError("HF_HUB_OFFLINE=1 is set; pushing needs the network (unset it)")
-    _configure_http()
-    api = HfApi(endpoint=_endpoint(), token=token, library_name=LIBRARY_NAME, library_version=__version__)
+    api = hub_api(token)
     card = None if (folder / "README.md").is_file() else model_card(folder, repo_id)
     message = commit_message or f"Upload {folder.name} with rslora-tools {__version__}"
     try:
@@ -339,23 +342,40 @@ def push(
     except RsloraError:
         raise
     except Exception as e:  # one line; nothing local was changed
-        raise HubError(_push_error(repo_id, e)) from e
+        raise HubError(push_error(repo_id, e)) from e
     expected = dict(local)
     if card is not None:
         expected["README.md"] = len(card.encode("utf-8"))
+    check_arrived(repo_id, expected, remote)
+    return PushReport(repo_id, str(folder), info.oid, str(info.commit_url), info.pr_url, len(expected),
+                      card is not None, private, revision, sorted(expected))
+
+
+def check_arrived(repo_id: str, expected: dict[str, int], remote: dict[str, int]) -> None:
+    """Every pushed file is in the repo with its size, or HubError."""
     missing = sorted(p for p, size in expected.items() if remote.get(p) != size)
     if missing:
         raise HubError(
             f"{repo_id}: the upload finished but {len(missing)} file(s) are missing or differ in the repo "
             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run the same push again to resume"
         )
-    return PushReport(repo_id, str(folder), info.oid, str(info.commit_url), info.pr_url, len(expected),
-                      card is not None, private, revision, sorted(expected))
 
 
-def _push_error(repo_id: str, e: Exception) -> str:
+def hub_api(token: str | None) -> Any:
+    """The huggingface_hub client, with this process's endpoint and timeouts; refused offline."""
+    from huggingface_hub import HfApi
+
+    if _offline():
+        raise HubError("HF_HUB_OFFLINE=1 is set; pushing needs the network (unset it)")
+    _configure_http()
+    return HfApi(endpoint=_endpoint(), token=token, library_name=LIBRARY_NAME, library_version=__version__)
+
+
+def push_error(repo_id: str, e: Exception) -> str:
+    """One line for a failed upload: what the Hub said and that a re-run resumes."""
     from huggingface_hub import errors
 
+    e = _http_cause(e)
     status = _status(e)
     if status == "401" or isinstance(e, errors.LocalTokenNotFoundError):
         return f"{repo_id}: not authorized (401): log in with 'hf auth login', set HF_TOKEN or pass --token"
@@ -367,6 +387,20 @@ def _push_error(repo_id: str, e: Exception) -> str:
     if _timed_out(e):
         return f"{repo_id}: {_timed_out(e)}; re-run the same push to resume"
     return f"{repo_id}: upload failed ({type(e).__name__}: {_first_line(e)}); re-run the same push to resume"
+
+
+def _http_cause(e: Exception) -> Exception:
+    """The Hub's HTTP error behind `e` when huggingface_hub wrapped it (an LFS upload's RuntimeError), else `e`."""
+    from huggingface_hub import errors
+
+    cause: BaseException | None = e
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, errors.HfHubHTTPError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return e
 
 
 class _staged:

@@ -157,6 +157,36 @@ def merge(
             warnings.warn("merge(progress=True) no longer draws a progress bar (the CLI does); pass a callback "
                           "progress(bytes_done_now, total_bytes)", DeprecationWarning, stacklevel=2)
         progress = None
+    merged, options = merge_arguments(
+        adapter, weights=weights, dtype=dtype, device=device, max_shard_size=max_shard_size, overwrite=overwrite,
+        progress=progress, allow_pickle=allow_pickle, dry_run=dry_run, sources=sources, verify=verify,
+        allow_nonfinite=allow_nonfinite, trained_on=trained_on, double_quant=double_quant,
+        quant_blocksize=quant_blocksize, skip_modules=skip_modules, initial=initial, base_is_residual=base_is_residual)
+    return run_merge(base, merged, Path(out), options)
+
+
+def merge_arguments(
+    adapter: str | os.PathLike[str] | Adapter | Sequence[str | os.PathLike[str] | Adapter],
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    allow_pickle: bool = False,
+    dry_run: bool = False,
+    sources: Mapping[str, Mapping[str, Any]] | None = None,
+    verify: bool = False,
+    allow_nonfinite: bool = False,
+    trained_on: str | None = None,
+    double_quant: bool | None = None,
+    quant_blocksize: int | None = None,
+    skip_modules: list[str] | None = None,
+    initial: str | os.PathLike[str] | None = None,
+    base_is_residual: bool = False,
+) -> tuple[str | os.PathLike[str] | Adapter, MergeOptions]:
+    """`merge`'s arguments checked and parsed: the adapter (several are stacked into one) and the options."""
     try:
         size = parse_size(max_shard_size) if max_shard_size is not None else None
     except ValueError as e:
@@ -188,13 +218,23 @@ def merge(
         sources=sources or {}, progress=progress,
     )
     assert isinstance(adapter, (str, os.PathLike, Adapter))
-    return run_merge(base, adapter, Path(out), options)
+    return adapter, options
 
 
-def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Adapter, out: Path,
-              options: MergeOptions) -> MergeReport:
-    """`merge` with its options already parsed."""
-    started = time.monotonic()
+@dataclass
+class PreparedMerge:
+    """A merge planned and lowered, with its report so far: what `run_merge` and a streamed merge execute."""
+
+    checkpoint: Checkpoint
+    adapter: Adapter
+    plan: Plan
+    lowered: Lowered
+    report: MergeReport
+
+
+def prepare_merge(base: str | os.PathLike[str] | Checkpoint, adapter: str | os.PathLike[str] | Adapter, out: Path,
+                  options: MergeOptions) -> PreparedMerge:
+    """Open, plan and lower a merge (headers and configs only); `out` is only named in the report."""
     if options.initial is not None:
         adapter = with_initial(adapter, options.initial, options.allow_pickle)
     checkpoint, adapter_obj, plan = plan_merge(
@@ -205,15 +245,22 @@ def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Ad
     if isinstance(adapter_obj, RelativeAdapter):
         plan.notes.append(f"{variant_name(adapter_obj.trained or adapter_obj)} adapter made relative to the original "
                           f"base with INIT {options.initial}: {adapter_obj.form}")
-    inputs = [checkpoint.folder, *(a.path for a in adapter_obj.sources)]
-    folder = check_output_location(out, inputs, options.overwrite)
     lowered = lower(plan, checkpoint, adapter_obj, Device(options.device))
     report = _report(checkpoint, adapter_obj, plan, lowered, out, options)
+    return PreparedMerge(checkpoint, adapter_obj, plan, lowered, report)
+
+
+def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Adapter, out: Path,
+              options: MergeOptions) -> MergeReport:
+    """`merge` with its options already parsed."""
+    started = time.monotonic()
+    prepared = prepare_merge(base, adapter, out, options)
+    checkpoint, adapter_obj, plan, report = prepared.checkpoint, prepared.adapter, prepared.plan, prepared.report
+    inputs = [checkpoint.folder, *(a.path for a in adapter_obj.sources)]
+    folder = check_output_location(out, inputs, options.overwrite)
     report.free_bytes = free_space(folder)
     if options.dry_run:
-        if report.quantization is not None and not plan.prequantized:
-            report.quantization["measured"] = measured_quantization(sample_quantization(plan, checkpoint, adapter_obj),
-                                                                    _measurable(plan))
+        measure_sample(prepared)
         report.seconds = time.monotonic() - started
         return report
     for name in remove_leftovers(folder):
@@ -221,41 +268,37 @@ def run_merge(base: str | os.PathLike[str], adapter: str | os.PathLike[str] | Ad
     report.free_bytes = free_space(folder)
     side = sum(p.stat().st_size for p in side_files(checkpoint.folder))
     check_free_space(out, report.bytes_written + side, report.free_bytes)
-    if not options.allow_nonfinite:
-        for source in adapter_obj.sources:
-            check_finite(source)
+    check_inputs_finite(adapter_obj, options)
     try:
-        _write_output(folder, checkpoint, adapter_obj, plan, lowered, report, options)
+        _write_output(folder, prepared, options)
     except OSError as e:  # a full disk (ENOSPC), a read error, ...: the partial output is already removed
         raise write_failure(out, e, "the merge") from e
     report.seconds = time.monotonic() - started
     return report
 
 
-def _write_output(folder: Path, checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lowered,
-                  report: MergeReport, options: MergeOptions) -> None:
+def measure_sample(prepared: PreparedMerge) -> None:
+    """A dry run of --trained-on: the quantization error measured on a sample of the weights."""
+    report, plan = prepared.report, prepared.plan
+    if report.quantization is not None and not plan.prequantized:
+        report.quantization["measured"] = measured_quantization(
+            sample_quantization(plan, prepared.checkpoint, prepared.adapter), _measurable(plan))
+
+
+def check_inputs_finite(adapter: Adapter, options: MergeOptions) -> None:
+    if not options.allow_nonfinite:
+        for source in adapter.sources:
+            check_finite(source)
+
+
+def _write_output(folder: Path, prepared: PreparedMerge, options: MergeOptions) -> None:
+    checkpoint, adapter, plan, report = prepared.checkpoint, prepared.adapter, prepared.plan, prepared.report
     with atomic_folder(folder, options.overwrite) as tmp:
         measures: dict[str, tuple[float, float, float]] = {}
-        execute(lowered, checkpoint, adapter, tmp, options.progress, allow_nonfinite=options.allow_nonfinite,
+        execute(prepared.lowered, checkpoint, adapter, tmp, options.progress, allow_nonfinite=options.allow_nonfinite,
                 measures=measures)
-        if report.quantization is not None and not plan.prequantized:
-            report.quantization["measured"] = measured_quantization(measures, _measurable(plan))
-        if plan.index_metadata is not None:
-            shards = [(name, [(t.name, t.dtype, t.shape) for t in tensors]) for name, tensors in plan.shards]
-            write_index(tmp, shards, plan.index_metadata)
-        copy_side_files(checkpoint.folder, adapter.path, tmp, plan.config_updates)
-        write_provenance(tmp, {
-            "operation": "merge",
-            "base": options.sources.get("base") or {"spec": str(checkpoint.folder)},
-            "adapter": options.sources.get("adapter") or {"spec": str(adapter.path)},
-            **({"adapters": options.sources.get("adapters") or [{"spec": str(p.path)} for p in _parts(adapter)],
-                "weights": list(adapter.weights)} if isinstance(adapter, StackedAdapter) else {}),
-            "convention": report.convention, "modules": report.modules,
-            "scale_min": report.scale_min, "scale_max": report.scale_max, "dtype": report.dtype,
-            **({"quantization": report.quantization} if report.quantization else {}),
-            **({"initial": options.sources.get("initial") or {"spec": options.initial}} if options.initial else {}),
-            **({"base_is_residual": True} if options.base_is_residual else {}),
-        })
+        record_measures(prepared, measures)
+        write_extras(tmp, prepared, options)
         if options.verify:
             from .verification import verify  # torch: imported only when asked
 
@@ -265,6 +308,33 @@ def _write_output(folder: Path, checkpoint: Checkpoint, adapter: Adapter, plan: 
             if not checked.ok:
                 raise MismatchError(f"verification of the merged output failed ({_verify_summary(checked)}); "
                                     "nothing was written")
+
+
+def record_measures(prepared: PreparedMerge, measures: dict[str, tuple[float, float, float]]) -> None:
+    """--trained-on: the quantization error the executor measured, into the report."""
+    if prepared.report.quantization is not None and not prepared.plan.prequantized:
+        prepared.report.quantization["measured"] = measured_quantization(measures, _measurable(prepared.plan))
+
+
+def write_extras(folder: Path, prepared: PreparedMerge, options: MergeOptions) -> None:
+    """Everything of a merged model but its shards: the index, config and side files, provenance."""
+    checkpoint, adapter, plan, report = prepared.checkpoint, prepared.adapter, prepared.plan, prepared.report
+    if plan.index_metadata is not None:
+        shards = [(name, [(t.name, t.dtype, t.shape) for t in tensors]) for name, tensors in plan.shards]
+        write_index(folder, shards, plan.index_metadata)
+    copy_side_files(checkpoint.folder, adapter.path, folder, plan.config_updates)
+    write_provenance(folder, {
+        "operation": "merge",
+        "base": options.sources.get("base") or {"spec": str(checkpoint.folder)},
+        "adapter": options.sources.get("adapter") or {"spec": str(adapter.path)},
+        **({"adapters": options.sources.get("adapters") or [{"spec": str(p.path)} for p in _parts(adapter)],
+            "weights": list(adapter.weights)} if isinstance(adapter, StackedAdapter) else {}),
+        "convention": report.convention, "modules": report.modules,
+        "scale_min": report.scale_min, "scale_max": report.scale_max, "dtype": report.dtype,
+        **({"quantization": report.quantization} if report.quantization else {}),
+        **({"initial": options.sources.get("initial") or {"spec": options.initial}} if options.initial else {}),
+        **({"base_is_residual": True} if options.base_is_residual else {}),
+    })
 
 
 def _report(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lowered, out: Path,

@@ -123,6 +123,26 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """
     path = Path(path)
     raw, n, size = _read_prefix_and_header(path)
+    return parse_header(path, raw, n, size)
+
+
+def header_length(path: Path, prefix: bytes, size: int) -> int:
+    """The header length the first 8 bytes of a `size`-byte safetensors file give; InputError when impossible."""
+    if len(prefix) < 8:
+        raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_SIZE:
+        raise InputError(f"{path}: corrupt safetensors header (header length {n} exceeds the 100 MB limit)")
+    if 8 + n > size:
+        raise InputError(
+            f"{path}: truncated or corrupt safetensors file (header length {n} runs past the end "
+            f"of the {size}-byte file); download it again"
+        )
+    return int(n)
+
+
+def parse_header(path: Path, raw: bytes | bytearray, n: int, size: int) -> SafetensorsHeader:
+    """Parse and validate header bytes `raw` (length `n`) of a `size`-byte file at `path` (read, or still remote)."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_compact_entry)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -168,17 +188,7 @@ def _read_prefix_and_header(path: Path) -> tuple[bytearray, int, int]:
             what = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, socket or device"
             raise InputError(f"{path}: not a regular file ({what}); a safetensors file is expected")
         size = info.st_size
-        prefix = os.pread(fd, 8, 0)
-        if len(prefix) < 8:
-            raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > MAX_HEADER_SIZE:
-            raise InputError(f"{path}: corrupt safetensors header (header length {n} exceeds the 100 MB limit)")
-        if 8 + n > size:
-            raise InputError(
-                f"{path}: truncated or corrupt safetensors file (header length {n} runs past the end "
-                f"of the {size}-byte file); download it again"
-            )
+        n = header_length(path, os.pread(fd, 8, 0), size)
         return read_bytes(fd, 8, n), n, size
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from e

@@ -3,7 +3,9 @@
 It implements what `snapshot_download`, `create_repo`, `upload_folder` (legacy LFS path, so
 run with HF_HUB_DISABLE_XET=1) and `list_repo_tree` use (the Hub's public HTTP API):
 repo info, tree, resolve (HEAD/GET), repo create, validate-yaml, preupload, LFS batch /
-upload / verify, and the NDJSON commit. Every request is recorded; faults can be injected.
+upload / verify, and the NDJSON commit. Every request is recorded; faults can be injected
+(`fail`: every time, `fail_once`: the next time), and transfers can be throttled (`download_rate`,
+`upload_rate`, bytes per second, as a slow network would be). Downloads honour `Range`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
@@ -30,10 +34,17 @@ class FakeHub:
     def __init__(self, token: str = "hf_fake_token"):
         self.token = token
         self.repos: dict[str, Repo] = {}
-        self.lfs: dict[str, bytes] = {}  # sha256 -> content
+        self.lfs: dict[str, dict[str, bytes]] = {}  # repo -> sha256 -> content (as the Hub, LFS storage is per repo)
         self.requests: list[tuple[str, str]] = []
         self.user_agents: list[str] = []
         self.fail: dict[str, int] = {}  # path regex -> HTTP status to answer with
+        self.fail_once: dict[str, int] = {}  # the same, removed after it answered once
+        self.download_rate: float | None = None  # bytes per second for file downloads (None: as fast as it goes)
+        self.upload_rate: float | None = None  # bytes per second for LFS uploads
+        self.uploads: list[str] = []  # sha256 of every LFS object received, in order
+        self.on_upload = None  # called with the sha256 after each LFS object is stored (a test's hook)
+        self._digests: dict[tuple[int, str], tuple[bytes, str]] = {}
+        self.ranged: list[str] = []  # paths of the GET requests that asked for a byte range
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -54,7 +65,7 @@ class FakeHub:
         base = dict(repo.commits.get(parent or repo.branches.get(branch, ""), {}))
         base.update(files)
         sha = hashlib.sha1(json.dumps([repo_id, branch, message, len(repo.commits),
-                                       sorted((k, hashlib.sha256(v).hexdigest()) for k, v in base.items())]).encode()).hexdigest()
+                                       sorted((k, self.sha256(v)) for k, v in base.items())]).encode()).hexdigest()
         repo.commits[sha] = base
         repo.messages[sha] = message
         repo.branches[branch] = sha
@@ -70,6 +81,30 @@ class FakeHub:
         repo = self.repos[repo_id]
         return repo.commits[repo.branches.get(revision, revision)]
 
+    def sha256(self, content: bytes) -> str:
+        """The sha256 of a stored file, computed once (models of gigabytes are listed and queried often)."""
+        return self._digest(content, "sha256", lambda: hashlib.sha256(content).hexdigest())
+
+    def git_oid(self, content: bytes) -> str:
+        return self._digest(content, "git", lambda: _git_oid(content))
+
+    def _digest(self, content: bytes, kind: str, compute) -> str:
+        key = (id(content), kind)
+        known = self._digests.get(key)
+        if known is None or known[0] is not content:
+            known = self._digests[key] = (content, compute())
+        return known[1]
+
+    def lfs_object(self, repo_id: str, oid: str) -> bytes | None:
+        """The content of an LFS object the repo stores: uploaded to it, or in one of its commits."""
+        if oid in self.lfs.get(repo_id, {}):
+            return self.lfs[repo_id][oid]
+        for files in self.repos[repo_id].commits.values() if repo_id in self.repos else ():
+            for content in files.values():
+                if self.sha256(content) == oid:
+                    return content
+        return None
+
     def resolve(self, repo_id: str, revision: str) -> tuple[Repo | None, str | None]:
         repo = self.repos.get(repo_id)
         if repo is None:
@@ -79,6 +114,11 @@ class FakeHub:
         if revision in repo.commits:
             return repo, revision
         return repo, None
+
+    def throttle(self, rate: float | None, nbytes: int, started: float) -> None:
+        """Sleep until `nbytes` took at least the time `rate` allows since `started`."""
+        if rate:
+            time.sleep(max(0.0, started + nbytes / rate - time.monotonic()))
 
     # --- HTTP --------------------------------------------------------------------------------------
 
@@ -91,8 +131,13 @@ class FakeHub:
             def log_message(self, *args) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body go out in separate writes: without this, each answer waits for a delayed ACK.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def _send(self, status: int, body: bytes | dict | list = b"", headers: dict | None = None,
-                      content_type: str = "application/json", head: bool = False) -> None:
+                      content_type: str = "application/json", head: bool = False, rate: float | None = None) -> None:
                 if not isinstance(body, bytes):
                     body = json.dumps(body).encode()
                 self.send_response(status)
@@ -101,15 +146,27 @@ class FakeHub:
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+                if head:
+                    return
+                started, view = time.monotonic(), memoryview(body)
+                for start in range(0, len(body), _CHUNK):
+                    self.wfile.write(view[start:start + _CHUNK])
+                    hub.throttle(rate, start + len(view[start:start + _CHUNK]), started)
 
             def _error(self, status: int, code: str, message: str, head: bool = False) -> None:
                 self._send(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message}, head=head)
 
-            def _body(self) -> bytes:
+            def _body(self, rate: float | None = None) -> bytes:
                 length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
+                started, parts, got = time.monotonic(), [], 0
+                while got < length:
+                    part = self.rfile.read(min(_CHUNK, length - got))
+                    if not part:
+                        break
+                    parts.append(part)
+                    got += len(part)
+                    hub.throttle(rate, got, started)
+                return b"".join(parts)
 
             def _authorized(self) -> bool:
                 return self.headers.get("Authorization") == f"Bearer {hub.token}"
@@ -119,9 +176,14 @@ class FakeHub:
                 path, query = unquote(url.path), parse_qs(url.query)
                 hub.requests.append((method, path))
                 hub.user_agents.append(self.headers.get("User-Agent", ""))
-                body = self._body() if method in ("POST", "PUT") else b""
+                upload = method == "PUT" and path.startswith("/lfs-upload/")
+                body = self._body(hub.upload_rate if upload else None) if method in ("POST", "PUT") else b""
                 for pattern, status in hub.fail.items():
                     if re.search(pattern, path):
+                        return self._error(status, "Injected", f"injected failure {status}")
+                for pattern, status in list(hub.fail_once.items()):
+                    if re.search(pattern, path):
+                        del hub.fail_once[pattern]
                         return self._error(status, "Injected", f"injected failure {status}")
                 head = method == "HEAD"
                 if method == "POST" and path == "/api/repos/create":
@@ -145,12 +207,16 @@ class FakeHub:
                     return self._branch(m.group(1), m.group(2))
                 m = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
                 if m and method == "POST":
-                    return self._lfs_batch(json.loads(body))
-                m = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", path)
+                    return self._lfs_batch(m.group(1), json.loads(body))
+                m = re.fullmatch(r"/lfs-upload/([^/]+/[^/]+)/([0-9a-f]{64})", path)
                 if m and method == "PUT":
-                    if hashlib.sha256(body).hexdigest() != m.group(1):
+                    if hashlib.sha256(body).hexdigest() != m.group(2):
                         return self._error(400, "BadOid", "sha256 mismatch")
-                    hub.lfs[m.group(1)] = body
+                    hub.lfs.setdefault(m.group(1), {})[m.group(2)] = body
+                    hub._digests[(id(body), "sha256")] = (body, m.group(2))
+                    hub.uploads.append(m.group(2))
+                    if hub.on_upload is not None:
+                        hub.on_upload(m.group(2))
                     return self._send(200, {})
                 if re.fullmatch(r"/lfs-verify/([0-9a-f]{64})", path) and method == "POST":
                     return self._send(200, {})
@@ -201,8 +267,8 @@ class FakeHub:
                     parts = p.split("/")
                     for i in range(1, len(parts)):
                         folders.add("/".join(parts[:i]))
-                    oid = hashlib.sha256(content).hexdigest()
-                    entries.append({"type": "file", "path": p, "size": len(content), "oid": _git_oid(content),
+                    oid = hub.sha256(content)
+                    entries.append({"type": "file", "path": p, "size": len(content), "oid": hub.git_oid(content),
                                     "lfs": {"oid": oid, "size": len(content), "pointerSize": 134}})
                 entries += [{"type": "directory", "path": f, "oid": "0" * 40, "size": 0} for f in sorted(folders)
                             if not prefix or f.startswith(prefix.rstrip("/") + "/")]
@@ -215,10 +281,21 @@ class FakeHub:
                 content = repo.commits[sha].get(file)
                 if content is None:
                     return self._error(404, "EntryNotFound", f"{file} does not exist", head=head)
-                etag = f'"{hashlib.sha256(content).hexdigest()}"'
-                self._send(200, content, {"X-Repo-Commit": sha, "ETag": etag, "X-Linked-Etag": etag,
-                                          "X-Linked-Size": str(len(content))},
-                           content_type="application/octet-stream", head=head)
+                etag = f'"{hub.sha256(content)}"'
+                headers = {"X-Repo-Commit": sha, "ETag": etag, "X-Linked-Etag": etag, "X-Linked-Size": str(len(content)),
+                           "Accept-Ranges": "bytes"}
+                ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+                if ranged and not head:
+                    hub.ranged.append(self.path)
+                    start = int(ranged.group(1))
+                    end = min(int(ranged.group(2)) if ranged.group(2) else len(content) - 1, len(content) - 1)
+                    if start >= len(content):
+                        return self._error(416, "RangeNotSatisfiable", "range not satisfiable")
+                    headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
+                    return self._send(206, content[start:end + 1], headers, content_type="application/octet-stream",
+                                      rate=hub.download_rate)
+                self._send(200, content, headers, content_type="application/octet-stream", head=head,
+                           rate=hub.download_rate)
 
             def _branch(self, repo_id: str, branch: str) -> None:
                 if not self._authorized():
@@ -238,14 +315,14 @@ class FakeHub:
                           "shouldIgnore": False, "oid": None} for f in payload["files"]]
                 self._send(200, {"files": files})
 
-            def _lfs_batch(self, payload: dict) -> None:
+            def _lfs_batch(self, repo_id: str, payload: dict) -> None:
                 if not self._authorized():
                     return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
                 objects = []
                 for obj in payload["objects"]:
                     entry = {"oid": obj["oid"], "size": obj["size"]}
-                    if obj["oid"] not in hub.lfs:
-                        entry["actions"] = {"upload": {"href": f"{hub.url}/lfs-upload/{obj['oid']}"},
+                    if hub.lfs_object(repo_id, obj["oid"]) is None:
+                        entry["actions"] = {"upload": {"href": f"{hub.url}/lfs-upload/{repo_id}/{obj['oid']}"},
                                             "verify": {"href": f"{hub.url}/lfs-verify/{obj['oid']}"}}
                     objects.append(entry)
                 self._send(200, {"objects": objects}, content_type="application/vnd.git-lfs+json")
@@ -264,9 +341,10 @@ class FakeHub:
                     if line["key"] == "file":
                         files[v["path"]] = base64.b64decode(v["content"])
                     elif line["key"] == "lfsFile":
-                        if v["oid"] not in hub.lfs:
+                        content = hub.lfs_object(repo_id, v["oid"])
+                        if content is None:
                             return self._error(422, "MissingLfs", f"LFS object {v['oid']} was never uploaded")
-                        files[v["path"]] = hub.lfs[v["oid"]]
+                        files[v["path"]] = content
                 parent = repo.branches.get(revision, revision)
                 branch = revision
                 pr_url = None
@@ -292,6 +370,9 @@ class FakeHub:
                 self._route("PUT")
 
         return Handler
+
+
+_CHUNK = 1 << 20  # bytes sent or received between two throttle checks
 
 
 def _git_oid(content: bytes) -> str:
