@@ -135,8 +135,9 @@ HeaderSource = Callable[[str], SafetensorsHeader]  # shard name -> its header (a
 def open_checkpoint(folder: str | os.PathLike[str], remote: HeaderSource | None = None) -> Checkpoint:
     """Open a model folder (single `model.safetensors` or sharded with an index) and validate it.
 
-    `remote`: the shards are not in FOLDER (yet); their headers come from this function, and FOLDER
-    holds the index and side files only (a Hub base streamed shard by shard, streaming.py).
+    `remote`: the shards are not in FOLDER (yet); their headers come from this function (each
+    header's `path` says where the shard will be read from), and FOLDER holds the index and side
+    files only (a Hub base streamed shard by shard, streaming.py).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -220,7 +221,7 @@ class CheckpointFiles:
     def fd(self, shard: str) -> int:
         with self._lock:  # worker threads open files too
             if shard not in self._fds:
-                self._fds[shard] = os.open(self.checkpoint.folder / shard, os.O_RDONLY)
+                self._fds[shard] = os.open(self.checkpoint.headers[shard].path, os.O_RDONLY)
             return self._fds[shard]
 
     def locate(self, name: str) -> tuple[int, int]:
@@ -231,7 +232,7 @@ class CheckpointFiles:
 
     def path(self, name: str) -> Path:
         """The shard file that holds tensor `name`."""
-        return self.checkpoint.folder / self.checkpoint.weight_map[name]
+        return self.checkpoint.headers[self.checkpoint.weight_map[name]].path
 
     def read(self, name: str) -> torch.Tensor:
         shard = self.checkpoint.weight_map[name]

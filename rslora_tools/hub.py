@@ -323,10 +323,7 @@ def push(
              if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
     if not local:
         raise InputError(f"{folder}: is empty; nothing to push")
-    ref = parse_ref(repo_id)
-    if ref is None or ref.revision or ref.subfolder:
-        raise InputError(f"{repo_id}: not a Hub repo id (org/name); use --revision for a branch")
-    repo_id = ref.repo_id
+    repo_id = target_repo(repo_id)
     api = hub_api(token)
     card = None if (folder / "README.md").is_file() else model_card(folder, repo_id)
     message = commit_message or f"Upload {folder.name} with rslora-tools {__version__}"
@@ -349,6 +346,14 @@ def push(
     check_arrived(repo_id, expected, remote)
     return PushReport(repo_id, str(folder), info.oid, str(info.commit_url), info.pr_url, len(expected),
                       card is not None, private, revision, sorted(expected))
+
+
+def target_repo(repo_id: str) -> str:
+    """The repo id a push goes to (`org/name`), or InputError."""
+    ref = parse_ref(repo_id)
+    if ref is None or ref.revision or ref.subfolder:
+        raise InputError(f"{repo_id}: not a Hub repo id (org/name); use --revision for a branch")
+    return ref.repo_id
 
 
 def check_arrived(repo_id: str, expected: dict[str, int], remote: dict[str, int]) -> None:

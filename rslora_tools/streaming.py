@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from .card import model_card
 from .checkpoint import Checkpoint, open_checkpoint, side_files
 from .errors import InputError, OutputError, StreamInterrupted
 from .executor import execute
-from .hub import Source
+from .hub import Source, target_repo
 from .hub_transfer import Publisher, ShardFetcher, Uploaded, hub_bars_hidden, remote_header
 from .lowering import Lowered
 from .merging import (
@@ -128,9 +128,9 @@ def stream_merge(base: Source, adapter: str | os.PathLike[str] | Adapter, option
 def _stream_merge(base: Source, adapter: str | os.PathLike[str] | Adapter, options: MergeOptions,
                   stream: StreamOptions) -> StreamReport:
     started = time.monotonic()
+    stream = replace(stream, repo_id=target_repo(stream.repo_id))
     scratch = (stream.scratch or default_scratch(stream.repo_id)).expanduser().resolve()
     _check_scratch(scratch, base, adapter)
-    scratch.mkdir(parents=True, exist_ok=True)
     checkpoint = _open_base(base, scratch, stream.token)
     prepared = prepare_merge(checkpoint, adapter, Path(stream.repo_id), options)
     prepared.report.out = f"hf://{stream.repo_id}"
@@ -149,6 +149,7 @@ def _stream_merge(base: Source, adapter: str | os.PathLike[str] | Adapter, optio
         return report
     _check_space(report, scratch)
     check_inputs_finite(prepared.adapter, options)
+    _make_view(base, scratch)
     assert publisher is not None
     publisher.open()
     pipeline = _Pipeline(prepared, order, fetcher, publisher, journal, scratch / "out", stream.progress, options)
@@ -171,27 +172,35 @@ def _check_scratch(scratch: Path, base: Source, adapter: str | os.PathLike[str] 
 
 
 def _open_base(base: Source, scratch: Path, token: str | None) -> Checkpoint:
-    """A local base as it is; a Hub base as a view folder (its configs linked, shards linked in when fetched)."""
+    """A local base as it is; a Hub base from its snapshot (configs, index) and its shards' headers, each shard to be
+    read through a link in `scratch/view` (made by `_make_view`, filled when the shard is fetched)."""
     if base.repo_id is None:
         return open_checkpoint(base.path)
     view = scratch / "view"
-    shutil.rmtree(view, ignore_errors=True)
-    view.mkdir(parents=True)
-    for path in sorted(base.path.iterdir()):
-        if path.is_file() and not path.name.endswith(".safetensors"):
-            (view / path.name).symlink_to(path.resolve())
     cache = ShardFetcher(base, view, scratch / "base", keep_cache=True, token=token)
 
     def header(shard: str) -> SafetensorsHeader:  # a cached shard's header is read, not fetched
         cached = cache.cached(shard)
-        return read_header(cached) if cached is not None else remote_header(base, shard, view, token)
+        if cached is None:
+            return remote_header(base, shard, view, token)
+        found = read_header(cached)
+        found.path = view / shard
+        return found
 
-    checkpoint = open_checkpoint(view, remote=header)
+    checkpoint = open_checkpoint(base.path, remote=header)
     scheme = checkpoint_scheme(checkpoint.config, base.spec)
     if scheme is not None:
         raise InputError(f"{base.spec}: an already quantized base ({scheme.label}) is not streamed yet; merge it "
                          "without --stream (it is small: download, merge, then push)")
     return checkpoint
+
+
+def _make_view(base: Source, scratch: Path) -> None:
+    """The (empty) folder of links through which the merge reads a Hub base's shards."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    if base.repo_id is not None:
+        shutil.rmtree(scratch / "view", ignore_errors=True)
+        (scratch / "view").mkdir()
 
 
 def _fetcher(base: Source, scratch: Path, stream: StreamOptions) -> ShardFetcher | None:

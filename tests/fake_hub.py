@@ -43,6 +43,8 @@ class FakeHub:
         self.upload_rate: float | None = None  # bytes per second for LFS uploads
         self.uploads: list[str] = []  # sha256 of every LFS object received, in order
         self.on_upload = None  # called with the sha256 after each LFS object is stored (a test's hook)
+        self._link_lock = threading.Lock()
+        self._link_free: dict[str, float] = {}  # direction -> when the link has sent what was queued on it
         self._digests: dict[tuple[int, str], tuple[bytes, str]] = {}
         self.ranged: list[str] = []  # paths of the GET requests that asked for a byte range
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -115,10 +117,16 @@ class FakeHub:
             return repo, revision
         return repo, None
 
-    def throttle(self, rate: float | None, nbytes: int, started: float) -> None:
-        """Sleep until `nbytes` took at least the time `rate` allows since `started`."""
-        if rate:
-            time.sleep(max(0.0, started + nbytes / rate - time.monotonic()))
+    def throttle(self, direction: str, nbytes: int) -> None:
+        """Sleep as long as sending `nbytes` takes on a link of `download_rate` or `upload_rate` bytes per second,
+        shared by every connection (parallel transfers split the bandwidth, as on a real network)."""
+        rate = self.download_rate if direction == "down" else self.upload_rate
+        if not rate:
+            return
+        with self._link_lock:
+            start = max(time.monotonic(), self._link_free.get(direction, 0.0))
+            self._link_free[direction] = end = start + nbytes / rate
+        time.sleep(max(0.0, end - time.monotonic()))
 
     # --- HTTP --------------------------------------------------------------------------------------
 
@@ -137,7 +145,7 @@ class FakeHub:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def _send(self, status: int, body: bytes | dict | list = b"", headers: dict | None = None,
-                      content_type: str = "application/json", head: bool = False, rate: float | None = None) -> None:
+                      content_type: str = "application/json", head: bool = False, throttled: bool = False) -> None:
                 if not isinstance(body, bytes):
                     body = json.dumps(body).encode()
                 self.send_response(status)
@@ -148,24 +156,27 @@ class FakeHub:
                 self.end_headers()
                 if head:
                     return
-                started, view = time.monotonic(), memoryview(body)
+                view = memoryview(body)
                 for start in range(0, len(body), _CHUNK):
-                    self.wfile.write(view[start:start + _CHUNK])
-                    hub.throttle(rate, start + len(view[start:start + _CHUNK]), started)
+                    chunk = view[start:start + _CHUNK]
+                    if throttled:
+                        hub.throttle("down", len(chunk))
+                    self.wfile.write(chunk)
 
             def _error(self, status: int, code: str, message: str, head: bool = False) -> None:
                 self._send(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message}, head=head)
 
-            def _body(self, rate: float | None = None) -> bytes:
+            def _body(self, throttled: bool = False) -> bytes:
                 length = int(self.headers.get("Content-Length") or 0)
-                started, parts, got = time.monotonic(), [], 0
+                parts, got = [], 0
                 while got < length:
                     part = self.rfile.read(min(_CHUNK, length - got))
                     if not part:
                         break
                     parts.append(part)
                     got += len(part)
-                    hub.throttle(rate, got, started)
+                    if throttled:
+                        hub.throttle("up", len(part))
                 return b"".join(parts)
 
             def _authorized(self) -> bool:
@@ -177,7 +188,7 @@ class FakeHub:
                 hub.requests.append((method, path))
                 hub.user_agents.append(self.headers.get("User-Agent", ""))
                 upload = method == "PUT" and path.startswith("/lfs-upload/")
-                body = self._body(hub.upload_rate if upload else None) if method in ("POST", "PUT") else b""
+                body = self._body(upload) if method in ("POST", "PUT") else b""
                 for pattern, status in hub.fail.items():
                     if re.search(pattern, path):
                         return self._error(status, "Injected", f"injected failure {status}")
@@ -293,9 +304,8 @@ class FakeHub:
                         return self._error(416, "RangeNotSatisfiable", "range not satisfiable")
                     headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
                     return self._send(206, content[start:end + 1], headers, content_type="application/octet-stream",
-                                      rate=hub.download_rate)
-                self._send(200, content, headers, content_type="application/octet-stream", head=head,
-                           rate=hub.download_rate)
+                                      throttled=True)
+                self._send(200, content, headers, content_type="application/octet-stream", head=head, throttled=True)
 
             def _branch(self, repo_id: str, branch: str) -> None:
                 if not self._authorized():

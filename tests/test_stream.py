@@ -276,6 +276,8 @@ def test_dry_run_prints_the_bound(hub, tmp_path):
                  "--scratch", tmp_path / "s")
     assert "disk: up to" in result.output and "model" in result.output and "fits" in result.output
     assert "me/dry" not in hub.repos
+    assert not (tmp_path / "s").exists()  # a dry run writes nothing, not even the scratch folder
+    assert shard_downloads(hub) == []
 
 
 @pytest.mark.parametrize("args, says", [
@@ -283,6 +285,7 @@ def test_dry_run_prints_the_bound(hub, tmp_path):
     (["--scratch", "x"], "--scratch and --keep-cache go with --stream"),
     (["--stream", "--push-to-hub", "me/x", "--verify"], "--verify does not go with --stream"),
     (["--stream", "--push-to-hub", "me/x", "merged-out/"], "with --stream there is no OUT"),
+    (["--stream", "--push-to-hub", "me/x@dev"], "me/x@dev: not a Hub repo id"),
 ])
 def test_wrong_flags_are_one_line(hub, args, says):
     result = run("merge", "org/base", "org/adapter", *args, code=1 if "--stream" in args or "x" in args else 2)
