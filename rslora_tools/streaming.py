@@ -154,7 +154,11 @@ def _stream_merge(base: Source, adapter: str | os.PathLike[str] | Adapter, optio
     publisher.open()
     pipeline = _Pipeline(prepared, order, fetcher, publisher, journal, scratch / "out", stream.progress, options)
     operations = pipeline.run(report)
-    report.push = _commit(prepared, order, publisher, journal, operations, scratch, options).to_dict()
+    try:
+        report.push = _commit(prepared, order, publisher, journal, operations, scratch, options).to_dict()
+    except KeyboardInterrupt as e:
+        raise StreamInterrupted(f"interrupted during the final commit to {stream.repo_id}; run the same command again: "
+                                "it uploads nothing again and makes (or repeats) the commit") from e
     _clean(scratch, journal)
     report.seconds = report.merge.seconds = time.monotonic() - started
     return report

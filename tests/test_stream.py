@@ -307,3 +307,28 @@ def test_offline_and_hub_errors_are_one_line(hub, monkeypatch, tmp_path):
     result = run("merge", "org/base", "org/adapter", "--push-to-hub", "me/x", "--stream", "--scratch",
                  tmp_path / "s", code=1)
     assert "HF_HUB_OFFLINE=1 is set; pushing needs the network" in result.output
+
+
+@pytest.mark.parametrize("more", [
+    ["--max-shard-size", "3MB"],  # output shards that each read several base shards
+    ["--dtype", "bf16"],
+])
+def test_streamed_options_equal_the_plain_merge_with_them(hub, plain, tmp_path, more):
+    run("merge", "org/base", "org/adapter", tmp_path / "out", *more)
+    report = stream("me/options", "--scratch", tmp_path / "s", *more)
+    files = hub.files("me/options")
+    local = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert sorted(files) == sorted([*local, "README.md", ".gitattributes"])
+    for name, content in local.items():
+        assert files[name] == content, name
+    assert report["disk_bound"] < report["model_bytes"]
+
+
+def test_several_adapters_stream_as_they_merge(hub, plain, tmp_path):
+    args = ["org/adapter", "org/adapter", "--weights", "0.5,0.25"]
+    run("merge", "org/base", *args[:2], tmp_path / "out", *args[2:])
+    result = run("merge", "org/base", *args, "--push-to-hub", "me/stacked", "--stream", "--scratch", tmp_path / "s")
+    assert "Merged 2 adapters" in result.output
+    files = hub.files("me/stacked")
+    for path in (tmp_path / "out").iterdir():
+        assert files[path.name] == path.read_bytes(), path.name
