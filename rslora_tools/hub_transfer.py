@@ -100,6 +100,16 @@ def _get_range(source: Source, shard: str, start: int, end: int, token: str | No
     return data[start:end], len(data)  # the server ignored the range: it sent the whole file
 
 
+def cached_shard(source: Source, shard: str) -> Path | None:
+    """The shard in the Hugging Face cache at the source's resolved commit, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    assert source.repo_id is not None
+    found = try_to_load_from_cache(source.repo_id, _remote_name(source, shard), cache_dir=_cache_dir(),
+                                   revision=source.commit)
+    return Path(found) if isinstance(found, str) else None
+
+
 @dataclass
 class Fetched:
     """A base shard the merge can read: where it is, and whether this run stores it itself (deleted after use)."""
@@ -120,13 +130,7 @@ class ShardFetcher:
         self.lock = threading.Lock()
 
     def cached(self, shard: str) -> Path | None:
-        """The shard in the Hugging Face cache at the resolved commit, or None."""
-        from huggingface_hub import try_to_load_from_cache
-
-        assert self.source.repo_id is not None
-        found = try_to_load_from_cache(self.source.repo_id, _remote_name(self.source, shard), cache_dir=_cache_dir(),
-                                       revision=self.source.commit)
-        return Path(found) if isinstance(found, str) else None
+        return cached_shard(self.source, shard)
 
     def stored_before(self, shard: str) -> bool:
         """Left in the scratch folder by an earlier run that stopped (complete: its download is not repeated)."""

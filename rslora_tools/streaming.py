@@ -36,7 +36,7 @@ from .checkpoint import Checkpoint, open_checkpoint, side_files
 from .errors import InputError, OutputError, StreamInterrupted
 from .executor import execute
 from .hub import Source, target_repo
-from .hub_transfer import Publisher, ShardFetcher, Uploaded, hub_bars_hidden, remote_header
+from .hub_transfer import Publisher, ShardFetcher, Uploaded, cached_shard, hub_bars_hidden, remote_header
 from .lowering import Lowered
 from .merging import (
     MergeOptions,
@@ -52,7 +52,7 @@ from .output import free_space
 from .quant_formats import checkpoint_scheme
 from .safetensors_file import SafetensorsHeader, read_header
 from .sizes import human_size
-from .stream_plan import StreamSchedule, schedule
+from .stream_plan import FETCH_AHEAD, OUTPUTS_ON_DISK, StreamSchedule, schedule
 
 PhaseProgress = Callable[[str, int, int], None]  # (phase: download|merge|upload, bytes just done, phase total)
 JOURNAL_NAME = "rslora-tools-stream.json"
@@ -181,10 +181,9 @@ def _open_base(base: Source, scratch: Path, token: str | None) -> Checkpoint:
     if base.repo_id is None:
         return open_checkpoint(base.path)
     view = scratch / "view"
-    cache = ShardFetcher(base, view, scratch / "base", keep_cache=True, token=token)
 
     def header(shard: str) -> SafetensorsHeader:  # a cached shard's header is read, not fetched
-        cached = cache.cached(shard)
+        cached = cached_shard(base, shard)
         if cached is None:
             return remote_header(base, shard, view, token)
         found = read_header(cached)
@@ -310,7 +309,7 @@ class _Pipeline:
         self.position = -1  # the output shard being written
         self.changed = threading.Condition()
         self.ready = {shard: threading.Event() for _, shard in order.fetch_order()}
-        self.slots = threading.Semaphore(2)
+        self.slots = threading.Semaphore(OUTPUTS_ON_DISK)
         self.uploads: queue.Queue[str | None] = queue.Queue()
         self.operations: dict[str, Any] = {}
         self.failures: list[BaseException] = []
@@ -377,13 +376,13 @@ class _Pipeline:
         last = self.order.last_use()
         lowered = dict(self.prepared.lowered.shards)
         for i, name in enumerate(self.todo):
-            with self.changed:
+            while not self.slots.acquire(timeout=0.1):  # shard i - 2 is uploaded and deleted
+                self._raise_failure()
+            with self.changed:  # only now may base shards for i + 1 come (the disk bound's step i)
                 self.position = i
                 self.changed.notify_all()
             for shard in self.order.needs[name]:
                 self._wait(self.ready[shard])
-            while not self.slots.acquire(timeout=0.1):
-                self._raise_failure()
             started = time.monotonic()
             try:
                 execute(Lowered([(name, lowered[name])], self.prepared.lowered.device), self.prepared.checkpoint,
@@ -417,7 +416,7 @@ class _Pipeline:
     def _download_all(self) -> None:
         for first, shard in self.order.fetch_order():
             with self.changed:
-                self.changed.wait_for(lambda: self.stop.is_set() or self.position + 1 >= first)
+                self.changed.wait_for(lambda: self.stop.is_set() or self.position + FETCH_AHEAD >= first)
             if self.stop.is_set():
                 return
             if self.fetcher is not None:
