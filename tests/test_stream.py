@@ -124,9 +124,11 @@ def shard_oids(plain: dict[str, bytes]) -> set[str]:
 
 def test_streamed_repo_equals_a_plain_merge_in_one_commit(hub, plain, tmp_path):
     scratch = tmp_path / "scratch"
-    report = stream("me/streamed", "--scratch", scratch)
+    report = stream("me/streamed", "--scratch", scratch, "--commit-message", "Merged, streamed", "--private")
     assert_same_repo(hub, "me/streamed", plain)
     assert len(commits(hub, "me/streamed")) == 2  # the repo's creation, then the whole model at once
+    repo = hub.repos["me/streamed"]
+    assert repo.messages[repo.branches["main"]] == "Merged, streamed" and repo.private
     assert report["push"]["files"] == len(plain) - 1  # all but the .gitattributes the repo was created with
     assert report["phases"]["download"]["bytes"] == report["model_bytes"] == report["phases"]["upload"]["bytes"]
     assert report["disk_bound"] < report["model_bytes"] / 3
@@ -328,7 +330,8 @@ def test_several_adapters_stream_as_they_merge(hub, plain, tmp_path):
     args = ["org/adapter", "org/adapter", "--weights", "0.5,0.25"]
     run("merge", "org/base", *args[:2], tmp_path / "out", *args[2:])
     result = run("merge", "org/base", *args, "--push-to-hub", "me/stacked", "--stream", "--scratch", tmp_path / "s")
-    assert "Merged 2 adapters" in result.output
+    assert "Merged 2 adapters" in result.output and "into hf://me/stacked" in result.output
+    assert "streamed in" in result.output and "Pushed 26 files to me/stacked in one commit" in result.output
     files = hub.files("me/stacked")
     for path in (tmp_path / "out").iterdir():
         assert files[path.name] == path.read_bytes(), path.name
