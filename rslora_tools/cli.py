@@ -250,19 +250,27 @@ def _progress(desc: str, enabled: bool) -> Iterator[Callable[[int, int], None] |
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr, disable=None,
-               dynamic_ncols=True)
-
-    def update(n: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-            bar.refresh()
-        bar.update(n)
-
+    bar = _byte_bar(desc)
     try:
-        yield update
+        yield lambda n, total: _advance(bar, n, total)
     finally:
         bar.close()
+
+
+def _byte_bar(desc: str, position: int | None = None) -> Any:
+    """A tqdm bar counting bytes on stderr, drawn only on a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=desc, position=position, file=sys.stderr,
+                disable=None, dynamic_ncols=True)
+
+
+def _advance(bar: Any, n: int, total: int) -> None:
+    """Count `n` more bytes of `total` (the library says the total with each call; it may grow)."""
+    if bar.total != total:
+        bar.total = total
+        bar.refresh()
+    bar.update(n)
 
 
 def _echo_push(report: Any) -> None:
@@ -444,7 +452,7 @@ def _print_stream(report: Any) -> None:
         if names:
             click.echo(f"  skipped ({why.replace('_', ' ')}): {len(names)} shard(s): {', '.join(names[:3])}"
                        f"{', ...' if len(names) > 3 else ''}")
-    if report.dry_run:
+    if report.merge.dry_run:
         return
     rates = ", ".join(f"{phase} {human_size(p.bytes)} in {p.seconds:.1f} s" for phase, p in report.phases.items())
     click.echo(f"  streamed in {report.seconds:.1f} s ({rates})")
@@ -459,21 +467,9 @@ def _phase_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] |
     if not enabled:
         yield None
         return
-    from tqdm.auto import tqdm
-
-    bars = {phase: tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"{phase.capitalize():9}", position=i,
-                        file=sys.stderr, disable=None, dynamic_ncols=True)
-            for i, phase in enumerate(("download", "merge", "upload"))}
-
-    def update(phase: str, n: int, total: int) -> None:
-        bar = bars[phase]
-        if bar.total != total:
-            bar.total = total
-            bar.refresh()
-        bar.update(n)
-
+    bars = {phase: _byte_bar(f"{phase.capitalize():9}", i) for i, phase in enumerate(("download", "merge", "upload"))}
     try:
-        yield update
+        yield lambda phase, n, total: _advance(bars[phase], n, total)
     finally:
         for bar in bars.values():
             bar.close()

@@ -24,7 +24,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -99,11 +99,6 @@ class StreamReport:
         data = self.merge.to_dict()
         data.update({k: v for k, v in asdict(self).items() if k != "merge"})
         return data
-
-    def __getattr__(self, name: str) -> Any:  # the printers read the merge report's fields too
-        if name == "merge":
-            raise AttributeError(name)
-        return getattr(self.merge, name)
 
 
 def default_scratch(repo_id: str) -> Path:
@@ -216,14 +211,17 @@ def _plan_report(prepared: PreparedMerge, order: StreamSchedule, fetcher: ShardF
                  stream: StreamOptions) -> StreamReport:
     """The disk bound: base shards this run stores (not cached; kept when --keep-cache), two output shards, the
     small files of the commit."""
-    stored = set() if fetcher is None else {s for s in order.base_bytes if fetcher.cached(s) is None}
+    stored: set[str] = set()  # a local base: nothing is fetched
+    if fetcher is not None:
+        stored = {s for s in order.base_bytes if fetcher.cached(s) is None}
     extras = sum(p.stat().st_size for p in side_files(prepared.checkpoint.folder)) + (1 << 20)  # + index, provenance
     bound = order.disk_bound(set() if stream.keep_cache else stored) + extras
     if stream.keep_cache:
         bound += sum(order.base_bytes[s] for s in stored)
     report = StreamReport(prepared.report, stream.repo_id, str(scratch), bound, order.total_out, free_space(scratch))
-    report.skipped["cached"] = sorted(set(order.base_bytes) - stored)
-    report.skipped["downloaded_before"] = sorted(s for s in stored if fetcher is not None and fetcher.stored_before(s))
+    if fetcher is not None:
+        report.skipped["cached"] = sorted(set(order.base_bytes) - stored)
+        report.skipped["downloaded_before"] = sorted(s for s in stored if fetcher.stored_before(s))
     return report
 
 
@@ -252,7 +250,7 @@ def _journal_key(prepared: PreparedMerge, options: MergeOptions, stream: StreamO
     folders = [a.path for a in prepared.adapter.sources] + ([base.path] if base.repo_id is None else [])
     record = {
         "version": __version__, "repo": stream.repo_id, "create_pr": stream.create_pr,
-        "sources": _jsonable(options.sources), "base": base.to_dict(),
+        "sources": dict(options.sources), "base": base.to_dict(),
         "inputs": [_listing(Path(f)) for f in folders] + ([options.initial] if options.initial else []),
         "options": [options.dtype, options.max_shard_size, options.device, str(options.trained_on),
                     options.base_is_residual, options.allow_nonfinite],
@@ -260,10 +258,6 @@ def _journal_key(prepared: PreparedMerge, options: MergeOptions, stream: StreamO
         "shards": [(name, [(t.name, t.dtype, list(t.shape)) for t in tensors]) for name, tensors in prepared.plan.shards],
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _jsonable(value: Mapping[str, Any]) -> Any:
-    return json.loads(json.dumps(dict(value), default=str))
 
 
 def _listing(folder: Path) -> list[tuple[str, int, int]]:

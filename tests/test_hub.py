@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fake_hub import FakeHub
+from fake_hub import FakeHub, use_fake_hub
 
 from rslora_tools.cli import cli
 
@@ -27,18 +27,8 @@ TOKEN = "hf_fake_token"
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     server = FakeHub(token=TOKEN).start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    use_fake_hub(monkeypatch, server, tmp_path / "hf-home")
     # The base repo also holds what a merge must never download: a pickle and another weights variant.
     base = tmp_path / "base-upload"
     shutil.copytree(BASE, base)

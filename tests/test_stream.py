@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from fake_hub import FakeHub
+from fake_hub import FakeHub, use_fake_hub
 from peft import LoraConfig
 from peft_oracle import make_adapter, make_llama
 
@@ -46,19 +46,9 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch, models):
-    from huggingface_hub import constants
-
     server = FakeHub(token=TOKEN).start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    use_fake_hub(monkeypatch, server, tmp_path / "hf-home")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     base, adapter = models
     server.upload_local_folder("org/base", base)
     server.upload_local_folder("org/adapter", adapter)
@@ -158,7 +148,7 @@ def test_keep_cache_and_cached_shards_are_not_downloaded_again(hub, plain, tmp_p
 def test_local_base_streams_to_the_hub_without_writing_out(hub, plain, models, tmp_path):
     base, adapter = models
     report = stream("me/local", "--scratch", tmp_path / "s", base=str(base), adapter="org/adapter")
-    assert report["phases"]["download"]["bytes"] == 0
+    assert report["phases"]["download"]["bytes"] == 0 and "cached" not in report["skipped"]
     files = hub.files("me/local")
     plain_prov = json.loads(plain["rslora_tools.json"])
     prov = json.loads(files["rslora_tools.json"])
