@@ -93,13 +93,16 @@ def execute(lowered: Lowered, checkpoint: Checkpoint, adapter: Adapter, folder: 
         run.adapter_fd = os.open(adapter.weights_path, os.O_RDONLY)
     workers = _Workers(run.stop)
     writers: list[SafetensorsWriter] = []
-    jobs: list[tuple[list[Step], SafetensorsWriter]] = []
+    jobs: list[tuple[list[Step], SafetensorsWriter, int]] = []
     try:
         for shard_name, shard_steps in lowered.shards:
-            entries = [(s.tensor.name, s.tensor.dtype, s.tensor.shape) for s in shard_steps]
+            entries = ((s.tensor.name, s.tensor.dtype, s.tensor.shape) for s in shard_steps)
             writer = SafetensorsWriter(folder / shard_name, entries, {"format": "pt"})
             writers.append(writer)
-            jobs += [(group, writer) for group in _copy_runs(checkpoint, shard_steps)]
+            row = 0
+            for group in _copy_runs(checkpoint, shard_steps):
+                jobs.append((group, writer, row))
+                row += len(group)
         workers.run(jobs, lambda job: _produce_group(run, *job))
     finally:
         if workers.stopped:  # else a worker may still write: closing would free its descriptor numbers
@@ -138,10 +141,32 @@ def _copy_runs(checkpoint: Checkpoint, steps: list[Step]) -> list[list[Step]]:
     return groups
 
 
-def _produce_group(run: _Run, steps: list[Step], writer: SafetensorsWriter) -> None:
-    """One job: a single step, or a run of untouched tensors copied in one go."""
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """Where one output tensor goes: its shard's writer and its row there (the writer keeps no index by name)."""
+
+    writer: SafetensorsWriter
+    row: int
+
+    @property
+    def fd(self) -> int:
+        return self.writer.fd
+
+    @property
+    def offset(self) -> int:
+        return self.writer.offset_at(self.row)
+
+    def write(self, tensor: torch.Tensor) -> None:
+        self.writer.write_row(self.row, tensor)
+
+    def copy_raw(self, source_fd: int, source_offset: int) -> None:
+        self.writer.copy_row(self.row, source_fd, source_offset)
+
+
+def _produce_group(run: _Run, steps: list[Step], writer: SafetensorsWriter, row: int) -> None:
+    """One job: a single step, or a run of untouched tensors copied in one go (`row`: the first one's in the shard)."""
     if len(steps) == 1:
-        _produce(run, steps[0], writer)
+        _produce(run, steps[0], _Slot(writer, row))
         return
     if run.stop.is_set():
         raise _Stopped
@@ -149,29 +174,29 @@ def _produce_group(run: _Run, steps: list[Step], writer: SafetensorsWriter) -> N
     assert first.source is not None
     fd, offset = run.base.locate(first.source)
     nbytes = sum(step.nbytes for step in steps)
-    copy_range(fd, offset, writer.fd, writer.offset(first.name), nbytes)
+    copy_range(fd, offset, writer.fd, writer.offset_at(row), nbytes)
     run.advance(nbytes)
 
 
-def _produce(run: _Run, step: Step, writer: SafetensorsWriter) -> None:
+def _produce(run: _Run, step: Step, slot: _Slot) -> None:
     """Produce one output tensor at its place in its shard, the way its step says."""
     if run.stop.is_set():
         raise _Stopped
     t = step.tensor
     if step.kind is StepKind.COPY_BASE:
         assert t.source is not None
-        writer.copy_raw(t.name, *run.base.locate(t.source))
+        slot.copy_raw(*run.base.locate(t.source))
     elif step.kind is StepKind.COPY_ADAPTER:
         assert t.replacement is not None
-        writer.copy_raw(t.name, run.adapter_fd, run.adapter.tensor_offset(t.replacement))
+        slot.copy_raw(run.adapter_fd, run.adapter.tensor_offset(t.replacement))
     elif step.kind is StepKind.KERNEL:
-        if not _with_kernel(run, t, writer):
-            _with_torch(run, t, writer)  # the kernel met a non-finite sum: torch's NaN encoding
+        if not _with_kernel(run, t, slot):
+            _with_torch(run, t, slot)  # the kernel met a non-finite sum: torch's NaN encoding
     elif step.kind is StepKind.QUANT_KERNEL:
-        if not _with_quant_kernel(run, t, writer):
-            _with_torch(run, t, writer)  # NaN/Inf in the weight or the sum: torch's encodings
+        if not _with_quant_kernel(run, t, slot):
+            _with_torch(run, t, slot)  # NaN/Inf in the weight or the sum: torch's encodings
     else:  # TORCH, DEQUANT
-        _with_torch(run, t, writer)
+        _with_torch(run, t, slot)
     run.advance(step.nbytes)
 
 
@@ -199,7 +224,7 @@ def _operands(run: _Run, t: TensorPlan, op: LoraOp | None = None) -> kernel.Oper
     return kernel.Operands(op.kind, a, b, adapter.shapes[op.module.a_key][0], rows, cols, op.transpose)
 
 
-def _with_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
+def _with_kernel(run: _Run, t: TensorPlan, slot: _Slot) -> bool:
     """W + s * delta through the C kernel, a block of rows at a time; False if a sum is not finite. Stacked ops (a
     stacked merge) are applied one after another, each rounded to W's dtype, as PEFT merges them."""
     ops = t.all_lora
@@ -215,7 +240,7 @@ def _with_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
         assert t.source is not None
         source_fd, source_offset = run.base.locate(t.source)
         source, source_file = t.source, run.base.path(t.source)
-    target_offset = writer.offset(t.name)
+    target_offset = slot.offset
     block_in, block_out, spare = _block_buffers(step * row_bytes)
     for start in range(0, rows, step):
         if run.stop.is_set():
@@ -228,11 +253,11 @@ def _with_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
             if not kernel.merge_rows(now[:size], t.dtype, operands, start, n, scale, free[:size]):
                 return False
             now, free = free, (spare if free is block_out else block_out)
-        write_at(writer.fd, target_offset + start * row_bytes, now[:size])
+        write_at(slot.fd, target_offset + start * row_bytes, now[:size])
     return True
 
 
-def _with_quant_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> bool:
+def _with_quant_kernel(run: _Run, t: TensorPlan, slot: _Slot) -> bool:
     """--trained-on 4-bit through the kernel, a block of rows at a time: absmax of each block, quantize and
     dequantize, merge the delta (if any), write. Double quantization needs every absmax value first (their mean):
     then a first pass computes them, and torch quantizes them. False when the weight or a sum is not finite."""
@@ -273,7 +298,7 @@ def _with_quant_kernel(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> b
                 norms = kernel.quant_norms(block_in[:size], block_out[:size], merged[:size], t.dtype)
                 sums = [a + b for a, b in zip(sums, norms)]
             result = merged
-        write_at(writer.fd, writer.offset(t.name) + start * row_bytes, result[:size])
+        write_at(slot.fd, slot.offset + start * row_bytes, result[:size])
     if operands is not None:
         _record(run, t.name, (sums[0], sums[1], sums[2]))
     return True
@@ -342,7 +367,7 @@ class _Staging:
         return tensor
 
 
-def _with_torch(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> None:
+def _with_torch(run: _Run, t: TensorPlan, slot: _Slot) -> None:
     """Compute one tensor with torch (compute.py) on the run's device, staged through reused host buffers."""
     import torch
 
@@ -372,7 +397,7 @@ def _with_torch(run: _Run, t: TensorPlan, writer: SafetensorsWriter) -> None:
                 out.copy_(value, non_blocking=True)
                 buffers["stream"].synchronize()
                 value = out
-            writer.write_tensor(t.name, value)
+            slot.write(value)
 
 
 def _check_finite(run: _Run, t: TensorPlan, value: torch.Tensor) -> None:

@@ -86,7 +86,7 @@ class TensorPlan:
     shape: tuple[int, ...] = ()
     quant: QuantSource | None = None  # the base value is dequantized (or quantized as in training) first
     # a stacked merge (stacking.py): later adapters' LoRA / lora_bias on this tensor, applied in order after the above
-    stacked: list[TensorPlan] = field(default_factory=list)
+    stacked: tuple[TensorPlan, ...] = ()
 
     @property
     def untouched(self) -> bool:

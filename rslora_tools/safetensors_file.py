@@ -9,14 +9,20 @@ shard is ever held in memory. torch is imported only by the functions that retur
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
+import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import stat
 import struct
 import sys
+from array import array
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -99,14 +105,94 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+_DTYPE_CODES = {name: i for i, name in enumerate(DTYPE_BITS)}
+_DTYPE_NAMES = [sys.intern(name) for name in DTYPE_BITS]
+_DTYPE_OF_BYTES = {name.encode(): sys.intern(name) for name in DTYPE_BITS}
+
+
+class TensorTable(Mapping[str, TensorInfo]):
+    """name -> TensorInfo for the tensors of one file, in file order, stored compactly.
+
+    A header of many small tensors (hundreds of thousands) would cost a kilobyte per tensor as
+    TensorInfo objects in a dict; here a tensor costs its name, one dict slot and a few array
+    entries (shapes are shared), and its TensorInfo is made when asked for.
+    """
+
+    __slots__ = ("_names", "_index", "_offsets", "_dtypes", "_shapes", "_shape_ids", "_shape_list")
+
+    def __init__(self) -> None:
+        self._names: list[str] = []  # in file order
+        self._index: dict[str, int] | None = None  # name -> row, made at the first lookup by name
+        self._offsets = array("q")  # begin and end of each row
+        self._dtypes = bytearray()
+        self._shapes = array("I")  # each row's index into _shape_list
+        self._shape_ids: dict[tuple[int, ...], int] = {}
+        self._shape_list: list[tuple[int, ...]] = []
+
+    def add(self, name: str, dtype: str, shape: tuple[int, ...], begin: int, end: int) -> None:
+        """Append a tensor (in file order)."""
+        shape_id = self._shape_ids.get(shape)
+        if shape_id is None:
+            shape_id = self._shape_ids[shape] = len(self._shape_list)
+            self._shape_list.append(shape)
+        if self._index is not None:
+            self._index.setdefault(name, len(self._names))
+        self._names.append(name)
+        self._offsets.extend((begin, end))
+        self._dtypes.append(_DTYPE_CODES[dtype])
+        self._shapes.append(shape_id)
+
+    def _by_name(self) -> dict[str, int]:
+        if self._index is None:
+            index: dict[str, int] = {}
+            for row, known in enumerate(self._names):
+                index.setdefault(known, row)
+            self._index = index
+        return self._index
+
+    def row_of(self, name: str) -> int:
+        return self._by_name()[name]
+
+    def row(self, row: int) -> TensorInfo:
+        return TensorInfo(self._names[row], _DTYPE_NAMES[self._dtypes[row]], self._shape_list[self._shapes[row]],
+                          self._offsets[2 * row], self._offsets[2 * row + 1])
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        return self.row(self.row_of(name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        """The distinct names (a header that names a tensor twice has more rows; it is refused when read)."""
+        return len(self._by_name())
+
+    @property
+    def rows(self) -> int:
+        return len(self._names)
+
+    @classmethod
+    def of(cls, infos: Iterable[TensorInfo]) -> TensorTable:
+        table = cls()
+        for t in infos:
+            table.add(t.name, t.dtype, t.shape, t.begin, t.end)
+        return table
+
+
 @dataclass
 class SafetensorsHeader:
-    """The parsed header of one file: tensors in file order, metadata, data start."""
+    """The parsed header of one file: tensors in file order, metadata, data start; and, to recognise the file
+    when it is opened again, its size and the sha256 of its first `data_start` bytes (`check_unchanged`)."""
 
     path: Path
-    tensors: dict[str, TensorInfo]
+    tensors: Mapping[str, TensorInfo]
     metadata: dict[str, str] | None
     data_start: int
+    size: int = 0
+    digest: bytes = b""
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -142,14 +228,63 @@ def header_length(path: Path, prefix: bytes, size: int) -> int:
 
 
 def parse_header(path: Path, raw: bytes | bytearray, n: int, size: int) -> SafetensorsHeader:
-    """Parse and validate header bytes `raw` (length `n`) of a `size`-byte file at `path` (read, or still remote)."""
+    """Parse and validate header bytes `raw` (length `n`) of a `size`-byte file at `path` (read, or still remote).
+
+    The header as safetensors writers lay it out is scanned in place (`_scan_canonical`): no
+    decoded copy of it and no JSON object per tensor, so a header of a million tensors costs
+    little more than its own bytes while it is read. Any other layout, and every defect, goes
+    through the JSON parser, whose messages name the defect.
+    """
+    digest = hashlib.sha256(struct.pack("<Q", n))
+    digest.update(raw)
+    scanned = _scan_canonical(raw)
+    if scanned is not None:
+        metadata, rows = scanned
+    else:
+        metadata, rows = _parse_json(path, raw)
+    del raw
+    table = _ordered_table(path, rows)
+    position = table.end
+    if 8 + n + position != size:
+        raise InputError(
+            f"{path}: truncated or corrupt safetensors file (header describes {8 + n + position} bytes, "
+            f"file has {size}); download it again"
+        )
+    return SafetensorsHeader(path, table.table, metadata, 8 + n, size, digest.digest())
+
+
+class _Rows:
+    """Tensor entries as parsed, in header order, compactly (names; dtype codes; shape ids; begin/end pairs)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.dtypes = bytearray()
+        self.shapes = array("I")
+        self.shape_list: list[tuple[int, ...]] = []
+        self.shape_ids: dict[object, int] = {}  # a shape (or its JSON bytes) -> its id
+        self.offsets = array("q")
+
+    def add(self, name: str, dtype: str, shape_key: object, shape: tuple[int, ...] | None, begin: int,
+            end: int) -> None:
+        shape_id = self.shape_ids.get(shape_key)
+        if shape_id is None:
+            assert shape is not None
+            shape_id = self.shape_ids[shape_key] = len(self.shape_list)
+            self.shape_list.append(shape)
+        self.names.append(name)
+        self.dtypes.append(_DTYPE_CODES[dtype])
+        self.shapes.append(shape_id)
+        self.offsets.extend((begin, end))
+
+
+def _parse_json(path: Path, raw: bytes | bytearray) -> tuple[dict[str, str] | None, _Rows]:
+    """The header through json.loads, every entry checked (the messages name the defect)."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_compact_entry)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: corrupt safetensors header (not valid UTF-8 JSON: {e})") from e
     except RecursionError as e:
         raise InputError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from e
-    del raw
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None)
@@ -159,21 +294,115 @@ def parse_header(path: Path, raw: bytes | bytearray, n: int, size: int) -> Safet
         isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     ):
         raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
-    infos = [_parse_entry(path, name, entry) for name, entry in header.items()]
-    del header
-    infos.sort(key=lambda t: (t.begin, t.end))
+    rows = _Rows()
+    for name, entry in header.items():
+        info = _parse_entry(path, name, entry)
+        rows.add(name, info.dtype, info.shape, info.shape, info.begin, info.end)
+    return metadata, rows
+
+
+_W = rb"[ \t\n\r]*"  # JSON whitespace, allowed between any two tokens
+_STRING = rb'"((?:[^"\\\x00-\x1f]|\\.)*)"'
+_NUMBER = rb"(?:0|[1-9][0-9]*)"
+_NUMBERS = rb"((?:" + _W + _NUMBER + _W + rb"(?:," + _W + _NUMBER + _W + rb")*)?)"
+_ENTRY = re.compile(_W + _STRING + _W + rb":" + _W + rb'\{' + _W + rb'"dtype"' + _W + rb":" + _W + rb'"([A-Z0-9_]+)"'
+                    + _W + rb"," + _W + rb'"shape"' + _W + rb":" + _W + rb"\[" + _NUMBERS + rb"\]" + _W + rb"," + _W
+                    + rb'"data_offsets"' + _W + rb":" + _W + rb"\[" + _W + rb"(" + _NUMBER + rb")" + _W + rb"," + _W
+                    + rb"(" + _NUMBER + rb")" + _W + rb"\]" + _W + rb"\}" + _W + rb"([,}])")
+_PAIR = _W + _STRING.replace(b"(", b"(?:", 1) + _W + b":" + _W + _STRING.replace(b"(", b"(?:", 1) + _W
+_METADATA = re.compile(_W + rb'\{' + _W + rb'"__metadata__"' + _W + rb":" + _W + rb"(\{(?:" + _PAIR + rb"(?:,"
+                       + _PAIR + rb")*|" + _W + rb")\})" + _W + rb"([,}])")
+
+
+def _scan_canonical(raw: bytes | bytearray) -> tuple[dict[str, str] | None, _Rows] | None:
+    """The header in the layout safetensors writers use, scanned entry by entry with checks; None for anything else
+    (another layout, or a defect: the JSON path then parses it and names the defect)."""
+    metadata = None
+    opening = re.compile(_W + rb"\{" + _W).match(raw, 0)
+    if opening is None:
+        return None
+    pos, last = opening.end(), b","
+    found = _METADATA.match(raw, 0)
+    if found is not None:
+        try:
+            metadata = json.loads(found.group(1))
+        except ValueError:  # not UTF-8, a bad escape: the JSON path names it
+            return None
+        pos, last = found.end(), found.group(2)
+    elif raw[pos:pos + 1] == b"}":
+        pos, last = pos + 1, b"}"
+    rows = _Rows()
+    while last == b",":
+        m = _ENTRY.match(raw, pos)
+        if m is None:
+            return None
+        quoted, dtype_bytes, shape_bytes, begin, end, last = m.groups()
+        try:
+            name = json.loads(b'"' + quoted + b'"') if b"\\" in quoted else quoted.decode("utf-8")
+        except ValueError:
+            return None
+        dtype = _DTYPE_OF_BYTES.get(dtype_bytes)
+        shape = None
+        if shape_bytes not in rows.shape_ids:
+            shape = tuple(int(d) for d in shape_bytes.split(b",")) if shape_bytes.strip(b" \t\n\r") else ()
+        first, stop = int(begin), int(end)
+        if dtype is None or first > stop or name == "__metadata__" or \
+                stop - first != tensor_nbytes(dtype, shape if shape is not None else rows.shape_list[rows.shape_ids[shape_bytes]]):
+            return None
+        rows.add(name, dtype, shape_bytes, shape, first, stop)
+        pos = m.end()
+    if raw[pos:].strip(b" \t\r\n"):
+        return None
+    return metadata, rows
+
+
+@dataclass
+class _Ordered:
+    table: TensorTable
+    end: int  # where the data section ends (the sum of the tensors' sizes)
+
+
+def _ordered_table(path: Path, rows: _Rows) -> _Ordered:
+    """The rows in file order as a TensorTable; offsets that overlap or leave a hole, and names listed twice, are
+    refused."""
+    offsets = rows.offsets
+    count = len(rows.names)
+    def key(i: int) -> int:  # by offset; an empty tensor before a non-empty one at the same offset
+        return 2 * offsets[2 * i] + (offsets[2 * i + 1] > offsets[2 * i])
+
+    ordered = all(key(i) <= key(i + 1) for i in range(count - 1))  # writers usually lay them out so
+    order: Iterable[int] = range(count) if ordered else sorted(range(count), key=key)
+    table = TensorTable()
     position = 0
-    for info in infos:
-        if info.begin != position:
-            what = "overlap" if info.begin < position else "leave a hole"
-            raise InputError(f"{path}: corrupt safetensors header (offsets of tensor {info.name!r} {what})")
-        position = info.end
-    if 8 + n + position != size:
-        raise InputError(
-            f"{path}: truncated or corrupt safetensors file (header describes {8 + n + position} bytes, "
-            f"file has {size}); download it again"
-        )
-    return SafetensorsHeader(path, {t.name: t for t in infos}, metadata, 8 + n)
+    for i in order:
+        begin, end = offsets[2 * i], offsets[2 * i + 1]
+        name = rows.names[i]
+        if begin != position:
+            what = "overlap" if begin < position else "leave a hole"
+            raise InputError(f"{path}: corrupt safetensors header (offsets of tensor {name!r} {what})")
+        table.add(name, _DTYPE_NAMES[rows.dtypes[i]], rows.shape_list[rows.shapes[i]], begin, end)
+        position = end
+    if len(table) != table.rows:
+        twice = next(n for n, c in collections.Counter(rows.names).items() if c > 1)
+        raise InputError(f"{path}: corrupt safetensors header (tensor {twice!r} is listed twice)")
+    return _Ordered(table, position)
+
+
+def check_unchanged(fd: int, header: SafetensorsHeader) -> None:
+    """The file open at `fd` is the one `header` was read from (size and header bytes); InputError otherwise.
+
+    Planning reads headers first and tensors come later (a streamed merge: minutes later, from a
+    shard downloaded meanwhile); a file replaced or served differently in between would give a
+    model scrambled from two files.
+    """
+    size = os.fstat(fd).st_size
+    digest = hashlib.sha256()
+    for start in range(0, min(header.data_start, size), 1 << 20):
+        digest.update(os.pread(fd, min(1 << 20, header.data_start - start), start))
+    if size != header.size or digest.digest() != header.digest:
+        what = f"now {size} bytes, planned {header.size}" if size != header.size else "its header differs"
+        raise InputError(f"{header.path}: changed since the merge was planned ({what}); nothing was written from it. "
+                         "Run the command again")
 
 
 def _read_prefix_and_header(path: Path) -> tuple[bytearray, int, int]:
@@ -291,23 +520,62 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
-def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
-    """Serialize a header for tensors laid out in the given order; return its bytes and offsets.
+class HeaderLayout:
+    """The header of a file whose tensors are laid out in the given order: its length, the tensors' offsets (a
+    TensorTable), and its bytes, produced a megabyte at a time (`chunks`), never whole in memory.
 
-    The JSON is what `json.dumps(header, separators=(",", ":"))` writes, built entry by entry.
+    The JSON is what `json.dumps(header, separators=(",", ":"))` writes, padded with spaces so that the
+    data section starts 8-byte aligned.
     """
-    parts = [f'"__metadata__":{json.dumps(metadata, separators=(",", ":"))}'] if metadata is not None else []
-    infos = []
-    position = 0
-    for name, dtype, shape in entries:
-        end = position + tensor_nbytes(dtype, shape)
-        infos.append(TensorInfo(name, dtype, shape, position, end))
-        parts.append(f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],'
-                     f'"data_offsets":[{position},{end}]}}')
-        position = end
-    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # pad so that the data section starts 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw, infos
+
+    def __init__(self, entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
+        self.metadata = metadata
+        self.table = TensorTable()
+        pieces = [len(self._metadata_part().encode("utf-8"))] if metadata is not None else []
+        position = 0
+        for name, dtype, shape in entries:
+            end = position + tensor_nbytes(dtype, shape)
+            self.table.add(name, dtype, shape, position, end)
+            pieces.append(len(_entry_json(name, dtype, shape, position, end).encode("utf-8")))
+            position = end
+        length = 2 + sum(pieces) + max(0, len(pieces) - 1)  # "{", the pieces with commas between, "}"
+        self.data_size = position
+        self.raw_length = length + (-length % 8)
+        self.data_start = 8 + self.raw_length
+
+    def _metadata_part(self) -> str:
+        return f'"__metadata__":{json.dumps(self.metadata, separators=(",", ":"))}'
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        """The 8-byte length, then the header, a chunk of about `size` bytes at a time."""
+        parts = [struct.pack("<Q", self.raw_length), b"{"]
+        pending = written = 1
+        pieces = itertools.chain([self._metadata_part()] if self.metadata is not None else [],
+                                 (_entry_json(info.name, info.dtype, info.shape, info.begin, info.end)
+                                  for info in map(self.table.row, range(self.table.rows))))
+        for i, piece in enumerate(pieces):
+            data = (b"," if i else b"") + piece.encode("utf-8")
+            parts.append(data)
+            pending += len(data)
+            written += len(data)
+            if pending >= size:
+                yield b"".join(parts)
+                parts, pending = [], 0
+        yield b"".join([*parts, b"}", b" " * (self.raw_length - written - 1)])
+
+    def header(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+def _entry_json(name: str, dtype: str, shape: tuple[int, ...], begin: int, end: int) -> str:
+    return (f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],'
+            f'"data_offsets":[{begin},{end}]}}')
+
+
+def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
+    """A header's bytes and its tensors' offsets, in memory (small files; a shard's header goes through HeaderLayout)."""
+    layout = HeaderLayout(entries, metadata)
+    return layout.header(), list(layout.table.values())
 
 
 def read_into(fd: int, offset: int, view: memoryview, what: str) -> None:
@@ -379,15 +647,18 @@ class SafetensorsWriter:
     own offset (`offset(name)`), in any order and from any thread.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
+    def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
         self.path = path
-        header, infos = build_header(entries, metadata)
-        self.infos = {info.name: info for info in infos}
-        self.data_start = len(header)
+        layout = HeaderLayout(entries, metadata)
+        self.infos = layout.table
+        self.data_start = layout.data_start
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            preallocate(self.fd, self.data_start + (infos[-1].end if infos else 0))
-            write_at(self.fd, 0, header)
+            preallocate(self.fd, self.data_start + layout.data_size)
+            at = 0
+            for chunk in layout.chunks():
+                write_at(self.fd, at, chunk)
+                at += len(chunk)
         except BaseException:
             self.close()
             raise
@@ -396,15 +667,27 @@ class SafetensorsWriter:
         """Where the bytes of tensor `name` start in the file."""
         return self.data_start + self.infos[name].begin
 
+    def offset_at(self, row: int) -> int:
+        """Where the bytes of the tensor at `row` (its place in `entries`) start in the file."""
+        return self.data_start + self.infos.row(row).begin
+
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        info = self.infos[name]
+        self.write_row(self.infos.row_of(name), tensor)
+
+    def write_row(self, row: int, tensor: torch.Tensor) -> None:
+        info = self.infos.row(row)
         if torch_to_safetensors_dtype(tensor.dtype) != info.dtype or tuple(tensor.shape) != info.shape:
-            raise RuntimeError(f"tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, header says {info.dtype}{info.shape}")
-        write_at(self.fd, self.offset(name), tensor_bytes(tensor.contiguous()))
+            raise RuntimeError(f"tensor {info.name!r} is {tensor.dtype}{tuple(tensor.shape)}, header says "
+                               f"{info.dtype}{info.shape}")
+        write_at(self.fd, self.data_start + info.begin, tensor_bytes(tensor.contiguous()))
 
     def copy_raw(self, name: str, source_fd: int, source_offset: int) -> None:
         """Copy a tensor's bytes from another file without decoding them."""
-        copy_range(source_fd, source_offset, self.fd, self.offset(name), self.infos[name].nbytes)
+        self.copy_row(self.infos.row_of(name), source_fd, source_offset)
+
+    def copy_row(self, row: int, source_fd: int, source_offset: int) -> None:
+        info = self.infos.row(row)
+        copy_range(source_fd, source_offset, self.fd, self.data_start + info.begin, info.nbytes)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -127,12 +127,13 @@ def _fold_tensor(versions: list[TensorPlan], stacked: StackedAdapter) -> TensorP
                 f"{stacked.parts[i].path}: {t.name!r} is replaced by this adapter (modules_to_save, a saved tensor or "
                 "trainable tokens) and changed by another one; PEFT's result would depend on which adapter is active, "
                 "not on their order; merge them one at a time in the order you want")
-    start = dataclasses.replace(changing[0][1], stacked=[])
+    start = dataclasses.replace(changing[0][1], stacked=())
     for i, t in changing[1:]:  # every later adapter comes after a change: DoRA is replayed for Linear only
         if t.lora is not None and t.lora.dora and t.lora.kind != "linear":
             raise UnsupportedAdapterError(f"{stacked.parts[i].path}: DoRA on {t.name!r} ({t.lora.kind}) after "
                                           "another adapter's change to it is not supported")
-        start.stacked.append(TensorPlan(t.name, t.source, lora=t.lora, bias_of=t.bias_of, dtype=t.dtype, shape=t.shape))
+        start.stacked = (*start.stacked, TensorPlan(t.name, t.source, lora=t.lora, bias_of=t.bias_of, dtype=t.dtype,
+                                                    shape=t.shape))
     return start
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
 from .plan import Plan, TensorPlan
-from .safetensors_file import build_header
+from .safetensors_file import HeaderLayout
 
 OUTPUT_METADATA = {"format": "pt"}  # what the executor writes into each output shard's header
 FETCH_AHEAD = 1  # base shards are fetched for the output shard being written and this many after it
@@ -93,8 +93,8 @@ def schedule(plan: Plan, checkpoint: Checkpoint) -> StreamSchedule:
             for read in base_reads(t):
                 shards[checkpoint.weight_map[read]] = None
         needs[name] = list(shards)
-        header, infos = build_header([(t.name, t.dtype, t.shape) for t in tensors], OUTPUT_METADATA)
-        out_bytes[name] = len(header) + (infos[-1].end if infos else 0)
+        layout = HeaderLayout([(t.name, t.dtype, t.shape) for t in tensors], OUTPUT_METADATA)
+        out_bytes[name] = layout.data_start + layout.data_size
     base_bytes = {shard: h.data_start + sum(t.nbytes for t in h.tensors.values())
                   for shard, h in checkpoint.headers.items()}
     return StreamSchedule([name for name, _ in plan.shards], needs, out_bytes, base_bytes)

@@ -146,3 +146,45 @@ def test_copy_range_across_file_systems(tmp_path):
         finally:
             os.close(fd)
     assert dst.read_bytes() == b"\0" * 7 + data[1000:-1000]
+
+
+def _entries_and_layouts():
+    from hypothesis import strategies as st
+
+    name = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=12)
+    entry = st.tuples(name, st.sampled_from(["F32", "BF16", "U8", "I64"]),
+                      st.lists(st.integers(0, 4), max_size=3).map(tuple))
+    return st.lists(entry, max_size=8, unique_by=lambda e: e[0]), st.sampled_from(
+        [dict(separators=(",", ":")), dict(), dict(indent=2)]), st.booleans(), st.booleans()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_in_place_scan_reads_what_the_json_parser_reads(seed):
+    """The fast path (safetensors' own layout, with any JSON whitespace) gives the same table as json.loads."""
+    from hypothesis import given, settings
+
+    from rslora_tools.safetensors_file import _ordered_table, _parse_json, _scan_canonical, tensor_nbytes
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    @given(*_entries_and_layouts())
+    def check(entries, dumps, metadata, reverse):
+        header, position = {}, 0
+        if metadata:
+            header["__metadata__"] = {"format": "pt", "note": "a \"quoted\" }value{"}
+        for key, dtype, shape in entries:
+            end = position + tensor_nbytes(dtype, shape)
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, end]}
+            position = end
+        if reverse:  # header order other than file order
+            header = dict(reversed(list(header.items())))
+        raw = json.dumps(header, **dumps).encode() + b"  "
+        scanned = _scan_canonical(raw)
+        parsed = _parse_json(None, raw)
+        if scanned is None:  # only __metadata__ elsewhere than first leaves the layout safetensors writes
+            assert metadata and reverse and entries
+            return
+        assert scanned[0] == parsed[0]
+        a, b = _ordered_table(None, scanned[1]), _ordered_table(None, parsed[1])
+        assert a.end == b.end == position and list(a.table.items()) == list(b.table.items())
+
+    check()
