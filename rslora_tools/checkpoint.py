@@ -15,13 +15,13 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
-from .safetensors_file import SafetensorsHeader, TensorInfo, read_header, read_tensor, tensor_nbytes
+from .safetensors_file import SafetensorsHeader, TensorInfo, check_unchanged, read_header, read_tensor, tensor_nbytes
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +44,27 @@ TOKENIZER_PATTERNS = (
 TensorEntry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
 
 
+class OneShard(Mapping[str, str]):
+    """The weight map of a single-file checkpoint: every tensor of the header -> that file (no dict of its own)."""
+
+    def __init__(self, header: SafetensorsHeader, shard: str):
+        self.tensors, self.shard = header.tensors, shard
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self.tensors:
+            raise KeyError(name)
+        return self.shard
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
 @dataclass
 class Checkpoint:
     """A model folder: its shards (in order), their headers, and config.json."""
@@ -51,7 +72,7 @@ class Checkpoint:
     folder: Path
     shards: list[str]
     headers: dict[str, SafetensorsHeader]
-    weight_map: dict[str, str]
+    weight_map: Mapping[str, str]
     index_metadata: dict[str, Any] | None
     config: dict[str, Any] | None
 
@@ -82,7 +103,15 @@ def check_shard_name(index_path: Path, name: object, what: str) -> str:
         raise InputError(f"{index_path}: {what} names file {name!r}, which is not a plain file name in the folder")
     if not name.endswith(".safetensors"):
         raise InputError(f"{index_path}: {what} names file {name!r}, which is not a .safetensors shard")
+    _refuse_hidden(index_path, name, f"{what} names file {name!r}")
     return name
+
+
+def _refuse_hidden(where: Path, name: str, what: str) -> None:
+    """A shard's name may not start with '.': the output keeps the name, and a push skips hidden files."""
+    if name.startswith("."):
+        raise InputError(f"{where}: {what}, a hidden file (its name starts with '.'), which the Hub and push skip; "
+                         "rename it (and the index entries)")
 
 
 def _safe_member(folder: Path, name: object, what: str) -> Path:
@@ -92,10 +121,29 @@ def _safe_member(folder: Path, name: object, what: str) -> Path:
         resolved = path.resolve(strict=True)
     except (OSError, RuntimeError) as e:
         raise InputError(f"{folder / INDEX_FILE}: {what} names shard {name!r}, which is missing") from e
-    if resolved.parent != folder.resolve() and not _inside(resolved, folder.resolve()):
-        # A symlink into the Hub cache's blobs folder is fine; anything else that leaves is not.
-        if not _is_hub_blob(resolved, folder):
-            raise InputError(f"{folder / INDEX_FILE}: shard {name!r} is a link that leaves the folder")
+    if not stays_inside(folder, resolved):
+        raise InputError(f"{folder / INDEX_FILE}: shard {name!r} is a link that leaves the folder")
+    return path
+
+
+def stays_inside(folder: Path, resolved: Path) -> bool:
+    """The link rule, for every file an input folder contributes (shards, side files, files pushed).
+
+    A file (or the file a link leads to) must be in the folder, or be a Hub cache blob of the
+    snapshot the folder is; a link anywhere else would copy or publish a file from outside.
+    """
+    return _inside(resolved, folder.resolve()) or _is_hub_blob(resolved, folder)
+
+
+def checked_file(folder: Path, path: Path, what: str = "file") -> Path:
+    """`path` (an entry of FOLDER) when it stays inside the folder (`stays_inside`); InputError otherwise."""
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise InputError(f"{path}: cannot be read ({e})") from e
+    if not stays_inside(folder, resolved):
+        raise InputError(f"{folder}: {what} {path.relative_to(folder).as_posix()!r} is a link that leaves the "
+                         f"folder (to {resolved}); copy the file into the folder instead")
     return path
 
 
@@ -150,13 +198,8 @@ def open_checkpoint(folder: str | os.PathLike[str], remote: HeaderSource | None 
         if index_path.is_file():
             return _open_sharded(folder, index_path, config, remote)
         header = remote(SINGLE_FILE)
-        return Checkpoint(folder, [SINGLE_FILE], {SINGLE_FILE: header}, {t: SINGLE_FILE for t in header.tensors},
-                          None, config)
-    if index_path.is_file() and (folder / SINGLE_FILE).is_file():
-        raise InputError(
-            f"{folder}: holds both {SINGLE_FILE} and {INDEX_FILE}; transformers loads {SINGLE_FILE} and ignores "
-            "the index, so which one is the model is ambiguous: remove the other one"
-        )
+        return Checkpoint(folder, [SINGLE_FILE], {SINGLE_FILE: header}, OneShard(header, SINGLE_FILE), None, config)
+    check_layout([p.name for p in (index_path, folder / SINGLE_FILE) if p.is_file()], str(folder))
     if index_path.is_file():
         return _open_sharded(folder, index_path, config)
     candidates = [SINGLE_FILE] if (folder / SINGLE_FILE).is_file() else sorted(
@@ -164,8 +207,9 @@ def open_checkpoint(folder: str | os.PathLike[str], remote: HeaderSource | None 
     )
     if len(candidates) == 1:
         name = candidates[0]
+        _refuse_hidden(folder, name, f"the only weights file is {name!r}")
         header = read_header(folder / name)
-        return Checkpoint(folder, [name], {name: header}, {t: name for t in header.tensors}, None, config)
+        return Checkpoint(folder, [name], {name: header}, OneShard(header, name), None, config)
     if len(candidates) > 1:
         raise InputError(f"{folder}: several .safetensors files but no {INDEX_FILE}; the checkpoint layout is ambiguous")
     if any((folder / p).exists() for p in PICKLE_WEIGHTS):
@@ -174,6 +218,15 @@ def open_checkpoint(folder: str | os.PathLike[str], remote: HeaderSource | None 
             "Convert it to safetensors first (transformers: save_pretrained)"
         )
     raise InputError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is this a Hugging Face model folder?")
+
+
+def check_layout(names: list[str], where: str) -> None:
+    """One rule for a local folder and a Hub repo (its file listing): a single file beside an index is ambiguous."""
+    if SINGLE_FILE in names and INDEX_FILE in names:
+        raise InputError(
+            f"{where}: holds both {SINGLE_FILE} and {INDEX_FILE}; transformers loads {SINGLE_FILE} and ignores "
+            "the index, so which one is the model is ambiguous: remove the other one"
+        )
 
 
 def _open_sharded(folder: Path, index_path: Path, config: dict[str, Any] | None,
@@ -221,7 +274,14 @@ class CheckpointFiles:
     def fd(self, shard: str) -> int:
         with self._lock:  # worker threads open files too
             if shard not in self._fds:
-                self._fds[shard] = os.open(self.checkpoint.headers[shard].path, os.O_RDONLY)
+                header = self.checkpoint.headers[shard]
+                fd = os.open(header.path, os.O_RDONLY)
+                try:
+                    check_unchanged(fd, header)  # the file planned from, not one replaced since
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._fds[shard] = fd
             return self._fds[shard]
 
     def locate(self, name: str) -> tuple[int, int]:
@@ -275,14 +335,17 @@ def write_index(folder: Path, shards: list[tuple[str, list[TensorEntry]]], metad
 
 
 def side_files(folder: Path) -> list[Path]:
-    """Top-level files that travel with a checkpoint: configs, tokenizer, templates, processors, code."""
+    """Top-level files that travel with a checkpoint: configs, tokenizer, templates, processors, code.
+
+    A side file that is a link out of its folder is refused (`checked_file`): it would be copied and published.
+    """
     out = []
     for p in sorted(folder.iterdir()):
         if not p.is_file() or p.name.startswith(".") or p.name in _NOT_SIDE_FILES:
             continue
         if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):
             continue
-        out.append(p)
+        out.append(checked_file(folder, p, "side file"))
     return out
 
 

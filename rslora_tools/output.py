@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from .errors import OutputError, OutputInterrupted
+from .provenance import read_provenance, written_by_us
 
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _written: list[Path] = []  # outputs this process has put in place (for messages after an interruption)
@@ -84,9 +85,31 @@ def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> Pat
                 )
     if target.exists() and not target.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+        _check_replaceable_folder(out, target)
     return target
+
+
+# What --overwrite may replace (docs/reliability.md, "What --overwrite replaces"): an empty folder, or a folder
+# or file this tool wrote. Anything else may be the input a user forgot to follow with OUT.
+_MODEL_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt")
+
+
+def _check_replaceable_folder(out: Path, folder: Path) -> None:
+    """`--overwrite` replaces only an empty folder or one rslora-tools wrote (its rslora_tools.json says so)."""
+    if written_by_us(read_provenance(folder)):
+        return
+    names = sorted(p.name for p in folder.iterdir())
+    rule = "--overwrite replaces only an empty folder or one rslora-tools wrote"
+    if "adapter_config.json" in names:
+        raise OutputError(f"{out}: holds a PEFT adapter that rslora-tools did not write; {rule}. Did you forget OUT?")
+    if "config.json" in names or any(n.endswith(_MODEL_FILES) or n.endswith(".index.json") for n in names):
+        raise OutputError(f"{out}: holds a model that rslora-tools did not write; {rule}. Did you forget OUT?")
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise OutputError(f"{out}: holds files that rslora-tools did not write ({shown}); {rule}: empty it or choose "
+                      "another OUT")
 
 
 def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> Path:
@@ -98,9 +121,29 @@ def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> Path:
                 raise OutputError(f"{out}: the output file may not be an input or inside one ({entry})")
     if target.is_dir():
         raise OutputError(f"{out}: is a folder; give a file name ending in .gguf")
-    if target.exists() and not overwrite:
-        raise OutputError(f"{out}: exists; pass --overwrite to replace it")
+    if target.exists():
+        if not overwrite:
+            raise OutputError(f"{out}: exists; pass --overwrite to replace it")
+        if not written_file(target):
+            raise OutputError(f"{out}: is a file that rslora-tools did not write; --overwrite replaces only a file "
+                              "rslora-tools wrote. Did you forget OUT?")
     return target
+
+
+GGUF_MARK = "rslora_tools.version"  # the key-value pair that marks a GGUF file this tool wrote
+
+
+def written_file(path: Path) -> bool:
+    """A single-file output of this tool: a GGUF file with the `rslora_tools.version` key."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        from gguf import GGUFReader  # a dependency; it maps the file and reads its key-value part
+
+        return GGUFReader(path).get_field(GGUF_MARK) is not None
+    except Exception:  # unreadable, or not a GGUF file gguf can read: not ours
+        return False
 
 
 def _temporary_name(out: Path, role: str) -> Path:
@@ -297,6 +340,41 @@ def write_failure(out: Path, e: OSError, what: str) -> OutputError:
     """One line for a write that failed (full disk, read-only folder, ...); the partial output is removed by then."""
     where = f" ({e.filename})" if e.filename else ""
     return OutputError(f"{out}: {what} failed: {e.strerror or e}{where}; nothing was written")
+
+
+SCRATCH_MARK = ".rslora-tools-scratch"  # in a working folder this tool made; also its lock
+
+
+@contextmanager
+def work_folder(folder: Path, what: str) -> Iterator[Path]:
+    """A working folder this tool owns for one run: made here (or made by an earlier run of it), marked, locked.
+
+    A folder of that name that rslora-tools did not make is refused (it may be the user's); one that
+    another run holds is refused too, instead of two runs deleting each other's files.
+    """
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise OutputError(f"{folder}: exists and is not a folder ({what})")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / SCRATCH_MARK).is_file():
+        raise OutputError(f"{folder}: exists and was not made by rslora-tools; it is not used as {what} (its files "
+                          "could be deleted). Move it, or choose another --scratch")
+    created = _make_parents(folder)
+    fd = os.open(folder / SCRATCH_MARK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{folder}: another run is using it as {what} (it is locked); wait for that run to "
+                              "finish, or give this one another --scratch") from None
+        yield folder
+    finally:
+        os.close(fd)
+        for made in created[1:]:  # folders made to hold it, once the run removed it: removed when empty
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
 
 def free_space(out: Path) -> int | None:

@@ -16,6 +16,11 @@ def write_provenance(folder: Path, record: dict[str, Any]) -> None:
     (folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
+def written_by_us(record: dict[str, Any]) -> bool:
+    """Whether a provenance record says this tool wrote the folder (what --overwrite may replace)."""
+    return record.get("tool") == "rslora-tools"
+
+
 def read_provenance(folder: Path) -> dict[str, Any]:
     """The record in FOLDER, or {} when there is none (or it is unreadable)."""
     try:

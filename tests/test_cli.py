@@ -83,13 +83,20 @@ def test_usage_errors_exit_2(tmp_path):
 
 
 def test_existing_output_needs_overwrite(tmp_path):
+    """--overwrite replaces a folder rslora-tools wrote; a folder of the user's own files is never replaced
+    (docs/reliability.md, "What --overwrite replaces")."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert_clean_error(run("merge", BASE, ADAPTER, out), "not empty", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    assert run("merge", BASE, ADAPTER, out, "--overwrite").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert_clean_error(run("merge", BASE, ADAPTER, out, "--overwrite"), "did not write", "keep.txt")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run("merge", BASE, ADAPTER, out).exit_code == 0  # empty: written
+    (out / "notes.txt").write_text("added later")
+    assert run("merge", BASE, ADAPTER, out, "--overwrite").exit_code == 0  # rslora-tools wrote it: replaced
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
 
 
 def test_empty_existing_output_is_fine(tmp_path):
