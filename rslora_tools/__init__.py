@@ -32,7 +32,7 @@ _EXPORTS = {
     "ExtractReport": "extraction", "extract": "extraction",
     "VerifyReport": "verification", "verify": "verification",
     "InspectReport": "inspection", "inspect_adapter": "inspection",
-    "PushReport": "hub", "push": "hub",
+    "PushReport": "publish", "push": "publish",
     "ModuleScale": "scaling", "module_scale": "scaling", "scale": "scaling",
 }
 
@@ -63,7 +63,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         RsloraError,
         UnsupportedAdapterError,
     )
-    from .hub import PushReport, push  # noqa: F401
+    from .publish import PushReport, push  # noqa: F401
     from .inspection import InspectReport, inspect_adapter  # noqa: F401
     from .merging import MergeOptions, MergeReport, merge  # noqa: F401
     from .scaling import ModuleScale, module_scale, scale  # noqa: F401

@@ -13,7 +13,6 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -43,8 +42,10 @@ class _Group(click.Group):
                 raise
             raise click.ClickException(_one_line(str(e))) from None
         except OutputInterrupted as e:
+            _COMMAND["interrupted"] = True
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
+            _COMMAND["interrupted"] = True
             raise click.ClickException(_interrupted()) from None
         except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as a shell tool does
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -59,7 +60,7 @@ class _Group(click.Group):
             _COMMAND["finished"] = True
 
 
-_COMMAND = {"finished": False}
+_COMMAND = {"finished": False, "interrupted": False}
 
 
 def _interrupted() -> str:
@@ -75,6 +76,7 @@ def _interrupted() -> str:
 def _on_signal(signum: int, frame: object) -> None:
     """SIGINT and SIGTERM: interrupt the command (which cleans up and says what is left); ignored once it is done."""
     if not _COMMAND["finished"]:
+        _COMMAND["interrupted"] = True
         raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -208,31 +210,30 @@ def _token_option(f):
                         help="Hugging Face token (default: HF_TOKEN or the stored login). Never printed.")(f)
 
 
-@dataclass(frozen=True)
-class _PushRequest:
-    """--push-to-hub and its companions, as given on the command line (repo_id None: no push)."""
-
-    repo_id: str | None
-    private: bool = False
-    create_pr: bool = False
-    commit_message: str | None = None
-    token: str | None = None
-
-    @classmethod
-    def from_flags(cls, flags: dict[str, Any]) -> _PushRequest:
-        return cls(flags["push_to"], flags["private"], flags["create_pr"], flags["commit_message"], flags["token"])
-
-
-def _push_after(out: str, request: _PushRequest, quiet: bool) -> dict[str, Any] | None:
-    """Push OUT (complete on disk) when asked; a failure or Ctrl-C says so and how to push it later."""
-    if not request.repo_id:
+def _push_target(flags: dict[str, Any], sources: Any) -> Any:
+    """The --push-to-hub flags as a publish.PushTarget (None: no push), refused before any work when it names an
+    input's own repo (publish.PushTarget.refuse_inputs)."""
+    if not flags.get("push_to"):
         return None
-    from .hub import push
+    from .publish import PushTarget
 
-    later = f"{out} is complete on disk; push it later with: rslora-tools push {out} {request.repo_id}"
+    target = PushTarget(flags["push_to"], flags["private"], None, flags["create_pr"], flags["commit_message"],
+                        flags["token"])
+    target.refuse_inputs(sources)
+    return target
+
+
+def _push_after(out: str, target: Any, quiet: bool) -> dict[str, Any] | None:
+    """Push OUT (complete on disk) when asked; a failure or Ctrl-C says so and how to push it later."""
+    if target is None:
+        return None
+    from pathlib import Path
+
+    from .publish import push_folder
+
+    later = f"{out} is complete on disk; push it later with: rslora-tools push {out} {target.repo_id}"
     try:
-        report = push(out, request.repo_id, private=request.private, create_pr=request.create_pr,
-                      commit_message=request.commit_message, token=request.token)
+        report = push_folder(Path(out), target)
     except RsloraError as e:
         raise type(e)(f"{e} ({later})") from e
     except KeyboardInterrupt:
@@ -277,6 +278,9 @@ def _echo_push(report: Any) -> None:
     where = report.pr_url or report.commit_url
     card = ", model card written" if report.card_written else ""
     click.echo(f"Pushed {report.files} files to {report.repo_id}{card}: {where}", err=True)
+    if report.removed:
+        click.echo(f"  removed from the repo in the same commit (stale weight or adapter files): "
+                   f"{', '.join(report.removed)}", err=True)
 
 
 @cli.command()
@@ -308,11 +312,15 @@ def _echo_push(report: Any) -> None:
               help="With --push-to-hub: stream shard by shard from BASE to the Hub; OUT is omitted (every argument "
                    "after BASE is an adapter), the disk holds a few shards at a time.")
 @click.option("--scratch", metavar="DIR", type=click.Path(file_okay=False),
-              help="With --stream: the scratch folder (default ~/.cache/rslora-tools/stream/ORG--NAME); a re-run "
+              help="With --stream: the run works in DIR/rslora-tools-stream-ORG--NAME (default DIR "
+                   "~/.cache/rslora-tools/stream), a folder of its own; a re-run "
                    "with the same one resumes.")
 @click.option("--keep-cache", is_flag=True,
               help="With --stream: keep the downloaded base shards in the Hugging Face cache (default: delete them "
                    "after use; shards cached before are never deleted).")
+@click.option("--no-resume", is_flag=True,
+              help="With --stream: forget what an earlier run uploaded (its journal in the scratch folder) and start "
+                   "over.")
 def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
@@ -360,7 +368,7 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     from .hub import resolve_input, resolve_merge_inputs
     from .merging import merge as run_merge
 
-    if flags["stream"] or flags["scratch"] or flags["keep_cache"]:
+    if flags["stream"] or flags["scratch"] or flags["keep_cache"] or flags["no_resume"]:
         _merge_streamed(base, adapters, flags)
         return
     if len(adapters) < 2:
@@ -380,19 +388,20 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     more = [resolve_input(spec, role="adapter", token=flags["token"], allow_pickle=flags["allow_pickle"])
             for spec in adapter_specs[1:]]
     stacked: dict[str, Any] = {"adapters": [s.to_dict() for s in (adapter_source, *more)]} if more else {}
+    sources = {"base": base_source.to_dict(), "adapter": adapter_source.to_dict(), **stacked}
+    target = _push_target(flags, sources)
     with _progress("Merging", not (flags["quiet"] or flags["as_json"])) as progress:
         report = run_merge(
             base_source.path, [adapter_source.path, *(s.path for s in more)] if more else adapter_source.path, out,
             weights=weights, dtype=flags["dtype"], device=flags["device"],
             max_shard_size=flags["max_shard_size"], overwrite=flags["overwrite"], progress=progress,
             allow_pickle=flags["allow_pickle"], dry_run=flags["dry_run"],
-            sources={"base": base_source.to_dict(), "adapter": adapter_source.to_dict(), **stacked},
-            verify=flags["verify_output"], allow_nonfinite=flags["allow_nonfinite"], **_quant_arguments(flags),
+            sources=sources, verify=flags["verify_output"], allow_nonfinite=flags["allow_nonfinite"], **_quant_arguments(flags),
             initial=_initial_path(flags), base_is_residual=flags["base_is_residual"],
         )
     for warning in hub_warnings + report.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    _finish(report, _print_merge, out, _PushRequest.from_flags(flags), flags["as_json"], flags["quiet"])
+    _finish(report, _print_merge, out, target, flags["as_json"], flags["quiet"])
 
 
 def _merge_streamed(base: str, adapter_specs: tuple[str, ...], flags: dict[str, Any]) -> None:
@@ -402,10 +411,11 @@ def _merge_streamed(base: str, adapter_specs: tuple[str, ...], flags: dict[str, 
     from .errors import InputError
     from .hub import resolve_input, resolve_merge_inputs
     from .merging import merge_arguments
+    from .publish import PushTarget
     from .streaming import StreamOptions, stream_merge
 
     if not flags["stream"]:
-        raise InputError("--scratch and --keep-cache go with --stream")
+        raise InputError("--scratch, --keep-cache and --no-resume go with --stream")
     if not flags["push_to"]:
         raise InputError("--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (without --stream, "
                          "merge into OUT)")
@@ -420,6 +430,8 @@ def _merge_streamed(base: str, adapter_specs: tuple[str, ...], flags: dict[str, 
         more = [resolve_input(spec, role="adapter", token=flags["token"], allow_pickle=flags["allow_pickle"])
                 for spec in adapter_specs[1:]]
     except InputError as e:
+        if not str(e).startswith(adapter_specs[-1]):
+            raise
         raise InputError(f"{e} (with --stream there is no OUT: every argument after BASE is an adapter; --scratch DIR "
                          "names the scratch folder)") from e
     stacked: dict[str, Any] = {"adapters": [s.to_dict() for s in (adapter_source, *more)]} if more else {}
@@ -432,8 +444,9 @@ def _merge_streamed(base: str, adapter_specs: tuple[str, ...], flags: dict[str, 
         base_is_residual=flags["base_is_residual"])
     with _phase_progress(not (flags["quiet"] or flags["as_json"])) as progress:
         report = stream_merge(base_source, adapter, options, StreamOptions(
-            flags["push_to"], flags["private"], flags["create_pr"], flags["commit_message"], flags["token"],
-            Path(flags["scratch"]) if flags["scratch"] else None, flags["keep_cache"], progress))
+            PushTarget(flags["push_to"], flags["private"], None, flags["create_pr"], flags["commit_message"],
+                       flags["token"]),
+            Path(flags["scratch"]) if flags["scratch"] else None, flags["keep_cache"], progress, flags["no_resume"]))
     for warning in hub_warnings + report.merge.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if flags["as_json"]:
@@ -492,7 +505,7 @@ def _parse_weights(text: str | None, count: int, *, several: bool = True) -> lis
     return weights
 
 
-def _finish(report: Any, printer: Callable[[Any], None], out: str, push: _PushRequest, as_json: bool,
+def _finish(report: Any, printer: Callable[[Any], None], out: str, push: Any, as_json: bool,
             quiet: bool) -> None:
     """Print the report (JSON or text), then push OUT when asked; with --json the push result is included."""
     if as_json:
@@ -634,12 +647,13 @@ def convert(adapter: str, out: str, **flags: Any) -> None:
     initial = flags["initial"]
     initial_path = resolve_input(initial, role="adapter", token=flags["token"], allow_pickle=flags["allow_pickle"]).path \
         if initial is not None else None
+    push_target = _push_target(flags, {"adapter": source.to_dict()})
     report = run_convert(source.path, out, to=to, target=target, bake=flags["bake"], base=base_path,
                          overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_pickle=flags["allow_pickle"],
                          source=source.to_dict(), allow_nonfinite=flags["allow_nonfinite"], initial=initial_path)
     for warning in report.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    _finish(report, _print_convert, out, _PushRequest.from_flags(flags), flags["as_json"], flags["quiet"])
+    _finish(report, _print_convert, out, push_target, flags["as_json"], flags["quiet"])
 
 
 def _print_convert(report: Any) -> None:
@@ -700,14 +714,16 @@ def extract(base: str, tuned: str, out: str, **flags: Any) -> None:
 
     base_source = resolve_input(base, role="base", token=flags["token"])
     tuned_source = resolve_input(tuned, role="base", token=flags["token"])
+    sources = {"base": base_source.to_dict(), "tuned": tuned_source.to_dict()}
+    push_target = _push_target(flags, sources)
     targets = [t.strip() for t in flags["target_modules"].split(",") if t.strip()] if flags["target_modules"] else None
     with _progress("Extracting", not (flags["quiet"] or flags["as_json"] or flags["dry_run"])) as progress:
         report = run_extract(base_source.path, tuned_source.path, out, rank=flags["rank"], energy=flags["energy"],
                              max_error=flags["max_error"], rslora=flags["rslora"], alpha=flags["alpha"],
                              target_modules=targets, device=flags["device"], exact=flags["exact"],
                              overwrite=flags["overwrite"], dry_run=flags["dry_run"], progress=progress,
-                             sources={"base": base_source.to_dict(), "tuned": tuned_source.to_dict()})
-    _finish(report, _print_extract, out, _PushRequest.from_flags(flags), flags["as_json"], flags["quiet"])
+                             sources=sources)
+    _finish(report, _print_extract, out, push_target, flags["as_json"], flags["quiet"])
 
 
 def _print_extract(report: Any) -> None:
@@ -785,6 +801,7 @@ def combine(adapters: tuple[str, ...], **flags: Any) -> None:
     weights = _parse_weights(flags["weights"], len(specs), several=False)
     resolved = [resolve_input(spec, role="adapter", token=flags["token"], allow_pickle=flags["allow_pickle"])
                 for spec in specs]
+    push_target = _push_target(flags, {"adapters": [r.to_dict() for r in resolved]})
     with _progress("Combining", not (flags["quiet"] or flags["as_json"] or flags["dry_run"])) as progress:
         report = run_combine([r.path for r in resolved], out, weights=weights, method=flags["method"],
                              rank=flags["rank"], density=flags["density"], seed=flags["seed"], rslora=flags["rslora"],
@@ -793,7 +810,7 @@ def combine(adapters: tuple[str, ...], **flags: Any) -> None:
                              progress=progress, sources=[r.to_dict() for r in resolved])
     for warning in report.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    _finish(report, _print_combine, out, _PushRequest.from_flags(flags), flags["as_json"], flags["quiet"])
+    _finish(report, _print_combine, out, push_target, flags["as_json"], flags["quiet"])
 
 
 def _print_combine(report: Any) -> None:
@@ -887,6 +904,7 @@ def verify(merged: str, base: str, adapters: tuple[str, ...], weights: str | Non
       rslora-tools verify merged/ base-model/ task-a/ task-b/ --weights 0.7,0.4
     """
     from .hub import resolve_input, resolve_merge_inputs
+    from .verification import recipe_text
     from .verification import verify as run_verify
 
     base_source, adapter_source, _ = resolve_merge_inputs(
@@ -915,9 +933,13 @@ def verify(merged: str, base: str, adapters: tuple[str, ...], weights: str | Non
                 click.echo(f"largest rounding difference: {worst.name}: {worst.max_abs_error:.3g} "
                            f"({worst.max_ulps:.3g} ulp of {worst.dtype})")
         sampled = f" (sample of {report.tensors_total})" if report.sampled else ""
+        recipe = report.recipe
+        how = f"; recipe from {recipe['from']}: {recipe_text(recipe)}" if recipe.get("from") != "the arguments" else ""
         click.echo(f"{report.verdict.upper()}: {report.tensors_checked} tensors checked{sampled}: {report.exact} exact, "
                    f"{report.rounding} within rounding, {report.mismatched} mismatched, "
-                   f"{len(report.problems)} folder problem(s); {report.seconds:.2f} s")
+                   f"{len(report.problems)} folder problem(s); {report.seconds:.2f} s{how}")
+        if recipe.get("note") and not quiet:
+            click.echo(f"note: {recipe['note']}")
     if not report.ok:
         sys.exit(1)
 
@@ -945,7 +967,7 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_
       rslora-tools push merged/ me/my-merged-model --private
       rslora-tools push for-vllm/ me/my-adapter-vllm --create-pr
     """
-    from .hub import push as run_push
+    from .publish import push as run_push
 
     report = run_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
                       create_pr=create_pr, token=token)
@@ -1017,7 +1039,8 @@ def main() -> None:
 
 
 def _exit_now_if_workers_run(code: object) -> None:
-    """After an interruption, a merge worker may still be inside a long torch operation: exit without waiting.
+    """After an interruption, exit without Python's shutdown: a worker, or a thread torch runs for it, may still be
+    inside a long torch operation (a second signal can cut the wait for them short).
 
     Python's shutdown would otherwise tear down the interpreter under that thread, which aborts
     the process ("terminate called without an active exception"). The output was cleaned up
@@ -1025,7 +1048,8 @@ def _exit_now_if_workers_run(code: object) -> None:
     """
     import threading
 
-    if any(t.name.startswith("rslora-tools-worker") and t.is_alive() for t in threading.enumerate()):
+    workers = any(t.name.startswith("rslora-tools-") and t.is_alive() for t in threading.enumerate())
+    if workers or _COMMAND["interrupted"]:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code if isinstance(code, int) else 1)

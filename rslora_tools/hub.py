@@ -9,17 +9,14 @@ and HF_HUB_OFFLINE are read when a command runs. The token is never printed.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from . import __version__
 from .adapter import find_adapter_folder
 from .adapter_config import read_config_file
-from .card import model_card
-from .checkpoint import SINGLE_FILE, TOKENIZER_PATTERNS, index_shard_names
+from .checkpoint import SINGLE_FILE, TOKENIZER_PATTERNS, check_layout, index_shard_names
 from .errors import HubError, InputError, RsloraError
 from .hub_refs import HubRef, parse_ref
 
@@ -72,9 +69,23 @@ def resolve_input(spec: str, *, role: InputRole, revision: str | None = None, to
     folder = snapshot / ref.subfolder if ref.subfolder else snapshot
     if not folder.is_dir():
         raise InputError(f"{spec}: the repo has no folder {ref.subfolder!r}")
+    pinned = HubRef(ref.repo_id, snapshot.name, ref.subfolder)
+    if role == "base":
+        check_layout(_listing(spec, pinned, folder, token), spec)
     if role == "base" and shards:
-        _download_shards(spec, HubRef(ref.repo_id, snapshot.name, ref.subfolder), folder, token)
+        _download_shards(spec, pinned, folder, token)
     return Source(spec, folder, ref.repo_id, ref.revision, snapshot.name, ref.subfolder)
+
+
+def _listing(spec: str, ref: HubRef, folder: Path, token: str | None) -> list[str]:
+    """The file names at the top of the repo folder (offline: of the cached snapshot), for `check_layout`."""
+    if _offline():
+        return [p.name for p in folder.iterdir()]
+    try:
+        entries = hub_api(token).list_repo_tree(ref.repo_id, path_in_repo=ref.subfolder or None, revision=ref.revision)
+        return [entry.path.rpartition("/")[2] for entry in entries]
+    except Exception as e:
+        raise HubError(download_error(spec, ref, e, False)) from e
 
 
 def _download_shards(spec: str, pinned: HubRef, folder: Path, token: str | None) -> None:
@@ -270,100 +281,7 @@ def base_mismatch(base: Source, adapter_config: dict[str, Any]) -> str | None:
     return None
 
 
-# --- publishing ------------------------------------------------------------------------------------
-
-
-@dataclass
-class PushReport:
-    repo_id: str
-    folder: str
-    commit: str
-    commit_url: str
-    pr_url: str | None
-    files: int
-    card_written: bool
-    private: bool | None = None
-    revision: str | None = None
-    verified: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def push(
-    folder: str | os.PathLike[str],
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-    token: str | None = None,
-) -> PushReport:
-    """Create the repo if needed, upload FOLDER (with a model card when it has none), check every file arrived.
-
-    Args:
-        folder: a merged model or converted adapter folder; it is never modified.
-        repo_id: the Hub repo, `org/name`.
-        private: create the repo private (an existing repo keeps its visibility).
-        revision: commit to this branch (created if needed) instead of main.
-        commit_message: the commit message.
-        create_pr: open a pull request instead of committing.
-        token: the Hugging Face token (default: HF_TOKEN or the stored login); never printed.
-
-    Returns:
-        A `PushReport`: the commit, its URL (and the PR's), and the files checked in the repo.
-    """
-    from huggingface_hub.hf_api import RepoFile
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder")
-    local = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
-    if not local:
-        raise InputError(f"{folder}: is empty; nothing to push")
-    repo_id = target_repo(repo_id)
-    api = hub_api(token)
-    card = None if (folder / "README.md").is_file() else model_card(folder, repo_id)
-    message = commit_message or f"Upload {folder.name} with rslora-tools {__version__}"
-    try:
-        api.create_repo(repo_id, private=private or None, exist_ok=True)
-        if revision and revision != "main" and not create_pr:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        with _staged(folder, card) as staged:
-            info = api.upload_folder(repo_id=repo_id, folder_path=staged, commit_message=message,
-                                     revision=revision, create_pr=create_pr, ignore_patterns=[".*", "**/.*"])
-        remote = {f.path: f.size for f in api.list_repo_tree(repo_id, revision=info.oid, recursive=True)
-                  if isinstance(f, RepoFile)}
-    except RsloraError:
-        raise
-    except Exception as e:  # one line; nothing local was changed
-        raise HubError(push_error(repo_id, e)) from e
-    expected = dict(local)
-    if card is not None:
-        expected["README.md"] = len(card.encode("utf-8"))
-    check_arrived(repo_id, expected, remote)
-    return PushReport(repo_id, str(folder), info.oid, str(info.commit_url), info.pr_url, len(expected),
-                      card is not None, private, revision, sorted(expected))
-
-
-def target_repo(repo_id: str) -> str:
-    """The repo id a push goes to (`org/name`), or InputError."""
-    ref = parse_ref(repo_id)
-    if ref is None or ref.revision or ref.subfolder:
-        raise InputError(f"{repo_id}: not a Hub repo id (org/name); use --revision for a branch")
-    return ref.repo_id
-
-
-def check_arrived(repo_id: str, expected: dict[str, int], remote: dict[str, int]) -> None:
-    """Every pushed file is in the repo with its size, or HubError."""
-    missing = sorted(p for p, size in expected.items() if remote.get(p) != size)
-    if missing:
-        raise HubError(
-            f"{repo_id}: the upload finished but {len(missing)} file(s) are missing or differ in the repo "
-            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run the same push again to resume"
-        )
+# --- the client for publishing (publish.py) --------------------------------------------------------
 
 
 def hub_api(token: str | None) -> Any:
@@ -406,30 +324,3 @@ def _http_cause(e: Exception) -> Exception:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return e
-
-
-class _staged:
-    """FOLDER itself, or (when a card must be added) a temporary folder of links to its files plus the card.
-
-    FOLDER is never modified.
-    """
-
-    def __init__(self, folder: Path, card: str | None):
-        self.folder, self.card = folder, card
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        if self.card is None:
-            return self.folder
-        tmp = self.tmp = Path(tempfile.mkdtemp(prefix="rslora-tools-push-"))
-        for path in self.folder.rglob("*"):
-            rel = path.relative_to(self.folder)
-            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / rel).symlink_to(path.resolve())
-        (tmp / "README.md").write_text(self.card, encoding="utf-8")
-        return tmp
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)

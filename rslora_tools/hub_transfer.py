@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -23,19 +24,9 @@ from typing import Any
 
 from . import __version__
 from .errors import HubError, RsloraError
-from .hub import (
-    LIBRARY_NAME,
-    PushReport,
-    Source,
-    _cache_dir,
-    _endpoint,
-    _offline,
-    check_arrived,
-    download_error,
-    hub_api,
-    push_error,
-)
+from .hub import LIBRARY_NAME, Source, _cache_dir, _endpoint, _offline, download_error, hub_api, push_error
 from .hub_refs import HubRef
+from .publish import PushReport, PushTarget, commit, open_repo
 from .safetensors_file import SafetensorsHeader, header_length, parse_header
 
 HEADER_PROBE = 256 << 10  # bytes of a shard's beginning asked for at first: the length and (almost always) the header
@@ -81,7 +72,11 @@ def remote_header(source: Source, shard: str, view: Path, token: str | None) -> 
 
 
 def _get_range(source: Source, shard: str, start: int, end: int, token: str | None) -> tuple[bytearray, int]:
-    """Bytes [start, end) of a file in the repo (fewer at its end) and the file's size."""
+    """Bytes [start, end) of a file in the repo (fewer at its end) and the file's size.
+
+    A server that ignores the range (200 with the whole file) is read only up to `end`, then the
+    connection is dropped: memory holds what was asked for, never the shard.
+    """
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
@@ -89,15 +84,45 @@ def _get_range(source: Source, shard: str, start: int, end: int, token: str | No
     url = hf_hub_url(source.repo_id, _remote_name(source, shard), revision=source.commit, endpoint=_endpoint())
     headers = build_hf_headers(token=token, library_name=LIBRARY_NAME, library_version=__version__)
     headers["Range"] = f"bytes={start}-{end - 1}"
-    response = get_session().get(url, headers=headers, follow_redirects=True)
-    hf_raise_for_status(response)
-    data = bytearray(response.content)
-    if response.status_code == 206:
-        total = re.search(r"/(\d+)$", response.headers.get("Content-Range", ""))
-        if total is None:
-            raise HubError(f"{source.repo_id}: {shard}: the Hub's range answer has no size")
-        return data, int(total.group(1))
-    return data[start:end], len(data)  # the server ignored the range: it sent the whole file
+    with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
+        if response.status_code >= 400:
+            response.read()
+            hf_raise_for_status(response)
+        ranged = response.status_code == 206
+        want = end - start if ranged else end
+        data = bytearray()
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) >= want:
+                break
+        del data[want:]
+        if ranged:
+            total = re.search(r"/(\d+)$", response.headers.get("Content-Range", ""))
+            if total is None:
+                raise HubError(f"{source.repo_id}: {shard}: the Hub's range answer has no size")
+            return data, int(total.group(1))
+        length = response.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise HubError(f"{source.repo_id}: {shard}: the server ignored the byte range and did not say the file's "
+                           "size; it cannot be streamed (merge without --stream)")
+        return data[start:end], int(length)  # the server ignored the range: only the beginning was read
+
+
+def listed_sha256(source: Source, token: str | None) -> dict[str, str]:
+    """shard file -> the sha256 the Hub lists for it (LFS files) at the source's commit, for its folder."""
+    from huggingface_hub.hf_api import RepoFile
+
+    assert source.repo_id is not None
+    try:
+        entries = list(hub_api(token).list_repo_tree(source.repo_id, path_in_repo=source.subfolder or None,
+                                                     revision=source.commit, recursive=False))
+    except RsloraError:
+        raise
+    except Exception as e:
+        raise HubError(download_error(source.spec, _ref(source), e, False)) from e
+    prefix = f"{source.subfolder}/" if source.subfolder else ""
+    return {f.path.removeprefix(prefix): f.lfs.sha256 for f in entries
+            if isinstance(f, RepoFile) and f.lfs is not None and f.path.endswith(".safetensors")}
 
 
 def cached_shard(source: Source, shard: str) -> Path | None:
@@ -123,9 +148,10 @@ class ShardFetcher:
     """Base shards of a Hub repo, one at a time, linked into `view` for the merge to read."""
 
     def __init__(self, source: Source, view: Path, scratch: Path, *, keep_cache: bool, token: str | None,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, listed: dict[str, str] | None = None):
         self.source, self.view, self.scratch = source, view, scratch
         self.keep_cache, self.token, self.progress = keep_cache, token, progress
+        self.listed = listed or {}  # shard -> the sha256 the Hub lists for it at the source's commit
         self.fetched: dict[str, Fetched] = {}
         self.lock = threading.Lock()
 
@@ -137,11 +163,14 @@ class ShardFetcher:
         return (self.scratch / _remote_name(self.source, shard)).is_file()
 
     def fetch(self, shard: str) -> Fetched:
+        """The shard, checked against the sha256 the Hub lists (a cached blob by its name, a download by hashing)."""
         cached = self.cached(shard)
         if cached is not None:
             fetched = Fetched(cached, 0, False)
+            self._check(shard, cached, hashed=False)
         else:
             fetched = self._download(shard)
+            self._check(shard, fetched.path, hashed=True)
         link = self.view / shard
         link.unlink(missing_ok=True)
         link.symlink_to(fetched.path.resolve())
@@ -168,6 +197,29 @@ class ShardFetcher:
         except Exception as e:
             raise HubError(download_error(self.source.spec, _ref(self.source), e, _offline())) from e
         return Fetched(Path(path), counted[0], not self.keep_cache)
+
+    def _check(self, shard: str, path: Path, *, hashed: bool) -> None:
+        expected = self.listed.get(shard)
+        if expected is None:
+            return
+        real = path.resolve()
+        if hashed:
+            digest = hashlib.sha256()
+            with open(real, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    digest.update(chunk)
+            found = digest.hexdigest()
+        elif re.fullmatch(r"[0-9a-f]{64}", real.name):  # a cache blob is named by its sha256
+            found = real.name
+        else:
+            return
+        if found != expected:
+            if hashed:
+                real.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+            raise HubError(f"{self.source.spec}: {shard}: the bytes received have sha256 {found[:12]}..., the Hub lists "
+                           f"{expected[:12]}... for this commit; the shard was deleted and nothing was pushed from it. "
+                           "Run the command again")
 
     def release(self, shard: str) -> None:
         """The merge is done with `shard`: unlink it from the view, delete it if this run stored it in scratch."""
@@ -206,13 +258,12 @@ class Uploaded:
 
 
 class Publisher:
-    """One target repo: pre-upload shards as they are finished, then one commit with everything."""
+    """One target repo: pre-upload shards as they are finished, then one commit with everything (publish.commit)."""
 
-    def __init__(self, repo_id: str, *, private: bool, create_pr: bool, commit_message: str | None,
-                 token: str | None):
-        self.repo_id, self.private, self.create_pr = repo_id, private, create_pr
-        self.commit_message, self.token = commit_message, token
-        self.api = hub_api(token)
+    def __init__(self, target: PushTarget):
+        self.target = target
+        self.repo_id = target.repo_id
+        self.api: Any = None
 
     def _call(self, what: Callable[[], Any]) -> Any:
         try:
@@ -224,19 +275,28 @@ class Publisher:
 
     def open(self) -> None:
         """Create the repo when it does not exist (before anything is uploaded)."""
-        self._call(lambda: self.api.create_repo(self.repo_id, private=self.private or None, exist_ok=True))
+        self.api = open_repo(self.target)
 
     def stored(self, blobs: list[Uploaded]) -> set[str]:
-        """The sha256 of those `blobs` the Hub already stores (the LFS batch API answers them without actions)."""
+        """The sha256 of those `blobs` the Hub already stores (the LFS batch API answers them without actions).
+
+        A repo that does not exist (deleted since an earlier run) stores none of them.
+        """
         if not blobs:
             return set()
         from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
         from huggingface_hub.utils import build_hf_headers
 
+        api = self.api or hub_api(self.target.token)
         infos = [UploadInfo(size=b.size, sample=b"", sha256=bytes.fromhex(b.sha256)) for b in blobs]
-        headers = build_hf_headers(token=self.token, library_name=LIBRARY_NAME, library_version=__version__)
-        actions, _, _ = self._call(lambda: post_lfs_batch_info(
-            infos, self.token, "model", self.repo_id, endpoint=self.api.endpoint, headers=headers))
+        headers = build_hf_headers(token=self.target.token, library_name=LIBRARY_NAME, library_version=__version__)
+        try:
+            actions, _, _ = post_lfs_batch_info(infos, self.target.token, "model", self.repo_id, endpoint=api.endpoint,
+                                                headers=headers)
+        except Exception as e:
+            if _status_of(e) == 404:  # no such repo (any more): nothing is stored
+                return set()
+            raise HubError(push_error(self.repo_id, e)) from e
         return {a["oid"] for a in actions if not a.get("actions")}
 
     def upload(self, path: Path, path_in_repo: str) -> tuple[Any, Uploaded, bool]:
@@ -250,8 +310,8 @@ class Publisher:
         operation = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(path))
         blob = Uploaded(path_in_repo, operation.upload_info.sha256.hex(), operation.upload_info.size)
         had = blob.sha256 in self.stored([blob])
-        self._call(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[operation], create_pr=self.create_pr,
-                                                         free_memory=True))
+        self._call(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[operation],
+                                                         create_pr=self.target.create_pr, free_memory=True))
         if operation._upload_mode != "lfs":
             operation = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=path.read_bytes())
         return operation, blob, had
@@ -271,7 +331,6 @@ class Publisher:
     def commit(self, operations: list[Any], folder: Path, card: str | None, sizes: dict[str, int]) -> PushReport:
         """One commit: `operations` (the shards) plus every file of `folder` (and the card); check what arrived."""
         from huggingface_hub import CommitOperationAdd
-        from huggingface_hub.hf_api import RepoFile
 
         small = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(folder.iterdir())
                  if p.is_file()]
@@ -279,12 +338,13 @@ class Publisher:
         if card is not None:
             small.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
             expected["README.md"] = len(card.encode("utf-8"))
-        message = self.commit_message or f"Upload {self.repo_id.split('/')[-1]} with rslora-tools {__version__}"
-        info = self._call(lambda: self.api.create_commit(self.repo_id, operations=[*operations, *small],
-                                                         commit_message=message, create_pr=self.create_pr))
-        remote = self._call(lambda: {f.path: f.size for f in self.api.list_repo_tree(
-            self.repo_id, revision=info.oid, recursive=True) if isinstance(f, RepoFile)})
-        check_arrived(self.repo_id, expected, remote)
-        return PushReport(self.repo_id, str(folder), info.oid, str(info.commit_url), info.pr_url, len(expected),
-                          card is not None, self.private, None, sorted(expected))
+        message = f"Upload {self.repo_id.split('/')[-1]} with rslora-tools {__version__}"
+        report = commit(self.api, self.target, [*operations, *small], expected, message)
+        report.folder, report.card_written = str(folder), card is not None
+        return report
 
+
+def _status_of(e: BaseException) -> int | None:
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None

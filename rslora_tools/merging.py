@@ -247,6 +247,8 @@ def prepare_merge(base: str | os.PathLike[str] | Checkpoint, adapter: str | os.P
                           f"base with INIT {options.initial}: {adapter_obj.form}")
     lowered = lower(plan, checkpoint, adapter_obj, Device(options.device))
     report = _report(checkpoint, adapter_obj, plan, lowered, out, options)
+    for folder in (checkpoint.folder, *(a.path for a in adapter_obj.sources)):
+        side_files(folder)  # the link rule, before anything is written (a dry run says it too)
     return PreparedMerge(checkpoint, adapter_obj, plan, lowered, report)
 
 

@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,16 @@ from .card import model_card
 from .checkpoint import Checkpoint, open_checkpoint, side_files
 from .errors import InputError, OutputError, StreamInterrupted
 from .executor import execute
-from .hub import Source, target_repo
-from .hub_transfer import Publisher, ShardFetcher, Uploaded, cached_shard, hub_bars_hidden, remote_header
+from .hub import Source
+from .hub_transfer import (
+    Publisher,
+    ShardFetcher,
+    Uploaded,
+    cached_shard,
+    hub_bars_hidden,
+    listed_sha256,
+    remote_header,
+)
 from .lowering import Lowered
 from .merging import (
     MergeOptions,
@@ -48,7 +56,8 @@ from .merging import (
     record_measures,
     write_extras,
 )
-from .output import free_space
+from .output import free_space, work_folder
+from .publish import PushTarget
 from .quant_formats import checkpoint_scheme
 from .safetensors_file import SafetensorsHeader, read_header
 from .sizes import human_size
@@ -62,16 +71,13 @@ STOP_WAIT_SECONDS = 30.0  # after a failure, how long a download or upload in fl
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """Where a streamed merge goes and how (the --push-to-hub companions, --scratch, --keep-cache)."""
+    """Where a streamed merge goes and how (--push-to-hub and its companions, --scratch, --keep-cache, --no-resume)."""
 
-    repo_id: str
-    private: bool = False
-    create_pr: bool = False
-    commit_message: str | None = None
-    token: str | None = None
-    scratch: Path | None = None  # default: default_scratch(repo_id)
+    target: PushTarget
+    scratch: Path | None = None  # the folder the run's working folder goes in; default: ~/.cache/rslora-tools/stream
     keep_cache: bool = False  # base shards downloaded go into the Hugging Face cache and stay
     progress: PhaseProgress | None = None
+    no_resume: bool = False  # forget what an earlier run uploaded (its journal) and start over
 
 
 @dataclass
@@ -101,39 +107,43 @@ class StreamReport:
         return data
 
 
-def default_scratch(repo_id: str) -> Path:
-    """The scratch folder of a push to `repo_id` when --scratch is not given: a re-run finds its journal there."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "rslora-tools" / "stream" / repo_id.replace("/", "--")
+def work_folder_path(repo_id: str, scratch: Path | None = None) -> Path:
+    """The working folder of a push to `repo_id`: a folder of its own inside --scratch DIR (default
+    ~/.cache/rslora-tools/stream), where a re-run finds its journal; never DIR itself (a user's folder)."""
+    root = scratch if scratch is not None else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "rslora-tools" / "stream"
+    return root.expanduser().resolve() / f"rslora-tools-stream-{repo_id.replace('/', '--')}"
 
 
 def stream_merge(base: Source, adapter: str | os.PathLike[str] | Adapter, options: MergeOptions,
                  stream: StreamOptions) -> StreamReport:
-    """Merge BASE (a Hub repo or a local folder) and ADAPTER into the Hub repo `stream.repo_id`, shard by shard.
+    """Merge BASE (a Hub repo or a local folder) and ADAPTER into the Hub repo `stream.target`, shard by shard.
 
     The repo gets one commit with the whole model (with `create_pr`, a pull request) and a card;
     the disk holds at most the report's `disk_bound` beyond the adapter. A failure or Ctrl-C
     leaves the repo unchanged and the journal for a re-run. `options.dry_run`: plan, report the
     bound and the free space, transfer nothing.
     """
+    stream.target.refuse_inputs(options.sources)
+    work = work_folder_path(stream.target.repo_id, stream.scratch)
+    _check_scratch(work, base, adapter)
     with hub_bars_hidden():
-        return _stream_merge(base, adapter, options, stream)
+        if options.dry_run:
+            return _stream_merge(base, adapter, options, stream, work)
+        with work_folder(work, f"the scratch folder of a --stream into {stream.target.repo_id}"):
+            return _stream_merge(base, adapter, options, stream, work)
 
 
 def _stream_merge(base: Source, adapter: str | os.PathLike[str] | Adapter, options: MergeOptions,
-                  stream: StreamOptions) -> StreamReport:
+                  stream: StreamOptions, scratch: Path) -> StreamReport:
     started = time.monotonic()
-    stream = replace(stream, repo_id=target_repo(stream.repo_id))
-    scratch = (stream.scratch or default_scratch(stream.repo_id)).expanduser().resolve()
-    _check_scratch(scratch, base, adapter)
-    checkpoint = _open_base(base, scratch, stream.token)
-    prepared = prepare_merge(checkpoint, adapter, Path(stream.repo_id), options)
-    prepared.report.out = f"hf://{stream.repo_id}"
+    target = stream.target
+    checkpoint = _open_base(base, scratch, target.token)
+    prepared = prepare_merge(checkpoint, adapter, Path(target.repo_id), options)
+    prepared.report.out = f"hf://{target.repo_id}"
     order = schedule(prepared.plan, checkpoint)
-    journal = Journal(scratch, _journal_key(prepared, options, stream, base))
-    publisher = None if options.dry_run else Publisher(stream.repo_id, private=stream.private,
-                                                       create_pr=stream.create_pr,
-                                                       commit_message=stream.commit_message, token=stream.token)
+    journal = Journal(scratch, _journal_key(prepared, options, stream, base), forget=stream.no_resume)
+    publisher = None if options.dry_run else Publisher(target)
     fetcher = _fetcher(base, scratch, stream)
     report = _plan_report(prepared, order, fetcher, scratch, stream)
     if publisher is not None:
@@ -152,7 +162,7 @@ def _stream_merge(base: Source, adapter: str | os.PathLike[str] | Adapter, optio
     try:
         report.push = _commit(prepared, order, publisher, journal, operations, scratch, options).to_dict()
     except KeyboardInterrupt as e:
-        raise StreamInterrupted(f"interrupted during the final commit to {stream.repo_id}; run the same command again: "
+        raise StreamInterrupted(f"interrupted during the final commit to {target.repo_id}; run the same command again: "
                                 "it uploads nothing again and makes (or repeats) the commit") from e
     _clean(scratch, journal)
     report.seconds = report.merge.seconds = time.monotonic() - started
@@ -204,7 +214,8 @@ def _make_view(base: Source, scratch: Path) -> None:
 def _fetcher(base: Source, scratch: Path, stream: StreamOptions) -> ShardFetcher | None:
     if base.repo_id is None:
         return None
-    return ShardFetcher(base, scratch / "view", scratch / "base", keep_cache=stream.keep_cache, token=stream.token)
+    return ShardFetcher(base, scratch / "view", scratch / "base", keep_cache=stream.keep_cache,
+                        token=stream.target.token, listed=listed_sha256(base, stream.target.token))
 
 
 def _plan_report(prepared: PreparedMerge, order: StreamSchedule, fetcher: ShardFetcher | None, scratch: Path,
@@ -218,7 +229,8 @@ def _plan_report(prepared: PreparedMerge, order: StreamSchedule, fetcher: ShardF
     bound = order.disk_bound(set() if stream.keep_cache else stored) + extras
     if stream.keep_cache:
         bound += sum(order.base_bytes[s] for s in stored)
-    report = StreamReport(prepared.report, stream.repo_id, str(scratch), bound, order.total_out, free_space(scratch))
+    report = StreamReport(prepared.report, stream.target.repo_id, str(scratch), bound, order.total_out,
+                          free_space(scratch))
     if fetcher is not None:
         report.skipped["cached"] = sorted(set(order.base_bytes) - stored)
         report.skipped["downloaded_before"] = sorted(s for s in stored if fetcher.stored_before(s))
@@ -249,7 +261,7 @@ def _journal_key(prepared: PreparedMerge, options: MergeOptions, stream: StreamO
     options and the output layout."""
     folders = [a.path for a in prepared.adapter.sources] + ([base.path] if base.repo_id is None else [])
     record = {
-        "version": __version__, "repo": stream.repo_id, "create_pr": stream.create_pr,
+        "version": __version__, "repo": stream.target.repo_id, "create_pr": stream.target.create_pr,
         "sources": dict(options.sources), "base": base.to_dict(),
         "inputs": [_listing(Path(f)) for f in folders] + ([options.initial] if options.initial else []),
         "options": [options.dtype, options.max_shard_size, options.device, str(options.trained_on),
@@ -270,18 +282,26 @@ def _listing(folder: Path) -> list[tuple[str, int, int]]:
 
 
 class Journal:
-    """The shards uploaded so far (not yet committed), in the scratch folder, for a re-run to skip."""
+    """The shards uploaded so far (not yet committed), in the scratch folder, for a re-run to skip.
 
-    def __init__(self, scratch: Path, key: str):
+    A journal of other inputs or options (another key) is ignored; one that cannot be read is an
+    error that names it and says how to start over (`forget`: --no-resume).
+    """
+
+    def __init__(self, scratch: Path, key: str, *, forget: bool = False):
         self.path, self.key = scratch / JOURNAL_NAME, key
         self.entries: dict[str, Uploaded] = {}
+        if forget or not self.path.exists():
+            return
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return
-        if isinstance(data, dict) and data.get("key") == key and isinstance(data.get("uploaded"), list):
-            self.entries = {e["path_in_repo"]: Uploaded(e["path_in_repo"], e["sha256"], int(e["size"]))
-                            for e in data["uploaded"] if isinstance(e, dict)}
+            if not isinstance(data, dict) or data.get("key") != key:
+                return
+            entries = [_journal_entry(e) for e in data["uploaded"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{self.path}: the journal of an earlier --stream run cannot be read ({_why(e)}); pass "
+                             "--no-resume to start over, or delete it") from None
+        self.entries = {e.path_in_repo: e for e in entries}
 
     def add(self, blob: Uploaded) -> None:
         self.entries[blob.path_in_repo] = blob
@@ -289,6 +309,24 @@ class Journal:
         tmp.write_text(json.dumps({"key": self.key, "uploaded": [asdict(b) for b in self.entries.values()]}, indent=1),
                        encoding="utf-8")
         os.replace(tmp, self.path)
+
+
+def _journal_entry(entry: object) -> Uploaded:
+    """One uploaded blob as the journal records it, checked (a bad value raises ValueError)."""
+    if not isinstance(entry, dict):
+        raise ValueError("an entry is not an object")
+    name, sha256, size = entry["path_in_repo"], entry["sha256"], entry["size"]
+    if not isinstance(name, str) or not name.endswith(".safetensors"):
+        raise ValueError(f"path_in_repo {name!r} is not a shard name")
+    if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"sha256 {sha256!r} of {name} is not 64 hex digits")
+    if type(size) is not int or size < 0:
+        raise ValueError(f"size {size!r} of {name} is not a byte count")
+    return Uploaded(name, sha256, size)
+
+
+def _why(e: Exception) -> str:
+    return f"missing {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
 
 
 class _Pipeline:
@@ -456,11 +494,10 @@ def _commit(prepared: PreparedMerge, order: StreamSchedule, publisher: Publisher
 
 
 def _clean(scratch: Path, journal: Journal) -> None:
-    """After the commit: remove what this run kept in the scratch folder, and the folder when it is then empty."""
-    for name in ("view", "base", "out", "extras"):
-        shutil.rmtree(scratch / name, ignore_errors=True)
+    """After the commit: remove the working folder (this tool made it, and owns everything in it)."""
     journal.path.unlink(missing_ok=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     try:
-        scratch.rmdir()
+        scratch.parent.rmdir()  # --scratch DIR, when nothing else is in it (as it was made for the run)
     except OSError:
         pass  # the user's own files are in it

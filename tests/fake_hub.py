@@ -3,7 +3,7 @@
 It implements what `snapshot_download`, `create_repo`, `upload_folder` (legacy LFS path, so
 run with HF_HUB_DISABLE_XET=1) and `list_repo_tree` use (the Hub's public HTTP API):
 repo info, tree, resolve (HEAD/GET), repo create, validate-yaml, preupload, LFS batch /
-upload / verify, and the NDJSON commit. Every request is recorded; faults can be injected
+upload / verify, and the NDJSON commit (added and deleted files, the parent commit checked). Every request is recorded; faults can be injected
 (`fail`: every time, `fail_once`: the next time), and transfers can be throttled (`download_rate`,
 `upload_rate`, bytes per second, as a slow network would be). Downloads honour `Range`.
 """
@@ -47,6 +47,9 @@ class FakeHub:
         self._link_free: dict[str, float] = {}  # direction -> when the link has sent what was queued on it
         self._digests: dict[tuple[int, str], tuple[bytes, str]] = {}
         self.ranged: list[str] = []  # paths of the GET requests that asked for a byte range
+        self.ignore_range = False  # answer range requests with the whole file (200), as some servers do
+        self.served: dict[str, bytes] = {}  # file path -> other bytes to serve for it (a Hub serving other content)
+        self.sent: dict[str, int] = {}  # request path -> bytes of file content sent (a client may stop reading)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -62,9 +65,11 @@ class FakeHub:
     # --- state helpers for tests ------------------------------------------------------------------
 
     def add_commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", message: str = "commit",
-                   parent: str | None = None) -> str:
+                   parent: str | None = None, deleted: tuple[str, ...] = ()) -> str:
         repo = self.repos.setdefault(repo_id, Repo())
         base = dict(repo.commits.get(parent or repo.branches.get(branch, ""), {}))
+        for path in deleted:
+            base.pop(path, None)
         base.update(files)
         sha = hashlib.sha1(json.dumps([repo_id, branch, message, len(repo.commits),
                                        sorted((k, self.sha256(v)) for k, v in base.items())]).encode()).hexdigest()
@@ -157,11 +162,16 @@ class FakeHub:
                 if head:
                     return
                 view = memoryview(body)
-                for start in range(0, len(body), _CHUNK):
-                    chunk = view[start:start + _CHUNK]
-                    if throttled:
-                        hub.throttle("down", len(chunk))
-                    self.wfile.write(chunk)
+                try:
+                    for start in range(0, len(body), _CHUNK):
+                        chunk = view[start:start + _CHUNK]
+                        if throttled:
+                            hub.throttle("down", len(chunk))
+                        self.wfile.write(chunk)
+                        if content_type == "application/octet-stream":
+                            hub.sent[self.path] = hub.sent.get(self.path, 0) + len(chunk)
+                except (BrokenPipeError, ConnectionResetError):  # the client read what it wanted and left
+                    self.close_connection = True
 
             def _error(self, status: int, code: str, message: str, head: bool = False) -> None:
                 self._send(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message}, head=head)
@@ -293,10 +303,11 @@ class FakeHub:
                 if content is None:
                     return self._error(404, "EntryNotFound", f"{file} does not exist", head=head)
                 etag = f'"{hub.sha256(content)}"'
+                content = hub.served.get(file, content)
                 headers = {"X-Repo-Commit": sha, "ETag": etag, "X-Linked-Etag": etag, "X-Linked-Size": str(len(content)),
                            "Accept-Ranges": "bytes"}
                 ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
-                if ranged and not head:
+                if ranged and not head and not hub.ignore_range:
                     hub.ranged.append(self.path)
                     start = int(ranged.group(1))
                     end = min(int(ranged.group(2)) if ranged.group(2) else len(content) - 1, len(content) - 1)
@@ -346,9 +357,12 @@ class FakeHub:
                 lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
                 header = next(x["value"] for x in lines if x["key"] == "header")
                 files: dict[str, bytes] = {}
+                deleted: list[str] = []
                 for line in lines:
                     v = line["value"]
-                    if line["key"] == "file":
+                    if line["key"] == "deletedFile":
+                        deleted.append(v["path"])
+                    elif line["key"] == "file":
                         files[v["path"]] = base64.b64decode(v["content"])
                     elif line["key"] == "lfsFile":
                         content = hub.lfs_object(repo_id, v["oid"])
@@ -356,6 +370,8 @@ class FakeHub:
                             return self._error(422, "MissingLfs", f"LFS object {v['oid']} was never uploaded")
                         files[v["path"]] = content
                 parent = repo.branches.get(revision, revision)
+                if header.get("parentCommit") and header["parentCommit"] != parent:  # the branch moved meanwhile
+                    return self._error(412, "PreconditionFailed", "A commit has happened since. Please refresh and try again.")
                 branch = revision
                 pr_url = None
                 if create_pr:
@@ -363,7 +379,7 @@ class FakeHub:
                     pr_url = f"{hub.url}/{repo_id}/discussions/{branch.rsplit('/', 1)[1]}"
                 elif revision not in repo.branches:
                     return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-                sha = hub.add_commit(repo_id, files, branch, header["summary"], parent=parent)
+                sha = hub.add_commit(repo_id, files, branch, header["summary"], parent=parent, deleted=tuple(deleted))
                 self._send(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha,
                                  "pullRequestUrl": pr_url})
 

@@ -16,13 +16,13 @@ ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 STAGES = {
     0: ("errors", "__init__"),
     1: ("sizes", "safetensors_file", "checkpoint", "output", "provenance", "hub_refs", "quant_formats"),
-    2: ("scaling", "adapter_config", "adapter", "module_scales", "runtimes"),
+    2: ("scaling", "adapter_config", "adapter", "module_scales", "runtimes", "adapter_writer"),
     3: ("plan", "placement", "ties", "quant_plan", "planner", "config_rewrite", "initial", "stacking", "combination", "extraction_plan",
         "stream_plan"),
     4: ("kernel", "compute", "dequantize", "finite", "task_arithmetic", "factorize"),
     5: ("lowering", "executor"),
     6: ("verification", "merging", "gguf_export", "conversion", "inspection", "card", "hub", "combining", "extraction",
-        "hub_transfer", "streaming"),
+        "hub_transfer", "streaming", "publish"),
     7: ("cli", "__main__"),
 }
 STAGE_NAMES = {0: "Stage 0", 1: "formats", 2: "adapter and scales", 3: "plan", 4: "compute", 5: "execute",

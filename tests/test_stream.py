@@ -180,7 +180,7 @@ def test_upload_failing_halfway_resumes_without_uploading_again(hub, plain, tmp_
     assert failed.count("\n") == 1
     assert len(commits(hub, "me/resumed")) == 1  # nothing committed: the repo shows no half model
     first = list(hub.uploads)
-    assert len(first) == 5 and (scratch / "rslora-tools-stream.json").is_file()
+    assert len(first) == 5 and (scratch / "rslora-tools-stream-me--resumed" / "rslora-tools-stream.json").is_file()
     hub.fail.clear()
     hub.on_upload = None
     hub.requests.clear()
@@ -274,7 +274,7 @@ def test_dry_run_prints_the_bound(hub, tmp_path):
 
 @pytest.mark.parametrize("args, says", [
     (["--stream"], "pass --push-to-hub REPO_ID"),
-    (["--scratch", "x"], "--scratch and --keep-cache go with --stream"),
+    (["--scratch", "x"], "--scratch, --keep-cache and --no-resume go with --stream"),
     (["--stream", "--push-to-hub", "me/x", "--verify"], "--verify does not go with --stream"),
     (["--stream", "--push-to-hub", "me/x", "merged-out/"], "with --stream there is no OUT"),
     (["--stream", "--push-to-hub", "me/x@dev"], "me/x@dev: not a Hub repo id"),
