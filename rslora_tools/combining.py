@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .adapter import WEIGHTS_NAME, Adapter, load_adapter
-from .adapter_config import CONFIG_NAME
+from .adapter import Adapter, load_adapter
 from .combination import CombinePlan, plan_combination
 from .errors import InputError
 from .finite import check_finite
 from .output import atomic_folder, check_output_location, remove_leftovers, write_failure
 from .provenance import write_provenance
 from .runtimes import runtime
-from .safetensors_file import SafetensorsWriter
+from .adapter_writer import AdapterWriter
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -120,9 +119,10 @@ def combine(
     try:
         if target is None:
             with atomic_folder(written, overwrite) as tmp:
-                _write(loaded, plan, tmp, report, progress, sources)
+                _write(loaded, plan, tmp, report, progress, sources, allow_nonfinite)
         else:
-            report.converted = _write_for_target(loaded, plan, written, report, progress, sources, target, overwrite)
+            report.converted = _write_for_target(loaded, plan, written, report, progress, sources, target, overwrite,
+                                                 allow_nonfinite)
     except OSError as e:
         raise write_failure(out, e, "combining") from e
     report.seconds = time.monotonic() - started
@@ -141,28 +141,24 @@ def _report(loaded: list[Adapter], out: Path, plan: CombinePlan, rslora: bool, t
 
 
 def _write(loaded: list[Adapter], plan: CombinePlan, tmp: Path, report: CombineReport,
-           progress: ProgressCallback | None, sources: list[dict[str, Any]] | None) -> None:
+           progress: ProgressCallback | None, sources: list[dict[str, Any]] | None, allow_nonfinite: bool) -> None:
     from .task_arithmetic import combine_module
 
-    (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True), encoding="utf-8")
     entries = [(k, "F32", shape) for m in plan.modules for k, shape in ((m.a_key, m.a_shape), (m.b_key, m.b_shape))]
     entries += [(key, loaded[i].dtypes[key], loaded[i].shapes[key]) for key, i in plan.saved.items()]
     metadata = {"format": "pt", "rslora_tools.combine": json.dumps(
         {"tool": f"rslora-tools {__version__}", "method": plan.method, "weights": plan.weights}, sort_keys=True)}
-    writer = SafetensorsWriter(tmp / WEIGHTS_NAME, entries, metadata)
-    try:
+    with AdapterWriter(tmp, plan.config, entries, metadata, allow_nonfinite=allow_nonfinite) as writer:
         for m, row in zip(plan.modules, report.modules):
             a, b, measures = combine_module(m, lambda i, key: loaded[i].tensor(key), plan.method, plan.density,
                                             plan.seed)
-            writer.write_tensor(m.a_key, a)
-            writer.write_tensor(m.b_key, b)
+            writer.write(m.a_key, a)
+            writer.write(m.b_key, b)
             row.update(measures)
             if progress is not None:
                 progress(4 * (a.numel() + b.numel()), plan.nbytes)
         for key, i in plan.saved.items():
-            writer.write_tensor(key, loaded[i].tensor(key))
-    finally:
-        writer.close()
+            writer.write(key, loaded[i].tensor(key))
     write_provenance(tmp, {
         "operation": "combine", "adapters": sources or [{"spec": str(a.path)} for a in loaded],
         "method": plan.method, "weights": plan.weights, "density": plan.density, "seed": plan.seed,
@@ -173,16 +169,17 @@ def _write(loaded: list[Adapter], plan: CombinePlan, tmp: Path, report: CombineR
 
 def _write_for_target(loaded: list[Adapter], plan: CombinePlan, written: Path, report: CombineReport,
                       progress: ProgressCallback | None, sources: list[dict[str, Any]] | None, target: str,
-                      overwrite: bool) -> dict[str, Any]:
+                      overwrite: bool, allow_nonfinite: bool) -> dict[str, Any]:
     """Combine into a scratch folder beside OUT, then convert it for the runtime into OUT."""
     from .conversion import convert
 
     scratch = Path(tempfile.mkdtemp(prefix="rslora-tools-combine-"))
     try:
-        _write(loaded, plan, scratch, report, progress, sources)
+        _write(loaded, plan, scratch, report, progress, sources, allow_nonfinite)
         combined_from = {"combined": sources or [{"spec": str(a.path)} for a in loaded], "method": plan.method,
                          "weights": plan.weights}
-        converted = convert(scratch, written, target=target, overwrite=overwrite, source=combined_from)
+        converted = convert(scratch, written, target=target, overwrite=overwrite, source=combined_from,
+                            allow_nonfinite=allow_nonfinite)
         return converted.to_dict()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

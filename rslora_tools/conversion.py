@@ -24,7 +24,7 @@ from .errors import InputError, UnsupportedAdapterError
 from .finite import check_finite
 from .initial import RelativeAdapter, relative_to_original, require_plain, variant_name
 from .module_scales import ModuleEntry, module_entries
-from .checkpoint import open_checkpoint
+from .checkpoint import checked_file, open_checkpoint
 from .output import (
     atomic_file,
     atomic_folder,
@@ -35,7 +35,8 @@ from .output import (
 )
 from .provenance import PROVENANCE_NAME, write_provenance
 from .runtimes import RUNTIMES, Runtime, missing_features, runtime, runtime_scale
-from .safetensors_file import SafetensorsWriter, read_header, safetensors_to_torch_dtype
+from .adapter_writer import AdapterWriter, check_config_finite, write_config
+from .safetensors_file import read_header, safetensors_to_torch_dtype
 from .scaling import Convention, convention_label, scale, unstable_patterns
 
 CONVENTIONS: dict[str, bool] = {"rslora": True, "classic": False}
@@ -201,10 +202,11 @@ def convert(
             raise InputError(f"{out}: a .gguf output is written only for --target llama.cpp")
         if base is None:
             raise InputError("--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)")
-        report = _convert_to_gguf(loaded, entries, Path(base), out, overwrite=overwrite, dry_run=dry_run)
+        report = _convert_to_gguf(loaded, entries, Path(base), out, overwrite=overwrite, dry_run=dry_run,
+                                  allow_nonfinite=allow_nonfinite)
     else:
         report = _convert_to_folder(loaded, entries, out, to=to, target=target, bake=bake, overwrite=overwrite,
-                                    dry_run=dry_run, source=source)
+                                    dry_run=dry_run, source=source, allow_nonfinite=allow_nonfinite)
     report.seconds = time.monotonic() - started
     return report
 
@@ -219,7 +221,8 @@ def _check_choice(to: str | None, target: str | None, initial: bool = False) -> 
 
 
 def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, *, to: str | None, target: str | None,
-                       bake: bool, overwrite: bool, dry_run: bool, source: dict[str, Any] | None) -> ConvertReport:
+                       bake: bool, overwrite: bool, dry_run: bool, source: dict[str, Any] | None,
+                       allow_nonfinite: bool = False) -> ConvertReport:
     written = check_output_location(out, [a.path for a in loaded.sources], overwrite)
     if to is None and target is None:  # --initial alone
         plan = ConversionPlan("initial", loaded.config.normalized(), {}, "")
@@ -235,6 +238,7 @@ def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, *
         weights_changed=any(f != 1.0 for f in plan.factors.values()) or not loaded.on_disk,
         weights_dtype="F32" if upcast or not loaded.on_disk else None, dry_run=dry_run,
     )
+    _other_files(loaded)  # a side file that links out of the folder is refused before anything is written
     if dry_run:
         return report
     report.warnings += [f"removed {name}, left beside OUT by an earlier run that was killed"
@@ -242,8 +246,7 @@ def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, *
     convention: Convention = "rslora" if plan.config.get("use_rslora") else "classic"
     try:
         with atomic_folder(written, overwrite) as tmp:
-            _write_config(loaded, plan, tmp)
-            _write_weights(loaded, plan, upcast, tmp)
+            _write_adapter(loaded, plan, upcast, tmp, allow_nonfinite)
             _copy_other_files(loaded, tmp, plan)
             write_provenance(tmp, {
                 "operation": "convert", "adapter": source or {"spec": str(loaded.path)},
@@ -257,7 +260,7 @@ def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, *
 
 
 def _convert_to_gguf(loaded: Adapter, entries: list[ModuleEntry], base: Path, out: Path, *, overwrite: bool,
-                     dry_run: bool) -> ConvertReport:
+                     dry_run: bool, allow_nonfinite: bool = False) -> ConvertReport:
     from .gguf_export import plan_gguf, write_gguf
 
     checkpoint = open_checkpoint(base)
@@ -273,7 +276,7 @@ def _convert_to_gguf(loaded: Adapter, entries: list[ModuleEntry], base: Path, ou
                             for name in remove_leftovers(written)]
         try:
             with atomic_file(written) as tmp:
-                write_gguf(plan, loaded, tmp)
+                write_gguf(plan, loaded, tmp, allow_nonfinite=allow_nonfinite)
         except OSError as e:
             raise write_failure(out, e, "writing the GGUF file") from e
     return report
@@ -294,18 +297,15 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
     return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
 
 
-def _write_config(adapter: Adapter, plan: ConversionPlan, tmp: Path) -> None:
-    source = adapter.path / CONFIG_NAME
-    if plan.action == "copy" and adapter.on_disk:
-        shutil.copyfile(source, tmp / CONFIG_NAME)
-        return
-    # PEFT's own format: sorted keys, indent 2 (so a round trip gives back the same text).
-    (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True), encoding="utf-8")
-
-
-def _write_weights(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Path) -> None:
-    """Copy the weights byte for byte, or write them with the factors folded into each lora_B."""
+def _write_adapter(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Path, allow_nonfinite: bool) -> None:
+    """Copy config and weights byte for byte, or write them (adapter_writer) with the factors folded into each lora_B."""
     if not plan.factors and adapter.weights_path.name == WEIGHTS_NAME and adapter.on_disk:
+        if plan.action == "copy":
+            shutil.copyfile(adapter.path / CONFIG_NAME, tmp / CONFIG_NAME)
+        else:
+            if not allow_nonfinite:
+                check_config_finite(plan.config)
+            write_config(tmp, plan.config)
         shutil.copyfile(adapter.weights_path, tmp / WEIGHTS_NAME)
         return
     scaled: dict[str, float] = {}
@@ -326,23 +326,25 @@ def _write_weights(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Pa
 
     keys = list(adapter.shapes)
     out_dtype = {k: "F32" if upcast and k in lora_keys else adapter.dtypes[k] for k in keys}
-    writer = SafetensorsWriter(tmp / WEIGHTS_NAME, [(k, out_dtype[k], adapter.shapes[k]) for k in keys], metadata)
-    try:
+    entries = [(k, out_dtype[k], adapter.shapes[k]) for k in keys]
+    with AdapterWriter(tmp, plan.config, entries, metadata, allow_nonfinite=allow_nonfinite) as writer:
         for key in keys:
             tensor = adapter.tensor(key)
             if key in scaled or out_dtype[key] != adapter.dtypes[key]:
                 tensor = (tensor.to(torch.float32) * scaled.get(key, 1.0)).to(safetensors_to_torch_dtype(out_dtype[key]))
-            writer.write_tensor(key, tensor)
-    finally:
-        writer.close()
+            writer.write(key, tensor)
+
+
+def _other_files(adapter: Adapter) -> list[Path]:
+    """The adapter folder's other top-level files, which travel along (links out of the folder refused)."""
+    skip = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, PROVENANCE_NAME}
+    return [checked_file(adapter.path, path, "side file") for path in sorted(adapter.path.iterdir())
+            if path.name not in skip and not path.name.startswith(".") and path.is_file()]
 
 
 def _copy_other_files(adapter: Adapter, tmp: Path, plan: ConversionPlan) -> None:
     """Every other top-level file travels along; the README gets a note of the conversion."""
-    skip = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, PROVENANCE_NAME}
-    for path in sorted(adapter.path.iterdir()):
-        if path.name in skip or path.name.startswith(".") or not path.is_file():
-            continue
+    for path in _other_files(adapter):
         if path.name == "README.md":
             text = path.read_text(encoding="utf-8", errors="replace")
             (tmp / path.name).write_text(text.rstrip("\n") + "\n\n" + _readme_note(plan), encoding="utf-8")

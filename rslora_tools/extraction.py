@@ -10,7 +10,6 @@ dropped: every changed tensor is in the adapter, and the report lists how.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -18,16 +17,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapter import PEFT_PREFIX, WEIGHTS_NAME
-from .adapter_config import CONFIG_NAME
+from .adapter import PEFT_PREFIX
 from .checkpoint import Checkpoint, CheckpointFiles, open_checkpoint
 from .config_rewrite import scale_one_config
 from .errors import InputError, UnsupportedAdapterError
 from .extraction_plan import ExtractionPlan, plan_extraction
 from .output import atomic_folder, check_output_location, remove_leftovers, write_failure
 from .provenance import write_provenance
-from .safetensors_file import SafetensorsWriter
+from .adapter_writer import AdapterWriter
 from .scaling import scale_in
+from .ties import tied_embedding
+
+HEAD = "lm_head"  # the output head a tied input embedding is shared with (PEFT's ensure_weight_tying)
 
 if TYPE_CHECKING:
     import torch
@@ -125,14 +126,10 @@ def extract(
                      for name in remove_leftovers(written)]
     try:
         with atomic_folder(written, overwrite) as tmp:
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-            writer = SafetensorsWriter(tmp / WEIGHTS_NAME, [(k, _st_dtype(v), tuple(v.shape)) for k, v in tensors.items()],
-                                       {"format": "pt"})
-            try:
+            entries = [(k, _st_dtype(v), tuple(v.shape)) for k, v in tensors.items()]
+            with AdapterWriter(tmp, config, entries, {"format": "pt"}, allowed_by_flag=False) as writer:
                 for key, value in tensors.items():
-                    writer.write_tensor(key, value)
-            finally:
-                writer.close()
+                    writer.write(key, value)
             write_provenance(tmp, {"operation": "extract", "base": (sources or {}).get("base") or {"spec": str(base)},
                                    "tuned": (sources or {}).get("tuned") or {"spec": str(tuned)},
                                    "convention": convention, "base_model": config.get("base_model_name_or_path")})
@@ -187,7 +184,11 @@ def _scan(plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, device: str
                 delta = after.to(device, torch.float32) - before.to(device, torch.float32)
                 if r.role != "linear":  # Conv1D (in, out) and embeddings (vocab, dim): B @ A is the transpose
                     delta = delta.T.contiguous()
-                f = factorize(delta, **how)
+                _check_delta_finite(r.name, before, after, delta)
+                try:
+                    f = factorize(delta, **how)
+                except torch.linalg.LinAlgError as e:
+                    raise InputError(f"{r.name}: the SVD of its delta did not converge ({e}); nothing was written") from e
                 found.factors[r.module] = (f.b.cpu(), f.a.cpu(), r.role)
                 found.rows.append({"name": r.module, "kind": r.role, "shape": list(r.shape), "rank": f.rank,
                                    "energy": f.energy, "relative_error": f.relative_error, "method": f.method})
@@ -200,6 +201,21 @@ def _scan(plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, device: str
         base_files.close()
         tuned_files.close()
     return found
+
+
+def _check_delta_finite(name: str, before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> None:
+    """A delta with NaN or Inf (TUNED diverged, or a value overflowed) cannot be factorised into an adapter."""
+    import torch
+
+    if bool(torch.isfinite(delta).all()):
+        return
+    tuned_bad = int(after.numel() - torch.isfinite(after).sum())
+    base_bad = int(before.numel() - torch.isfinite(before).sum())
+    where = f"TUNED's tensor holds {tuned_bad} NaN or Inf value(s)" if tuned_bad else "TUNED - BASE overflows"
+    if base_bad:
+        where += f" (BASE's holds {base_bad})"
+    raise InputError(f"{name}: {where}; a delta with NaN or Inf cannot be an adapter (a diverged fine-tune?), so "
+                     "nothing was written")
 
 
 def _assemble(found: _Found, plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, out: Path, rslora: bool,
@@ -218,7 +234,10 @@ def _assemble(found: _Found, plan: ExtractionPlan, base: Checkpoint, tuned: Chec
                                       "PEFT cannot both wrap it with LoRA and save it whole")
     if not found.factors and not found.saved:
         raise InputError("BASE and TUNED are identical: there is nothing to extract")
-    config = _config(found, plan, tuned, rslora, alpha, sources)
+    tied = tied_embedding(tuned)
+    tied_module = tied.rpartition(".")[0] if tied else None
+    config = _config(found, plan, tuned, rslora, alpha, sources, tied_module if tied_module in found.factors else None)
+    _tie_the_head(config, found, tied_module)
     with_bias = {m for m, _ in found.factors.items() if f"{m}.bias" in tuned.weight_map}
     biases = "none"
     if found.bias_delta:
@@ -240,7 +259,36 @@ def _assemble(found: _Found, plan: ExtractionPlan, base: Checkpoint, tuned: Chec
             delta = found.bias_delta.get(module)
             tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = (delta / s if delta is not None else
                                                              torch.zeros(b.shape[0])).contiguous()
-    if biases == "lora_only":
+    if tied_module in found.factors:  # the head's copy of the embedding LoRA, transposed, as PEFT saves it
+        emb = f"{PEFT_PREFIX}{tied_module}"
+        tensors[f"{PEFT_PREFIX}{HEAD}.lora_A.weight"] = tensors[f"{emb}.lora_embedding_B"].T.contiguous()
+        tensors[f"{PEFT_PREFIX}{HEAD}.lora_B.weight"] = tensors[f"{emb}.lora_embedding_A"].T.contiguous()
+    _add_saved(tensors, found, tuned, config, tied)
+    report = ExtractReport(str(base.folder), str(tuned.folder), str(out), "rslora" if rslora else "classic",
+                           found.rows, sorted(found.saved), biases, sorted(found.bias_delta), found.unchanged,
+                           sum(v.numel() * v.element_size() for v in tensors.values()))
+    return tensors, config, report
+
+
+def _tie_the_head(config: dict[str, Any], found: _Found, tied_module: str | None) -> None:
+    """A tied lm_head must change with the embedding when PEFT serves the adapter
+    (docs/extraction.md, "Tied embeddings"): PEFT's ensure_weight_tying does it for modules named embed_tokens only
+    (peft 0.21.2, utils/constants.py EMBEDDING_LAYER_NAMES); elsewhere (GPT-2's wte) the head is an adapter module of
+    its own."""
+    if tied_module is None or (tied_module not in found.factors and tied_module not in found.saved):
+        return
+    if tied_module.rpartition(".")[2] == "embed_tokens":
+        config["ensure_weight_tying"] = True
+    elif tied_module in found.factors:
+        config["target_modules"] = sorted({*config["target_modules"], HEAD})
+    else:
+        config["modules_to_save"] = sorted({*(config["modules_to_save"] or []), HEAD})
+
+
+def _add_saved(tensors: dict[str, torch.Tensor], found: _Found, tuned: Checkpoint, config: dict[str, Any],
+               tied: str | None) -> None:
+    """lora_only biases and modules_to_save, whole, as PEFT saves them (a tied head saved whole as well)."""
+    if config["bias"] == "lora_only":
         for module, value in found.bias_tuned.items():
             tensors[f"{PEFT_PREFIX}{module}.base_layer.bias"] = value.contiguous()  # as PEFT saves lora_only
     reader = CheckpointFiles(tuned)
@@ -249,16 +297,14 @@ def _assemble(found: _Found, plan: ExtractionPlan, base: Checkpoint, tuned: Chec
             params = [n for n in tuned.weight_map if n.rpartition(".")[0] == module]
             for name in params:  # the whole module, as PEFT saves modules_to_save
                 tensors[f"{PEFT_PREFIX}{name}"] = reader.read(name).contiguous()
+        if tied is not None and HEAD in (config.get("modules_to_save") or []):  # the tied head, saved whole too
+            tensors[f"{PEFT_PREFIX}{HEAD}.weight"] = tensors[f"{PEFT_PREFIX}{tied}"]
     finally:
         reader.close()
-    report = ExtractReport(str(base.folder), str(tuned.folder), str(out), "rslora" if rslora else "classic",
-                           found.rows, sorted(found.saved), biases, sorted(found.bias_delta), found.unchanged,
-                           sum(v.numel() * v.element_size() for v in tensors.values()))
-    return tensors, config, report
 
 
 def _config(found: _Found, plan: ExtractionPlan, tuned: Checkpoint, rslora: bool, alpha: float | None,
-            sources: dict[str, Any] | None) -> dict[str, Any]:
+            sources: dict[str, Any] | None, tied_module: str | None = None) -> dict[str, Any]:
     model_config = tuned.config or {}
     architectures = model_config.get("architectures") or []
     base_source = (sources or {}).get("base") or {}
@@ -272,8 +318,13 @@ def _config(found: _Found, plan: ExtractionPlan, tuned: Checkpoint, rslora: bool
         "layers_to_transform": None, "layers_pattern": None, "use_dora": False,
     }
     ranks = {m: b.shape[1] for m, (b, _, _) in found.factors.items()}
-    if not ranks:  # only saved modules: a LoRA config still needs a rank
-        return dict(fields, r=1, lora_alpha=1, use_rslora=rslora, rank_pattern={}, alpha_pattern={}, target_modules=[])
+    if not ranks:
+        raise UnsupportedAdapterError(
+            f"TUNED differs from BASE only in tensors LoRA cannot express ({', '.join(sorted(found.saved)[:3])}"
+            f"{', ...' if len(found.saved) > 3 else ''}); PEFT refuses an adapter without LoRA modules, so there is no "
+            "adapter to write: use TUNED itself")
+    if tied_module is not None:  # the tied head gets the embedding's rank (and so its scale) through the patterns
+        ranks[HEAD] = ranks[tied_module]
     config = scale_one_config(fields, ranks, use_rslora=rslora)
     if alpha is not None:
         config = dict(config, lora_alpha=alpha, alpha_pattern={})

@@ -10,15 +10,20 @@ converters. `plan_gguf` decides and checks (a dry run stops there); `write_gguf`
 from __future__ import annotations
 
 import errno
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .adapter import Adapter
+from .adapter_writer import count_nonfinite, nonfinite_error
 from .checkpoint import Checkpoint
 from .errors import InputError, MismatchError, UnsupportedAdapterError
 from .hub_refs import parse_ref
 from .module_scales import ModuleEntry
+from .output import GGUF_MARK
 from .runtimes import FEATURE_NAMES, adapter_features
 
 # config.json model_type -> (gguf MODEL_ARCH member, Q/K rows permuted like convert_hf_to_gguf's LlamaModel)
@@ -79,7 +84,7 @@ def plan_gguf(adapter: Adapter, entries: list[ModuleEntry], checkpoint: Checkpoi
     _refuse_unsupported(adapter, entries)
     _refuse_resized_vocabulary(adapter, checkpoint)
     _refuse_tied_embedding(adapter, checkpoint)
-    names = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers", 0)))
+    names = gguf.get_tensor_name_map(arch, _block_count(checkpoint))
     alpha, factors = _alpha_and_factors(entries)
     tags = ("lora", "rslora") if adapter.config.use_rslora else ("lora",)
     plan = GgufPlan(gguf.MODEL_ARCH_NAMES[arch], alpha, factors, config=config, permute_qk=permute_qk,
@@ -92,12 +97,53 @@ def plan_gguf(adapter: Adapter, entries: list[ModuleEntry], checkpoint: Checkpoi
         if gguf_name is None:
             raise UnsupportedAdapterError(f"module {e.module.name!r} has no llama.cpp tensor in the {model_type} architecture")
         plan.tensors.append((e, gguf_name, checkpoint.info(hf_name).shape))
+    if permute_qk:
+        _check_heads(plan, checkpoint)
     return plan
 
 
-def write_gguf(plan: GgufPlan, adapter: Adapter, path: Path) -> None:
-    """Write the GGUF LoRA file `plan` describes (the caller makes it atomic)."""
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _block_count(checkpoint: Checkpoint) -> int:
+    """The number of transformer blocks, from the checkpoint's tensors (gguf's name map is built for that many);
+    config.json's num_hidden_layers must agree where it is given."""
+    found = {int(m.group(1)) for name in checkpoint.weight_map if (m := _LAYER.search(name))}
+    blocks = max(found) + 1 if found else 0
+    stated = (checkpoint.config or {}).get("num_hidden_layers")
+    if stated is not None and (type(stated) is not int or stated != blocks):
+        raise InputError(f"{checkpoint.folder / 'config.json'}: num_hidden_layers is {stated!r}, but the checkpoint's "
+                         f"tensors have {blocks} layers")
+    return blocks
+
+
+def _head_counts(config: dict[str, Any]) -> tuple[Any, Any]:
+    """num_attention_heads and num_key_value_heads (the former when the latter is not given), as config.json has them."""
+    heads = config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads")
+    return heads, heads if kv is None else kv
+
+
+def _check_heads(plan: GgufPlan, checkpoint: Checkpoint) -> None:
+    """convert_hf_to_gguf's Q/K row permutation needs head counts that split those rows into rotary halves."""
+    where = checkpoint.folder / "config.json"
+    heads, kv = _head_counts(plan.config)
+    for key, value in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
+        if type(value) is not int or value <= 0:
+            raise InputError(f"{where}: {key} is {value!r}; a positive integer is needed to lay out the Q and K rows")
+    for _, gguf_name, shape in plan.tensors:
+        count = heads if gguf_name.endswith("attn_q.weight") else kv if gguf_name.endswith("attn_k.weight") else None
+        if count is not None and shape[0] % (2 * count):
+            raise InputError(f"{where}: {shape[0]} rows of {gguf_name} do not split into {count} heads of two "
+                             "rotary halves; num_attention_heads / num_key_value_heads do not fit the weights")
+
+
+def write_gguf(plan: GgufPlan, adapter: Adapter, path: Path, *, allow_nonfinite: bool = False) -> None:
+    """Write the GGUF LoRA file `plan` describes (the caller makes it atomic); NaN or Inf in the alpha or a tensor
+    is refused (adapter_writer.nonfinite_error) unless `allow_nonfinite`."""
     gguf = _gguf()
+    if not allow_nonfinite and not math.isfinite(plan.alpha):
+        raise nonfinite_error(str(path), f"adapter.lora.alpha would be {plan.alpha}")
     writer = gguf.GGUFWriter(path, plan.architecture)
     writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
     writer.add_name(plan.name)  # what llama.cpp's convert_lora_to_gguf.py writes as well
@@ -107,16 +153,20 @@ def write_gguf(plan: GgufPlan, adapter: Adapter, path: Path) -> None:
         if _is_repo_id(plan.base_model):
             writer.add_base_model_repo_url(0, f"https://huggingface.co/{plan.base_model}")
     writer.add_tags(list(plan.tags))
+    writer.add_string(GGUF_MARK, __version__)  # what --overwrite may replace (output.written_file)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
     for e, gguf_name, base_shape in plan.tensors:
         a, b = _lora_pair(adapter, e, base_shape, plan.factors.get(e.module.name, 1.0))
         if plan.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = int(plan.config["num_attention_heads"])
-            kv = heads if gguf_name.endswith("attn_q.weight") else int(plan.config.get("num_key_value_heads") or heads)
-            b = permute_rows(b, kv)
-        writer.add_tensor(f"{gguf_name}.lora_a", a.numpy())
-        writer.add_tensor(f"{gguf_name}.lora_b", b.numpy())
+            heads, kv = _head_counts(plan.config)
+            b = permute_rows(b, heads if gguf_name.endswith("attn_q.weight") else kv)
+        for suffix, tensor in (("lora_a", a), ("lora_b", b)):
+            bad = 0 if allow_nonfinite else count_nonfinite(tensor)
+            if bad:
+                raise nonfinite_error(f"{gguf_name}.{suffix}", f"{bad} NaN or Inf value(s) in the tensor computed "
+                                      f"for module {e.module.name!r}")
+            writer.add_tensor(f"{gguf_name}.{suffix}", tensor.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -21,6 +21,15 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weig
 HeadOpKind = Literal["replacement", "lora", "tokens"]
 
 
+def tied_embedding(checkpoint: Checkpoint) -> str | None:
+    """The input embedding tensor that `lm_head` is tied to (None when the model has no tie), by TieState's rule:
+    tie_word_embeddings true, or not given and no lm_head tensor."""
+    embedding = next((n for n in checkpoint.tensor_names() if n.endswith(EMBEDDING_SUFFIXES)), None)
+    flag = (checkpoint.config or {}).get("tie_word_embeddings")
+    head = any(n == "lm_head.weight" or n.endswith(".lm_head.weight") for n in checkpoint.weight_map)
+    return embedding if embedding and (flag is True or (flag is None and not head)) else None
+
+
 @dataclass
 class HeadOps:
     """What the adapter does to an `lm_head` that exists only through the tie (no tensor in the checkpoint)."""

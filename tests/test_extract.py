@@ -46,11 +46,33 @@ def low_rank(tensors: dict, g, ranks: dict[str, int], scale: float = 0.02) -> No
                 tensors[key] = tensors[key] + (torch.randn(rows, r, generator=g) @ torch.randn(r, cols, generator=g)) * scale
 
 
-def assert_merges_to(base: Path, adapter: Path, tuned: Path) -> None:
+def assert_merges_to(base: Path, adapter: Path, tuned: Path, tied: str | None = None) -> None:
+    """PEFT merges the adapter into BASE to TUNED. With tied embeddings (`tied`: the embedding tensor), PEFT's
+    merge_and_unload adds the delta to the shared matrix twice, once for the embedding and once for the head it
+    serves it on (peft 0.21.2, docs/peft-rules.md "Tied embeddings"): that tensor is checked through what PEFT
+    serves (logits equal TUNED's) and rslora-tools' merge (which applies it once) instead."""
     merged, want = peft_merged_state_dict(base, adapter), read_folder(tuned)
     assert set(merged) == set(want)
     for key, value in want.items():
-        assert torch.allclose(merged[key], value, rtol=0, atol=1e-5 * value.abs().max().item()), key
+        if key != tied:
+            assert torch.allclose(merged[key], value, rtol=0, atol=1e-5 * value.abs().max().item()), key
+    if tied is not None:
+        assert_served_like(base, adapter, tuned)
+        ours = base.parent / f"{adapter.name}-merged"
+        run("merge", base, adapter, ours, "--overwrite")
+        value = read_folder(ours)[tied]
+        assert torch.allclose(value, want[tied], rtol=0, atol=1e-5 * want[tied].abs().max().item())
+
+
+def assert_served_like(base: Path, adapter: Path, tuned: Path) -> None:
+    """PEFT serving the adapter on BASE (unmerged) gives TUNED's logits."""
+    from peft import PeftModel
+    from peft_oracle import load_causal_lm
+
+    ids = torch.arange(12).unsqueeze(0) % 60
+    want = load_causal_lm(tuned)(ids).logits
+    served = PeftModel.from_pretrained(load_causal_lm(base), str(adapter))(ids).logits
+    assert (served - want).abs().max().item() < 1e-4 * want.abs().max().item()
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +185,59 @@ def test_gpt2_conv1d_and_embedding_lora(tmp_path):
     kinds = {m["name"]: m["kind"] for m in report["modules"]}
     assert kinds["transformer.wte"] == "embedding" and kinds["transformer.h.0.attn.c_attn"] == "conv1d"
     assert {m["rank"] for m in report["modules"]} == {2}
-    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    assert_merges_to(base, out, tuned)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    assert "lm_head" in config["target_modules"]  # GPT-2's tied head gets the embedding's LoRA (PEFT ties only
+    assert not config.get("ensure_weight_tying")  # modules named embed_tokens)
+    assert_merges_to(base, out, tuned, tied="transformer.wte.weight")
+
+
+def test_a_tied_embedding_is_served_through_the_tied_head_too(tmp_path):
+    """A Llama with tied embeddings: the embedding LoRA alone would leave PEFT's lm_head without the delta (logits
+    off by far more than rounding); ensure_weight_tying and the head's mirrored LoRA, as PEFT saves them, fix it."""
+    base = make_llama(tmp_path / "base", torch.float32, tie=True)
+
+    def edit(t, g):
+        t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"] + 0.1 * (
+            torch.randn(64, 2, generator=g) @ torch.randn(2, 32, generator=g))
+        low_rank(t, g, {"q_proj": 2})
+
+    tuned = tuned_copy(base, tmp_path / "tuned", edit)
+    out = tmp_path / "adapter"
+    run("extract", base, tuned, out, "--rank", "4")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["ensure_weight_tying"] is True and "lm_head" not in config["target_modules"]
+    assert_merges_to(base, out, tuned, tied="model.embed_tokens.weight")
+
+
+def test_a_fine_tune_of_norms_only_writes_no_adapter_peft_would_refuse(tmp_path):
+    base = make_llama(tmp_path / "base", torch.float32)
+
+    def edit(t, g):
+        t["model.norm.weight"] = t["model.norm.weight"] * 1.5
+
+    tuned = tuned_copy(base, tmp_path / "tuned", edit)
+    result = run("extract", base, tuned, tmp_path / "out", ok=False)
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    assert "only in tensors LoRA cannot express (model.norm)" in result.output
+    assert "PEFT refuses an adapter without LoRA modules" in result.output
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_tuned_model_with_nan_or_inf_gives_one_true_line(tmp_path, value):
+    base = make_llama(tmp_path / "base", torch.float32)
+
+    def edit(t, g):
+        low_rank(t, g, {"q_proj": 2})
+        t["model.layers.0.self_attn.q_proj.weight"][3, 5] = value
+
+    tuned = tuned_copy(base, tmp_path / "tuned", edit)
+    result = run("extract", base, tuned, tmp_path / "out", ok=False)
+    line = result.output.strip()
+    assert result.exit_code == 1 and line.count("\n") == 0 and "unexpected" not in line, line
+    assert line == ("Error: model.layers.0.self_attn.q_proj.weight: TUNED's tensor holds 1 NaN or Inf value(s); a "
+                    "delta with NaN or Inf cannot be an adapter (a diverged fine-tune?), so nothing was written")
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_kind_of_change_is_in_the_adapter(tmp_path):
