@@ -213,7 +213,7 @@ def dequantize_gptq(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
     out_features, in_features = stored.shape
     zeros = _unpack(qzeros, bits, 1)[:, :out_features]
     weight = _unpack(read(stored.parts["qweight"]).to(torch.int32), bits, 0)[:in_features]
-    g_idx = read(stored.parts["g_idx"]).long()
+    g_idx = read(stored.parts["g_idx"]).long()  # checked against the scales by quant_formats._check_group_indices
     return (scales[g_idx] * (weight - zeros[g_idx])).T.contiguous()
 
 

@@ -15,6 +15,7 @@ checkpoint tensors it is rebuilt from. Anything else is refused with the method 
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -127,6 +128,9 @@ def _bitsandbytes_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
 
 def _gptq_awq_scheme(quant: dict[str, Any], method: Literal["gptq", "awq"], where: str) -> QuantScheme:
     bits = quant.get("bits", 4)
+    if type(bits) is not int:
+        raise InputError(f"{where}: {method} quantization_config bits is {bits!r} ({type(bits).__name__}); it must be "
+                         "the number 4 or 8")
     if bits not in (4, 8):
         raise UnsupportedAdapterError(f"{where}: {method} with {bits} bits is not supported (4 or 8 bits)")
     group = quant.get("group_size", 128)
@@ -174,16 +178,70 @@ RawReader = Callable[[str], bytes]  # a checkpoint tensor's raw bytes, by name
 
 
 def quantized_weights(scheme: QuantScheme, checkpoint: Checkpoint, read: RawReader) -> dict[str, QuantizedWeight]:
-    """Every quantized weight of a checkpoint, by the name the unquantized model gives it.
+    """Every quantized weight of a checkpoint, by the name the unquantized model gives it, each part's shape
+    checked against the format (`_check_parts`) before anything is computed from it.
 
     `read` gives a small tensor's bytes (bitsandbytes' quant states are JSON stored as uint8).
     """
     where = str(checkpoint.folder)
     if scheme.method in BNB_4BIT:
-        return _bnb4_weights(scheme, checkpoint.tensor_names(), read, where)
-    if scheme.method == "int8":
-        return _int8_weights(scheme, checkpoint, read, where)
-    return _packed_int_weights(scheme, checkpoint, where)
+        found = _bnb4_weights(scheme, checkpoint.tensor_names(), read, where)
+    elif scheme.method == "int8":
+        found = _int8_weights(scheme, checkpoint, read, where)
+    else:
+        found = _packed_int_weights(scheme, checkpoint, where)
+    for stored in found.values():
+        _check_parts(stored, checkpoint, where)
+        if "g_idx" in stored.parts:
+            _check_group_indices(stored, checkpoint, read, where)
+    return found
+
+
+def _check_group_indices(stored: QuantizedWeight, checkpoint: Checkpoint, read: RawReader, where: str) -> None:
+    """GPTQ's g_idx names, for each input feature, a group of scales that exists."""
+    info = checkpoint.info(stored.parts["g_idx"])
+    if info.dtype not in ("I32", "I64"):
+        raise InputError(f"{where}: {stored.parts['g_idx']} is {info.dtype}; GPTQ stores group indices as integers")
+    values = array("i" if info.dtype == "I32" else "q", bytes(read(stored.parts["g_idx"])))
+    groups = checkpoint.info(stored.parts["scales"]).shape[0]
+    if values and (min(values) < 0 or max(values) >= groups):
+        raise InputError(f"{where}: {stored.parts['g_idx']} has group indices from {min(values)} to {max(values)}, "
+                         f"but {stored.parts['scales']} holds {groups} groups; the GPTQ checkpoint is corrupt")
+
+
+def _check_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) -> None:
+    """Each stored part has the element count (or shape) its format gives for the weight's shape."""
+    n = 1
+    for d in stored.shape:
+        n *= d
+    method, block = stored.scheme.method, stored.scheme.blocksize
+    expected: dict[str, tuple[int, ...] | int] = {}  # role -> shape, or element count (an int)
+    if method in BNB_4BIT:
+        blocks = -(-n // block)
+        expected = {"absmax": blocks, "quant_map": 16}
+        packed = checkpoint.info(stored.parts["weight"])
+        if packed.nbytes != -(-n // 2):
+            raise InputError(f"{where}: {stored.parts['weight']} holds {packed.nbytes} bytes; {n} 4-bit values of "
+                             f"{stored.name} need {-(-n // 2)}")
+        if "nested_absmax" in stored.parts:
+            expected |= {"nested_absmax": -(-blocks // stored.nested_blocksize), "nested_quant_map": 256}
+    elif method == "int8":
+        expected = {"SCB": stored.shape[0]}
+    else:
+        out_features, in_features = stored.shape
+        groups = 1 if block == -1 else -(-in_features // block)
+        per_int = 32 // stored.scheme.bits
+        expected = {"scales": (groups, out_features), "qzeros": (groups, -(-out_features // per_int))}
+        if method == "gptq":
+            expected["g_idx"] = (in_features,)
+    for role, want in expected.items():
+        info = checkpoint.info(stored.parts[role])
+        have = info.numel if isinstance(want, int) else info.shape
+        if have != want:
+            what = f"{want} values" if isinstance(want, int) else f"shape {list(want)}"
+            got = f"{have} values" if isinstance(have, int) else f"shape {list(have)}"
+            raise InputError(f"{where}: {stored.parts[role]} has {got}; {method} needs {what} for {stored.name} "
+                             f"{list(stored.shape)}")
 
 
 def _bnb4_weights(scheme: QuantScheme, names: list[str], read: RawReader, where: str) -> dict[str, QuantizedWeight]:
@@ -263,8 +321,11 @@ def _packed_int_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str)
         missing = [k for k in roles.values() if k not in present]
         if missing:
             raise InputError(f"{where}: the quantized module {module!r} lacks {missing[0]!r}")
-        rows, cols = checkpoint.info(key).shape
-        scales = checkpoint.info(roles["scales"])
+        packed, scales = checkpoint.info(key), checkpoint.info(roles["scales"])
+        if len(packed.shape) != 2 or len(scales.shape) != 2 or packed.dtype != "I32":
+            raise InputError(f"{where}: {key} is {packed.dtype}{list(packed.shape)} and {roles['scales']} "
+                             f"{list(scales.shape)}; {scheme.method} stores 2-D int32 words and 2-D scales")
+        rows, cols = packed.shape
         out_features = scales.shape[1]
         in_features = rows * per_int if scheme.method == "gptq" else rows
         if scheme.method == "awq" and cols * per_int != out_features:

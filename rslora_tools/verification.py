@@ -27,7 +27,7 @@ from .errors import RsloraError
 from .initial import relative_to_original
 from .plan import Plan, TensorPlan
 from .planner import plan_merge
-from .provenance import read_provenance
+from .provenance import PROVENANCE_NAME, read_provenance
 from .quant_formats import QuantScheme, trained_on_scheme
 from .safetensors_file import FLOAT_DTYPES, has_torch_dtype, read_into, tensor_nbytes, torch_dtype_name
 from .stacking import stack_adapters
@@ -75,6 +75,7 @@ class VerifyReport:
     tensors: list[TensorCheck] = field(default_factory=list)
     seconds: float = 0.0
     sampled: bool = False  # only a sample of the tensors was asked for
+    recipe: dict[str, Any] = field(default_factory=dict)  # how the merge was made, as checked; "from": where from
 
     @property
     def ok(self) -> bool:
@@ -116,6 +117,12 @@ def verify(
         A `VerifyReport`: per tensor exact, within rounding or mismatch, and the folder's problems.
     """
     started = time.monotonic()
+    recorded = read_provenance(Path(merged)) if Path(merged).is_dir() else {}
+    recipe = _recipe(recorded, adapter, weights, trained_on, initial, base_is_residual)
+    weights = recipe.get("weights", weights)
+    base_is_residual = bool(recipe.get("base_is_residual", base_is_residual))
+    if trained_on is None and "trained_on" in recipe:
+        trained_on = recorded_trained_on(Path(merged))
     if isinstance(adapter, (list, tuple)):
         adapter_obj: Adapter = stack_adapters([a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=allow_pickle)
                                                for a in adapter], list(weights) if weights is not None else None)
@@ -134,15 +141,13 @@ def verify(
         problems.append(f"the merged folder cannot be read: {e}")
     checkpoint = open_checkpoint(base)
     dtype = _merge_dtype(out, checkpoint) if out is not None else None
-    if trained_on is None and out is not None:
-        trained_on = recorded_trained_on(Path(out.folder))
     checkpoint, adapter_obj, plan = plan_merge(checkpoint, adapter_obj, dtype=dtype, trained_on=trained_on,
                                                base_is_residual=base_is_residual)
     chosen = _choose(plan.tensors, sample)
     report = VerifyReport(str(merged), str(checkpoint.folder), str(adapter_obj.path), "mismatch", len(plan.tensors), 0,
-                          problems=problems, sampled=len(chosen) < len(plan.tensors))
+                          problems=problems, sampled=len(chosen) < len(plan.tensors), recipe=recipe)
     if out is not None:
-        report.problems += _structure_problems(out, checkpoint, plan)
+        report.problems += _adapter_files(Path(out.folder)) + _structure_problems(out, checkpoint, plan)
         report.tensors = _check_tensors(out, checkpoint, adapter_obj, chosen, progress)
     report.tensors_checked = len(report.tensors)
     report.exact = sum(c.status == "exact" for c in report.tensors)
@@ -152,6 +157,56 @@ def verify(
         report.verdict = "within rounding" if report.rounding else "exact"
     report.seconds = time.monotonic() - started
     return report
+
+
+def _recipe(recorded: dict[str, Any], adapter: Any, weights: Sequence[float] | None, trained_on: QuantScheme | None,
+            initial: Any, base_is_residual: bool) -> dict[str, Any]:
+    """How the merge was made, as this verification checks it: the arguments given, and what MERGED's
+    rslora_tools.json records where an argument was not given ("from" says which; a verdict names it)."""
+    taken: dict[str, Any] = {}
+    quant = recorded.get("quantization")
+    if trained_on is None and isinstance(quant, dict) and quant.get("mode") == "as trained":
+        taken["trained_on"] = quant.get("scheme")
+    count = len(adapter) if isinstance(adapter, (list, tuple)) else 1
+    kept = recorded.get("weights")
+    if weights is None and isinstance(kept, list) and len(kept) == count > 1 and any(w != 1.0 for w in kept) \
+            and all(isinstance(w, (int, float)) for w in kept):
+        taken["weights"] = [float(w) for w in kept]
+    if not base_is_residual and recorded.get("base_is_residual") is True:
+        taken["base_is_residual"] = True
+    recipe: dict[str, Any] = {
+        "trained_on": trained_on.label if trained_on is not None else None, "weights": list(weights or []) or None,
+        "initial": str(initial) if initial is not None else None, "base_is_residual": base_is_residual, **taken,
+        "from": f"{PROVENANCE_NAME} of MERGED" if taken else "the arguments",
+    }
+    if initial is None and isinstance(recorded.get("initial"), dict):
+        recipe["note"] = (f"MERGED's {PROVENANCE_NAME} says the merge used --initial "
+                          f"{recorded['initial'].get('spec', '?')}; pass --initial INIT to check that merge")
+    return recipe
+
+
+def recipe_text(recipe: dict[str, Any]) -> str:
+    """The recipe as the flags that give it, e.g. "--trained-on nf4 (blocksize 64), --weights 0.7,0.4"."""
+    parts = []
+    if recipe.get("trained_on"):
+        parts.append(f"--trained-on {recipe['trained_on']}")
+    if recipe.get("weights"):
+        parts.append("--weights " + ",".join(f"{w:g}" for w in recipe["weights"]))
+    if recipe.get("initial"):
+        parts.append(f"--initial {recipe['initial']}")
+    if recipe.get("base_is_residual"):
+        parts.append("--base-is-residual")
+    return ", ".join(parts) or "a plain merge"
+
+
+def _adapter_files(folder: Path) -> list[str]:
+    """Adapter files in a merged folder: loaders would apply that adapter (again) on top of the merged weights."""
+    found = sorted(p.name for p in folder.iterdir() if p.name == "adapter_config.json"
+                   or p.name.startswith("adapter_model."))
+    if not found:
+        return []
+    return [f"{', '.join(found)} in the merged folder: transformers and PEFT load such a folder as an adapter and "
+            "apply it (again) on top of the merged weights; remove them from the merged model"]
 
 
 def recorded_trained_on(folder: Path) -> QuantScheme | None:

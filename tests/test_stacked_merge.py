@@ -173,8 +173,11 @@ def test_verify_command_with_several_adapters_and_weights(setup, tmp_path):
     run("merge", base, *paths, out, "--weights", "0.5,2")
     report = json.loads(run("verify", out, base, *paths, "--weights", "0.5,2", "--json").stdout)
     assert report["verdict"] == "exact", report["problems"]
-    wrong = run("verify", out, base, *paths, "--json", ok=False)  # without the weights: not this merge
+    wrong = run("verify", out, base, *paths, "--weights", "1,1", "--json", ok=False)  # other weights: not this merge
     assert wrong.exit_code == 1 and json.loads(wrong.stdout)["verdict"] == "mismatch"
+    recorded = json.loads(run("verify", out, base, *paths, "--json").stdout)  # none given: the merge's own record
+    assert recorded["verdict"] == "exact" and recorded["recipe"]["weights"] == [0.5, 2.0]
+    assert recorded["recipe"]["from"] == "rslora_tools.json of MERGED"
 
 
 def test_trainable_tokens_of_one_adapter_are_applied_where_peft_cannot_stack_them(tmp_path):
