@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import struct
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -240,6 +241,102 @@ def two_adapters_saving_lm_head(tmp: Path) -> list:
     return ["merge", base_copy(tmp), first, second, tmp / "out"]
 
 
+def side_file_link(where: str, name: str):
+    """A side file (tokenizer, chat template) of BASE or ADAPTER that is a symbolic link to a file outside it."""
+    def build(tmp: Path) -> Path:
+        folder = base_copy(tmp) if where == "base" else adapter_copy(tmp)
+        secret = tmp / "secret.txt"
+        secret.write_text("a private file")
+        (folder / name).symlink_to(secret)
+        return folder
+    return build
+
+
+def hidden_shard(tmp: Path) -> Path:
+    """A sharded base whose second shard is named like a hidden file (a push would skip it)."""
+    return index_naming_a_side_file(".model-00002-of-00002.safetensors")(tmp)
+
+
+def out_holding(kind: str):
+    """An OUT that rslora-tools did not write: a PEFT adapter (a forgotten OUT) or a model."""
+    def build(tmp: Path) -> Path:
+        out = tmp / "out"
+        shutil.copytree(FIXTURES / ("tiny-llama-rslora" if kind == "adapter" else "tiny-llama"), out)
+        return out
+    return build
+
+
+def gguf_args(edit: Callable[[dict], None]) -> Callable[[Path], list]:
+    """convert --target llama.cpp into a .gguf file, with BASE's config.json edited."""
+    def build(tmp: Path) -> list:
+        base = base_copy(tmp)
+        cfg = json.loads((base / "config.json").read_text())
+        edit(cfg)
+        (base / "config.json").write_text(json.dumps(cfg))
+        return ["convert", adapter_copy(tmp), tmp / "out.gguf", "--target", "llama.cpp", "--base", base]
+    return build
+
+
+def foreign_gguf(tmp: Path) -> list:
+    (tmp / "model-q4.gguf").write_bytes(b"GGUF" + b"\0" * 60)
+    return ["convert", adapter_copy(tmp), tmp / "model-q4.gguf", "--target", "llama.cpp", "--base", base_copy(tmp),
+            "--overwrite"]
+
+
+def gptq(edit: Callable[[dict, dict], None]) -> Callable[[Path], list]:
+    """A GPTQ base (one layer, known codes) and a LoRA for it, with its tensors or config edited."""
+    def build(tmp: Path) -> list:
+        from quant_builders import _gptq_checkpoint, _lora_for_proj
+
+        base, _ = _gptq_checkpoint(tmp / "base", 4, "gptq", False)
+        tensors = load_file(base / "model.safetensors")
+        cfg = json.loads((base / "config.json").read_text())
+        edit(tensors, cfg)
+        save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+        (base / "config.json").write_text(json.dumps(cfg))
+        return ["merge", base, _lora_for_proj(tmp / "adapter", 24, 64), tmp / "out"]
+    return build
+
+
+_BNB: dict[str, Path] = {}
+
+
+def bnb(kind: str, edit: Callable[[dict], None]) -> Callable[[Path], list]:
+    """A bitsandbytes base (nf4 or int8, saved by transformers from the fixture) with one of its tensors edited."""
+    def build(tmp: Path) -> list:
+        if kind not in _BNB:
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            config = BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4")
+            _BNB[kind] = Path(tempfile.mkdtemp(prefix=f"rslora-tools-{kind}-"))
+            AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny-llama", dtype=torch.bfloat16,
+                                                 quantization_config=config).save_pretrained(_BNB[kind])
+        base = tmp / "base"
+        shutil.copytree(_BNB[kind], base)
+        tensors = load_file(base / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+        return ["merge", base, adapter_copy(tmp), tmp / "out"]
+    return build
+
+
+def huge_weights_combine(tmp: Path) -> list:
+    return ["combine", adapter_copy(tmp), adapter_copy(tmp), tmp / "out", "--weights", "3e38,3e38"]
+
+
+def extract_from_inf(tmp: Path) -> list:
+    tuned = tmp / "tuned"
+    shutil.copytree(FIXTURES / "tiny-llama", tuned)
+    tensors = load_file(tuned / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
+    return ["extract", base_copy(tmp), tuned, tmp / "out"]
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
 def nonfinite(value: float):
     def edit(t):
         t[Q_A][0, 0] = value
@@ -316,6 +413,31 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
     ("pattern key that backtracks exponentially", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(alpha_pattern={"(.*)*z": 4})))),
     ("lora_alpha 1e308 (merged weights overflow)", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(lora_alpha=1e308)))),
     ("BASE neither a folder nor a repo id", lambda t: ["merge", "not a repo!", adapter_copy(t), t / "out"]),
+    # Trust, round three (issue 23): what commands copy, overwrite and write
+    ("adapter's chat template is a link out of its folder", merge_args(adapter=side_file_link("adapter", "chat_template.jinja"))),
+    ("base's tokenizer.json is a link out of its folder", merge_args(side_file_link("base", "tokenizer.json"))),
+    ("convert: adapter's tokenizer.json is a link out of its folder", lambda t: ["convert", side_file_link("adapter", "tokenizer.json")(t), t / "out", "--target", "vllm"]),
+    ("base shard named like a hidden file", merge_args(hidden_shard)),
+    ("--overwrite of a PEFT adapter rslora-tools did not write (OUT forgotten)", lambda t: ["merge", base_copy(t), adapter_copy(t), out_holding("adapter")(t), "--overwrite"]),
+    ("combine --overwrite of a PEFT adapter (OUT forgotten)", lambda t: ["combine", adapter_copy(t), out_holding("adapter")(t), "--overwrite"]),
+    ("--overwrite of a model rslora-tools did not write", lambda t: ["merge", base_copy(t), adapter_copy(t), out_holding("model")(t), "--overwrite"]),
+    ("--overwrite of a GGUF file rslora-tools did not write", foreign_gguf),
+    ("combine --weights 3e38 (factors overflow)", huge_weights_combine),
+    ("convert --target sglang with lora_alpha 1e308", lambda t: ["convert", edit_config(t, lambda c: c.update(lora_alpha=1e308)), t / "out", "--target", "sglang"]),
+    ("convert --to-classic with lora_alpha 1e308", lambda t: ["convert", edit_config(t, lambda c: c.update(lora_alpha=1e308)), t / "out", "--to-classic"]),
+    ("GGUF with lora_alpha 1e308", lambda t: ["convert", edit_config(t, lambda c: c.update(lora_alpha=1e308)), t / "out.gguf", "--target", "llama.cpp", "--base", base_copy(t)]),
+    ("extract from a TUNED with an Inf weight", extract_from_inf),
+    ("GGUF: config says 1e6 layers", gguf_args(lambda c: c.update(num_hidden_layers=1_000_000))),
+    ("GGUF: num_attention_heads 0", gguf_args(lambda c: c.update(num_attention_heads=0))),
+    ("GGUF: num_attention_heads 5 (does not divide the rows)", gguf_args(lambda c: c.update(num_attention_heads=5))),
+    ("GGUF: num_attention_heads \"x\"", gguf_args(lambda c: c.update(num_attention_heads="x"))),
+    ("nf4 base: absmax too short", bnb("nf4", lambda t: t.update({f"{Q_PROJ}.weight.absmax": t[f"{Q_PROJ}.weight.absmax"][:-1].clone()}))),
+    ("nf4 base: packed weight too short", bnb("nf4", lambda t: t.update({f"{Q_PROJ}.weight": t[f"{Q_PROJ}.weight"][:-2].clone()}))),
+    ("int8 base: SCB too short", bnb("int8", lambda t: t.update({f"{Q_PROJ}.SCB": t[f"{Q_PROJ}.SCB"][:-1].clone()}))),
+    ("GPTQ: g_idx out of range", gptq(lambda t, c: t["model.proj.g_idx"].__setitem__(0, 99))),
+    ("GPTQ: too few scale groups", gptq(lambda t, c: t.update({"model.proj.scales": t["model.proj.scales"][:2].clone()}))),
+    ("GPTQ: 1-D qweight", gptq(lambda t, c: t.update({"model.proj.qweight": t["model.proj.qweight"].reshape(-1).clone()}))),
+    ("GPTQ: bits \"4\" (a string)", gptq(lambda t, c: c["quantization_config"].update(bits="4"))),
 ]
 
 
@@ -363,21 +485,14 @@ def table(tmp_path_factory) -> list[tuple[str, str]]:
     return rows
 
 
+BEGIN = "<!-- generated by tests/test_reliability.py: do not edit below -->"
+END = "<!-- end of the generated table -->"
+
+
 def render(rows: list[tuple[str, str]]) -> str:
+    """The generated part of docs/reliability.md: the table of bad inputs and their exact messages."""
     lines = [
-        "# Reliability: bad inputs and what rslora-tools says",
-        "",
-        "Every row is a bad input that `tests/test_reliability.py` builds and feeds to `rslora-tools merge`.",
-        "Each one ends with exit code 1, one `Error:` line, no traceback, and nothing written.",
-        "The messages below are those exact lines (temporary paths shown as `<tmp>`); the test fails if this",
-        "file drifts. Regenerate it with `RSLORA_TOOLS_WRITE_DOCS=1 pytest tests/test_reliability.py`.",
-        "",
-        "Parsers are also fuzzed with hypothesis (`tests/test_fuzz.py`): mutated safetensors headers,",
-        "indexes and adapter configs, base folders whose files are symbolic links (out of the folder, to",
-        "folders, dangling, looping), FIFOs or folders, and pattern keys drawn from a regular-expression",
-        "grammar must give a clean error or PEFT's answer, never a crash or a hang. The README's",
-        "\"Guarantees\" section says what holds for every input; `tests/test_output_safety.py` and",
-        "`tests/test_trust_two.py` test the rest of it (the atomic swap under signals, timeouts, memory).",
+        BEGIN,
         "",
         "| bad input | message |",
         "|---|---|",
@@ -385,13 +500,16 @@ def render(rows: list[tuple[str, str]]) -> str:
     for what, message in rows:
         escaped = message.replace("|", "\\|")
         lines.append(f"| {what} | {escaped} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", END])
 
 
 def test_every_bad_input_gets_one_clear_line_and_the_doc_is_current(table):
-    text = render(table)
+    text = DOC.read_text()
+    assert BEGIN in text and END in text, "docs/reliability.md lost its generated-table markers"
+    before, _, rest = text.partition(BEGIN)
+    _, _, after = rest.partition(END)
+    current = before + render(table) + after
     if os.environ.get("RSLORA_TOOLS_WRITE_DOCS") == "1":
-        DOC.parent.mkdir(exist_ok=True)
-        DOC.write_text(text)
-    assert DOC.is_file(), "docs/reliability.md is missing; run with RSLORA_TOOLS_WRITE_DOCS=1 to create it"
-    assert DOC.read_text() == text, "docs/reliability.md is out of date; run with RSLORA_TOOLS_WRITE_DOCS=1"
+        DOC.write_text(current)
+        text = current
+    assert text == current, "docs/reliability.md is out of date; run with RSLORA_TOOLS_WRITE_DOCS=1"
