@@ -1,4 +1,4 @@
-"""Builds the optional C merge kernel (rslora_tools/_kernel.c); everything else is in pyproject.toml.
+"""Builds the optional C merge kernel (rslora_tools/compute/_kernel.c); everything else is in pyproject.toml.
 
 Without a C compiler the build skips the kernel and rslora-tools computes every merge with torch
 (same results, slower).
@@ -17,6 +17,6 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("rslora_tools._kernel", ["rslora_tools/_kernel.c"], optional=True)],
+    ext_modules=[Extension("rslora_tools.compute._kernel", ["rslora_tools/compute/_kernel.c"], optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

@@ -58,9 +58,9 @@ def reconstruction_error(base: Path, tuned: Path, adapter: Path) -> tuple[float,
     import torch
     from safetensors import safe_open
 
-    from rslora_tools.adapter import load_adapter
-    from rslora_tools.checkpoint import CheckpointFiles, open_checkpoint
-    from rslora_tools.module_scales import module_entries
+    from rslora_tools.adapter.adapter import load_adapter
+    from rslora_tools.formats.checkpoint import CheckpointFiles, open_checkpoint
+    from rslora_tools.adapter.module_scales import module_entries
 
     loaded = load_adapter(adapter)
     b_ckpt, t_ckpt = open_checkpoint(base), open_checkpoint(tuned)

@@ -1,4 +1,4 @@
-"""Stage 0: rslora-tools, merge, convert, inspect and publish PEFT LoRA / rsLoRA adapters, exactly and streaming.
+"""rslora-tools: merge, convert, inspect and publish PEFT LoRA / rsLoRA adapters, exactly and streaming.
 
 Python API (the CLI is a thin layer over it):
 
@@ -22,18 +22,22 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "Adapter": "adapter", "AdapterConfig": "adapter_config", "load_adapter": "adapter",
-    "Checkpoint": "checkpoint", "open_checkpoint": "checkpoint",
+    "Adapter": "adapter.adapter", "AdapterConfig": "adapter.config", "load_adapter": "adapter.adapter",
+    "Checkpoint": "formats.checkpoint", "open_checkpoint": "formats.checkpoint",
+    "QuantScheme": "formats.quant", "trained_on_scheme": "formats.quant",
     "AdapterConfigError": "errors", "InputError": "errors", "MismatchError": "errors", "OutputError": "errors",
-    "RsloraError": "errors", "UnsupportedAdapterError": "errors", "HubError": "errors",
-    "MergeOptions": "merging", "MergeReport": "merging", "merge": "merging",
-    "ConvertReport": "conversion", "convert": "conversion",
-    "CombineReport": "combining", "combine": "combining",
-    "ExtractReport": "extraction", "extract": "extraction",
-    "VerifyReport": "verification", "verify": "verification",
-    "InspectReport": "inspection", "inspect_adapter": "inspection",
-    "PushReport": "publish", "push": "publish",
-    "ModuleScale": "scaling", "module_scale": "scaling", "scale": "scaling",
+    "RsloraError": "errors", "UnsupportedAdapterError": "errors", "HubError": "errors", "OptionError": "errors",
+    "PushAfterWriteError": "errors",
+    "MergeOptions": "commands.merge", "MergeReport": "commands.merge", "merge": "commands.merge",
+    "StreamOptions": "commands.stream", "StreamReport": "commands.stream",
+    "ConvertOptions": "commands.convert", "ConvertReport": "commands.convert", "convert": "commands.convert",
+    "CombineOptions": "commands.combine", "CombineReport": "commands.combine", "combine": "commands.combine",
+    "ExtractOptions": "commands.extract", "ExtractReport": "commands.extract", "extract": "commands.extract",
+    "VerifyOptions": "commands.verify", "VerifyReport": "commands.verify", "verify": "commands.verify",
+    "InspectOptions": "commands.inspect", "InspectReport": "commands.inspect", "inspect_adapter": "commands.inspect",
+    "PushReport": "hub.push", "PushTarget": "hub.push", "push": "hub.push", "Source": "hub.resolve",
+    "resolve_input": "hub.resolve",
+    "ModuleScale": "adapter.scaling", "module_scale": "adapter.scaling", "scale": "adapter.scaling",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -48,23 +52,28 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .adapter import Adapter, load_adapter  # noqa: F401
-    from .adapter_config import AdapterConfig  # noqa: F401
-    from .checkpoint import Checkpoint, open_checkpoint  # noqa: F401
-    from .combining import CombineReport, combine  # noqa: F401
-    from .extraction import ExtractReport, extract  # noqa: F401
-    from .conversion import ConvertReport, convert  # noqa: F401
+    from .adapter.adapter import Adapter, load_adapter  # noqa: F401
+    from .adapter.config import AdapterConfig  # noqa: F401
+    from .adapter.scaling import ModuleScale, module_scale, scale  # noqa: F401
+    from .commands.combine import CombineOptions, CombineReport, combine  # noqa: F401
+    from .commands.convert import ConvertOptions, ConvertReport, convert  # noqa: F401
+    from .commands.extract import ExtractOptions, ExtractReport, extract  # noqa: F401
+    from .commands.inspect import InspectOptions, InspectReport, inspect_adapter  # noqa: F401
+    from .commands.merge import MergeOptions, MergeReport, merge  # noqa: F401
+    from .commands.stream import StreamOptions, StreamReport  # noqa: F401
+    from .commands.verify import VerifyOptions, VerifyReport, verify  # noqa: F401
     from .errors import (  # noqa: F401
         AdapterConfigError,
         HubError,
         InputError,
         MismatchError,
+        OptionError,
         OutputError,
+        PushAfterWriteError,
         RsloraError,
         UnsupportedAdapterError,
     )
-    from .publish import PushReport, push  # noqa: F401
-    from .inspection import InspectReport, inspect_adapter  # noqa: F401
-    from .merging import MergeOptions, MergeReport, merge  # noqa: F401
-    from .scaling import ModuleScale, module_scale, scale  # noqa: F401
-    from .verification import VerifyReport, verify  # noqa: F401
+    from .formats.checkpoint import Checkpoint, open_checkpoint  # noqa: F401
+    from .formats.quant import QuantScheme, trained_on_scheme  # noqa: F401
+    from .hub.push import PushReport, PushTarget, push  # noqa: F401
+    from .hub.resolve import Source, resolve_input  # noqa: F401

@@ -1,10 +1,29 @@
-"""Stage 0: the small exception hierarchy that the CLI maps to one-line messages and exit codes."""
+"""The small exception hierarchy that the CLI maps to one-line messages and exit codes.
+
+Errors say what is wrong in the library's words and carry what they are about as fields
+(`RsloraError.fields`: a path, a repo id, a tensor); advice in command-line words (a flag, a
+command to run) is added by the CLI from those fields, never by the library.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RsloraError(Exception):
     """Base class: a problem the user can fix. The CLI prints `Error: <message>` and exits 1."""
+
+    def __init__(self, message: str = "", **fields: Any):
+        super().__init__(message)
+        self.fields: dict[str, Any] = fields
+
+
+class OptionError(RsloraError):
+    """Options that cannot go together, or an option's value out of range: a usage error (the CLI exits 2)."""
+
+
+class PushAfterWriteError(RsloraError):
+    """The output is complete on disk, but publishing it failed (`fields`: out, repo_id; the cause is chained)."""
 
 
 class InputError(RsloraError):

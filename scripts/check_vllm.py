@@ -83,9 +83,9 @@ def peft_logprobs(base: Path, adapter: Path | None) -> torch.Tensor:
 
 def predicted(adapter: Path, version: str) -> tuple[str, dict[str, float]]:
     """What rslora-tools says this release does: "cannot serve", "exact" or "wrong scale", and the factor per module."""
-    from rslora_tools.adapter import load_adapter
-    from rslora_tools.module_scales import module_entries
-    from rslora_tools.runtimes import missing_features, runtime, runtime_scale
+    from rslora_tools.adapter.adapter import load_adapter
+    from rslora_tools.adapter.module_scales import module_entries
+    from rslora_tools.adapter.runtimes import missing_features, runtime, runtime_scale
 
     loaded = load_adapter(adapter)
     rt = runtime(f"vllm@{version}")

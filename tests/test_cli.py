@@ -229,7 +229,7 @@ def test_traceback_only_with_debug(tmp_path):
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     import importlib
 
-    executor = importlib.import_module("rslora_tools.executor")
+    executor = importlib.import_module("rslora_tools.execute.executor")
 
     calls = {"n": 0}
     real = executor._produce
@@ -242,7 +242,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(executor, "_produce", failing)
     result = run("merge", BASE, ADAPTER, tmp_path / "out")
-    assert_clean_error(result, "interrupted")
+    assert_clean_error(result, "interrupted", code=130)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -289,7 +289,7 @@ def test_package_api_and_lazy_imports():
     import sys
 
     import rslora_tools
-    import rslora_tools.merging  # noqa: F401  (importing the module must not shadow the function)
+    import rslora_tools.commands.merge  # noqa: F401  (importing the module must not shadow the function)
 
     assert callable(rslora_tools.merge) and rslora_tools.merge.__name__ == "merge"
     from rslora_tools import convert, inspect_adapter, push, verify

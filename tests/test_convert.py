@@ -414,7 +414,7 @@ def test_gguf_lora_reproduces_peft_deltas(llama_fp32, tmp_path, patterns):
 def test_gguf_needs_base_and_refuses_what_it_cannot_hold(llama_fp32, tmp_path):
     adapter = make_adapter(llama_fp32, tmp_path / "a", patterned(True))
     result = run("convert", adapter, tmp_path / "x.gguf", "--target", "llama.cpp", ok=False)
-    assert result.exit_code == 1 and "--base" in result.output
+    assert result.exit_code == 2 and "--base" in result.output  # a missing flag: a usage error
     bias = make_adapter(llama_fp32, tmp_path / "b", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                                                lora_bias=True, init_lora_weights=False))
     result = run("convert", bias, tmp_path / "y.gguf", "--target", "llama.cpp", "--base", llama_fp32, ok=False)

@@ -19,14 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from rslora_tools.adapter import load_adapter
-from rslora_tools.adapter_config import parse_config
-from rslora_tools.checkpoint import open_checkpoint
-from rslora_tools.module_scales import module_entries
+from rslora_tools.adapter.adapter import load_adapter
+from rslora_tools.adapter.config import parse_config
+from rslora_tools.formats.checkpoint import open_checkpoint
+from rslora_tools.adapter.module_scales import module_entries
 from rslora_tools.errors import RsloraError
-from rslora_tools.planner import plan_merge
-from rslora_tools.safetensors_file import read_header
-from rslora_tools.scaling import pattern_key
+from rslora_tools.plan.merge import plan_merge
+from rslora_tools.formats.safetensors_file import read_header
+from rslora_tools.adapter.scaling import pattern_key
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 VALID = (FIXTURES / "tiny-llama-rslora" / "adapter_model.safetensors").read_bytes()

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from rslora_tools import kernel
-from rslora_tools.safetensors_file import tensor_bytes
+from rslora_tools.compute import kernel
+from rslora_tools.formats.safetensors_file import tensor_bytes
 
 needs_kernel = pytest.mark.skipif(not kernel.available(), reason="merge kernel not built or CPU without AVX2/FMA/F16C")
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from rslora_tools import kernel, merge, verify
+from rslora_tools import merge, verify
+from rslora_tools.compute import kernel
 from rslora_tools.cli import cli
-from rslora_tools.lowering import Device, StepKind, lower
-from rslora_tools.planner import plan_merge
+from rslora_tools.execute.lowering import Device, StepKind, lower
+from rslora_tools.plan.merge import plan_merge
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BASE, ADAPTER = FIXTURES / "tiny-llama", FIXTURES / "tiny-llama-rslora"

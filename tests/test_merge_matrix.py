@@ -396,7 +396,7 @@ def test_large_embedding_merged_in_blocks_equals_peft(tmp_path, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_torch_path_and_kernel_path_both_equal_peft(bases, tmp_path, dtype, monkeypatch):
     """Linear and embedding LoRA go through the C kernel when it is built; with RSLORA_TOOLS_KERNEL=0 through torch."""
-    from rslora_tools import kernel
+    from rslora_tools.compute import kernel
 
     cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR + ["embed_tokens"],
                      init_lora_weights=False)
@@ -418,7 +418,7 @@ def test_plain_linear_merge_never_imports_torch(llama_bf16, tmp_path):
     import subprocess
     import sys
 
-    from rslora_tools import kernel
+    from rslora_tools.compute import kernel
 
     if not kernel.available():
         pytest.skip("merge kernel not built or CPU without AVX2/FMA/F16C")
@@ -445,7 +445,7 @@ def test_non_finite_base_weights_are_merged_by_torch(tmp_path, monkeypatch):
     """An Inf in a base weight makes a sum the kernel does not round like torch: that tensor is recomputed with torch."""
     import importlib
 
-    executor = importlib.import_module("rslora_tools.executor")
+    executor = importlib.import_module("rslora_tools.execute.executor")
     torch.manual_seed(0)
     net = _TwoLinear().to(torch.bfloat16)
     with torch.no_grad():
@@ -459,6 +459,6 @@ def test_non_finite_base_weights_are_merged_by_torch(tmp_path, monkeypatch):
     monkeypatch.setattr(executor, "_with_torch", lambda run, t, writer: by_torch.append(t.name) or real(run, t, writer))
     cli_merge(base, adapter, tmp_path / "out")
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(net, adapter))
-    from rslora_tools import kernel
+    from rslora_tools.compute import kernel
 
     assert by_torch == (["a.weight"] if kernel.available() else ["a.weight", "b.weight"])

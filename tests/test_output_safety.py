@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from rslora_tools import output
+from rslora_tools.formats import output
 from rslora_tools.cli import cli
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -191,7 +191,7 @@ def test_a_signal_at_each_step_of_the_swap(old_and_new, monkeypatch, exchange, w
     monkeypatch.setattr(Path, "rename", rename)
     result = run("merge", BASE, ADAPTER, out, "--overwrite", code=None)
     assert assert_old_or_new(out, old, new, result.output, result.exit_code) == "new"
-    assert result.exit_code == 1 and "it holds the new output" in result.output
+    assert result.exit_code == 130 and "it holds the new output" in result.output
 
 
 def test_signals_from_another_thread_at_random_times(old_and_new, monkeypatch):
@@ -237,7 +237,7 @@ def test_signals_from_another_thread_at_random_times(old_and_new, monkeypatch):
 
 _SLOW_SWAP = """
 import sys, time
-from rslora_tools import output
+from rslora_tools.formats import output
 real = output._exchange
 def slow(a, b):
     time.sleep(0.1)
@@ -279,13 +279,13 @@ def test_signals_from_another_process_at_random_times(old_and_new):
 
 def test_an_interrupt_after_the_output_is_in_place_says_so(tmp_path, monkeypatch):
     """Ctrl-C while the report is printed: OUT is complete, and the message must not say "nothing was written"."""
-    from rslora_tools import cli as cli_module
+    from rslora_tools.cli import merge as cli_module
 
     def interrupted(report):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_module, "_print_merge", interrupted)
-    result = run("merge", BASE, ADAPTER, tmp_path / "out", code=1)
+    result = run("merge", BASE, ADAPTER, tmp_path / "out", code=130)
     assert "it holds the new output" in result.output and "nothing was written" not in result.output
     assert (tmp_path / "out" / "model.safetensors").is_file()
     monkeypatch.undo()
@@ -331,6 +331,6 @@ def test_two_sigterms_in_quick_succession_end_in_one_clean_interrupted_exit(torc
         outcomes.setdefault(proc.returncode, []).append(err.strip())
         if out.exists():
             shutil.rmtree(out)
-    assert set(outcomes) <= {0, 1}, {code: errs[:1] for code, errs in outcomes.items()}
-    assert all(err == "Error: interrupted; nothing was written" for err in outcomes.get(1, [])), outcomes[1]
+    assert set(outcomes) <= {0, 130}, {code: errs[:1] for code, errs in outcomes.items()}
+    assert all(err == "Error: interrupted; nothing was written" for err in outcomes.get(130, [])), outcomes[130]
     assert list(tmp_path.iterdir()) == []

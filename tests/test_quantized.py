@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 
 from quant_builders import _as_int32, _gptq_checkpoint, _lora_for_proj, _pack_cols, _pack_rows  # noqa: F401
 from peft_oracle import assert_same_tensors, make_adapter, make_gpt2, make_llama, read_folder, unique_tensors
-from rslora_tools import dequantize as D
+from rslora_tools.compute import quantization as D
 from rslora_tools.cli import cli
-from rslora_tools.quant_formats import QuantScheme
+from rslora_tools.formats.quant import QuantScheme
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -207,7 +207,7 @@ def test_dry_run_and_report_say_what_is_quantized(prequantized, qbase, qadapter,
     assert report["quantization"]["mode"] == "as trained" and report["quantization"]["weights"] == 14
     assert report["quantization"]["scheme"] == "nf4 (double quant, blocksize 64)"
     by = {c["tensor"]: c for c in report["changes"]}
-    from rslora_tools import kernel
+    from rslora_tools.compute import kernel
 
     assert by["model.layers.0.mlp.up_proj.weight"]["by"] == ("quant-kernel" if kernel.available() else "dequant")
     assert "quantized as trained (nf4)" in by["model.layers.0.mlp.up_proj.weight"]["how"]
@@ -236,10 +236,10 @@ def test_quantization_errors(prequantized, qbase, qadapter, tmp_path):
     out = tmp_path / "out"
     result = run("merge", prequantized["nf4"], qadapter, out, "--trained-on", "nf4")
     assert result.exit_code == 1 and "already quantized" in result.output
-    result = run("merge", qbase, qadapter, out, "--double-quant")
-    assert result.exit_code == 1 and "--trained-on" in result.output
+    result = run("merge", qbase, qadapter, out, "--double-quant")  # flag mistakes are usage errors (exit 2)
+    assert result.exit_code == 2 and "--trained-on" in result.output
     result = run("merge", qbase, qadapter, out, "--trained-on", "int8", "--double-quant")
-    assert result.exit_code == 1 and "int8" in result.output
+    assert result.exit_code == 2 and "int8" in result.output
     assert not out.exists()
 
 
@@ -321,7 +321,7 @@ def test_keep_in_fp32_table_matches_transformers():
 
     from transformers.models.auto.configuration_auto import model_type_to_module_name
 
-    from rslora_tools.quant_plan import KEEP_IN_FP32
+    from rslora_tools.plan.quantization import KEEP_IN_FP32
 
     for model_type, names in KEEP_IN_FP32.items():
         module_name = model_type_to_module_name(model_type)
@@ -435,8 +435,8 @@ def test_merging_as_trained_gives_the_model_the_adapter_was_trained_with(qbase, 
 @pytest.mark.parametrize("wide", [True, False])
 def test_kernel_4bit_path_matches_torch_path(wide):
     """The C kernel's quantize-dequantize (AVX-512 and AVX2) gives the torch path's bits, block offsets included."""
-    from rslora_tools import kernel
-    from rslora_tools.safetensors_file import tensor_bytes
+    from rslora_tools.compute import kernel
+    from rslora_tools.formats.safetensors_file import tensor_bytes
 
     if not kernel.available():
         pytest.skip("the merge kernel is not available here")
@@ -473,7 +473,7 @@ def test_trained_on_kernel_path_over_several_blocks_of_rows(double_quant, tmp_pa
                                                                     target_modules=["down_proj", "up_proj"]))
     flags = ["--trained-on", "nf4"] + (["--double-quant"] if double_quant else [])
     dry = json.loads(run("merge", base, adapter, tmp_path / "x", "--dry-run", "--json", *flags).output)
-    from rslora_tools import kernel
+    from rslora_tools.compute import kernel
 
     if kernel.available():
         assert {c["by"] for c in dry["changes"] if "mlp" in c["tensor"]} == {"quant-kernel"}

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 
 from rslora_tools.errors import InputError
-from rslora_tools.safetensors_file import SafetensorsWriter, copy_range, read_header, read_tensor
+from rslora_tools.formats.safetensors_file import SafetensorsWriter, copy_range, read_header, read_tensor
 
 
 def _tensors():
@@ -163,7 +163,7 @@ def test_the_in_place_scan_reads_what_the_json_parser_reads(seed):
     """The fast path (safetensors' own layout, with any JSON whitespace) gives the same table as json.loads."""
     from hypothesis import given, settings
 
-    from rslora_tools.safetensors_file import _ordered_table, _parse_json, _scan_canonical, tensor_nbytes
+    from rslora_tools.formats.safetensors_file import _ordered_table, _parse_json, _scan_canonical, tensor_nbytes
 
     @settings(max_examples=60, deadline=None, derandomize=True, database=None)
     @given(*_entries_and_layouts())

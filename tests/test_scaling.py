@@ -8,7 +8,7 @@ import pytest
 from peft.utils.other import get_pattern_key
 
 from rslora_tools.errors import AdapterConfigError
-from rslora_tools.scaling import matching_keys, module_scale, pattern_key, scale
+from rslora_tools.adapter.scaling import matching_keys, module_scale, pattern_key, scale
 
 NAMES = [
     "model.layers.0.self_attn.q_proj",

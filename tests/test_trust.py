@@ -127,7 +127,7 @@ def test_verify_catches_index_disagreements(llama_sharded, tmp_path):
 def test_merge_verify_failure_writes_nothing(tmp_path, monkeypatch):
     import importlib
 
-    verify_module = importlib.import_module("rslora_tools.verification")
+    verify_module = importlib.import_module("rslora_tools.commands.verify")
 
     real = verify_module.merged_tensor
 
@@ -161,7 +161,7 @@ def test_dry_run_plan(tmp_path):
 
 
 def test_dry_run_says_what_computes_each_tensor(tmp_path, monkeypatch):
-    from rslora_tools import kernel
+    from rslora_tools.compute import kernel
 
     report = json.loads(run("merge", BASE, ADAPTER, tmp_path / "out", "--dry-run", "--json").stdout)
     o = next(c for c in report["changes"] if c["tensor"] == "model.layers.0.self_attn.o_proj.weight")
@@ -194,7 +194,7 @@ def test_dry_run_lists_every_unmatched_tensor(tmp_path):
 def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     import importlib
 
-    merge_module = importlib.import_module("rslora_tools.merging")
+    merge_module = importlib.import_module("rslora_tools.commands.merge")
 
     monkeypatch.setattr(merge_module, "free_space", lambda out: 1000)
     result = run("merge", BASE, ADAPTER, tmp_path / "out", code=1)
@@ -216,7 +216,7 @@ def test_small_disk_is_refused_by_the_free_space_check(tiny_disk):
 def test_full_disk_midway_leaves_nothing(tiny_disk, monkeypatch):
     import importlib
 
-    merge_module = importlib.import_module("rslora_tools.merging")
+    merge_module = importlib.import_module("rslora_tools.commands.merge")
 
     monkeypatch.setattr(merge_module, "free_space", lambda out: None)  # free space unknown: no early refusal
     result = run("merge", BASE, ADAPTER, tiny_disk / "out", code=1)

@@ -273,7 +273,7 @@ def test_the_nan_check_reads_in_blocks(tmp_path):
     tensors = load_file(adapter / "adapter_model.safetensors")
     tensors["base_model.model.score.weight"] = torch.zeros(8192, 8192)  # 256 MB of fp32
     save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    from rslora_tools import kernel
+    from rslora_tools.compute import kernel
 
     limit = 128 if kernel._kernel() is not None else 128 + 300  # without the compiled counter, torch counts (and loads)
     assert peak_rss_mb(["convert", adapter, tmp_path / "c", "--to-classic"]) < limit
@@ -344,8 +344,8 @@ def test_leftovers_of_a_killed_run_are_removed_and_mentioned(tmp_path):
 
 
 def test_a_second_interrupt_during_the_clean_up_does_not_leave_it_half_done(tmp_path, monkeypatch):
-    import rslora_tools.executor as executor
-    import rslora_tools.output as output
+    import rslora_tools.execute.executor as executor
+    import rslora_tools.formats.output as output
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -358,7 +358,7 @@ def test_a_second_interrupt_during_the_clean_up_does_not_leave_it_half_done(tmp_
 
     monkeypatch.setattr(executor, "_produce_group", interrupted)
     monkeypatch.setattr(output.shutil, "rmtree", rmtree_interrupted)
-    result = run("merge", BASE, ADAPTER, tmp_path / "a" / "out", code=1)
+    result = run("merge", BASE, ADAPTER, tmp_path / "a" / "out", code=130)
     assert "interrupted; nothing was written" in result.output
     assert list(tmp_path.iterdir()) == []
 
@@ -380,13 +380,13 @@ def tiny_disk(small_disk):
 
 
 def test_an_interrupted_push_says_out_is_complete(tmp_path, monkeypatch):
-    import rslora_tools.publish as publish
+    import rslora_tools.commands.common as common
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(publish, "push_folder", interrupted)
-    result = run("merge", BASE, ADAPTER, tmp_path / "out", "--push-to-hub", "me/merged", code=1)
+    monkeypatch.setattr(common, "push_folder", interrupted)
+    result = run("merge", BASE, ADAPTER, tmp_path / "out", "--push-to-hub", "me/merged", code=130)
     assert "interrupted during the push" in result.output and "is complete on disk" in result.output
     assert "rslora-tools push" in result.output and (tmp_path / "out" / "model.safetensors").is_file()
 
@@ -406,7 +406,7 @@ def test_lora_on_an_integer_weight_is_refused_by_inspect_and_the_dry_run(tmp_pat
 
 _STUCK_WORKER = """
 import sys, time
-from rslora_tools import executor
+from rslora_tools.execute import executor
 executor.STOP_WAIT_SECONDS = 0.5
 real = executor._produce
 def stuck(run, step, writer):
@@ -435,5 +435,5 @@ def test_ctrl_c_with_a_worker_still_busy_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert time.monotonic() - started < 20
-    assert proc.returncode == 1 and err.strip() == "Error: interrupted; nothing was written", err
+    assert proc.returncode == 130 and err.strip() == "Error: interrupted; nothing was written", err
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,149 @@
+"""Each LoRA module's pattern name, rank and scale, and the lints about them.
+
+`module_entries` lists every module with PEFT's rank, alpha and scale (adapter/scaling.py) and the rank
+its saved tensors have. The rules that several commands apply are kept here once: which name
+PEFT matches a module's patterns against (`pattern_name`, including which parameter a nested
+target_parameters wrapper holds), the rank-mismatch message, and the pattern-key warnings.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from .adapter import Adapter, LoraModule
+from .config import AdapterConfig
+from ..errors import MismatchError, UnsupportedAdapterError
+from .scaling import ModuleScale, matching_keys
+
+Wrapping = Literal["module", "param", "embedding", "mha out_proj"]
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One LoRA module: its saved tensors, the name PEFT matches patterns against, its scale."""
+
+    module: LoraModule
+    name: str  # what rank_pattern / alpha_pattern keys are matched against
+    shape_rank: int  # the rank the saved tensors have
+    scale: ModuleScale
+
+    @property
+    def wrapping(self) -> Wrapping:
+        """What PEFT wrapped: a module, a target parameter, an embedding, or a MultiheadAttention's out_proj."""
+        if self.module.embedding:
+            return "embedding"
+        if self.module.mha_parent is not None:
+            return "mha out_proj"
+        return "param" if self.name != self.module.name else "module"
+
+
+def module_entries(adapter: Adapter, *, check_ranks: bool = True) -> list[ModuleEntry]:
+    """Every LoRA module of the adapter with PEFT's scale, in adapter file order.
+
+    Raises MismatchError when the config's rank disagrees with the saved tensors (PEFT would
+    refuse to load such an adapter), unless `check_ranks` is False.
+    """
+    entries = []
+    for module in adapter.lora_modules:
+        name = pattern_name(adapter, module)
+        s = adapter.config.scale_for(name)
+        shape_rank = adapter.shapes[module.a_key][0]
+        if name != module.name and shape_rank % s.r == 0:  # a target_parameters wrapper: rank * experts rows
+            shape_rank = s.r
+        entry = ModuleEntry(module, name, shape_rank, s)
+        if check_ranks and shape_rank != s.r:
+            raise MismatchError(f"{adapter.weights_path}: {rank_mismatch(entry)}")
+        entries.append(entry)
+    return entries
+
+
+def rank_mismatch(entry: ModuleEntry) -> str:
+    """The message for a module whose saved rank is not the rank the config gives it."""
+    source = f"rank_pattern key {entry.scale.rank_key!r}" if entry.scale.rank_key is not None else "'r'"
+    return (f"module {entry.module.name!r}: the config gives rank {entry.scale.r} (from {source}) but the saved "
+            f"tensors have rank {entry.shape_rank}; the config does not belong to these weights (PEFT cannot load it)")
+
+
+def target_parameters_of(config: AdapterConfig, module_name: str) -> list[str]:
+    """The `<module>.<param>` names that `target_parameters` gives this module (PEFT matches patterns against them)."""
+    names = []
+    for target in config.target_parameters:
+        full = f"{module_name}.{target.rsplit('.', 1)[-1]}"
+        if full == target or full.endswith("." + target):
+            names.append(full)
+    return names
+
+
+def pattern_name(adapter: Adapter, module: LoraModule, fits: Callable[[str], bool] | None = None) -> str:
+    """The name PEFT matches this module's rank/alpha patterns against.
+
+    A MultiheadAttention's out_proj uses the MHA's name; a target_parameters wrapper uses
+    `<module>.<param>`, for the parameter it holds. When a module wraps several parameters
+    (nested wrappers), `fits` (a base model's shapes, when there is one) keeps the parameters
+    whose base tensor fits this wrapper's tensors; among those still left, the nesting decides.
+    """
+    if module.mha_parent is not None:
+        return module.mha_parent
+    params = target_parameters_of(adapter.config, module.name)
+    if fits is not None and len(params) > 1:
+        params = [p for p in params if fits(p)] or params  # no fit at all: the caller reports the module as unmatched
+    if not params:
+        return module.name
+    if len(params) == 1:
+        return params[0]
+    return _nested_parameter(adapter, module, params)
+
+
+def _nested_parameter(adapter: Adapter, module: LoraModule, params: list[str]) -> str:
+    """Which of several target parameters a nested ParamWrapper (`module.depth`) holds.
+
+    Each wrapper's A has rank * experts rows, with one expert count for the whole module. Among
+    the assignments of parameters to nesting depths, keep those where one expert count fits every
+    depth; the answer is known when all of them give this depth the same rank and alpha.
+    """
+    cfg = adapter.config
+    depths = sorted(d for (name, d) in adapter.modules if name == module.name)
+    rows = {d: adapter.shapes[adapter.modules[(module.name, d)].a_key][0] for d in depths}
+    scales = {p: cfg.scale_for(p) for p in params}
+    answers = set()
+    for chosen in itertools.permutations(params, len(depths)):
+        experts = {rows[d] / scales[p].r for d, p in zip(depths, chosen)}
+        if len(experts) == 1 and next(iter(experts)).is_integer():
+            picked = chosen[depths.index(module.depth)]
+            answers.add((scales[picked].r, scales[picked].alpha, picked))
+    if len({(r, alpha) for r, alpha, _ in answers}) == 1:
+        return sorted(answers)[0][2]
+    raise UnsupportedAdapterError(
+        f"{adapter.path}: module {module.name!r} wraps several target parameters ({', '.join(params)}) whose "
+        "saved tensors cannot be told apart from the adapter alone (merge matches them to the base's shapes)"
+    )
+
+
+@dataclass(frozen=True)
+class PatternWarning:
+    code: Literal["unmatched-pattern", "order-dependent"]
+    message: str
+
+
+def pattern_warnings(config: AdapterConfig, names: list[str]) -> list[PatternWarning]:
+    """Pattern keys that match no module, and modules matched by several keys with different values."""
+    found = []
+    for field_name, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        hits = {n: matching_keys(pattern, n) for n in names}  # one indexed lookup per module
+        matched = {k for keys in hits.values() for k in keys}
+        for key in pattern:
+            if key not in matched:
+                found.append(PatternWarning("unmatched-pattern",
+                                            f"{field_name} key {key!r} matches no module of the adapter (typo, or a "
+                                            "leading '^' that needs the full module name?)"))
+        for n, keys in hits.items():
+            if len({pattern[k] for k in keys}) > 1:
+                values = ", ".join(f"{k!r}: {pattern[k]}" for k in keys)
+                found.append(PatternWarning("order-dependent",
+                                            f"module {n!r} is matched by several {field_name} keys with different "
+                                            f"values ({values}); PEFT takes the first in file order ({keys[0]!r}), and "
+                                            "saving sorts the keys, so the value can change between training and loading"))
+    return found

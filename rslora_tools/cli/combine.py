@@ -1,0 +1,96 @@
+"""`rslora-tools combine`: its flags, their mapping to CombineOptions, and its printer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..formats.sizes import human_size
+from ..plan.combine import METHODS
+from . import options as o
+from .app import cli
+from .progress import byte_progress
+from .render import echo_warnings, finish
+
+
+@cli.command()
+@click.argument("adapters", metavar="ADAPTER... OUT", nargs=-1, required=True)
+@click.option("--method", type=click.Choice(METHODS), default="cat", show_default=True,
+              help="cat: the exact weighted sum (rank = sum of ranks); svd: its best rank-R approximation; the others "
+                   "are PEFT's task-arithmetic methods on the factors (equal ranks per module).")
+@click.option("--weights", metavar="W1,W2,...", help="One weight per adapter (default 1 each).")
+@click.option("--rank", type=int, metavar="R", help="svd: the output rank (default: the largest input rank).")
+@click.option("--density", type=float, metavar="D", help="ties, dare_*, magnitude_prune: the fraction of values kept.")
+@click.option("--seed", type=int, metavar="N", help="dare_*: the random masks' seed (default 0); same seed, same "
+              "result.")
+@click.option("--rslora", is_flag=True, help="Write the rsLoRA convention (alpha = sqrt(rank)) instead of classic "
+              "(alpha = rank); every module's scale is 1 either way.")
+@click.option("--target", type=o.RuntimeSpec(allow_unit=True), metavar="RUNTIME[@VERSION]",
+              help="Then convert the combined adapter for this runtime (as convert --target), in the same run.")
+@o.overwrite_option
+@o.allow_pickle_option
+@o.dry_run_option
+@o.json_option
+@o.quiet_option()
+@o.allow_nonfinite_option("Combine")
+@o.token_option
+@o.push_options
+def combine(adapters: tuple[str, ...], **flags: Any) -> None:
+    """Combine several LoRA adapters into one adapter in OUT, right under rsLoRA.
+
+    Each input keeps its own convention (classic or rsLoRA), ranks, patterns and target modules;
+    a module missing from an input gets nothing from it. The output's factors carry every scale
+    and weight, and its config gives every module scale 1 (alpha = rank), which every PEFT
+    version and runtime applies as written. PEFT's add_weighted_adapter copies use_rslora from
+    the first input and so makes an rsLoRA result sqrt(rank) times too strong; this does not.
+
+    \b
+    --method cat      B @ A is exactly sum(w_i * delta_i); rank = the inputs' ranks summed
+    --method svd      the best rank-R approximation of that sum, per module, with the energy
+                      kept and the relative error reported
+    --method linear, ties, dare_linear, dare_ties, magnitude_prune
+                      PEFT's definitions, applied to A and B separately (equal ranks per
+                      module); dare_* draw their masks from --seed, per module
+
+    \b
+    Examples:
+      rslora-tools combine domain/ chat/ combined/ --weights 0.7,0.4
+      rslora-tools combine a/ b/ c/ combined/ --method svd --rank 16 --json
+      rslora-tools combine a/ b/ combined/ --method dare_ties --density 0.5 --seed 1
+      rslora-tools combine org/a org/b for-vllm/ --target vllm --push-to-hub me/combined
+    """
+    from ..commands.combine import CombineOptions
+    from ..commands.combine import combine as run_combine
+
+    if len(adapters) < 2:
+        raise click.UsageError("missing argument OUT: combine ADAPTER... OUT")
+    *specs, out = adapters
+    options = CombineOptions(
+        overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_nonfinite=flags["allow_nonfinite"],
+        token=flags["token"], push=o.push_target(flags), weights=o.weights(flags["weights"]), method=flags["method"],
+        rank=flags["rank"], density=flags["density"], seed=flags["seed"], rslora=flags["rslora"],
+        target=flags["target"], allow_pickle=flags["allow_pickle"])
+    with byte_progress("Combining", not (flags["quiet"] or flags["as_json"] or flags["dry_run"])) as progress:
+        report = run_combine(specs, out, options=options, progress=progress)
+    echo_warnings(report.warnings)
+    finish(report, _print_combine, flags["as_json"], flags["quiet"])
+
+
+def _print_combine(report: Any) -> None:
+    from ..adapter.scaling import convention_label
+
+    verb = "Would write" if report.dry_run else "Wrote"
+    ranks = f"rank {report.rank_min}" if report.rank_min == report.rank_max else \
+        f"ranks {report.rank_min} to {report.rank_max}"
+    weights = ", ".join(f"{w:g}" for w in report.weights)
+    click.echo(f"{verb} {report.out}: {len(report.adapters)} adapters combined by {report.method} (weights {weights}), "
+               f"{len(report.modules)} modules, {ranks}, {human_size(report.bytes)}; "
+               f"{convention_label(report.convention, 'short')} with scale 1")
+    if report.worst_error is not None:
+        worst = max(report.modules, key=lambda m: m["relative_error"] or 0.0)
+        lowest = min(m["energy"] for m in report.modules if m["energy"] is not None)
+        click.echo(f"  svd: energy kept >= {lowest:.6f}; largest relative error {report.worst_error:.3g} "
+                   f"({worst['name']})")
+    if report.converted is not None:
+        click.echo(f"  then for {report.target}: {report.converted['message']}")

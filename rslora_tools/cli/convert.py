@@ -1,0 +1,93 @@
+"""`rslora-tools convert`: its flags, their mapping to ConvertOptions, and its printer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from . import options as o
+from .app import cli
+from .render import echo_warnings, finish
+
+
+@cli.command()
+@click.argument("adapter")
+@click.argument("out", type=click.Path())
+@click.option("--to-rslora", "to_rslora", is_flag=True, help="Rewrite to rsLoRA (alpha/sqrt(r)), same scales.")
+@click.option("--to-classic", "to_classic", is_flag=True, help="Rewrite to classic LoRA (alpha/r), same scales.")
+@click.option("--target", type=o.RuntimeSpec(allow_unit=True), metavar="RUNTIME[@VERSION]",
+              help="Produce an adapter that this runtime serves with PEFT's exact per-module scales: peft, vllm, tgi, "
+                   "lorax, sglang, llama.cpp or unit; a release as vllm@0.6.3 (default: the current one).")
+@click.option("--bake", is_flag=True, help="With --to-*: fold the scale change into lora_B instead of rewriting alphas.")
+@click.option("--base", help="Base model folder or Hub repo; needed for --target llama.cpp with a .gguf OUT.")
+@o.overwrite_option
+@o.allow_pickle_option
+@o.dry_run_option
+@o.json_option
+@o.quiet_option()
+@click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
+@o.allow_nonfinite_option("Convert")
+@click.option("--initial", metavar="INIT",
+              help="PiSSA/OLoRA/CorDA/LoRA-GA: the adapter saved right after initialisation (folder or Hub repo); "
+                   "the result is a plain LoRA relative to the original base (rank 2r). Alone, or with --to-*/--target.")
+@o.token_option
+@o.push_options
+def convert(adapter: str, out: str, **flags: Any) -> None:
+    """Convert ADAPTER into OUT so that it is served with PEFT's exact scale everywhere.
+
+    --to-rslora / --to-classic rewrite the alphas (per module when ranks or alphas differ), so
+    that PEFT computes bit-identical scales; the weights are copied byte for byte. --bake folds
+    the change into lora_B instead. --target RUNTIME picks what that runtime's current release
+    (or RUNTIME@VERSION's) needs: a no-op copy when it already applies PEFT's scales (today's
+    vLLM does), a config rewrite when that suffices, or the unit-scale form (scale folded into
+    lora_B in float32, alpha = r). Runtimes that cannot serve an adapter (DoRA or lora_bias on
+    vLLM, modules_to_save on TGI, ...) are refused with the reason.
+
+    PiSSA, OLoRA, CorDA and LoRA-GA adapters are relative to a residual base; --initial INIT
+    turns them into a plain LoRA for the original base, with every module's scale exact
+    (rsLoRA and rank/alpha patterns included), alone or before --to-*/--target.
+
+    \b
+    Examples:
+      rslora-tools convert my-adapter/ my-adapter-classic/ --to-classic
+      rslora-tools convert my-adapter/ for-vllm/ --target vllm
+      rslora-tools convert my-adapter/ for-old-vllm/ --target vllm@0.6.3
+      rslora-tools convert my-adapter/ adapter.gguf --target llama.cpp --base base-model/
+      rslora-tools convert org/adapter for-sglang/ --target sglang --push-to-hub me/adapter-sglang
+      rslora-tools convert pissa-trained/ plain-lora/ --initial pissa-init/
+      rslora-tools convert pissa-trained/ for-vllm/ --initial pissa-init/ --target vllm
+    """
+    from ..commands.convert import convert as run_convert
+
+    report = run_convert(adapter, out, options=convert_options(flags))
+    echo_warnings(report.warnings)
+    finish(report, _print_convert, flags["as_json"], flags["quiet"])
+
+
+def convert_options(flags: dict[str, Any]) -> Any:
+    """The convert flags as ConvertOptions (their values are checked there)."""
+    from ..commands.convert import ConvertOptions
+    from ..errors import OptionError
+
+    if flags["to_rslora"] and flags["to_classic"]:
+        raise OptionError("--to-rslora and --to-classic exclude each other")
+    to = "rslora" if flags["to_rslora"] else "classic" if flags["to_classic"] else None
+    return ConvertOptions(
+        overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_nonfinite=flags["allow_nonfinite"],
+        token=flags["token"], push=o.push_target(flags), to=to, target=flags["target"], bake=flags["bake"],
+        base=flags["base"], initial=flags["initial"], revision=flags["revision"], allow_pickle=flags["allow_pickle"])
+
+
+def _print_convert(report: Any) -> None:
+    verb = "Would write" if report.dry_run else "Wrote"
+    click.echo(f"{verb} {report.out}: {report.message}")
+    for key, (before, after) in report.config_changes.items():
+        click.echo(f"  {key}: {json.dumps(before)} -> {json.dumps(after)}")
+    if report.action == "initial" or (report.weights_changed and report.relative_form is not None):
+        click.echo(f"  weights: A' = [A; A0], B' = [B, -B0] ({report.weights_dtype or 'dtype kept'})")
+    elif report.weights_changed:
+        click.echo(f"  weights: scales folded into lora_B ({report.weights_dtype or 'dtype kept'})")
+    elif report.action != "gguf":
+        click.echo("  weights: unchanged (byte for byte)")

@@ -1,0 +1,87 @@
+"""`rslora-tools extract`: its flags, their mapping to ExtractOptions, and its printer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..formats.sizes import human_size
+from . import options as o
+from .app import cli
+from .progress import byte_progress
+from .render import finish
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--rank", type=int, metavar="R", help="A fixed rank for every module (default 16).")
+@click.option("--energy", type=float, metavar="F", help="Per module, the smallest rank keeping this fraction of the "
+              "delta's squared Frobenius norm (e.g. 0.9).")
+@click.option("--max-error", type=float, metavar="E", help="Per module, the smallest rank with relative error <= E.")
+@click.option("--rslora/--classic", default=True, show_default=True,
+              help="Write use_rslora (alpha = sqrt(rank)) or classic LoRA (alpha = rank); scale 1 either way.")
+@click.option("--alpha", type=float, metavar="A", help="Write lora_alpha = A instead; each module's scale is folded "
+              "into its factors.")
+@click.option("--target-modules", metavar="NAMES", help="Comma-separated module names (or name suffixes) to factorise; "
+              "other changed tensors still go to modules_to_save.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the SVDs run.")
+@click.option("--exact", is_flag=True, help="Always the full SVD (default: randomized above 512 columns, residual "
+              "measured either way).")
+@o.overwrite_option
+@o.dry_run_option
+@o.json_option
+@o.quiet_option()
+@o.token_option
+@o.push_options
+def extract(base: str, tuned: str, out: str, **flags: Any) -> None:
+    """Extract TUNED - BASE (a full fine-tune) as a LoRA adapter in OUT.
+
+    Streams both models tensor by tensor: unchanged tensors are skipped; each changed 2-D weight
+    (Linear, GPT-2 Conv1D, embeddings as embedding LoRA) is factorised at --rank, --energy or
+    --max-error (rank_pattern where ranks differ); changed biases go with their module
+    (lora_bias, or bias="lora_only" when a LoRA module has no bias); other changed tensors
+    (norms) make their module a modules_to_save entry. Nothing is dropped; the report lists each
+    module's rank, the energy kept and the relative error.
+
+    \b
+    Examples:
+      rslora-tools extract org/base org/finetuned adapter/ --rank 16
+      rslora-tools extract base/ tuned/ adapter/ --energy 0.95 --json
+      rslora-tools extract base/ tuned/ adapter/ --max-error 0.05 --classic --push-to-hub me/adapter
+    """
+    from ..commands.extract import ExtractOptions
+    from ..commands.extract import extract as run_extract
+
+    options = ExtractOptions(
+        overwrite=flags["overwrite"], dry_run=flags["dry_run"], token=flags["token"], push=o.push_target(flags),
+        rank=flags["rank"], energy=flags["energy"], max_error=flags["max_error"], rslora=flags["rslora"],
+        alpha=flags["alpha"], target_modules=o.names(flags["target_modules"]), device=flags["device"],
+        exact=flags["exact"])
+    with byte_progress("Extracting", not (flags["quiet"] or flags["as_json"] or flags["dry_run"])) as progress:
+        report = run_extract(base, tuned, out, options=options, progress=progress)
+    finish(report, _print_extract, flags["as_json"], flags["quiet"])
+
+
+def _print_extract(report: Any) -> None:
+    from ..adapter.scaling import convention_label
+
+    verb = "Would write" if report.dry_run else "Wrote"
+    ranks = sorted({m["rank"] for m in report.modules})
+    rank_text = "no LoRA modules" if not ranks else (f"rank {ranks[0]}" if len(ranks) == 1 else
+                                                    f"ranks {ranks[0]} to {ranks[-1]}")
+    click.echo(f"{verb} {report.out}: {len(report.modules)} LoRA modules, {rank_text}, {human_size(report.bytes)}; "
+               f"{convention_label(report.convention, 'short')}")
+    if report.worst_error is not None:
+        worst = max(report.modules, key=lambda m: m["relative_error"] or 0.0)
+        click.echo(f"  largest relative error {report.worst_error:.3g} ({worst['name']}); {report.unchanged} unchanged "
+                   "tensors skipped")
+    if report.biases not in ("none", "unknown"):
+        click.echo(f"  biases: {report.biases} ({len(report.bias_modules)} modules)")
+    for module in report.modules_to_save:
+        click.echo(f"  modules_to_save: {module}")
+    for note in report.notes:
+        click.echo(f"  note: {note}")

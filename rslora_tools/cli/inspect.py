@@ -1,0 +1,91 @@
+"""`rslora-tools inspect`: its flags, their mapping to InspectOptions, and its printer (the table of scales)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from . import options as o
+from .app import cli
+from .render import echo_json
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option("--base", help="Also check the adapter against this base model (folder or Hub repo).")
+@click.option("--runtime", "runtimes", multiple=True, type=o.RuntimeSpec(), metavar="RUNTIME[@VERSION]",
+              help="Runtime(s) you will serve with, e.g. vllm or vllm@0.6.3: their problems become warnings, and "
+                   "their other releases are shown where they differ (repeatable).")
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too (for CI pipelines).")
+@o.allow_pickle_option
+@o.json_option
+@click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
+@o.token_option
+def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: bool, allow_pickle: bool,
+            as_json: bool, revision: str | None, token: str | None) -> None:
+    """Show ADAPTER's per-module ranks, alphas and scales, the scale each runtime would apply, and lints.
+
+    Reads only the config and tensor headers. Exit code: 0 when there is no error (and, with
+    --strict, no warning), 1 otherwise.
+
+    \b
+    Examples:
+      rslora-tools inspect my-adapter/
+      rslora-tools inspect my-adapter/ --base base-model/ --runtime vllm --strict
+      rslora-tools inspect my-adapter/ --runtime vllm@0.31.0 --runtime sglang
+      rslora-tools inspect my-adapter/ --json | jq .groups
+    """
+    from ..commands.inspect import InspectOptions, inspect_adapter
+
+    report = inspect_adapter(adapter, options=InspectOptions(base=base, runtimes=runtimes, revision=revision,
+                                                             token=token, allow_pickle=allow_pickle))
+    if as_json:
+        echo_json(report)
+    else:
+        _print_inspection(report)
+    if report.errors or (strict and report.warnings):
+        sys.exit(1)
+
+
+def _print_inspection(report: Any) -> None:
+    from ..adapter.scaling import convention_label
+
+    cfg = f"r={report.r}, lora_alpha={report.lora_alpha:g}"
+    if report.rank_pattern:
+        cfg += f", rank_pattern={json.dumps(report.rank_pattern)}"
+    if report.alpha_pattern:
+        cfg += f", alpha_pattern={json.dumps(report.alpha_pattern)}"
+    click.echo(f"{report.adapter}: {convention_label(report.convention, 'short')}; {cfg}")
+    click.echo(f"  {len(report.modules)} LoRA modules; features: {', '.join(report.features) or 'plain LoRA'}")
+    runtime_names = [n for n in report.runtimes if n != "peft"]
+    header = ["modules", "n", "layers", "rank", "alpha", "PEFT scale",
+              *(report.runtimes[n]["label"] + (f"@{n.partition('@')[2]}" if "@" in n else "") for n in runtime_names)]
+    rows = [header]
+    for g in report.groups:
+        ratios = [_ratio(g["ratios"][n], report.runtimes[n]["status"]) for n in runtime_names]
+        rows.append([g["modules"], str(g["count"]), g["layers"] or "-", str(g["rank"]), f"{g['alpha']:g}",
+                     f"{g['scale']:.6g}", *ratios])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    click.echo()
+    for row in rows:
+        click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    click.echo("  (runtime columns: the runtime's scale as a multiple of PEFT's; 'no' = cannot serve; releases: "
+               + "; ".join(f"{report.runtimes[n]['label']}{'@' + n.partition('@')[2] if '@' in n else ''} "
+                           f"{report.runtimes[n]['version']}" for n in runtime_names if report.runtimes[n]["version"]
+                           != "all releases") + ")")
+    if report.lints:
+        click.echo()
+    for lint in report.lints:
+        click.echo(f"{lint.level}: {lint.message}" + (f" [{lint.code}]" if lint.level != "info" else ""))
+    click.echo(f"\n{report.errors} error(s), {report.warnings} warning(s)")
+
+
+def _ratio(ratio: float | None, status: str) -> str:
+    if status == "cannot serve":
+        return "no"
+    if ratio is None:
+        return "-"
+    return "1x" if ratio == 1.0 else f"{ratio:.4g}x"

@@ -1,0 +1,215 @@
+"""`rslora-tools merge`: its flags, their mapping to MergeOptions, and its printers (the merge, the dry run, the stream)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import OptionError
+from ..formats.sizes import human_size
+from . import options as o
+from .app import cli
+from .progress import byte_progress, phase_progress
+from .render import echo_warnings, finish
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("adapters", metavar="ADAPTER... OUT", nargs=-1, required=True)
+@click.option("--weights", metavar="W1,W2,...",
+              help="Several adapters: multiply each one's delta by its weight (PEFT's set_scale); default 1 each.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]),
+              default="auto", show_default=True, help="Dtype of the merged floating tensors; auto keeps the base's.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where deltas are computed. cpu: bit-exact with PEFT; cuda: every computed tensor on the GPU; "
+                   "auto: the merge kernel where it applies, CUDA (when present) for the rest.")
+@click.option("--max-shard-size", metavar="SIZE", default=None,
+              help="Re-shard the output, e.g. 5GB (decimal, like transformers) or 2GiB. Default: keep the base's shards.")
+@o.overwrite_option
+@o.allow_pickle_option
+@o.dry_run_option
+@o.json_option
+@o.quiet_option("No progress bar and no summary (errors still print).")
+@o.input_revision_options
+@click.option("--verify", "verify_output", is_flag=True,
+              help="Recompute and compare every merged tensor before OUT is replaced; fail on a mismatch.")
+@o.allow_nonfinite_option("Merge")
+@o.trained_on_options
+@o.initial_options
+@o.token_option
+@o.push_options
+@click.option("--stream", is_flag=True,
+              help="With --push-to-hub: stream shard by shard from BASE to the Hub; OUT is omitted (every argument "
+                   "after BASE is an adapter), the disk holds a few shards at a time.")
+@click.option("--scratch", metavar="DIR", type=click.Path(file_okay=False),
+              help="With --stream: the run works in DIR/rslora-tools-stream-ORG--NAME (default DIR "
+                   "~/.cache/rslora-tools/stream), a folder of its own; a re-run with the same one resumes.")
+@click.option("--keep-cache", is_flag=True,
+              help="With --stream: keep the downloaded base shards in the Hugging Face cache (default: delete them "
+                   "after use; shards cached before are never deleted).")
+@click.option("--no-resume", is_flag=True,
+              help="With --stream: forget what an earlier run uploaded (its journal in the scratch folder) and start "
+                   "over.")
+def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
+    """Merge ADAPTER into BASE and write the merged model to OUT.
+
+    The result equals PEFT's merge_and_unload() bit for bit on CPU, for classic LoRA and rsLoRA,
+    rank/alpha patterns, DoRA, embedding and convolution LoRA, GPT-2 Conv1D, lora_bias,
+    modules_to_save and trainable tokens, without loading the model: tensors stream one at a
+    time, untouched ones are copied as raw bytes. OUT keeps the base's shards, config, tokenizer
+    and generation config (the adapter's tokenizer wins when it has one).
+
+    BASE and ADAPTER are local folders or Hub repos (org/name, org/name@revision, hf://org/name);
+    BASE may be `auto`: the base the adapter records. Only what the merge reads is downloaded.
+
+    Several adapters (ADAPTER1 ADAPTER2 ... OUT) are merged one after another in one pass, each
+    with its own convention, patterns and DoRA, exactly as PEFT's stacked merge
+    (merge_and_unload(adapter_names=[...])); --weights scales each one's delta. Two adapters that
+    replace the same tensor (modules_to_save, trainable tokens) are refused.
+
+    PiSSA, OLoRA, CorDA and LoRA-GA adapters were trained on a residual base: --initial INIT
+    merges them into the original BASE, --base-is-residual into a residual BASE you saved.
+
+    QLoRA: a bitsandbytes (4-bit, 8-bit), GPTQ or AWQ BASE is dequantized exactly as its library
+    does and merged in the compute dtype; with an unquantized BASE, --trained-on quantizes the
+    weights as they were in training first (the model the adapter learned to correct).
+
+    \b
+    Examples:
+      rslora-tools merge fixtures/tiny-llama fixtures/tiny-llama-rslora merged/
+      rslora-tools merge base/ adapter/ merged/ --dtype bf16 --max-shard-size 5GB --json
+      rslora-tools merge org/base org/adapter merged/ --push-to-hub me/merged
+      rslora-tools merge auto org/adapter@v2 merged/
+      rslora-tools merge org/base-bnb-4bit qlora-adapter/ merged/
+      rslora-tools merge org/base qlora-adapter/ merged/ --trained-on nf4 --double-quant --dry-run
+      rslora-tools merge org/base pissa-trained/ merged/ --initial pissa-init/
+      rslora-tools merge org/base domain-adapter/ chat-adapter/ merged/
+      rslora-tools merge org/base task-a/ task-b/ merged/ --weights 0.7,0.4
+      rslora-tools merge org/base-70b org/adapter --push-to-hub me/merged-70b --stream
+      rslora-tools merge org/base-70b org/adapter --push-to-hub me/merged-70b --stream --dry-run
+
+    Big models, small disks: --stream --push-to-hub downloads the base's shards one or two
+    ahead of the merge, uploads each merged shard as soon as it is complete and deletes it,
+    and makes one commit with the whole model at the end (a PR with --create-pr). The dry run
+    prints the disk bound. Re-running the same command after a failure or Ctrl-C resumes: shards
+    already uploaded are not made again.
+    """
+    from ..commands.merge import merge as run_merge
+
+    quiet, as_json = flags["quiet"], flags["as_json"]
+    if flags["stream"]:
+        with phase_progress(not (quiet or as_json)) as phases:
+            report = run_merge(base, list(adapters), options=merge_options(flags, phases))
+    else:
+        options = merge_options(flags, None)
+        if len(adapters) < 2:
+            raise click.UsageError("missing argument OUT: merge BASE ADAPTER... OUT")
+        with byte_progress("Merging", not (quiet or as_json)) as progress:
+            report = run_merge(base, list(adapters[:-1]), adapters[-1], options=options, progress=progress)
+    echo_warnings(report.warnings)
+    finish(report, _print_report, as_json, quiet)
+    if report.unmatched:  # a dry run that found adapter tensors matching nothing: a merge would fail
+        raise click.ClickException(f"{len(report.unmatched)} adapter tensor(s) match no base tensor; a merge would fail")
+
+
+def merge_options(flags: dict[str, Any], progress: Any) -> Any:
+    """The merge flags as MergeOptions (their values are checked there)."""
+    from ..commands.merge import MergeOptions
+    from ..commands.stream import StreamOptions
+
+    stream = None
+    if flags["stream"]:
+        stream = StreamOptions(Path(flags["scratch"]) if flags["scratch"] else None, flags["keep_cache"],
+                               flags["no_resume"], progress)
+    elif flags["scratch"] or flags["keep_cache"] or flags["no_resume"]:
+        raise OptionError("--scratch, --keep-cache and --no-resume go with --stream")
+    return MergeOptions(
+        overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_nonfinite=flags["allow_nonfinite"],
+        token=flags["token"], push=o.push_target(flags), weights=o.weights(flags["weights"]), dtype=flags["dtype"],
+        device=flags["device"], max_shard_size=flags["max_shard_size"], verify=flags["verify_output"],
+        allow_pickle=flags["allow_pickle"], trained_on=o.trained_on(flags), initial=flags["initial"],
+        base_is_residual=flags["base_is_residual"], base_revision=flags["base_revision"],
+        adapter_revision=flags["adapter_revision"], stream=stream)
+
+
+def _print_report(report: Any) -> None:
+    _print_merge(report)
+    if report.dry_run:
+        _print_dry_run(report)
+    if hasattr(report, "disk_bound"):
+        _print_stream(report)
+
+
+def _print_merge(report: Any) -> None:
+    from ..adapter.scaling import convention_label
+
+    scale = "no LoRA modules"
+    if report.scale_min is not None:
+        scale = f"scale {report.scale_min:.6g}" if report.scale_min == report.scale_max else \
+            f"scales {report.scale_min:.6g} to {report.scale_max:.6g}"
+    verb = "Would merge" if report.dry_run else "Merged"
+    conventions = " + ".join(convention_label(c, "short") for c in report.convention.split(","))
+    what = f"{len(report.adapters)} adapters, " if len(report.adapters) > 1 else ""
+    click.echo(f"{verb} {what}{report.modules} LoRA modules ({conventions}, {scale}) into {report.out}")
+    click.echo(
+        f"  tensors: {report.tensors_merged} changed, {report.tensors_copied} copied as is, {report.tensors_total} total; "
+        f"{len(report.shards)} shard(s), {human_size(report.bytes_written)}, {report.dtype or 'no float'} on {report.device}"
+        + ("" if report.dry_run else f", {report.seconds:.2f} s")
+    )
+    for key, value in report.config_updates.items():
+        click.echo(f"  config.json: {key} removed" if value is None else f"  config.json: {key} = {json.dumps(value)}")
+    for note in report.notes:
+        click.echo(f"  note: {note}")
+    measured = (report.quantization or {}).get("measured")
+    if measured and measured["quant_error_over_delta"] is not None:
+        click.echo(
+            f"  quantization moved the weights by {measured['quant_error_over_weight']:.1%} of their norm, "
+            f"{measured['quant_error_over_delta']:.2g}x the adapter's own delta ({measured['delta_over_weight']:.1%}); "
+            f"median of {measured['tensors']} of {measured['of']} targeted weights; merging into the original weights "
+            "would leave that out of the model the adapter was trained on")
+    if report.verify is not None:
+        v = report.verify
+        click.echo(f"  verified: {v['verdict']} ({v['exact']} exact, {v['rounding']} within rounding, "
+                   f"{v['tensors_checked']} tensors)")
+
+
+def _print_dry_run(report: Any) -> None:
+    """The plan in detail: changes grouped over layers, unmatched adapter tensors, memory and disk."""
+    from ..commands.inspect import layer_pattern
+    from ..execute.lowering import StepKind
+
+    groups: dict[tuple, list[dict]] = {}
+    for change in report.changes:
+        generic = layer_pattern(change["tensor"])
+        groups.setdefault((generic, change["how"], change["scale"], change["by"]), []).append(change)
+    click.echo("  changes:")
+    for (generic, how, scale, by), items in groups.items():
+        at = f" at scale {scale:.6g}" if scale is not None else ""
+        count = f" (x{len(items)})" if len(items) > 1 else ""
+        click.echo(f"    {generic}{count}: {how}{at} [{StepKind.of(by).description}]")
+    click.echo(f"  copied as is: {report.tensors_copied} tensors")
+    click.echo(f"  shards: {', '.join(report.shards[:4])}{', ...' if len(report.shards) > 4 else ''}")
+    click.echo(f"  memory needed: about {human_size(report.memory_bytes)}")
+    if report.free_bytes is not None and not hasattr(report, "disk_bound"):
+        fits = "fits" if report.bytes_written <= report.free_bytes else "DOES NOT FIT"
+        click.echo(f"  disk: writes {human_size(report.bytes_written)}, {human_size(report.free_bytes)} free ({fits})")
+    for key in report.unmatched:
+        click.echo(f"  matches nothing in the base: {key}")
+
+
+def _print_stream(report: Any) -> None:
+    bound = f"disk: up to {human_size(report.disk_bound)} in {report.scratch} for a {human_size(report.model_bytes)} model"
+    if report.free_bytes is not None:
+        bound += f", {human_size(report.free_bytes)} free ({'fits' if report.disk_bound <= report.free_bytes else 'DOES NOT FIT'})"
+    click.echo(f"  {bound}")
+    for why, names in report.skipped.items():
+        if names:
+            click.echo(f"  skipped ({why.replace('_', ' ')}): {len(names)} shard(s): {', '.join(names[:3])}"
+                       f"{', ...' if len(names) > 3 else ''}")
+    if report.dry_run:
+        return
+    rates = ", ".join(f"{phase} {human_size(p.bytes)} in {p.seconds:.1f} s" for phase, p in report.phases.items())
+    click.echo(f"  streamed in {report.seconds:.1f} s ({rates})")

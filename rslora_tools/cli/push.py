@@ -1,0 +1,45 @@
+"""`rslora-tools push`: a folder to a Hub repo, through the one publish path (hub.push)."""
+
+from __future__ import annotations
+
+import click
+
+from . import options as o
+from .app import cli
+from .render import echo_json, echo_push
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", metavar="BRANCH", help="Commit to this branch (created if needed) instead of main.")
+@click.option("--commit-message", metavar="TEXT", help="The commit message.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@o.token_option
+@o.json_option
+def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+         create_pr: bool, token: str | None, as_json: bool) -> None:
+    """Upload FOLDER (a merged model or converted adapter) to the Hub repo REPO_ID, in one commit.
+
+    Creates the repo if needed and commits FOLDER's files (re-run the same command to resume an
+    interrupted upload: blobs the Hub has are not sent again). The same commit deletes the repo's
+    stale weight and adapter files (an older model.safetensors, adapter_config.json, *.gguf, ...),
+    and the output names them. Then it checks that every local file is in the repo. When FOLDER
+    has no README.md, a model card is generated from what rslora-tools recorded (base, adapter,
+    convention, scales) and uploaded with it; FOLDER itself is not changed. A push into the repo
+    of FOLDER's base or adapter is refused unless it goes to another branch or a pull request.
+
+    \b
+    Examples:
+      rslora-tools push merged/ me/my-merged-model --private
+      rslora-tools push for-vllm/ me/my-adapter-vllm --create-pr
+    """
+    from ..hub.push import push as run_push
+
+    report = run_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                      create_pr=create_pr, token=token)
+    if as_json:
+        echo_json(report)
+    else:
+        echo_push(report.to_dict())

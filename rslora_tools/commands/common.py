@@ -1,0 +1,123 @@
+"""What every command shares: its options' common part, inputs from folders or the Hub, and publishing its output.
+
+Each command has one frozen options object (`MergeOptions`, `ConvertOptions`, ...) that checks
+itself when made (`OptionError`: a usage error); the commands that write an output share
+`OutputOptions` (OUT's handling, the Hub token, the push). Inputs may be local folders, Hub
+repos (`org/name`, `org/name@rev`, `hf://...`) or loaded adapters: `adapter_input` and
+`base_input` give a local folder and what provenance records of it. `publish` pushes a finished
+output when asked; a failure says that OUT is complete on disk (`PushAfterWriteError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..adapter.adapter import Adapter
+from ..errors import OutputInterrupted, PushAfterWriteError, RsloraError
+from ..hub.push import PushReport, PushTarget, push_folder
+from ..hub.resolve import InputRole, Source, resolve_input
+
+AdapterSpec = str | os.PathLike[str] | Adapter
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What every command that writes an output takes (the fields of its options object)."""
+
+    overwrite: bool = False  # replace OUT when rslora-tools wrote it (docs/reliability.md, "What --overwrite replaces")
+    dry_run: bool = False  # plan and report; write nothing
+    allow_nonfinite: bool = False  # write NaN/Inf where the inputs or the result hold them
+    token: str | None = None  # Hugging Face token for Hub inputs (and the push, unless push.token is set)
+    push: PushTarget | None = None  # publish OUT to this repo when it is written
+
+    @property
+    def push_target(self) -> PushTarget | None:
+        """The push, with this options' token when it names none."""
+        if self.push is None or self.push.token is not None or self.token is None:
+            return self.push
+        return dataclasses.replace(self.push, token=self.token)
+
+
+Options = TypeVar("Options")
+
+
+def with_fields(options: Options | None, default: type[Options], fields: Mapping[str, Any]) -> Options:
+    """`options` (or the defaults) with keyword arguments given as fields, checked as the options check themselves."""
+    known = {f.name for f in dataclasses.fields(default)}  # type: ignore[arg-type]
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r} for {default.__name__}")
+    if options is None:
+        return default(**fields)
+    return dataclasses.replace(options, **fields) if fields else options  # type: ignore[type-var]
+
+
+def adapter_list(adapter: AdapterSpec | Sequence[AdapterSpec]) -> list[AdapterSpec]:
+    """One adapter argument, or several, as a list."""
+    if isinstance(adapter, (str, os.PathLike, Adapter)):
+        return [adapter]
+    return list(adapter)
+
+
+def source_of(spec: AdapterSpec | Source) -> dict[str, Any]:
+    """What provenance records of an input: a Hub repo at its commit, or a local folder's spec."""
+    if isinstance(spec, Source):
+        return spec.to_dict()
+    if isinstance(spec, Adapter):
+        return {"spec": str(spec.path)}
+    return {"spec": str(spec)}
+
+
+def adapter_input(spec: AdapterSpec, *, revision: str | None = None, token: str | None = None,
+                  allow_pickle: bool = False) -> tuple[Path | Adapter, dict[str, Any]]:
+    """An adapter argument as something `load_adapter` reads (a local folder, or the adapter given) and its source."""
+    if isinstance(spec, Adapter):
+        return spec, source_of(spec)
+    source = resolve_input(os.fspath(spec), role="adapter", revision=revision, token=token, allow_pickle=allow_pickle)
+    return source.path, source.to_dict()
+
+
+def base_input(spec: str | os.PathLike[str], *, role: InputRole = "base", revision: str | None = None,
+               token: str | None = None, shards: bool = True) -> Source:
+    """A model argument (BASE, TUNED) as a local folder, its shards downloaded unless `shards` is False."""
+    return resolve_input(os.fspath(spec), role=role, revision=revision, token=token, shards=shards)
+
+
+def publish(out: Path, options: OutputOptions) -> PushReport | None:
+    """Push OUT (complete on disk) when the options ask; a failure or Ctrl-C says that OUT is complete."""
+    target = options.push_target
+    if target is None or options.dry_run:
+        return None
+    try:
+        return push_folder(out, target)
+    except RsloraError as e:
+        raise PushAfterWriteError(str(e), out=str(out), repo_id=target.repo_id) from e
+    except KeyboardInterrupt as e:
+        raise PushInterrupted(str(out), target.repo_id) from e
+
+
+class PushInterrupted(OutputInterrupted):
+    """Ctrl-C or SIGTERM during the push of a complete output: OUT holds it; the push can be run again."""
+
+    def __init__(self, out: str, repo_id: str):
+        super().__init__(out, complete=True)
+        self.repo_id = repo_id
+
+    def __str__(self) -> str:
+        return f"interrupted during the push to {self.repo_id}; {self.out} is complete on disk"
+
+
+
+
+def check_push(options: OutputOptions, sources: Any) -> None:
+    """A push into an input's own repo is refused before any work (hub.push.PushTarget.refuse_inputs)."""
+    target = options.push_target
+    if target is not None:
+        target.refuse_inputs(sources)
+
+

@@ -1,0 +1,284 @@
+"""`convert`, an adapter between conventions or for a serving runtime, keeping PEFT's scales.
+
+plan/convert.py decides (a no-op copy, a config-only rewrite with byte-identical weights, or
+scales folded into the weights: `--bake`, the unit-scale form), plan/gguf.py for a `.gguf` OUT.
+This module resolves the adapter (a folder or a Hub repo), checks the options (`ConvertOptions`),
+and writes: the new config, the weights (copied as is, or rewritten with the conversion in the
+safetensors metadata), every other file of the adapter folder, a note in its README, and a
+provenance file; then pushes OUT when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..adapter.adapter import PICKLE_NAME, WEIGHTS_NAME, Adapter, load_adapter
+from ..adapter.config import CONFIG_NAME
+from ..adapter.config_rewrite import is_power_of_two
+from ..adapter.module_scales import ModuleEntry, module_entries
+from ..adapter.relative import relative_to_original, require_plain, variant_name
+from ..adapter.runtimes import runtime
+from ..adapter.scaling import Convention
+from ..adapter.writer import AdapterWriter, check_config_finite, write_config
+from ..compute.finite import check_finite
+from ..errors import InputError, OptionError
+from ..formats.checkpoint import checked_file, open_checkpoint
+from ..formats.output import check_output_file, check_output_location, writing
+from ..formats.provenance import PROVENANCE_NAME, write_provenance
+from ..formats.safetensors_file import read_header, safetensors_to_torch_dtype
+from ..plan.convert import CONVENTIONS, ConversionPlan, plan_conversion
+from ..reporting import Report
+from .common import (
+    AdapterSpec,
+    OutputOptions,
+    adapter_input,
+    base_input,
+    check_push,
+    publish,
+    with_fields,
+)
+
+
+@dataclass(frozen=True)
+class ConvertOptions(OutputOptions):
+    """What a conversion does; checked when made (OptionError). One of `to`, `target` or `initial` is needed."""
+
+    to: str | None = None  # "rslora" or "classic": rewrite the alphas (or, with `bake`, fold the change into lora_B)
+    target: str | None = None  # a runtime ("vllm", "vllm@0.6.3", ...) or "unit": what that runtime needs
+    bake: bool = False  # with `to`: fold the scale change into lora_B instead of rewriting alphas
+    base: str | None = None  # the base model (folder or Hub repo): a .gguf OUT needs its tensor names
+    initial: str | None = None  # INIT of a PiSSA/OLoRA/CorDA/LoRA-GA adapter: the result is relative to BASE
+    revision: str | None = None  # of ADAPTER, when it is a Hub repo
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.to is not None and self.target is not None) or (self.to is None and self.target is None
+                                                                 and self.initial is None):
+            raise OptionError("choose one of --to-rslora, --to-classic or --target RUNTIME (or --initial INIT alone)")
+        if self.to is not None and self.to not in CONVENTIONS:
+            raise OptionError(f"unknown convention {self.to!r}; use rslora or classic")
+        if self.bake and self.to is None:
+            raise OptionError("--bake goes with --to-rslora or --to-classic (--target bakes when it must)")
+        if self.target is not None and self.target != "unit":
+            try:
+                runtime(self.target)  # an unknown runtime or version is an error before anything is read
+            except InputError as e:
+                raise OptionError(str(e)) from None
+
+
+@dataclass
+class ConvertReport(Report):
+    """What `convert` did (or would do); `to_dict()` is what `--json` prints."""
+
+    adapter: str
+    out: str
+    action: str
+    source_convention: str
+    target: str
+    modules: int
+    message: str
+    config_changes: dict[str, list[Any]] = field(default_factory=dict)
+    weights_changed: bool = False
+    weights_dtype: str | None = None
+    dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    relative_form: str | None = None  # --initial: the adapter was made relative to the original base, in this form
+    push: dict[str, Any] | None = None  # the push of OUT when one was asked
+
+
+def convert(
+    adapter: AdapterSpec,
+    out: str | os.PathLike[str],
+    *,
+    options: ConvertOptions | None = None,
+    **fields: Any,
+) -> ConvertReport:
+    """Convert ADAPTER into OUT so that it is served with PEFT's exact per-module scales.
+
+    Args:
+        adapter: the adapter: a folder, a Hub repo or a loaded `Adapter`.
+        out: the output folder, or a `.gguf` file for `target="llama.cpp"` (with `base`).
+        options: a `ConvertOptions`; keyword arguments are taken as its fields (`target="vllm"`, `to="classic"`).
+
+    Returns:
+        A `ConvertReport`: the action taken (copy, config rewrite, bake, unit form, GGUF) and the changes.
+    """
+    started = time.monotonic()
+    options = with_fields(options, ConvertOptions, fields)
+    out = Path(out)
+    gguf = out.suffix == ".gguf"
+    if gguf and (options.target is None or options.target == "unit" or runtime(options.target).name != "llama.cpp"):
+        raise OptionError(f"{out}: a .gguf output is written only for --target llama.cpp")
+    if gguf and options.base is None:
+        raise OptionError("--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)")
+    if gguf and options.push is not None:
+        raise OptionError("--push-to-hub pushes a folder; push a .gguf file with: hf upload REPO FILE")
+    path, source = adapter_input(adapter, revision=options.revision, token=options.token,
+                                 allow_pickle=options.allow_pickle)
+    check_push(options, {"adapter": source})
+    loaded = path if isinstance(path, Adapter) else load_adapter(path, allow_pickle=options.allow_pickle)
+    report = convert_adapter(loaded, out, options, source)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def convert_adapter(loaded: Adapter, out: Path, options: ConvertOptions, source: dict[str, Any]) -> ConvertReport:
+    """`convert` of a loaded adapter (`source`: what OUT's provenance says it came from); pushes OUT when asked."""
+    gguf = out.suffix == ".gguf"
+    if options.initial is not None:
+        init, _ = adapter_input(options.initial, token=options.token, allow_pickle=options.allow_pickle)
+        loaded = relative_to_original(loaded, init if isinstance(init, Adapter) else
+                                      load_adapter(init, allow_pickle=options.allow_pickle))
+    require_plain(loaded)
+    entries = module_entries(loaded)
+    if not options.allow_nonfinite and not options.dry_run:
+        for adapter_on_disk in loaded.sources:
+            check_finite(adapter_on_disk)
+    if gguf:
+        assert options.base is not None
+        base = base_input(options.base, token=options.token).path
+        report = _convert_to_gguf(loaded, entries, base, out, options)
+    else:
+        report = _convert_to_folder(loaded, entries, out, options, source)
+        pushed = publish(out, options)
+        report.push = pushed.to_dict() if pushed is not None else None
+    return report
+
+
+def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, options: ConvertOptions,
+                       source: dict[str, Any]) -> ConvertReport:
+    written = check_output_location(out, [a.path for a in loaded.sources], options.overwrite)
+    if options.to is None and options.target is None:  # --initial alone
+        plan = ConversionPlan("initial", loaded.config.normalized(), {}, "")
+    else:
+        plan = plan_conversion(loaded, entries, to=options.to, target=options.target, bake=options.bake)
+    plan.message = _relative_message(loaded, plan.message)
+    upcast = any(not is_power_of_two(abs(f)) for f in plan.factors.values() if f != 1.0)
+    report = ConvertReport(
+        adapter=str(loaded.path), out=str(out), action=plan.action, source_convention=loaded.config.convention,
+        target=options.to or options.target or "original base", modules=len(entries), message=plan.message,
+        config_changes=_changes(loaded.trained_adapter.config.normalized(), plan.config),
+        weights_changed=any(f != 1.0 for f in plan.factors.values()) or not loaded.on_disk,
+        weights_dtype="F32" if upcast or not loaded.on_disk else None, dry_run=options.dry_run,
+        relative_form=loaded.relative_form,
+    )
+    _other_files(loaded)  # a side file that links out of the folder is refused before anything is written
+    if options.dry_run:
+        return report
+    convention: Convention = "rslora" if plan.config.get("use_rslora") else "classic"
+    with writing(out, written, overwrite=options.overwrite, what="the conversion", warnings=report.warnings) as tmp:
+        _write_adapter(loaded, plan, upcast, tmp, options.allow_nonfinite)
+        _copy_other_files(loaded, tmp, plan)
+        write_provenance(tmp, {
+            "operation": "convert", "adapter": source, "base_model": loaded.config.base_model_name_or_path,
+            "message": plan.message, "revision": loaded.config.revision, "from": loaded.config.convention,
+            "target": report.target, "method": plan.action, "convention": convention,
+        })
+    return report
+
+
+def _convert_to_gguf(loaded: Adapter, entries: list[ModuleEntry], base: Path, out: Path,
+                     options: ConvertOptions) -> ConvertReport:
+    from ..execute.gguf import write_gguf
+    from ..plan.gguf import plan_gguf
+
+    checkpoint = open_checkpoint(base)
+    written = check_output_file(out, [*(a.path for a in loaded.sources), checkpoint.folder], options.overwrite)
+    plan = plan_gguf(loaded, entries, checkpoint)
+    report = ConvertReport(
+        adapter=str(loaded.path), out=str(out), action="gguf", source_convention=loaded.config.convention,
+        target="llama.cpp", modules=len(entries), weights_changed=bool(plan.factors) or not loaded.on_disk,
+        weights_dtype="F32", dry_run=options.dry_run, message=_relative_message(loaded, plan.message),
+        relative_form=loaded.relative_form,
+    )
+    if not options.dry_run:
+        with writing(out, written, overwrite=options.overwrite, what="writing the GGUF file", warnings=report.warnings,
+                     single_file=True) as tmp:
+            write_gguf(plan, loaded, tmp, allow_nonfinite=options.allow_nonfinite)
+    return report
+
+
+def _relative_message(loaded: Adapter, message: str) -> str:
+    """A conversion's message, prefixed with the --initial step when there was one."""
+    if loaded.relative_form is None:
+        return message
+    relative = f"{variant_name(loaded.trained_adapter)} adapter made relative to the original base ({loaded.relative_form})"
+    then = message.replace("weights unchanged", "no further change to the weights")
+    return relative + (f"; then {then}" if then else "")
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """The scale fields that differ, as [before, after] (both configs normalized)."""
+    keys = ("use_rslora", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_lora_weights")
+    return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
+
+
+def _write_adapter(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Path, allow_nonfinite: bool) -> None:
+    """Copy config and weights byte for byte, or write them (adapter_writer) with the factors folded into each lora_B."""
+    if not plan.factors and adapter.weights_path.name == WEIGHTS_NAME and adapter.on_disk:
+        if plan.action == "copy":
+            shutil.copyfile(adapter.path / CONFIG_NAME, tmp / CONFIG_NAME)
+        else:
+            if not allow_nonfinite:
+                check_config_finite(plan.config)
+            write_config(tmp, plan.config)
+        shutil.copyfile(adapter.weights_path, tmp / WEIGHTS_NAME)
+        return
+    scaled: dict[str, float] = {}
+    lora_keys: set[str] = set()
+    for m in adapter.lora_modules:
+        factor = plan.factors.get((m.name, m.depth), 1.0)
+        lora_keys.update(k for k in (m.a_key, m.b_key, m.bias_key) if k)
+        for key in (m.b_key, m.bias_key):
+            if key and factor != 1.0:
+                scaled[key] = factor
+    metadata = {"format": "pt"}
+    if adapter.weights_path.name == WEIGHTS_NAME:
+        metadata.update(read_header(adapter.weights_path).metadata or {})
+    metadata["rslora_tools.conversion"] = json.dumps(
+        {"tool": f"rslora-tools {__version__}", "method": plan.action, "message": plan.message,
+         "factors_folded_into_lora_B": len(scaled)}, sort_keys=True)
+    import torch
+
+    keys = list(adapter.shapes)
+    out_dtype = {k: "F32" if upcast and k in lora_keys else adapter.dtypes[k] for k in keys}
+    entries = [(k, out_dtype[k], adapter.shapes[k]) for k in keys]
+    with AdapterWriter(tmp, plan.config, entries, metadata, allow_nonfinite=allow_nonfinite) as writer:
+        for key in keys:
+            tensor = adapter.tensor(key)
+            if key in scaled or out_dtype[key] != adapter.dtypes[key]:
+                tensor = (tensor.to(torch.float32) * scaled.get(key, 1.0)).to(safetensors_to_torch_dtype(out_dtype[key]))
+            writer.write(key, tensor)
+
+
+def _other_files(adapter: Adapter) -> list[Path]:
+    """The adapter folder's other top-level files, which travel along (links out of the folder refused)."""
+    skip = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, PROVENANCE_NAME}
+    return [checked_file(adapter.path, path, "side file") for path in sorted(adapter.path.iterdir())
+            if path.name not in skip and not path.name.startswith(".") and path.is_file()]
+
+
+def _copy_other_files(adapter: Adapter, tmp: Path, plan: ConversionPlan) -> None:
+    """Every other top-level file travels along; the README gets a note of the conversion."""
+    for path in _other_files(adapter):
+        if path.name == "README.md":
+            text = path.read_text(encoding="utf-8", errors="replace")
+            (tmp / path.name).write_text(text.rstrip("\n") + "\n\n" + _readme_note(plan), encoding="utf-8")
+            continue
+        shutil.copyfile(path, tmp / path.name)
+
+
+def _readme_note(plan: ConversionPlan) -> str:
+    return (
+        "## Converted with rslora-tools\n\n"
+        f"{plan.message[0].upper()}{plan.message[1:]} (rslora-tools {__version__}). "
+        "Every module keeps the scale PEFT applied to the original adapter.\n"
+    )

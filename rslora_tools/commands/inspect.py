@@ -1,0 +1,323 @@
+"""`inspect`, what an adapter is, the scale each runtime would apply, and what is wrong with it.
+
+Reads only the config and safetensors headers (and, with a base, the base's headers), so it is
+fast for any adapter size. Findings ("lints") have a level: error (PEFT would fail or merge
+something else than intended), warning (likely a mistake), info (worth knowing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from ..adapter.adapter import Adapter, load_adapter
+from ..adapter.config import MUTATING_INITS
+from ..adapter.module_scales import (
+    ModuleEntry,
+    module_entries,
+    pattern_warnings,
+    rank_mismatch,
+)
+from ..adapter.relative import variant_name
+from ..adapter.runtimes import (
+    FEATURE_NAMES,
+    HISTORY,
+    RUNTIMES,
+    Runtime,
+    adapter_features,
+    missing_features,
+    runtime,
+    runtime_scale,
+)
+from ..adapter.scaling import unstable_patterns
+from ..errors import OptionError, RsloraError
+from ..plan.gguf import tied_embedding_problem
+from ..plan.merge import plan_merge
+from ..reporting import Report
+from .common import AdapterSpec, adapter_input, base_input, with_fields
+
+_TIED_NAMES = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)$")
+
+
+LintLevel = Literal["error", "warning", "info"]
+RuntimeStatus = Literal["exact", "wrong scale", "cannot serve"]
+
+
+@dataclass
+class Lint:
+    """One finding: error (PEFT would fail or merge something else), warning (likely a mistake), info."""
+
+    level: LintLevel
+    code: str
+    message: str
+
+
+@dataclass
+class InspectReport(Report):
+    """What `inspect` found; `to_dict()` is what `--json` prints."""
+
+    adapter: str
+    convention: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    features: list[str]
+    modules: list[dict[str, Any]]
+    groups: list[dict[str, Any]]
+    runtimes: dict[str, dict[str, Any]]
+    lints: list[Lint] = field(default_factory=list)
+    base: str | None = None
+    init_variant: str | None = None  # "PiSSA", "OLoRA", "CorDA", "LoRA-GA", "LoftQ": trained on a residual base
+    merge_needs_initial: bool = False  # merge/convert need --initial INIT (or --base-is-residual)
+
+    @property
+    def errors(self) -> int:
+        return sum(lint.level == "error" for lint in self.lints)
+
+    @property
+    def warnings(self) -> int:
+        return sum(lint.level == "warning" for lint in self.lints)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["errors"], d["warnings"] = self.errors, self.warnings
+        return d
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    """What `inspect` also checks: a base, the runtimes you serve with; how it reads the adapter."""
+
+    base: str | None = None  # also check the adapter against this base model (folder or Hub repo)
+    runtimes: tuple[str, ...] = ()  # runtimes you will serve with ("vllm", "vllm@0.6.3"): their problems are warnings
+    revision: str | None = None  # of ADAPTER, when it is a Hub repo
+    token: str | None = None
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runtimes", tuple(self.runtimes))
+        for spec in self.runtimes:
+            try:
+                runtime(spec)
+            except RsloraError as e:
+                raise OptionError(str(e)) from None
+
+
+def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = None, **fields: Any) -> InspectReport:
+    """Inspect an adapter from its config and tensor headers.
+
+    Args:
+        adapter: the adapter: a folder, a Hub repo or a loaded `Adapter`.
+        options: an `InspectOptions`; keyword arguments are taken as its fields (`base=...`, `runtimes=["vllm"]`).
+            The runtimes you name: their problems are warnings; other runtimes' problems (current releases) are
+            info, and so are those of older releases of the runtimes you name, where they behave differently.
+
+    Returns:
+        An `InspectReport`: per-module ranks, alphas and scales, each runtime's scale, and lints.
+    """
+    options = with_fields(options, InspectOptions, fields)
+    path, _ = adapter_input(adapter, revision=options.revision, token=options.token, allow_pickle=options.allow_pickle)
+    base = base_input(options.base, token=options.token).path if options.base is not None else None
+    runtimes = list(options.runtimes)
+    allow_pickle = options.allow_pickle
+    loaded = path if isinstance(path, Adapter) else load_adapter(path, allow_pickle=allow_pickle)
+    cfg = loaded.config
+    entries = module_entries(loaded, check_ranks=False)
+    fields = cfg.normalized()
+    selected = {spec: runtime(spec) for spec in runtimes or []}
+    columns = {**RUNTIMES, **{spec: rt for spec, rt in selected.items() if "@" in spec}}
+    lints: list[Lint] = []
+    summaries = {spec: _summary(rt, loaded, fields, entries) for spec, rt in columns.items()}
+    serving = {spec: rt for spec, rt in columns.items() if summaries[spec]["status"] != "cannot serve"}
+    modules = [_module_row(fields, e, columns, serving) for e in entries]
+    report = InspectReport(
+        adapter=str(loaded.path), convention=cfg.convention, r=cfg.r, lora_alpha=cfg.lora_alpha,
+        use_rslora=cfg.use_rslora, rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern,
+        features=[FEATURE_NAMES[f] for f in adapter_features(loaded)], modules=modules,
+        groups=_groups(modules), runtimes=summaries, lints=lints, base=str(base) if base is not None else None,
+        init_variant=variant_name(loaded), merge_needs_initial=loaded.config.init_variant in MUTATING_INITS,
+    )
+    _lint_initialisation(report, lints)
+    _lint_ranks(entries, lints)
+    _lint_patterns(loaded, fields, entries, lints)
+    _lint_features(loaded, entries, lints)
+    _lint_runtimes(report, set(selected), lints)
+    _lint_older_releases(report, loaded, fields, entries, selected, lints)
+    if base is not None:
+        _lint_base(loaded, base, report, set(selected), lints)
+    return report
+
+
+def _module_row(fields: dict[str, Any], e: ModuleEntry, columns: dict[str, Runtime],
+                serving: dict[str, Runtime]) -> dict[str, Any]:
+    """One module's rank, alpha and PEFT scale, and each runtime's scale (None where it cannot serve the adapter)."""
+    peft = e.scale.scale
+    scales = {}
+    for spec, rt in columns.items():
+        s = runtime_scale(rt, fields, e) if spec in serving else None
+        scales[spec] = {"scale": s, "ratio": s / peft if s is not None and peft else None}
+    return {
+        "name": e.module.name, "pattern_name": e.name, "kind": e.wrapping, "rank": e.shape_rank, "config_rank": e.scale.r, "alpha": e.scale.alpha,
+        "scale": peft, "rank_key": e.scale.rank_key, "alpha_key": e.scale.alpha_key, "runtimes": scales,
+    }
+
+
+def layer_pattern(name: str) -> str:
+    """`model.layers.3.mlp.up_proj` -> `model.layers.*.mlp.up_proj`: the name shared across layers."""
+    return re.sub(r"\.(\d+)(?=\.|$)", ".*", name)
+
+
+def _groups(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Modules that agree on everything but their layer number share a row."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for m in modules:
+        generic = layer_pattern(m["name"])
+        layers = [int(x) for x in re.findall(r"\.(\d+)(?=\.|$)", m["name"])[:1]]
+        key = (generic, m["rank"], m["alpha"], m["scale"], tuple(v["scale"] for v in m["runtimes"].values()))
+        g = groups.setdefault(key, {
+            "modules": generic, "count": 0, "layers": [], "rank": m["rank"], "alpha": m["alpha"], "scale": m["scale"],
+            "ratios": {k: v["ratio"] for k, v in m["runtimes"].items()},
+        })
+        g["count"] += 1
+        g["layers"] += layers
+    for g in groups.values():
+        g["layers"] = _ranges(sorted(set(g["layers"])))
+    return list(groups.values())
+
+
+def _ranges(numbers: list[int]) -> str:
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ",".join(parts)
+
+
+def _summary(rt: Runtime, adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry]) -> dict[str, Any]:
+    """One runtime at one range of releases: exact, wrong scale (and how wrong) or cannot serve (and why)."""
+    lacks = missing_features(rt, adapter)
+    scales = [(e, runtime_scale(rt, fields, e)) for e in entries]
+    if any(s is None for _, s in scales):
+        lacks.append("it refuses rsLoRA adapters (use_rslora: true)")
+    off = [(e, s) for e, s in scales if s is not None and s != e.scale.scale]
+    ratios = [s / e.scale.scale for e, s in off if e.scale.scale]
+    status: RuntimeStatus = "cannot serve" if lacks else ("wrong scale" if off else "exact")
+    return {
+        "label": rt.label, "version": rt.versions, "evidence": rt.evidence, "status": status, "reasons": lacks,
+        "modules_off": len(off), "ratio_min": min(ratios) if ratios else 1.0, "ratio_max": max(ratios) if ratios else 1.0,
+    }
+
+
+def _lint_ranks(entries: list[ModuleEntry], lints: list[Lint]) -> None:
+    for e in entries:
+        if e.shape_rank != e.scale.r:
+            lints.append(Lint("error", "rank-mismatch", rank_mismatch(e)))
+
+
+def _lint_patterns(adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry], lints: list[Lint]) -> None:
+    names = [e.name for e in entries]
+    for warning in pattern_warnings(adapter.config, names):
+        lints.append(Lint("warning", warning.code, warning.message))
+    for reason in unstable_patterns(fields, names):
+        if "regular expression" in reason:
+            lints.append(Lint("info", "pattern-syntax", f"{reason}: PEFT < 0.15 matches it differently"))
+
+
+def _lint_features(adapter: Adapter, entries: list[ModuleEntry], lints: list[Lint]) -> None:
+    for feature in adapter_features(adapter):
+        lints.append(Lint("info", "feature", f"uses {FEATURE_NAMES[feature]}"))
+    for e in entries:
+        if _TIED_NAMES.search(e.module.name):
+            lints.append(Lint("info", "tied-embedding",
+                              f"{e.module.name}: LoRA on an embedding or output head; if the base ties them, merging "
+                              "unties them (check with --base)"))
+
+
+def _lint_initialisation(report: InspectReport, lints: list[Lint]) -> None:
+    if report.init_variant is None:
+        return
+    if report.merge_needs_initial:
+        how = ("merge and convert need --initial INIT (the adapter saved right after initialisation), or "
+               "--base-is-residual with that residual base")
+    else:
+        how = "LoftQ is refused; with its own base saved, merge with --base-is-residual"
+    lints.append(Lint("warning", "init-variant",
+                      f"{report.init_variant} adapter: trained on a residual base (W - s * B0 @ A0), not on the "
+                      f"original model; runtimes that apply it to the original base serve something else; {how}"))
+
+
+def _lint_runtimes(report: InspectReport, selected: set[str], lints: list[Lint]) -> None:
+    for spec, summary in report.runtimes.items():
+        level: LintLevel = "warning" if spec in selected else "info"
+        who = summary["label"] if summary["version"] == "all releases" else f"{summary['label']} ({summary['version']})"
+        lint = _runtime_lint(level, who, summary, len(report.modules),
+                             f"rslora-tools convert {report.adapter} OUT --target {spec}")
+        if lint is not None:
+            lints.append(lint)
+
+
+def _runtime_lint(level: LintLevel, who: str, summary: dict[str, Any], modules: int, fix: str) -> Lint | None:
+    if summary["status"] == "cannot serve":
+        return Lint(level, "runtime-unsupported", f"{who} cannot serve this adapter: {'; '.join(summary['reasons'])}")
+    if summary["status"] == "wrong scale":
+        lo, hi = summary["ratio_min"], summary["ratio_max"]
+        ratio = f"{lo:.4g}x" if lo == hi else f"{lo:.4g}x to {hi:.4g}x"
+        return Lint(level, "runtime-scale",
+                    f"{who} would apply {ratio} PEFT's scale to {summary['modules_off']} of {modules} modules; fix: {fix}")
+    return None
+
+
+def _lint_older_releases(report: InspectReport, adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry],
+                         selected: dict[str, Runtime], lints: list[Lint]) -> None:
+    """For each runtime you name: its other releases where this adapter fares differently (info)."""
+    for spec, chosen in selected.items():
+        for rt in HISTORY[chosen.name]:
+            if rt == chosen:
+                continue
+            summary = _summary(rt, adapter, fields, entries)
+            if (summary["status"], summary["reasons"], summary["ratio_min"], summary["ratio_max"]) == tuple(
+                    report.runtimes[spec][k] for k in ("status", "reasons", "ratio_min", "ratio_max")):
+                continue
+            pin = f"{rt.name}@{rt.since}" if rt.since else f"{rt.name}@{rt.versions.removeprefix('up to ')}"
+            lint = _runtime_lint("info", rt.title, summary, len(report.modules),
+                                 f"rslora-tools convert {report.adapter} OUT --target {pin}")
+            if lint is not None:
+                lints.append(lint)
+            elif summary["status"] == "exact":
+                lints.append(Lint("info", "runtime-exact", f"{rt.title} applies PEFT's scale to every module"))
+
+
+def _lint_base(adapter: Adapter, base: str | os.PathLike[str], report: InspectReport, selected: set[str],
+               lints: list[Lint]) -> None:
+    try:
+        checkpoint, _, plan = plan_merge(base, adapter, collect_unmatched=True)
+    except RsloraError as e:
+        lints.append(Lint("error", "base", str(e)))
+        return
+    tied = tied_embedding_problem(adapter, checkpoint)
+    if tied:  # llama.cpp cannot take it on this base: say so instead of recommending a conversion
+        for spec, summary in report.runtimes.items():
+            if spec.partition("@")[0] == "llama.cpp" and summary["status"] != "cannot serve":
+                summary.update(status="cannot serve", reasons=[f"embedding LoRA {tied}"])
+                for row in [*report.modules, *report.groups]:
+                    if "runtimes" in row:
+                        row["runtimes"][spec] = {"scale": None, "ratio": None}
+                    else:
+                        row["ratios"][spec] = None
+                lints[:] = [lint for lint in lints if not (lint.code == "runtime-scale" and "--target llama.cpp" in lint.message)]
+                lints.append(Lint("warning" if spec in selected else "info", "runtime-unsupported",
+                                  f"llama.cpp cannot serve this adapter on this base: embedding LoRA {tied}; merge "
+                                  "it instead"))
+    for key in plan.unmatched:
+        lints.append(Lint("error", "base", f"adapter tensor {key!r} matches no tensor in the base"))
+    for warning in plan.warnings:
+        lints.append(Lint("warning", "base", warning))
+    for note in plan.notes:
+        lints.append(Lint("info", "base", note))

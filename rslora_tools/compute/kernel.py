@@ -1,0 +1,164 @@
+"""The C merge kernel (`_kernel.c`), exact merges of linear and embedding LoRA without torch.
+
+Most of a merge is `W += s * (B @ A)` on bf16/fp16/fp32 linear (and embedding) weights. The
+kernel does it for a block of rows in one cache-friendly pass, bit for bit as PEFT does it with
+torch on CPU (docs/peft-rules.md, "Rounding"). `supports` says which tensors it can compute;
+the executor's lowering decides, and every other tensor (and every tensor when the kernel was
+not built, the CPU lacks AVX2/FMA/F16C, or RSLORA_TOOLS_KERNEL=0) is computed with torch by
+compute/torch_ops.py. A merge whose tensors all go through the kernel never imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from types import ModuleType
+
+from ..formats.quant import FOUR_BIT_CODES
+
+DTYPE_CODES = {"BF16": 0, "F16": 1, "F32": 2}
+_NONFINITE_CODES = {**DTYPE_CODES, "F64": 3}
+# torch's CPU sgemm (MKL) sums the rank in one in-order chain of FMAs, as the kernel does, for
+# ranks up to 192 and matrices of at least 4 x 16 (measured); past that it blocks the rank or
+# takes other kernels, whose rounding differs. The kernel keeps well inside that region.
+MAX_RANK = 128
+MIN_DIM = 16
+
+_module: ModuleType | None | bool = False  # False: not loaded yet
+
+
+def _kernel() -> ModuleType | None:
+    """The compiled module, or None when it was not built (no C compiler at install time)."""
+    global _module
+    if _module is False:
+        try:
+            from . import _kernel as compiled
+        except ImportError:
+            _module = None
+        else:
+            _module = compiled
+    assert not isinstance(_module, bool)
+    return _module
+
+
+def _loaded() -> ModuleType:
+    compiled = _kernel()
+    if compiled is None:
+        raise RuntimeError("the merge kernel is not built")
+    return compiled
+
+
+def available() -> bool:
+    """Whether merges can use the kernel here (built, CPU able, not switched off)."""
+    if os.environ.get("RSLORA_TOOLS_KERNEL", "1") == "0":
+        return False
+    compiled = _kernel()
+    return compiled is not None and compiled.available()
+
+
+def supports(*, layer: str, transposed: bool, dtype: str, start_dtype: str, shape: tuple[int, ...],
+             a_dtype: str, b_dtype: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
+    """Whether the kernel computes this merge exactly: plain linear (or Conv1D) or embedding LoRA, same dtype in and out.
+
+    `start_dtype` is the dtype of the value the delta is added to (the base tensor, or the adapter's
+    replacement); `dtype` the output's.
+    """
+    if layer not in ("linear", "embedding") or dtype != start_dtype or dtype not in DTYPE_CODES:
+        return False
+    if len(shape) != 2 or min(shape) < MIN_DIM or a_dtype not in DTYPE_CODES or b_dtype not in DTYPE_CODES:
+        return False
+    rank = a_shape[0]
+    rows, cols = shape
+    if layer == "linear" and not transposed:  # W (out, in) += B (out, r) @ A (r, in)
+        shapes_fit = a_shape == (rank, cols) and b_shape == (rows, rank)
+    else:  # embedding W (vocab, dim), Conv1D W (in, out): += (B (cols, r) @ A (r, rows)).T
+        shapes_fit = a_shape == (rank, rows) and b_shape == (cols, rank)
+    return 1 <= rank <= MAX_RANK and shapes_fit and available()
+
+
+def widen(data: bytes | bytearray | memoryview, dtype: str) -> bytearray:
+    """bf16/fp16/fp32 bytes as fp32 bytes (exact), as PEFT upcasts half-precision adapter weights."""
+    code = DTYPE_CODES[dtype]
+    out = bytearray(len(data) // (4 if dtype == "F32" else 2) * 4)
+    _loaded().widen(data, code, out)
+    return out
+
+
+class Operands:
+    """One tensor's LoRA factors (fp32) as the kernel reads them for W's rows.
+
+    Linear: W (out, in) += s * B @ A, row i takes B[i, :] and A. Embedding, and Conv1D
+    (`transposed`, W is (in, out)): W += s * (B @ A).T, row v takes A[:, v] and B.T. PEFT's
+    Embedding merge rounds that delta to W's dtype before adding it.
+    """
+
+    def __init__(self, kind: str, a: bytearray, b: bytearray, rank: int, rows: int, cols: int, transposed: bool = False):
+        self.rank, self.cols = rank, cols
+        self.round_delta = kind == "embedding"
+        if kind == "linear" and not transposed:
+            self.left, self.left_strides = memoryview(b), (rank, 1)  # row i: B[i, k]
+            right, right_strides = a, (cols, 1)  # A[k, j]
+        else:
+            self.left, self.left_strides = memoryview(a), (1, rows)  # row v: A[k, v]
+            right, right_strides = b, (1, rank)  # B[j, k]
+        self.panels = _loaded().pack(right, *right_strides, rank, cols)
+
+
+def merge_rows(w: memoryview, dtype: str, operands: Operands, start: int, rows: int, scale: float, out: memoryview) -> bool:
+    """out = W + scale * delta for `rows` rows from row `start`; False when a sum is not finite (use torch instead)."""
+    o = operands
+    left = o.left[start * o.left_strides[0] * 4:]
+    bad = _loaded().merge_rows(w, DTYPE_CODES[dtype], left, *o.left_strides, o.panels,
+                               rows, o.rank, o.cols, scale, o.round_delta, out)
+    return bad == 0
+
+
+def count_nonfinite(data: bytes | bytearray | memoryview, dtype: str) -> int | None:
+    """NaN/Inf values in raw float bytes; None when the compiled module is missing or the dtype is not a float."""
+    compiled = _kernel()
+    if compiled is None or dtype not in _NONFINITE_CODES:
+        return None
+    return compiled.count_nonfinite(data, _NONFINITE_CODES[dtype])
+
+
+def quantizes(*, method: str, blocksize: int, dtype: str, shape: tuple[int, ...]) -> bool:
+    """Whether the kernel quantizes this weight as bitsandbytes does: 4-bit, 2-D, rows made of whole blocks."""
+    return (method in FOUR_BIT_CODES and dtype in DTYPE_CODES and len(shape) == 2 and shape[1] % blocksize == 0
+            and blocksize % 8 == 0 and available())
+
+
+def block_absmax(data: memoryview, dtype: str, blocksize: int, out: memoryview) -> int:
+    """absmax (fp32) of each block of `blocksize` elements into `out`; returns the number of non-finite blocks."""
+    bad: int = _loaded().block_absmax(data, DTYPE_CODES[dtype], blocksize, out)
+    return bad
+
+
+@functools.cache
+def _four_bit_tables(method: str) -> tuple[bytes, bytes]:
+    """(code sorted, the 15 midpoints between neighbours) as fp32, computed as bitsandbytes computes them in torch:
+    code / max |code| and (a + b) / 2, each rounded to fp32 (exact through float64 for these operations)."""
+    def f32(x: float) -> float:
+        return float(struct.unpack("f", struct.pack("f", x))[0])
+
+    data = [f32(v) for v in FOUR_BIT_CODES[method]]
+    top = max(abs(v) for v in data)
+    code = sorted(f32(v / top) for v in data)
+    midpoints = [f32(f32(a + b) / 2) for a, b in zip(code, code[1:])]
+    return struct.pack("16f", *code), struct.pack("15f", *midpoints)
+
+
+def simulate_4bit(data: memoryview, dtype: str, method: str, blocksize: int, first_block: int, absmax: memoryview,
+                  scale: memoryview, out: memoryview, *, wide: bool = True) -> None:
+    """out = bitsandbytes' 4-bit quantization of `data` (its blocks from `first_block` on, with `absmax`), dequantized
+    with `scale` (the absmax values, double quantized or not) and rounded to `dtype`. AVX-512 where the CPU has it
+    (and `wide`), else AVX2: the same bits (the tests check both)."""
+    code, midpoints = _four_bit_tables(method)
+    _loaded().simulate_4bit(data, DTYPE_CODES[dtype], blocksize, first_block, absmax, scale, code, midpoints, out, wide)
+
+
+def quant_norms(w: memoryview, quantized: memoryview, merged: memoryview | None, dtype: str) -> tuple[float, float, float]:
+    """Squared norms for the merge report: (|W|^2, |Wq - W|^2, |merged - Wq|^2), W the original weight block."""
+    sums: tuple[float, float, float] = _loaded().quant_norms(w, quantized, merged if merged is not None else w,
+                                                            DTYPE_CODES[dtype], merged is not None)
+    return sums

@@ -1,0 +1,241 @@
+"""Quantized weights as the adapter saw them, dequantized (or quantized and dequantized) with torch.
+
+The arithmetic of bitsandbytes (0.50, CPU), GPTQ and AWQ (as gptqmodel 7.7 unpacks them),
+op for op, so that the values are the same bits (docs/quantization.md):
+- 4-bit: code[q] * absmax in fp32, rounded once to the quant state's dtype; with double
+  quantization the absmax values are first rebuilt as code8[q8] * absmax2 + offset (fp32);
+- quantizing (`--trained-on`): absmax per block, x * (1 / absmax) clamped to [-1, 1], the
+  nearest code by bucketize against the midpoints (bitsandbytes' torch path); double
+  quantization subtracts the mean and quantizes to 8 bits through bitsandbytes' CPU lookup
+  table of 65536 entries;
+- int8: round(x16 * (127 / rowmax)) from the fp16 weight, and back as q * SCB * (1/127) in fp32;
+- GPTQ: scales[g_idx] * (q - zeros[g_idx]) (v1 checkpoints store zeros - 1); AWQ GEMM: the same
+  with AWQ's nibble order and contiguous groups.
+Every function returns a new CPU tensor in the dtype dequantization gives; the caller casts it
+to the merge's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from ..formats.quant import FOUR_BIT_CODES, QuantizedWeight, QuantScheme
+
+Reader = Callable[[str], torch.Tensor]
+
+_INT8_STEP = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
+_LUT_SIZE = 65536
+
+
+@functools.cache
+def code_4bit(method: str) -> torch.Tensor:
+    """The 16 values of a 4-bit code (index = stored nibble), as bitsandbytes builds them: divided by the largest."""
+    data = torch.tensor(FOUR_BIT_CODES[method], dtype=torch.float32)
+    return data.div_(data.abs().max())
+
+
+@functools.cache
+def _sorted_4bit(method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, midpoints): bitsandbytes' quantize_4bit picks the code `order[bucketize(x, midpoints)]`."""
+    code = code_4bit(method)
+    order = torch.argsort(code)  # FP4 has two zeros: torch's own order of equal values decides, as in bitsandbytes
+    return order, (code[order[:-1]] + code[order[1:]]) / 2
+
+
+@functools.cache
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic code (create_dynamic_map()), used for double quantization."""
+    data: list[float] = []
+    for i in range(7):
+        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+@functools.cache
+def _lookup_table() -> torch.Tensor:
+    """bitsandbytes' CPU quantize_blockwise table: for 65536 steps over [-1, 1], the index of the nearest code."""
+    code = dynamic_map()
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    steps = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, steps, side="left")
+
+
+def _blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full blocks (rows of a view) and the remainder (None when the length divides evenly)."""
+    full = flat.numel() - flat.numel() % blocksize
+    rest = flat[full:] if full < flat.numel() else None
+    return flat[:full].view(-1, blocksize), rest
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values * absmax of each block of `blocksize` (fp32; the last block may be short)."""
+    body, rest = _blocks(values, blocksize)
+    nblocks = body.shape[0]
+    out = (body * absmax[:nblocks].view(-1, 1)).reshape(-1)
+    if rest is not None:
+        out = torch.cat([out, rest * absmax[nblocks]])
+    return out
+
+
+def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """bitsandbytes' dequantize_blockwise: code[q] * absmax of the block, fp32."""
+    return _scale_blocks(code[q.reshape(-1).long()], absmax, blocksize)
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU quantize_blockwise with the dynamic code: (codes uint8, absmax per block).
+
+    Per block: absmax = max |x|; a zero block gives code 0; else the code of x * (1 / absmax)
+    through the lookup table, at index trunc((clamp(v, -1, 1) + 1) * 0.5 * 65535 + 0.5).
+    """
+    flat = x.reshape(-1).float()
+    nblocks = -(flat.numel() // -blocksize)
+    padded = torch.nn.functional.pad(flat, (0, nblocks * blocksize - flat.numel())).view(nblocks, blocksize)
+    absmax = padded.abs().max(dim=1).values
+    scaled = (padded * (1.0 / absmax).view(-1, 1)).reshape(-1)[: flat.numel()]
+    index = ((scaled.clamp(-1.0, 1.0) + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int64)
+    codes = _lookup_table()[index]
+    zero = (absmax == 0).repeat_interleave(blocksize)[: flat.numel()]
+    return torch.where(zero, 0, codes).to(torch.uint8), absmax
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, method: str, blocksize: int,
+                    shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit: two codes per byte (high nibble first), code * absmax in fp32, one rounding."""
+    data = packed.reshape(-1).view(torch.uint8)
+    n = 1
+    for d in shape:
+        n *= d
+    nibbles = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)[:n]
+    values = code_4bit(method)[nibbles.long()]
+    return _scale_blocks(values, absmax.float(), blocksize).to(dtype).reshape(shape)
+
+
+def dequantize_stored(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
+    """A quantized weight of a checkpoint, dequantized as its library does (in `stored.dtype`)."""
+    method = stored.scheme.method
+    if method in ("nf4", "fp4"):
+        return _dequantize_bnb4(stored, read)
+    if method == "int8":
+        return dequantize_int8(read(stored.parts["weight"]), read(stored.parts["SCB"]))
+    if method == "gptq":
+        return dequantize_gptq(stored, read)
+    return dequantize_awq(stored, read)
+
+
+def _dequantize_bnb4(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
+    absmax = read(stored.parts["absmax"])
+    if stored.scheme.double_quant:
+        absmax = dequantize_blockwise_8bit(absmax, read(stored.parts["nested_absmax"]).float(),
+                                           read(stored.parts["nested_quant_map"]).float(), stored.nested_blocksize)
+        absmax += torch.tensor(stored.nested_offset, dtype=torch.float32)
+    dtype = _TORCH[stored.dtype]
+    return dequantize_4bit(read(stored.parts["weight"]), absmax, stored.scheme.method, stored.scheme.blocksize,
+                           stored.shape, dtype)
+
+
+def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """LLM.int8: q * SCB * (1/127) per row, fp32 (bitsandbytes' int8_vectorwise_dequant)."""
+    return weight * scb.view(-1, 1) * _INT8_STEP
+
+
+def quantize_4bit(w: torch.Tensor, method: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' quantize_4bit (its torch path): (code index per element, absmax per block fp32)."""
+    order, midpoints = _sorted_4bit(method)
+    flat = w.reshape(-1).float()
+    body, rest = _blocks(flat, blocksize)
+    absmax = body.abs().max(dim=-1).values
+    scaled = torch.clamp(body * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rest is not None:
+        last = rest.abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(rest / last, -1, 1)])
+    return order[torch.bucketize(scaled, midpoints, out_int32=True).long()], absmax
+
+
+def simulate(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """What bitsandbytes makes of `w` when transformers quantizes it with `scheme`, dequantized again.
+
+    4-bit: in w's dtype (the quant state's dtype); int8: fp32 (as int8_vectorwise_dequant gives it).
+    """
+    if scheme.method == "int8":
+        q, scb = quantize_int8(w)
+        return dequantize_int8(q, scb)
+    codes, absmax = quantize_4bit(w, scheme.method, scheme.blocksize)
+    if scheme.double_quant:
+        absmax = double_quantized_absmax(absmax)
+    values = code_4bit(scheme.method)[codes]
+    return _scale_blocks(values, absmax, scheme.blocksize).to(w.dtype).reshape(w.shape)
+
+
+def double_quantized_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """The absmax values as double quantization leaves them: (absmax - mean) through 8 bits, plus the mean, fp32."""
+    offset = absmax.mean()
+    q, absmax2 = quantize_blockwise_8bit(absmax - offset, 256)
+    return dequantize_blockwise_8bit(q, absmax2, dynamic_map(), 256) + offset
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' Int8Params: the weight as fp16, row absmax (fp32), round(x * (127 / absmax)) as int8."""
+    half = w.to(torch.float16)
+    scb = half.abs().max(dim=1).values.float()
+    return torch.round(half * (127.0 / scb.unsqueeze(-1))).to(torch.int8), scb
+
+
+def _unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words -> their `32 // bits` fields, lowest bits first, laid out along `dim` (0: rows, 1: columns)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    if dim == 0:  # words (R, C) -> (R * k, C)
+        fields = torch.bitwise_right_shift(words.unsqueeze(1), shifts.view(1, -1, 1))
+        return torch.bitwise_and(fields, (1 << bits) - 1).reshape(-1, words.shape[1])
+    fields = torch.bitwise_right_shift(words.unsqueeze(2), shifts.view(1, 1, -1))  # (R, C) -> (R, C * k)
+    return torch.bitwise_and(fields, (1 << bits) - 1).reshape(words.shape[0], -1)
+
+
+def dequantize_gptq(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
+    """GPTQ: W^T = scales[g_idx] * (q - zeros[g_idx]), in the scales' dtype; returned as (out, in).
+
+    A v1 checkpoint ("gptq") stores each zero point minus one; gptqmodel adds 0x11111111 (4-bit)
+    or 0x01010101 (8-bit) to every packed word before unpacking, and so does this.
+    """
+    bits = stored.scheme.bits
+    qzeros = read(stored.parts["qzeros"]).to(torch.int32)
+    if stored.scheme.format == "gptq":
+        qzeros = qzeros + (0x11111111 if bits == 4 else 0x01010101)
+    scales = read(stored.parts["scales"])
+    out_features, in_features = stored.shape
+    zeros = _unpack(qzeros, bits, 1)[:, :out_features]
+    weight = _unpack(read(stored.parts["qweight"]).to(torch.int32), bits, 0)[:in_features]
+    g_idx = read(stored.parts["g_idx"]).long()  # checked against the scales by formats.quant._check_group_indices
+    return (scales[g_idx] * (weight - zeros[g_idx])).T.contiguous()
+
+
+_AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def dequantize_awq(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
+    """AWQ GEMM: fields in AWQ's order (0, 2, 4, 6, 1, 3, 5, 7 per word), (q - zeros) * scales; returned as (out, in)."""
+    out_features, in_features = stored.shape
+    scales = read(stored.parts["scales"])
+    group = in_features if stored.scheme.blocksize == -1 else stored.scheme.blocksize
+    weight = _awq_fields(read(stored.parts["qweight"]).to(torch.int32))[:, :out_features]
+    zeros = _awq_fields(read(stored.parts["qzeros"]).to(torch.int32))[:, :out_features]
+    zeros = zeros.repeat_interleave(group, dim=0)[:in_features]
+    scales = scales.repeat_interleave(group, dim=0)[:in_features]
+    return ((weight - zeros) * scales).T.contiguous()
+
+
+def _awq_fields(words: torch.Tensor) -> torch.Tensor:
+    fields = _unpack(words, 4, 1)
+    order = torch.arange(fields.shape[1]).view(-1, 8)[:, _AWQ_REVERSE_ORDER].reshape(-1)
+    return fields[:, order]
+
+
+_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

@@ -1,0 +1,301 @@
+"""The value of one merged tensor, computed with torch exactly as PEFT's merge_and_unload does.
+
+Every operation below mirrors PEFT 0.21 op for op (docs/peft-rules.md, "Deltas", "Rounding"
+and "DoRA"), because bit-exact results need the same torch ops in the same order and dtypes:
+- adapter tensors are upcast to fp32 when saved in half precision (PEFT's autocast_adapter_dtype);
+- Linear / Conv1D / ConvNd add the fp32 delta in place: one rounding to the base dtype;
+- Embedding, MultiheadAttention and target_parameters cast the delta to the base dtype first;
+- MultiheadAttention's out_proj gets its delta twice, as PEFT's merge (and forward) apply it;
+- DoRA computes in fp32 and rounds once at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..plan.tensors import LoraOp, TensorPlan
+from ..formats.safetensors_file import safetensors_to_torch_dtype
+
+_HALF = {torch.float16, torch.bfloat16}
+_UPCAST = _HALF | {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+Reader = Callable[[str], torch.Tensor]
+
+
+def adapter_weight(read: Reader, key: str, device: torch.device) -> torch.Tensor:
+    """An adapter tensor as PEFT holds it after loading: half precision upcast to fp32."""
+    t = read(key).to(device)
+    return t.float() if t.dtype in _UPCAST else t
+
+
+def lora_delta(op: LoraOp, read: Reader, w_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """PEFT's get_delta_weight for the op's layer kind (fp32, scale included, base weight layout)."""
+    a = adapter_weight(read, op.module.a_key, device)
+    b = adapter_weight(read, op.module.b_key, device)
+    s = op.scale.scale
+    if op.kind in ("linear", "param", "mha", "mha_out"):
+        delta = b @ a
+        return (delta.T if op.transpose else delta) * s
+    if op.kind == "embedding":
+        return (b @ a).T * s
+    if op.kind == "conv":
+        if len(w_shape) == 4 and tuple(w_shape[2:4]) == (1, 1):  # PEFT's Conv2d 1x1 shortcut
+            return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * s
+        # The general formula for every other kernel, Conv3d 1x1xk included (PEFT's shortcut crashes there).
+        return _CONV[len(w_shape)](a.transpose(0, 1), b).transpose(0, 1) * s
+    if op.kind == "experts":
+        a3 = a.reshape(op.experts, -1, a.shape[-1])  # expert-major rows: e*r + k
+        b3 = b.reshape(b.shape[0], -1, op.experts)  # expert-minor columns: k*E + e
+        if op.transpose:  # W[e] is (in, out), as in GPT-OSS
+            return torch.einsum("o r e, e r i -> e i o", b3, a3) * s
+        return torch.einsum("o r e, e r i -> e o i", b3, a3) * s  # W[e] is (out, in): Mixtral/Qwen-MoE in v5
+    raise AssertionError(op.kind)
+
+
+# Row blocks of at least this many rows and about this many fp32 elements: the delta of a block
+# stays in cache, and memory stays small. Every block has the same row count (the last one
+# overlaps its predecessor) because a matmul with very few rows may take a different kernel,
+# whose rounding differs from PEFT's single big matmul; equal-size blocks of >= 64 rows give
+# bit-identical rows (checked by the tests and the benchmark against PEFT).
+_MIN_BLOCK_ROWS = 64
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _add_linear_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
+    """W += (B @ A) * s, one row block at a time: the same values as PEFT, in a fused pass."""
+    a = adapter_weight(read, op.module.a_key, w.device)
+    b = adapter_weight(read, op.module.b_key, w.device)
+    s = op.scale.scale
+    rows = w.shape[0]
+    step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(1, w.shape[1]))
+    if step >= rows:
+        w += (b @ a) * s
+        return w
+    block = torch.empty(step, a.shape[1], dtype=torch.float32, device=w.device)  # reused for every block
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        first = stop - step  # the last block overlaps the previous one to keep its size
+        torch.mm(b[first:stop], a, out=block)
+        block.mul_(s)
+        # fl32(delta + W) then one rounding to W's dtype: the same bits as PEFT's `W += delta`,
+        # in two simple passes instead of a mixed-dtype in-place add.
+        part = block[start - first :]
+        part += w[start:stop]
+        w[start:stop].copy_(part)
+    return w
+
+
+def _add_embedding_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
+    """W += ((B @ A)^T * s).to(W.dtype), a block of vocabulary rows at a time (never the whole fp32 delta).
+
+    Column blocks of B @ A give the same bits as the full product (checked in the tests), and
+    the delta is cast to W's dtype before the add, as PEFT's Embedding merge does.
+    """
+    a = adapter_weight(read, op.module.a_key, w.device)  # [r, vocab]
+    b = adapter_weight(read, op.module.b_key, w.device)  # [dim, r]
+    s = op.scale.scale
+    rows = w.shape[0]
+    step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        first = max(0, stop - step)
+        block = (b @ a[:, first:stop]).T * s
+        w[start:stop] += block[start - first :].to(w.dtype)
+    return w
+
+
+def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
+    """Merge one LoRA module into its (writable) weight; returns the merged weight."""
+    if op.kind == "linear" and not op.dora and not op.transpose and w.dim() == 2 and w.device.type == "cpu":
+        return _add_linear_in_blocks(w, op, read)
+    if op.kind == "embedding" and not op.dora and w.device.type == "cpu":
+        return _add_embedding_in_blocks(w, op, read)
+    delta = lora_delta(op, read, w.shape, w.device)
+    if op.dora:
+        return _apply_dora(w, op, delta, read)
+    if op.kind == "mha_out":
+        # PEFT's MultiheadAttention.merge adds the out_proj delta (cast to W's dtype), then merges
+        # the wrapped out_proj LoRA layer again (fp32 add, one rounding): the delta counts twice.
+        # Its forward merges the same way, so this is what the adapter was trained with.
+        w = w + delta.to(w.dtype)
+        w += delta
+        return w
+    if op.kind in ("embedding", "mha", "param", "experts"):
+        if op.kind in ("param", "experts") and w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            w += delta  # low-precision parameters: PEFT adds without downcasting the delta first
+        else:
+            w += delta.to(w.dtype)
+        return w
+    w += delta  # mixed-dtype in-place add: computed in fp32, rounded once
+    return w
+
+
+def _apply_dora(w: torch.Tensor, op: LoraOp, delta: torch.Tensor, read: Reader) -> torch.Tensor:
+    assert op.module.magnitude_key is not None
+    magnitude = adapter_weight(read, op.module.magnitude_key, w.device)
+    orig_dtype = w.dtype
+    if op.kind == "conv":
+        weight = w + 1 * delta
+        norm = weight.norm(p=2, dim=tuple(range(1, weight.dim())), keepdim=True).transpose(1, 0)
+        factor = (magnitude / norm).view(*((-1,) + (1,) * (w.dim() - 1)))
+        return (factor * (w + delta)).to(orig_dtype)
+    if op.kind == "embedding":  # norm per embedding dim, over the vocabulary
+        weight = w.T + 1 * delta.T
+        norm = torch.linalg.norm(weight, dim=1).to(weight.dtype)
+        factor = (magnitude / norm).view(1, -1)
+        return (factor * (w + delta)).to(orig_dtype)
+    # Linear, or Conv1D when transposed: the norm is per output feature
+    return (_linear_dora_factor(op, magnitude, _linear_dora_norm(w, delta, op)) * (w + delta)).to(orig_dtype)
+
+
+def _t(x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return x.T if transpose else x
+
+
+def apply_lora_bias(bias: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
+    """lora_bias: b += lora_B.bias * scale (fp32, rounded once), as PEFT's unsafe merge does."""
+    assert op.module.bias_key is not None
+    lora_b_bias = adapter_weight(read, op.module.bias_key, bias.device)
+    bias += lora_b_bias * op.scale.scale
+    return bias
+
+
+def apply_tokens(w: torch.Tensor, key: str, indices: list[int], read: Reader) -> torch.Tensor:
+    """Trainable tokens: the saved rows replace rows `indices` (index_copy, as PEFT merges them)."""
+    rows = read(key).to(w.device)
+    return w.index_copy(0, torch.tensor(indices, device=w.device), rows.to(w.dtype))
+
+
+def compute(
+    plan: TensorPlan,
+    base: torch.Tensor | None,
+    read: Reader,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The merged value of one output tensor, from its base value (None when a replacement gives it).
+
+    `read` reads an adapter tensor by key; `base` is writable and may be changed in place.
+    """
+    if plan.replacement is not None:
+        w = read(plan.replacement)
+        device = base.device if base is not None else w.device
+        w = w.to(device=device, dtype=out_dtype)
+    else:
+        assert base is not None
+        w = base if base.dtype == out_dtype else base.to(out_dtype)
+    if plan.stacked:
+        return _apply_stacked(w, plan, read)
+    if plan.lora is not None:
+        w = apply_lora(w, plan.lora, read)
+    if plan.bias_of is not None:
+        w = apply_lora_bias(w, plan.bias_of, read)
+    if plan.tokens is not None:
+        w = apply_tokens(w, plan.tokens[0], plan.tokens[1], read)
+    return w
+
+
+def _apply_stacked(w: torch.Tensor, plan: TensorPlan, read: Reader) -> torch.Tensor:
+    """Several adapters' ops on one tensor, as PEFT's merge_and_unload(adapter_names=[...]) applies them: one after
+    another, each rounded to W's dtype. A DoRA op after others takes its norm from the weight with the earlier ones
+    unmerged, and continues from the weight they are merged into again (PEFT's `_unmerged_base_weight`)."""
+    merged: list[tuple[LoraOp, torch.Tensor | None]] = []  # (op, its DoRA norm)
+    for step in (plan, *plan.stacked):
+        if step.lora is not None:
+            op = step.lora
+            if op.dora and merged:
+                base = _unmerge(w.clone(), merged, read)
+                w, replayed = base.clone(), []
+                for earlier, _ in merged:
+                    w, norm = _merge_one(w, earlier, read, norm_from=base)
+                    replayed.append((earlier, norm))
+                merged = replayed
+                w, norm = _merge_one(w, op, read, norm_from=base)
+            else:
+                w, norm = _merge_one(w, op, read, norm_from=w)
+            merged.append((op, norm))
+        if step.bias_of is not None:
+            w = apply_lora_bias(w, step.bias_of, read)
+    return w
+
+
+def _merge_one(w: torch.Tensor, op: LoraOp, read: Reader, norm_from: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One adapter's merge into W; for DoRA (linear) with the norm taken from `norm_from`, returned for an unmerge."""
+    if not op.dora or op.kind != "linear":  # a non-linear DoRA op is never merged after another (adapter/stacked.py)
+        return apply_lora(w, op, read), None
+    delta = lora_delta(op, read, w.shape, w.device)
+    norm = _linear_dora_norm(norm_from, delta, op)
+    factor = _linear_dora_factor(op, _magnitude(op, read, w.device), norm)
+    return (factor * (w + delta)).to(w.dtype), norm
+
+
+def _unmerge(w: torch.Tensor, merged: list[tuple[LoraOp, torch.Tensor | None]], read: Reader) -> torch.Tensor:
+    """PEFT's unmerge, last merged first: W -= delta.to(dtype); DoRA: (W / factor - delta).to(dtype)."""
+    for op, norm in reversed(merged):
+        delta = lora_delta(op, read, w.shape, w.device)
+        if op.dora:
+            assert norm is not None
+            factor = _linear_dora_factor(op, _magnitude(op, read, w.device), norm)
+            w = (w / factor - delta).to(w.dtype)
+        else:
+            w -= delta.to(w.dtype)
+    return w
+
+
+def _magnitude(op: LoraOp, read: Reader, device: torch.device) -> torch.Tensor:
+    assert op.module.magnitude_key is not None
+    return adapter_weight(read, op.module.magnitude_key, device)
+
+
+def _linear_dora_norm(w: torch.Tensor, delta: torch.Tensor, op: LoraOp) -> torch.Tensor:
+    """DoRA's weight norm per output feature of W + delta (Linear, or Conv1D when transposed)."""
+    weight = _t(w, op.transpose) + 1 * _t(delta, op.transpose)
+    return torch.linalg.norm(weight, dim=1).to(weight.dtype)
+
+
+def _linear_dora_factor(op: LoraOp, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return _t((magnitude / norm).view(-1, 1), op.transpose)
+
+
+def quantized_base(t: TensorPlan, read_base: Reader) -> torch.Tensor:
+    """The base value of a weight that comes through quantization, on the CPU, in the dtype dequantization gives:
+    a stored quantized weight dequantized, or the base weight quantized and dequantized (`--trained-on`)."""
+    from .quantization import dequantize_stored, simulate
+
+    q = t.quant
+    assert q is not None and t.source is not None
+    if q.stored is not None:
+        value = dequantize_stored(q.stored, read_base)
+    else:
+        w = read_base(t.source)
+        value = simulate(w.T.contiguous() if q.transposed else w, q.scheme)
+    return value.T.contiguous() if q.transposed else value
+
+
+def quantization_norms(original: torch.Tensor, quantized: torch.Tensor, merged: torch.Tensor) -> tuple[float, float, float]:
+    """(|W|^2, |Wq - W|^2, |merged - Wq|^2) in double: how far quantization moved a weight, against how far the
+    merge moved it (for the merge report; the kernel computes the same sums)."""
+    w, q, m = original.double(), quantized.double(), merged.double()
+    return float((w * w).sum()), float(((q - w) ** 2).sum()), float(((m - q) ** 2).sum())
+
+
+def quantization_error(t: TensorPlan, read_base: Reader, read_adapter: Reader) -> tuple[float, float, float]:
+    """quantization_norms of one weight quantized as in training (`--trained-on`) with a LoRA delta."""
+    assert t.quant is not None and t.quant.simulated and t.lora is not None and t.source is not None
+    original = read_base(t.source)
+    quantized = quantized_base(t, read_base).to(safetensors_to_torch_dtype(t.dtype))
+    merged = merged_tensor(t, read_base, read_adapter, quantized.dtype, base=quantized.clone())
+    return quantization_norms(original, quantized, merged)
+
+
+def merged_tensor(t: TensorPlan, read_base: Reader, read_adapter: Reader, out_dtype: torch.dtype,
+                  device: torch.device | str = "cpu", base: torch.Tensor | None = None) -> torch.Tensor:
+    """The merged value of one planned tensor on `device`; `base` when the caller has read the base value already."""
+    if base is None and t.quant is not None and t.replacement is None:
+        base = quantized_base(t, read_base).to(device)
+    elif base is None and t.source is not None:
+        base = read_base(t.source).to(device)
+    return compute(t, base, read_adapter, out_dtype)

@@ -1,0 +1,337 @@
+"""Quantized checkpoints: the quantization a config names, and what each quantized weight stores.
+
+Read as transformers saves them (docs/quantization.md):
+- bitsandbytes 4-bit (NF4 or FP4, with or without double quantization, any `quant_storage`):
+  per weight the packed codes under the weight's own name, plus `.absmax`, `.quant_map`,
+  `.quant_state.bitsandbytes__<type>` (a JSON string as uint8: shape, dtype, blocksize, the nested
+  offset) and, when double quantized, `.nested_absmax` and `.nested_quant_map`;
+- bitsandbytes 8-bit (LLM.int8): int8 weight, `<module>.SCB` (row scales), `.weight_format`;
+- GPTQ (`qweight`, `qzeros`, `scales`, `g_idx`) and AWQ GEMM (`qweight`, `qzeros`, `scales`), int4
+  or int8, with the module's `.weight` absent.
+A `QuantScheme` says how a weight was quantized; `QuantizedWeight` is one stored weight, with the
+checkpoint tensors it is rebuilt from. Anything else is refused with the method named.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from .checkpoint import Checkpoint
+from ..errors import InputError, UnsupportedAdapterError
+
+QuantMethod = Literal["nf4", "fp4", "int8", "gptq", "awq"]
+BNB_4BIT: tuple[QuantMethod, ...] = ("nf4", "fp4")
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
+
+# bitsandbytes' 4-bit codes (functional.get_4bit_type, index = stored nibble), before their division by the
+# largest |value|. FP4 code 0b1000 is the integer -0 there, so +0.0, as in bitsandbytes' torch path and AVX-512
+# CPU path (its CUDA kernel and scalar CPU path give -0.0: equal values, only an exact zero's sign differs).
+FOUR_BIT_CODES = {
+    "nf4": [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
+            1.0],
+    "fp4": [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
+}
+
+# torch dtype names in configs and quant states -> safetensors dtypes
+_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16",
+           "torch.float32": "F32"}
+
+
+def dtype_from_name(name: object) -> str | None:
+    """The safetensors dtype of a torch dtype name as configs write it ("bfloat16", "torch.float16"); None if unknown."""
+    return _DTYPES.get(name) if isinstance(name, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class QuantScheme:
+    """How weights were quantized: the method and its parameters (bitsandbytes, GPTQ or AWQ)."""
+
+    method: QuantMethod
+    blocksize: int = 64  # bitsandbytes 4-bit: elements per absmax block; GPTQ/AWQ: group size (-1: one group)
+    double_quant: bool = False  # bitsandbytes 4-bit: the absmax values are quantized too
+    compute_dtype: str | None = None  # safetensors dtype the dequantized weights are merged in (None: the base's)
+    skip_modules: tuple[str, ...] | None = None  # llm_int8_skip_modules / modules_to_not_convert as configured
+    bits: int = 4  # GPTQ/AWQ
+    sym: bool = True  # GPTQ
+    desc_act: bool = False  # GPTQ act-order (g_idx not sequential)
+    format: str = ""  # GPTQ: "gptq" (v1 zero points) or "gptq_v2"; AWQ: "gemm"
+
+    @property
+    def label(self) -> str:
+        """How reports name it: "nf4 (double quant, blocksize 64)", "int8", "gptq 4-bit (group 128)"."""
+        if self.method in BNB_4BIT:
+            double = "double quant" if self.double_quant else "no double quant"
+            return f"{self.method} ({double}, blocksize {self.blocksize})"
+        if self.method == "int8":
+            return "int8 (LLM.int8)"
+        group = "one group" if self.blocksize == -1 else f"group {self.blocksize}"
+        extra = ", act-order" if self.desc_act else ""
+        return f"{self.method} {self.bits}-bit ({group}{extra}, {self.format})"
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedWeight:
+    """One quantized weight stored in a checkpoint: the tensors it is rebuilt from, its shape and dtype."""
+
+    name: str  # the weight as the unquantized model names it ("model.layers.0.mlp.up_proj.weight")
+    scheme: QuantScheme
+    parts: dict[str, str]  # role ("weight", "absmax", "SCB", "qweight", ...) -> checkpoint tensor name
+    shape: tuple[int, ...]  # the unquantized weight's shape
+    dtype: str  # what dequantization gives (bitsandbytes 4-bit: the quant state's dtype; int8: F32; GPTQ/AWQ: scales)
+    nested_offset: float = 0.0  # bitsandbytes double quant: the mean subtracted from the absmax values
+    nested_blocksize: int = 256
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_scheme(config: dict[str, Any] | None, where: str) -> QuantScheme | None:
+    """The quantization config.json's `quantization_config` describes; None for an unquantized checkpoint."""
+    quant = (config or {}).get("quantization_config")
+    if not quant:
+        return None
+    if not isinstance(quant, dict):
+        raise InputError(f"{where}: config.json has a quantization_config that is not an object")
+    method = quant.get("quant_method", "unknown")
+    if method == "bitsandbytes":
+        return _bitsandbytes_scheme(quant, where)
+    if method in ("gptq", "awq"):
+        return _gptq_awq_scheme(quant, method, where)
+    raise UnsupportedAdapterError(
+        f"{where}: the base is quantized with {method!r}; rslora-tools dequantizes bitsandbytes (4-bit, 8-bit), GPTQ "
+        "and AWQ checkpoints only. Merge into the unquantized base model instead"
+    )
+
+
+def _bitsandbytes_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
+    skip = quant.get("llm_int8_skip_modules")
+    skip_modules = tuple(skip) if isinstance(skip, list) else None
+    if quant.get("load_in_8bit") or quant.get("_load_in_8bit"):
+        if quant.get("llm_int8_has_fp16_weight"):
+            raise UnsupportedAdapterError(f"{where}: an 8-bit bitsandbytes checkpoint with llm_int8_has_fp16_weight "
+                                          "keeps 16-bit weights; it is not supported")
+        return QuantScheme("int8", skip_modules=skip_modules)
+    if not (quant.get("load_in_4bit") or quant.get("_load_in_4bit")):
+        raise InputError(f"{where}: the bitsandbytes quantization_config loads neither 4-bit nor 8-bit")
+    kind = quant.get("bnb_4bit_quant_type", "fp4")
+    if kind not in BNB_4BIT:
+        raise UnsupportedAdapterError(f"{where}: bitsandbytes 4-bit type {kind!r} is not supported (nf4 or fp4)")
+    compute = dtype_from_name(quant.get("bnb_4bit_compute_dtype", "float32"))
+    if compute is None:
+        raise InputError(f"{where}: unknown bnb_4bit_compute_dtype {quant.get('bnb_4bit_compute_dtype')!r}")
+    return QuantScheme(kind, double_quant=bool(quant.get("bnb_4bit_use_double_quant")), compute_dtype=compute,
+                       skip_modules=skip_modules)
+
+
+def _gptq_awq_scheme(quant: dict[str, Any], method: Literal["gptq", "awq"], where: str) -> QuantScheme:
+    bits = quant.get("bits", 4)
+    if type(bits) is not int:
+        raise InputError(f"{where}: {method} quantization_config bits is {bits!r} ({type(bits).__name__}); it must be "
+                         "the number 4 or 8")
+    if bits not in (4, 8):
+        raise UnsupportedAdapterError(f"{where}: {method} with {bits} bits is not supported (4 or 8 bits)")
+    group = quant.get("group_size", 128)
+    if not isinstance(group, int) or (group != -1 and group <= 0):
+        raise InputError(f"{where}: {method} group_size {group!r} is not a positive integer or -1")
+    skip = quant.get("modules_to_not_convert")
+    skip_modules = tuple(skip) if isinstance(skip, list) else None
+    if method == "awq":
+        fmt = str(quant.get("version", quant.get("format", "gemm"))).lower()
+        if fmt != "gemm":
+            raise UnsupportedAdapterError(f"{where}: AWQ format {fmt!r} is not supported; only the GEMM packing is "
+                                          "(AWQ's default, what transformers writes)")
+        if bits != 4:
+            raise UnsupportedAdapterError(f"{where}: AWQ with {bits} bits is not supported (4 bits)")
+        return QuantScheme("awq", blocksize=group, bits=4, sym=False, format="gemm", skip_modules=skip_modules)
+    fmt = str(quant.get("checkpoint_format", quant.get("format", "gptq"))).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise UnsupportedAdapterError(f"{where}: GPTQ checkpoint format {fmt!r} is not supported (gptq or gptq_v2)")
+    return QuantScheme("gptq", blocksize=group, bits=bits, sym=bool(quant.get("sym", True)),
+                       desc_act=bool(quant.get("desc_act", False)), format=fmt, skip_modules=skip_modules)
+
+
+def trained_on_scheme(method: str, *, double_quant: bool | None = None, blocksize: int | None = None,
+                      skip_modules: list[str] | None = None) -> QuantScheme:
+    """`--trained-on nf4|fp4|int8`: the scheme transformers' BitsAndBytesConfig gives for that choice.
+
+    BitsAndBytesConfig's defaults: no double quantization, no llm_int8_skip_modules; bitsandbytes'
+    4-bit blocksize is 64.
+    """
+    skip = tuple(skip_modules) if skip_modules is not None else None
+    if method not in ("nf4", "fp4", "int8"):
+        raise InputError(f"unknown --trained-on {method!r}; use nf4, fp4 or int8")
+    if method == "int8":
+        if double_quant or blocksize is not None:
+            raise InputError("--double-quant and --quant-blocksize apply to 4-bit quantization (nf4, fp4), not int8")
+        return QuantScheme("int8", skip_modules=skip)
+    size = 64 if blocksize is None else blocksize
+    if size not in BNB_BLOCKSIZES:
+        raise InputError(f"--quant-blocksize {size} is not one bitsandbytes uses ({', '.join(map(str, BNB_BLOCKSIZES))})")
+    return QuantScheme("nf4" if method == "nf4" else "fp4", blocksize=size, double_quant=bool(double_quant),
+                       skip_modules=skip)
+
+
+RawReader = Callable[[str], bytes]  # a checkpoint tensor's raw bytes, by name
+
+
+def quantized_weights(scheme: QuantScheme, checkpoint: Checkpoint, read: RawReader) -> dict[str, QuantizedWeight]:
+    """Every quantized weight of a checkpoint, by the name the unquantized model gives it, each part's shape
+    checked against the format (`_check_parts`) before anything is computed from it.
+
+    `read` gives a small tensor's bytes (bitsandbytes' quant states are JSON stored as uint8).
+    """
+    where = str(checkpoint.folder)
+    if scheme.method in BNB_4BIT:
+        found = _bnb4_weights(scheme, checkpoint.tensor_names(), read, where)
+    elif scheme.method == "int8":
+        found = _int8_weights(scheme, checkpoint, read, where)
+    else:
+        found = _packed_int_weights(scheme, checkpoint, where)
+    for stored in found.values():
+        _check_parts(stored, checkpoint, where)
+        if "g_idx" in stored.parts:
+            _check_group_indices(stored, checkpoint, read, where)
+    return found
+
+
+def _check_group_indices(stored: QuantizedWeight, checkpoint: Checkpoint, read: RawReader, where: str) -> None:
+    """GPTQ's g_idx names, for each input feature, a group of scales that exists."""
+    info = checkpoint.info(stored.parts["g_idx"])
+    if info.dtype not in ("I32", "I64"):
+        raise InputError(f"{where}: {stored.parts['g_idx']} is {info.dtype}; GPTQ stores group indices as integers")
+    values = array("i" if info.dtype == "I32" else "q", bytes(read(stored.parts["g_idx"])))
+    groups = checkpoint.info(stored.parts["scales"]).shape[0]
+    if values and (min(values) < 0 or max(values) >= groups):
+        raise InputError(f"{where}: {stored.parts['g_idx']} has group indices from {min(values)} to {max(values)}, "
+                         f"but {stored.parts['scales']} holds {groups} groups; the GPTQ checkpoint is corrupt")
+
+
+def _check_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) -> None:
+    """Each stored part has the element count (or shape) its format gives for the weight's shape."""
+    n = 1
+    for d in stored.shape:
+        n *= d
+    method, block = stored.scheme.method, stored.scheme.blocksize
+    expected: dict[str, tuple[int, ...] | int] = {}  # role -> shape, or element count (an int)
+    if method in BNB_4BIT:
+        blocks = -(-n // block)
+        expected = {"absmax": blocks, "quant_map": 16}
+        packed = checkpoint.info(stored.parts["weight"])
+        if packed.nbytes != -(-n // 2):
+            raise InputError(f"{where}: {stored.parts['weight']} holds {packed.nbytes} bytes; {n} 4-bit values of "
+                             f"{stored.name} need {-(-n // 2)}")
+        if "nested_absmax" in stored.parts:
+            expected |= {"nested_absmax": -(-blocks // stored.nested_blocksize), "nested_quant_map": 256}
+    elif method == "int8":
+        expected = {"SCB": stored.shape[0]}
+    else:
+        out_features, in_features = stored.shape
+        groups = 1 if block == -1 else -(-in_features // block)
+        per_int = 32 // stored.scheme.bits
+        expected = {"scales": (groups, out_features), "qzeros": (groups, -(-out_features // per_int))}
+        if method == "gptq":
+            expected["g_idx"] = (in_features,)
+    for role, want in expected.items():
+        info = checkpoint.info(stored.parts[role])
+        have = info.numel if isinstance(want, int) else info.shape
+        if have != want:
+            what = f"{want} values" if isinstance(want, int) else f"shape {list(want)}"
+            got = f"{have} values" if isinstance(have, int) else f"shape {list(have)}"
+            raise InputError(f"{where}: {stored.parts[role]} has {got}; {method} needs {what} for {stored.name} "
+                             f"{list(stored.shape)}")
+
+
+def _bnb4_weights(scheme: QuantScheme, names: list[str], read: RawReader, where: str) -> dict[str, QuantizedWeight]:
+    present = set(names)
+    found = {}
+    for key in names:
+        weight, sep, kind = key.partition(".quant_state.bitsandbytes__")
+        if not sep:
+            continue
+        state = _quant_state(read(key), key, where)
+        if kind != scheme.method or state.get("quant_type") != scheme.method:
+            raise UnsupportedAdapterError(f"{where}: {key} is {kind} but the config says {scheme.method}; mixed 4-bit "
+                                          "types are not supported")
+        roles = {"weight": weight, "absmax": weight + ".absmax", "quant_map": weight + ".quant_map", "quant_state": key}
+        nested = "nested_offset" in state
+        if nested:
+            roles |= {"nested_absmax": weight + ".nested_absmax", "nested_quant_map": weight + ".nested_quant_map"}
+        missing = [k for k in roles.values() if k not in present]
+        if missing:
+            raise InputError(f"{where}: the quantized weight {weight!r} lacks {missing[0]!r}")
+        shape, dtype = state.get("shape"), dtype_from_name(state.get("dtype"))
+        blocksize = state.get("blocksize")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) or dtype is None or \
+                blocksize not in BNB_BLOCKSIZES:
+            raise InputError(f"{where}: {key} is not a bitsandbytes quant state (shape, dtype, blocksize)")
+        own = QuantScheme(scheme.method, blocksize=blocksize, double_quant=nested, compute_dtype=scheme.compute_dtype,
+                          skip_modules=scheme.skip_modules)
+        found[weight] = QuantizedWeight(weight, own, roles, tuple(shape), dtype,
+                                        nested_offset=float(state.get("nested_offset", 0.0)),
+                                        nested_blocksize=int(state.get("nested_blocksize", 256)))
+    return found
+
+
+def _quant_state(raw: bytes, key: str, where: str) -> dict[str, Any]:
+    try:
+        state = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise InputError(f"{where}: {key} is not a bitsandbytes quant state (JSON)") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{where}: {key} is not a bitsandbytes quant state (JSON object)")
+    return state
+
+
+def _int8_weights(scheme: QuantScheme, checkpoint: Checkpoint, read: RawReader, where: str) -> dict[str, QuantizedWeight]:
+    present = checkpoint.weight_map
+    found = {}
+    for key in checkpoint.tensor_names():
+        if not key.endswith(".SCB"):
+            continue
+        module = key[: -len(".SCB")]
+        weight = module + ".weight"
+        if weight not in present or len(checkpoint.info(weight).shape) != 2 or checkpoint.info(weight).dtype != "I8":
+            raise InputError(f"{where}: {key} has no 2-D int8 weight {weight!r} beside it")
+        roles = {"weight": weight, "SCB": key}
+        if module + ".weight_format" in present:
+            roles["weight_format"] = module + ".weight_format"
+            layout = read(roles["weight_format"])
+            if any(layout):  # bitsandbytes: 0 "row"; 1-3 are GPU tile layouts of old releases
+                raise UnsupportedAdapterError(f"{where}: {roles['weight_format']} says the int8 weight is stored in "
+                                              f"tile layout {layout[0]}, not row-major; it is not supported")
+        found[weight] = QuantizedWeight(weight, scheme, roles, checkpoint.info(weight).shape, "F32")
+    return found
+
+
+def _packed_int_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str) -> dict[str, QuantizedWeight]:
+    """GPTQ and AWQ: `<module>.qweight` with `qzeros` and `scales` (and GPTQ's `g_idx`); the weight is (out, in)."""
+    present = checkpoint.weight_map
+    found = {}
+    per_int = 32 // scheme.bits
+    for key in checkpoint.tensor_names():
+        if not key.endswith(".qweight"):
+            continue
+        module = key[: -len(".qweight")]
+        roles = {"qweight": key, "qzeros": module + ".qzeros", "scales": module + ".scales"}
+        if scheme.method == "gptq":
+            roles["g_idx"] = module + ".g_idx"
+        missing = [k for k in roles.values() if k not in present]
+        if missing:
+            raise InputError(f"{where}: the quantized module {module!r} lacks {missing[0]!r}")
+        packed, scales = checkpoint.info(key), checkpoint.info(roles["scales"])
+        if len(packed.shape) != 2 or len(scales.shape) != 2 or packed.dtype != "I32":
+            raise InputError(f"{where}: {key} is {packed.dtype}{list(packed.shape)} and {roles['scales']} "
+                             f"{list(scales.shape)}; {scheme.method} stores 2-D int32 words and 2-D scales")
+        rows, cols = packed.shape
+        out_features = scales.shape[1]
+        in_features = rows * per_int if scheme.method == "gptq" else rows
+        if scheme.method == "awq" and cols * per_int != out_features:
+            raise InputError(f"{where}: {key} has shape {[rows, cols]}, which does not pack {out_features} outputs")
+        if scheme.method == "gptq" and cols != out_features:
+            raise InputError(f"{where}: {key} has shape {[rows, cols]}, which does not fit {out_features} outputs")
+        found[module + ".weight"] = QuantizedWeight(module + ".weight", scheme, roles, (out_features, in_features),
+                                                    scales.dtype)
+    return found

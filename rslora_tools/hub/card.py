@@ -1,0 +1,128 @@
+"""The model card of a merged model or converted adapter.
+
+Written from the provenance file (`rslora_tools.json`) that `merge` and `convert` put into
+their output: the Hub metadata (`base_model`, `base_model_relation`, `library_name`, tags) and a
+short text that says what was merged or converted, the convention and scales, and how to load it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..adapter.config import CONFIG_NAME, read_config_file
+from ..errors import RsloraError
+from .refs import parse_ref
+from ..formats.provenance import read_provenance
+from ..adapter.scaling import convention_label
+
+
+def model_card(folder: Path, repo_id: str) -> str:
+    """A model card for a merged model or a converted adapter, from the provenance file rslora-tools wrote."""
+    from huggingface_hub import ModelCardData
+
+    prov = read_provenance(folder)
+    is_adapter = (folder / CONFIG_NAME).is_file()
+    base = _hub_id(prov.get("base")) or _hub_id(prov.get("base_model"))
+    if is_adapter and base is None:
+        try:
+            recorded = read_config_file(folder).get("base_model_name_or_path")
+        except RsloraError:
+            recorded = None
+        base = recorded if isinstance(recorded, str) and parse_ref(recorded) else None
+    convention = prov.get("convention")
+    tags = ["lora", *(["rslora"] if convention == "rslora" else []), "rslora-tools"]
+    data: dict[str, Any] = {"library_name": "peft" if is_adapter else "transformers"}
+    if base:
+        data["base_model"] = base
+        data["base_model_relation"] = "adapter" if is_adapter else "finetune"
+        if is_adapter:
+            tags.insert(0, f"base_model:adapter:{base}")
+    if not is_adapter:
+        tags.append("merge")
+    card_data = ModelCardData(tags=tags, **data)
+    return f"---\n{card_data.to_yaml()}\n---\n\n{_card_body(repo_id, prov, is_adapter, base)}"
+
+
+def _hub_id(source: Any) -> str | None:
+    if isinstance(source, dict) and source.get("repo_id"):
+        return source["repo_id"]
+    if isinstance(source, str) and not Path(source).exists() and parse_ref(source):
+        return source.partition("@")[0]
+    return None
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, dict) and isinstance(source.get("combined"), list):
+        return f"a combination ({source.get('method', '?')}) of {_describe_all(source['combined'], source.get('weights'))}"
+    if isinstance(source, dict):
+        if source.get("repo_id"):
+            rev = f" at revision `{source['revision']}`" if source.get("revision") else ""
+            commit = f" (commit `{source['commit'][:12]}`)" if source.get("commit") else ""
+            return f"[{source['repo_id']}](https://huggingface.co/{source['repo_id']}){rev}{commit}"
+        return f"local folder `{Path(str(source.get('spec', '?'))).name}`"
+    return f"`{source}`" if source else "unknown"
+
+
+def _describe_all(sources: list[Any], weights: Any = None) -> str:
+    described = [_describe(x) for x in sources]
+    if isinstance(weights, list) and len(weights) == len(described) and any(w != 1.0 for w in weights):
+        described = [f"{d} (weight {w:g})" for d, w in zip(described, weights)]
+    return ", ".join(described)
+
+
+def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None) -> str:
+    name = repo_id.split("/")[-1]
+    version = prov.get("version", __version__)
+    lines = [f"# {name}", ""]
+    if prov.get("operation") == "merge":
+        stacked = isinstance(prov.get("adapters"), list)
+        what = (f"the LoRA adapters {_describe_all(prov['adapters'], prov.get('weights'))}, merged one after another,"
+                if stacked else f"the LoRA adapter {_describe(prov.get('adapter'))}")
+        lines += [
+            f"This model is {what} merged into "
+            f"{_describe(prov.get('base'))} with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
+            "The merged weights equal PEFT's `merge_and_unload()` bit for bit.",
+            "",
+            f"- Adapter convention: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",
+            f"- LoRA modules merged: {prov.get('modules', '?')}",
+        ]
+        if prov.get("scale_min") is not None:
+            lo, hi = prov["scale_min"], prov["scale_max"]
+            lines.append(f"- Per-module scale: {lo:.6g}" + ("" if lo == hi else f" to {hi:.6g} (rank/alpha patterns)"))
+        lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
+    elif is_adapter and prov.get("operation") == "extract":
+        lines += [
+            f"A PEFT LoRA adapter extracted from {_describe(prov.get('tuned'))} as its difference to "
+            f"{_describe(prov.get('base'))}, with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
+            "Each module's rank, retained energy and relative error were reported when it was made.",
+            "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
+        ]
+    elif is_adapter and prov.get("operation") == "combine":
+        lines += [
+            f"A PEFT LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''} combining "
+            f"{_describe_all(prov.get('adapters') or [], prov.get('weights'))} by `{prov.get('method', '?')}`, made "
+            f"with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
+            "Its factors carry every input's scale and weight; its config gives every module scale 1.",
+            "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
+        ]
+    elif is_adapter:
+        what = prov.get("message") or "converted"
+        lines += [
+            f"A PEFT LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, converted with "
+            f"[rslora-tools](https://pypi.org/project/rslora-tools/) {version}: {what}.",
+            f"Every module keeps the scale PEFT applied to the original adapter {_describe(prov.get('adapter'))}.",
+            "",
+            f"- Convention now: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",
+            f"- Conversion: {prov.get('method', '?')} (target: {prov.get('target', '?')})",
+            "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
+        ]
+    else:
+        lines += ["Uploaded with rslora-tools."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,312 @@
+"""Build a merge plan from the base's headers and config and the adapter's, without tensor data.
+
+`plan_merge` opens both inputs and refuses what cannot be merged; `build_plan` decides what
+every output tensor becomes: the weights that come through quantization (plan/quantization.py), then
+four passes over the adapter: full-tensor replacements, LoRA modules (plan/placement.py), trainable
+tokens, then the tie rules (plan/ties.py). It also lays out the output shards and the config.json
+changes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..adapter.adapter import Adapter, LoraModule, load_adapter
+from ..formats.checkpoint import Checkpoint, open_checkpoint, shard_file_name
+from ..errors import MismatchError, UnsupportedAdapterError
+from ..adapter.relative import require_plain
+from ..adapter.module_scales import pattern_warnings
+from .placement import NameResolver, check_shapes, place_module
+from .tensors import TORCH_DTYPE_NAMES, Plan, TensorPlan, output_dtype
+from ..formats.quant import QuantScheme, dtype_from_name
+from .quantization import QuantPlan, merge_dtype, output_shape, plan_quantization
+from ..formats.safetensors_file import FLOAT_DTYPES, tensor_nbytes
+from .stacking import fold_plans
+from .ties import TieState
+
+
+def plan_merge(
+    base: str | os.PathLike[str] | Checkpoint,
+    adapter: str | os.PathLike[str] | Adapter,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    allow_pickle: bool = False,
+    collect_unmatched: bool = False,
+    trained_on: QuantScheme | None = None,
+    base_is_residual: bool = False,
+) -> tuple[Checkpoint, Adapter, Plan]:
+    """Open both inputs (unless given opened) and plan the merge (headers, config and quant states only).
+
+    `dtype` is a parsed dtype (plan.tensors.parse_dtype): None keeps the base's. A quantized base is
+    dequantized; `trained_on` quantizes an unquantized base's weights as they were in training. A StackedAdapter
+    is planned adapter by adapter and folded (adapter.stacked.fold_plans). A PiSSA/OLoRA/
+    CorDA/LoRA-GA adapter is refused unless it was made relative to the original base (adapter.relative.relative_to_original)
+    or `base_is_residual` says BASE is its residual base.
+    """
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, allow_pickle=allow_pickle)
+    parts = adapter.parts
+    for part in parts:
+        require_plain(part, base_is_residual=base_is_residual)
+    checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    quant = plan_quantization(checkpoint, trained_on)
+    plans = [build_plan(checkpoint, part, dtype=dtype, max_shard_size=max_shard_size,
+                        collect_unmatched=collect_unmatched, quant=quant) for part in parts]
+    plan = fold_plans(adapter, plans) if len(parts) > 1 else plans[0]
+    return checkpoint, adapter, plan
+
+
+def build_plan(
+    checkpoint: Checkpoint,
+    adapter: Adapter,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    collect_unmatched: bool = False,
+    quant: QuantPlan | None = None,
+) -> Plan:
+    """Decide, from headers and config alone, what every output tensor becomes.
+
+    Adapter tensors that match no base tensor are an error, or, with `collect_unmatched` (for a
+    dry run that shows everything at once), listed in `Plan.unmatched`.
+    """
+    quant = quant or QuantPlan()
+    builder = _PlanBuilder(checkpoint, adapter, dtype, collect_unmatched, quant)
+    builder.add_quantized()
+    builder.add_replacements()
+    builder.add_lora_modules()
+    builder.add_tokens()
+    extra = builder.tie.resolve(builder.plan_for, adapter, builder.notes, builder.warnings)
+    shards = _layout(checkpoint, builder.plans, extra, dtype, max_shard_size, quant)
+    index = None
+    if len(shards) > 1 or (checkpoint.sharded and max_shard_size is None):
+        index = dict(checkpoint.index_metadata or {})
+    warnings = builder.warnings + [w.message for w in pattern_warnings(adapter.config, [m.name for m in adapter.lora_modules])]
+    return Plan(shards, _config_updates(checkpoint, builder, dtype), builder.notes, warnings, builder.unmatched, index,
+                quantization=quant.scheme, prequantized=quant.prequantized)
+
+
+class _PlanBuilder:
+    """The state of one build_plan call: a TensorPlan per changed base tensor, notes, warnings, unmatched keys."""
+
+    def __init__(self, checkpoint: Checkpoint, adapter: Adapter, dtype: str | None, collect_unmatched: bool,
+                 quant: QuantPlan):
+        self.checkpoint, self.adapter, self.dtype = checkpoint, adapter, dtype
+        self.collect_unmatched = collect_unmatched
+        self.quant = quant
+        self.resolver = NameResolver(checkpoint, extra=quant.names())
+        self.tie = TieState(checkpoint, self.resolver)
+        self.plans: dict[str, TensorPlan] = {}
+        self.notes: list[str] = []
+        self.warnings: list[str] = []
+        self.unmatched: list[str] = []
+        self.where = adapter.weights_path
+
+    def plan_for(self, name: str) -> TensorPlan:
+        if name not in self.plans:
+            info = self.checkpoint.info(name)
+            self.plans[name] = TensorPlan(name, name, dtype=output_dtype(info.dtype, self.dtype), shape=info.shape)
+        return self.plans[name]
+
+    def add_quantized(self) -> None:
+        """Weights whose base value is dequantized (or quantized as in training): merged in their compute dtype."""
+        for name, source in self.quant.sources.items():
+            compute = merge_dtype(source, self.checkpoint, name)
+            self.plans[name] = TensorPlan(name, name, dtype=output_dtype(compute, self.dtype),
+                                          shape=output_shape(source, self.checkpoint, name), quant=source)
+        scheme = self.quant.scheme
+        if self.quant.prequantized and scheme is not None:
+            dtypes = sorted({p.dtype for p in self.plans.values() if p.quant is not None})
+            self.notes.append(f"the base is quantized ({scheme.label}): {len(self.quant.sources)} weights are "
+                              f"dequantized and merged in {', '.join(dtypes)}; quantization_config leaves config.json")
+            config = self.checkpoint.config or {}
+            model_dtype = dtype_from_name(config.get("dtype", config.get("torch_dtype")))
+            if self.dtype is None and model_dtype is not None and dtypes != [model_dtype]:
+                self.warnings.append(
+                    f"the dequantized weights are written in {', '.join(dtypes)} (the dtype the quantized layers compute "
+                    f"in), the model's other weights are {model_dtype}, which is what transformers loads them as; pass "
+                    "--dtype for one dtype throughout")
+        elif scheme is not None:
+            self.notes.append(f"merged as trained on {scheme.label}: {len(self.quant.sources)} weights are quantized "
+                              "and dequantized as bitsandbytes does, then merged")
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return self.plans[name].shape if name in self.plans else self.checkpoint.info(name).shape
+
+    def no_match(self, message: str, keys: list[str]) -> None:
+        if not self.collect_unmatched:
+            raise MismatchError(message)
+        self.unmatched.extend(keys)
+
+    def add_replacements(self) -> None:
+        """Full tensors saved in the adapter (modules_to_save, bias="all"/"lora_only", saved embeddings)."""
+        adapter = self.adapter
+        for path, key in adapter.replacements.items():
+            target = self.resolver.find(path)
+            if target is None and self.tie.is_missing_head(path):
+                self.tie.add_head_replacement(key)
+                continue
+            if target is None:
+                self.no_match(f"{self.where}: adapter tensor {key!r} matches no tensor in the base checkpoint", [key])
+                continue
+            plan = self.plan_for(target)
+            shape = adapter.shapes[key]
+            if shape != plan.shape:
+                grown = len(shape) == 2 and len(plan.shape) == 2 and shape[1] == plan.shape[1]
+                if not (grown and self.tie.is_vocabulary(target)):
+                    raise MismatchError(
+                        f"{self.where}: adapter tensor {key!r} has shape {list(shape)} but base tensor {target!r} "
+                        f"has {list(plan.shape)}"
+                    )
+                self.notes.append(f"{target}: vocabulary resized from {plan.shape[0]} to {shape[0]} rows")
+                plan.shape = shape
+            if adapter.dtypes[key] not in FLOAT_DTYPES and plan.dtype in FLOAT_DTYPES:
+                raise MismatchError(f"{self.where}: adapter tensor {key!r} has dtype {adapter.dtypes[key]}")
+            plan.replacement = key
+            plan.source = None
+            plan.quant = None  # the adapter's copy is the whole value
+            self.tie.note_target(target, "replacement")
+
+    def add_lora_modules(self) -> None:
+        model_type = (self.checkpoint.config or {}).get("model_type")
+        for module in self.adapter.lora_modules:
+            target, op = place_module(module, self.adapter, self.shape_of, self.resolver, model_type)
+            if target is None and self.tie.is_missing_head(module.name + ".weight"):
+                self.tie.add_head_lora(module, self.adapter)
+                continue
+            if target is None:
+                self._unplaced(module)
+                continue
+            plan = self.plan_for(target)
+            if plan.lora is not None:
+                raise MismatchError(f"{self.where}: two adapter modules target base tensor {target!r}")
+            self._check_float(module, target)
+            check_shapes(op, self.adapter, plan.shape, target)
+            plan.lora = op
+            self.tie.note_target(target, "lora")
+            if module.bias_key is not None:
+                self._add_lora_bias(module, target)
+                self.plan_for(target.rsplit(".", 1)[0] + ".bias").bias_of = op
+
+    def _unplaced(self, module: LoraModule) -> None:
+        if self.adapter.config.target_parameters and any(".experts.0." in n for n in self.checkpoint.weight_map):
+            raise UnsupportedAdapterError(
+                f"{self.where}: adapter module {module.name!r} targets fused expert parameters "
+                f"({', '.join(self.adapter.config.target_parameters)}) but the base checkpoint stores its experts per "
+                "expert (e.g. experts.0.w1.weight); splitting fused-expert deltas is not supported: merge with PEFT"
+            )
+        self.no_match(
+            f"{self.where}: adapter module {module.name!r} (tensor {module.a_key!r}) matches no tensor in the base checkpoint",
+            module.keys,
+        )
+
+    def _add_lora_bias(self, module: LoraModule, target: str) -> None:
+        layer = target.rsplit(".", 1)[0]
+        if layer + ".bias" not in self.checkpoint.weight_map:
+            raise UnsupportedAdapterError(
+                f"{self.where}: module {module.name!r} has lora_bias but base layer {layer!r} has no bias; "
+                "PEFT cannot merge this either"
+            )
+        self._check_float(module, layer + ".bias")
+
+    def _check_float(self, module: LoraModule, target: str) -> None:
+        """A delta is added in floating point: an integer, boolean or float8 base tensor cannot take it."""
+        dtype = self.plan_for(target).dtype
+        if dtype not in FLOAT_DTYPES:
+            raise UnsupportedAdapterError(
+                f"{self.where}: module {module.name!r} changes base tensor {target!r}, which has dtype {dtype}; a LoRA "
+                f"delta merges only into floating-point tensors ({', '.join(sorted(FLOAT_DTYPES))}), and PEFT cannot "
+                "merge it either"
+            )
+
+    def add_tokens(self) -> None:
+        """Trainable tokens: rows of an embedding (or head) replaced by the saved rows."""
+        adapter = self.adapter
+        for path, key in adapter.token_deltas.items():
+            target = self.resolver.find(path + ".weight")
+            indices = _token_indices(adapter, path, key)
+            if target is None and self.tie.is_missing_head(path + ".weight"):
+                self.tie.add_head_tokens((key, indices))
+                continue
+            if target is None:
+                self.no_match(f"{self.where}: trainable tokens of {path!r} match no tensor in the base checkpoint", [key])
+                continue
+            plan = self.plan_for(target)
+            if any(i >= plan.shape[0] for i in indices) or adapter.shapes[key] != (len(indices), plan.shape[1]):
+                raise MismatchError(
+                    f"{self.where}: trainable tokens {key!r} ({list(adapter.shapes[key])}, indices up to {max(indices)}) "
+                    f"do not fit {target!r} {list(plan.shape)}"
+                )
+            plan.tokens = (key, indices)
+            self.tie.note_target(target, "tokens")
+
+
+def _token_indices(adapter: Adapter, path: str, key: str) -> list[int]:
+    spec = adapter.config.trainable_token_indices
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, dict):
+        for name, indices in spec.items():
+            if path == name or path.endswith("." + name):
+                return indices
+    raise MismatchError(f"{adapter.path}: trainable tokens {key!r} have no matching trainable_token_indices in the config")
+
+
+def _config_updates(checkpoint: Checkpoint, builder: _PlanBuilder, dtype: str | None) -> dict[str, Any]:
+    config = checkpoint.config or {}
+    updates: dict[str, Any] = {}
+    embedding = builder.tie.embedding
+    if embedding is not None and embedding in builder.plans:
+        rows = builder.plans[embedding].shape[0]
+        if config.get("vocab_size") is not None and config.get("vocab_size") != rows:
+            updates["vocab_size"] = rows
+    if builder.tie.untied:
+        updates["tie_word_embeddings"] = False
+    if builder.quant.prequantized:
+        updates["quantization_config"] = None  # removed: the output is not quantized
+    if dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in config or (key == "dtype" and "torch_dtype" not in config):
+                updates[key] = TORCH_DTYPE_NAMES[dtype]
+    return updates
+
+
+def _layout(
+    checkpoint: Checkpoint,
+    plans: dict[str, TensorPlan],
+    extra: list[tuple[str, TensorPlan]],
+    dtype: str | None,
+    max_shard_size: int | None,
+    quant: QuantPlan,
+) -> list[tuple[str, list[TensorPlan]]]:
+    """Output shards: the base's own layout (names kept), or re-sharded greedily with HF names.
+
+    A quantized weight takes the place of its packed data; its auxiliary tensors are dropped.
+    """
+    groups: list[tuple[str, list[TensorPlan]]] = []
+    for shard in checkpoint.shards:
+        items = []
+        for name, info in checkpoint.headers[shard].tensors.items():
+            if name in quant.dropped:
+                continue
+            name = quant.anchors.get(name, name)
+            plan = plans.get(name) or TensorPlan(name, name, dtype=output_dtype(info.dtype, dtype), shape=info.shape)
+            items.append(plan)
+            items.extend(p for anchor, p in extra if anchor == name)
+        groups.append((shard, items))
+    if max_shard_size is None:
+        return groups
+    ordered = [t for _, ts in groups for t in ts]
+    buckets: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in ordered:
+        n = tensor_nbytes(t.dtype, t.shape)
+        if buckets[-1] and size + n > max_shard_size:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += n
+    return [(shard_file_name(i, len(buckets)), b) for i, b in enumerate(buckets)]
+

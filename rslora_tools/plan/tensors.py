@@ -1,0 +1,127 @@
+"""What each output tensor of a merge becomes (the data; plan/merge.py builds it).
+
+A `TensorPlan` says where an output tensor's starting value comes from (a base tensor, a
+quantized base weight dequantized or a weight quantized as in training (`QuantSource`), or a
+full replacement saved in the adapter) and what is applied on top: a LoRA delta (`LoraOp`),
+a lora_bias, trainable-token rows. A `Plan` is every output tensor, grouped by output shard,
+plus the config.json changes. Plans hold names and shapes only, never tensor data, so a dry
+run can show one; how each tensor is then produced is decided once, by the executor's
+lowering (execute/lowering.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..adapter.adapter import LoraModule
+from ..errors import InputError
+from ..formats.quant import QuantizedWeight, QuantScheme
+from ..formats.safetensors_file import FLOAT_DTYPES
+from ..adapter.scaling import ModuleScale
+
+# How PEFT merges a module, by the layer it wraps (docs/peft-rules.md, "Deltas").
+LayerKind = Literal["linear", "embedding", "conv", "experts", "param", "mha", "mha_out"]
+
+# --dtype values -> safetensors dtypes; "auto" (keep the base's) is None once parsed.
+DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
+TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def parse_dtype(dtype: str | None) -> str | None:
+    """The safetensors dtype a `--dtype` value asks for; None for "auto" (each tensor keeps the base's)."""
+    if dtype is None or dtype == "auto":
+        return None
+    if dtype in DTYPE_NAMES.values():
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise InputError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    return DTYPE_NAMES[dtype]
+
+
+def output_dtype(base_dtype: str, dtype: str | None) -> str:
+    """The output dtype of a tensor: the base's, or the requested one (parsed) for floating tensors."""
+    if dtype is None or base_dtype not in FLOAT_DTYPES:
+        return base_dtype
+    return dtype
+
+
+@dataclass(slots=True)
+class LoraOp:
+    """Add one LoRA module's delta (or apply DoRA) to a weight."""
+
+    module: LoraModule
+    kind: LayerKind
+    scale: ModuleScale
+    transpose: bool = False  # linear: Conv1D layout (W is (in, out)); experts: W[e] is (in, out)
+    experts: int = 1
+    dora: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QuantSource:
+    """The base value goes through quantization: a stored quantized weight dequantized, or (stored None) the
+    base's own weight quantized and dequantized as bitsandbytes does (`--trained-on`)."""
+
+    scheme: QuantScheme
+    stored: QuantizedWeight | None = None
+    transposed: bool = False  # a Conv1D weight: quantized as (out, in), written (in, out)
+
+    @property
+    def simulated(self) -> bool:
+        return self.stored is None
+
+
+@dataclass(slots=True)
+class TensorPlan:
+    """How to produce one output tensor."""
+
+    name: str
+    source: str | None  # base tensor to start from (None when a replacement gives the whole value)
+    replacement: str | None = None  # adapter key of a full tensor that replaces the base value
+    lora: LoraOp | None = None
+    bias_of: LoraOp | None = None  # add lora_B.bias * scale of this module
+    tokens: tuple[str, list[int]] | None = None  # (adapter key, row indices) of trainable tokens
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+    quant: QuantSource | None = None  # the base value is dequantized (or quantized as in training) first
+    # a stacked merge (adapter/stacked.py): later adapters' LoRA / lora_bias on this tensor, applied in order after the above
+    stacked: tuple[TensorPlan, ...] = ()
+
+    @property
+    def untouched(self) -> bool:
+        return (self.replacement is None and self.lora is None and self.bias_of is None and self.tokens is None
+                and self.quant is None and not self.stacked)
+
+    @property
+    def replaced_whole(self) -> bool:
+        """The adapter gives the whole value, with nothing applied on top (modules_to_save, saved biases)."""
+        return (self.replacement is not None and self.lora is None and self.bias_of is None and self.tokens is None
+                and not self.stacked)
+
+    @property
+    def all_lora(self) -> list[LoraOp]:
+        """Every LoRA op on this tensor, in the order they are merged (one, unless stacked)."""
+        return [p.lora for p in (self, *self.stacked) if p.lora is not None]
+
+
+@dataclass
+class Plan:
+    """The whole merge: output tensors grouped by output shard, and what changes in config.json."""
+
+    shards: list[tuple[str, list[TensorPlan]]]
+    config_updates: dict[str, object] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # adapter keys that match nothing (dry runs only)
+    index_metadata: dict[str, object] | None = None  # the index to write (None: a single file without one)
+    quantization: QuantScheme | None = None  # the base is quantized (dequantized here), or --trained-on
+    prequantized: bool = False  # the base checkpoint itself is quantized
+
+    @property
+    def tensors(self) -> list[TensorPlan]:
+        return [t for _, ts in self.shards for t in ts]
+
+    @property
+    def lora_ops(self) -> list[LoraOp]:
+        return [op for t in self.tensors for op in t.all_lora]
