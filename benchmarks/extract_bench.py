@@ -55,8 +55,6 @@ def build_tuned(base: Path, adapter: Path, tuned: Path) -> None:
 
 def reconstruction_error(base: Path, tuned: Path, adapter: Path) -> tuple[float, float, int]:
     """(relative error over all factorised modules, worst module's, modules) of an adapter against TUNED - BASE."""
-    import torch
-    from safetensors import safe_open
 
     from rslora_tools.adapter.adapter import load_adapter
     from rslora_tools.formats.checkpoint import CheckpointFiles, open_checkpoint

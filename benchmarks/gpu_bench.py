@@ -110,7 +110,7 @@ def main() -> None:
                                capture_output=True, text=True)
         results["cuda vs cpu"] = check.stdout.strip() or check.stderr.strip()[-300:]
     print(f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none (CUDA not available)'}")
-    print(f"| run | wall (s) | GB/s | vs copy |\n|---|---:|---:|---:|")
+    print("| run | wall (s) | GB/s | vs copy |\n|---|---:|---:|---:|")
     for name, value in results.items():
         if isinstance(value, float):
             print(f"| {name} | {value:.1f} | {size / 1e9 / value:.2f} | {value / results['copy']:.2f}x |")

@@ -26,8 +26,8 @@ echo "== build the merge kernel in place"
 $PY setup.py -q build_ext --inplace 2>&1 | tail -3
 $PY -c "from rslora_tools import kernel; print('merge kernel available:', kernel.available())"
 echo "== tests"
-timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_merge_matrix.py \
-    tests/test_cuda.py 2>&1 | tail -25
+timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider tests/compute/test_kernel.py tests/merge/test_merge_matrix.py \
+    tests/gpu/test_cuda.py 2>&1 | tail -25
 echo "== benchmark"
 timeout "${BENCH_TIMEOUT:-330}" $PY benchmarks/gpu_bench.py
 echo "== done"

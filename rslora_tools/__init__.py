@@ -29,7 +29,7 @@ _EXPORTS = {
     "RsloraError": "errors", "UnsupportedAdapterError": "errors", "HubError": "errors", "OptionError": "errors",
     "PushAfterWriteError": "errors",
     "MergeOptions": "commands.merge", "MergeReport": "commands.merge", "merge": "commands.merge",
-    "StreamOptions": "commands.stream", "StreamReport": "commands.stream",
+    "StreamOptions": "commands.merged_model", "StreamReport": "commands.stream",
     "ConvertOptions": "commands.convert", "ConvertReport": "commands.convert", "convert": "commands.convert",
     "CombineOptions": "commands.combine", "CombineReport": "commands.combine", "combine": "commands.combine",
     "ExtractOptions": "commands.extract", "ExtractReport": "commands.extract", "extract": "commands.extract",
@@ -60,7 +60,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .commands.extract import ExtractOptions, ExtractReport, extract  # noqa: F401
     from .commands.inspect import InspectOptions, InspectReport, inspect_adapter  # noqa: F401
     from .commands.merge import MergeOptions, MergeReport, merge  # noqa: F401
-    from .commands.stream import StreamOptions, StreamReport  # noqa: F401
+    from .commands.merged_model import StreamOptions  # noqa: F401
+    from .commands.stream import StreamReport  # noqa: F401
     from .commands.verify import VerifyOptions, VerifyReport, verify  # noqa: F401
     from .errors import (  # noqa: F401
         AdapterConfigError,

@@ -2,7 +2,7 @@
 # Build llama.cpp (the copy vendored in the llama-cpp-python sdist) for the tests that run it, once:
 # the wheel and the unpacked converter scripts are cached in $RSLORA_TOOLS_CACHE (default
 # ~/.cache/rslora-tools), so later runs only install the cached wheel (seconds). A cold build takes
-# about 5 minutes on 2 cores (cmake and a C++ compiler needed). tests/test_llama_cpp.py finds the
+# about 5 minutes on 2 cores (cmake and a C++ compiler needed). tests/convert/test_llama_cpp.py finds the
 # converter through the same cache folder, or through RSLORA_TOOLS_LLAMA_CPP_DIR.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"

@@ -32,6 +32,27 @@ def no_unexpected_errors(monkeypatch):
     monkeypatch.setattr(CliRunner, "invoke", invoke)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Markers by subject: every test that serves a fake Hub is `hub`; the folders gpu/ and the llama.cpp tests
+    carry their own (`gpu`, `llama_cpp`); `slow` is set by hand on the tests that take seconds each."""
+    for item in items:
+        if "fake_hub" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.hub)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A loopback server speaking the Hub's HTTP API, with the real huggingface_hub client pointed at it (its own
+    cache, a token, online, no Xet); the test uploads what it needs with `fake_hub.upload_local_folder`."""
+    from fake_hub import FakeHub, use_fake_hub
+
+    server = FakeHub().start()
+    use_fake_hub(monkeypatch, server, tmp_path / "hf-home")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """Make a real file system of a given size (tmpfs, e.g. "24k"): needs root; skipped where mounting is not allowed."""

@@ -125,7 +125,7 @@ _TABLE: dict[str, tuple[str, str, list[dict[str, Any]]]] = {
         "dora": "cannot convert DoRA adapters", "modules_to_save": "cannot convert modules_to_save",
         "trainable_tokens": "cannot convert trainable tokens", "lora_bias": "has no lora_bias tensors",
         "bias": "cannot change base biases"},
-        evidence="measured: tests/test_llama_cpp.py (llama.cpp vendored in llama-cpp-python 0.3.36)")]),
+        evidence="measured: tests/convert/test_llama_cpp.py (llama.cpp vendored in llama-cpp-python 0.3.36)")]),
 }
 
 

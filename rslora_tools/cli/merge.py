@@ -118,7 +118,7 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
 def merge_options(flags: dict[str, Any], progress: Any) -> Any:
     """The merge flags as MergeOptions (their values are checked there)."""
     from ..commands.merge import MergeOptions
-    from ..commands.stream import StreamOptions
+    from ..commands.merged_model import StreamOptions
 
     stream = None
     if flags["stream"]:

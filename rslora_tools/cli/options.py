@@ -108,14 +108,14 @@ initial_options = stack(
 
 def push_target(flags: dict[str, Any]) -> Any:
     """The --push-to-hub flags as a hub.push.PushTarget (None without --push-to-hub)."""
-    from ..hub.push import PushTarget
-
     if not flags.get("push_to"):
         given = [name for name, key in (("--private", "private"), ("--create-pr", "create_pr"),
                                         ("--commit-message", "commit_message")) if flags.get(key)]
         if given:
             raise OptionError(f"{given[0]} goes with --push-to-hub REPO_ID")
         return None
+    from ..hub.push import PushTarget  # imported only when a command pushes
+
     return PushTarget(flags["push_to"], flags["private"], None, flags["create_pr"], flags["commit_message"],
                       flags.get("token"))
 

@@ -15,12 +15,14 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..adapter.adapter import Adapter
 from ..errors import OutputInterrupted, PushAfterWriteError, RsloraError
-from ..hub.push import PushReport, PushTarget, push_folder
 from ..hub.resolve import InputRole, Source, resolve_input
+
+if TYPE_CHECKING:  # the push code is imported when a command pushes
+    from ..hub.push import PushReport, PushTarget
 
 AdapterSpec = str | os.PathLike[str] | Adapter
 
@@ -93,6 +95,8 @@ def publish(out: Path, options: OutputOptions) -> PushReport | None:
     target = options.push_target
     if target is None or options.dry_run:
         return None
+    from ..hub.push import push_folder
+
     try:
         return push_folder(out, target)
     except RsloraError as e:
@@ -110,8 +114,6 @@ class PushInterrupted(OutputInterrupted):
 
     def __str__(self) -> str:
         return f"interrupted during the push to {self.repo_id}; {self.out} is complete on disk"
-
-
 
 
 def check_push(options: OutputOptions, sources: Any) -> None:

@@ -37,7 +37,6 @@ from .merged_model import (
     record_measures,
     write_extras,
 )
-from .stream import stream_merge
 
 if TYPE_CHECKING:
     from .verify import VerifyReport
@@ -77,6 +76,8 @@ def merge(
     if options.stream is not None:
         if out is not None:
             raise OptionError("a streamed merge writes no OUT: every argument after BASE is an adapter")
+        from .stream import stream_merge  # imported only for a streamed merge
+
         return stream_merge(base, adapters, options)
     if out is None:
         raise OptionError("missing OUT: merge BASE ADAPTER... OUT (or stream to the Hub)")

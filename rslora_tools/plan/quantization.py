@@ -26,7 +26,7 @@ from ..formats.safetensors_file import FLOAT_DTYPES, read_bytes
 from ..adapter.scaling import backtracking_risk
 
 # The model types whose classes keep modules unquantized (`_keep_in_fp32_modules`), read from
-# transformers 5.24.0 (tests/test_quantized.py checks it against the installed transformers).
+# transformers 5.24.0 (tests/merge/test_quantized.py checks it against the installed transformers).
 KEEP_IN_FP32 = {
     "afmoe": ("input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm", "q_norm",
               "k_norm", "norm"),

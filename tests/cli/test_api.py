@@ -5,28 +5,20 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub, use_fake_hub
+from helpers import FIXTURES, ROOT
 from safetensors import safe_open
 
 import rslora_tools
 from rslora_tools import MergeOptions, OptionError, PushTarget, RsloraError, merge
 
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "fixtures"
-
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    server = FakeHub().start()
-    use_fake_hub(monkeypatch, server, tmp_path / "hf-home")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    server.upload_local_folder("org/base", FIXTURES / "tiny-llama")
-    server.upload_local_folder("org/adapter", FIXTURES / "tiny-llama-rslora")
-    yield server
-    server.stop()
+def hub(fake_hub):
+    fake_hub.upload_local_folder("org/base", FIXTURES / "tiny-llama")
+    fake_hub.upload_local_folder("org/adapter", FIXTURES / "tiny-llama-rslora")
+    return fake_hub
 
 
 def readme_python_block() -> str:
