@@ -26,3 +26,8 @@ def worst_error(modules: list[dict[str, Any]]) -> float | None:
     """The largest `relative_error` of a report's modules (a factorisation's), or None when none was measured."""
     errors = [m["relative_error"] for m in modules if m.get("relative_error") is not None]
     return max(errors) if errors else None
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`n` and the noun as English counts them: "1 adapter", "2 adapters", "0 modules"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -59,7 +59,8 @@ class Runtime:
 
     @property
     def title(self) -> str:
-        return f"{self.label} {self.versions}"
+        """The runtime as a sentence names it: "vLLM 0.7.0 to 0.31.x", or "SGLang" when every release behaves so."""
+        return self.label if self.versions == "all releases" else f"{self.label} {self.versions}"
 
 
 def _previous(version: str) -> str:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .adapter import Adapter
 from ..errors import InputError
+from ..reporting import counted
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +69,7 @@ def stack_adapters(adapters: list[Adapter], weights: list[float] | None = None) 
         raise InputError("a stacked merge needs at least two adapters")
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
-        raise InputError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
+        raise InputError(f"--weights has {counted(len(weights), 'value')} for {counted(len(adapters), 'adapter')}")
     if not all(math.isfinite(w) for w in weights):
         raise InputError("--weights must be finite numbers")
     shapes = {namespaced_key(i, k): v for i, a in enumerate(adapters) for k, v in a.shapes.items()}

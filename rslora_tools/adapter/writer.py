@@ -19,6 +19,7 @@ from .adapter import WEIGHTS_NAME
 from .config import CONFIG_NAME
 from ..errors import InputError
 from ..formats.safetensors_file import SafetensorsWriter
+from ..reporting import counted
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +76,7 @@ class AdapterWriter:
         if not self.allow_nonfinite:
             bad = count_nonfinite(tensor)
             if bad:
-                raise nonfinite_error(key, f"{bad} NaN or Inf value(s) in the tensor computed for it",
+                raise nonfinite_error(key, f"{counted(bad, 'NaN or Inf value')} in the tensor computed for it",
                                       self.allowed_by_flag)
         self.writer.write_tensor(key, tensor)
 

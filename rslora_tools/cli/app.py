@@ -30,13 +30,19 @@ class _Command(click.Command):
         try:
             return super().invoke(ctx)
         except OptionError as e:
-            raise click.UsageError(_one_line(str(e)), ctx=ctx) from None
+            raise click.UsageError(_one_line(e.cli_message), ctx=ctx) from None
 
 
 class _Group(click.Group):
     """Maps library errors to one line `Error: ...` and their exit codes; a traceback only with RSLORA_TOOLS_DEBUG=1."""
 
     command_class = _Command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from ..formats.provenance import COMMAND, command_line
+
+        COMMAND.set(command_line(list(args)))  # recorded in rslora_tools.json for the model card
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         from ..formats.output import forget_written
@@ -77,8 +83,8 @@ def _worded(e: RsloraError) -> str:
     """The library's message, with the command-line words its fields call for."""
     if isinstance(e, PushAfterWriteError):
         out, repo = e.fields.get("out"), e.fields.get("repo_id")
-        return f"{e} ({out} is complete on disk; push it later with: rslora-tools push {out} {repo})"
-    return str(e)
+        return f"{e.cli_message} ({out} is complete on disk; push it later with: rslora-tools push {out} {repo})"
+    return e.cli_message
 
 
 def _worded_interruption(e: OutputInterrupted) -> str:

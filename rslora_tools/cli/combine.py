@@ -12,6 +12,7 @@ from . import options as o
 from .app import cli
 from .progress import byte_progress
 from .render import echo_warnings, finish
+from ..reporting import counted
 
 
 @cli.command()
@@ -84,8 +85,8 @@ def _print_combine(report: Any) -> None:
     ranks = f"rank {report.rank_min}" if report.rank_min == report.rank_max else \
         f"ranks {report.rank_min} to {report.rank_max}"
     weights = ", ".join(f"{w:g}" for w in report.weights)
-    click.echo(f"{verb} {report.out}: {len(report.adapters)} adapters combined by {report.method} (weights {weights}), "
-               f"{len(report.modules)} modules, {ranks}, {human_size(report.bytes)}; "
+    click.echo(f"{verb} {report.out}: {counted(len(report.adapters), 'adapter')} combined by {report.method} (weights {weights}), "
+               f"{counted(len(report.modules), 'module')}, {ranks}, {human_size(report.bytes)}; "
                f"{convention_label(report.convention, 'short')} with scale 1")
     if report.worst_error is not None:
         worst = max(report.modules, key=lambda m: m["relative_error"] or 0.0)

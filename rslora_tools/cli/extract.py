@@ -11,6 +11,7 @@ from . import options as o
 from .app import cli
 from .progress import byte_progress
 from .render import finish
+from ..reporting import counted
 
 
 @cli.command()
@@ -80,7 +81,7 @@ def _print_extract(report: Any) -> None:
         click.echo(f"  largest relative error {report.worst_error:.3g} ({worst['name']}); {report.unchanged} unchanged "
                    "tensors skipped")
     if report.biases not in ("none", "unknown"):
-        click.echo(f"  biases: {report.biases} ({len(report.bias_modules)} modules)")
+        click.echo(f"  biases: {report.biases} ({counted(len(report.bias_modules), 'module')})")
     for module in report.modules_to_save:
         click.echo(f"  modules_to_save: {module}")
     for note in report.notes:

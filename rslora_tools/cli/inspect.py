@@ -11,6 +11,7 @@ import click
 from . import options as o
 from .app import cli
 from .render import echo_json
+from ..reporting import counted
 
 
 @cli.command()
@@ -80,7 +81,7 @@ def _print_inspection(report: Any) -> None:
         click.echo()
     for lint in report.lints:
         click.echo(f"{lint.level}: {lint.message}" + (f" [{lint.code}]" if lint.level != "info" else ""))
-    click.echo(f"\n{report.errors} error(s), {report.warnings} warning(s)")
+    click.echo(f"\n{counted(report.errors, 'error')}, {counted(report.warnings, 'warning')}")
 
 
 def _ratio(ratio: float | None, status: str) -> str:

@@ -14,6 +14,7 @@ from . import options as o
 from .app import cli
 from .progress import byte_progress, phase_progress
 from .render import echo_warnings, finish
+from ..reporting import counted
 
 
 @cli.command()
@@ -112,7 +113,7 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     echo_warnings(report.warnings)
     finish(report, _print_report, as_json, quiet)
     if report.unmatched:  # a dry run that found adapter tensors matching nothing: a merge would fail
-        raise click.ClickException(f"{len(report.unmatched)} adapter tensor(s) match no base tensor; a merge would fail")
+        raise click.ClickException(f"{len(report.unmatched)} of the adapter's tensors match no base tensor; a merge would fail")
 
 
 def merge_options(flags: dict[str, Any], progress: Any) -> Any:
@@ -156,7 +157,7 @@ def _print_merge(report: Any) -> None:
     click.echo(f"{verb} {what}{report.modules} LoRA modules ({conventions}, {scale}) into {report.out}")
     click.echo(
         f"  tensors: {report.tensors_merged} changed, {report.tensors_copied} copied as is, {report.tensors_total} total; "
-        f"{len(report.shards)} shard(s), {human_size(report.bytes_written)}, {report.dtype or 'no float'} on {report.device}"
+        f"{counted(len(report.shards), 'shard')}, {human_size(report.bytes_written)}, {report.dtype or 'no float'} on {report.device}"
         + ("" if report.dry_run else f", {report.seconds:.2f} s")
     )
     for key, value in report.config_updates.items():
@@ -167,9 +168,10 @@ def _print_merge(report: Any) -> None:
     if measured and measured["quant_error_over_delta"] is not None:
         click.echo(
             f"  quantization moved the weights by {measured['quant_error_over_weight']:.1%} of their norm, "
-            f"{measured['quant_error_over_delta']:.2g}x the adapter's own delta ({measured['delta_over_weight']:.1%}); "
-            f"median of {measured['tensors']} of {measured['of']} targeted weights; merging into the original weights "
-            "would leave that out of the model the adapter was trained on")
+            f"{measured['quant_error_over_delta']:.2g}x the adapter's own delta (which is "
+            f"{measured['delta_over_weight']:.1%} of their norm); median of {measured['tensors']} of {measured['of']} "
+            "targeted weights; merging into the original weights would leave that out of the model the adapter was "
+            "trained on")
     if report.verify is not None:
         v = report.verify
         click.echo(f"  verified: {v['verdict']} ({v['exact']} exact, {v['rounding']} within rounding, "
@@ -207,7 +209,7 @@ def _print_stream(report: Any) -> None:
     click.echo(f"  {bound}")
     for why, names in report.skipped.items():
         if names:
-            click.echo(f"  skipped ({why.replace('_', ' ')}): {len(names)} shard(s): {', '.join(names[:3])}"
+            click.echo(f"  skipped ({why.replace('_', ' ')}): {counted(len(names), 'shard')}: {', '.join(names[:3])}"
                        f"{', ...' if len(names) > 3 else ''}")
     if report.dry_run:
         return

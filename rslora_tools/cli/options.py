@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ..errors import OptionError, RsloraError
+from ..errors import OptionError, RsloraError, cli_message
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -35,7 +35,7 @@ class RuntimeSpec(click.ParamType):
         try:
             runtime(str(value))
         except RsloraError as e:
-            self.fail(str(e), param, ctx)
+            self.fail(cli_message(e), param, ctx)
         return str(value)
 
 
@@ -135,7 +135,7 @@ def trained_on(flags: dict[str, Any]) -> Any:
                                  blocksize=int(block) if block is not None else None,
                                  skip_modules=[m.strip() for m in skip.split(",") if m.strip()] if skip else None)
     except InputError as e:
-        raise OptionError(str(e)) from None
+        raise OptionError(cli_message(e)) from None
 
 
 def weights(text: str | None) -> tuple[float, ...] | None:

@@ -39,7 +39,8 @@ def _byte_bar(desc: str, position: int | None = None) -> Any:
     """A tqdm bar counting bytes on stderr, drawn only on a terminal."""
     from tqdm.auto import tqdm
 
-    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=desc, position=position, file=sys.stderr,
+    # decimal units (kB, MB, GB: 1000), as every size the commands print (formats.sizes.human_size)
+    return tqdm(unit="B", unit_scale=True, unit_divisor=1000, desc=desc, position=position, file=sys.stderr,
                 disable=None, dynamic_ncols=True)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..reporting import Report
+from ..reporting import Report, counted
 
 
 def echo_json(report: Report | dict[str, Any]) -> None:
@@ -26,7 +26,7 @@ def echo_push(push: dict[str, Any] | None) -> None:
         return
     where = push.get("pr_url") or push.get("commit_url")
     card = ", model card written" if push.get("card_written") else ""
-    click.echo(f"Pushed {push['files']} files to {push['repo_id']} in one commit{card}: {where}", err=True)
+    click.echo(f"Pushed {counted(push['files'], 'file')} to {push['repo_id']} in one commit{card}: {where}", err=True)
     if push.get("removed"):
         click.echo(f"  removed from the repo in the same commit (stale weight or adapter files): "
                    f"{', '.join(push['removed'])}", err=True)

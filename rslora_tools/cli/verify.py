@@ -10,7 +10,8 @@ import click
 from . import options as o
 from .app import cli
 from .progress import byte_progress
-from .render import echo_json
+from .render import echo_json, echo_warnings
+from ..reporting import counted
 
 
 @cli.command()
@@ -59,6 +60,7 @@ def verify(merged: str, base: str, adapters: tuple[str, ...], **flags: Any) -> N
         raise OptionError("--weights goes with several adapters")
     with byte_progress("Verifying", not (flags["quiet"] or flags["as_json"])) as progress:
         report = run_verify(merged, base, list(adapters), options=options, progress=progress)
+    echo_warnings(report.warnings)
     if flags["as_json"]:
         echo_json(report)
     else:
@@ -86,6 +88,6 @@ def _print_verify(report: Any, quiet: bool) -> None:
     how = f"; recipe from {recipe['from']}: {recipe_text(recipe)}" if recipe.get("from") != "the arguments" else ""
     click.echo(f"{report.verdict.upper()}: {report.tensors_checked} tensors checked{sampled}: {report.exact} exact, "
                f"{report.rounding} within rounding, {report.mismatched} mismatched, "
-               f"{len(report.problems)} folder problem(s); {report.seconds:.2f} s{how}")
+               f"{counted(len(report.problems), 'folder problem')}; {report.seconds:.2f} s{how}")
     if recipe.get("note") and not quiet:
         click.echo(f"note: {recipe['note']}")

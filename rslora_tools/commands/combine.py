@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..adapter.adapter import Adapter, load_adapter
 from ..compute.finite import check_finite
-from ..errors import InputError, OptionError
+from ..errors import InputError, OptionError, cli_message
 from ..formats.output import check_output_location, writing
 from ..plan.combine import DENSITY_METHODS, METHODS, CombinePlan, plan_combination
-from ..reporting import ProgressCallback, Report, worst_error
+from ..reporting import ProgressCallback, Report, counted, worst_error
 from .common import (
     AdapterSpec,
     OutputOptions,
@@ -76,7 +76,7 @@ class CombineOptions(OutputOptions):
             try:
                 runtime(self.target)  # an unknown runtime is refused before anything is computed
             except InputError as e:
-                raise OptionError(str(e)) from None
+                raise OptionError(cli_message(e)) from None
 
 
 @dataclass
@@ -130,7 +130,7 @@ def combine(
     if not adapters:
         raise OptionError("combine needs at least one adapter")
     if options.weights is not None and len(options.weights) != len(adapters):
-        raise OptionError(f"--weights has {len(options.weights)} weights for {len(adapters)} adapters")
+        raise OptionError(f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}")
     resolved = [adapter_input(a, token=options.token, allow_pickle=options.allow_pickle) for a in adapters]
     sources = [source for _, source in resolved]
     check_push(options, {"adapters": sources})

@@ -100,7 +100,7 @@ def publish(out: Path, options: OutputOptions) -> PushReport | None:
     try:
         return push_folder(out, target)
     except RsloraError as e:
-        raise PushAfterWriteError(str(e), out=str(out), repo_id=target.repo_id) from e
+        raise PushAfterWriteError(e.cli_message, out=str(out), repo_id=target.repo_id) from e
     except KeyboardInterrupt as e:
         raise PushInterrupted(str(out), target.repo_id) from e
 

@@ -28,7 +28,7 @@ from ..adapter.runtimes import runtime
 from ..adapter.scaling import Convention
 from ..adapter.writer import AdapterWriter, check_config_finite, write_config
 from ..compute.finite import check_finite
-from ..errors import InputError, OptionError
+from ..errors import InputError, OptionError, cli_message
 from ..formats.checkpoint import checked_file, open_checkpoint
 from ..formats.output import check_output_file, check_output_location, writing
 from ..formats.provenance import PROVENANCE_NAME, write_provenance
@@ -70,7 +70,7 @@ class ConvertOptions(OutputOptions):
             try:
                 runtime(self.target)  # an unknown runtime or version is an error before anything is read
             except InputError as e:
-                raise OptionError(str(e)) from None
+                raise OptionError(cli_message(e)) from None
 
 
 @dataclass

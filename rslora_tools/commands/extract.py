@@ -26,7 +26,7 @@ from ..formats.output import check_output_location, writing
 from ..formats.provenance import write_provenance
 from ..plan.extract import ExtractionPlan, plan_extraction
 from ..plan.ties import tied_embedding
-from ..reporting import ProgressCallback, Report, worst_error
+from ..reporting import ProgressCallback, Report, counted, worst_error
 from .common import OutputOptions, base_input, check_push, publish, with_fields
 
 HEAD = "lm_head"  # the output head a tied input embedding is shared with (PEFT's ensure_weight_tying)
@@ -208,7 +208,7 @@ def _check_delta_finite(name: str, before: torch.Tensor, after: torch.Tensor, de
         return
     tuned_bad = int(after.numel() - torch.isfinite(after).sum())
     base_bad = int(before.numel() - torch.isfinite(before).sum())
-    where = f"TUNED's tensor holds {tuned_bad} NaN or Inf value(s)" if tuned_bad else "TUNED - BASE overflows"
+    where = f"TUNED's tensor holds {counted(tuned_bad, 'NaN or Inf value')}" if tuned_bad else "TUNED - BASE overflows"
     if base_bad:
         where += f" (BASE's holds {base_bad})"
     raise InputError(f"{name}: {where}; a delta with NaN or Inf cannot be an adapter (a diverged fine-tune?), so "

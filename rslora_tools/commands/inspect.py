@@ -32,7 +32,7 @@ from ..adapter.runtimes import (
     runtime_scale,
 )
 from ..adapter.scaling import unstable_patterns
-from ..errors import OptionError, RsloraError
+from ..errors import OptionError, RsloraError, cli_message
 from ..plan.gguf import tied_embedding_problem
 from ..plan.merge import plan_merge
 from ..reporting import Report
@@ -104,7 +104,7 @@ class InspectOptions:
             try:
                 runtime(spec)
             except RsloraError as e:
-                raise OptionError(str(e)) from None
+                raise OptionError(cli_message(e)) from None
 
 
 def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = None, **fields: Any) -> InspectReport:
@@ -299,7 +299,7 @@ def _lint_base(adapter: Adapter, base: str | os.PathLike[str], report: InspectRe
     try:
         checkpoint, _, plan = plan_merge(base, adapter, collect_unmatched=True)
     except RsloraError as e:
-        lints.append(Lint("error", "base", str(e)))
+        lints.append(Lint("error", "base", e.cli_message))
         return
     tied = tied_embedding_problem(adapter, checkpoint)
     if tied:  # llama.cpp cannot take it on this base: say so instead of recommending a conversion

@@ -22,6 +22,7 @@ from ..errors import MismatchError, OptionError, OutputError
 from ..execute.executor import execute
 from ..formats.checkpoint import side_files
 from ..formats.output import check_output_location, free_space, writing
+from ..formats.provenance import add_to_provenance
 from ..formats.sizes import human_size
 from ..reporting import ProgressCallback
 from .common import AdapterSpec, adapter_list, check_push, publish, with_fields
@@ -129,6 +130,8 @@ def _write_output(tmp: Path, prepared: PreparedMerge, options: MergeOptions, pro
         if not checked.ok:
             raise MismatchError(f"verification of the merged output failed ({_verify_summary(checked)}); "
                                 "nothing was written")
+        add_to_provenance(tmp, verified={"verdict": checked.verdict, "tensors_checked": checked.tensors_checked,
+                                         "exact": checked.exact, "rounding": checked.rounding})
 
 
 def check_free_space(out: Path, needed: int, free: int | None) -> None:
@@ -141,5 +144,5 @@ def check_free_space(out: Path, needed: int, free: int | None) -> None:
 
 def _verify_summary(checked: VerifyReport) -> str:
     first = next((c.name for c in checked.tensors if c.status == "mismatch"), None)
-    parts = [f"{checked.mismatched} tensor(s) differ beyond rounding" + (f", e.g. {first}" if first else "")]
+    parts = [f"{checked.mismatched} of the tensors differ beyond rounding" + (f", e.g. {first}" if first else "")]
     return "; ".join(parts + checked.problems[:3])

@@ -22,7 +22,7 @@ from ..compute.quant_stats import (
     measured_quantization,
     sample_quantization,
 )
-from ..errors import InputError, OptionError
+from ..errors import InputError, OptionError, cli_message
 from ..execute.lowering import Device, Lowered, StepKind, estimate_memory, lower
 from ..formats.checkpoint import Checkpoint, copy_side_files, side_files, write_index
 from ..formats.provenance import write_provenance
@@ -32,7 +32,7 @@ from ..formats.sizes import parse_size
 from ..hub.resolve import Source, resolve_merge_inputs
 from ..plan.merge import plan_merge
 from ..plan.tensors import Plan, parse_dtype
-from ..reporting import PhaseProgress, Report
+from ..reporting import PhaseProgress, Report, counted
 from .common import AdapterSpec, OutputOptions, adapter_input
 
 
@@ -67,7 +67,7 @@ class MergeOptions(OutputOptions):
             if isinstance(self.trained_on, str):
                 object.__setattr__(self, "trained_on", trained_on_scheme(self.trained_on))
         except (ValueError, InputError) as e:
-            raise OptionError(str(e)) from None
+            raise OptionError(cli_message(e)) from None
         if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
             raise OptionError(f"unknown device {self.device!r}; use cpu, cuda or auto")
         if self.weights is not None:
@@ -142,7 +142,7 @@ def merge_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], opti
     if options.weights is not None and len(adapters) < 2:
         raise OptionError("--weights goes with several adapters")
     if options.weights is not None and len(options.weights) != len(adapters):
-        raise OptionError(f"--weights has {len(options.weights)} weights for {len(adapters)} adapters")
+        raise OptionError(f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}")
     if options.initial is not None and len(adapters) > 1:
         raise OptionError("--initial applies to one adapter; convert each PiSSA/OLoRA/CorDA/LoRA-GA adapter with "
                           "`convert --initial` first, then merge the converted adapters together")

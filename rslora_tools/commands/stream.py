@@ -116,9 +116,9 @@ def stream_merge(base: str | os.PathLike[str], adapters: list[AdapterSpec], opti
         inputs = merge_inputs(base, adapters, options, base_shards=False)
     except InputError as e:
         last = adapters[-1]
-        if isinstance(last, Adapter) or not str(e).startswith(os.fspath(last)):
+        if isinstance(last, Adapter) or not e.cli_message.startswith(os.fspath(last)):
             raise
-        raise InputError(f"{e} (with --stream there is no OUT: every argument after BASE is an adapter; --scratch DIR "
+        raise InputError(f"{e.cli_message} (with --stream there is no OUT: every argument after BASE is an adapter; --scratch DIR "
                          "names the scratch folder)", **e.fields) from e
     target.refuse_inputs(inputs.sources)
     work = work_folder_path(target.repo_id, stream.scratch)
@@ -385,7 +385,7 @@ class _Pipeline:
 
     def _interrupted(self) -> str:
         done = len(self.journal.entries)
-        return (f"interrupted; {done} of {len(self.order.outputs)} shard(s) are uploaded to {self.publisher.repo_id} "
+        return (f"interrupted; {done} of {len(self.order.outputs)} output shards are uploaded to {self.publisher.repo_id} "
                 "but not committed (the repo is unchanged); run the same command again to resume")
 
     def _guarded(self, loop: Callable[[], None]) -> None:

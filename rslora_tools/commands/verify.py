@@ -24,7 +24,7 @@ from ..adapter.adapter import Adapter, load_adapter
 from ..adapter.relative import relative_to_original
 from ..adapter.stacked import stack_adapters
 from ..compute.torch_ops import merged_tensor
-from ..errors import InputError, OptionError, RsloraError
+from ..errors import InputError, OptionError, RsloraError, cli_message
 from ..formats.checkpoint import (
     INDEX_FILE,
     Checkpoint,
@@ -45,7 +45,7 @@ from ..formats.safetensors_file import (
 from ..hub.resolve import resolve_merge_inputs
 from ..plan.merge import plan_merge
 from ..plan.tensors import Plan, TensorPlan
-from ..reporting import ProgressCallback, Report
+from ..reporting import ProgressCallback, Report, counted
 from .common import AdapterSpec, adapter_input, adapter_list, with_fields
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class VerifyReport(Report):
     seconds: float = 0.0
     sampled: bool = False  # only a sample of the tensors was asked for
     recipe: dict[str, Any] = field(default_factory=dict)  # how the merge was made, as checked; "from": where from
+    warnings: list[str] = field(default_factory=list)  # what is right but will not load (no config.json)
 
     @property
     def ok(self) -> bool:
@@ -122,7 +123,7 @@ class VerifyOptions:
             try:
                 object.__setattr__(self, "trained_on", trained_on_scheme(self.trained_on))
             except InputError as e:
-                raise OptionError(str(e)) from None
+                raise OptionError(cli_message(e)) from None
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
         if self.initial is not None and self.base_is_residual:
@@ -193,7 +194,7 @@ def check_merged(merged: Path, base: Path | Checkpoint, adapters: list[Adapter],
         out: Checkpoint | None = open_checkpoint(merged)
     except RsloraError as e:
         out = None
-        problems.append(f"the merged folder cannot be read: {e}")
+        problems.append(f"the merged folder cannot be read: {e.cli_message}")
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     dtype = _merge_dtype(out, checkpoint) if out is not None else None
     checkpoint, adapter_obj, plan = plan_merge(checkpoint, adapter_obj, dtype=dtype, trained_on=trained_on,
@@ -203,6 +204,9 @@ def check_merged(merged: Path, base: Path | Checkpoint, adapters: list[Adapter],
                           problems=problems, sampled=len(chosen) < len(plan.tensors), recipe=recipe)
     if out is not None:
         report.problems += _adapter_files(Path(out.folder)) + _structure_problems(out, checkpoint, plan)
+        if out.config is None:
+            report.warnings.append(f"{merged} has no config.json (nor has BASE): transformers cannot load it without "
+                                   "one; copy the base model's config.json into it")
         report.tensors = _check_tensors(out, checkpoint, adapter_obj, chosen, progress)
     report.tensors_checked = len(report.tensors)
     report.exact = sum(c.status == "exact" for c in report.tensors)
@@ -402,9 +406,9 @@ def _structure_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[s
     missing = [n for n in planned if n not in present]
     extra = sorted(present - set(planned))
     if missing:
-        problems.append(f"{len(missing)} tensor(s) missing from the merged folder, e.g. {missing[0]!r}")
+        problems.append(f"{counted(len(missing), 'tensor')} missing from the merged folder, e.g. {missing[0]!r}")
     if extra:
-        problems.append(f"{len(extra)} unexpected tensor(s) in the merged folder, e.g. {extra[0]!r}")
+        problems.append(f"{counted(len(extra), 'unexpected tensor')} in the merged folder, e.g. {extra[0]!r}")
     for name, t in planned.items():
         if name not in present:
             continue
@@ -431,7 +435,7 @@ def _config_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[str]
     try:
         merged_config = read_json_file(path)
     except RsloraError as e:
-        return [str(e)]
+        return [e.cli_message]
     if not isinstance(merged_config, dict):
         return ["config.json in the merged folder is not a JSON object"]
     expected = updated_config(base.config, plan.config_updates)

@@ -13,6 +13,7 @@ from . import kernel
 from ..adapter.adapter import Adapter
 from ..errors import InputError
 from ..formats.safetensors_file import DTYPE_BITS, FLOAT_DTYPES, read_into
+from ..reporting import counted
 
 _BLOCK_BYTES = 4 << 20
 
@@ -28,13 +29,13 @@ def check_finite(adapter: Adapter) -> None:
                 continue
             count = _count_in_file(adapter, fd, buffer, key, dtype) if buffer is not None else _count_in_memory(adapter, key)
             if count:
-                bad.append(f"{key} ({count} values)")
+                bad.append(f"{key} ({counted(count, 'value')})")
     finally:
         if fd >= 0:
             os.close(fd)
     if bad:
         raise InputError(
-            f"{adapter.weights_path}: NaN or Inf in {len(bad)} adapter tensor(s): {', '.join(bad[:3])}"
+            f"{adapter.weights_path}: NaN or Inf in {counted(len(bad), 'adapter tensor')}: {', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}; the adapter is broken (diverged training?). "
             "Pass --allow-nonfinite to merge it anyway"
         )

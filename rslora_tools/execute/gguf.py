@@ -19,6 +19,7 @@ from ..errors import MismatchError
 from ..adapter.module_scales import ModuleEntry
 from ..formats.output import GGUF_MARK
 from ..plan.gguf import GgufPlan, gguf_module, head_counts, is_repo_id
+from ..reporting import counted
 
 
 def write_gguf(plan: GgufPlan, adapter: Adapter, path: Path, *, allow_nonfinite: bool = False) -> None:
@@ -47,7 +48,7 @@ def write_gguf(plan: GgufPlan, adapter: Adapter, path: Path, *, allow_nonfinite:
         for suffix, tensor in (("lora_a", a), ("lora_b", b)):
             bad = 0 if allow_nonfinite else count_nonfinite(tensor)
             if bad:
-                raise nonfinite_error(f"{gguf_name}.{suffix}", f"{bad} NaN or Inf value(s) in the tensor computed "
+                raise nonfinite_error(f"{gguf_name}.{suffix}", f"{counted(bad, 'NaN or Inf value')} in the tensor computed "
                                       f"for module {e.module.name!r}")
             writer.add_tensor(f"{gguf_name}.{suffix}", tensor.numpy())
     writer.write_header_to_file()

@@ -384,12 +384,24 @@ def work_folder(folder: Path, what: str) -> Iterator[Path]:
                               "finish, or give this one another --scratch") from None
         yield folder
     finally:
+        _remove_if_unused(folder)
         os.close(fd)
         for made in created[1:]:  # folders made to hold it, once the run removed it: removed when empty
             try:
                 made.rmdir()
             except OSError:
                 break
+
+
+def _remove_if_unused(folder: Path) -> None:
+    """A working folder that holds nothing but its mark (a run that failed before writing anything a re-run
+    could use) is removed, not left behind."""
+    try:
+        if {p.name for p in folder.iterdir()} <= {SCRATCH_MARK}:
+            (folder / SCRATCH_MARK).unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:
+        pass
 
 
 def free_space(out: Path) -> int | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,46 @@ from .. import __version__
 
 PROVENANCE_NAME = "rslora_tools.json"
 
+# The command line that runs now (set by the CLI; None from the Python API), recorded for the model card.
+COMMAND: ContextVar[str | None] = ContextVar("rslora_tools_command", default=None)
+
+
+def command_line(args: list[str]) -> str:
+    """`rslora-tools ARGS` as a card may show it: a token's value hidden, absolute paths shortened to their name."""
+    shown, hide_next = [], False
+    for arg in args:
+        if hide_next:
+            shown.append("***")
+            hide_next = False
+        elif arg == "--token":
+            shown.append(arg)
+            hide_next = True
+        elif arg.startswith("--token="):
+            shown.append("--token=***")
+        elif os.path.isabs(os.path.expanduser(arg)) and not arg.startswith("-"):
+            shown.append(Path(arg).name or arg)
+        else:
+            shown.append(arg)
+    return " ".join(["rslora-tools", *(_quoted(a) for a in shown)])
+
+
+def _quoted(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
 
 def write_provenance(folder: Path, record: dict[str, Any]) -> None:
     record = {"tool": "rslora-tools", "version": __version__, **record}
+    if COMMAND.get() is not None:
+        record["command"] = COMMAND.get()
+    (folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def add_to_provenance(folder: Path, **fields: Any) -> None:
+    """Add fields to the record in FOLDER (a merge's verification, once it passed)."""
+    record = read_provenance(folder)
+    record.update(fields)
     (folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 

@@ -36,7 +36,7 @@ def model_card(folder: Path, repo_id: str) -> str:
     data: dict[str, Any] = {"library_name": "peft" if is_adapter else "transformers"}
     if base:
         data["base_model"] = base
-        data["base_model_relation"] = "adapter" if is_adapter else "finetune"
+        data["base_model_relation"] = "adapter" if is_adapter else "merge"
         if is_adapter:
             tags.insert(0, f"base_model:adapter:{base}")
     if not is_adapter:
@@ -91,6 +91,10 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
         if prov.get("scale_min") is not None:
             lo, hi = prov["scale_min"], prov["scale_max"]
             lines.append(f"- Per-module scale: {lo:.6g}" + ("" if lo == hi else f" to {hi:.6g} (rank/alpha patterns)"))
+        verified = prov.get("verified")
+        if isinstance(verified, dict):
+            lines.append(f"- Verified after merging (`--verify`): {verified.get('verdict')}, "
+                         f"{verified.get('tensors_checked')} tensors recomputed and compared")
         lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
@@ -125,4 +129,6 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
         ]
     else:
         lines += ["Uploaded with rslora-tools."]
+    if isinstance(prov.get("command"), str):
+        lines += ["", "## How it was made", "", "```bash", prov["command"], "```"]
     return "\n".join(lines) + "\n"

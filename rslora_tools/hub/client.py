@@ -8,6 +8,7 @@ The token is never printed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -83,26 +84,53 @@ def configure_http() -> None:
 
 
 def download_error(spec: str, ref: HubRef, e: Exception, offline: bool) -> str:
-    """One line for a failed download: offline, revision, gated, missing repo, HTTP status or timeout."""
+    """One line for a failed download: offline, unreachable, revision, gated, missing repo, HTTP status or timeout.
+
+    huggingface_hub's own advice is for Python callers ("pass local_files_only=False"); these lines say what to
+    do in the words of this tool (environment variables, flags), once.
+    """
     from huggingface_hub import errors
 
     where = f"{ref.repo_id}@{ref.revision}" if ref.revision else ref.repo_id
-    if isinstance(e, errors.IncompleteSnapshotError) or (offline and isinstance(e, errors.LocalEntryNotFoundError)):
-        detail = (str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip(".")
-        return (f"{where}: not (completely) in the local cache and HF_HUB_OFFLINE=1 forbids downloading: {detail}. "
-                "Download it once online, or unset HF_HUB_OFFLINE")
+    partly = isinstance(e, errors.IncompleteSnapshotError)
+    if partly or (offline and isinstance(e, errors.LocalEntryNotFoundError)):
+        missing = re.search(r"are missing \((.*)\)\. (?:The Hub|Outgoing)", str(e)) if partly else None
+        cached = (f"not completely in the local cache (missing: {missing.group(1) if missing else '?'})" if partly
+                  else "not in the local cache")
+        if not offline:
+            return (f"{where}: {cached}, and the Hub at {endpoint() or 'https://huggingface.co'} cannot be reached "
+                    f"({_root_cause(e)}); check the network or HF_ENDPOINT")
+        return (f"{where}: {cached}, and HF_HUB_OFFLINE=1 forbids downloading; run once online (HF_HUB_OFFLINE=0) "
+                f"to download it{_not_local(spec) if not partly else ''}")
     if isinstance(e, errors.RevisionNotFoundError):
         return f"{where}: revision {ref.revision!r} not found in {ref.repo_id} (check the branch, tag or commit)"
     if isinstance(e, errors.GatedRepoError):
         return f"{ref.repo_id}: gated repo; accept its terms on the Hub and pass --token or set HF_TOKEN"
     if isinstance(e, errors.RepositoryNotFoundError):
-        return (f"{ref.repo_id}: no such repo on the Hub, or it is private (pass --token or set HF_TOKEN); "
-                f"'{spec}' is not a local folder either")
+        return (f"{ref.repo_id}: no such repo on the Hub, or it is private (pass --token or set HF_TOKEN)"
+                f"{_not_local(spec)}")
     if isinstance(e, errors.HfHubHTTPError):
         return f"{where}: the Hub answered {_status(e)}: {_first_line(e)}"
     if _timed_out(e):
         return f"{where}: {_timed_out(e)}"
+    if isinstance(e, errors.LocalEntryNotFoundError):  # online, but no answer and nothing cached
+        return (f"{where}: the Hub at {endpoint() or 'https://huggingface.co'} cannot be reached ({_root_cause(e)}) "
+                f"and the repo is not in the local cache; check the network or HF_ENDPOINT{_not_local(spec)}")
     return f"{where}: download failed ({type(e).__name__}: {_first_line(e)})"
+
+
+def _not_local(spec: str) -> str:
+    return "" if spec.startswith("hf://") else f" ({spec!r} is not a local folder either)"
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost cause's first line ("[Errno -2] Name or service not known")."""
+    seen: set[int] = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.removeprefix("Got: ")
 
 
 def _timed_out(e: BaseException) -> str:

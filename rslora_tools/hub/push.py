@@ -140,6 +140,33 @@ def push(
     return push_folder(Path(folder), target)
 
 
+@dataclass
+class PushPreview(Report):
+    """What a push of FOLDER would upload (`push --dry-run`): made offline, without asking the Hub anything."""
+
+    repo_id: str
+    folder: str
+    files: dict[str, int]  # path in the repo -> size in bytes, the model card included
+    card: str | None  # the model card that would be generated (None: FOLDER has its own README.md)
+    dry_run: bool = True
+
+
+def preview_push(folder: str | os.PathLike[str], repo_id: str, *, revision: str | None = None,
+                 create_pr: bool = False) -> PushPreview:
+    """The files and the model card a push would upload, checked as a push checks them; no network.
+
+    The stale files a push deletes are known only from the repo, so they are not in the preview.
+    """
+    target = PushTarget(repo_id, False, revision, create_pr, None, None)
+    files = files_to_push(Path(folder))
+    target.refuse_inputs(read_provenance(Path(folder)))
+    card = None if "README.md" in files else model_card(Path(folder), repo_id)
+    sizes = {name: path.stat().st_size for name, path in files.items()}
+    if card is not None:
+        sizes["README.md"] = len(card.encode("utf-8"))
+    return PushPreview(repo_id, str(folder), dict(sorted(sizes.items())), card)
+
+
 def push_folder(folder: Path, target: PushTarget) -> PushReport:
     """`push` with its options in a `PushTarget`."""
     from huggingface_hub import CommitOperationAdd
@@ -229,7 +256,7 @@ def check_arrived(repo_id: str, expected: dict[str, int], remote: dict[str, int]
     missing = sorted(p for p, size in expected.items() if remote.get(p) != size)
     if missing:
         raise HubError(
-            f"{repo_id}: the upload finished but {len(missing)} file(s) are missing or differ in the repo "
+            f"{repo_id}: the upload finished but {len(missing)} of its files are missing or differ in the repo "
             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run the same push again to resume"
         )
     left = sorted(p for p in removed if p in remote)

@@ -57,8 +57,8 @@ def resolve_input(spec: str, *, role: InputRole, revision: str | None = None, to
             raise InputError(f"{spec}: is a local folder; a revision applies to Hub repos only")
         return Source(spec, local)
     what = "base model" if role == "base" else role
-    if _looks_local(spec):
-        raise InputError(f"{spec}: {what} folder not found")
+    if _looks_local(spec) or _inside_a_local_folder(spec):
+        raise InputError(f"{spec}: {what} folder not found{_did_you_mean(local)}", path=spec)
     ref = parse_ref(spec, revision)
     if ref is None:
         raise InputError(
@@ -93,13 +93,35 @@ def _download_shards(spec: str, pinned: HubRef, folder: Path, token: str | None)
     try:
         shards = index_shard_names(folder) or [SINGLE_FILE]
     except InputError as e:
-        raise InputError(f"{spec}: the repo's index is not valid: {e}") from e
+        raise InputError(f"{spec}: the repo's index is not valid: {e.cli_message}") from e
     _download(spec, pinned, shards, token, exact=True)
     missing = [s for s in shards if not (folder / s).is_file()]
     if missing == [SINGLE_FILE]:
         raise InputError(f"{spec}: the repo has no model.safetensors (or index); pickle-only checkpoints are refused")
     if missing:
         raise InputError(f"{spec}: shard {missing[0]} that the index lists is not in the repo (or not in the cache)")
+
+
+def _inside_a_local_folder(spec: str) -> bool:
+    """`fixtures/tiny-lama`: a repo id's shape, but its first part is a folder here, so a mistyped path.
+
+    (A Hub repo whose namespace is also a local folder's name is still reachable as hf://org/name.)
+    """
+    head, slash, _ = spec.partition("/")
+    return bool(slash) and head not in ("", ".", "..") and Path(head).expanduser().is_dir()
+
+
+def _did_you_mean(path: Path) -> str:
+    """" (did you mean NAME?)" for the closest name in the path's folder, when one is close."""
+    import difflib
+
+    parent = path.parent
+    try:
+        names = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
+    return f" (did you mean {parent / close[0]}?)" if close else ""
 
 
 def _looks_local(spec: str) -> bool:
@@ -151,12 +173,43 @@ def resolve_merge_inputs(
         config = read_config_file(find_adapter_folder(adapter_source.path))
     except RsloraError:
         config = {}  # load_adapter reports what is wrong with it
-    if base == "auto":
-        base, recorded_revision = auto_base(config, adapter)
-        base_revision = base_revision or recorded_revision
-    base_source = resolve_input(base, role="base", revision=base_revision, token=token, shards=base_shards)
+    warnings: list[str] = []
+    if base != "auto":
+        base_source = resolve_input(base, role="base", revision=base_revision, token=token, shards=base_shards)
+    else:
+        recorded, recorded_revision = auto_base(config, adapter)
+        base, looked = locate_recorded_base(recorded, adapter_source.path)
+        if base != recorded:
+            warnings.append(f"BASE auto: the adapter records its base as the relative path {recorded!r}; "
+                            f"using {base}, found from the adapter's folder")
+        try:
+            base_source = resolve_input(base, role="base", revision=base_revision or recorded_revision, token=token,
+                                        shards=base_shards)
+        except RsloraError as e:
+            if not looked:
+                raise
+            raise type(e)(f"{e.cli_message}; BASE auto: the adapter records its base as {recorded!r}, which as a "
+                          f"relative path is in none of {', '.join(map(str, looked))}; pass BASE", **e.fields) from e
     warning = base_mismatch(base_source, config)
-    return base_source, adapter_source, [warning] if warning else []
+    return base_source, adapter_source, warnings + ([warning] if warning else [])
+
+
+def locate_recorded_base(recorded: str, adapter_folder: Path) -> tuple[str, list[Path]]:
+    """The base an adapter records, as a folder when it is a relative path found from here or from the adapter.
+
+    PEFT records `base_model_name_or_path` as it was given in training, often a path relative to where
+    training ran. It is tried as given, then against the adapter's folder and each of its parents. Returns
+    the spec to use and, when it is relative and found nowhere, the folders looked in (it may be a Hub repo).
+    """
+    path = Path(recorded).expanduser()
+    if recorded.startswith("hf://") or path.is_absolute() or path.is_dir():
+        return recorded, []
+    folder = adapter_folder.resolve()
+    looked = list(dict.fromkeys([Path.cwd(), folder, *folder.parents]))
+    for candidate in looked:
+        if (candidate / path).is_dir():
+            return str(candidate / path), []
+    return recorded, looked
 
 
 def base_mismatch(base: Source, adapter_config: dict[str, Any]) -> str | None:

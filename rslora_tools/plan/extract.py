@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..formats.checkpoint import Checkpoint
-from ..errors import MismatchError, UnsupportedAdapterError
+from ..errors import InputError, MismatchError, UnsupportedAdapterError
 from .placement import CONV1D_MODEL_TYPES
 from ..formats.safetensors_file import FLOAT_DTYPES
 
@@ -51,7 +51,7 @@ def plan_extraction(base: Checkpoint, tuned: Checkpoint, target_modules: list[st
         only = sorted(base_names ^ tuned_names)
         side = "TUNED" if only[0] in tuned_names else "BASE"
         raise UnsupportedAdapterError(
-            f"{only[0]!r} is only in {side} ({len(only)} tensor(s) differ between the models); extract needs the same "
+            f"{only[0]!r} is only in {side} ({len(only)} of their tensors differ between the models); extract needs the same "
             "tensors in both (a grown vocabulary or an added head cannot be an adapter here: merge-free serving of "
             "such a model needs the full weights)")
     model_type = (tuned.config or {}).get("model_type")
@@ -69,6 +69,11 @@ def plan_extraction(base: Checkpoint, tuned: Checkpoint, target_modules: list[st
     for r in roles:  # a bias belongs with its module's LoRA only if that module has a factorisable weight
         if r.role == "bias" and r.module not in weights:
             r.role = "other"
+    for wanted in target_modules or []:
+        if not any(module == wanted or module.endswith("." + wanted) for module in weights):
+            examples = sorted({m.rpartition(".")[2] for m in weights})
+            raise InputError(f"--target-modules {wanted!r} names no module of the models that LoRA can express (a "
+                             f"module's name or its last part: {', '.join(examples[:6])}{', ...' if len(examples) > 6 else ''})")
     return plan
 
 

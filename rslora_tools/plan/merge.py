@@ -84,6 +84,9 @@ def build_plan(
     if len(shards) > 1 or (checkpoint.sharded and max_shard_size is None):
         index = dict(checkpoint.index_metadata or {})
     warnings = builder.warnings + [w.message for w in pattern_warnings(adapter.config, [m.name for m in adapter.lora_modules])]
+    if checkpoint.config is None:
+        warnings.append(f"{checkpoint.folder} has no config.json, so the merged model has none either: transformers "
+                        "cannot load it without one (copy the base model's config.json into OUT)")
     return Plan(shards, _config_updates(checkpoint, builder, dtype), builder.notes, warnings, builder.unmatched, index,
                 quantization=quant.scheme, prequantized=quant.prequantized)
 

@@ -226,7 +226,7 @@ def test_a_tuned_model_with_nan_or_inf_gives_one_true_line(tmp_path, value):
     result = cli_run("extract", base, tuned, tmp_path / "out", code=None)
     line = result.output.strip()
     assert result.exit_code == 1 and line.count("\n") == 0 and "unexpected" not in line, line
-    assert line == ("Error: model.layers.0.self_attn.q_proj.weight: TUNED's tensor holds 1 NaN or Inf value(s); a "
+    assert line == ("Error: model.layers.0.self_attn.q_proj.weight: TUNED's tensor holds 1 NaN or Inf value; a "
                     "delta with NaN or Inf cannot be an adapter (a diverged fine-tune?), so nothing was written")
     assert not (tmp_path / "out").exists()
 

@@ -66,8 +66,14 @@ def test_merge_from_repo_ids_push_and_download_again(hub, tmp_path):
     for name, content in out.items():
         assert remote[name] == content, name
     card = remote["README.md"].decode()
-    assert "base_model: org/base" in card and "base_model_relation: finetune" in card
+    assert "base_model: org/base" in card and "base_model_relation: merge" in card
     assert "library_name: transformers" in card and "- rslora" in card and "org/adapter" in card
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data.to_dict()  # huggingface_hub's own parsing of the metadata
+    assert (data["base_model"], data["base_model_relation"], data["library_name"]) == ("org/base", "merge",
+                                                                                       "transformers")
+    assert f"rslora-tools merge org/base@{revision} org/adapter out --push-to-hub me/merged" in card
     # Downloading the pushed repo gives the same bytes.
     from huggingface_hub import snapshot_download
 

@@ -65,14 +65,28 @@ def plain(hub, tmp_path, monkeypatch) -> dict[str, bytes]:
 
 
 def assert_same_repo(hub: FakeHub, repo: str, plain: dict[str, bytes], revision: str = "main") -> None:
+    """The streamed repo holds what a plain merge pushed, byte for byte, but for the repo's name in the card and the
+    command line the card and rslora_tools.json record (each its own, the stream's with --stream)."""
     files = hub.files(repo, revision)
     assert sorted(files) == sorted(plain)
     for name, content in plain.items():
-        if name == "README.md":  # the card names its own repo
+        if name == "README.md":  # the card names its own repo, and the command that made it
             name_only = repo.split("/")[1].encode()
-            assert files[name].replace(repo.encode(), b"me/plain").replace(b"# " + name_only, b"# plain") == content
+            card = files[name].replace(repo.encode(), b"me/plain").replace(b"# " + name_only, b"# plain")
+            made, plain_made = card.split(b"## How it was made")[1], content.split(b"## How it was made")[1]
+            assert b" --stream" in made and b" --stream" not in plain_made
+            assert card.split(b"## How it was made")[0] == content.split(b"## How it was made")[0]
+        elif name == "rslora_tools.json":
+            assert_same_provenance(files[name], content)
         else:
             assert files[name] == content, name
+
+
+def assert_same_provenance(streamed: bytes, plain: bytes) -> None:
+    """rslora_tools.json of a streamed merge is a plain merge's, but for the command line it records."""
+    record, plain_record = json.loads(streamed), json.loads(plain)
+    assert "--stream" in record.pop("command") and "--stream" not in plain_record.pop("command")
+    assert record == plain_record
 
 
 def commits(hub: FakeHub, repo: str) -> list[str]:
@@ -179,10 +193,10 @@ def test_upload_failing_halfway_resumes_without_uploading_again(hub, plain, tmp_
 
 def test_a_shard_the_hub_already_stores_is_not_sent_again(hub, plain, tmp_path):
     """Without a journal (another machine, a lost scratch folder), the pre-upload skips blobs the Hub has."""
-    stream("me/twice", "--scratch", tmp_path / "a")
+    stream("me/twice", "--scratch", tmp_path / "a" / "s")
     sent = len(hub.uploads)
     assert set(hub.uploads) >= shard_oids(plain)
-    report = stream("me/twice", "--scratch", tmp_path / "b")
+    report = stream("me/twice", "--scratch", tmp_path / "b" / "s")  # the same command, another scratch folder
     assert hub.uploads[sent:] == []
     assert len(report["skipped"]["hub_had"]) == 21 and report["phases"]["upload"]["bytes"] == 0
     assert_same_repo(hub, "me/twice", plain)
@@ -299,7 +313,10 @@ def test_streamed_options_equal_the_plain_merge_with_them(hub, plain, tmp_path, 
     local = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     assert sorted(files) == sorted([*local, "README.md", ".gitattributes"])
     for name, content in local.items():
-        assert files[name] == content, name
+        if name == "rslora_tools.json":
+            assert_same_provenance(files[name], content)
+        else:
+            assert files[name] == content, name
     assert report["disk_bound"] < report["model_bytes"]
 
 
@@ -311,4 +328,7 @@ def test_several_adapters_stream_as_they_merge(hub, plain, tmp_path):
     assert "streamed in" in result.output and "Pushed 26 files to me/stacked in one commit" in result.output
     files = hub.files("me/stacked")
     for path in (tmp_path / "out").iterdir():
-        assert files[path.name] == path.read_bytes(), path.name
+        if path.name == "rslora_tools.json":
+            assert_same_provenance(files[path.name], path.read_bytes())
+        else:
+            assert files[path.name] == path.read_bytes(), path.name

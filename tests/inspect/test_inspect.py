@@ -61,7 +61,7 @@ def test_modules_scales_and_runtime_ratios(patterned):
 def test_text_table_and_runtime_warnings_with_strict(patterned):
     text = inspect(patterned).output
     assert "model.layers.*.self_attn.o_proj" in text and "0.7071x" in text
-    assert "0 error(s), 0 warning(s)" in text
+    assert "0 errors, 0 warnings" in text
     result = inspect(patterned, "--runtime", "vllm@0.31.0", "--strict", code=1)
     assert "warning: vLLM (0.7.0 to 0.31.x) would apply" in result.output and "--target vllm@0.31.0" in result.output
     inspect(patterned, "--runtime", "vllm@0.31.0")  # warnings alone do not fail without --strict

@@ -46,7 +46,7 @@ def test_dry_run_lists_every_unmatched_tensor(tmp_path):
     save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     result = cli_run("merge", BASE, adapter, tmp_path / "out", "--dry-run", code=1)
     assert result.output.count("matches nothing in the base") == 4
-    assert "4 adapter tensor(s) match no base tensor" in result.output
+    assert "4 of the adapter's tensors match no base tensor" in result.output
     report = json.loads(cli_run("merge", BASE, adapter, tmp_path / "out", "--dry-run", "--json", code=1).stdout)
     assert len(report["unmatched"]) == 4
     assert not (tmp_path / "out").exists()

@@ -152,7 +152,7 @@ def test_bad_stacked_invocations_are_one_line_errors(setup, tmp_path):
     base, adapters = setup
     a, b = adapters["rslora-patterns"], adapters["classic-dora"]
     cases = [
-        (("merge", base, a, b, tmp_path / "o", "--weights", "1"), "1 weights for 2 adapters"),
+        (("merge", base, a, b, tmp_path / "o", "--weights", "1"), "1 weight for 2 adapters"),
         (("merge", base, a, b, tmp_path / "o", "--weights", "1,x"), "not a comma-separated list"),
         (("merge", base, a, tmp_path / "o", "--weights", "2"), "several adapters"),
         (("merge", base, a, b, tmp_path / "o", "--initial", a), "--initial applies to one adapter"),

@@ -125,7 +125,7 @@ def test_adapters_that_change_the_output_tensors_differently_are_refused(tmp_pat
         plan_merge(tied, stack_adapters([load_adapter(plain), load_adapter(embedding)]))
 
 
-@pytest.mark.parametrize(("weights", "message"), [([1.0], "has 1 values for 2 adapters"),
+@pytest.mark.parametrize(("weights", "message"), [([1.0], "has 1 value for 2 adapters"),
                                                   ([1.0, math.inf], "finite")])
 def test_weights_must_be_one_finite_number_per_adapter(weights, message):
     with pytest.raises(InputError, match=message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -22,8 +23,18 @@ NORM = "model.norm.weight"  # untouched by the adapter
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    """Each file's sha256; rslora_tools.json without the command line it records (OUT's name differs by run)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(_without_command(p)).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _without_command(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name != "rslora_tools.json":
+        return data
+    record = json.loads(data)
+    record.pop("command", None)
+    return json.dumps(record, sort_keys=True).encode()
 
 
 # --- OUT against the real locations of the input files -----------------------------------------------------

@@ -31,7 +31,7 @@ def test_a_merged_folder_that_also_holds_the_adapter_is_a_folder_problem(tmp_pat
     assert ("problem: adapter_config.json, adapter_model.safetensors in the merged folder: transformers and PEFT load "
             "such a folder as an adapter and apply it (again) on top of the merged weights; remove them from the "
             "merged model") in result.output
-    assert "MISMATCH" in result.output and "1 folder problem(s)" in result.output
+    assert "MISMATCH" in result.output and "1 folder problem;" in result.output
 
 
 def test_the_verdict_names_the_recipe_taken_from_the_merged_folders_record(tmp_path):
