@@ -249,7 +249,7 @@ def _report(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lower
         convention=",".join(dict.fromkeys(p.config.convention for p in adapter.parts)),
         adapters=[str(p.path) for p in adapter.parts],
         weights=list(adapter.weights),
-        modules=len(plan.lora_ops),
+        modules=len({op.module.a_key for op in plan.lora_ops}),  # an expert module split over several tensors counts once
         tensors_merged=sum(not s.tensor.untouched for s in steps),
         tensors_copied=sum(s.kind is StepKind.COPY_BASE for s in steps),
         tensors_total=len(steps),

@@ -110,6 +110,8 @@ def _add_embedding_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch
 
 def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
     """Merge one LoRA module into its (writable) weight; returns the merged weight."""
+    if op.part is not None:
+        return _apply_expert_part(w, op, read)
     if op.kind == "linear" and not op.dora and not op.transpose and w.dim() == 2 and w.device.type == "cpu":
         return _add_linear_in_blocks(w, op, read)
     if op.kind == "embedding" and not op.dora and w.device.type == "cpu":
@@ -131,6 +133,29 @@ def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
             w += delta.to(w.dtype)
         return w
     w += delta  # mixed-dtype in-place add: computed in fp32, rounded once
+    return w
+
+
+def _apply_expert_part(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
+    """An expert's share of a fused expert parameter (plan/experts.py), merged as PEFT's ParamWrapper merges the
+    fused parameter: the same einsum, restricted to one expert, its delta cast to W's dtype, then added."""
+    part = op.part
+    assert part is not None
+    a = adapter_weight(read, op.module.a_key, w.device)
+    b = adapter_weight(read, op.module.b_key, w.device)
+    if part.fused_factors:  # expert e's factors out of every expert's (rows e*r + k of A, columns k*E + e of B)
+        a3 = a.reshape(part.experts, -1, a.shape[-1])[part.expert:part.expert + 1]
+        b3 = b.reshape(b.shape[0], -1, part.experts)[:, :, part.expert:part.expert + 1]
+    else:
+        a3, b3 = a.unsqueeze(0), b.unsqueeze(2)
+    delta = torch.einsum("o r e, e r i -> e o i", b3, a3)[0] * op.scale.scale  # (out, in)
+    rows = slice(*part.rows) if part.rows is not None else slice(None)
+    if part.fused_factors:  # the whole per-expert weight (out, in): the role's rows of the fused delta
+        target, delta = w, delta[rows]
+    else:  # the expert's slice of the fused parameter, (out, in) or (in, out)
+        target = w[part.expert][:, rows] if part.in_out else w[part.expert][rows]
+        delta = delta.T if part.in_out else delta
+    target += delta.to(w.dtype) if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else delta
     return w
 
 
@@ -191,6 +216,8 @@ def compute(
         return _apply_stacked(w, plan, read)
     if plan.lora is not None:
         w = apply_lora(w, plan.lora, read)
+    for op in plan.parts:
+        w = apply_lora(w, op, read)
     if plan.bias_of is not None:
         w = apply_lora_bias(w, plan.bias_of, read)
     if plan.tokens is not None:
@@ -217,6 +244,8 @@ def _apply_stacked(w: torch.Tensor, plan: TensorPlan, read: Reader) -> torch.Ten
             else:
                 w, norm = _merge_one(w, op, read, norm_from=w)
             merged.append((op, norm))
+            for part in step.parts:
+                w = apply_lora(w, part, read)
         if step.bias_of is not None:
             w = apply_lora_bias(w, step.bias_of, read)
     return w

@@ -174,7 +174,7 @@ def _kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> boo
 
 def _op_fits(op: LoraOp, t: TensorPlan, start_dtype: str, adapter: Adapter) -> bool:
     """One op of a tensor in the kernel: plain LoRA on one weight (a stacked op starts from the previous result)."""
-    if op.dora or op.experts != 1:
+    if op.dora or op.experts != 1 or op.part is not None:
         return False
     a, b = op.module.a_key, op.module.b_key
     return kernel.supports(layer=op.kind, transposed=op.transpose, dtype=t.dtype, start_dtype=start_dtype, shape=t.shape,

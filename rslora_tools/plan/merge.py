@@ -18,10 +18,11 @@ from ..errors import MismatchError, UnsupportedAdapterError
 from ..adapter.relative import require_plain
 from ..adapter.module_scales import pattern_warnings
 from .placement import NameResolver, check_shapes, place_module
-from .tensors import TORCH_DTYPE_NAMES, Plan, TensorPlan, output_dtype
+from .tensors import TORCH_DTYPE_NAMES, LoraOp, Plan, TensorPlan, output_dtype
 from ..formats.quant import QuantScheme, dtype_from_name
 from .quantization import QuantPlan, merge_dtype, output_shape, plan_quantization
 from ..formats.safetensors_file import FLOAT_DTYPES, tensor_nbytes
+from .experts import as_expert_op, place_across_layouts
 from .stacking import fold_plans
 from .ties import TieState
 
@@ -174,32 +175,53 @@ class _PlanBuilder:
 
     def add_lora_modules(self) -> None:
         model_type = (self.checkpoint.config or {}).get("model_type")
+        layouts = self.resolver.layouts
         for module in self.adapter.lora_modules:
             target, op = place_module(module, self.adapter, self.shape_of, self.resolver, model_type)
             if target is None and self.tie.is_missing_head(module.name + ".weight"):
                 self.tie.add_head_lora(module, self.adapter)
                 continue
-            if target is None:
+            placed = [(target, as_expert_op(op, module, layouts))] if target is not None else \
+                place_across_layouts(module, self.adapter, self.resolver, self.shape_of, layouts)
+            if not placed:
                 self._unplaced(module)
                 continue
-            plan = self.plan_for(target)
-            if plan.lora is not None:
-                raise MismatchError(f"{self.where}: two adapter modules target base tensor {target!r}")
-            self._check_float(module, target)
-            check_shapes(op, self.adapter, plan.shape, target)
-            plan.lora = op
-            self.tie.note_target(target, "lora")
-            if module.bias_key is not None:
-                self._add_lora_bias(module, target)
-                self.plan_for(target.rsplit(".", 1)[0] + ".bias").bias_of = op
+            for target, op in placed:
+                self._add_op(module, target, op)
+        self._note_layouts()
+
+    def _add_op(self, module: LoraModule, target: str, op: LoraOp) -> None:
+        plan = self.plan_for(target)
+        self._check_float(module, target)
+        if op.part is not None and not op.part.fused_factors and plan.lora is not None:
+            if plan.lora.part is None or any(o.part == op.part for o in plan.all_lora):
+                raise MismatchError(f"{self.where}: two adapter modules change the same part of base tensor {target!r}")
+            plan.parts = (*plan.parts, op)
+            return
+        if plan.lora is not None:
+            raise MismatchError(f"{self.where}: two adapter modules target base tensor {target!r}")
+        check_shapes(op, self.adapter, plan.shape, target)
+        plan.lora = op
+        self.tie.note_target(target, "lora")
+        if module.bias_key is not None:
+            self._add_lora_bias(module, target)
+            self.plan_for(target.rsplit(".", 1)[0] + ".bias").bias_of = op
+
+    def _note_layouts(self) -> None:
+        """Say what was mapped: adapter names in the checkpoint's other naming, experts across layouts."""
+        if self.resolver.renamed:
+            path, target = next(iter(self.resolver.renamed.items()))
+            self.notes.append(f"{len(self.resolver.renamed)} adapter names follow the architecture's other naming and "
+                              f"were mapped to the checkpoint's (e.g. {path} -> {target})")
+        ops = [op for p in self.plans.values() for op in p.all_lora if op.part is not None]
+        if any(op.part.fused_factors for op in ops if op.part is not None):
+            self.notes.append("fused expert LoRA (target_parameters) applied to the checkpoint's per-expert tensors, "
+                              "expert by expert")
+        if any(not op.part.fused_factors for op in ops if op.part is not None):
+            self.notes.append("per-expert LoRA applied to the checkpoint's fused expert parameters, each to its "
+                              "expert's slice")
 
     def _unplaced(self, module: LoraModule) -> None:
-        if self.adapter.config.target_parameters and any(".experts.0." in n for n in self.checkpoint.weight_map):
-            raise UnsupportedAdapterError(
-                f"{self.where}: adapter module {module.name!r} targets fused expert parameters "
-                f"({', '.join(self.adapter.config.target_parameters)}) but the base checkpoint stores its experts per "
-                "expert (e.g. experts.0.w1.weight); splitting fused-expert deltas is not supported: merge with PEFT"
-            )
         self.no_match(
             f"{self.where}: adapter module {module.name!r} (tensor {module.a_key!r}) matches no tensor in the base checkpoint",
             module.keys,

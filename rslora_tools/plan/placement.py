@@ -15,6 +15,7 @@ from ..adapter.adapter import Adapter, LoraModule
 from ..formats.checkpoint import Checkpoint
 from ..errors import MismatchError, UnsupportedAdapterError
 from ..adapter.module_scales import ModuleEntry, pattern_name, rank_mismatch, target_parameters_of
+from .layouts import Layouts
 from .tensors import LayerKind, LoraOp
 
 # Architectures whose linear layers are transformers' Conv1D ((in, out) weights; PEFT's fan_in_fan_out).
@@ -24,13 +25,29 @@ ShapeOf = Callable[[str], tuple[int, ...]]
 
 
 class NameResolver:
-    """Map module paths from the adapter to tensor names in the checkpoint (prefix differences allowed)."""
+    """Map module paths from the adapter to tensor names in the checkpoint: as named, up to a leading prefix, or in
+    the checkpoint's other naming of the same architecture (plan/layouts.py)."""
 
-    def __init__(self, checkpoint: Checkpoint, extra: list[str] | None = None):
+    def __init__(self, checkpoint: Checkpoint, extra: list[str] | None = None, layouts: Layouts | None = None):
         self.names = set(checkpoint.weight_map) | set(extra or ())  # extra: weights a quantized checkpoint packs
         self.prefixes = sorted({n.split(".", 1)[0] for n in self.names if "." in n})
+        self.layouts = layouts if layouts is not None else Layouts.of(checkpoint.config)
+        self.renamed: dict[str, str] = {}  # adapter path -> the tensor found under the other naming
 
-    def find(self, path: str) -> str | None:
+    def find(self, path: str, *, record: bool = True) -> str | None:
+        """The checkpoint tensor `path` names; `record`: remember a rename, for the merge's note."""
+        found = self._find_as_named(path)
+        if found is not None:
+            return found
+        candidates = {t for alt in self.layouts.alternatives(path) if (t := self._find_as_named(alt)) is not None}
+        if len(candidates) > 1:
+            raise MismatchError(f"adapter module path {path!r} matches several base tensors ({', '.join(sorted(candidates))}) "
+                                "under the architecture's renames")
+        if candidates and record:
+            self.renamed[path] = next(iter(candidates))
+        return candidates.pop() if candidates else None
+
+    def _find_as_named(self, path: str) -> str | None:
         if path in self.names:
             return path
         candidates = set()

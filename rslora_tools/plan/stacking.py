@@ -76,7 +76,7 @@ def _fold_tensor(versions: list[TensorPlan], stacked: Adapter) -> TensorPlan:
             raise UnsupportedAdapterError(f"{stacked.parts[i].path}: DoRA on {t.name!r} ({t.lora.kind}) after "
                                           "another adapter's change to it is not supported")
         start.stacked = (*start.stacked, TensorPlan(t.name, t.source, lora=t.lora, bias_of=t.bias_of, dtype=t.dtype,
-                                                    shape=t.shape))
+                                                    shape=t.shape, parts=t.parts))
     return start
 
 
@@ -100,7 +100,9 @@ def _namespaced(t: TensorPlan, index: int, weight: float) -> TensorPlan:
 
     tokens = (namespaced_key(index, t.tokens[0]), t.tokens[1]) if t.tokens is not None else None
     replacement = namespaced_key(index, t.replacement) if t.replacement is not None else None
-    return dataclasses.replace(t, lora=op(t.lora), bias_of=op(t.bias_of), tokens=tokens, replacement=replacement)
+    parts = tuple(p for p in map(op, t.parts) if p is not None)
+    return dataclasses.replace(t, lora=op(t.lora), bias_of=op(t.bias_of), tokens=tokens, replacement=replacement,
+                               parts=parts)
 
 
 _KEY_FIELDS = tuple(f.name for f in dataclasses.fields(LoraModule) if f.name.endswith("_key"))

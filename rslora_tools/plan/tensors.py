@@ -46,6 +46,23 @@ def output_dtype(base_dtype: str, dtype: str | None) -> str:
     return dtype
 
 
+@dataclass(frozen=True)
+class ExpertPart:
+    """One expert's share of a fused expert parameter.
+
+    `fused_factors`: the LoRA factors hold every expert (a target_parameters adapter) and this op uses expert
+    `expert`'s, written to a per-expert tensor. Otherwise the factors are one expert's (a per-expert adapter) and
+    the op changes expert `expert`'s slice of a fused tensor. `rows` (start, stop, step) selects the output
+    features of the fused gate_up this part is (gate or up); None: all of them.
+    """
+
+    expert: int
+    experts: int
+    fused_factors: bool
+    rows: tuple[int, int, int] | None
+    in_out: bool  # the fused parameter is (E, in, out)
+
+
 @dataclass(slots=True)
 class LoraOp:
     """Add one LoRA module's delta (or apply DoRA) to a weight."""
@@ -56,6 +73,7 @@ class LoraOp:
     transpose: bool = False  # linear: Conv1D layout (W is (in, out)); experts: W[e] is (in, out)
     experts: int = 1
     dora: bool = False
+    part: ExpertPart | None = None  # an expert's share of a fused expert parameter (plan/experts.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +105,13 @@ class TensorPlan:
     quant: QuantSource | None = None  # the base value is dequantized (or quantized as in training) first
     # a stacked merge (adapter/stacked.py): later adapters' LoRA / lora_bias on this tensor, applied in order after the above
     stacked: tuple[TensorPlan, ...] = ()
+    # more ops of the same adapter on other parts of this tensor: per-expert modules on a fused expert parameter
+    parts: tuple[LoraOp, ...] = ()
 
     @property
     def untouched(self) -> bool:
         return (self.replacement is None and self.lora is None and self.bias_of is None and self.tokens is None
-                and self.quant is None and not self.stacked)
+                and self.quant is None and not self.stacked and not self.parts)
 
     @property
     def replaced_whole(self) -> bool:
@@ -101,8 +121,8 @@ class TensorPlan:
 
     @property
     def all_lora(self) -> list[LoraOp]:
-        """Every LoRA op on this tensor, in the order they are merged (one, unless stacked)."""
-        return [p.lora for p in (self, *self.stacked) if p.lora is not None]
+        """Every LoRA op on this tensor, in the order they are merged (one, unless stacked or in parts)."""
+        return [op for p in (self, *self.stacked) for op in ((p.lora,) if p.lora is not None else ()) + p.parts]
 
 
 @dataclass

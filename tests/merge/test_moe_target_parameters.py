@@ -44,16 +44,6 @@ def test_fused_expert_parameters_equal_peft(tmp_path, use_rslora):
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(model, adapter))
 
 
-def test_per_expert_checkpoint_is_refused_clearly(tmp_path):
-    model = tiny_mixtral()
-    model.save_pretrained(tmp_path / "base")  # transformers writes per-expert w1/w2/w3 on disk
-    cfg = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_parameters=["experts.down_proj"])
-    adapter = make_adapter(model, tmp_path / "adapter", cfg)
-    result = CliRunner().invoke(cli, ["merge", str(tmp_path / "base"), str(adapter), str(tmp_path / "out")])
-    assert result.exit_code == 1
-    assert result.output.startswith("Error: ") and "experts" in result.output and "per expert" in result.output
-
-
 def test_target_parameters_convert_and_inspect(tmp_path):
     """rank_pattern keys match `<module>.<param>` for expert parameters; convert keeps every scale."""
     model = tiny_mixtral(torch.float32)
