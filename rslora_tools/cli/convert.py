@@ -21,7 +21,15 @@ from .render import echo_warnings, finish
               help="Produce an adapter that this runtime serves with PEFT's exact per-module scales: peft, vllm, tgi, "
                    "lorax, sglang, llama.cpp or unit; a release as vllm@0.6.3 (default: the current one).")
 @click.option("--bake", is_flag=True, help="With --to-*: fold the scale change into lora_B instead of rewriting alphas.")
-@click.option("--base", help="Base model folder or Hub repo; needed for --target llama.cpp with a .gguf OUT.")
+@click.option("--base", help="Base model folder or Hub repo; needed for --target llama.cpp with a .gguf OUT, and for "
+                             "--expert-layout / --key-layout.")
+@click.option("--expert-layout", type=click.Choice(["per-expert", "fused"]),
+              help="Rewrite MoE expert LoRA: per-expert (one LoRA per expert Linear, as transformers 4 and some runtimes "
+                   "apply it) or fused (target_parameters on gate_up_proj/down_proj, as transformers 5 holds experts).")
+@click.option("--key-layout", type=click.Choice(["base", "transformers-5"]),
+              help="Rename module paths to BASE's checkpoint naming (base: e.g. model.language_model.layers -> "
+                   "model.layers, for transformers 4 and runtimes) or to transformers 5's in-memory naming of BASE "
+                   "(transformers-5: what PEFT needs on transformers 5).")
 @o.overwrite_option
 @o.allow_pickle_option
 @o.dry_run_option
@@ -58,6 +66,8 @@ def convert(adapter: str, out: str, **flags: Any) -> None:
       rslora-tools convert org/adapter for-sglang/ --target sglang --push-to-hub me/adapter-sglang
       rslora-tools convert pissa-trained/ plain-lora/ --initial pissa-init/
       rslora-tools convert pissa-trained/ for-vllm/ --initial pissa-init/ --target vllm
+      rslora-tools convert moe-adapter/ per-expert/ --expert-layout per-expert --base org/mixtral
+      rslora-tools convert vl-adapter/ renamed/ --key-layout base --base org/qwen2-vl
     """
     from ..commands.convert import convert as run_convert
 
@@ -77,7 +87,8 @@ def convert_options(flags: dict[str, Any]) -> Any:
     return ConvertOptions(
         overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_nonfinite=flags["allow_nonfinite"],
         token=flags["token"], push=o.push_target(flags), to=to, target=flags["target"], bake=flags["bake"],
-        base=flags["base"], initial=flags["initial"], revision=flags["revision"], allow_pickle=flags["allow_pickle"])
+        base=flags["base"], initial=flags["initial"], revision=flags["revision"], allow_pickle=flags["allow_pickle"],
+        expert_layout=flags["expert_layout"], key_layout=flags["key_layout"])
 
 
 def _print_convert(report: Any) -> None:
@@ -85,7 +96,10 @@ def _print_convert(report: Any) -> None:
     click.echo(f"{verb} {report.out}: {report.message}")
     for key, (before, after) in report.config_changes.items():
         click.echo(f"  {key}: {json.dumps(before)} -> {json.dumps(after)}")
-    if report.action == "initial" or (report.weights_changed and report.relative_form is not None):
+    if report.action == "relayout":
+        how = "rearranged" if "expert layout" in report.target else "renamed"
+        click.echo(f"  weights: the same values, {how} (every module keeps its scale)")
+    elif report.action == "initial" or (report.weights_changed and report.relative_form is not None):
         click.echo(f"  weights: A' = [A; A0], B' = [B, -B0] ({report.weights_dtype or 'dtype kept'})")
     elif report.weights_changed:
         click.echo(f"  weights: scales folded into lora_B ({report.weights_dtype or 'dtype kept'})")

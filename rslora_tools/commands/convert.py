@@ -14,12 +14,12 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..adapter.adapter import PICKLE_NAME, WEIGHTS_NAME, Adapter, load_adapter
+from ..adapter.adapter import WEIGHTS_NAME, Adapter, load_adapter
 from ..adapter.config import CONFIG_NAME
 from ..adapter.config_rewrite import is_power_of_two
 from ..adapter.module_scales import ModuleEntry, module_entries
@@ -29,12 +29,12 @@ from ..adapter.scaling import Convention
 from ..adapter.writer import AdapterWriter, check_config_finite, write_config
 from ..compute.finite import check_finite
 from ..errors import InputError, OptionError, cli_message
-from ..formats.checkpoint import checked_file, open_checkpoint
+from ..formats.checkpoint import open_checkpoint
 from ..formats.output import check_output_file, check_output_location, writing
-from ..formats.provenance import PROVENANCE_NAME, write_provenance
+from ..formats.provenance import write_provenance
 from ..formats.safetensors_file import read_header, safetensors_to_torch_dtype
 from ..plan.convert import CONVENTIONS, ConversionPlan, plan_conversion
-from ..reporting import Report
+from .converted import ConvertReport, config_changes, copy_other_files, other_files
 from .common import (
     AdapterSpec,
     OutputOptions,
@@ -57,11 +57,18 @@ class ConvertOptions(OutputOptions):
     initial: str | None = None  # INIT of a PiSSA/OLoRA/CorDA/LoRA-GA adapter: the result is relative to BASE
     revision: str | None = None  # of ADAPTER, when it is a Hub repo
     allow_pickle: bool = False
+    expert_layout: str | None = None  # "per-expert" or "fused": rewrite MoE expert LoRA into that layout (needs base)
+    key_layout: str | None = None  # "base" or "transformers-5": rename module paths to that naming of the base
 
     def __post_init__(self) -> None:
+        relayout = self.expert_layout is not None or self.key_layout is not None
+        if relayout:
+            self._check_relayout()
+            return
         if (self.to is not None and self.target is not None) or (self.to is None and self.target is None
                                                                  and self.initial is None):
-            raise OptionError("choose one of --to-rslora, --to-classic or --target RUNTIME (or --initial INIT alone)")
+            raise OptionError("choose one of --to-rslora, --to-classic or --target RUNTIME (or --initial INIT alone), "
+                              "or --expert-layout / --key-layout")
         if self.to is not None and self.to not in CONVENTIONS:
             raise OptionError(f"unknown convention {self.to!r}; use rslora or classic")
         if self.bake and self.to is None:
@@ -72,26 +79,17 @@ class ConvertOptions(OutputOptions):
             except InputError as e:
                 raise OptionError(cli_message(e)) from None
 
-
-@dataclass
-class ConvertReport(Report):
-    """What `convert` did (or would do); `to_dict()` is what `--json` prints."""
-
-    adapter: str
-    out: str
-    action: str
-    source_convention: str
-    target: str
-    modules: int
-    message: str
-    config_changes: dict[str, list[Any]] = field(default_factory=dict)
-    weights_changed: bool = False
-    weights_dtype: str | None = None
-    dry_run: bool = False
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    relative_form: str | None = None  # --initial: the adapter was made relative to the original base, in this form
-    push: dict[str, Any] | None = None  # the push of OUT when one was asked
+    def _check_relayout(self) -> None:
+        if self.expert_layout not in (None, "per-expert", "fused"):
+            raise OptionError(f"unknown expert layout {self.expert_layout!r}; use per-expert or fused")
+        if self.key_layout not in (None, "base", "transformers-5"):
+            raise OptionError(f"unknown key layout {self.key_layout!r}; use base or transformers-5")
+        if self.to is not None or self.target is not None or self.initial is not None or self.bake:
+            raise OptionError("--expert-layout and --key-layout rewrite the layout only; convert the convention or "
+                              "for a runtime in a second convert")
+        if self.base is None:
+            raise OptionError("--expert-layout and --key-layout need --base BASE (its config.json names the "
+                              "architecture and its checkpoint the tensors)")
 
 
 def convert(
@@ -139,6 +137,12 @@ def convert_adapter(loaded: Adapter, out: Path, options: ConvertOptions, source:
                                       load_adapter(init, allow_pickle=options.allow_pickle))
     require_plain(loaded)
     entries = module_entries(loaded)
+    if options.expert_layout is not None or options.key_layout is not None:
+        from .relayout import Relayout, relayout_adapter
+
+        assert options.base is not None
+        relayout = Relayout(options.base, expert_layout=options.expert_layout, key_layout=options.key_layout)
+        return relayout_adapter(loaded, entries, out, relayout, options, source)
     if not options.allow_nonfinite and not options.dry_run:
         for adapter_on_disk in loaded.sources:
             check_finite(adapter_on_disk)
@@ -165,18 +169,18 @@ def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, o
     report = ConvertReport(
         adapter=str(loaded.path), out=str(out), action=plan.action, source_convention=loaded.config.convention,
         target=options.to or options.target or "original base", modules=len(entries), message=plan.message,
-        config_changes=_changes(loaded.trained_adapter.config.normalized(), plan.config),
+        config_changes=config_changes(loaded.trained_adapter.config.normalized(), plan.config),
         weights_changed=any(f != 1.0 for f in plan.factors.values()) or not loaded.on_disk,
         weights_dtype="F32" if upcast or not loaded.on_disk else None, dry_run=options.dry_run,
         relative_form=loaded.relative_form,
     )
-    _other_files(loaded)  # a side file that links out of the folder is refused before anything is written
+    other_files(loaded)  # a side file that links out of the folder is refused before anything is written
     if options.dry_run:
         return report
     convention: Convention = "rslora" if plan.config.get("use_rslora") else "classic"
     with writing(out, written, overwrite=options.overwrite, what="the conversion", warnings=report.warnings) as tmp:
         _write_adapter(loaded, plan, upcast, tmp, options.allow_nonfinite)
-        _copy_other_files(loaded, tmp, plan)
+        copy_other_files(loaded, tmp, plan)
         write_provenance(tmp, {
             "operation": "convert", "adapter": source, "base_model": loaded.config.base_model_name_or_path,
             "message": plan.message, "revision": loaded.config.revision, "from": loaded.config.convention,
@@ -213,12 +217,6 @@ def _relative_message(loaded: Adapter, message: str) -> str:
     relative = f"{variant_name(loaded.trained_adapter)} adapter made relative to the original base ({loaded.relative_form})"
     then = message.replace("weights unchanged", "no further change to the weights")
     return relative + (f"; then {then}" if then else "")
-
-
-def _changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
-    """The scale fields that differ, as [before, after] (both configs normalized)."""
-    keys = ("use_rslora", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_lora_weights")
-    return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
 
 
 def _write_adapter(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Path, allow_nonfinite: bool) -> None:
@@ -259,26 +257,3 @@ def _write_adapter(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Pa
             writer.write(key, tensor)
 
 
-def _other_files(adapter: Adapter) -> list[Path]:
-    """The adapter folder's other top-level files, which travel along (links out of the folder refused)."""
-    skip = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, PROVENANCE_NAME}
-    return [checked_file(adapter.path, path, "side file") for path in sorted(adapter.path.iterdir())
-            if path.name not in skip and not path.name.startswith(".") and path.is_file()]
-
-
-def _copy_other_files(adapter: Adapter, tmp: Path, plan: ConversionPlan) -> None:
-    """Every other top-level file travels along; the README gets a note of the conversion."""
-    for path in _other_files(adapter):
-        if path.name == "README.md":
-            text = path.read_text(encoding="utf-8", errors="replace")
-            (tmp / path.name).write_text(text.rstrip("\n") + "\n\n" + _readme_note(plan), encoding="utf-8")
-            continue
-        shutil.copyfile(path, tmp / path.name)
-
-
-def _readme_note(plan: ConversionPlan) -> str:
-    return (
-        "## Converted with rslora-tools\n\n"
-        f"{plan.message[0].upper()}{plan.message[1:]} (rslora-tools {__version__}). "
-        "Every module keeps the scale PEFT applied to the original adapter.\n"
-    )

@@ -56,16 +56,7 @@ def _fused_on_per_expert(module: LoraModule, adapter: Adapter, resolver: NameRes
                          layouts: Layouts) -> list[tuple[str, LoraOp]] | None:
     layer = _FUSED_MODULE.match(module.name)["layer"]  # type: ignore[index]
     a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
-
-    def fits(param_name: str) -> bool:  # expert 0 of this parameter is in the checkpoint with the factors' shape
-        param = param_name.rpartition(".")[2]
-        role = "gate" if param == "gate_up_proj" else "down"
-        target = resolver.find(layouts.per_expert_name(layer, 0, role), record=False) if param in FUSED else None
-        rows = layouts.rows(role, b[0]) if len(b) == 2 else None
-        out = len(range(*rows)) if rows else (b[0] if len(b) == 2 else -1)
-        return target is not None and len(a) == 2 and shape_of(target) == (out, a[1])
-
-    name = pattern_name(adapter, module, fits)
+    name = fused_parameter(module, adapter, resolver, shape_of, layouts)
     param = name.rpartition(".")[2]
     if param not in FUSED:
         return None
@@ -91,6 +82,31 @@ def _fused_on_per_expert(module: LoraModule, adapter: Adapter, resolver: NameRes
     if resolver.find(layouts.per_expert_name(layer, experts, roles[0]), record=False) is not None:
         raise MismatchError(f"{where}: the adapter's factors hold {experts} experts, the checkpoint has more")
     return placed
+
+
+def fused_parameter(module: LoraModule, adapter: Adapter, resolver: NameResolver, shape_of: ShapeOf,
+                    layouts: Layouts) -> str:
+    """The `<module>.<param>` name of the fused expert parameter a target_parameters module wraps, told apart by the
+    checkpoint's shapes (expert 0's per-expert tensor, or the fused tensor) where nested wrappers leave it open."""
+    m = _FUSED_MODULE.match(module.name)
+    a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
+
+    def fits(param_name: str) -> bool:
+        param = param_name.rpartition(".")[2]
+        if m is None or param not in FUSED or len(a) != 2 or len(b) != 2 or layouts.experts is None:
+            return False
+        fused = resolver.find(f"{m['layer']}.mlp.experts.{param}", record=False)
+        if fused is not None:
+            w = shape_of(fused)
+            out, in_ = (w[2], w[1]) if layouts.experts.in_out else (w[1], w[2])
+            return len(w) == 3 and (out, in_) == (b[0], a[1])
+        role = "gate" if param == "gate_up_proj" else "down"
+        target = resolver.find(layouts.per_expert_name(m["layer"], 0, role), record=False)
+        rows = layouts.rows(role, b[0])
+        out = len(range(*rows)) if rows else b[0]
+        return target is not None and shape_of(target) == (out, a[1])
+
+    return pattern_name(adapter, module, fits)
 
 
 def _per_expert_on_fused(module: LoraModule, adapter: Adapter, resolver: NameResolver, shape_of: ShapeOf,

@@ -53,13 +53,14 @@ class ExpertLayout:
     interleaved: bool = False  # fused gate_up alternates gate and up (gpt-oss) instead of gate rows, then up rows
     in_out: bool = False  # the fused parameters are (E, in, out) (gpt-oss) instead of (E, out, in)
     fused_on_disk: bool = False  # the family's checkpoints store the experts fused (gpt-oss)
+    container: str = "mlp"  # the per-expert modules' parent on disk (Mixtral: block_sparse_moe)
 
     @property
     def roles(self) -> dict[str, str]:
         return {name: role for role, name in self.per_expert.items()}
 
 
-_MIXTRAL = ExpertLayout("mixtral", {"gate": "w1", "up": "w3", "down": "w2"})
+_MIXTRAL = ExpertLayout("mixtral", {"gate": "w1", "up": "w3", "down": "w2"}, container="block_sparse_moe")
 _QWEN2_MOE = ExpertLayout("qwen2_moe", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
 _GPT_OSS = ExpertLayout("gpt_oss", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, interleaved=True,
                         in_out=True, fused_on_disk=True)
@@ -106,6 +107,14 @@ class Layouts:
                 if renamed != name and renamed not in found:
                     found.append(renamed)
         return found
+
+    def in_memory(self, name: str) -> str:
+        """A checkpoint name as transformers 5 names the tensor in memory (the first disk rename that applies)."""
+        for disk, memory, _, _ in self.renames:
+            renamed = re.sub(disk, memory, name, count=1)
+            if renamed != name:
+                return renamed
+        return name
 
     def per_expert_module(self, module: str) -> tuple[str, int, str] | None:
         """(layer, expert, role) of a per-expert module name of this family (`...experts.3.w1` -> gate)."""

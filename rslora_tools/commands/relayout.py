@@ -1,0 +1,122 @@
+"""`convert --expert-layout per-expert|fused` and `convert --key-layout base|transformers-5`: an adapter in another layout.
+
+plan/relayout.py decides the new tensors and config, compute/relayout.py makes them; this module reads BASE (its
+config.json names the architecture, its checkpoint the tensors), writes OUT through the one adapter writer, and
+pushes it when asked. Every module keeps its scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..adapter.adapter import Adapter
+from ..adapter.module_scales import ModuleEntry
+from ..adapter.writer import AdapterWriter
+from ..errors import UnsupportedAdapterError
+from ..formats.checkpoint import open_checkpoint
+from ..formats.output import check_output_location, writing
+from ..formats.provenance import write_provenance
+from ..plan.convert import ConversionPlan
+from ..plan.layouts import FUSED, Layouts
+from ..plan.experts import fused_parameter
+from ..plan.placement import NameResolver
+from ..plan.relayout import plan_relayout
+from .common import OutputOptions, base_input, publish
+from .converted import ConvertReport, config_changes, copy_other_files, other_files
+
+@dataclass(frozen=True)
+class Relayout:
+    """What `convert --expert-layout/--key-layout` rewrites, against which base (checked by ConvertOptions)."""
+
+    base: str  # the base model (folder or Hub repo): its config names the architecture, its checkpoint the tensors
+    expert_layout: str | None = None  # "per-expert" or "fused"
+    key_layout: str | None = None  # "base" or "transformers-5"
+
+
+def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, relayout: Relayout,
+                     options: OutputOptions, source: dict[str, Any]) -> ConvertReport:
+    """The adapter in `relayout`'s layouts, written to OUT (pushed when asked)."""
+    from ..compute.relayout import block_diagonal, relayout_tensor, same_a
+
+    checkpoint = open_checkpoint(base_input(relayout.base, token=options.token).path)
+    layouts = Layouts.of(checkpoint.config)
+    if relayout.expert_layout is not None and layouts.experts is None:
+        model_type = (checkpoint.config or {}).get("model_type")
+        raise UnsupportedAdapterError(f"{checkpoint.folder}: model_type {model_type!r} is not an MoE family whose "
+                                      "expert layouts are known here (docs/peft-rules.md, 'Layouts')")
+    written = check_output_location(out, [*(a.path for a in loaded.sources), checkpoint.folder], options.overwrite)
+    resolver = NameResolver(checkpoint, layouts=layouts)
+    entries = [dataclasses.replace(e, name=fused_parameter(e.module, loaded, resolver, lambda n: checkpoint.info(n).shape,
+                                                           layouts)) if e.wrapping == "param" else e for e in entries]
+    zero_blocks = _zero_blocks(loaded, entries, layouts, block_diagonal) if relayout.expert_layout == "per-expert" else {}
+    shared = _shared_a(loaded, entries, layouts, same_a) if relayout.expert_layout == "fused" else frozenset()
+    plan = plan_relayout(loaded, entries, layouts, expert_layout=relayout.expert_layout,
+                         key_base=resolver if relayout.key_layout is not None else None, zero_blocks=zero_blocks,
+                         in_memory=relayout.key_layout == "transformers-5", shared_a=shared)
+    report = ConvertReport(
+        adapter=str(loaded.path), out=str(out), action="relayout", source_convention=loaded.config.convention,
+        target=", ".join(f"{k} layout {v}" for k, v in (("expert", relayout.expert_layout),
+                                                          ("key", relayout.key_layout)) if v),
+        modules=len(entries), message=plan.message,
+        config_changes=config_changes(loaded.config.normalized(), plan.config), weights_changed=True,
+        dry_run=options.dry_run,
+    )
+    other_files(loaded)
+    if options.dry_run:
+        return report
+    read = loaded.tensor
+    with writing(out, written, overwrite=options.overwrite, what="the conversion", warnings=report.warnings) as tmp:
+        layout = []  # the header first (each tensor made once to learn its shape), then the tensors, one at a time
+        for recipe in plan.recipes:
+            tensor = relayout_tensor(recipe, read)
+            layout.append((recipe.key, _dtype(tensor), tuple(tensor.shape)))
+        with AdapterWriter(tmp, plan.config, layout, {"format": "pt"}, allow_nonfinite=options.allow_nonfinite) as w:
+            for recipe in plan.recipes:
+                w.write(recipe.key, relayout_tensor(recipe, read))
+        copy_other_files(loaded, tmp, ConversionPlan("relayout", plan.config, {}, plan.message))
+        write_provenance(tmp, {"operation": "convert", "adapter": source, "base_model": loaded.config.base_model_name_or_path,
+                               "message": plan.message, "target": report.target, "method": "relayout",
+                               "convention": loaded.config.convention})
+    pushed = publish(out, options)
+    report.push = pushed.to_dict() if pushed is not None else None
+    return report
+
+
+def _zero_blocks(adapter: Adapter, entries: list[ModuleEntry], layouts: Layouts, block_diagonal: Any
+                 ) -> dict[str, tuple[bool, bool]]:
+    found = {}
+    for entry in entries:
+        if entry.wrapping == "param" and entry.name.rpartition(".")[2] == FUSED[0]:
+            b = adapter.tensor(entry.module.b_key)
+            experts = adapter.shapes[entry.module.a_key][0] // entry.scale.r
+            gate, up = layouts.rows("gate", b.shape[0]), layouts.rows("up", b.shape[0])
+            assert gate is not None and up is not None
+            found[entry.module.a_key] = block_diagonal(b, experts, gate, up)
+    return found
+
+
+def _shared_a(adapter: Adapter, entries: list[ModuleEntry], layouts: Layouts, same_a: Any) -> frozenset[str]:
+    """The layers whose per-expert gate and up LoRAs share A in every expert, with the same rank and scale."""
+    pairs: dict[str, dict[tuple[int, str], ModuleEntry]] = {}
+    for entry in entries:
+        found = layouts.per_expert_module(entry.module.name)
+        if found is not None and found[2] in ("gate", "up"):
+            pairs.setdefault(found[0], {})[(found[1], found[2])] = entry
+    shared = set()
+    for layer, by in pairs.items():
+        keys = [(by[(e, "gate")], by.get((e, "up"))) for e, role in by if role == "gate"]
+        if all(up is not None and gate.scale == up.scale and adapter.shapes[gate.module.a_key] ==
+               adapter.shapes[up.module.a_key] for gate, up in keys) and \
+                same_a([(gate.module.a_key, up.module.a_key) for gate, up in keys if up is not None], adapter.tensor):
+            shared.add(layer)
+    return frozenset(shared)
+
+
+def _dtype(tensor: Any) -> str:
+    from ..formats.safetensors_file import torch_to_safetensors_dtype
+
+    return torch_to_safetensors_dtype(tensor.dtype)
+
