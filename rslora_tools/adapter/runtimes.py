@@ -80,7 +80,7 @@ def _numbers(version: str) -> list[int]:
     return [int(m.group()) for m in (re.match(r"\d+", p) for p in version.split(".")) if m]
 
 
-def _key(version: str) -> list[int]:
+def version_key(version: str) -> list[int]:
     """A version for comparing: "0.32" and "0.32.0" are equal."""
     parts = _numbers(version)
     return parts + [0] * (4 - len(parts))
@@ -151,9 +151,15 @@ def runtime(spec: str) -> Runtime:
         raise InputError(f"{spec}: {version!r} is not a version number (e.g. vllm@0.6.3)")
     found = HISTORY[name][0]
     for behaviour in HISTORY[name]:
-        if not behaviour.since or _key(behaviour.since) <= _key(version):
+        if not behaviour.since or version_key(behaviour.since) <= version_key(version):
             found = behaviour
     return found
+
+
+def release(spec: str) -> str:
+    """The release a runtime spec names: "vllm@0.6.3" -> "0.6.3"; "vllm" -> the current release known here."""
+    name, _, version = spec.partition("@")
+    return version or _TABLE[name][1]
 
 
 def adapter_features(adapter: Adapter) -> list[str]:

@@ -16,7 +16,8 @@ from ..reporting import counted
 
 @cli.command()
 @click.argument("adapter")
-@click.option("--base", help="Also check the adapter against this base model (folder or Hub repo).")
+@click.option("--base", help="Also check the adapter against this base model (folder or Hub repo): list the base "
+                             "tensors each module changes, and fail when it changes none or records another base.")
 @click.option("--runtime", "runtimes", multiple=True, type=o.RuntimeSpec(), metavar="RUNTIME[@VERSION]",
               help="Runtime(s) you will serve with, e.g. vllm or vllm@0.6.3: their problems become warnings, and "
                    "their other releases are shown where they differ (repeatable).")
@@ -29,8 +30,11 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
             as_json: bool, revision: str | None, token: str | None) -> None:
     """Show ADAPTER's per-module ranks, alphas and scales, the scale each runtime would apply, and lints.
 
-    Reads only the config and tensor headers. Exit code: 0 when there is no error (and, with
-    --strict, no warning), 1 otherwise.
+    Reads only the config and tensor headers. With --base, it lists the base tensors each adapter
+    module changes (after renaming between transformers' layouts or splitting MoE experts) and fails
+    when the adapter changes nothing or was trained on another base; with --runtime, it fails when
+    that runtime would leave expert or vision-tower modules out. Exit code: 0 when there is no error
+    (and, with --strict, no warning), 1 otherwise.
 
     \b
     Examples:
@@ -38,6 +42,7 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
       rslora-tools inspect my-adapter/ --base base-model/ --runtime vllm --strict
       rslora-tools inspect my-adapter/ --runtime vllm@0.31.0 --runtime sglang
       rslora-tools inspect my-adapter/ --json | jq .groups
+      rslora-tools inspect moe-adapter/ --base org/mixtral --runtime vllm --json | jq .applies_to
     """
     from ..commands.inspect import InspectOptions, inspect_adapter
 
@@ -77,11 +82,23 @@ def _print_inspection(report: Any) -> None:
                + "; ".join(f"{report.runtimes[n]['label']}{'@' + n.partition('@')[2] if '@' in n else ''} "
                            f"{report.runtimes[n]['version']}" for n in runtime_names if report.runtimes[n]["version"]
                            != "all releases") + ")")
+    if report.applies_to:
+        _print_applies_to(report.applies_to)
     if report.lints:
         click.echo()
     for lint in report.lints:
         click.echo(f"{lint.level}: {lint.message}" + (f" [{lint.code}]" if lint.level != "info" else ""))
     click.echo(f"\n{counted(report.errors, 'error')}, {counted(report.warnings, 'warning')}")
+
+
+def _print_applies_to(applies_to: dict[str, list[str]], shown: int = 12) -> None:
+    """Each adapter module and the base tensors it changes (after any renaming or expert split)."""
+    click.echo(f"\n  applies to ({counted(sum(map(len, applies_to.values())), 'base tensor')}):")
+    for module, tensors in list(applies_to.items())[:shown]:
+        more = f" (+{len(tensors) - 1} more: {tensors[-1]})" if len(tensors) > 1 else ""
+        click.echo(f"  {module} -> {tensors[0]}{more}")
+    if len(applies_to) > shown:
+        click.echo(f"  ... {len(applies_to) - shown} more modules (--json lists every one)")
 
 
 def _ratio(ratio: float | None, status: str) -> str:

@@ -7,10 +7,10 @@ something else than intended), warning (likely a mistake), info (worth knowing).
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..adapter.adapter import Adapter, load_adapter
 from ..adapter.config import MUTATING_INITS
@@ -28,6 +28,7 @@ from ..adapter.runtimes import (
     Runtime,
     adapter_features,
     missing_features,
+    release,
     runtime,
     runtime_scale,
 )
@@ -37,6 +38,9 @@ from ..plan.gguf import tied_embedding_problem
 from ..plan.merge import plan_merge
 from ..reporting import Report
 from .common import AdapterSpec, adapter_input, base_input, with_fields
+
+if TYPE_CHECKING:
+    from ..hub.resolve import Source
 
 _TIED_NAMES = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_out|output)$")
 
@@ -73,6 +77,7 @@ class InspectReport(Report):
     base: str | None = None
     init_variant: str | None = None  # "PiSSA", "OLoRA", "CorDA", "LoRA-GA", "LoftQ": trained on a residual base
     merge_needs_initial: bool = False  # merge/convert need --initial INIT (or --base-is-residual)
+    applies_to: dict[str, list[str]] = field(default_factory=dict)  # with a base: adapter module -> the tensors it changes
 
     @property
     def errors(self) -> int:
@@ -121,7 +126,8 @@ def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = No
     """
     options = with_fields(options, InspectOptions, fields)
     path, _ = adapter_input(adapter, revision=options.revision, token=options.token, allow_pickle=options.allow_pickle)
-    base = base_input(options.base, token=options.token).path if options.base is not None else None
+    base_source = base_input(options.base, token=options.token) if options.base is not None else None
+    base = base_source.path if base_source is not None else None
     runtimes = list(options.runtimes)
     allow_pickle = options.allow_pickle
     loaded = path if isinstance(path, Adapter) else load_adapter(path, allow_pickle=allow_pickle)
@@ -147,8 +153,9 @@ def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = No
     _lint_features(loaded, entries, lints)
     _lint_runtimes(report, set(selected), lints)
     _lint_older_releases(report, loaded, fields, entries, selected, lints)
-    if base is not None:
-        _lint_base(loaded, base, report, set(selected), lints)
+    if base_source is not None:
+        _lint_base(loaded, base_source, report, set(selected), lints)
+    _lint_runtime_layouts(entries, selected, base, lints)
     return report
 
 
@@ -274,6 +281,19 @@ def _runtime_lint(level: LintLevel, who: str, summary: dict[str, Any], modules: 
     return None
 
 
+def _lint_runtime_layouts(entries: list[ModuleEntry], selected: dict[str, Runtime], base: Path | None,
+                          lints: list[Lint]) -> None:
+    """For each runtime you name: the expert and vision-tower modules it would leave out (error) or needs a flag for."""
+    from ..adapter.runtime_layouts import ignored_by
+    from ..formats.checkpoint import read_json_file
+
+    config = read_json_file(base / "config.json") if base is not None and (base / "config.json").is_file() else None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    for spec, rt in selected.items():
+        for found in ignored_by(rt, release(spec), entries, model_type if isinstance(model_type, str) else None):
+            lints.append(Lint(found.level, "runtime-ignores", f"{found.message} ({found.evidence})"))
+
+
 def _lint_older_releases(report: InspectReport, adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry],
                          selected: dict[str, Runtime], lints: list[Lint]) -> None:
     """For each runtime you name: its other releases where this adapter fares differently (info)."""
@@ -294,10 +314,51 @@ def _lint_older_releases(report: InspectReport, adapter: Adapter, fields: dict[s
                 lints.append(Lint("info", "runtime-exact", f"{rt.title} applies PEFT's scale to every module"))
 
 
-def _lint_base(adapter: Adapter, base: str | os.PathLike[str], report: InspectReport, selected: set[str],
+def _recorded_base_lints(adapter: Adapter, checkpoint: Any, source: Source) -> list[Lint]:
+    """The base the adapter records (name, revision, class, architecture) against BASE: another model is an error."""
+    from ..formats.checkpoint import read_json_file
+    from ..hub.resolve import base_mismatch, locate_recorded_base
+
+    recorded = adapter.config.base_model_name_or_path
+    if not recorded:
+        return []
+    lints = []
+    other_repo = base_mismatch(source, adapter.config.json_dict)
+    if other_repo is not None:
+        lints.append(Lint("error", "base-differs", other_repo))
+    recorded_revision = adapter.config.revision
+    if (source.repo_id is not None and recorded_revision and recorded_revision not in ("main", source.revision)
+            and not (source.commit or "").startswith(recorded_revision)):
+        lints.append(Lint("error", "base-differs", f"the adapter was trained on revision {recorded_revision!r} of its "
+                                                   f"base, BASE is at {source.revision or source.commit!r}"))
+    found, _ = locate_recorded_base(recorded, adapter.path)
+    recorded_folder = Path(found).expanduser()
+    config = checkpoint.config or {}
+    trained = adapter.config.json_dict.get("auto_mapping") or {}
+    trained_class = trained.get("base_model_class") if isinstance(trained, dict) else None
+    architectures = config.get("architectures") or []
+    if isinstance(trained_class, str) and architectures and trained_class not in architectures:
+        lints.append(Lint("error", "base-class", f"the adapter was trained on a {trained_class}, BASE is a "
+                                                 f"{', '.join(map(str, architectures))}: names may match while "
+                                                 "runtimes load the two differently"))
+    if not (recorded_folder / "config.json").is_file():
+        return lints
+    if recorded_folder.resolve() == Path(checkpoint.folder).resolve():
+        return lints
+    theirs = read_json_file(recorded_folder / "config.json")
+    fields = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+              "num_local_experts", "num_experts")
+    differ = [k for k in fields if isinstance(theirs, dict) and theirs.get(k) != config.get(k)]
+    if differ:
+        lints.append(Lint("error", "base-differs", f"the adapter records its base as {recorded!r} ({recorded_folder.resolve()}), "
+                                                   f"whose config.json differs from BASE's in {', '.join(differ)}"))
+    return lints
+
+
+def _lint_base(adapter: Adapter, source: Source, report: InspectReport, selected: set[str],
                lints: list[Lint]) -> None:
     try:
-        checkpoint, _, plan = plan_merge(base, adapter, collect_unmatched=True)
+        checkpoint, _, plan = plan_merge(source.path, adapter, collect_unmatched=True)
     except RsloraError as e:
         lints.append(Lint("error", "base", e.cli_message))
         return
@@ -317,6 +378,14 @@ def _lint_base(adapter: Adapter, base: str | os.PathLike[str], report: InspectRe
                                   "it instead"))
     for key in plan.unmatched:
         lints.append(Lint("error", "base", f"adapter tensor {key!r} matches no tensor in the base"))
+    for t in plan.tensors:
+        for op in t.all_lora:
+            module = op.module.a_key.removeprefix("base_model.model.").rpartition(".lora_")[0] or op.module.name
+            report.applies_to.setdefault(module, []).append(t.name)
+    if adapter.lora_modules and not report.applies_to:
+        lints.append(Lint("error", "applies-to-nothing", "the adapter changes no tensor of the base: served on it, "
+                                                         "it would change nothing"))
+    lints.extend(_recorded_base_lints(adapter, checkpoint, source))
     for warning in plan.warnings:
         lints.append(Lint("warning", "base", warning))
     for note in plan.notes:

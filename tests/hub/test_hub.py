@@ -274,3 +274,10 @@ def test_extract_from_the_hub_and_push(hub, tmp_path):
     assert "extracted from" in card and "org/tuned" in card and "base_model:adapter:org/base" in card
     config = json.loads(remote["adapter_config.json"])
     assert config["base_model_name_or_path"] == "org/base" and config["use_rslora"] is True
+
+
+def test_inspect_fails_when_base_is_another_repo_than_the_adapter_records(hub):
+    cli_run("inspect", "org/adapter", "--base", "org/base")
+    hub.upload_local_folder("org/other-base", BASE)
+    result = cli_run("inspect", "org/adapter", "--base", "org/other-base", code=1)
+    assert "error: the adapter was trained on 'org/base' but BASE is 'org/other-base' [base-differs]" in result.output
