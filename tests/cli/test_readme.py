@@ -1,7 +1,8 @@
-"""The README as a newcomer follows it: its sample outputs are what the commands print, and its exit-code table is
+"""The README as a newcomer follows it (and docs/layouts.md): its sample outputs are what the commands print, and its exit-code table is
 what they return.
 
-Each `<!-- output of: COMMAND -->` block is the output of COMMAND, run in order in a fresh folder holding the
+Each `<!-- output of: COMMAND -->` block is the output of COMMAND (`<!-- output of (exit N): COMMAND -->`: one
+that exits with N), run in order in a fresh folder holding the
 fixtures, as a user runs it (a new process, stdout and stderr together); timings may differ. Regenerate the blocks
 with `RSLORA_TOOLS_WRITE_DOCS=1 pytest tests/cli/test_readme.py`.
 """
@@ -19,7 +20,7 @@ import pytest
 from helpers import FIXTURES, ROOT, cli_run
 
 README = ROOT / "README.md"
-BLOCK = re.compile(r"<!-- output of: (.+?) -->\n```text\n(.*?)```", re.S)
+BLOCK = re.compile(r"<!-- output of( \(exit (\d+)\))?: (.+?) -->\n```text\n(.*?)```", re.S)
 TIMING = re.compile(r"\d+\.\d+ s\b")
 
 
@@ -38,21 +39,22 @@ def user_folder(tmp_path) -> Path:
     return tmp_path
 
 
-def test_the_sample_outputs_are_what_the_commands_print(user_folder):
-    text = README.read_text()
+@pytest.mark.parametrize("page", [README, ROOT / "docs" / "layouts.md"], ids=lambda p: p.name)
+def test_the_sample_outputs_are_what_the_commands_print(user_folder, page):
+    text = page.read_text()
     blocks = BLOCK.findall(text)
-    assert len(blocks) >= 4, "the quickstart lost its sample outputs"
+    assert len(blocks) >= 4, f"{page.name} lost its sample outputs"
     made = text
-    for command, shown in blocks:
+    for exit_note, code, command, shown in blocks:
         done = run_as_user(command, user_folder)
-        assert done.returncode == 0, (command, done.stdout)
+        assert done.returncode == int(code or 0), (command, done.stdout)
         if os.environ.get("RSLORA_TOOLS_WRITE_DOCS") == "1":
-            made = made.replace(f"<!-- output of: {command} -->\n```text\n{shown}```",
-                                f"<!-- output of: {command} -->\n```text\n{done.stdout}```")
+            made = made.replace(f"<!-- output of{exit_note}: {command} -->\n```text\n{shown}```",
+                                f"<!-- output of{exit_note}: {command} -->\n```text\n{done.stdout}```")
             continue
-        assert TIMING.sub("N s", shown) == TIMING.sub("N s", done.stdout), f"README's output of `{command}` is stale"
+        assert TIMING.sub("N s", shown) == TIMING.sub("N s", done.stdout), f"{page.name}'s output of `{command}` is stale"
     if made != text:
-        README.write_text(made)
+        page.write_text(made)
 
 
 def exit_code_rows() -> list[tuple[int, str]]:
