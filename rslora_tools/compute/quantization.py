@@ -10,7 +10,12 @@ op for op, so that the values are the same bits (docs/quantization.md):
   table of 65536 entries;
 - int8: round(x16 * (127 / rowmax)) from the fp16 weight, and back as q * SCB * (1/127) in fp32;
 - GPTQ: scales[g_idx] * (q - zeros[g_idx]) (v1 checkpoints store zeros - 1); AWQ GEMM: the same
-  with AWQ's nibble order and contiguous groups.
+  with AWQ's nibble order and contiguous groups;
+- block-scaled FP8: q (as float32) * scale_inv of its block, in float32, the edge blocks partial (ue8m0
+  scales are 2 ** (byte - 127)), as transformers 5.25's Fp8Dequantize computes it;
+- MXFP4: the e2m1 value of each nibble (low nibble first) looked up in the compute dtype, times 2 ** (scale -
+  127) by ldexp in that dtype, transposed to (experts, in, out), as transformers 5.25's
+  convert_moe_packed_tensors does.
 Every function returns a new CPU tensor in the dtype dequantization gives; the caller casts it
 to the merge's dtype.
 """
@@ -127,7 +132,40 @@ def dequantize_stored(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
         return dequantize_int8(read(stored.parts["weight"]), read(stored.parts["SCB"]))
     if method == "gptq":
         return dequantize_gptq(stored, read)
+    if method == "fp8":
+        return dequantize_fp8(read(stored.parts["weight"]), read(stored.parts["scale_inv"]), stored.scheme.block)
+    if method == "mxfp4":
+        return dequantize_mxfp4(read(stored.parts["blocks"]), read(stored.parts["scales"]), _TORCH[stored.dtype])
     return dequantize_awq(stored, read)
+
+
+def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    """Block-scaled FP8: each value times its block's scale, float32 (`block` None: one scale for the tensor)."""
+    values = q.to(torch.float32)
+    if scale_inv.dtype == torch.uint8:  # ue8m0 exponents stored as bytes
+        scales = (scale_inv.to(torch.float32) - 127.0).exp2()
+    else:
+        scales = scale_inv.to(torch.float32)
+    if block is None:
+        return values * scales.reshape(())
+    rows, cols = values.shape[-2:]
+    full = scales.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
+    return values * full
+
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 blocks (E, R, G, 16) and e8m0 scales (E, R, G) -> the (E, G * 32, R) parameter in `dtype`."""
+    experts, rows, groups, width = blocks.shape
+    lut = torch.tensor(_E2M1, dtype=dtype)
+    packed = blocks.to(torch.uint8).reshape(-1, width)
+    out = torch.empty(packed.shape[0], width * 2, dtype=dtype)
+    out[:, 0::2] = lut[(packed & 0x0F).to(torch.int)]
+    out[:, 1::2] = lut[(packed >> 4).to(torch.int)]
+    torch.ldexp(out, (scales.to(torch.int32) - 127).reshape(-1, 1), out=out)
+    return out.reshape(experts, rows, groups * width * 2).transpose(1, 2).contiguous()
 
 
 def _dequantize_bnb4(stored: QuantizedWeight, read: Reader) -> torch.Tensor:

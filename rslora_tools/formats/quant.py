@@ -7,7 +7,12 @@ Read as transformers saves them (docs/quantization.md):
   offset) and, when double quantized, `.nested_absmax` and `.nested_quant_map`;
 - bitsandbytes 8-bit (LLM.int8): int8 weight, `<module>.SCB` (row scales), `.weight_format`;
 - GPTQ (`qweight`, `qzeros`, `scales`, `g_idx`) and AWQ GEMM (`qweight`, `qzeros`, `scales`), int4
-  or int8, with the module's `.weight` absent.
+  or int8, with the module's `.weight` absent;
+- block-scaled FP8 (`quant_method: fp8`, DeepSeek-V3/R1, Qwen3-FP8): the float8 weight under its own name and
+  `<module>.weight_scale_inv`, one float32 (or ue8m0) scale per `weight_block_size` block, the blocks at the
+  right and bottom edges partial; `activation_scale` beside it when activations are quantized statically;
+- MXFP4 (`quant_method: mxfp4`, gpt-oss's experts): `<param>_blocks` (uint8, two e2m1 values per byte, 32 values
+  per block) and `<param>_scales` (uint8 e8m0 exponents, bias 127), for the fused `gate_up_proj` and `down_proj`.
 A `QuantScheme` says how a weight was quantized; `QuantizedWeight` is one stored weight, with the
 checkpoint tensors it is rebuilt from. Anything else is refused with the method named.
 """
@@ -22,7 +27,7 @@ from typing import Any, Callable, Literal
 from .checkpoint import Checkpoint
 from ..errors import InputError, UnsupportedAdapterError
 
-QuantMethod = Literal["nf4", "fp4", "int8", "gptq", "awq"]
+QuantMethod = Literal["nf4", "fp4", "int8", "gptq", "awq", "fp8", "mxfp4"]
 BNB_4BIT: tuple[QuantMethod, ...] = ("nf4", "fp4")
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 
@@ -60,6 +65,7 @@ class QuantScheme:
     sym: bool = True  # GPTQ
     desc_act: bool = False  # GPTQ act-order (g_idx not sequential)
     format: str = ""  # GPTQ: "gptq" (v1 zero points) or "gptq_v2"; AWQ: "gemm"
+    block: tuple[int, int] | None = None  # fp8: weight_block_size (rows, columns); None: one scale per tensor
 
     @property
     def label(self) -> str:
@@ -69,6 +75,10 @@ class QuantScheme:
             return f"{self.method} ({double}, blocksize {self.blocksize})"
         if self.method == "int8":
             return "int8 (LLM.int8)"
+        if self.method == "fp8":
+            return f"fp8 (blocks {self.block[0]}x{self.block[1]})" if self.block else "fp8 (one scale per tensor)"
+        if self.method == "mxfp4":
+            return "mxfp4 (blocks of 32, e8m0 scales)"
         group = "one group" if self.blocksize == -1 else f"group {self.blocksize}"
         extra = ", act-order" if self.desc_act else ""
         return f"{self.method} {self.bits}-bit ({group}{extra}, {self.format})"
@@ -87,6 +97,11 @@ class QuantizedWeight:
     nested_blocksize: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def anchor(self) -> str:
+        """The stored tensor whose place the dequantized weight takes in the output."""
+        return self.parts.get("weight") or self.parts.get("qweight") or self.parts["blocks"]
+
 
 def checkpoint_scheme(config: dict[str, Any] | None, where: str) -> QuantScheme | None:
     """The quantization config.json's `quantization_config` describes; None for an unquantized checkpoint."""
@@ -100,10 +115,26 @@ def checkpoint_scheme(config: dict[str, Any] | None, where: str) -> QuantScheme 
         return _bitsandbytes_scheme(quant, where)
     if method in ("gptq", "awq"):
         return _gptq_awq_scheme(quant, method, where)
+    if method == "fp8":
+        return _fp8_scheme(quant, where)
+    if method == "mxfp4":
+        skip = quant.get("modules_to_not_convert")
+        return QuantScheme("mxfp4", skip_modules=tuple(skip) if isinstance(skip, list) else None)
     raise UnsupportedAdapterError(
-        f"{where}: the base is quantized with {method!r}; rslora-tools dequantizes bitsandbytes (4-bit, 8-bit), GPTQ "
-        "and AWQ checkpoints only. Merge into the unquantized base model instead"
+        f"{where}: the base is quantized with {method!r}; rslora-tools dequantizes bitsandbytes (4-bit, 8-bit), GPTQ, "
+        "AWQ, block-scaled FP8 (quant_method fp8) and MXFP4 checkpoints only. Merge into the unquantized base model "
+        "instead"
     )
+
+
+def _fp8_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
+    block = quant.get("weight_block_size")
+    if block is not None and not (isinstance(block, list) and len(block) == 2 and
+                                  all(type(b) is int and b > 0 for b in block)):
+        raise InputError(f"{where}: fp8 weight_block_size is {block!r}; it must be two positive integers or null")
+    skip = quant.get("modules_to_not_convert")
+    return QuantScheme("fp8", block=(block[0], block[1]) if block else None,
+                       skip_modules=tuple(skip) if isinstance(skip, list) else None)
 
 
 def _bitsandbytes_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
@@ -188,6 +219,10 @@ def quantized_weights(scheme: QuantScheme, checkpoint: Checkpoint, read: RawRead
         found = _bnb4_weights(scheme, checkpoint.tensor_names(), read, where)
     elif scheme.method == "int8":
         found = _int8_weights(scheme, checkpoint, read, where)
+    elif scheme.method == "fp8":
+        found = _fp8_weights(scheme, checkpoint, where)
+    elif scheme.method == "mxfp4":
+        found = _mxfp4_weights(scheme, checkpoint, where)
     else:
         found = _packed_int_weights(scheme, checkpoint, where)
     for stored in found.values():
@@ -227,6 +262,13 @@ def _check_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) ->
             expected |= {"nested_absmax": -(-blocks // stored.nested_blocksize), "nested_quant_map": 256}
     elif method == "int8":
         expected = {"SCB": stored.shape[0]}
+    elif method == "fp8":
+        *lead, rows, cols = stored.shape
+        grid = (-(-rows // stored.scheme.block[0]), -(-cols // stored.scheme.block[1])) if stored.scheme.block else ()
+        expected = {"scale_inv": (*lead, *grid) if grid else 1}
+    elif method == "mxfp4":
+        experts, columns, rows = stored.shape
+        expected = {"scales": (experts, rows, columns // 32)}
     else:
         out_features, in_features = stored.shape
         groups = 1 if block == -1 else -(-in_features // block)
@@ -334,4 +376,66 @@ def _packed_int_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str)
             raise InputError(f"{where}: {key} has shape {[rows, cols]}, which does not fit {out_features} outputs")
         found[module + ".weight"] = QuantizedWeight(module + ".weight", scheme, roles, (out_features, in_features),
                                                     scales.dtype)
+    return found
+
+
+FP8_WEIGHT_DTYPES = ("F8_E4M3", "F8_E5M2")
+_E8M0_DTYPES = ("U8", "F8_E8M0")  # ue8m0 scales (2 ** (byte - 127)), as MXFP8 checkpoints store them
+
+
+def _fp8_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str) -> dict[str, QuantizedWeight]:
+    """Block-scaled FP8: every float8 `.weight` with its `.weight_scale_inv`; a float8 weight without one is refused."""
+    present = checkpoint.weight_map
+    found = {}
+    for key in checkpoint.tensor_names():
+        info = checkpoint.info(key)
+        if key.endswith(".weight_scale_inv"):
+            weight = key[: -len("_scale_inv")]
+            if weight not in present:
+                raise InputError(f"{where}: {key} has no weight {weight!r} beside it")
+            if checkpoint.info(weight).dtype not in FP8_WEIGHT_DTYPES:
+                raise UnsupportedAdapterError(f"{where}: {weight} is {checkpoint.info(weight).dtype}, scaled by {key}; "
+                                              "only float8 (e4m3, e5m2) weights of an fp8 checkpoint are supported "
+                                              "(not packed FP4)")
+            continue
+        if info.dtype not in FP8_WEIGHT_DTYPES:
+            continue
+        scale = key + "_scale_inv"
+        if not key.endswith(".weight") or scale not in present:
+            raise InputError(f"{where}: {key} is {info.dtype} without a {scale.rpartition('.')[2]!r} beside it; the "
+                             "fp8 checkpoint is incomplete (rslora-tools never adds a delta to raw float8 values)")
+        if len(info.shape) < 2:
+            raise InputError(f"{where}: {key} is a float8 tensor of shape {list(info.shape)}; fp8 weights are matrices")
+        scale_info = checkpoint.info(scale)
+        if scale_info.dtype not in ("F32", "BF16", "F16", *_E8M0_DTYPES):
+            raise InputError(f"{where}: {scale} is {scale_info.dtype}; fp8 scales are float32, bfloat16 or ue8m0")
+        roles = {"weight": key, "scale_inv": scale}
+        for side in (".activation_scale", ".input_scale"):
+            if key[: -len(".weight")] + side in present:
+                roles[side[1:]] = key[: -len(".weight")] + side
+        found[key] = QuantizedWeight(key, scheme, roles, info.shape, "F32")
+    return found
+
+
+def _mxfp4_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str) -> dict[str, QuantizedWeight]:
+    """MXFP4 experts: `<param>_blocks` (E, R, G, 16) uint8 with `<param>_scales` (E, R, G) uint8; the dequantized
+    parameter is (E, G * 32, R), as transformers lays gpt-oss's experts out (input features first)."""
+    present = checkpoint.weight_map
+    config = checkpoint.config or {}
+    dtype = dtype_from_name(config.get("dtype", config.get("torch_dtype"))) or "BF16"
+    found = {}
+    for key in checkpoint.tensor_names():
+        if not key.endswith("_blocks"):
+            continue
+        name = key[: -len("_blocks")]
+        scales = name + "_scales"
+        if scales not in present:
+            raise InputError(f"{where}: {key} has no {scales.rpartition('.')[2]!r} beside it")
+        blocks = checkpoint.info(key)
+        if blocks.dtype != "U8" or len(blocks.shape) != 4 or blocks.shape[3] != 16 or checkpoint.info(scales).dtype != "U8":
+            raise InputError(f"{where}: {key} is {blocks.dtype}{list(blocks.shape)}; MXFP4 stores uint8 blocks of shape "
+                             "[experts, rows, groups, 16] with uint8 scales")
+        experts, rows, groups, _ = blocks.shape
+        found[name] = QuantizedWeight(name, scheme, {"blocks": key, "scales": scales}, (experts, groups * 32, rows),
+                                      dtype)
     return found

@@ -98,7 +98,7 @@ def _prequantized(checkpoint: Checkpoint, scheme: QuantScheme, conv1d: bool) -> 
     plan = QuantPlan(scheme, prequantized=True)
     for name, weight in stored.items():
         plan.sources[name] = QuantSource(weight.scheme, weight, transposed=conv1d)
-        anchor = weight.parts.get("weight") or weight.parts["qweight"]
+        anchor = weight.anchor
         plan.anchors[anchor] = name
         plan.dropped.update(part for part in weight.parts.values() if part != anchor)
     return plan
