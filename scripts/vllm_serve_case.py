@@ -22,7 +22,8 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 def main() -> None:
     model, adapter, tokens_path, out_path = sys.argv[1:5]
     tokens = json.load(open(tokens_path))
-    vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
+    config = json.load(open(os.path.join(model, "config.json")))
+    vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]  # a vision-language model: its text part
     try:
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
