@@ -13,6 +13,8 @@ op for op, so that the values are the same bits (docs/quantization.md):
   with AWQ's nibble order and contiguous groups;
 - block-scaled FP8: q (as float32) * scale_inv of its block, in float32, the edge blocks partial (ue8m0
   scales are 2 ** (byte - 127)), as transformers 5.25's Fp8Dequantize computes it;
+- compressed-tensors float-quantized FP8: q in the scale's dtype times the scale (per tensor or per output
+  row), one rounding in that dtype, as compressed-tensors 0.20's `_dequantize`;
 - MXFP4: the e2m1 value of each nibble (low nibble first) looked up in the compute dtype, times 2 ** (scale -
   127) by ldexp in that dtype, transposed to (experts, in, out), as transformers 5.25's
   convert_moe_packed_tensors does.
@@ -134,6 +136,10 @@ def dequantize_stored(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
         return dequantize_gptq(stored, read)
     if method == "fp8":
         return dequantize_fp8(read(stored.parts["weight"]), read(stored.parts["scale_inv"]), stored.scheme.block)
+    if method == "ct_fp8":
+        scale = read(stored.parts["weight_scale"])
+        q = read(stored.parts["weight"])
+        return q.to(scale.dtype) * (scale.reshape(()) if scale.numel() == 1 else scale)
     if method == "mxfp4":
         return dequantize_mxfp4(read(stored.parts["blocks"]), read(stored.parts["scales"]), _TORCH[stored.dtype])
     return dequantize_awq(stored, read)

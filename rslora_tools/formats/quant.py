@@ -11,6 +11,9 @@ Read as transformers saves them (docs/quantization.md):
 - block-scaled FP8 (`quant_method: fp8`, DeepSeek-V3/R1, Qwen3-FP8): the float8 weight under its own name and
   `<module>.weight_scale_inv`, one float32 (or ue8m0) scale per `weight_block_size` block, the blocks at the
   right and bottom edges partial; `activation_scale` beside it when activations are quantized statically;
+- compressed-tensors `float-quantized` (llm-compressor's FP8, strategy `tensor` or `channel`): the float8 weight
+  under its own name and `<module>.weight_scale` (one value, or one per output row), `input_scale` beside it when
+  activations are quantized statically;
 - MXFP4 (`quant_method: mxfp4`, gpt-oss's experts): `<param>_blocks` (uint8, two e2m1 values per byte, 32 values
   per block) and `<param>_scales` (uint8 e8m0 exponents, bias 127), for the fused `gate_up_proj` and `down_proj`.
 A `QuantScheme` says how a weight was quantized; `QuantizedWeight` is one stored weight, with the
@@ -27,7 +30,7 @@ from typing import Any, Callable, Literal
 from .checkpoint import Checkpoint
 from ..errors import InputError, UnsupportedAdapterError
 
-QuantMethod = Literal["nf4", "fp4", "int8", "gptq", "awq", "fp8", "mxfp4"]
+QuantMethod = Literal["nf4", "fp4", "int8", "gptq", "awq", "fp8", "mxfp4", "ct_fp8"]
 BNB_4BIT: tuple[QuantMethod, ...] = ("nf4", "fp4")
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 
@@ -79,6 +82,8 @@ class QuantScheme:
             return f"fp8 (blocks {self.block[0]}x{self.block[1]})" if self.block else "fp8 (one scale per tensor)"
         if self.method == "mxfp4":
             return "mxfp4 (blocks of 32, e8m0 scales)"
+        if self.method == "ct_fp8":
+            return f"compressed-tensors float-quantized fp8 ({self.format})"
         group = "one group" if self.blocksize == -1 else f"group {self.blocksize}"
         extra = ", act-order" if self.desc_act else ""
         return f"{self.method} {self.bits}-bit ({group}{extra}, {self.format})"
@@ -120,11 +125,35 @@ def checkpoint_scheme(config: dict[str, Any] | None, where: str) -> QuantScheme 
     if method == "mxfp4":
         skip = quant.get("modules_to_not_convert")
         return QuantScheme("mxfp4", skip_modules=tuple(skip) if isinstance(skip, list) else None)
+    if method == "compressed-tensors":
+        return _compressed_tensors_scheme(quant, where)
     raise UnsupportedAdapterError(
         f"{where}: the base is quantized with {method!r}; rslora-tools dequantizes bitsandbytes (4-bit, 8-bit), GPTQ, "
-        "AWQ, block-scaled FP8 (quant_method fp8) and MXFP4 checkpoints only. Merge into the unquantized base model "
-        "instead"
+        "AWQ, block-scaled FP8 (quant_method fp8), MXFP4 and compressed-tensors float-quantized FP8 checkpoints only. "
+        "Merge into the unquantized base model instead"
     )
+
+
+def _compressed_tensors_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
+    """compressed-tensors: only `float-quantized` FP8 weights, one scale per tensor or per output channel."""
+    fmt = quant.get("format")
+    groups = quant.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise InputError(f"{where}: the compressed-tensors quantization_config has no config_groups")
+    strategies = set()
+    for name, group in groups.items():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        group_format = (group.get("format") if isinstance(group, dict) else None) or fmt
+        if group_format != "float-quantized" or not isinstance(weights, dict) or weights.get("type") != "float" \
+                or weights.get("num_bits") != 8 or weights.get("strategy") not in ("tensor", "channel") \
+                or weights.get("symmetric", True) is not True:
+            kind = f"{group_format} ({weights.get('type')} {weights.get('num_bits')}-bit, strategy " \
+                   f"{weights.get('strategy')})" if isinstance(weights, dict) else str(group_format)
+            raise UnsupportedAdapterError(
+                f"{where}: compressed-tensors {kind} in config group {name!r} is not supported; rslora-tools reads "
+                "float-quantized FP8 weights with one scale per tensor or per channel")
+        strategies.add(weights["strategy"])
+    return QuantScheme("ct_fp8", format="per " + " and per ".join(sorted(strategies)))
 
 
 def _fp8_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
@@ -223,6 +252,8 @@ def quantized_weights(scheme: QuantScheme, checkpoint: Checkpoint, read: RawRead
         found = _fp8_weights(scheme, checkpoint, where)
     elif scheme.method == "mxfp4":
         found = _mxfp4_weights(scheme, checkpoint, where)
+    elif scheme.method == "ct_fp8":
+        found = _compressed_fp8_weights(scheme, checkpoint, where)
     else:
         found = _packed_int_weights(scheme, checkpoint, where)
     for stored in found.values():
@@ -266,6 +297,11 @@ def _check_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) ->
         *lead, rows, cols = stored.shape
         grid = (-(-rows // stored.scheme.block[0]), -(-cols // stored.scheme.block[1])) if stored.scheme.block else ()
         expected = {"scale_inv": (*lead, *grid) if grid else 1}
+    elif method == "ct_fp8":
+        scale = checkpoint.info(stored.parts["weight_scale"])
+        if scale.numel != 1 and scale.shape != (stored.shape[0], 1):
+            raise InputError(f"{where}: {stored.parts['weight_scale']} has shape {list(scale.shape)}; a float-quantized "
+                             f"weight of shape {list(stored.shape)} takes one scale or [{stored.shape[0]}, 1]")
     elif method == "mxfp4":
         experts, columns, rows = stored.shape
         expected = {"scales": (experts, rows, columns // 32)}
@@ -414,6 +450,32 @@ def _fp8_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str) -> dic
             if key[: -len(".weight")] + side in present:
                 roles[side[1:]] = key[: -len(".weight")] + side
         found[key] = QuantizedWeight(key, scheme, roles, info.shape, "F32")
+    return found
+
+
+def _compressed_fp8_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str) -> dict[str, QuantizedWeight]:
+    """compressed-tensors float-quantized: each float8 `.weight` with its `.weight_scale` (dequantized in the scale's
+    dtype, as compressed-tensors' `_dequantize` does); a float8 weight without one is refused."""
+    present = checkpoint.weight_map
+    found = {}
+    for key in checkpoint.tensor_names():
+        info = checkpoint.info(key)
+        if info.dtype not in FP8_WEIGHT_DTYPES:
+            continue
+        module = key[: -len(".weight")]
+        scale = module + ".weight_scale"
+        if not key.endswith(".weight") or scale not in present:
+            raise InputError(f"{where}: {key} is {info.dtype} without a 'weight_scale' beside it; the compressed-tensors "
+                             "checkpoint is incomplete (rslora-tools never adds a delta to raw float8 values)")
+        scale_dtype = checkpoint.info(scale).dtype
+        if scale_dtype not in ("F32", "BF16", "F16") or len(info.shape) != 2:
+            raise InputError(f"{where}: {key} {list(info.shape)} with a {scale_dtype} scale is not a float-quantized "
+                             "weight (a matrix with a float scale)")
+        roles = {"weight": key, "weight_scale": scale}
+        for side in ("input_scale", "weight_zero_point", "input_zero_point"):
+            if f"{module}.{side}" in present:
+                roles[side] = f"{module}.{side}"
+        found[key] = QuantizedWeight(key, scheme, roles, info.shape, scale_dtype)
     return found
 
 

@@ -1,7 +1,8 @@
-"""Block-scaled FP8 and MXFP4 bases, merged into the weights the adapter was trained on.
+"""Block-scaled FP8, compressed-tensors FP8 and MXFP4 bases, merged into the weights the adapter was trained on.
 
 The oracle: transformers loads the quantized checkpoint dequantized (FP8 on a machine without a GPU, MXFP4 with
-`Mxfp4Config(dequantize=True)`), PEFT merges, `save_pretrained` writes. Test checkpoints are packed here from
+`Mxfp4Config(dequantize=True)`, compressed-tensors with `CompressedTensorsConfig(dequantize=True)`, which
+decompresses through the compressed-tensors package), PEFT merges, `save_pretrained` writes. Test checkpoints are packed here from
 known codes (transformers quantizes FP8 only on a GPU). Where transformers 5.25 dequantizes FP8 wrongly (a
 dimension that is not a multiple of the block: it derives the block from the scale grid), the oracle is the
 format's definition (one scale per `weight_block_size` block, the edge blocks partial), as DeepSeek's
@@ -217,3 +218,57 @@ def test_mxfp4_dequantization_is_transformers_op_for_op():
     scales = torch.randint(100, 140, (2, 48, 3), dtype=torch.uint8)
     for dtype in (torch.bfloat16, torch.float32):
         assert torch.equal(dequantize_mxfp4(blocks, scales, dtype), convert_moe_packed_tensors(blocks, scales, dtype=dtype))
+
+
+def compressed_fp8_checkpoint(base: Path, folder: Path, strategy: str, scale_dtype: torch.dtype) -> None:
+    """BASE's projections as llm-compressor writes FP8 (`float-quantized`): float8 weight, `weight_scale` per tensor
+    or per output channel."""
+    tensors = {}
+    for name, w in load_file(base / "model.safetensors").items():
+        if not name.endswith("proj.weight"):
+            tensors[name] = w
+            continue
+        w = w.float()
+        amax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.abs().max().reshape(1)
+        scale = (amax / 448.0).to(scale_dtype)
+        tensors[name] = (w / scale.float()).to(torch.float8_e4m3fn)
+        tensors[name[: -len("weight")] + "weight_scale"] = scale
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+            "num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}}},
+        "ignore": ["lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("strategy", "scale_dtype"), [("channel", torch.bfloat16), ("tensor", torch.float32)])
+def test_compressed_tensors_fp8_merges_as_peft_merges_the_decompressed_model(tmp_path, strategy, scale_dtype):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
+    compressed_fp8_checkpoint(base, tmp_path / "ct", strategy, scale_dtype)
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    result = cli_run("merge", tmp_path / "ct", ad, tmp_path / "out")
+    assert f"compressed-tensors float-quantized fp8 (per {strategy})" in result.output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert_same_tensors(read_folder(tmp_path / "out"), peft_merge(model, ad, tmp_path / "peft"))
+
+
+def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
+    base = tiny_llama(tmp_path / "base", hidden=64, intermediate=96)
+    compressed_fp8_checkpoint(base, tmp_path / "ct", "channel", torch.bfloat16)
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    config["quantization_config"]["format"] = "pack-quantized"
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(type="int", num_bits=4, strategy="group")
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
+    ad = adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    result = cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", code=1)
+    assert ("compressed-tensors pack-quantized (int 4-bit, strategy group) in config group 'group_0' is not supported; "
+            "rslora-tools reads float-quantized FP8 weights with one scale per tensor or per channel") in result.output
