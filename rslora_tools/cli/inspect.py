@@ -84,6 +84,10 @@ def _print_inspection(report: Any) -> None:
                            != "all releases") + ")")
     if report.applies_to:
         _print_applies_to(report.applies_to)
+    if report.base_format is not None:
+        changed = sum(map(len, report.applies_to.values()))
+        click.echo(f"  base format: {report.base_format}; {len(report.quantized_targets)} of the {changed} tensors the "
+                   "adapter changes are stored quantized (merge dequantizes them and writes them unquantized)")
     if report.lints:
         click.echo()
     for lint in report.lints:

@@ -78,6 +78,8 @@ class InspectReport(Report):
     init_variant: str | None = None  # "PiSSA", "OLoRA", "CorDA", "LoRA-GA", "LoftQ": trained on a residual base
     merge_needs_initial: bool = False  # merge/convert need --initial INIT (or --base-is-residual)
     applies_to: dict[str, list[str]] = field(default_factory=dict)  # with a base: adapter module -> the tensors it changes
+    base_format: str | None = None  # with a quantized base: its format ("fp8 (blocks 128x128)", "nf4 (...)")
+    quantized_targets: list[str] = field(default_factory=list)  # base tensors the adapter changes that are stored quantized
 
     @property
     def errors(self) -> int:
@@ -382,6 +384,9 @@ def _lint_base(adapter: Adapter, source: Source, report: InspectReport, selected
         for op in t.all_lora:
             module = op.module.a_key.removeprefix("base_model.model.").rpartition(".lora_")[0] or op.module.name
             report.applies_to.setdefault(module, []).append(t.name)
+    if plan.prequantized and plan.quantization is not None:
+        report.base_format = plan.quantization.label
+        report.quantized_targets = [t.name for t in plan.tensors if t.quant is not None and t.all_lora]
     if adapter.lora_modules and not report.applies_to:
         lints.append(Lint("error", "applies-to-nothing", "the adapter changes no tensor of the base: served on it, "
                                                          "it would change nothing"))

@@ -112,6 +112,10 @@ def test_fp8_blocks_merge_as_peft_merges_the_model_transformers_dequantizes(tmp_
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merge(model, ad, tmp_path / "peft"))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config
+    report = json.loads(cli_run("inspect", ad, "--base", tmp_path / "fp8", "--json").stdout)
+    assert report["base_format"] == "fp8 (blocks 32x32)"
+    changed = sorted(sum(report["applies_to"].values(), []))
+    assert len(changed) == 10 and sorted(report["quantized_targets"]) == changed  # 5 projections x 2 layers, all fp8
     assert not any(k.endswith("scale_inv") for k in read_folder(tmp_path / "out"))
 
 
@@ -208,6 +212,9 @@ def test_mxfp4_experts_merge_as_peft_merges_the_model_transformers_dequantizes(t
     assert_same_tensors(merged, peft_merge(model, ad, tmp_path / "peft"))
     assert merged["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 192)
     assert not any(k.endswith(("_blocks", "_scales")) for k in merged)
+    text = cli_run("inspect", ad, "--base", base).output
+    assert ("  base format: mxfp4 (blocks of 32, e8m0 scales); 4 of the 6 tensors the adapter changes are stored "
+            "quantized (merge dequantizes them and writes them unquantized)") in text
 
 
 def test_mxfp4_dequantization_is_transformers_op_for_op():
