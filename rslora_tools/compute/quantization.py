@@ -153,10 +153,12 @@ def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     else:
         scales = scale_inv.to(torch.float32)
     if block is None:
-        return values * scales.reshape(())
-    rows, cols = values.shape[-2:]
-    full = scales.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
-    return values * full
+        return values.mul_(scales.reshape(()))
+    cols = values.shape[-1]
+    row_scales = scales.repeat_interleave(block[1], dim=-1)[..., :cols]  # (..., block rows, cols): small
+    for i in range(row_scales.shape[-2]):  # in place, a band of rows at a time: no second weight-sized tensor
+        values[..., i * block[0]:(i + 1) * block[0], :].mul_(row_scales[..., i:i + 1, :])
+    return values
 
 
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
