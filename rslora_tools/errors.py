@@ -30,7 +30,7 @@ API_WORDS: dict[str, str] = {
     "--max-error": "max_error=", "--energy": "energy=", "--density": "density=", "--base": "base=",
     "--seed": "seed=", "--sample": "sample=", "--alpha": "alpha=", "--max-shard-size": "max_shard_size=",
     "--target-modules": "target_modules=", "--runtime": "runtimes=", "--json": "the returned report",
-    "--expert-layout": "expert_layout=", "--key-layout": "key_layout=",
+    "--expert-layout": "expert_layout=", "--key-layout": "key_layout=", "--keep-quantization": "keep_quantization=True",
 }
 _FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?: ([A-Z][A-Z0-9_]*|\d[\w.]*|'[^']*'))?")
 # A command a message suggests, up to the end of its backquotes, parentheses or clause.

@@ -39,6 +39,9 @@ from ..reporting import counted
               help="Recompute and compare every merged tensor before OUT is replaced; fail on a mismatch.")
 @o.allow_nonfinite_option("Merge")
 @o.trained_on_options
+@click.option("--keep-quantization", is_flag=True,
+              help="A quantized BASE (block-scaled FP8, compressed-tensors FP8): write the merged weights back in "
+                   "BASE's own format, scales recomputed as its quantizer does; other tensors copied byte for byte.")
 @o.initial_options
 @o.token_option
 @o.push_options
@@ -77,6 +80,9 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     QLoRA: a bitsandbytes (4-bit, 8-bit), GPTQ or AWQ BASE is dequantized exactly as its library
     does and merged in the compute dtype; with an unquantized BASE, --trained-on quantizes the
     weights as they were in training first (the model the adapter learned to correct).
+    Block-scaled FP8 (DeepSeek-V3, Qwen3-FP8), MXFP4 (gpt-oss) and compressed-tensors FP8
+    bases are dequantized as transformers loads them and written unquantized; with
+    --keep-quantization the changed weights are quantized back into the base's format instead.
 
     \b
     Examples:
@@ -86,6 +92,7 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
       rslora-tools merge auto org/adapter@v2 merged/
       rslora-tools merge org/base-bnb-4bit qlora-adapter/ merged/
       rslora-tools merge org/base qlora-adapter/ merged/ --trained-on nf4 --double-quant --dry-run
+      rslora-tools merge org/base-fp8 adapter/ merged-fp8/ --keep-quantization
       rslora-tools merge org/base pissa-trained/ merged/ --initial pissa-init/
       rslora-tools merge org/base domain-adapter/ chat-adapter/ merged/
       rslora-tools merge org/base task-a/ task-b/ merged/ --weights 0.7,0.4
@@ -131,7 +138,8 @@ def merge_options(flags: dict[str, Any], progress: Any) -> Any:
         overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_nonfinite=flags["allow_nonfinite"],
         token=flags["token"], push=o.push_target(flags), weights=o.weights(flags["weights"]), dtype=flags["dtype"],
         device=flags["device"], max_shard_size=flags["max_shard_size"], verify=flags["verify_output"],
-        allow_pickle=flags["allow_pickle"], trained_on=o.trained_on(flags), initial=flags["initial"],
+        allow_pickle=flags["allow_pickle"], trained_on=o.trained_on(flags),
+        keep_quantization=flags["keep_quantization"], initial=flags["initial"],
         base_is_residual=flags["base_is_residual"], base_revision=flags["base_revision"],
         adapter_revision=flags["adapter_revision"], stream=stream)
 
@@ -164,18 +172,31 @@ def _print_merge(report: Any) -> None:
         click.echo(f"  config.json: {key} removed" if value is None else f"  config.json: {key} = {json.dumps(value)}")
     for note in report.notes:
         click.echo(f"  note: {note}")
-    measured = (report.quantization or {}).get("measured")
-    if measured and measured["quant_error_over_delta"] is not None:
-        click.echo(
-            f"  quantization moved the weights by {measured['quant_error_over_weight']:.1%} of their norm, "
-            f"{measured['quant_error_over_delta']:.2g}x the adapter's own delta (which is "
-            f"{measured['delta_over_weight']:.1%} of their norm); median of {measured['tensors']} of {measured['of']} "
-            "targeted weights; merging into the original weights would leave that out of the model the adapter was "
-            "trained on")
+    _print_quantization(report.quantization or {})
     if report.verify is not None:
         v = report.verify
         click.echo(f"  verified: {v['verdict']} ({v['exact']} exact, {v['rounding']} within rounding, "
                    f"{v['tensors_checked']} tensors)")
+
+
+def _print_quantization(quantization: dict[str, Any]) -> None:
+    """The measured quantization error: of the base weights (--trained-on), or of the merged weights quantized back."""
+    measured = quantization.get("measured")
+    if not measured or measured["quant_error_over_delta"] is None:
+        return
+    of = f"median of {measured['tensors']} of {measured['of']} targeted weights"
+    delta = f"the adapter's own delta (which is {measured['delta_over_weight']:.1%} of their norm)"
+    if quantization.get("mode") == "as trained":
+        click.echo(f"  quantization moved the weights by {measured['quant_error_over_weight']:.1%} of their norm, "
+                   f"{measured['quant_error_over_delta']:.2g}x {delta}; {of}; merging into the original weights "
+                   "would leave that out of the model the adapter was trained on")
+        return
+    verb = "moved" if quantization.get("mode") == "kept" else "would move"
+    worst = measured["quant_error_over_delta_max"]
+    click.echo(f"  requantizing the merged weights into the base's format {verb} them by "
+               f"{measured['quant_error_over_weight']:.2%} of their norm, {measured['quant_error_over_delta']:.2g}x {delta}"
+               f" (worst {worst:.2g}x); {of}" + ("; above 1x, rounding hides much of the adapter's change"
+                                                  if worst > 1 else ""))
 
 
 def _print_dry_run(report: Any) -> None:

@@ -18,6 +18,7 @@ from ..adapter.relative import RelativeAdapter, relative_to_original, variant_na
 from ..adapter.stacked import stack_adapters
 from ..compute.finite import check_finite
 from ..compute.quant_stats import (
+    each_requantization,
     measurable_weights,
     measured_quantization,
     sample_quantization,
@@ -53,6 +54,7 @@ class MergeOptions(OutputOptions):
     verify: bool = False  # recompute and compare every tensor before OUT is replaced
     allow_pickle: bool = False  # read an adapter that exists only as adapter_model.bin (weights_only)
     trained_on: QuantScheme | None = None  # quantize the base's weights as in training before merging (QLoRA)
+    keep_quantization: bool = False  # a quantized base: write the changed weights back in its format
     initial: str | None = None  # INIT (folder or Hub repo): merge a PiSSA/OLoRA/CorDA/LoRA-GA adapter into BASE
     base_is_residual: bool = False  # BASE is such an adapter's residual base: merge it as plain LoRA
     base_revision: str | None = None  # of BASE, when it is a Hub repo
@@ -77,6 +79,11 @@ class MergeOptions(OutputOptions):
         if self.initial is not None and self.base_is_residual:
             raise OptionError("--initial and --base-is-residual exclude each other: the first merges into the original "
                               "base, the second into the residual base")
+        if self.keep_quantization and self.trained_on is not None:
+            raise OptionError("--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized "
+                              "base (and the output is unquantized)")
+        if self.keep_quantization and self.dtype is not None:
+            raise OptionError("--keep-quantization writes the base's own dtypes; --dtype does not go with it")
         if self.stream is not None:
             self._check_stream()
 
@@ -183,7 +190,7 @@ def prepare_merge(base: Path | Checkpoint, inputs: MergeInputs, out: Path, optio
     checkpoint, adapter, plan = plan_merge(
         base, inputs.adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
         allow_pickle=options.allow_pickle, collect_unmatched=options.dry_run, trained_on=options.trained_on,
-        base_is_residual=options.base_is_residual,
+        base_is_residual=options.base_is_residual, keep_quantization=options.keep_quantization,
     )
     if adapter.relative_form is not None:
         plan.notes.append(f"{variant_name(adapter.trained_adapter)} adapter made relative to the original "
@@ -197,9 +204,10 @@ def prepare_merge(base: Path | Checkpoint, inputs: MergeInputs, out: Path, optio
 
 
 def measure_sample(prepared: PreparedMerge) -> None:
-    """A dry run of --trained-on: the quantization error measured on a sample of the weights."""
+    """A dry run (and a merge that does not measure as it goes): the quantization error measured on a sample of the
+    weights (compute/quant_stats.py)."""
     report, plan = prepared.report, prepared.plan
-    if report.quantization is not None and not plan.prequantized:
+    if report.quantization is not None and "measured" in report.quantization:
         report.quantization["measured"] = measured_quantization(
             sample_quantization(plan, prepared.checkpoint, prepared.adapter), measurable_weights(plan))
 
@@ -211,9 +219,17 @@ def check_inputs_finite(adapter: Adapter, options: MergeOptions) -> None:
 
 
 def record_measures(prepared: PreparedMerge, measures: dict[str, tuple[float, float, float]]) -> None:
-    """--trained-on: the quantization error the executor measured, into the report."""
-    if prepared.report.quantization is not None and not prepared.plan.prequantized:
-        prepared.report.quantization["measured"] = measured_quantization(measures, measurable_weights(prepared.plan))
+    """The quantization error the executor measured (--trained-on, --keep-quantization) into the report; a
+    dequantized base's is measured on a sample after the merge."""
+    quantization, plan = prepared.report.quantization, prepared.plan
+    if quantization is None or "measured" not in quantization:
+        return
+    if plan.prequantized and not plan.keep_quantization:
+        measure_sample(prepared)
+        return
+    quantization["measured"] = measured_quantization(measures, measurable_weights(plan))
+    if plan.keep_quantization:
+        quantization["requantized"] = each_requantization(measures)
 
 
 def write_extras(folder: Path, prepared: PreparedMerge, options: MergeOptions) -> None:
@@ -250,7 +266,7 @@ def _report(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lower
         adapters=[str(p.path) for p in adapter.parts],
         weights=list(adapter.weights),
         modules=len({op.module.a_key for op in plan.lora_ops}),  # an expert module split over several tensors counts once
-        tensors_merged=sum(not s.tensor.untouched for s in steps),
+        tensors_merged=sum(not s.tensor.untouched or s.tensor.written_with is not None for s in steps),
         tensors_copied=sum(s.kind is StepKind.COPY_BASE for s in steps),
         tensors_total=len(steps),
         scale_min=min(scales) if scales else None,
@@ -276,14 +292,20 @@ def _quantization(plan: Plan, checkpoint: Checkpoint, adapter: Adapter) -> dict[
     if scheme is None:
         return None
     quantized = [t for t in plan.tensors if t.quant is not None]
+    mode = "kept" if plan.keep_quantization else "dequantized" if plan.prequantized else "as trained"
     summary = {
-        "mode": "dequantized" if plan.prequantized else "as trained", "scheme": scheme.label,
+        "mode": mode, "scheme": scheme.label,
         "method": scheme.method, "blocksize": scheme.blocksize, "double_quant": scheme.double_quant,
-        "weights": len(quantized), "merged_dtypes": sorted({t.dtype for t in quantized}),
+        "weights": len(quantized),
+        "merged_dtypes": sorted({t.quant.keep.dtype if t.quant.keep else t.dtype for t in quantized if t.quant}),
         "skip_modules": list(scheme.skip_modules) if scheme.skip_modules is not None else None,
     }
-    if not plan.prequantized:
-        summary["measured"] = None  # after the merge (or by a dry run's sample): measured_quantization
+    if not plan.prequantized or measurable_weights(plan):
+        # after the merge (or by a dry run's sample): measured_quantization. A quantized base: how far quantizing the
+        # merged weights back moves them (what --keep-quantization loses of the delta)
+        summary["measured"] = None
+        summary["measure"] = "requantization of the merged weights" if plan.prequantized else \
+            "quantization of the base weights"
     return summary
 
 
@@ -305,6 +327,7 @@ def _changes(lowered: Lowered) -> list[dict[str, Any]]:
         how = []
         if t.quant is not None:
             how.append(f"quantized as trained ({t.quant.scheme.method})" if t.quant.simulated
+                       else f"dequantized and quantized back ({t.quant.scheme.method})" if t.quant.keep
                        else f"dequantized ({t.quant.scheme.method})")
         if t.replacement is not None:
             how.append(f"replaced by adapter tensor {t.replacement}")

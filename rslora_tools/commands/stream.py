@@ -264,7 +264,7 @@ def _journal_key(prepared: PreparedMerge, options: MergeOptions, base: Source) -
         "sources": prepared.sources, "base": base.to_dict(),
         "inputs": [_listing(Path(f)) for f in folders] + ([options.initial] if options.initial else []),
         "options": [options.dtype, options.max_shard_size, options.device, str(options.trained_on),
-                    options.base_is_residual, options.allow_nonfinite],
+                    options.base_is_residual, options.allow_nonfinite, options.keep_quantization],
         "weights": list(prepared.adapter.weights),
         "shards": [(name, [(t.name, t.dtype, list(t.shape)) for t in tensors]) for name, tensors in prepared.plan.shards],
     }

@@ -36,6 +36,7 @@ from ..formats.checkpoint import (
 from ..formats.provenance import PROVENANCE_NAME, read_provenance
 from ..formats.quant import QuantScheme, trained_on_scheme
 from ..formats.safetensors_file import (
+    safetensors_to_torch_dtype,
     FLOAT_DTYPES,
     has_torch_dtype,
     read_into,
@@ -197,8 +198,9 @@ def check_merged(merged: Path, base: Path | Checkpoint, adapters: list[Adapter],
         problems.append(f"the merged folder cannot be read: {e.cli_message}")
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     dtype = _merge_dtype(out, checkpoint) if out is not None else None
+    kept = _kept_quantization(recorded, out, checkpoint)
     checkpoint, adapter_obj, plan = plan_merge(checkpoint, adapter_obj, dtype=dtype, trained_on=trained_on,
-                                               base_is_residual=base_is_residual)
+                                               base_is_residual=base_is_residual, keep_quantization=kept)
     chosen = _choose(plan.tensors, options.sample)
     report = VerifyReport(str(merged), str(checkpoint.folder), str(adapter_obj.path), "mismatch", len(plan.tensors), 0,
                           problems=problems, sampled=len(chosen) < len(plan.tensors), recipe=recipe)
@@ -207,7 +209,7 @@ def check_merged(merged: Path, base: Path | Checkpoint, adapters: list[Adapter],
         if out.config is None:
             report.warnings.append(f"{merged} has no config.json (nor has BASE): transformers cannot load it without "
                                    "one; copy the base model's config.json into it")
-        report.tensors = _check_tensors(out, checkpoint, adapter_obj, chosen, progress)
+        report.tensors = _check_tensors(out, checkpoint, adapter_obj, chosen, progress, {t.name: t for t in plan.tensors})
     report.tensors_checked = len(report.tensors)
     report.exact = sum(c.status == "exact" for c in report.tensors)
     report.rounding = sum(c.status == "rounding" for c in report.tensors)
@@ -280,6 +282,16 @@ def recorded_trained_on(folder: Path) -> QuantScheme | None:
                              skip_modules=list(skip) if isinstance(skip, list) else None)
 
 
+def _kept_quantization(recorded: dict[str, Any], out: Checkpoint | None, base: Checkpoint) -> bool:
+    """The merge kept a quantized base's format (--keep-quantization): its record says so, or the merged folder's
+    config.json keeps the base's quantization_config."""
+    quant = recorded.get("quantization")
+    if isinstance(quant, dict) and quant.get("mode") in ("kept", "dequantized"):
+        return quant["mode"] == "kept"
+    base_quant = (base.config or {}).get("quantization_config")
+    return out is not None and base_quant is not None and (out.config or {}).get("quantization_config") == base_quant
+
+
 def _merge_dtype(out: Checkpoint, base: Checkpoint) -> str | None:
     """The `--dtype` the merged folder was made with: its floating tensors share one dtype the base's do not all have."""
     merged = {out.info(n).dtype for n in out.weight_map} & FLOAT_DTYPES
@@ -288,10 +300,11 @@ def _merge_dtype(out: Checkpoint, base: Checkpoint) -> str | None:
 
 
 def _check_tensors(out: Checkpoint, checkpoint: Checkpoint, adapter: Adapter, chosen: list[TensorPlan],
-                   progress: ProgressCallback | None) -> list[TensorCheck]:
+                   progress: ProgressCallback | None, planned: dict[str, TensorPlan]) -> list[TensorCheck]:
     checks = []
     total = sum(tensor_nbytes(t.dtype, t.shape) for t in chosen)
     files, merged_files = CheckpointFiles(checkpoint), CheckpointFiles(out)
+    requantized: dict[str, dict[str, torch.Tensor]] = {}  # --keep-quantization: weight -> its stored tensors, by name
     try:
         for t in chosen:
             if t.name not in out.weight_map:
@@ -299,7 +312,13 @@ def _check_tensors(out: Checkpoint, checkpoint: Checkpoint, adapter: Adapter, ch
             info = out.info(t.name)
             if info.shape != t.shape or info.dtype != t.dtype:
                 continue  # reported by the structure check
-            if t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
+            anchor = planned_anchor(t, planned)
+            if anchor is not None:  # codes and scales: the reference quantizer's, on the merged weight, exactly
+                if anchor.name not in requantized:
+                    requantized[anchor.name] = _requantized(anchor, checkpoint, files, adapter)
+                checks.append(compare(t.name, merged_files.read(t.name), requantized[anchor.name][t.name],
+                                      changed=True))
+            elif t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
                 checks.append(_compare_bytes(t, files, merged_files))
             elif has_torch_dtype(info.dtype):
                 actual = merged_files.read(t.name)
@@ -314,6 +333,25 @@ def _check_tensors(out: Checkpoint, checkpoint: Checkpoint, adapter: Adapter, ch
         files.close()
         merged_files.close()
     return checks
+
+
+def planned_anchor(t: TensorPlan, planned: dict[str, TensorPlan]) -> TensorPlan | None:
+    """--keep-quantization: the quantized weight whose step writes `t` (itself, or the codes its scale goes with)."""
+    if t.quant is not None and t.quant.keep is not None:
+        return t
+    return planned[t.written_with] if t.written_with is not None else None
+
+
+def _requantized(t: TensorPlan, checkpoint: Checkpoint, files: CheckpointFiles, adapter: Adapter
+                 ) -> dict[str, torch.Tensor]:
+    """The stored tensors a --keep-quantization merge writes for one weight, by name (compute/requantize.py)."""
+    from ..compute.requantize import requantized, stored_layout
+
+    q = t.quant
+    assert q is not None and q.keep is not None and q.stored is not None
+    merged = merged_tensor(t, files.read, adapter.tensor, safetensors_to_torch_dtype(q.keep.dtype))
+    parts, _ = requantized(q.stored, merged, stored_layout(q.stored, checkpoint), files.read)
+    return {q.stored.parts[role]: tensor for role, tensor in parts.items()}
 
 
 def _compare_bytes(t: TensorPlan, base: CheckpointFiles, merged: CheckpointFiles) -> TensorCheck:

@@ -10,7 +10,10 @@ offset, with the function for its `StepKind`:
   every block, then quantizes, dequantizes and merges a block of rows at a time;
 - TORCH: compute/torch_ops.py with torch, one tensor per staging buffer set (page-locked, with a CUDA
   stream each, on a GPU); torch is imported only then;
-- DEQUANT: the same, with the base value dequantized on the CPU first (compute.torch_ops.quantized_base).
+- DEQUANT: the same, with the base value dequantized on the CPU first (compute.torch_ops.quantized_base);
+- REQUANT (--keep-quantization): DEQUANT in the weight's compute dtype, then quantized back
+  (compute/requantize.py); the step writes the codes and, in the rows right after them, the scales
+  (the WITH_WEIGHT steps, which do nothing by themselves).
 Progress is reported through a callback; the executor never draws anything.
 """
 
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..compute import kernel
 from ..adapter.adapter import Adapter
 from ..formats.checkpoint import Checkpoint, CheckpointFiles
+from ..formats.quant import REQUANTIZED_ROLES
 from ..errors import InputError
 from .lowering import BLOCK_BYTES, Device, Lowered, Step, StepKind, staging_sets, worker_count
 from ..plan.tensors import LoraOp, TensorPlan
@@ -125,6 +129,10 @@ def _copy_runs(checkpoint: Checkpoint, steps: list[Step]) -> list[list[Step]]:
     size = 0
     for step in steps:
         t = step.tensor
+        if step.kind is StepKind.WITH_WEIGHT:  # written by its weight's REQUANT step, the job before
+            groups[-1].append(step)
+            end = None
+            continue
         if step.kind is not StepKind.COPY_BASE or t.source is None or step.nbytes > _RUN_BYTES:
             groups.append([step])
             end = None
@@ -167,6 +175,10 @@ def _produce_group(run: _Run, steps: list[Step], writer: SafetensorsWriter, row:
     """One job: a single step, or a run of untouched tensors copied in one go (`row`: the first one's in the shard)."""
     if len(steps) == 1:
         _produce(run, steps[0], _Slot(writer, row))
+        return
+    if steps[0].kind is StepKind.REQUANT:
+        _with_requant(run, steps[0].tensor, [_Slot(writer, row + i) for i in range(len(steps))])
+        run.advance(sum(step.nbytes for step in steps))
         return
     if run.stop.is_set():
         raise _Stopped
@@ -398,6 +410,31 @@ def _with_torch(run: _Run, t: TensorPlan, slot: _Slot) -> None:
                 buffers["stream"].synchronize()
                 value = out
             slot.write(value)
+
+
+def _with_requant(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
+    """--keep-quantization: merge the dequantized weight in its compute dtype (on the run's device), quantize it back
+    as the base's format does (on the CPU), write the codes into slots[0] and the rewritten scales after them."""
+    from ..compute.requantize import requantization_norms, requantized, stored_layout
+    from ..compute.torch_ops import merged_tensor, quantized_base
+
+    if run.stop.is_set():
+        raise _Stopped
+    q = t.quant
+    assert q is not None and q.keep is not None and q.stored is not None
+    compute = safetensors_to_torch_dtype(q.keep.dtype)
+    device = run.device.torch_device
+    start = quantized_base(t, run.base.read).to(compute) if t.replacement is None else None
+    value = merged_tensor(t, run.base.read, run.adapter.tensor, compute, device,
+                          base=start.to(device, copy=True) if start is not None else None).cpu()
+    if not run.allow_nonfinite:
+        _check_finite(run, t, value)
+    parts, back = requantized(q.stored, value, stored_layout(q.stored, run.checkpoint), run.base.read)
+    slots[0].write(parts[REQUANTIZED_ROLES[q.scheme.method][0]])
+    for slot, (role, _) in zip(slots[1:], q.keep.rewritten):
+        slot.write(parts[role])
+    if start is not None:  # the report's requantization error, against the delta
+        _record(run, t.name, requantization_norms(value, back, start))
 
 
 def _check_finite(run: _Run, t: TensorPlan, value: torch.Tensor) -> None:

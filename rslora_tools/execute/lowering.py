@@ -44,6 +44,8 @@ class StepKind(str, Enum):
     KERNEL = ("kernel", "merge kernel")  # W + s * (B @ A) by the C merge kernel, a block of rows at a time
     QUANT_KERNEL = ("quant-kernel", "quantized and merged by the kernel")  # --trained-on nf4/fp4, by the C kernel
     DEQUANT = ("dequant", "dequantized with torch")  # a quantized base weight dequantized (or quantized) with torch
+    REQUANT = ("requant", "dequantized, merged and quantized back with torch")  # --keep-quantization: codes and scales
+    WITH_WEIGHT = ("with-weight", "rewritten with its weight")  # a scale the REQUANT step of its weight writes
     TORCH = ("torch", "torch")  # everything else, computed with torch (compute/torch_ops.py) on the device
 
     @classmethod
@@ -117,7 +119,7 @@ class Lowered:
 
     @property
     def uses_torch(self) -> bool:
-        return any(step.kind in (StepKind.TORCH, StepKind.DEQUANT) for step in self.steps)
+        return any(step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT) for step in self.steps)
 
     @property
     def imports_torch(self) -> bool:
@@ -139,6 +141,10 @@ def lower(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device: Device) 
 
 
 def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: Device) -> StepKind:
+    if t.written_with is not None:
+        return StepKind.WITH_WEIGHT
+    if t.quant is not None and t.quant.keep is not None:
+        return StepKind.REQUANT
     if t.quant is not None and t.replacement is None:
         if device.kernel_allowed and _quant_kernel_fits(t, checkpoint, adapter):
             return StepKind.QUANT_KERNEL
@@ -227,11 +233,14 @@ def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
             if t.quant is not None:  # absmax and scale per block, fp32
                 absmax = 2 * 4 * math.prod(t.shape) // t.quant.scheme.blocksize
             kernel_peak = max(kernel_peak, 2 * BLOCK_BYTES + 2 * ab + absmax)
-        elif step.kind in (StepKind.TORCH, StepKind.DEQUANT):
+        elif step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT):
             blocked = all(op.kind in ("linear", "embedding") and not op.dora for op in t.all_lora)
-            peak = step.nbytes * 3 if blocked else math.prod(t.shape) * 4 * 2 + step.nbytes * 3
-            if step.kind is StepKind.DEQUANT:  # fp32 codes, scales and values of the whole weight
-                peak += math.prod(t.shape) * 4 * _DEQUANT_FP32_COPIES
+            shape, nbytes = t.shape, step.nbytes
+            if t.quant is not None and t.quant.keep is not None:  # the merged weight, then its codes
+                shape, nbytes = t.quant.keep.shape, tensor_nbytes(t.quant.keep.dtype, t.quant.keep.shape)
+            peak = nbytes * 3 if blocked else math.prod(shape) * 4 * 2 + nbytes * 3
+            if step.kind is not StepKind.TORCH:  # fp32 codes, scales and values of the whole weight
+                peak += math.prod(shape) * 4 * _DEQUANT_FP32_COPIES
             torch_peak = max(torch_peak, peak)
     runtime = _RUNTIME_BYTES + (_TORCH_BYTES if lowered.imports_torch else 0)
     if lowered.uses_torch:  # on a GPU each staging set may hold a tensor on the host

@@ -55,6 +55,11 @@ def dtype_from_name(name: object) -> str | None:
     return _DTYPES.get(name) if isinstance(name, str) else None
 
 
+# `merge --keep-quantization`: the methods whose quantizer rslora-tools has (compute/requantize.py), and the stored
+# roles a requantization rewrites (the codes first); every other stored tensor is copied as it is.
+REQUANTIZED_ROLES: dict[str, tuple[str, ...]] = {"fp8": ("weight", "scale_inv"), "ct_fp8": ("weight", "weight_scale")}
+
+
 @dataclass(frozen=True, slots=True)
 class QuantScheme:
     """How weights were quantized: the method and its parameters (bitsandbytes, GPTQ or AWQ)."""

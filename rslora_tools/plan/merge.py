@@ -20,7 +20,7 @@ from ..adapter.module_scales import pattern_warnings
 from .placement import NameResolver, check_shapes, place_module
 from .tensors import TORCH_DTYPE_NAMES, LoraOp, Plan, TensorPlan, output_dtype
 from ..formats.quant import QuantScheme, dtype_from_name
-from .quantization import QuantPlan, merge_dtype, output_shape, plan_quantization
+from .quantization import QuantPlan, keep_quantized, merge_dtype, output_shape, plan_quantization
 from ..formats.safetensors_file import FLOAT_DTYPES, tensor_nbytes
 from .experts import as_expert_op, place_across_layouts
 from .stacking import fold_plans
@@ -37,6 +37,7 @@ def plan_merge(
     collect_unmatched: bool = False,
     trained_on: QuantScheme | None = None,
     base_is_residual: bool = False,
+    keep_quantization: bool = False,
 ) -> tuple[Checkpoint, Adapter, Plan]:
     """Open both inputs (unless given opened) and plan the merge (headers, config and quant states only).
 
@@ -44,7 +45,8 @@ def plan_merge(
     dequantized; `trained_on` quantizes an unquantized base's weights as they were in training. A StackedAdapter
     is planned adapter by adapter and folded (adapter.stacked.fold_plans). A PiSSA/OLoRA/
     CorDA/LoRA-GA adapter is refused unless it was made relative to the original base (adapter.relative.relative_to_original)
-    or `base_is_residual` says BASE is its residual base.
+    or `base_is_residual` says BASE is its residual base. `keep_quantization` writes a quantized base's changed
+    weights back in its format (plan.quantization.keep_quantized).
     """
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
@@ -53,8 +55,12 @@ def plan_merge(
         require_plain(part, base_is_residual=base_is_residual)
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     quant = plan_quantization(checkpoint, trained_on)
+    if keep_quantization and len(parts) > 1:
+        raise UnsupportedAdapterError("--keep-quantization merges one adapter; combine the adapters into one first "
+                                      "(`rslora-tools combine`), then merge that")
     plans = [build_plan(checkpoint, part, dtype=dtype, max_shard_size=max_shard_size,
-                        collect_unmatched=collect_unmatched, quant=quant) for part in parts]
+                        collect_unmatched=collect_unmatched, quant=quant, keep_quantization=keep_quantization)
+             for part in parts]
     plan = fold_plans(adapter, plans) if len(parts) > 1 else plans[0]
     return checkpoint, adapter, plan
 
@@ -67,6 +73,7 @@ def build_plan(
     max_shard_size: int | None = None,
     collect_unmatched: bool = False,
     quant: QuantPlan | None = None,
+    keep_quantization: bool = False,
 ) -> Plan:
     """Decide, from headers and config alone, what every output tensor becomes.
 
@@ -80,6 +87,9 @@ def build_plan(
     builder.add_lora_modules()
     builder.add_tokens()
     extra = builder.tie.resolve(builder.plan_for, adapter, builder.notes, builder.warnings)
+    if keep_quantization:
+        quant = keep_quantized(builder.plans, quant, checkpoint)
+        builder.note_kept(quant)
     shards = _layout(checkpoint, builder.plans, extra, dtype, max_shard_size, quant)
     index = None
     if len(shards) > 1 or (checkpoint.sharded and max_shard_size is None):
@@ -88,8 +98,8 @@ def build_plan(
     if checkpoint.config is None:
         warnings.append(f"{checkpoint.folder} has no config.json, so the merged model has none either: transformers "
                         "cannot load it without one (copy the base model's config.json into OUT)")
-    return Plan(shards, _config_updates(checkpoint, builder, dtype), builder.notes, warnings, builder.unmatched, index,
-                quantization=quant.scheme, prequantized=quant.prequantized)
+    return Plan(shards, _config_updates(checkpoint, builder, dtype, quant), builder.notes, warnings, builder.unmatched,
+                index, quantization=quant.scheme, prequantized=quant.prequantized, keep_quantization=quant.keep)
 
 
 class _PlanBuilder:
@@ -135,6 +145,15 @@ class _PlanBuilder:
         elif scheme is not None:
             self.notes.append(f"merged as trained on {scheme.label}: {len(self.quant.sources)} weights are quantized "
                               "and dequantized as bitsandbytes does, then merged")
+
+    def note_kept(self, kept: QuantPlan) -> None:
+        """--keep-quantization: the note on dequantizing every weight becomes one on the weights quantized back."""
+        assert kept.scheme is not None
+        self.notes = [n for n in self.notes if not n.startswith("the base is quantized")]
+        self.warnings = [w for w in self.warnings if not w.startswith("the dequantized weights are written")]
+        self.notes.append(f"the base's format is kept ({kept.scheme.label}): {len(kept.companions)} of "
+                          f"{len(self.quant.sources)} quantized weights are changed by the adapter, merged and quantized "
+                          "back; every other stored tensor is copied as it is, and quantization_config stays")
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.plans[name].shape if name in self.plans else self.checkpoint.info(name).shape
@@ -279,7 +298,7 @@ def _token_indices(adapter: Adapter, path: str, key: str) -> list[int]:
     raise MismatchError(f"{adapter.path}: trainable tokens {key!r} have no matching trainable_token_indices in the config")
 
 
-def _config_updates(checkpoint: Checkpoint, builder: _PlanBuilder, dtype: str | None) -> dict[str, Any]:
+def _config_updates(checkpoint: Checkpoint, builder: _PlanBuilder, dtype: str | None, quant: QuantPlan) -> dict[str, Any]:
     config = checkpoint.config or {}
     updates: dict[str, Any] = {}
     embedding = builder.tie.embedding
@@ -289,7 +308,7 @@ def _config_updates(checkpoint: Checkpoint, builder: _PlanBuilder, dtype: str | 
             updates["vocab_size"] = rows
     if builder.tie.untied:
         updates["tie_word_embeddings"] = False
-    if builder.quant.prequantized:
+    if quant.prequantized and not quant.keep:
         updates["quantization_config"] = None  # removed: the output is not quantized
     if dtype is not None:
         for key in ("dtype", "torch_dtype"):
@@ -319,6 +338,7 @@ def _layout(
             name = quant.anchors.get(name, name)
             plan = plans.get(name) or TensorPlan(name, name, dtype=output_dtype(info.dtype, dtype), shape=info.shape)
             items.append(plan)
+            items.extend(quant.companions.get(name, ()))
             items.extend(p for anchor, p in extra if anchor == name)
         groups.append((shard, items))
     if max_shard_size is None:
@@ -328,7 +348,7 @@ def _layout(
     size = 0
     for t in ordered:
         n = tensor_nbytes(t.dtype, t.shape)
-        if buckets[-1] and size + n > max_shard_size:
+        if buckets[-1] and size + n > max_shard_size and t.written_with is None:  # scales stay with their codes
             buckets.append([])
             size = 0
         buckets[-1].append(t)

@@ -10,18 +10,23 @@ Two cases (docs/quantization.md):
   (top-level modules, tied weights), `llm_int8_skip_modules` (which replaces that default) and
   the model's `_keep_in_fp32_modules`; embeddings and norms stay as they are.
 Conv1D weights (GPT-2) are stored (in, out) but quantized transposed, as transformers does.
+
+With `--keep-quantization` (`keep_quantized`, after the adapter is placed) the output stays in the base's format:
+the quantized weights the adapter changes are merged and quantized back (their codes and rewritten scales take
+their old names and places; side tensors such as activation scales are copied), every other stored tensor is
+copied byte for byte, and `quantization_config` stays.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..formats.checkpoint import Checkpoint, CheckpointFiles
 from ..errors import InputError, UnsupportedAdapterError
 from .placement import CONV1D_MODEL_TYPES
-from .tensors import QuantSource
-from ..formats.quant import QuantScheme, checkpoint_scheme, dtype_from_name, quantized_weights
+from .tensors import QuantSource, Requant, TensorPlan
+from ..formats.quant import REQUANTIZED_ROLES, QuantScheme, checkpoint_scheme, dtype_from_name, quantized_weights
 from ..formats.safetensors_file import FLOAT_DTYPES, read_bytes
 from ..adapter.scaling import backtracking_risk
 
@@ -58,6 +63,8 @@ class QuantPlan:
     anchors: dict[str, str] = field(default_factory=dict)  # stored tensor -> output weight written in its place
     dropped: set[str] = field(default_factory=set)  # stored tensors that are not written (absmax, SCB, qzeros, ...)
     prequantized: bool = False
+    keep: bool = False  # --keep-quantization
+    companions: dict[str, list[TensorPlan]] = field(default_factory=dict)  # kept: codes -> scales written after them
 
     def names(self) -> list[str]:
         return list(self.sources)
@@ -102,6 +109,43 @@ def _prequantized(checkpoint: Checkpoint, scheme: QuantScheme, conv1d: bool) -> 
         plan.anchors[anchor] = name
         plan.dropped.update(part for part in weight.parts.values() if part != anchor)
     return plan
+
+
+def keep_quantized(plans: dict[str, TensorPlan], quant: QuantPlan, checkpoint: Checkpoint) -> QuantPlan:
+    """--keep-quantization: turn the plan's quantized weights back into the base's stored tensors (`plans` is
+    changed in place). A weight the adapter changes is merged in its compute dtype and quantized back; the others
+    are not dequantized at all."""
+    where = str(checkpoint.folder)
+    scheme = quant.scheme
+    if scheme is None or not quant.prequantized:
+        raise InputError(f"{where}: --keep-quantization keeps a quantized base's format, and this base is not "
+                         "quantized" + (" (--trained-on only says how it was quantized in training)" if scheme else ""))
+    if scheme.method not in REQUANTIZED_ROLES:
+        raise UnsupportedAdapterError(
+            f"{where}: --keep-quantization is not supported for {scheme.label} bases yet (block-scaled FP8 and "
+            "compressed-tensors float-quantized FP8 are); merge without it to write the merged model unquantized")
+    kept = QuantPlan(scheme, prequantized=True, keep=True)
+    for name, source in quant.sources.items():
+        t = plans.pop(name, None)
+        stored = source.stored
+        assert stored is not None
+        if t is None or not _changed(t):
+            continue  # every stored tensor of it is copied as it is
+        roles = REQUANTIZED_ROLES[scheme.method]
+        rewritten = tuple((role, stored.parts[role]) for role in roles[1:])
+        keep = Requant(merge_dtype(source, checkpoint, name), output_shape(source, checkpoint, name), rewritten)
+        t.quant = replace(source, keep=keep)
+        t.name = stored.parts[roles[0]]
+        t.dtype, t.shape = checkpoint.info(t.name).dtype, checkpoint.info(t.name).shape
+        plans[t.name] = t
+        kept.dropped.update(n for _, n in rewritten)  # placed right after the codes instead
+        kept.companions[t.name] = [TensorPlan(n, None, dtype=checkpoint.info(n).dtype, shape=checkpoint.info(n).shape,
+                                              written_with=t.name) for _, n in rewritten]
+    return kept
+
+
+def _changed(t: TensorPlan) -> bool:
+    return bool(t.replacement is not None or t.lora is not None or t.tokens is not None or t.stacked or t.parts)
 
 
 def merge_dtype(source: QuantSource, checkpoint: Checkpoint, name: str) -> str:

@@ -77,6 +77,18 @@ class LoraOp:
 
 
 @dataclass(frozen=True, slots=True)
+class Requant:
+    """`--keep-quantization`: the merged weight is quantized back into the base's format (compute/requantize.py).
+
+    The TensorPlan then names the stored codes tensor (its dtype and shape); the weight is merged in `dtype` with
+    `shape`, and the step writes the `rewritten` stored tensors (scales) too, right after the codes."""
+
+    dtype: str  # the dtype the weight is merged in (the layer's compute dtype)
+    shape: tuple[int, ...]  # the merged, dequantized weight's shape
+    rewritten: tuple[tuple[str, str], ...]  # (role, stored tensor name) written with the codes, in this order
+
+
+@dataclass(frozen=True, slots=True)
 class QuantSource:
     """The base value goes through quantization: a stored quantized weight dequantized, or (stored None) the
     base's own weight quantized and dequantized as bitsandbytes does (`--trained-on`)."""
@@ -84,6 +96,7 @@ class QuantSource:
     scheme: QuantScheme
     stored: QuantizedWeight | None = None
     transposed: bool = False  # a Conv1D weight: quantized as (out, in), written (in, out)
+    keep: Requant | None = None  # --keep-quantization: quantized back after the merge
 
     @property
     def simulated(self) -> bool:
@@ -107,6 +120,7 @@ class TensorPlan:
     stacked: tuple[TensorPlan, ...] = ()
     # more ops of the same adapter on other parts of this tensor: per-expert modules on a fused expert parameter
     parts: tuple[LoraOp, ...] = ()
+    written_with: str | None = None  # a stored scale rewritten by the step of this quantized weight (Requant)
 
     @property
     def untouched(self) -> bool:
@@ -137,6 +151,7 @@ class Plan:
     index_metadata: dict[str, object] | None = None  # the index to write (None: a single file without one)
     quantization: QuantScheme | None = None  # the base is quantized (dequantized here), or --trained-on
     prequantized: bool = False  # the base checkpoint itself is quantized
+    keep_quantization: bool = False  # the changed quantized weights are quantized back into the base's format
 
     @property
     def tensors(self) -> list[TensorPlan]:

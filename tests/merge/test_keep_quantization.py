@@ -1,0 +1,209 @@
+"""`merge --keep-quantization`: the merged weights written back in the base's own format.
+
+The oracle: PEFT merges into the model transformers dequantizes (as in test_fp8_mxfp4.py), then the format's own
+quantizer quantizes the merged weights: transformers 5.25's `Fp8Quantize` for block-scaled FP8, compressed-tensors'
+`calculate_qparams` and `quantize` for its float-quantized FP8. The written codes and scales must equal those, the
+other stored tensors must be the base's bytes, and transformers must load the result as it loads the base.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import cli_run
+from safetensors.torch import load_file, save_file
+from test_fp8_mxfp4 import LORA, adapter, compressed_fp8_checkpoint, fp8_checkpoint, gpt_oss_mxfp4, peft_merge, tiny_llama
+
+from rslora_tools.compute.requantize import quantize_fp8_blocks
+
+
+def fp8_quantize(w: torch.Tensor, block: int, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' own FP8 quantizer (what FineGrainedFP8Config applies to a bf16 model)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    config = SimpleNamespace(weight_block_size=[block, block], scale_fmt=scale_fmt)
+    out = Fp8Quantize(SimpleNamespace(quantization_config=config))._quantize_one("x.weight", w)
+    return out["x.weight"], out["x.weight_scale_inv"]
+
+
+def load_dequantized(folder: Path, **kwargs) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **kwargs).state_dict()
+
+
+def peft_reference(tmp_path: Path, quantized: Path, ad: Path, **kwargs) -> dict[str, torch.Tensor]:
+    """PEFT's merge into the model transformers dequantizes from `quantized`."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(quantized, dtype=torch.bfloat16, **kwargs)
+    return peft_merge(model, ad, tmp_path / "peft")
+
+
+CHANGED = [f"model.layers.{i}.{p}" for i in range(2)
+           for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj")]
+
+
+def test_fp8_blocks_keep_their_format_with_transformers_quantizer(tmp_path):
+    base = tiny_llama(tmp_path / "base", hidden=64, intermediate=96)  # every dimension a multiple of 32
+    fp8_checkpoint(base, tmp_path / "fp8", block=32)
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    result = cli_run("merge", tmp_path / "fp8", ad, tmp_path / "out", "--keep-quantization", "--json")
+    report = json.loads(result.stdout)
+    assert report["quantization"]["mode"] == "kept"
+    assert sorted(report["quantization"]["requantized"]) == sorted(m + ".weight" for m in CHANGED)
+    assert any("10 of 14 quantized weights are changed by the adapter" in n for n in report["notes"])
+    peft = peft_reference(tmp_path, tmp_path / "fp8", ad)
+    out, stored = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "fp8" / "model.safetensors")
+    assert sorted(out) == sorted(stored)
+    for name, value in stored.items():
+        module = name.rsplit(".", 1)[0]
+        if module in CHANGED:
+            q, inv = fp8_quantize(peft[module + ".weight"], 32)
+            expected = q if name.endswith(".weight") else inv
+            assert out[name].dtype == value.dtype and torch.equal(out[name].view(torch.uint8), expected.view(torch.uint8)), name
+        else:  # untouched: the base's bytes
+            assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
+    base_config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == \
+        base_config["quantization_config"]
+    # transformers loads it as it loads the base: each weight is the quantizer's codes times its scales
+    loaded = load_dequantized(tmp_path / "out")
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    for module in CHANGED:
+        q, inv = fp8_quantize(peft[module + ".weight"], 32)
+        assert torch.equal(loaded[module + ".weight"], Fp8Dequantize(None)._dequantize_one(q, inv, torch.bfloat16))
+    checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "fp8", ad, "--json").stdout)
+    assert checked["verdict"] == "exact", checked
+
+
+def test_partial_fp8_blocks_are_quantized_by_the_format_definition(tmp_path):
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)  # k/v: 48 rows; blocks of 32: partial edges
+    fp8_checkpoint(base, tmp_path / "fp8", block=32)
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    cli_run("merge", tmp_path / "fp8", ad, tmp_path / "out", "--keep-quantization")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    merged = {}  # what the merge quantized: the as-trained merge, which test_fp8_mxfp4 proves against PEFT
+    cli_run("merge", tmp_path / "fp8", ad, tmp_path / "plain")
+    merged = load_file(tmp_path / "plain" / "model.safetensors")
+    for module in CHANGED:
+        w = merged[module + ".weight"].float()
+        rows, cols = w.shape
+        for i in range(0, rows, 32):
+            for j in range(0, cols, 32):
+                part = w[i:i + 32, j:j + 32]
+                amax = part.abs().max()
+                inv = out[module + ".weight_scale_inv"][i // 32, j // 32]
+                assert inv == (1.0 / (448.0 / amax)).float(), (module, i, j)
+                codes = torch.clamp(part * (448.0 / amax), -448, 448).to(torch.float8_e4m3fn)
+                assert torch.equal(out[module + ".weight"][i:i + 32, j:j + 32].view(torch.uint8), codes.view(torch.uint8))
+    checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "fp8", ad, "--json").stdout)
+    assert checked["verdict"] == "exact"
+
+
+def test_fp8_quantizer_is_transformers_op_for_op():
+    torch.manual_seed(5)
+    w = torch.randn(2, 64, 96, dtype=torch.bfloat16)
+    w[0, :32, :32] = 0  # an all-zero block: scale 1
+    for scale_fmt, scale_dtype in ((None, torch.float32), ("ue8m0", torch.float8_e8m0fnu)):
+        theirs_q, theirs_inv = fp8_quantize(w, 32, scale_fmt)
+        ours_q, ours_inv = quantize_fp8_blocks(w, (32, 32), torch.float8_e4m3fn, scale_dtype)
+        assert torch.equal(ours_q.view(torch.uint8), theirs_q.view(torch.uint8))
+        assert ours_inv.dtype == theirs_inv.dtype and torch.equal(ours_inv.float(), theirs_inv.float())
+    _, as_bytes = quantize_fp8_blocks(w, (32, 32), torch.float8_e4m3fn, torch.uint8)  # ue8m0 stored as uint8
+    assert torch.equal((as_bytes.float() - 127).exp2(), fp8_quantize(w, 32, "ue8m0")[1].float())
+
+
+def ct_reference(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' own FP8 quantization of a bf16 weight: min/max as its observers take them,
+    calculate_qparams, quantize."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=False)
+    if strategy == "channel":
+        lo, hi = torch.amin(w, dim=1, keepdim=True), torch.amax(w, dim=1, keepdim=True)
+    else:
+        lo, hi = torch.aminmax(w)
+    scale, zero = calculate_qparams(lo, hi, args)
+    return quantize(w, scale, zero, args, dtype=torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_compressed_tensors_fp8_keeps_its_format_with_its_quantizer(tmp_path, strategy):
+    pytest.importorskip("compressed_tensors")
+    from transformers import CompressedTensorsConfig
+
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
+    compressed_fp8_checkpoint(base, tmp_path / "ct", strategy, torch.bfloat16)
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", "--keep-quantization")
+    peft = peft_reference(tmp_path, tmp_path / "ct", ad, quantization_config=CompressedTensorsConfig(dequantize=True))
+    out, stored = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "ct" / "model.safetensors")
+    assert sorted(out) == sorted(stored)
+    for name, value in stored.items():
+        module = name.rsplit(".", 1)[0]
+        if module in CHANGED:
+            q, scale = ct_reference(peft[module + ".weight"], strategy)
+            expected = q if name.endswith(".weight") else scale.reshape(value.shape)
+            assert out[name].dtype == value.dtype and torch.equal(out[name].view(torch.uint8), expected.view(torch.uint8)), name
+        else:
+            assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
+    loaded = load_dequantized(tmp_path / "out", quantization_config=CompressedTensorsConfig(dequantize=True))
+    for module in CHANGED:
+        q, scale = ct_reference(peft[module + ".weight"], strategy)
+        assert torch.equal(loaded[module + ".weight"], (q.to(scale.dtype) * scale).to(torch.bfloat16))
+    checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "ct", ad, "--json").stdout)
+    assert checked["verdict"] == "exact"
+
+
+def test_verify_finds_a_changed_code(tmp_path):
+    base = tiny_llama(tmp_path / "base", hidden=64, intermediate=96)
+    fp8_checkpoint(base, tmp_path / "fp8", block=32)
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    cli_run("merge", tmp_path / "fp8", ad, tmp_path / "out", "--keep-quantization", "--verify")
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight_scale_inv"
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, tmp_path / "out" / "model.safetensors", metadata={"format": "pt"})
+    checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "fp8", ad, "--json", code=1).stdout)
+    assert [t["name"] for t in checked["tensors"] if t["status"] == "mismatch"] == [name]
+
+
+def test_a_dry_run_says_what_requantizing_would_lose_of_the_delta(tmp_path):
+    base = tiny_llama(tmp_path / "base", hidden=64, intermediate=96)
+    fp8_checkpoint(base, tmp_path / "fp8", block=32)
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    for extra in ((), ("--keep-quantization",)):
+        report = json.loads(cli_run("merge", tmp_path / "fp8", ad, tmp_path / "out", "--dry-run", "--json",
+                                    *extra).stdout)
+        measured = report["quantization"]["measured"]
+        assert report["quantization"]["measure"] == "requantization of the merged weights"
+        assert measured["tensors"] == 8 and measured["of"] == 10
+        assert 0 < measured["quant_error_over_delta"] < 10 and 0 < measured["delta_over_weight"]
+    text = cli_run("merge", tmp_path / "fp8", ad, tmp_path / "out", "--dry-run").output
+    assert "requantiz" in text
+
+
+def test_keep_quantization_refusals(tmp_path):
+    gpt_oss = gpt_oss_mxfp4(tmp_path)
+    ad = adapter(tmp_path / "bf16", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"],
+                 target_parameters=["experts.gate_up_proj"])
+    result = cli_run("merge", gpt_oss, ad, tmp_path / "out", "--keep-quantization", code=1)
+    assert "--keep-quantization is not supported for mxfp4 (blocks of 32, e8m0 scales) bases yet" in result.output
+    result = cli_run("merge", tmp_path / "bf16", ad, tmp_path / "out", "--keep-quantization", code=1)
+    assert "--keep-quantization keeps a quantized base's format, and this base is not quantized" in result.output
+    result = cli_run("merge", gpt_oss, ad, tmp_path / "out", "--keep-quantization", "--trained-on", "nf4", code=2)
+    assert "--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized base" in result.output
+    assert not (tmp_path / "out").exists()
