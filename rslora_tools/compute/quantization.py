@@ -15,6 +15,11 @@ op for op, so that the values are the same bits (docs/quantization.md):
   scales are 2 ** (byte - 127)), as transformers 5.25's Fp8Dequantize computes it;
 - compressed-tensors float-quantized FP8: q in the scale's dtype times the scale (per tensor or per output
   row), one rounding in that dtype, as compressed-tensors 0.20's `_dequantize`;
+- compressed-tensors pack-quantized: the packed fields unpacked as its unpack_from_int32 does (element i of a
+  row at bit i * bits, minus 2 ** (bits - 1)), then (q - zero point) * scale per group in the scale's dtype
+  (compressed-tensors 0.20's `_dequantize`);
+- compressed-tensors NVFP4: e2m1 values (low nibble first) in bfloat16, times (scale / global scale) in float32,
+  rounded to bfloat16 (its unpack_fp4_from_uint8 and `_dequantize` with a global scale);
 - MXFP4: the e2m1 value of each nibble (low nibble first) looked up in the compute dtype, times 2 ** (scale -
   127) by ldexp in that dtype, transposed to (experts, in, out), as transformers 5.25's
   convert_moe_packed_tensors does.
@@ -142,6 +147,13 @@ def dequantize_stored(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
         return q.to(scale.dtype) * (scale.reshape(()) if scale.numel() == 1 else scale)
     if method == "mxfp4":
         return dequantize_mxfp4(read(stored.parts["blocks"]), read(stored.parts["scales"]), _TORCH[stored.dtype])
+    if method == "ct_int":
+        zero = read(stored.parts["weight_zero_point"]) if "weight_zero_point" in stored.parts else None
+        return dequantize_ct_int(read(stored.parts["weight_packed"]), read(stored.parts["weight_scale"]), zero,
+                                 stored.shape, stored.scheme.bits)
+    if method == "ct_nvfp4":
+        return dequantize_nvfp4(read(stored.parts["weight_packed"]), read(stored.parts["weight_scale"]),
+                                read(stored.parts["weight_global_scale"]))
     return dequantize_awq(stored, read)
 
 
@@ -159,6 +171,45 @@ def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     for i in range(row_scales.shape[-2]):  # in place, a band of rows at a time: no second weight-sized tensor
         values[..., i * block[0]:(i + 1) * block[0], :].mul_(row_scales[..., i:i + 1, :])
     return values
+
+
+def unpack_ct_int(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """compressed-tensors' dense packing, undone: `count` signed values per row of int32 words, value i at bit
+    i * bits of the row (straddling two words where it must), stored plus 2 ** (bits - 1). int32 result."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    start = torch.arange(count, dtype=torch.int64) * bits
+    index, offset = start // 32, start % 32
+    fields = w[:, index] >> offset
+    straddles = offset + bits > 32
+    if bool(straddles.any()):
+        following = w[:, torch.clamp(index + 1, max=w.shape[1] - 1)] << (32 - offset)
+        fields = torch.where(straddles, fields | following, fields)
+    return ((fields & ((1 << bits) - 1)) - (1 << (bits - 1))).to(torch.int32)
+
+
+def dequantize_ct_int(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, shape: tuple[int, ...],
+                      bits: int) -> torch.Tensor:
+    """compressed-tensors pack-quantized: (q - zero point) * scale per group (or row), in the scale's dtype."""
+    rows, cols = shape
+    q = unpack_ct_int(packed, bits, cols).to(scale.dtype)
+    groups = scale.shape[-1]
+    q = q.unflatten(-1, (groups, cols // groups))
+    if zero is not None:  # packed along the rows: (ceil(rows * bits / 32), groups)
+        zero = unpack_ct_int(zero.T.contiguous(), bits, rows).T
+        q = q - zero.to(scale.dtype).unsqueeze(-1)
+    return (q * scale.unsqueeze(-1)).flatten(-2)
+
+
+def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors NVFP4: e2m1 value * (scale / global scale) per group of 16, in float32, to bfloat16."""
+    rows = packed.shape[0]
+    data = packed.to(torch.uint8).reshape(-1)
+    nibbles = torch.stack((data & 0x0F, data >> 4), dim=1).reshape(-1)
+    magnitude = torch.tensor(_E2M1[:8], dtype=torch.float32)[(nibbles & 0x07).long()]
+    values = (magnitude * torch.where((nibbles & 0x08).bool(), -1.0, 1.0)).to(torch.bfloat16)
+    step = scale.to(torch.bfloat16).unsqueeze(-1) / global_scale.to(torch.float32)
+    grouped = values.reshape(rows, -1, 16).to(torch.float32) * step
+    return grouped.reshape(rows, -1).to(torch.bfloat16)
 
 
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

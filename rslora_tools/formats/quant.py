@@ -14,6 +14,12 @@ Read as transformers saves them (docs/quantization.md):
 - compressed-tensors `float-quantized` (llm-compressor's FP8, strategy `tensor` or `channel`): the float8 weight
   under its own name and `<module>.weight_scale` (one value, or one per output row), `input_scale` beside it when
   activations are quantized statically;
+- compressed-tensors `pack-quantized` (llm-compressor's W4A16/W8A16, GPTQ or RTN): `<module>.weight_packed` (int32
+  words, `bits` bits per value densely packed, low bits first, offset by 2 ** (bits - 1)), `.weight_scale` (one per
+  group of `group_size` inputs, or per output row), `.weight_shape` and, when asymmetric, `.weight_zero_point`
+  (packed the same way along the rows);
+- compressed-tensors `nvfp4-pack-quantized`: `<module>.weight_packed` (uint8, two e2m1 values per byte, low nibble
+  first), `.weight_scale` (float8 e4m3, one per 16 inputs) and `.weight_global_scale` (float32, one value);
 - MXFP4 (`quant_method: mxfp4`, gpt-oss's experts): `<param>_blocks` (uint8, two e2m1 values per byte, 32 values
   per block) and `<param>_scales` (uint8 e8m0 exponents, bias 127), for the fused `gate_up_proj` and `down_proj`.
 A `QuantScheme` says how a weight was quantized; `QuantizedWeight` is one stored weight, with the
@@ -30,7 +36,7 @@ from typing import Any, Callable, Literal
 from .checkpoint import Checkpoint
 from ..errors import InputError, UnsupportedAdapterError
 
-QuantMethod = Literal["nf4", "fp4", "int8", "gptq", "awq", "fp8", "mxfp4", "ct_fp8"]
+QuantMethod = Literal["nf4", "fp4", "int8", "gptq", "awq", "fp8", "mxfp4", "ct_fp8", "ct_int", "ct_nvfp4"]
 BNB_4BIT: tuple[QuantMethod, ...] = ("nf4", "fp4")
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 
@@ -89,6 +95,11 @@ class QuantScheme:
             return "mxfp4 (blocks of 32, e8m0 scales)"
         if self.method == "ct_fp8":
             return f"compressed-tensors float-quantized fp8 ({self.format})"
+        if self.method == "ct_int":
+            group = {-1: "per channel", 0: "per tensor"}.get(self.blocksize, f"group {self.blocksize}")
+            return f"compressed-tensors pack-quantized int{self.bits} ({group}, {'' if self.sym else 'a'}symmetric)"
+        if self.method == "ct_nvfp4":
+            return "compressed-tensors nvfp4-pack-quantized (groups of 16, fp8 scales, global scale)"
         group = "one group" if self.blocksize == -1 else f"group {self.blocksize}"
         extra = ", act-order" if self.desc_act else ""
         return f"{self.method} {self.bits}-bit ({group}{extra}, {self.format})"
@@ -110,7 +121,10 @@ class QuantizedWeight:
     @property
     def anchor(self) -> str:
         """The stored tensor whose place the dequantized weight takes in the output."""
-        return self.parts.get("weight") or self.parts.get("qweight") or self.parts["blocks"]
+        for role in ("weight", "qweight", "weight_packed"):
+            if role in self.parts:
+                return self.parts[role]
+        return self.parts["blocks"]
 
 
 def checkpoint_scheme(config: dict[str, Any] | None, where: str) -> QuantScheme | None:
@@ -134,31 +148,53 @@ def checkpoint_scheme(config: dict[str, Any] | None, where: str) -> QuantScheme 
         return _compressed_tensors_scheme(quant, where)
     raise UnsupportedAdapterError(
         f"{where}: the base is quantized with {method!r}; rslora-tools dequantizes bitsandbytes (4-bit, 8-bit), GPTQ, "
-        "AWQ, block-scaled FP8 (quant_method fp8), MXFP4 and compressed-tensors float-quantized FP8 checkpoints only. "
+        "AWQ, block-scaled FP8 (quant_method fp8), MXFP4 and compressed-tensors (FP8, pack-quantized INT4/INT8, NVFP4) "
+        "checkpoints only. "
         "Merge into the unquantized base model instead"
     )
 
 
 def _compressed_tensors_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
-    """compressed-tensors: only `float-quantized` FP8 weights, one scale per tensor or per output channel."""
-    fmt = quant.get("format")
+    """compressed-tensors: float-quantized FP8 (per tensor or channel), pack-quantized INT4/INT8 (per group or
+    channel, symmetric or not) or NVFP4 weights; one kind of weight quantization throughout the config groups."""
     groups = quant.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise InputError(f"{where}: the compressed-tensors quantization_config has no config_groups")
-    strategies = set()
-    for name, group in groups.items():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        group_format = (group.get("format") if isinstance(group, dict) else None) or fmt
-        if group_format != "float-quantized" or not isinstance(weights, dict) or weights.get("type") != "float" \
-                or weights.get("num_bits") != 8 or weights.get("strategy") not in ("tensor", "channel") \
-                or weights.get("symmetric", True) is not True:
-            kind = f"{group_format} ({weights.get('type')} {weights.get('num_bits')}-bit, strategy " \
-                   f"{weights.get('strategy')})" if isinstance(weights, dict) else str(group_format)
-            raise UnsupportedAdapterError(
-                f"{where}: compressed-tensors {kind} in config group {name!r} is not supported; rslora-tools reads "
-                "float-quantized FP8 weights with one scale per tensor or per channel")
-        strategies.add(weights["strategy"])
-    return QuantScheme("ct_fp8", format="per " + " and per ".join(sorted(strategies)))
+    schemes = {_compressed_group_scheme(name, group, quant.get("format"), where) for name, group in groups.items()}
+    if len(schemes) > 1:
+        raise UnsupportedAdapterError(f"{where}: the compressed-tensors config groups quantize weights in different "
+                                      f"ways ({', '.join(sorted(s.label for s in schemes))}); that is not supported")
+    return schemes.pop()
+
+
+_CT_SUPPORTED = ("rslora-tools reads float-quantized FP8 (per tensor or channel), pack-quantized INT4/INT8 (per group "
+                 "or channel) and nvfp4-pack-quantized weights")
+
+
+def _compressed_group_scheme(name: str, group: Any, fmt: Any, where: str) -> QuantScheme:
+    weights = group.get("weights") if isinstance(group, dict) else None
+    group_format = (group.get("format") if isinstance(group, dict) else None) or fmt
+    if not isinstance(weights, dict):
+        raise UnsupportedAdapterError(f"{where}: compressed-tensors config group {name!r} has no weight quantization "
+                                      f"({group_format}); {_CT_SUPPORTED}")
+    kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
+    symmetric = weights.get("symmetric", True) is True
+    size = weights.get("group_size")
+    if weights.get("actorder") not in (None, "static", "weight"):
+        raise UnsupportedAdapterError(f"{where}: compressed-tensors config group {name!r} uses activation-order group "
+                                      f"indices (actorder {weights.get('actorder')!r}); that is not supported")
+    if group_format == "float-quantized" and kind == "float" and bits == 8 and strategy in ("tensor", "channel") \
+            and symmetric:
+        return QuantScheme("ct_fp8", format=f"per {strategy}")
+    if group_format == "pack-quantized" and kind == "int" and bits in (4, 8) and (
+            strategy == "channel" or (strategy == "group" and isinstance(size, int) and size > 0)):
+        return QuantScheme("ct_int", bits=bits, blocksize=size if strategy == "group" else -1, sym=symmetric)
+    if group_format == "nvfp4-pack-quantized" and kind == "float" and bits == 4 and strategy == "tensor_group" \
+            and size == 16 and symmetric:
+        return QuantScheme("ct_nvfp4", blocksize=16)
+    raise UnsupportedAdapterError(
+        f"{where}: compressed-tensors {group_format} ({kind} {bits}-bit, strategy {strategy}) in config group "
+        f"{name!r} is not supported; {_CT_SUPPORTED}")
 
 
 def _fp8_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
@@ -259,6 +295,8 @@ def quantized_weights(scheme: QuantScheme, checkpoint: Checkpoint, read: RawRead
         found = _mxfp4_weights(scheme, checkpoint, where)
     elif scheme.method == "ct_fp8":
         found = _compressed_fp8_weights(scheme, checkpoint, where)
+    elif scheme.method in ("ct_int", "ct_nvfp4"):
+        found = _compressed_packed_weights(scheme, checkpoint, read, where)
     else:
         found = _packed_int_weights(scheme, checkpoint, where)
     for stored in found.values():
@@ -310,6 +348,18 @@ def _check_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) ->
     elif method == "mxfp4":
         experts, columns, rows = stored.shape
         expected = {"scales": (experts, rows, columns // 32)}
+    elif method == "ct_int":
+        rows, cols = stored.shape
+        bits, size = stored.scheme.bits, stored.scheme.blocksize
+        scales = -(-cols // size) if size > 0 else 1
+        if size > 0 and cols % size:
+            raise InputError(f"{where}: {stored.name} has {cols} inputs, not a multiple of its group size {size}")
+        expected = {"weight_packed": (rows, -(-cols * bits // 32)), "weight_scale": (rows, scales)}
+        if "weight_zero_point" in stored.parts:
+            expected["weight_zero_point"] = (-(-rows * bits // 32), scales)
+    elif method == "ct_nvfp4":
+        rows, cols = stored.shape
+        expected = {"weight_scale": (rows, cols // 16), "weight_global_scale": 1}
     else:
         out_features, in_features = stored.shape
         groups = 1 if block == -1 else -(-in_features // block)
@@ -482,6 +532,59 @@ def _compressed_fp8_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: 
                 roles[side] = f"{module}.{side}"
         found[key] = QuantizedWeight(key, scheme, roles, info.shape, scale_dtype)
     return found
+
+
+def _compressed_packed_weights(scheme: QuantScheme, checkpoint: Checkpoint, read: RawReader,
+                               where: str) -> dict[str, QuantizedWeight]:
+    """compressed-tensors pack-quantized and nvfp4-pack-quantized: each `<module>.weight_packed` with its scales
+    (and `weight_shape`, zero points, global scale); the dequantized weight is `<module>.weight`, (out, in)."""
+    present = checkpoint.weight_map
+    found = {}
+    nvfp4 = scheme.method == "ct_nvfp4"
+    for key in checkpoint.tensor_names():
+        if key.endswith(".weight_g_idx"):
+            raise UnsupportedAdapterError(f"{where}: {key}: activation-order group indices are not supported")
+        if not key.endswith(".weight_packed"):
+            continue
+        module = key[: -len(".weight_packed")]
+        roles = {"weight_packed": key, "weight_scale": module + ".weight_scale"}
+        roles |= {"weight_global_scale": module + ".weight_global_scale"} if nvfp4 else \
+            {"weight_shape": module + ".weight_shape"}
+        if not nvfp4 and not scheme.sym:
+            roles["weight_zero_point"] = module + ".weight_zero_point"
+        missing = [k for k in roles.values() if k not in present]
+        if missing:
+            raise InputError(f"{where}: the quantized module {module!r} lacks {missing[0]!r}")
+        for side in ("input_global_scale", "input_scale", "input_zero_point"):
+            if f"{module}.{side}" in present:
+                roles[side] = f"{module}.{side}"
+        packed = checkpoint.info(key)
+        want = "U8" if nvfp4 else "I32"
+        if packed.dtype != want or len(packed.shape) != 2:
+            raise InputError(f"{where}: {key} is {packed.dtype}{list(packed.shape)}; {scheme.label} stores 2-D {want}")
+        scale_dtype = checkpoint.info(roles["weight_scale"]).dtype
+        if nvfp4:
+            shape: tuple[int, ...] = (packed.shape[0], packed.shape[1] * 2)
+            dtype = "BF16"  # compressed-tensors unpacks e2m1 values to bfloat16 and dequantizes in it
+            if scale_dtype != "F8_E4M3":
+                raise InputError(f"{where}: {roles['weight_scale']} is {scale_dtype}; NVFP4 scales are float8 e4m3")
+        else:
+            shape = _stored_shape(checkpoint, roles["weight_shape"], read, where)
+            dtype = scale_dtype
+            if scale_dtype not in ("F32", "BF16", "F16"):
+                raise InputError(f"{where}: {roles['weight_scale']} is {scale_dtype}; pack-quantized scales are floats")
+        found[module + ".weight"] = QuantizedWeight(module + ".weight", scheme, roles, shape, dtype)
+    return found
+
+
+def _stored_shape(checkpoint: Checkpoint, name: str, read: RawReader, where: str) -> tuple[int, ...]:
+    info = checkpoint.info(name)
+    if info.dtype not in ("I64", "I32") or info.shape != (2,):
+        raise InputError(f"{where}: {name} is {info.dtype}{list(info.shape)}; it must hold a weight's two dimensions")
+    values = tuple(array("q" if info.dtype == "I64" else "i", bytes(read(name))))
+    if any(v <= 0 for v in values):
+        raise InputError(f"{where}: {name} says the weight's shape is {list(values)}")
+    return values
 
 
 def _mxfp4_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str) -> dict[str, QuantizedWeight]:

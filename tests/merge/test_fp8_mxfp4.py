@@ -272,10 +272,113 @@ def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
     base = tiny_llama(tmp_path / "base", hidden=64, intermediate=96)
     compressed_fp8_checkpoint(base, tmp_path / "ct", "channel", torch.bfloat16)
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
-    config["quantization_config"]["format"] = "pack-quantized"
-    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(type="int", num_bits=4, strategy="group")
+    config["quantization_config"]["format"] = "int-quantized"
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(type="int", num_bits=8, strategy="channel")
     (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
     ad = adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     result = cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", code=1)
-    assert ("compressed-tensors pack-quantized (int 4-bit, strategy group) in config group 'group_0' is not supported; "
-            "rslora-tools reads float-quantized FP8 weights with one scale per tensor or per channel") in result.output
+    assert ("compressed-tensors int-quantized (int 8-bit, strategy channel) in config group 'group_0' is not supported; "
+            "rslora-tools reads float-quantized FP8 (per tensor or channel), pack-quantized INT4/INT8 (per group or "
+            "channel) and nvfp4-pack-quantized weights") in result.output
+
+
+def compressed_packed_checkpoint(base: Path, folder: Path, fmt: str, weights: dict) -> None:
+    """BASE's projections compressed by compressed-tensors' own compressor for `fmt` (scales from its
+    calculate_qparams on min/max, as its observers take them), the rest as it is."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    args = QuantizationArgs(**weights)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    compressor = NVFP4PackedCompressor if fmt == "nvfp4-pack-quantized" else PackedQuantizationCompressor
+    tensors = {}
+    for name, w in load_file(base / "model.safetensors").items():
+        if not name.endswith("proj.weight"):
+            tensors[name] = w
+            continue
+        size = args.group_size or w.shape[1]
+        groups = w.unflatten(-1, (w.shape[1] // size, size))
+        state = {"weight": w}
+        if fmt == "nvfp4-pack-quantized":
+            state["weight_global_scale"] = generate_gparam(w.amin(), w.amax())
+        scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args,
+                                        global_scale=state.get("weight_global_scale"))
+        state |= {"weight_scale": scale, "weight_zero_point": zero}
+        module = name[: -len("weight")]
+        tensors |= {module + key: value for key, value in compressor.compress(state, scheme).items()}
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": weights}},
+        "ignore": ["lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+PACKED = {
+    "int4-group": ("pack-quantized", dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=True)),
+    "int4-group-asym": ("pack-quantized", dict(num_bits=4, type="int", strategy="group", group_size=32,
+                                               symmetric=False)),
+    "int8-channel": ("pack-quantized", dict(num_bits=8, type="int", strategy="channel", symmetric=True)),
+    "nvfp4": ("nvfp4-pack-quantized", dict(num_bits=4, type="float", strategy="tensor_group", group_size=16,
+                                           symmetric=True)),
+}
+
+
+@pytest.mark.parametrize("kind", list(PACKED))
+def test_compressed_tensors_packed_formats_merge_as_peft_merges_the_decompressed_model(tmp_path, kind):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    fmt, weights = PACKED[kind]
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
+    compressed_packed_checkpoint(base, tmp_path / "ct", fmt, weights)
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    result = cli_run("merge", tmp_path / "ct", ad, tmp_path / "out")
+    assert f"compressed-tensors {fmt}" in result.output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+    merged = read_folder(tmp_path / "out")
+    assert_same_tensors(merged, peft_merge(model, ad, tmp_path / "peft"))
+    assert not any(k.endswith(("weight_packed", "weight_scale", "weight_shape")) for k in merged)
+
+
+def test_packed_dequantization_is_compressed_tensors_op_for_op():
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    from rslora_tools.compute.quantization import dequantize_ct_int, dequantize_nvfp4
+
+    torch.manual_seed(6)
+    for rows, cols in ((48, 96), (37, 64)):  # 37 rows: zero points straddle int32 words
+        w = torch.randn(rows, cols, dtype=torch.bfloat16)
+        for bits in (4, 8):
+            for size, sym in ((32, True), (32, False), (None, True), (None, False)):
+                args = QuantizationArgs(num_bits=bits, type="int", strategy="group" if size else "channel",
+                                        group_size=size, symmetric=sym)
+                groups = w.unflatten(-1, (cols // (size or cols), size or cols))
+                scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+                scheme = QuantizationScheme(targets=["Linear"], weights=args)
+                packed = PackedQuantizationCompressor.compress(
+                    {"weight": w, "weight_scale": scale, "weight_zero_point": zero}, scheme)
+                theirs = PackedQuantizationCompressor.decompress(packed, scheme)["weight"]
+                ours = dequantize_ct_int(packed["weight_packed"], packed["weight_scale"],
+                                         packed.get("weight_zero_point"), (rows, cols), bits)
+                assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), (rows, bits, size, sym)
+        args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True)
+        scheme = QuantizationScheme(targets=["Linear"], weights=args)
+        state = {"weight": w, "weight_global_scale": generate_gparam(w.amin(), w.amax())}
+        groups = w.unflatten(-1, (cols // 16, 16))
+        state["weight_scale"], state["weight_zero_point"] = calculate_qparams(
+            groups.amin(-1), groups.amax(-1), args, global_scale=state["weight_global_scale"])
+        packed = NVFP4PackedCompressor.compress(state, scheme)
+        theirs = NVFP4PackedCompressor.decompress(packed, scheme)["weight"]
+        ours = dequantize_nvfp4(packed["weight_packed"], packed["weight_scale"], packed["weight_global_scale"])
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
