@@ -40,7 +40,7 @@ from ..reporting import counted
 @o.allow_nonfinite_option("Merge")
 @o.trained_on_options
 @click.option("--keep-quantization", is_flag=True,
-              help="A quantized BASE (block-scaled FP8, compressed-tensors FP8): write the merged weights back in "
+              help="A quantized BASE (block-scaled FP8, compressed-tensors FP8 or INT4/INT8): write the merged weights back in "
                    "BASE's own format, scales recomputed as its quantizer does; other tensors copied byte for byte.")
 @o.initial_options
 @o.token_option

@@ -9,7 +9,11 @@ Each quantizer is the one the format's own library applies to a full-precision w
   amax is over the values they hold (transformers 5.25 leaves such a weight unquantized);
 - compressed-tensors float-quantized FP8 (0.20.1's calculate_qparams and _quantize): in the scale's dtype,
   per output row (strategy channel) or for the tensor, amax = max(|min(x, 0)|, max(x, 0)), scale = amax /
-  448 (a zero scale becomes the dtype's eps), then clamp(x / scale, -448, 448) cast to float8.
+  448 (a zero scale becomes the dtype's eps), then clamp(x / scale, -448, 448) cast to float8;
+- compressed-tensors pack-quantized INT4/INT8 (the same functions, round to nearest): per group (or row) in the
+  scale's dtype, symmetric: scale = amax / ((qmax - qmin) / 2); asymmetric: scale = (max - min) / (qmax - qmin),
+  zero point round(clamp(qmin - min / scale, qmin, qmax)); codes round(clamp(x / scale + zero, qmin, qmax)),
+  packed as its pack_to_int32 does.
 `requantize` returns the new stored tensors by role; the side tensors (activation scales) do not change.
 """
 
@@ -41,6 +45,12 @@ def requantize(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayo
         dtype, shape = layout["weight_scale"]
         q, scale = quantize_ct_fp8(merged, math.prod(shape) > 1, layout["weight"][0], dtype)
         return {"weight": q, "weight_scale": scale.reshape(shape)}
+    if method == "ct_int":
+        dtype, shape = layout["weight_scale"]
+        packed, scale, zero = quantize_ct_int(merged, stored.scheme.bits, stored.scheme.blocksize, stored.scheme.sym,
+                                              dtype)
+        out = {"weight_packed": packed, "weight_scale": scale.reshape(shape)}
+        return out | ({"weight_zero_point": zero} if zero is not None else {})
     raise AssertionError(f"no quantizer for {method}")
 
 
@@ -138,3 +148,45 @@ def requantization_norms(merged: torch.Tensor, dequantized: torch.Tensor, start:
     delta the merge added to the weight it started from (the same triple as torch_ops.quantization_norms)."""
     m, q, s = merged.double(), dequantized.double(), start.double()
     return float((s * s).sum()), float(((q - m) ** 2).sum()), float(((m - s) ** 2).sum())
+
+
+def quantize_ct_int(w: torch.Tensor, bits: int, group: int, symmetric: bool,
+                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """compressed-tensors' round-to-nearest INT quantization of a (rows, cols) weight, packed: (words, scale, packed
+    zero points or None)."""
+    x = w.to(scale_dtype)
+    rows, cols = x.shape
+    size = group if group > 0 else cols
+    groups = x.unflatten(-1, (cols // size, size))
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    lo, hi = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
+    qmin, qmax = torch.tensor(-(1 << (bits - 1)), dtype=torch.float32), torch.tensor((1 << (bits - 1)) - 1,
+                                                                                       dtype=torch.float32)
+    span = qmax - qmin
+    zero: torch.Tensor | None = None
+    if symmetric:
+        scale = torch.max(torch.abs(lo), torch.abs(hi)) / (span.to(lo.dtype) / 2)
+    else:
+        scale = (hi - lo) / span.to(hi.dtype)
+        zero = torch.round(torch.clamp(torch.clamp(qmin - (lo / scale), qmin, qmax), -128, 127)).to(torch.int8)
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype), scale)
+    scaled = groups / scale.unsqueeze(-1)
+    if zero is not None:
+        scaled += zero.to(scaled.dtype).unsqueeze(-1)
+    codes = torch.round(torch.clamp(scaled, qmin, qmax)).to(scaled.dtype).to(torch.int8).flatten(-2)
+    packed_zero = pack_ct_int(zero.T.contiguous(), bits).T.contiguous() if zero is not None else None
+    return pack_ct_int(codes, bits), scale, packed_zero
+
+
+def pack_ct_int(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' pack_to_int32 for 4 or 8 bits: each row's values plus 2 ** (bits - 1), 32 // bits to a
+    word, the first in the lowest bits; the row padded with raw zeros to whole words."""
+    rows, cols = values.shape
+    per_word = 32 // bits
+    fields = values.to(torch.int64) + (1 << (bits - 1))
+    pad = -cols % per_word
+    if pad:
+        fields = torch.nn.functional.pad(fields, (0, pad))
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (fields.reshape(rows, -1, per_word) << shifts).sum(-1)
+    return (words - ((words >> 31) << 32)).to(torch.int32)  # two's complement of the low 32 bits

@@ -63,7 +63,10 @@ def dtype_from_name(name: object) -> str | None:
 
 # `merge --keep-quantization`: the methods whose quantizer rslora-tools has (compute/requantize.py), and the stored
 # roles a requantization rewrites (the codes first); every other stored tensor is copied as it is.
-REQUANTIZED_ROLES: dict[str, tuple[str, ...]] = {"fp8": ("weight", "scale_inv"), "ct_fp8": ("weight", "weight_scale")}
+REQUANTIZED_ROLES: dict[str, tuple[str, ...]] = {
+    "fp8": ("weight", "scale_inv"), "ct_fp8": ("weight", "weight_scale"),
+    "ct_int": ("weight_packed", "weight_scale", "weight_zero_point"),
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,7 +123,8 @@ def keep_quantized(plans: dict[str, TensorPlan], quant: QuantPlan, checkpoint: C
     if scheme.method not in REQUANTIZED_ROLES:
         raise UnsupportedAdapterError(
             f"{where}: --keep-quantization is not supported for {scheme.label} bases yet (block-scaled FP8 and "
-            "compressed-tensors float-quantized FP8 are); merge without it to write the merged model unquantized")
+            "compressed-tensors FP8 and pack-quantized INT4/INT8 are); merge without it to write the merged model "
+            "unquantized")
     kept = QuantPlan(scheme, prequantized=True, keep=True)
     for name, source in quant.sources.items():
         t = plans.pop(name, None)
@@ -132,7 +133,7 @@ def keep_quantized(plans: dict[str, TensorPlan], quant: QuantPlan, checkpoint: C
         if t is None or not _changed(t):
             continue  # every stored tensor of it is copied as it is
         roles = REQUANTIZED_ROLES[scheme.method]
-        rewritten = tuple((role, stored.parts[role]) for role in roles[1:])
+        rewritten = tuple((role, stored.parts[role]) for role in roles[1:] if role in stored.parts)
         keep = Requant(merge_dtype(source, checkpoint, name), output_shape(source, checkpoint, name), rewritten)
         t.quant = replace(source, keep=keep)
         t.name = stored.parts[roles[0]]

@@ -201,9 +201,44 @@ def test_keep_quantization_refusals(tmp_path):
     ad = adapter(tmp_path / "bf16", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"],
                  target_parameters=["experts.gate_up_proj"])
     result = cli_run("merge", gpt_oss, ad, tmp_path / "out", "--keep-quantization", code=1)
-    assert "--keep-quantization is not supported for mxfp4 (blocks of 32, e8m0 scales) bases yet" in result.output
+    assert "--keep-quantization is not supported for mxfp4 (blocks of 32, e8m0 scales) bases yet (block-scaled FP8" in result.output
     result = cli_run("merge", tmp_path / "bf16", ad, tmp_path / "out", "--keep-quantization", code=1)
     assert "--keep-quantization keeps a quantized base's format, and this base is not quantized" in result.output
     result = cli_run("merge", gpt_oss, ad, tmp_path / "out", "--keep-quantization", "--trained-on", "nf4", code=2)
     assert "--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized base" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["int4-group", "int4-group-asym", "int8-channel"])
+def test_compressed_tensors_int_keeps_its_format_with_its_compressor(tmp_path, kind):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from test_fp8_mxfp4 import PACKED, compressed_packed_checkpoint
+    from transformers import CompressedTensorsConfig
+
+    fmt, weights = PACKED[kind]
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
+    compressed_packed_checkpoint(base, tmp_path / "ct", fmt, weights)
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", "--keep-quantization")
+    peft = peft_reference(tmp_path, tmp_path / "ct", ad, quantization_config=CompressedTensorsConfig(dequantize=True))
+    args = QuantizationArgs(**weights)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    out, stored = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "ct" / "model.safetensors")
+    assert sorted(out) == sorted(stored)
+    for module in CHANGED:  # compressed-tensors' own compressor on PEFT's merged weight
+        w = peft[module + ".weight"]
+        size = args.group_size or w.shape[1]
+        groups = w.unflatten(-1, (w.shape[1] // size, size))
+        scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+        expected = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale,
+                                                          "weight_zero_point": zero}, scheme)
+        for key, value in expected.items():
+            assert torch.equal(out[f"{module}.{key}"].view(torch.uint8), value.contiguous().view(torch.uint8)), (module, key)
+    for name, value in stored.items():
+        if name.rsplit(".", 1)[0] not in CHANGED:
+            assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
+    checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "ct", ad, "--json").stdout)
+    assert checked["verdict"] == "exact"
