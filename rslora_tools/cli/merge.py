@@ -40,7 +40,7 @@ from ..reporting import counted
 @o.allow_nonfinite_option("Merge")
 @o.trained_on_options
 @click.option("--keep-quantization", is_flag=True,
-              help="A quantized BASE (block-scaled FP8, compressed-tensors FP8 or INT4/INT8): write the merged weights back in "
+              help="A quantized BASE (FP8, MXFP4, compressed-tensors FP8/INT4/INT8/NVFP4): write the merged weights back in "
                    "BASE's own format, scales recomputed as its quantizer does; other tensors copied byte for byte.")
 @o.initial_options
 @o.token_option
@@ -80,8 +80,8 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     QLoRA: a bitsandbytes (4-bit, 8-bit), GPTQ or AWQ BASE is dequantized exactly as its library
     does and merged in the compute dtype; with an unquantized BASE, --trained-on quantizes the
     weights as they were in training first (the model the adapter learned to correct).
-    Block-scaled FP8 (DeepSeek-V3, Qwen3-FP8), MXFP4 (gpt-oss) and compressed-tensors FP8
-    bases are dequantized as transformers loads them and written unquantized; with
+    Block-scaled FP8 (DeepSeek-V3, Qwen3-FP8), MXFP4 (gpt-oss) and compressed-tensors (FP8,
+    INT4/INT8, NVFP4) bases are dequantized as transformers loads them and written unquantized; with
     --keep-quantization the changed weights are quantized back into the base's format instead.
 
     \b

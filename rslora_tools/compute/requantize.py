@@ -13,7 +13,15 @@ Each quantizer is the one the format's own library applies to a full-precision w
 - compressed-tensors pack-quantized INT4/INT8 (the same functions, round to nearest): per group (or row) in the
   scale's dtype, symmetric: scale = amax / ((qmax - qmin) / 2); asymmetric: scale = (max - min) / (qmax - qmin),
   zero point round(clamp(qmin - min / scale, qmin, qmax)); codes round(clamp(x / scale + zero, qmin, qmax)),
-  packed as its pack_to_int32 does.
+  packed as its pack_to_int32 does;
+- MXFP4 (transformers 5.25's quantize_to_mxfp4: triton_kernels' downcast_to_mxfp_torch on the bf16 weight, scales
+  rounded up): per expert and output row, groups of 32 inputs, amax / 6 in float32 rounded up to a power of two
+  (its exponent is the e8m0 byte), each value times 1 / that scale rounded to the nearest e2m1 value (ties to
+  even, above 6 saturating), two per byte, the first in the low nibble;
+- compressed-tensors NVFP4 (its generate_gparam, calculate_qparams with float8 scales, and the CPU quantize and
+  pack path): global scale = 448 * 6 / amax of the tensor (in the weight's dtype), per 16 inputs the local scale
+  global * amax / 6 rounded to float8 e4m3 (0 becomes 0.125), codes x / (local / global) rounded to e2m1 (ties to
+  even) with torch.sign's sign, two per byte, the first in the low nibble.
 `requantize` returns the new stored tensors by role; the side tensors (activation scales) do not change.
 """
 
@@ -51,6 +59,12 @@ def requantize(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayo
                                               dtype)
         out = {"weight_packed": packed, "weight_scale": scale.reshape(shape)}
         return out | ({"weight_zero_point": zero} if zero is not None else {})
+    if method == "ct_nvfp4":
+        packed, scale, global_scale = quantize_nvfp4(merged)
+        return {"weight_packed": packed, "weight_scale": scale, "weight_global_scale": global_scale}
+    if method == "mxfp4":
+        blocks, scales = quantize_mxfp4(merged)
+        return {"blocks": blocks, "scales": scales}
     raise AssertionError(f"no quantizer for {method}")
 
 
@@ -190,3 +204,61 @@ def pack_ct_int(values: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
     words = (fields.reshape(rows, -1, per_word) << shifts).sum(-1)
     return (words - ((words >> 31) << 32)).to(torch.int32)  # two's complement of the low 32 bits
+
+
+_E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # between 0, .5, 1, 1.5, 2, 3, 4, 6
+
+
+def quantize_mxfp4(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (E, in, out) expert parameter as MXFP4: (blocks (E, out, in / 32, 16) uint8, scales (E, out, in / 32))."""
+    experts, inputs, outputs = param.shape
+    x = param.to(torch.bfloat16).transpose(1, 2).to(torch.float32).contiguous().reshape(experts, outputs, inputs // 32, 32)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    bits = (amax / 6.0).view(torch.int32)
+    rounded = ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)  # up to a power of two (the exponent kept)
+    step = torch.where(rounded == 0, torch.zeros_like(rounded), 1.0 / rounded)
+    q = x * step
+    magnitude = q.abs()
+    code = torch.bucketize(magnitude, _E2M1_MIDPOINTS)  # a tie goes to the lower code here
+    tie = (code < 7) & (magnitude == _E2M1_MIDPOINTS[code.clamp(max=6)]) & (code % 2 == 1)
+    code = (code + tie.to(code.dtype)) | torch.where(torch.signbit(q), 8, 0)
+    pairs = code.to(torch.uint8).reshape(experts, outputs, inputs // 32, 16, 2)
+    blocks = pairs[..., 0] | (pairs[..., 1] << 4)
+    scales = (rounded.view(torch.int32) >> 23).to(torch.uint8).squeeze(-1)
+    return blocks, scales
+
+
+def quantize_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A (rows, cols) weight as compressed-tensors NVFP4: (packed uint8 (rows, cols / 2), float8 scales (rows,
+    cols / 16), float32 global scale (1,))."""
+    rows, cols = w.shape
+    lo, hi = torch.aminmax(w)
+    lo, hi = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
+    top = torch.clamp(torch.max(torch.abs(lo), torch.abs(hi)), min=torch.finfo(w.dtype).tiny)
+    global_scale = torch.nan_to_num(448.0 * 6.0 / top, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape(1)
+    groups = w.unflatten(-1, (cols // 16, 16))
+    glo, ghi = groups.amin(-1), groups.amax(-1)
+    glo, ghi = torch.min(glo, torch.zeros_like(glo)), torch.max(ghi, torch.zeros_like(ghi))
+    local = torch.max(torch.abs(glo), torch.abs(ghi)) / (torch.tensor(12.0).to(glo.dtype) / 2)
+    fp8 = torch.float8_e4m3fn
+    scale = torch.clamp(global_scale * local, torch.finfo(fp8).min, torch.finfo(fp8).max).to(fp8).to(torch.float32)
+    scale = torch.where(scale == 0, torch.tensor(0.125, dtype=scale.dtype), scale)
+    scaled = torch.clamp(groups / (scale / global_scale).unsqueeze(-1), -6.0, 6.0)
+    values = (_round_e2m1(scaled.abs()) * torch.sign(scaled)).flatten(-2).to(w.dtype)
+    sign = torch.signbit(values).to(torch.uint8)
+    doubled = (values * 2).to(torch.int8).abs()
+    codes = torch.zeros_like(doubled, dtype=torch.uint8)
+    for code, twice in enumerate((1, 2, 3, 4, 6, 8), start=1):
+        codes[doubled == twice] = code
+    codes[doubled >= 12] = 7
+    codes = (codes | (sign << 3)).reshape(-1, 2)
+    return (codes[:, 0] | (codes[:, 1] << 4)).reshape(rows, cols // 2), scale.to(fp8), global_scale
+
+
+def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """|values| to the nearest e2m1 magnitude, ties to the even code (compressed-tensors' cast_to_fp4 thresholds)."""
+    out = torch.full_like(x, 6.0)
+    for bound, value, inclusive in ((5.0, 4.0, True), (3.5, 3.0, False), (2.5, 2.0, True), (1.75, 1.5, False),
+                                    (1.25, 1.0, True), (0.75, 0.5, False), (0.25, 0.0, True)):
+        out = torch.where(x <= bound if inclusive else x < bound, value, out)
+    return out

@@ -65,7 +65,8 @@ def dtype_from_name(name: object) -> str | None:
 # roles a requantization rewrites (the codes first); every other stored tensor is copied as it is.
 REQUANTIZED_ROLES: dict[str, tuple[str, ...]] = {
     "fp8": ("weight", "scale_inv"), "ct_fp8": ("weight", "weight_scale"),
-    "ct_int": ("weight_packed", "weight_scale", "weight_zero_point"),
+    "ct_int": ("weight_packed", "weight_scale", "weight_zero_point"), "mxfp4": ("blocks", "scales"),
+    "ct_nvfp4": ("weight_packed", "weight_scale", "weight_global_scale"),
 }
 
 
@@ -191,7 +192,8 @@ def _compressed_group_scheme(name: str, group: Any, fmt: Any, where: str) -> Qua
         return QuantScheme("ct_fp8", format=f"per {strategy}")
     if group_format == "pack-quantized" and kind == "int" and bits in (4, 8) and (
             strategy == "channel" or (strategy == "group" and isinstance(size, int) and size > 0)):
-        return QuantScheme("ct_int", bits=bits, blocksize=size if strategy == "group" else -1, sym=symmetric)
+        return QuantScheme("ct_int", bits=bits, blocksize=size if strategy == "group" and isinstance(size, int) else -1,
+                           sym=symmetric)
     if group_format == "nvfp4-pack-quantized" and kind == "float" and bits == 4 and strategy == "tensor_group" \
             and size == 16 and symmetric:
         return QuantScheme("ct_nvfp4", blocksize=16)

@@ -122,8 +122,8 @@ def keep_quantized(plans: dict[str, TensorPlan], quant: QuantPlan, checkpoint: C
                          "quantized" + (" (--trained-on only says how it was quantized in training)" if scheme else ""))
     if scheme.method not in REQUANTIZED_ROLES:
         raise UnsupportedAdapterError(
-            f"{where}: --keep-quantization is not supported for {scheme.label} bases yet (block-scaled FP8 and "
-            "compressed-tensors FP8 and pack-quantized INT4/INT8 are); merge without it to write the merged model "
+            f"{where}: --keep-quantization is not supported for {scheme.label} bases yet (block-scaled FP8, MXFP4 "
+            "and compressed-tensors FP8, INT4/INT8 and NVFP4 are); merge without it to write the merged model "
             "unquantized")
     kept = QuantPlan(scheme, prequantized=True, keep=True)
     for name, source in quant.sources.items():

@@ -197,16 +197,123 @@ def test_a_dry_run_says_what_requantizing_would_lose_of_the_delta(tmp_path):
 
 
 def test_keep_quantization_refusals(tmp_path):
-    gpt_oss = gpt_oss_mxfp4(tmp_path)
-    ad = adapter(tmp_path / "bf16", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"],
-                 target_parameters=["experts.gate_up_proj"])
-    result = cli_run("merge", gpt_oss, ad, tmp_path / "out", "--keep-quantization", code=1)
-    assert "--keep-quantization is not supported for mxfp4 (blocks of 32, e8m0 scales) bases yet (block-scaled FP8" in result.output
-    result = cli_run("merge", tmp_path / "bf16", ad, tmp_path / "out", "--keep-quantization", code=1)
+    from quant_builders import _gptq_checkpoint, _lora_for_proj
+
+    gptq, _ = _gptq_checkpoint(tmp_path / "gptq", 4, "gptq", False)
+    ad = _lora_for_proj(tmp_path / "adapter", 24, 64)
+    result = cli_run("merge", gptq, ad, tmp_path / "out", "--keep-quantization", code=1)
+    assert "--keep-quantization is not supported for gptq 4-bit (group 16, gptq) bases yet (block-scaled FP8" in \
+        result.output
+    base = tiny_llama(tmp_path / "base", hidden=64, intermediate=96)
+    plain = adapter(base, tmp_path / "plain-adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    result = cli_run("merge", base, plain, tmp_path / "out", "--keep-quantization", code=1)
     assert "--keep-quantization keeps a quantized base's format, and this base is not quantized" in result.output
-    result = cli_run("merge", gpt_oss, ad, tmp_path / "out", "--keep-quantization", "--trained-on", "nf4", code=2)
+    result = cli_run("merge", gptq, ad, tmp_path / "out", "--keep-quantization", "--trained-on", "nf4", code=2)
     assert "--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized base" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_nvfp4_keeps_its_format_with_its_compressor(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import NVFP4
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+    from test_fp8_mxfp4 import PACKED, compressed_packed_checkpoint
+    from transformers import CompressedTensorsConfig
+
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
+    compressed_packed_checkpoint(base, tmp_path / "ct", *PACKED["nvfp4"])
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", "--keep-quantization")
+    peft = peft_reference(tmp_path, tmp_path / "ct", ad, quantization_config=CompressedTensorsConfig(dequantize=True))
+    args = NVFP4["weights"]  # llm-compressor's NVFP4 preset: float8 scales
+    out, stored = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "ct" / "model.safetensors")
+    assert sorted(out) == sorted(stored)
+    for module in CHANGED:  # compressed-tensors' own quantizer and compressor on PEFT's merged weight
+        w = peft[module + ".weight"]
+        state = {"weight": w, "weight_global_scale": generate_gparam(w.amin(), w.amax())}
+        groups = w.unflatten(-1, (w.shape[1] // 16, 16))
+        state["weight_scale"], state["weight_zero_point"] = calculate_qparams(
+            groups.amin(-1), groups.amax(-1), args, global_scale=state["weight_global_scale"])
+        expected = NVFP4PackedCompressor.compress(state, QuantizationScheme(targets=["Linear"], weights=args))
+        for key, value in expected.items():
+            assert torch.equal(out[f"{module}.{key}"].view(torch.uint8), value.contiguous().view(torch.uint8)), (module, key)
+    for name, value in stored.items():
+        if name.rsplit(".", 1)[0] not in CHANGED:
+            assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
+    checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "ct", ad, "--json").stdout)
+    assert checked["verdict"] == "exact"
+
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def mxfp4_reference(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 by its definition, value by value: per 32 inputs the e8m0 scale 2 ** ceil(log2(amax / 6)), each value
+    / scale to the nearest e2m1 value (a tie to the even code; above 6: 6), the sign kept (-0 included)."""
+    experts, inputs, outputs = param.shape
+    x = param.to(torch.bfloat16).float().transpose(1, 2)
+    blocks = torch.zeros(experts, outputs, inputs // 32, 16, dtype=torch.uint8)
+    scales = torch.zeros(experts, outputs, inputs // 32, dtype=torch.uint8)
+    for e in range(experts):
+        for o in range(outputs):
+            for g in range(inputs // 32):
+                group = x[e, o, g * 32:(g + 1) * 32]
+                amax = float(group.abs().max())
+                exponent = 0 if amax == 0 else int(torch.ceil(torch.log2(torch.tensor(amax / 6.0))))
+                scales[e, o, g] = 0 if amax == 0 else exponent + 127
+                codes = []
+                for v in group.tolist():
+                    q = 0.0 if amax == 0 else v / 2.0 ** exponent
+                    distance = [abs(abs(q) - c) for c in E2M1]
+                    best = min(range(8), key=lambda i: (distance[i], i % 2))  # nearest, a tie to the even code
+                    codes.append(best | (8 if torch.signbit(torch.tensor(q)) else 0))
+                blocks[e, o, g] = torch.tensor([codes[2 * i] | (codes[2 * i + 1] << 4) for i in range(16)])
+    return blocks, scales
+
+
+def test_mxfp4_experts_keep_their_format(tmp_path):
+    from transformers import Mxfp4Config
+
+    base = gpt_oss_mxfp4(tmp_path)
+    ad = adapter(tmp_path / "bf16", tmp_path / "adapter", r=8, lora_alpha=16, use_rslora=True,
+                 target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"])
+    result = json.loads(cli_run("merge", base, ad, tmp_path / "out", "--keep-quantization", "--json").stdout)
+    assert sorted(result["quantization"]["requantized"]) == [f"model.layers.{i}.mlp.experts.gate_up_proj_blocks"
+                                                           for i in range(2)]
+    peft = peft_reference(tmp_path, base, ad, quantization_config=Mxfp4Config(dequantize=True))
+    out, stored = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
+    assert sorted(out) == sorted(stored)
+    for i in range(2):
+        name = f"model.layers.{i}.mlp.experts.gate_up_proj"
+        blocks, scales = mxfp4_reference(peft[name])
+        assert torch.equal(out[name + "_blocks"], blocks) and torch.equal(out[name + "_scales"], scales)
+    for name, value in stored.items():
+        if "gate_up_proj" not in name and "q_proj" not in name:
+            assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
+    checked = json.loads(cli_run("verify", tmp_path / "out", base, ad, "--json").stdout)
+    assert checked["verdict"] == "exact"
+
+
+def test_mxfp4_quantizer_gives_back_the_codes_it_was_given():
+    from rslora_tools.compute.quantization import dequantize_mxfp4
+    from rslora_tools.compute.requantize import quantize_mxfp4
+
+    torch.manual_seed(7)
+    blocks = torch.randint(0, 256, (2, 8, 3, 16), dtype=torch.uint8)
+    blocks[..., 0] = (blocks[..., 0] & 0xF0) | 0x7  # a 6 in every group: the scale comes back the same
+    scales = torch.randint(110, 130, (2, 8, 3), dtype=torch.uint8)
+    assert [torch.equal(a, b) for a, b in zip(quantize_mxfp4(dequantize_mxfp4(blocks, scales, torch.bfloat16)),
+                                                (blocks, scales))] == [True, True]
+    param = torch.randn(2, 64, 4, dtype=torch.bfloat16) * 3
+    param[0, :32, 0] = 0  # an all-zero group
+    param[1, :32, 1] = 0  # ties at the group's scale 2 ** -3, -0 among them
+    param[1, :8, 1] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]) * 2 ** -3
+    param[1, 8:12, 1] = torch.tensor([-0.25, -2.5, -0.0, 0.1]) * 2 ** -3
+    blocks, scales = quantize_mxfp4(param)
+    assert [torch.equal(a, b) for a, b in zip((blocks, scales), mxfp4_reference(param))] == [True, True]
+    assert scales[1, 1, 0] == 124 and blocks[1, 1, 0, :6].tolist() == [0x07, 0x22, 0x44, 0x66, 0xC8, 0x08]
 
 
 @pytest.mark.parametrize("kind", ["int4-group", "int4-group-asym", "int8-channel"])
