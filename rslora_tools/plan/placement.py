@@ -21,6 +21,11 @@ from .tensors import LayerKind, LoraOp
 # Architectures whose linear layers are transformers' Conv1D ((in, out) weights; PEFT's fan_in_fan_out).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "gpt_bigcode_conv1d"}
 
+# Architectures whose fused expert parameters are (experts, in, out): transformers 5.25.0's
+# `@use_experts_implementation(is_transposed=True)`, which PEFT's ParamWrapper reads to orient the delta; every other
+# architecture's are (experts, out, in). tests/plan/test_expert_orientation.py checks it against the installed one.
+TRANSPOSED_EXPERTS = {"aria", "aria_text", "ergo", "gpt_oss", "openai_privacy_filter"}
+
 ShapeOf = Callable[[str], tuple[int, ...]]
 
 
@@ -70,7 +75,7 @@ def place_module(
     """Find the base tensor a LoRA module changes, and the kind of delta (target None: nothing matches)."""
     cfg = adapter.config
     if cfg.target_parameters and (module.depth > 0 or resolver.find(module.name + ".weight") is None):
-        return _place_parameter(module, adapter, shape_of, resolver)
+        return _place_parameter(module, adapter, shape_of, resolver, model_type)
     target = resolver.find(module.name + ".weight")
     if target is None:
         in_proj = resolver.find(module.name + ".in_proj_weight")
@@ -103,8 +108,12 @@ def _linear_layout(module: LoraModule, adapter: Adapter, w_shape: tuple[int, ...
     return transposed
 
 
-def _parameter_op(module: LoraModule, adapter: Adapter, target: str, w: tuple[int, ...], name: str) -> LoraOp | None:
-    """The op for a target_parameters wrapper on base tensor `target` of shape `w`, or None when it does not fit."""
+def _parameter_op(module: LoraModule, adapter: Adapter, target: str, w: tuple[int, ...], name: str,
+                  model_type: str | None) -> LoraOp | None:
+    """The op for a target_parameters wrapper on base tensor `target` of shape `w`, or None when it does not fit.
+
+    A square expert parameter (gpt-oss's down_proj) is oriented as PEFT orients it: by the architecture's experts
+    layout (TRANSPOSED_EXPERTS); without a model_type it is refused."""
     a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
     if len(w) == 2 and w == (b[0], a[1]):
         return make_op(module, adapter, "param", w, False, scale_name=name)
@@ -112,18 +121,21 @@ def _parameter_op(module: LoraModule, adapter: Adapter, target: str, w: tuple[in
         experts, d1, d2 = w
         straight = a[1] == d2 and b[0] == d1
         swapped = a[1] == d1 and b[0] == d2
-        if straight and swapped:
+        if straight and swapped and model_type is None:
             raise UnsupportedAdapterError(
                 f"{adapter.weights_path}: module {module.name!r}: expert parameter {target!r} is square "
-                f"{list(w)}, so the orientation of the LoRA delta is ambiguous; merge it with PEFT"
+                f"{list(w)} and the base has no config.json model_type, so the orientation of the LoRA delta is "
+                "ambiguous; merge it with PEFT"
             )
+        if straight and swapped:
+            swapped = model_type in TRANSPOSED_EXPERTS
         if straight or swapped:
             return make_op(module, adapter, "experts", w, swapped, experts=experts, scale_name=name)
     return None
 
 
 def _place_parameter(
-    module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver
+    module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver, model_type: str | None
 ) -> tuple[str | None, LoraOp]:
     """target_parameters (ParamWrapper): the parameter this wrapper holds (adapter.module_scales.pattern_name decides)."""
     def fits(name: str) -> bool:
@@ -134,7 +146,7 @@ def _place_parameter(
         return None, make_op(module, adapter, "param", (), False, scale_name=module.name)
     name = pattern_name(adapter, module, fits)
     target = resolver.find(name)
-    op = _parameter_op(module, adapter, target, shape_of(target), name) if target is not None else None
+    op = _parameter_op(module, adapter, target, shape_of(target), name, model_type) if target is not None else None
     if target is None or op is None:
         return None, make_op(module, adapter, "param", (), False, scale_name=name)
     return target, op

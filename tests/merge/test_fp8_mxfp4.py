@@ -164,12 +164,12 @@ def test_a_float8_weight_without_its_scale_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def gpt_oss_mxfp4(folder: Path) -> Path:
+def gpt_oss_mxfp4(folder: Path, intermediate: int = 96) -> Path:
     """A tiny gpt-oss whose experts are MXFP4 (random codes and exponents), the rest bf16, as OpenAI ships it."""
     from transformers import AutoModelForCausalLM, GptOssConfig
 
     torch.manual_seed(0)
-    config = GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+    config = GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=intermediate, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=16, num_hidden_layers=2, num_local_experts=4,
                           num_experts_per_tok=2, layer_types=["full_attention"] * 2)
     with warnings.catch_warnings():
@@ -215,6 +215,24 @@ def test_mxfp4_experts_merge_as_peft_merges_the_model_transformers_dequantizes(t
     text = cli_run("inspect", ad, "--base", base).output
     assert ("  base format: mxfp4 (blocks of 32, e8m0 scales); 4 of the 6 tensors the adapter changes are stored "
             "quantized (merge dequantizes them and writes them unquantized)") in text
+
+
+def test_square_gpt_oss_experts_merge_as_peft_merges_them(tmp_path):
+    """gpt-oss's down_proj is square (hidden = intermediate = 2880): oriented as PEFT orients it (is_transposed)."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    base = gpt_oss_mxfp4(tmp_path, intermediate=64)
+    ad = adapter(tmp_path / "bf16", tmp_path / "adapter", r=8, lora_alpha=16, use_rslora=True,
+                 target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    for quantized, folder in ((False, tmp_path / "bf16"), (True, base)):
+        cli_run("merge", folder, ad, tmp_path / f"out-{quantized}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            extra = {"quantization_config": Mxfp4Config(dequantize=True)} if quantized else {}
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **extra)
+        merged = read_folder(tmp_path / f"out-{quantized}")
+        assert merged["model.layers.0.mlp.experts.down_proj"].shape == (4, 64, 64)
+        assert_same_tensors(merged, peft_merge(model, ad, tmp_path / f"peft-{quantized}"))
 
 
 def test_mxfp4_dequantization_is_transformers_op_for_op():

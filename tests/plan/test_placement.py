@@ -143,11 +143,41 @@ def test_fused_experts_take_their_orientation_from_the_shape(tmp_path, expert_sh
                                                                         swapped, 4)
 
 
-def test_square_experts_are_refused_as_ambiguous(tmp_path):
+def test_square_experts_without_an_architecture_are_refused_as_ambiguous(tmp_path):
     shapes = {"model.experts.lora_A.weight": (8, 8), "model.experts.lora_B.weight": (8, 8)}
-    with pytest.raises(UnsupportedAdapterError, match="is square .* ambiguous"):
-        place(tmp_path, {"model.experts.down_proj": (2, 8, 8)}, shapes, target_modules=[],
+    with pytest.raises(UnsupportedAdapterError, match="is square .* no config.json model_type, so the orientation .* "
+                                                      "ambiguous"):
+        place(tmp_path, {"model.experts.down_proj": (2, 8, 8)}, shapes, model_type=None, target_modules=[],
               target_parameters=["experts.down_proj"])
+
+
+@pytest.mark.parametrize(("model_type", "swapped"), [("gpt_oss", True), ("qwen3_moe", False), ("mixtral", False)])
+def test_square_experts_take_their_orientation_from_the_architecture(tmp_path, model_type, swapped):
+    """gpt-oss's down_proj is (experts, 2880, 2880): PEFT orients it by the experts' is_transposed."""
+    shapes = {"model.experts.lora_A.weight": (8, 8), "model.experts.lora_B.weight": (8, 8)}
+    _, op, _ = place(tmp_path, {"model.experts.down_proj": (2, 8, 8)}, shapes, model_type=model_type,
+                     target_modules=[], target_parameters=["experts.down_proj"])
+    assert (op.kind, op.transpose) == ("experts", swapped)
+
+
+def test_transposed_experts_are_the_installed_transformers_ones():
+    """TRANSPOSED_EXPERTS is read from transformers 5.25.0; an upgrade that changes it must change the table."""
+    import pkgutil
+    import re
+
+    import transformers.models as models
+
+    from rslora_tools.plan.placement import TRANSPOSED_EXPERTS
+
+    found = set()
+    for info in pkgutil.iter_modules(models.__path__):
+        folder = Path(models.__path__[0]) / info.name
+        modeling = list(folder.glob("modeling_*.py"))
+        if not any(re.search(r"use_experts_implementation\([^)]*is_transposed=True", f.read_text()) for f in modeling):
+            continue
+        for config_file in folder.glob("configuration_*.py"):
+            found.update(re.findall(r'^\s+model_type = "([^"]+)"', config_file.read_text(), re.M))
+    assert found == TRANSPOSED_EXPERTS
 
 
 # --- ranks and DoRA -----------------------------------------------------------------------------------------------
