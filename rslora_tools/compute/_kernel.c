@@ -15,7 +15,8 @@
  * with torch (whose NaN encodings this kernel does not reproduce).
  *
  * It also quantizes weights to 4 bits and back as bitsandbytes does (block_absmax, simulate_4bit), for merges
- * of QLoRA adapters "as trained".
+ * of QLoRA adapters "as trained", and dequantizes float8 rows (dequant_rows: code value * scale in fp32, rounded
+ * once to the output dtype), for merges into FP8 bases.
  *
  * The arithmetic needs AVX2, FMA and F16C (x86-64 since 2013); available() says whether this CPU
  * has them. Everywhere else the module still builds and the caller uses torch.
@@ -198,6 +199,46 @@ SIMD static void widen(const void *src, int dt, size_t n, float *dst) {
     }
 }
 
+/* out[i][j] = round_dt(lut[q[i][j]] * scale), scale = scales[j] (per_row 0) or scales[i] (per_row 1), the product in
+ * fp32: torch's float32(q) * scale, then .to(dtype). Returns the number of non-finite results (then use torch). */
+SIMD static size_t dequant_rows(const uint8_t *q, const float *lut, const float *scales, int per_row, size_t rows,
+                                size_t cols, int dt, void *out) {
+    size_t bad = 0;
+    for (size_t i = 0; i < rows; i++) {
+        const uint8_t *row = q + i * cols;
+        char *dst = (char *)out + i * cols * elem_size(dt);
+        size_t j = 0;
+        for (; j + 8 <= cols; j += 8) {
+            __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + j)));
+            __m256 v = _mm256_i32gather_ps(lut, idx, 4);
+            __m256 s = per_row ? _mm256_set1_ps(scales[i]) : _mm256_loadu_ps(scales + j);
+            v = _mm256_mul_ps(v, s);
+            __m256i u = _mm256_castps_si256(v);
+            const __m256i expo = _mm256_set1_epi32(0x7F800000);
+            bad += _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_and_si256(u, expo), expo)) != 0;
+            store8(v, dt, dst, 0);
+            dst += 8 * elem_size(dt);
+        }
+        for (; j < cols; j++) {
+            float v = lut[row[j]] * (per_row ? scales[i] : scales[j]);
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            bad += (u & 0x7F800000u) == 0x7F800000u;
+            if (dt == DT_F32) {
+                memcpy(dst, &v, 4);
+            } else if (dt == DT_F16) {
+                uint16_t h = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                memcpy(dst, &h, 2);
+            } else {
+                uint16_t h = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+                memcpy(dst, &h, 2);
+            }
+            dst += elem_size(dt);
+        }
+    }
+    return bad;
+}
+
 /* bitsandbytes' 4-bit blockwise quantization, pass 1: absmax[b] = max |x| over each block of `bs` elements
  * (n a multiple of bs); returns the number of non-finite elements (then the caller uses torch). */
 SIMD static size_t block_absmax(const void *w, int dt, size_t n, size_t bs, float *absmax) {
@@ -332,6 +373,8 @@ SIMD static void quant_norms(const void *w, const void *q, const void *m, int dt
 static int cpu_ok(void) { return 0; }
 static void quant_norms(const void *w, const void *q, const void *m, int dt, size_t n, double *sums) {}
 static size_t merge_rows(const Operands *op) { return 0; }
+static size_t dequant_rows(const uint8_t *q, const float *lut, const float *scales, int per_row, size_t rows,
+                           size_t cols, int dt, void *out) { return 0; }
 static void widen(const void *src, int dt, size_t n, float *dst) {}
 static size_t block_absmax(const void *w, int dt, size_t n, size_t bs, float *absmax) { return 0; }
 static void simulate_4bit(const void *w, int dt, size_t n, size_t bs, size_t first, const float *absmax,
@@ -427,6 +470,34 @@ static PyObject *py_widen(PyObject *self, PyObject *args) {
     }
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
+    return result;
+}
+
+static PyObject *py_dequant_rows(PyObject *self, PyObject *args) {
+    Py_buffer q, lut, scales, out;
+    int per_row, dt;
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTuple(args, "y*y*y*inniw*", &q, &lut, &scales, &per_row, &rows, &cols, &dt, &out)) return NULL;
+    PyObject *result = NULL;
+    if (!cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU cannot run the merge kernel");
+    } else if (check_dtype(dt, 0)) {
+        size_t n = (size_t)rows * (size_t)cols;
+        if (rows < 0 || cols < 0 || (size_t)q.len < n || lut.len < 256 * 4 || (size_t)out.len < n * elem_size(dt) ||
+            (size_t)scales.len < (per_row ? (size_t)rows : (size_t)cols) * 4) {
+            PyErr_SetString(PyExc_ValueError, "buffer sizes do not match");
+        } else {
+            size_t bad;
+            Py_BEGIN_ALLOW_THREADS
+            bad = dequant_rows(q.buf, lut.buf, scales.buf, per_row, (size_t)rows, (size_t)cols, dt, out.buf);
+            Py_END_ALLOW_THREADS
+            result = PyLong_FromSize_t(bad);
+        }
+    }
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&lut);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&out);
     return result;
 }
 
@@ -549,6 +620,9 @@ static PyMethodDef methods[] = {
      "bitsandbytes' 4-bit quantization of w (blocks from first_block), dequantized with `scale`, rounded to dtype."},
     {"quant_norms", py_quant_norms, METH_VARARGS,
      "quant_norms(w, q, m, dtype, have_m) -> (sum w^2, sum (q - w)^2, sum (m - q)^2) in double."},
+    {"dequant_rows", py_dequant_rows, METH_VARARGS,
+     "dequant_rows(q, lut, scales, per_row, rows, cols, dtype, out) -> non-finite results. out = round(lut[q] *\n"
+     "scale) with one fp32 scale per column (per_row 0) or per row (per_row 1); q: rows x cols bytes."},
     {"count_nonfinite", py_count_nonfinite, METH_VARARGS,
      "count_nonfinite(src, dtype) -> number of NaN/Inf values (dtype 0 bf16, 1 f16, 2 f32, 3 f64)."},
     {NULL, NULL, 0, NULL},

@@ -28,3 +28,7 @@ def simulate_4bit(w: Buffer, dtype: int, blocksize: int, first_block: int, absma
 
 def quant_norms(w: Buffer, q: Buffer, m: Buffer, dtype: int, have_m: bool) -> tuple[float, float, float]:
     """(sum w^2, sum (q - w)^2, sum (m - q)^2) in double; m is ignored unless have_m."""
+
+def dequant_rows(q: Buffer, lut: Buffer, scales: Buffer, per_row: bool, rows: int, cols: int, dtype: int,
+                 out: Buffer) -> int:
+    """out = round(lut[q] * scale) in dtype, one fp32 scale per column (or per row); returns non-finite results."""

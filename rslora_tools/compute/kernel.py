@@ -18,6 +18,7 @@ from types import ModuleType
 from ..formats.quant import FOUR_BIT_CODES
 
 DTYPE_CODES = {"BF16": 0, "F16": 1, "F32": 2}
+FLOAT8_DTYPES = ("F8_E4M3", "F8_E5M2")
 _NONFINITE_CODES = {**DTYPE_CODES, "F64": 3}
 # torch's CPU sgemm (MKL) sums the rank in one in-order chain of FMAs, as the kernel does, for
 # ranks up to 192 and matrices of at least 4 x 16 (measured); past that it blocks the rank or
@@ -162,3 +163,34 @@ def quant_norms(w: memoryview, quantized: memoryview, merged: memoryview | None,
     sums: tuple[float, float, float] = _loaded().quant_norms(w, quantized, merged if merged is not None else w,
                                                             DTYPE_CODES[dtype], merged is not None)
     return sums
+
+
+def _float8_value(byte: int, exponent_bits: int, bias: int) -> float:
+    """The value of a float8 code: e4m3fn (no infinities; S.1111.111 is NaN) or e5m2 (IEEE-like)."""
+    mantissa_bits = 7 - exponent_bits
+    sign = -1.0 if byte & 0x80 else 1.0
+    exponent = (byte >> mantissa_bits) & ((1 << exponent_bits) - 1)
+    mantissa = byte & ((1 << mantissa_bits) - 1)
+    top = (1 << exponent_bits) - 1
+    if exponent_bits == 4 and exponent == top and mantissa == (1 << mantissa_bits) - 1:
+        return float("nan")
+    if exponent_bits == 5 and exponent == top:
+        return float("nan") if mantissa else sign * float("inf")
+    if exponent == 0:
+        return sign * mantissa / (1 << mantissa_bits) * 2.0 ** (1 - bias)
+    return sign * (1 + mantissa / (1 << mantissa_bits)) * 2.0 ** (exponent - bias)
+
+
+@functools.cache
+def float8_table(dtype: str) -> bytes:
+    """The 256 values of a float8 format (F8_E4M3 or F8_E5M2) as fp32, by code."""
+    bits, bias = (4, 7) if dtype == "F8_E4M3" else (5, 15)
+    return struct.pack("256f", *(_float8_value(b, bits, bias) for b in range(256)))
+
+
+def dequant_rows(codes: memoryview, fp8: str, scales: bytes | memoryview, per_row: bool, rows: int, cols: int,
+                 dtype: str, out: memoryview) -> bool:
+    """out = float8 value * scale in fp32, rounded once to `dtype` (one fp32 scale per column, or per row); False when
+    a value is not finite (use torch, whose NaN encodings this does not reproduce)."""
+    bad: int = _loaded().dequant_rows(codes, float8_table(fp8), scales, per_row, rows, cols, DTYPE_CODES[dtype], out)
+    return bad == 0

@@ -11,6 +11,8 @@ offset, with the function for its `StepKind`:
 - TORCH: compute/torch_ops.py with torch, one tensor per staging buffer set (page-locked, with a CUDA
   stream each, on a GPU); torch is imported only then;
 - DEQUANT: the same, with the base value dequantized on the CPU first (compute.torch_ops.quantized_base);
+- DEQUANT_KERNEL (a float8 base weight): a band of rows at a time, the codes dequantized into the merge
+  dtype by the kernel (kernel.dequant_rows), then merged as KERNEL does;
 - REQUANT (--keep-quantization): DEQUANT in the weight's compute dtype, then quantized back
   (compute/requantize.py); the step writes the codes and, in the rows right after them, the scales
   (the WITH_WEIGHT steps, which do nothing by themselves).
@@ -20,8 +22,10 @@ Progress is reported through a callback; the executor never draws anything.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +44,7 @@ from ..formats.safetensors_file import (
     DTYPE_BITS,
     SafetensorsWriter,
     copy_range,
+    read_bytes,
     read_into,
     safetensors_to_torch_dtype,
     tensor_bytes,
@@ -207,6 +212,9 @@ def _produce(run: _Run, step: Step, slot: _Slot) -> None:
     elif step.kind is StepKind.QUANT_KERNEL:
         if not _with_quant_kernel(run, t, slot):
             _with_torch(run, t, slot)  # NaN/Inf in the weight or the sum: torch's encodings
+    elif step.kind is StepKind.DEQUANT_KERNEL:
+        if not _with_dequant_kernel(run, t, slot):
+            _with_torch(run, t, slot)  # NaN/Inf in the weight or the sum: torch's encodings
     else:  # TORCH, DEQUANT
         _with_torch(run, t, slot)
     run.advance(step.nbytes)
@@ -314,6 +322,60 @@ def _with_quant_kernel(run: _Run, t: TensorPlan, slot: _Slot) -> bool:
     if operands is not None:
         _record(run, t.name, (sums[0], sums[1], sums[2]))
     return True
+
+
+def _with_dequant_kernel(run: _Run, t: TensorPlan, slot: _Slot) -> bool:
+    """A float8 base weight through the kernel, a band of rows at a time (a block row of a block-scaled weight):
+    codes dequantized into the merge dtype, the LoRA delta (if any) merged, written. False when a value or a sum is
+    not finite."""
+    q = t.quant
+    assert q is not None and q.stored is not None
+    stored = q.stored
+    rows, cols = t.shape
+    row_bytes = cols * DTYPE_BITS[t.dtype] // 8
+    scales = _float32_values(run, stored.parts["scale_inv" if stored.scheme.method == "fp8" else "weight_scale"])
+    block = stored.scheme.block if stored.scheme.method == "fp8" else None
+    if block is not None:  # one scale per block: a band is a block row, its scales one per column
+        step, per_row = block[0], False
+        grid_cols = -(-cols // block[1])
+        band_scales = [b"".join(scales[4 * (i * grid_cols + j):4 * (i * grid_cols + j + 1)] * block[1]
+                                for j in range(grid_cols))[:4 * cols] for i in range(-(-rows // block[0]))]
+    else:  # one scale for the tensor, or one per row
+        step, per_row = max(1, BLOCK_BYTES // row_bytes), True
+        row_scales = scales * rows if len(scales) == 4 else scales
+    fp8 = run.checkpoint.info(stored.parts["weight"]).dtype
+    fd, offset = run.base.locate(stored.parts["weight"])
+    what = f"{stored.parts['weight']!r} from {run.base.path(stored.parts['weight'])}"
+    chain = [(_operands(run, t, op), op.scale.scale) for op in t.all_lora]
+    block_in, block_out, spare = _block_buffers(step * row_bytes)
+    codes = memoryview(bytearray(step * cols))
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        size = n * row_bytes
+        _read_block(run, fd, offset + start * cols, codes[:n * cols], what)
+        band = band_scales[start // step] if block is not None else row_scales[4 * start:4 * (start + n)]
+        if not kernel.dequant_rows(codes[:n * cols], fp8, band, per_row, n, cols, t.dtype, block_in[:size]):
+            return False
+        now, free = block_in, block_out
+        for operands, scale in chain:
+            if not kernel.merge_rows(now[:size], t.dtype, operands, start, n, scale, free[:size]):
+                return False
+            now, free = free, (spare if free is block_out else block_out)
+        write_at(slot.fd, slot.offset + start * row_bytes, now[:size])
+    return True
+
+
+def _float32_values(run: _Run, name: str) -> bytes:
+    """A small float tensor of the base (a scale) as float32 bytes: f32 as stored, bf16/f16 widened, ue8m0 bytes
+    as 2 ** (byte - 127)."""
+    info = run.checkpoint.info(name)
+    fd, offset = run.base.locate(name)
+    raw = bytes(read_bytes(fd, offset, info.nbytes))
+    if info.dtype == "F32":
+        return raw
+    if info.dtype in kernel.DTYPE_CODES:
+        return bytes(kernel.widen(raw, info.dtype))
+    return struct.pack(f"{len(raw)}f", *(2.0 ** (b - 127) if b < 255 else math.inf for b in raw))  # ue8m0
 
 
 def _record(run: _Run, name: str, norms: tuple[float, float, float]) -> None:

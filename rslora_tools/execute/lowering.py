@@ -43,6 +43,7 @@ class StepKind(str, Enum):
     COPY_ADAPTER = ("copy", "copied from the adapter")  # given whole by an adapter tensor in the output's dtype
     KERNEL = ("kernel", "merge kernel")  # W + s * (B @ A) by the C merge kernel, a block of rows at a time
     QUANT_KERNEL = ("quant-kernel", "quantized and merged by the kernel")  # --trained-on nf4/fp4, by the C kernel
+    DEQUANT_KERNEL = ("dequant-kernel", "dequantized and merged by the kernel")  # FP8 bases, a block of rows at a time
     DEQUANT = ("dequant", "dequantized with torch")  # a quantized base weight dequantized (or quantized) with torch
     REQUANT = ("requant", "dequantized, merged and quantized back with torch")  # --keep-quantization: codes and scales
     WITH_WEIGHT = ("with-weight", "rewritten with its weight")  # a scale the REQUANT step of its weight writes
@@ -148,6 +149,8 @@ def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: 
     if t.quant is not None and t.replacement is None:
         if device.kernel_allowed and _quant_kernel_fits(t, checkpoint, adapter):
             return StepKind.QUANT_KERNEL
+        if device.kernel_allowed and _dequant_kernel_fits(t, checkpoint, adapter):
+            return StepKind.DEQUANT_KERNEL
         return StepKind.DEQUANT
     if t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
         return StepKind.COPY_BASE
@@ -201,6 +204,25 @@ def _quant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) 
     return t.lora is None or _kernel_fits(t, checkpoint, adapter)
 
 
+FP8_KERNEL_METHODS = ("fp8", "ct_fp8")
+
+
+def _dequant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> bool:
+    """A float8 base weight (block-scaled or compressed-tensors) dequantized straight into the merge dtype, with no
+    LoRA or one the kernel merges: the dequantized value rounds once, as torch's float32(q) * scale then .to(dtype)
+    (a compressed-tensors scale in another half dtype rounds twice, so that goes to torch)."""
+    q = t.quant
+    assert q is not None
+    stored = q.stored
+    if stored is None or q.transposed or stored.scheme.method not in FP8_KERNEL_METHODS or len(stored.shape) != 2:
+        return False
+    if checkpoint.info(stored.parts["weight"]).dtype not in kernel.FLOAT8_DTYPES or stored.dtype not in ("F32", t.dtype):
+        return False
+    if t.dtype not in kernel.DTYPE_CODES or t.bias_of is not None or t.tokens is not None or t.stacked or t.parts:
+        return False
+    return kernel.available() and all(_op_fits(op, t, t.dtype, adapter) for op in t.all_lora)
+
+
 def worker_count() -> int:
     """Worker threads: one per core (copies wait on I/O, the kernel computes), 2 to 8."""
     try:
@@ -226,11 +248,13 @@ def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
     kernel_peak = torch_peak = 0
     for step in lowered.steps:
         t = step.tensor
-        if step.kind in (StepKind.KERNEL, StepKind.QUANT_KERNEL):
+        if step.kind in (StepKind.KERNEL, StepKind.QUANT_KERNEL, StepKind.DEQUANT_KERNEL):
             ab = sum(4 * (math.prod(adapter.shapes[op.module.a_key]) + math.prod(adapter.shapes[op.module.b_key]))
                      for op in t.all_lora)
             absmax = 0
-            if t.quant is not None:  # absmax and scale per block, fp32
+            if step.kind is StepKind.DEQUANT_KERNEL:  # the codes of a band and its scales
+                absmax = 2 * math.prod(t.shape) * 4 // max(1, t.shape[0])
+            elif t.quant is not None:  # absmax and scale per block, fp32
                 absmax = 2 * 4 * math.prod(t.shape) // t.quant.scheme.blocksize
             kernel_peak = max(kernel_peak, 2 * BLOCK_BYTES + 2 * ab + absmax)
         elif step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT):

@@ -400,3 +400,31 @@ def test_packed_dequantization_is_compressed_tensors_op_for_op():
         theirs = NVFP4PackedCompressor.decompress(packed, scheme)["weight"]
         ours = dequantize_nvfp4(packed["weight_packed"], packed["weight_scale"], packed["weight_global_scale"])
         assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+
+
+@pytest.mark.parametrize("variant", ["ue8m0-scales", "e5m2-codes", "nan-code"])
+def test_the_fp8_kernel_path_gives_the_torch_paths_bits(tmp_path, variant, monkeypatch):
+    """The kernel dequantizes float8 bands straight into the merge dtype; torch computes float32(q) * scale, then
+    .to(dtype) (proven against transformers above). A NaN code sends the tensor back to torch."""
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
+    fp8_checkpoint(base, tmp_path / "fp8", block=32)
+    tensors = load_file(tmp_path / "fp8" / "model.safetensors")
+    generator = torch.Generator().manual_seed(8)
+    for name in [n for n in tensors if n.endswith("weight_scale_inv")]:
+        weight = name[: -len("_scale_inv")]
+        if variant == "ue8m0-scales":
+            tensors[name] = torch.randint(115, 125, tensors[name].shape, dtype=torch.uint8, generator=generator)
+        elif variant == "e5m2-codes":
+            tensors[weight] = tensors[weight].float().to(torch.float8_e5m2)
+        elif weight.endswith("layers.0.mlp.up_proj.weight"):
+            tensors[weight].view(torch.uint8)[0, 0] = 0x7F  # NaN in e4m3fn
+    save_file(tensors, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    report = json.loads(cli_run("merge", tmp_path / "fp8", ad, tmp_path / "kernel", "--dry-run", "--json").stdout)
+    assert {c["by"] for c in report["changes"]} == {"dequant-kernel"}
+    cli_run("merge", tmp_path / "fp8", ad, tmp_path / "kernel")
+    monkeypatch.setenv("RSLORA_TOOLS_KERNEL", "0")
+    cli_run("merge", tmp_path / "fp8", ad, tmp_path / "torch")
+    kernel_out, torch_out = read_folder(tmp_path / "kernel"), read_folder(tmp_path / "torch")
+    assert sorted(kernel_out) == sorted(torch_out)
+    assert all(torch.equal(kernel_out[k].view(torch.uint8), torch_out[k].view(torch.uint8)) for k in kernel_out)
