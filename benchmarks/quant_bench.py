@@ -6,8 +6,9 @@ Builds (once, cached in benchmarks/.cache) two families at about 1B parameters a
   fp8     the TinyLlama-shaped bf16 checkpoint of merge_bench.py, and the same weights as block-scaled FP8
           (128x128 blocks, quantized by rslora-tools' Fp8Quantize-equivalent); an r=16 rsLoRA adapter on all
           linear layers (PEFT)
-  mxfp4   a gpt-oss-shaped checkpoint (32 experts, hidden 1024) with MXFP4 experts, and its bf16 dequantized copy;
-          an r=16 rsLoRA adapter on the attention and, through target_parameters, on both fused expert tensors
+  mxfp4   a gpt-oss-shaped checkpoint (32 experts, hidden 1024; also 64 experts, to see the memory of a fused
+          tensor twice the size) with MXFP4 experts, and its bf16 dequantized copy; an r=16 rsLoRA adapter on the
+          attention and, through target_parameters, on both fused expert tensors
 and measures wall time and peak RSS (/usr/bin/time -v) of
   copy               cp -r of the quantized base (the I/O floor)
   bf16 merge         rslora-tools merge of the bf16 checkpoint (the baseline)
@@ -67,7 +68,7 @@ def fp8_copy(base: Path, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def gpt_oss_pair(bf16: Path, mxfp4: Path, layers: int) -> None:
+def gpt_oss_pair(bf16: Path, mxfp4: Path, layers: int, experts: int) -> None:
     """A random gpt-oss checkpoint with MXFP4 experts, and its bf16 copy (the experts dequantized), shard by shard."""
     import torch
     from safetensors.torch import save_file
@@ -76,8 +77,8 @@ def gpt_oss_pair(bf16: Path, mxfp4: Path, layers: int) -> None:
     from rslora_tools.compute.quantization import dequantize_mxfp4
     from rslora_tools.compute.requantize import quantize_mxfp4
 
-    config = GptOssConfig(**GPT_OSS, num_hidden_layers=layers, layer_types=["full_attention"] * layers,
-                          dtype="bfloat16")
+    config = GptOssConfig(**{**GPT_OSS, "num_local_experts": experts}, num_hidden_layers=layers,
+                          layer_types=["full_attention"] * layers, dtype="bfloat16")
     with torch.device("meta"):
         shapes = [(n, tuple(p.shape)) for n, p in AutoModelForCausalLM.from_config(config).state_dict().items()]
     gen = torch.Generator().manual_seed(0)
@@ -136,7 +137,7 @@ def gpt_oss_adapter(base: Path, folder: Path) -> None:
     peft_model.save_pretrained(folder)
 
 
-def prepare(family: str, layers: int) -> tuple[Path, Path, Path]:
+def prepare(family: str, layers: int, experts: int = 32) -> tuple[Path, Path, Path]:
     """(bf16 base, quantized base, adapter), built once."""
     if family == "fp8":
         bf16 = CACHE / f"tinyllama-{layers}l-bf16"
@@ -151,12 +152,12 @@ def prepare(family: str, layers: int) -> tuple[Path, Path, Path]:
             shutil.rmtree(quantized, ignore_errors=True)
             fp8_copy(bf16, quantized)
         return bf16, quantized, adapter
-    bf16, quantized = CACHE / f"gpt-oss-{layers}l-bf16", CACHE / f"gpt-oss-{layers}l-mxfp4"
-    adapter = CACHE / f"gpt-oss-{layers}l-rslora-r16"
+    tag = f"gpt-oss-{layers}l-{experts}e"
+    bf16, quantized, adapter = CACHE / f"{tag}-bf16", CACHE / f"{tag}-mxfp4", CACHE / f"{tag}-rslora-r16"
     if not (quantized / "config.json").exists():
         shutil.rmtree(bf16, ignore_errors=True)
         shutil.rmtree(quantized, ignore_errors=True)
-        gpt_oss_pair(bf16, quantized, layers)
+        gpt_oss_pair(bf16, quantized, layers, experts)
     if not (adapter / "adapter_model.safetensors").exists():
         gpt_oss_adapter(bf16, adapter)
     return bf16, quantized, adapter
@@ -165,9 +166,9 @@ def prepare(family: str, layers: int) -> tuple[Path, Path, Path]:
 TOOLS = ["copy", "bf16 merge", "as trained", "keep quantization"]
 
 
-def run(family: str, layers: int, work: Path, repeat: int) -> dict:
+def run(family: str, layers: int, work: Path, repeat: int, experts: int = 32) -> dict:
     print(f"{family}, {layers} layers: preparing ...", flush=True)
-    bf16, quantized, adapter = prepare(family, layers)
+    bf16, quantized, adapter = prepare(family, layers, experts)
     merge = [sys.executable, "-m", "rslora_tools", "merge"]
     outputs = {name: work / f"{family}-{layers}-{i}" for i, name in enumerate(TOOLS)}
     commands = {
@@ -179,7 +180,9 @@ def run(family: str, layers: int, work: Path, repeat: int) -> dict:
     }
     rows, walls = time_interleaved(commands, outputs, quantized, ENV, repeat, f"{family} {layers} layers")
     checks = {}
-    for name in ("as trained", "keep quantization"):  # the last run's outputs are still there
+    for name in ("as trained", "keep quantization"):  # made again (untimed), then checked
+        shutil.rmtree(outputs[name], ignore_errors=True)
+        subprocess.run(commands[name], env=ENV, check=True)
         proc = subprocess.run([*merge[:-1], "verify", str(outputs[name]), str(quantized), str(adapter), "--sample",
                                "12", "--json"], env=ENV, capture_output=True, text=True)
         checks[name] = json.loads(proc.stdout)["verdict"] if proc.stdout else f"failed: {proc.stderr[-300:]}"
@@ -187,8 +190,8 @@ def run(family: str, layers: int, work: Path, repeat: int) -> dict:
     size_gb = sum(f.stat().st_size for f in quantized.glob("*.safetensors")) / 1e9
     for out in outputs.values():
         shutil.rmtree(out, ignore_errors=True)
-    return {"family": family, "layers": layers, "params": params, "size_gb": size_gb, "rows": rows, "walls": walls,
-            "checks": checks}
+    return {"family": family, "layers": layers, "experts": experts if family == "mxfp4" else None, "params": params,
+            "size_gb": size_gb, "rows": rows, "walls": walls, "checks": checks}
 
 
 def render(results: list[dict]) -> str:
@@ -206,7 +209,8 @@ def render(results: list[dict]) -> str:
         "|---|---|---:|---:|---:|---|---|",
     ]
     for r in results:
-        label = f"{r['family']}, {r['params'] / 1e9:.2f}B params, {r['layers']} layers, {r['size_gb']:.2f} GB"
+        experts = f", {r['experts']} experts" if r["experts"] else ""
+        label = f"{r['family']}, {r['params'] / 1e9:.2f}B params, {r['layers']} layers{experts}, {r['size_gb']:.2f} GB"
         plain = r["rows"]["bf16 merge"][0]
         for name, (wall, rss) in r["rows"].items():
             runs = ", ".join(f"{w:.1f}" for w in r["walls"][name])
@@ -215,12 +219,14 @@ def render(results: list[dict]) -> str:
     lines += ["", "Targets (issue 26): as trained <= 1.5x the bf16 merge, --keep-quantization <= 2.0x, memory flat "
               "when the model doubles.", ""]
     for family in ("fp8", "mxfp4"):
-        pair = [r for r in results if r["family"] == family]
-        if len(pair) == 2:
-            small, big = pair
+        runs = [r for r in results if r["family"] == family]
+        for big in runs[1:]:
+            small = runs[0]
+            what = "the experts per layer double" if big["experts"] and big["experts"] > small["experts"] else \
+                "the model doubles"
             parts = [f"{name} {100 * (big['rows'][name][1] / small['rows'][name][1] - 1):+.1f}%"
-                     for name in ("as trained", "keep quantization")]
-            lines.append(f"{family}: peak RSS when the model doubles: " + ", ".join(parts) + ".")
+                     for name in ("bf16 merge", "as trained", "keep quantization")]
+            lines.append(f"{family}: peak RSS when {what}: " + ", ".join(parts) + ".")
     lines.append("")
     return "\n".join(lines)
 
@@ -228,14 +234,16 @@ def render(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fp8-layers", type=int, nargs="*", default=[22, 44])
-    parser.add_argument("--mxfp4-layers", type=int, nargs="*", default=[9, 18])
+    parser.add_argument("--mxfp4", nargs="*", default=["9x32", "18x32", "9x64"], help="LAYERSxEXPERTS runs")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--work", type=Path, default=CACHE / "work")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks-quantized.md")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = [run("fp8", n, args.work, args.repeat) for n in args.fp8_layers]
-    results += [run("mxfp4", n, args.work, args.repeat) for n in args.mxfp4_layers]
+    for spec in args.mxfp4:
+        layers, experts = (int(x) for x in spec.split("x"))
+        results.append(run("mxfp4", layers, args.work, args.repeat, experts))
     text = render(results)
     print(text)
     args.write.write_text(text)

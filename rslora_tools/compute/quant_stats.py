@@ -47,7 +47,7 @@ def sample_quantization(plan: Plan, checkpoint: Checkpoint, adapter: Adapter) ->
     files = CheckpointFiles(checkpoint)
     try:
         return {t.name: quantization_error(t, files.read, adapter.tensor) if t.quant is not None and t.quant.simulated
-                else requantization_error(t, checkpoint, files.read, adapter.tensor)
+                else requantization_error(t, checkpoint, files, adapter.tensor)
                 for t in targets[::step][:_MEASURED_TENSORS]}
     finally:
         files.close()

@@ -157,6 +157,18 @@ def dequantize_stored(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
     return dequantize_awq(stored, read)
 
 
+def dequantize_expert(stored: QuantizedWeight, read_slice: Callable[[str, int], torch.Tensor],
+                      expert: int) -> torch.Tensor:
+    """Expert `expert` of a quantized fused expert tensor (MXFP4, or FP8 with a leading expert dimension), dequantized
+    as the whole tensor would be: the same values, one expert's memory."""
+    def one(name: str) -> torch.Tensor:
+        return read_slice(name, expert).unsqueeze(0)
+
+    if stored.scheme.method == "mxfp4":
+        return dequantize_mxfp4(one(stored.parts["blocks"]), one(stored.parts["scales"]), _TORCH[stored.dtype])[0]
+    return dequantize_fp8(one(stored.parts["weight"]), one(stored.parts["scale_inv"]), stored.scheme.block)[0]
+
+
 def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
     """Block-scaled FP8: each value times its block's scale, float32 (`block` None: one scale for the tensor)."""
     values = q.to(torch.float32)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..formats.checkpoint import Checkpoint
+from ..formats.checkpoint import Checkpoint, CheckpointFiles
 from ..formats.quant import QuantizedWeight
 from ..formats.safetensors_file import safetensors_to_torch_dtype
 from ..plan.tensors import TensorPlan
@@ -86,19 +86,36 @@ def requantized(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLay
     return parts, back.to(merged.dtype)
 
 
-def requantization_error(t: TensorPlan, checkpoint: Checkpoint, read_base: Reader,
+_SAMPLED_EXPERTS = 4  # a fused expert tensor's requantization error is measured on this many experts, spread out
+
+
+def requantization_error(t: TensorPlan, checkpoint: Checkpoint, files: CheckpointFiles,
                          read_adapter: Reader) -> tuple[float, float, float]:
     """requantization_norms of one quantized weight the adapter changes (a dry run's sample; an as-trained merge's
-    measure of what keeping the format would cost)."""
-    from .torch_ops import merged_tensor, quantized_base
+    measure of what keeping the format would cost); a fused expert tensor on a few of its experts."""
+    from ..execute.lowering import by_expert
+    from .quantization import dequantize_expert
+    from .torch_ops import adapter_weight, merged_expert, merged_tensor, quantized_base
 
     q = t.quant
     assert q is not None and q.stored is not None
     compute = safetensors_to_torch_dtype(q.keep.dtype if q.keep is not None else t.dtype)
-    start = quantized_base(t, read_base).to(compute)
-    merged = merged_tensor(t, read_base, read_adapter, compute, base=start.clone())
-    _, back = requantized(q.stored, merged, stored_layout(q.stored, checkpoint), read_base)
-    return requantization_norms(merged, back, start)
+    if not by_expert(t, checkpoint):
+        start = quantized_base(t, files.read).to(compute)
+        merged = merged_tensor(t, files.read, read_adapter, compute, base=start.clone())
+        _, back = requantized(q.stored, merged, stored_layout(q.stored, checkpoint), files.read)
+        return requantization_norms(merged, back, start)
+    experts = q.stored.shape[0]
+    factors = {key: adapter_weight(read_adapter, key, torch.device("cpu"))
+               for op in t.all_lora for key in (op.module.a_key, op.module.b_key)}
+    layout = {role: (dtype, (1, *shape[1:])) for role, (dtype, shape) in stored_layout(q.stored, checkpoint).items()}
+    sums = [0.0, 0.0, 0.0]
+    for expert in sorted({round(i * (experts - 1) / max(1, _SAMPLED_EXPERTS - 1)) for i in range(_SAMPLED_EXPERTS)}):
+        start = dequantize_expert(q.stored, files.read_slice, expert).to(compute)
+        merged = merged_expert(t, expert, start.clone(), factors).unsqueeze(0)
+        _, back = requantized(q.stored, merged, layout, lambda name, e=expert: files.read_slice(name, e).unsqueeze(0))
+        sums = [a + b for a, b in zip(sums, requantization_norms(merged, back, start.unsqueeze(0)))]
+    return sums[0], sums[1], sums[2]
 
 
 _UE8M0 = (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
@@ -158,10 +175,13 @@ def quantize_ct_fp8(w: torch.Tensor, per_row: bool, fp8: torch.dtype,
 
 
 def requantization_norms(merged: torch.Tensor, dequantized: torch.Tensor, start: torch.Tensor) -> tuple[float, float, float]:
-    """(|start|^2, |Q(M) - M|^2, |M - start|^2) in double: the requantization error of a merged weight M against the
-    delta the merge added to the weight it started from (the same triple as torch_ops.quantization_norms)."""
-    m, q, s = merged.double(), dequantized.double(), start.double()
-    return float((s * s).sum()), float(((q - m) ** 2).sum()), float(((m - s) ** 2).sum())
+    """(|start|^2, |Q(M) - M|^2, |M - start|^2): the requantization error of a merged weight M against the delta the
+    merge added to the weight it started from (the same triple as torch_ops.quantization_norms). Norms in float32
+    (a statistic for the report), squared in double."""
+    m, s = merged.float(), start.float()
+    norms = (torch.linalg.vector_norm(s), torch.linalg.vector_norm(dequantized.float() - m), torch.linalg.vector_norm(m - s))
+    w, e, d = (float(n) ** 2 for n in norms)
+    return w, e, d
 
 
 def quantize_ct_int(w: torch.Tensor, bits: int, group: int, symmetric: bool,

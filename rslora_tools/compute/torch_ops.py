@@ -328,3 +328,28 @@ def merged_tensor(t: TensorPlan, read_base: Reader, read_adapter: Reader, out_dt
     elif base is None and t.source is not None:
         base = read_base(t.source).to(device)
     return compute(t, base, read_adapter, out_dtype)
+
+
+def merged_expert(t: TensorPlan, expert: int, w: torch.Tensor, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Expert `expert` of a fused expert tensor merged: `w` (writable, (d1, d2), the merge dtype) plus the deltas PEFT
+    adds to that expert (`factors`: the adapter tensors by key, as adapter_weight gives them)."""
+    w3 = w.unsqueeze(0)
+    for op in t.all_lora:
+        a, b = factors[op.module.a_key], factors[op.module.b_key]
+        if op.part is not None:
+            if op.part.expert != expert:
+                continue
+            delta = torch.einsum("o r e, e r i -> e o i", b.unsqueeze(2), a.unsqueeze(0))[0] * op.scale.scale
+            rows = slice(*op.part.rows) if op.part.rows is not None else slice(None)
+            target = w[:, rows] if op.part.in_out else w[rows]
+            target += (delta.T if op.part.in_out else delta).to(w.dtype)
+            continue
+        a3 = a.reshape(op.experts, -1, a.shape[-1])[expert:expert + 1]
+        b3 = b.reshape(b.shape[0], -1, op.experts)[:, :, expert:expert + 1]
+        equation = "o r e, e r i -> e i o" if op.transpose else "o r e, e r i -> e o i"
+        delta = torch.einsum(equation, b3, a3) * op.scale.scale
+        if w.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            w3 += delta.to(w.dtype)
+        else:
+            w3 += delta
+    return w

@@ -13,6 +13,8 @@ offset, with the function for its `StepKind`:
 - DEQUANT: the same, with the base value dequantized on the CPU first (compute.torch_ops.quantized_base);
 - DEQUANT_KERNEL (a float8 base weight): a band of rows at a time, the codes dequantized into the merge
   dtype by the kernel (kernel.dequant_rows), then merged as KERNEL does;
+- EXPERTS (a fused expert tensor): one expert at a time, its slice read (and dequantized), merged with its
+  share of the deltas (compute.torch_ops.merged_expert) and written at its offset: memory holds one expert;
 - REQUANT (--keep-quantization): DEQUANT in the weight's compute dtype, then quantized back
   (compute/requantize.py); the step writes the codes and, in the rows right after them, the scales
   (the WITH_WEIGHT steps, which do nothing by themselves).
@@ -182,7 +184,11 @@ def _produce_group(run: _Run, steps: list[Step], writer: SafetensorsWriter, row:
         _produce(run, steps[0], _Slot(writer, row))
         return
     if steps[0].kind is StepKind.REQUANT:
-        _with_requant(run, steps[0].tensor, [_Slot(writer, row + i) for i in range(len(steps))])
+        slots = [_Slot(writer, row + i) for i in range(len(steps))]
+        if steps[0].by_expert:
+            _with_experts(run, steps[0].tensor, slots)
+        else:
+            _with_requant(run, steps[0].tensor, slots)
         run.advance(sum(step.nbytes for step in steps))
         return
     if run.stop.is_set():
@@ -215,6 +221,8 @@ def _produce(run: _Run, step: Step, slot: _Slot) -> None:
     elif step.kind is StepKind.DEQUANT_KERNEL:
         if not _with_dequant_kernel(run, t, slot):
             _with_torch(run, t, slot)  # NaN/Inf in the weight or the sum: torch's encodings
+    elif step.kind is StepKind.EXPERTS:
+        _with_experts(run, t, [slot])
     else:  # TORCH, DEQUANT
         _with_torch(run, t, slot)
     run.advance(step.nbytes)
@@ -499,7 +507,59 @@ def _with_requant(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
         _record(run, t.name, requantization_norms(value, back, start))
 
 
-def _check_finite(run: _Run, t: TensorPlan, value: torch.Tensor) -> None:
+def _with_experts(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
+    """A fused expert tensor one expert at a time: its slice of the base read (MXFP4 or FP8 dequantized), merged with
+    that expert's deltas in the merge dtype on the run's device, and written at the expert's offset in each output
+    (--keep-quantization: quantized back, codes and scales each at their offset)."""
+    import torch
+
+    from ..compute.quantization import dequantize_expert
+    from ..compute.requantize import requantization_norms, requantized
+    from ..compute.torch_ops import adapter_weight, merged_expert
+
+    q = t.quant
+    keep = q.keep if q is not None else None
+    experts = (keep.shape if keep is not None else t.shape)[0]
+    dtype = safetensors_to_torch_dtype(keep.dtype if keep is not None else t.dtype)
+    device = run.device.torch_device
+    factors = {key: adapter_weight(run.adapter.tensor, key, torch.device(device))
+               for op in t.all_lora for key in (op.module.a_key, op.module.b_key)}
+    sums = [0.0, 0.0, 0.0]
+    for expert in range(experts):
+        if run.stop.is_set():
+            raise _Stopped
+        if q is not None and q.stored is not None:
+            start = dequantize_expert(q.stored, run.base.read_slice, expert).to(dtype)
+        else:
+            assert t.source is not None
+            start = run.base.read_slice(t.source, expert).to(dtype)
+        value = merged_expert(t, expert, start.to(device, copy=True), factors).cpu()
+        if not run.allow_nonfinite:
+            _check_finite(run, t, value, start)
+        if keep is None:
+            _write_slice(slots[0], expert, experts, value)
+            continue
+        assert q is not None and q.stored is not None
+        layout = {role: (torch_dtype(run.checkpoint.headers[run.checkpoint.weight_map[name]], name),
+                         (1, *run.checkpoint.info(name).shape[1:])) for role, name in q.stored.parts.items()}
+        parts, back = requantized(q.stored, value.unsqueeze(0), layout,
+                                  lambda name, e=expert: run.base.read_slice(name, e).unsqueeze(0))
+        roles = (REQUANTIZED_ROLES[q.scheme.method][0], *(role for role, _ in keep.rewritten))
+        for slot, role in zip(slots, roles):
+            _write_slice(slot, expert, experts, parts[role])
+        if t.lora is not None or t.parts:
+            sums = [a + b for a, b in zip(sums, requantization_norms(value.unsqueeze(0), back, start.unsqueeze(0)))]
+    if keep is not None and (t.lora is not None or t.parts):
+        _record(run, t.name, (sums[0], sums[1], sums[2]))
+
+
+def _write_slice(slot: _Slot, index: int, count: int, value: torch.Tensor) -> None:
+    """Slice `index` of `count` along an output tensor's first dimension."""
+    data = tensor_bytes(value.contiguous())
+    write_at(slot.fd, slot.offset + index * len(data), data)
+
+
+def _check_finite(run: _Run, t: TensorPlan, value: torch.Tensor, start: torch.Tensor | None = None) -> None:
     """Refuse a merged tensor with more NaN/Inf values than the value it started from (the delta overflowed)."""
     import torch
 
@@ -508,14 +568,8 @@ def _check_finite(run: _Run, t: TensorPlan, value: torch.Tensor) -> None:
     bad = int(value.numel() - torch.isfinite(value).sum().item())
     if not bad:
         return
-    if t.replacement is not None:
-        start = run.adapter.tensor(t.replacement)
-    elif t.quant is not None:
-        from ..compute.torch_ops import quantized_base
-
-        start = quantized_base(t, run.base.read)
-    else:
-        start = run.base.read(t.source or t.name)
+    if start is None:
+        start = _start_value(run, t)
     before = int(start.numel() - torch.isfinite(start).sum().item()) if start.is_floating_point() else 0
     if bad > before:
         op = t.lora or t.bias_of
@@ -524,6 +578,17 @@ def _check_finite(run: _Run, t: TensorPlan, value: torch.Tensor) -> None:
             f"{t.name}: the merge gives {bad} NaN or Inf values where the base has {before}{cause}; the adapter would "
             "break the model. Pass --allow-nonfinite to merge it anyway"
         )
+
+
+def _start_value(run: _Run, t: TensorPlan) -> torch.Tensor:
+    """The value a tensor's merge starts from: the adapter's replacement, the dequantized weight, or the base's."""
+    if t.replacement is not None:
+        return run.adapter.tensor(t.replacement)
+    if t.quant is not None:
+        from ..compute.torch_ops import quantized_base
+
+        return quantized_base(t, run.base.read)
+    return run.base.read(t.source or t.name)
 
 
 def _read_staged(run: _Run, staging: _Staging, buffers: dict[str, Any], name: str) -> torch.Tensor:

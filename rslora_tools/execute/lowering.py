@@ -45,6 +45,7 @@ class StepKind(str, Enum):
     QUANT_KERNEL = ("quant-kernel", "quantized and merged by the kernel")  # --trained-on nf4/fp4, by the C kernel
     DEQUANT_KERNEL = ("dequant-kernel", "dequantized and merged by the kernel")  # FP8 bases, a block of rows at a time
     DEQUANT = ("dequant", "dequantized with torch")  # a quantized base weight dequantized (or quantized) with torch
+    EXPERTS = ("experts", "expert by expert with torch")  # a fused expert tensor, one expert's slice in memory at a time
     REQUANT = ("requant", "dequantized, merged and quantized back with torch")  # --keep-quantization: codes and scales
     WITH_WEIGHT = ("with-weight", "rewritten with its weight")  # a scale the REQUANT step of its weight writes
     TORCH = ("torch", "torch")  # everything else, computed with torch (compute/torch_ops.py) on the device
@@ -101,6 +102,7 @@ class Step:
 
     tensor: TensorPlan
     kind: StepKind
+    by_expert: bool = False  # a fused expert tensor produced one expert at a time (EXPERTS, or a sliced REQUANT)
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +122,8 @@ class Lowered:
 
     @property
     def uses_torch(self) -> bool:
-        return any(step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT) for step in self.steps)
+        return any(step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT, StepKind.EXPERTS)
+                   for step in self.steps)
 
     @property
     def imports_torch(self) -> bool:
@@ -136,9 +139,13 @@ class Lowered:
 
 def lower(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, device: Device) -> Lowered:
     """Decide, for every planned tensor, the step that produces it."""
-    shards = [(name, [Step(t, _step_kind(t, checkpoint, adapter, device)) for t in tensors])
-              for name, tensors in plan.shards]
+    shards = [(name, [_step(t, checkpoint, adapter, device) for t in tensors]) for name, tensors in plan.shards]
     return Lowered(shards, device)
+
+
+def _step(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: Device) -> Step:
+    kind = _step_kind(t, checkpoint, adapter, device)
+    return Step(t, kind, kind in (StepKind.EXPERTS, StepKind.REQUANT) and by_expert(t, checkpoint))
 
 
 def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: Device) -> StepKind:
@@ -146,6 +153,8 @@ def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: 
         return StepKind.WITH_WEIGHT
     if t.quant is not None and t.quant.keep is not None:
         return StepKind.REQUANT
+    if by_expert(t, checkpoint):
+        return StepKind.EXPERTS
     if t.quant is not None and t.replacement is None:
         if device.kernel_allowed and _quant_kernel_fits(t, checkpoint, adapter):
             return StepKind.QUANT_KERNEL
@@ -204,6 +213,21 @@ def _quant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) 
     return t.lora is None or _kernel_fits(t, checkpoint, adapter)
 
 
+def by_expert(t: TensorPlan, checkpoint: Checkpoint) -> bool:
+    """A fused expert tensor (experts, d1, d2) merged one expert at a time: its base a plain tensor of that shape, or
+    MXFP4, or block-scaled FP8 with the expert dimension leading; its ops restricted to one expert give the same bits
+    (TensorPlan.expert_sliceable). Memory then holds one expert's slice, not the tensor."""
+    shape = t.quant.keep.shape if t.quant is not None and t.quant.keep is not None else t.shape
+    if len(shape) != 3 or shape[0] < 2 or not t.expert_sliceable:
+        return False
+    if t.quant is None:
+        return t.source is not None and checkpoint.info(t.source).shape == shape
+    stored = t.quant.stored
+    if stored is None or t.quant.transposed:
+        return False
+    return stored.scheme.method == "mxfp4" or (stored.scheme.method == "fp8" and stored.scheme.block is not None)
+
+
 FP8_KERNEL_METHODS = ("fp8", "ct_fp8")
 
 
@@ -257,6 +281,10 @@ def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
             elif t.quant is not None:  # absmax and scale per block, fp32
                 absmax = 2 * 4 * math.prod(t.shape) // t.quant.scheme.blocksize
             kernel_peak = max(kernel_peak, 2 * BLOCK_BYTES + 2 * ab + absmax)
+        elif step.by_expert:
+            shape = t.quant.keep.shape if t.quant is not None and t.quant.keep is not None else t.shape
+            one = math.prod(shape[1:]) * 4  # an expert's slice in fp32
+            torch_peak = max(torch_peak, one * (3 + _DEQUANT_FP32_COPIES))
         elif step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT):
             blocked = all(op.kind in ("linear", "embedding") and not op.dora for op in t.all_lora)
             shape, nbytes = t.shape, step.nbytes

@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from .safetensors_file import SafetensorsHeader, TensorInfo, check_unchanged, read_header, read_tensor, tensor_nbytes
+from .safetensors_file import (
+    SafetensorsHeader,
+    TensorInfo,
+    check_unchanged,
+    read_header,
+    read_into,
+    read_tensor,
+    tensor_bytes,
+    tensor_nbytes,
+    torch_dtype,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -297,6 +307,19 @@ class CheckpointFiles:
     def read(self, name: str) -> torch.Tensor:
         shard = self.checkpoint.weight_map[name]
         return read_tensor(self.fd(shard), self.checkpoint.headers[shard], name)
+
+    def read_slice(self, name: str, index: int) -> torch.Tensor:
+        """Slice `index` of a tensor's first dimension (one expert of a fused expert tensor), a new CPU tensor."""
+        import torch
+
+        shard = self.checkpoint.weight_map[name]
+        header = self.checkpoint.headers[shard]
+        info = header.tensors[name]
+        out = torch.empty(info.shape[1:], dtype=torch_dtype(header, name))
+        size = info.nbytes // info.shape[0]
+        read_into(self.fd(shard), header.data_start + info.begin + index * size, tensor_bytes(out),
+                  f"{header.path}: tensor {name!r}")
+        return out
 
     def close(self) -> None:
         with self._lock:

@@ -134,6 +134,16 @@ class TensorPlan:
                 and not self.stacked)
 
     @property
+    def expert_sliceable(self) -> bool:
+        """Whether this (fused expert) tensor can be merged one expert at a time with the same bits: its ops are
+        target_parameters expert deltas (PEFT's einsum restricted to one expert gives the same values) or per-expert
+        slices, with nothing else on top."""
+        if self.replacement is not None or self.bias_of is not None or self.tokens is not None or self.stacked:
+            return False
+        return all((op.kind == "experts" and op.part is None and not op.dora) or
+                   (op.part is not None and not op.part.fused_factors) for op in self.all_lora)
+
+    @property
     def all_lora(self) -> list[LoraOp]:
         """Every LoRA op on this tensor, in the order they are merged (one, unless stacked or in parts)."""
         return [op for p in (self, *self.stacked) for op in ((p.lora,) if p.lora is not None else ()) + p.parts]
