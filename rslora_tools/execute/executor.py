@@ -183,10 +183,15 @@ def _produce_group(run: _Run, steps: list[Step], writer: SafetensorsWriter, row:
     if len(steps) == 1:
         _produce(run, steps[0], _Slot(writer, row))
         return
-    if steps[0].kind is StepKind.REQUANT:
+    if steps[0].kind in (StepKind.REQUANT, StepKind.REQUANT_KERNEL):
         slots = [_Slot(writer, row + i) for i in range(len(steps))]
         if steps[0].by_expert:
             _with_experts(run, steps[0].tensor, slots)
+        elif steps[0].kind is StepKind.REQUANT_KERNEL:
+            try:
+                _with_requant_kernel(run, steps[0].tensor, slots)
+            except _NonFinite:
+                _with_requant(run, steps[0].tensor, slots)
         else:
             _with_requant(run, steps[0].tensor, slots)
         run.advance(sum(step.nbytes for step in steps))
@@ -219,7 +224,9 @@ def _produce(run: _Run, step: Step, slot: _Slot) -> None:
         if not _with_quant_kernel(run, t, slot):
             _with_torch(run, t, slot)  # NaN/Inf in the weight or the sum: torch's encodings
     elif step.kind is StepKind.DEQUANT_KERNEL:
-        if not _with_dequant_kernel(run, t, slot):
+        try:
+            _with_dequant_kernel(run, t, slot)
+        except _NonFinite:
             _with_torch(run, t, slot)  # NaN/Inf in the weight or the sum: torch's encodings
     elif step.kind is StepKind.EXPERTS:
         _with_experts(run, t, [slot])
@@ -336,11 +343,21 @@ def _with_dequant_kernel(run: _Run, t: TensorPlan, slot: _Slot) -> bool:
     """A float8 base weight through the kernel, a band of rows at a time (a block row of a block-scaled weight):
     codes dequantized into the merge dtype, the LoRA delta (if any) merged, written. False when a value or a sum is
     not finite."""
+    row_bytes = t.shape[1] * DTYPE_BITS[t.dtype] // 8
+    for start, _, _, merged in _fp8_bands(run, t, t.dtype):
+        write_at(slot.fd, slot.offset + start * row_bytes, merged)
+    return True
+
+
+def _fp8_bands(run: _Run, t: TensorPlan, dtype: str) -> Iterator[tuple[int, int, memoryview, memoryview]]:
+    """(first row, rows, dequantized, merged) of each band of a float8 weight, in `dtype` (the views are reused by the
+    next band): a block row of a block-scaled weight, about BLOCK_BYTES of rows otherwise. Stops with
+    _NonFinite when a value or a sum is not finite."""
     q = t.quant
     assert q is not None and q.stored is not None
     stored = q.stored
-    rows, cols = t.shape
-    row_bytes = cols * DTYPE_BITS[t.dtype] // 8
+    rows, cols = stored.shape
+    row_bytes = cols * DTYPE_BITS[dtype] // 8
     scales = _float32_values(run, stored.parts["scale_inv" if stored.scheme.method == "fp8" else "weight_scale"])
     block = stored.scheme.block if stored.scheme.method == "fp8" else None
     if block is not None:  # one scale per block: a band is a block row, its scales one per column
@@ -349,7 +366,7 @@ def _with_dequant_kernel(run: _Run, t: TensorPlan, slot: _Slot) -> bool:
         band_scales = [b"".join(scales[4 * (i * grid_cols + j):4 * (i * grid_cols + j + 1)] * block[1]
                                 for j in range(grid_cols))[:4 * cols] for i in range(-(-rows // block[0]))]
     else:  # one scale for the tensor, or one per row
-        step, per_row = max(1, BLOCK_BYTES // row_bytes), True
+        step, per_row = max(32, BLOCK_BYTES // row_bytes // 32 * 32), True
         row_scales = scales * rows if len(scales) == 4 else scales
     fp8 = run.checkpoint.info(stored.parts["weight"]).dtype
     fd, offset = run.base.locate(stored.parts["weight"])
@@ -362,15 +379,52 @@ def _with_dequant_kernel(run: _Run, t: TensorPlan, slot: _Slot) -> bool:
         size = n * row_bytes
         _read_block(run, fd, offset + start * cols, codes[:n * cols], what)
         band = band_scales[start // step] if block is not None else row_scales[4 * start:4 * (start + n)]
-        if not kernel.dequant_rows(codes[:n * cols], fp8, band, per_row, n, cols, t.dtype, block_in[:size]):
-            return False
+        if not kernel.dequant_rows(codes[:n * cols], fp8, band, per_row, n, cols, dtype, block_in[:size]):
+            raise _NonFinite
         now, free = block_in, block_out
         for operands, scale in chain:
-            if not kernel.merge_rows(now[:size], t.dtype, operands, start, n, scale, free[:size]):
-                return False
+            if not kernel.merge_rows(now[:size], dtype, operands, start, n, scale, free[:size]):
+                raise _NonFinite
             now, free = free, (spare if free is block_out else block_out)
-        write_at(slot.fd, slot.offset + start * row_bytes, now[:size])
-    return True
+        yield start, n, block_in[:size], now[:size]
+
+
+class _NonFinite(Exception):
+    """A value or a sum the kernel computed is not finite: compute the tensor with torch (its NaN encodings)."""
+
+
+def _with_requant_kernel(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
+    """--keep-quantization of a float8 weight whose bands quantize independently (block-scaled FP8: a block row;
+    compressed-tensors FP8 per channel: rows): each band dequantized and merged by the kernel, quantized back with
+    torch, its codes and scales written at their offsets."""
+    import torch
+
+    from ..compute.requantize import requantization_norms, requantized, stored_layout
+
+    q = t.quant
+    assert q is not None and q.stored is not None and q.keep is not None
+    stored, dtype = q.stored, q.keep.dtype
+    compute = safetensors_to_torch_dtype(dtype)
+    cols = stored.shape[1]
+    layout = stored_layout(stored, run.checkpoint)
+    scale_role = q.keep.rewritten[0][0]
+    scale_dtype, scale_shape = layout[scale_role]
+    scale_row = math.prod(scale_shape[1:]) * torch.empty((), dtype=scale_dtype).element_size()  # bytes per band row
+    block_rows = stored.scheme.block[0] if stored.scheme.block is not None else 1  # rows a scale row covers
+    sums = [0.0, 0.0, 0.0]
+    for start, n, dequantized, merged in _fp8_bands(run, t, dtype):
+        value = torch.frombuffer(merged, dtype=compute).view(n, cols)
+        band_layout = {"weight": (layout["weight"][0], (n, cols)),
+                       scale_role: (scale_dtype, (-(-n // block_rows), *scale_shape[1:]))}
+        parts, back = requantized(stored, value, band_layout, run.base.read)
+        write_at(slots[0].fd, slots[0].offset + start * cols, tensor_bytes(parts["weight"].contiguous()))
+        write_at(slots[1].fd, slots[1].offset + start // block_rows * scale_row,
+                 tensor_bytes(parts[scale_role].contiguous()))
+        if t.lora is not None:
+            start_value = torch.frombuffer(dequantized, dtype=compute).view(n, cols)
+            sums = [a + b for a, b in zip(sums, requantization_norms(value, back, start_value))]
+    if t.lora is not None:
+        _record(run, t.name, (sums[0], sums[1], sums[2]))
 
 
 def _float32_values(run: _Run, name: str) -> bytes:

@@ -45,6 +45,7 @@ class StepKind(str, Enum):
     QUANT_KERNEL = ("quant-kernel", "quantized and merged by the kernel")  # --trained-on nf4/fp4, by the C kernel
     DEQUANT_KERNEL = ("dequant-kernel", "dequantized and merged by the kernel")  # FP8 bases, a block of rows at a time
     DEQUANT = ("dequant", "dequantized with torch")  # a quantized base weight dequantized (or quantized) with torch
+    REQUANT_KERNEL = ("requant-kernel", "dequantized and merged by the kernel, quantized back with torch")  # FP8 bands
     EXPERTS = ("experts", "expert by expert with torch")  # a fused expert tensor, one expert's slice in memory at a time
     REQUANT = ("requant", "dequantized, merged and quantized back with torch")  # --keep-quantization: codes and scales
     WITH_WEIGHT = ("with-weight", "rewritten with its weight")  # a scale the REQUANT step of its weight writes
@@ -122,8 +123,8 @@ class Lowered:
 
     @property
     def uses_torch(self) -> bool:
-        return any(step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT, StepKind.EXPERTS)
-                   for step in self.steps)
+        return any(step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT, StepKind.REQUANT_KERNEL,
+                                 StepKind.EXPERTS) for step in self.steps)
 
     @property
     def imports_torch(self) -> bool:
@@ -152,6 +153,8 @@ def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: 
     if t.written_with is not None:
         return StepKind.WITH_WEIGHT
     if t.quant is not None and t.quant.keep is not None:
+        if device.kernel_allowed and _requant_kernel_fits(t, checkpoint, adapter):
+            return StepKind.REQUANT_KERNEL
         return StepKind.REQUANT
     if by_expert(t, checkpoint):
         return StepKind.EXPERTS
@@ -190,12 +193,15 @@ def _kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> boo
     return all(_op_fits(o, t, start_dtype if o is op else t.dtype, adapter) for o in t.all_lora)
 
 
-def _op_fits(op: LoraOp, t: TensorPlan, start_dtype: str, adapter: Adapter) -> bool:
-    """One op of a tensor in the kernel: plain LoRA on one weight (a stacked op starts from the previous result)."""
+def _op_fits(op: LoraOp, t: TensorPlan, start_dtype: str, adapter: Adapter, shape: tuple[int, ...] | None = None) -> bool:
+    """One op of a tensor in the kernel: plain LoRA on one weight (a stacked op starts from the previous result).
+    `shape` and `start_dtype` are the merged weight's when they are not the output tensor's (--keep-quantization)."""
     if op.dora or op.experts != 1 or op.part is not None:
         return False
     a, b = op.module.a_key, op.module.b_key
-    return kernel.supports(layer=op.kind, transposed=op.transpose, dtype=t.dtype, start_dtype=start_dtype, shape=t.shape,
+    dtype = start_dtype if shape is not None else t.dtype
+    return kernel.supports(layer=op.kind, transposed=op.transpose, dtype=dtype, start_dtype=start_dtype,
+                           shape=shape or t.shape,
                            a_dtype=adapter.dtypes[a], b_dtype=adapter.dtypes[b], a_shape=adapter.shapes[a],
                            b_shape=adapter.shapes[b])
 
@@ -231,7 +237,22 @@ def by_expert(t: TensorPlan, checkpoint: Checkpoint) -> bool:
 FP8_KERNEL_METHODS = ("fp8", "ct_fp8")
 
 
-def _dequant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> bool:
+def _requant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> bool:
+    """--keep-quantization of a float8 weight whose bands quantize on their own (block-scaled: block rows;
+    compressed-tensors: one scale per row), merged by the kernel in its compute dtype."""
+    q = t.quant
+    assert q is not None and q.keep is not None
+    stored = q.stored
+    if stored is None or t.replacement is not None:
+        return False
+    if stored.scheme.method == "fp8" and stored.scheme.block is None:
+        return False
+    if stored.scheme.method == "ct_fp8" and checkpoint.info(stored.parts["weight_scale"]).numel == 1:
+        return False
+    return _dequant_kernel_fits(t, checkpoint, adapter, q.keep.dtype)
+
+
+def _dequant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, dtype: str | None = None) -> bool:
     """A float8 base weight (block-scaled or compressed-tensors) dequantized straight into the merge dtype, with no
     LoRA or one the kernel merges: the dequantized value rounds once, as torch's float32(q) * scale then .to(dtype)
     (a compressed-tensors scale in another half dtype rounds twice, so that goes to torch)."""
@@ -240,11 +261,12 @@ def _dequant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter
     stored = q.stored
     if stored is None or q.transposed or stored.scheme.method not in FP8_KERNEL_METHODS or len(stored.shape) != 2:
         return False
-    if checkpoint.info(stored.parts["weight"]).dtype not in kernel.FLOAT8_DTYPES or stored.dtype not in ("F32", t.dtype):
+    dtype = dtype or t.dtype  # the merge dtype (--keep-quantization: the compute dtype; t.dtype is the codes')
+    if checkpoint.info(stored.parts["weight"]).dtype not in kernel.FLOAT8_DTYPES or stored.dtype not in ("F32", dtype):
         return False
-    if t.dtype not in kernel.DTYPE_CODES or t.bias_of is not None or t.tokens is not None or t.stacked or t.parts:
+    if dtype not in kernel.DTYPE_CODES or t.bias_of is not None or t.tokens is not None or t.stacked or t.parts:
         return False
-    return kernel.available() and all(_op_fits(op, t, t.dtype, adapter) for op in t.all_lora)
+    return kernel.available() and all(_op_fits(op, t, dtype, adapter, shape=stored.shape) for op in t.all_lora)
 
 
 def worker_count() -> int:
@@ -272,12 +294,14 @@ def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
     kernel_peak = torch_peak = 0
     for step in lowered.steps:
         t = step.tensor
-        if step.kind in (StepKind.KERNEL, StepKind.QUANT_KERNEL, StepKind.DEQUANT_KERNEL):
+        if step.kind in (StepKind.KERNEL, StepKind.QUANT_KERNEL, StepKind.DEQUANT_KERNEL, StepKind.REQUANT_KERNEL):
             ab = sum(4 * (math.prod(adapter.shapes[op.module.a_key]) + math.prod(adapter.shapes[op.module.b_key]))
                      for op in t.all_lora)
             absmax = 0
             if step.kind is StepKind.DEQUANT_KERNEL:  # the codes of a band and its scales
                 absmax = 2 * math.prod(t.shape) * 4 // max(1, t.shape[0])
+            elif step.kind is StepKind.REQUANT_KERNEL:  # a band quantized back with torch: a few fp32 copies
+                absmax = 6 * BLOCK_BYTES * 2
             elif t.quant is not None:  # absmax and scale per block, fp32
                 absmax = 2 * 4 * math.prod(t.shape) // t.quant.scheme.blocksize
             kernel_peak = max(kernel_peak, 2 * BLOCK_BYTES + 2 * ab + absmax)
