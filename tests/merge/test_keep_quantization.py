@@ -349,3 +349,26 @@ def test_compressed_tensors_int_keeps_its_format_with_its_compressor(tmp_path, k
             assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
     checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "ct", ad, "--json").stdout)
     assert checked["verdict"] == "exact"
+
+
+@pytest.mark.parametrize("base_format", ["fp8-blocks", "ct-fp8-channel"])
+def test_kept_fp8_bands_from_the_kernel_equal_the_whole_tensor_torch_path(tmp_path, base_format, monkeypatch):
+    """--keep-quantization quantizes an FP8 weight a band at a time after the kernel merged it; the torch path does
+    the whole tensor (proven against the quantizers above): the same bytes, partial blocks included."""
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
+    if base_format == "fp8-blocks":
+        fp8_checkpoint(base, tmp_path / "q", block=32)
+    else:
+        compressed_fp8_checkpoint(base, tmp_path / "q", "channel", torch.bfloat16)
+    ad = adapter(base, tmp_path / "adapter", **LORA)
+    report = json.loads(cli_run("merge", tmp_path / "q", ad, tmp_path / "k", "--keep-quantization", "--json").stdout)
+    assert {c["by"] for c in report["changes"] if "quantized back" in c["how"]} == {"requant-kernel"}
+    monkeypatch.setenv("RSLORA_TOOLS_KERNEL", "0")
+    torch_report = json.loads(cli_run("merge", tmp_path / "q", ad, tmp_path / "t", "--keep-quantization",
+                                      "--json").stdout)
+    kernel_out, torch_out = load_file(tmp_path / "k" / "model.safetensors"), load_file(tmp_path / "t" / "model.safetensors")
+    assert all(torch.equal(kernel_out[k].view(torch.uint8), torch_out[k].view(torch.uint8)) for k in torch_out)
+    ours, theirs = report["quantization"]["requantized"], torch_report["quantization"]["requantized"]
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name]["error_over_delta"] == pytest.approx(theirs[name]["error_over_delta"], rel=1e-3)
