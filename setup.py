@@ -13,6 +13,7 @@ class BuildExt(build_ext):
         if self.compiler.compiler_type == "unix":  # gcc / clang: never fuse a*b+c (exactness), no errno
             for ext in self.extensions:
                 ext.extra_compile_args += ["-O2", "-ffp-contract=off", "-fno-math-errno"]
+                ext.libraries += ["m"]
         super().build_extensions()
 
 

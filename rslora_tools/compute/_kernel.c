@@ -23,6 +23,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,16 +202,32 @@ SIMD static void widen(const void *src, int dt, size_t n, float *dst) {
 
 /* out[i][j] = round_dt(lut[q[i][j]] * scale), scale = scales[j] (per_row 0) or scales[i] (per_row 1), the product in
  * fp32: torch's float32(q) * scale, then .to(dtype). Returns the number of non-finite results (then use torch). */
+/* e4m3fn codes (8 lanes of int32) as fp32: normal ones by their bits, subnormal ones as mantissa * 2^-9, NaN codes
+ * (S.1111.111) as NaN */
+SIMD static inline __m256 e4m3_values(__m256i c) {
+    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
+    __m256i e = _mm256_and_si256(_mm256_srli_epi32(c, 3), _mm256_set1_epi32(15)), m = _mm256_and_si256(c, _mm256_set1_epi32(7));
+    __m256i normal = _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(120)), 23),
+                                     _mm256_slli_epi32(m, 20));
+    __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(1.0f / 512.0f));
+    __m256i zero_e = _mm256_cmpeq_epi32(e, _mm256_setzero_si256());
+    __m256i bits = _mm256_blendv_epi8(normal, _mm256_castps_si256(sub), zero_e);
+    __m256i nan = _mm256_cmpeq_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x7F)), _mm256_set1_epi32(0x7F));
+    bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC00000), nan);
+    return _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
+}
+
 SIMD static size_t dequant_rows(const uint8_t *q, const float *lut, const float *scales, int per_row, size_t rows,
                                 size_t cols, int dt, void *out) {
     size_t bad = 0;
+    const int e4m3 = lut[0x38] == 1.0f && lut[0x7E] == 448.0f; /* the table is e4m3fn's: decode without it */
     for (size_t i = 0; i < rows; i++) {
         const uint8_t *row = q + i * cols;
         char *dst = (char *)out + i * cols * elem_size(dt);
         size_t j = 0;
         for (; j + 8 <= cols; j += 8) {
             __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + j)));
-            __m256 v = _mm256_i32gather_ps(lut, idx, 4);
+            __m256 v = e4m3 ? e4m3_values(idx) : _mm256_i32gather_ps(lut, idx, 4);
             __m256 s = per_row ? _mm256_set1_ps(scales[i]) : _mm256_loadu_ps(scales + j);
             v = _mm256_mul_ps(v, s);
             __m256i u = _mm256_castps_si256(v);
@@ -237,6 +254,147 @@ SIMD static size_t dequant_rows(const uint8_t *q, const float *lut, const float 
         }
     }
     return bad;
+}
+
+/* float32 -> float8 e4m3fn, round to nearest even, for |y| <= 448 (torch's conversion on clamped values) */
+static inline uint32_t to_e4m3(uint32_t u) {
+    uint32_t sign = (u >> 24) & 0x80, a = u & 0x7FFFFFFFu;
+    if (a >= 0x3C800000u) { /* 2^-6 and up: normal, 3 mantissa bits kept */
+        uint32_t r = a + 0x7FFFFu + ((a >> 20) & 1u);
+        return sign | (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u);
+    }
+    float f;
+    memcpy(&f, &a, 4);
+    return sign | (uint32_t)nearbyintf(f * 512.0f); /* subnormal steps of 2^-9; 8 is 2^-6, code 8 */
+}
+
+/* transformers' Fp8Quantize on a band of `rows` rows (one block row) of a merged weight m (dtype dt), blocks of bc
+ * columns: amax per block (fp32); scale = 448 * (1 / amax) (1 for 0; torch's 448 / tensor); inv = fp32(1 / scale); mode 1 (ue8m0): inv =
+ * 2^ceil(log2(inv)), mode 2 (a bf16 scale): inv = bf16(inv), and then scale = 1 / inv; codes = e4m3(clamp(v * scale,
+ * -448, 448)). inv_out: one fp32 per block. sums (double): |start|^2, |fp32(code) * inv rounded to dt - m|^2,
+ * |m - start|^2 (start may be NULL: no sums). Returns the number of non-finite values in m (then use torch). */
+SIMD static inline float load1(const void *w, int dt, size_t j) {
+    if (dt == DT_BF16) {
+        uint32_t u = (uint32_t)((const uint16_t *)w)[j] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    if (dt == DT_F16) return _cvtsh_ss(((const uint16_t *)w)[j]);
+    return ((const float *)w)[j];
+}
+
+SIMD static inline float round1(float v, int dt) {
+    return _mm256_cvtss_f32(round_to(_mm256_set1_ps(v), dt));
+}
+
+SIMD static size_t quantize_fp8_band(const void *m, const void *start, size_t rows, size_t cols, size_t bc, int dt,
+                                     int mode, const float *lut, uint8_t *codes, float *inv_out, double *sums) {
+    const size_t es = elem_size(dt), blocks = (cols + bc - 1) / bc;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 hi = _mm256_set1_ps(448.0f), lo = _mm256_set1_ps(-448.0f);
+    size_t bad = 0;
+    double w2 = 0.0, e2 = 0.0, d2 = 0.0;
+    __m256d vw = _mm256_setzero_pd(), ve = _mm256_setzero_pd(), vd = _mm256_setzero_pd();
+    for (size_t b = 0; b < blocks; b++) {
+        const size_t c0 = b * bc, c1 = c0 + bc < cols ? c0 + bc : cols;
+        __m256 vmax = _mm256_setzero_ps();
+        float amax = 0.0f;
+        for (size_t i = 0; i < rows; i++) {
+            const char *row = (const char *)m + i * cols * es;
+            size_t j = c0;
+            for (; j + 8 <= c1; j += 8) {
+                __m256 v = load8(row, dt, j);
+                __m256i u = _mm256_castps_si256(v);
+                const __m256i expo = _mm256_set1_epi32(0x7F800000);
+                bad += _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_and_si256(u, expo), expo)) != 0;
+                vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, absmask));
+            }
+            for (; j < c1; j++) {
+                float v = load1(row, dt, j);
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                bad += (u & 0x7F800000u) == 0x7F800000u;
+                float a = v < 0 ? -v : v;
+                amax = a > amax ? a : amax;
+            }
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, vmax);
+        for (int k = 0; k < 8; k++) amax = lanes[k] > amax ? lanes[k] : amax;
+        if (bad) return bad;
+        /* torch computes python_float / tensor as tensor.reciprocal() * python_float: two roundings */
+        float scale = amax > 0.0f ? 448.0f * (1.0f / amax) : 1.0f;
+        float inv = 1.0f / scale;
+        if (mode == 1) { /* ue8m0: pow(2, ceil(log2(max(inv, the smallest normal)))), as transformers computes it */
+            inv = exp2f(ceilf(log2f(inv > 1.17549435e-38f ? inv : 1.17549435e-38f)));
+            scale = 1.0f / inv;
+        } else if (mode == 2) { /* a bf16 scale: the scale taken back from the stored value */
+            inv = round1(inv, DT_BF16);
+            scale = 1.0f / inv;
+        }
+        inv_out[b] = inv;
+        const __m256 vs = _mm256_set1_ps(scale), vinv = _mm256_set1_ps(inv);
+        for (size_t i = 0; i < rows; i++) {
+            const char *row = (const char *)m + i * cols * es;
+            const char *srow = start ? (const char *)start + i * cols * es : NULL;
+            uint8_t *crow = codes + i * cols;
+            size_t j = c0;
+            __m256 fe = _mm256_setzero_ps(), fd = _mm256_setzero_ps(), fw = _mm256_setzero_ps();
+            for (; j + 8 <= c1; j += 8) {
+                __m256 v = load8(row, dt, j);
+                __m256 y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vs), lo), hi);
+                /* to_e4m3, 8 lanes: normal values by integer rounding, subnormal ones by cvtps (nearest even) */
+                __m256i u = _mm256_castps_si256(y), a = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+                __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80));
+                __m256i r = _mm256_add_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(0x7FFFF)),
+                                             _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1)));
+                __m256i normal = _mm256_or_si256(
+                    _mm256_slli_epi32(_mm256_sub_epi32(_mm256_srli_epi32(r, 23), _mm256_set1_epi32(120)), 3),
+                    _mm256_and_si256(_mm256_srli_epi32(r, 20), _mm256_set1_epi32(7)));
+                __m256i sub = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_castsi256_ps(a), _mm256_set1_ps(512.0f)));
+                __m256i is_normal = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x3C7FFFFF));
+                __m256i code = _mm256_or_si256(sign, _mm256_blendv_epi8(sub, normal, is_normal));
+                uint32_t cb[8];
+                _mm256_storeu_si256((__m256i *)cb, code);
+                for (int k = 0; k < 8; k++) crow[j + k] = (uint8_t)cb[k];
+                if (srow) {
+                    __m256 q = _mm256_i32gather_ps(lut, code, 4);
+                    __m256 deq = round_to(_mm256_mul_ps(q, vinv), dt), s0 = load8(srow, dt, j);
+                    __m256 e = _mm256_sub_ps(deq, v), d = _mm256_sub_ps(v, s0);
+                    /* squares summed in fp32 lanes within a row of a block, then in double (a report's statistic) */
+                    fe = _mm256_add_ps(fe, _mm256_mul_ps(e, e));
+                    fd = _mm256_add_ps(fd, _mm256_mul_ps(d, d));
+                    fw = _mm256_add_ps(fw, _mm256_mul_ps(s0, s0));
+                }
+            }
+            if (srow) {
+                ve = _mm256_add_pd(ve, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fe)),
+                                                     _mm256_cvtps_pd(_mm256_extractf128_ps(fe, 1))));
+                vd = _mm256_add_pd(vd, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fd)),
+                                                     _mm256_cvtps_pd(_mm256_extractf128_ps(fd, 1))));
+                vw = _mm256_add_pd(vw, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fw)),
+                                                     _mm256_cvtps_pd(_mm256_extractf128_ps(fw, 1))));
+            }
+            for (; j < c1; j++) {
+                float v = load1(row, dt, j), y = v * scale;
+                y = y < -448.0f ? -448.0f : (y > 448.0f ? 448.0f : y);
+                uint32_t u;
+                memcpy(&u, &y, 4);
+                uint32_t c = to_e4m3(u);
+                crow[j] = (uint8_t)c;
+                if (srow) {
+                    float deq = round1(lut[c] * inv, dt), s0 = load1(srow, dt, j);
+                    e2 += (double)(deq - v) * (deq - v), d2 += (double)(v - s0) * (v - s0), w2 += (double)s0 * s0;
+                }
+            }
+        }
+    }
+    double lw[4], le[4], ld[4];
+    _mm256_storeu_pd(lw, vw), _mm256_storeu_pd(le, ve), _mm256_storeu_pd(ld, vd);
+    for (int k = 0; k < 4; k++) w2 += lw[k], e2 += le[k], d2 += ld[k];
+    sums[0] += w2, sums[1] += e2, sums[2] += d2;
+    return 0;
 }
 
 /* bitsandbytes' 4-bit blockwise quantization, pass 1: absmax[b] = max |x| over each block of `bs` elements
@@ -375,6 +533,8 @@ static void quant_norms(const void *w, const void *q, const void *m, int dt, siz
 static size_t merge_rows(const Operands *op) { return 0; }
 static size_t dequant_rows(const uint8_t *q, const float *lut, const float *scales, int per_row, size_t rows,
                            size_t cols, int dt, void *out) { return 0; }
+static size_t quantize_fp8_band(const void *m, const void *start, size_t rows, size_t cols, size_t bc, int dt,
+                                int mode, const float *lut, uint8_t *codes, float *inv_out, double *sums) { return 0; }
 static void widen(const void *src, int dt, size_t n, float *dst) {}
 static size_t block_absmax(const void *w, int dt, size_t n, size_t bs, float *absmax) { return 0; }
 static void simulate_4bit(const void *w, int dt, size_t n, size_t bs, size_t first, const float *absmax,
@@ -501,6 +661,39 @@ static PyObject *py_dequant_rows(PyObject *self, PyObject *args) {
     return result;
 }
 
+static PyObject *py_quantize_fp8_band(PyObject *self, PyObject *args) {
+    Py_buffer m, start, lut, codes, inv;
+    int have_start, dt, mode;
+    Py_ssize_t rows, cols, bc;
+    if (!PyArg_ParseTuple(args, "y*y*innniiy*w*w*", &m, &start, &have_start, &rows, &cols, &bc, &dt, &mode, &lut,
+                          &codes, &inv)) return NULL;
+    PyObject *result = NULL;
+    if (!cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU cannot run the merge kernel");
+    } else if (check_dtype(dt, 0)) {
+        size_t n = (size_t)rows * (size_t)cols, blocks = bc > 0 ? ((size_t)cols + (size_t)bc - 1) / (size_t)bc : 0;
+        if (rows < 0 || cols < 0 || bc <= 0 || (size_t)m.len < n * elem_size(dt) || lut.len < 256 * 4 ||
+            (have_start && (size_t)start.len < n * elem_size(dt)) || (size_t)codes.len < n ||
+            (size_t)inv.len < blocks * 4) {
+            PyErr_SetString(PyExc_ValueError, "buffer sizes do not match");
+        } else {
+            double sums[3] = {0.0, 0.0, 0.0};
+            size_t bad;
+            Py_BEGIN_ALLOW_THREADS
+            bad = quantize_fp8_band(m.buf, have_start ? start.buf : NULL, (size_t)rows, (size_t)cols, (size_t)bc, dt,
+                                    mode, lut.buf, codes.buf, inv.buf, sums);
+            Py_END_ALLOW_THREADS
+            result = Py_BuildValue("n(ddd)", (Py_ssize_t)bad, sums[0], sums[1], sums[2]);
+        }
+    }
+    PyBuffer_Release(&m);
+    PyBuffer_Release(&start);
+    PyBuffer_Release(&lut);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&inv);
+    return result;
+}
+
 static PyObject *py_count_nonfinite(PyObject *self, PyObject *args) {
     Py_buffer src;
     int dt;
@@ -623,6 +816,10 @@ static PyMethodDef methods[] = {
     {"dequant_rows", py_dequant_rows, METH_VARARGS,
      "dequant_rows(q, lut, scales, per_row, rows, cols, dtype, out) -> non-finite results. out = round(lut[q] *\n"
      "scale) with one fp32 scale per column (per_row 0) or per row (per_row 1); q: rows x cols bytes."},
+    {"quantize_fp8_band", py_quantize_fp8_band, METH_VARARGS,
+     "quantize_fp8_band(m, start, have_start, rows, cols, block_cols, dtype, mode, lut, codes, inv)\n"
+     "-> (non-finite values, (|start|^2, |dequantized - m|^2, |m - start|^2)). transformers' Fp8Quantize of a block row;\n"
+     "mode 0: fp32 scales, 1: ue8m0, 2: bf16."},
     {"count_nonfinite", py_count_nonfinite, METH_VARARGS,
      "count_nonfinite(src, dtype) -> number of NaN/Inf values (dtype 0 bf16, 1 f16, 2 f32, 3 f64)."},
     {NULL, NULL, 0, NULL},

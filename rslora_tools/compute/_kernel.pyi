@@ -32,3 +32,8 @@ def quant_norms(w: Buffer, q: Buffer, m: Buffer, dtype: int, have_m: bool) -> tu
 def dequant_rows(q: Buffer, lut: Buffer, scales: Buffer, per_row: bool, rows: int, cols: int, dtype: int,
                  out: Buffer) -> int:
     """out = round(lut[q] * scale) in dtype, one fp32 scale per column (or per row); returns non-finite results."""
+
+def quantize_fp8_band(m: Buffer, start: Buffer, have_start: bool, rows: int, cols: int, block_cols: int, dtype: int,
+                      mode: int, lut: Buffer, codes: Buffer, inv: Buffer) -> tuple[int, tuple[float, float, float]]:
+    """transformers' Fp8Quantize of one block row of m: codes, fp32 inverse scales per block; non-finite count and
+    the requantization sums (|start|^2, |dequantized - m|^2, |m - start|^2) when have_start."""

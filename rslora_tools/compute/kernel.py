@@ -194,3 +194,17 @@ def dequant_rows(codes: memoryview, fp8: str, scales: bytes | memoryview, per_ro
     a value is not finite (use torch, whose NaN encodings this does not reproduce)."""
     bad: int = _loaded().dequant_rows(codes, float8_table(fp8), scales, per_row, rows, cols, DTYPE_CODES[dtype], out)
     return bad == 0
+
+
+FP8_SCALE_MODES = {"F32": 0, "U8": 1, "F8_E8M0": 1, "BF16": 2}  # stored weight_scale_inv dtype -> quantize_fp8_band
+
+
+def quantize_fp8_band(merged: memoryview, start: memoryview | None, rows: int, cols: int, block_cols: int, dtype: str,
+                      scale_dtype: str, codes: memoryview, inv: memoryview) -> tuple[float, float, float] | None:
+    """transformers' Fp8Quantize of one block row (`rows` rows) of a merged weight into e4m3 `codes` and one fp32
+    inverse scale per block (`inv`); with `start` (the weight before the merge) the requantization sums (|start|^2,
+    |dequantized - merged|^2, |merged - start|^2). None when a value is not finite (use torch)."""
+    bad, sums = _loaded().quantize_fp8_band(merged, start if start is not None else merged, start is not None, rows,
+                                            cols, block_cols, DTYPE_CODES[dtype], FP8_SCALE_MODES[scale_dtype],
+                                            float8_table("F8_E4M3"), codes, inv)
+    return None if bad else sums

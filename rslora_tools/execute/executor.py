@@ -339,14 +339,68 @@ def _with_quant_kernel(run: _Run, t: TensorPlan, slot: _Slot) -> bool:
     return True
 
 
-def _with_dequant_kernel(run: _Run, t: TensorPlan, slot: _Slot) -> bool:
+def _with_dequant_kernel(run: _Run, t: TensorPlan, slot: _Slot) -> None:
     """A float8 base weight through the kernel, a band of rows at a time (a block row of a block-scaled weight):
-    codes dequantized into the merge dtype, the LoRA delta (if any) merged, written. False when a value or a sum is
-    not finite."""
+    codes dequantized into the merge dtype, the LoRA delta (if any) merged, written. A block-scaled weight with a
+    delta also gets the report's measure, on every 8th band: how far quantizing it back would move it."""
     row_bytes = t.shape[1] * DTYPE_BITS[t.dtype] // 8
-    for start, _, _, merged in _fp8_bands(run, t, t.dtype):
+    measure = _fp8_measure(run, t)
+    for index, (start, n, dequantized, merged) in enumerate(_fp8_bands(run, t, t.dtype)):
+        if measure is not None and index % _FP8_MEASURE_EVERY == 0:
+            measure.add(n, dequantized, merged)
         write_at(slot.fd, slot.offset + start * row_bytes, merged)
-    return True
+    if measure is not None:
+        _record(run, t.name, measure.sums)
+
+
+class _Fp8Requant:
+    """The kernel's quantizer for a block-scaled e4m3 weight (transformers' Fp8Quantize), band by band: the codes and
+    inverse scales of the last band, and the requantization sums so far."""
+
+    def __init__(self, t: TensorPlan, dtype: str, scale_dtype: str):
+        q = t.quant
+        assert q is not None and q.stored is not None and q.stored.scheme.block is not None
+        self.block, self.dtype, self.scale_dtype = q.stored.scheme.block, dtype, scale_dtype
+        self.cols = q.stored.shape[1]
+        self.codes = memoryview(bytearray(self.block[0] * self.cols))
+        self.inv = memoryview(bytearray(4 * -(-self.cols // self.block[1])))
+        self.sums = (0.0, 0.0, 0.0)
+
+    def add(self, rows: int, dequantized: memoryview | None, merged: memoryview) -> None:
+        sums = kernel.quantize_fp8_band(merged, dequantized, rows, self.cols, self.block[1], self.dtype,
+                                        self.scale_dtype, self.codes[:rows * self.cols], self.inv)
+        if sums is None:
+            raise _NonFinite
+        self.sums = (self.sums[0] + sums[0], self.sums[1] + sums[1], self.sums[2] + sums[2])
+
+    def stored_scales(self) -> bytes:
+        """The last band's inverse scales in the stored dtype (already rounded to it: exact)."""
+        raw = bytes(self.inv)
+        if self.scale_dtype == "F32":
+            return raw
+        words = struct.unpack(f"{len(raw) // 4}I", raw)
+        if self.scale_dtype == "BF16":
+            return struct.pack(f"{len(words)}H", *(w >> 16 for w in words))
+        return bytes((w >> 23) & 0xFF for w in words)  # ue8m0: the biased exponent
+
+
+def _fp8_measure(run: _Run, t: TensorPlan) -> _Fp8Requant | None:
+    """The kernel's requantization measure for an as-trained merge of a block-scaled e4m3 weight with a delta."""
+    q = t.quant
+    if t.lora is None or q is None or q.stored is None or not _kernel_requantizes(run, t):
+        return None
+    assert q.stored is not None
+    return _Fp8Requant(t, t.dtype, run.checkpoint.info(q.stored.parts["scale_inv"]).dtype)
+
+
+def _kernel_requantizes(run: _Run, t: TensorPlan) -> bool:
+    """Block-scaled e4m3 with float32, bf16 or ue8m0 scales: what kernel.quantize_fp8_band computes."""
+    q = t.quant
+    assert q is not None and q.stored is not None
+    stored = q.stored
+    return (stored.scheme.method == "fp8" and stored.scheme.block is not None
+            and run.checkpoint.info(stored.parts["weight"]).dtype == "F8_E4M3"
+            and run.checkpoint.info(stored.parts["scale_inv"]).dtype in kernel.FP8_SCALE_MODES)
 
 
 def _fp8_bands(run: _Run, t: TensorPlan, dtype: str) -> Iterator[tuple[int, int, memoryview, memoryview]]:
@@ -393,16 +447,36 @@ class _NonFinite(Exception):
     """A value or a sum the kernel computed is not finite: compute the tensor with torch (its NaN encodings)."""
 
 
+def _fp8_requant_bands(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
+    """--keep-quantization of a block-scaled e4m3 weight entirely in the kernel: each block row dequantized, merged
+    and quantized back (transformers' Fp8Quantize), codes and scales written at their offsets."""
+    q = t.quant
+    assert q is not None and q.stored is not None and q.keep is not None
+    scale_name = q.stored.parts["scale_inv"]
+    requant = _Fp8Requant(t, q.keep.dtype, run.checkpoint.info(scale_name).dtype)
+    scale_row = run.checkpoint.info(scale_name).nbytes // run.checkpoint.info(scale_name).shape[0]
+    cols = requant.cols
+    for start, n, dequantized, merged in _fp8_bands(run, t, q.keep.dtype):
+        requant.add(n, dequantized if t.lora is not None else None, merged)
+        write_at(slots[0].fd, slots[0].offset + start * cols, requant.codes[:n * cols])
+        write_at(slots[1].fd, slots[1].offset + start // requant.block[0] * scale_row, requant.stored_scales())
+    if t.lora is not None:
+        _record(run, t.name, requant.sums)
+
+
 def _with_requant_kernel(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
     """--keep-quantization of a float8 weight whose bands quantize independently (block-scaled FP8: a block row;
     compressed-tensors FP8 per channel: rows): each band dequantized and merged by the kernel, quantized back with
     torch, its codes and scales written at their offsets."""
+    q = t.quant
+    assert q is not None and q.stored is not None and q.keep is not None
+    if _kernel_requantizes(run, t):
+        _fp8_requant_bands(run, t, slots)
+        return
     import torch
 
     from ..compute.requantize import requantization_norms, requantized, stored_layout
 
-    q = t.quant
-    assert q is not None and q.stored is not None and q.keep is not None
     stored, dtype = q.stored, q.keep.dtype
     compute = safetensors_to_torch_dtype(dtype)
     cols = stored.shape[1]
@@ -447,6 +521,7 @@ def _record(run: _Run, name: str, norms: tuple[float, float, float]) -> None:
 
 
 _MEASURE_EVERY = 4  # the 4-bit kernel path measures quantization_norms on every 4th block of rows
+_FP8_MEASURE_EVERY = 8  # an as-trained FP8 merge measures requantization on every 8th block row
 
 
 def _read_block(run: _Run, fd: int, offset: int, view: memoryview, what: str) -> None:
