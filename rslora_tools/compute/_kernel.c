@@ -121,6 +121,21 @@ SIMD static inline void store8(__m256 v, int dt, void *out, size_t j) {
     }
 }
 
+SIMD static inline float load1(const void *w, int dt, size_t j) {
+    if (dt == DT_BF16) {
+        uint32_t u = (uint32_t)((const uint16_t *)w)[j] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    if (dt == DT_F16) return _cvtsh_ss(((const uint16_t *)w)[j]);
+    return ((const float *)w)[j];
+}
+
+SIMD static inline float round1(float v, int dt) {
+    return _mm256_cvtss_f32(round_to(_mm256_set1_ps(v), dt));
+}
+
 /* out[j..j+8) = round(acc * s + w[j..j+8)); returns a lane mask (4 bits per lane) of non-finite sums */
 SIMD static inline int finish8(__m256 acc, const Operands *op, const void *w, size_t j, void *out) {
     __m256 delta = _mm256_mul_ps(acc, _mm256_set1_ps(op->s));
@@ -256,6 +271,117 @@ SIMD static size_t dequant_rows(const uint8_t *q, const float *lut, const float 
     return bad;
 }
 
+/* MXFP4 rows: out[i][g * 32 + 2k (+1)] = e2m1 value of the low (high) nibble of blocks[i][g][k] times
+ * 2^(scales[i][g] - 127), in fp32, rounded once to dt (transformers' lookup in the model dtype and ldexp: exact but
+ * at the range's ends, where the caller checks against torch). Returns the number of non-finite results. */
+SIMD static size_t dequant_mxfp4(const uint8_t *blocks, const uint8_t *scales, size_t rows, size_t groups, int dt,
+                                 void *out) {
+    static const float e2m1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                   -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+    const size_t es = elem_size(dt);
+    size_t bad = 0;
+    for (size_t i = 0; i < rows; i++) {
+        for (size_t g = 0; g < groups; g++) {
+            const uint8_t *bytes = blocks + (i * groups + g) * 16;
+            uint32_t bits = (uint32_t)scales[i * groups + g] << 23; /* 2^(s - 127) as fp32 (s = 0: 0, s = 255: inf) */
+            float scale;
+            memcpy(&scale, &bits, 4);
+            if (scales[i * groups + g] == 0) scale = 5.877471754111438e-39f; /* 2^-127: subnormal */
+            bad += scales[i * groups + g] == 255;
+            const __m256 vs = _mm256_set1_ps(scale);
+            char *dst = (char *)out + (i * groups + g) * 32 * es;
+            for (int half = 0; half < 4; half++) { /* 4 bytes -> 8 values */
+                float v[8];
+                for (int k = 0; k < 4; k++) {
+                    uint8_t b = bytes[half * 4 + k];
+                    v[2 * k] = e2m1[b & 0x0F], v[2 * k + 1] = e2m1[b >> 4];
+                }
+                store8(_mm256_mul_ps(_mm256_loadu_ps(v), vs), dt, dst + half * 8 * es, 0);
+            }
+        }
+    }
+    return bad;
+}
+
+/* MXFP4 quantization of rows (out, in) of a merged expert, groups of 32 inputs (downcast_to_mxfp_torch, scales
+ * rounded up): amax / 6 in fp32 rounded up to a power of two (its exponent byte is the scale), each value times
+ * 1 / that, to the nearest e2m1 code with its sign, two per byte (low nibble first). With start, the sums |start|^2,
+ * |dequantized - m|^2 (dequantized rounded to dt), |m - start|^2. Returns the number of non-finite values in m. */
+SIMD static size_t quantize_mxfp4_rows(const void *m, const void *start, size_t rows, size_t cols, int dt,
+                                       uint8_t *blocks, uint8_t *scales, double *sums) {
+    const size_t groups = cols / 32, es = elem_size(dt);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 table = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+    /* code = (m > .25) + (m >= .75) + (m > 1.25) + (m >= 1.75) + (m > 2.5) + (m >= 3.5) + (m > 5): ties to even */
+    const float bounds[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+    const int strict[7] = {1, 0, 1, 0, 1, 0, 1};
+    __m256d vw = _mm256_setzero_pd(), ve = _mm256_setzero_pd(), vd = _mm256_setzero_pd();
+    for (size_t i = 0; i < rows; i++) {
+        const char *row = (const char *)m + i * cols * es;
+        const char *srow = start ? (const char *)start + i * cols * es : NULL;
+        __m256 fe = _mm256_setzero_ps(), fd = _mm256_setzero_ps(), fw = _mm256_setzero_ps();
+        for (size_t g = 0; g < groups; g++) {
+            __m256 x[4], vmax = _mm256_setzero_ps();
+            for (int h = 0; h < 4; h++) {
+                x[h] = load8(row, dt, g * 32 + h * 8);
+                __m256i u = _mm256_castps_si256(x[h]);
+                const __m256i expo = _mm256_set1_epi32(0x7F800000);
+                if (_mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_and_si256(u, expo), expo))) return 1;
+                vmax = _mm256_max_ps(vmax, _mm256_and_ps(x[h], absmask));
+            }
+            float lanes[8], amax = 0.0f;
+            _mm256_storeu_ps(lanes, vmax);
+            for (int k = 0; k < 8; k++) amax = lanes[k] > amax ? lanes[k] : amax;
+            float ds = amax / 6.0f, rounded;
+            uint32_t bits;
+            memcpy(&bits, &ds, 4);
+            bits = (bits + 0x007FFFFFu) & 0x7F800000u;
+            memcpy(&rounded, &bits, 4);
+            scales[i * groups + g] = (uint8_t)(bits >> 23);
+            const __m256 step = _mm256_set1_ps(rounded == 0.0f ? 0.0f : 1.0f / rounded), vr = _mm256_set1_ps(rounded);
+            uint8_t *out = blocks + (i * groups + g) * 16;
+            for (int h = 0; h < 4; h++) {
+                __m256 q = _mm256_mul_ps(x[h], step), mag = _mm256_and_ps(q, absmask);
+                __m256i code = _mm256_setzero_si256();
+                for (int t = 0; t < 7; t++) {
+                    __m256 bound = _mm256_set1_ps(bounds[t]);
+                    __m256 hit = strict[t] ? _mm256_cmp_ps(mag, bound, _CMP_GT_OQ) : _mm256_cmp_ps(mag, bound, _CMP_GE_OQ);
+                    code = _mm256_sub_epi32(code, _mm256_castps_si256(hit));
+                }
+                __m256i sign = _mm256_srli_epi32(_mm256_castps_si256(q), 31);
+                uint32_t c[8], sg[8];
+                _mm256_storeu_si256((__m256i *)c, code);
+                _mm256_storeu_si256((__m256i *)sg, sign);
+                for (int k = 0; k < 4; k++)
+                    out[h * 4 + k] = (uint8_t)((c[2 * k] | (sg[2 * k] << 3)) | ((c[2 * k + 1] | (sg[2 * k + 1] << 3)) << 4));
+                if (srow) {
+                    __m256 mag_deq = _mm256_permutevar8x32_ps(table, code);
+                    __m256 signed_deq = _mm256_or_ps(mag_deq, _mm256_castsi256_ps(_mm256_slli_epi32(sign, 31)));
+                    __m256 deq = round_to(_mm256_mul_ps(signed_deq, vr), dt), s0 = load8(srow, dt, g * 32 + h * 8);
+                    __m256 e = _mm256_sub_ps(deq, x[h]), d = _mm256_sub_ps(x[h], s0);
+                    fe = _mm256_add_ps(fe, _mm256_mul_ps(e, e));
+                    fd = _mm256_add_ps(fd, _mm256_mul_ps(d, d));
+                    fw = _mm256_add_ps(fw, _mm256_mul_ps(s0, s0));
+                }
+            }
+        }
+        if (srow) {
+            ve = _mm256_add_pd(ve, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fe)),
+                                                 _mm256_cvtps_pd(_mm256_extractf128_ps(fe, 1))));
+            vd = _mm256_add_pd(vd, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fd)),
+                                                 _mm256_cvtps_pd(_mm256_extractf128_ps(fd, 1))));
+            vw = _mm256_add_pd(vw, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fw)),
+                                                 _mm256_cvtps_pd(_mm256_extractf128_ps(fw, 1))));
+        }
+    }
+    if (start) {
+        double lw[4], le[4], ld[4];
+        _mm256_storeu_pd(lw, vw), _mm256_storeu_pd(le, ve), _mm256_storeu_pd(ld, vd);
+        for (int k = 0; k < 4; k++) sums[0] += lw[k], sums[1] += le[k], sums[2] += ld[k];
+    }
+    return 0;
+}
+
 /* float32 -> float8 e4m3fn, round to nearest even, for |y| <= 448 (torch's conversion on clamped values) */
 static inline uint32_t to_e4m3(uint32_t u) {
     uint32_t sign = (u >> 24) & 0x80, a = u & 0x7FFFFFFFu;
@@ -273,21 +399,6 @@ static inline uint32_t to_e4m3(uint32_t u) {
  * 2^ceil(log2(inv)), mode 2 (a bf16 scale): inv = bf16(inv), and then scale = 1 / inv; codes = e4m3(clamp(v * scale,
  * -448, 448)). inv_out: one fp32 per block. sums (double): |start|^2, |fp32(code) * inv rounded to dt - m|^2,
  * |m - start|^2 (start may be NULL: no sums). Returns the number of non-finite values in m (then use torch). */
-SIMD static inline float load1(const void *w, int dt, size_t j) {
-    if (dt == DT_BF16) {
-        uint32_t u = (uint32_t)((const uint16_t *)w)[j] << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    if (dt == DT_F16) return _cvtsh_ss(((const uint16_t *)w)[j]);
-    return ((const float *)w)[j];
-}
-
-SIMD static inline float round1(float v, int dt) {
-    return _mm256_cvtss_f32(round_to(_mm256_set1_ps(v), dt));
-}
-
 SIMD static size_t quantize_fp8_band(const void *m, const void *start, size_t rows, size_t cols, size_t bc, int dt,
                                      int mode, const float *lut, uint8_t *codes, float *inv_out, double *sums) {
     const size_t es = elem_size(dt), blocks = (cols + bc - 1) / bc;
@@ -535,6 +646,10 @@ static size_t dequant_rows(const uint8_t *q, const float *lut, const float *scal
                            size_t cols, int dt, void *out) { return 0; }
 static size_t quantize_fp8_band(const void *m, const void *start, size_t rows, size_t cols, size_t bc, int dt,
                                 int mode, const float *lut, uint8_t *codes, float *inv_out, double *sums) { return 0; }
+static size_t dequant_mxfp4(const uint8_t *blocks, const uint8_t *scales, size_t rows, size_t groups, int dt,
+                            void *out) { return 0; }
+static size_t quantize_mxfp4_rows(const void *m, const void *start, size_t rows, size_t cols, int dt,
+                                  uint8_t *blocks, uint8_t *scales, double *sums) { return 0; }
 static void widen(const void *src, int dt, size_t n, float *dst) {}
 static size_t block_absmax(const void *w, int dt, size_t n, size_t bs, float *absmax) { return 0; }
 static void simulate_4bit(const void *w, int dt, size_t n, size_t bs, size_t first, const float *absmax,
@@ -694,6 +809,65 @@ static PyObject *py_quantize_fp8_band(PyObject *self, PyObject *args) {
     return result;
 }
 
+static PyObject *py_dequant_mxfp4(PyObject *self, PyObject *args) {
+    Py_buffer blocks, scales, out;
+    Py_ssize_t rows, groups;
+    int dt;
+    if (!PyArg_ParseTuple(args, "y*y*nniw*", &blocks, &scales, &rows, &groups, &dt, &out)) return NULL;
+    PyObject *result = NULL;
+    if (!cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU cannot run the merge kernel");
+    } else if (check_dtype(dt, 0)) {
+        size_t n = (size_t)rows * (size_t)groups;
+        if (rows < 0 || groups < 0 || (size_t)blocks.len < n * 16 || (size_t)scales.len < n ||
+            (size_t)out.len < n * 32 * elem_size(dt)) {
+            PyErr_SetString(PyExc_ValueError, "buffer sizes do not match");
+        } else {
+            size_t bad;
+            Py_BEGIN_ALLOW_THREADS
+            bad = dequant_mxfp4(blocks.buf, scales.buf, (size_t)rows, (size_t)groups, dt, out.buf);
+            Py_END_ALLOW_THREADS
+            result = PyLong_FromSize_t(bad);
+        }
+    }
+    PyBuffer_Release(&blocks);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *py_quantize_mxfp4_rows(PyObject *self, PyObject *args) {
+    Py_buffer m, start, blocks, scales;
+    int have_start, dt;
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTuple(args, "y*y*inniw*w*", &m, &start, &have_start, &rows, &cols, &dt, &blocks, &scales))
+        return NULL;
+    PyObject *result = NULL;
+    if (!cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU cannot run the merge kernel");
+    } else if (check_dtype(dt, 0)) {
+        size_t n = (size_t)rows * (size_t)cols;
+        if (rows < 0 || cols < 0 || cols % 32 || (size_t)m.len < n * elem_size(dt) ||
+            (have_start && (size_t)start.len < n * elem_size(dt)) || (size_t)blocks.len < n / 2 ||
+            (size_t)scales.len < n / 32) {
+            PyErr_SetString(PyExc_ValueError, "buffer sizes do not match");
+        } else {
+            double sums[3] = {0.0, 0.0, 0.0};
+            size_t bad;
+            Py_BEGIN_ALLOW_THREADS
+            bad = quantize_mxfp4_rows(m.buf, have_start ? start.buf : NULL, (size_t)rows, (size_t)cols, dt, blocks.buf,
+                                      scales.buf, sums);
+            Py_END_ALLOW_THREADS
+            result = Py_BuildValue("n(ddd)", (Py_ssize_t)bad, sums[0], sums[1], sums[2]);
+        }
+    }
+    PyBuffer_Release(&m);
+    PyBuffer_Release(&start);
+    PyBuffer_Release(&blocks);
+    PyBuffer_Release(&scales);
+    return result;
+}
+
 static PyObject *py_count_nonfinite(PyObject *self, PyObject *args) {
     Py_buffer src;
     int dt;
@@ -820,6 +994,10 @@ static PyMethodDef methods[] = {
      "quantize_fp8_band(m, start, have_start, rows, cols, block_cols, dtype, mode, lut, codes, inv)\n"
      "-> (non-finite values, (|start|^2, |dequantized - m|^2, |m - start|^2)). transformers' Fp8Quantize of a block row;\n"
      "mode 0: fp32 scales, 1: ue8m0, 2: bf16."},
+    {"dequant_mxfp4", py_dequant_mxfp4, METH_VARARGS,
+     "dequant_mxfp4(blocks, scales, rows, groups, dtype, out) -> non-finite results: MXFP4 rows, 32 values a group."},
+    {"quantize_mxfp4_rows", py_quantize_mxfp4_rows, METH_VARARGS,
+     "quantize_mxfp4_rows(m, start, have_start, rows, cols, dtype, blocks, scales) -> (non-finite, sums)."},
     {"count_nonfinite", py_count_nonfinite, METH_VARARGS,
      "count_nonfinite(src, dtype) -> number of NaN/Inf values (dtype 0 bf16, 1 f16, 2 f32, 3 f64)."},
     {NULL, NULL, 0, NULL},

@@ -37,3 +37,10 @@ def quantize_fp8_band(m: Buffer, start: Buffer, have_start: bool, rows: int, col
                       mode: int, lut: Buffer, codes: Buffer, inv: Buffer) -> tuple[int, tuple[float, float, float]]:
     """transformers' Fp8Quantize of one block row of m: codes, fp32 inverse scales per block; non-finite count and
     the requantization sums (|start|^2, |dequantized - m|^2, |m - start|^2) when have_start."""
+
+def dequant_mxfp4(blocks: Buffer, scales: Buffer, rows: int, groups: int, dtype: int, out: Buffer) -> int:
+    """MXFP4 rows (16 bytes and one e8m0 scale per group of 32 values) into dtype; returns non-finite results."""
+
+def quantize_mxfp4_rows(m: Buffer, start: Buffer, have_start: bool, rows: int, cols: int, dtype: int, blocks: Buffer,
+                        scales: Buffer) -> tuple[int, tuple[float, float, float]]:
+    """MXFP4 of (out, in) rows, groups of 32 (scales rounded up); non-finite count and requantization sums."""

@@ -208,3 +208,19 @@ def quantize_fp8_band(merged: memoryview, start: memoryview | None, rows: int, c
                                             cols, block_cols, DTYPE_CODES[dtype], FP8_SCALE_MODES[scale_dtype],
                                             float8_table("F8_E4M3"), codes, inv)
     return None if bad else sums
+
+
+def dequant_mxfp4(blocks: memoryview, scales: memoryview, rows: int, groups: int, dtype: str, out: memoryview) -> bool:
+    """MXFP4 rows (out, in / 32 groups) dequantized into `dtype` (out, in), as transformers computes them; False when
+    a value is not finite or a scale is at the range's ends (use torch)."""
+    bad: int = _loaded().dequant_mxfp4(blocks, scales, rows, groups, DTYPE_CODES[dtype], out)
+    return bad == 0
+
+
+def quantize_mxfp4_rows(merged: memoryview, start: memoryview | None, rows: int, cols: int, dtype: str,
+                        blocks: memoryview, scales: memoryview) -> tuple[float, float, float] | None:
+    """triton_kernels' downcast_to_mxfp_torch (scales rounded up) of (out, in) rows into `blocks` and `scales`; with
+    `start`, the requantization sums. None when a value is not finite (use torch)."""
+    bad, sums = _loaded().quantize_mxfp4_rows(merged, start if start is not None else merged, start is not None, rows,
+                                              cols, DTYPE_CODES[dtype], blocks, scales)
+    return None if bad else sums

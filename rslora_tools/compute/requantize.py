@@ -93,7 +93,7 @@ def requantization_error(t: TensorPlan, checkpoint: Checkpoint, files: Checkpoin
                          read_adapter: Reader) -> tuple[float, float, float]:
     """requantization_norms of one quantized weight the adapter changes (a dry run's sample; an as-trained merge's
     measure of what keeping the format would cost); a fused expert tensor on a few of its experts."""
-    from ..execute.lowering import by_expert
+    from ..plan.quantization import by_expert
     from .quantization import dequantize_expert
     from .torch_ops import adapter_weight, merged_expert, merged_tensor, quantized_base
 
@@ -113,7 +113,7 @@ def requantization_error(t: TensorPlan, checkpoint: Checkpoint, files: Checkpoin
     for expert in sorted({round(i * (experts - 1) / max(1, _SAMPLED_EXPERTS - 1)) for i in range(_SAMPLED_EXPERTS)}):
         start = dequantize_expert(q.stored, files.read_slice, expert).to(compute)
         merged = merged_expert(t, expert, start.clone(), factors).unsqueeze(0)
-        _, back = requantized(q.stored, merged, layout, lambda name, e=expert: files.read_slice(name, e).unsqueeze(0))
+        _, back = requantized(q.stored, merged, layout, lambda name: files.read_slice(name, expert).unsqueeze(0))
         sums = [a + b for a, b in zip(sums, requantization_norms(merged, back, start.unsqueeze(0)))]
     return sums[0], sums[1], sums[2]
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from ..compute import kernel
 from ..adapter.adapter import Adapter
 from ..formats.checkpoint import Checkpoint, CheckpointFiles
-from ..formats.quant import REQUANTIZED_ROLES
+from ..formats.quant import REQUANTIZED_ROLES, QuantizedWeight
 from ..errors import InputError
 from .lowering import BLOCK_BYTES, Device, Lowered, Step, StepKind, staging_sets, worker_count
 from ..plan.tensors import LoraOp, TensorPlan
@@ -52,6 +52,7 @@ from ..formats.safetensors_file import (
     tensor_bytes,
     tensor_nbytes,
     torch_dtype,
+    torch_to_safetensors_dtype,
     write_at,
 )
 
@@ -521,7 +522,7 @@ def _record(run: _Run, name: str, norms: tuple[float, float, float]) -> None:
 
 
 _MEASURE_EVERY = 4  # the 4-bit kernel path measures quantization_norms on every 4th block of rows
-_FP8_MEASURE_EVERY = 8  # an as-trained FP8 merge measures requantization on every 8th block row
+_FP8_MEASURE_EVERY = 8  # an as-trained FP8 (MXFP4) merge measures requantization on every 8th block row (expert)
 
 
 def _read_block(run: _Run, fd: int, offset: int, view: memoryview, what: str) -> None:
@@ -654,6 +655,9 @@ def _with_experts(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
     factors = {key: adapter_weight(run.adapter.tensor, key, torch.device(device))
                for op in t.all_lora for key in (op.module.a_key, op.module.b_key)}
     sums = [0.0, 0.0, 0.0]
+    # an as-trained MXFP4 merge measures what quantizing back would lose, on every 8th expert (kernel.available())
+    measure = (keep is None and q is not None and q.stored is not None and q.scheme.method == "mxfp4"
+               and (t.lora is not None or bool(t.parts)) and kernel.available())
     for expert in range(experts):
         if run.stop.is_set():
             raise _Stopped
@@ -667,19 +671,50 @@ def _with_experts(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
             _check_finite(run, t, value, start)
         if keep is None:
             _write_slice(slots[0], expert, experts, value)
+            if measure and expert % _FP8_MEASURE_EVERY == 0:  # the report's requantization measure, by the kernel
+                assert q is not None and q.stored is not None
+                fast = _mxfp4_by_kernel(q.stored, value, start, t.dtype)
+                if fast is not None:
+                    sums = [a + b for a, b in zip(sums, fast[1])]
             continue
         assert q is not None and q.stored is not None
-        layout = {role: (torch_dtype(run.checkpoint.headers[run.checkpoint.weight_map[name]], name),
-                         (1, *run.checkpoint.info(name).shape[1:])) for role, name in q.stored.parts.items()}
-        parts, back = requantized(q.stored, value.unsqueeze(0), layout,
-                                  lambda name, e=expert: run.base.read_slice(name, e).unsqueeze(0))
+        measured = t.lora is not None or bool(t.parts)
+        fast = _mxfp4_by_kernel(q.stored, value, start if measured else None, keep.dtype)
+        if fast is not None:
+            parts, norms = fast
+        else:
+            layout = {role: (torch_dtype(run.checkpoint.headers[run.checkpoint.weight_map[name]], name),
+                             (1, *run.checkpoint.info(name).shape[1:])) for role, name in q.stored.parts.items()}
+            parts, back = requantized(q.stored, value.unsqueeze(0), layout,
+                                      lambda name: run.base.read_slice(name, expert).unsqueeze(0))
+            norms = requantization_norms(value.unsqueeze(0), back, start.unsqueeze(0))
         roles = (REQUANTIZED_ROLES[q.scheme.method][0], *(role for role, _ in keep.rewritten))
         for slot, role in zip(slots, roles):
             _write_slice(slot, expert, experts, parts[role])
-        if t.lora is not None or t.parts:
-            sums = [a + b for a, b in zip(sums, requantization_norms(value.unsqueeze(0), back, start.unsqueeze(0)))]
-    if keep is not None and (t.lora is not None or t.parts):
+        if measured:
+            sums = [a + b for a, b in zip(sums, norms)]
+    if (keep is not None and (t.lora is not None or t.parts)) or measure:
         _record(run, t.name, (sums[0], sums[1], sums[2]))
+
+
+def _mxfp4_by_kernel(stored: QuantizedWeight, value: torch.Tensor, start: torch.Tensor | None, dtype: str
+                     ) -> tuple[dict[str, torch.Tensor], tuple[float, float, float]] | None:
+    """One merged MXFP4 expert (in, out) quantized back by the kernel (the same codes as compute.requantize's
+    quantize_mxfp4): its blocks and scales, and the requantization sums; None where the kernel cannot."""
+    import torch
+
+    if stored.scheme.method != "mxfp4" or not kernel.available() or dtype not in kernel.DTYPE_CODES:
+        return None
+    inputs, outputs = value.shape
+    rows = value.T.contiguous()
+    start_rows = start.T.contiguous() if start is not None else None  # kept alive while the kernel reads its bytes
+    blocks = torch.empty(outputs, inputs // 32, 16, dtype=torch.uint8)
+    scales = torch.empty(outputs, inputs // 32, dtype=torch.uint8)
+    sums = kernel.quantize_mxfp4_rows(tensor_bytes(rows), tensor_bytes(start_rows) if start_rows is not None else None,
+                                      outputs, inputs, dtype, tensor_bytes(blocks), tensor_bytes(scales))
+    if sums is None:
+        return None
+    return {"blocks": blocks, "scales": scales}, sums
 
 
 def _write_slice(slot: _Slot, index: int, count: int, value: torch.Tensor) -> None:
@@ -690,16 +725,15 @@ def _write_slice(slot: _Slot, index: int, count: int, value: torch.Tensor) -> No
 
 def _check_finite(run: _Run, t: TensorPlan, value: torch.Tensor, start: torch.Tensor | None = None) -> None:
     """Refuse a merged tensor with more NaN/Inf values than the value it started from (the delta overflowed)."""
-    import torch
 
     if not value.is_floating_point():
         return
-    bad = int(value.numel() - torch.isfinite(value).sum().item())
+    bad = _nonfinite(value)
     if not bad:
         return
     if start is None:
         start = _start_value(run, t)
-    before = int(start.numel() - torch.isfinite(start).sum().item()) if start.is_floating_point() else 0
+    before = _nonfinite(start) if start.is_floating_point() else 0
     if bad > before:
         op = t.lora or t.bias_of
         cause = f" (module {op.module.name!r}, scale {op.scale.scale:g})" if op is not None else ""
@@ -707,6 +741,17 @@ def _check_finite(run: _Run, t: TensorPlan, value: torch.Tensor, start: torch.Te
             f"{t.name}: the merge gives {bad} NaN or Inf values where the base has {before}{cause}; the adapter would "
             "break the model. Pass --allow-nonfinite to merge it anyway"
         )
+
+
+def _nonfinite(value: torch.Tensor) -> int:
+    """NaN/Inf values of a floating tensor (the kernel counts a CPU tensor's bytes, torch the rest)."""
+    import torch
+
+    if value.device.type == "cpu" and value.is_contiguous():
+        count = kernel.count_nonfinite(tensor_bytes(value), torch_to_safetensors_dtype(value.dtype))
+        if count is not None:
+            return count
+    return int(value.numel() - torch.isfinite(value).sum().item())
 
 
 def _start_value(run: _Run, t: TensorPlan) -> torch.Tensor:

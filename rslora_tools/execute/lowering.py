@@ -18,6 +18,7 @@ from ..compute import kernel
 from ..adapter.adapter import Adapter
 from ..formats.checkpoint import Checkpoint
 from ..errors import InputError
+from ..plan.quantization import by_expert
 from ..plan.tensors import LoraOp, Plan, TensorPlan
 from ..formats.safetensors_file import tensor_nbytes
 
@@ -217,21 +218,6 @@ def _quant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) 
     if t.bias_of is not None or t.tokens is not None or t.stacked:
         return False
     return t.lora is None or _kernel_fits(t, checkpoint, adapter)
-
-
-def by_expert(t: TensorPlan, checkpoint: Checkpoint) -> bool:
-    """A fused expert tensor (experts, d1, d2) merged one expert at a time: its base a plain tensor of that shape, or
-    MXFP4, or block-scaled FP8 with the expert dimension leading; its ops restricted to one expert give the same bits
-    (TensorPlan.expert_sliceable). Memory then holds one expert's slice, not the tensor."""
-    shape = t.quant.keep.shape if t.quant is not None and t.quant.keep is not None else t.shape
-    if len(shape) != 3 or shape[0] < 2 or not t.expert_sliceable:
-        return False
-    if t.quant is None:
-        return t.source is not None and checkpoint.info(t.source).shape == shape
-    stored = t.quant.stored
-    if stored is None or t.quant.transposed:
-        return False
-    return stored.scheme.method == "mxfp4" or (stored.scheme.method == "fp8" and stored.scheme.block is not None)
 
 
 FP8_KERNEL_METHODS = ("fp8", "ct_fp8")

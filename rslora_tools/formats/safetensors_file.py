@@ -513,15 +513,15 @@ def read_bytes(f: BinaryIO | int, offset: int, length: int) -> bytearray:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous CPU tensor, zero-copy (no numpy needed).
-
-    The caller keeps `t` alive while the view is used.
-    """
+    """The raw little-endian bytes of a contiguous CPU tensor, zero-copy (no numpy needed). The view keeps `t` alive
+    (`tensor_bytes(x.contiguous())` is safe)."""
     assert t.is_contiguous() and t.device.type == "cpu"
     n = t.numel() * t.element_size()
     if n == 0:
         return memoryview(b"")
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+    raw = (ctypes.c_char * n).from_address(t.data_ptr())
+    raw._tensor = t  # type: ignore[attr-defined]  # the memory stays while the view (and so `raw`) lives
+    return memoryview(raw).cast("B")
 
 
 class HeaderLayout:

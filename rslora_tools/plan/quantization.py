@@ -149,6 +149,21 @@ def _changed(t: TensorPlan) -> bool:
     return bool(t.replacement is not None or t.lora is not None or t.tokens is not None or t.stacked or t.parts)
 
 
+def by_expert(t: TensorPlan, checkpoint: Checkpoint) -> bool:
+    """A fused expert tensor (experts, d1, d2) merged one expert at a time: its base a plain tensor of that shape, or
+    MXFP4, or block-scaled FP8 with the expert dimension leading; its ops restricted to one expert give the same bits
+    (TensorPlan.expert_sliceable). Memory then holds one expert's slice, not the tensor."""
+    shape = t.quant.keep.shape if t.quant is not None and t.quant.keep is not None else t.shape
+    if len(shape) != 3 or shape[0] < 2 or not t.expert_sliceable:
+        return False
+    if t.quant is None:
+        return t.source is not None and checkpoint.info(t.source).shape == shape
+    stored = t.quant.stored
+    if stored is None or t.quant.transposed:
+        return False
+    return stored.scheme.method == "mxfp4" or (stored.scheme.method == "fp8" and stored.scheme.block is not None)
+
+
 def merge_dtype(source: QuantSource, checkpoint: Checkpoint, name: str) -> str:
     """The dtype a quantized weight is merged and written in (before --dtype): the dtype the layer computes in.
 

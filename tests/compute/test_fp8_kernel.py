@@ -56,3 +56,37 @@ def test_the_band_quantizer_is_fp8quantize(dtype, scale_dtype, torch_scale):
             assert torch.equal(codes, q.view(torch.uint8)) and torch.equal(inv, expected_inv.reshape(-1))
             reference = requantization_norms(band, dequantize_fp8(q, stored, (32, 32)).to(band.dtype), before)
             assert sums == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_mxfp4_through_the_kernel_is_transformers_dequantization(dtype):
+    """Every scale byte and every code: the kernel's experts equal dequantize_mxfp4 (transformers' op for op); the
+    top scale (255, NaN in e8m0) sends the expert to torch."""
+    from rslora_tools.compute.quantization import _mxfp4_by_kernel, dequantize_mxfp4
+
+    torch.manual_seed(10)
+    blocks = torch.randint(0, 256, (255, 4, 16), dtype=torch.uint8)
+    scales = torch.arange(255, dtype=torch.uint8).reshape(255, 1).repeat(1, 4)
+    fast = _mxfp4_by_kernel(blocks, scales, dtype)
+    assert torch.equal(fast.view(torch.uint8), dequantize_mxfp4(blocks[None], scales[None], DTYPES[dtype])[0]
+                       .view(torch.uint8))
+    assert _mxfp4_by_kernel(blocks, torch.full_like(scales, 255), dtype) is None
+
+
+def test_mxfp4_quantized_back_by_the_kernel_is_the_torch_quantizer():
+    """The kernel's MXFP4 quantizer (keep-quantization of experts) against compute.requantize.quantize_mxfp4, which
+    tests/merge/test_keep_quantization.py checks value by value: zeros, ties and tiny values included."""
+    from rslora_tools.compute.requantize import quantize_mxfp4
+
+    torch.manual_seed(11)
+    param = (torch.randn(1, 256, 96) * torch.logspace(-8, 1, 96)).to(torch.bfloat16)
+    param[0, :32, 0] = 0
+    param[0, :32, 1] = 0
+    param[0, :8, 1] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]) * 2 ** -3
+    param[0, 8:11, 1] = torch.tensor([-0.25, -0.0, -5.0]) * 2 ** -3
+    expected_blocks, expected_scales = quantize_mxfp4(param)
+    rows = param[0].T.contiguous()
+    blocks, scales = torch.empty(96, 8, 16, dtype=torch.uint8), torch.empty(96, 8, dtype=torch.uint8)
+    sums = kernel.quantize_mxfp4_rows(view(rows), view(rows), 96, 256, "BF16", view(blocks), view(scales))
+    assert torch.equal(blocks, expected_blocks[0]) and torch.equal(scales, expected_scales[0])
+    assert sums is not None and sums[2] == 0.0
