@@ -218,14 +218,16 @@ def check_inputs_finite(adapter: Adapter, options: MergeOptions) -> None:
             check_finite(source)
 
 
-def record_measures(prepared: PreparedMerge, measures: dict[str, tuple[float, float, float]]) -> None:
+def record_measures(prepared: PreparedMerge, measures: dict[str, tuple[float, float, float]], *,
+                    sample: bool = True) -> None:
     """The quantization error the executor measured (--trained-on, --keep-quantization, a block-scaled FP8 base
     through the kernel) into the report; otherwise a dequantized base's is measured on a sample after the merge."""
     quantization, plan = prepared.report.quantization, prepared.plan
     if quantization is None or "measured" not in quantization:
         return
     if plan.prequantized and not plan.keep_quantization and not measures:  # the kernel measures FP8 as it merges
-        measure_sample(prepared)
+        if sample:  # (`sample` False: a streamed merge, whose base shards are gone)
+            measure_sample(prepared)
         return
     quantization["measured"] = measured_quantization(measures, measurable_weights(plan))
     if plan.keep_quantization:

@@ -146,7 +146,8 @@ def _stream_merge(inputs: MergeInputs, options: MergeOptions, scratch: Path) -> 
     if publisher is not None:
         order.done = _still_on_hub(journal, publisher, order, report)
     if options.dry_run:
-        measure_sample(prepared)
+        if not prepared.plan.prequantized:  # a quantized base's weights are not fetched for a sample
+            measure_sample(prepared)
         report.seconds = time.monotonic() - started
         return report
     _check_space(report, scratch)
@@ -194,10 +195,15 @@ def _open_base(base: Source, scratch: Path, token: str | None) -> Checkpoint:
 
     checkpoint = open_checkpoint(base.path, remote=header)
     scheme = checkpoint_scheme(checkpoint.config, base.spec)
-    if scheme is not None:
-        raise InputError(f"{base.spec}: an already quantized base ({scheme.label}) is not streamed yet; merge it "
-                         "without --stream (it is small: download, merge, then push)")
+    if scheme is not None and scheme.method not in STREAMED_QUANTIZATION:
+        raise InputError(f"{base.spec}: a {scheme.label} base is not streamed yet (FP8, MXFP4 and compressed-tensors "
+                         "FP8 and NVFP4 bases are); merge it without --stream (download, merge, then push)")
     return checkpoint
+
+
+# Quantized formats a streamed merge takes: planning them reads headers only (bitsandbytes' quant states, GPTQ's group
+# indices and compressed-tensors' weight_shape are tensor data, not yet fetched then).
+STREAMED_QUANTIZATION = ("fp8", "mxfp4", "ct_fp8", "ct_nvfp4")
 
 
 def _make_view(base: Source, scratch: Path) -> None:
@@ -380,7 +386,7 @@ class _Pipeline:
             shutil.rmtree(self.out, ignore_errors=True)
             report.phases = self.phases
             report.skipped["hub_had"] = sorted(self.hub_had)
-        record_measures(self.prepared, self.measures)
+        record_measures(self.prepared, self.measures, sample=False)  # the base shards are gone by now
         return self.operations
 
     def _interrupted(self) -> str:

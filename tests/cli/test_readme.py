@@ -1,4 +1,4 @@
-"""The README as a newcomer follows it (and docs/layouts.md): its sample outputs are what the commands print, and its exit-code table is
+"""The README as a newcomer follows it (and docs/layouts.md, docs/quantized-bases.md): its sample outputs are what the commands print, and its exit-code table is
 what they return.
 
 Each `<!-- output of: COMMAND -->` block is the output of COMMAND (`<!-- output of (exit N): COMMAND -->`: one
@@ -39,7 +39,8 @@ def user_folder(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("page", [README, ROOT / "docs" / "layouts.md"], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [README, ROOT / "docs" / "layouts.md", ROOT / "docs" / "quantized-bases.md"],
+                         ids=lambda p: p.name)
 def test_the_sample_outputs_are_what_the_commands_print(user_folder, page):
     text = page.read_text()
     blocks = BLOCK.findall(text)

@@ -332,3 +332,45 @@ def test_several_adapters_stream_as_they_merge(hub, plain, tmp_path):
             assert_same_provenance(files[path.name], path.read_bytes())
         else:
             assert files[path.name] == path.read_bytes(), path.name
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["as-trained", "keep-quantization"])
+def test_an_fp8_base_streams_as_it_merges(fake_hub, tmp_path, keep, monkeypatch):
+    """A block-scaled FP8 base (DeepSeek-V3's format) on the Hub, 1 MB shards, streamed to the Hub: the repo holds
+    what a plain merge pushes, with or without --keep-quantization."""
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "models"
+    base = make_llama(root / "bf16", torch.bfloat16, max_shard_size="1MB", hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=4, vocab_size=1024, num_attention_heads=8, num_key_value_heads=4)
+    quantizer = Fp8Quantize(SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=[128, 128],
+                                                                                scale_fmt=None)))
+    fp8 = root / "fp8"
+    fp8.mkdir()
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = {}
+        for name, w in load_file(base / shard).items():
+            tensors |= quantizer._quantize_one(name, w) if name.endswith("proj.weight") else {name: w}
+        for name in tensors:
+            index["weight_map"][name] = shard
+        save_file(tensors, fp8 / shard, metadata={"format": "pt"})
+    (fp8 / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    adapter = make_adapter(base, root / "adapter", LoraConfig(r=8, lora_alpha=16, use_rslora=True,
+                                                              target_modules=["q_proj", "down_proj"]))
+    fake_hub.upload_local_folder("org/fp8", fp8)
+    fake_hub.upload_local_folder("org/fp8-adapter", adapter)
+    more = ("--keep-quantization",) if keep else ()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "plain-home"))
+    cli_run("merge", "org/fp8", "org/fp8-adapter", tmp_path / "plain-out", "--push-to-hub", "me/plain", *more)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    report = stream("me/streamed", *more, base="org/fp8", adapter="org/fp8-adapter")
+    assert_same_repo(fake_hub, "me/streamed", fake_hub.files("me/plain"))
+    assert report["quantization"]["mode"] == ("kept" if keep else "dequantized")
+    assert report["quantization"]["measured"]["tensors"] == 8  # measured by the kernel as it merged
