@@ -195,14 +195,17 @@ def _open_base(base: Source, scratch: Path, token: str | None) -> Checkpoint:
 
     checkpoint = open_checkpoint(base.path, remote=header)
     scheme = checkpoint_scheme(checkpoint.config, base.spec)
-    if scheme is not None and scheme.method not in STREAMED_QUANTIZATION:
+    grouped_int = scheme is not None and scheme.method == "ct_int" and scheme.blocksize > 0
+    if scheme is not None and scheme.method not in STREAMED_QUANTIZATION and not grouped_int:
         raise InputError(f"{base.spec}: a {scheme.label} base is not streamed yet (FP8, MXFP4 and compressed-tensors "
-                         "FP8 and NVFP4 bases are); merge it without --stream (download, merge, then push)")
+                         "FP8, NVFP4 and per-group INT4/INT8 bases are); merge it without --stream (download, merge, "
+                         "then push)")
     return checkpoint
 
 
 # Quantized formats a streamed merge takes: planning them reads headers only (bitsandbytes' quant states, GPTQ's group
-# indices and compressed-tensors' weight_shape are tensor data, not yet fetched then).
+# indices and a per-channel compressed-tensors weight_shape are tensor data, not yet fetched then; per-group
+# compressed-tensors INT4/INT8 is taken too, its shape given by its scales).
 STREAMED_QUANTIZATION = ("fp8", "mxfp4", "ct_fp8", "ct_nvfp4")
 
 

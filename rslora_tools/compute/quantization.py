@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import InputError
 from ..formats.quant import FOUR_BIT_CODES, QuantizedWeight, QuantScheme
 
 Reader = Callable[[str], torch.Tensor]
@@ -148,6 +149,10 @@ def dequantize_stored(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
     if method == "mxfp4":
         return dequantize_mxfp4(read(stored.parts["blocks"]), read(stored.parts["scales"]), _TORCH[stored.dtype])
     if method == "ct_int":
+        recorded = tuple(int(d) for d in read(stored.parts["weight_shape"]).tolist())
+        if recorded != stored.shape:
+            raise InputError(f"{stored.parts['weight_shape']} says {list(recorded)}, but the packed weight and its "
+                             f"scales are {list(stored.shape)}; the compressed-tensors checkpoint is corrupt")
         zero = read(stored.parts["weight_zero_point"]) if "weight_zero_point" in stored.parts else None
         return dequantize_ct_int(read(stored.parts["weight_packed"]), read(stored.parts["weight_scale"]), zero,
                                  stored.shape, stored.scheme.bits)

@@ -573,8 +573,13 @@ def _compressed_packed_weights(scheme: QuantScheme, checkpoint: Checkpoint, read
             dtype = "BF16"  # compressed-tensors unpacks e2m1 values to bfloat16 and dequantizes in it
             if scale_dtype != "F8_E4M3":
                 raise InputError(f"{where}: {roles['weight_scale']} is {scale_dtype}; NVFP4 scales are float8 e4m3")
-        else:
-            shape = _stored_shape(checkpoint, roles["weight_shape"], read, where)
+        else:  # per group the scales give the shape (compressed-tensors needs whole groups): no tensor data read,
+            # so a streamed base plans from headers; the stored weight_shape is checked when the weight is dequantized
+            scale_shape = checkpoint.info(roles["weight_scale"]).shape
+            if scheme.blocksize > 0 and len(scale_shape) == 2:
+                shape = (packed.shape[0], scale_shape[1] * scheme.blocksize)
+            else:
+                shape = _stored_shape(checkpoint, roles["weight_shape"], read, where)
             dtype = scale_dtype
             if scale_dtype not in ("F32", "BF16", "F16"):
                 raise InputError(f"{where}: {roles['weight_scale']} is {scale_dtype}; pack-quantized scales are floats")

@@ -76,10 +76,10 @@ def base_reads(t: TensorPlan) -> list[str]:
     """The base tensors producing `t` reads: its source and a quantized weight's parts, stacked plans included."""
     names: list[str] = []
     for each in (t, *t.stacked):
-        if each.source is not None:
-            names.append(each.source)
-        if each.quant is not None and each.quant.stored is not None:
+        if each.quant is not None and each.quant.stored is not None:  # (the source names the dequantized weight)
             names.extend(each.quant.stored.parts.values())
+        elif each.source is not None:
+            names.append(each.source)
     return names
 
 

@@ -334,43 +334,81 @@ def test_several_adapters_stream_as_they_merge(hub, plain, tmp_path):
             assert files[path.name] == path.read_bytes(), path.name
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["as-trained", "keep-quantization"])
-def test_an_fp8_base_streams_as_it_merges(fake_hub, tmp_path, keep, monkeypatch):
-    """A block-scaled FP8 base (DeepSeek-V3's format) on the Hub, 1 MB shards, streamed to the Hub: the repo holds
-    what a plain merge pushes, with or without --keep-quantization."""
-    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+def fp8_weights(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers' own FP8 quantizer (128x128 blocks)."""
     from types import SimpleNamespace
 
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    config = SimpleNamespace(weight_block_size=[128, 128], scale_fmt=None)
+    return Fp8Quantize(SimpleNamespace(quantization_config=config))._quantize_one(name, w)
+
+
+INT4 = dict(num_bits=4, type="int", strategy="group", group_size=64, symmetric=True)
+
+
+def int4_weights(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """compressed-tensors' own compressor, W4A16 groups of 64."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(**INT4)
+    groups = w.unflatten(-1, (w.shape[1] // 64, 64))
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    state = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zero},
+                                                  QuantizationScheme(targets=["Linear"], weights=args))
+    return {name[: -len("weight")] + key: value for key, value in state.items()}
+
+
+QUANTIZED = {
+    "fp8": (fp8_weights, {"quant_method": "fp8", "weight_block_size": [128, 128]}),
+    "int4": (int4_weights, {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                            "config_groups": {"group_0": {"targets": ["Linear"], "weights": INT4}}}),
+}
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["as-trained", "keep-quantization"])
+@pytest.mark.parametrize("kind", list(QUANTIZED))
+def test_a_quantized_base_streams_as_it_merges(fake_hub, tmp_path, keep, kind, monkeypatch):
+    """A block-scaled FP8 base (DeepSeek-V3's format) or a compressed-tensors W4A16 one on the Hub, 1 MB shards,
+    streamed to the Hub: the repo holds what a plain merge pushes, with or without --keep-quantization."""
     from safetensors.torch import load_file, save_file
 
+    quantize, quantization_config = QUANTIZED[kind]
     root = tmp_path / "models"
     base = make_llama(root / "bf16", torch.bfloat16, max_shard_size="1MB", hidden_size=256, intermediate_size=512,
                       num_hidden_layers=4, vocab_size=1024, num_attention_heads=8, num_key_value_heads=4)
-    quantizer = Fp8Quantize(SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=[128, 128],
-                                                                                scale_fmt=None)))
-    fp8 = root / "fp8"
-    fp8.mkdir()
+    quantized = root / kind
+    quantized.mkdir()
     index = json.loads((base / "model.safetensors.index.json").read_text())
+    weight_map = {}
     for shard in sorted(set(index["weight_map"].values())):
         tensors = {}
         for name, w in load_file(base / shard).items():
-            tensors |= quantizer._quantize_one(name, w) if name.endswith("proj.weight") else {name: w}
-        for name in tensors:
-            index["weight_map"][name] = shard
-        save_file(tensors, fp8 / shard, metadata={"format": "pt"})
-    (fp8 / "model.safetensors.index.json").write_text(json.dumps(index))
+            tensors |= quantize(name, w) if name.endswith("proj.weight") else {name: w}
+        weight_map |= {name: shard for name in tensors}
+        save_file(tensors, quantized / shard, metadata={"format": "pt"})
+    index["weight_map"] = weight_map
+    (quantized / "model.safetensors.index.json").write_text(json.dumps(index))
     config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    (fp8 / "config.json").write_text(json.dumps(config))
+    config["quantization_config"] = quantization_config
+    (quantized / "config.json").write_text(json.dumps(config))
     adapter = make_adapter(base, root / "adapter", LoraConfig(r=8, lora_alpha=16, use_rslora=True,
                                                               target_modules=["q_proj", "down_proj"]))
-    fake_hub.upload_local_folder("org/fp8", fp8)
-    fake_hub.upload_local_folder("org/fp8-adapter", adapter)
+    fake_hub.upload_local_folder("org/quantized", quantized)
+    fake_hub.upload_local_folder("org/q-adapter", adapter)
     more = ("--keep-quantization",) if keep else ()
     monkeypatch.setenv("HF_HOME", str(tmp_path / "plain-home"))
-    cli_run("merge", "org/fp8", "org/fp8-adapter", tmp_path / "plain-out", "--push-to-hub", "me/plain", *more)
+    cli_run("merge", "org/quantized", "org/q-adapter", tmp_path / "plain-out", "--push-to-hub", "me/plain", *more)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    report = stream("me/streamed", *more, base="org/fp8", adapter="org/fp8-adapter")
-    assert_same_repo(fake_hub, "me/streamed", fake_hub.files("me/plain"))
+    report = stream("me/streamed", *more, base="org/quantized", adapter="org/q-adapter")
     assert report["quantization"]["mode"] == ("kept" if keep else "dequantized")
-    assert report["quantization"]["measured"]["tensors"] == 8  # measured by the kernel as it merged
+    if kind == "fp8" or keep:  # measured as it merged
+        assert_same_repo(fake_hub, "me/streamed", fake_hub.files("me/plain"))
+        assert report["quantization"]["measured"]["tensors"] == 8
+    else:  # an as-trained INT4 merge measures a sample after merging, which a stream (its shards gone) cannot
+        assert report["quantization"]["measured"] is None
+        streamed, plain = fake_hub.files("me/streamed"), fake_hub.files("me/plain")
+        assert sorted(streamed) == sorted(plain)
+        assert all(streamed[k] == plain[k] for k in plain if k not in ("README.md", "rslora_tools.json"))

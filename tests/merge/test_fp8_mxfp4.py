@@ -428,3 +428,17 @@ def test_the_fp8_kernel_path_gives_the_torch_paths_bits(tmp_path, variant, monke
     kernel_out, torch_out = read_folder(tmp_path / "kernel"), read_folder(tmp_path / "torch")
     assert sorted(kernel_out) == sorted(torch_out)
     assert all(torch.equal(kernel_out[k].view(torch.uint8), torch_out[k].view(torch.uint8)) for k in kernel_out)
+
+
+def test_a_weight_shape_the_scales_contradict_is_refused(tmp_path):
+    """Per group the scales give the shape (so a streamed base plans from headers); the stored weight_shape must agree."""
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
+    compressed_packed_checkpoint(base, tmp_path / "ct", *PACKED["int4-group"])
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight_shape"] = torch.tensor([160, 64])
+    save_file(tensors, tmp_path / "ct" / "model.safetensors", metadata={"format": "pt"})
+    ad = adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    result = cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", code=1)
+    assert ("model.layers.0.mlp.up_proj.weight_shape says [160, 64], but the packed weight and its scales are "
+            "[160, 96]; the compressed-tensors checkpoint is corrupt") in result.output
+    assert not (tmp_path / "out").exists()
