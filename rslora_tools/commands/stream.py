@@ -195,18 +195,16 @@ def _open_base(base: Source, scratch: Path, token: str | None) -> Checkpoint:
 
     checkpoint = open_checkpoint(base.path, remote=header)
     scheme = checkpoint_scheme(checkpoint.config, base.spec)
-    grouped_int = scheme is not None and scheme.method == "ct_int" and scheme.blocksize > 0
-    if scheme is not None and scheme.method not in STREAMED_QUANTIZATION and not grouped_int:
+    if scheme is not None and scheme.method not in STREAMED_QUANTIZATION:
         raise InputError(f"{base.spec}: a {scheme.label} base is not streamed yet (FP8, MXFP4 and compressed-tensors "
-                         "FP8, NVFP4 and per-group INT4/INT8 bases are); merge it without --stream (download, merge, "
-                         "then push)")
+                         "bases are); merge it without --stream (download, merge, then push)")
     return checkpoint
 
 
-# Quantized formats a streamed merge takes: planning them reads headers only (bitsandbytes' quant states, GPTQ's group
-# indices and a per-channel compressed-tensors weight_shape are tensor data, not yet fetched then; per-group
-# compressed-tensors INT4/INT8 is taken too, its shape given by its scales).
-STREAMED_QUANTIZATION = ("fp8", "mxfp4", "ct_fp8", "ct_nvfp4")
+# Quantized formats a streamed merge takes: planning them reads headers only (bitsandbytes' quant states and GPTQ's
+# group indices are tensor data, not yet fetched then). A compressed-tensors INT4/INT8 weight's shape comes from its
+# scales (per group) or its packed width (per channel, Checkpoint.remote), its weight_shape checked when dequantized.
+STREAMED_QUANTIZATION = ("fp8", "mxfp4", "ct_fp8", "ct_nvfp4", "ct_int")
 
 
 def _make_view(base: Source, scratch: Path) -> None:

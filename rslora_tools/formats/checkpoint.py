@@ -85,6 +85,7 @@ class Checkpoint:
     weight_map: Mapping[str, str]
     index_metadata: dict[str, Any] | None
     config: dict[str, Any] | None
+    remote: bool = False  # the shards are not here yet (a streamed Hub base): headers only, no tensor data
 
     @property
     def sharded(self) -> bool:
@@ -206,9 +207,13 @@ def open_checkpoint(folder: str | os.PathLike[str], remote: HeaderSource | None 
     index_path = folder / INDEX_FILE
     if remote is not None:
         if index_path.is_file():
-            return _open_sharded(folder, index_path, config, remote)
-        header = remote(SINGLE_FILE)
-        return Checkpoint(folder, [SINGLE_FILE], {SINGLE_FILE: header}, OneShard(header, SINGLE_FILE), None, config)
+            opened = _open_sharded(folder, index_path, config, remote)
+        else:
+            header = remote(SINGLE_FILE)
+            opened = Checkpoint(folder, [SINGLE_FILE], {SINGLE_FILE: header}, OneShard(header, SINGLE_FILE), None,
+                                config)
+        opened.remote = True
+        return opened
     check_layout([p.name for p in (index_path, folder / SINGLE_FILE) if p.is_file()], str(folder))
     if index_path.is_file():
         return _open_sharded(folder, index_path, config)

@@ -578,6 +578,8 @@ def _compressed_packed_weights(scheme: QuantScheme, checkpoint: Checkpoint, read
             scale_shape = checkpoint.info(roles["weight_scale"]).shape
             if scheme.blocksize > 0 and len(scale_shape) == 2:
                 shape = (packed.shape[0], scale_shape[1] * scheme.blocksize)
+            elif checkpoint.remote:  # per channel, streamed: the packed width, checked against weight_shape later
+                shape = (packed.shape[0], packed.shape[1] * 32 // scheme.bits)
             else:
                 shape = _stored_shape(checkpoint, roles["weight_shape"], read, where)
             dtype = scale_dtype

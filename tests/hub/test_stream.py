@@ -345,16 +345,18 @@ def fp8_weights(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 INT4 = dict(num_bits=4, type="int", strategy="group", group_size=64, symmetric=True)
+INT8 = dict(num_bits=8, type="int", strategy="channel", symmetric=False)
 
 
-def int4_weights(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """compressed-tensors' own compressor, W4A16 groups of 64."""
+def int_weights(name: str, w: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
+    """compressed-tensors' own compressor: W4A16 groups of 64, or W8A16 per channel."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    args = QuantizationArgs(**INT4)
-    groups = w.unflatten(-1, (w.shape[1] // 64, 64))
+    args = QuantizationArgs(**weights)
+    size = weights.get("group_size") or w.shape[1]
+    groups = w.unflatten(-1, (w.shape[1] // size, size))
     scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
     state = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zero},
                                                   QuantizationScheme(targets=["Linear"], weights=args))
@@ -363,15 +365,19 @@ def int4_weights(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 QUANTIZED = {
     "fp8": (fp8_weights, {"quant_method": "fp8", "weight_block_size": [128, 128]}),
-    "int4": (int4_weights, {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                            "config_groups": {"group_0": {"targets": ["Linear"], "weights": INT4}}}),
+    "int4": (lambda n, w: int_weights(n, w, INT4), {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                                    "config_groups": {"group_0": {"targets": ["Linear"],
+                                                                                  "weights": INT4}}}),
+    "int8-channel": (lambda n, w: int_weights(n, w, INT8), {"quant_method": "compressed-tensors",
+                                                            "format": "pack-quantized", "config_groups": {
+                                                                "group_0": {"targets": ["Linear"], "weights": INT8}}}),
 }
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["as-trained", "keep-quantization"])
 @pytest.mark.parametrize("kind", list(QUANTIZED))
 def test_a_quantized_base_streams_as_it_merges(fake_hub, tmp_path, keep, kind, monkeypatch):
-    """A block-scaled FP8 base (DeepSeek-V3's format) or a compressed-tensors W4A16 one on the Hub, 1 MB shards,
+    """A block-scaled FP8 base (DeepSeek-V3's format) or a compressed-tensors W4A16 / W8A16 one on the Hub, 1 MB shards,
     streamed to the Hub: the repo holds what a plain merge pushes, with or without --keep-quantization."""
     from safetensors.torch import load_file, save_file
 
@@ -407,7 +413,7 @@ def test_a_quantized_base_streams_as_it_merges(fake_hub, tmp_path, keep, kind, m
     if kind == "fp8" or keep:  # measured as it merged
         assert_same_repo(fake_hub, "me/streamed", fake_hub.files("me/plain"))
         assert report["quantization"]["measured"]["tensors"] == 8
-    else:  # an as-trained INT4 merge measures a sample after merging, which a stream (its shards gone) cannot
+    else:  # an as-trained INT merge measures a sample after merging, which a stream (its shards gone) cannot
         assert report["quantization"]["measured"] is None
         streamed, plain = fake_hub.files("me/streamed"), fake_hub.files("me/plain")
         assert sorted(streamed) == sorted(plain)
