@@ -1,10 +1,11 @@
 """Quantized checkpoints built from known codes (GPTQ), and a LoRA for them: shared by the QLoRA tests and the
-reliability table's malformed quantized bases."""
+reliability table's malformed quantized bases; and compressed-tensors' own compressor on one weight (ct_compress)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -68,3 +69,25 @@ def _lora_for_proj(folder: Path, out_f: int, in_f: int) -> Path:
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ["proj"]}))
     return folder
+
+
+def ct_compress(w: torch.Tensor, args) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    """One weight through compressed-tensors' own compressor for `args` (a QuantizationArgs: pack-quantized INT, or
+    NVFP4 when 4-bit float), its scales from calculate_qparams on min/max as its observers take them (NVFP4: and
+    generate_gparam's global scale). Returns the stored tensors by role, the compressor and the scheme."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    nvfp4 = args.type == "float" and args.num_bits == 4
+    size = args.group_size or w.shape[1]
+    groups = w.unflatten(-1, (w.shape[1] // size, size))
+    state = {"weight": w}
+    if nvfp4:
+        state["weight_global_scale"] = generate_gparam(w.amin(), w.amax())
+    state["weight_scale"], state["weight_zero_point"] = calculate_qparams(
+        groups.amin(-1), groups.amax(-1), args, global_scale=state.get("weight_global_scale"))
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    compressor = NVFP4PackedCompressor if nvfp4 else PackedQuantizationCompressor
+    return compressor.compress(state, scheme), compressor, scheme

@@ -303,6 +303,33 @@ SIMD static size_t dequant_mxfp4(const uint8_t *blocks, const uint8_t *scales, s
     return bad;
 }
 
+/* The requantization measure, 8 lanes at a time: squares of start, of dequantized - m and of m - start summed in fp32
+ * lanes (a row of a block at most), then added into double lanes (add_squares), then into sums[3] (store_squares). */
+typedef struct { __m256 w, e, d; } Squares32;
+typedef struct { __m256d w, e, d; } Squares64;
+
+SIMD static inline void square_lanes(Squares32 *f, __m256 deq, __m256 m, __m256 start) {
+    __m256 e = _mm256_sub_ps(deq, m), d = _mm256_sub_ps(m, start);
+    f->e = _mm256_add_ps(f->e, _mm256_mul_ps(e, e));
+    f->d = _mm256_add_ps(f->d, _mm256_mul_ps(d, d));
+    f->w = _mm256_add_ps(f->w, _mm256_mul_ps(start, start));
+}
+
+SIMD static inline __m256d widen_add(__m256d acc, __m256 f) {
+    return _mm256_add_pd(acc, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(f)),
+                                            _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))));
+}
+
+SIMD static inline void add_squares(Squares64 *acc, Squares32 f) {
+    acc->w = widen_add(acc->w, f.w), acc->e = widen_add(acc->e, f.e), acc->d = widen_add(acc->d, f.d);
+}
+
+SIMD static inline void store_squares(Squares64 acc, double *sums) {
+    double w[4], e[4], d[4];
+    _mm256_storeu_pd(w, acc.w), _mm256_storeu_pd(e, acc.e), _mm256_storeu_pd(d, acc.d);
+    for (int k = 0; k < 4; k++) sums[0] += w[k], sums[1] += e[k], sums[2] += d[k];
+}
+
 /* MXFP4 quantization of rows (out, in) of a merged expert, groups of 32 inputs (downcast_to_mxfp_torch, scales
  * rounded up): amax / 6 in fp32 rounded up to a power of two (its exponent byte is the scale), each value times
  * 1 / that, to the nearest e2m1 code with its sign, two per byte (low nibble first). With start, the sums |start|^2,
@@ -315,11 +342,11 @@ SIMD static size_t quantize_mxfp4_rows(const void *m, const void *start, size_t 
     /* code = (m > .25) + (m >= .75) + (m > 1.25) + (m >= 1.75) + (m > 2.5) + (m >= 3.5) + (m > 5): ties to even */
     const float bounds[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
     const int strict[7] = {1, 0, 1, 0, 1, 0, 1};
-    __m256d vw = _mm256_setzero_pd(), ve = _mm256_setzero_pd(), vd = _mm256_setzero_pd();
+    Squares64 acc = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
     for (size_t i = 0; i < rows; i++) {
         const char *row = (const char *)m + i * cols * es;
         const char *srow = start ? (const char *)start + i * cols * es : NULL;
-        __m256 fe = _mm256_setzero_ps(), fd = _mm256_setzero_ps(), fw = _mm256_setzero_ps();
+        Squares32 f = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (size_t g = 0; g < groups; g++) {
             __m256 x[4], vmax = _mm256_setzero_ps();
             for (int h = 0; h < 4; h++) {
@@ -357,28 +384,14 @@ SIMD static size_t quantize_mxfp4_rows(const void *m, const void *start, size_t 
                 if (srow) {
                     __m256 mag_deq = _mm256_permutevar8x32_ps(table, code);
                     __m256 signed_deq = _mm256_or_ps(mag_deq, _mm256_castsi256_ps(_mm256_slli_epi32(sign, 31)));
-                    __m256 deq = round_to(_mm256_mul_ps(signed_deq, vr), dt), s0 = load8(srow, dt, g * 32 + h * 8);
-                    __m256 e = _mm256_sub_ps(deq, x[h]), d = _mm256_sub_ps(x[h], s0);
-                    fe = _mm256_add_ps(fe, _mm256_mul_ps(e, e));
-                    fd = _mm256_add_ps(fd, _mm256_mul_ps(d, d));
-                    fw = _mm256_add_ps(fw, _mm256_mul_ps(s0, s0));
+                    __m256 deq = round_to(_mm256_mul_ps(signed_deq, vr), dt);
+                    square_lanes(&f, deq, x[h], load8(srow, dt, g * 32 + h * 8));
                 }
             }
         }
-        if (srow) {
-            ve = _mm256_add_pd(ve, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fe)),
-                                                 _mm256_cvtps_pd(_mm256_extractf128_ps(fe, 1))));
-            vd = _mm256_add_pd(vd, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fd)),
-                                                 _mm256_cvtps_pd(_mm256_extractf128_ps(fd, 1))));
-            vw = _mm256_add_pd(vw, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fw)),
-                                                 _mm256_cvtps_pd(_mm256_extractf128_ps(fw, 1))));
-        }
+        if (srow) add_squares(&acc, f);
     }
-    if (start) {
-        double lw[4], le[4], ld[4];
-        _mm256_storeu_pd(lw, vw), _mm256_storeu_pd(le, ve), _mm256_storeu_pd(ld, vd);
-        for (int k = 0; k < 4; k++) sums[0] += lw[k], sums[1] += le[k], sums[2] += ld[k];
-    }
+    if (start) store_squares(acc, sums);
     return 0;
 }
 
@@ -406,7 +419,7 @@ SIMD static size_t quantize_fp8_band(const void *m, const void *start, size_t ro
     const __m256 hi = _mm256_set1_ps(448.0f), lo = _mm256_set1_ps(-448.0f);
     size_t bad = 0;
     double w2 = 0.0, e2 = 0.0, d2 = 0.0;
-    __m256d vw = _mm256_setzero_pd(), ve = _mm256_setzero_pd(), vd = _mm256_setzero_pd();
+    Squares64 acc = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
     for (size_t b = 0; b < blocks; b++) {
         const size_t c0 = b * bc, c1 = c0 + bc < cols ? c0 + bc : cols;
         __m256 vmax = _mm256_setzero_ps();
@@ -451,7 +464,7 @@ SIMD static size_t quantize_fp8_band(const void *m, const void *start, size_t ro
             const char *srow = start ? (const char *)start + i * cols * es : NULL;
             uint8_t *crow = codes + i * cols;
             size_t j = c0;
-            __m256 fe = _mm256_setzero_ps(), fd = _mm256_setzero_ps(), fw = _mm256_setzero_ps();
+            Squares32 f = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (; j + 8 <= c1; j += 8) {
                 __m256 v = load8(row, dt, j);
                 __m256 y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vs), lo), hi);
@@ -471,22 +484,10 @@ SIMD static size_t quantize_fp8_band(const void *m, const void *start, size_t ro
                 for (int k = 0; k < 8; k++) crow[j + k] = (uint8_t)cb[k];
                 if (srow) {
                     __m256 q = _mm256_i32gather_ps(lut, code, 4);
-                    __m256 deq = round_to(_mm256_mul_ps(q, vinv), dt), s0 = load8(srow, dt, j);
-                    __m256 e = _mm256_sub_ps(deq, v), d = _mm256_sub_ps(v, s0);
-                    /* squares summed in fp32 lanes within a row of a block, then in double (a report's statistic) */
-                    fe = _mm256_add_ps(fe, _mm256_mul_ps(e, e));
-                    fd = _mm256_add_ps(fd, _mm256_mul_ps(d, d));
-                    fw = _mm256_add_ps(fw, _mm256_mul_ps(s0, s0));
+                    square_lanes(&f, round_to(_mm256_mul_ps(q, vinv), dt), v, load8(srow, dt, j));
                 }
             }
-            if (srow) {
-                ve = _mm256_add_pd(ve, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fe)),
-                                                     _mm256_cvtps_pd(_mm256_extractf128_ps(fe, 1))));
-                vd = _mm256_add_pd(vd, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fd)),
-                                                     _mm256_cvtps_pd(_mm256_extractf128_ps(fd, 1))));
-                vw = _mm256_add_pd(vw, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fw)),
-                                                     _mm256_cvtps_pd(_mm256_extractf128_ps(fw, 1))));
-            }
+            if (srow) add_squares(&acc, f);
             for (; j < c1; j++) {
                 float v = load1(row, dt, j), y = v * scale;
                 y = y < -448.0f ? -448.0f : (y > 448.0f ? 448.0f : y);
@@ -501,9 +502,7 @@ SIMD static size_t quantize_fp8_band(const void *m, const void *start, size_t ro
             }
         }
     }
-    double lw[4], le[4], ld[4];
-    _mm256_storeu_pd(lw, vw), _mm256_storeu_pd(le, ve), _mm256_storeu_pd(ld, vd);
-    for (int k = 0; k < 4; k++) w2 += lw[k], e2 += le[k], d2 += ld[k];
+    store_squares(acc, sums);
     sums[0] += w2, sums[1] += e2, sums[2] += d2;
     return 0;
 }

@@ -673,13 +673,13 @@ def _with_experts(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
             _write_slice(slots[0], expert, experts, value)
             if measure and expert % _FP8_MEASURE_EVERY == 0:  # the report's requantization measure, by the kernel
                 assert q is not None and q.stored is not None
-                fast = _mxfp4_by_kernel(q.stored, value, start, t.dtype)
+                fast = _requantize_mxfp4_by_kernel(q.stored, value, start, t.dtype)
                 if fast is not None:
                     sums = [a + b for a, b in zip(sums, fast[1])]
             continue
         assert q is not None and q.stored is not None
         measured = t.lora is not None or bool(t.parts)
-        fast = _mxfp4_by_kernel(q.stored, value, start if measured else None, keep.dtype)
+        fast = _requantize_mxfp4_by_kernel(q.stored, value, start if measured else None, keep.dtype)
         if fast is not None:
             parts, norms = fast
         else:
@@ -697,7 +697,7 @@ def _with_experts(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
         _record(run, t.name, (sums[0], sums[1], sums[2]))
 
 
-def _mxfp4_by_kernel(stored: QuantizedWeight, value: torch.Tensor, start: torch.Tensor | None, dtype: str
+def _requantize_mxfp4_by_kernel(stored: QuantizedWeight, value: torch.Tensor, start: torch.Tensor | None, dtype: str
                      ) -> tuple[dict[str, torch.Tensor], tuple[float, float, float]] | None:
     """One merged MXFP4 expert (in, out) quantized back by the kernel (the same codes as compute.requantize's
     quantize_mxfp4): its blocks and scales, and the requantization sums; None where the kernel cannot."""

@@ -349,18 +349,12 @@ INT8 = dict(num_bits=8, type="int", strategy="channel", symmetric=False)
 
 
 def int_weights(name: str, w: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
-    """compressed-tensors' own compressor: W4A16 groups of 64, or W8A16 per channel."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from compressed_tensors.quantization.utils import calculate_qparams
+    """compressed-tensors' own compressor (W4A16 groups of 64, or W8A16 per channel), as tests/merge uses it."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from quant_builders import ct_compress
 
-    args = QuantizationArgs(**weights)
-    size = weights.get("group_size") or w.shape[1]
-    groups = w.unflatten(-1, (w.shape[1] // size, size))
-    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-    state = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zero},
-                                                  QuantizationScheme(targets=["Linear"], weights=args))
-    return {name[: -len("weight")] + key: value for key, value in state.items()}
+    stored, _, _ = ct_compress(w, QuantizationArgs(**weights))
+    return {name[: -len("weight")] + key: value for key, value in stored.items()}
 
 
 QUANTIZED = {

@@ -21,6 +21,7 @@ import transformers
 from helpers import cli_run
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft_oracle import assert_same_tensors, read_folder
+from quant_builders import ct_compress
 from safetensors.torch import load_file, save_file
 
 from rslora_tools.compute.quantization import dequantize_fp8, dequantize_mxfp4
@@ -301,31 +302,18 @@ def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
 
 
 def compressed_packed_checkpoint(base: Path, folder: Path, fmt: str, weights: dict) -> None:
-    """BASE's projections compressed by compressed-tensors' own compressor for `fmt` (scales from its
-    calculate_qparams on min/max, as its observers take them), the rest as it is."""
-    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+    """BASE's projections compressed by compressed-tensors' own compressor for `fmt` (quant_builders.ct_compress),
+    the rest as it is."""
+    from compressed_tensors.quantization import QuantizationArgs
 
     args = QuantizationArgs(**weights)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    compressor = NVFP4PackedCompressor if fmt == "nvfp4-pack-quantized" else PackedQuantizationCompressor
     tensors = {}
     for name, w in load_file(base / "model.safetensors").items():
         if not name.endswith("proj.weight"):
             tensors[name] = w
             continue
-        size = args.group_size or w.shape[1]
-        groups = w.unflatten(-1, (w.shape[1] // size, size))
-        state = {"weight": w}
-        if fmt == "nvfp4-pack-quantized":
-            state["weight_global_scale"] = generate_gparam(w.amin(), w.amax())
-        scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args,
-                                        global_scale=state.get("weight_global_scale"))
-        state |= {"weight_scale": scale, "weight_zero_point": zero}
         module = name[: -len("weight")]
-        tensors |= {module + key: value for key, value in compressor.compress(state, scheme).items()}
+        tensors |= {module + key: value for key, value in ct_compress(w, args)[0].items()}
     folder.mkdir()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())
@@ -367,10 +355,7 @@ def test_compressed_tensors_packed_formats_merge_as_peft_merges_the_decompressed
 
 
 def test_packed_dequantization_is_compressed_tensors_op_for_op():
-    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+    from compressed_tensors.quantization import QuantizationArgs
 
     from rslora_tools.compute.quantization import dequantize_ct_int, dequantize_nvfp4
 
@@ -381,23 +366,14 @@ def test_packed_dequantization_is_compressed_tensors_op_for_op():
             for size, sym in ((32, True), (32, False), (None, True), (None, False)):
                 args = QuantizationArgs(num_bits=bits, type="int", strategy="group" if size else "channel",
                                         group_size=size, symmetric=sym)
-                groups = w.unflatten(-1, (cols // (size or cols), size or cols))
-                scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-                scheme = QuantizationScheme(targets=["Linear"], weights=args)
-                packed = PackedQuantizationCompressor.compress(
-                    {"weight": w, "weight_scale": scale, "weight_zero_point": zero}, scheme)
-                theirs = PackedQuantizationCompressor.decompress(packed, scheme)["weight"]
+                packed, compressor, scheme = ct_compress(w, args)
+                theirs = compressor.decompress(packed, scheme)["weight"]
                 ours = dequantize_ct_int(packed["weight_packed"], packed["weight_scale"],
                                          packed.get("weight_zero_point"), (rows, cols), bits)
                 assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), (rows, bits, size, sym)
         args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True)
-        scheme = QuantizationScheme(targets=["Linear"], weights=args)
-        state = {"weight": w, "weight_global_scale": generate_gparam(w.amin(), w.amax())}
-        groups = w.unflatten(-1, (cols // 16, 16))
-        state["weight_scale"], state["weight_zero_point"] = calculate_qparams(
-            groups.amin(-1), groups.amax(-1), args, global_scale=state["weight_global_scale"])
-        packed = NVFP4PackedCompressor.compress(state, scheme)
-        theirs = NVFP4PackedCompressor.decompress(packed, scheme)["weight"]
+        packed, compressor, scheme = ct_compress(w, args)
+        theirs = compressor.decompress(packed, scheme)["weight"]
         ours = dequantize_nvfp4(packed["weight_packed"], packed["weight_scale"], packed["weight_global_scale"])
         assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
 

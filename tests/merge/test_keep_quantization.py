@@ -213,37 +213,40 @@ def test_keep_quantization_refusals(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_nvfp4_keeps_its_format_with_its_compressor(tmp_path):
+def assert_kept(tmp_path: Path, base: Path, ad: Path, expected: dict[str, dict[str, torch.Tensor]]) -> None:
+    """OUT holds `expected` (module -> stored tensors by role) for the changed modules and the base's bytes for every
+    other tensor, and verify finds it exact."""
+    out, stored = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
+    assert sorted(out) == sorted(stored)
+    for module, tensors in expected.items():
+        for key, value in tensors.items():
+            assert torch.equal(out[f"{module}.{key}"].view(torch.uint8), value.contiguous().view(torch.uint8)), (module, key)
+    for name, value in stored.items():
+        if name.rsplit(".", 1)[0] not in expected:
+            assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
+    checked = json.loads(cli_run("verify", tmp_path / "out", base, ad, "--json").stdout)
+    assert checked["verdict"] == "exact"
+
+
+@pytest.mark.parametrize("kind", ["int4-group", "int4-group-asym", "int8-channel", "nvfp4"])
+def test_compressed_tensors_packed_formats_keep_theirs_with_their_compressor(tmp_path, kind):
+    """compressed-tensors' own compressor on PEFT's merged weight (for NVFP4, with llm-compressor's NVFP4 preset:
+    float8 scales)."""
     pytest.importorskip("compressed_tensors")
-    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
-    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.quant_scheme import NVFP4
-    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+    from quant_builders import ct_compress
     from test_fp8_mxfp4 import PACKED, compressed_packed_checkpoint
     from transformers import CompressedTensorsConfig
 
+    fmt, weights = PACKED[kind]
     base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
-    compressed_packed_checkpoint(base, tmp_path / "ct", *PACKED["nvfp4"])
+    compressed_packed_checkpoint(base, tmp_path / "ct", fmt, weights)
     ad = adapter(base, tmp_path / "adapter", **LORA)
     cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", "--keep-quantization")
     peft = peft_reference(tmp_path, tmp_path / "ct", ad, quantization_config=CompressedTensorsConfig(dequantize=True))
-    args = NVFP4["weights"]  # llm-compressor's NVFP4 preset: float8 scales
-    out, stored = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "ct" / "model.safetensors")
-    assert sorted(out) == sorted(stored)
-    for module in CHANGED:  # compressed-tensors' own quantizer and compressor on PEFT's merged weight
-        w = peft[module + ".weight"]
-        state = {"weight": w, "weight_global_scale": generate_gparam(w.amin(), w.amax())}
-        groups = w.unflatten(-1, (w.shape[1] // 16, 16))
-        state["weight_scale"], state["weight_zero_point"] = calculate_qparams(
-            groups.amin(-1), groups.amax(-1), args, global_scale=state["weight_global_scale"])
-        expected = NVFP4PackedCompressor.compress(state, QuantizationScheme(targets=["Linear"], weights=args))
-        for key, value in expected.items():
-            assert torch.equal(out[f"{module}.{key}"].view(torch.uint8), value.contiguous().view(torch.uint8)), (module, key)
-    for name, value in stored.items():
-        if name.rsplit(".", 1)[0] not in CHANGED:
-            assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
-    checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "ct", ad, "--json").stdout)
-    assert checked["verdict"] == "exact"
+    args = NVFP4["weights"] if kind == "nvfp4" else QuantizationArgs(**weights)
+    assert_kept(tmp_path, tmp_path / "ct", ad, {m: ct_compress(peft[m + ".weight"], args)[0] for m in CHANGED})
 
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -314,41 +317,6 @@ def test_mxfp4_quantizer_gives_back_the_codes_it_was_given():
     blocks, scales = quantize_mxfp4(param)
     assert [torch.equal(a, b) for a, b in zip((blocks, scales), mxfp4_reference(param))] == [True, True]
     assert scales[1, 1, 0] == 124 and blocks[1, 1, 0, :6].tolist() == [0x07, 0x22, 0x44, 0x66, 0xC8, 0x08]
-
-
-@pytest.mark.parametrize("kind", ["int4-group", "int4-group-asym", "int8-channel"])
-def test_compressed_tensors_int_keeps_its_format_with_its_compressor(tmp_path, kind):
-    pytest.importorskip("compressed_tensors")
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from compressed_tensors.quantization.utils import calculate_qparams
-    from test_fp8_mxfp4 import PACKED, compressed_packed_checkpoint
-    from transformers import CompressedTensorsConfig
-
-    fmt, weights = PACKED[kind]
-    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
-    compressed_packed_checkpoint(base, tmp_path / "ct", fmt, weights)
-    ad = adapter(base, tmp_path / "adapter", **LORA)
-    cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", "--keep-quantization")
-    peft = peft_reference(tmp_path, tmp_path / "ct", ad, quantization_config=CompressedTensorsConfig(dequantize=True))
-    args = QuantizationArgs(**weights)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    out, stored = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "ct" / "model.safetensors")
-    assert sorted(out) == sorted(stored)
-    for module in CHANGED:  # compressed-tensors' own compressor on PEFT's merged weight
-        w = peft[module + ".weight"]
-        size = args.group_size or w.shape[1]
-        groups = w.unflatten(-1, (w.shape[1] // size, size))
-        scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-        expected = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale,
-                                                          "weight_zero_point": zero}, scheme)
-        for key, value in expected.items():
-            assert torch.equal(out[f"{module}.{key}"].view(torch.uint8), value.contiguous().view(torch.uint8)), (module, key)
-    for name, value in stored.items():
-        if name.rsplit(".", 1)[0] not in CHANGED:
-            assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
-    checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "ct", ad, "--json").stdout)
-    assert checked["verdict"] == "exact"
 
 
 @pytest.mark.parametrize("base_format", ["fp8-blocks", "ct-fp8-channel"])
