@@ -56,7 +56,7 @@ def build_tuned(base: Path, adapter: Path, tuned: Path) -> None:
 def reconstruction_error(base: Path, tuned: Path, adapter: Path) -> tuple[float, float, int]:
     """(relative error over all factorised modules, worst module's, modules) of an adapter against TUNED - BASE."""
 
-    from rslora_tools.adapter.adapter import load_adapter
+    from rslora_tools.adapter.load import load_adapter
     from rslora_tools.formats.checkpoint import CheckpointFiles, open_checkpoint
     from rslora_tools.adapter.module_scales import module_entries
 

@@ -22,7 +22,7 @@ __version__ = "0.2.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "Adapter": "adapter.adapter", "AdapterConfig": "adapter.config", "load_adapter": "adapter.adapter",
+    "Adapter": "adapter.adapter", "AdapterConfig": "adapter.config", "load_adapter": "adapter.load",
     "Checkpoint": "formats.checkpoint", "open_checkpoint": "formats.checkpoint",
     "QuantScheme": "formats.quant", "trained_on_scheme": "formats.quant",
     "AdapterConfigError": "errors", "InputError": "errors", "MismatchError": "errors", "OutputError": "errors",
@@ -52,7 +52,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .adapter.adapter import Adapter, load_adapter  # noqa: F401
+    from .adapter.adapter import Adapter  # noqa: F401
+    from .adapter.load import load_adapter  # noqa: F401
     from .adapter.config import AdapterConfig  # noqa: F401
     from .adapter.scaling import ModuleScale, module_scale, scale  # noqa: F401
     from .commands.combine import CombineOptions, CombineReport, combine  # noqa: F401

@@ -83,7 +83,7 @@ def peft_logprobs(base: Path, adapter: Path | None) -> torch.Tensor:
 
 def predicted(adapter: Path, version: str) -> tuple[str, dict[str, float]]:
     """What rslora-tools says this release does: "cannot serve", "exact" or "wrong scale", and the factor per module."""
-    from rslora_tools.adapter.adapter import load_adapter
+    from rslora_tools.adapter.load import load_adapter
     from rslora_tools.adapter.module_scales import module_entries
     from rslora_tools.adapter.runtimes import missing_features, runtime, runtime_scale
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import CONFIG_NAME, AdapterConfig, parse_config, read_config_file
+from .config import CONFIG_NAME, AdapterConfig
 from ..errors import AdapterConfigError, InputError
-from ..formats.safetensors_file import SafetensorsHeader, read_bytes, read_header, read_tensor
+from ..formats.safetensors_file import SafetensorsHeader, read_bytes, read_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +80,11 @@ class Adapter:
         assert self._header is not None
         with open(self.weights_path, "rb") as f:
             return read_tensor(f, self._header, key)
+
+    @property
+    def source_format(self) -> str:
+        """The format of the files read: "peft", or "mlx-lm" for an mlx-lm adapter read as PEFT's (adapter.mlx)."""
+        return "peft"
 
     @property
     def on_disk(self) -> bool:
@@ -155,63 +160,14 @@ def find_adapter_folder(path: str | os.PathLike[str]) -> Path:
     if subfolders:
         names = ", ".join(p.name for p in subfolders)
         raise InputError(f"{path}: holds several adapters ({names}); pass the one to merge, e.g. {subfolders[0]}")
-    raise InputError(f"{path}: no {CONFIG_NAME} here or in a subfolder; is this a PEFT adapter folder?")
-
-
-def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapter:
-    """Read an adapter folder: its config and tensor headers (weights are read later, one tensor at a time).
-
-    Args:
-        path: an adapter folder as written by PEFT's `save_pretrained` (or a folder with one adapter subfolder).
-        allow_pickle: load `adapter_model.bin` when there is no safetensors file, with
-            `torch.load(weights_only=True)`, which never executes code.
-
-    Returns:
-        The `Adapter`, with its modules grouped and checked.
-    """
-    folder = find_adapter_folder(path)
-    config = parse_config(read_config_file(folder), str(folder / CONFIG_NAME))
-    weights = folder / WEIGHTS_NAME
-    if weights.is_file():
-        header = read_header(weights)
-        adapter = Adapter(folder, weights, config, {k: v.shape for k, v in header.tensors.items()},
-                          {k: v.dtype for k, v in header.tensors.items()}, _header=header)
-    elif (folder / PICKLE_NAME).is_file():
-        weights = folder / PICKLE_NAME
-        if not allow_pickle:
-            raise InputError(
-                f"{weights}: the adapter exists only as a pickle; pickles can execute code, so they are refused. "
-                "Convert it to safetensors (PEFT: save_pretrained(..., safe_serialization=True)) or pass "
-                "--allow-pickle to load it with torch.load(weights_only=True)"
-            )
-        from ..formats.safetensors_file import torch_to_safetensors_dtype
-
-        pickled = _load_pickle(weights)
-        adapter = Adapter(folder, weights, config, {k: tuple(v.shape) for k, v in pickled.items()},
-                          {k: torch_to_safetensors_dtype(v.dtype) for k, v in pickled.items()}, _pickled=pickled)
-    else:
-        raise InputError(f"{folder}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
-    _group_keys(adapter)
-    return adapter
-
-
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds here; all mean "not a safe tensor pickle"
-        raise InputError(f"{path}: cannot be loaded safely with torch.load(weights_only=True): {e}") from e
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise InputError(f"{path}: expected a dict of tensors")
-    return state
+    raise InputError(f"{path}: no {CONFIG_NAME} here or in a subfolder; is this a PEFT or mlx-lm adapter folder?")
 
 
 def strip_peft_prefix(key: str) -> str:
     return key.removeprefix(PEFT_PREFIX)
 
 
-def _group_keys(adapter: Adapter) -> None:
+def group_keys(adapter: Adapter) -> None:
     """Sort adapter keys into LoRA modules, full-tensor replacements and trainable tokens."""
     loose: list[tuple[str, str]] = []
     for key in adapter.shapes:

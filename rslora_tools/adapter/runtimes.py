@@ -44,6 +44,7 @@ class Runtime:
     rank_from_shape: bool = False  # takes each tensor's rank from B's shape, one alpha per file
     lacks: Mapping[str, str] = field(default_factory=dict)  # adapter feature -> what the runtime does with it
     evidence: str = ""  # how the behaviour is known (a test, or the release whose source was read)
+    adapter_format: str = "peft"  # the adapter files it reads: "peft", or "mlx-lm" (adapter/mlx.py)
 
     @property
     def honours_rslora(self) -> bool:
@@ -127,6 +128,12 @@ _TABLE: dict[str, tuple[str, str, list[dict[str, Any]]]] = {
         "trainable_tokens": "cannot convert trainable tokens", "lora_bias": "has no lora_bias tensors",
         "bias": "cannot change base biases"},
         evidence="measured: tests/convert/test_llama_cpp.py (llama.cpp vendored in llama-cpp-python 0.3.36)")]),
+    "mlx": ("mlx-lm", "0.32.2", [dict(since="", rslora="ignored", honours_patterns=False, adapter_format="mlx-lm",
+                                      lacks={
+        "modules_to_save": "has no modules_to_save (an mlx-lm adapter holds lora_a, lora_b and m only)",
+        "embedding": "applies an embedding LoRA to a tied output projection too (not converted)",
+        "trainable_tokens": "has no trainable tokens", "lora_bias": "has no lora_bias", "bias": "cannot change base biases"},
+        evidence="measured: tests/mlx/test_mlx.py (mlx-lm 0.32.2 on mlx 0.32.4, CPU)")]),
 }
 
 
@@ -187,6 +194,15 @@ def runtime_scale(rt: Runtime, fields: dict[str, Any], entry: ModuleEntry) -> fl
     if rt.rank_from_shape:
         return scale(fields["lora_alpha"], entry.shape_rank, rslora)
     return scale(fields["lora_alpha"], fields["r"], rslora)
+
+
+def format_mismatch(rt: Runtime, adapter: Adapter) -> str | None:
+    """Why `rt` cannot read the adapter's files as they are (another format), with the fix; None when it can."""
+    if rt.adapter_format == adapter.source_format:
+        return None
+    names = {"peft": "PEFT", "mlx-lm": "mlx-lm"}
+    return (f"it reads {names[rt.adapter_format]} adapters only, not {names[adapter.source_format]}'s (convert "
+            f"--target {rt.name} writes one)")
 
 
 def missing_features(rt: Runtime, adapter: Adapter) -> list[str]:

@@ -61,15 +61,16 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
 
 
 class AdapterWriter:
-    """Writes FOLDER/adapter_config.json and FOLDER/adapter_model.safetensors, tensor by tensor, checked."""
+    """Writes FOLDER/adapter_config.json and FOLDER/adapter_model.safetensors (mlx-lm's: adapters.safetensors),
+    tensor by tensor, checked."""
 
     def __init__(self, folder: Path, config: dict[str, Any], entries: list[TensorEntry], metadata: dict[str, str],
-                 *, allow_nonfinite: bool = False, allowed_by_flag: bool = True):
+                 *, allow_nonfinite: bool = False, allowed_by_flag: bool = True, weights_name: str = WEIGHTS_NAME):
         self.allow_nonfinite, self.allowed_by_flag = allow_nonfinite, allowed_by_flag
         if not allow_nonfinite:
             check_config_finite(config)
         write_config(folder, config)
-        self.path = folder / WEIGHTS_NAME
+        self.path = folder / weights_name
         self.writer = SafetensorsWriter(self.path, entries, metadata)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:

@@ -19,7 +19,8 @@ from .render import echo_warnings, finish
 @click.option("--to-classic", "to_classic", is_flag=True, help="Rewrite to classic LoRA (alpha/r), same scales.")
 @click.option("--target", type=o.RuntimeSpec(allow_unit=True), metavar="RUNTIME[@VERSION]",
               help="Produce an adapter that this runtime serves with PEFT's exact per-module scales: peft, vllm, tgi, "
-                   "lorax, sglang, llama.cpp or unit; a release as vllm@0.6.3 (default: the current one).")
+                   "lorax, sglang, llama.cpp, mlx (mlx-lm's format) or unit; a release as vllm@0.6.3 (default: the "
+                   "current one).")
 @click.option("--bake", is_flag=True, help="With --to-*: fold the scale change into lora_B instead of rewriting alphas.")
 @click.option("--base", help="Base model folder or Hub repo; needed for --target llama.cpp with a .gguf OUT, and for "
                              "--expert-layout / --key-layout.")
@@ -51,7 +52,8 @@ def convert(adapter: str, out: str, **flags: Any) -> None:
     (or RUNTIME@VERSION's) needs: a no-op copy when it already applies PEFT's scales (today's
     vLLM does), a config rewrite when that suffices, or the unit-scale form (scale folded into
     lora_B in float32, alpha = r). Runtimes that cannot serve an adapter (DoRA or lora_bias on
-    vLLM, modules_to_save on TGI, ...) are refused with the reason.
+    vLLM, modules_to_save on TGI, ...) are refused with the reason. --target mlx writes
+    mlx-lm's format; an mlx-lm adapter is accepted as ADAPTER too.
 
     PiSSA, OLoRA, CorDA and LoRA-GA adapters are relative to a residual base; --initial INIT
     turns them into a plain LoRA for the original base, with every module's scale exact
@@ -63,6 +65,8 @@ def convert(adapter: str, out: str, **flags: Any) -> None:
       rslora-tools convert my-adapter/ for-vllm/ --target vllm
       rslora-tools convert my-adapter/ for-old-vllm/ --target vllm@0.6.3
       rslora-tools convert my-adapter/ adapter.gguf --target llama.cpp --base base-model/
+      rslora-tools convert my-adapter/ for-mlx/ --target mlx
+      rslora-tools convert mlx-adapter/ for-vllm/ --target vllm
       rslora-tools convert org/adapter for-sglang/ --target sglang --push-to-hub me/adapter-sglang
       rslora-tools convert pissa-trained/ plain-lora/ --initial pissa-init/
       rslora-tools convert pissa-trained/ for-vllm/ --initial pissa-init/ --target vllm
@@ -96,7 +100,11 @@ def _print_convert(report: Any) -> None:
     click.echo(f"{verb} {report.out}: {report.message}")
     for key, (before, after) in report.config_changes.items():
         click.echo(f"  {key}: {json.dumps(before)} -> {json.dumps(after)}")
-    if report.action == "relayout":
+    if report.action == "mlx":
+        click.echo(f"  weights: lora_a = A^T, lora_b = B^T in mlx-lm's adapters.safetensors ({report.weights_dtype or 'dtype kept'})")
+    elif report.source_format == "mlx-lm" and report.action in ("copy", "config"):
+        click.echo("  weights: lora_A = lora_a^T, lora_B = lora_b^T (the same values)")
+    elif report.action == "relayout":
         how = "rearranged" if "expert layout" in report.target else "renamed"
         click.echo(f"  weights: the same values, {how} (every module keeps its scale)")
     elif report.action == "initial" or (report.weights_changed and report.relative_form is not None):

@@ -64,7 +64,8 @@ def _print_inspection(report: Any) -> None:
         cfg += f", rank_pattern={json.dumps(report.rank_pattern)}"
     if report.alpha_pattern:
         cfg += f", alpha_pattern={json.dumps(report.alpha_pattern)}"
-    click.echo(f"{report.adapter}: {convention_label(report.convention, 'short')}; {cfg}")
+    read_as = "mlx-lm adapter, read as PEFT's " if report.adapter_format == "mlx-lm" else ""
+    click.echo(f"{report.adapter}: {read_as}{convention_label(report.convention, 'short')}; {cfg}")
     click.echo(f"  {len(report.modules)} LoRA modules; features: {', '.join(report.features) or 'plain LoRA'}")
     runtime_names = [n for n in report.runtimes if n != "peft"]
     header = ["modules", "n", "layers", "rank", "alpha", "PEFT scale",

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..adapter.adapter import Adapter, load_adapter
+from ..adapter.adapter import Adapter
+from ..adapter.load import load_adapter
 from ..compute.finite import check_finite
 from ..errors import InputError, OptionError, cli_message
 from ..formats.output import check_output_location, writing

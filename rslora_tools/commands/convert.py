@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..adapter.adapter import WEIGHTS_NAME, Adapter, load_adapter
+from ..adapter.adapter import WEIGHTS_NAME, Adapter
+from ..adapter.load import load_adapter
 from ..adapter.config import CONFIG_NAME
 from ..adapter.config_rewrite import is_power_of_two
 from ..adapter.module_scales import ModuleEntry, module_entries
@@ -150,6 +151,12 @@ def convert_adapter(loaded: Adapter, out: Path, options: ConvertOptions, source:
         assert options.base is not None
         base = base_input(options.base, token=options.token).path
         report = _convert_to_gguf(loaded, entries, base, out, options)
+    elif options.target is not None and options.target != "unit" and runtime(options.target).adapter_format == "mlx-lm":
+        from .mlx import convert_to_mlx
+
+        report = convert_to_mlx(loaded, entries, out, options, source)
+        pushed = publish(out, options)
+        report.push = pushed.to_dict() if pushed is not None else None
     else:
         report = _convert_to_folder(loaded, entries, out, options, source)
         pushed = publish(out, options)
@@ -171,8 +178,9 @@ def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, o
         target=options.to or options.target or "original base", modules=len(entries), message=plan.message,
         config_changes=config_changes(loaded.trained_adapter.config.normalized(), plan.config),
         weights_changed=any(f != 1.0 for f in plan.factors.values()) or not loaded.on_disk,
-        weights_dtype="F32" if upcast or not loaded.on_disk else None, dry_run=options.dry_run,
-        relative_form=loaded.relative_form,
+        weights_dtype="F32" if upcast or (not loaded.on_disk and loaded.source_format == "peft") else None,
+        dry_run=options.dry_run,
+        relative_form=loaded.relative_form, source_format=loaded.source_format,
     )
     other_files(loaded)  # a side file that links out of the folder is refused before anything is written
     if options.dry_run:
@@ -211,7 +219,10 @@ def _convert_to_gguf(loaded: Adapter, entries: list[ModuleEntry], base: Path, ou
 
 
 def _relative_message(loaded: Adapter, message: str) -> str:
-    """A conversion's message, prefixed with the --initial step when there was one."""
+    """A conversion's message, prefixed with the --initial step or the reading of an mlx-lm adapter."""
+    if loaded.source_format == "mlx-lm":
+        message = message.replace("copied unchanged", "written as PEFT's, unchanged")
+        return f"mlx-lm adapter read as PEFT's (factors transposed, lora_alpha = scale * rank); {message}"
     if loaded.relative_form is None:
         return message
     relative = f"{variant_name(loaded.trained_adapter)} adapter made relative to the original base ({loaded.relative_form})"

@@ -35,6 +35,7 @@ class ConvertReport(Report):
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     relative_form: str | None = None  # --initial: the adapter was made relative to the original base, in this form
+    source_format: str = "peft"  # the format ADAPTER was read from: "peft" or "mlx-lm"
     push: dict[str, Any] | None = None  # the push of OUT when one was asked
 
 
@@ -52,7 +53,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[A
 
 def other_files(adapter: Adapter) -> list[Path]:
     """The adapter folder's other top-level files, which travel along (links out of the folder refused)."""
-    skip = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, PROVENANCE_NAME}
+    skip = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, PROVENANCE_NAME, adapter.weights_path.name}
     return [checked_file(adapter.path, path, "side file") for path in sorted(adapter.path.iterdir())
             if path.name not in skip and not path.name.startswith(".") and path.is_file()]
 

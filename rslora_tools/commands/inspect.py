@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..adapter.adapter import Adapter, load_adapter
+from ..adapter.adapter import Adapter
+from ..adapter.load import load_adapter
 from ..adapter.config import MUTATING_INITS
 from ..adapter.module_scales import (
     ModuleEntry,
@@ -27,6 +28,7 @@ from ..adapter.runtimes import (
     RUNTIMES,
     Runtime,
     adapter_features,
+    format_mismatch,
     missing_features,
     release,
     runtime,
@@ -80,6 +82,7 @@ class InspectReport(Report):
     applies_to: dict[str, list[str]] = field(default_factory=dict)  # with a base: adapter module -> the tensors it changes
     base_format: str | None = None  # with a quantized base: its format ("fp8 (blocks 128x128)", "nf4 (...)")
     quantized_targets: list[str] = field(default_factory=list)  # base tensors the adapter changes that are stored quantized
+    adapter_format: str = "peft"  # "mlx-lm": an mlx-lm adapter, shown as the PEFT adapter it equals (adapter/mlx.py)
 
     @property
     def errors(self) -> int:
@@ -148,6 +151,7 @@ def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = No
         features=[FEATURE_NAMES[f] for f in adapter_features(loaded)], modules=modules,
         groups=_groups(modules), runtimes=summaries, lints=lints, base=str(base) if base is not None else None,
         init_variant=variant_name(loaded), merge_needs_initial=loaded.config.init_variant in MUTATING_INITS,
+        adapter_format=loaded.source_format,
     )
     _lint_initialisation(report, lints)
     _lint_ranks(entries, lints)
@@ -212,6 +216,9 @@ def _ranges(numbers: list[int]) -> str:
 def _summary(rt: Runtime, adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry]) -> dict[str, Any]:
     """One runtime at one range of releases: exact, wrong scale (and how wrong) or cannot serve (and why)."""
     lacks = missing_features(rt, adapter)
+    other_format = format_mismatch(rt, adapter)
+    if other_format is not None:
+        lacks.insert(0, other_format)
     scales = [(e, runtime_scale(rt, fields, e)) for e in entries]
     if any(s is None for _, s in scales):
         lacks.append("it refuses rsLoRA adapters (use_rslora: true)")

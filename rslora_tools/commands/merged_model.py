@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapter.adapter import Adapter, load_adapter
+from ..adapter.adapter import Adapter
+from ..adapter.load import load_adapter
 from ..adapter.relative import RelativeAdapter, relative_to_original, variant_name
 from ..adapter.stacked import stack_adapters
 from ..compute.finite import check_finite

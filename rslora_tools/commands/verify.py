@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..adapter.adapter import Adapter, load_adapter
+from ..adapter.adapter import Adapter
+from ..adapter.load import load_adapter
 from ..adapter.relative import relative_to_original
 from ..adapter.stacked import stack_adapters
 from ..compute.torch_ops import merged_tensor

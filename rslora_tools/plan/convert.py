@@ -20,7 +20,7 @@ from ..errors import UnsupportedAdapterError
 CONVENTIONS: dict[str, bool] = {"rslora": True, "classic": False}
 
 
-Action = Literal["copy", "config", "bake", "unit", "gguf", "initial", "relayout"]
+Action = Literal["copy", "config", "bake", "unit", "gguf", "initial", "relayout", "mlx"]
 
 
 @dataclass

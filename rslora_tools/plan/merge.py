@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..adapter.adapter import Adapter, LoraModule, load_adapter
+from ..adapter.adapter import Adapter, LoraModule
+from ..adapter.load import load_adapter
 from ..formats.checkpoint import Checkpoint, open_checkpoint, shard_file_name
 from ..errors import MismatchError, UnsupportedAdapterError
 from ..adapter.relative import require_plain

@@ -215,7 +215,7 @@ def test_a_pissa_adapter_converted_with_initial_is_served_by_llama_cpp_on_the_or
 
 
 def test_embedding_lora_on_tied_embeddings_is_refused_because_llama_cpp_cannot_apply_it(bases, tmp_path):
-    from rslora_tools.adapter.adapter import load_adapter
+    from rslora_tools.adapter.load import load_adapter
     from rslora_tools.adapter.module_scales import module_entries
     from rslora_tools.execute.gguf import GgufPlan, write_gguf
     from rslora_tools.formats.checkpoint import open_checkpoint

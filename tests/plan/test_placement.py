@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rslora_tools.adapter.adapter import load_adapter
+from rslora_tools.adapter.load import load_adapter
 from rslora_tools.errors import MismatchError, UnsupportedAdapterError
 from rslora_tools.formats.checkpoint import open_checkpoint
 from rslora_tools.plan.placement import NameResolver, check_shapes, place_module

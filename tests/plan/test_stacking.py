@@ -17,7 +17,7 @@ import torch
 from helpers import ADAPTER, BASE
 from safetensors.torch import load_file, save_file
 
-from rslora_tools.adapter.adapter import load_adapter
+from rslora_tools.adapter.load import load_adapter
 from rslora_tools.adapter.stacked import stack_adapters
 from rslora_tools.errors import InputError, UnsupportedAdapterError
 from rslora_tools.plan.merge import plan_merge
