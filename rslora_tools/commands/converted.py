@@ -58,9 +58,12 @@ def other_files(adapter: Adapter) -> list[Path]:
             if path.name not in skip and not path.name.startswith(".") and path.is_file()]
 
 
-def copy_other_files(adapter: Adapter, tmp: Path, plan: ConversionPlan) -> None:
-    """Every other top-level file travels along; the README gets a note of the conversion."""
+def copy_other_files(adapter: Adapter, tmp: Path, plan: ConversionPlan, *, readme: bool = True) -> None:
+    """Every other top-level file travels along; the README gets a note of the conversion (or, `readme=False`,
+    stays behind: a PEFT card would misdescribe an mlx-lm adapter, and `push` writes the right one)."""
     for path in other_files(adapter):
+        if path.name == "README.md" and not readme:
+            continue
         if path.name == "README.md":
             text = path.read_text(encoding="utf-8", errors="replace")
             (tmp / path.name).write_text(text.rstrip("\n") + "\n\n" + _readme_note(plan), encoding="utf-8")

@@ -1,7 +1,8 @@
 """`convert --target mlx`: a PEFT adapter written as the mlx-lm adapter that serves it (plan/mlx.py decides how).
 
 OUT gets mlx-lm's `adapter_config.json` and `adapters.safetensors` (lora_a = A^T of shape (in, r),
-lora_b = B^T (r, out), m the DoRA magnitude), the adapter's other files, and the provenance file.
+lora_b = B^T (r, out), m the DoRA magnitude), the adapter's other files (not its PEFT model card: `push` writes an
+mlx-lm one), and the provenance file.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def convert_to_mlx(loaded: Adapter, entries: list[ModuleEntry], out: Path, optio
         return report
     with writing(out, written, overwrite=options.overwrite, what="the conversion", warnings=report.warnings) as tmp:
         _write_mlx(loaded, plan, config, tmp, options.allow_nonfinite)
-        copy_other_files(loaded, tmp, ConversionPlan("unit", config, {}, plan.message))
+        copy_other_files(loaded, tmp, ConversionPlan("mlx", config, {}, plan.message), readme=False)
         write_provenance(tmp, {
             "operation": "convert", "adapter": source, "base_model": loaded.config.base_model_name_or_path,
             "message": plan.message, "revision": loaded.config.revision, "from": loaded.config.convention,

@@ -32,8 +32,9 @@ def model_card(folder: Path, repo_id: str) -> str:
             recorded = None
         base = recorded if isinstance(recorded, str) and parse_ref(recorded) else None
     convention = prov.get("convention")
-    tags = ["lora", *(["rslora"] if convention == "rslora" else []), "rslora-tools"]
-    data: dict[str, Any] = {"library_name": "peft" if is_adapter else "transformers"}
+    mlx = is_adapter and convention == "mlx-lm"
+    tags = [*(["mlx"] if mlx else []), "lora", *(["rslora"] if convention == "rslora" else []), "rslora-tools"]
+    data: dict[str, Any] = {"library_name": ("mlx" if mlx else "peft") if is_adapter else "transformers"}
     if base:
         data["base_model"] = base
         data["base_model_relation"] = "adapter" if is_adapter else "merge"
@@ -70,6 +71,18 @@ def _describe_all(sources: list[Any], weights: Any = None) -> str:
     if isinstance(weights, list) and len(weights) == len(described) and any(w != 1.0 for w in weights):
         described = [f"{d} (weight {w:g})" for d, w in zip(described, weights)]
     return ", ".join(described)
+
+
+def _mlx_lines(repo_id: str, prov: dict[str, Any], base: str | None, version: str) -> list[str]:
+    """The card of an mlx-lm adapter (`convert --target mlx`): what it is, and how mlx-lm loads it."""
+    return [
+        f"An mlx-lm LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, converted from the "
+        f"PEFT adapter {_describe(prov.get('adapter'))} with [rslora-tools](https://pypi.org/project/rslora-tools/) "
+        f"{version}: {prov.get('message') or 'converted'}.",
+        "mlx-lm serves it with the function PEFT gives the original adapter.",
+        "", "## Use", "", "```bash", f"hf download {repo_id} --local-dir adapter",
+        f"mlx_lm.generate --model {base or 'BASE'} --adapter-path adapter --prompt \"Hello\"", "```",
+    ]
 
 
 def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None) -> str:
@@ -115,6 +128,8 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
             "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
             f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
         ]
+    elif is_adapter and prov.get("convention") == "mlx-lm":
+        lines += _mlx_lines(repo_id, prov, base, version)
     elif is_adapter:
         what = prov.get("message") or "converted"
         lines += [

@@ -243,3 +243,21 @@ def test_a_broken_or_full_mlx_adapter_is_refused_in_one_line(models, tmp_path, e
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     result = cli_run("merge", models["llama"], adapter, tmp_path / "out", code=None)
     assert result.exit_code != 0 and says in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_an_mlx_adapter_from_the_hub_merges_and_a_converted_one_gets_an_mlx_card(models, tmp_path, fake_hub):
+    adapter = mlx_trained(models["llama"], tmp_path / "mlx", dora=False)
+    fake_hub.upload_local_folder("me/mlx-adapter", adapter)
+    cli_run("merge", models["llama"], "me/mlx-adapter", tmp_path / "from-hub")
+    cli_run("merge", models["llama"], adapter, tmp_path / "local")
+    assert_same_tensors(read_folder(tmp_path / "from-hub"), read_folder(tmp_path / "local"))
+    cli_run("convert", peft_adapter(models["llama"], tmp_path / "peft", "rslora"), tmp_path / "out", "--target", "mlx")
+    preview = json.loads(cli_run("push", tmp_path / "out", "me/adapter-mlx", "--dry-run", "--json").output)
+    assert "library_name: mlx" in preview["card"] and "mlx_lm.generate" in preview["card"]
+    assert "peft" not in preview["card"].split("---")[1]  # not announced as a PEFT adapter
+
+
+def test_a_dry_run_writes_nothing(models, tmp_path):
+    adapter = peft_adapter(models["llama"], tmp_path / "peft", "dora")
+    report = json.loads(cli_run("convert", adapter, tmp_path / "mlx", "--target", "mlx", "--dry-run", "--json").output)
+    assert report["dry_run"] and report["action"] == "mlx" and not (tmp_path / "mlx").exists()
