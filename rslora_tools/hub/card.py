@@ -43,7 +43,8 @@ def model_card(folder: Path, repo_id: str) -> str:
     if not is_adapter:
         tags.append("merge")
     card_data = ModelCardData(tags=tags, **data)
-    return f"---\n{card_data.to_yaml()}\n---\n\n{_card_body(repo_id, prov, is_adapter, base)}"
+    body = _mlx_body(repo_id, prov, base) if mlx else _card_body(repo_id, prov, is_adapter, base)
+    return f"---\n{card_data.to_yaml()}\n---\n\n{body}"
 
 
 def _hub_id(source: Any) -> str | None:
@@ -73,16 +74,25 @@ def _describe_all(sources: list[Any], weights: Any = None) -> str:
     return ", ".join(described)
 
 
-def _mlx_lines(repo_id: str, prov: dict[str, Any], base: str | None, version: str) -> list[str]:
+def _mlx_body(repo_id: str, prov: dict[str, Any], base: str | None) -> str:
     """The card of an mlx-lm adapter (`convert --target mlx`): what it is, and how mlx-lm loads it."""
-    return [
+    lines = [
+        f"# {repo_id.split('/')[-1]}", "",
         f"An mlx-lm LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, converted from the "
         f"PEFT adapter {_describe(prov.get('adapter'))} with [rslora-tools](https://pypi.org/project/rslora-tools/) "
-        f"{version}: {prov.get('message') or 'converted'}.",
+        f"{prov.get('version', __version__)}: {prov.get('message') or 'converted'}.",
         "mlx-lm serves it with the function PEFT gives the original adapter.",
-        "", "## Use", "", "```bash", f"hf download {repo_id} --local-dir adapter",
-        f"mlx_lm.generate --model {base or 'BASE'} --adapter-path adapter --prompt \"Hello\"", "```",
+        "", "## Use", "", "```python", "from huggingface_hub import snapshot_download",
+        "from mlx_lm import generate, load", "",
+        f'model, tokenizer = load("{base or "BASE"}", adapter_path=snapshot_download("{repo_id}"))',
+        'print(generate(model, tokenizer, prompt="Hello"))', "```",
     ]
+    return "\n".join(lines + _how_it_was_made(prov)) + "\n"
+
+
+def _how_it_was_made(prov: dict[str, Any]) -> list[str]:
+    command = prov.get("command")
+    return ["", "## How it was made", "", "```bash", command, "```"] if isinstance(command, str) else []
 
 
 def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None) -> str:
@@ -128,8 +138,6 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
             "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
             f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
         ]
-    elif is_adapter and prov.get("convention") == "mlx-lm":
-        lines += _mlx_lines(repo_id, prov, base, version)
     elif is_adapter:
         what = prov.get("message") or "converted"
         lines += [
@@ -144,6 +152,4 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
         ]
     else:
         lines += ["Uploaded with rslora-tools."]
-    if isinstance(prov.get("command"), str):
-        lines += ["", "## How it was made", "", "```bash", prov["command"], "```"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _how_it_was_made(prov)) + "\n"

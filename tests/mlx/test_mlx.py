@@ -253,7 +253,7 @@ def test_an_mlx_adapter_from_the_hub_merges_and_a_converted_one_gets_an_mlx_card
     assert_same_tensors(read_folder(tmp_path / "from-hub"), read_folder(tmp_path / "local"))
     cli_run("convert", peft_adapter(models["llama"], tmp_path / "peft", "rslora"), tmp_path / "out", "--target", "mlx")
     preview = json.loads(cli_run("push", tmp_path / "out", "me/adapter-mlx", "--dry-run", "--json").output)
-    assert "library_name: mlx" in preview["card"] and "mlx_lm.generate" in preview["card"]
+    assert "library_name: mlx" in preview["card"] and "from mlx_lm import generate, load" in preview["card"]
     assert "peft" not in preview["card"].split("---")[1]  # not announced as a PEFT adapter
 
 
