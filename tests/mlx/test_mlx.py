@@ -261,3 +261,21 @@ def test_a_dry_run_writes_nothing(models, tmp_path):
     adapter = peft_adapter(models["llama"], tmp_path / "peft", "dora")
     report = json.loads(cli_run("convert", adapter, tmp_path / "mlx", "--target", "mlx", "--dry-run", "--json").output)
     assert report["dry_run"] and report["action"] == "mlx" and not (tmp_path / "mlx").exists()
+
+
+@pytest.mark.parametrize("tensors, says", [
+    ({"model.layers.0.mlp.switch_mlp.gate_proj.lora_a": torch.zeros(4, 4, 32),
+      "model.layers.0.mlp.switch_mlp.gate_proj.lora_b": torch.zeros(4, 48, 4)}, "fused MoE experts (SwitchLinear)"),
+    ({"model.embed_tokens.lora_a": torch.zeros(64, 4), "model.embed_tokens.lora_b": torch.zeros(4, 32)},
+     "mlx-lm embedding LoRA is not read"),
+    ({"model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32)}, "is not an mlx-lm LoRA or DoRA tensor"),
+])
+def test_mlx_adapters_rslora_tools_cannot_read_are_refused(models, tmp_path, tensors, says):
+    from safetensors.torch import save_file
+
+    (tmp_path / "mlx").mkdir()
+    save_file(tensors, tmp_path / "mlx" / "adapters.safetensors")
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0}}
+    (tmp_path / "mlx" / "adapter_config.json").write_text(json.dumps(config))
+    result = cli_run("inspect", tmp_path / "mlx", code=1)
+    assert says in result.output

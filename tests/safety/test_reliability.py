@@ -124,6 +124,20 @@ def duplicated_tensor(tmp: Path) -> Path:
     return base
 
 
+def mlx_adapter(edit: Callable[[dict], object]) -> Callable[[Path], Path]:
+    """An mlx-lm adapter folder (rank 4 on one q_proj), its config edited."""
+    def make(tmp: Path) -> Path:
+        folder = tmp / "mlx-adapter"
+        folder.mkdir()
+        save_file({"model.layers.0.self_attn.q_proj.lora_a": torch.zeros(32, 4),
+                   "model.layers.0.self_attn.q_proj.lora_b": torch.zeros(4, 32)}, folder / "adapters.safetensors")
+        config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0}}
+        edit(config)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        return folder
+    return make
+
+
 def pickle_only(tmp: Path) -> Path:
     adapter = adapter_copy(tmp)
     tensors = load_file(adapter / "adapter_model.safetensors")
@@ -397,6 +411,11 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
     ("adapter safetensors header corrupt", merge_args(adapter=lambda t: (raw_safetensors(adapter_copy(t) / "adapter_model.safetensors", {"x": X}, b"\0" * 4), t / "adapter")[1])),
     ("adapter only as a pickle (adapter_model.bin)", merge_args(adapter=pickle_only)),
     ("adapter folder without adapter_config.json", merge_args(adapter=lambda t: (t / "empty").mkdir() or t / "empty")),
+    ("mlx-lm full fine-tune as ADAPTER", merge_args(adapter=mlx_adapter(lambda c: c.update(fine_tune_type="full")))),
+    ("mlx-lm adapter with alpha instead of scale", merge_args(adapter=mlx_adapter(
+        lambda c: c["lora_parameters"].update(alpha=16) or c["lora_parameters"].pop("scale")))),
+    ("mlx-lm adapter whose factors have another rank", merge_args(adapter=mlx_adapter(
+        lambda c: c["lora_parameters"].update(rank=8)))),
     ("OUT inside an input", lambda t: ["merge", base_copy(t), adapter_copy(t), t / "base" / "out"]),
     ("OUT exists and is not empty", lambda t: [*merge_args()(t)[:3], existing_out(t)]),
     ("OUT holds the real file of a linked base shard (--overwrite)", linked_base),
