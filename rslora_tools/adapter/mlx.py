@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .adapter import PEFT_PREFIX, Adapter, group_keys
 from .config import CONFIG_NAME, parse_config
 from ..errors import AdapterConfigError, InputError, UnsupportedAdapterError
-from ..formats.safetensors_file import read_header, read_tensor
+from ..formats.safetensors_file import SafetensorsHeader, read_header, read_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +45,7 @@ class MlxAdapter(Adapter):
     """An mlx-lm adapter as PEFT keys: each factor transposed as it is read; the rest as saved."""
 
     mlx_keys: dict[str, str] = field(default_factory=dict, repr=False)  # PEFT key -> mlx-lm key
+    mlx_header: SafetensorsHeader | None = field(default=None, repr=False)  # adapters.safetensors' header
 
     @property
     def on_disk(self) -> bool:
@@ -55,8 +56,9 @@ class MlxAdapter(Adapter):
         return MLX_FORMAT
 
     def tensor(self, key: str) -> torch.Tensor:
+        assert self.mlx_header is not None
         with open(self.weights_path, "rb") as f:
-            value = read_tensor(f, read_header(self.weights_path), self.mlx_keys[key])
+            value = read_tensor(f, self.mlx_header, self.mlx_keys[key])
         return value.t().contiguous() if value.dim() == 2 else value
 
     def tensor_bytes(self, key: str) -> bytearray:
@@ -95,7 +97,7 @@ def load_mlx_adapter(folder: Path, raw: dict[str, Any]) -> MlxAdapter:
                 f"{weights}: module {name!r}: mlx-lm embedding LoRA is not read (mlx-lm also applies it to a tied "
                 "output projection, which PEFT does not); merge it with mlx_lm.fuse")
     config = parse_config(peft_config(raw, modules, rank, scale, dropout, fine_tune_type == "dora"), where)
-    adapter = MlxAdapter(folder, weights, config, shapes, dtypes, mlx_keys=mlx_keys)
+    adapter = MlxAdapter(folder, weights, config, shapes, dtypes, mlx_keys=mlx_keys, mlx_header=header)
     group_keys(adapter)
     return adapter
 
@@ -115,14 +117,11 @@ def _mlx_fields(raw: dict[str, Any], where: str) -> tuple[str, int, float, float
     rank, scale, dropout = params.get("rank"), params.get("scale"), params.get("dropout", 0.0)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise AdapterConfigError(f"{where}: lora_parameters.rank must be a positive integer, got {rank!r}")
-    if not _finite_number(scale):
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         hint = " (mlx-lm's scale multiplies the update; it is not PEFT's alpha)" if "alpha" in params else ""
         raise AdapterConfigError(f"{where}: lora_parameters.scale must be a finite number, got {scale!r}{hint}")
-    return fine_tune_type, rank, float(scale), float(dropout) if _finite_number(dropout) else 0.0  # type: ignore[arg-type]
-
-
-def _finite_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    finite_dropout = isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and math.isfinite(dropout)
+    return fine_tune_type, rank, float(scale), float(dropout) if finite_dropout else 0.0
 
 
 def _check_tensor(weights: Path, key: str, leaf: str, shape: tuple[int, ...], rank: int) -> None:
