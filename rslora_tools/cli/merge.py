@@ -45,6 +45,10 @@ from ..reporting import counted
 @o.initial_options
 @o.token_option
 @o.push_options
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]),
+              help="OUT.gguf: the GGUF's type, as convert_hf_to_gguf.py's --outtype (default f16).")
+@click.option("--llama-cpp", "llama_cpp", metavar="DIR",
+              help="OUT.gguf: the llama.cpp checkout whose converter writes it (default: $RSLORA_TOOLS_LLAMA_CPP_DIR).")
 @click.option("--stream", is_flag=True,
               help="With --push-to-hub: stream shard by shard from BASE to the Hub; OUT is omitted (every argument "
                    "after BASE is an adapter), the disk holds a few shards at a time.")
@@ -84,6 +88,10 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     INT4/INT8, NVFP4) bases are dequantized as transformers loads them and written unquantized; with
     --keep-quantization the changed weights are quantized back into the base's format instead.
 
+    An OUT ending in .gguf is one llama.cpp file, written by llama.cpp's own converter (--llama-cpp
+    DIR) from the merged tensors as they are computed: no 16-bit folder on disk, and the same bytes
+    as convert_hf_to_gguf.py on the merged folder (--outtype as its).
+
     \b
     Examples:
       rslora-tools merge fixtures/tiny-llama fixtures/tiny-llama-rslora merged/
@@ -93,6 +101,7 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
       rslora-tools merge org/base-bnb-4bit qlora-adapter/ merged/
       rslora-tools merge org/base qlora-adapter/ merged/ --trained-on nf4 --double-quant --dry-run
       rslora-tools merge org/base-fp8 adapter/ merged-fp8/ --keep-quantization
+      rslora-tools merge org/base adapter/ merged.gguf --outtype q8_0 --llama-cpp ~/llama.cpp
       rslora-tools merge org/base pissa-trained/ merged/ --initial pissa-init/
       rslora-tools merge org/base domain-adapter/ chat-adapter/ merged/
       rslora-tools merge org/base task-a/ task-b/ merged/ --weights 0.7,0.4
@@ -141,7 +150,8 @@ def merge_options(flags: dict[str, Any], progress: Any) -> Any:
         allow_pickle=flags["allow_pickle"], trained_on=o.trained_on(flags),
         keep_quantization=flags["keep_quantization"], initial=flags["initial"],
         base_is_residual=flags["base_is_residual"], base_revision=flags["base_revision"],
-        adapter_revision=flags["adapter_revision"], stream=stream)
+        adapter_revision=flags["adapter_revision"], stream=stream, outtype=flags["outtype"],
+        llama_cpp=flags["llama_cpp"])
 
 
 def _print_report(report: Any) -> None:
@@ -173,6 +183,9 @@ def _print_merge(report: Any) -> None:
     for note in report.notes:
         click.echo(f"  note: {note}")
     _print_quantization(report.quantization or {})
+    if report.gguf is not None:
+        click.echo(f"  gguf: {report.gguf['outtype']}, written by llama.cpp's converter in {report.gguf['llama_cpp']}")
+        click.echo(f"  {report.gguf['next_step']}")
     if report.verify is not None:
         v = report.verify
         click.echo(f"  verified: {v['verdict']} ({v['exact']} exact, {v['rounding']} within rounding, "

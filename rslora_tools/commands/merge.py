@@ -74,6 +74,8 @@ def merge(
         progress = None
     options = with_fields(options, MergeOptions, fields)
     adapters = adapter_list(adapter)
+    if (options.outtype or options.llama_cpp) and (out is None or Path(out).suffix != ".gguf"):
+        raise OptionError("--outtype and --llama-cpp go with an OUT ending in .gguf (one llama.cpp file)")
     if options.stream is not None:
         if out is not None:
             raise OptionError("a streamed merge writes no OUT: every argument after BASE is an adapter")
@@ -95,6 +97,10 @@ def run_merge(inputs: MergeInputs, out: Path, options: MergeOptions,
     """A merge of resolved inputs into OUT (`merge` without the resolution and the push)."""
     started = time.monotonic()
     prepared = prepare_merge(inputs.base, inputs, out, options)
+    if out.suffix == ".gguf":
+        from .merged_gguf import run_gguf_merge
+
+        return run_gguf_merge(prepared, out, options, started)
     checkpoint, adapter, report = prepared.checkpoint, prepared.adapter, prepared.report
     folder = check_output_location(out, [checkpoint.folder, *(a.path for a in adapter.sources)], options.overwrite)
     report.free_bytes = free_space(folder)

@@ -61,6 +61,8 @@ class MergeOptions(OutputOptions):
     base_revision: str | None = None  # of BASE, when it is a Hub repo
     adapter_revision: str | None = None  # of the (first) adapter, when it is a Hub repo
     stream: StreamOptions | None = None  # stream from BASE to the Hub repo `push`, shard by shard (no OUT)
+    outtype: str | None = None  # an OUT.gguf: f16, bf16, f32 or q8_0 (convert_hf_to_gguf.py's --outtype); default f16
+    llama_cpp: str | None = None  # an OUT.gguf: the llama.cpp checkout whose converter writes it
 
     def __post_init__(self) -> None:
         try:
@@ -87,6 +89,8 @@ class MergeOptions(OutputOptions):
             raise OptionError("--keep-quantization writes the base's own dtypes; --dtype does not go with it")
         if self.stream is not None:
             self._check_stream()
+        if self.outtype is not None and self.outtype not in ("f16", "bf16", "f32", "q8_0"):
+            raise OptionError(f"unknown --outtype {self.outtype!r}; use f16, bf16, f32 or q8_0")
 
     def _check_stream(self) -> None:
         if self.push is None:
@@ -130,6 +134,7 @@ class MergeReport(Report):
     adapters: list[str] = field(default_factory=list)  # every adapter merged, in order (several: a stacked merge)
     weights: list[float] = field(default_factory=list)  # each adapter's weight (its delta multiplied)
     push: dict[str, Any] | None = None  # the push of OUT when one was asked (hub.push.PushReport)
+    gguf: dict[str, Any] | None = None  # an OUT.gguf: outtype, the llama.cpp used, the next step (commands/merged_gguf)
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""`merge BASE ADAPTER... OUT.gguf`: the merged model straight into one GGUF file (execute/gguf_model.py).
+
+The merge is planned as for a folder; its side files (config, tokenizer, templates) go into a small
+working folder named as OUT without `.gguf` (the name llama.cpp's converter records as the model's
+name), and llama.cpp's converter writes OUT from them and the merged tensors, one tensor at a time:
+the disk holds the inputs, OUT and those few files. OUT is written atomically like every output.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import OptionError
+from ..formats.checkpoint import copy_side_files
+from ..formats.output import check_output_file, free_space, writing
+from ..formats.safetensors_file import tensor_nbytes
+from ..plan.tensors import Plan
+from .merged_model import MergeOptions, MergeReport, PreparedMerge, check_inputs_finite
+
+NEXT_STEP = ("next: K-quants with an importance matrix, as llama.cpp advises: llama-imatrix on OUT with a "
+             "calibration text, then llama-quantize OUT with that matrix (README, 'Straight to GGUF')")
+_BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+
+
+def check_gguf_options(options: MergeOptions) -> None:
+    """What a GGUF OUT cannot be asked for."""
+    for given, name in ((options.keep_quantization, "--keep-quantization"), (options.max_shard_size, "--max-shard-size"),
+                        (options.verify, "--verify"), (options.push is not None, "--push-to-hub")):
+        if given:
+            raise OptionError(f"{name} does not go with a .gguf OUT (one llama.cpp file); merge into a folder for it")
+
+
+def gguf_size(plan: Plan, outtype: str) -> int:
+    """About what the GGUF's tensors take: matrices in `outtype`, vectors in float32 (as llama.cpp's converter keeps
+    norms and biases), plus the side files' size for the metadata."""
+    total = 0.0
+    for t in plan.tensors:
+        values = tensor_nbytes("F32", t.shape) / 4
+        total += values * (_BYTES_PER_VALUE[outtype] if len(t.shape) > 1 else 4.0)
+    return int(total)
+
+
+def run_gguf_merge(prepared: PreparedMerge, out: Path, options: MergeOptions, started: float) -> MergeReport:
+    """Write (or, dry, describe) OUT.gguf from a prepared merge."""
+    from ..execute.gguf_model import find_llama_cpp, write_merged_gguf
+
+    check_gguf_options(options)
+    checkpoint, adapter, report, plan = prepared.checkpoint, prepared.adapter, prepared.report, prepared.plan
+    outtype = options.outtype or "f16"
+    llama_cpp = find_llama_cpp(options.llama_cpp)
+    written = check_output_file(out, [checkpoint.folder, *(a.path for a in adapter.sources)], options.overwrite)
+    report.bytes_written = gguf_size(plan, outtype)
+    report.shards = [out.name]
+    report.free_bytes = free_space(out.parent)
+    report.gguf = {"outtype": outtype, "llama_cpp": str(llama_cpp), "next_step": NEXT_STEP}
+    if options.dry_run:
+        report.seconds = time.monotonic() - started
+        return report
+    check_inputs_finite(adapter, options)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.rslora-tools-side-", dir=out.parent) as work:
+        side = Path(work) / out.name.removesuffix(".gguf")
+        side.mkdir()
+        copy_side_files(checkpoint.folder, adapter.path, side, plan.config_updates)
+        with writing(out, written, overwrite=options.overwrite, what="writing the GGUF file", warnings=report.warnings,
+                     single_file=True) as tmp:
+            write_merged_gguf(plan, checkpoint, adapter, side, tmp, outtype, llama_cpp)
+        shutil.rmtree(side, ignore_errors=True)
+    report.bytes_written = out.stat().st_size
+    report.seconds = time.monotonic() - started
+    return report
