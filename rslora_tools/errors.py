@@ -31,6 +31,7 @@ API_WORDS: dict[str, str] = {
     "--seed": "seed=", "--sample": "sample=", "--alpha": "alpha=", "--max-shard-size": "max_shard_size=",
     "--target-modules": "target_modules=", "--runtime": "runtimes=", "--json": "the returned report",
     "--expert-layout": "expert_layout=", "--key-layout": "key_layout=", "--keep-quantization": "keep_quantization=True",
+    "--outtype": "outtype=", "--llama-cpp": "llama_cpp=",
 }
 _FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?: ([A-Z][A-Z0-9_]*|\d[\w.]*|'[^']*'))?")
 # A command a message suggests, up to the end of its backquotes, parentheses or clause.

@@ -118,8 +118,9 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
 
     quiet, as_json = flags["quiet"], flags["as_json"]
     if flags["stream"]:
+        out = adapters[-1] if adapters and adapters[-1].endswith(".gguf") else None  # else: to the Hub, no OUT
         with phase_progress(not (quiet or as_json)) as phases:
-            report = run_merge(base, list(adapters), options=merge_options(flags, phases))
+            report = run_merge(base, list(adapters[:-1] if out else adapters), out, options=merge_options(flags, phases))
     else:
         options = merge_options(flags, None)
         if len(adapters) < 2:

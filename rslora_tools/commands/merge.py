@@ -76,9 +76,18 @@ def merge(
     adapters = adapter_list(adapter)
     if (options.outtype or options.llama_cpp) and (out is None or Path(out).suffix != ".gguf"):
         raise OptionError("--outtype and --llama-cpp go with an OUT ending in .gguf (one llama.cpp file)")
+    if options.stream is not None and out is not None and Path(out).suffix == ".gguf":
+        from .merged_gguf import check_gguf_options, stream_gguf_merge
+
+        check_gguf_options(options)
+        return stream_gguf_merge(base, adapters, Path(out), options)
     if options.stream is not None:
         if out is not None:
-            raise OptionError("a streamed merge writes no OUT: every argument after BASE is an adapter")
+            raise OptionError("a streamed merge writes no OUT (to the Hub) or one OUT.gguf: every other argument after "
+                              "BASE is an adapter")
+        if options.push is None:
+            raise OptionError("--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (or name an "
+                              "OUT.gguf; without --stream, merge into OUT)")
         from .stream import stream_merge  # imported only for a streamed merge
 
         return stream_merge(base, adapters, options)

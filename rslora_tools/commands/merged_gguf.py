@@ -8,6 +8,7 @@ the disk holds the inputs, OUT and those few files. OUT is written atomically li
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -15,10 +16,14 @@ from pathlib import Path
 
 from ..errors import OptionError
 from ..formats.checkpoint import copy_side_files
-from ..formats.output import check_output_file, free_space, writing
+from ..formats.output import check_output_file, free_space, work_folder, writing
+from ..formats.sizes import human_size
 from ..formats.safetensors_file import tensor_nbytes
 from ..plan.tensors import Plan
-from .merged_model import MergeOptions, MergeReport, PreparedMerge, check_inputs_finite
+from ..hub.transfer import ShardFetcher, hub_bars_hidden
+from ..plan.stream import schedule
+from .common import AdapterSpec
+from .merged_model import MergeOptions, MergeReport, PreparedMerge, check_inputs_finite, merge_inputs, prepare_merge
 
 NEXT_STEP = ("next: K-quants with an importance matrix, as llama.cpp advises: llama-imatrix on OUT with a "
              "calibration text, then llama-quantize OUT with that matrix (README, 'Straight to GGUF')")
@@ -43,8 +48,9 @@ def gguf_size(plan: Plan, outtype: str) -> int:
     return int(total)
 
 
-def run_gguf_merge(prepared: PreparedMerge, out: Path, options: MergeOptions, started: float) -> MergeReport:
-    """Write (or, dry, describe) OUT.gguf from a prepared merge."""
+def run_gguf_merge(prepared: PreparedMerge, out: Path, options: MergeOptions, started: float,
+                   fetcher: ShardFetcher | None = None) -> MergeReport:
+    """Write (or, dry, describe) OUT.gguf from a prepared merge; `fetcher`: a streamed Hub base's shards."""
     from ..execute.gguf_model import find_llama_cpp, write_merged_gguf
 
     check_gguf_options(options)
@@ -60,14 +66,48 @@ def run_gguf_merge(prepared: PreparedMerge, out: Path, options: MergeOptions, st
         report.seconds = time.monotonic() - started
         return report
     check_inputs_finite(adapter, options)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.rslora-tools-side-", dir=out.parent) as work:
         side = Path(work) / out.name.removesuffix(".gguf")
         side.mkdir()
         copy_side_files(checkpoint.folder, adapter.path, side, plan.config_updates)
         with writing(out, written, overwrite=options.overwrite, what="writing the GGUF file", warnings=report.warnings,
                      single_file=True) as tmp:
-            write_merged_gguf(plan, checkpoint, adapter, side, tmp, outtype, llama_cpp)
+            streamed = (fetcher.fetch, fetcher.release) if fetcher is not None else None
+            write_merged_gguf(plan, checkpoint, adapter, side, tmp, outtype, llama_cpp, streamed)
         shutil.rmtree(side, ignore_errors=True)
     report.bytes_written = out.stat().st_size
     report.seconds = time.monotonic() - started
     return report
+
+
+def stream_gguf_merge(base: str | os.PathLike[str], adapters: list[AdapterSpec], out: Path,
+                      options: MergeOptions) -> MergeReport:
+    """`merge --stream BASE ADAPTER... OUT.gguf`: a Hub base's shards fetched as the converter first needs them and
+    deleted once every tensor reading them is written; the disk holds OUT, the side files and a shard or two."""
+    from .stream import check_scratch, make_view, open_streamed_base, shard_fetcher
+
+    started = time.monotonic()
+    stream = options.stream
+    assert stream is not None
+    inputs = merge_inputs(base, adapters, options, base_shards=False)
+    source = inputs.base_source
+    assert source is not None
+    scratch = stream.scratch or out.parent / f".{out.name}.rslora-tools-stream"
+    check_scratch(scratch, source, inputs.adapter)
+    with hub_bars_hidden():
+        checkpoint = open_streamed_base(source, scratch, options.token)
+        prepared = prepare_merge(checkpoint, inputs, out, options)
+        order = schedule(prepared.plan, checkpoint)
+        fetcher = shard_fetcher(source, scratch, stream, options.token)
+        stored = {s for s in order.base_bytes if fetcher is not None and fetcher.cached(s) is None}
+        largest = max((sum(order.base_bytes[s] for s in order.needs[o] if s in stored) for o in order.outputs), default=0)
+        prepared.report.notes.append(f"streamed: base shards fetched as needed and deleted after use (at most about "
+                                     f"{human_size(largest)} of them on disk at a time, in {scratch})")
+        if options.dry_run:
+            return run_gguf_merge(prepared, out, options, started)
+        with work_folder(scratch, f"the scratch folder of a --stream into {out}"):
+            make_view(source, scratch)
+            report = run_gguf_merge(prepared, out, options, started, fetcher)
+            shutil.rmtree(scratch, ignore_errors=True)  # this tool made it and owns all in it (links, download notes)
+        return report

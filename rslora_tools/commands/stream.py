@@ -123,7 +123,7 @@ def stream_merge(base: str | os.PathLike[str], adapters: list[AdapterSpec], opti
     target.refuse_inputs(inputs.sources)
     work = work_folder_path(target.repo_id, stream.scratch)
     assert inputs.base_source is not None
-    _check_scratch(work, inputs.base_source, inputs.adapter)
+    check_scratch(work, inputs.base_source, inputs.adapter)
     with hub_bars_hidden():
         if options.dry_run:
             return _stream_merge(inputs, options, work)
@@ -135,13 +135,13 @@ def _stream_merge(inputs: MergeInputs, options: MergeOptions, scratch: Path) -> 
     started = time.monotonic()
     target, stream, base = options.push_target, options.stream, inputs.base_source
     assert target is not None and stream is not None and base is not None
-    checkpoint = _open_base(base, scratch, target.token)
+    checkpoint = open_streamed_base(base, scratch, target.token)
     prepared = prepare_merge(checkpoint, inputs, Path(target.repo_id), options)
     prepared.report.out = f"hf://{target.repo_id}"
     order = schedule(prepared.plan, checkpoint)
     journal = Journal(scratch, _journal_key(prepared, options, base), forget=stream.no_resume)
     publisher = None if options.dry_run else Publisher(target)
-    fetcher = _fetcher(base, scratch, stream, target.token)
+    fetcher = shard_fetcher(base, scratch, stream, target.token)
     report = _plan_report(prepared, order, fetcher, scratch, stream, target.repo_id)
     if publisher is not None:
         order.done = _still_on_hub(journal, publisher, order, report)
@@ -152,7 +152,7 @@ def _stream_merge(inputs: MergeInputs, options: MergeOptions, scratch: Path) -> 
         return report
     _check_space(report, scratch)
     check_inputs_finite(prepared.adapter, options)
-    _make_view(base, scratch)
+    make_view(base, scratch)
     assert publisher is not None
     publisher.open()
     pipeline = _Pipeline(prepared, order, fetcher, publisher, journal, scratch / "out", stream.progress, options)
@@ -167,7 +167,7 @@ def _stream_merge(inputs: MergeInputs, options: MergeOptions, scratch: Path) -> 
     return report
 
 
-def _check_scratch(scratch: Path, base: Source, adapter: Adapter) -> None:
+def check_scratch(scratch: Path, base: Source, adapter: Adapter) -> None:
     """The scratch folder may not be, hold or sit inside an input folder (it is emptied at the end)."""
     inputs = [base.path] + [a.path for a in adapter.sources]
     for folder in inputs:
@@ -178,7 +178,7 @@ def _check_scratch(scratch: Path, base: Source, adapter: Adapter) -> None:
         raise OutputError(f"{scratch}: exists and is not a folder (the scratch folder of --stream)")
 
 
-def _open_base(base: Source, scratch: Path, token: str | None) -> Checkpoint:
+def open_streamed_base(base: Source, scratch: Path, token: str | None) -> Checkpoint:
     """A local base as it is; a Hub base from its snapshot (configs, index) and its shards' headers, each shard to be
     read through a link in `scratch/view` (made by `_make_view`, filled when the shard is fetched)."""
     if base.repo_id is None:
@@ -207,7 +207,7 @@ def _open_base(base: Source, scratch: Path, token: str | None) -> Checkpoint:
 STREAMED_QUANTIZATION = ("fp8", "mxfp4", "ct_fp8", "ct_nvfp4", "ct_int")
 
 
-def _make_view(base: Source, scratch: Path) -> None:
+def make_view(base: Source, scratch: Path) -> None:
     """The (empty) folder of links through which the merge reads a Hub base's shards."""
     scratch.mkdir(parents=True, exist_ok=True)
     if base.repo_id is not None:
@@ -215,7 +215,7 @@ def _make_view(base: Source, scratch: Path) -> None:
         (scratch / "view").mkdir()
 
 
-def _fetcher(base: Source, scratch: Path, stream: StreamOptions, token: str | None) -> ShardFetcher | None:
+def shard_fetcher(base: Source, scratch: Path, stream: StreamOptions, token: str | None) -> ShardFetcher | None:
     if base.repo_id is None:
         return None
     return ShardFetcher(base, scratch / "view", scratch / "base", keep_cache=stream.keep_cache, token=token,

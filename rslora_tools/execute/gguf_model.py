@@ -60,7 +60,12 @@ def _converter_on_path(llama_cpp: Path) -> Iterator[Any]:
         del sys.modules[name]
     sys.path[:0] = paths
     try:
-        yield importlib.import_module("conversion")
+        try:
+            conversion = importlib.import_module("conversion")
+        except ImportError as e:
+            raise InputError(f"{llama_cpp}: llama.cpp's converter needs the Python package {e.name!r}: pip install "
+                             f"-r {llama_cpp}/requirements/requirements-convert_hf_to_gguf.txt") from e
+        yield conversion
     finally:
         del sys.path[:len(paths)]
         for name in [k for k in sys.modules if k == "gguf" or k.startswith(("gguf.", "conversion"))]:
@@ -68,14 +73,48 @@ def _converter_on_path(llama_cpp: Path) -> Iterator[Any]:
         sys.modules.update(saved)
 
 
+class ShardUse:
+    """A streamed base (`merge --stream OUT.gguf`): each base shard fetched when a tensor first needs it, and released
+    (closed, then deleted by `release`) once every tensor reading it is computed, whatever order the converter asks in."""
+
+    def __init__(self, plan: Plan, files: CheckpointFiles, fetch: Callable[[str], object],
+                 release: Callable[[str], None]):
+        from ..plan.stream import base_reads
+
+        self.files, self.fetch, self.release = files, fetch, release
+        self.reads = {t.name: sorted({files.checkpoint.weight_map[r] for r in base_reads(t)}) for t in plan.tensors}
+        self.left: dict[str, int] = {}
+        for shards in self.reads.values():
+            for shard in shards:
+                self.left[shard] = self.left.get(shard, 0) + 1
+        self.present: set[str] = set()
+
+    def before(self, t: TensorPlan) -> None:
+        for shard in self.reads[t.name]:
+            if shard not in self.present:
+                self.fetch(shard)
+                self.present.add(shard)
+
+    def after(self, t: TensorPlan) -> None:
+        for shard in self.reads[t.name]:
+            self.left[shard] -= 1
+            if self.left[shard] == 0:
+                self.files.forget(shard)
+                self.release(shard)
+                self.present.discard(shard)
+
+
 def write_merged_gguf(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, side_dir: Path, out: Path, outtype: str,
-                      llama_cpp: Path) -> None:
-    """Write the merged model as one GGUF file at `out`, llama.cpp's converter reading `side_dir` for its metadata."""
+                      llama_cpp: Path, streamed: tuple[Callable[[str], object], Callable[[str], None]] | None = None
+                      ) -> None:
+    """Write the merged model as one GGUF file at `out`, llama.cpp's converter reading `side_dir` for its metadata;
+    `streamed`: (fetch, release) of a streamed base's shards (ShardUse)."""
     import logging
 
     import torch
 
     files = CheckpointFiles(checkpoint)
+    use = ShardUse(plan, files, *streamed) if streamed is not None else None
     quiet = logging.getLogger("hf-to-gguf"), logging.getLogger("gguf.gguf_writer")
     levels = [log.level for log in quiet]
     for log in quiet:
@@ -84,7 +123,7 @@ def write_merged_gguf(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, side
         with _converter_on_path(llama_cpp) as conversion, torch.inference_mode():
             model_class = _model_class(conversion, side_dir)
             lazy = importlib.import_module("conversion.base").LazyTorchTensor
-            tensors = _merged_tensors(plan, files, adapter)
+            tensors = _merged_tensors(plan, files, adapter, use)
 
             class Merged(model_class):  # type: ignore[misc, valid-type]
                 model_arch = model_class.model_arch  # the converter requires it in each class's own body
@@ -123,7 +162,11 @@ _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8
 
 def _model_class(conversion: Any, side_dir: Path) -> Any:
     hparams = conversion.ModelBase.load_hparams(side_dir, False)
-    architecture = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
+    try:
+        architecture = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
+    except ValueError as e:  # no "architectures" in config.json
+        raise InputError(f"BASE's config.json: llama.cpp's converter cannot tell the architecture ({e}); add "
+                         "\"architectures\" (e.g. [\"LlamaForCausalLM\"]) to it") from None
     try:
         return conversion.get_model_class(architecture, mmproj=False)
     except NotImplementedError:
@@ -132,7 +175,7 @@ def _model_class(conversion: Any, side_dir: Path) -> Any:
             "(with a llama.cpp that supports it)") from None
 
 
-def _merged_tensors(plan: Plan, files: CheckpointFiles, adapter: Adapter
+def _merged_tensors(plan: Plan, files: CheckpointFiles, adapter: Adapter, use: ShardUse | None
                     ) -> dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]:
     """Every output tensor, in the order the converter reads the merged folder, with the function computing it."""
     order = sorted((shard, t.name) for shard, planned in plan.shards for t in planned)
@@ -140,16 +183,23 @@ def _merged_tensors(plan: Plan, files: CheckpointFiles, adapter: Adapter
     out = {}
     for _, name in order:
         t = by_name[name]
-        out[name] = (safetensors_to_torch_dtype(t.dtype), tuple(t.shape), _compute(t, files, adapter))
+        out[name] = (safetensors_to_torch_dtype(t.dtype), tuple(t.shape), _compute(t, files, adapter, use))
     return out
 
 
-def _compute(t: TensorPlan, files: CheckpointFiles, adapter: Adapter) -> Callable[[], torch.Tensor]:
+def _compute(t: TensorPlan, files: CheckpointFiles, adapter: Adapter, use: ShardUse | None
+             ) -> Callable[[], torch.Tensor]:
     def compute() -> torch.Tensor:
         from ..compute.torch_ops import merged_tensor
 
+        if use is not None:
+            use.before(t)
         dtype = safetensors_to_torch_dtype(t.dtype)
         if t.untouched and t.source is not None and files.checkpoint.info(t.source).dtype == t.dtype:
-            return files.read(t.source)
-        return merged_tensor(t, files.read, adapter.tensor, dtype).contiguous()
+            value = files.read(t.source)
+        else:
+            value = merged_tensor(t, files.read, adapter.tensor, dtype).contiguous()
+        if use is not None:
+            use.after(t)
+        return value
     return compute

@@ -332,6 +332,13 @@ class CheckpointFiles:
                 os.close(fd)
             self._fds.clear()
 
+    def forget(self, shard: str) -> None:
+        """Close one shard (a streamed base's shard about to be deleted: its space is freed when no one holds it)."""
+        with self._lock:
+            fd = self._fds.pop(shard, None)
+        if fd is not None:
+            os.close(fd)
+
 
 def read_json_file(path: Path) -> Any:
     try:

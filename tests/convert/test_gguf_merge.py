@@ -135,3 +135,43 @@ def test_without_a_gguf_out_the_outtype_is_refused(bases, tmp_path):
     lora = adapter(bases["llama"], tmp_path / "adapter", "classic")
     result = cli_run("merge", bases["llama"], lora, tmp_path / "folder", "--outtype", "f16", code=2)
     assert "--outtype" in result.output
+
+
+def test_a_hub_base_gives_the_same_gguf(bases, tmp_path, fake_hub):
+    base = bases["qwen2"]
+    lora = adapter(base, tmp_path / "adapter", "rslora-patterns")
+    fake_hub.upload_local_folder("org/base", base)
+    cli_run("merge", "org/base", lora, tmp_path / "hub" / "merged.gguf")
+    assert (tmp_path / "hub" / "merged.gguf").read_bytes() == direct(base, [lora], tmp_path / "local", "f16")
+
+
+def test_a_streamed_hub_base_gives_the_same_gguf_and_leaves_no_shard_behind(bases, tmp_path, fake_hub, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from rslora_tools.hub.transfer import ShardFetcher
+
+    on_disk: list[int] = []
+    fetch = ShardFetcher.fetch
+
+    def counting_fetch(self, shard):
+        fetched = fetch(self, shard)
+        on_disk.append(len(list(self.scratch.rglob("*.safetensors"))))
+        return fetched
+    monkeypatch.setattr(ShardFetcher, "fetch", counting_fetch)
+
+    base = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(bases["llama"]).save_pretrained(base, max_shard_size="150KB")
+    for side in bases["llama"].iterdir():
+        if side.name.startswith("tokenizer") or side.name == "special_tokens_map.json":
+            shutil.copyfile(side, base / side.name)
+    assert len(list(base.glob("*.safetensors"))) > 2
+    lora = adapter(base, tmp_path / "adapter", "rslora-patterns")
+    fake_hub.upload_local_folder("org/sharded", base)
+    scratch = tmp_path / "scratch"
+    dry = cli_run("merge", "org/sharded", lora, tmp_path / "hub" / "merged.gguf", "--stream", "--scratch", scratch,
+                  "--dry-run").output
+    assert "streamed: base shards fetched as needed" in dry and not scratch.exists()
+    cli_run("merge", "org/sharded", lora, tmp_path / "hub" / "merged.gguf", "--stream", "--scratch", scratch)
+    assert not scratch.exists()  # every fetched shard deleted, the scratch folder removed
+    assert len(on_disk) == len(list(base.glob("*.safetensors"))) and max(on_disk) <= 2  # one or two shards at a time
+    assert (tmp_path / "hub" / "merged.gguf").read_bytes() == direct(base, [lora], tmp_path / "local", "f16")
