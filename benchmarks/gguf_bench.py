@@ -107,8 +107,14 @@ def on_small_tmpfs(layers: int, outtype: str, gguf_bytes: int) -> dict:
     finally:
         subprocess.run(["umount", str(mount)])
     return {"size": size, "direct": "written" if direct.returncode == 0 else f"failed: {direct.stderr.strip()[-200:]}",
-            "two_step": "fails, the merged folder and the GGUF do not both fit: " + two.stderr.strip().splitlines()[-1][:160]
+            "two_step": "fails, the merged folder and the GGUF do not both fit (" + _error_line(two.stderr) + ")"
             if two.returncode != 0 else "fits (unexpected)"}
+
+
+def _error_line(stderr: str) -> str:
+    """The line that says why (not the converter's progress bar)."""
+    found = [line.strip() for line in stderr.splitlines() if "Error" in line or "No space" in line]
+    return (found[-1] if found else stderr.strip().splitlines()[-1])[:160]
 
 
 def render(results: list[dict], tmpfs: dict, outtype: str) -> str:

@@ -119,6 +119,8 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     quiet, as_json = flags["quiet"], flags["as_json"]
     if flags["stream"]:
         out = adapters[-1] if adapters and adapters[-1].endswith(".gguf") else None  # else: to the Hub, no OUT
+        if out is not None and flags["outtype"] is None:
+            flags["outtype"] = "f16"  # the GGUF's default, named: a streamed merge needs a destination
         with phase_progress(not (quiet or as_json)) as phases:
             report = run_merge(base, list(adapters[:-1] if out else adapters), out, options=merge_options(flags, phases))
     else:

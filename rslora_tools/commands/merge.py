@@ -86,8 +86,7 @@ def merge(
             raise OptionError("a streamed merge writes no OUT (to the Hub) or one OUT.gguf: every other argument after "
                               "BASE is an adapter")
         if options.push is None:
-            raise OptionError("--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (or name an "
-                              "OUT.gguf; without --stream, merge into OUT)")
+            raise OptionError("--stream with --outtype writes an OUT.gguf: name it after the adapters")
         from .stream import stream_merge  # imported only for a streamed merge
 
         return stream_merge(base, adapters, options)

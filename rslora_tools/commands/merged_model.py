@@ -93,6 +93,9 @@ class MergeOptions(OutputOptions):
             raise OptionError(f"unknown --outtype {self.outtype!r}; use f16, bf16, f32 or q8_0")
 
     def _check_stream(self) -> None:
+        if self.push is None and self.outtype is None:
+            raise OptionError("--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (or name an "
+                              "OUT.gguf with --outtype; without --stream, merge into OUT)")
         for given, name in ((self.verify, "--verify"), (self.overwrite, "--overwrite")):
             if given:
                 raise OptionError(f"{name} does not go with --stream (no OUT is written); verify the pushed repo with "
