@@ -8,6 +8,7 @@ the disk holds the inputs, OUT and those few files. OUT is written atomically li
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -18,7 +19,6 @@ from ..errors import OptionError
 from ..formats.checkpoint import copy_side_files
 from ..formats.output import check_output_file, free_space, work_folder, writing
 from ..formats.sizes import human_size
-from ..formats.safetensors_file import tensor_nbytes
 from ..plan.tensors import Plan
 from ..hub.transfer import ShardFetcher, hub_bars_hidden
 from ..plan.stream import schedule
@@ -43,8 +43,7 @@ def gguf_size(plan: Plan, outtype: str) -> int:
     norms and biases), plus the side files' size for the metadata."""
     total = 0.0
     for t in plan.tensors:
-        values = tensor_nbytes("F32", t.shape) / 4
-        total += values * (_BYTES_PER_VALUE[outtype] if len(t.shape) > 1 else 4.0)
+        total += math.prod(t.shape) * (_BYTES_PER_VALUE[outtype] if len(t.shape) > 1 else 4.0)
     return int(total)
 
 
@@ -75,7 +74,6 @@ def run_gguf_merge(prepared: PreparedMerge, out: Path, options: MergeOptions, st
                      single_file=True) as tmp:
             streamed = (fetcher.fetch, fetcher.release) if fetcher is not None else None
             write_merged_gguf(plan, checkpoint, adapter, side, tmp, outtype, llama_cpp, streamed)
-        shutil.rmtree(side, ignore_errors=True)
     report.bytes_written = out.stat().st_size
     report.seconds = time.monotonic() - started
     return report
