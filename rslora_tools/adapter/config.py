@@ -78,6 +78,20 @@ class AdapterConfig:
             alpha_pattern=self.alpha_pattern,
         )
 
+    def targets_module(self, module_name: str) -> bool:
+        """Whether `target_modules` names this module (PEFT's check: a regular expression matched against the whole
+        name, or a list of names the module's name equals or ends with); such a module is a LoRA layer, never a
+        `target_parameters` wrapper (PEFT refuses both on one module)."""
+        targets = self.json_dict.get("target_modules")
+        if isinstance(targets, str):
+            try:
+                return re.fullmatch(targets, module_name) is not None
+            except re.error:
+                return False
+        if isinstance(targets, list):
+            return any(isinstance(t, str) and (module_name == t or module_name.endswith("." + t)) for t in targets)
+        return False
+
     def normalized(self) -> dict[str, Any]:
         """The config as a dict with the scale fields always present (PEFT's defaults filled in)."""
         fields = dict(self.json_dict)

@@ -117,6 +117,21 @@ def rank_doubled_config(adapter: Adapter, entries: list[ModuleEntry], *, unit: b
     return new
 
 
+def keeping_scales(fields: dict[str, Any], entries: list[ModuleEntry]) -> dict[str, Any]:
+    """`fields` if PEFT gives every module in `entries` its rank and scale by it; else its patterns rewritten to full
+    module names (for the modules that differ from the most common rank and alpha). A config that a relayout or a
+    rename produced keeps every module's scale this way, checked by PEFT's own matching (`scale_in`)."""
+    if _same_scales(fields, entries):
+        return fields
+    use_rslora = bool(fields.get("use_rslora"))
+    alphas = [alpha_for_scale(e.scale.scale, e.scale.r, use_rslora) for e in entries]
+    new = _rewrite_canonical(dict(fields, rank_pattern={}, alpha_pattern={}), entries, use_rslora, alphas)
+    if not _same_scales(new, entries):
+        raise UnsupportedAdapterError("no adapter_config.json gives every rewritten module its scale (module names "
+                                      "that match each other as patterns)")
+    return new
+
+
 def _rewrite_in_place(fields: dict[str, Any], entries: list[ModuleEntry], use_rslora: bool) -> dict[str, Any] | None:
     """Rewrite lora_alpha and each alpha_pattern value for its rank; None when one value cannot serve all its modules."""
     # a module's group: its alpha_pattern key, else ("rank", its rank_pattern key), else None (the global alpha)
@@ -187,8 +202,11 @@ def _rewrite_canonical(
 
 def _keeps_scales(fields: dict[str, Any], entries: list[ModuleEntry], scales: list[float] | None = None) -> bool:
     """Every module resolves to its rank and the bit-identical scale (its own, or `scales`); patterns stable."""
-    if unstable_patterns(fields, [e.name for e in entries]):
-        return False
+    return not unstable_patterns(fields, [e.name for e in entries]) and _same_scales(fields, entries, scales)
+
+
+def _same_scales(fields: dict[str, Any], entries: list[ModuleEntry], scales: list[float] | None = None) -> bool:
+    """Every module resolves to its rank and the bit-identical scale (its own, or `scales`) by PEFT's matching."""
     for i, e in enumerate(entries):
         s = scale_in(fields, e.name)
         if s.r != e.scale.r or s.scale != (e.scale.scale if scales is None else scales[i]):

@@ -9,7 +9,7 @@ target_parameters wrapper holds), the rank-mismatch message, and the pattern-key
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,27 +67,44 @@ def rank_mismatch(entry: ModuleEntry) -> str:
             f"tensors have rank {entry.shape_rank}; the config does not belong to these weights (PEFT cannot load it)")
 
 
-def target_parameters_of(config: AdapterConfig, module_name: str) -> list[str]:
-    """The `<module>.<param>` names that `target_parameters` gives this module (PEFT matches patterns against them)."""
-    names = []
+def target_parameters_of(config: AdapterConfig, module_name: str, own: Collection[str] | None = None) -> list[str]:
+    """The `<module>.<param>` names `target_parameters` gives this module, as PEFT matches them: each of the module's
+    own parameters (`own`, from the base model; without one, any name a target ends in) as `<module>.<param>`,
+    matched when it equals a target or ends with `.<target>`; each name once."""
+    names: list[str] = []
     for target in config.target_parameters:
-        full = f"{module_name}.{target.rsplit('.', 1)[-1]}"
-        if full == target or full.endswith("." + target):
+        leaf = target.rsplit(".", 1)[-1]
+        full = f"{module_name}.{leaf}"
+        if (own is None or leaf in own) and (full == target or full.endswith("." + target)) and full not in names:
             names.append(full)
     return names
 
 
-def pattern_name(adapter: Adapter, module: LoraModule, fits: Callable[[str], bool] | None = None) -> str:
+def wraps_parameters(config: AdapterConfig, module: LoraModule, own: Collection[str] | None) -> bool:
+    """Whether PEFT wrapped this module's parameters (a ParamWrapper, `target_parameters`) rather than the module."""
+    if not config.target_parameters or module.mha_parent is not None:
+        return False
+    if module.depth > 0:
+        return True
+    if own is None and config.targets_module(module.name):
+        return False
+    return bool(target_parameters_of(config, module.name, own))
+
+
+def pattern_name(adapter: Adapter, module: LoraModule, fits: Callable[[str], bool] | None = None,
+                 own: Collection[str] | None = None) -> str:
     """The name PEFT matches this module's rank/alpha patterns against.
 
     A MultiheadAttention's out_proj uses the MHA's name; a target_parameters wrapper uses
-    `<module>.<param>`, for the parameter it holds. When a module wraps several parameters
-    (nested wrappers), `fits` (a base model's shapes, when there is one) keeps the parameters
-    whose base tensor fits this wrapper's tensors; among those still left, the nesting decides.
+    `<module>.<param>`, for the parameter it holds (`own`: the module's own parameters in the base, when there is
+    one). When a module wraps several parameters (nested wrappers), `fits` (a base model's shapes) keeps the
+    parameters whose base tensor fits this wrapper's tensors; among those still left, the nesting decides.
     """
     if module.mha_parent is not None:
         return module.mha_parent
-    params = target_parameters_of(adapter.config, module.name)
+    if not wraps_parameters(adapter.config, module, own):
+        return module.name
+    params = target_parameters_of(adapter.config, module.name, own)
     if fits is not None and len(params) > 1:
         params = [p for p in params if fits(p)] or params  # no fit at all: the caller reports the module as unmatched
     if not params:

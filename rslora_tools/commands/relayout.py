@@ -20,9 +20,9 @@ from ..formats.checkpoint import open_checkpoint
 from ..formats.output import check_output_location, writing
 from ..formats.provenance import write_provenance
 from ..plan.convert import ConversionPlan
+from ..plan.experts import ExpertSlot, expert_slot, fused_parameter
 from ..plan.layouts import FUSED, Layouts
-from ..plan.experts import fused_parameter
-from ..plan.placement import NameResolver
+from ..plan.names import NameResolver
 from ..plan.relayout import plan_relayout
 from .common import OutputOptions, base_input, publish
 from .converted import ConvertReport, config_changes, copy_other_files, other_files
@@ -43,19 +43,19 @@ def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, rel
 
     checkpoint = open_checkpoint(base_input(relayout.base, token=options.token).path)
     layouts = Layouts.of(checkpoint.config)
-    if relayout.expert_layout is not None and layouts.experts is None:
+    if relayout.expert_layout is not None and not layouts.has_experts:
         model_type = (checkpoint.config or {}).get("model_type")
         raise UnsupportedAdapterError(f"{checkpoint.folder}: model_type {model_type!r} is not an MoE family whose "
-                                      "expert layouts are known here (docs/peft-rules.md, 'Layouts')")
+                                      "expert layouts are known here (transformers fuses no experts of it; "
+                                      "docs/peft-rules.md, 'Layouts')")
     written = check_output_location(out, [*(a.path for a in loaded.sources), checkpoint.folder], options.overwrite)
     resolver = NameResolver(checkpoint, layouts=layouts)
-    entries = [dataclasses.replace(e, name=fused_parameter(e.module, loaded, resolver, lambda n: checkpoint.info(n).shape,
-                                                           layouts)) if e.wrapping == "param" else e for e in entries]
+    entries = [dataclasses.replace(e, name=fused_parameter(e.module, loaded, resolver, resolver.shape))
+               if e.wrapping == "param" else e for e in entries]
     zero_blocks = _zero_blocks(loaded, entries, layouts, block_diagonal) if relayout.expert_layout == "per-expert" else {}
     shared = _shared_a(loaded, entries, layouts, same_a) if relayout.expert_layout == "fused" else frozenset()
-    plan = plan_relayout(loaded, entries, layouts, expert_layout=relayout.expert_layout,
-                         key_base=resolver if relayout.key_layout is not None else None, zero_blocks=zero_blocks,
-                         in_memory=relayout.key_layout == "transformers-5", shared_a=shared)
+    plan = plan_relayout(loaded, entries, resolver, expert_layout=relayout.expert_layout,
+                         key_layout=relayout.key_layout, zero_blocks=zero_blocks, shared_a=shared)
     report = ConvertReport(
         adapter=str(loaded.path), out=str(out), action="relayout", source_convention=loaded.config.convention,
         target=", ".join(f"{k} layout {v}" for k, v in (("expert", relayout.expert_layout),
@@ -87,31 +87,34 @@ def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, rel
 
 def _zero_blocks(adapter: Adapter, entries: list[ModuleEntry], layouts: Layouts, block_diagonal: Any
                  ) -> dict[str, tuple[bool, bool]]:
+    """For each fused parameter of two parts (gate_up), whether its B is block-diagonal over the parts."""
     found = {}
+    interleaved = layouts.hand is not None and layouts.hand.interleaved
     for entry in entries:
         if entry.wrapping == "param" and entry.name.rpartition(".")[2] == FUSED[0]:
             b = adapter.tensor(entry.module.b_key)
             experts = adapter.shapes[entry.module.a_key][0] // entry.scale.r
-            gate, up = layouts.rows("gate", b.shape[0]), layouts.rows("up", b.shape[0])
+            gate, up = (ExpertSlot(entry.name, 0, part, 2, interleaved).rows(b.shape[0]) for part in (0, 1))
             assert gate is not None and up is not None
             found[entry.module.a_key] = block_diagonal(b, experts, gate, up)
     return found
 
 
 def _shared_a(adapter: Adapter, entries: list[ModuleEntry], layouts: Layouts, same_a: Any) -> frozenset[str]:
-    """The layers whose per-expert gate and up LoRAs share A in every expert, with the same rank and scale."""
-    pairs: dict[str, dict[tuple[int, str], ModuleEntry]] = {}
+    """The fused parameters whose per-expert gate and up LoRAs share A in every expert, with the same rank and
+    scale."""
+    pairs: dict[str, dict[tuple[int, int], ModuleEntry]] = {}
     for entry in entries:
-        found = layouts.per_expert_module(entry.module.name)
-        if found is not None and found[2] in ("gate", "up"):
-            pairs.setdefault(found[0], {})[(found[1], found[2])] = entry
+        slot = expert_slot(entry.module.name + ".weight", layouts)
+        if slot is not None and slot.parts == 2:
+            pairs.setdefault(slot.fused, {})[(slot.expert, slot.part)] = entry
     shared = set()
-    for layer, by in pairs.items():
-        keys = [(by[(e, "gate")], by.get((e, "up"))) for e, role in by if role == "gate"]
+    for fused, by in pairs.items():
+        keys = [(by[(e, 0)], by.get((e, 1))) for e, part in by if part == 0]
         if all(up is not None and gate.scale == up.scale and adapter.shapes[gate.module.a_key] ==
                adapter.shapes[up.module.a_key] for gate, up in keys) and \
                 same_a([(gate.module.a_key, up.module.a_key) for gate, up in keys if up is not None], adapter.tensor):
-            shared.add(layer)
+            shared.add(fused)
     return frozenset(shared)
 
 

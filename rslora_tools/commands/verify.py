@@ -35,7 +35,7 @@ from ..formats.checkpoint import (
     updated_config,
 )
 from ..formats.provenance import PROVENANCE_NAME, read_provenance
-from ..formats.quant import QuantScheme, trained_on_scheme
+from ..formats.quant import QuantScheme, config_dtype, trained_on_scheme
 from ..formats.safetensors_file import (
     safetensors_to_torch_dtype,
     FLOAT_DTYPES,
@@ -482,7 +482,7 @@ def _config_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[str]
     for key in sorted(set(expected) | set(merged_config)):
         if key not in _IGNORED_CONFIG_KEYS and expected.get(key) != merged_config.get(key):
             problems.append(f"config.json: {key} is {merged_config.get(key)!r}, expected {expected.get(key)!r}")
-    want, have = _config_dtype(expected), _config_dtype(merged_config)
+    want, have = config_dtype(expected), config_dtype(merged_config)
     if want is not None and have is not None and want != have:  # from_pretrained(dtype="auto") casts to it
         problems.append(f"config.json: dtype is {have!r}, expected {want!r}")
     embed = next((t for t in plan.tensors if t.name.endswith("embed_tokens.weight")), None)
@@ -491,6 +491,3 @@ def _config_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[str]
         problems.append(f"config.json: vocab_size {vocab} does not match {embed.name} with {embed.shape[0]} rows")
     return problems
 
-
-def _config_dtype(config: dict[str, Any]) -> object:
-    return config.get("dtype", config.get("torch_dtype"))

@@ -61,6 +61,14 @@ def dtype_from_name(name: object) -> str | None:
     return _DTYPES.get(name) if isinstance(name, str) else None
 
 
+def config_dtype(config: dict[str, Any] | None) -> str | None:
+    """The dtype a model's config.json gives (a safetensors dtype), read as transformers 5.25 reads it
+    (PretrainedConfig.__post_init__): `dtype`, unless it is missing or null, then `torch_dtype`."""
+    config = config or {}
+    name = config.get("dtype")
+    return dtype_from_name(name if name is not None else config.get("torch_dtype"))
+
+
 # `merge --keep-quantization`: the methods whose quantizer rslora-tools has (compute/requantize.py), and the stored
 # roles a requantization rewrites (the codes first); every other stored tensor is copied as it is.
 REQUANTIZED_ROLES: dict[str, tuple[str, ...]] = {
@@ -604,7 +612,7 @@ def _mxfp4_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str) -> d
     parameter is (E, G * 32, R), as transformers lays gpt-oss's experts out (input features first)."""
     present = checkpoint.weight_map
     config = checkpoint.config or {}
-    dtype = dtype_from_name(config.get("dtype", config.get("torch_dtype"))) or "BF16"
+    dtype = config_dtype(config) or "BF16"
     found = {}
     for key in checkpoint.tensor_names():
         if not key.endswith("_blocks"):

@@ -1,143 +1,255 @@
 """Names and expert layouts across transformers versions: how an adapter made for one maps onto a checkpoint in another.
 
-transformers 5 loads some architectures under other names than their checkpoints use, and fuses MoE experts into
-3-D parameters, while `save_pretrained` still writes the legacy layout; PEFT saves adapters in the in-memory
-names. So an adapter and the checkpoint it was trained on can name the same weight differently:
-- key layouts: a multimodal model's language model is `model.language_model.*` in memory and `model.*` (Qwen2-VL)
-  or `language_model.model.*` (LLaVA family) on disk; its vision tower and projector move the same way;
-- expert layouts: Mixtral's `block_sparse_moe.experts.N.w1/w3/w2` and Qwen-MoE's `mlp.experts.N.gate_proj/up_proj/
-  down_proj` on disk are `mlp.experts.gate_up_proj` (E, 2I, H: gate rows, then up rows) and `down_proj` (E, H, I)
-  in memory; gpt-oss stores its experts fused on disk too, `gate_up_proj` (E, H, 2I) with gate and up columns
-  interleaved.
-The rules are those of transformers 5.25.0's conversion_mapping.py for the families below (docs/peft-rules.md,
-"Layouts"); an architecture not listed keeps the adapter's names (up to a leading prefix, plan/placement.py).
+transformers 5 loads a checkpoint under other names than it stores (its conversion_mapping.py): a multimodal model's
+language model is `model.language_model.*` in memory and `model.*` (Qwen2-VL) or `language_model.model.*` (LLaVA
+family) on disk; Mixtral's `block_sparse_moe.experts.N.w1/w3/w2` on disk are `mlp.experts.gate_up_proj` (E, 2I, H:
+w1 rows, then w3 rows) and `down_proj` (E, H, I) in memory; GraniteMoE's fused `input_linear` is
+`experts.gate_up_proj`. `save_pretrained` writes the stored layout back, and PEFT saves adapters under the in-memory
+names, so an adapter and the checkpoint it was trained on can name the same weight differently.
+
+The rules are transformers' own, for every model class it ships: layout_rules.json, generated from the installed
+transformers by scripts/generate_layouts.py (its version is recorded there and tests/plan/test_layout_rules.py fails
+when the installed rules differ). `Layouts.of(config)` picks the rules of the checkpoint's architecture and replays
+them as transformers does when it loads (every renaming in order, then at most one converter): `loaded` gives each
+stored name its in-memory name and, for a converter that stacks experts, which expert and which part of the fused
+parameter the stored tensor is. gpt-oss stores its experts fused, gate and up interleaved, (E, in, out): no
+conversion rule says so; `HAND_EXPERTS` does (read from transformers' GptOssExperts, checked by a test).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-# (disk pattern, in-memory replacement, in-memory pattern, disk replacement), tried in order.
-Rename = tuple[str, str, str, str]
-
-_QWEN2_VL: list[Rename] = [
-    (r"^visual\.", "model.visual.", r"^model\.visual\.", "visual."),
-    (r"^model\.(?!language_model\.|visual\.)", "model.language_model.", r"^model\.language_model\.", "model."),
-]
-_LLAVA: list[Rename] = [
-    (r"^language_model\.model\.", "model.language_model.", r"^model\.language_model\.", "language_model.model."),
-    (r"^language_model\.lm_head\.", "lm_head.", r"^lm_head\.", "language_model.lm_head."),
-    (r"^vision_tower\.", "model.vision_tower.", r"^model\.vision_tower\.", "vision_tower."),
-    (r"^multi_modal_projector\.", "model.multi_modal_projector.", r"^model\.multi_modal_projector\.",
-     "multi_modal_projector."),
-]
-_MIXTRAL_ROUTER: list[Rename] = [(r"\.block_sparse_moe\.", ".mlp.", r"\.mlp\.", ".block_sparse_moe.")]
-
-# architecture class or model_type -> its key renames (transformers 5.25.0, conversion_mapping.py)
-KEY_RENAMES: dict[str, list[Rename]] = {
-    "Qwen2VLForConditionalGeneration": _QWEN2_VL, "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,
-    **{t: _LLAVA for t in ("llava", "aria", "paligemma", "aya_vision", "got_ocr2", "gemma3", "internvl", "vipllava",
-                           "mistral3", "pp_chart2table")},
-    **{t: _MIXTRAL_ROUTER for t in ("mixtral", "minimax", "minimax_m2")},
-}
+RULES_FILE = Path(__file__).with_name("layout_rules.json")
+FUSED = ("gate_up_proj", "down_proj", "up_proj")  # the fused expert parameters' names in every family
+_PAIR = re.compile(r"layers\.(\d+)\.(mixer|attn_alpha|mlp_alpha)(?=\.|$)")  # transformers' LayerPairCollapse
 
 
 @dataclass(frozen=True)
-class ExpertLayout:
-    """How one family stores its experts per expert (on disk in transformers 5, in memory in 4) and fused."""
+class Transform:
+    """One of transformers' weight transforms (WeightRenaming, PrefixChange, WeightConverter, ...), as it renames a key
+    when a checkpoint is loaded (core_model_loading.WeightTransform.rename_source_key)."""
 
-    family: str
-    per_expert: dict[str, str]  # role (gate, up, down) -> the per-expert module's name
-    interleaved: bool = False  # fused gate_up alternates gate and up (gpt-oss) instead of gate rows, then up rows
-    in_out: bool = False  # the fused parameters are (E, in, out) (gpt-oss) instead of (E, out, in)
-    fused_on_disk: bool = False  # the family's checkpoints store the experts fused (gpt-oss)
-    container: str = "mlp"  # the per-expert modules' parent on disk (Mixtral: block_sparse_moe)
+    kind: str
+    pattern: re.Pattern[str]
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    scope: str | None = None
+    base_prefix: str | None = None
+    ops: tuple[tuple[str, int | None], ...] = ()  # (operation, its dim)
+    offset: int = 0
+
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> Transform:
+        ops = tuple((op["op"], op.get("dim")) for op in entry.get("ops", ()))
+        return cls(entry["kind"], re.compile(entry["pattern"]), tuple(entry["sources"]), tuple(entry["targets"]),
+                   entry.get("scope"), entry.get("base_prefix"), ops, entry.get("offset", 0))
 
     @property
-    def roles(self) -> dict[str, str]:
-        return {name: role for role, name in self.per_expert.items()}
+    def converter(self) -> bool:
+        return self.kind == "WeightConverter"
+
+    @property
+    def stacks_experts(self) -> bool:
+        """Per-expert tensors stacked into one fused parameter (and, with several sources, concatenated along the
+        output features): the converters rslora-tools merges across."""
+        return self.ops in ((("MergeModulelist", 0),), (("MergeModulelist", 0), ("Concatenate", 1)))
+
+    def _scoped(self, key: str) -> tuple[str, str, re.Match[str]] | None:
+        prefix = ""
+        if self.scope is not None:
+            scope = f"{self.scope}." if self.scope else ""
+            base = f"{self.base_prefix}." if self.base_prefix else ""
+            if key.startswith(base + scope):
+                prefix = base + scope
+            elif key.startswith(scope):
+                prefix = scope
+            else:
+                return None
+            key = key.removeprefix(prefix)
+        m = self.pattern.search(key)
+        return None if m is None else (prefix, key, m)
+
+    def rename(self, key: str, active: set[int]) -> tuple[str, int | None, re.Match[str] | None]:
+        """(the renamed key, the index of the source pattern that matched, the match); `active`: the GroupWeightRename
+        transforms whose first pattern has been seen (their state across the keys of one load)."""
+        if self.kind == "LayerPairCollapse":
+            return self._collapse(key)
+        found = self._scoped(key)
+        if found is None:
+            return key, None, None
+        prefix, rest, m = found
+        group = next(name for name, value in m.groupdict().items() if value is not None)
+        index, start = int(group[1:]), self.pattern.groupindex[group]
+        if self.kind == "GroupWeightRename":
+            if index == 0:
+                active.add(id(self))
+            elif id(self) not in active:
+                return key, None, None
+            replacement = re.sub(r"\\(\d+)", lambda g: m.group(start + int(g.group(1))), self.targets[index])
+        elif self.kind == "Inkling2IndexOffsetWeightRename":
+            replacement = self.targets[0].replace(r"\1", str(int(m.group(start + 1)) + self.offset))
+        else:
+            replacement = self.targets[0]
+            if r"\1" in replacement:
+                replacement = replacement.replace(r"\1", m.group(start + 1))
+        return prefix + rest.replace(m.group(0), replacement, 1), index, m
+
+    def _collapse(self, key: str) -> tuple[str, int | None, re.Match[str] | None]:
+        m = _PAIR.search(key)
+        if m is None:
+            return key, None, None
+        index, name = int(m[1]), m[2]
+        name = {"attn_alpha": "lambda_1", "mlp_alpha": "lambda_2"}.get(name, ("self_attn", "mlp")[index % 2])
+        return key[:m.start()] + f"layers.{index // 2}.{name}" + key[m.end():], 0, m
+
+    def wildcard(self, index: int, m: re.Match[str]) -> str | None:
+        """What the `*` of source pattern `index` matched (a converter's expert number)."""
+        source = self.sources[index]
+        if "*." not in source:
+            return None
+        found = re.search(source.replace("*.", r"(?P<star>.*)\.", 1), m.group(0))
+        return found["star"] if found else None
 
 
-_MIXTRAL = ExpertLayout("mixtral", {"gate": "w1", "up": "w3", "down": "w2"}, container="block_sparse_moe")
-_QWEN2_MOE = ExpertLayout("qwen2_moe", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
-_GPT_OSS = ExpertLayout("gpt_oss", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, interleaved=True,
-                        in_out=True, fused_on_disk=True)
+@dataclass(frozen=True)
+class Loaded:
+    """A stored tensor name as transformers loads it: its in-memory name; for a converter, which one, which of its
+    source patterns matched and what the `*` stood for (the expert)."""
 
-# model_type -> its expert layout (transformers 5.25.0: _MODEL_TO_CONVERSION_PATTERN and the gpt_oss model)
-EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
-    **{t: _MIXTRAL for t in ("mixtral", "minimax", "minimax_m2")},
-    **{t: _QWEN2_MOE for t in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dots1",
-                               "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe", "flex_olmo", "qwen3_next",
-                               "exaone_moe")},
-    "gpt_oss": _GPT_OSS,
-}
-FUSED = ("gate_up_proj", "down_proj")  # the fused parameters' names in every family
-_PER_EXPERT = re.compile(r"^(?P<layer>.*)\.(?P<container>mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\.(?P<name>\w+)$")
+    memory: str
+    converter: Transform | None = None
+    source: int = 0
+    expert: int | None = None
+
+    @property
+    def expert_part(self) -> bool:
+        """A per-expert tensor stacked into a fused parameter (the converters merges go across)."""
+        return self.converter is not None and self.converter.stacks_experts and self.expert is not None
+
+
+@dataclass(frozen=True)
+class HandExperts:
+    """An expert layout that no conversion rule describes: the family stores its experts fused."""
+
+    per_expert: tuple[tuple[str, tuple[str, ...]], ...]  # fused parameter -> its per-expert modules, in order
+    interleaved: bool = False  # gate_up alternates gate and up output features instead of gate rows, then up rows
+    in_out: bool = False  # (E, in, out) instead of (E, out, in)
+
+
+# gpt-oss (transformers 5.25 GptOssExperts: gate_up_proj (E, H, 2I), gate = [..., ::2], up = [..., 1::2])
+HAND_EXPERTS = {"gpt_oss": HandExperts((("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))),
+                                       interleaved=True, in_out=True)}
+
+
+@functools.lru_cache(maxsize=1)
+def rules_table() -> dict[str, Any]:
+    """layout_rules.json, read once."""
+    table: dict[str, Any] = json.loads(RULES_FILE.read_text())
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _rule_set(index: int) -> tuple[Transform, ...]:
+    table = rules_table()
+    return tuple(Transform.of(table["transforms"][i]) for i in table["rule_sets"][index])
 
 
 @dataclass(frozen=True)
 class Layouts:
-    """The key renames and the expert layout of one checkpoint (from its config.json)."""
+    """The conversion rules of one checkpoint's model class (from its config.json) and its hand expert layout."""
 
-    renames: tuple[Rename, ...] = ()
-    experts: ExpertLayout | None = None
+    transforms: tuple[Transform, ...] = ()
+    model_class: str | None = None  # the class whose rules these are
+    hand: HandExperts | None = None
+    fp32: tuple[str, ...] = ()  # modules transformers keeps in float32 when it loads the model in float16
+    fp32_strict: tuple[str, ...] = ()  # ... in float16 or bfloat16
 
     @classmethod
     def of(cls, config: dict[str, Any] | None) -> Layouts:
+        """The rules of the checkpoint's class (its config's `architectures`) for its model type, else those of the
+        model type's usual class."""
         config = config or {}
-        architectures = config.get("architectures") or []
-        model_type = config.get("model_type")
-        renames = next((KEY_RENAMES[a] for a in architectures if isinstance(a, str) and a in KEY_RENAMES),
-                       KEY_RENAMES.get(model_type, []) if isinstance(model_type, str) else [])
-        experts = EXPERT_LAYOUTS.get(model_type) if isinstance(model_type, str) else None
-        return cls(tuple(renames), experts)
+        table = rules_table()
+        model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+        hand = HAND_EXPERTS.get(model_type) if model_type else None
+        found = None
+        for name in config.get("architectures") or []:
+            by_type = table["architectures"].get(name) if isinstance(name, str) else None
+            if by_type:
+                found = name, by_type.get(model_type) or next(iter(by_type.values()))
+                break
+        if found is None and model_type in table["model_types"]:
+            name, _ = table["model_types"][model_type]
+            found = name, table["architectures"][name][model_type]
+        if found is None:
+            return cls((), None, hand)
+        name, entry = found
+        return cls(_rule_set(entry["rules"]), name, hand, tuple(entry.get("fp32", ())),
+                   tuple(entry.get("fp32_strict", ())))
+
+    def keeps_fp32(self, memory_name: str, dtype: str) -> bool:
+        """Whether transformers loads this tensor (in-memory name) in float32 when it loads the model in `dtype`
+        (a safetensors dtype): `_keep_in_fp32_modules` for F16, `_keep_in_fp32_modules_strict` for F16 and BF16,
+        matched as transformers matches them (a search, `*` for anything)."""
+        keep = (*self.fp32_strict, *self.fp32) if dtype == "F16" else self.fp32_strict if dtype == "BF16" else ()
+        return any(re.search(k.replace("*", ".*"), memory_name) for k in keep)
+
+    @property
+    def renames(self) -> tuple[Transform, ...]:
+        return tuple(t for t in self.transforms if not t.converter)
+
+    @property
+    def converters(self) -> tuple[Transform, ...]:
+        return tuple(t for t in self.transforms if t.converter)
+
+    @property
+    def has_experts(self) -> bool:
+        """The family's experts are fused in memory (stacked on loading, or stored fused)."""
+        return self.hand is not None or any(t.stacks_experts for t in self.converters)
 
     @property
     def family(self) -> str | None:
-        return self.experts.family if self.experts else None
+        return self.model_class if self.has_experts else None
 
-    def alternatives(self, name: str) -> list[str]:
-        """`name` in the checkpoint's other naming (in memory <-> on disk), by every rename that applies."""
-        found = []
-        for disk, memory, memory_pattern, disk_name in self.renames:
-            for pattern, replacement in ((memory_pattern, disk_name), (disk, memory)):
-                renamed = re.sub(pattern, replacement, name, count=1)
-                if renamed != name and renamed not in found:
-                    found.append(renamed)
-        return found
+    def loaded(self, name: str, active: set[int] | None = None) -> Loaded:
+        """`name`, a stored tensor name, as transformers loads it (renamings in order, then at most one converter)."""
+        active = set() if active is None else active
+        for t in self.renames:
+            name, _, _ = t.rename(name, active)
+        for t in self.converters:
+            renamed, index, m = t.rename(name, active)
+            if index is not None and m is not None:
+                star = t.wildcard(index, m)
+                return Loaded(renamed, t, index, int(star) if star is not None and star.isdigit() else None)
+        return Loaded(name)
+
+    def load_all(self, names: Iterable[str]) -> dict[str, Loaded]:
+        """Every stored name of a checkpoint as transformers loads them: in its order, one state for the whole load."""
+        if not self.transforms:
+            return {}
+        active: set[int] = set()
+        return {n: self.loaded(n, active) for n in sorted(names, key=dot_natural_key)}
 
     def in_memory(self, name: str) -> str:
-        """A checkpoint name as transformers 5 names the tensor in memory (the first disk rename that applies)."""
-        for disk, memory, _, _ in self.renames:
-            renamed = re.sub(disk, memory, name, count=1)
-            if renamed != name:
-                return renamed
-        return name
+        """A checkpoint name as transformers 5 names the tensor in memory."""
+        return self.loaded(name).memory
 
-    def per_expert_module(self, module: str) -> tuple[str, int, str] | None:
-        """(layer, expert, role) of a per-expert module name of this family (`...experts.3.w1` -> gate)."""
-        m = _PER_EXPERT.match(module)
-        if self.experts is None or m is None or m["name"] not in self.experts.roles:
-            return None
-        return m["layer"], int(m["expert"]), self.experts.roles[m["name"]]
 
-    def fused_name(self, layer: str, role: str) -> str:
-        """The fused parameter holding a role's experts, in memory naming."""
-        return f"{layer}.mlp.experts.{'down_proj' if role == 'down' else 'gate_up_proj'}"
-
-    def per_expert_name(self, layer: str, expert: int, role: str) -> str:
-        """A per-expert module's weight, in memory naming (the key renames give the disk name)."""
-        assert self.experts is not None
-        return f"{layer}.mlp.experts.{expert}.{self.experts.per_expert[role]}.weight"
-
-    def rows(self, role: str, fused_out: int) -> tuple[int, int, int] | None:
-        """The output features of the fused gate_up that are `role`'s (None: down_proj, all of them)."""
-        assert self.experts is not None
-        if role == "down":
-            return None
-        half = fused_out // 2
-        if self.experts.interleaved:
-            return (0 if role == "gate" else 1, fused_out, 2)
-        return (0, half, 1) if role == "gate" else (half, fused_out, 1)
+def dot_natural_key(name: str) -> list[tuple[Any, ...]]:
+    """transformers' sort of state-dict names (core_model_loading.dot_natural_key): numbers numerically."""
+    parts: list[tuple[Any, ...]] = []
+    for part in name.split("."):
+        if part.isdigit():
+            parts.append((0, int(part)))
+            continue
+        text = part.rstrip("0123456789")
+        digits = part[len(text):]
+        parts.append((1, text, int(digits)) if digits else (1, text))
+    return parts

@@ -10,6 +10,7 @@ changes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from ..adapter.adapter import Adapter, LoraModule
@@ -18,9 +19,10 @@ from ..formats.checkpoint import Checkpoint, open_checkpoint, shard_file_name
 from ..errors import MismatchError, UnsupportedAdapterError
 from ..adapter.relative import require_plain
 from ..adapter.module_scales import pattern_warnings
-from .placement import NameResolver, check_shapes, place_module
+from .names import NameResolver
+from .placement import check_shapes, place_module
 from .tensors import TORCH_DTYPE_NAMES, LoraOp, Plan, TensorPlan, output_dtype
-from ..formats.quant import QuantScheme, dtype_from_name
+from ..formats.quant import QuantScheme, config_dtype
 from .quantization import QuantPlan, keep_quantized, merge_dtype, output_shape, plan_quantization
 from ..formats.safetensors_file import FLOAT_DTYPES, tensor_nbytes
 from .experts import as_expert_op, place_across_layouts
@@ -91,7 +93,11 @@ def build_plan(
     if keep_quantization:
         quant = keep_quantized(builder.plans, quant, checkpoint)
         builder.note_kept(quant)
-    shards = _layout(checkpoint, builder.plans, extra, dtype, max_shard_size, quant)
+    shards = _layout(checkpoint, builder.plans, extra, builder.output_dtype, max_shard_size, quant)
+    if builder.kept_fp32:
+        kept = sorted(set(builder.kept_fp32))
+        builder.notes.append(f"{len(kept)} tensors are written in F32, as transformers loads them "
+                             f"({builder.resolver.layouts.model_class} keeps them in float32; e.g. {kept[0]})")
     index = None
     if len(shards) > 1 or (checkpoint.sharded and max_shard_size is None):
         index = dict(checkpoint.index_metadata or {})
@@ -118,11 +124,25 @@ class _PlanBuilder:
         self.warnings: list[str] = []
         self.unmatched: list[str] = []
         self.where = adapter.weights_path
+        self.load_dtype = dtype or config_dtype(checkpoint.config)  # what transformers would load the model in
+        self.kept_fp32: list[str] = []
+
+    def output_dtype(self, name: str, stored: str) -> str:
+        """A tensor's output dtype: the base's or --dtype's, or float32 where transformers keeps the module in float32
+        when it loads the model in half precision (`_keep_in_fp32_modules[_strict]`, plan/layouts.py): PEFT merges
+        such a tensor in float32 and saves it so."""
+        out = output_dtype(stored, self.dtype)
+        layouts = self.resolver.layouts
+        if out in ("BF16", "F16") and self.load_dtype in ("BF16", "F16") and (layouts.fp32 or layouts.fp32_strict) \
+                and layouts.keeps_fp32(layouts.in_memory(name), self.load_dtype):
+            self.kept_fp32.append(name)
+            return "F32"
+        return out
 
     def plan_for(self, name: str) -> TensorPlan:
         if name not in self.plans:
             info = self.checkpoint.info(name)
-            self.plans[name] = TensorPlan(name, name, dtype=output_dtype(info.dtype, self.dtype), shape=info.shape)
+            self.plans[name] = TensorPlan(name, name, dtype=self.output_dtype(name, info.dtype), shape=info.shape)
         return self.plans[name]
 
     def add_quantized(self) -> None:
@@ -137,7 +157,7 @@ class _PlanBuilder:
             self.notes.append(f"the base is quantized ({scheme.label}): {len(self.quant.sources)} weights are "
                               f"dequantized and merged in {', '.join(dtypes)}; quantization_config leaves config.json")
             config = self.checkpoint.config or {}
-            model_dtype = dtype_from_name(config.get("dtype", config.get("torch_dtype")))
+            model_dtype = config_dtype(config)
             if self.dtype is None and model_dtype is not None and dtypes != [model_dtype]:
                 self.warnings.append(
                     f"the dequantized weights are written in {', '.join(dtypes)} (the dtype the quantized layers compute "
@@ -322,7 +342,7 @@ def _layout(
     checkpoint: Checkpoint,
     plans: dict[str, TensorPlan],
     extra: list[tuple[str, TensorPlan]],
-    dtype: str | None,
+    dtype_of: Callable[[str, str], str],
     max_shard_size: int | None,
     quant: QuantPlan,
 ) -> list[tuple[str, list[TensorPlan]]]:
@@ -337,7 +357,7 @@ def _layout(
             if name in quant.dropped:
                 continue
             name = quant.anchors.get(name, name)
-            plan = plans.get(name) or TensorPlan(name, name, dtype=output_dtype(info.dtype, dtype), shape=info.shape)
+            plan = plans.get(name) or TensorPlan(name, name, dtype=dtype_of(name, info.dtype), shape=info.shape)
             items.append(plan)
             items.extend(quant.companions.get(name, ()))
             items.extend(p for anchor, p in extra if anchor == name)

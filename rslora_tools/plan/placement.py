@@ -1,7 +1,7 @@
 """Which base tensor each LoRA module changes, with which kind of delta, checked against shapes.
 
-Adapter module paths are matched to checkpoint names with or without a leading prefix (an
-adapter trained on `LlamaModel` against a `LlamaForCausalLM` checkpoint); the layer kind
+Adapter module paths are matched to checkpoint names by plan/names.py (as named, up to a leading prefix, or by
+transformers' loading rules); the layer kind
 (linear, GPT-2 Conv1D, embedding, convolution, MultiheadAttention, target parameters and MoE
 experts) is read from the saved shapes and the base weight (docs/peft-rules.md, "Deltas").
 """
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from ..adapter.adapter import Adapter, LoraModule
 from ..formats.checkpoint import Checkpoint
 from ..errors import MismatchError, UnsupportedAdapterError
-from ..adapter.module_scales import ModuleEntry, pattern_name, rank_mismatch, target_parameters_of
-from .layouts import Layouts
+from ..adapter.module_scales import ModuleEntry, pattern_name, rank_mismatch, target_parameters_of, wraps_parameters
+from .names import NameResolver
 from .tensors import LayerKind, LoraOp
 
 # Architectures whose linear layers are transformers' Conv1D ((in, out) weights; PEFT's fan_in_fan_out).
@@ -29,68 +29,30 @@ TRANSPOSED_EXPERTS = {"aria", "aria_text", "ergo", "gpt_oss", "openai_privacy_fi
 ShapeOf = Callable[[str], tuple[int, ...]]
 
 
-class NameResolver:
-    """Map module paths from the adapter to tensor names in the checkpoint: as named, up to a leading prefix, or in
-    the checkpoint's other naming of the same architecture (plan/layouts.py)."""
-
-    def __init__(self, checkpoint: Checkpoint, extra: list[str] | None = None, layouts: Layouts | None = None):
-        self.names = set(checkpoint.weight_map) | set(extra or ())  # extra: weights a quantized checkpoint packs
-        self.prefixes = sorted({n.split(".", 1)[0] for n in self.names if "." in n})
-        self.layouts = layouts if layouts is not None else Layouts.of(checkpoint.config)
-        self.renamed: dict[str, str] = {}  # adapter path -> the tensor found under the other naming
-
-    def find(self, path: str, *, record: bool = True) -> str | None:
-        """The checkpoint tensor `path` names; `record`: remember a rename, for the merge's note."""
-        found = self._find_as_named(path)
-        if found is not None:
-            return found
-        candidates = {t for alt in self.layouts.alternatives(path) if (t := self._find_as_named(alt)) is not None}
-        if len(candidates) > 1:
-            raise MismatchError(f"adapter module path {path!r} matches several base tensors ({', '.join(sorted(candidates))}) "
-                                "under the architecture's renames")
-        if candidates and record:
-            self.renamed[path] = next(iter(candidates))
-        return candidates.pop() if candidates else None
-
-    def _find_as_named(self, path: str) -> str | None:
-        if path in self.names:
-            return path
-        candidates = set()
-        if "." in path and path.split(".", 1)[1] in self.names:
-            candidates.add(path.split(".", 1)[1])
-        for prefix in self.prefixes:
-            if f"{prefix}.{path}" in self.names:
-                candidates.add(f"{prefix}.{path}")
-        if len(candidates) > 1:
-            raise MismatchError(
-                f"adapter module path {path!r} matches several base tensors ({', '.join(sorted(candidates))}); "
-                "the prefix mapping is ambiguous"
-            )
-        return candidates.pop() if candidates else None
-
-
 def place_module(
     module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver, model_type: str | None
 ) -> tuple[str | None, LoraOp]:
     """Find the base tensor a LoRA module changes, and the kind of delta (target None: nothing matches)."""
     cfg = adapter.config
-    if cfg.target_parameters and (module.depth > 0 or resolver.find(module.name + ".weight") is None):
-        return _place_parameter(module, adapter, shape_of, resolver, model_type)
+    own = resolver.own_parameters(module.name) if cfg.target_parameters else None
     target = resolver.find(module.name + ".weight")
+    if wraps_parameters(cfg, module, own) or (cfg.target_parameters and target is None):
+        return _place_parameter(module, adapter, shape_of, resolver, model_type, own)
+    name = pattern_name(adapter, module, own=own)
     if target is None:
         in_proj = resolver.find(module.name + ".in_proj_weight")
         if in_proj is not None:
-            return in_proj, make_op(module, adapter, "mha", shape_of(in_proj), False)
-        return None, make_op(module, adapter, "linear", (), False)
+            return in_proj, make_op(module, adapter, "mha", shape_of(in_proj), False, scale_name=name)
+        return None, make_op(module, adapter, "linear", (), False, scale_name=name)
     w_shape = shape_of(target)
     if module.mha_parent is not None:
-        return target, make_op(module, adapter, "mha_out", w_shape, False)
+        return target, make_op(module, adapter, "mha_out", w_shape, False, scale_name=name)
     if module.embedding:
-        return target, make_op(module, adapter, "embedding", w_shape, False)
+        return target, make_op(module, adapter, "embedding", w_shape, False, scale_name=name)
     if len(adapter.shapes[module.a_key]) > 2:
-        return target, make_op(module, adapter, "conv", w_shape, False)
+        return target, make_op(module, adapter, "conv", w_shape, False, scale_name=name)
     transpose = _linear_layout(module, adapter, w_shape, model_type)
-    return target, make_op(module, adapter, "linear", w_shape, transpose)
+    return target, make_op(module, adapter, "linear", w_shape, transpose, scale_name=name)
 
 
 def _linear_layout(module: LoraModule, adapter: Adapter, w_shape: tuple[int, ...], model_type: str | None) -> bool:
@@ -135,16 +97,18 @@ def _parameter_op(module: LoraModule, adapter: Adapter, target: str, w: tuple[in
 
 
 def _place_parameter(
-    module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver, model_type: str | None
+    module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver, model_type: str | None,
+    own: set[str] | None,
 ) -> tuple[str | None, LoraOp]:
-    """target_parameters (ParamWrapper): the parameter this wrapper holds (adapter.module_scales.pattern_name decides)."""
+    """target_parameters (ParamWrapper): the parameter this wrapper holds (adapter.module_scales.pattern_name decides,
+    among the module's own parameters in the base, `own`)."""
     def fits(name: str) -> bool:
         target = resolver.find(name)
         return target is not None and _fitting_shape(module, adapter, shape_of(target))
 
-    if not any(fits(p) for p in target_parameters_of(adapter.config, module.name)):
+    if not any(fits(p) for p in target_parameters_of(adapter.config, module.name, own)):
         return None, make_op(module, adapter, "param", (), False, scale_name=module.name)
-    name = pattern_name(adapter, module, fits)
+    name = pattern_name(adapter, module, fits, own)
     target = resolver.find(name)
     op = _parameter_op(module, adapter, target, shape_of(target), name, model_type) if target is not None else None
     if target is None or op is None:

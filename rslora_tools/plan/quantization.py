@@ -26,7 +26,7 @@ from ..formats.checkpoint import Checkpoint, CheckpointFiles
 from ..errors import InputError, UnsupportedAdapterError
 from .placement import CONV1D_MODEL_TYPES
 from .tensors import QuantSource, Requant, TensorPlan
-from ..formats.quant import REQUANTIZED_ROLES, QuantScheme, checkpoint_scheme, dtype_from_name, quantized_weights
+from ..formats.quant import REQUANTIZED_ROLES, QuantScheme, checkpoint_scheme, config_dtype, quantized_weights
 from ..formats.safetensors_file import FLOAT_DTYPES, read_bytes
 from ..adapter.scaling import backtracking_risk
 
@@ -175,7 +175,7 @@ def merge_dtype(source: QuantSource, checkpoint: Checkpoint, name: str) -> str:
     if source.scheme.compute_dtype is not None:
         return source.scheme.compute_dtype
     config = checkpoint.config or {}
-    return dtype_from_name(config.get("dtype", config.get("torch_dtype"))) or _common_float_dtype(checkpoint) or \
+    return config_dtype(config) or _common_float_dtype(checkpoint) or \
         source.stored.dtype
 
 

@@ -14,7 +14,8 @@ from typing import Literal
 
 from ..adapter.adapter import Adapter, LoraModule
 from ..formats.checkpoint import Checkpoint
-from .placement import NameResolver, check_shapes, make_op
+from .names import NameResolver
+from .placement import check_shapes, make_op
 from .tensors import LoraOp, TensorPlan
 
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")

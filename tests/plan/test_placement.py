@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from rslora_tools.adapter.load import load_adapter
 from rslora_tools.errors import MismatchError, UnsupportedAdapterError
 from rslora_tools.formats.checkpoint import open_checkpoint
-from rslora_tools.plan.placement import NameResolver, check_shapes, place_module
+from rslora_tools.plan.names import NameResolver
+from rslora_tools.plan.placement import check_shapes, place_module
 
 
 def checkpoint(folder: Path, shapes: dict[str, tuple[int, ...]], model_type: str = "llama"):
