@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import time
 import warnings
@@ -83,27 +84,74 @@ def model_classes() -> tuple[dict[str, set[str]], dict[str, str]]:
 
 
 def class_transforms(model_type: str, class_name: str) -> tuple[list[dict], dict[str, list[str]] | None]:
-    """The transforms transformers applies when it loads `class_name`, and the modules it keeps in float32 (None:
-    the model could not be built from its default config)."""
-    import torch
+    """The transforms transformers applies when it loads `class_name`, the tensors it holds in float32 and the order
+    of parameters, from the model built from its default config, else from the tests' tiny config, else (`"built":
+    false`) the root rules as transformers looks them up."""
     import transformers
     from transformers import AutoConfig
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
+    for make_config in (lambda: AutoConfig.for_model(model_type), lambda: tiny_config(model_type, class_name)):
+        try:
+            return built_transforms(make_config(), class_name)
+        except Exception:  # noqa: BLE001 - the next config, or the root rules below
+            continue
+    root = get_checkpoint_conversion_mapping(class_name) or get_checkpoint_conversion_mapping(model_type) or []
+    legacy = get_checkpoint_conversion_mapping("legacy") or []
+    cls = getattr(transformers, class_name)
+    keep = {"fp32": sorted(getattr(cls, "_keep_in_fp32_modules", None) or ()),
+            "fp32_strict": sorted(getattr(cls, "_keep_in_fp32_modules_strict", None) or ())}
+    return [describe(t) for t in [*root, *legacy]], {"built": False, **{k: v for k, v in keep.items() if v}}
+
+
+def tiny_config(model_type: str, class_name: str):
+    """The shrunk config the tests build tiny models from (tests/tiny_models.py), for a class whose default config
+    does not build."""
+    sys.path.insert(0, str(OUT.parents[2] / "tests"))
+    from tiny_models import Row, tiny_config as shrunk
+
+    return shrunk(Row(model_type, class_name, ""))
+
+
+def built_transforms(config, class_name: str) -> tuple[list[dict], dict[str, list[str]]]:
+    """The transforms and float32 lists of `class_name` built on the meta device from `config`."""
+    import torch
+    import transformers
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # as from_pretrained(dtype=bfloat16) builds the model
     try:
-        config = AutoConfig.for_model(model_type)
         with torch.device("meta"):
             model = getattr(transformers, class_name)(config)
-        keep = {"fp32": sorted(model._keep_in_fp32_modules or ()),  # kept in float32 when loaded in float16
-                "fp32_strict": sorted(model._keep_in_fp32_modules_strict or ())}  # ... in float16 or bfloat16
-        return [describe(t) for t in get_model_conversion_mapping(model)], {k: v for k, v in keep.items() if v}
-    except Exception:  # noqa: BLE001 - a default config that does not build: the root rules, as transformers looks them up
-        root = get_checkpoint_conversion_mapping(class_name) or get_checkpoint_conversion_mapping(model_type) or []
-        legacy = get_checkpoint_conversion_mapping("legacy") or []
-        cls = getattr(transformers, class_name)
-        keep = {"fp32": sorted(getattr(cls, "_keep_in_fp32_modules", None) or ()),
-                "fp32_strict": sorted(getattr(cls, "_keep_in_fp32_modules_strict", None) or ())}
-        return [describe(t) for t in [*root, *legacy]], {"built": False, **{k: v for k, v in keep.items() if v}}
+    finally:
+        torch.set_default_dtype(default)
+    keep = {"fp32": sorted(model._keep_in_fp32_modules or ()),  # kept in float32 when loaded in float16
+            "fp32_strict": sorted(model._keep_in_fp32_modules_strict or ()),  # ... in float16 or bfloat16
+            # parameters and buffers the model makes in float32 whatever it is loaded in (a checkpoint's values are
+            # cast to them)
+            "fp32_params": sorted({numbered(n) for n, p in [*model.named_parameters(), *model.named_buffers()]
+                                   if p.dtype == torch.float32}),
+            "order": parameter_order(model),
+            # weights tied to another (not stored: transformers ties them on loading): tied name -> its source
+            "tied": {numbered(k): numbered(v) for k, v in sorted(model.get_expanded_tied_weights_keys().items())}}
+    return [describe(t) for t in get_model_conversion_mapping(model)], {k: v for k, v in keep.items() if v}
+
+
+def numbered(name: str) -> str:
+    """A module path with its layer and expert numbers as `*` (`model.layers.*.mlp`)."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
+
+
+def parameter_order(model) -> dict[str, list[str]]:
+    """The modules that hold several parameters of their own other than a weight and its bias, with the order they
+    register them (PEFT wraps a module's target_parameters in that order: the first is the innermost)."""
+    order = {}
+    for name, module in model.named_modules():
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if len(own) > 1 and not set(own) <= {"weight", "bias"}:
+            order.setdefault(numbered(name), own)
+    return order
 
 
 def build() -> dict:
@@ -112,6 +160,7 @@ def build() -> dict:
     classes, default = model_classes()
     transforms_seen: dict[str, int] = {}  # each distinct transform once; a rule set lists their indices
     rule_sets: list[list[int]] = []
+    extras_seen: dict[str, int] = {}  # each distinct set of float32 lists and parameter orders once
     index: dict[str, int] = {}
     architectures: dict[str, dict[str, dict]] = {}  # class -> model type -> its rule set and float32 modules
     started = time.time()
@@ -125,7 +174,10 @@ def build() -> dict:
             if key not in index:
                 index[key] = len(rule_sets)
                 rule_sets.append(ids)
-            architectures.setdefault(class_name, {})[model_type] = {"rules": index[key], **(extra or {})}
+            entry: dict = {"rules": index[key]}
+            if extra:
+                entry["extra"] = extras_seen.setdefault(json.dumps(extra, sort_keys=True), len(extras_seen))
+            architectures.setdefault(class_name, {})[model_type] = entry
         if sys.stderr.isatty():
             print(f"\r{n + 1}/{len(classes)} model types, {time.time() - started:.0f} s", end="", file=sys.stderr)
     print(f"{len(classes)} model types, {len(architectures)} classes in {time.time() - started:.0f} s", file=sys.stderr)
@@ -138,16 +190,18 @@ def build() -> dict:
         "architectures": {c: dict(sorted(v.items())) for c, v in sorted(architectures.items())},
         "rule_sets": rule_sets,
         "transforms": [json.loads(t) for t in transforms_seen],
+        "extras": [json.loads(e) for e in extras_seen],
     }
 
 
 def render(table: dict) -> str:
     """One rule set and one transform per line, so that a regeneration's diff shows what changed."""
-    head = {k: v for k, v in table.items() if k not in ("rule_sets", "transforms")}
+    lists = ("rule_sets", "transforms", "extras")
+    head = {k: v for k, v in table.items() if k not in lists}
     lines = json.dumps(head, indent=1, sort_keys=False)[:-2]
-    sets = ",\n".join("  " + json.dumps(s) for s in table["rule_sets"])
-    transforms = ",\n".join("  " + json.dumps(t, sort_keys=True) for t in table["transforms"])
-    return f"{lines},\n \"rule_sets\": [\n{sets}\n ],\n \"transforms\": [\n{transforms}\n ]\n}}\n"
+    body = ",\n".join(f" {json.dumps(name)}: [\n" + ",\n".join("  " + json.dumps(x, sort_keys=True) for x in table[name])
+                      + "\n ]" for name in lists)
+    return f"{lines},\n{body}\n}}\n"
 
 
 def main() -> int:

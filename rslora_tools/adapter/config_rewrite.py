@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import Counter
 from typing import Any
 
@@ -125,7 +126,8 @@ def keeping_scales(fields: dict[str, Any], entries: list[ModuleEntry]) -> dict[s
         return fields
     use_rslora = bool(fields.get("use_rslora"))
     alphas = [alpha_for_scale(e.scale.scale, e.scale.r, use_rslora) for e in entries]
-    new = _rewrite_canonical(dict(fields, rank_pattern={}, alpha_pattern={}), entries, use_rslora, alphas)
+    new = _rewrite_canonical(dict(fields, rank_pattern={}, alpha_pattern={}), entries, use_rslora, alphas,
+                             anchored=True)
     if not _same_scales(new, entries):
         raise UnsupportedAdapterError("no adapter_config.json gives every rewritten module its scale (module names "
                                       "that match each other as patterns)")
@@ -170,9 +172,12 @@ def _rewrite_in_place(fields: dict[str, Any], entries: list[ModuleEntry], use_rs
 
 
 def _rewrite_canonical(
-    fields: dict[str, Any], entries: list[ModuleEntry], use_rslora: bool, alphas: list[int | float]
+    fields: dict[str, Any], entries: list[ModuleEntry], use_rslora: bool, alphas: list[int | float],
+    anchored: bool = False,
 ) -> dict[str, Any]:
-    """Full-module-name patterns (same keys in both dicts) for modules that differ from the most common pair."""
+    """Full-module-name patterns (same keys in both dicts) for modules that differ from the most common pair;
+    `anchored`: a name that is also the end of another module's name is written `^name` (escaped), a regular
+    expression that PEFT >= 0.15 matches to that module only."""
     pairs = [(e.scale.r, a) for e, a in zip(entries, alphas)]
     r_global, alpha_global = Counter(pairs).most_common(1)[0][0] if pairs else (fields["r"], fields["lora_alpha"])
     rank_pattern, alpha_pattern = {}, {}
@@ -185,13 +190,16 @@ def _rewrite_canonical(
         if (r, alpha) == (r_global, alpha_global):
             continue
         hits = matched_by.get(e.name, [])
-        if hits != [e.name]:
+        key = e.name
+        if hits != [e.name] and anchored:
+            key = "^" + re.escape(e.name)
+        elif hits != [e.name]:
             raise UnsupportedAdapterError(
                 f"module name {e.name!r} also matches {', '.join(h for h in hits if h != e.name)} as a pattern key; "
                 "its scale cannot be set on its own in adapter_config.json"
             )
-        rank_pattern[e.name] = r
-        alpha_pattern[e.name] = alpha
+        rank_pattern[key] = r
+        alpha_pattern[key] = alpha
     new = dict(fields)
     new.update(
         use_rslora=use_rslora, r=r_global, lora_alpha=alpha_global,

@@ -9,7 +9,7 @@ target_parameters wrapper holds), the rank-mismatch message, and the pattern-key
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,15 +40,17 @@ class ModuleEntry:
         return "param" if self.name != self.module.name else "module"
 
 
-def module_entries(adapter: Adapter, *, check_ranks: bool = True) -> list[ModuleEntry]:
-    """Every LoRA module of the adapter with PEFT's scale, in adapter file order.
+def module_entries(adapter: Adapter, *, check_ranks: bool = True,
+                   names: Callable[[LoraModule], str] | None = None) -> list[ModuleEntry]:
+    """Every LoRA module of the adapter with PEFT's scale, in adapter file order; `names` gives each module's pattern
+    name where a base model decides it (which parameter a target_parameters wrapper holds).
 
     Raises MismatchError when the config's rank disagrees with the saved tensors (PEFT would
     refuse to load such an adapter), unless `check_ranks` is False.
     """
     entries = []
     for module in adapter.lora_modules:
-        name = pattern_name(adapter, module)
+        name = names(module) if names is not None else pattern_name(adapter, module)
         s = adapter.config.scale_for(name)
         shape_rank = adapter.shapes[module.a_key][0]
         if name != module.name and shape_rank % s.r == 0:  # a target_parameters wrapper: rank * experts rows
@@ -92,19 +94,28 @@ def wraps_parameters(config: AdapterConfig, module: LoraModule, own: Collection[
 
 
 def pattern_name(adapter: Adapter, module: LoraModule, fits: Callable[[str], bool] | None = None,
-                 own: Collection[str] | None = None) -> str:
+                 own: Collection[str] | None = None, order: Sequence[str] | None = None) -> str:
     """The name PEFT matches this module's rank/alpha patterns against.
 
     A MultiheadAttention's out_proj uses the MHA's name; a target_parameters wrapper uses
     `<module>.<param>`, for the parameter it holds (`own`: the module's own parameters in the base, when there is
-    one). When a module wraps several parameters (nested wrappers), `fits` (a base model's shapes) keeps the
-    parameters whose base tensor fits this wrapper's tensors; among those still left, the nesting decides.
+    one). When a module wraps several parameters (nested wrappers), PEFT wraps them in the order the module
+    registers them (`order`, from transformers' model, when known): the first is the innermost, under the most
+    `base_layer`s. Without it, `fits` (a base model's shapes) keeps the parameters whose base tensor fits this
+    wrapper's tensors; among those still left, the nesting decides.
     """
     if module.mha_parent is not None:
         return module.mha_parent
     if not wraps_parameters(adapter.config, module, own):
         return module.name
     params = target_parameters_of(adapter.config, module.name, own)
+    depths = sum(1 for (name, _) in adapter.modules if name == module.name)
+    if own is None and len(params) > depths:
+        params = _most_specific(adapter.config, module.name, params, depths)
+    if order is not None and len(params) > 1:
+        wrapped = [f"{module.name}.{p}" for p in order if f"{module.name}.{p}" in params]
+        if len(wrapped) == depths == len(params):
+            return wrapped[depths - 1 - module.depth]
     if fits is not None and len(params) > 1:
         params = [p for p in params if fits(p)] or params  # no fit at all: the caller reports the module as unmatched
     if not params:
@@ -112,6 +123,19 @@ def pattern_name(adapter: Adapter, module: LoraModule, fits: Callable[[str], boo
     if len(params) == 1:
         return params[0]
     return _nested_parameter(adapter, module, params)
+
+
+def _most_specific(config: AdapterConfig, module_name: str, params: list[str], depths: int) -> list[str]:
+    """Without a base model to say which parameters a module holds, the names matched by the most specific targets
+    (`gate.weight` over a bare `down_proj`, which PEFT's transformers-5 remap writes for fused experts), when as many
+    of them are left as the module has wrappers; else all of them."""
+    def parts(param: str) -> int:
+        return max(t.count(".") + 1 for t in config.target_parameters
+                   if param == t or param.endswith("." + t))
+
+    best = max(parts(p) for p in params)
+    kept = [p for p in params if parts(p) == best]
+    return kept if len(kept) == depths else params
 
 
 def _nested_parameter(adapter: Adapter, module: LoraModule, params: list[str]) -> str:

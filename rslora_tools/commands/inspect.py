@@ -8,11 +8,12 @@ something else than intended), warning (likely a mistake), info (worth knowing).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..adapter.adapter import Adapter
+from ..adapter.adapter import Adapter, LoraModule
 from ..adapter.load import load_adapter
 from ..adapter.config import MUTATING_INITS
 from ..adapter.module_scales import (
@@ -137,7 +138,7 @@ def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = No
     allow_pickle = options.allow_pickle
     loaded = path if isinstance(path, Adapter) else load_adapter(path, allow_pickle=allow_pickle)
     cfg = loaded.config
-    entries = module_entries(loaded, check_ranks=False)
+    entries = module_entries(loaded, check_ranks=False, names=_base_names(loaded, base))
     fields = cfg.normalized()
     selected = {spec: runtime(spec) for spec in runtimes or []}
     columns = {**RUNTIMES, **{spec: rt for spec, rt in selected.items() if "@" in spec}}
@@ -288,6 +289,24 @@ def _runtime_lint(level: LintLevel, who: str, summary: dict[str, Any], modules: 
         return Lint(level, "runtime-scale",
                     f"{who} would apply {ratio} PEFT's scale to {summary['modules_off']} of {modules} modules; fix: {fix}")
     return None
+
+
+def _base_names(adapter: Adapter, base: Path | None) -> Callable[[LoraModule], str] | None:
+    """With a base, each module's pattern name as the base decides it (the parameter a target_parameters wrapper
+    holds: the module's own parameters, their order and shapes), as merge decides it."""
+    if base is None:
+        return None
+    from ..formats.checkpoint import open_checkpoint
+    from ..plan.experts import fused_parameter
+    from ..plan.names import NameResolver
+    from ..plan.quantization import plan_quantization
+
+    try:
+        checkpoint = open_checkpoint(base)
+        resolver = NameResolver(checkpoint, extra=plan_quantization(checkpoint, None).names())
+    except RsloraError:
+        return None  # reported by the base checks
+    return lambda module: fused_parameter(module, adapter, resolver, resolver.shape)
 
 
 def _lint_runtime_layouts(entries: list[ModuleEntry], selected: dict[str, Runtime], base: Path | None,

@@ -43,6 +43,11 @@ def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, rel
 
     checkpoint = open_checkpoint(base_input(relayout.base, token=options.token).path)
     layouts = Layouts.of(checkpoint.config)
+    fused = [e for e in entries if e.wrapping == "param" and e.name.rpartition(".")[2] in FUSED]
+    if relayout.expert_layout is not None and not layouts.has_experts and fused:
+        raise UnsupportedAdapterError(f"{loaded.path}: module {fused[0].module.name!r}: {layouts.model_class} models "
+                                      "store their experts fused, and no per-expert naming of them exists in "
+                                      "transformers' rules; keep the adapter fused")
     if relayout.expert_layout is not None and not layouts.has_experts:
         model_type = (checkpoint.config or {}).get("model_type")
         raise UnsupportedAdapterError(f"{checkpoint.folder}: model_type {model_type!r} is not an MoE family whose "
@@ -111,11 +116,15 @@ def _shared_a(adapter: Adapter, entries: list[ModuleEntry], layouts: Layouts, sa
     shared = set()
     for fused, by in pairs.items():
         keys = [(by[(e, 0)], by.get((e, 1))) for e, part in by if part == 0]
-        if all(up is not None and gate.scale == up.scale and adapter.shapes[gate.module.a_key] ==
+        if all(up is not None and _same_scale(gate, up) and adapter.shapes[gate.module.a_key] ==
                adapter.shapes[up.module.a_key] for gate, up in keys) and \
                 same_a([(gate.module.a_key, up.module.a_key) for gate, up in keys if up is not None], adapter.tensor):
             shared.add(fused)
     return frozenset(shared)
+
+
+def _same_scale(a: ModuleEntry, b: ModuleEntry) -> bool:
+    return (a.scale.r, a.scale.scale, a.scale.use_rslora) == (b.scale.r, b.scale.scale, b.scale.use_rslora)
 
 
 def _dtype(tensor: Any) -> str:

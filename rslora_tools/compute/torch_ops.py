@@ -11,6 +11,8 @@ and "DoRA"), because bit-exact results need the same torch ops in the same order
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 
 import torch
@@ -110,6 +112,26 @@ def _add_embedding_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch
 
 def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
     """Merge one LoRA module into its (writable) weight; returns the merged weight."""
+    if op.reorder is not None:  # merged where transformers holds it (reordered), then reordered back: exact moves
+        memory = reordered(w, op.reorder)
+        merged = apply_lora(memory, dataclasses.replace(op, reorder=None), read)
+        w.copy_(reordered(merged, op.reorder, back=True))
+        return w
+    if op.delta_rows is not None:  # W is these rows of the module's weight: these rows of B
+        start, stop = op.delta_rows
+        b_key = op.module.b_key
+
+        def rows_of_b(key: str) -> torch.Tensor:
+            return read(key)[start:stop] if key == b_key else read(key)
+
+        return apply_lora(w, dataclasses.replace(op, delta_rows=None), rows_of_b)
+    if op.rows is not None:  # the module's weight is these rows of W: merged as it is, in place
+        start, stop = op.rows
+        view = w[start:stop]
+        merged = apply_lora(view, dataclasses.replace(op, rows=None), read)
+        if merged is not view:
+            w[start:stop] = merged
+        return w
     if op.part is not None:
         return _apply_expert_part(w, op, read)
     if op.kind == "linear" and not op.dora and not op.transpose and w.dim() == 2 and w.device.type == "cpu":
@@ -134,6 +156,20 @@ def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
         return w
     w += delta  # mixed-dtype in-place add: computed in fp32, rounded once
     return w
+
+
+def reordered(w: torch.Tensor, how: tuple[str, int, bool], *, back: bool = False) -> torch.Tensor:
+    """A stored tensor reordered as transformers reorders it on loading (`back`: its reverse operation, as it saves):
+    Interleave (core_model_loading.Interleave) or PermuteForRope with the attention heads given."""
+    kind, arg, inverse = how
+    inverse = inverse != back
+    if kind == "interleave":
+        shape = list(w.shape)
+        shape[arg:arg + 1] = [2, shape[arg] // 2] if inverse else [shape[arg] // 2, 2]
+        return w.reshape(shape).transpose(arg, arg + 1).reshape(w.shape).contiguous()
+    rows, half = w.shape[0], w.shape[0] // arg // 2
+    head = (2, half) if inverse else (half, 2)
+    return w.reshape(arg, *head, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
 
 
 def _apply_expert_part(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:

@@ -197,7 +197,8 @@ def _kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> boo
 def _op_fits(op: LoraOp, t: TensorPlan, start_dtype: str, adapter: Adapter, shape: tuple[int, ...] | None = None) -> bool:
     """One op of a tensor in the kernel: plain LoRA on one weight (a stacked op starts from the previous result).
     `shape` and `start_dtype` are the merged weight's when they are not the output tensor's (--keep-quantization)."""
-    if op.dora or op.experts != 1 or op.part is not None:
+    if op.dora or op.experts != 1 or op.part is not None or op.rows is not None or op.reorder is not None \
+            or op.delta_rows is not None:
         return False
     a, b = op.module.a_key, op.module.b_key
     dtype = start_dtype if shape is not None else t.dtype

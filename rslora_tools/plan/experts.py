@@ -184,7 +184,8 @@ def fused_parameter(module: LoraModule, adapter: Adapter, resolver: NameResolver
         outs = _part_outs(stacked, shape_of)
         return sum(outs) == b[0] and all(shape_of(p.stored)[1:] == (a[1],) for p in stacked if p.expert == 0)
 
-    return pattern_name(adapter, module, fits, resolver.own_parameters(module.name))
+    return pattern_name(adapter, module, fits, resolver.own_parameters(module.name),
+                        resolver.parameter_order(module.name))
 
 
 def _per_expert_on_fused(module: LoraModule, adapter: Adapter, resolver: NameResolver, shape_of: ShapeOf,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 RULES_FILE = Path(__file__).with_name("layout_rules.json")
-FUSED = ("gate_up_proj", "down_proj", "up_proj")  # the fused expert parameters' names in every family
+FUSED = ("gate_up_proj", "up_proj", "down_proj")  # the fused expert parameters' names, in the order models register them
 _PAIR = re.compile(r"layers\.(\d+)\.(mixer|attn_alpha|mlp_alpha)(?=\.|$)")  # transformers' LayerPairCollapse
 
 
@@ -42,14 +42,17 @@ class Transform:
     targets: tuple[str, ...]
     scope: str | None = None
     base_prefix: str | None = None
-    ops: tuple[tuple[str, int | None], ...] = ()  # (operation, its dim)
+    ops: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (operation, its integer arguments: dim, or dim0 and dim1)
     offset: int = 0
+    op_args: tuple[tuple[tuple[str, Any], ...], ...] = ()  # every operation's arguments by name
 
     @classmethod
     def of(cls, entry: dict[str, Any]) -> Transform:
-        ops = tuple((op["op"], op.get("dim")) for op in entry.get("ops", ()))
+        ops = tuple((op["op"], tuple(v for k, v in sorted(op.items()) if isinstance(v, int) and not isinstance(v, bool)))
+                    for op in entry.get("ops", ()))
+        args = tuple(tuple(sorted((k, v) for k, v in op.items() if k != "op")) for op in entry.get("ops", ()))
         return cls(entry["kind"], re.compile(entry["pattern"]), tuple(entry["sources"]), tuple(entry["targets"]),
-                   entry.get("scope"), entry.get("base_prefix"), ops, entry.get("offset", 0))
+                   entry.get("scope"), entry.get("base_prefix"), ops, entry.get("offset", 0), args)
 
     @property
     def converter(self) -> bool:
@@ -59,7 +62,7 @@ class Transform:
     def stacks_experts(self) -> bool:
         """Per-expert tensors stacked into one fused parameter (and, with several sources, concatenated along the
         output features): the converters rslora-tools merges across."""
-        return self.ops in ((("MergeModulelist", 0),), (("MergeModulelist", 0), ("Concatenate", 1)))
+        return self.ops in ((("MergeModulelist", (0,)),), (("MergeModulelist", (0,)), ("Concatenate", (1,))))
 
     def _scoped(self, key: str) -> tuple[str, str, re.Match[str]] | None:
         prefix = ""
@@ -76,9 +79,39 @@ class Transform:
         m = self.pattern.search(key)
         return None if m is None else (prefix, key, m)
 
-    def rename(self, key: str, active: set[int]) -> tuple[str, int | None, re.Match[str] | None]:
+    @property
+    def splits_rows(self) -> bool:
+        """One stored tensor cut along its rows into several in-memory ones: equal chunks (`Chunk`) or the model's
+        parameter sizes (`Split`)."""
+        return self.ops in ((("Chunk", (0,)),), (("Split", (0,)),)) and len(self.sources) == 1 and len(self.targets) > 1
+
+    @property
+    def concatenates_rows(self) -> bool:
+        """Several stored tensors concatenated along their rows into one in-memory weight (`Concatenate(dim=0)`)."""
+        return self.ops == (("Concatenate", (0,)),) and len(self.sources) > 1 and len(self.targets) == 1
+
+    @property
+    def permutation(self) -> tuple[str, Any, bool] | None:
+        """A stored tensor whose rows (or a 3-D tensor's second dimension) transformers reorders on loading:
+        ("interleave", dim, inverse) for `Interleave`, ("rope", subconfig key, inverse) for `PermuteForRope`."""
+        if len(self.ops) != 1 or len(self.sources) != 1 or len(self.targets) != 1:
+            return None
+        name, args = self.ops[0][0], dict(self.op_args[0])
+        if name == "Interleave":
+            return ("interleave", args.get("dim", 0), bool(args.get("inverse", False)))
+        if name == "PermuteForRope" and args.get("permute_layer_names") is None:
+            return ("rope", args.get("subconfig_key"), bool(args.get("inverse", False)))
+        return None
+
+    @property
+    def transposes(self) -> bool:
+        """One stored 2-D tensor held transposed in memory (a weight stored (in, out))."""
+        return self.ops == (("Transpose", (0, 1)),) and len(self.sources) == len(self.targets) == 1
+
+    def rename(self, key: str, active: set[int], target: int = 0) -> tuple[str, int | None, re.Match[str] | None]:
         """(the renamed key, the index of the source pattern that matched, the match); `active`: the GroupWeightRename
-        transforms whose first pattern has been seen (their state across the keys of one load)."""
+        transforms whose first pattern has been seen (their state across the keys of one load); `target`: which of
+        a one-to-many converter's targets to name (transformers names the first, its operation makes the others)."""
         if self.kind == "LayerPairCollapse":
             return self._collapse(key)
         found = self._scoped(key)
@@ -96,7 +129,7 @@ class Transform:
         elif self.kind == "Inkling2IndexOffsetWeightRename":
             replacement = self.targets[0].replace(r"\1", str(int(m.group(start + 1)) + self.offset))
         else:
-            replacement = self.targets[0]
+            replacement = self.targets[target]
             if r"\1" in replacement:
                 replacement = replacement.replace(r"\1", m.group(start + 1))
         return prefix + rest.replace(m.group(0), replacement, 1), index, m
@@ -127,6 +160,7 @@ class Loaded:
     converter: Transform | None = None
     source: int = 0
     expert: int | None = None
+    pieces: tuple[str, ...] = ()  # a one-to-many converter: every in-memory name it makes, in order
 
     @property
     def expert_part(self) -> bool:
@@ -170,6 +204,9 @@ class Layouts:
     hand: HandExperts | None = None
     fp32: tuple[str, ...] = ()  # modules transformers keeps in float32 when it loads the model in float16
     fp32_strict: tuple[str, ...] = ()  # ... in float16 or bfloat16
+    fp32_params: tuple[str, ...] = ()  # parameters the model makes in float32 whatever it loads in (`*`: a number)
+    order: tuple[tuple[str, tuple[str, ...]], ...] = ()  # modules with several own parameters: their order
+    tied: tuple[tuple[str, str], ...] = ()  # weights transformers ties to another on loading (not stored): -> source
 
     @classmethod
     def of(cls, config: dict[str, Any] | None) -> Layouts:
@@ -191,15 +228,39 @@ class Layouts:
         if found is None:
             return cls((), None, hand)
         name, entry = found
-        return cls(_rule_set(entry["rules"]), name, hand, tuple(entry.get("fp32", ())),
-                   tuple(entry.get("fp32_strict", ())))
+        extra = table["extras"][entry["extra"]] if "extra" in entry else {}
+        return cls(_rule_set(entry["rules"]), name, hand, tuple(extra.get("fp32", ())),
+                   tuple(extra.get("fp32_strict", ())), tuple(extra.get("fp32_params", ())),
+                   tuple((k, tuple(v)) for k, v in extra.get("order", {}).items()), tuple(extra.get("tied", {}).items()))
 
     def keeps_fp32(self, memory_name: str, dtype: str) -> bool:
         """Whether transformers loads this tensor (in-memory name) in float32 when it loads the model in `dtype`
         (a safetensors dtype): `_keep_in_fp32_modules` for F16, `_keep_in_fp32_modules_strict` for F16 and BF16,
         matched as transformers matches them (a search, `*` for anything)."""
-        keep = (*self.fp32_strict, *self.fp32) if dtype == "F16" else self.fp32_strict if dtype == "BF16" else ()
-        return any(re.search(k.replace("*", ".*"), memory_name) for k in keep)
+        if dtype not in ("F16", "BF16"):
+            return False
+        keep = (*self.fp32_strict, *self.fp32) if dtype == "F16" else self.fp32_strict
+        return any(re.search(k.replace("*", ".*"), memory_name) for k in keep) or \
+            any(_numbered(p).fullmatch(memory_name) for p in self.fp32_params)
+
+    @property
+    def fp32_possible(self) -> bool:
+        return bool(self.fp32 or self.fp32_strict or self.fp32_params)
+
+    def tied_to(self, name: str) -> str | None:
+        """The weight a tied weight (in-memory naming) is tied to by the model's default config, if it is one."""
+        for tied, source in self.tied:
+            if _numbered(tied).fullmatch(name):
+                return source
+        return None
+
+    def parameter_order(self, module: str) -> tuple[str, ...] | None:
+        """The order in which the module (in-memory naming) registers its own parameters, where transformers' model
+        has several (PEFT nests target_parameters wrappers in that order); None when not known."""
+        for pattern, params in self.order:
+            if _numbered(pattern).fullmatch(module):
+                return params
+        return None
 
     @property
     def renames(self) -> tuple[Transform, ...]:
@@ -227,7 +288,8 @@ class Layouts:
             renamed, index, m = t.rename(name, active)
             if index is not None and m is not None:
                 star = t.wildcard(index, m)
-                return Loaded(renamed, t, index, int(star) if star is not None and star.isdigit() else None)
+                pieces = tuple(t.rename(name, set(), i)[0] for i in range(len(t.targets))) if len(t.targets) > 1 else ()
+                return Loaded(renamed, t, index, int(star) if star is not None and star.isdigit() else None, pieces)
         return Loaded(name)
 
     def load_all(self, names: Iterable[str]) -> dict[str, Loaded]:
@@ -240,6 +302,13 @@ class Layouts:
     def in_memory(self, name: str) -> str:
         """A checkpoint name as transformers 5 names the tensor in memory."""
         return self.loaded(name).memory
+
+
+@functools.lru_cache(maxsize=4096)
+def _numbered(pattern: str) -> re.Pattern[str]:
+    """A generated name pattern (`model.layers.*.mlp`: `*` a layer or expert number) as a regular expression that
+    also takes a leading prefix (an adapter on the base model of a ForCausalLM class, or the reverse)."""
+    return re.compile(r"(?:.*\.)?" + re.escape(pattern).replace(r"\*", r"\d+"))
 
 
 def dot_natural_key(name: str) -> list[tuple[Any, ...]]:

@@ -20,7 +20,7 @@ from ..errors import MismatchError, UnsupportedAdapterError
 from ..adapter.relative import require_plain
 from ..adapter.module_scales import pattern_warnings
 from .names import NameResolver
-from .placement import check_shapes, place_module
+from .placement import check_shapes, place_concatenated, place_module, place_piece
 from .tensors import TORCH_DTYPE_NAMES, LoraOp, Plan, TensorPlan, output_dtype
 from ..formats.quant import QuantScheme, config_dtype
 from .quantization import QuantPlan, keep_quantized, merge_dtype, output_shape, plan_quantization
@@ -128,12 +128,12 @@ class _PlanBuilder:
         self.kept_fp32: list[str] = []
 
     def output_dtype(self, name: str, stored: str) -> str:
-        """A tensor's output dtype: the base's or --dtype's, or float32 where transformers keeps the module in float32
-        when it loads the model in half precision (`_keep_in_fp32_modules[_strict]`, plan/layouts.py): PEFT merges
-        such a tensor in float32 and saves it so."""
+        """A tensor's output dtype: the base's or --dtype's, or float32 where transformers holds it in float32 when it
+        loads the model in half precision (`_keep_in_fp32_modules[_strict]`, or a parameter the model makes in
+        float32; plan/layouts.py): PEFT merges such a tensor in float32 and saves it so."""
         out = output_dtype(stored, self.dtype)
         layouts = self.resolver.layouts
-        if out in ("BF16", "F16") and self.load_dtype in ("BF16", "F16") and (layouts.fp32 or layouts.fp32_strict) \
+        if out in ("BF16", "F16") and self.load_dtype in ("BF16", "F16") and layouts.fp32_possible \
                 and layouts.keeps_fp32(layouts.in_memory(name), self.load_dtype):
             self.kept_fp32.append(name)
             return "F32"
@@ -222,13 +222,22 @@ class _PlanBuilder:
                 self.tie.add_head_lora(module, self.adapter)
                 continue
             placed = [(target, as_expert_op(op, module, layouts))] if target is not None else \
-                place_across_layouts(module, self.adapter, self.resolver, self.shape_of, layouts)
+                self._place_elsewhere(module)
             if not placed:
                 self._unplaced(module)
                 continue
             for target, op in placed:
                 self._add_op(module, target, op)
         self._note_layouts()
+
+    def _place_elsewhere(self, module: LoraModule) -> list[tuple[str, LoraOp]] | None:
+        """A module whose weight transformers makes from stored tensors on loading: cut from one (a piece of its
+        rows), concatenated from several, or stacked with the other experts'."""
+        piece = place_piece(module, self.adapter, self.shape_of, self.resolver)
+        if piece is not None:
+            return [piece]
+        return place_concatenated(module, self.adapter, self.shape_of, self.resolver) or \
+            place_across_layouts(module, self.adapter, self.resolver, self.shape_of, self.resolver.layouts)
 
     def _add_op(self, module: LoraModule, target: str, op: LoraOp) -> None:
         plan = self.plan_for(target)
@@ -237,6 +246,22 @@ class _PlanBuilder:
             if plan.lora.part is None or any(o.part == op.part for o in plan.all_lora):
                 raise MismatchError(f"{self.where}: two adapter modules change the same part of base tensor {target!r}")
             plan.parts = (*plan.parts, op)
+            return
+        if op.delta_rows is not None:
+            if plan.lora is not None:
+                raise MismatchError(f"{self.where}: two adapter modules target base tensor {target!r}")
+            plan.lora = op
+            self.tie.note_target(target, "lora")
+            return
+        if op.rows is not None:
+            if plan.lora is not None and plan.lora.rows is None or any(o.rows == op.rows for o in plan.all_lora):
+                raise MismatchError(f"{self.where}: two adapter modules change the same rows of base tensor {target!r}")
+            check_shapes(op, self.adapter, (op.rows[1] - op.rows[0], *plan.shape[1:]), target)
+            if plan.lora is None:
+                plan.lora = op
+                self.tie.note_target(target, "lora")
+            else:
+                plan.parts = (*plan.parts, op)
             return
         if plan.lora is not None:
             raise MismatchError(f"{self.where}: two adapter modules target base tensor {target!r}")
@@ -262,6 +287,21 @@ class _PlanBuilder:
                               "expert's slice")
 
     def _unplaced(self, module: LoraModule) -> None:
+        tied = self.resolver.layouts.tied_to(module.name + ".weight")
+        if tied is not None and not module.name.endswith("lm_head"):
+            raise UnsupportedAdapterError(
+                f"{self.where}: adapter module {module.name!r}: its weight is tied to {tied} (the checkpoint stores "
+                f"only that one; {self.resolver.layouts.model_class} ties them); rslora-tools merges LoRA on a tied "
+                "output layer only for lm_head; merge this adapter with PEFT")
+        names = [module.name + ".weight", *(f"{module.name}.{p}" for p in sorted(
+            self.resolver.own_parameters(module.name) or ()))]
+        made = next((m for m in map(self.resolver.converted, names) if m is not None), None)
+        if made is not None and made.converter is not None:
+            ops = " + ".join(op for op, _ in made.converter.ops)
+            raise UnsupportedAdapterError(
+                f"{self.where}: adapter module {module.name!r}: transformers makes its weight on loading by "
+                f"{ops} of the checkpoint's {', '.join(made.converter.sources)} ({self.resolver.layouts.model_class}"
+                "'s conversion rules), which rslora-tools does not merge across; merge this adapter with PEFT")
         self.no_match(
             f"{self.where}: adapter module {module.name!r} (tensor {module.a_key!r}) matches no tensor in the base checkpoint",
             module.keys,

@@ -13,10 +13,21 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import MismatchError
 from ..formats.checkpoint import Checkpoint
 from .layouts import Layouts, Loaded
+
+
+@dataclass(frozen=True)
+class Piece:
+    """An in-memory tensor that transformers cuts out of a stored one along its rows (a Chunk or Split converter)."""
+
+    stored: str
+    index: int
+    names: tuple[str, ...]  # the in-memory names of every piece of the stored tensor, in order
+    equal: bool  # torch.chunk's equal pieces (Chunk); else the model's parameter sizes (Split)
 
 
 @dataclass(frozen=True)
@@ -48,20 +59,39 @@ class _MemoryView:
         self.renamed: dict[str, str] = {}
         self.stacked: dict[str, list[StackedPart]] = defaultdict(list)
         self.converted: dict[str, Loaded] = {}
+        self.pieces: dict[str, Piece] = {}
+        self.transposed: dict[str, str] = {}  # in-memory name -> the stored tensor it is the transpose of
+        self.reordered: dict[str, tuple[str, tuple[str, Any, bool]]] = {}  # -> (stored, how its rows are reordered)
+        self.concatenated: dict[str, list[tuple[int, str]]] = defaultdict(list)  # -> (source index, stored) parts
         for stored, loaded in layouts.load_all(names).items():
-            if loaded.converter is None:
+            converter = loaded.converter
+            if converter is None:
                 if loaded.memory != stored:
                     self.renamed[loaded.memory] = stored
+            elif converter.transposes:
+                self.transposed[loaded.memory] = stored
+            elif converter.permutation is not None:
+                self.reordered[loaded.memory] = (stored, converter.permutation)
+            elif converter.concatenates_rows:
+                self.concatenated[loaded.memory].append((loaded.source, stored))
+            elif loaded.pieces and converter.splits_rows:
+                equal = converter.ops[0][0] == "Chunk"
+                for i, piece in enumerate(loaded.pieces):
+                    self.pieces[piece] = Piece(stored, i, loaded.pieces, equal)
             elif loaded.expert_part:
                 assert loaded.expert is not None
                 self.stacked[loaded.memory].append(StackedPart(stored, loaded.expert, loaded.source,
-                                                               len(loaded.converter.sources)))
+                                                               len(converter.sources)))
             else:
-                self.converted[loaded.memory] = loaded
+                for memory in loaded.pieces or (loaded.memory,):
+                    self.converted[memory] = loaded
         for parts in self.stacked.values():
             parts.sort(key=lambda p: (p.expert, p.part))
         self.renamed_index, self.stacked_index = _Index(self.renamed), _Index(self.stacked)
         self.converted_index = _Index(self.converted)
+        self.pieces_index = _Index(self.pieces)
+        self.transposed_index = _Index(self.transposed)
+        self.reordered_index, self.concatenated_index = _Index(self.reordered), _Index(self.concatenated)
 
 
 class NameResolver:
@@ -116,12 +146,46 @@ class NameResolver:
         found = self.view.stacked_index.find(path)
         return self.view.stacked[found] if found is not None else []
 
+    def piece(self, path: str) -> Piece | None:
+        """The stored tensor the in-memory tensor `path` is cut out of, if transformers cuts it (Chunk, Split)."""
+        if not self.layouts.converters:
+            return None
+        found = self.view.pieces_index.find(path)
+        return self.view.pieces[found] if found is not None else None
+
+    def transposed(self, path: str) -> str | None:
+        """The stored tensor whose transpose the in-memory 2-D tensor `path` is, if transformers transposes it."""
+        if not self.layouts.converters:
+            return None
+        found = self.view.transposed_index.find(path)
+        return self.view.transposed[found] if found is not None else None
+
+    def reordered(self, path: str) -> tuple[str, tuple[str, Any, bool]] | None:
+        """(the stored tensor, how transformers reorders it) for an in-memory tensor made by reordering one (an
+        interleaved gate/up, q/k weights permuted for RoPE), if `path` is one."""
+        if not self.layouts.converters:
+            return None
+        found = self.view.reordered_index.find(path)
+        return self.view.reordered[found] if found is not None else None
+
+    def concatenated(self, path: str) -> list[str]:
+        """The stored tensors, in order, that transformers concatenates along their rows into the in-memory weight
+        `path` (a gate_up_proj Linear stored as gate_proj and up_proj); empty if it is not one."""
+        if not self.layouts.converters:
+            return []
+        found = self.view.concatenated_index.find(path)
+        return [s for _, s in sorted(self.view.concatenated[found])] if found is not None else []
+
     def converted(self, path: str) -> Loaded | None:
         """How the in-memory tensor `path` is made by a converter rslora-tools does not merge across, if it is."""
         if not self.layouts.converters:
             return None
         found = self.view.converted_index.find(path)
         return self.view.converted[found] if found is not None else None
+
+    def parameter_order(self, module: str) -> tuple[str, ...] | None:
+        """The order the module (in-memory naming) registers its own parameters in transformers' model, if known."""
+        return self.layouts.parameter_order(module)
 
     def own_parameters(self, module: str) -> set[str] | None:
         """The names of the parameters `module` holds itself, as the model holds it in memory (PEFT's
@@ -132,7 +196,11 @@ class NameResolver:
             if self.layouts.transforms:
                 view = self.view
                 names = names - set(view.renamed.values()) | set(view.renamed) | set(view.stacked) | set(view.converted)
-                names -= {p.stored for parts in view.stacked.values() for p in parts}
+                names = names - {p.stored for parts in view.stacked.values() for p in parts} | set(view.pieces)
+                names = names - {p.stored for p in view.pieces.values()} - set(view.transposed.values())
+                names = names - {s for s, _ in view.reordered.values()} - \
+                    {s for parts in view.concatenated.values() for _, s in parts}
+                names |= set(view.transposed) | set(view.reordered) | set(view.concatenated)
             for name in names:
                 parent, _, leaf = name.rpartition(".")
                 children[parent].add(leaf)

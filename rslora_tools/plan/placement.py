@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 from ..adapter.adapter import Adapter, LoraModule
 from ..formats.checkpoint import Checkpoint
@@ -36,9 +37,24 @@ def place_module(
     cfg = adapter.config
     own = resolver.own_parameters(module.name) if cfg.target_parameters else None
     target = resolver.find(module.name + ".weight")
-    if wraps_parameters(cfg, module, own) or (cfg.target_parameters and target is None):
+    transposed = resolver.transposed(module.name + ".weight") if target is None else None
+    reordered = resolver.reordered(module.name + ".weight") if target is None else None
+    if wraps_parameters(cfg, module, own) or (cfg.target_parameters and target is None and transposed is None
+                                              and reordered is None):
         return _place_parameter(module, adapter, shape_of, resolver, model_type, own)
     name = pattern_name(adapter, module, own=own)
+    if reordered is not None and len(adapter.shapes[module.a_key]) == 2 and not module.embedding:
+        stored, how = reordered
+        shape = shape_of(stored)
+        op = make_op(module, adapter, "linear", shape, _linear_layout(module, adapter, shape, model_type),
+                     scale_name=name)
+        op.reorder = reorder_of(how, resolver, stored)
+        return stored, op
+    if transposed is not None and len(adapter.shapes[module.a_key]) == 2 and not module.embedding:
+        # transformers transposes the stored (in, out) weight on loading: the stored tensor gets the delta transposed
+        shape = shape_of(transposed)
+        return transposed, make_op(module, adapter, "linear", shape, _transposed_fits(module, adapter, shape),
+                                   scale_name=name)
     if target is None:
         in_proj = resolver.find(module.name + ".in_proj_weight")
         if in_proj is not None:
@@ -53,6 +69,88 @@ def place_module(
         return target, make_op(module, adapter, "conv", w_shape, False, scale_name=name)
     transpose = _linear_layout(module, adapter, w_shape, model_type)
     return target, make_op(module, adapter, "linear", w_shape, transpose, scale_name=name)
+
+
+def place_piece(module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver
+                ) -> tuple[str, LoraOp] | None:
+    """A Linear LoRA whose weight transformers cuts out of a stored tensor's rows (a fused q/k/v or gate/up stored as
+    one tensor, a Chunk or Split converter): the stored tensor, and the op on its rows. None: not such a module."""
+    piece = resolver.piece(module.name + ".weight")
+    if piece is None or len(adapter.shapes[module.a_key]) != 2:
+        return None
+    w = shape_of(piece.stored)
+    if piece.equal:  # torch.chunk: pieces of ceil(rows / n) rows, the last one what is left
+        size = -(-w[0] // len(piece.names))
+        sizes = [max(0, min(size, w[0] - i * size)) for i in range(len(piece.names))]
+    else:  # torch.split by the model's parameter sizes: the adapter's LoRA on each piece gives them
+        modules = {m.name + ".weight": m for m in adapter.lora_modules if m.depth == 0}
+        found = [modules.get(n) or next((m for k, m in modules.items() if k.endswith("." + n) or n.endswith("." + k)),
+                                        None) for n in piece.names]
+        if any(m is None for m in found):
+            raise UnsupportedAdapterError(
+                f"{adapter.weights_path}: module {module.name!r}: the checkpoint stores it inside {piece.stored!r}, "
+                f"which transformers splits into {', '.join(piece.names)} by the model's parameter sizes; the adapter "
+                "gives those sizes only when it has a LoRA on every piece")
+        sizes = [adapter.shapes[m.b_key][0] for m in found if m is not None]
+    start = sum(sizes[:piece.index])
+    shape = (sizes[piece.index], *w[1:])
+    if sum(sizes) != w[0]:
+        raise MismatchError(f"{adapter.weights_path}: module {module.name!r}: the pieces of {piece.stored!r} "
+                            f"{list(w)} would have {sizes} rows")
+    op = make_op(module, adapter, "linear", shape, _linear_layout(module, adapter, shape, None),
+                 scale_name=pattern_name(adapter, module, own=resolver.own_parameters(module.name)))
+    op.rows = (start, start + shape[0])
+    return piece.stored, op
+
+
+def reorder_of(how: tuple[str, Any, bool], resolver: NameResolver, stored: str) -> tuple[str, int, bool]:
+    """A converter's reordering with what it reads from the config: Interleave's dim, or the attention heads
+    PermuteForRope splits the rows into (the config's, or its sub-config's, `num_attention_heads`)."""
+    kind, arg, inverse = how
+    if kind == "interleave":
+        return kind, int(arg), inverse
+    config = resolver.checkpoint.config or {}
+    sub = config.get(arg) if isinstance(arg, str) and isinstance(config.get(arg), dict) else config
+    heads = sub.get("num_attention_heads", 1) if isinstance(sub, dict) else 1
+    if not isinstance(heads, int) or heads < 1 or resolver.shape(stored)[0] % (2 * heads):
+        raise UnsupportedAdapterError(f"{stored!r}: transformers permutes it for RoPE by {heads!r} attention heads, "
+                                      "which do not divide its rows; rslora-tools cannot place a LoRA on it")
+    return kind, heads, inverse
+
+
+def place_concatenated(module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver
+                       ) -> list[tuple[str, LoraOp]] | None:
+    """A Linear LoRA on a weight that transformers concatenates from stored tensors along their rows (a
+    `gate_up_proj` stored as `gate_proj` and `up_proj`): each stored tensor and the op that gives it its rows of the
+    delta. None: not such a module."""
+    parts = resolver.concatenated(module.name + ".weight")
+    if not parts or len(adapter.shapes[module.a_key]) != 2:
+        return None
+    where = f"{adapter.weights_path}: module {module.name!r}"
+    if module.magnitude_key is not None or module.bias_key is not None:
+        raise UnsupportedAdapterError(f"{where}: DoRA or lora_bias on a weight the checkpoint stores in "
+                                      f"{len(parts)} tensors ({', '.join(parts)}) cannot be split onto them")
+    a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
+    shapes = [shape_of(p) for p in parts]
+    if sum(s[0] for s in shapes) != b[0] or any(len(s) != 2 or s[1] != a[1] for s in shapes):
+        raise MismatchError(f"{where}: LoRA A{list(a)} and B{list(b)} do not fit {', '.join(parts)} "
+                            f"({', '.join(str(list(s)) for s in shapes)}), which transformers concatenates")
+    placed, start = [], 0
+    name = pattern_name(adapter, module, own=resolver.own_parameters(module.name))
+    for stored, shape in zip(parts, shapes):
+        op = make_op(module, adapter, "linear", (b[0], a[1]), False, scale_name=name)
+        op.delta_rows = (start, start + shape[0])
+        placed.append((stored, op))
+        start += shape[0]
+    return placed
+
+
+def _transposed_fits(module: LoraModule, adapter: Adapter, w: tuple[int, ...]) -> bool:
+    a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
+    if w != (a[1], b[0]):
+        raise MismatchError(f"{adapter.weights_path}: module {module.name!r}: LoRA A{list(a)} and B{list(b)} give a "
+                            f"({b[0]}, {a[1]}) delta, but the base stores the weight transposed as {list(w)}")
+    return True
 
 
 def _linear_layout(module: LoraModule, adapter: Adapter, w_shape: tuple[int, ...], model_type: str | None) -> bool:
@@ -102,21 +200,31 @@ def _place_parameter(
 ) -> tuple[str | None, LoraOp]:
     """target_parameters (ParamWrapper): the parameter this wrapper holds (adapter.module_scales.pattern_name decides,
     among the module's own parameters in the base, `own`)."""
-    def fits(name: str) -> bool:
+    def stored(name: str) -> tuple[str | None, tuple[str, Any, bool] | None]:
         target = resolver.find(name)
-        return target is not None and _fitting_shape(module, adapter, shape_of(target))
+        reordered = resolver.reordered(name) if target is None else None
+        return (reordered[0], reordered[1]) if reordered is not None else (target, None)
+
+    def fits(name: str) -> bool:
+        target, _ = stored(name)
+        return target is not None and _fitting_shape(module, adapter, shape_of(target), model_type)
 
     if not any(fits(p) for p in target_parameters_of(adapter.config, module.name, own)):
         return None, make_op(module, adapter, "param", (), False, scale_name=module.name)
-    name = pattern_name(adapter, module, fits, own)
-    target = resolver.find(name)
+    name = pattern_name(adapter, module, fits, own, resolver.parameter_order(module.name))
+    target, how = stored(name)
     op = _parameter_op(module, adapter, target, shape_of(target), name, model_type) if target is not None else None
     if target is None or op is None:
         return None, make_op(module, adapter, "param", (), False, scale_name=name)
+    if how is not None:
+        op.reorder = reorder_of(how, resolver, target)
     return target, op
 
 
-def _fitting_shape(module: LoraModule, adapter: Adapter, w: tuple[int, ...]) -> bool:
+def _fitting_shape(module: LoraModule, adapter: Adapter, w: tuple[int, ...], model_type: str | None) -> bool:
+    """Whether the wrapper's factors fit a parameter of shape `w`: (out, in), or experts of (out, in) or (in, out).
+    Where two parameters of one module both fit (swapped shapes), the order the module registers them decides
+    (module_scales.pattern_name); `model_type` orients a square one (_parameter_op)."""
     a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
     if len(w) == 2:
         return w == (b[0], a[1])

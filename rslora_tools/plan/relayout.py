@@ -176,7 +176,9 @@ def _to_fused(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, 
     for fused in by_fused:
         by_module[fused.rpartition(".")[0]].append(fused)
     for module_name, params in by_module.items():
-        params.sort(key=lambda f: FUSED.index(f.rpartition(".")[2]) if f.rpartition(".")[2] in FUSED else len(FUSED))
+        registered = base.parameter_order(module_name) or FUSED  # PEFT nests them in this order
+        params.sort(key=lambda f: registered.index(f.rpartition(".")[2]) if f.rpartition(".")[2] in registered
+                    else len(registered))
         for i, fused in enumerate(params):
             slot, chosen = parts_of[fused], by_fused[fused]
             experts = _base_experts(base, fused, slot) or 1 + max(e for e, _ in chosen)
@@ -208,7 +210,7 @@ def _to_fused(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, 
     config["target_modules"] = sorted(set(config.get("target_modules") or []) - names) or None
     existing = [t for t in config.get("target_parameters") or [] if t.rpartition(".")[2] not in FUSED]
     # PEFT nests the wrappers in the order the module registers them: gate_up_proj first (under base_layer)
-    config["target_parameters"] = existing + [f"experts.{p}" for p in FUSED if p in produced]
+    config["target_parameters"] = existing + [f"experts.{p}" for p in FUSED if p in produced]  # sorted by PEFT
     return recipes
 
 

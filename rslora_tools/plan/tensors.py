@@ -74,6 +74,13 @@ class LoraOp:
     experts: int = 1
     dora: bool = False
     part: ExpertPart | None = None  # an expert's share of a fused expert parameter (plan/experts.py)
+    # the module's weight is these rows of the stored tensor (transformers cuts it out on loading: plan/names.py Piece)
+    rows: tuple[int, int] | None = None
+    # the stored tensor is these rows of the module's weight (transformers concatenates stored tensors into it)
+    delta_rows: tuple[int, int] | None = None
+    # the stored tensor reordered into the module's weight as transformers does on loading: ("interleave", dim,
+    # inverse) or ("rope", attention heads, inverse); merged there, then reordered back
+    reorder: tuple[str, int, bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +125,8 @@ class TensorPlan:
     quant: QuantSource | None = None  # the base value is dequantized (or quantized as in training) first
     # a stacked merge (adapter/stacked.py): later adapters' LoRA / lora_bias on this tensor, applied in order after the above
     stacked: tuple[TensorPlan, ...] = ()
-    # more ops of the same adapter on other parts of this tensor: per-expert modules on a fused expert parameter
+    # more ops of the same adapter on other parts of this tensor: per-expert modules on a fused expert parameter, or
+    # modules on the rows transformers cuts out of it (a fused q/k/v)
     parts: tuple[LoraOp, ...] = ()
     written_with: str | None = None  # a stored scale rewritten by the step of this quantized weight (Requant)
 
@@ -141,7 +149,8 @@ class TensorPlan:
         if self.replacement is not None or self.bias_of is not None or self.tokens is not None or self.stacked:
             return False
         return all((op.kind == "experts" and op.part is None and not op.dora) or
-                   (op.part is not None and not op.part.fused_factors) for op in self.all_lora)
+                   (op.part is not None and not op.part.fused_factors) for op in self.all_lora) \
+            and all(op.rows is None and op.reorder is None and op.delta_rows is None for op in self.all_lora)
 
     @property
     def all_lora(self) -> list[LoraOp]:
