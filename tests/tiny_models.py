@@ -40,8 +40,9 @@ QUIRKS: dict[str, dict] = {
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
     "reformer": dict(is_decoder=True),
     "hunyuan_v1_dense": dict(head_dim=8), "hunyuan_v1_moe": dict(head_dim=8), "ministral": dict(head_dim=8),
-    "nemotron": dict(head_dim=8),
+    "nemotron": dict(head_dim=8), "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
 }
+PER_LAYER = ("layer_types", "layers_block_type")  # lists with one entry per layer
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,18 @@ def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
 
 
-def _tiny_kwargs(cls, default) -> dict:
+def _tiny_kwargs(cls, default, per_layer: bool = False) -> dict:
     from transformers import AutoConfig, PretrainedConfig
 
     fields = _fields(cls)
     kw = {k: v for k, v in SIZES.items() if k in fields and isinstance(getattr(default, k, None), int)
           and not isinstance(getattr(default, k, None), bool)}
+    layers = kw.get("num_hidden_layers")
+    for name in PER_LAYER:
+        value = getattr(default, name, None)
+        if per_layer and layers and name in fields and isinstance(value, list) and len(value) > layers:
+            kinds = list(dict.fromkeys(value))  # one layer of each kind first (a hybrid keeps both), then in order
+            kw[name] = (kinds + [v for v in value if v not in kinds[:layers]])[:layers]
     vocab = kw.get("vocab_size")
     for i, t in enumerate(TOKENS):
         value = getattr(default, t, None)
@@ -97,7 +104,7 @@ def _tiny_kwargs(cls, default) -> dict:
         sub_default = getattr(default, name, None)
         if not isinstance(sub_default, PretrainedConfig):
             continue
-        sub_kw = _tiny_kwargs(type(sub_default), sub_default)
+        sub_kw = _tiny_kwargs(type(sub_default), sub_default, per_layer)
         if sub is AutoConfig or sub_default.model_type != getattr(sub, "model_type", sub_default.model_type):
             sub_kw["model_type"] = sub_default.model_type
         kw[name] = sub_kw
@@ -110,8 +117,10 @@ def tiny_config(row: Row):
 
     cls = getattr(transformers, row.class_name).config_class
     default = cls()
-    kwargs = {**_tiny_kwargs(cls, default), **QUIRKS.get(row.model_type, {})}
-    return cls(**kwargs)
+    try:
+        return cls(**{**_tiny_kwargs(cls, default), **QUIRKS.get(row.model_type, {})})
+    except Exception:  # noqa: BLE001 - then with the per-layer lists cut to the layers (one layer of each kind)
+        return cls(**{**_tiny_kwargs(cls, default, per_layer=True), **QUIRKS.get(row.model_type, {})})
 
 
 def tiny_model(row: Row, dtype):
