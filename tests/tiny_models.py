@@ -53,9 +53,11 @@ class Row:
     class_name: str
     kind: str  # "text", "vision-language", "encoder-decoder", "encoder"
 
+    first: bool = True  # the model type's first class (a model type with a text and a multimodal class has two rows)
+
     @property
     def id(self) -> str:
-        return self.model_type
+        return self.model_type if self.first else f"{self.model_type}-{self.kind.split('-')[0]}"
 
 
 MAPPINGS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text"),
@@ -66,15 +68,18 @@ MAPPINGS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text"),
 
 def rows() -> list[Row]:
     """Every model type of the installed transformers that has a causal LM, image-text-to-text, seq2seq or masked
-    LM class, once, as the first of those mappings names it."""
+    LM class: a row for its first class, and one for its image-text-to-text class where that is another one (a
+    vision-language model whose language model is its causal LM: Mllama, Llama 4, Qwen3.5)."""
     from transformers.models.auto import modeling_auto
 
-    found: dict[str, Row] = {}
+    found: dict[str, list[Row]] = {}
     for mapping, kind in MAPPINGS:
         for model_type, names in getattr(modeling_auto, mapping).items():
             name = names[0] if isinstance(names, (list, tuple)) else names
-            found.setdefault(model_type, Row(model_type, name, kind))
-    return sorted(found.values(), key=lambda r: r.model_type)
+            known = found.setdefault(model_type, [])
+            if not known or (kind == "vision-language" and all(r.class_name != name for r in known)):
+                known.append(Row(model_type, name, kind, first=not known))
+    return sorted((r for rs in found.values() for r in rs), key=lambda r: (r.model_type, not r.first))
 
 
 def _fields(cls) -> set[str]:

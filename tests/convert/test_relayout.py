@@ -113,3 +113,81 @@ def test_an_expert_layout_for_a_model_without_experts_is_refused(tmp_path):
 
     line = cli_run("convert", ADAPTER, tmp_path / "out", "--expert-layout", "fused", "--base", BASE, code=1).output
     assert "model_type 'llama' is not an MoE family whose expert layouts are known here" in line
+
+
+# --- every module keeps its scale, by PEFT's own pattern matching (issue 36, items 2-4) -----------------------------
+
+
+def peft_scales(folder: Path) -> dict[str, float]:
+    """Each LoRA module's scale as PEFT 0.21.2 resolves it (peft.utils.other.get_pattern_key on the saved config)."""
+    from peft.utils.other import get_pattern_key
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    scales = {}
+    for key in load_file(folder / "adapter_model.safetensors"):
+        if ".lora_A." not in key:
+            continue
+        name = key.removeprefix("base_model.model.").split(".lora_A.")[0].replace(".base_layer", "")
+        r = config["rank_pattern"].get(get_pattern_key(config["rank_pattern"].keys(), name), config["r"])
+        alpha = config["alpha_pattern"].get(get_pattern_key(config["alpha_pattern"].keys(), name), config["lora_alpha"])
+        scales[name] = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
+    return scales
+
+
+def test_key_layout_base_keeps_pattern_scales_under_the_new_names(tmp_path):
+    """Pattern keys in the in-memory naming would match nothing once the modules are renamed (PEFT then gave
+    layer 0's q_proj alpha 8 instead of 32)."""
+    model, model_class = qwen2_vl()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "base")
+        get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "qkv"],
+                                         alpha_pattern={"model.language_model.layers.0.self_attn.q_proj": 32})
+                       ).save_pretrained(tmp_path / "adapter")
+    cli_run("convert", tmp_path / "adapter", tmp_path / "legacy", "--key-layout", "base", "--base", tmp_path / "base")
+    old, new = peft_scales(tmp_path / "adapter"), peft_scales(tmp_path / "legacy")
+    assert old["model.language_model.layers.0.self_attn.q_proj"] == 8
+    assert new["model.layers.0.self_attn.q_proj"] == 8 and new["model.layers.1.self_attn.q_proj"] == 2
+    renamed = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v for k, v in old.items()}
+    assert new == renamed
+
+
+def test_per_expert_layout_keeps_the_alpha_pattern_of_modules_it_does_not_rewrite(tmp_path):
+    """A shared expert's `down_proj` alpha is not the fused experts' one: it was dropped (scale 4 instead of 12)."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, num_experts=4,
+        num_experts_per_tok=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "base")
+        config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, init_lora_weights=False,
+                            target_modules=["shared_expert.down_proj"], alpha_pattern={"shared_expert.down_proj": 24},
+                            target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+        get_peft_model(model, config).save_pretrained(tmp_path / "fused")
+    cli_run("convert", tmp_path / "fused", tmp_path / "per", "--expert-layout", "per-expert", "--base", tmp_path / "base")
+    scales = peft_scales(tmp_path / "per")
+    assert scales["model.layers.0.mlp.shared_expert.down_proj"] == 12
+    assert scales["model.layers.0.mlp.experts.3.down_proj"] == 4
+    cli_run("merge", tmp_path / "base", tmp_path / "per", tmp_path / "out", "--dtype", "bf16")
+    assert_same_tensors(read_folder(tmp_path / "out"), peft_merged(tmp_path / "base", tmp_path / "fused", torch.bfloat16))
+
+
+def test_a_per_expert_adapter_missing_an_expert_is_not_fused_one_expert_short(tmp_path):
+    """Fusing 3 of 4 experts wrote a fused adapter with 3 experts that neither merge nor PEFT loads."""
+    model = moe_model("mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "base")
+    per = v4_adapter(tmp_path / "v4", "mixtral", use_rslora=True)
+    tensors = load_file(per / "adapter_model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in tensors.items() if ".experts.3." not in k}, per / "adapter_model.safetensors")
+    line = cli_run("convert", per, tmp_path / "fused", "--expert-layout", "fused", "--base", tmp_path / "base",
+                   code=1).output
+    assert "needs a LoRA on every expert's part (4 experts x 2)" in line and "expert 3 first" in line
+    assert not (tmp_path / "fused").exists()

@@ -27,8 +27,8 @@ from tiny_models import Row, rows
 # one row per layout family: plain, experts stacked on loading (renamed or not), fused on disk, kept in float32,
 # hybrid SSM, multimodal renames, a fused q/k/v cut on loading, a transposed weight, encoder-decoder, encoder
 REPRESENTATIVE = {"llama", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "nemotron_h", "jamba",
-                  "qwen2_vl", "llava", "mllama", "qwen3_5_moe", "hrm_text", "sarvam_moe", "ergo", "xlnet", "t5",
-                  "bert", "bart"}
+                  "qwen2_vl", "llava", "mllama-vision", "qwen3_5_moe-vision", "hrm_text", "sarvam_moe", "ergo", "xlnet",
+                  "t5", "bert", "bart"}
 ROWS = rows()
 # model types whose ordinary adapter is refused, by name (nothing written): what transformers does on loading there
 # is not merged across (yet); docs/layouts.md lists them
@@ -53,11 +53,11 @@ RESULTS: dict[str, str] = {}  # model type -> what its row showed, in this run (
 
 
 def _params():
-    return [pytest.param(r, id=r.id, marks=() if r.model_type in REPRESENTATIVE else pytest.mark.slow) for r in ROWS]
+    return [pytest.param(r, id=r.id, marks=() if r.id in REPRESENTATIVE else pytest.mark.slow) for r in ROWS]
 
 
 def test_the_representative_rows_exist():
-    assert REPRESENTATIVE <= {r.model_type for r in ROWS}
+    assert REPRESENTATIVE <= {r.id for r in ROWS}
 
 
 @pytest.mark.parametrize("row", _params())
@@ -66,7 +66,7 @@ def test_the_ordinary_adapter_merges_bit_for_bit_as_peft(row: Row, tmp_path):
         case = build_case(row, tmp_path)
     except pytest.skip.Exception as e:
         reason = str(e.msg).partition(": ")[2]
-        RESULTS[row.model_type] = "not built here: " + reason.split(" (")[0] + \
+        RESULTS[row.id] = "not built here: " + reason.split(" (")[0] + \
             (f" ({reason.split(' (', 1)[1].split(':')[0]})" if " (" in reason else "")
         raise
     if row.model_type in REFUSED:
@@ -74,7 +74,7 @@ def test_the_ordinary_adapter_merges_bit_for_bit_as_peft(row: Row, tmp_path):
         says, why = REFUSED[row.model_type]
         assert says in refused and "merge this adapter with PEFT" in refused, refused
         assert not (tmp_path / "out").exists()
-        RESULTS[row.model_type] = "refused by name: " + why
+        RESULTS[row.id] = "refused by name: " + why
         return
     result = cli_run("merge", case.base, case.adapter, tmp_path / "out", "--json")
     truth = case.truth()
@@ -85,7 +85,7 @@ def test_the_ordinary_adapter_merges_bit_for_bit_as_peft(row: Row, tmp_path):
         _expert_layouts_round_trip(case, truth, tmp_path)
     if any("other naming" in note for note in report["notes"]):
         _key_layouts_round_trip(case, truth, tmp_path)
-    RESULTS[row.model_type] = "bit for bit" + ("; PEFT does not reload its own adapter (truth: the model it trained)"
+    RESULTS[row.id] = "bit for bit" + ("; PEFT does not reload its own adapter (truth: the model it trained)"
                                               if case.notes else "")
 
 
@@ -96,15 +96,17 @@ def test_docs_list_what_the_matrix_shows():
     assert BEGIN in text and END in text, "docs/layouts.md lost its generated-matrix markers"
     before, _, rest = text.partition(BEGIN)
     table, _, after = rest.partition(END)
-    documented = {line.split(" | ")[0].strip("| `"): line for line in table.splitlines() if line.startswith("| `")}
-    lines = {r.model_type: f"| `{r.model_type}` | {r.class_name} | {r.kind} | {RESULTS[r.model_type]} |"
-             for r in ROWS if r.model_type in RESULTS}
+    documented = {line.split(" | ")[0].strip("| `") + "/" + line.split(" | ")[1]: line for line in table.splitlines()
+                  if line.startswith("| `")}
+    lines = {f"{r.model_type}/{r.class_name}": f"| `{r.model_type}` | {r.class_name} | {r.kind} | {RESULTS[r.id]} |"
+             for r in ROWS if r.id in RESULTS}
     if os.environ.get("RSLORA_TOOLS_WRITE_DOCS") == "1" and len(lines) == len(ROWS):
         merged = sum(1 for v in RESULTS.values() if v.startswith("bit for bit"))
-        body = (f"\n{merged} of {len(ROWS)} model types merge bit for bit as PEFT; "
+        types = len({r.model_type for r in ROWS})
+        body = (f"\n{merged} of {len(ROWS)} model classes ({types} model types) merge bit for bit as PEFT; "
                 f"{sum(1 for v in RESULTS.values() if v.startswith('refused'))} are refused by name; the rest are not "
                 "built by the matrix (the reason is given).\n\n| model type | class | kind | the ordinary adapter |\n"
-                "|---|---|---|---|\n" + "\n".join(lines[r.model_type] for r in ROWS) + "\n")
+                "|---|---|---|---|\n" + "\n".join(lines[f"{r.model_type}/{r.class_name}"] for r in ROWS) + "\n")
         DOCS.write_text(before + BEGIN + body + END + after)
         return
     assert {k: documented.get(k) for k in lines} == lines, \
