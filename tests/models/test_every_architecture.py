@@ -142,26 +142,21 @@ def _same_adapter_tensors(a: Path, b: Path) -> None:
     assert [k for k in x if not torch.equal(x[k], y[k])] == []
 
 
+def _round_trip(case: Case, truth: dict[str, torch.Tensor], tmp_path: Path, option: str, there: str, back: str) -> None:
+    """`convert --OPTION there`, then `--OPTION back`: the same tensors again; both forms merge to PEFT's result."""
+    for source, layout in ((case.adapter, there), (tmp_path / f"as-{there}", back)):
+        result = cli_run("convert", source, tmp_path / f"as-{layout}", option, layout, "--base", case.base, code=None)
+        if result.exit_code == 1 and "no per-expert naming of them exists" in result.output:
+            return  # the family stores its experts fused (GraniteMoE, Ergo): refused by name
+        assert result.exit_code == 0, result.output
+        cli_run("merge", case.base, tmp_path / f"as-{layout}", tmp_path / f"out-{layout}")
+        assert_same_tensors(read_folder(tmp_path / f"out-{layout}"), truth)
+    _same_adapter_tensors(case.adapter, tmp_path / f"as-{back}")
+
+
 def _expert_layouts_round_trip(case: Case, truth: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    per, back = tmp_path / "per-expert", tmp_path / "fused-again"
-    result = cli_run("convert", case.adapter, per, "--expert-layout", "per-expert", "--base", case.base, code=None)
-    if result.exit_code == 1 and "no per-expert naming of them exists" in result.output:
-        return  # the family stores its experts fused (GraniteMoE): refused by name
-    assert result.exit_code == 0, result.output
-    cli_run("merge", case.base, per, tmp_path / "out-per-expert")
-    assert_same_tensors(read_folder(tmp_path / "out-per-expert"), truth)
-    cli_run("convert", per, back, "--expert-layout", "fused", "--base", case.base)
-    _same_adapter_tensors(case.adapter, back)
-    cli_run("merge", case.base, back, tmp_path / "out-fused-again")
-    assert_same_tensors(read_folder(tmp_path / "out-fused-again"), truth)
+    _round_trip(case, truth, tmp_path, "--expert-layout", "per-expert", "fused")
 
 
 def _key_layouts_round_trip(case: Case, truth: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    stored, back = tmp_path / "stored-names", tmp_path / "memory-names"
-    cli_run("convert", case.adapter, stored, "--key-layout", "base", "--base", case.base)
-    cli_run("merge", case.base, stored, tmp_path / "out-stored-names")
-    assert_same_tensors(read_folder(tmp_path / "out-stored-names"), truth)
-    cli_run("convert", stored, back, "--key-layout", "transformers-5", "--base", case.base)
-    _same_adapter_tensors(case.adapter, back)
-    cli_run("merge", case.base, back, tmp_path / "out-memory-names")
-    assert_same_tensors(read_folder(tmp_path / "out-memory-names"), truth)
+    _round_trip(case, truth, tmp_path, "--key-layout", "base", "transformers-5")
