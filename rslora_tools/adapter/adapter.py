@@ -112,6 +112,11 @@ class Adapter:
         return [1.0]
 
     @property
+    def stacked(self) -> bool:
+        """Merged as parts with weights (adapter.stacked.StackedAdapter: several adapters, or one with a weight)."""
+        return False
+
+    @property
     def relative_form(self) -> str | None:
         """For an adapter made relative to the original base (adapter.adapter.relative, `--initial`), which form was built."""
         return None

@@ -39,6 +39,10 @@ class StackedAdapter(Adapter):
         return self.member_weights
 
     @property
+    def stacked(self) -> bool:
+        return True
+
+    @property
     def on_disk(self) -> bool:
         return False
 
@@ -64,9 +68,10 @@ class StackedAdapter(Adapter):
 
 
 def stack_adapters(adapters: list[Adapter], weights: list[float] | None = None) -> StackedAdapter:
-    """The adapters as one StackedAdapter (weights: each adapter's delta multiplied, as PEFT's set_scale does)."""
-    if len(adapters) < 2:
-        raise InputError("a stacked merge needs at least two adapters")
+    """The adapters as one StackedAdapter (weights: each adapter's delta multiplied, as PEFT's set_scale does; one
+    adapter with a weight is a stack of one)."""
+    if not adapters:
+        raise InputError("a merge needs at least one adapter")
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise InputError(f"--weights has {counted(len(weights), 'value')} for {counted(len(adapters), 'adapter')}")

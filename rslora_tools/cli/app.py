@@ -138,6 +138,10 @@ def cli() -> None:
 
 
 def main() -> None:
+    # SIGTERM interrupts like Ctrl-C, and neither interrupts the exit once the command has finished
+    # (its message is already true then).
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     # Worker threads copy and write while torch computes: idle OpenMP workers must sleep rather
     # than spin, or they take the CPU the other workers need. Read once, when torch first loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -145,10 +149,6 @@ def main() -> None:
     # the cyclic collector would only rescan torch's import graph (when loaded) again and again.
     gc.disable()
     _return_freed_memory()
-    # SIGTERM interrupts like Ctrl-C, and neither interrupts the exit once the command has finished
-    # (its message is already true then).
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
     try:
         cli(prog_name="rslora-tools")
     except SystemExit as e:

@@ -24,10 +24,11 @@ from ..reporting import counted
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too (for CI pipelines).")
 @o.allow_pickle_option
 @o.json_option
+@o.quiet_option("Print nothing but the errors (and, with --strict, the warnings); the exit code says the rest.")
 @click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
 @o.token_option
 def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: bool, allow_pickle: bool,
-            as_json: bool, revision: str | None, token: str | None) -> None:
+            as_json: bool, quiet: bool, revision: str | None, token: str | None) -> None:
     """Show ADAPTER's per-module ranks, alphas and scales, the scale each runtime would apply, and lints.
 
     Reads only the config and tensor headers. With --base, it lists the base tensors each adapter
@@ -50,6 +51,10 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
                                                              token=token, allow_pickle=allow_pickle))
     if as_json:
         echo_json(report)
+    elif quiet:
+        for lint in report.lints:
+            if lint.level == "error" or (strict and lint.level == "warning"):
+                click.echo(f"{lint.level}: {lint.message} [{lint.code}]", err=True)
     else:
         _print_inspection(report)
     if report.errors or (strict and report.warnings):

@@ -21,7 +21,8 @@ from ..reporting import counted
 @click.argument("base")
 @click.argument("adapters", metavar="ADAPTER... OUT", nargs=-1, required=True)
 @click.option("--weights", metavar="W1,W2,...",
-              help="Several adapters: multiply each one's delta by its weight (PEFT's set_scale); default 1 each.")
+              help="Multiply each adapter's delta by its weight (PEFT's set_scale), one weight per adapter "
+                   "(`--weights 0.5` with one adapter merges half its delta); default 1 each.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]),
               default="auto", show_default=True, help="Dtype of the merged floating tensors; auto keeps the base's.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,

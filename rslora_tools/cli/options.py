@@ -139,13 +139,10 @@ def trained_on(flags: dict[str, Any]) -> Any:
 
 
 def weights(text: str | None) -> tuple[float, ...] | None:
-    """--weights W1,W2,...: one number per adapter (their count and values are the options object's to check)."""
-    if text is None:
-        return None
-    try:
-        return tuple(float(w) for w in text.split(","))
-    except ValueError:
-        raise OptionError(f"--weights {text!r} is not a comma-separated list of numbers") from None
+    """--weights W1,W2,...: one number per adapter (their count is the options object's to check)."""
+    from ..commands.merged_model import parse_weights
+
+    return None if text is None else parse_weights(text)
 
 
 def names(text: str | None) -> tuple[str, ...] | None:

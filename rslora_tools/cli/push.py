@@ -22,8 +22,9 @@ from .render import echo_json, echo_push
 @o.dry_run_option
 @o.token_option
 @o.json_option
+@o.quiet_option()
 def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
-         create_pr: bool, dry_run: bool, token: str | None, as_json: bool) -> None:
+         create_pr: bool, dry_run: bool, token: str | None, as_json: bool, quiet: bool) -> None:
     """Upload FOLDER (a merged model or converted adapter) to the Hub repo REPO_ID, in one commit.
 
     Creates the repo if needed and commits FOLDER's files (re-run the same command to resume an
@@ -49,6 +50,8 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_
         if as_json:
             echo_json(preview)
             return
+        if quiet:
+            return
         click.echo(f"Would push {len(preview.files)} files to {repo_id} in one commit "
                    f"({human_size(sum(preview.files.values()))}; stale weight files in the repo would be deleted):")
         for name, size in preview.files.items():
@@ -64,7 +67,7 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_
                       create_pr=create_pr, token=token)
     if as_json:
         echo_json(report)
-    else:
+    elif not quiet:
         echo_push(report.to_dict())
 
 

@@ -23,7 +23,7 @@ from ..reporting import counted
               help="Check only N tensors spread over the model (changed ones first), for a quick check.")
 @o.allow_pickle_option
 @o.json_option
-@o.quiet_option("Print only the verdict line.")
+@o.quiet_option("Print nothing when the check passes (a failed check still prints what is wrong).")
 @o.input_revision_options
 @o.trained_on_options
 @o.initial_options
@@ -54,40 +54,35 @@ def verify(merged: str, base: str, adapters: tuple[str, ...], **flags: Any) -> N
         weights=o.weights(flags["weights"]), sample=flags["sample"], allow_pickle=flags["allow_pickle"],
         trained_on=o.trained_on(flags), initial=flags["initial"], base_is_residual=flags["base_is_residual"],
         base_revision=flags["base_revision"], adapter_revision=flags["adapter_revision"], token=flags["token"])
-    if options.weights is not None and len(adapters) < 2:
-        from ..errors import OptionError
-
-        raise OptionError("--weights goes with several adapters")
     with byte_progress("Verifying", not (flags["quiet"] or flags["as_json"])) as progress:
         report = run_verify(merged, base, list(adapters), options=options, progress=progress)
     echo_warnings(report.warnings)
     if flags["as_json"]:
         echo_json(report)
-    else:
-        _print_verify(report, flags["quiet"])
+    elif not (flags["quiet"] and report.ok):
+        _print_verify(report)
     if not report.ok:
         sys.exit(1)
 
 
-def _print_verify(report: Any, quiet: bool) -> None:
+def _print_verify(report: Any) -> None:
     from ..commands.verify import recipe_text
 
-    if not quiet:
-        for problem in report.problems:
-            click.echo(f"problem: {problem}")
-        for c in report.tensors:
-            if c.status == "mismatch":
-                click.echo(f"mismatch: {c.name} ({c.dtype}): max abs error {c.max_abs_error:.3g}, "
-                           f"max rel error {c.max_rel_error:.3g}, {c.max_ulps:.3g} ulp")
-        worst = max(report.tensors, key=lambda c: c.max_ulps, default=None)
-        if worst is not None and worst.status == "rounding":
-            click.echo(f"largest rounding difference: {worst.name}: {worst.max_abs_error:.3g} "
-                       f"({worst.max_ulps:.3g} ulp of {worst.dtype})")
+    for problem in report.problems:
+        click.echo(f"problem: {problem}")
+    for c in report.tensors:
+        if c.status == "mismatch":
+            click.echo(f"mismatch: {c.name} ({c.dtype}): max abs error {c.max_abs_error:.3g}, "
+                       f"max rel error {c.max_rel_error:.3g}, {c.max_ulps:.3g} ulp")
+    worst = max(report.tensors, key=lambda c: c.max_ulps, default=None)
+    if worst is not None and worst.status == "rounding":
+        click.echo(f"largest rounding difference: {worst.name}: {worst.max_abs_error:.3g} "
+                   f"({worst.max_ulps:.3g} ulp of {worst.dtype})")
     sampled = f" (sample of {report.tensors_total})" if report.sampled else ""
     recipe = report.recipe
     how = f"; recipe from {recipe['from']}: {recipe_text(recipe)}" if recipe.get("from") != "the arguments" else ""
     click.echo(f"{report.verdict.upper()}: {report.tensors_checked} tensors checked{sampled}: {report.exact} exact, "
                f"{report.rounding} within rounding, {report.mismatched} mismatched, "
                f"{counted(len(report.problems), 'folder problem')}; {report.seconds:.2f} s{how}")
-    if recipe.get("note") and not quiet:
+    if recipe.get("note"):
         click.echo(f"note: {recipe['note']}")

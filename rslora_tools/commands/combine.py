@@ -140,7 +140,7 @@ def combine(
     plan = plan_combination(loaded, weights, options.method, rank=options.rank, density=options.density,
                             seed=options.seed, rslora=options.rslora)
     out = Path(out)
-    written = check_output_location(out, [a.path for a in loaded], options.overwrite)
+    written = check_output_location(out, [a.path for a in loaded], options.overwrite, writes_adapter=True)
     report = _report(loaded, out, plan, options.rslora, options.target, options.dry_run)
     if options.dry_run:
         return report

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..adapter.adapter import Adapter
-from ..errors import OutputInterrupted, PushAfterWriteError, RsloraError
+from ..errors import OptionError, OutputInterrupted, PushAfterWriteError, RsloraError
 from ..hub.resolve import InputRole, Source, resolve_input
 
 if TYPE_CHECKING:  # the push code is imported when a command pushes
@@ -60,10 +60,13 @@ def with_fields(options: Options | None, default: type[Options], fields: Mapping
 
 
 def adapter_list(adapter: AdapterSpec | Sequence[AdapterSpec]) -> list[AdapterSpec]:
-    """One adapter argument, or several, as a list."""
+    """One adapter argument, or several, as a list (at least one)."""
     if isinstance(adapter, (str, os.PathLike, Adapter)):
         return [adapter]
-    return list(adapter)
+    adapters = list(adapter)
+    if not adapters:
+        raise OptionError("no ADAPTER given: pass at least one adapter (a folder, a Hub repo or a loaded Adapter)")
+    return adapters
 
 
 def source_of(spec: AdapterSpec | Source) -> dict[str, Any]:

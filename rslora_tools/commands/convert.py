@@ -166,7 +166,7 @@ def convert_adapter(loaded: Adapter, out: Path, options: ConvertOptions, source:
 
 def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, options: ConvertOptions,
                        source: dict[str, Any]) -> ConvertReport:
-    written = check_output_location(out, [a.path for a in loaded.sources], options.overwrite)
+    written = check_output_location(out, [a.path for a in loaded.sources], options.overwrite, writes_adapter=True)
     if options.to is None and options.target is None:  # --initial alone
         plan = ConversionPlan("initial", loaded.config.normalized(), {}, "")
     else:

@@ -128,7 +128,8 @@ def extract(
     base_ckpt, tuned_ckpt = open_checkpoint(base_source.path), open_checkpoint(tuned_source.path)
     plan = plan_extraction(base_ckpt, tuned_ckpt, list(options.target_modules) if options.target_modules else None)
     out = Path(out)
-    written = check_output_location(out, [base_ckpt.folder, tuned_ckpt.folder], options.overwrite)
+    written = check_output_location(out, [base_ckpt.folder, tuned_ckpt.folder], options.overwrite,
+                                    writes_adapter=True)
     convention = "rslora" if options.rslora else "classic"
     if options.dry_run:
         return _dry_report(plan, base_ckpt, tuned_ckpt, out, convention, options.rank)

@@ -38,6 +38,21 @@ from ..reporting import PhaseProgress, Report, counted
 from .common import AdapterSpec, OutputOptions, adapter_input
 
 
+def parse_weights(weights: Any) -> tuple[float, ...]:
+    """Adapter weights as given: a sequence of numbers, or one comma-separated string ("0.7,0.3") as the CLI
+    takes them; each finite."""
+    items = weights.split(",") if isinstance(weights, str) else weights
+    try:
+        values = tuple(float(w) for w in items) if not isinstance(items, (int, float)) else (float(items),)
+    except (TypeError, ValueError):
+        raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)") from None
+    if not values or any(isinstance(w, bool) for w in (items if isinstance(items, (list, tuple)) else ())):
+        raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)")
+    if not all(math.isfinite(w) for w in values):
+        raise OptionError("--weights must be finite numbers")
+    return values
+
+
 @dataclass(frozen=True)
 class MergeOptions(OutputOptions):
     """Everything a merge can be asked to do besides its inputs and OUT; checked when made (OptionError).
@@ -68,7 +83,7 @@ class MergeOptions(OutputOptions):
         try:
             object.__setattr__(self, "dtype", parse_dtype(self.dtype))
             size = self.max_shard_size
-            object.__setattr__(self, "max_shard_size", parse_size(size) if isinstance(size, str) else size)
+            object.__setattr__(self, "max_shard_size", parse_size(size) if size is not None else None)
             if isinstance(self.trained_on, str):
                 object.__setattr__(self, "trained_on", trained_on_scheme(self.trained_on))
         except (ValueError, InputError) as e:
@@ -76,9 +91,7 @@ class MergeOptions(OutputOptions):
         if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
             raise OptionError(f"unknown device {self.device!r}; use cpu, cuda or auto")
         if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-            if not all(math.isfinite(w) for w in self.weights):
-                raise OptionError("--weights must be finite numbers")
+            object.__setattr__(self, "weights", parse_weights(self.weights))
         if self.initial is not None and self.base_is_residual:
             raise OptionError("--initial and --base-is-residual exclude each other: the first merges into the original "
                               "base, the second into the residual base")
@@ -152,8 +165,6 @@ def merge_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], opti
                  base_shards: bool = True) -> MergeInputs:
     """Resolve BASE and ADAPTER... (folders or Hub repos; BASE "auto": the adapter's own), load the adapters (several:
     stacked with their weights; --initial: made relative to the original base) and say where each came from."""
-    if options.weights is not None and len(adapters) < 2:
-        raise OptionError("--weights goes with several adapters")
     if options.weights is not None and len(options.weights) != len(adapters):
         raise OptionError(f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}")
     if options.initial is not None and len(adapters) > 1:
@@ -168,7 +179,7 @@ def merge_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], opti
     resolved += [adapter_input(a, token=options.token, allow_pickle=options.allow_pickle) for a in adapters[1:]]
     loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=options.allow_pickle) for a, _ in resolved]
     sources: dict[str, Any] = {"base": base_source.to_dict(), "adapter": resolved[0][1]}
-    if len(loaded) > 1:
+    if len(loaded) > 1 or options.weights is not None:  # one adapter with a weight: a stack of one
         sources["adapters"] = [source for _, source in resolved]
         adapter_obj: Adapter = stack_adapters(loaded, list(options.weights) if options.weights else None)
     else:
@@ -253,7 +264,7 @@ def write_extras(folder: Path, prepared: PreparedMerge, options: MergeOptions) -
         "base": sources.get("base") or {"spec": str(checkpoint.folder)},
         "adapter": sources.get("adapter") or {"spec": str(adapter.path)},
         **({"adapters": sources.get("adapters") or [{"spec": str(p.path)} for p in adapter.parts],
-            "weights": list(adapter.weights)} if len(adapter.parts) > 1 else {}),
+            "weights": list(adapter.weights)} if adapter.stacked else {}),
         "convention": report.convention, "modules": report.modules,
         "scale_min": report.scale_min, "scale_max": report.scale_max, "dtype": report.dtype,
         **({"quantization": report.quantization} if report.quantization else {}),

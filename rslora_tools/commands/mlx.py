@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 def convert_to_mlx(loaded: Adapter, entries: list[ModuleEntry], out: Path, options: OutputOptions,
                    source: dict[str, Any]) -> ConvertReport:
     """Write OUT as an mlx-lm adapter (or, with `dry_run`, say what it would be)."""
-    written = check_output_location(out, [a.path for a in loaded.sources], options.overwrite)
+    written = check_output_location(out, [a.path for a in loaded.sources], options.overwrite, writes_adapter=True)
     plan = plan_mlx(loaded, entries)
     config = plan.config(loaded.config.base_model_name_or_path)
     report = ConvertReport(

@@ -53,7 +53,8 @@ def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, rel
         raise UnsupportedAdapterError(f"{checkpoint.folder}: model_type {model_type!r} is not an MoE family whose "
                                       "expert layouts are known here (transformers fuses no experts of it; "
                                       "docs/peft-rules.md, 'Layouts')")
-    written = check_output_location(out, [*(a.path for a in loaded.sources), checkpoint.folder], options.overwrite)
+    written = check_output_location(out, [*(a.path for a in loaded.sources), checkpoint.folder], options.overwrite,
+                                    writes_adapter=True)
     resolver = NameResolver(checkpoint, layouts=layouts)
     entries = [dataclasses.replace(e, name=fused_parameter(e.module, loaded, resolver, resolver.shape))
                if e.wrapping == "param" else e for e in entries]

@@ -185,8 +185,8 @@ def check_merged(merged: Path, base: Path | Checkpoint, adapters: list[Adapter],
     base_is_residual = bool(recipe.get("base_is_residual", options.base_is_residual))
     if trained_on is None and "trained_on" in recipe:
         trained_on = recorded_trained_on(merged)
-    adapter_obj = stack_adapters(adapters, list(weights) if weights is not None else None) if len(adapters) > 1 \
-        else adapters[0]
+    adapter_obj = stack_adapters(adapters, list(weights) if weights is not None else None) \
+        if len(adapters) > 1 or weights is not None else adapters[0]
     if options.initial is not None:
         init, _ = adapter_input(options.initial, token=options.token, allow_pickle=options.allow_pickle)
         adapter_obj = relative_to_original(adapter_obj, init if isinstance(init, Adapter) else
@@ -231,7 +231,7 @@ def _recipe(recorded: dict[str, Any], adapters: list[Adapter], weights: Sequence
         taken["trained_on"] = quant.get("scheme")
     count = len(adapters)
     kept = recorded.get("weights")
-    if weights is None and isinstance(kept, list) and len(kept) == count > 1 and any(w != 1.0 for w in kept) \
+    if weights is None and isinstance(kept, list) and len(kept) == count and any(w != 1.0 for w in kept) \
             and all(isinstance(w, (int, float)) for w in kept):
         taken["weights"] = [float(w) for w in kept]
     if not base_is_residual and recorded.get("base_is_residual") is True:

@@ -65,14 +65,19 @@ def _input_files(folder: Path) -> Iterator[tuple[Path, Path]]:
         yield entry, entry.resolve()
 
 
-def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> Path:
+def check_output_location(out: Path, inputs: list[Path], overwrite: bool, *, writes_adapter: bool = False) -> Path:
     """Refuse an OUT folder whose replacement could destroy an input; return the folder really written.
 
-    OUT may not be, contain or sit inside an input folder, and no input file may really be stored in
-    OUT (a shard that is a link into OUT, a Hugging Face cache snapshot whose blobs OUT is). An
-    existing non-empty OUT needs `overwrite`.
+    OUT may not be, contain or sit inside an input folder, nor be or hold the current directory, and no input
+    file may really be stored in OUT (a shard that is a link into OUT, a Hugging Face cache snapshot whose blobs
+    OUT is). An existing non-empty OUT needs `overwrite`; a folder holding an adapter is replaced only by a
+    command that writes one (`writes_adapter`: convert, combine, extract), and only if rslora-tools wrote it.
     """
     target = output_target(out)
+    cwd = Path.cwd().resolve()
+    if target == cwd or _inside(cwd, target):
+        raise OutputError(f"{out}: is the current directory or holds it; OUT is replaced by a new folder, so give "
+                          "one of its own (e.g. ./merged)")
     for folder in inputs:
         for entry, real in _input_files(folder):
             if entry is folder:
@@ -88,7 +93,7 @@ def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> Pat
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
             raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
-        _check_replaceable_folder(out, target)
+        _check_replaceable_folder(out, target, writes_adapter)
     return target
 
 
@@ -97,11 +102,15 @@ def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> Pat
 _MODEL_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt")
 
 
-def _check_replaceable_folder(out: Path, folder: Path) -> None:
-    """`--overwrite` replaces only an empty folder or one rslora-tools wrote (its rslora_tools.json says so)."""
+def _check_replaceable_folder(out: Path, folder: Path, writes_adapter: bool) -> None:
+    """`--overwrite` replaces only an empty folder or one rslora-tools wrote (its rslora_tools.json says so); a
+    folder holding an adapter (PEFT's or mlx-lm's `adapter_config.json`) only with another adapter."""
+    names = sorted(p.name for p in folder.iterdir())
+    if "adapter_config.json" in names and not writes_adapter:
+        raise OutputError(f"{out}: holds an adapter; a merge never replaces one, even with --overwrite. Did you "
+                          "forget OUT?")
     if written_by_us(read_provenance(folder)):
         return
-    names = sorted(p.name for p in folder.iterdir())
     rule = "--overwrite replaces only an empty folder or one rslora-tools wrote"
     if "adapter_config.json" in names:
         raise OutputError(f"{out}: holds a PEFT adapter that rslora-tools did not write; {rule}. Did you forget OUT?")

@@ -16,8 +16,12 @@ _UNITS = {
 
 def parse_size(text: str | int) -> int:
     """Parse an HF-style size: decimal units ("5GB" = 5e9 bytes), binary with "GiB", or plain bytes."""
+    if isinstance(text, bool) or (isinstance(text, int) and text <= 0):
+        raise ValueError(f"invalid size {text!r}; it must be a positive number of bytes")
     if isinstance(text, int):
         return text
+    if not isinstance(text, str):
+        raise ValueError(f"invalid size {text!r}; use a number of bytes or a size like 500MB, 5GB, 2GiB")
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m or m.group(2) not in _UNITS:
         raise ValueError(f"invalid size {text!r}; use a number of bytes or a size like 500MB, 5GB, 2GiB")

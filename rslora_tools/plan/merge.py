@@ -64,7 +64,7 @@ def plan_merge(
     plans = [build_plan(checkpoint, part, dtype=dtype, max_shard_size=max_shard_size,
                         collect_unmatched=collect_unmatched, quant=quant, keep_quantization=keep_quantization)
              for part in parts]
-    plan = fold_plans(adapter, plans) if len(parts) > 1 else plans[0]
+    plan = fold_plans(adapter, plans) if adapter.stacked else plans[0]
     return checkpoint, adapter, plan
 
 

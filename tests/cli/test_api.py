@@ -7,7 +7,7 @@ import os
 import re
 
 import pytest
-from helpers import FIXTURES, ROOT
+from helpers import ADAPTER, BASE, FIXTURES, ROOT
 from safetensors import safe_open
 
 import rslora_tools
@@ -64,3 +64,29 @@ def test_errors_carry_what_they_are_about(tmp_path):
     assert os.listdir(tmp_path / "out") == ["mine.txt"]
     with pytest.raises(OptionError):
         PushTarget("me/x@dev")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(max_shard_size=-1), "invalid size -1; it must be a positive number of bytes"),
+    (dict(max_shard_size=0), "invalid size 0"),
+    (dict(weights="0.7,x"), "weights='0.7,x' is not a comma-separated list of numbers"),
+    (dict(weights=[float("nan")]), "weights must be finite numbers"),
+])
+def test_bad_values_are_option_errors_in_the_python_api(tmp_path, kwargs, message):
+    """max_shard_size=-1 wrote one shard per tensor; a weights string was read character by character."""
+    import rslora_tools
+    from rslora_tools.errors import OptionError
+
+    with pytest.raises(OptionError, match=re.escape(message)):
+        rslora_tools.merge(BASE, ADAPTER, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_weights_string_and_no_adapter_in_the_python_api(tmp_path):
+    import rslora_tools
+    from rslora_tools.errors import OptionError
+
+    report = rslora_tools.merge(BASE, [ADAPTER, ADAPTER], tmp_path / "out", weights="0.5,0.5")
+    assert report.weights == [0.5, 0.5]
+    with pytest.raises(OptionError, match="no ADAPTER given"):
+        rslora_tools.merge(BASE, [], tmp_path / "none")

@@ -301,3 +301,18 @@ def test_closed_stdout_pipe_ends_quietly(tmp_path):
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
     assert done.stderr == "" and done.returncode == 141, (done.returncode, done.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_command_takes_q_and_prints_nothing_on_stdout_when_it_succeeds(tmp_path):
+    """The README's promise: `-q` on every command (inspect and push had none; verify still printed its verdict)."""
+    from rslora_tools.cli import cli
+
+    assert all(any("-q" in p.opts for p in command.params) for command in cli.commands.values()), \
+        [name for name, command in cli.commands.items() if not any("-q" in p.opts for p in command.params)]
+    out = tmp_path / "out"
+    runs = [("merge", BASE, ADAPTER, out), ("verify", out, BASE, ADAPTER), ("inspect", ADAPTER),
+            ("convert", ADAPTER, tmp_path / "classic", "--to-classic"), ("combine", ADAPTER, tmp_path / "combined"),
+            ("extract", BASE, out, tmp_path / "extracted", "--rank", "4"), ("push", out, "me/merged", "--dry-run")]
+    for args in runs:
+        result = cli_run(*args, "-q")
+        assert result.stdout == "", (args, result.stdout)

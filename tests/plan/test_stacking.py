@@ -132,6 +132,9 @@ def test_weights_must_be_one_finite_number_per_adapter(weights, message):
         stack_adapters([load_adapter(ADAPTER), load_adapter(ADAPTER)], weights)
 
 
-def test_one_adapter_is_not_a_stack():
-    with pytest.raises(InputError, match="at least two adapters"):
-        stack_adapters([load_adapter(ADAPTER)])
+def test_no_adapter_is_not_a_stack_and_one_with_a_weight_is_a_stack_of_one():
+    """One adapter with a weight (`merge BASE A OUT --weights 0.5`, issue 36) is a stack of one; none is refused."""
+    with pytest.raises(InputError, match="at least one adapter"):
+        stack_adapters([])
+    one = stack_adapters([load_adapter(ADAPTER)], [0.5])
+    assert one.stacked and one.weights == [0.5] and len(one.parts) == 1

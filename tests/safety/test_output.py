@@ -196,45 +196,53 @@ def test_a_signal_at_each_step_of_the_swap(old_and_new, monkeypatch, exchange, w
     assert result.exit_code == 130 and "it holds the new output" in result.output
 
 
-def test_signals_from_another_thread_at_random_times(old_and_new, monkeypatch):
-    """Another thread signals at a random moment from the start of the output to the end of a slowed swap."""
+def test_signals_from_another_thread_while_writing_and_while_swapping(old_and_new, monkeypatch):
+    """Another thread signals while the output is written (OUT keeps the old folder) or right after the swap
+    (OUT holds the new one): each moment is reached by an event, not a timer, so a busy machine cannot move it."""
     out, old, new = old_and_new
     real_exchange, real_make_parents = output._exchange, output._make_parents
-    rng = random.Random(0)
-    fired = threading.Event()
+    moment = {"now": ""}
+    reached, fired = threading.Event(), threading.Event()
 
-    def fire() -> None:
+    def signaller() -> None:
+        reached.wait(30)
         os.kill(os.getpid(), signal.SIGINT)
         fired.set()
 
-    def start_timer(folder):
-        fired.clear()
-        threading.Timer(rng.uniform(0.0, 0.15), fire).start()
+    def at(name: str) -> None:
+        if moment["now"] == name:
+            reached.set()
+            fired.wait(30)  # the signal arrives here, in this thread
+            time.sleep(0.01)
+
+    def writing(folder):
         created = real_make_parents(folder)
-        time.sleep(0.05)  # writing takes this long
+        at("writing")
         return created
 
-    def slow_exchange(a, b):
-        time.sleep(0.05)
+    def swapping(a, b):
         done = real_exchange(a, b)
-        fired.wait(5)  # the signal always comes while the command runs
-        time.sleep(0.01)
+        at("swap")
         return done
 
-    monkeypatch.setattr(output, "_make_parents", start_timer)
-    monkeypatch.setattr(output, "_exchange", slow_exchange)
-    seen = []
-    for _ in range(12):
+    monkeypatch.setattr(output, "_make_parents", writing)
+    monkeypatch.setattr(output, "_exchange", swapping)
+    for name, expected in [("writing", "old"), ("swap", "new")] * 3:
+        moment["now"] = name
+        reached.clear()
+        fired.clear()
+        thread = threading.Thread(target=signaller)
+        thread.start()
         result = cli_run("merge", BASE, ADAPTER, out, "--overwrite", code=None)
-        assert fired.wait(5)
-        seen.append(assert_old_or_new(out, old, new, result.output, result.exit_code))
+        thread.join(30)
+        assert fired.is_set()
+        assert assert_old_or_new(out, old, new, result.output, result.exit_code) == expected
         if digest(out) == new:  # start the next round from the old folder again
             shutil.rmtree(out)
             out.mkdir()
             (out / "model.safetensors").write_bytes(b"an older merge")
             (out / "notes.txt").write_text("old")
             (out / "rslora_tools.json").write_text('{"tool": "rslora-tools"}')
-    assert set(seen) == {"old", "new"}
 
 
 _SLOW_SWAP = """
@@ -351,3 +359,27 @@ def test_leftovers_of_a_killed_run_are_removed_and_mentioned(tmp_path):
     mine.mkdir()
     cli_run("merge", BASE, ADAPTER, tmp_path / "out2")
     assert mine.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["rslora_tools.cli.app", "click", "rslora_tools.cli.merge", "rslora_tools.cli.verify",
+                                    "rslora_tools.commands.inspect"])
+def test_ctrl_c_in_the_first_fraction_of_a_second_is_one_line_and_exit_130(module):
+    """A Ctrl-C while the console script loads the commands (before the command's own handler is installed)
+    printed a KeyboardInterrupt traceback. The signal comes as `module` is imported. (One while the interpreter
+    itself starts, before any of the package's code runs, is Python's own to report.)"""
+    import subprocess
+    import sys
+
+    code = ("import importlib.abc, os, signal, sys\n"
+            "class Fire(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            f"        if name == {module!r}:\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Fire())\n"
+            f"sys.argv = ['rslora-tools', 'inspect', {str(ADAPTER)!r}]\n"
+            "from rslora_tools.cli import main\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    assert done.returncode == 130 and done.stderr.strip().splitlines() == ["Error: interrupted; nothing was written"]

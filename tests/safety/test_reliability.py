@@ -279,6 +279,14 @@ def out_holding(kind: str):
     return build
 
 
+def converted_adapter(tmp: Path) -> Path:
+    """An adapter rslora-tools wrote (a `convert` output), where a merge's OUT was forgotten."""
+    out = tmp / "out"
+    CliRunner().invoke(cli, ["convert", str(FIXTURES / "tiny-llama-rslora"), str(out), "--to-classic"])
+    assert (out / "rslora_tools.json").exists()
+    return out
+
+
 def gguf_args(edit: Callable[[dict], None]) -> Callable[[Path], list]:
     """convert --target llama.cpp into a .gguf file, with BASE's config.json edited."""
     def build(tmp: Path) -> list:
@@ -438,6 +446,8 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
     ("base shard named like a hidden file", merge_args(hidden_shard)),
     ("--overwrite of a PEFT adapter rslora-tools did not write (OUT forgotten)", lambda t: ["merge", base_copy(t), adapter_copy(t), out_holding("adapter")(t), "--overwrite"]),
     ("combine --overwrite of a PEFT adapter (OUT forgotten)", lambda t: ["combine", adapter_copy(t), out_holding("adapter")(t), "--overwrite"]),
+    ("merge --overwrite of an adapter rslora-tools wrote (OUT forgotten)", lambda t: ["merge", base_copy(t), adapter_copy(t), converted_adapter(t), "--overwrite"]),
+    ("OUT is the current directory", lambda t: ["merge", base_copy(t), adapter_copy(t), "."]),
     ("--overwrite of a model rslora-tools did not write", lambda t: ["merge", base_copy(t), adapter_copy(t), out_holding("model")(t), "--overwrite"]),
     ("--overwrite of a GGUF file rslora-tools did not write", foreign_gguf),
     ("combine --weights 3e38 (factors overflow)", huge_weights_combine),
