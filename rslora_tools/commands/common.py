@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..adapter.adapter import Adapter
-from ..errors import OptionError, OutputInterrupted, PushAfterWriteError, RsloraError
+from ..errors import InputError, OptionError, OutputInterrupted, PushAfterWriteError, RsloraError
 from ..hub.resolve import InputRole, Source, resolve_input
 
 if TYPE_CHECKING:  # the push code is imported when a command pushes
@@ -57,6 +57,27 @@ def with_fields(options: Options | None, default: type[Options], fields: Mapping
     if options is None:
         return default(**fields)
     return dataclasses.replace(options, **fields) if fields else options  # type: ignore[type-var]
+
+
+def check_order(command: str, order: str, given: Sequence[tuple[str, Any, tuple[str, ...]]]) -> None:
+    """Refuse inputs given in the wrong order: (name, spec, the folder kinds it may be) for each positional input;
+    when two local folders each hold what the other's place needs (`merge ADAPTER BASE OUT`), say the order."""
+    from ..hub.resolve import folder_kind
+
+    kinds = [(name, spec, wanted, folder_kind(spec) if isinstance(spec, (str, os.PathLike)) else None)
+             for name, spec, wanted in given]
+    for i, (name, spec, wanted, kind) in enumerate(kinds):
+        if kind is None or kind in wanted:
+            continue
+        for other, other_spec, other_wanted, other_kind in kinds[i + 1:]:
+            if other_kind is not None and other_kind not in other_wanted and other_kind in wanted \
+                    and kind in other_wanted:
+                raise InputError(f"{name} {spec} holds {_kind_words(kind)} and {other} {other_spec} "
+                                 f"{_kind_words(other_kind)}: the order is `rslora-tools {command} {order}`")
+
+
+def _kind_words(kind: str) -> str:
+    return {"adapter": "an adapter", "merged": "a merged model", "model": "a model"}[kind]
 
 
 def adapter_list(adapter: AdapterSpec | Sequence[AdapterSpec]) -> list[AdapterSpec]:

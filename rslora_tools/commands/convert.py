@@ -41,6 +41,7 @@ from .common import (
     OutputOptions,
     adapter_input,
     base_input,
+    check_order,
     check_push,
     publish,
     with_fields,
@@ -120,6 +121,9 @@ def convert(
         raise OptionError("--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)")
     if gguf and options.push is not None:
         raise OptionError("--push-to-hub pushes a folder; push a .gguf file with: hf upload REPO FILE")
+    if options.base is not None:
+        check_order("convert", "ADAPTER OUT --base BASE", [("ADAPTER", adapter, ("adapter",)),
+                                                            ("--base", options.base, ("model", "merged"))])
     path, source = adapter_input(adapter, revision=options.revision, token=options.token,
                                  allow_pickle=options.allow_pickle)
     check_push(options, {"adapter": source})

@@ -22,6 +22,7 @@ from ..adapter.scaling import scale_in
 from ..adapter.writer import AdapterWriter
 from ..errors import InputError, OptionError, UnsupportedAdapterError
 from ..formats.checkpoint import Checkpoint, CheckpointFiles, open_checkpoint
+from ..formats.quant import checkpoint_scheme
 from ..formats.output import check_output_location, writing
 from ..formats.provenance import write_provenance
 from ..plan.extract import ExtractionPlan, plan_extraction
@@ -126,6 +127,12 @@ def extract(
     sources = {"base": base_source.to_dict(), "tuned": tuned_source.to_dict()}
     check_push(options, sources)
     base_ckpt, tuned_ckpt = open_checkpoint(base_source.path), open_checkpoint(tuned_source.path)
+    for name, ckpt in (("BASE", base_ckpt), ("TUNED", tuned_ckpt)):
+        scheme = checkpoint_scheme(ckpt.config, str(ckpt.folder))
+        if scheme is not None:
+            raise UnsupportedAdapterError(
+                f"{ckpt.folder}: {name} is quantized ({scheme.label}); extract compares unquantized weights: pass the "
+                "unquantized model it was made from")
     plan = plan_extraction(base_ckpt, tuned_ckpt, list(options.target_modules) if options.target_modules else None)
     out = Path(out)
     written = check_output_location(out, [base_ckpt.folder, tuned_ckpt.folder], options.overwrite,

@@ -40,7 +40,7 @@ from ..errors import OptionError, RsloraError, cli_message
 from ..plan.gguf import tied_embedding_problem
 from ..plan.merge import plan_merge
 from ..reporting import Report
-from .common import AdapterSpec, adapter_input, base_input, with_fields
+from .common import AdapterSpec, adapter_input, base_input, check_order, with_fields
 
 if TYPE_CHECKING:
     from ..hub.resolve import Source
@@ -131,6 +131,9 @@ def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = No
         An `InspectReport`: per-module ranks, alphas and scales, each runtime's scale, and lints.
     """
     options = with_fields(options, InspectOptions, fields)
+    if options.base is not None:
+        check_order("inspect", "ADAPTER --base BASE", [("ADAPTER", adapter, ("adapter",)),
+                                                        ("--base", options.base, ("model", "merged"))])
     path, _ = adapter_input(adapter, revision=options.revision, token=options.token, allow_pickle=options.allow_pickle)
     base_source = base_input(options.base, token=options.token) if options.base is not None else None
     base = base_source.path if base_source is not None else None

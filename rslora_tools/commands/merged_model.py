@@ -35,7 +35,7 @@ from ..hub.resolve import Source, resolve_merge_inputs
 from ..plan.merge import plan_merge
 from ..plan.tensors import Plan, parse_dtype
 from ..reporting import PhaseProgress, Report, counted
-from .common import AdapterSpec, OutputOptions, adapter_input
+from .common import AdapterSpec, OutputOptions, adapter_input, check_order
 
 
 def parse_weights(weights: Any) -> tuple[float, ...]:
@@ -165,6 +165,8 @@ def merge_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], opti
                  base_shards: bool = True) -> MergeInputs:
     """Resolve BASE and ADAPTER... (folders or Hub repos; BASE "auto": the adapter's own), load the adapters (several:
     stacked with their weights; --initial: made relative to the original base) and say where each came from."""
+    check_order("merge", "BASE ADAPTER... OUT", [("BASE", base, ("model", "merged")),
+                                                 ("ADAPTER", adapters[0], ("adapter",))])
     if options.weights is not None and len(options.weights) != len(adapters):
         raise OptionError(f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}")
     if options.initial is not None and len(adapters) > 1:

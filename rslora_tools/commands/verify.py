@@ -48,7 +48,7 @@ from ..hub.resolve import resolve_merge_inputs
 from ..plan.merge import plan_merge
 from ..plan.tensors import Plan, TensorPlan
 from ..reporting import ProgressCallback, Report, counted
-from .common import AdapterSpec, adapter_input, adapter_list, with_fields
+from .common import AdapterSpec, adapter_input, adapter_list, check_order, with_fields
 
 if TYPE_CHECKING:
     import torch
@@ -156,6 +156,8 @@ def verify(
     """
     options = with_fields(options, VerifyOptions, fields)
     adapters = adapter_list(adapter)
+    check_order("verify", "MERGED BASE ADAPTER...", [("MERGED", merged, ("merged",)), ("BASE", base, ("model",)),
+                                                      ("ADAPTER", adapters[0], ("adapter",))])
     base_path, loaded = _inputs(base, adapters, options)
     return check_merged(Path(merged), base_path, loaded, options, progress)
 

@@ -43,8 +43,30 @@ def model_card(folder: Path, repo_id: str) -> str:
     if not is_adapter:
         tags.append("merge")
     card_data = ModelCardData(tags=tags, **data)
-    body = _mlx_body(repo_id, prov, base) if mlx else _card_body(repo_id, prov, is_adapter, base)
+    tokenizer = any((folder / n).is_file() for n in TOKENIZER_FILES)
+    body = _mlx_body(repo_id, prov, base) if mlx else _card_body(repo_id, prov, is_adapter, base, tokenizer)
     return f"---\n{card_data.to_yaml()}\n---\n\n{body}"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def project_url() -> str | None:
+    """The project's own URL ([project.urls] in pyproject.toml: Homepage, else Repository), if it declares one."""
+    from importlib import metadata
+
+    try:
+        urls = metadata.metadata("rslora-tools").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        return None
+    found = dict(u.split(", ", 1) for u in urls if ", " in u)
+    return found.get("Homepage") or found.get("Repository")
+
+
+def _tool(version: str) -> str:
+    """"rslora-tools VERSION", linked to the project's own page when it declares one (never a page it does not own)."""
+    url = project_url()
+    return f"[rslora-tools]({url}) {version}" if url else f"rslora-tools {version}"
 
 
 def _hub_id(source: Any) -> str | None:
@@ -79,8 +101,7 @@ def _mlx_body(repo_id: str, prov: dict[str, Any], base: str | None) -> str:
     lines = [
         f"# {repo_id.split('/')[-1]}", "",
         f"An mlx-lm LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, converted from the "
-        f"PEFT adapter {_describe(prov.get('adapter'))} with [rslora-tools](https://pypi.org/project/rslora-tools/) "
-        f"{prov.get('version', __version__)}: {prov.get('message') or 'converted'}.",
+        f"PEFT adapter {_describe(prov.get('adapter'))} with {_tool(prov.get('version', __version__))}: {prov.get('message') or 'converted'}.",
         "mlx-lm serves it with the function PEFT gives the original adapter.",
         "", "## Use", "", "```python", "from huggingface_hub import snapshot_download",
         "from mlx_lm import generate, load", "",
@@ -95,7 +116,7 @@ def _how_it_was_made(prov: dict[str, Any]) -> list[str]:
     return ["", "## How it was made", "", "```bash", command, "```"] if isinstance(command, str) else []
 
 
-def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None) -> str:
+def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None, tokenizer: bool) -> str:
     name = repo_id.split("/")[-1]
     version = prov.get("version", __version__)
     lines = [f"# {name}", ""]
@@ -105,7 +126,7 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
                 if stacked else f"the LoRA adapter {_describe(prov.get('adapter'))}")
         lines += [
             f"This model is {what} merged into "
-            f"{_describe(prov.get('base'))} with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
+            f"{_describe(prov.get('base'))} with {_tool(version)}.",
             "The merged weights equal PEFT's `merge_and_unload()` bit for bit.",
             "",
             f"- Adapter convention: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",
@@ -118,13 +139,14 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
         if isinstance(verified, dict):
             lines.append(f"- Verified after merging (`--verify`): {verified.get('verdict')}, "
                          f"{verified.get('tensors_checked')} tensors recomputed and compared")
-        lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        lines += ["", "## Use", "", "```python",
+                  "from transformers import AutoModelForCausalLM" + (", AutoTokenizer" if tokenizer else ""), "",
                   f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
+                  *([f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'] if tokenizer else []), "```"]
     elif is_adapter and prov.get("operation") == "extract":
         lines += [
             f"A PEFT LoRA adapter extracted from {_describe(prov.get('tuned'))} as its difference to "
-            f"{_describe(prov.get('base'))}, with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
+            f"{_describe(prov.get('base'))}, with {_tool(version)}.",
             "Each module's rank, retained energy and relative error were reported when it was made.",
             "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
             f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
@@ -133,7 +155,7 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
         lines += [
             f"A PEFT LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''} combining "
             f"{_describe_all(prov.get('adapters') or [], prov.get('weights'))} by `{prov.get('method', '?')}`, made "
-            f"with [rslora-tools](https://pypi.org/project/rslora-tools/) {version}.",
+            f"with {_tool(version)}.",
             "Its factors carry every input's scale and weight; its config gives every module scale 1.",
             "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
             f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
@@ -142,7 +164,7 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
         what = prov.get("message") or "converted"
         lines += [
             f"A PEFT LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, converted with "
-            f"[rslora-tools](https://pypi.org/project/rslora-tools/) {version}: {what}.",
+            f"{_tool(version)}: {what}.",
             f"Every module keeps the scale PEFT applied to the original adapter {_describe(prov.get('adapter'))}.",
             "",
             f"- Convention now: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",

@@ -58,7 +58,7 @@ def resolve_input(spec: str, *, role: InputRole, revision: str | None = None, to
         return Source(spec, local)
     what = "base model" if role == "base" else role
     if _looks_local(spec) or _inside_a_local_folder(spec):
-        raise InputError(f"{spec}: {what} folder not found{_did_you_mean(local)}", path=spec)
+        raise InputError(f"{spec}: {what} folder not found{_did_you_mean(local, role)}", path=spec)
     ref = parse_ref(spec, revision)
     if ref is None:
         raise InputError(
@@ -111,13 +111,37 @@ def _inside_a_local_folder(spec: str) -> bool:
     return bool(slash) and head not in ("", ".", "..") and Path(head).expanduser().is_dir()
 
 
-def _did_you_mean(path: Path) -> str:
-    """" (did you mean NAME?)" for the closest name in the path's folder, when one is close."""
+FolderKind = Literal["adapter", "merged", "model"]
+
+
+def folder_kind(path: str | os.PathLike[str]) -> FolderKind | None:
+    """What a local folder holds, by its files: an adapter (PEFT's or mlx-lm's adapter_config.json), a model merged
+    by rslora-tools (its rslora_tools.json says so), another model (config.json or safetensors); None otherwise."""
+    folder = Path(path).expanduser()
+    try:
+        if not folder.is_dir():
+            return None
+        if (folder / "adapter_config.json").is_file():
+            return "adapter"
+        recorded = folder / "rslora_tools.json"
+        if recorded.is_file() and '"merge"' in recorded.read_text(errors="replace"):
+            return "merged"
+        if (folder / "config.json").is_file() or any(folder.glob("*.safetensors")):
+            return "model"
+    except OSError:
+        return None
+    return None
+
+
+def _did_you_mean(path: Path, role: InputRole) -> str:
+    """" (did you mean NAME?)" for the closest name in the path's folder that holds what `role` needs (an adapter
+    for ADAPTER, a model for BASE), when one is close."""
     import difflib
 
     parent = path.parent
+    wanted = ("adapter",) if role == "adapter" else ("model", "merged")
     try:
-        names = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+        names = [p.name for p in parent.iterdir() if folder_kind(p) in wanted] if parent.is_dir() else []
     except OSError:
         return ""
     close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)

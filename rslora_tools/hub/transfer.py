@@ -68,8 +68,19 @@ def remote_header(source: Source, shard: str, view: Path, token: str | None) -> 
     except RsloraError:
         raise
     except Exception as e:  # one line, as every Hub failure
-        raise HubError(download_error(source.spec, _ref(source), e, False)) from e
+        raise HubError(shard_error(source, shard, e, False)) from e
     return parse_header(where, data[8:8 + n], n, size)
+
+
+def shard_error(source: Source, shard: str, e: Exception, is_offline: bool) -> str:
+    """A failed shard download: a shard the index lists but the repo lacks is named as the plain merge names it;
+    anything else is the Hub's line."""
+    from huggingface_hub import errors
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, errors.EntryNotFoundError) or status == 404:
+        return f"{source.spec}: shard {shard} that the index lists is not in the repo (the Hub answered 404)"
+    return download_error(source.spec, _ref(source), e, is_offline)
 
 
 def _get_range(source: Source, shard: str, start: int, end: int, token: str | None) -> tuple[bytearray, int]:
@@ -196,7 +207,7 @@ class ShardFetcher:
                                    token=self.token, endpoint=endpoint(), library_name=LIBRARY_NAME,
                                    library_version=__version__, tqdm_class=_counting_bar(count), **place)
         except Exception as e:
-            raise HubError(download_error(self.source.spec, _ref(self.source), e, offline())) from e
+            raise HubError(shard_error(self.source, shard, e, offline())) from e
         return Fetched(Path(path), counted[0], not self.keep_cache)
 
     def _check(self, shard: str, path: Path, *, hashed: bool) -> None:

@@ -189,3 +189,22 @@ def test_a_stream_checks_each_base_shard_against_the_sha256_the_hub_lists(hub, s
                  tmp_path / "scratch", code=1)
     assert f"{shards[-1]}: the bytes received have sha256" in result.output and "the Hub lists" in result.output
     assert len(hub.repos["me/x"].commits) == 1  # created, nothing committed
+
+
+def test_the_card_links_no_page_the_project_does_not_own_and_shows_only_what_the_folder_holds(tmp_path):
+    """The card linked pypi.org/project/rslora-tools (not this project's) and told users to load a tokenizer from a
+    folder that has none (issue 36)."""
+    import shutil
+
+    from helpers import ADAPTER, BASE, cli_run
+
+    from rslora_tools.hub.card import model_card, project_url
+
+    cli_run("merge", BASE, ADAPTER, tmp_path / "merged")
+    card = model_card(tmp_path / "merged", "me/merged")
+    assert "pypi.org" not in card and "AutoTokenizer" not in card
+    url = project_url()  # [project.urls] in pyproject.toml; none declared: the card names the tool without a link
+    assert f"[rslora-tools]({url})" in card if url else "with rslora-tools 0." in card
+    shutil.copy(BASE / "tokenizer.json", tmp_path / "merged") if (BASE / "tokenizer.json").exists() else \
+        (tmp_path / "merged" / "tokenizer_config.json").write_text("{}")
+    assert 'tokenizer = AutoTokenizer.from_pretrained("me/merged")' in model_card(tmp_path / "merged", "me/merged")

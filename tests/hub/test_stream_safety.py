@@ -201,3 +201,18 @@ def test_a_local_base_shard_replaced_after_planning_is_refused(tmp_path, monkeyp
     result = cli_run("merge", base, ADAPTER, tmp_path / "out", code=1)
     assert re.search(r"model\.safetensors: changed since the merge was planned \(its header differs\)", result.output)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_streamed_merge_names_the_shard_the_repo_lacks(fake_hub, models, tmp_path):
+    """A Hub base whose index names a shard the repo lacks said only "the Hub answered 404: 404 Client Error."."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(models[0], base)
+    shards = sorted(base.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    fake_hub.upload_local_folder("org/base", base)
+    fake_hub.upload_local_folder("org/adapter", models[1])
+    line = stream("me/merged", code=1).output
+    assert f"shard {shards[-1].name} that the index lists is not in the repo" in line, line

@@ -287,6 +287,14 @@ def converted_adapter(tmp: Path) -> Path:
     return out
 
 
+def converted_merge(tmp: Path) -> Path:
+    """A merged folder rslora-tools wrote (it records its base)."""
+    out = tmp / "merged"
+    CliRunner().invoke(cli, ["merge", str(FIXTURES / "tiny-llama"), str(FIXTURES / "tiny-llama-rslora"), str(out)])
+    assert (out / "rslora_tools.json").exists()
+    return out
+
+
 def gguf_args(edit: Callable[[dict], None]) -> Callable[[Path], list]:
     """convert --target llama.cpp into a .gguf file, with BASE's config.json edited."""
     def build(tmp: Path) -> list:
@@ -448,6 +456,13 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
     ("combine --overwrite of a PEFT adapter (OUT forgotten)", lambda t: ["combine", adapter_copy(t), out_holding("adapter")(t), "--overwrite"]),
     ("merge --overwrite of an adapter rslora-tools wrote (OUT forgotten)", lambda t: ["merge", base_copy(t), adapter_copy(t), converted_adapter(t), "--overwrite"]),
     ("OUT is the current directory", lambda t: ["merge", base_copy(t), adapter_copy(t), "."]),
+    ("extract with an FP8 BASE", lambda t: ["extract", FIXTURES / "tiny-llama-fp8", base_copy(t), t / "out"]),
+    ("merge ADAPTER BASE OUT (the order swapped)", lambda t: ["merge", adapter_copy(t), base_copy(t), t / "out"]),
+    ("verify BASE MERGED ADAPTER (MERGED records its base)", lambda t: ["verify", base_copy(t), converted_merge(t),
+                                                                         adapter_copy(t)]),
+    ("inspect BASE --base ADAPTER", lambda t: ["inspect", base_copy(t), "--base", adapter_copy(t)]),
+    ("a mistyped adapter path next to a base (no base is suggested)", lambda t: ["merge", base_copy(t),
+                                                                                 t / "bse", t / "out"]),
     ("--overwrite of a model rslora-tools did not write", lambda t: ["merge", base_copy(t), adapter_copy(t), out_holding("model")(t), "--overwrite"]),
     ("--overwrite of a GGUF file rslora-tools did not write", foreign_gguf),
     ("combine --weights 3e38 (factors overflow)", huge_weights_combine),
