@@ -48,7 +48,9 @@ def find_llama_cpp(explicit: str | os.PathLike[str] | None) -> Path:
             return folder
     where = explicit or os.environ.get(LLAMA_CPP_ENV) or str(cache / _TEST_BUILD)
     raise InputError(f"{where}: no llama.cpp checkout here (convert_hf_to_gguf.py and gguf-py/); a GGUF OUT needs "
-                     f"one: pass --llama-cpp DIR or set {LLAMA_CPP_ENV} (git clone https://github.com/ggml-org/llama.cpp)")
+                     f"one: run scripts/setup_llama_cpp.sh (in a clone of rslora-tools: it unpacks the llama.cpp the "
+                     f"tests use there), or pass --llama-cpp DIR or set {LLAMA_CPP_ENV} (git clone "
+                     "https://github.com/ggml-org/llama.cpp)")
 
 
 @contextmanager
@@ -141,7 +143,12 @@ def write_merged_gguf(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, side
             ftype = getattr(importlib.import_module("gguf").LlamaFileType, _FILE_TYPES[outtype])
             model = Merged(side_dir, ftype, out)
             _progress_on_terminal(model.gguf_writer)
-            model.write()
+            try:
+                model.write()
+            except (ValueError, OSError, KeyError, TypeError) as e:
+                if "tokenizer" not in str(e).lower() and "vocab" not in str(e).lower():
+                    raise
+                raise InputError(_no_vocabulary(checkpoint, e)) from None
     finally:
         files.close()
         for log, level in zip(quiet, levels):
@@ -173,6 +180,17 @@ def _model_class(conversion: Any, side_dir: Path) -> Any:
         raise UnsupportedAdapterError(
             f"llama.cpp's converter does not support {architecture}, so no GGUF can be written for it; {TWO_STEP} "
             "(with a llama.cpp that supports it)") from None
+
+
+def _no_vocabulary(checkpoint: Checkpoint, e: Exception) -> str:
+    """One true line for the converter's failure to read BASE's tokenizer (it says "install sentencepiece" even when
+    sentencepiece is installed and the files are simply not there)."""
+    found = sorted(p.name for p in checkpoint.folder.iterdir() if p.name.startswith("tokenizer"))
+    has = f"it has {', '.join(found)}" if found else "it has no tokenizer files"
+    reason = " ".join(str(e).split())[:160]
+    return (f"{checkpoint.folder}: llama.cpp's converter cannot read BASE's tokenizer ({has}; it said: {reason}); a "
+            "GGUF holds the vocabulary, so BASE needs the model's tokenizer files (tokenizer.model, or tokenizer.json "
+            "with tokenizer_config.json), and the converter's Python needs (transformers, sentencepiece)")
 
 
 def _merged_tensors(plan: Plan, files: CheckpointFiles, adapter: Adapter, use: ShardUse | None

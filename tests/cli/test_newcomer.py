@@ -208,8 +208,9 @@ def test_push_dry_run_shows_the_files_and_the_card_offline(tmp_path, monkeypatch
     monkeypatch.setenv("HF_ENDPOINT", closed_port())  # nothing may be asked of a Hub
     cli_run("merge", BASE, ADAPTER, tmp_path / "merged", "--verify", "--token", "hf_secret_value")
     text = cli_run("push", tmp_path / "merged", "me/x", "--dry-run").output
-    assert text.startswith("Would push 5 files to me/x in one commit (")
-    for name in ("README.md", "config.json", "generation_config.json", "model.safetensors", "rslora_tools.json"):
+    assert text.startswith("Would push 8 files to me/x in one commit (")
+    for name in ("README.md", "config.json", "generation_config.json", "model.safetensors", "rslora_tools.json",
+                 "tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         assert f"\n  {name}  " in text
     assert "base_model_relation" not in text  # local inputs: no Hub base to relate to
     assert "- Verified after merging (`--verify`): exact, 21 tensors recomputed and compared" in text

@@ -175,3 +175,19 @@ def test_a_streamed_hub_base_gives_the_same_gguf_and_leaves_no_shard_behind(base
     assert not scratch.exists()  # every fetched shard deleted, the scratch folder removed
     assert len(on_disk) == len(list(base.glob("*.safetensors"))) and max(on_disk) <= 2  # one or two shards at a time
     assert (tmp_path / "hub" / "merged.gguf").read_bytes() == direct(base, [lora], tmp_path / "local", "f16")
+
+
+def test_the_readme_row_runs_on_the_shipped_fixtures_and_a_base_without_a_tokenizer_is_one_true_line(tmp_path):
+    """`merge BASE ADAPTER OUT.gguf` on fixtures/tiny-llama said "install sentencepiece" (it was installed): the fixture
+    had no tokenizer. It ships one now; a base without one is named as such (issue 36)."""
+    from helpers import ADAPTER, BASE
+
+    cli_run("merge", BASE, ADAPTER, tmp_path / "merged.gguf")
+    assert (tmp_path / "merged.gguf").stat().st_size > 0
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(BASE / name, bare / name)
+    line = cli_run("merge", bare, ADAPTER, tmp_path / "bare.gguf", code=1).output
+    assert "llama.cpp's converter cannot read BASE's tokenizer (it has no tokenizer files" in line
+    assert "BASE needs the model's tokenizer files" in line and not (tmp_path / "bare.gguf").exists()

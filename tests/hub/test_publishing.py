@@ -129,6 +129,7 @@ def test_a_side_file_linking_out_of_a_folder_is_never_copied_or_published(hub, t
     result = cli_run("convert", adapter, tmp_path / "conv", "--target", "vllm", "--push-to-hub", "me/leak", code=1)
     assert "is a link that leaves the folder" in result.output
     (adapter / "chat_template.jinja").unlink()
+    (base / "tokenizer.json").unlink()  # the fixture's own, replaced by a link out of the folder
     (base / "tokenizer.json").symlink_to(secret)
     result = cli_run("merge", base, adapter, "--push-to-hub", "me/leak", "--stream", code=1)
     assert "'tokenizer.json' is a link that leaves the folder" in result.output
@@ -194,17 +195,17 @@ def test_a_stream_checks_each_base_shard_against_the_sha256_the_hub_lists(hub, s
 def test_the_card_links_no_page_the_project_does_not_own_and_shows_only_what_the_folder_holds(tmp_path):
     """The card linked pypi.org/project/rslora-tools (not this project's) and told users to load a tokenizer from a
     folder that has none (issue 36)."""
-    import shutil
-
     from helpers import ADAPTER, BASE, cli_run
 
     from rslora_tools.hub.card import model_card, project_url
 
-    cli_run("merge", BASE, ADAPTER, tmp_path / "merged")
+    bare = tmp_path / "bare"  # the fixture base without its tokenizer
+    shutil.copytree(BASE, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    cli_run("merge", bare, ADAPTER, tmp_path / "merged")
     card = model_card(tmp_path / "merged", "me/merged")
     assert "pypi.org" not in card and "AutoTokenizer" not in card
     url = project_url()  # [project.urls] in pyproject.toml; none declared: the card names the tool without a link
     assert f"[rslora-tools]({url})" in card if url else "with rslora-tools 0." in card
-    shutil.copy(BASE / "tokenizer.json", tmp_path / "merged") if (BASE / "tokenizer.json").exists() else \
-        (tmp_path / "merged" / "tokenizer_config.json").write_text("{}")
-    assert 'tokenizer = AutoTokenizer.from_pretrained("me/merged")' in model_card(tmp_path / "merged", "me/merged")
+    cli_run("merge", BASE, ADAPTER, tmp_path / "with-tokenizer")
+    assert 'tokenizer = AutoTokenizer.from_pretrained("me/merged")' in model_card(tmp_path / "with-tokenizer",
+                                                                                   "me/merged")

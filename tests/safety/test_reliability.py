@@ -260,6 +260,7 @@ def side_file_link(where: str, name: str):
         folder = base_copy(tmp) if where == "base" else adapter_copy(tmp)
         secret = tmp / "secret.txt"
         secret.write_text("a private file")
+        (folder / name).unlink(missing_ok=True)  # the fixture's own tokenizer.json, replaced by the link
         (folder / name).symlink_to(secret)
         return folder
     return build
