@@ -70,6 +70,7 @@ class Adapter:
     modules: dict[tuple[str, int], LoraModule] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)  # base parameter path -> adapter key
     token_deltas: dict[str, str] = field(default_factory=dict)  # module path -> adapter key of trainable_tokens_delta
+    training_only: list[str] = field(default_factory=list)  # keys a variant saves for training only (not merged)
     _header: SafetensorsHeader | None = field(default=None, repr=False)
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -168,6 +169,13 @@ def find_adapter_folder(path: str | os.PathLike[str]) -> Path:
     raise InputError(f"{path}: no {CONFIG_NAME} here or in a subfolder; is this a PEFT or mlx-lm adapter folder?")
 
 
+# What VeLoRA and MonteCLoRA save beside plain LoRA factors for training only: VeLoRA's activation-compression
+# projection, MonteCLoRA's sampler; PEFT's merge is B @ A for both (peft 0.21.2 tuners/lora/variants.py,
+# VeloraLinearVariant / MontecloraLinearVariant.merge_unsafe), so these are not merged (docs/peft-rules.md).
+TRAINING_ONLY_SUFFIXES = (".lora_velora_embed",)
+TRAINING_ONLY_PARTS = (".lora_monteclora_sampler.",)
+
+
 def strip_peft_prefix(key: str) -> str:
     return key.removeprefix(PEFT_PREFIX)
 
@@ -177,6 +185,9 @@ def group_keys(adapter: Adapter) -> None:
     loose: list[tuple[str, str]] = []
     for key in adapter.shapes:
         path = strip_peft_prefix(key)
+        if path.endswith(TRAINING_ONLY_SUFFIXES) or any(part in path for part in TRAINING_ONLY_PARTS):
+            adapter.training_only.append(key)
+            continue
         for suffix, role in _LORA_SUFFIXES.items():
             if path.endswith(suffix):
                 _add_role(adapter, path[: -len(suffix)], role, key)

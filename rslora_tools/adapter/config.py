@@ -64,6 +64,11 @@ class AdapterConfig:
         return next((v for v in (*MUTATING_INITS, _LOFTQ) if lowered.startswith(v)), None)
 
     @property
+    def delta_cast_first(self) -> bool:
+        """PEFT merges the Linear delta cast to the weight's dtype first (MiCA, `init_lora_weights="mica"`)."""
+        return self.json_dict.get("init_lora_weights") == "mica"
+
+    @property
     def convention(self) -> Convention:
         return "rslora" if self.use_rslora else "classic"
 

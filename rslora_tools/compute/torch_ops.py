@@ -284,6 +284,8 @@ def _apply_stacked(w: torch.Tensor, plan: TensorPlan, read: Reader) -> torch.Ten
                 w = apply_lora(w, part, read)
         if step.bias_of is not None:
             w = apply_lora_bias(w, step.bias_of, read)
+        if step.tokens is not None:
+            w = apply_tokens(w, step.tokens[0], step.tokens[1], read)
     return w
 
 

@@ -68,7 +68,10 @@ def place_module(
     if len(adapter.shapes[module.a_key]) > 2:
         return target, make_op(module, adapter, "conv", w_shape, False, scale_name=name)
     transpose = _linear_layout(module, adapter, w_shape, model_type)
-    return target, make_op(module, adapter, "linear", w_shape, transpose, scale_name=name)
+    # MiCA's merge casts the delta to W's dtype before adding it (peft 0.21.2 MiCALinearVariant.merge_unsafe: two
+    # roundings, as a ParamWrapper's); a Linear's adds it in float32 (one)
+    kind: LayerKind = "param" if cfg.delta_cast_first and not transpose and module.magnitude_key is None else "linear"
+    return target, make_op(module, adapter, kind, w_shape, transpose, scale_name=name)
 
 
 def place_piece(module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver

@@ -8,10 +8,11 @@ adapter's LoRA and lora_bias on the same tensor go to `TensorPlan.stacked`, in o
 keys are namespaced ("<i>/<key>", adapter.adapter.stacked.StackedAdapter) so that one adapter reads
 every adapter's tensors.
 
-Refused with a one-line reason, because PEFT's result would depend on which adapter is active
+Several adapters' trainable tokens on one embedding are written one after another (disjoint indices, as PEFT
+merges them). Refused with a one-line reason, because PEFT's result would depend on which adapter is active
 rather than on the order the user gave: two adapters that replace the same tensor or one that
 replaces a tensor another adapter changes (modules_to_save, trained biases, grown vocabularies,
-trainable tokens), and plans whose output tensors or config changes differ (a tie one adapter
+trainable tokens beside another change), overlapping trainable tokens, and plans whose output tensors or config changes differ (a tie one adapter
 unties, a vocabulary one adapter grows).
 """
 
@@ -64,6 +65,9 @@ def _fold_tensor(versions: list[TensorPlan], stacked: Adapter) -> TensorPlan:
     changing = [(i, t) for i, t in enumerate(versions) if _changes(t)]
     if len(changing) <= 1:
         return changing[0][1] if changing else versions[0]
+    if all(t.tokens is not None and t.replacement is None and t.lora is None and t.bias_of is None
+           for _, t in changing):
+        return _folded_tokens(changing, stacked)
     for i, t in changing:
         if t.replacement is not None or t.tokens is not None:
             raise UnsupportedAdapterError(
@@ -77,6 +81,24 @@ def _fold_tensor(versions: list[TensorPlan], stacked: Adapter) -> TensorPlan:
                                           "another adapter's change to it is not supported")
         start.stacked = (*start.stacked, TensorPlan(t.name, t.source, lora=t.lora, bias_of=t.bias_of, dtype=t.dtype,
                                                     shape=t.shape, parts=t.parts))
+    return start
+
+
+def _folded_tokens(changing: list[tuple[int, TensorPlan]], stacked: Adapter) -> TensorPlan:
+    """Several adapters' trainable tokens on one embedding: each one's rows written in order, as PEFT's
+    TrainableTokensLayer.merge does for adapters with disjoint token indices (it refuses overlapping ones)."""
+    seen: set[int] = set()
+    for i, t in changing:
+        assert t.tokens is not None
+        overlap = seen & set(t.tokens[1])
+        if overlap:
+            raise UnsupportedAdapterError(
+                f"{stacked.parts[i].path}: trainable tokens {sorted(overlap)[:5]} of {t.name!r} are trained by an "
+                "earlier adapter too; PEFT merges only disjoint token indices (its result would be undefined)")
+        seen |= set(t.tokens[1])
+    start = dataclasses.replace(changing[0][1], stacked=())
+    start.stacked = tuple(TensorPlan(t.name, t.source, tokens=t.tokens, dtype=t.dtype, shape=t.shape)
+                          for _, t in changing[1:])
     return start
 
 

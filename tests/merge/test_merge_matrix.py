@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import cli_run
 from peft import LoraConfig
 from peft_oracle import (
     assert_same_tensors,
@@ -461,3 +462,27 @@ def test_non_finite_base_weights_are_merged_by_torch(tmp_path, monkeypatch):
     from rslora_tools.compute import kernel
 
     assert by_torch == (["a.weight"] if kernel.available() else ["a.weight", "b.weight"])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mica_merges_with_its_own_rounding(bases, tmp_path, dtype):
+    """MiCA's merge casts the delta to the weight's dtype before adding (two roundings): a plain Linear merge was
+    one ulp off in bf16 (issue 36)."""
+    base = bases[dtype]
+    adapter = make_adapter(base, tmp_path / "mica", LoraConfig(r=4, lora_alpha=8, init_lora_weights="mica",
+                                                               target_modules=["q_proj", "v_proj", "embed_tokens"]))
+    cli_run("merge", base, adapter, tmp_path / "out")
+    assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(base, adapter))
+
+
+@pytest.mark.parametrize("variant", ["velora", "monteclora"])
+def test_velora_and_monteclora_merge_as_plain_lora_without_their_training_tensors(llama_bf16, tmp_path, variant):
+    """Their saved training-only tensors (lora_velora_embed, lora_monteclora_sampler.*) were blamed on the base
+    ("matches no tensor in the base checkpoint"); PEFT merges them as B @ A."""
+    from peft.tuners.lora.config import MontecloraConfig, VeloraConfig
+
+    extra = {"velora_config": VeloraConfig()} if variant == "velora" else {"monteclora_config": MontecloraConfig()}
+    adapter = make_adapter(llama_bf16, tmp_path / variant, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                       target_modules=["q_proj", "v_proj"], **extra))
+    cli_run("merge", llama_bf16, adapter, tmp_path / "out")
+    assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(llama_bf16, adapter))

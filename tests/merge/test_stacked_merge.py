@@ -208,3 +208,21 @@ def test_trainable_tokens_of_one_adapter_are_applied_where_peft_cannot_stack_the
     for key, value in stacked.items():
         expected = only_a[key] if "q_proj" in key else only_b[key]
         assert torch.equal(value, expected), key
+
+
+def test_two_adapters_that_train_tokens_merge_as_peft_merges_them(setup, tmp_path):
+    """PEFT's own multi-adapter case "LoRA + trainable tokens" (disjoint indices): both adapters' rows are written
+    in order; it was refused ("replaced by this adapter ... and changed by another one")."""
+    base, _ = setup
+    first = make_adapter(base, tmp_path / "t1", LoraConfig(init_lora_weights=False, target_modules=["q_proj"],
+                                                           trainable_token_indices=[1, 5, 7]), seed=5)
+    second = make_adapter(base, tmp_path / "t2", LoraConfig(init_lora_weights=False, target_modules=["v_proj"],
+                                                            trainable_token_indices=[2, 3]), seed=6)
+    out = tmp_path / "merged"
+    cli_run("merge", base, first, second, out)
+    assert_same_tensors(read_folder(out), peft_stacked(base, [first, second]))
+    assert "EXACT" in cli_run("verify", out, base, first, second).output
+    overlapping = make_adapter(base, tmp_path / "t3", LoraConfig(init_lora_weights=False, target_modules=["v_proj"],
+                                                                 trainable_token_indices=[5, 9]), seed=7)
+    line = cli_run("merge", base, first, overlapping, tmp_path / "o", code=1).output
+    assert "trainable tokens [5] of 'model.embed_tokens.weight' are trained by an earlier adapter too" in line
