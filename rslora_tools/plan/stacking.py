@@ -8,12 +8,12 @@ adapter's LoRA and lora_bias on the same tensor go to `TensorPlan.stacked`, in o
 keys are namespaced ("<i>/<key>", adapter.adapter.stacked.StackedAdapter) so that one adapter reads
 every adapter's tensors.
 
-Several adapters' trainable tokens on one embedding are written one after another (disjoint indices, as PEFT
-merges them). Refused with a one-line reason, because PEFT's result would depend on which adapter is active
-rather than on the order the user gave: two adapters that replace the same tensor or one that
-replaces a tensor another adapter changes (modules_to_save, trained biases, grown vocabularies,
-trainable tokens beside another change), overlapping trainable tokens, and plans whose output tensors or config changes differ (a tie one adapter
-unties, a vocabulary one adapter grows).
+Several adapters' trainable tokens on one embedding are written one after another (disjoint indices, as
+PEFT merges them). Refused with a one-line reason, because PEFT's result would depend on which adapter
+is active rather than on the order the user gave: two adapters that replace the same tensor or one that
+replaces a tensor another adapter changes (modules_to_save, trained biases, grown vocabularies, trainable
+tokens beside another change), overlapping trainable tokens, and plans whose output tensors or config
+changes differ (a tie one adapter unties, a vocabulary one adapter grows).
 """
 
 from __future__ import annotations
