@@ -62,7 +62,8 @@ def describe(transform, *, scoped: bool = True) -> dict:
         entry["offset"] = transform.offset
     ops = getattr(transform, "operations", None)
     if ops:
-        entry["ops"] = [{"op": type(op).__name__, **{k: v for k, v in vars(op).items() if isinstance(v, SIMPLE)}}
+        entry["ops"] = [{"op": type(op).__name__, **{k: v for k, v in vars(op).items() if isinstance(v, SIMPLE)
+                                                     or (isinstance(v, list) and all(isinstance(x, str) for x in v))}}
                         for op in ops]
     return entry
 

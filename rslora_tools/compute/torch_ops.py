@@ -112,6 +112,13 @@ def _add_embedding_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch
 
 def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
     """Merge one LoRA module into its (writable) weight; returns the merged weight."""
+    if op.rows is not None:  # the module's weight is these rows of W (then maybe reordered): merged in place
+        start, stop = op.rows
+        view = w[start:stop]
+        merged = apply_lora(view, dataclasses.replace(op, rows=None), read)
+        if merged is not view:
+            w[start:stop] = merged
+        return w
     if op.reorder is not None:  # merged where transformers holds it (reordered), then reordered back: exact moves
         memory = reordered(w, op.reorder)
         merged = apply_lora(memory, dataclasses.replace(op, reorder=None), read)
@@ -125,13 +132,6 @@ def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
             return read(key)[start:stop] if key == b_key else read(key)
 
         return apply_lora(w, dataclasses.replace(op, delta_rows=None), rows_of_b)
-    if op.rows is not None:  # the module's weight is these rows of W: merged as it is, in place
-        start, stop = op.rows
-        view = w[start:stop]
-        merged = apply_lora(view, dataclasses.replace(op, rows=None), read)
-        if merged is not view:
-            w[start:stop] = merged
-        return w
     if op.part is not None:
         return _apply_expert_part(w, op, read)
     if op.kind == "linear" and not op.dora and not op.transpose and w.dim() == 2 and w.device.type == "cpu":

@@ -50,7 +50,8 @@ class Transform:
     def of(cls, entry: dict[str, Any]) -> Transform:
         ops = tuple((op["op"], tuple(v for k, v in sorted(op.items()) if isinstance(v, int) and not isinstance(v, bool)))
                     for op in entry.get("ops", ()))
-        args = tuple(tuple(sorted((k, v) for k, v in op.items() if k != "op")) for op in entry.get("ops", ()))
+        args = tuple(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in op.items() if k != "op"))
+                     for op in entry.get("ops", ()))
         return cls(entry["kind"], re.compile(entry["pattern"]), tuple(entry["sources"]), tuple(entry["targets"]),
                    entry.get("scope"), entry.get("base_prefix"), ops, entry.get("offset", 0), args)
 
@@ -83,7 +84,18 @@ class Transform:
     def splits_rows(self) -> bool:
         """One stored tensor cut along its rows into several in-memory ones: equal chunks (`Chunk`) or the model's
         parameter sizes (`Split`)."""
-        return self.ops in ((("Chunk", (0,)),), (("Split", (0,)),)) and len(self.sources) == 1 and len(self.targets) > 1
+        cuts = ((("Chunk", (0,)),), (("Split", (0,)),), (("Chunk", (0,)), ("PermuteForRope", ())))
+        return self.ops in cuts and len(self.sources) == 1 and len(self.targets) > 1
+
+    def piece_reorder(self, target: int) -> tuple[str, Any, bool] | None:
+        """How a cut-out piece is reordered next (Chunk, then PermuteForRope of the pieces it names: q and k)."""
+        if len(self.ops) < 2 or self.ops[1][0] != "PermuteForRope":
+            return None
+        args = dict(self.op_args[1])
+        names = args.get("permute_layer_names")
+        if names is not None and not any(n in self.targets[target] for n in names):
+            return None
+        return ("rope", args.get("subconfig_key"), bool(args.get("inverse", False)))
 
     @property
     def concatenates_rows(self) -> bool:

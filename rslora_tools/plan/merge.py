@@ -134,7 +134,7 @@ class _PlanBuilder:
         out = output_dtype(stored, self.dtype)
         layouts = self.resolver.layouts
         if out in ("BF16", "F16") and self.load_dtype in ("BF16", "F16") and layouts.fp32_possible \
-                and layouts.keeps_fp32(layouts.in_memory(name), self.load_dtype):
+                and layouts.keeps_fp32(self.resolver.in_memory(name), self.load_dtype):
             self.kept_fp32.append(name)
             return "F32"
         return out

@@ -28,6 +28,7 @@ class Piece:
     index: int
     names: tuple[str, ...]  # the in-memory names of every piece of the stored tensor, in order
     equal: bool  # torch.chunk's equal pieces (Chunk); else the model's parameter sizes (Split)
+    reorder: tuple[str, Any, bool] | None = None  # the piece then reordered (PermuteForRope of q and k)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class _MemoryView:
 
     def __init__(self, names: Collection[str], layouts: Layouts):
         self.renamed: dict[str, str] = {}
+        self.memory_of: dict[str, str] = {}  # stored -> its in-memory name (the first a converter makes)
         self.stacked: dict[str, list[StackedPart]] = defaultdict(list)
         self.converted: dict[str, Loaded] = {}
         self.pieces: dict[str, Piece] = {}
@@ -64,6 +66,7 @@ class _MemoryView:
         self.reordered: dict[str, tuple[str, tuple[str, Any, bool]]] = {}  # -> (stored, how its rows are reordered)
         self.concatenated: dict[str, list[tuple[int, str]]] = defaultdict(list)  # -> (source index, stored) parts
         for stored, loaded in layouts.load_all(names).items():
+            self.memory_of[stored] = loaded.memory
             converter = loaded.converter
             if converter is None:
                 if loaded.memory != stored:
@@ -77,7 +80,7 @@ class _MemoryView:
             elif loaded.pieces and converter.splits_rows:
                 equal = converter.ops[0][0] == "Chunk"
                 for i, piece in enumerate(loaded.pieces):
-                    self.pieces[piece] = Piece(stored, i, loaded.pieces, equal)
+                    self.pieces[piece] = Piece(stored, i, loaded.pieces, equal, converter.piece_reorder(i))
             elif loaded.expert_part:
                 assert loaded.expert is not None
                 self.stacked[loaded.memory].append(StackedPart(stored, loaded.expert, loaded.source,
@@ -134,6 +137,13 @@ class NameResolver:
         if candidates and record:
             self.renamed[path] = next(iter(candidates))
         return candidates.pop() if candidates else None
+
+    def in_memory(self, stored: str) -> str:
+        """A stored tensor's in-memory name, as transformers loads the whole checkpoint (a GroupWeightRename's state
+        comes from the checkpoint's other names)."""
+        if not self.layouts.transforms:
+            return stored
+        return self.view.memory_of.get(stored, stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A stored tensor's shape (from its header)."""

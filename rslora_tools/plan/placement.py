@@ -103,19 +103,23 @@ def place_piece(module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolve
     op = make_op(module, adapter, "linear", shape, _linear_layout(module, adapter, shape, None),
                  scale_name=pattern_name(adapter, module, own=resolver.own_parameters(module.name)))
     op.rows = (start, start + shape[0])
+    if piece.reorder is not None:
+        op.reorder = reorder_of(piece.reorder, resolver, piece.stored, shape[0])
     return piece.stored, op
 
 
-def reorder_of(how: tuple[str, Any, bool], resolver: NameResolver, stored: str) -> tuple[str, int, bool]:
+def reorder_of(how: tuple[str, Any, bool], resolver: NameResolver, stored: str, rows: int | None = None
+               ) -> tuple[str, int, bool]:
     """A converter's reordering with what it reads from the config: Interleave's dim, or the attention heads
-    PermuteForRope splits the rows into (the config's, or its sub-config's, `num_attention_heads`)."""
+    PermuteForRope splits the rows (`rows`: of a piece; else the stored tensor's) into (the config's, or its
+    sub-config's, `num_attention_heads`)."""
     kind, arg, inverse = how
     if kind == "interleave":
         return kind, int(arg), inverse
     config = resolver.checkpoint.config or {}
     sub = config.get(arg) if isinstance(arg, str) and isinstance(config.get(arg), dict) else config
     heads = sub.get("num_attention_heads", 1) if isinstance(sub, dict) else 1
-    if not isinstance(heads, int) or heads < 1 or resolver.shape(stored)[0] % (2 * heads):
+    if not isinstance(heads, int) or heads < 1 or (rows or resolver.shape(stored)[0]) % (2 * heads):
         raise UnsupportedAdapterError(f"{stored!r}: transformers permutes it for RoPE by {heads!r} attention heads, "
                                       "which do not divide its rows; rslora-tools cannot place a LoRA on it")
     return kind, heads, inverse

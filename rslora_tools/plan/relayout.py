@@ -257,7 +257,7 @@ def _rename_keys(recipes: list[Recipe], base: NameResolver, in_memory: bool, sca
         target = base.find(path + ".weight", record=False) or base.find(path, record=False)
         if target is None:
             continue
-        new_path = (base.layouts.in_memory(target) if in_memory else target).removesuffix(".weight")
+        new_path = (base.in_memory(target) if in_memory else target).removesuffix(".weight")
         if new_path != path:
             recipes[i] = dataclasses.replace(recipe, key=f"{PEFT_PREFIX}{new_path}.{m['tail']}")
             renamed[path] = new_path

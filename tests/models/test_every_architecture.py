@@ -33,10 +33,6 @@ ROWS = rows()
 # model types whose ordinary adapter is refused, by name (nothing written): what transformers does on loading there
 # is not merged across (yet); docs/layouts.md lists them
 REFUSED = {  # model type -> (what the refusal says, why, for docs/layouts.md)
-    "kimi_k25": ("by Chunk + PermuteForRope of the checkpoint's wqkv", "its vision tower's q/k/v are one stored "
-                 "tensor, cut and permuted for RoPE on loading"),
-    "step3p7": ("by Chunk + PermuteForRope of the checkpoint's", "its vision tower's q/k/v are one stored tensor, cut "
-                "and permuted for RoPE on loading"),
     "inkling_mm_model": ("by Interleave + Chunk of the checkpoint's", "its shared experts are one stored tensor, "
                          "interleaved and cut on loading"),
     "blip": ("its weight is tied to text_decoder.bert.embeddings.word_embeddings.weight", "the text decoder's output "

@@ -23,7 +23,7 @@ GENERATOR = ROOT / "scripts" / "generate_layouts.py"
 # families whose loading renames, stacks, cuts, concatenates, transposes or reorders stored tensors
 REPLAYED = ["mixtral", "qwen3_moe", "qwen2_vl", "llava", "llava_next", "mllama", "qwen3_5_moe", "nemotron_h",
             "granitemoe", "phimoe", "jamba", "hrm_text", "sarvam_moe", "ergo", "kimi_linear", "laguna", "minimax_m3_vl",
-            "mistral_large4", "gemma3", "paligemma"]
+            "mistral_large4", "gemma3", "paligemma", "kimi_k25", "step3p7"]
 
 
 def generator():
