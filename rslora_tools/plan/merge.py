@@ -20,7 +20,7 @@ from ..errors import MismatchError, UnsupportedAdapterError
 from ..adapter.relative import require_plain
 from ..adapter.module_scales import pattern_warnings
 from .names import NameResolver
-from .placement import check_shapes, place_concatenated, place_module, place_piece
+from .placement import check_shapes, make_op, place_concatenated, place_module, place_piece
 from .tensors import TORCH_DTYPE_NAMES, LoraOp, Plan, TensorPlan, output_dtype
 from ..formats.quant import QuantScheme, config_dtype
 from .quantization import QuantPlan, keep_quantized, merge_dtype, output_shape, plan_quantization
@@ -125,6 +125,7 @@ class _PlanBuilder:
         self.unmatched: list[str] = []
         self.where = adapter.weights_path
         self.load_dtype = dtype or config_dtype(checkpoint.config)  # what transformers would load the model in
+        self.tied_outputs: set[int] = set()  # ops of output layers tied to the tensor they merge into
         self.kept_fp32: list[str] = []
 
     def output_dtype(self, name: str, stored: str) -> str:
@@ -236,8 +237,31 @@ class _PlanBuilder:
         piece = place_piece(module, self.adapter, self.shape_of, self.resolver)
         if piece is not None:
             return [piece]
+        tied = self._tied_source(module)
+        if tied is not None:
+            return [tied]
         return place_concatenated(module, self.adapter, self.shape_of, self.resolver) or \
             place_across_layouts(module, self.adapter, self.resolver, self.shape_of, self.resolver.layouts)
+
+    def _tied_source(self, module: LoraModule) -> tuple[str, LoraOp] | None:
+        """A Linear LoRA on an output layer tied to an input embedding (BLIP's text decoder, LUKE's entity decoder):
+        the checkpoint stores only the embedding, the two are one parameter in memory, and PEFT's merge adds the
+        delta to it, so the embedding changes too (lm_head ties go through plan/ties.py instead)."""
+        source = self.resolver.layouts.tied_to(module.name + ".weight")
+        if source is None or "*" in source or module.name.split(".")[-1] == "lm_head" or module.embedding:
+            return None
+        stored = self.resolver.find(source, record=False)
+        if stored is None or len(self.adapter.shapes[module.a_key]) != 2:
+            return None
+        a, b = self.adapter.shapes[module.a_key], self.adapter.shapes[module.b_key]
+        if self.shape_of(stored) != (b[0], a[1]):
+            raise MismatchError(f"{self.where}: module {module.name!r} is tied to {stored!r} "
+                                f"{list(self.shape_of(stored))}, which LoRA A{list(a)} and B{list(b)} do not fit")
+        self.warnings.append(f"{module.name} is tied to {stored} (one parameter in the model): its LoRA is merged "
+                             "into that tensor, as PEFT merges it, so the input embedding changes too")
+        op = make_op(module, self.adapter, "linear", (b[0], a[1]), False)
+        self.tied_outputs.add(id(op))  # the tie stays: one parameter (plan/ties.py's lm_head rules do not apply)
+        return stored, op
 
     def _add_op(self, module: LoraModule, target: str, op: LoraOp) -> None:
         plan = self.plan_for(target)
@@ -267,7 +291,8 @@ class _PlanBuilder:
             raise MismatchError(f"{self.where}: two adapter modules target base tensor {target!r}")
         check_shapes(op, self.adapter, plan.shape, target)
         plan.lora = op
-        self.tie.note_target(target, "lora")
+        if id(op) not in self.tied_outputs:
+            self.tie.note_target(target, "lora")
         if module.bias_key is not None:
             self._add_lora_bias(module, target)
             self.plan_for(target.rsplit(".", 1)[0] + ".bias").bias_of = op

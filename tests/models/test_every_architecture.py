@@ -24,6 +24,8 @@ from peft_oracle import assert_same_tensors, read_folder
 from safetensors.torch import load_file
 from tiny_models import Row, rows
 
+from rslora_tools.reporting import counted
+
 # one row per layout family: plain, experts stacked on loading (renamed or not), fused on disk, kept in float32,
 # hybrid SSM, multimodal renames, a fused q/k/v cut on loading, a transposed weight, encoder-decoder, encoder
 REPRESENTATIVE = {"llama", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "nemotron_h", "jamba",
@@ -35,10 +37,6 @@ ROWS = rows()
 REFUSED = {  # model type -> (what the refusal says, why, for docs/layouts.md)
     "inkling_mm_model": ("by Interleave + Chunk of the checkpoint's", "its shared experts are one stored tensor, "
                          "interleaved and cut on loading"),
-    "blip": ("its weight is tied to text_decoder.bert.embeddings.word_embeddings.weight", "the text decoder's output "
-             "layer is tied to the word embeddings (only lm_head ties are merged)"),
-    "luke": ("its weight is tied to luke.entity_embeddings.entity_embeddings.weight", "the entity decoder is tied to "
-             "the entity embeddings (only lm_head ties are merged)"),
 }
 
 
@@ -100,8 +98,8 @@ def test_docs_list_what_the_matrix_shows():
         merged = sum(1 for v in RESULTS.values() if v.startswith("bit for bit"))
         types = len({r.model_type for r in ROWS})
         body = (f"\n{merged} of {len(ROWS)} model classes ({types} model types) merge bit for bit as PEFT; "
-                f"{sum(1 for v in RESULTS.values() if v.startswith('refused'))} are refused by name; the rest are not "
-                "built by the matrix (the reason is given).\n\n| model type | class | kind | the ordinary adapter |\n"
+                f"{counted(sum(1 for v in RESULTS.values() if v.startswith('refused')), 'model class')} refused by "
+                "name; the rest are not built by the matrix (the reason is given).\n\n| model type | class | kind | the ordinary adapter |\n"
                 "|---|---|---|---|\n" + "\n".join(lines[f"{r.model_type}/{r.class_name}"] for r in ROWS) + "\n")
         DOCS.write_text(before + BEGIN + body + END + after)
         return
