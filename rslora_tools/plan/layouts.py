@@ -305,11 +305,20 @@ class Layouts:
         return Loaded(name)
 
     def load_all(self, names: Iterable[str]) -> dict[str, Loaded]:
-        """Every stored name of a checkpoint as transformers loads them: in its order, one state for the whole load."""
+        """The stored names of a checkpoint that transformers loads under another name or through a converter, as
+        it loads them: one state for the whole load, in its order where a GroupWeightRename makes order matter.
+        Names loaded as stored are left out (a header of 400k tensors stays a header's worth of memory)."""
         if not self.transforms:
             return {}
         active: set[int] = set()
-        return {n: self.loaded(n, active) for n in sorted(names, key=dot_natural_key)}
+        if any(t.kind == "GroupWeightRename" for t in self.transforms):
+            names = sorted(names, key=dot_natural_key)
+        found = {}
+        for n in names:
+            loaded = self.loaded(n, active)
+            if loaded.converter is not None or loaded.memory != n:
+                found[n] = loaded
+        return found
 
     def in_memory(self, name: str) -> str:
         """A checkpoint name as transformers 5 names the tensor in memory."""

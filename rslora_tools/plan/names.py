@@ -58,7 +58,7 @@ class _MemoryView:
 
     def __init__(self, names: Collection[str], layouts: Layouts):
         self.renamed: dict[str, str] = {}
-        self.memory_of: dict[str, str] = {}  # stored -> its in-memory name (the first a converter makes)
+        self.memory_of: dict[str, str] = {}  # stored -> its in-memory name (the first a converter makes), if renamed
         self.stacked: dict[str, list[StackedPart]] = defaultdict(list)
         self.converted: dict[str, Loaded] = {}
         self.pieces: dict[str, Piece] = {}

@@ -70,7 +70,7 @@ def test_every_stored_name_loads_to_the_name_transformers_gives_it(model_type, t
     config = json.loads((tmp_path / "config.json").read_text())
     ours = Layouts.of(config).load_all(stored)
     theirs = {name: rename_source_key(name, renamings, converters)[0] for name in stored}
-    assert {n: ours[n].memory for n in stored} == theirs
+    assert {n: ours[n].memory if n in ours else n for n in stored} == theirs  # load_all leaves unchanged names out
 
 
 def _names(path):
