@@ -71,10 +71,12 @@ def _lora_for_proj(folder: Path, out_f: int, in_f: int) -> Path:
     return folder
 
 
-def ct_compress(w: torch.Tensor, args) -> tuple[dict[str, torch.Tensor], Any, Any]:
+def ct_compress(w: torch.Tensor, args, global_scale: torch.Tensor | None = None
+                ) -> tuple[dict[str, torch.Tensor], Any, Any]:
     """One weight through compressed-tensors' own compressor for `args` (a QuantizationArgs: pack-quantized INT, or
     NVFP4 when 4-bit float), its scales from calculate_qparams on min/max as its observers take them (NVFP4: and
-    generate_gparam's global scale). Returns the stored tensors by role, the compressor and the scheme."""
+    generate_gparam's global scale, or `global_scale`, its fused group's as llm-compressor sets it). Returns the
+    stored tensors by role, the compressor and the scheme."""
     from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
@@ -85,9 +87,26 @@ def ct_compress(w: torch.Tensor, args) -> tuple[dict[str, torch.Tensor], Any, An
     groups = w.unflatten(-1, (w.shape[1] // size, size))
     state = {"weight": w}
     if nvfp4:
-        state["weight_global_scale"] = generate_gparam(w.amin(), w.amax())
+        state["weight_global_scale"] = generate_gparam(w.amin(), w.amax()) if global_scale is None else global_scale
     state["weight_scale"], state["weight_zero_point"] = calculate_qparams(
         groups.amin(-1), groups.amax(-1), args, global_scale=state.get("weight_global_scale"))
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     compressor = NVFP4PackedCompressor if nvfp4 else PackedQuantizationCompressor
     return compressor.compress(state, scheme), compressor, scheme
+
+
+def fused_global_scales(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """llm-compressor's update_fused_layer_weight_global_scales on a Llama's weights (module -> weight): q/k/v of a
+    layer, and its gate/up, each given the smallest of the members' generate_gparam (module -> global scale)."""
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    own = {m: generate_gparam(w.amin(), w.amax()) for m, w in weights.items()}
+    shared = {}
+    for m in own:
+        parent, _, leaf = m.rpartition(".")
+        group = {"q_proj": ("q_proj", "k_proj", "v_proj"), "k_proj": ("q_proj", "k_proj", "v_proj"),
+                 "v_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj"),
+                 "up_proj": ("gate_proj", "up_proj")}.get(leaf, (leaf,))
+        shared[m] = torch.min(torch.cat([own[f"{parent}.{g}"] for g in group])).reshape([1])
+    return shared
+

@@ -308,6 +308,7 @@ def _check_tensors(out: Checkpoint, checkpoint: Checkpoint, adapter: Adapter, ch
     total = sum(tensor_nbytes(t.dtype, t.shape) for t in chosen)
     files, merged_files = CheckpointFiles(checkpoint), CheckpointFiles(out)
     requantized: dict[str, dict[str, torch.Tensor]] = {}  # --keep-quantization: weight -> its stored tensors, by name
+    global_scales: dict[int, torch.Tensor] = {}  # --keep-quantization of NVFP4: each fused group's global scale
     try:
         for t in chosen:
             if t.name not in out.weight_map:
@@ -318,7 +319,7 @@ def _check_tensors(out: Checkpoint, checkpoint: Checkpoint, adapter: Adapter, ch
             anchor = planned_anchor(t, planned)
             if anchor is not None:  # codes and scales: the reference quantizer's, on the merged weight, exactly
                 if anchor.name not in requantized:
-                    requantized[anchor.name] = _requantized(anchor, checkpoint, files, adapter)
+                    requantized[anchor.name] = _requantized(anchor, checkpoint, files, adapter, global_scales)
                 checks.append(compare(t.name, merged_files.read(t.name), requantized[anchor.name][t.name],
                                       changed=True))
             elif t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
@@ -345,15 +346,14 @@ def planned_anchor(t: TensorPlan, planned: dict[str, TensorPlan]) -> TensorPlan 
     return planned[t.written_with] if t.written_with is not None else None
 
 
-def _requantized(t: TensorPlan, checkpoint: Checkpoint, files: CheckpointFiles, adapter: Adapter
-                 ) -> dict[str, torch.Tensor]:
+def _requantized(t: TensorPlan, checkpoint: Checkpoint, files: CheckpointFiles, adapter: Adapter,
+                 global_scales: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The stored tensors a --keep-quantization merge writes for one weight, by name (compute/requantize.py)."""
-    from ..compute.requantize import requantized, stored_layout
+    from ..compute.requantize import kept_weight
 
     q = t.quant
     assert q is not None and q.keep is not None and q.stored is not None
-    merged = merged_tensor(t, files.read, adapter.tensor, safetensors_to_torch_dtype(q.keep.dtype))
-    parts, _ = requantized(q.stored, merged, stored_layout(q.stored, checkpoint), files.read)
+    parts = kept_weight(t, checkpoint, files.read, adapter.tensor, global_scales).parts
     return {q.stored.parts[role]: tensor for role, tensor in parts.items()}
 
 
@@ -463,6 +463,37 @@ def _structure_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[s
         if out.index_metadata["total_size"] != actual:
             problems.append(f"{INDEX_FILE}: total_size is {out.index_metadata['total_size']}, the shards hold {actual} bytes")
     problems += _config_problems(out, base, plan)
+    problems += _fused_scale_problems(out, base)
+    return problems
+
+
+def _fused_scale_problems(out: Checkpoint, base: Checkpoint) -> list[str]:
+    """NVFP4 weights that vLLM and SGLang load as one layer (plan/quantization.py fused_groups) share one global
+    scale in the base but not in the merged folder: those runtimes serve the group with the largest, its other
+    members at the wrong scale."""
+    suffix = ".weight_global_scale"
+    if not any(n.endswith(suffix) for n in base.weight_map):
+        return []
+    from ..plan.quantization import fused_groups
+
+    weights = [n.removesuffix(suffix) + ".weight" for n in out.weight_map if n.endswith(suffix)]
+    problems = []
+    files, base_files = CheckpointFiles(out), CheckpointFiles(base)
+    try:
+        for module, members in fused_groups(weights, out.weight_map):
+            names = [m.removesuffix(".weight") + suffix for m in members]
+            if not all(n in base.weight_map for n in names):
+                continue
+            ours = [float(files.read(n).reshape(-1)[0]) for n in names]
+            theirs = [float(base_files.read(n).reshape(-1)[0]) for n in names]
+            if len(set(theirs)) == 1 and len(set(ours)) > 1:
+                parts = "/".join(m.removesuffix(".weight").rpartition(".")[2] for m in members)
+                problems.append(f"{module}: {parts} share one weight_global_scale in BASE but not in the merged "
+                                f"folder ({', '.join(f'{v:g}' for v in ours)}); vLLM and SGLang load them as one layer "
+                                "with the largest, serving the others at the wrong scale")
+    finally:
+        files.close()
+        base_files.close()
     return problems
 
 

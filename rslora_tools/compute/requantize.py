@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..formats.checkpoint import Checkpoint, CheckpointFiles
 from ..formats.quant import QuantizedWeight
 from ..formats.safetensors_file import safetensors_to_torch_dtype
-from ..plan.tensors import TensorPlan
+from ..plan.tensors import FusedGroup, TensorPlan
 
 Reader = Callable[[str], torch.Tensor]
 
@@ -43,8 +44,10 @@ Reader = Callable[[str], torch.Tensor]
 StoredLayout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # role -> (dtype, shape) of the base's stored tensor
 
 
-def requantize(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayout) -> dict[str, torch.Tensor]:
-    """The merged weight in `stored`'s format: role -> new tensor, in the dtypes and shapes the base stores them."""
+def requantize(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayout,
+               global_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The merged weight in `stored`'s format: role -> new tensor, in the dtypes and shapes the base stores them;
+    `global_scale`: NVFP4, its fused group's (else the weight's own)."""
     method = stored.scheme.method
     if method == "fp8":
         q, scale_inv = quantize_fp8_blocks(merged, stored.scheme.block, layout["weight"][0], layout["scale_inv"][0])
@@ -60,7 +63,7 @@ def requantize(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayo
         out = {"weight_packed": packed, "weight_scale": scale.reshape(shape)}
         return out | ({"weight_zero_point": zero} if zero is not None else {})
     if method == "ct_nvfp4":
-        packed, scale, global_scale = quantize_nvfp4(merged)
+        packed, scale, global_scale = quantize_nvfp4(merged, global_scale)
         return {"weight_packed": packed, "weight_scale": scale, "weight_global_scale": global_scale}
     if method == "mxfp4":
         blocks, scales = quantize_mxfp4(merged)
@@ -75,15 +78,74 @@ def stored_layout(stored: QuantizedWeight, checkpoint: Checkpoint) -> StoredLayo
 
 
 def requantized(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayout,
-                read_base: Reader) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                read_base: Reader, global_scale: torch.Tensor | None = None
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(the new stored tensors by role, what they dequantize to in merged's dtype): what the output holds, and what
     a loader makes of it."""
     from .quantization import dequantize_stored
 
-    parts = requantize(stored, merged, layout)
+    parts = requantize(stored, merged, layout, global_scale)
     written = {stored.parts[role]: tensor for role, tensor in parts.items()}
     back = dequantize_stored(stored, lambda name: written[name] if name in written else read_base(name))
     return parts, back.to(merged.dtype)
+
+
+@dataclass
+class KeptWeight:
+    """One weight of a --keep-quantization merge: its stored tensors by role; the merged weight, what the stored
+    tensors dequantize to, and the dequantized base it started from (all three None where the stored tensors are
+    copied as they are; `start` None where the adapter replaces the whole weight)."""
+
+    parts: dict[str, torch.Tensor]
+    merged: torch.Tensor | None = None
+    back: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+
+
+def kept_weight(t: TensorPlan, checkpoint: Checkpoint, read_base: Reader, read_adapter: Reader,
+                global_scales: dict[int, torch.Tensor] | None = None, device: torch.device | str = "cpu") -> KeptWeight:
+    """--keep-quantization of one weight: merged in its compute dtype (on `device`) and quantized back on the CPU; an
+    NVFP4 weight with the global scale of its fused group (`global_scales` caches them by group), a member the
+    adapter leaves unchanged copied as it is where the group's scale is the one it is stored with."""
+    from .torch_ops import merged_tensor, quantized_base
+
+    q = t.quant
+    assert q is not None and q.keep is not None and q.stored is not None
+    fused = q.keep.fused
+    global_scale = None
+    if fused is not None:
+        cache = global_scales if global_scales is not None else {}
+        if id(fused) not in cache:
+            cache[id(fused)] = fused_global_scale(fused, read_base, read_adapter, device)
+        global_scale = cache[id(fused)]
+        own = read_base(q.stored.parts["weight_global_scale"]).to(torch.float32).reshape(1)
+        if not t.changed and torch.equal(own, global_scale):
+            return KeptWeight({role: read_base(name) for role, name in q.stored.parts.items()})
+    compute = safetensors_to_torch_dtype(q.keep.dtype)
+    start = quantized_base(t, read_base).to(compute) if t.replacement is None else None
+    merged = merged_tensor(t, read_base, read_adapter, compute, device,
+                           base=start.to(device, copy=True) if start is not None else None).cpu()
+    parts, back = requantized(q.stored, merged, stored_layout(q.stored, checkpoint), read_base, global_scale)
+    return KeptWeight(parts, merged, back, start)
+
+
+def fused_global_scale(group: FusedGroup, read_base: Reader, read_adapter: Reader,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """The one NVFP4 global scale of a fused group after the merge, as llm-compressor sets it
+    (update_fused_layer_weight_global_scales: the members' smallest): a changed member's is compressed-tensors'
+    generate_gparam of its merged weight, an unchanged member's the one it is stored with."""
+    from .torch_ops import merged_tensor
+
+    scales = []
+    for member in group.members:
+        q = member.quant
+        assert q is not None and q.keep is not None and q.stored is not None
+        if member.changed:
+            merged = merged_tensor(member, read_base, read_adapter, safetensors_to_torch_dtype(q.keep.dtype), device)
+            scales.append(nvfp4_global_scale(merged.cpu()))
+        else:
+            scales.append(read_base(q.stored.parts["weight_global_scale"]).to(torch.float32).reshape(1))
+    return torch.min(torch.cat(scales)).reshape(1)
 
 
 _SAMPLED_EXPERTS = 4  # a fused expert tensor's requantization error is measured on this many experts, spread out
@@ -100,6 +162,11 @@ def requantization_error(t: TensorPlan, checkpoint: Checkpoint, files: Checkpoin
     q = t.quant
     assert q is not None and q.stored is not None
     compute = safetensors_to_torch_dtype(q.keep.dtype if q.keep is not None else t.dtype)
+    if q.keep is not None and q.keep.fused is not None:  # NVFP4 with its fused group's global scale
+        kept = kept_weight(t, checkpoint, files.read, read_adapter)
+        if kept.merged is None or kept.back is None or kept.start is None:
+            return 0.0, 0.0, 0.0
+        return requantization_norms(kept.merged, kept.back, kept.start)
     if not by_expert(t, checkpoint):
         start = quantized_base(t, files.read).to(compute)
         merged = merged_tensor(t, files.read, read_adapter, compute, base=start.clone())
@@ -248,14 +315,20 @@ def quantize_mxfp4(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks, scales
 
 
-def quantize_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A (rows, cols) weight as compressed-tensors NVFP4: (packed uint8 (rows, cols / 2), float8 scales (rows,
-    cols / 16), float32 global scale (1,))."""
-    rows, cols = w.shape
+def nvfp4_global_scale(w: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' generate_gparam of a weight: 448 * 6 / its largest |value| (in its dtype), float32 (1,)."""
     lo, hi = torch.aminmax(w)
     lo, hi = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
     top = torch.clamp(torch.max(torch.abs(lo), torch.abs(hi)), min=torch.finfo(w.dtype).tiny)
-    global_scale = torch.nan_to_num(448.0 * 6.0 / top, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape(1)
+    return torch.nan_to_num(448.0 * 6.0 / top, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape(1)
+
+
+def quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A (rows, cols) weight as compressed-tensors NVFP4: (packed uint8 (rows, cols / 2), float8 scales (rows,
+    cols / 16), float32 global scale (1,)); `global_scale`: its fused group's (else its own, nvfp4_global_scale)."""
+    rows, cols = w.shape
+    global_scale = nvfp4_global_scale(w) if global_scale is None else global_scale.to(torch.float32).reshape(1)
     groups = w.unflatten(-1, (cols // 16, 16))
     glo, ghi = groups.amin(-1), groups.amax(-1)
     glo, ghi = torch.min(glo, torch.zeros_like(glo)), torch.max(ghi, torch.zeros_like(ghi))

@@ -82,6 +82,8 @@ class _Run:
     adapter_fd: int = -1
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    global_scales: dict[int, torch.Tensor] = field(default_factory=dict)  # NVFP4 fused groups' (compute/requantize)
+    group_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def advance(self, nbytes: int) -> None:
         if self.progress is not None:
@@ -614,27 +616,24 @@ def _with_torch(run: _Run, t: TensorPlan, slot: _Slot) -> None:
 
 def _with_requant(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:
     """--keep-quantization: merge the dequantized weight in its compute dtype (on the run's device), quantize it back
-    as the base's format does (on the CPU), write the codes into slots[0] and the rewritten scales after them."""
-    from ..compute.requantize import requantization_norms, requantized, stored_layout
-    from ..compute.torch_ops import merged_tensor, quantized_base
+    as the base's format does (on the CPU; an NVFP4 fused group with one global scale), write the codes into
+    slots[0] and the rewritten scales after them."""
+    from ..compute.requantize import kept_weight, requantization_norms
 
     if run.stop.is_set():
         raise _Stopped
     q = t.quant
     assert q is not None and q.keep is not None and q.stored is not None
-    compute = safetensors_to_torch_dtype(q.keep.dtype)
-    device = run.device.torch_device
-    start = quantized_base(t, run.base.read).to(compute) if t.replacement is None else None
-    value = merged_tensor(t, run.base.read, run.adapter.tensor, compute, device,
-                          base=start.to(device, copy=True) if start is not None else None).cpu()
-    if not run.allow_nonfinite:
-        _check_finite(run, t, value)
-    parts, back = requantized(q.stored, value, stored_layout(q.stored, run.checkpoint), run.base.read)
-    slots[0].write(parts[REQUANTIZED_ROLES[q.scheme.method][0]])
+    with run.group_lock if q.keep.fused is not None else contextlib.nullcontext():  # a group's scale: once
+        kept = kept_weight(t, run.checkpoint, run.base.read, run.adapter.tensor, run.global_scales,
+                           run.device.torch_device)
+    if kept.merged is not None and not run.allow_nonfinite:
+        _check_finite(run, t, kept.merged)
+    slots[0].write(kept.parts[REQUANTIZED_ROLES[q.scheme.method][0]])
     for slot, (role, _) in zip(slots[1:], q.keep.rewritten):
-        slot.write(parts[role])
-    if start is not None:  # the report's requantization error, against the delta
-        _record(run, t.name, requantization_norms(value, back, start))
+        slot.write(kept.parts[role])
+    if kept.merged is not None and kept.back is not None and kept.start is not None:  # the report's requantization
+        _record(run, t.name, requantization_norms(kept.merged, kept.back, kept.start))  # error, against the delta
 
 
 def _with_experts(run: _Run, t: TensorPlan, slots: list[_Slot]) -> None:

@@ -173,9 +173,15 @@ class _PlanBuilder:
         assert kept.scheme is not None
         self.notes = [n for n in self.notes if not n.startswith("the base is quantized")]
         self.warnings = [w for w in self.warnings if not w.startswith("the dequantized weights are written")]
-        self.notes.append(f"the base's format is kept ({kept.scheme.label}): {len(kept.companions)} of "
+        self.notes.append(f"the base's format is kept ({kept.scheme.label}): {kept.changed} of "
                           f"{len(self.quant.sources)} quantized weights are changed by the adapter, merged and quantized "
                           "back; every other stored tensor is copied as it is, and quantization_config stays")
+        if kept.fused:
+            self.notes.append(
+                f"{kept.fused} groups of weights that vLLM and SGLang load as one layer (q/k/v, gate/up) keep one "
+                "weight_global_scale each, as llm-compressor writes them: the group's smallest after the merge; a "
+                "member the adapter leaves unchanged is copied as it is unless the merge widens its group's range, "
+                "then quantized again with the group's scale")
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.plans[name].shape if name in self.plans else self.checkpoint.info(name).shape

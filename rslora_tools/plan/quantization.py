@@ -20,12 +20,14 @@ copied byte for byte, and `quantization_config` stays.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from ..formats.checkpoint import Checkpoint, CheckpointFiles
 from ..errors import InputError, UnsupportedAdapterError
 from .placement import CONV1D_MODEL_TYPES
-from .tensors import QuantSource, Requant, TensorPlan
+from .tensors import FusedGroup, QuantSource, Requant, TensorPlan
 from ..formats.quant import REQUANTIZED_ROLES, QuantScheme, checkpoint_scheme, config_dtype, quantized_weights
 from ..formats.safetensors_file import FLOAT_DTYPES, read_bytes
 from ..adapter.scaling import backtracking_risk
@@ -65,6 +67,8 @@ class QuantPlan:
     prequantized: bool = False
     keep: bool = False  # --keep-quantization
     companions: dict[str, list[TensorPlan]] = field(default_factory=dict)  # kept: codes -> scales written after them
+    changed: int = 0  # kept: the quantized weights the adapter changes
+    fused: int = 0  # kept NVFP4: the fused groups (one global scale) with a changed member
 
     def names(self) -> list[str]:
         return list(self.sources)
@@ -126,27 +130,67 @@ def keep_quantized(plans: dict[str, TensorPlan], quant: QuantPlan, checkpoint: C
             "and compressed-tensors FP8, INT4/INT8 and NVFP4 are); merge without it to write the merged model "
             "unquantized")
     kept = QuantPlan(scheme, prequantized=True, keep=True)
+    changed = {name for name in quant.sources if name in plans and plans[name].changed}
+    fused: dict[str, FusedGroup] = {}  # NVFP4: a member of a group with a changed weight -> its group
+    if scheme.method == "ct_nvfp4":
+        for module, members in fused_groups(quant.sources, checkpoint.weight_map):
+            if changed.intersection(members):
+                group = FusedGroup(module)
+                fused.update((m, group) for m in members)
+    kept.changed = len(changed)
     for name, source in quant.sources.items():
         t = plans.pop(name, None)
         stored = source.stored
         assert stored is not None
-        if t is None or not _changed(t):
+        if t is None or (name not in changed and name not in fused):
             continue  # every stored tensor of it is copied as it is
         roles = REQUANTIZED_ROLES[scheme.method]
         rewritten = tuple((role, stored.parts[role]) for role in roles[1:] if role in stored.parts)
-        keep = Requant(merge_dtype(source, checkpoint, name), output_shape(source, checkpoint, name), rewritten)
+        keep = Requant(merge_dtype(source, checkpoint, name), output_shape(source, checkpoint, name), rewritten,
+                       fused.get(name))
         t.quant = replace(source, keep=keep)
         t.name = stored.parts[roles[0]]
         t.dtype, t.shape = checkpoint.info(t.name).dtype, checkpoint.info(t.name).shape
         plans[t.name] = t
+        if name in fused:
+            fused[name].members.append(t)
         kept.dropped.update(n for _, n in rewritten)  # placed right after the codes instead
         kept.companions[t.name] = [TensorPlan(n, None, dtype=checkpoint.info(n).dtype, shape=checkpoint.info(n).shape,
                                               written_with=t.name) for _, n in rewritten]
+    kept.fused = len({id(g) for g in fused.values()})
     return kept
 
 
-def _changed(t: TensorPlan) -> bool:
-    return bool(t.replacement is not None or t.lora is not None or t.tokens is not None or t.stacked or t.parts)
+# The weights vLLM and SGLang load as one fused layer, whose NVFP4 global scales must therefore be one (llm-compressor
+# 0.9's modifiers/utils/fused_modules.py, "vLLM-aligned fused module layouts", and helpers.py
+# update_fused_layer_weight_global_scales, which sets each member's scale to the group's minimum): by the module
+# names under one parent. q/k/v (not where the parent has a fused qkv_proj or is an MLA block); an MLA block's
+# query projection (q_a_proj, else q_proj) with kv_a_proj_with_mqa; gate/up (not where it has a fused gate_up_proj).
+_FUSED_ATTENTION = ("q_proj", "k_proj", "v_proj")
+_FUSED_MLP = ("gate_proj", "up_proj")
+
+
+def fused_groups(weights: Iterable[str], stored: Iterable[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """(parent module, its member weights in order) of every fused group among `weights` (weight names such as
+    "model.layers.0.self_attn.q_proj.weight"); `stored`: every tensor name of the checkpoint (a fused qkv_proj or
+    gate_up_proj beside them, quantized or not, means the parent is fused already)."""
+    children: dict[str, dict[str, str]] = defaultdict(dict)
+    for weight in weights:
+        parent, _, leaf = weight.removesuffix(".weight").rpartition(".")
+        children[parent][leaf] = weight
+    modules = {name.rpartition(".")[0] for name in stored}
+    groups: list[tuple[str, tuple[str, ...]]] = []
+    for parent, leaves in children.items():
+        has = lambda leaf: f"{parent}.{leaf}" in modules  # noqa: E731
+        if has("kv_a_proj_with_mqa"):
+            query = "q_a_proj" if "q_a_proj" in leaves else "q_proj"
+            if query in leaves and "kv_a_proj_with_mqa" in leaves:
+                groups.append((parent, (leaves[query], leaves["kv_a_proj_with_mqa"])))
+        elif not has("qkv_proj") and all(leaf in leaves for leaf in _FUSED_ATTENTION):
+            groups.append((parent, tuple(leaves[leaf] for leaf in _FUSED_ATTENTION)))
+        if not has("gate_up_proj") and all(leaf in leaves for leaf in _FUSED_MLP):
+            groups.append((parent, tuple(leaves[leaf] for leaf in _FUSED_MLP)))
+    return groups
 
 
 def by_expert(t: TensorPlan, checkpoint: Checkpoint) -> bool:

@@ -73,10 +73,15 @@ class StreamSchedule:
 
 
 def base_reads(t: TensorPlan) -> list[str]:
-    """The base tensors producing `t` reads: its source and a quantized weight's parts, stacked plans included."""
+    """The base tensors producing `t` reads: its source and a quantized weight's parts, stacked plans included (a
+    kept NVFP4 weight: every member's of its fused group, whose global scale it is quantized with)."""
     names: list[str] = []
     for each in (t, *t.stacked):
-        if each.quant is not None and each.quant.stored is not None:  # (the source names the dequantized weight)
+        if each.quant is not None and each.quant.keep is not None and each.quant.keep.fused is not None:
+            for member in each.quant.keep.fused.members:
+                assert member.quant is not None and member.quant.stored is not None
+                names.extend(member.quant.stored.parts.values())
+        elif each.quant is not None and each.quant.stored is not None:  # (the source names the dequantized weight)
             names.extend(each.quant.stored.parts.values())
         elif each.source is not None:
             names.append(each.source)

@@ -93,6 +93,18 @@ class Requant:
     dtype: str  # the dtype the weight is merged in (the layer's compute dtype)
     shape: tuple[int, ...]  # the merged, dequantized weight's shape
     rewritten: tuple[tuple[str, str], ...]  # (role, stored tensor name) written with the codes, in this order
+    fused: FusedGroup | None = None  # NVFP4: the weights a runtime loads as one layer with this one, one global scale
+
+
+@dataclass(eq=False)
+class FusedGroup:
+    """NVFP4 weights that vLLM and SGLang load as one fused layer (q/k/v, an MLA's q_a/kv_a, gate/up), so that they
+    must share one `weight_global_scale` (plan/quantization.py `fused_groups`): each member's plan (its codes tensor
+    and Requant), in order. The group's scale is computed once, when its first member is written
+    (compute/requantize.py `fused_global_scale`)."""
+
+    module: str  # the module holding the members ("model.layers.0.self_attn")
+    members: list[TensorPlan] = field(default_factory=list, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +146,12 @@ class TensorPlan:
     def untouched(self) -> bool:
         return (self.replacement is None and self.lora is None and self.bias_of is None and self.tokens is None
                 and self.quant is None and not self.stacked and not self.parts)
+
+    @property
+    def changed(self) -> bool:
+        """The adapter changes this tensor (a replacement, LoRA, lora_bias, trainable tokens, stacked or in parts)."""
+        return bool(self.replacement is not None or self.lora is not None or self.bias_of is not None
+                    or self.tokens is not None or self.stacked or self.parts)
 
     @property
     def replaced_whole(self) -> bool:

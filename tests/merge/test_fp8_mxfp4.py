@@ -301,19 +301,23 @@ def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
             "channel) and nvfp4-pack-quantized weights") in result.output
 
 
-def compressed_packed_checkpoint(base: Path, folder: Path, fmt: str, weights: dict) -> None:
+def compressed_packed_checkpoint(base: Path, folder: Path, fmt: str, weights: dict, fused: bool = False) -> None:
     """BASE's projections compressed by compressed-tensors' own compressor for `fmt` (quant_builders.ct_compress),
-    the rest as it is."""
+    the rest as it is; `fused` (NVFP4): q/k/v and gate/up with one global scale each, as llm-compressor writes them."""
     from compressed_tensors.quantization import QuantizationArgs
+    from quant_builders import fused_global_scales
 
     args = QuantizationArgs(**weights)
+    stored = load_file(base / "model.safetensors")
+    shared = fused_global_scales({n.removesuffix(".weight"): w for n, w in stored.items() if n.endswith("proj.weight")})
     tensors = {}
-    for name, w in load_file(base / "model.safetensors").items():
+    for name, w in stored.items():
         if not name.endswith("proj.weight"):
             tensors[name] = w
             continue
         module = name[: -len("weight")]
-        tensors |= {module + key: value for key, value in ct_compress(w, args)[0].items()}
+        scale = shared[module.removesuffix(".")] if fused else None
+        tensors |= {module + key: value for key, value in ct_compress(w, args, scale)[0].items()}
     folder.mkdir()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import cli_run
+from helpers import cli_run, edit_tensors
 from safetensors.torch import load_file, save_file
 from test_fp8_mxfp4 import LORA, adapter, compressed_fp8_checkpoint, fp8_checkpoint, gpt_oss_mxfp4, peft_merge, tiny_llama
 
@@ -245,8 +245,105 @@ def test_compressed_tensors_packed_formats_keep_theirs_with_their_compressor(tmp
     ad = adapter(base, tmp_path / "adapter", **LORA)
     cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", "--keep-quantization")
     peft = peft_reference(tmp_path, tmp_path / "ct", ad, quantization_config=CompressedTensorsConfig(dequantize=True))
-    args = NVFP4["weights"] if kind == "nvfp4" else QuantizationArgs(**weights)
+    if kind == "nvfp4":  # q/k/v and gate/up quantized with one global scale per group (llm-compressor's rule)
+        stored = load_file(tmp_path / "ct" / "model.safetensors")
+        assert_kept(tmp_path, tmp_path / "ct", ad, nvfp4_expected(peft, stored, set(CHANGED), NVFP4["weights"]))
+        return
+    args = QuantizationArgs(**weights)
     assert_kept(tmp_path, tmp_path / "ct", ad, {m: ct_compress(peft[m + ".weight"], args)[0] for m in CHANGED})
+
+
+FUSED = {"q_proj": ("q_proj", "k_proj", "v_proj"), "k_proj": ("q_proj", "k_proj", "v_proj"),
+         "v_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj"), "up_proj": ("gate_proj", "up_proj")}
+
+
+def nvfp4_expected(peft: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], changed: set[str], args
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+    """What a kept NVFP4 merge must write (module -> stored tensors by role), by llm-compressor's rule on PEFT's merged
+    model (update_fused_layer_weight_global_scales: q/k/v, and gate/up, share the smallest global scale): a group's
+    scale is the smallest of compressed-tensors' generate_gparam over its changed members' merged weights and its
+    unchanged members' stored scales; each changed member is compressed with it by compressed-tensors, an unchanged
+    one too where that scale is not its own (else its stored bytes stay)."""
+    from compressed_tensors.quantization.utils import generate_gparam
+    from quant_builders import ct_compress
+
+    expected = {}
+    for module in sorted({n.removesuffix(".weight_packed") for n in stored if n.endswith(".weight_packed")}):
+        parent, _, leaf = module.rpartition(".")
+        group = [f"{parent}.{m}" for m in FUSED.get(leaf, (leaf,))]
+        if not changed.intersection(group):
+            continue
+        scales = [generate_gparam(peft[m + ".weight"].amin(), peft[m + ".weight"].amax()) if m in changed
+                  else stored[m + ".weight_global_scale"] for m in group]
+        scale = torch.min(torch.cat([s.reshape(1) for s in scales])).reshape([1])
+        if module in changed or not torch.equal(stored[module + ".weight_global_scale"], scale):
+            expected[module] = ct_compress(peft[module + ".weight"], args, scale)[0]
+    return expected
+
+
+@pytest.mark.parametrize("alpha", [0.5, 400])
+def test_nvfp4_fused_groups_keep_one_global_scale(tmp_path, alpha):
+    """An llm-compressor NVFP4 base (q/k/v and gate/up share a global scale, as vLLM and SGLang need: they serve a
+    fused layer with the largest) and an adapter on q_proj, v_proj and gate_proj only: the kept merge gives each
+    group one scale again, by llm-compressor's rule. The untouched k_proj and up_proj hold their groups' ranges: at
+    alpha 0.5 the ranges stay and they keep their bytes; at alpha 400 the merge widens them and they are quantized
+    again with their group's scale. verify checks the rule."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization.quant_scheme import NVFP4
+    from test_fp8_mxfp4 import PACKED, compressed_packed_checkpoint
+    from transformers import CompressedTensorsConfig
+
+    fmt, weights = PACKED["nvfp4"]
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
+    edit_tensors(base / "model.safetensors", lambda t: t.update(  # the untouched members hold their groups' ranges
+        {n: w * 4 for n, w in t.items() if n.endswith(("k_proj.weight", "up_proj.weight"))}))
+    compressed_packed_checkpoint(base, tmp_path / "ct", fmt, weights, fused=True)
+    ad = adapter(base, tmp_path / "adapter", r=8, lora_alpha=alpha, use_rslora=True,
+                 target_modules=["q_proj", "v_proj", "gate_proj"])
+    result = cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", "--keep-quantization", "--json")
+    assert any("4 groups of weights that vLLM and SGLang load as one layer (q/k/v, gate/up) keep one "
+               "weight_global_scale each" in n for n in json.loads(result.stdout)["notes"])
+    peft = peft_reference(tmp_path, tmp_path / "ct", ad, quantization_config=CompressedTensorsConfig(dequantize=True))
+    stored = load_file(tmp_path / "ct" / "model.safetensors")
+    changed = {f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj")}
+    expected = nvfp4_expected(peft, stored, changed, NVFP4["weights"])
+    untouched = {m for m in expected if m not in changed}
+    widened = {f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.k_proj", "mlp.up_proj")}
+    assert untouched == (set() if alpha < 1 else widened), untouched
+    assert_kept(tmp_path, tmp_path / "ct", ad, expected)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    for i in range(2):
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            scales = {float(out[f"model.layers.{i}.{m}.weight_global_scale"]) for m in group}
+            assert len(scales) == 1, (i, group, scales)
+
+
+def test_verify_finds_a_fused_nvfp4_group_split(tmp_path):
+    """A kept NVFP4 merge whose q_proj has a global scale of its own (what rslora-tools wrote before): verify names
+    the group and why it is wrong, and the verdict is not exact."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization.quant_scheme import NVFP4
+    from quant_builders import ct_compress
+    from test_fp8_mxfp4 import PACKED, compressed_packed_checkpoint
+    from transformers import CompressedTensorsConfig
+
+    fmt, weights = PACKED["nvfp4"]
+    base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
+    edit_tensors(base / "model.safetensors", lambda t: t.update(  # k_proj holds the group's range
+        {n: w * 4 for n, w in t.items() if n.endswith("k_proj.weight")}))
+    compressed_packed_checkpoint(base, tmp_path / "ct", fmt, weights, fused=True)
+    ad = adapter(base, tmp_path / "adapter", r=8, lora_alpha=0.5, use_rslora=True, target_modules=["q_proj"])
+    cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", "--keep-quantization")
+    peft = peft_reference(tmp_path, tmp_path / "ct", ad, quantization_config=CompressedTensorsConfig(dequantize=True))
+    own = ct_compress(peft["model.layers.0.self_attn.q_proj.weight"], NVFP4["weights"])[0]  # its own global scale
+    edit_tensors(tmp_path / "out" / "model.safetensors",
+                 lambda t: t.update({f"model.layers.0.self_attn.q_proj.{k}": v for k, v in own.items()}))
+    checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "ct", ad, "--json", code=1).stdout)
+    assert checked["verdict"] == "mismatch"
+    assert any(p.startswith("model.layers.0.self_attn: q_proj/k_proj/v_proj share one weight_global_scale in BASE "
+                            "but not in the merged folder (") and p.endswith(
+        "); vLLM and SGLang load them as one layer with the largest, serving the others at the wrong scale")
+        for p in checked["problems"]), checked["problems"]
 
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
