@@ -486,3 +486,39 @@ def test_velora_and_monteclora_merge_as_plain_lora_without_their_training_tensor
                                                                        target_modules=["q_proj", "v_proj"], **extra))
     cli_run("merge", llama_bf16, adapter, tmp_path / "out")
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(llama_bf16, adapter))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_target_parameters_on_a_linear_weight_round_as_peft_param_wrapper(bases, tmp_path, dtype):
+    """`target_parameters=["q_proj.weight"]`: PEFT wraps the 2-D weight as a parameter (ParamWrapper: the delta cast to
+    the weight's dtype, then added: two roundings), not as a Linear; the Linear path was one ulp off (issue 36)."""
+    base = bases[dtype]
+    adapter = make_adapter(base, tmp_path / "param", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                target_modules=[], target_parameters=["q_proj.weight"]))
+    cli_run("merge", base, adapter, tmp_path / "out")
+    assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(base, adapter))
+
+
+def test_a_null_dtype_beside_torch_dtype_is_read_as_transformers_reads_it(llama_bf16, tmp_path):
+    """config.json with `"dtype": null` and `"torch_dtype": "bfloat16"`: transformers loads bfloat16, and the merge of
+    an FP8 base writes its dequantized weights in BF16 beside the BF16 tensors (it wrote F32: issue 36)."""
+    from safetensors import safe_open
+
+    from rslora_tools.formats.quant import config_dtype
+
+    fp8 = Path(__file__).resolve().parents[2] / "fixtures" / "tiny-llama-fp8"
+    base = tmp_path / "base"
+    shutil.copytree(fp8, base)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (base / "config.json").write_text(json.dumps({**config, "dtype": None, "torch_dtype": "bfloat16"}))
+    assert config_dtype(json.loads((base / "config.json").read_text())) == "BF16"
+    from transformers import AutoConfig
+
+    assert str(AutoConfig.from_pretrained(base).dtype) == "torch.bfloat16"  # transformers' own reading
+    adapter = Path(__file__).resolve().parents[2] / "fixtures" / "tiny-llama-rslora"
+    cli_run("merge", base, adapter, tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"BF16"}, dtypes
