@@ -78,6 +78,8 @@ def _print_verify(report: Any) -> None:
     if worst is not None and worst.status == "rounding":
         click.echo(f"largest rounding difference: {worst.name}: {worst.max_abs_error:.3g} "
                    f"({worst.max_ulps:.3g} ulp of {worst.dtype})")
+    if report.verdict != "exact" and report.computed_with:
+        click.echo(f"expected values computed with {report.computed_with}")
     sampled = f" (sample of {report.tensors_total})" if report.sampled else ""
     recipe = report.recipe
     how = f"; recipe from {recipe['from']}: {recipe_text(recipe)}" if recipe.get("from") != "the arguments" else ""

@@ -94,6 +94,7 @@ class VerifyReport(Report):
     sampled: bool = False  # only a sample of the tensors was asked for
     recipe: dict[str, Any] = field(default_factory=dict)  # how the merge was made, as checked; "from": where from
     warnings: list[str] = field(default_factory=list)  # what is right but will not load (no config.json)
+    computed_with: str = ""  # the arithmetic the expected values come from (torch's version, its thread count)
 
     @property
     def ok(self) -> bool:
@@ -214,6 +215,9 @@ def check_merged(merged: Path, base: Path | Checkpoint, adapters: list[Adapter],
                                    "one; copy the base model's config.json into it")
         report.tensors = _check_tensors(out, checkpoint, adapter_obj, chosen, progress, {t.name: t for t in plan.tensors})
     report.tensors_checked = len(report.tensors)
+    from torch import __version__ as torch_version
+
+    report.computed_with = f"torch {torch_version}, one thread per tensor (as merge computes on any machine)"
     report.exact = sum(c.status == "exact" for c in report.tensors)
     report.rounding = sum(c.status == "rounding" for c in report.tensors)
     report.mismatched = sum(c.status == "mismatch" for c in report.tensors)

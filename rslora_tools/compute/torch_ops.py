@@ -12,8 +12,9 @@ and "DoRA"), because bit-exact results need the same torch ops in the same order
 from __future__ import annotations
 
 import dataclasses
-
+import functools
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,28 @@ _UPCAST = _HALF | {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") i
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 Reader = Callable[[str], torch.Tensor]
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def one_thread(function: _Fn) -> _Fn:
+    """Run `function` with torch on one intra-op thread (this thread's OpenMP and MKL setting, restored after), so
+    that the reduction order of its matmuls, convolutions and norms, and so the merged bytes, do not depend on the
+    machine's core count or OMP_NUM_THREADS (docs/peft-rules.md, "Rounding"). The executor's workers compute many
+    tensors at once; each tensor's ops are single-threaded."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return function(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def adapter_weight(read: Reader, key: str, device: torch.device) -> torch.Tensor:
@@ -231,6 +254,7 @@ def apply_tokens(w: torch.Tensor, key: str, indices: list[int], read: Reader) ->
     return w.index_copy(0, torch.tensor(indices, device=w.device), rows.to(w.dtype))
 
 
+@one_thread
 def compute(
     plan: TensorPlan,
     base: torch.Tensor | None,
@@ -368,6 +392,7 @@ def merged_tensor(t: TensorPlan, read_base: Reader, read_adapter: Reader, out_dt
     return compute(t, base, read_adapter, out_dtype)
 
 
+@one_thread
 def merged_expert(t: TensorPlan, expert: int, w: torch.Tensor, factors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Expert `expert` of a fused expert tensor merged: `w` (writable, (d1, d2), the merge dtype) plus the deltas PEFT
     adds to that expert (`factors`: the adapter tensors by key, as adapter_weight gives them)."""
