@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 # torch warns at import when numpy is absent; rslora-tools never needs numpy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {

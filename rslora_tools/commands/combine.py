@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapter.adapter import Adapter
 from ..adapter.load import load_adapter
 from ..compute.finite import check_finite

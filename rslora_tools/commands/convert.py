@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapter.adapter import WEIGHTS_NAME, Adapter
 from ..adapter.load import load_adapter
 from ..adapter.config import CONFIG_NAME

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapter.adapter import PICKLE_NAME, WEIGHTS_NAME, Adapter
 from ..adapter.config import CONFIG_NAME
 from ..formats.checkpoint import checked_file

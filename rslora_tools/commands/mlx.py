@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapter.adapter import Adapter
 from ..adapter.mlx import MLX_WEIGHTS_NAME
 from ..adapter.module_scales import ModuleEntry

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapter.adapter import Adapter
 from ..errors import InputError, OutputError, StreamInterrupted
 from ..execute.executor import execute

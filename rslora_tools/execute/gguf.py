@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapter.adapter import Adapter
 from ..adapter.writer import count_nonfinite, nonfinite_error
 from ..errors import MismatchError

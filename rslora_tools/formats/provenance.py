@@ -8,7 +8,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 
 PROVENANCE_NAME = "rslora_tools.json"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..adapter.config import CONFIG_NAME, read_config_file
 from ..errors import RsloraError
 from .refs import parse_ref

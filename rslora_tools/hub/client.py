@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..errors import HubError
 from .refs import HubRef
 

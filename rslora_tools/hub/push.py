@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from .card import model_card
 from ..formats.checkpoint import checked_file, read_json_file
 from ..errors import HubError, InputError, OptionError, RsloraError

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .. import __version__
+from .._version import __version__
 from ..adapter.adapter import find_adapter_folder
 from ..adapter.config import read_config_file
 from ..formats.checkpoint import SINGLE_FILE, TOKENIZER_PATTERNS, check_layout, index_shard_names

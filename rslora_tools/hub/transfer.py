@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..errors import HubError, RsloraError
 from .client import LIBRARY_NAME, cache_dir, download_error, endpoint, hub_api, offline, push_error
 from .resolve import Source
