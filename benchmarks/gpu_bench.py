@@ -123,7 +123,7 @@ CHECK = """
 import sys, torch
 from safetensors import safe_open
 from pathlib import Path
-from rslora_tools.commands.verify import compare
+from rslora_tools.execute.recompute import compare
 a, b = Path(sys.argv[1]), Path(sys.argv[2])
 counts = {}
 for f in sorted(a.glob("*.safetensors")):

@@ -33,7 +33,7 @@ _EXPORTS = {
     "ConvertOptions": "commands.convert", "ConvertReport": "commands.convert", "convert": "commands.convert",
     "CombineOptions": "commands.combine", "CombineReport": "commands.combine", "combine": "commands.combine",
     "ExtractOptions": "commands.extract", "ExtractReport": "commands.extract", "extract": "commands.extract",
-    "VerifyOptions": "commands.verify", "VerifyReport": "commands.verify", "verify": "commands.verify",
+    "VerifyOptions": "commands.verify", "VerifyReport": "execute.recompute", "verify": "commands.verify",
     "InspectOptions": "commands.inspect", "InspectReport": "commands.inspect", "inspect_adapter": "commands.inspect",
     "PushReport": "hub.push", "PushTarget": "hub.push", "push": "hub.push", "Source": "hub.resolve",
     "resolve_input": "hub.resolve",
@@ -63,7 +63,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .commands.merge import MergeOptions, MergeReport, merge  # noqa: F401
     from .commands.merged_model import StreamOptions  # noqa: F401
     from .commands.stream import StreamReport  # noqa: F401
-    from .commands.verify import VerifyOptions, VerifyReport, verify  # noqa: F401
+    from .commands.verify import VerifyOptions, verify  # noqa: F401
+    from .execute.recompute import VerifyReport  # noqa: F401
     from .errors import (  # noqa: F401
         AdapterConfigError,
         HubError,

@@ -40,7 +40,7 @@ from .merged_model import (
 )
 
 if TYPE_CHECKING:
-    from .verify import VerifyReport
+    from ..execute.recompute import VerifyReport
 
 
 def merge(
@@ -133,13 +133,14 @@ def _write_output(tmp: Path, prepared: PreparedMerge, options: MergeOptions, pro
     record_measures(prepared, measures)
     write_extras(tmp, prepared, options)
     if options.verify:
-        from .verify import (  # torch: imported only when asked
-            VerifyOptions,
-            check_merged,
-        )
+        from ..adapter.stacked import stack_adapters
+        from ..execute.recompute import check_folder  # torch: imported only when asked
 
-        checked = check_merged(tmp, checkpoint.folder, adapter.parts, VerifyOptions(
-            weights=tuple(adapter.weights), trained_on=options.trained_on, base_is_residual=options.base_is_residual))
+        weights = list(adapter.weights)
+        checked_adapter = stack_adapters(adapter.parts, weights) if len(adapter.parts) > 1 or weights != [1.0] \
+            else adapter.parts[0]
+        checked = check_folder(tmp, checkpoint.folder, checked_adapter, trained_on=options.trained_on,
+                               base_is_residual=options.base_is_residual)
         report.verify = checked.to_dict()
         if not checked.ok:
             raise MismatchError(f"verification of the merged output failed ({_verify_summary(checked)}); "

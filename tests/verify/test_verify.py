@@ -136,7 +136,7 @@ def test_verify_catches_index_disagreements(llama_sharded, tmp_path):
 def test_merge_verify_failure_writes_nothing(tmp_path, monkeypatch):
     import importlib
 
-    verify_module = importlib.import_module("rslora_tools.commands.verify")
+    verify_module = importlib.import_module("rslora_tools.execute.recompute")  # the recompute merge --verify runs
 
     real = verify_module.merged_tensor
 
