@@ -16,6 +16,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from peft_oracle import make_gpt2, make_llama  # noqa: E402
 
+# The oracle is PEFT on one torch thread: rslora-tools computes each tensor on one intra-op thread, so that its bytes
+# are the same on every machine, and PEFT's own merge of a small fp32 convolution differs by one ulp between one
+# and two threads (docs/peft-rules.md, "Rounding").
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def no_unexpected_errors(monkeypatch):
