@@ -532,10 +532,12 @@ class _WideNet(torch.nn.Module):
         self.emb = torch.nn.Embedding(4096, 256)
         self.conv = torch.nn.Conv2d(64, 128, 3)
         self.lin = torch.nn.Linear(512, 512)
+        self.small = torch.nn.Conv1d(4, 6, 3)  # fp32: torch's delta is one ulp apart between 1 and 2 threads here
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_torch_computes_each_tensor_on_one_thread_whatever_the_thread_count(tmp_path, monkeypatch, use_dora):
+def test_torch_computes_each_tensor_on_one_thread_whatever_the_thread_count(tmp_path, monkeypatch, use_dora, dtype):
     """Merged bytes must not depend on the machine's core count (issue 36: embedding and convolution LoRA/DoRA
     merges differed by 3.8e-6 between 1 and 2 torch threads on another machine): torch computes each tensor on one
     intra-op thread, and a merge run with OMP_NUM_THREADS 1, 2 and 4 writes the same bytes, PEFT's."""
@@ -546,10 +548,10 @@ def test_torch_computes_each_tensor_on_one_thread_whatever_the_thread_count(tmp_
     from rslora_tools.compute import torch_ops
 
     torch.manual_seed(0)
-    net = _WideNet().to(torch.bfloat16)
+    net = _WideNet().to(dtype)
     base = save_module(net, tmp_path / "base")
     cfg = LoraConfig(r=16, lora_alpha=8, use_rslora=True, use_dora=use_dora, init_lora_weights=False,
-                     target_modules=["emb", "conv", "lin"])
+                     target_modules=["emb", "conv", "lin", "small"])
     adapter = make_adapter(net, tmp_path / "adapter", cfg)
     seen = []
     real = torch_ops.apply_lora
