@@ -455,8 +455,8 @@ def test_non_finite_base_weights_are_merged_by_torch(tmp_path, monkeypatch):
     cfg = LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=["a", "b"], init_lora_weights=False)
     adapter = make_adapter(net, tmp_path / "adapter", cfg)
     by_torch = []
-    real = executor._with_torch
-    monkeypatch.setattr(executor, "_with_torch", lambda run, t, writer: by_torch.append(t.name) or real(run, t, writer))
+    real = executor.with_torch
+    monkeypatch.setattr(executor, "with_torch", lambda run, t, writer: by_torch.append(t.name) or real(run, t, writer))
     cli_merge(base, adapter, tmp_path / "out")
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(net, adapter))
     from rslora_tools.compute import kernel

@@ -92,8 +92,8 @@ def test_an_interrupted_push_says_out_is_complete(tmp_path, monkeypatch):
 
 _STUCK_WORKER = """
 import sys, time
-from rslora_tools.execute import executor
-executor.STOP_WAIT_SECONDS = 0.5
+from rslora_tools.execute import executor, run
+run.STOP_WAIT_SECONDS = 0.5
 real = executor._produce
 def stuck(run, step, writer):
     if step.tensor.name.endswith("q_proj.weight"):
