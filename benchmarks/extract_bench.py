@@ -57,8 +57,8 @@ def reconstruction_error(base: Path, tuned: Path, adapter: Path) -> tuple[float,
     """(relative error over all factorised modules, worst module's, modules) of an adapter against TUNED - BASE."""
 
     from rslora_tools.adapter.load import load_adapter
-    from rslora_tools.formats.checkpoint import CheckpointFiles, open_checkpoint
     from rslora_tools.adapter.module_scales import module_entries
+    from rslora_tools.formats.checkpoint import CheckpointFiles, open_checkpoint
 
     loaded = load_adapter(adapter)
     b_ckpt, t_ckpt = open_checkpoint(base), open_checkpoint(tuned)

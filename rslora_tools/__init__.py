@@ -15,10 +15,11 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
+
 # torch warns at import when numpy is absent; rslora-tools never needs numpy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from ._version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -53,8 +54,8 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .adapter.adapter import Adapter  # noqa: F401
-    from .adapter.load import load_adapter  # noqa: F401
     from .adapter.config import AdapterConfig  # noqa: F401
+    from .adapter.load import load_adapter  # noqa: F401
     from .adapter.scaling import ModuleScale, module_scale, scale  # noqa: F401
     from .commands.combine import CombineOptions, CombineReport, combine  # noqa: F401
     from .commands.convert import ConvertOptions, ConvertReport, convert  # noqa: F401
@@ -64,7 +65,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .commands.merged_model import StreamOptions  # noqa: F401
     from .commands.stream import StreamReport  # noqa: F401
     from .commands.verify import VerifyOptions, verify  # noqa: F401
-    from .execute.recompute import VerifyReport  # noqa: F401
     from .errors import (  # noqa: F401
         AdapterConfigError,
         HubError,
@@ -76,6 +76,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         RsloraError,
         UnsupportedAdapterError,
     )
+    from .execute.recompute import VerifyReport  # noqa: F401
     from .formats.checkpoint import Checkpoint, open_checkpoint  # noqa: F401
     from .formats.quant import QuantScheme, trained_on_scheme  # noqa: F401
     from .hub.push import PushReport, PushTarget, push  # noqa: F401

@@ -109,7 +109,8 @@ def tiny_config(model_type: str, class_name: str):
     """The shrunk config the tests build tiny models from (tests/tiny_models.py), for a class whose default config
     does not build."""
     sys.path.insert(0, str(OUT.parents[2] / "tests"))
-    from tiny_models import Row, tiny_config as shrunk
+    from tiny_models import Row
+    from tiny_models import tiny_config as shrunk
 
     return shrunk(Row(model_type, class_name, ""))
 

@@ -11,7 +11,7 @@ from peft import PeftModel
 from peft_oracle import read_folder
 from safetensors.torch import save_file
 
-E, H, I, R = 4, 64, 96, 8  # experts, hidden, expert intermediate, rank: large enough for real matmul kernels
+E, H, I, R = 4, 64, 96, 8  # noqa: E741  experts, hidden, expert intermediate, rank: large enough for real matmul kernels
 
 
 def moe_model(kind: str):

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import CONFIG_NAME, AdapterConfig
 from ..errors import AdapterConfigError, InputError
 from ..formats.safetensors_file import SafetensorsHeader, read_bytes, read_tensor
+from .config import CONFIG_NAME, AdapterConfig
 
 if TYPE_CHECKING:
     import torch

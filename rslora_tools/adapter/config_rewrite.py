@@ -14,8 +14,8 @@ import re
 from collections import Counter
 from typing import Any
 
-from .adapter import Adapter, LoraModule
 from ..errors import UnsupportedAdapterError
+from .adapter import Adapter, LoraModule
 from .module_scales import ModuleEntry
 from .scaling import ModuleScale, matching_keys, scale, scale_in, unstable_patterns
 

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .adapter import PICKLE_NAME, WEIGHTS_NAME, Adapter, find_adapter_folder, group_keys
-from .config import CONFIG_NAME, parse_config, read_config_file
 from ..errors import InputError
 from ..formats.safetensors_file import read_header
+from .adapter import PICKLE_NAME, WEIGHTS_NAME, Adapter, find_adapter_folder, group_keys
+from .config import CONFIG_NAME, parse_config, read_config_file
 from .mlx import is_mlx_config, load_mlx_adapter
 
 if TYPE_CHECKING:

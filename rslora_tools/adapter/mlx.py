@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapter import PEFT_PREFIX, Adapter, group_keys
-from .config import CONFIG_NAME, parse_config
 from ..errors import AdapterConfigError, InputError, UnsupportedAdapterError
 from ..formats.safetensors_file import SafetensorsHeader, read_header, read_tensor
+from .adapter import PEFT_PREFIX, Adapter, group_keys
+from .config import CONFIG_NAME, parse_config
 
 if TYPE_CHECKING:
     import torch

@@ -13,9 +13,9 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import MismatchError, UnsupportedAdapterError
 from .adapter import Adapter, LoraModule
 from .config import AdapterConfig
-from ..errors import MismatchError, UnsupportedAdapterError
 from .scaling import ModuleScale, matching_keys
 
 Wrapping = Literal["module", "param", "embedding", "mha out_proj"]

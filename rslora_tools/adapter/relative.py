@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import MismatchError, UnsupportedAdapterError
 from .adapter import Adapter
 from .config import parse_config
 from .config_rewrite import rank_doubled_config
-from ..errors import MismatchError, UnsupportedAdapterError
 from .module_scales import module_entries
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .adapter import Adapter
 from ..errors import InputError
+from .adapter import Adapter
 from .module_scales import ModuleEntry
 from .scaling import scale, scale_in
 

@@ -53,7 +53,7 @@ _FIXED_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 class PatternIndex:
-    """The keys of one pattern dict, indexed to match many module names in time linear in their number.
+    r"""The keys of one pattern dict, indexed to match many module names in time linear in their number.
 
     PEFT tries every key in file order with `re.match(rf"(.*\.)?({key})$", name)` and takes the
     first that matches. A fixed key (letters, digits, `_`, `-`, `.`) can only match the name's

@@ -9,9 +9,9 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .adapter import Adapter
 from ..errors import InputError
 from ..reporting import counted
+from .adapter import Adapter
 
 if TYPE_CHECKING:
     import torch

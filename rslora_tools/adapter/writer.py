@@ -15,11 +15,11 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapter import WEIGHTS_NAME
-from .config import CONFIG_NAME
 from ..errors import InputError
 from ..formats.safetensors_file import SafetensorsWriter
 from ..reporting import counted
+from .adapter import WEIGHTS_NAME
+from .config import CONFIG_NAME
 
 if TYPE_CHECKING:
     import torch

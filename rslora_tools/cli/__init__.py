@@ -19,8 +19,8 @@ __all__ = ["cli", "main"]
 
 def main() -> None:
     try:
-        from .app import main as run
         from . import combine, convert, extract, inspect, merge, push, verify  # noqa: F401  (each registers its command)
+        from .app import main as run
 
         run()
     except KeyboardInterrupt:  # before the command's own handler is installed (app.main), or after it is done

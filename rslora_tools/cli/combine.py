@@ -8,11 +8,11 @@ import click
 
 from ..formats.sizes import human_size
 from ..plan.combine import METHODS
+from ..reporting import counted
 from . import options as o
 from .app import cli
 from .progress import byte_progress
 from .render import echo_warnings, finish
-from ..reporting import counted
 
 
 @cli.command()

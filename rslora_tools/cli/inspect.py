@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
+from ..reporting import counted
 from . import options as o
 from .app import cli
 from .render import echo_json
-from ..reporting import counted
 
 
 @cli.command()

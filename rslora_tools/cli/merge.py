@@ -10,11 +10,11 @@ import click
 
 from ..errors import OptionError
 from ..formats.sizes import human_size
+from ..reporting import counted
 from . import options as o
 from .app import cli
 from .progress import byte_progress, phase_progress
 from .render import echo_warnings, finish
-from ..reporting import counted
 
 
 @cli.command()

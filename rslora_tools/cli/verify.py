@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
+from ..reporting import counted
 from . import options as o
 from .app import cli
 from .progress import byte_progress
 from .render import echo_json, echo_warnings
-from ..reporting import counted
 
 
 @cli.command()

@@ -20,9 +20,9 @@ from typing import Any
 
 from .._version import __version__
 from ..adapter.adapter import WEIGHTS_NAME, Adapter
-from ..adapter.load import load_adapter
 from ..adapter.config import CONFIG_NAME
 from ..adapter.config_rewrite import is_power_of_two
+from ..adapter.load import load_adapter
 from ..adapter.module_scales import ModuleEntry, module_entries
 from ..adapter.relative import relative_to_original, require_plain, variant_name
 from ..adapter.runtimes import runtime
@@ -35,7 +35,6 @@ from ..formats.output import check_output_file, check_output_location, writing
 from ..formats.provenance import write_provenance
 from ..formats.safetensors_file import read_header, safetensors_to_torch_dtype
 from ..plan.convert import CONVENTIONS, ConversionPlan, plan_conversion
-from .converted import ConvertReport, config_changes, copy_other_files, other_files
 from .common import (
     AdapterSpec,
     OutputOptions,
@@ -46,6 +45,7 @@ from .common import (
     publish,
     with_fields,
 )
+from .converted import ConvertReport, config_changes, copy_other_files, other_files
 
 
 @dataclass(frozen=True)

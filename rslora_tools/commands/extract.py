@@ -22,9 +22,9 @@ from ..adapter.scaling import scale_in
 from ..adapter.writer import AdapterWriter
 from ..errors import InputError, OptionError, UnsupportedAdapterError
 from ..formats.checkpoint import Checkpoint, CheckpointFiles, open_checkpoint
-from ..formats.quant import checkpoint_scheme
 from ..formats.output import check_output_location, writing
 from ..formats.provenance import write_provenance
+from ..formats.quant import checkpoint_scheme
 from ..plan.extract import ExtractionPlan, plan_extraction
 from ..plan.ties import tied_embedding
 from ..reporting import ProgressCallback, Report, counted, worst_error

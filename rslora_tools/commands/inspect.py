@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..adapter.adapter import Adapter, LoraModule
-from ..adapter.load import load_adapter
 from ..adapter.config import MUTATING_INITS
+from ..adapter.load import load_adapter
 from ..adapter.module_scales import (
     ModuleEntry,
     module_entries,

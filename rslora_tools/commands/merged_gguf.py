@@ -19,9 +19,9 @@ from ..errors import OptionError
 from ..formats.checkpoint import copy_side_files
 from ..formats.output import check_output_file, free_space, work_folder, writing
 from ..formats.sizes import human_size
-from ..plan.tensors import Plan
 from ..hub.transfer import ShardFetcher, hub_bars_hidden
 from ..plan.stream import schedule
+from ..plan.tensors import Plan
 from .common import AdapterSpec
 from .merged_model import MergeOptions, MergeReport, PreparedMerge, check_inputs_finite, merge_inputs, prepare_merge
 

@@ -27,6 +27,7 @@ from ..plan.relayout import plan_relayout
 from .common import OutputOptions, base_input, publish
 from .converted import ConvertReport, config_changes, copy_other_files, other_files
 
+
 @dataclass(frozen=True)
 class Relayout:
     """What `convert --expert-layout/--key-layout` rewrites, against which base (checked by ConvertOptions)."""

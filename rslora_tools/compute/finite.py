@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 
-from . import kernel
 from ..adapter.adapter import Adapter
 from ..errors import InputError
 from ..formats.safetensors_file import DTYPE_BITS, FLOAT_DTYPES, read_into
 from ..reporting import counted
+from . import kernel
 
 _BLOCK_BYTES = 4 << 20
 

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-from ..plan.tensors import LoraOp, TensorPlan
 from ..formats.safetensors_file import safetensors_to_torch_dtype
+from ..plan.tensors import LoraOp, TensorPlan
 
 _HALF = {torch.float16, torch.bfloat16}
 _UPCAST = _HALF | {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
@@ -190,7 +190,7 @@ def reordered(w: torch.Tensor, how: tuple[str, int, bool], *, back: bool = False
         shape = list(w.shape)
         shape[arg:arg + 1] = [2, shape[arg] // 2] if inverse else [shape[arg] // 2, 2]
         return w.reshape(shape).transpose(arg, arg + 1).reshape(w.shape).contiguous()
-    rows, half = w.shape[0], w.shape[0] // arg // 2
+    half = w.shape[0] // arg // 2
     head = (2, half) if inverse else (half, 2)
     return w.reshape(arg, *head, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from .._version import __version__
 from ..adapter.adapter import Adapter
+from ..adapter.module_scales import ModuleEntry
 from ..adapter.writer import count_nonfinite, nonfinite_error
 from ..errors import MismatchError
-from ..adapter.module_scales import ModuleEntry
 from ..formats.output import GGUF_MARK
 from ..plan.gguf import GgufPlan, gguf_module, head_counts, is_repo_id
 from ..reporting import counted

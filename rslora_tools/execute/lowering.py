@@ -14,13 +14,13 @@ import os
 from dataclasses import dataclass
 from enum import Enum
 
-from ..compute import kernel
 from ..adapter.adapter import Adapter
-from ..formats.checkpoint import Checkpoint
+from ..compute import kernel
 from ..errors import InputError
+from ..formats.checkpoint import Checkpoint
+from ..formats.safetensors_file import tensor_nbytes
 from ..plan.quantization import by_expert
 from ..plan.tensors import LoraOp, Plan, TensorPlan
-from ..formats.safetensors_file import tensor_nbytes
 
 BLOCK_BYTES = 1 << 20  # rows the kernel merges per step: in and out stay in the CPU's cache
 _RUNTIME_BYTES = 24 * 10**6  # Python and the CLI's modules (measured: ~24 MB for a tiny merge)

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..adapter.adapter import Adapter
 from ..compute.torch_ops import merged_tensor
 from ..errors import RsloraError
-from ..formats.checkpoint import INDEX_FILE, Checkpoint, CheckpointFiles, open_checkpoint, read_json_file, updated_config
+from ..formats.checkpoint import (
+    INDEX_FILE,
+    Checkpoint,
+    CheckpointFiles,
+    open_checkpoint,
+    read_json_file,
+    updated_config,
+)
 from ..formats.provenance import read_provenance
 from ..formats.quant import QuantScheme, config_dtype
 from ..formats.safetensors_file import (

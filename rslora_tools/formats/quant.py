@@ -33,8 +33,8 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from .checkpoint import Checkpoint
 from ..errors import InputError, UnsupportedAdapterError
+from .checkpoint import Checkpoint
 
 QuantMethod = Literal["nf4", "fp4", "int8", "gptq", "awq", "fp8", "mxfp4", "ct_fp8", "ct_int", "ct_nvfp4"]
 BNB_4BIT: tuple[QuantMethod, ...] = ("nf4", "fp4")

@@ -12,10 +12,10 @@ from typing import Any
 
 from .._version import __version__
 from ..adapter.config import CONFIG_NAME, read_config_file
-from ..errors import RsloraError
-from .refs import parse_ref
-from ..formats.provenance import read_provenance
 from ..adapter.scaling import convention_label
+from ..errors import RsloraError
+from ..formats.provenance import read_provenance
+from .refs import parse_ref
 
 
 def model_card(folder: Path, repo_id: str) -> str:

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from .card import model_card
-from ..formats.checkpoint import checked_file, read_json_file
 from ..errors import HubError, InputError, OptionError, RsloraError
-from .client import hub_api, push_error
-from .refs import parse_ref
+from ..formats.checkpoint import checked_file, read_json_file
 from ..formats.provenance import read_provenance
 from ..reporting import Report
+from .card import model_card
+from .client import hub_api, push_error
+from .refs import parse_ref
 
 # Top-level files a push replaces as a whole: a stale one left beside the new files would be loaded instead of
 # them (model.safetensors beside a new index) or on top of them (adapter_config.json beside merged weights).

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from .._version import __version__
 from ..adapter.adapter import find_adapter_folder
 from ..adapter.config import read_config_file
-from ..formats.checkpoint import SINGLE_FILE, TOKENIZER_PATTERNS, check_layout, index_shard_names
 from ..errors import HubError, InputError, RsloraError
+from ..formats.checkpoint import SINGLE_FILE, TOKENIZER_PATTERNS, check_layout, index_shard_names
 from .client import LIBRARY_NAME, cache_dir, configure_http, download_error, endpoint, hub_api, offline
 from .refs import HubRef, parse_ref
 

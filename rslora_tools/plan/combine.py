@@ -18,9 +18,9 @@ from typing import Any
 
 from ..adapter.adapter import Adapter, LoraModule
 from ..adapter.config_rewrite import scale_one_config
-from ..errors import InputError, UnsupportedAdapterError
-from ..adapter.relative import require_plain
 from ..adapter.module_scales import module_entries
+from ..adapter.relative import require_plain
+from ..errors import InputError, UnsupportedAdapterError
 
 METHODS: tuple[str, ...] = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")

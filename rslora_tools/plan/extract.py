@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..formats.checkpoint import Checkpoint
 from ..errors import InputError, MismatchError, UnsupportedAdapterError
-from .placement import CONV1D_MODEL_TYPES
+from ..formats.checkpoint import Checkpoint
 from ..formats.safetensors_file import FLOAT_DTYPES
+from .placement import CONV1D_MODEL_TYPES
 
 Role = Literal["linear", "conv1d", "embedding", "bias", "other"]
 _EMBEDDING_NAMES = {"wte", "wpe", "shared", "embed_in", "word_embeddings", "position_embeddings"}

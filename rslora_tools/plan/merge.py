@@ -15,18 +15,18 @@ from typing import Any
 
 from ..adapter.adapter import Adapter, LoraModule
 from ..adapter.load import load_adapter
-from ..formats.checkpoint import Checkpoint, open_checkpoint, shard_file_name
-from ..errors import MismatchError, UnsupportedAdapterError
-from ..adapter.relative import require_plain
 from ..adapter.module_scales import pattern_warnings
-from .names import NameResolver
-from .placement import check_shapes, make_op, place_concatenated, place_module, place_piece
-from .tensors import TORCH_DTYPE_NAMES, LoraOp, Plan, TensorPlan, output_dtype
+from ..adapter.relative import require_plain
+from ..errors import MismatchError, UnsupportedAdapterError
+from ..formats.checkpoint import Checkpoint, open_checkpoint, shard_file_name
 from ..formats.quant import QuantScheme, config_dtype
-from .quantization import QuantPlan, keep_quantized, merge_dtype, output_shape, plan_quantization
 from ..formats.safetensors_file import FLOAT_DTYPES, tensor_nbytes
 from .experts import as_expert_op, place_across_layouts
+from .names import NameResolver
+from .placement import check_shapes, make_op, place_concatenated, place_module, place_piece
+from .quantization import QuantPlan, keep_quantized, merge_dtype, output_shape, plan_quantization
 from .stacking import fold_plans
+from .tensors import TORCH_DTYPE_NAMES, LoraOp, Plan, TensorPlan, output_dtype
 from .ties import TieState
 
 

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..adapter.adapter import Adapter, LoraModule
-from ..formats.checkpoint import Checkpoint
-from ..errors import MismatchError, UnsupportedAdapterError
 from ..adapter.module_scales import ModuleEntry, pattern_name, rank_mismatch, target_parameters_of, wraps_parameters
+from ..errors import MismatchError, UnsupportedAdapterError
 from .names import NameResolver
 from .tensors import LayerKind, LoraOp
 

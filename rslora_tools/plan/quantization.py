@@ -24,13 +24,13 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from ..formats.checkpoint import Checkpoint, CheckpointFiles
+from ..adapter.scaling import backtracking_risk
 from ..errors import InputError, UnsupportedAdapterError
-from .placement import CONV1D_MODEL_TYPES
-from .tensors import FusedGroup, QuantSource, Requant, TensorPlan
+from ..formats.checkpoint import Checkpoint, CheckpointFiles
 from ..formats.quant import REQUANTIZED_ROLES, QuantScheme, checkpoint_scheme, config_dtype, quantized_weights
 from ..formats.safetensors_file import FLOAT_DTYPES, read_bytes
-from ..adapter.scaling import backtracking_risk
+from .placement import CONV1D_MODEL_TYPES
+from .tensors import FusedGroup, QuantSource, Requant, TensorPlan
 
 # The model types whose classes keep modules unquantized (`_keep_in_fp32_modules`), read from
 # transformers 5.24.0 (tests/merge/test_quantized.py checks it against the installed transformers).

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..formats.checkpoint import Checkpoint
-from .tensors import Plan, TensorPlan
 from ..formats.safetensors_file import HeaderLayout
+from .tensors import Plan, TensorPlan
 
 OUTPUT_METADATA = {"format": "pt"}  # what the executor writes into each output shard's header
 FETCH_AHEAD = 1  # base shards are fetched for the output shard being written and this many after it

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..adapter.adapter import LoraModule
+from ..adapter.scaling import ModuleScale
 from ..errors import InputError
 from ..formats.quant import QuantizedWeight, QuantScheme
 from ..formats.safetensors_file import FLOAT_DTYPES
-from ..adapter.scaling import ModuleScale
 
 # How PEFT merges a module, by the layer it wraps (docs/peft-rules.md, "Deltas").
 LayerKind = Literal["linear", "embedding", "conv", "experts", "param", "mha", "mha_out"]

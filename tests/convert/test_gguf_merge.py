@@ -17,7 +17,16 @@ import pytest
 from helpers import cli_run
 from peft import LoraConfig
 from peft_oracle import make_adapter, make_init_variant
-from test_llama_cpp import _MISSING, ADAPTERS, CONVERTER_DIR, LINEAR, TOLERANCE, llama_cpp_logits, make_model, peft_logits
+from test_llama_cpp import (
+    _MISSING,
+    ADAPTERS,
+    CONVERTER_DIR,
+    LINEAR,
+    TOLERANCE,
+    llama_cpp_logits,
+    make_model,
+    peft_logits,
+)
 
 pytestmark = [pytest.mark.llama_cpp, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
 

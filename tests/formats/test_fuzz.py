@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from rslora_tools.adapter.load import load_adapter
 from rslora_tools.adapter.config import parse_config
+from rslora_tools.adapter.load import load_adapter
 from rslora_tools.adapter.module_scales import module_entries
 from rslora_tools.adapter.scaling import pattern_key
 from rslora_tools.errors import RsloraError

@@ -17,7 +17,15 @@ import pytest
 import torch
 from helpers import cli_run, edit_tensors
 from safetensors.torch import load_file, save_file
-from test_fp8_mxfp4 import LORA, adapter, compressed_fp8_checkpoint, fp8_checkpoint, gpt_oss_mxfp4, peft_merge, tiny_llama
+from test_fp8_mxfp4 import (
+    LORA,
+    adapter,
+    compressed_fp8_checkpoint,
+    fp8_checkpoint,
+    gpt_oss_mxfp4,
+    peft_merge,
+    tiny_llama,
+)
 
 from rslora_tools.compute.requantize import quantize_fp8_blocks
 

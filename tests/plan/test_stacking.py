@@ -23,7 +23,7 @@ from rslora_tools.errors import InputError, UnsupportedAdapterError
 from rslora_tools.plan.merge import plan_merge
 
 Q = "model.layers.0.self_attn.q_proj.weight"
-O = "model.layers.0.self_attn.o_proj.weight"
+O = "model.layers.0.self_attn.o_proj.weight"  # noqa: E741
 DOWN = "model.layers.0.mlp.down_proj.weight"
 
 
