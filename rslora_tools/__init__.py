@@ -29,8 +29,8 @@ _EXPORTS = {
     "AdapterConfigError": "errors", "InputError": "errors", "MismatchError": "errors", "OutputError": "errors",
     "RsloraError": "errors", "UnsupportedAdapterError": "errors", "HubError": "errors", "OptionError": "errors",
     "PushAfterWriteError": "errors",
-    "MergeOptions": "commands.merge", "MergeReport": "commands.merge", "merge": "commands.merge",
-    "StreamOptions": "commands.merged_model", "StreamReport": "commands.stream",
+    "MergeOptions": "execute.options", "MergeReport": "execute.merge_job", "merge": "commands.merge",
+    "StreamOptions": "execute.options", "StreamReport": "execute.hub_stream",
     "ConvertOptions": "commands.convert", "ConvertReport": "commands.convert", "convert": "commands.convert",
     "CombineOptions": "commands.combine", "CombineReport": "commands.combine", "combine": "commands.combine",
     "ExtractOptions": "commands.extract", "ExtractReport": "commands.extract", "extract": "commands.extract",
@@ -61,9 +61,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .commands.convert import ConvertOptions, ConvertReport, convert  # noqa: F401
     from .commands.extract import ExtractOptions, ExtractReport, extract  # noqa: F401
     from .commands.inspect import InspectOptions, InspectReport, inspect_adapter  # noqa: F401
-    from .commands.merge import MergeOptions, MergeReport, merge  # noqa: F401
-    from .commands.merged_model import StreamOptions  # noqa: F401
-    from .commands.stream import StreamReport  # noqa: F401
+    from .commands.merge import merge  # noqa: F401
     from .commands.verify import VerifyOptions, verify  # noqa: F401
     from .errors import (  # noqa: F401
         AdapterConfigError,
@@ -76,6 +74,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         RsloraError,
         UnsupportedAdapterError,
     )
+    from .execute.hub_stream import StreamReport  # noqa: F401
+    from .execute.merge_job import MergeReport  # noqa: F401
+    from .execute.options import MergeOptions, StreamOptions  # noqa: F401
     from .execute.recompute import VerifyReport  # noqa: F401
     from .formats.checkpoint import Checkpoint, open_checkpoint  # noqa: F401
     from .formats.quant import QuantScheme, trained_on_scheme  # noqa: F401

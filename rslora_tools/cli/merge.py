@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..errors import OptionError
+from ..execute.gguf_model import DEFAULT_OUTTYPE, OUTTYPES
 from ..formats.sizes import human_size
 from ..reporting import counted
 from . import options as o
@@ -46,8 +47,8 @@ from .render import echo_warnings, finish
 @o.initial_options
 @o.token_option
 @o.push_options
-@click.option("--outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]),
-              help="OUT.gguf: the GGUF's type, as convert_hf_to_gguf.py's --outtype (default f16).")
+@click.option("--outtype", type=click.Choice(list(OUTTYPES)),
+              help=f"OUT.gguf: the GGUF's type, as convert_hf_to_gguf.py's --outtype (default {DEFAULT_OUTTYPE}).")
 @click.option("--llama-cpp", "llama_cpp", metavar="DIR",
               help="OUT.gguf: the llama.cpp checkout whose converter writes it (default: $RSLORA_TOOLS_LLAMA_CPP_DIR).")
 @click.option("--stream", is_flag=True,
@@ -121,7 +122,7 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     if flags["stream"]:
         out = adapters[-1] if adapters and adapters[-1].endswith(".gguf") else None  # else: to the Hub, no OUT
         if out is not None and flags["outtype"] is None:
-            flags["outtype"] = "f16"  # the GGUF's default, named: a streamed merge needs a destination
+            flags["outtype"] = DEFAULT_OUTTYPE  # named: MergeOptions refuses a stream with no destination
         with phase_progress(not (quiet or as_json)) as phases:
             report = run_merge(base, list(adapters[:-1] if out else adapters), out, options=merge_options(flags, phases))
     else:
@@ -138,8 +139,7 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
 
 def merge_options(flags: dict[str, Any], progress: Any) -> Any:
     """The merge flags as MergeOptions (their values are checked there)."""
-    from ..commands.merge import MergeOptions
-    from ..commands.merged_model import StreamOptions
+    from ..execute.options import MergeOptions, StreamOptions
 
     stream = None
     if flags["stream"]:

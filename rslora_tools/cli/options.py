@@ -140,7 +140,7 @@ def trained_on(flags: dict[str, Any]) -> Any:
 
 def weights(text: str | None) -> tuple[float, ...] | None:
     """--weights W1,W2,...: one number per adapter (their count is the options object's to check)."""
-    from ..commands.merged_model import parse_weights
+    from ..execute.options import parse_weights
 
     return None if text is None else parse_weights(text)
 

@@ -24,12 +24,12 @@ from ..adapter.adapter import Adapter
 from ..adapter.load import load_adapter
 from ..compute.finite import check_finite
 from ..errors import InputError, OptionError, cli_message
+from ..execute.options import OutputOptions
 from ..formats.output import check_output_location, writing
 from ..plan.combine import DENSITY_METHODS, METHODS, CombinePlan, plan_combination
 from ..reporting import ProgressCallback, Report, counted, worst_error
 from .common import (
     AdapterSpec,
-    OutputOptions,
     adapter_input,
     check_push,
     publish,

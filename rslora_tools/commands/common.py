@@ -2,7 +2,7 @@
 
 Each command has one frozen options object (`MergeOptions`, `ConvertOptions`, ...) that checks
 itself when made (`OptionError`: a usage error); the commands that write an output share
-`OutputOptions` (OUT's handling, the Hub token, the push). Inputs may be local folders, Hub
+`OutputOptions` (execute/options.py: OUT's handling, the Hub token, the push). Inputs may be local folders, Hub
 repos (`org/name`, `org/name@rev`, `hf://...`) or loaded adapters: `adapter_input` and
 `base_input` give a local folder and what provenance records of it. `publish` pushes a finished
 output when asked; a failure says that OUT is complete on disk (`PushAfterWriteError`).
@@ -13,36 +13,18 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..adapter.adapter import Adapter
 from ..errors import InputError, OptionError, OutputInterrupted, PushAfterWriteError, RsloraError
+from ..execute.options import OutputOptions
 from ..hub.resolve import InputRole, Source, resolve_input
 
 if TYPE_CHECKING:  # the push code is imported when a command pushes
-    from ..hub.push import PushReport, PushTarget
+    from ..hub.push import PushReport
 
 AdapterSpec = str | os.PathLike[str] | Adapter
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """What every command that writes an output takes (the fields of its options object)."""
-
-    overwrite: bool = False  # replace OUT when rslora-tools wrote it (docs/reliability.md, "What --overwrite replaces")
-    dry_run: bool = False  # plan and report; write nothing
-    allow_nonfinite: bool = False  # write NaN/Inf where the inputs or the result hold them
-    token: str | None = None  # Hugging Face token for Hub inputs (and the push, unless push.token is set)
-    push: PushTarget | None = None  # publish OUT to this repo when it is written
-
-    @property
-    def push_target(self) -> PushTarget | None:
-        """The push, with this options' token when it names none."""
-        if self.push is None or self.push.token is not None or self.token is None:
-            return self.push
-        return dataclasses.replace(self.push, token=self.token)
 
 
 Options = TypeVar("Options")

@@ -30,6 +30,7 @@ from ..adapter.scaling import Convention
 from ..adapter.writer import AdapterWriter, check_config_finite, write_config
 from ..compute.finite import check_finite
 from ..errors import InputError, OptionError, cli_message
+from ..execute.options import OutputOptions
 from ..formats.checkpoint import open_checkpoint
 from ..formats.output import check_output_file, check_output_location, writing
 from ..formats.provenance import write_provenance
@@ -37,7 +38,6 @@ from ..formats.safetensors_file import read_header, safetensors_to_torch_dtype
 from ..plan.convert import CONVENTIONS, ConversionPlan, plan_conversion
 from .common import (
     AdapterSpec,
-    OutputOptions,
     adapter_input,
     base_input,
     check_order,

@@ -21,6 +21,7 @@ from ..adapter.config_rewrite import scale_one_config
 from ..adapter.scaling import scale_in
 from ..adapter.writer import AdapterWriter
 from ..errors import InputError, OptionError, UnsupportedAdapterError
+from ..execute.options import OutputOptions
 from ..formats.checkpoint import Checkpoint, CheckpointFiles, open_checkpoint
 from ..formats.output import check_output_location, writing
 from ..formats.provenance import write_provenance
@@ -28,7 +29,7 @@ from ..formats.quant import checkpoint_scheme
 from ..plan.extract import ExtractionPlan, plan_extraction
 from ..plan.ties import tied_embedding
 from ..reporting import ProgressCallback, Report, counted, worst_error
-from .common import OutputOptions, base_input, check_push, publish, with_fields
+from .common import base_input, check_push, publish, with_fields
 
 HEAD = "lm_head"  # the output head a tied input embedding is shared with (PEFT's ensure_weight_tying)
 

@@ -1,46 +1,33 @@
-"""`merge`, the merge command: resolve and check inputs and OUT, plan, lower, execute, report, publish.
+"""`merge`, the merge command: resolve BASE and ADAPTER..., decide the output once, write it, publish it.
 
-The work itself happens in the stages before: plan/merge.py decides what every output tensor
-becomes, execute/lowering.py how each is produced, execute/executor.py writes the shards. This
-module takes BASE and ADAPTER... as folders or Hub repos, checks the options (`MergeOptions`),
-the output location and the free disk space, runs those stages inside an atomic output folder
-(so a failure or Ctrl-C leaves nothing behind), adds the index, side files and provenance,
-reports what was done and pushes OUT when asked. `options.stream` hands the whole merge to
-commands/stream.py instead (Hub to Hub, no OUT).
+The work happens in the stages before: plan/merge.py decides what every output tensor becomes,
+execute/lowering.py how each is produced; execute/outputs.py decides from OUT and the options
+whether the merge writes a folder, one GGUF file or a stream to the Hub, and that output's writer
+(execute/folder_writer.py, gguf_writer.py, hub_stream.py) prepares and writes it, atomically. This
+module resolves the inputs (folders or Hub repos, several adapters stacked, `--initial`) and pushes
+a folder OUT when asked.
 """
 
 from __future__ import annotations
 
 import os
-import time
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from ..errors import MismatchError, OptionError, OutputError
-from ..execute.executor import execute
-from ..formats.checkpoint import side_files
-from ..formats.output import check_output_location, free_space, writing
-from ..formats.provenance import add_to_provenance
-from ..formats.sizes import human_size
-from ..reporting import ProgressCallback
-from .common import AdapterSpec, adapter_list, check_push, publish, with_fields
-from .merged_model import (
-    MergeInputs,
-    MergeOptions,
-    MergeReport,
-    PreparedMerge,
-    check_inputs_finite,
-    measure_sample,
-    merge_inputs,
-    prepare_merge,
-    record_measures,
-    write_extras,
-)
+from ..adapter.adapter import Adapter
+from ..adapter.load import load_adapter
+from ..adapter.relative import RelativeAdapter, relative_to_original
+from ..adapter.stacked import stack_adapters
+from ..errors import InputError, OptionError
+from ..execute.merge_job import MergeInputs, MergeReport
+from ..execute.options import MergeOptions
+from ..execute.outputs import Folder, GgufFile, HubStream, Output, merge_output
+from ..hub.resolve import resolve_merge_inputs
+from ..reporting import ProgressCallback, counted
+from .common import AdapterSpec, adapter_input, adapter_list, check_order, check_push, publish, with_fields
 
-if TYPE_CHECKING:
-    from ..execute.recompute import VerifyReport
+__all__ = ["MergeOptions", "MergeReport", "merge", "merge_inputs", "with_initial"]
 
 
 def merge(
@@ -65,7 +52,7 @@ def merge(
             threads, one call at a time); the CLI draws its progress bar with it.
 
     Returns:
-        A `MergeReport` (a streamed merge: a `stream.StreamReport`); `push` holds the push when one was asked.
+        A `MergeReport` (a streamed merge: a `StreamReport`); `push` holds the push when one was asked.
     """
     if isinstance(progress, bool):  # the library never draws (the CLI does)
         if progress:
@@ -74,90 +61,78 @@ def merge(
         progress = None
     options = with_fields(options, MergeOptions, fields)
     adapters = adapter_list(adapter)
-    if (options.outtype or options.llama_cpp) and (out is None or Path(out).suffix != ".gguf"):
-        raise OptionError("--outtype and --llama-cpp go with an OUT ending in .gguf (one llama.cpp file)")
-    if options.stream is not None and out is not None and Path(out).suffix == ".gguf":
-        from .merged_gguf import check_gguf_options, stream_gguf_merge
-
-        check_gguf_options(options)
-        return stream_gguf_merge(base, adapters, Path(out), options)
-    if options.stream is not None:
-        if out is not None:
-            raise OptionError("a streamed merge writes no OUT (to the Hub) or one OUT.gguf: every other argument after "
-                              "BASE is an adapter")
-        if options.push is None:
-            raise OptionError("--stream with --outtype writes an OUT.gguf: name it after the adapters")
-        from .stream import stream_merge  # imported only for a streamed merge
-
-        return stream_merge(base, adapters, options)
-    if out is None:
-        raise OptionError("missing OUT: merge BASE ADAPTER... OUT (or stream to the Hub)")
-    inputs = merge_inputs(base, adapters, options)
-    check_push(options, inputs.sources)
-    report = run_merge(inputs, Path(out), options, progress)
-    pushed = publish(Path(out), options)
-    report.push = pushed.to_dict() if pushed is not None else None
+    output = merge_output(out, options)  # decided once: a folder, a GGUF file or a stream to the Hub
+    inputs = _stream_inputs(base, adapters, options) if isinstance(output, HubStream) else \
+        merge_inputs(base, adapters, options, base_shards=output.reads_base_shards)
+    check_push(options, inputs.sources)  # a push into an input's own repo: refused before any work
+    report = _writer(output)(inputs, output, options, progress)
+    if isinstance(output, Folder):  # pushed once complete on disk (a stream is its own push)
+        pushed = publish(output.path, options)
+        report.push = pushed.to_dict() if pushed is not None else None
     return report
 
 
-def run_merge(inputs: MergeInputs, out: Path, options: MergeOptions,
-              progress: ProgressCallback | None = None) -> MergeReport:
-    """A merge of resolved inputs into OUT (`merge` without the resolution and the push)."""
-    started = time.monotonic()
-    prepared = prepare_merge(inputs.base, inputs, out, options)
-    if out.suffix == ".gguf":
-        from .merged_gguf import run_gguf_merge
+def _writer(output: Output) -> Callable[..., MergeReport]:
+    """The writer of each kind of output (execute/outputs.py), imported only when it writes."""
+    if isinstance(output, Folder):
+        from ..execute.folder_writer import write_folder
 
-        return run_gguf_merge(prepared, out, options, started)
-    checkpoint, adapter, report = prepared.checkpoint, prepared.adapter, prepared.report
-    folder = check_output_location(out, [checkpoint.folder, *(a.path for a in adapter.sources)], options.overwrite)
-    report.free_bytes = free_space(folder)
-    if options.dry_run:
-        measure_sample(prepared)
-        report.seconds = time.monotonic() - started
-        return report
-    side = sum(p.stat().st_size for p in side_files(checkpoint.folder))
-    check_free_space(out, report.bytes_written + side, report.free_bytes)
-    check_inputs_finite(adapter, options)
-    with writing(out, folder, overwrite=options.overwrite, what="the merge", warnings=report.warnings) as tmp:
-        _write_output(tmp, prepared, options, progress)
-    report.seconds = time.monotonic() - started
-    return report
+        return write_folder
+    if isinstance(output, GgufFile):
+        from ..execute.gguf_writer import write_gguf_file
+
+        return write_gguf_file
+    from ..execute.hub_stream import stream_to_hub
+
+    return stream_to_hub
 
 
-def _write_output(tmp: Path, prepared: PreparedMerge, options: MergeOptions, progress: ProgressCallback | None) -> None:
-    checkpoint, adapter, report = prepared.checkpoint, prepared.adapter, prepared.report
-    measures: dict[str, tuple[float, float, float]] = {}
-    execute(prepared.lowered, checkpoint, adapter, tmp, progress, allow_nonfinite=options.allow_nonfinite,
-            measures=measures)
-    record_measures(prepared, measures)
-    write_extras(tmp, prepared, options)
-    if options.verify:
-        from ..adapter.stacked import stack_adapters
-        from ..execute.recompute import check_folder  # torch: imported only when asked
-
-        weights = list(adapter.weights)
-        checked_adapter = stack_adapters(adapter.parts, weights) if len(adapter.parts) > 1 or weights != [1.0] \
-            else adapter.parts[0]
-        checked = check_folder(tmp, checkpoint.folder, checked_adapter, trained_on=options.trained_on,
-                               base_is_residual=options.base_is_residual)
-        report.verify = checked.to_dict()
-        if not checked.ok:
-            raise MismatchError(f"verification of the merged output failed ({_verify_summary(checked)}); "
-                                "nothing was written")
-        add_to_provenance(tmp, verified={"verdict": checked.verdict, "tensors_checked": checked.tensors_checked,
-                                         "exact": checked.exact, "rounding": checked.rounding})
+def _stream_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], options: MergeOptions) -> MergeInputs:
+    """A stream's inputs, its base's shards not fetched; a last adapter that is not one may be a mistaken OUT."""
+    try:
+        return merge_inputs(base, adapters, options, base_shards=False)
+    except InputError as e:
+        last = adapters[-1]
+        if isinstance(last, Adapter) or not e.cli_message.startswith(os.fspath(last)):
+            raise
+        raise InputError(f"{e.cli_message} (with --stream there is no OUT: every argument after BASE is an adapter; "
+                         "--scratch DIR names the scratch folder)", **e.fields) from e
 
 
-def check_free_space(out: Path, needed: int, free: int | None) -> None:
-    if free is not None and needed > free:
-        raise OutputError(
-            f"{out}: the merge writes {human_size(needed)} but only {human_size(free)} is free there; free some space or "
-            "choose another output folder (nothing was written)"
-        )
+def merge_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], options: MergeOptions,
+                 base_shards: bool = True) -> MergeInputs:
+    """Resolve BASE and ADAPTER... (folders or Hub repos; BASE "auto": the adapter's own), load the adapters (several:
+    stacked with their weights; --initial: made relative to the original base) and say where each came from."""
+    check_order("merge", "BASE ADAPTER... OUT", [("BASE", base, ("model", "merged")),
+                                                 ("ADAPTER", adapters[0], ("adapter",))])
+    if options.weights is not None and len(options.weights) != len(adapters):
+        raise OptionError(f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}")
+    if options.initial is not None and len(adapters) > 1:
+        raise OptionError("--initial applies to one adapter; convert each PiSSA/OLoRA/CorDA/LoRA-GA adapter with "
+                          "`convert --initial` first, then merge the converted adapters together")
+    first = adapters[0]
+    base_source, first_source, warnings = resolve_merge_inputs(
+        os.fspath(base), os.fspath(first.path if isinstance(first, Adapter) else first),
+        base_revision=options.base_revision, adapter_revision=options.adapter_revision, token=options.token,
+        allow_pickle=options.allow_pickle, base_shards=base_shards)
+    resolved = [(first if isinstance(first, Adapter) else first_source.path, first_source.to_dict())]
+    resolved += [adapter_input(a, token=options.token, allow_pickle=options.allow_pickle) for a in adapters[1:]]
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=options.allow_pickle) for a, _ in resolved]
+    sources: dict[str, Any] = {"base": base_source.to_dict(), "adapter": resolved[0][1]}
+    if len(loaded) > 1 or options.weights is not None:  # one adapter with a weight: a stack of one
+        sources["adapters"] = [source for _, source in resolved]
+        adapter_obj: Adapter = stack_adapters(loaded, list(options.weights) if options.weights else None)
+    else:
+        adapter_obj = loaded[0]
+    if options.initial is not None:
+        init, sources["initial"] = adapter_input(options.initial, token=options.token, allow_pickle=options.allow_pickle)
+        adapter_obj = with_initial(adapter_obj, init, options.allow_pickle)
+    return MergeInputs(base_source.path, adapter_obj, sources, warnings, base_source)
 
 
-def _verify_summary(checked: VerifyReport) -> str:
-    first = next((c.name for c in checked.tensors if c.status == "mismatch"), None)
-    parts = [f"{checked.mismatched} of the tensors differ beyond rounding" + (f", e.g. {first}" if first else "")]
-    return "; ".join(parts + checked.problems[:3])
+def with_initial(adapter: str | os.PathLike[str] | Adapter, initial: str | os.PathLike[str] | Adapter,
+                 allow_pickle: bool = False) -> RelativeAdapter:
+    """ADAPTER (PiSSA, OLoRA, CorDA, LoRA-GA) relative to the original base, given its INIT adapter."""
+    trained = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    init = initial if isinstance(initial, Adapter) else load_adapter(initial, allow_pickle=allow_pickle)
+    return relative_to_original(trained, init)

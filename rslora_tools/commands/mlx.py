@@ -16,11 +16,11 @@ from ..adapter.adapter import Adapter
 from ..adapter.mlx import MLX_WEIGHTS_NAME
 from ..adapter.module_scales import ModuleEntry
 from ..adapter.writer import AdapterWriter
+from ..execute.options import OutputOptions
 from ..formats.output import check_output_location, writing
 from ..formats.provenance import write_provenance
 from ..plan.convert import ConversionPlan
 from ..plan.mlx import MlxModule, MlxPlan, plan_mlx
-from .common import OutputOptions
 from .converted import ConvertReport, copy_other_files, other_files
 
 if TYPE_CHECKING:

@@ -16,6 +16,7 @@ from ..adapter.adapter import Adapter
 from ..adapter.module_scales import ModuleEntry
 from ..adapter.writer import AdapterWriter
 from ..errors import UnsupportedAdapterError
+from ..execute.options import OutputOptions
 from ..formats.checkpoint import open_checkpoint
 from ..formats.output import check_output_location, writing
 from ..formats.provenance import write_provenance
@@ -24,7 +25,7 @@ from ..plan.experts import ExpertSlot, expert_slot, fused_parameter
 from ..plan.layouts import FUSED, Layouts
 from ..plan.names import NameResolver
 from ..plan.relayout import plan_relayout
-from .common import OutputOptions, base_input, publish
+from .common import base_input, publish
 from .converted import ConvertReport, config_changes, copy_other_files, other_files
 
 

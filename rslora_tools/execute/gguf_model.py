@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,21 @@ if TYPE_CHECKING:
 
     from ..adapter.adapter import Adapter
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
+class Outtype:
+    """One `--outtype` of a merged GGUF (convert_hf_to_gguf.py's own): the file type the converter is given, and
+    what a matrix takes per value (q8_0: blocks of 32 values in 34 bytes; vectors stay float32)."""
+
+    file_type: str  # the gguf.LlamaFileType member
+    bytes_per_value: float
+
+
+# The one table of outtypes: MergeOptions checks against it, the CLI offers its keys, the writer sizes and converts.
+OUTTYPES = {"f16": Outtype("MOSTLY_F16", 2.0), "bf16": Outtype("MOSTLY_BF16", 2.0), "f32": Outtype("ALL_F32", 4.0),
+            "q8_0": Outtype("MOSTLY_Q8_0", 34 / 32)}
+DEFAULT_OUTTYPE = "f16"  # an OUT.gguf whose outtype is not given
 LLAMA_CPP_ENV = "RSLORA_TOOLS_LLAMA_CPP_DIR"
 _TEST_BUILD = "llama-cpp-python-0.3.36/llama.cpp"  # where scripts/setup_llama_cpp.sh unpacks the converter
 TWO_STEP = ("merge into a folder, then run llama.cpp's converter on it: rslora-tools merge BASE ADAPTER MERGED && "
@@ -140,7 +155,7 @@ def write_merged_gguf(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, side
                             indexed[item[0]] = item[1]
                     return indexed
 
-            ftype = getattr(importlib.import_module("gguf").LlamaFileType, _FILE_TYPES[outtype])
+            ftype = getattr(importlib.import_module("gguf").LlamaFileType, OUTTYPES[outtype].file_type)
             model = Merged(side_dir, ftype, out)
             _progress_on_terminal(model.gguf_writer)
             try:
@@ -162,9 +177,6 @@ def _progress_on_terminal(writer: Any) -> None:
     def quiet_unless_terminal(*args: Any, progress: bool = False, **kwargs: Any) -> Any:
         return write_tensors(*args, progress=progress and sys.stderr.isatty(), **kwargs)
     writer.write_tensors_to_file = quiet_unless_terminal
-
-
-_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
 def _model_class(conversion: Any, side_dir: Path) -> Any:

@@ -196,7 +196,7 @@ def open_checkpoint(folder: str | os.PathLike[str], remote: HeaderSource | None 
 
     `remote`: the shards are not in FOLDER (yet); their headers come from this function (each
     header's `path` says where the shard will be read from), and FOLDER holds the index and side
-    files only (a Hub base streamed shard by shard, commands/stream.py).
+    files only (a Hub base streamed shard by shard, execute/streamed_base.py).
     """
     folder = Path(folder)
     if not folder.is_dir():

@@ -1,4 +1,4 @@
-"""The Hub transfers of a streamed merge (commands/stream.py), one shard at a time.
+"""The Hub transfers of a streamed merge (execute/hub_stream.py), one shard at a time.
 
 - `remote_header`: a base shard's safetensors header, read with HTTP range requests (the first
   256 KiB, more only for a longer header), so the merge is planned before any shard is downloaded.

@@ -1,4 +1,4 @@
-"""The order and the disk bound of a streamed merge (`merge --stream`, commands/stream.py).
+"""The order and the disk bound of a streamed merge (`merge --stream`, execute/hub_stream.py).
 
 A streamed merge writes one output shard at a time. Each output shard reads some base shards
 (`needs`: the base tensors its tensors start from, quantized parts included); a base shard is

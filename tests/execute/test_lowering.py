@@ -47,7 +47,7 @@ def test_device_auto_with_the_kernel_never_imports_torch(tmp_path):
     OpenSSL (hashlib), each megabytes of a merge's ~30 MB (docs/benchmarks.md)."""
     if not kernel.available():
         pytest.skip("merge kernel not built or CPU without AVX2/FMA/F16C")
-    unused = ["torch", "_hashlib", "huggingface_hub", "rslora_tools.hub.push", "rslora_tools.commands.stream"]
+    unused = ["torch", "_hashlib", "huggingface_hub", "rslora_tools.hub.push", "rslora_tools.execute.hub_stream"]
     code = ("import sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', 'merge', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             f"print(sorted(set({unused!r}) & set(sys.modules)))")

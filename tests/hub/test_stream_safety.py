@@ -180,7 +180,7 @@ def test_a_server_ignoring_byte_ranges_is_read_no_further_than_the_header(hub, t
 
 
 def test_a_local_base_shard_replaced_after_planning_is_refused(tmp_path, monkeypatch):
-    import rslora_tools.commands.merge as merging
+    import rslora_tools.execute.folder_writer as merging
 
     base = tmp_path / "base"
     shutil.copytree(BASE, base)

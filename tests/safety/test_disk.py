@@ -18,7 +18,7 @@ def tiny_disk(small_disk):
 def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     import importlib
 
-    merge_module = importlib.import_module("rslora_tools.commands.merge")
+    merge_module = importlib.import_module("rslora_tools.execute.folder_writer")
 
     monkeypatch.setattr(merge_module, "free_space", lambda out: 1000)
     result = cli_run("merge", BASE, ADAPTER, tmp_path / "out", code=1)
@@ -35,7 +35,7 @@ def test_small_disk_is_refused_by_the_free_space_check(tiny_disk):
 def test_full_disk_midway_leaves_nothing(tiny_disk, monkeypatch):
     import importlib
 
-    merge_module = importlib.import_module("rslora_tools.commands.merge")
+    merge_module = importlib.import_module("rslora_tools.execute.folder_writer")
 
     monkeypatch.setattr(merge_module, "free_space", lambda out: None)  # free space unknown: no early refusal
     result = cli_run("merge", BASE, ADAPTER, tiny_disk / "out", code=1)

@@ -1,22 +1,19 @@
-"""What a merge makes, however it is written (into OUT, or streamed to the Hub): its options, its inputs resolved,
-its plan lowered, the files beside its shards, and its report.
+"""A merge made ready to write, whatever its OUT: its inputs resolved, its plan lowered, its report so far, and
+the pieces every writer shares (the files beside the shards, the inputs checked finite, the quantization measured).
 
-commands/merge.py writes a merge into OUT (and hands a streamed one to commands/stream.py); both
-build on these pieces, so that the two give the same bytes.
+commands/merge.py resolves the inputs (`MergeInputs`); each writer of execute/outputs.py prepares
+them (`prepare_merge`: plan and lower, headers and configs only) and writes, so that a folder, a
+GGUF file and a Hub stream are made of the same tensors.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..adapter.adapter import Adapter
-from ..adapter.load import load_adapter
-from ..adapter.relative import RelativeAdapter, relative_to_original, variant_name
-from ..adapter.stacked import stack_adapters
+from ..adapter.relative import variant_name
 from ..compute.finite import check_finite
 from ..compute.quant_stats import (
     each_requantization,
@@ -24,95 +21,15 @@ from ..compute.quant_stats import (
     measured_quantization,
     sample_quantization,
 )
-from ..errors import InputError, OptionError, cli_message
-from ..execute.lowering import Device, Lowered, StepKind, estimate_memory, lower
 from ..formats.checkpoint import Checkpoint, copy_side_files, side_files, write_index
 from ..formats.provenance import write_provenance
-from ..formats.quant import QuantScheme, trained_on_scheme
 from ..formats.safetensors_file import FLOAT_DTYPES
-from ..formats.sizes import parse_size
-from ..hub.resolve import Source, resolve_merge_inputs
+from ..hub.resolve import Source
 from ..plan.merge import plan_merge
-from ..plan.tensors import Plan, parse_dtype
-from ..reporting import PhaseProgress, Report, counted
-from .common import AdapterSpec, OutputOptions, adapter_input, check_order
-
-
-def parse_weights(weights: Any) -> tuple[float, ...]:
-    """Adapter weights as given: a sequence of numbers, or one comma-separated string ("0.7,0.3") as the CLI
-    takes them; each finite."""
-    items = weights.split(",") if isinstance(weights, str) else weights
-    try:
-        values = tuple(float(w) for w in items) if not isinstance(items, (int, float)) else (float(items),)
-    except (TypeError, ValueError):
-        raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)") from None
-    if not values or any(isinstance(w, bool) for w in (items if isinstance(items, (list, tuple)) else ())):
-        raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)")
-    if not all(math.isfinite(w) for w in values):
-        raise OptionError("--weights must be finite numbers")
-    return values
-
-
-@dataclass(frozen=True)
-class MergeOptions(OutputOptions):
-    """Everything a merge can be asked to do besides its inputs and OUT; checked when made (OptionError).
-
-    `dtype` ("bf16", "fp16", "fp32", their torch spellings, or None/"auto": keep the base's),
-    `max_shard_size` ("5GB" or bytes) and `trained_on` ("nf4", "fp4", "int8", or a QuantScheme
-    from formats.quant.trained_on_scheme for its block size and double quantization) are taken
-    as people write them and kept parsed.
-    """
-
-    weights: tuple[float, ...] | None = None  # several adapters: each one's delta multiplied (PEFT's set_scale)
-    dtype: str | None = None  # safetensors dtype of the floating output tensors; None keeps the base's
-    device: str = "cpu"  # cpu (bit-exact with PEFT), cuda or auto
-    max_shard_size: int | None = None  # re-shard the output; None keeps the base's shards
-    verify: bool = False  # recompute and compare every tensor before OUT is replaced
-    allow_pickle: bool = False  # read an adapter that exists only as adapter_model.bin (weights_only)
-    trained_on: QuantScheme | None = None  # quantize the base's weights as in training before merging (QLoRA)
-    keep_quantization: bool = False  # a quantized base: write the changed weights back in its format
-    initial: str | None = None  # INIT (folder or Hub repo): merge a PiSSA/OLoRA/CorDA/LoRA-GA adapter into BASE
-    base_is_residual: bool = False  # BASE is such an adapter's residual base: merge it as plain LoRA
-    base_revision: str | None = None  # of BASE, when it is a Hub repo
-    adapter_revision: str | None = None  # of the (first) adapter, when it is a Hub repo
-    stream: StreamOptions | None = None  # stream from BASE to the Hub repo `push`, shard by shard (no OUT)
-    outtype: str | None = None  # an OUT.gguf: f16, bf16, f32 or q8_0 (convert_hf_to_gguf.py's --outtype); default f16
-    llama_cpp: str | None = None  # an OUT.gguf: the llama.cpp checkout whose converter writes it
-
-    def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "dtype", parse_dtype(self.dtype))
-            size = self.max_shard_size
-            object.__setattr__(self, "max_shard_size", parse_size(size) if size is not None else None)
-            if isinstance(self.trained_on, str):
-                object.__setattr__(self, "trained_on", trained_on_scheme(self.trained_on))
-        except (ValueError, InputError) as e:
-            raise OptionError(cli_message(e)) from None
-        if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
-            raise OptionError(f"unknown device {self.device!r}; use cpu, cuda or auto")
-        if self.weights is not None:
-            object.__setattr__(self, "weights", parse_weights(self.weights))
-        if self.initial is not None and self.base_is_residual:
-            raise OptionError("--initial and --base-is-residual exclude each other: the first merges into the original "
-                              "base, the second into the residual base")
-        if self.keep_quantization and self.trained_on is not None:
-            raise OptionError("--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized "
-                              "base (and the output is unquantized)")
-        if self.keep_quantization and self.dtype is not None:
-            raise OptionError("--keep-quantization writes the base's own dtypes; --dtype does not go with it")
-        if self.stream is not None:
-            self._check_stream()
-        if self.outtype is not None and self.outtype not in ("f16", "bf16", "f32", "q8_0"):
-            raise OptionError(f"unknown --outtype {self.outtype!r}; use f16, bf16, f32 or q8_0")
-
-    def _check_stream(self) -> None:
-        if self.push is None and self.outtype is None:
-            raise OptionError("--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (or name an "
-                              "OUT.gguf with --outtype; without --stream, merge into OUT)")
-        for given, name in ((self.verify, "--verify"), (self.overwrite, "--overwrite")):
-            if given:
-                raise OptionError(f"{name} does not go with --stream (no OUT is written); verify the pushed repo with "
-                                  "`rslora-tools verify` after downloading it")
+from ..plan.tensors import Plan
+from ..reporting import Report
+from .lowering import Device, Lowered, StepKind, estimate_memory, lower
+from .options import MergeOptions
 
 
 @dataclass
@@ -147,7 +64,7 @@ class MergeReport(Report):
     adapters: list[str] = field(default_factory=list)  # every adapter merged, in order (several: a stacked merge)
     weights: list[float] = field(default_factory=list)  # each adapter's weight (its delta multiplied)
     push: dict[str, Any] | None = None  # the push of OUT when one was asked (hub.push.PushReport)
-    gguf: dict[str, Any] | None = None  # an OUT.gguf: outtype, the llama.cpp used, the next step (commands/merged_gguf)
+    gguf: dict[str, Any] | None = None  # an OUT.gguf: outtype, the llama.cpp used, the next step (execute/gguf_writer.py)
 
 
 @dataclass
@@ -161,40 +78,9 @@ class MergeInputs:
     base_source: Source | None = None
 
 
-def merge_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], options: MergeOptions,
-                 base_shards: bool = True) -> MergeInputs:
-    """Resolve BASE and ADAPTER... (folders or Hub repos; BASE "auto": the adapter's own), load the adapters (several:
-    stacked with their weights; --initial: made relative to the original base) and say where each came from."""
-    check_order("merge", "BASE ADAPTER... OUT", [("BASE", base, ("model", "merged")),
-                                                 ("ADAPTER", adapters[0], ("adapter",))])
-    if options.weights is not None and len(options.weights) != len(adapters):
-        raise OptionError(f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}")
-    if options.initial is not None and len(adapters) > 1:
-        raise OptionError("--initial applies to one adapter; convert each PiSSA/OLoRA/CorDA/LoRA-GA adapter with "
-                          "`convert --initial` first, then merge the converted adapters together")
-    first = adapters[0]
-    base_source, first_source, warnings = resolve_merge_inputs(
-        os.fspath(base), os.fspath(first.path if isinstance(first, Adapter) else first),
-        base_revision=options.base_revision, adapter_revision=options.adapter_revision, token=options.token,
-        allow_pickle=options.allow_pickle, base_shards=base_shards)
-    resolved = [(first if isinstance(first, Adapter) else first_source.path, first_source.to_dict())]
-    resolved += [adapter_input(a, token=options.token, allow_pickle=options.allow_pickle) for a in adapters[1:]]
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=options.allow_pickle) for a, _ in resolved]
-    sources: dict[str, Any] = {"base": base_source.to_dict(), "adapter": resolved[0][1]}
-    if len(loaded) > 1 or options.weights is not None:  # one adapter with a weight: a stack of one
-        sources["adapters"] = [source for _, source in resolved]
-        adapter_obj: Adapter = stack_adapters(loaded, list(options.weights) if options.weights else None)
-    else:
-        adapter_obj = loaded[0]
-    if options.initial is not None:
-        init, sources["initial"] = adapter_input(options.initial, token=options.token, allow_pickle=options.allow_pickle)
-        adapter_obj = with_initial(adapter_obj, init, options.allow_pickle)
-    return MergeInputs(base_source.path, adapter_obj, sources, warnings, base_source)
-
-
 @dataclass
 class PreparedMerge:
-    """A merge planned and lowered, with its report so far: what `run_merge` and a streamed merge execute."""
+    """A merge planned and lowered, with its report so far: what each writer of execute/outputs.py executes."""
 
     checkpoint: Checkpoint
     adapter: Adapter
@@ -330,14 +216,6 @@ def _quantization(plan: Plan, checkpoint: Checkpoint, adapter: Adapter) -> dict[
     return summary
 
 
-def with_initial(adapter: str | os.PathLike[str] | Adapter, initial: str | os.PathLike[str] | Adapter,
-                 allow_pickle: bool = False) -> RelativeAdapter:
-    """ADAPTER (PiSSA, OLoRA, CorDA, LoRA-GA) relative to the original base, given its INIT adapter."""
-    trained = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
-    init = initial if isinstance(initial, Adapter) else load_adapter(initial, allow_pickle=allow_pickle)
-    return relative_to_original(trained, init)
-
-
 def _changes(lowered: Lowered) -> list[dict[str, Any]]:
     """Each changed tensor: how it changes, the module and scale, and what produces it (`by`)."""
     changes = []
@@ -366,13 +244,3 @@ def _changes(lowered: Lowered) -> list[dict[str, Any]]:
             "alpha": op.scale.alpha if op is not None else None, "by": step.kind.value,
         })
     return changes
-
-
-@dataclass(frozen=True)
-class StreamOptions:
-    """How a streamed merge runs (--scratch, --keep-cache, --no-resume); where it goes is `MergeOptions.push`."""
-
-    scratch: Path | None = None  # the folder the run's working folder goes in; default: ~/.cache/rslora-tools/stream
-    keep_cache: bool = False  # base shards downloaded go into the Hugging Face cache and stay
-    no_resume: bool = False  # forget what an earlier run uploaded (its journal) and start over
-    progress: PhaseProgress | None = None  # called as progress(phase, bytes_done_now, phase_total)

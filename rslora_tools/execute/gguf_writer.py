@@ -1,41 +1,47 @@
-"""`merge BASE ADAPTER... OUT.gguf`: the merged model straight into one GGUF file (execute/gguf_model.py).
+"""The writer of an OUT.gguf: the merged model straight into one llama.cpp file (execute/gguf_model.py).
 
 The merge is planned as for a folder; its side files (config, tokenizer, templates) go into a small
 working folder named as OUT without `.gguf` (the name llama.cpp's converter records as the model's
 name), and llama.cpp's converter writes OUT from them and the merged tensors, one tensor at a time:
 the disk holds the inputs, OUT and those few files. OUT is written atomically like every output.
+Streamed (`--stream`), a Hub base's shards are fetched as the converter first needs them and
+deleted once every tensor reading them is written.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from ..errors import OptionError
 from ..formats.checkpoint import copy_side_files
 from ..formats.output import check_output_file, free_space, work_folder, writing
 from ..formats.sizes import human_size
 from ..hub.transfer import ShardFetcher, hub_bars_hidden
 from ..plan.stream import schedule
 from ..plan.tensors import Plan
-from .common import AdapterSpec
-from .merged_model import MergeOptions, MergeReport, PreparedMerge, check_inputs_finite, merge_inputs, prepare_merge
+from ..reporting import ProgressCallback
+from .gguf_model import OUTTYPES
+from .merge_job import MergeInputs, MergeReport, PreparedMerge, check_inputs_finite, prepare_merge
+from .options import MergeOptions
+from .outputs import GgufFile
+from .streamed_base import check_scratch, make_view, open_streamed_base, shard_fetcher
 
 NEXT_STEP = ("next: K-quants with an importance matrix, as llama.cpp advises: llama-imatrix on OUT with a "
              "calibration text, then llama-quantize OUT with that matrix (README, 'Straight to GGUF')")
-_BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 
 
-def check_gguf_options(options: MergeOptions) -> None:
-    """What a GGUF OUT cannot be asked for."""
-    for given, name in ((options.keep_quantization, "--keep-quantization"), (options.max_shard_size, "--max-shard-size"),
-                        (options.verify, "--verify"), (options.push is not None, "--push-to-hub")):
-        if given:
-            raise OptionError(f"{name} does not go with a .gguf OUT (one llama.cpp file); merge into a folder for it")
+def write_gguf_file(inputs: MergeInputs, output: GgufFile, options: MergeOptions,
+                    progress: ProgressCallback | None = None) -> MergeReport:
+    """A merge of resolved inputs into OUT.gguf (or, dry, its report); llama.cpp's converter draws its own progress
+    on a terminal, not through `progress`."""
+    started = time.monotonic()
+    if output.streamed:
+        return _streamed(inputs, output, options, started)
+    prepared = prepare_merge(inputs.base, inputs, output.path, options)
+    return _write(prepared, output, options, started)
 
 
 def gguf_size(plan: Plan, outtype: str) -> int:
@@ -43,18 +49,17 @@ def gguf_size(plan: Plan, outtype: str) -> int:
     norms and biases), plus the side files' size for the metadata."""
     total = 0.0
     for t in plan.tensors:
-        total += math.prod(t.shape) * (_BYTES_PER_VALUE[outtype] if len(t.shape) > 1 else 4.0)
+        total += math.prod(t.shape) * (OUTTYPES[outtype].bytes_per_value if len(t.shape) > 1 else 4.0)
     return int(total)
 
 
-def run_gguf_merge(prepared: PreparedMerge, out: Path, options: MergeOptions, started: float,
-                   fetcher: ShardFetcher | None = None) -> MergeReport:
+def _write(prepared: PreparedMerge, output: GgufFile, options: MergeOptions, started: float,
+           fetcher: ShardFetcher | None = None) -> MergeReport:
     """Write (or, dry, describe) OUT.gguf from a prepared merge; `fetcher`: a streamed Hub base's shards."""
-    from ..execute.gguf_model import find_llama_cpp, write_merged_gguf
+    from .gguf_model import find_llama_cpp, write_merged_gguf
 
-    check_gguf_options(options)
     checkpoint, adapter, report, plan = prepared.checkpoint, prepared.adapter, prepared.report, prepared.plan
-    outtype = options.outtype or "f16"
+    out, outtype = output.path, output.outtype
     llama_cpp = find_llama_cpp(options.llama_cpp)
     written = check_output_file(out, [checkpoint.folder, *(a.path for a in adapter.sources)], options.overwrite)
     report.bytes_written = gguf_size(plan, outtype)
@@ -79,18 +84,10 @@ def run_gguf_merge(prepared: PreparedMerge, out: Path, options: MergeOptions, st
     return report
 
 
-def stream_gguf_merge(base: str | os.PathLike[str], adapters: list[AdapterSpec], out: Path,
-                      options: MergeOptions) -> MergeReport:
-    """`merge --stream BASE ADAPTER... OUT.gguf`: a Hub base's shards fetched as the converter first needs them and
-    deleted once every tensor reading them is written; the disk holds OUT, the side files and a shard or two."""
-    from .stream import check_scratch, make_view, open_streamed_base, shard_fetcher
-
-    started = time.monotonic()
-    stream = options.stream
-    assert stream is not None
-    inputs = merge_inputs(base, adapters, options, base_shards=False)
-    source = inputs.base_source
-    assert source is not None
+def _streamed(inputs: MergeInputs, output: GgufFile, options: MergeOptions, started: float) -> MergeReport:
+    """`merge --stream BASE ADAPTER... OUT.gguf`: the disk holds OUT, the side files and a shard or two."""
+    stream, source, out = options.stream, inputs.base_source, output.path
+    assert stream is not None and source is not None
     scratch = stream.scratch or out.parent / f".{out.name}.rslora-tools-stream"
     check_scratch(scratch, source, inputs.adapter)
     with hub_bars_hidden():
@@ -103,9 +100,9 @@ def stream_gguf_merge(base: str | os.PathLike[str], adapters: list[AdapterSpec],
         prepared.report.notes.append(f"streamed: base shards fetched as needed and deleted after use (at most about "
                                      f"{human_size(largest)} of them on disk at a time, in {scratch})")
         if options.dry_run:
-            return run_gguf_merge(prepared, out, options, started)
+            return _write(prepared, output, options, started)
         with work_folder(scratch, f"the scratch folder of a --stream into {out}"):
             make_view(source, scratch)
-            report = run_gguf_merge(prepared, out, options, started, fetcher)
+            report = _write(prepared, output, options, started, fetcher)
             shutil.rmtree(scratch, ignore_errors=True)  # this tool made it and owns all in it (links, download notes)
         return report
