@@ -31,12 +31,12 @@ _EXPORTS = {
     "PushAfterWriteError": "errors",
     "MergeOptions": "execute.options", "MergeReport": "execute.merge_job", "merge": "commands.merge",
     "StreamOptions": "execute.options", "StreamReport": "execute.hub_stream",
-    "ConvertOptions": "commands.convert", "ConvertReport": "commands.convert", "convert": "commands.convert",
-    "CombineOptions": "commands.combine", "CombineReport": "commands.combine", "combine": "commands.combine",
-    "ExtractOptions": "commands.extract", "ExtractReport": "commands.extract", "extract": "commands.extract",
-    "VerifyOptions": "commands.verify", "VerifyReport": "execute.recompute", "verify": "commands.verify",
-    "InspectOptions": "commands.inspect", "InspectReport": "commands.inspect", "inspect_adapter": "commands.inspect",
-    "PushReport": "hub.push", "PushTarget": "hub.push", "push": "hub.push", "Source": "hub.resolve",
+    "ConvertOptions": "commands.options", "ConvertReport": "commands.convert", "convert": "commands.convert",
+    "CombineOptions": "commands.options", "CombineReport": "commands.combine", "combine": "commands.combine",
+    "ExtractOptions": "commands.options", "ExtractReport": "commands.extract", "extract": "commands.extract",
+    "VerifyOptions": "commands.options", "VerifyReport": "execute.recompute", "verify": "commands.verify",
+    "InspectOptions": "commands.options", "InspectReport": "commands.inspect", "inspect_adapter": "commands.inspect",
+    "PushReport": "hub.push", "PushTarget": "hub.target", "push": "hub.push", "Source": "hub.resolve",
     "resolve_input": "hub.resolve",
     "ModuleScale": "adapter.scaling", "module_scale": "adapter.scaling", "scale": "adapter.scaling",
 }
@@ -57,12 +57,19 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .adapter.config import AdapterConfig  # noqa: F401
     from .adapter.load import load_adapter  # noqa: F401
     from .adapter.scaling import ModuleScale, module_scale, scale  # noqa: F401
-    from .commands.combine import CombineOptions, CombineReport, combine  # noqa: F401
-    from .commands.convert import ConvertOptions, ConvertReport, convert  # noqa: F401
-    from .commands.extract import ExtractOptions, ExtractReport, extract  # noqa: F401
-    from .commands.inspect import InspectOptions, InspectReport, inspect_adapter  # noqa: F401
+    from .commands.combine import CombineReport, combine  # noqa: F401
+    from .commands.convert import ConvertReport, convert  # noqa: F401
+    from .commands.extract import ExtractReport, extract  # noqa: F401
+    from .commands.inspect import InspectReport, inspect_adapter  # noqa: F401
     from .commands.merge import merge  # noqa: F401
-    from .commands.verify import VerifyOptions, verify  # noqa: F401
+    from .commands.options import (  # noqa: F401
+        CombineOptions,
+        ConvertOptions,
+        ExtractOptions,
+        InspectOptions,
+        VerifyOptions,
+    )
+    from .commands.verify import verify  # noqa: F401
     from .errors import (  # noqa: F401
         AdapterConfigError,
         HubError,
@@ -80,5 +87,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .execute.recompute import VerifyReport  # noqa: F401
     from .formats.checkpoint import Checkpoint, open_checkpoint  # noqa: F401
     from .formats.quant import QuantScheme, trained_on_scheme  # noqa: F401
-    from .hub.push import PushReport, PushTarget, push  # noqa: F401
+    from .hub.push import PushReport, push  # noqa: F401
     from .hub.resolve import Source, resolve_input  # noqa: F401
+    from .hub.target import PushTarget  # noqa: F401

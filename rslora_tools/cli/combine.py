@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
+from ..commands.options import CombineOptions
 from ..formats.sizes import human_size
-from ..plan.combine import METHODS
 from ..reporting import counted
 from . import options as o
 from .app import cli
@@ -17,26 +17,9 @@ from .render import echo_warnings, finish
 
 @cli.command()
 @click.argument("adapters", metavar="ADAPTER... OUT", nargs=-1, required=True)
-@click.option("--method", type=click.Choice(METHODS), default="cat", show_default=True,
-              help="cat: the exact weighted sum (rank = sum of ranks); svd: its best rank-R approximation; the others "
-                   "are PEFT's task-arithmetic methods on the factors (equal ranks per module).")
-@click.option("--weights", metavar="W1,W2,...", help="One weight per adapter (default 1 each).")
-@click.option("--rank", type=int, metavar="R", help="svd: the output rank (default: the largest input rank).")
-@click.option("--density", type=float, metavar="D", help="ties, dare_*, magnitude_prune: the fraction of values kept.")
-@click.option("--seed", type=int, metavar="N", help="dare_*: the random masks' seed (default 0); same seed, same "
-              "result.")
-@click.option("--rslora", is_flag=True, help="Write the rsLoRA convention (alpha = sqrt(rank)) instead of classic "
-              "(alpha = rank); every module's scale is 1 either way.")
-@click.option("--target", type=o.RuntimeSpec(allow_unit=True), metavar="RUNTIME[@VERSION]",
-              help="Then convert the combined adapter for this runtime (as convert --target), in the same run.")
-@o.overwrite_option
-@o.allow_pickle_option
-@o.dry_run_option
+@o.flags_from(CombineOptions, verb="Combine")
 @o.json_option
 @o.quiet_option()
-@o.allow_nonfinite_option("Combine")
-@o.token_option
-@o.push_options
 def combine(adapters: tuple[str, ...], **flags: Any) -> None:
     """Combine several LoRA adapters into one adapter in OUT, right under rsLoRA.
 
@@ -61,17 +44,12 @@ def combine(adapters: tuple[str, ...], **flags: Any) -> None:
       rslora-tools combine a/ b/ combined/ --method dare_ties --density 0.5 --seed 1
       rslora-tools combine org/a org/b for-vllm/ --target vllm --push-to-hub me/combined
     """
-    from ..commands.combine import CombineOptions
     from ..commands.combine import combine as run_combine
 
     if len(adapters) < 2:
         raise click.UsageError("missing argument OUT: combine ADAPTER... OUT")
     *specs, out = adapters
-    options = CombineOptions(
-        overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_nonfinite=flags["allow_nonfinite"],
-        token=flags["token"], push=o.push_target(flags), weights=o.weights(flags["weights"]), method=flags["method"],
-        rank=flags["rank"], density=flags["density"], seed=flags["seed"], rslora=flags["rslora"],
-        target=flags["target"], allow_pickle=flags["allow_pickle"])
+    options = o.options_from(CombineOptions, flags)
     with byte_progress("Combining", not (flags["quiet"] or flags["as_json"] or flags["dry_run"])) as progress:
         report = run_combine(specs, out, options=options, progress=progress)
     echo_warnings(report.warnings)

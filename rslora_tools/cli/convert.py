@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..commands.convert import ConvertOptions
 from . import options as o
 from .app import cli
 from .render import echo_warnings, finish
@@ -15,34 +16,9 @@ from .render import echo_warnings, finish
 @cli.command()
 @click.argument("adapter")
 @click.argument("out", type=click.Path())
-@click.option("--to-rslora", "to_rslora", is_flag=True, help="Rewrite to rsLoRA (alpha/sqrt(r)), same scales.")
-@click.option("--to-classic", "to_classic", is_flag=True, help="Rewrite to classic LoRA (alpha/r), same scales.")
-@click.option("--target", type=o.RuntimeSpec(allow_unit=True), metavar="RUNTIME[@VERSION]",
-              help="Produce an adapter that this runtime serves with PEFT's exact per-module scales: peft, vllm, tgi, "
-                   "lorax, sglang, llama.cpp, mlx (mlx-lm's format) or unit; a release as vllm@0.6.3 (default: the "
-                   "current one).")
-@click.option("--bake", is_flag=True, help="With --to-*: fold the scale change into lora_B instead of rewriting alphas.")
-@click.option("--base", help="Base model folder or Hub repo; needed for --target llama.cpp with a .gguf OUT, and for "
-                             "--expert-layout / --key-layout.")
-@click.option("--expert-layout", type=click.Choice(["per-expert", "fused"]),
-              help="Rewrite MoE expert LoRA: per-expert (one LoRA per expert Linear, as transformers 4 and some runtimes "
-                   "apply it) or fused (target_parameters on gate_up_proj/down_proj, as transformers 5 holds experts).")
-@click.option("--key-layout", type=click.Choice(["base", "transformers-5"]),
-              help="Rename module paths to BASE's checkpoint naming (base: e.g. model.language_model.layers -> "
-                   "model.layers, for transformers 4 and runtimes) or to transformers 5's in-memory naming of BASE "
-                   "(transformers-5: what PEFT needs on transformers 5).")
-@o.overwrite_option
-@o.allow_pickle_option
-@o.dry_run_option
+@o.flags_from(ConvertOptions, verb="Convert")
 @o.json_option
 @o.quiet_option()
-@click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
-@o.allow_nonfinite_option("Convert")
-@click.option("--initial", metavar="INIT",
-              help="PiSSA/OLoRA/CorDA/LoRA-GA: the adapter saved right after initialisation (folder or Hub repo); "
-                   "the result is a plain LoRA relative to the original base (rank 2r). Alone, or with --to-*/--target.")
-@o.token_option
-@o.push_options
 def convert(adapter: str, out: str, **flags: Any) -> None:
     """Convert ADAPTER into OUT so that it is served with PEFT's exact scale everywhere.
 
@@ -80,19 +56,9 @@ def convert(adapter: str, out: str, **flags: Any) -> None:
     finish(report, _print_convert, flags["as_json"], flags["quiet"])
 
 
-def convert_options(flags: dict[str, Any]) -> Any:
+def convert_options(flags: dict[str, Any]) -> ConvertOptions:
     """The convert flags as ConvertOptions (their values are checked there)."""
-    from ..commands.convert import ConvertOptions
-    from ..errors import OptionError
-
-    if flags["to_rslora"] and flags["to_classic"]:
-        raise OptionError("--to-rslora and --to-classic exclude each other")
-    to = "rslora" if flags["to_rslora"] else "classic" if flags["to_classic"] else None
-    return ConvertOptions(
-        overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_nonfinite=flags["allow_nonfinite"],
-        token=flags["token"], push=o.push_target(flags), to=to, target=flags["target"], bake=flags["bake"],
-        base=flags["base"], initial=flags["initial"], revision=flags["revision"], allow_pickle=flags["allow_pickle"],
-        expert_layout=flags["expert_layout"], key_layout=flags["key_layout"])
+    return o.options_from(ConvertOptions, flags)
 
 
 def _print_convert(report: Any) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from ..commands.options import ExtractOptions
 from ..formats.sizes import human_size
 from ..reporting import counted
 from . import options as o
@@ -18,26 +19,9 @@ from .render import finish
 @click.argument("base")
 @click.argument("tuned")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--rank", type=int, metavar="R", help="A fixed rank for every module (default 16).")
-@click.option("--energy", type=float, metavar="F", help="Per module, the smallest rank keeping this fraction of the "
-              "delta's squared Frobenius norm (e.g. 0.9).")
-@click.option("--max-error", type=float, metavar="E", help="Per module, the smallest rank with relative error <= E.")
-@click.option("--rslora/--classic", default=True, show_default=True,
-              help="Write use_rslora (alpha = sqrt(rank)) or classic LoRA (alpha = rank); scale 1 either way.")
-@click.option("--alpha", type=float, metavar="A", help="Write lora_alpha = A instead; each module's scale is folded "
-              "into its factors.")
-@click.option("--target-modules", metavar="NAMES", help="Comma-separated module names (or name suffixes) to factorise; "
-              "other changed tensors still go to modules_to_save.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="Where the SVDs run.")
-@click.option("--exact", is_flag=True, help="Always the full SVD (default: randomized above 512 columns, residual "
-              "measured either way).")
-@o.overwrite_option
-@o.dry_run_option
+@o.flags_from(ExtractOptions, verb="Extract", skip=("allow_nonfinite",))
 @o.json_option
 @o.quiet_option()
-@o.token_option
-@o.push_options
 def extract(base: str, tuned: str, out: str, **flags: Any) -> None:
     """Extract TUNED - BASE (a full fine-tune) as a LoRA adapter in OUT.
 
@@ -54,14 +38,9 @@ def extract(base: str, tuned: str, out: str, **flags: Any) -> None:
       rslora-tools extract base/ tuned/ adapter/ --energy 0.95 --json
       rslora-tools extract base/ tuned/ adapter/ --max-error 0.05 --classic --push-to-hub me/adapter
     """
-    from ..commands.extract import ExtractOptions
     from ..commands.extract import extract as run_extract
 
-    options = ExtractOptions(
-        overwrite=flags["overwrite"], dry_run=flags["dry_run"], token=flags["token"], push=o.push_target(flags),
-        rank=flags["rank"], energy=flags["energy"], max_error=flags["max_error"], rslora=flags["rslora"],
-        alpha=flags["alpha"], target_modules=o.names(flags["target_modules"]), device=flags["device"],
-        exact=flags["exact"])
+    options = o.options_from(ExtractOptions, flags, skip=("allow_nonfinite",))
     with byte_progress("Extracting", not (flags["quiet"] or flags["as_json"] or flags["dry_run"])) as progress:
         report = run_extract(base, tuned, out, options=options, progress=progress)
     finish(report, _print_extract, flags["as_json"], flags["quiet"])

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..commands.options import InspectOptions
 from ..reporting import counted
 from . import options as o
 from .app import cli
@@ -16,19 +17,11 @@ from .render import echo_json
 
 @cli.command()
 @click.argument("adapter")
-@click.option("--base", help="Also check the adapter against this base model (folder or Hub repo): list the base "
-                             "tensors each module changes, and fail when it changes none or records another base.")
-@click.option("--runtime", "runtimes", multiple=True, type=o.RuntimeSpec(), metavar="RUNTIME[@VERSION]",
-              help="Runtime(s) you will serve with, e.g. vllm or vllm@0.6.3: their problems become warnings, and "
-                   "their other releases are shown where they differ (repeatable).")
+@o.flags_from(InspectOptions)
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too (for CI pipelines).")
-@o.allow_pickle_option
 @o.json_option
 @o.quiet_option("Print nothing but the errors (and, with --strict, the warnings); the exit code says the rest.")
-@click.option("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
-@o.token_option
-def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: bool, allow_pickle: bool,
-            as_json: bool, quiet: bool, revision: str | None, token: str | None) -> None:
+def inspect(adapter: str, strict: bool, as_json: bool, quiet: bool, **flags: Any) -> None:
     """Show ADAPTER's per-module ranks, alphas and scales, the scale each runtime would apply, and lints.
 
     Reads only the config and tensor headers. With --base, it lists the base tensors each adapter
@@ -45,10 +38,9 @@ def inspect(adapter: str, base: str | None, runtimes: tuple[str, ...], strict: b
       rslora-tools inspect my-adapter/ --json | jq .groups
       rslora-tools inspect moe-adapter/ --base org/mixtral --runtime vllm --json | jq .applies_to
     """
-    from ..commands.inspect import InspectOptions, inspect_adapter
+    from ..commands.inspect import inspect_adapter
 
-    report = inspect_adapter(adapter, options=InspectOptions(base=base, runtimes=runtimes, revision=revision,
-                                                             token=token, allow_pickle=allow_pickle))
+    report = inspect_adapter(adapter, options=o.options_from(InspectOptions, flags))
     if as_json:
         echo_json(report)
     elif quiet:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import OptionError
-from ..execute.gguf_model import DEFAULT_OUTTYPE, OUTTYPES
+from ..execute.gguf_model import DEFAULT_OUTTYPE
+from ..execute.options import MergeOptions
 from ..formats.sizes import human_size
 from ..reporting import counted
 from . import options as o
@@ -21,48 +21,9 @@ from .render import echo_warnings, finish
 @cli.command()
 @click.argument("base")
 @click.argument("adapters", metavar="ADAPTER... OUT", nargs=-1, required=True)
-@click.option("--weights", metavar="W1,W2,...",
-              help="Multiply each adapter's delta by its weight (PEFT's set_scale), one weight per adapter "
-                   "(`--weights 0.5` with one adapter merges half its delta); default 1 each.")
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]),
-              default="auto", show_default=True, help="Dtype of the merged floating tensors; auto keeps the base's.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="Where deltas are computed. cpu: bit-exact with PEFT; cuda: every computed tensor on the GPU; "
-                   "auto: the merge kernel where it applies, CUDA (when present) for the rest.")
-@click.option("--max-shard-size", metavar="SIZE", default=None,
-              help="Re-shard the output, e.g. 5GB (decimal, like transformers) or 2GiB. Default: keep the base's shards.")
-@o.overwrite_option
-@o.allow_pickle_option
-@o.dry_run_option
+@o.flags_from(MergeOptions, verb="Merge")
 @o.json_option
 @o.quiet_option("No progress bar and no summary (errors still print).")
-@o.input_revision_options
-@click.option("--verify", "verify_output", is_flag=True,
-              help="Recompute and compare every merged tensor before OUT is replaced; fail on a mismatch.")
-@o.allow_nonfinite_option("Merge")
-@o.trained_on_options
-@click.option("--keep-quantization", is_flag=True,
-              help="A quantized BASE (FP8, MXFP4, compressed-tensors FP8/INT4/INT8/NVFP4): write the merged weights back in "
-                   "BASE's own format, scales recomputed as its quantizer does; other tensors copied byte for byte.")
-@o.initial_options
-@o.token_option
-@o.push_options
-@click.option("--outtype", type=click.Choice(list(OUTTYPES)),
-              help=f"OUT.gguf: the GGUF's type, as convert_hf_to_gguf.py's --outtype (default {DEFAULT_OUTTYPE}).")
-@click.option("--llama-cpp", "llama_cpp", metavar="DIR",
-              help="OUT.gguf: the llama.cpp checkout whose converter writes it (default: $RSLORA_TOOLS_LLAMA_CPP_DIR).")
-@click.option("--stream", is_flag=True,
-              help="With --push-to-hub: stream shard by shard from BASE to the Hub; OUT is omitted (every argument "
-                   "after BASE is an adapter), the disk holds a few shards at a time.")
-@click.option("--scratch", metavar="DIR", type=click.Path(file_okay=False),
-              help="With --stream: the run works in DIR/rslora-tools-stream-ORG--NAME (default DIR "
-                   "~/.cache/rslora-tools/stream), a folder of its own; a re-run with the same one resumes.")
-@click.option("--keep-cache", is_flag=True,
-              help="With --stream: keep the downloaded base shards in the Hugging Face cache (default: delete them "
-                   "after use; shards cached before are never deleted).")
-@click.option("--no-resume", is_flag=True,
-              help="With --stream: forget what an earlier run uploaded (its journal in the scratch folder) and start "
-                   "over.")
 def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     """Merge ADAPTER into BASE and write the merged model to OUT.
 
@@ -137,25 +98,12 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
         raise click.ClickException(f"{len(report.unmatched)} of the adapter's tensors match no base tensor; a merge would fail")
 
 
-def merge_options(flags: dict[str, Any], progress: Any) -> Any:
-    """The merge flags as MergeOptions (their values are checked there)."""
-    from ..execute.options import MergeOptions, StreamOptions
-
-    stream = None
-    if flags["stream"]:
-        stream = StreamOptions(Path(flags["scratch"]) if flags["scratch"] else None, flags["keep_cache"],
-                               flags["no_resume"], progress)
-    elif flags["scratch"] or flags["keep_cache"] or flags["no_resume"]:
-        raise OptionError("--scratch, --keep-cache and --no-resume go with --stream")
-    return MergeOptions(
-        overwrite=flags["overwrite"], dry_run=flags["dry_run"], allow_nonfinite=flags["allow_nonfinite"],
-        token=flags["token"], push=o.push_target(flags), weights=o.weights(flags["weights"]), dtype=flags["dtype"],
-        device=flags["device"], max_shard_size=flags["max_shard_size"], verify=flags["verify_output"],
-        allow_pickle=flags["allow_pickle"], trained_on=o.trained_on(flags),
-        keep_quantization=flags["keep_quantization"], initial=flags["initial"],
-        base_is_residual=flags["base_is_residual"], base_revision=flags["base_revision"],
-        adapter_revision=flags["adapter_revision"], stream=stream, outtype=flags["outtype"],
-        llama_cpp=flags["llama_cpp"])
+def merge_options(flags: dict[str, Any], progress: Any) -> MergeOptions:
+    """The merge flags as MergeOptions (their values are checked there), a stream's progress added."""
+    options = o.options_from(MergeOptions, flags)
+    if options.stream is not None and progress is not None:
+        options = dataclasses.replace(options, stream=dataclasses.replace(options.stream, progress=progress))
+    return options
 
 
 def _print_report(report: Any) -> None:

@@ -1,22 +1,26 @@
-"""The click options several commands share, and the one mapping of each of them to the library's options.
+"""The click options of every command, generated from its options object's fields, and the mapping back.
 
-A command module declares its own flags and maps all of them to its options object in one
-function; the flags that several commands share are declared here once, with the mapping of
-their values (`push_target`, `trained_on`, `weights`). Every check of a value is the options
-object's (an OptionError is a usage error, exit 2); what is checked here is only what no
-options object can see: a flag given without the flag it qualifies.
+Each flag is declared once, on the field it sets (rslora_tools/flags.py: `option(default,
+Flag(...))`); `flags_from(Options)` makes the click options and `options_from(Options, flags)` the
+options object, a field that several flags make up built by its entry in `BUILDERS`
+(`push_target`, `trained_on`, `stream`, ...). The CLI's own flags (`--json`, `--quiet`) are here.
+Every check of a value is the options object's (an OptionError is a usage error, exit 2); what is
+checked here is only what no options object can see: a flag given without the flag it qualifies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from ..errors import OptionError, RsloraError, cli_message
+from ..flags import Flag, dest, flags_of
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+T = TypeVar("T")
 
 
 class RuntimeSpec(click.ParamType):
@@ -48,73 +52,23 @@ def stack(*decorators: Decorator) -> Decorator:
     return apply
 
 
+# The CLI's own flags: how a report is shown (every other flag is generated from an options field, below).
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
-overwrite_option = click.option(
-    "--overwrite", is_flag=True, help="Replace OUT if rslora-tools wrote it (an earlier output); other folders and "
-                                      "files are never replaced.")
-allow_pickle_option = click.option(
-    "--allow-pickle", is_flag=True,
-    help="Read an adapter that exists only as adapter_model.bin (torch.load weights_only=True; no code runs).")
-token_option = click.option("--token", metavar="TOKEN", default=None,
-                            help="Hugging Face token (default: HF_TOKEN or the stored login). Never printed.")
-dry_run_option = click.option("--dry-run", is_flag=True, help="Plan and print what would be done; write nothing.")
 
 
 def quiet_option(what: str = "Print nothing on success.") -> Decorator:
     return click.option("-q", "--quiet", is_flag=True, help=what)
 
 
-def allow_nonfinite_option(what: str) -> Decorator:
-    return click.option("--allow-nonfinite", is_flag=True, help=f"{what} even if the weights hold NaN or Inf.")
-
-
-push_options = stack(
-    click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Upload OUT to this Hub repo when done."),
-    click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
-    click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing to "
-                                                   "main."),
-    click.option("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message."),
-)
-
-input_revision_options = stack(
-    click.option("--base-revision", metavar="REV", help="Branch, tag or commit of BASE when it is a Hub repo."),
-    click.option("--adapter-revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo."),
-)
-
-trained_on_options = stack(
-    click.option("--trained-on", type=click.Choice(["nf4", "fp4", "int8"]), default=None,
-                 help="The adapter was trained on BASE quantized this way (QLoRA): quantize the weights transformers "
-                      "would, as bitsandbytes does, then merge. A quantized BASE is dequantized without this."),
-    click.option("--double-quant/--no-double-quant", default=None,
-                 help="With --trained-on nf4/fp4: bnb_4bit_use_double_quant [default: off, as in BitsAndBytesConfig; "
-                      "most QLoRA recipes turn it on]."),
-    click.option("--quant-blocksize", type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]),
-                 default=None, help="With --trained-on nf4/fp4: the 4-bit block size [default: 64, bitsandbytes' and "
-                                    "so BitsAndBytesConfig's]."),
-    click.option("--skip-modules", metavar="NAMES", default=None,
-                 help="With --trained-on: modules transformers left unquantized, comma-separated, as "
-                      "llm_int8_skip_modules (replaces the default, which keeps the output head)."),
-)
-
-initial_options = stack(
-    click.option("--initial", metavar="INIT",
-                 help="PiSSA/OLoRA/CorDA/LoRA-GA: the adapter saved right after initialisation (folder or Hub repo); "
-                      "merge into the original BASE."),
-    click.option("--base-is-residual", is_flag=True,
-                 help="PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ: BASE is the residual base the adapter was trained on (you "
-                      "saved it); merge as plain LoRA."),
-)
-
-
 def push_target(flags: dict[str, Any]) -> Any:
-    """The --push-to-hub flags as a hub.push.PushTarget (None without --push-to-hub)."""
+    """The --push-to-hub flags as a hub.target.PushTarget (None without --push-to-hub)."""
     if not flags.get("push_to"):
         given = [name for name, key in (("--private", "private"), ("--create-pr", "create_pr"),
                                         ("--commit-message", "commit_message")) if flags.get(key)]
         if given:
             raise OptionError(f"{given[0]} goes with --push-to-hub REPO_ID")
         return None
-    from ..hub.push import PushTarget  # imported only when a command pushes
+    from ..hub.target import PushTarget
 
     return PushTarget(flags["push_to"], flags["private"], None, flags["create_pr"], flags["commit_message"],
                       flags.get("token"))
@@ -145,8 +99,90 @@ def weights(text: str | None) -> tuple[float, ...] | None:
     return None if text is None else parse_weights(text)
 
 
+def stream(flags: dict[str, Any]) -> Any:
+    """--stream and the flags that describe it as execute.options.StreamOptions (None without --stream); the command
+    adds its progress."""
+    from ..execute.options import StreamOptions
+
+    if flags["stream"]:
+        return StreamOptions(Path(flags["scratch"]) if flags["scratch"] else None, flags["keep_cache"],
+                             flags["no_resume"])
+    if flags["scratch"] or flags["keep_cache"] or flags["no_resume"]:
+        raise OptionError("--scratch, --keep-cache and --no-resume go with --stream")
+    return None
+
+
+def to(flags: dict[str, Any]) -> str | None:
+    """--to-rslora / --to-classic as the convention to rewrite to (None: neither)."""
+    if flags["to_rslora"] and flags["to_classic"]:
+        raise OptionError("--to-rslora and --to-classic exclude each other")
+    return "rslora" if flags["to_rslora"] else "classic" if flags["to_classic"] else None
+
+
 def names(text: str | None) -> tuple[str, ...] | None:
     """A comma-separated list of names (--target-modules)."""
     if text is None:
         return None
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+# A field that several flags make up, or whose flag's text the options object does not parse: its value from the flags.
+BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "push": push_target, "trained_on": trained_on, "stream": stream, "to": to,
+    "weights": lambda flags: weights(flags["weights"]), "target_modules": lambda flags: names(flags["target_modules"]),
+}
+
+
+# --- Flags generated from the options' fields (rslora_tools/flags.py) ------------------------------------------------
+
+PARAM_TYPES: dict[str, Callable[[], click.ParamType]] = {
+    "runtime": RuntimeSpec, "runtime_or_unit": lambda: RuntimeSpec(allow_unit=True),
+}
+
+
+def flags_from(options: type, verb: str = "", skip: tuple[str, ...] = ()) -> Decorator:
+    """The click options of every flag of `options`' fields (but those of `skip`): the class's own fields in their
+    order, then those it inherits; `{verb}` in a help text becomes `verb` ("Merge")."""
+    own = vars(options).get("__annotations__", {})  # the command's own fields first, then the shared ones
+    fields = sorted((f for f in flags_of(options) if f[0] not in skip), key=lambda f: f[0] not in own)
+    return stack(*(_click_option(dest(name, i, flag), default if i == 0 else None, flag, verb)
+                   for name, default, declared in fields for i, flag in enumerate(declared)))
+
+
+def _click_option(key: str, default: Any, flag: Flag, verb: str) -> Decorator:
+    kwargs: dict[str, Any] = {"help": flag.help.replace("{verb}", verb)}
+    if flag.is_flag:
+        kwargs["is_flag"] = True
+    if flag.choices is not None:
+        kwargs["type"] = click.Choice(list(flag.choices))
+    elif flag.folder:
+        kwargs["type"] = click.Path(file_okay=False)
+    elif isinstance(flag.type, str):
+        kwargs["type"] = PARAM_TYPES[flag.type]()
+    elif flag.type is not None:
+        kwargs["type"] = flag.type
+    default = flag.default if flag.default is not None else default
+    if not (flag.is_flag and flag.secondary is None and not default):  # a plain switch is off unless given
+        kwargs["default"] = default  # None included: a three-state switch, or a value not given
+    for key_, on in (("metavar", flag.metavar), ("show_default", flag.show_default), ("multiple", flag.multiple)):
+        if on:
+            kwargs[key_] = on
+    spelt = flag.name if flag.secondary is None else f"{flag.name}/{flag.secondary}"
+    return click.option(spelt, key, **kwargs)
+
+
+def flag_option(flag: Flag) -> Decorator:
+    """The click option of one flag of no options field (`push --dry-run`: push is a function, not an options
+    object)."""
+    return _click_option(dest("", 1, flag), None, flag, "")
+
+
+def options_from(options: type[T], flags: dict[str, Any], skip: tuple[str, ...] = (), **given: Any) -> T:
+    """The options object the flags describe: each field from its flag's value, or, for a field that several flags
+    (or a flag and a rule) make up, from its builder in `BUILDERS`; `given`: fields the command sets itself."""
+    values: dict[str, Any] = {}
+    for name, _, declared in flags_of(options):
+        if name in skip or name in given:
+            continue
+        values[name] = BUILDERS[name](flags) if name in BUILDERS else flags[dest(name, 0, declared[0])]
+    return options(**values, **given)

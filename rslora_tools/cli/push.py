@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from ..flags import DRY_RUN
 from ..formats.sizes import human_size
+from ..hub.target import PushTarget
 from . import options as o
 from .app import cli
 from .render import echo_json, echo_push
@@ -15,12 +17,8 @@ from .render import echo_json, echo_push
 @cli.command()
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.argument("repo_id")
-@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
-@click.option("--revision", metavar="BRANCH", help="Commit to this branch (created if needed) instead of main.")
-@click.option("--commit-message", metavar="TEXT", help="The commit message.")
-@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
-@o.dry_run_option
-@o.token_option
+@o.flags_from(PushTarget)
+@o.flag_option(DRY_RUN)
 @o.json_option
 @o.quiet_option()
 def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..commands.options import VerifyOptions
 from ..reporting import counted
 from . import options as o
 from .app import cli
@@ -18,16 +19,9 @@ from .render import echo_json, echo_warnings
 @click.argument("merged", type=click.Path(exists=True, file_okay=False))
 @click.argument("base")
 @click.argument("adapters", metavar="ADAPTER...", nargs=-1, required=True)
-@click.option("--weights", metavar="W1,W2,...", help="Several adapters: the weights the merge was given.")
-@click.option("--sample", type=int, metavar="N",
-              help="Check only N tensors spread over the model (changed ones first), for a quick check.")
-@o.allow_pickle_option
+@o.flags_from(VerifyOptions)
 @o.json_option
 @o.quiet_option("Print nothing when the check passes (a failed check still prints what is wrong).")
-@o.input_revision_options
-@o.trained_on_options
-@o.initial_options
-@o.token_option
 def verify(merged: str, base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     """Check that MERGED is BASE with ADAPTER merged: recompute every tensor and compare.
 
@@ -47,13 +41,9 @@ def verify(merged: str, base: str, adapters: tuple[str, ...], **flags: Any) -> N
       rslora-tools verify merged/ base-model/ qlora-adapter/ --trained-on nf4 --double-quant
       rslora-tools verify merged/ base-model/ task-a/ task-b/ --weights 0.7,0.4
     """
-    from ..commands.verify import VerifyOptions
     from ..commands.verify import verify as run_verify
 
-    options = VerifyOptions(
-        weights=o.weights(flags["weights"]), sample=flags["sample"], allow_pickle=flags["allow_pickle"],
-        trained_on=o.trained_on(flags), initial=flags["initial"], base_is_residual=flags["base_is_residual"],
-        base_revision=flags["base_revision"], adapter_revision=flags["adapter_revision"], token=flags["token"])
+    options = o.options_from(VerifyOptions, flags)
     with byte_progress("Verifying", not (flags["quiet"] or flags["as_json"])) as progress:
         report = run_verify(merged, base, list(adapters), options=options, progress=progress)
     echo_warnings(report.warnings)

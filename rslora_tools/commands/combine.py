@@ -9,7 +9,6 @@ goes through `convert --target` (commands/convert.py) before it replaces OUT.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -23,10 +22,9 @@ from .._version import __version__
 from ..adapter.adapter import Adapter
 from ..adapter.load import load_adapter
 from ..compute.finite import check_finite
-from ..errors import InputError, OptionError, cli_message
-from ..execute.options import OutputOptions
+from ..errors import OptionError
 from ..formats.output import check_output_location, writing
-from ..plan.combine import DENSITY_METHODS, METHODS, CombinePlan, plan_combination
+from ..plan.combine import CombinePlan, plan_combination
 from ..reporting import ProgressCallback, Report, counted, worst_error
 from .common import (
     AdapterSpec,
@@ -38,46 +36,9 @@ from .common import (
 
 if TYPE_CHECKING:
     from .convert import ConvertReport
-from ..adapter.runtimes import runtime
 from ..adapter.writer import AdapterWriter
 from ..formats.provenance import write_provenance
-
-
-@dataclass(frozen=True)
-class CombineOptions(OutputOptions):
-    """How adapters are combined; checked when made (OptionError)."""
-
-    weights: tuple[float, ...] | None = None  # one per adapter (default 1 each): the delta is sum(w_i * delta_i)
-    method: str = "cat"  # cat, svd, or PEFT's task arithmetic: linear, ties, dare_linear, dare_ties, magnitude_prune
-    rank: int | None = None  # svd's rank R (default: the largest input rank)
-    density: float | None = None  # the fraction of values kept (ties, dare_*, magnitude_prune)
-    seed: int | None = None  # dare's random masks (a generator per module, seeded from this and the module's name)
-    rslora: bool = False  # write use_rslora (alpha = sqrt(rank)) instead of classic (alpha = rank); scale 1 either way
-    target: str | None = None  # then convert for this runtime (as `convert --target`), in the same run
-    allow_pickle: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise OptionError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-            if not all(math.isfinite(w) for w in self.weights):
-                raise OptionError("--weights must be finite numbers")
-        if self.rank is not None and (self.method != "svd" or self.rank < 1):
-            raise OptionError("--rank goes with --method svd and is a positive integer")
-        density, method = self.density, self.method
-        if method in DENSITY_METHODS:
-            low_ok = density is not None and (density > 0.0 if method.startswith("dare") else density >= 0.0)
-            if density is None or not low_ok or density > 1.0:
-                raise OptionError(f"--method {method} needs --density D, the fraction of values kept (0 to 1; above 0 "
-                                  "for dare, which divides by it)")
-        elif density is not None:
-            raise OptionError(f"--density goes with {', '.join(DENSITY_METHODS)}")
-        if self.target is not None and self.target != "unit":
-            try:
-                runtime(self.target)  # an unknown runtime is refused before anything is computed
-            except InputError as e:
-                raise OptionError(cli_message(e)) from None
+from .options import CombineOptions, ConvertOptions
 
 
 @dataclass
@@ -201,7 +162,7 @@ def _write_for_target(loaded: list[Adapter], plan: CombinePlan, written: Path, r
                       progress: ProgressCallback | None, sources: list[dict[str, Any]],
                       options: CombineOptions) -> ConvertReport:
     """Combine into a scratch folder beside OUT, then convert it for the runtime into OUT (and push it when asked)."""
-    from .convert import ConvertOptions, convert_adapter
+    from .convert import convert_adapter
 
     scratch = Path(tempfile.mkdtemp(prefix="rslora-tools-combine-"))
     try:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,12 @@ from ..adapter.runtimes import runtime
 from ..adapter.scaling import Convention
 from ..adapter.writer import AdapterWriter, check_config_finite, write_config
 from ..compute.finite import check_finite
-from ..errors import InputError, OptionError, cli_message
-from ..execute.options import OutputOptions
+from ..errors import OptionError
 from ..formats.checkpoint import open_checkpoint
 from ..formats.output import check_output_file, check_output_location, writing
 from ..formats.provenance import write_provenance
 from ..formats.safetensors_file import read_header, safetensors_to_torch_dtype
-from ..plan.convert import CONVENTIONS, ConversionPlan, plan_conversion
+from ..plan.convert import ConversionPlan, plan_conversion
 from .common import (
     AdapterSpec,
     adapter_input,
@@ -46,52 +44,7 @@ from .common import (
     with_fields,
 )
 from .converted import ConvertReport, config_changes, copy_other_files, other_files
-
-
-@dataclass(frozen=True)
-class ConvertOptions(OutputOptions):
-    """What a conversion does; checked when made (OptionError). One of `to`, `target` or `initial` is needed."""
-
-    to: str | None = None  # "rslora" or "classic": rewrite the alphas (or, with `bake`, fold the change into lora_B)
-    target: str | None = None  # a runtime ("vllm", "vllm@0.6.3", ...) or "unit": what that runtime needs
-    bake: bool = False  # with `to`: fold the scale change into lora_B instead of rewriting alphas
-    base: str | None = None  # the base model (folder or Hub repo): a .gguf OUT needs its tensor names
-    initial: str | None = None  # INIT of a PiSSA/OLoRA/CorDA/LoRA-GA adapter: the result is relative to BASE
-    revision: str | None = None  # of ADAPTER, when it is a Hub repo
-    allow_pickle: bool = False
-    expert_layout: str | None = None  # "per-expert" or "fused": rewrite MoE expert LoRA into that layout (needs base)
-    key_layout: str | None = None  # "base" or "transformers-5": rename module paths to that naming of the base
-
-    def __post_init__(self) -> None:
-        relayout = self.expert_layout is not None or self.key_layout is not None
-        if relayout:
-            self._check_relayout()
-            return
-        if (self.to is not None and self.target is not None) or (self.to is None and self.target is None
-                                                                 and self.initial is None):
-            raise OptionError("choose one of --to-rslora, --to-classic or --target RUNTIME (or --initial INIT alone), "
-                              "or --expert-layout / --key-layout")
-        if self.to is not None and self.to not in CONVENTIONS:
-            raise OptionError(f"unknown convention {self.to!r}; use rslora or classic")
-        if self.bake and self.to is None:
-            raise OptionError("--bake goes with --to-rslora or --to-classic (--target bakes when it must)")
-        if self.target is not None and self.target != "unit":
-            try:
-                runtime(self.target)  # an unknown runtime or version is an error before anything is read
-            except InputError as e:
-                raise OptionError(cli_message(e)) from None
-
-    def _check_relayout(self) -> None:
-        if self.expert_layout not in (None, "per-expert", "fused"):
-            raise OptionError(f"unknown expert layout {self.expert_layout!r}; use per-expert or fused")
-        if self.key_layout not in (None, "base", "transformers-5"):
-            raise OptionError(f"unknown key layout {self.key_layout!r}; use base or transformers-5")
-        if self.to is not None or self.target is not None or self.initial is not None or self.bake:
-            raise OptionError("--expert-layout and --key-layout rewrite the layout only; convert the convention or "
-                              "for a runtime in a second convert")
-        if self.base is None:
-            raise OptionError("--expert-layout and --key-layout need --base BASE (its config.json names the "
-                              "architecture and its checkpoint the tensors)")
+from .options import ConvertOptions
 
 
 def convert(

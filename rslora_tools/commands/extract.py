@@ -20,8 +20,7 @@ from ..adapter.adapter import PEFT_PREFIX
 from ..adapter.config_rewrite import scale_one_config
 from ..adapter.scaling import scale_in
 from ..adapter.writer import AdapterWriter
-from ..errors import InputError, OptionError, UnsupportedAdapterError
-from ..execute.options import OutputOptions
+from ..errors import InputError, UnsupportedAdapterError
 from ..formats.checkpoint import Checkpoint, CheckpointFiles, open_checkpoint
 from ..formats.output import check_output_location, writing
 from ..formats.provenance import write_provenance
@@ -30,44 +29,12 @@ from ..plan.extract import ExtractionPlan, plan_extraction
 from ..plan.ties import tied_embedding
 from ..reporting import ProgressCallback, Report, counted, worst_error
 from .common import base_input, check_push, publish, with_fields
+from .options import ExtractOptions
 
 HEAD = "lm_head"  # the output head a tied input embedding is shared with (PEFT's ensure_weight_tying)
 
 if TYPE_CHECKING:
     import torch
-
-@dataclass(frozen=True)
-class ExtractOptions(OutputOptions):
-    """How a fine-tune is extracted; checked when made (OptionError). One of rank, energy or max_error (default:
-    rank 16)."""
-
-    rank: int | None = None  # a fixed rank for every module
-    energy: float | None = None  # per module, the smallest rank keeping this fraction of the delta's squared norm
-    max_error: float | None = None  # per module, the smallest rank with relative error at most this
-    rslora: bool = True  # write use_rslora (alpha = sqrt(rank)) or classic LoRA (alpha = rank); scale 1 either way
-    alpha: float | None = None  # write lora_alpha = alpha instead; each module's scale is folded into its factors
-    target_modules: tuple[str, ...] | None = None  # only these modules (names or name suffixes) are factorised
-    device: str = "cpu"  # where the SVDs run: cpu, cuda or auto
-    exact: bool = False  # always the full SVD (else randomized above 512 columns; the residual is measured either way)
-
-    def __post_init__(self) -> None:
-        if sum(x is not None for x in (self.rank, self.energy, self.max_error)) > 1:
-            raise OptionError("choose one of --rank, --energy or --max-error")
-        if self.rank is not None and self.rank < 1:
-            raise OptionError("--rank must be a positive integer")
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise OptionError("--energy is a fraction of the delta's squared norm, above 0 and at most 1")
-        if self.max_error is not None and not 0.0 <= self.max_error < 1.0:
-            raise OptionError("--max-error is a relative error, at least 0 and below 1")
-        if self.alpha is not None and not (self.alpha > 0 and self.alpha < float("inf")):
-            raise OptionError("--alpha must be a positive number")
-        if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
-            raise OptionError(f"unknown device {self.device!r}; use cpu, cuda or auto")
-        if self.target_modules is not None:
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if self.rank is None and self.energy is None and self.max_error is None:
-            object.__setattr__(self, "rank", 16)
-
 
 @dataclass
 class ExtractReport(Report):

@@ -36,11 +36,12 @@ from ..adapter.runtimes import (
     runtime_scale,
 )
 from ..adapter.scaling import unstable_patterns
-from ..errors import OptionError, RsloraError, cli_message
+from ..errors import RsloraError
 from ..plan.gguf import tied_embedding_problem
 from ..plan.merge import plan_merge
 from ..reporting import Report
 from .common import AdapterSpec, adapter_input, base_input, check_order, with_fields
+from .options import InspectOptions
 
 if TYPE_CHECKING:
     from ..hub.resolve import Source
@@ -97,25 +98,6 @@ class InspectReport(Report):
         d = asdict(self)
         d["errors"], d["warnings"] = self.errors, self.warnings
         return d
-
-
-@dataclass(frozen=True)
-class InspectOptions:
-    """What `inspect` also checks: a base, the runtimes you serve with; how it reads the adapter."""
-
-    base: str | None = None  # also check the adapter against this base model (folder or Hub repo)
-    runtimes: tuple[str, ...] = ()  # runtimes you will serve with ("vllm", "vllm@0.6.3"): their problems are warnings
-    revision: str | None = None  # of ADAPTER, when it is a Hub repo
-    token: str | None = None
-    allow_pickle: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "runtimes", tuple(self.runtimes))
-        for spec in self.runtimes:
-            try:
-                runtime(spec)
-            except RsloraError as e:
-                raise OptionError(cli_message(e)) from None
 
 
 def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = None, **fields: Any) -> InspectReport:

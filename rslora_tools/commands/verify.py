@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from ..adapter.adapter import Adapter
 from ..adapter.load import load_adapter
 from ..adapter.relative import relative_to_original
 from ..adapter.stacked import stack_adapters
-from ..errors import InputError, OptionError, cli_message
 from ..execute.recompute import TensorCheck, VerifyReport, check_folder
 from ..formats.checkpoint import Checkpoint
 from ..formats.provenance import PROVENANCE_NAME, read_provenance
@@ -25,41 +23,9 @@ from ..formats.quant import QuantScheme, trained_on_scheme
 from ..hub.resolve import resolve_merge_inputs
 from ..reporting import ProgressCallback
 from .common import AdapterSpec, adapter_input, adapter_list, check_order, with_fields
+from .options import VerifyOptions
 
 __all__ = ["TensorCheck", "VerifyOptions", "VerifyReport", "check_merged", "recipe_text", "verify"]
-
-
-@dataclass(frozen=True)
-class VerifyOptions:
-    """How the merge being checked was made, and how to check it; checked when made (OptionError).
-
-    Where the merge's own options are not given, MERGED's rslora_tools.json says them (weights,
-    --trained-on, --base-is-residual), and the report's `recipe` says so.
-    """
-
-    weights: tuple[float, ...] | None = None  # several adapters: the weights the merge was given
-    sample: int | None = None  # check only this many tensors, spread over the model (changed ones first)
-    allow_pickle: bool = False  # read an adapter that exists only as adapter_model.bin (weights_only)
-    trained_on: QuantScheme | None = None  # the merge was made with --trained-on ("nf4", or a QuantScheme)
-    initial: str | None = None  # INIT, as given to the merge (folder or Hub repo)
-    base_is_residual: bool = False
-    base_revision: str | None = None
-    adapter_revision: str | None = None
-    token: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.sample is not None and self.sample < 1:
-            raise OptionError("--sample must be a positive number of tensors")
-        if isinstance(self.trained_on, str):
-            try:
-                object.__setattr__(self, "trained_on", trained_on_scheme(self.trained_on))
-            except InputError as e:
-                raise OptionError(cli_message(e)) from None
-        if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-        if self.initial is not None and self.base_is_residual:
-            raise OptionError("--initial and --base-is-residual exclude each other: the first merges into the original "
-                              "base, the second into the residual base")
 
 
 def verify(

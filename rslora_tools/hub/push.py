@@ -17,83 +17,24 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..errors import HubError, InputError, OptionError, RsloraError
+from ..errors import HubError, InputError, RsloraError
 from ..formats.checkpoint import checked_file, read_json_file
 from ..formats.provenance import read_provenance
 from ..reporting import Report
 from .card import model_card
 from .client import hub_api, push_error
-from .refs import parse_ref
+from .target import PushTarget
 
 # Top-level files a push replaces as a whole: a stale one left beside the new files would be loaded instead of
 # them (model.safetensors beside a new index) or on top of them (adapter_config.json beside merged weights).
 STALE_PATTERNS = ("*.safetensors", "*.index.json", "adapter_config.json", "adapter_model.*", "*.bin", "*.pt",
                   "*.pth", "*.gguf", "rslora_tools.json")
-
-
-@dataclass(frozen=True)
-class PushTarget:
-    """Where a push goes: `--push-to-hub REPO_ID` and its companions (or `push`'s options)."""
-
-    repo_id: str
-    private: bool = False
-    revision: str | None = None  # a branch (created when missing); None: main
-    create_pr: bool = False
-    commit_message: str | None = None
-    token: str | None = None
-
-    def __post_init__(self) -> None:
-        ref = parse_ref(self.repo_id)
-        if ref is None or ref.revision or ref.subfolder:
-            raise OptionError(f"{self.repo_id}: not a Hub repo id (org/name); use --revision for a branch")
-        object.__setattr__(self, "repo_id", ref.repo_id)
-
-    @property
-    def branch(self) -> str:
-        return self.revision or "main"
-
-    def refuse_inputs(self, sources: Any) -> None:
-        """Refuse a push into the repo of an input named in `sources` (provenance records or hub.resolve.Source dicts).
-
-        Merged weights beside an adapter's `adapter_config.json` make loaders apply the adapter twice; in the
-        base's repo they replace the base. A pull request, or a branch other than main and the input's own
-        revision, leaves what loaders read by default alone.
-        """
-        if self.create_pr:
-            return
-        if self.branch != "main":
-            for repo, revision, role in input_repos(sources):
-                if repo.lower() == self.repo_id.lower() and (revision or "main") == self.branch:
-                    raise InputError(self._into_input(role, repo) + "; push to another branch or open a pull request")
-            return
-        for repo, _, role in input_repos(sources):
-            if repo.lower() == self.repo_id.lower():
-                raise InputError(self._into_input(role, repo) + "; push to another repo, or there with --create-pr "
-                                 "(a pull request) or `rslora-tools push FOLDER REPO_ID --revision BRANCH`")
-
-    def _into_input(self, role: str, repo: str) -> str:
-        return (f"{self.repo_id}: is the repo of the {role} ({repo}); pushing the output into it would change what "
-                f"loaders read as the {role}")
-
-
-def input_repos(record: Any, role: str = "input") -> Iterator[tuple[str, str | None, str]]:
-    """(repo id, revision, role) of every Hub input a provenance record or a sources mapping names."""
-    if isinstance(record, dict):
-        if isinstance(record.get("repo_id"), str):
-            revision = record.get("revision")
-            yield record["repo_id"], revision if isinstance(revision, str) else None, role
-        for key, value in record.items():
-            if key in ("base", "adapter", "adapters", "tuned", "initial", "combined"):
-                yield from input_repos(value, "base" if key == "base" else key.rstrip("s"))
-    elif isinstance(record, list):
-        for item in record:
-            yield from input_repos(item, role)
 
 
 @dataclass

@@ -26,9 +26,10 @@ from .._version import __version__
 from ..errors import HubError, RsloraError
 from ..formats.safetensors_file import SafetensorsHeader, header_length, parse_header
 from .client import LIBRARY_NAME, cache_dir, download_error, endpoint, hub_api, offline, push_error
-from .push import PushReport, PushTarget, commit, open_repo
+from .push import PushReport, commit, open_repo
 from .refs import HubRef
 from .resolve import Source
+from .target import PushTarget
 
 HEADER_PROBE = 256 << 10  # bytes of a shard's beginning asked for at first: the length and (almost always) the header
 

@@ -25,13 +25,18 @@ SUGGESTION = re.compile(r"rslora-tools (\w+)((?: [^`);,\"]*)?)")
 
 
 def message_strings(path: Path) -> list[str]:
-    """The string constants of a module that are not docstrings or comments (f-strings' literal parts joined)."""
+    """The string constants of a module that are not docstrings, comments or a flag's declaration (f-strings' literal
+    parts joined)."""
     tree = ast.parse(path.read_text())
     docstrings = {id(node.body[0].value) for node in ast.walk(tree)
                   if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
                   and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    helps = {id(sub) for node in ast.walk(tree)  # a flag's help (rslora_tools.flags.Flag) is CLI words, not a message
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Flag" for sub in ast.walk(node)}
     found = []
     for node in ast.walk(tree):
+        if id(node) in helps:
+            continue
         if isinstance(node, ast.JoinedStr):
             found.append("".join(v.value if isinstance(v, ast.Constant) else "X" for v in node.values))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
