@@ -89,7 +89,6 @@ def with_experts(run: Run, t: TensorPlan, slots: list[Slot]) -> None:
     import torch
 
     from ..compute.quantization import dequantize_expert
-    from ..compute.requantize import requantization_norms, requantized
     from ..compute.torch_ops import adapter_weight, merged_expert
 
     q = t.quant
@@ -122,24 +121,36 @@ def with_experts(run: Run, t: TensorPlan, slots: list[Slot]) -> None:
                 if fast is not None:
                     sums = [a + b for a, b in zip(sums, fast[1])]
             continue
-        assert q is not None and q.stored is not None
-        measured = t.lora is not None or bool(t.parts)
-        fast = _requantize_mxfp4_by_kernel(q.stored, value, start if measured else None, keep.dtype)
-        if fast is not None:
-            parts, norms = fast
-        else:
-            layout = {role: (torch_dtype(run.checkpoint.headers[run.checkpoint.weight_map[name]], name),
-                             (1, *run.checkpoint.info(name).shape[1:])) for role, name in q.stored.parts.items()}
-            parts, back = requantized(q.stored, value.unsqueeze(0), layout,
-                                      lambda name: run.base.read_slice(name, expert).unsqueeze(0))
-            norms = requantization_norms(value.unsqueeze(0), back, start.unsqueeze(0))
-        roles = (REQUANTIZED_ROLES[q.scheme.method][0], *(role for role, _ in keep.rewritten))
-        for slot, role in zip(slots, roles):
-            _write_slice(slot, expert, experts, parts[role])
-        if measured:
+        norms = _requantized_expert(run, t, slots, expert, experts, value, start)
+        if norms is not None:
             sums = [a + b for a, b in zip(sums, norms)]
     if (keep is not None and (t.lora is not None or t.parts)) or measure:
         record(run, t.name, (sums[0], sums[1], sums[2]))
+
+
+def _requantized_expert(run: Run, t: TensorPlan, slots: list[Slot], expert: int, experts: int, value: torch.Tensor,
+                        start: torch.Tensor) -> tuple[float, float, float] | None:
+    """One merged expert quantized back into the base's format (--keep-quantization), its codes and scales written at
+    the expert's offsets in their outputs; the requantization's norms when the adapter changed the tensor."""
+    from ..compute.requantize import requantization_norms, requantized
+
+    q = t.quant
+    assert q is not None and q.stored is not None and q.keep is not None
+    measured = t.lora is not None or bool(t.parts)
+    fast = _requantize_mxfp4_by_kernel(q.stored, value, start if measured else None, q.keep.dtype)
+    if fast is not None:
+        parts, norms = fast
+    else:
+        stored = q.stored
+        layout = {role: (torch_dtype(run.checkpoint.headers[run.checkpoint.weight_map[name]], name),
+                         (1, *run.checkpoint.info(name).shape[1:])) for role, name in stored.parts.items()}
+        parts, back = requantized(stored, value.unsqueeze(0), layout,
+                                  lambda name: run.base.read_slice(name, expert).unsqueeze(0))
+        norms = requantization_norms(value.unsqueeze(0), back, start.unsqueeze(0))
+    roles = (REQUANTIZED_ROLES[q.scheme.method][0], *(role for role, _ in q.keep.rewritten))
+    for slot, role in zip(slots, roles):
+        _write_slice(slot, expert, experts, parts[role])
+    return norms if measured else None
 
 
 def _requantize_mxfp4_by_kernel(stored: QuantizedWeight, value: torch.Tensor, start: torch.Tensor | None, dtype: str

@@ -333,6 +333,20 @@ def _check_group_indices(stored: QuantizedWeight, checkpoint: Checkpoint, read: 
 
 def _check_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) -> None:
     """Each stored part has the element count (or shape) its format gives for the weight's shape."""
+    method = stored.scheme.method
+    for role, want in _expected_parts(stored, checkpoint, where).items():
+        info = checkpoint.info(stored.parts[role])
+        have = info.numel if isinstance(want, int) else info.shape
+        if have != want:
+            what = f"{want} values" if isinstance(want, int) else f"shape {list(want)}"
+            got = f"{have} values" if isinstance(have, int) else f"shape {list(have)}"
+            raise InputError(f"{where}: {stored.parts[role]} has {got}; {method} needs {what} for {stored.name} "
+                             f"{list(stored.shape)}")
+
+
+def _expected_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) -> dict[str, tuple[int, ...] | int]:
+    """Each stored part's shape (or element count, an int) by its format; parts whose size a rule of its own checks
+    (a 4-bit weight's bytes, a float scale's shape, an int group size) are checked here."""
     n = 1
     for d in stored.shape:
         n *= d
@@ -380,14 +394,7 @@ def _check_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) ->
         expected = {"scales": (groups, out_features), "qzeros": (groups, -(-out_features // per_int))}
         if method == "gptq":
             expected["g_idx"] = (in_features,)
-    for role, want in expected.items():
-        info = checkpoint.info(stored.parts[role])
-        have = info.numel if isinstance(want, int) else info.shape
-        if have != want:
-            what = f"{want} values" if isinstance(want, int) else f"shape {list(want)}"
-            got = f"{have} values" if isinstance(have, int) else f"shape {list(have)}"
-            raise InputError(f"{where}: {stored.parts[role]} has {got}; {method} needs {what} for {stored.name} "
-                             f"{list(stored.shape)}")
+    return expected
 
 
 def _bnb4_weights(scheme: QuantScheme, names: list[str], read: RawReader, where: str) -> dict[str, QuantizedWeight]:

@@ -117,61 +117,60 @@ def _how_it_was_made(prov: dict[str, Any]) -> list[str]:
 
 
 def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str | None, tokenizer: bool) -> str:
-    name = repo_id.split("/")[-1]
     version = prov.get("version", __version__)
-    lines = [f"# {name}", ""]
+    lines = [f"# {repo_id.split('/')[-1]}", ""]
     if prov.get("operation") == "merge":
-        stacked = isinstance(prov.get("adapters"), list)
-        what = (f"the LoRA adapters {_describe_all(prov['adapters'], prov.get('weights'))}, merged one after another,"
-                if stacked else f"the LoRA adapter {_describe(prov.get('adapter'))}")
-        lines += [
-            f"This model is {what} merged into "
-            f"{_describe(prov.get('base'))} with {_tool(version)}.",
-            "The merged weights equal PEFT's `merge_and_unload()` bit for bit.",
-            "",
-            f"- Adapter convention: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",
-            f"- LoRA modules merged: {prov.get('modules', '?')}",
-        ]
-        if prov.get("scale_min") is not None:
-            lo, hi = prov["scale_min"], prov["scale_max"]
-            lines.append(f"- Per-module scale: {lo:.6g}" + ("" if lo == hi else f" to {hi:.6g} (rank/alpha patterns)"))
-        verified = prov.get("verified")
-        if isinstance(verified, dict):
-            lines.append(f"- Verified after merging (`--verify`): {verified.get('verdict')}, "
-                         f"{verified.get('tensors_checked')} tensors recomputed and compared")
-        lines += ["", "## Use", "", "```python",
-                  "from transformers import AutoModelForCausalLM" + (", AutoTokenizer" if tokenizer else ""), "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-                  *([f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'] if tokenizer else []), "```"]
-    elif is_adapter and prov.get("operation") == "extract":
-        lines += [
-            f"A PEFT LoRA adapter extracted from {_describe(prov.get('tuned'))} as its difference to "
-            f"{_describe(prov.get('base'))}, with {_tool(version)}.",
-            "Each module's rank, retained energy and relative error were reported when it was made.",
-            "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
-        ]
-    elif is_adapter and prov.get("operation") == "combine":
-        lines += [
-            f"A PEFT LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''} combining "
-            f"{_describe_all(prov.get('adapters') or [], prov.get('weights'))} by `{prov.get('method', '?')}`, made "
-            f"with {_tool(version)}.",
-            "Its factors carry every input's scale and weight; its config gives every module scale 1.",
-            "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
-        ]
+        lines += _merged_model_lines(repo_id, prov, version, tokenizer)
     elif is_adapter:
-        what = prov.get("message") or "converted"
-        lines += [
-            f"A PEFT LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, converted with "
-            f"{_tool(version)}: {what}.",
-            f"Every module keeps the scale PEFT applied to the original adapter {_describe(prov.get('adapter'))}.",
-            "",
-            f"- Convention now: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",
-            f"- Conversion: {prov.get('method', '?')} (target: {prov.get('target', '?')})",
-            "", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```",
-        ]
+        lines += _adapter_lines(prov, version, base)
+        lines += ["", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```"]
     else:
         lines += ["Uploaded with rslora-tools."]
     return "\n".join(lines + _how_it_was_made(prov)) + "\n"
+
+
+def _merged_model_lines(repo_id: str, prov: dict[str, Any], version: str, tokenizer: bool) -> list[str]:
+    """What a merged model is made of, how it was checked, and how to load it."""
+    stacked = isinstance(prov.get("adapters"), list)
+    what = (f"the LoRA adapters {_describe_all(prov['adapters'], prov.get('weights'))}, merged one after another,"
+            if stacked else f"the LoRA adapter {_describe(prov.get('adapter'))}")
+    lines = [
+        f"This model is {what} merged into "
+        f"{_describe(prov.get('base'))} with {_tool(version)}.",
+        "The merged weights equal PEFT's `merge_and_unload()` bit for bit.",
+        "",
+        f"- Adapter convention: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",
+        f"- LoRA modules merged: {prov.get('modules', '?')}",
+    ]
+    if prov.get("scale_min") is not None:
+        lo, hi = prov["scale_min"], prov["scale_max"]
+        lines.append(f"- Per-module scale: {lo:.6g}" + ("" if lo == hi else f" to {hi:.6g} (rank/alpha patterns)"))
+    verified = prov.get("verified")
+    if isinstance(verified, dict):
+        lines.append(f"- Verified after merging (`--verify`): {verified.get('verdict')}, "
+                     f"{verified.get('tensors_checked')} tensors recomputed and compared")
+    return lines + ["", "## Use", "", "```python",
+                    "from transformers import AutoModelForCausalLM" + (", AutoTokenizer" if tokenizer else ""), "",
+                    f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+                    *([f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'] if tokenizer else []), "```"]
+
+
+def _adapter_lines(prov: dict[str, Any], version: str, base: str | None) -> list[str]:
+    """What an adapter is (extracted, combined or converted) and where it came from."""
+    for_base = f" for [{base}](https://huggingface.co/{base})" if base else ""
+    if prov.get("operation") == "extract":
+        return [f"A PEFT LoRA adapter extracted from {_describe(prov.get('tuned'))} as its difference to "
+                f"{_describe(prov.get('base'))}, with {_tool(version)}.",
+                "Each module's rank, retained energy and relative error were reported when it was made."]
+    if prov.get("operation") == "combine":
+        return [f"A PEFT LoRA adapter{for_base} combining "
+                f"{_describe_all(prov.get('adapters') or [], prov.get('weights'))} by `{prov.get('method', '?')}`, "
+                f"made with {_tool(version)}.",
+                "Its factors carry every input's scale and weight; its config gives every module scale 1."]
+    what = prov.get("message") or "converted"
+    return [f"A PEFT LoRA adapter{for_base}, converted with {_tool(version)}: {what}.",
+            f"Every module keeps the scale PEFT applied to the original adapter {_describe(prov.get('adapter'))}.",
+            "",
+            f"- Convention now: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",
+            f"- Conversion: {prov.get('method', '?')} (target: {prov.get('target', '?')})"]
