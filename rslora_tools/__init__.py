@@ -31,7 +31,7 @@ _EXPORTS = {
     "PushAfterWriteError": "errors",
     "MergeOptions": "execute.options", "MergeReport": "execute.merge_job", "merge": "commands.merge",
     "StreamOptions": "execute.options", "StreamReport": "execute.hub_stream",
-    "ConvertOptions": "commands.options", "ConvertReport": "commands.convert", "convert": "commands.convert",
+    "ConvertOptions": "commands.options", "ConvertReport": "execute.converted", "convert": "commands.convert",
     "CombineOptions": "commands.options", "CombineReport": "commands.combine", "combine": "commands.combine",
     "ExtractOptions": "commands.options", "ExtractReport": "commands.extract", "extract": "commands.extract",
     "VerifyOptions": "commands.options", "VerifyReport": "execute.recompute", "verify": "commands.verify",
@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .adapter.load import load_adapter  # noqa: F401
     from .adapter.scaling import ModuleScale, module_scale, scale  # noqa: F401
     from .commands.combine import CombineReport, combine  # noqa: F401
-    from .commands.convert import ConvertReport, convert  # noqa: F401
+    from .commands.convert import convert  # noqa: F401
     from .commands.extract import ExtractReport, extract  # noqa: F401
     from .commands.inspect import InspectReport, inspect_adapter  # noqa: F401
     from .commands.merge import merge  # noqa: F401
@@ -81,6 +81,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         RsloraError,
         UnsupportedAdapterError,
     )
+    from .execute.converted import ConvertReport  # noqa: F401
     from .execute.hub_stream import StreamReport  # noqa: F401
     from .execute.merge_job import MergeReport  # noqa: F401
     from .execute.options import MergeOptions, StreamOptions  # noqa: F401

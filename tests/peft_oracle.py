@@ -168,3 +168,15 @@ def make_init_variant(base: Path, folder: Path, config, *, vocab: int = 64, std:
     peft_model.save_pretrained(folder / "trained")
     peft_model.unload().save_pretrained(folder / "residual")
     return folder
+
+
+class TwoAttentions(torch.nn.Module):
+    """Two torch.nn.MultiheadAttention modules in a row (PEFT's MHA LoRA: in_proj and out_proj, patterns by name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.other = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.other(*(self.mha(x, x, x)[0],) * 3)[0]

@@ -35,7 +35,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from .convert import ConvertReport
+    from ..execute.converted import ConvertReport
 from ..adapter.writer import AdapterWriter
 from ..formats.provenance import write_provenance
 from .options import CombineOptions, ConvertOptions

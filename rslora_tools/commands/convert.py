@@ -29,6 +29,7 @@ from ..adapter.scaling import Convention
 from ..adapter.writer import AdapterWriter, check_config_finite, write_config
 from ..compute.finite import check_finite
 from ..errors import OptionError
+from ..execute.converted import ConvertReport, config_changes, copy_other_files, other_files
 from ..formats.checkpoint import open_checkpoint
 from ..formats.output import check_output_file, check_output_location, writing
 from ..formats.provenance import write_provenance
@@ -43,7 +44,6 @@ from .common import (
     publish,
     with_fields,
 )
-from .converted import ConvertReport, config_changes, copy_other_files, other_files
 from .options import ConvertOptions
 
 
@@ -96,11 +96,15 @@ def convert_adapter(loaded: Adapter, out: Path, options: ConvertOptions, source:
     require_plain(loaded)
     entries = module_entries(loaded)
     if options.expert_layout is not None or options.key_layout is not None:
-        from .relayout import Relayout, relayout_adapter
+        from ..execute.relayout_writer import Relayout, relayout_adapter
 
         assert options.base is not None
         relayout = Relayout(options.base, expert_layout=options.expert_layout, key_layout=options.key_layout)
-        return relayout_adapter(loaded, entries, out, relayout, options, source)
+        base_folder = base_input(options.base, token=options.token).path
+        report = relayout_adapter(loaded, entries, out, relayout, base_folder, options, source)
+        pushed = publish(out, options)
+        report.push = pushed.to_dict() if pushed is not None else None
+        return report
     if not options.allow_nonfinite and not options.dry_run:
         for adapter_on_disk in loaded.sources:
             check_finite(adapter_on_disk)
@@ -109,7 +113,7 @@ def convert_adapter(loaded: Adapter, out: Path, options: ConvertOptions, source:
         base = base_input(options.base, token=options.token).path
         report = _convert_to_gguf(loaded, entries, base, out, options)
     elif options.target is not None and options.target != "unit" and runtime(options.target).adapter_format == "mlx-lm":
-        from .mlx import convert_to_mlx
+        from ..execute.mlx_writer import convert_to_mlx
 
         report = convert_to_mlx(loaded, entries, out, options, source)
         pushed = publish(out, options)

@@ -436,10 +436,10 @@ def test_gguf_output_may_not_land_in_an_input(llama_fp32, tmp_path):
 
 
 def test_multihead_attention_adapter_converts_exactly(tmp_path):
-    from test_merge_matrix import _Attention
+    from peft_oracle import TwoAttentions
 
     torch.manual_seed(0)
-    net = _Attention()
+    net = TwoAttentions()
     cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["mha", "other"], init_lora_weights=False,
                      rank_pattern={"other": 2}, alpha_pattern={"other": 3})
     adapter = make_adapter(net, tmp_path / "a", cfg)

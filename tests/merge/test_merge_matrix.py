@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from helpers import cli_run
 from peft import LoraConfig
 from peft_oracle import (
+    TwoAttentions,
     assert_same_tensors,
     load_causal_lm,
     make_adapter,
@@ -360,21 +361,11 @@ def test_large_linear_merged_in_blocks_equals_peft(tmp_path, dtype):
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(net, adapter))
 
 
-class _Attention(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
-        self.other = torch.nn.MultiheadAttention(32, 2, batch_first=True)
-
-    def forward(self, x):
-        return self.other(*(self.mha(x, x, x)[0],) * 3)[0]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_multihead_attention_in_and_out_proj(tmp_path, dtype):
     """PEFT's MHA LoRA: in_proj double-rounded, out_proj delta applied twice, patterns by the MHA's name."""
     torch.manual_seed(0)
-    net = _Attention().to(dtype)
+    net = TwoAttentions().to(dtype)
     base = save_module(net, tmp_path / "base")
     cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["mha", "other"], init_lora_weights=False,
                      rank_pattern={"other": 2}, alpha_pattern={"other": 3})

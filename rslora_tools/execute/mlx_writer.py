@@ -1,4 +1,5 @@
-"""`convert --target mlx`: a PEFT adapter written as the mlx-lm adapter that serves it (plan/mlx.py decides how).
+"""The writer of `convert --target mlx`: a PEFT adapter written as the mlx-lm adapter that serves it (plan/mlx.py
+decides how).
 
 OUT gets mlx-lm's `adapter_config.json` and `adapters.safetensors` (lora_a = A^T of shape (in, r),
 lora_b = B^T (r, out), m the DoRA magnitude), the adapter's other files (not its PEFT model card: `push` writes an
@@ -16,12 +17,12 @@ from ..adapter.adapter import Adapter
 from ..adapter.mlx import MLX_WEIGHTS_NAME
 from ..adapter.module_scales import ModuleEntry
 from ..adapter.writer import AdapterWriter
-from ..execute.options import OutputOptions
 from ..formats.output import check_output_location, writing
 from ..formats.provenance import write_provenance
 from ..plan.convert import ConversionPlan
 from ..plan.mlx import MlxModule, MlxPlan, plan_mlx
 from .converted import ConvertReport, copy_other_files, other_files
+from .options import OutputOptions
 
 if TYPE_CHECKING:
     import torch

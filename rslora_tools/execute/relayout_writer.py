@@ -1,8 +1,9 @@
-"""`convert --expert-layout per-expert|fused` and `convert --key-layout base|transformers-5`: an adapter in another layout.
+"""The writer of `convert --expert-layout per-expert|fused` and `--key-layout base|transformers-5`: an adapter in
+another layout.
 
 plan/relayout.py decides the new tensors and config, compute/relayout.py makes them; this module reads BASE (its
-config.json names the architecture, its checkpoint the tensors), writes OUT through the one adapter writer, and
-pushes it when asked. Every module keeps its scale.
+config.json names the architecture, its checkpoint the tensors; commands/convert.py resolves it and pushes OUT when
+asked) and writes OUT through the one adapter writer. Every module keeps its scale.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from ..adapter.adapter import Adapter
 from ..adapter.module_scales import ModuleEntry
 from ..adapter.writer import AdapterWriter
 from ..errors import UnsupportedAdapterError
-from ..execute.options import OutputOptions
 from ..formats.checkpoint import open_checkpoint
 from ..formats.output import check_output_location, writing
 from ..formats.provenance import write_provenance
@@ -25,8 +25,8 @@ from ..plan.experts import ExpertSlot, expert_slot, fused_parameter
 from ..plan.layouts import FUSED, Layouts
 from ..plan.names import NameResolver
 from ..plan.relayout import plan_relayout
-from .common import base_input, publish
 from .converted import ConvertReport, config_changes, copy_other_files, other_files
+from .options import OutputOptions
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,12 @@ class Relayout:
     key_layout: str | None = None  # "base" or "transformers-5"
 
 
-def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, relayout: Relayout,
+def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, relayout: Relayout, base: Path,
                      options: OutputOptions, source: dict[str, Any]) -> ConvertReport:
-    """The adapter in `relayout`'s layouts, written to OUT (pushed when asked)."""
+    """The adapter in `relayout`'s layouts against the base folder `base` (relayout.base resolved), written to OUT."""
     from ..compute.relayout import block_diagonal, relayout_tensor, same_a
 
-    checkpoint = open_checkpoint(base_input(relayout.base, token=options.token).path)
+    checkpoint = open_checkpoint(base)
     layouts = Layouts.of(checkpoint.config)
     fused = [e for e in entries if e.wrapping == "param" and e.name.rpartition(".")[2] in FUSED]
     if relayout.expert_layout is not None and not layouts.has_experts and fused:
@@ -88,8 +88,6 @@ def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, rel
         write_provenance(tmp, {"operation": "convert", "adapter": source, "base_model": loaded.config.base_model_name_or_path,
                                "message": plan.message, "target": report.target, "method": "relayout",
                                "convention": loaded.config.convention})
-    pushed = publish(out, options)
-    report.push = pushed.to_dict() if pushed is not None else None
     return report
 
 
