@@ -82,6 +82,30 @@ def test_every_flag_a_library_message_names_has_python_words():
     assert missing == set()
 
 
+def test_the_python_words_of_a_flag_name_the_field_it_is_declared_on():
+    """API_WORDS says a one-flag option as its field (rslora_tools/flags.py declares which field a flag sets): a
+    renamed field or flag cannot leave a message telling Python callers a keyword that does not exist."""
+    from rslora_tools.commands import options as command_options
+    from rslora_tools.execute import options as merge_options
+    from rslora_tools.flags import flags_of
+    from rslora_tools.hub.target import PushTarget
+
+    classes = [merge_options.MergeOptions, PushTarget, *(getattr(command_options, n) for n in (
+        "ConvertOptions", "CombineOptions", "ExtractOptions", "VerifyOptions", "InspectOptions"))]
+    wrong = []
+    for options in classes:
+        for field, _, declared in flags_of(options):
+            if len(declared) != 1 or declared[0].name not in API_WORDS:
+                continue  # a field several flags make up says each in its own words (PushTarget(private=True))
+            flag = declared[0]
+            said = API_WORDS[flag.name]
+            expected = {f"{field}=True"} if flag.is_flag and flag.secondary is None else {f"{field}=True", f"{field}="} \
+                if flag.secondary else {f"{field}="}
+            if said not in expected and not said.startswith(f"{options.__name__}("):
+                wrong.append(f"{options.__name__}.{field}: {flag.name} is said {said!r}")
+    assert wrong == []
+
+
 @pytest.mark.parametrize(("cli_words", "python_words"), [
     ("pass --overwrite to replace it", "pass overwrite=True to replace it"),
     ("pass --initial INIT or --base-is-residual", "pass initial=INIT or base_is_residual=True"),
