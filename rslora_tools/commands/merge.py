@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..adapter.adapter import Adapter
@@ -65,26 +65,28 @@ def merge(
     inputs = _stream_inputs(base, adapters, options) if isinstance(output, HubStream) else \
         merge_inputs(base, adapters, options, base_shards=output.reads_base_shards)
     check_push(options, inputs.sources)  # a push into an input's own repo: refused before any work
-    report = _writer(output)(inputs, output, options, progress)
+    report = _write(inputs, output, options, progress)
     if isinstance(output, Folder):  # pushed once complete on disk (a stream is its own push)
         pushed = publish(output.path, options)
         report.push = pushed.to_dict() if pushed is not None else None
     return report
 
 
-def _writer(output: Output) -> Callable[..., MergeReport]:
-    """The writer of each kind of output (execute/outputs.py), imported only when it writes."""
+def _write(inputs: MergeInputs, output: Output, options: MergeOptions,
+           progress: ProgressCallback | None) -> MergeReport:
+    """The output's writer (execute/outputs.py), imported only when it writes (a folder merge loads neither the Hub
+    nor the GGUF code)."""
     if isinstance(output, Folder):
         from ..execute.folder_writer import write_folder
 
-        return write_folder
+        return write_folder(inputs, output, options, progress)
     if isinstance(output, GgufFile):
         from ..execute.gguf_writer import write_gguf_file
 
-        return write_gguf_file
+        return write_gguf_file(inputs, output, options, progress)
     from ..execute.hub_stream import stream_to_hub
 
-    return stream_to_hub
+    return stream_to_hub(inputs, output, options, progress)
 
 
 def _stream_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], options: MergeOptions) -> MergeInputs:

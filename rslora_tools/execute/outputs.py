@@ -5,8 +5,8 @@ refuses, when made, what it cannot do (a GGUF file is not re-sharded, a stream h
 overwrite), and says whether BASE's shards are fetched before the merge starts or as its writer
 needs them (`reads_base_shards`). Each has one writer with the same interface,
 `write_...(inputs, output, options, progress) -> MergeReport`, which prepares the merge, writes it
-and reports: execute/folder_writer.py, gguf_writer.py, hub_stream.py (`WRITERS` in
-commands/merge.py picks it). A new kind of output is one class here and one writer module.
+and reports: execute/folder_writer.py, gguf_writer.py, hub_stream.py (`_write` in
+commands/merge.py calls it). A new kind of output is one class here and one writer module.
 """
 
 from __future__ import annotations
