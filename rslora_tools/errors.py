@@ -97,7 +97,10 @@ def cli_message(e: BaseException) -> str:
 
 
 class OptionError(RsloraError):
-    """Options that cannot go together, or an option's value out of range: a usage error (the CLI exits 2)."""
+    """Options that cannot go together, or an option's value out of range: a usage error (the CLI exits 2).
+
+    `fields["options"]`: the names of the options fields it is about (("initial", "base_is_residual")), or
+    `fields["argument"]` ("OUT") when it is about an argument."""
 
 
 class PushAfterWriteError(RsloraError):

@@ -66,7 +66,7 @@ def push_target(flags: dict[str, Any]) -> Any:
         given = [name for name, key in (("--private", "private"), ("--create-pr", "create_pr"),
                                         ("--commit-message", "commit_message")) if flags.get(key)]
         if given:
-            raise OptionError(f"{given[0]} goes with --push-to-hub REPO_ID")
+            raise OptionError(f"{given[0]} goes with --push-to-hub REPO_ID", options=("push",))
         return None
     from ..hub.target import PushTarget
 
@@ -82,14 +82,15 @@ def trained_on(flags: dict[str, Any]) -> Any:
     block, skip = flags.get("quant_blocksize"), flags.get("skip_modules")
     if flags.get("trained_on") is None:
         if any(flags.get(k) is not None for k in ("double_quant", "quant_blocksize", "skip_modules")):
-            raise OptionError("--double-quant, --quant-blocksize and --skip-modules describe --trained-on; pass it too")
+            raise OptionError("--double-quant, --quant-blocksize and --skip-modules describe --trained-on; pass it too",
+                              options=("trained_on",))
         return None
     try:
         return trained_on_scheme(flags["trained_on"], double_quant=flags.get("double_quant"),
                                  blocksize=int(block) if block is not None else None,
                                  skip_modules=[m.strip() for m in skip.split(",") if m.strip()] if skip else None)
     except InputError as e:
-        raise OptionError(cli_message(e)) from None
+        raise OptionError(cli_message(e), options=("trained_on",)) from None
 
 
 def weights(text: str | None) -> tuple[float, ...] | None:
@@ -108,14 +109,14 @@ def stream(flags: dict[str, Any]) -> Any:
         return StreamOptions(Path(flags["scratch"]) if flags["scratch"] else None, flags["keep_cache"],
                              flags["no_resume"])
     if flags["scratch"] or flags["keep_cache"] or flags["no_resume"]:
-        raise OptionError("--scratch, --keep-cache and --no-resume go with --stream")
+        raise OptionError("--scratch, --keep-cache and --no-resume go with --stream", options=("stream",))
     return None
 
 
 def to(flags: dict[str, Any]) -> str | None:
     """--to-rslora / --to-classic as the convention to rewrite to (None: neither)."""
     if flags["to_rslora"] and flags["to_classic"]:
-        raise OptionError("--to-rslora and --to-classic exclude each other")
+        raise OptionError("--to-rslora and --to-classic exclude each other", options=("to",))
     return "rslora" if flags["to_rslora"] else "classic" if flags["to_classic"] else None
 
 

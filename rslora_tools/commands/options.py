@@ -71,28 +71,33 @@ class ConvertOptions(OutputOptions):
         if (self.to is not None and self.target is not None) or (self.to is None and self.target is None
                                                                  and self.initial is None):
             raise OptionError("choose one of --to-rslora, --to-classic or --target RUNTIME (or --initial INIT alone), "
-                              "or --expert-layout / --key-layout")
+                              "or --expert-layout / --key-layout",
+                              options=("to", "target", "initial", "expert_layout", "key_layout"))
         if self.to is not None and self.to not in CONVENTIONS:
-            raise OptionError(f"unknown convention {self.to!r}; use rslora or classic")
+            raise OptionError(f"unknown convention {self.to!r}; use rslora or classic", options=("to",))
         if self.bake and self.to is None:
-            raise OptionError("--bake goes with --to-rslora or --to-classic (--target bakes when it must)")
+            raise OptionError("--bake goes with --to-rslora or --to-classic (--target bakes when it must)",
+                              options=("bake", "to"))
         if self.target is not None and self.target != "unit":
             try:
                 runtime(self.target)  # an unknown runtime or version is an error before anything is read
             except InputError as e:
-                raise OptionError(cli_message(e)) from None
+                raise OptionError(cli_message(e), options=("target",)) from None
 
     def _check_relayout(self) -> None:
         if self.expert_layout not in (None, "per-expert", "fused"):
-            raise OptionError(f"unknown expert layout {self.expert_layout!r}; use per-expert or fused")
+            raise OptionError(f"unknown expert layout {self.expert_layout!r}; use per-expert or fused",
+                              options=("expert_layout",))
         if self.key_layout not in (None, "base", "transformers-5"):
-            raise OptionError(f"unknown key layout {self.key_layout!r}; use base or transformers-5")
+            raise OptionError(f"unknown key layout {self.key_layout!r}; use base or transformers-5",
+                              options=("key_layout",))
         if self.to is not None or self.target is not None or self.initial is not None or self.bake:
             raise OptionError("--expert-layout and --key-layout rewrite the layout only; convert the convention or "
-                              "for a runtime in a second convert")
+                              "for a runtime in a second convert", options=("expert_layout", "key_layout"))
         if self.base is None:
             raise OptionError("--expert-layout and --key-layout need --base BASE (its config.json names the "
-                              "architecture and its checkpoint the tensors)")
+                              "architecture and its checkpoint the tensors)",
+                              options=("expert_layout", "key_layout", "base"))
 
 
 @dataclass(frozen=True)
@@ -121,26 +126,26 @@ class CombineOptions(OutputOptions):
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise OptionError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+            raise OptionError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}", options=("method",))
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
             if not all(math.isfinite(w) for w in self.weights):
-                raise OptionError("--weights must be finite numbers")
+                raise OptionError("--weights must be finite numbers", options=("weights",))
         if self.rank is not None and (self.method != "svd" or self.rank < 1):
-            raise OptionError("--rank goes with --method svd and is a positive integer")
+            raise OptionError("--rank goes with --method svd and is a positive integer", options=("rank", "method"))
         density, method = self.density, self.method
         if method in DENSITY_METHODS:
             low_ok = density is not None and (density > 0.0 if method.startswith("dare") else density >= 0.0)
             if density is None or not low_ok or density > 1.0:
                 raise OptionError(f"--method {method} needs --density D, the fraction of values kept (0 to 1; above 0 "
-                                  "for dare, which divides by it)")
+                                  "for dare, which divides by it)", options=("method", "density"))
         elif density is not None:
-            raise OptionError(f"--density goes with {', '.join(DENSITY_METHODS)}")
+            raise OptionError(f"--density goes with {', '.join(DENSITY_METHODS)}", options=("density", "method"))
         if self.target is not None and self.target != "unit":
             try:
                 runtime(self.target)  # an unknown runtime is refused before anything is computed
             except InputError as e:
-                raise OptionError(cli_message(e)) from None
+                raise OptionError(cli_message(e), options=("target",)) from None
 
 
 @dataclass(frozen=True)
@@ -172,17 +177,18 @@ class ExtractOptions(OutputOptions):
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.rank, self.energy, self.max_error)) > 1:
-            raise OptionError("choose one of --rank, --energy or --max-error")
+            raise OptionError("choose one of --rank, --energy or --max-error", options=("rank", "energy", "max_error"))
         if self.rank is not None and self.rank < 1:
-            raise OptionError("--rank must be a positive integer")
+            raise OptionError("--rank must be a positive integer", options=("rank",))
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise OptionError("--energy is a fraction of the delta's squared norm, above 0 and at most 1")
+            raise OptionError("--energy is a fraction of the delta's squared norm, above 0 and at most 1",
+                              options=("energy",))
         if self.max_error is not None and not 0.0 <= self.max_error < 1.0:
-            raise OptionError("--max-error is a relative error, at least 0 and below 1")
+            raise OptionError("--max-error is a relative error, at least 0 and below 1", options=("max_error",))
         if self.alpha is not None and not (self.alpha > 0 and self.alpha < float("inf")):
-            raise OptionError("--alpha must be a positive number")
+            raise OptionError("--alpha must be a positive number", options=("alpha",))
         if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
-            raise OptionError(f"unknown device {self.device!r}; use cpu, cuda or auto")
+            raise OptionError(f"unknown device {self.device!r}; use cpu, cuda or auto", options=("device",))
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.rank is None and self.energy is None and self.max_error is None:
@@ -212,17 +218,17 @@ class VerifyOptions:
 
     def __post_init__(self) -> None:
         if self.sample is not None and self.sample < 1:
-            raise OptionError("--sample must be a positive number of tensors")
+            raise OptionError("--sample must be a positive number of tensors", options=("sample",))
         if isinstance(self.trained_on, str):
             try:
                 object.__setattr__(self, "trained_on", trained_on_scheme(self.trained_on))
             except InputError as e:
-                raise OptionError(cli_message(e)) from None
+                raise OptionError(cli_message(e), options=("trained_on",)) from None
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
         if self.initial is not None and self.base_is_residual:
             raise OptionError("--initial and --base-is-residual exclude each other: the first merges into the original "
-                              "base, the second into the residual base")
+                              "base, the second into the residual base", options=("initial", "base_is_residual"))
 
 
 @dataclass(frozen=True)
@@ -246,4 +252,4 @@ class InspectOptions:
             try:
                 runtime(spec)
             except RsloraError as e:
-                raise OptionError(cli_message(e)) from None
+                raise OptionError(cli_message(e), options=("runtimes",)) from None

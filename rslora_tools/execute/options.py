@@ -92,11 +92,13 @@ def parse_weights(weights: Any) -> tuple[float, ...]:
     try:
         values = tuple(float(w) for w in items) if not isinstance(items, (int, float)) else (float(items),)
     except (TypeError, ValueError):
-        raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)") from None
+        raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)",
+                          options=("weights",)) from None
     if not values or any(isinstance(w, bool) for w in (items if isinstance(items, (list, tuple)) else ())):
-        raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)")
+        raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)",
+                          options=("weights",))
     if not all(math.isfinite(w) for w in values):
-        raise OptionError("--weights must be finite numbers")
+        raise OptionError("--weights must be finite numbers", options=("weights",))
     return values
 
 
@@ -145,40 +147,43 @@ class MergeOptions(OutputOptions):
         "$RSLORA_TOOLS_LLAMA_CPP_DIR)."))
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "dtype", parse_dtype(self.dtype))
-            size = self.max_shard_size
-            object.__setattr__(self, "max_shard_size", parse_size(size) if size is not None else None)
-            if isinstance(self.trained_on, str):
-                object.__setattr__(self, "trained_on", trained_on_scheme(self.trained_on))
-        except (ValueError, InputError) as e:
-            raise OptionError(cli_message(e)) from None
+        for name, parse in (("dtype", parse_dtype), ("max_shard_size", parse_size), ("trained_on", trained_on_scheme)):
+            value = getattr(self, name)
+            if (value is None and name != "dtype") or (name == "trained_on" and not isinstance(value, str)):
+                continue  # not given, or a QuantScheme already
+            try:
+                object.__setattr__(self, name, parse(value))
+            except (ValueError, InputError) as e:
+                raise OptionError(cli_message(e), options=(name,)) from None
         if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
-            raise OptionError(f"unknown device {self.device!r}; use cpu, cuda or auto")
+            raise OptionError(f"unknown device {self.device!r}; use cpu, cuda or auto", options=("device",))
         if self.weights is not None:
             object.__setattr__(self, "weights", parse_weights(self.weights))
         if self.initial is not None and self.base_is_residual:
             raise OptionError("--initial and --base-is-residual exclude each other: the first merges into the original "
-                              "base, the second into the residual base")
+                              "base, the second into the residual base", options=("initial", "base_is_residual"))
         if self.keep_quantization and self.trained_on is not None:
             raise OptionError("--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized "
-                              "base (and the output is unquantized)")
+                              "base (and the output is unquantized)", options=("keep_quantization", "trained_on"))
         if self.keep_quantization and self.dtype is not None:
-            raise OptionError("--keep-quantization writes the base's own dtypes; --dtype does not go with it")
+            raise OptionError("--keep-quantization writes the base's own dtypes; --dtype does not go with it",
+                              options=("keep_quantization", "dtype"))
         if self.stream is not None:
             self._check_stream()
         if self.outtype is not None and self.outtype not in OUTTYPES:
             *first, last = OUTTYPES
-            raise OptionError(f"unknown --outtype {self.outtype!r}; use {', '.join(first)} or {last}")
+            raise OptionError(f"unknown --outtype {self.outtype!r}; use {', '.join(first)} or {last}",
+                              options=("outtype",))
 
     def _check_stream(self) -> None:
         if self.push is None and self.outtype is None:
             raise OptionError("--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (or name an "
-                              "OUT.gguf with --outtype; without --stream, merge into OUT)")
-        for given, name in ((self.verify, "--verify"), (self.overwrite, "--overwrite")):
+                              "OUT.gguf with --outtype; without --stream, merge into OUT)",
+                              options=("stream", "push", "outtype"))
+        for given, field, name in ((self.verify, "verify", "--verify"), (self.overwrite, "overwrite", "--overwrite")):
             if given:
                 raise OptionError(f"{name} does not go with --stream (no OUT is written); verify the pushed repo with "
-                                  "`rslora-tools verify` after downloading it")
+                                  "`rslora-tools verify` after downloading it", options=(field, "stream"))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ class PushTarget:
     def __post_init__(self) -> None:
         ref = parse_ref(self.repo_id)
         if ref is None or ref.revision or ref.subfolder:
-            raise OptionError(f"{self.repo_id}: not a Hub repo id (org/name); use --revision for a branch")
+            raise OptionError(f"{self.repo_id}: not a Hub repo id (org/name); use --revision for a branch",
+                              options=("repo_id",))
         object.__setattr__(self, "repo_id", ref.repo_id)
 
     @property

@@ -79,3 +79,50 @@ def test_a_flag_given_without_the_one_it_qualifies_is_a_usage_error():
                        (["--double-quant"], "describe --trained-on; pass it too")):
         result = CliRunner().invoke(cli, ["merge", "b", "a", "out", *args])
         assert result.exit_code == 2 and said in result.output, result.output
+
+
+OPTION_MODULES = ["execute/options.py", "commands/options.py", "execute/outputs.py", "cli/options.py", "hub/target.py"]
+
+
+def test_every_option_error_of_the_options_names_the_fields_it_is_about():
+    """An OptionError says which fields it is about (`error.fields["options"]`, or `argument` for OUT), so that a
+    caller (a UI, the CLI) can point at them; each is a field of an options object."""
+    import ast
+    from pathlib import Path
+
+    import rslora_tools
+
+    package = Path(rslora_tools.__file__).parent
+    known = {name for cls in (MergeOptions, PushTarget, ConvertOptions, CombineOptions, ExtractOptions, VerifyOptions,
+                              InspectOptions) for name in cls.__dataclass_fields__}
+    missing, unknown = [], []
+    for module in OPTION_MODULES:
+        for node in ast.walk(ast.parse((package / module).read_text())):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+                    and getattr(node.exc.func, "id", None) == "OptionError"):
+                continue
+            keywords = {k.arg: k.value for k in node.exc.keywords}
+            if "options" not in keywords and "argument" not in keywords:
+                missing.append(f"{module}:{node.lineno}")
+            elif "options" in keywords and isinstance(keywords["options"], ast.Tuple):
+                unknown += [f"{module}:{node.lineno}: {e.value}" for e in keywords["options"].elts
+                            if isinstance(e, ast.Constant) and e.value not in known]
+    assert missing == [] and unknown == []
+
+
+def test_an_option_error_carries_its_fields_and_says_them_in_each_callers_words():
+    import pytest
+
+    from rslora_tools.errors import OptionError
+
+    with pytest.raises(OptionError) as caught:
+        MergeOptions(initial="init/", base_is_residual=True)
+    assert caught.value.fields["options"] == ("initial", "base_is_residual")
+    assert str(caught.value).startswith("initial and base_is_residual=True exclude each other")
+    assert caught.value.cli_message.startswith("--initial and --base-is-residual exclude each other")
+    with pytest.raises(OptionError) as caught:
+        MergeOptions(dtype="fp8")
+    assert caught.value.fields["options"] == ("dtype",)
+    with pytest.raises(OptionError) as caught:
+        ExtractOptions(rank=4, energy=0.9)
+    assert caught.value.fields["options"] == ("rank", "energy", "max_error")
