@@ -52,6 +52,12 @@ def dest(field: str, index: int, flag: Flag) -> str:
     return field if index == 0 else flag.name.removeprefix("--").replace("-", "_")
 
 
+def flag_name(options: type, field: str) -> str:
+    """How the command line spells a field of an options class: its (first) flag, "--push-to-hub" for `push`."""
+    declared: tuple[Flag, ...] = next(f.metadata["flags"] for f in dataclasses.fields(options) if f.name == field)
+    return declared[0].name
+
+
 def flags_of(options: type) -> Iterator[tuple[str, Any, tuple[Flag, ...]]]:
     """Each field of an options class that has flags: its name, its default and its flags, in field order."""
     for f in dataclasses.fields(options):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, OptionError, cli_message
-from ..flags import DRY_RUN, TOKEN, Flag, option
+from ..flags import DRY_RUN, TOKEN, Flag, flag_name, option
 from ..formats.quant import QuantScheme, trained_on_scheme
 from ..formats.sizes import parse_size
 from ..plan.tensors import parse_dtype
@@ -149,8 +149,8 @@ class MergeOptions(OutputOptions):
     def __post_init__(self) -> None:
         for name, parse in (("dtype", parse_dtype), ("max_shard_size", parse_size), ("trained_on", trained_on_scheme)):
             value = getattr(self, name)
-            if (value is None and name != "dtype") or (name == "trained_on" and not isinstance(value, str)):
-                continue  # not given, or a QuantScheme already
+            if value is None or (name == "trained_on" and not isinstance(value, str)):
+                continue  # not given (the base's dtype, its shards), or a QuantScheme already
             try:
                 object.__setattr__(self, name, parse(value))
             except (ValueError, InputError) as e:
@@ -180,9 +180,9 @@ class MergeOptions(OutputOptions):
             raise OptionError("--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (or name an "
                               "OUT.gguf with --outtype; without --stream, merge into OUT)",
                               options=("stream", "push", "outtype"))
-        for given, field, name in ((self.verify, "verify", "--verify"), (self.overwrite, "overwrite", "--overwrite")):
-            if given:
-                raise OptionError(f"{name} does not go with --stream (no OUT is written); verify the pushed repo with "
+        for field in ("verify", "overwrite"):
+            if getattr(self, field):
+                raise OptionError(f"{flag_name(MergeOptions, field)} does not go with --stream (no OUT is written); verify the pushed repo with "
                                   "`rslora-tools verify` after downloading it", options=(field, "stream"))
 
 

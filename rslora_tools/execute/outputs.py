@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OptionError
+from ..flags import flag_name
 from .gguf_model import DEFAULT_OUTTYPE
 from .options import MergeOptions
 
@@ -50,9 +51,8 @@ class GgufFile:
     def of(cls, out: Path, options: MergeOptions) -> GgufFile:
         for field in ("keep_quantization", "max_shard_size", "verify", "push"):
             if getattr(options, field) not in (None, False):
-                name = {"push": "--push-to-hub"}.get(field, "--" + field.replace("_", "-"))
-                raise OptionError(f"{name} does not go with a .gguf OUT (one llama.cpp file); merge into a folder for it",
-                                  options=(field,), out=str(out))
+                raise OptionError(f"{flag_name(MergeOptions, field)} does not go with a .gguf OUT (one llama.cpp file); "
+                                  "merge into a folder for it", options=(field,), out=str(out))
         return cls(out, options.outtype or DEFAULT_OUTTYPE, streamed=options.stream is not None)
 
 
