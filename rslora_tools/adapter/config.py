@@ -141,14 +141,7 @@ def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
     """Validate a loaded adapter_config.json dict; refuse what cannot be merged."""
     if not isinstance(raw, dict):
         raise AdapterConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    peft_type = raw.get("peft_type")
-    if peft_type is None:
-        raise AdapterConfigError(f"{where}: missing 'peft_type'; is this a PEFT adapter folder?")
-    if peft_type != "LORA":
-        raise UnsupportedAdapterError(
-            f"{where}: peft_type is {peft_type!r}; rslora-tools merges LoRA adapters only "
-            "(other PEFT methods use different formulas: merge those with PEFT itself)"
-        )
+    _check_peft_type(raw, where)
 
     def get(name: str, default: Any, check: Callable[[Any], bool], expected: str) -> Any:
         value = raw.get(name, default)
@@ -171,11 +164,7 @@ def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
     modules_to_save = get("modules_to_save", [], _is_string_list, "a list of module names")
     target_parameters = get("target_parameters", [], _is_string_list, "a list of parameter names")
     ensure_weight_tying = get("ensure_weight_tying", False, _is_bool, "true or false")
-    tokens = raw.get("trainable_token_indices")
-    if tokens is not None and not (_is_index_list(tokens) or (isinstance(tokens, dict) and all(_is_index_list(v) for v in tokens.values()))):
-        raise AdapterConfigError(
-            f"{where}: 'trainable_token_indices' must be a list of token ids or an object of such lists, got {tokens!r}"
-        )
+    tokens = _token_indices(raw, where)
     config = AdapterConfig(
         r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, rank_pattern=dict(rank_pattern),
         alpha_pattern=dict(alpha_pattern), bias=bias, modules_to_save=list(modules_to_save),
@@ -185,6 +174,27 @@ def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
     )
     _refuse_variants(raw, where)
     return config
+
+
+def _check_peft_type(raw: dict[str, Any], where: str) -> None:
+    peft_type = raw.get("peft_type")
+    if peft_type is None:
+        raise AdapterConfigError(f"{where}: missing 'peft_type'; is this a PEFT adapter folder?")
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(
+            f"{where}: peft_type is {peft_type!r}; rslora-tools merges LoRA adapters only "
+            "(other PEFT methods use different formulas: merge those with PEFT itself)"
+        )
+
+
+def _token_indices(raw: dict[str, Any], where: str) -> Any:
+    """`trainable_token_indices`: None, a list of token ids, or an object of such lists."""
+    tokens = raw.get("trainable_token_indices")
+    if tokens is not None and not (_is_index_list(tokens) or (isinstance(tokens, dict) and all(_is_index_list(v) for v in tokens.values()))):
+        raise AdapterConfigError(
+            f"{where}: 'trainable_token_indices' must be a list of token ids or an object of such lists, got {tokens!r}"
+        )
+    return tokens
 
 
 def _string_or_none(value: object) -> str | None:

@@ -57,19 +57,7 @@ def ignored_by(rt: Runtime, version: str, entries: list[ModuleEntry], model_type
     if rt.name != "vllm":
         return []
     at = version_key(version)
-    found = []
-    towers = tower_modules(entries)
-    if towers and at < version_key("0.14.0"):
-        found.append(Ignored("error", f"vLLM {version} applies no LoRA to the vision tower or projector: "
-                                      f"{_count(towers)} would be left out",
-                             _VLLM_SOURCE.format("0.9.2 to 0.13.0", "vllm/lora/models.py "
-                                                 "(_filter_unsupported_mm_module)")))
-    elif towers:
-        found.append(Ignored("warning", f"vLLM {version} applies LoRA to the vision tower and projector only when "
-                                        "started with its enable_tower_connector_lora option, on models that "
-                                        f"support it; without it, it leaves out {_count(towers)}",
-                             _VLLM_SOURCE.format("0.14.0 to 0.34.0", "vllm/lora/model_manager.py "
-                                                 "(enable_tower_connector_lora)")))
+    found = _vllm_towers(version, at, entries)
     per_expert, fused = expert_modules(entries)
     if not (per_expert or fused):
         return found
@@ -95,6 +83,24 @@ def ignored_by(rt: Runtime, version: str, entries: list[ModuleEntry], model_type
                                     f"expert ({_count(per_expert)}): convert it with --expert-layout fused{flag}",
                              _VLLM_SOURCE.format("0.12.0, 0.22.0 and 0.34.0", "vllm/lora/model_manager.py "
                                                  "(is_3d_moe_weight, enable_mixed_moe_lora_format)")))
+    return found
+
+
+def _vllm_towers(version: str, at: list[int], entries: list[ModuleEntry]) -> list[Ignored]:
+    """What vLLM at `version` leaves out of a vision-language adapter's tower and projector modules."""
+    found = []
+    towers = tower_modules(entries)
+    if towers and at < version_key("0.14.0"):
+        found.append(Ignored("error", f"vLLM {version} applies no LoRA to the vision tower or projector: "
+                                      f"{_count(towers)} would be left out",
+                             _VLLM_SOURCE.format("0.9.2 to 0.13.0", "vllm/lora/models.py "
+                                                 "(_filter_unsupported_mm_module)")))
+    elif towers:
+        found.append(Ignored("warning", f"vLLM {version} applies LoRA to the vision tower and projector only when "
+                                        "started with its enable_tower_connector_lora option, on models that "
+                                        f"support it; without it, it leaves out {_count(towers)}",
+                             _VLLM_SOURCE.format("0.14.0 to 0.34.0", "vllm/lora/model_manager.py "
+                                                 "(enable_tower_connector_lora)")))
     return found
 
 

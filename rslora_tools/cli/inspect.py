@@ -64,6 +64,22 @@ def _print_inspection(report: Any) -> None:
     read_as = "mlx-lm adapter, read as PEFT's " if report.adapter_format == "mlx-lm" else ""
     click.echo(f"{report.adapter}: {read_as}{convention_label(report.convention, 'short')}; {cfg}")
     click.echo(f"  {len(report.modules)} LoRA modules; features: {', '.join(report.features) or 'plain LoRA'}")
+    _print_runtime_table(report)
+    if report.applies_to:
+        _print_applies_to(report.applies_to)
+    if report.base_format is not None:
+        changed = sum(map(len, report.applies_to.values()))
+        click.echo(f"  base format: {report.base_format}; {len(report.quantized_targets)} of the {changed} tensors the "
+                   "adapter changes are stored quantized (merge dequantizes them and writes them unquantized)")
+    if report.lints:
+        click.echo()
+    for lint in report.lints:
+        click.echo(f"{lint.level}: {lint.message}" + (f" [{lint.code}]" if lint.level != "info" else ""))
+    click.echo(f"\n{counted(report.errors, 'error')}, {counted(report.warnings, 'warning')}")
+
+
+def _print_runtime_table(report: Any) -> None:
+    """One row per group of modules: rank, alpha, PEFT's scale and each runtime's scale as a multiple of it."""
     runtime_names = [n for n in report.runtimes if n != "peft"]
     header = ["modules", "n", "layers", "rank", "alpha", "PEFT scale",
               *(report.runtimes[n]["label"] + (f"@{n.partition('@')[2]}" if "@" in n else "") for n in runtime_names)]
@@ -80,17 +96,6 @@ def _print_inspection(report: Any) -> None:
                + "; ".join(f"{report.runtimes[n]['label']}{'@' + n.partition('@')[2] if '@' in n else ''} "
                            f"{report.runtimes[n]['version']}" for n in runtime_names if report.runtimes[n]["version"]
                            != "all releases") + ")")
-    if report.applies_to:
-        _print_applies_to(report.applies_to)
-    if report.base_format is not None:
-        changed = sum(map(len, report.applies_to.values()))
-        click.echo(f"  base format: {report.base_format}; {len(report.quantized_targets)} of the {changed} tensors the "
-                   "adapter changes are stored quantized (merge dequantizes them and writes them unquantized)")
-    if report.lints:
-        click.echo()
-    for lint in report.lints:
-        click.echo(f"{lint.level}: {lint.message}" + (f" [{lint.code}]" if lint.level != "info" else ""))
-    click.echo(f"\n{counted(report.errors, 'error')}, {counted(report.warnings, 'warning')}")
 
 
 def _print_applies_to(applies_to: dict[str, list[str]], shown: int = 12) -> None:

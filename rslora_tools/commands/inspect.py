@@ -329,7 +329,6 @@ def _lint_older_releases(report: InspectReport, adapter: Adapter, fields: dict[s
 
 def _recorded_base_lints(adapter: Adapter, checkpoint: Any, source: Source) -> list[Lint]:
     """The base the adapter records (name, revision, class, architecture) against BASE: another model is an error."""
-    from ..formats.checkpoint import read_json_file
     from ..hub.resolve import base_mismatch, locate_recorded_base
 
     recorded = adapter.config.base_model_name_or_path
@@ -344,28 +343,39 @@ def _recorded_base_lints(adapter: Adapter, checkpoint: Any, source: Source) -> l
             and not (source.commit or "").startswith(recorded_revision)):
         lints.append(Lint("error", "base-differs", f"the adapter was trained on revision {recorded_revision!r} of its "
                                                    f"base, BASE is at {source.revision or source.commit!r}"))
+    lints += _base_class_lints(adapter, checkpoint)
     found, _ = locate_recorded_base(recorded, adapter.path)
     recorded_folder = Path(found).expanduser()
+    if (recorded_folder / "config.json").is_file() and recorded_folder.resolve() != Path(checkpoint.folder).resolve():
+        lints += _recorded_config_lints(recorded, recorded_folder, checkpoint.config or {})
+    return lints
+
+
+def _base_class_lints(adapter: Adapter, checkpoint: Any) -> list[Lint]:
+    """The model class the adapter was trained on (PEFT's auto_mapping) against BASE's architectures."""
     config = checkpoint.config or {}
     trained = adapter.config.json_dict.get("auto_mapping") or {}
     trained_class = trained.get("base_model_class") if isinstance(trained, dict) else None
     architectures = config.get("architectures") or []
     if isinstance(trained_class, str) and architectures and trained_class not in architectures:
-        lints.append(Lint("error", "base-class", f"the adapter was trained on a {trained_class}, BASE is a "
-                                                 f"{', '.join(map(str, architectures))}: names may match while "
-                                                 "runtimes load the two differently"))
-    if not (recorded_folder / "config.json").is_file():
-        return lints
-    if recorded_folder.resolve() == Path(checkpoint.folder).resolve():
-        return lints
+        return [Lint("error", "base-class", f"the adapter was trained on a {trained_class}, BASE is a "
+                                            f"{', '.join(map(str, architectures))}: names may match while "
+                                            "runtimes load the two differently")]
+    return []
+
+
+def _recorded_config_lints(recorded: str, recorded_folder: Path, config: dict[str, Any]) -> list[Lint]:
+    """The recorded base's config.json (a local copy of it) against BASE's: the shape-giving fields must agree."""
+    from ..formats.checkpoint import read_json_file
+
     theirs = read_json_file(recorded_folder / "config.json")
     fields = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
               "num_local_experts", "num_experts")
     differ = [k for k in fields if isinstance(theirs, dict) and theirs.get(k) != config.get(k)]
     if differ:
-        lints.append(Lint("error", "base-differs", f"the adapter records its base as {recorded!r} ({recorded_folder.resolve()}), "
-                                                   f"whose config.json differs from BASE's in {', '.join(differ)}"))
-    return lints
+        return [Lint("error", "base-differs", f"the adapter records its base as {recorded!r} ({recorded_folder.resolve()}), "
+                                              f"whose config.json differs from BASE's in {', '.join(differ)}")]
+    return []
 
 
 def _lint_base(adapter: Adapter, source: Source, report: InspectReport, selected: set[str],

@@ -41,20 +41,12 @@ class Relayout:
 def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, relayout: Relayout, base: Path,
                      options: OutputOptions, source: dict[str, Any]) -> ConvertReport:
     """The adapter in `relayout`'s layouts against the base folder `base` (relayout.base resolved), written to OUT."""
-    from ..compute.relayout import block_diagonal, relayout_tensor, same_a
+    from ..compute.relayout import block_diagonal, same_a
 
     checkpoint = open_checkpoint(base)
     layouts = Layouts.of(checkpoint.config)
-    fused = [e for e in entries if e.wrapping == "param" and e.name.rpartition(".")[2] in FUSED]
-    if relayout.expert_layout is not None and not layouts.has_experts and fused:
-        raise UnsupportedAdapterError(f"{loaded.path}: module {fused[0].module.name!r}: {layouts.model_class} models "
-                                      "store their experts fused, and no per-expert naming of them exists in "
-                                      "transformers' rules; keep the adapter fused")
     if relayout.expert_layout is not None and not layouts.has_experts:
-        model_type = (checkpoint.config or {}).get("model_type")
-        raise UnsupportedAdapterError(f"{checkpoint.folder}: model_type {model_type!r} is not an MoE family whose "
-                                      "expert layouts are known here (transformers fuses no experts of it; "
-                                      "docs/peft-rules.md, 'Layouts')")
+        _refuse_expert_layout(loaded, entries, checkpoint, layouts)
     written = check_output_location(out, [*(a.path for a in loaded.sources), checkpoint.folder], options.overwrite,
                                     writes_adapter=True)
     resolver = NameResolver(checkpoint, layouts=layouts)
@@ -73,8 +65,29 @@ def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, rel
         dry_run=options.dry_run,
     )
     other_files(loaded)
-    if options.dry_run:
-        return report
+    if not options.dry_run:
+        _write(loaded, out, written, plan, options, source, report)
+    return report
+
+
+def _refuse_expert_layout(loaded: Adapter, entries: list[ModuleEntry], checkpoint: Any, layouts: Layouts) -> None:
+    """Refuse an expert layout asked of a base whose experts have no per-expert naming (always raises)."""
+    fused = [e for e in entries if e.wrapping == "param" and e.name.rpartition(".")[2] in FUSED]
+    if fused:
+        raise UnsupportedAdapterError(f"{loaded.path}: module {fused[0].module.name!r}: {layouts.model_class} models "
+                                      "store their experts fused, and no per-expert naming of them exists in "
+                                      "transformers' rules; keep the adapter fused")
+    model_type = (checkpoint.config or {}).get("model_type")
+    raise UnsupportedAdapterError(f"{checkpoint.folder}: model_type {model_type!r} is not an MoE family whose "
+                                  "expert layouts are known here (transformers fuses no experts of it; "
+                                  "docs/peft-rules.md, 'Layouts')")
+
+
+def _write(loaded: Adapter, out: Path, written: Any, plan: Any, options: OutputOptions, source: dict[str, Any],
+           report: ConvertReport) -> None:
+    """The relaid adapter written to OUT, tensor by tensor, with its config, other files and provenance."""
+    from ..compute.relayout import relayout_tensor
+
     read = loaded.tensor
     with writing(out, written, overwrite=options.overwrite, what="the conversion", warnings=report.warnings) as tmp:
         layout = []  # the header first (each tensor made once to learn its shape), then the tensors, one at a time
@@ -88,7 +101,6 @@ def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, rel
         write_provenance(tmp, {"operation": "convert", "adapter": source, "base_model": loaded.config.base_model_name_or_path,
                                "message": plan.message, "target": report.target, "method": "relayout",
                                "convention": loaded.config.convention})
-    return report
 
 
 def _zero_blocks(adapter: Adapter, entries: list[ModuleEntry], layouts: Layouts, block_diagonal: Any

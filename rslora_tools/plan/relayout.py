@@ -159,16 +159,7 @@ def _to_per_expert(adapter: Adapter, entries: list[ModuleEntry], base: NameResol
 
 def _to_fused(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, config: dict[str, Any],
               done: set[str], shared_a: frozenset[str], scales: dict[str, ModuleScale]) -> list[Recipe]:
-    by_fused: dict[str, dict[tuple[int, int], ModuleEntry]] = defaultdict(dict)
-    parts_of: dict[str, ExpertSlot] = {}
-    for entry in entries:
-        slot = expert_slot(entry.module.name + ".weight", base.layouts)
-        if slot is not None:
-            if entry.module.magnitude_key or entry.module.bias_key:
-                raise UnsupportedAdapterError(f"{adapter.path}: module {entry.module.name!r} has DoRA or lora_bias, "
-                                              "which fused expert parameters (PEFT's ParamWrapper) cannot hold")
-            by_fused[slot.fused][(slot.expert, slot.part)] = entry
-            parts_of[slot.fused] = slot
+    by_fused, parts_of = _fused_groups(adapter, entries, base)
     recipes = []
     produced: set[str] = set()
     names: set[str] = set()
@@ -180,20 +171,8 @@ def _to_fused(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, 
         params.sort(key=lambda f: registered.index(f.rpartition(".")[2]) if f.rpartition(".")[2] in registered
                     else len(registered))
         for i, fused in enumerate(params):
-            slot, chosen = parts_of[fused], by_fused[fused]
-            experts = _base_experts(base, fused, slot) or 1 + max(e for e, _ in chosen)
-            missing = [(e, p) for e in range(experts) for p in range(slot.parts) if (e, p) not in chosen]
-            if missing:
-                raise UnsupportedAdapterError(
-                    f"{adapter.path}: fused {fused} needs a LoRA on every expert's part ({experts} experts x "
-                    f"{slot.parts}); {len(missing)} are missing (expert {missing[0][0]} first): a fused adapter with "
-                    "experts left out would not load")
-            present = [chosen[(e, p)] for e in range(experts) for p in range(slot.parts)]
-            found = {(c.scale.scale, c.scale.r, c.scale.use_rslora) for c in present}
-            if len(found) != 1:
-                raise UnsupportedAdapterError(f"{adapter.path}: fused {fused}: its per-expert LoRAs have different "
-                                              "ranks or scales; a fused parameter has one (convert each to the same "
-                                              "scale first)")
+            slot = parts_of[fused]
+            experts, present = _fused_members(adapter, base, fused, slot, by_fused[fused])
             produced.add(fused.rpartition(".")[2])
             names.update(c.module.name.rpartition(".")[2] for c in present)
             shared = slot.parts == 2 and fused in shared_a
@@ -212,6 +191,43 @@ def _to_fused(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, 
     # PEFT nests the wrappers in the order the module registers them: gate_up_proj first (under base_layer)
     config["target_parameters"] = existing + [f"experts.{p}" for p in FUSED if p in produced]  # sorted by PEFT
     return recipes
+
+
+def _fused_groups(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver
+                  ) -> tuple[dict[str, dict[tuple[int, int], ModuleEntry]], dict[str, ExpertSlot]]:
+    """The adapter's per-expert modules grouped by the fused base parameter each is a slice of, keyed by (expert,
+    part); and each fused parameter's slot (how it splits)."""
+    by_fused: dict[str, dict[tuple[int, int], ModuleEntry]] = defaultdict(dict)
+    parts_of: dict[str, ExpertSlot] = {}
+    for entry in entries:
+        slot = expert_slot(entry.module.name + ".weight", base.layouts)
+        if slot is not None:
+            if entry.module.magnitude_key or entry.module.bias_key:
+                raise UnsupportedAdapterError(f"{adapter.path}: module {entry.module.name!r} has DoRA or lora_bias, "
+                                              "which fused expert parameters (PEFT's ParamWrapper) cannot hold")
+            by_fused[slot.fused][(slot.expert, slot.part)] = entry
+            parts_of[slot.fused] = slot
+    return by_fused, parts_of
+
+
+def _fused_members(adapter: Adapter, base: NameResolver, fused: str, slot: ExpertSlot,
+                   chosen: dict[tuple[int, int], ModuleEntry]) -> tuple[int, list[ModuleEntry]]:
+    """The number of experts of `fused` and its members in (expert, part) order; refused unless every expert's part
+    has a LoRA and all of them have one rank and scale."""
+    experts = _base_experts(base, fused, slot) or 1 + max(e for e, _ in chosen)
+    missing = [(e, p) for e in range(experts) for p in range(slot.parts) if (e, p) not in chosen]
+    if missing:
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: fused {fused} needs a LoRA on every expert's part ({experts} experts x "
+            f"{slot.parts}); {len(missing)} are missing (expert {missing[0][0]} first): a fused adapter with "
+            "experts left out would not load")
+    present = [chosen[(e, p)] for e in range(experts) for p in range(slot.parts)]
+    found = {(c.scale.scale, c.scale.r, c.scale.use_rslora) for c in present}
+    if len(found) != 1:
+        raise UnsupportedAdapterError(f"{adapter.path}: fused {fused}: its per-expert LoRAs have different "
+                                      "ranks or scales; a fused parameter has one (convert each to the same "
+                                      "scale first)")
+    return experts, present
 
 
 def _pattern(config: dict[str, Any], key: str, scale: ModuleScale) -> None:
