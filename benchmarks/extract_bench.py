@@ -41,7 +41,9 @@ def build_tuned(base: Path, adapter: Path, tuned: Path) -> None:
 
     tmp = tuned.with_name(tuned.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(tmp), "-q"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(tmp), "-q"], check=True
+    )
     gen = torch.Generator().manual_seed(3)
     for shard in sorted(tmp.glob("*.safetensors")):
         tensors = load_file(str(shard))
@@ -99,20 +101,44 @@ def run_size(layers: int, mergekit: str | None) -> tuple[float, dict[str, tuple]
     for folder in (base, tuned):  # mergekit finds the architecture in config.json's "architectures"
         config = json.loads((folder / "config.json").read_text())
         if not config.get("architectures"):
-            (folder / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}, indent=2))
+            (folder / "config.json").write_text(
+                json.dumps({**config, "architectures": ["LlamaForCausalLM"]}, indent=2)
+            )
     work = CACHE / "extract-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
     def ours(name: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "rslora_tools", "extract", str(base), str(tuned), str(work / name.replace(" ", "")),
-                "--rank", "16", "-q", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "rslora_tools",
+            "extract",
+            str(base),
+            str(tuned),
+            str(work / name.replace(" ", "")),
+            "--rank",
+            "16",
+            "-q",
+            *extra,
+        ]
 
     runs = {"rslora-tools": ours("rslora-tools")}
     if mergekit:  # the first size: also the exact SVD, to see how far the randomized one is from the optimum
         runs["rslora-tools --exact"] = ours("rslora-tools --exact", "--exact")
-        runs["mergekit"] = [mergekit, "--model", str(tuned), "--base-model", str(base), "--out-path",
-                            str(work / "mergekit"), "--max-rank", "16", "--quiet"]
+        runs["mergekit"] = [
+            mergekit,
+            "--model",
+            str(tuned),
+            "--base-model",
+            str(base),
+            "--out-path",
+            str(work / "mergekit"),
+            "--max-rank",
+            "16",
+            "--quiet",
+        ]
     rows = {}
     for name, cmd in runs.items():
         print(f"  {name} ({layers} layers) ...", flush=True)
@@ -131,39 +157,56 @@ def run_size(layers: int, mergekit: str | None) -> tuple[float, dict[str, tuple]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mergekit", default=shutil.which("mergekit-extract-lora"),
-                        help="the mergekit-extract-lora executable (default: on PATH); run at the first size only")
+    parser.add_argument(
+        "--mergekit",
+        default=shutil.which("mergekit-extract-lora"),
+        help="the mergekit-extract-lora executable (default: on PATH); run at the first size only",
+    )
     parser.add_argument("--layers", type=int, nargs="+", default=[22, 44])
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "extract_benchmark.md")
     args = parser.parse_args()
     results = [run_size(layers, args.mergekit if i == 0 else None) for i, layers in enumerate(args.layers)]
-    lines = ["# Extraction benchmark", "", f"Machine: {merge_bench.machine()}.",
-             f"Run: `python benchmarks/extract_bench.py` on {time.strftime('%Y-%m-%d')}. BASE: random bf16 "
-             "TinyLlama-shaped checkpoints; TUNED: BASE with an r=16 rsLoRA adapter on every Linear layer merged, plus "
-             "Gaussian noise (1e-3 of each weight's std). Both tools extract at rank 16 on the CPU (mergekit at the "
-             "first size only). Error: relative Frobenius error of scale * B @ A against TUNED - BASE (float32), over "
-             "all modules and the worst module.", "",
-             "| model | tool | wall (s) | peak RSS (MB) | relative error (all) | worst module | modules | adapter (MB) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Extraction benchmark",
+        "",
+        f"Machine: {merge_bench.machine()}.",
+        f"Run: `python benchmarks/extract_bench.py` on {time.strftime('%Y-%m-%d')}. BASE: random bf16 "
+        "TinyLlama-shaped checkpoints; TUNED: BASE with an r=16 rsLoRA adapter on every Linear layer merged, plus "
+        "Gaussian noise (1e-3 of each weight's std). Both tools extract at rank 16 on the CPU (mergekit at the "
+        "first size only). Error: relative Frobenius error of scale * B @ A against TUNED - BASE (float32), over "
+        "all modules and the worst module.",
+        "",
+        "| model | tool | wall (s) | peak RSS (MB) | relative error (all) | worst module | modules | adapter (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for params, rows in results:
         for name, (wall, rss, total, worst, modules, size) in rows.items():
-            lines.append(f"| {params / 1e9:.2f}B | {name} | {wall:.1f} | {rss:.0f} | {total:.4g} | {worst:.4g} | "
-                         f"{modules} | {size / 1e6:.1f} |")
+            lines.append(
+                f"| {params / 1e9:.2f}B | {name} | {wall:.1f} | {rss:.0f} | {total:.4g} | {worst:.4g} | "
+                f"{modules} | {size / 1e6:.1f} |"
+            )
     params, rows = results[0]
     if "mergekit" in rows:
         ours, theirs = rows["rslora-tools"], rows["mergekit"]
-        lines += ["", f"At {params / 1e9:.2f}B rslora-tools is {theirs[0] / ours[0]:.1f}x faster than mergekit, at "
-                  f"{ours[1] / theirs[1]:.2f}x its memory, with relative error {ours[2]:.4g} against {theirs[2]:.4g} "
-                  "(mergekit writes its factors in the model's bf16). Goal (issue 16): at least 5x faster with equal "
-                  "or lower error, memory flat in model size."]
+        lines += [
+            "",
+            f"At {params / 1e9:.2f}B rslora-tools is {theirs[0] / ours[0]:.1f}x faster than mergekit, at "
+            f"{ours[1] / theirs[1]:.2f}x its memory, with relative error {ours[2]:.4g} against {theirs[2]:.4g} "
+            "(mergekit writes its factors in the model's bf16). Goal (issue 16): at least 5x faster with equal "
+            "or lower error, memory flat in model size.",
+        ]
         if "rslora-tools --exact" in rows:
             exact = rows["rslora-tools --exact"]
-            lines.append(f"The randomized SVD's error is {ours[2] / exact[2]:.6f}x the exact SVD's (the optimum at rank "
-                         f"16), in {ours[0] / exact[0]:.2f}x its time.")
+            lines.append(
+                f"The randomized SVD's error is {ours[2] / exact[2]:.6f}x the exact SVD's (the optimum at rank "
+                f"16), in {ours[0] / exact[0]:.2f}x its time."
+            )
     if len(results) > 1:
         small, big = results[0][1]["rslora-tools"], results[-1][1]["rslora-tools"]
-        lines.append(f"rslora-tools' peak RSS when the model doubles: {100 * (big[1] / small[1] - 1):+.0f}% (the "
-                     "adapter's own factors are held until written: 50 MB per 1.1B at rank 16).")
+        lines.append(
+            f"rslora-tools' peak RSS when the model doubles: {100 * (big[1] / small[1] - 1):+.0f}% (the "
+            "adapter's own factors are held until written: 50 MB per 1.1B at rank 16)."
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     args.write.write_text(text)

@@ -72,17 +72,31 @@ def run_size(layers: int, outtype: str) -> dict:
     shutil.rmtree(WORK, ignore_errors=True)
     (WORK / "direct").mkdir(parents=True)
     with DiskPeak(WORK) as disk:
-        direct_s, direct_rss = timed(cli("merge", base, adapter, WORK / "direct" / "merged.gguf", "--outtype", outtype, "-q"))
+        direct_s, direct_rss = timed(
+            cli("merge", base, adapter, WORK / "direct" / "merged.gguf", "--outtype", outtype, "-q")
+        )
     direct_disk = disk.peak
     with DiskPeak(WORK) as disk:
         merge_s, merge_rss = timed(cli("merge", base, adapter, WORK / "merged", "-q"))
-        convert_s, convert_rss = timed(converter(WORK / "merged", "--outtype", outtype, "--outfile", WORK / "two.gguf"))
+        convert_s, convert_rss = timed(
+            converter(WORK / "merged", "--outtype", outtype, "--outfile", WORK / "two.gguf")
+        )
     two_disk = disk.peak  # counted from the start (the direct GGUF was there already)
     same = digest(WORK / "direct" / "merged.gguf") == digest(WORK / "two.gguf")
-    result = {"layers": layers, "gguf": (WORK / "two.gguf").stat().st_size, "base": sum(
-        p.stat().st_size for p in base.glob("*.safetensors")), "direct_s": direct_s, "direct_rss": direct_rss,
-        "direct_disk": direct_disk, "merge_s": merge_s, "merge_rss": merge_rss, "convert_s": convert_s,
-        "convert_rss": convert_rss, "two_disk": two_disk, "same": same}
+    result = {
+        "layers": layers,
+        "gguf": (WORK / "two.gguf").stat().st_size,
+        "base": sum(p.stat().st_size for p in base.glob("*.safetensors")),
+        "direct_s": direct_s,
+        "direct_rss": direct_rss,
+        "direct_disk": direct_disk,
+        "merge_s": merge_s,
+        "merge_rss": merge_rss,
+        "convert_s": convert_s,
+        "convert_rss": convert_rss,
+        "two_disk": two_disk,
+        "same": same,
+    }
     print(result, flush=True)
     return result
 
@@ -96,19 +110,29 @@ def on_small_tmpfs(layers: int, outtype: str, gguf_bytes: int) -> dict:
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)]).returncode != 0:
         return {"size": size, "direct": "not measured (mounting a tmpfs needs root)", "two_step": ""}
     try:
-        direct = subprocess.run(cli("merge", base, adapter, mount / "merged.gguf", "--outtype", outtype, "-q"),
-                                capture_output=True, text=True)
+        direct = subprocess.run(
+            cli("merge", base, adapter, mount / "merged.gguf", "--outtype", outtype, "-q"),
+            capture_output=True,
+            text=True,
+        )
         shutil.rmtree(mount / "merged.gguf", ignore_errors=True)
         (mount / "merged.gguf").unlink(missing_ok=True)
         two = subprocess.run(cli("merge", base, adapter, mount / "merged", "-q"), capture_output=True, text=True)
         if two.returncode == 0:
-            two = subprocess.run(converter(mount / "merged", "--outtype", outtype, "--outfile", mount / "two.gguf"),
-                                 capture_output=True, text=True)
+            two = subprocess.run(
+                converter(mount / "merged", "--outtype", outtype, "--outfile", mount / "two.gguf"),
+                capture_output=True,
+                text=True,
+            )
     finally:
         subprocess.run(["umount", str(mount)])
-    return {"size": size, "direct": "written" if direct.returncode == 0 else f"failed: {direct.stderr.strip()[-200:]}",
-            "two_step": "fails, the merged folder and the GGUF do not both fit (" + _error_line(two.stderr) + ")"
-            if two.returncode != 0 else "fits (unexpected)"}
+    return {
+        "size": size,
+        "direct": "written" if direct.returncode == 0 else f"failed: {direct.stderr.strip()[-200:]}",
+        "two_step": "fails, the merged folder and the GGUF do not both fit (" + _error_line(two.stderr) + ")"
+        if two.returncode != 0
+        else "fits (unexpected)",
+    }
 
 
 def _error_line(stderr: str) -> str:
@@ -120,13 +144,15 @@ def _error_line(stderr: str) -> str:
 def render(results: list[dict], tmpfs: dict, outtype: str) -> str:
     gb = 1e9
     lines = [
-        "# Straight to GGUF: benchmark", "",
+        "# Straight to GGUF: benchmark",
+        "",
         f"`python benchmarks/gguf_bench.py --outtype {outtype}` on {platform.processor() or platform.machine()}, "
         f"{sys.platform}, Python {platform.python_version()}; llama.cpp's converter from llama-cpp-python 0.3.36 "
         "(llama.cpp 0c1e5709). Random TinyLlama-shaped bf16 checkpoints (merge_bench.py), r=16 rsLoRA on every "
         "linear layer. Direct: `rslora-tools merge BASE ADAPTER OUT.gguf`; two-step: `rslora-tools merge BASE "
         "ADAPTER MERGED` then `convert_hf_to_gguf.py MERGED`. Peak disk: bytes allocated under the work folder, "
-        "inputs not counted.", "",
+        "inputs not counted.",
+        "",
         "| layers | base | GGUF | direct: time | direct: peak RSS | direct: peak disk | two-step: time (merge + "
         "convert) | two-step: peak RSS | two-step: peak disk | same bytes |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -136,9 +162,14 @@ def render(results: list[dict], tmpfs: dict, outtype: str) -> str:
             f"| {r['layers']} | {r['base'] / gb:.2f} GB | {r['gguf'] / gb:.2f} GB | {r['direct_s']:.1f} s | "
             f"{r['direct_rss']:.0f} MB | {r['direct_disk'] / gb:.2f} GB | {r['merge_s'] + r['convert_s']:.1f} s "
             f"({r['merge_s']:.1f} + {r['convert_s']:.1f}) | {max(r['merge_rss'], r['convert_rss']):.0f} MB | "
-            f"{r['two_disk'] / gb:.2f} GB | {'yes' if r['same'] else 'NO'} |")
-    lines += ["", f"On a tmpfs of {tmpfs['size'] / gb:.2f} GB (the 22-layer GGUF + 64 MB) as the output filesystem: "
-              f"direct: {tmpfs['direct']}; two-step: {tmpfs['two_step']}.", ""]
+            f"{r['two_disk'] / gb:.2f} GB | {'yes' if r['same'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        f"On a tmpfs of {tmpfs['size'] / gb:.2f} GB (the 22-layer GGUF + 64 MB) as the output filesystem: "
+        f"direct: {tmpfs['direct']}; two-step: {tmpfs['two_step']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 

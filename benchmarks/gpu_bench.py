@@ -30,13 +30,21 @@ def build(base: Path, adapter: Path, layers: int) -> None:
     gen = torch.Generator().manual_seed(0)
     h, i, v = SHAPE["hidden"], SHAPE["inter"], SHAPE["vocab"]
     per_layer = {
-        "self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h), "self_attn.o_proj": (h, h),
-        "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (h, h),
+        "self_attn.v_proj": (h, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
     }
     tensors: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
     for n in range(layers):
         tensors += [(f"model.layers.{n}.{k}.weight", s) for k, s in per_layer.items()]
-        tensors += [(f"model.layers.{n}.input_layernorm.weight", (h,)), (f"model.layers.{n}.post_attention_layernorm.weight", (h,))]
+        tensors += [
+            (f"model.layers.{n}.input_layernorm.weight", (h,)),
+            (f"model.layers.{n}.post_attention_layernorm.weight", (h,)),
+        ]
     tensors += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     base.mkdir(parents=True)
     shard, size, shards, weight_map = {}, 0, 0, {}
@@ -57,11 +65,25 @@ def build(base: Path, adapter: Path, layers: int) -> None:
     if shard:
         flush()
     total = sum(2 * torch.Size(s).numel() for _, s in tensors)
-    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (base / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": i,
-        "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": v,
-        "torch_dtype": "bfloat16", "tie_word_embeddings": False}))
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    (base / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": h,
+                "intermediate_size": i,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 32,
+                "vocab_size": v,
+                "torch_dtype": "bfloat16",
+                "tie_word_embeddings": False,
+            }
+        )
+    )
     adapter.mkdir(parents=True)
     lora, r = {}, 16
     for n in range(layers):
@@ -70,9 +92,17 @@ def build(base: Path, adapter: Path, layers: int) -> None:
             lora[f"{prefix}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) * 0.01
             lora[f"{prefix}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * 0.01
     save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": r, "lora_alpha": 32, "use_rslora": True,
-        "target_modules": [k.split(".")[-1] for k in per_layer]}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": r,
+                "lora_alpha": 32,
+                "use_rslora": True,
+                "target_modules": [k.split(".")[-1] for k in per_layer],
+            }
+        )
+    )
 
 
 def timed(cmd: list[str]) -> float:
@@ -106,8 +136,9 @@ def main() -> None:
     results["cpu"] = report("cpu", timed([*merge, str(work / "cpu"), "--device", "cpu", "-q"]))
     if torch.cuda.is_available():
         results["cuda"] = report("cuda", timed([*merge, str(work / "cuda"), "--device", "cuda", "-q"]))
-        check = subprocess.run([sys.executable, "-c", CHECK, str(work / "cpu"), str(work / "cuda")],
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            [sys.executable, "-c", CHECK, str(work / "cpu"), str(work / "cuda")], capture_output=True, text=True
+        )
         results["cuda vs cpu"] = check.stdout.strip() or check.stderr.strip()[-300:]
     print(f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none (CUDA not available)'}")
     print("| run | wall (s) | GB/s | vs copy |\n|---|---:|---:|---:|")

@@ -38,8 +38,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache"
 
-TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                 num_key_value_heads=4, num_hidden_layers=22, max_position_embeddings=2048, tie_word_embeddings=False)
+TINYLLAMA = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    num_hidden_layers=22,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 
 PEFT_SCRIPT = """
 import sys, torch
@@ -110,7 +118,8 @@ def build_base(folder: Path, layers: int) -> None:
         save_file(tensors, folder / fname, metadata={"format": "pt"})
         del tensors
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     config.save_pretrained(folder)
 
 
@@ -224,8 +233,11 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int, check_traine
             subprocess.run(commands[name], env=env, check=True)
             torch_out = work / f"torch-{layers}"
             shutil.rmtree(torch_out, ignore_errors=True)
-            subprocess.run([*merge, str(torch_out), "-q", *trained_flags(name)],
-                           env={**env, "RSLORA_TOOLS_KERNEL": "0"}, check=True)
+            subprocess.run(
+                [*merge, str(torch_out), "-q", *trained_flags(name)],
+                env={**env, "RSLORA_TOOLS_KERNEL": "0"},
+                check=True,
+            )
             equal[name] = same_tensors(work / f"{TOOLS.index(name)}-{layers}", torch_out)
             shutil.rmtree(torch_out, ignore_errors=True)
     for name in TOOLS:
@@ -233,8 +245,9 @@ def run_size(layers: int, work: Path, skip_peft: bool, repeat: int, check_traine
     return {"layers": layers, "params": params, "size_gb": size_gb, "rows": rows, "walls": walls, "equal": equal}
 
 
-def time_interleaved(commands: dict[str, list[str]], outputs: dict[str, Path], base: Path, env: dict, repeat: int,
-                     label: str) -> tuple[dict[str, tuple[float, float]], dict[str, list[float]]]:
+def time_interleaved(
+    commands: dict[str, list[str]], outputs: dict[str, Path], base: Path, env: dict, repeat: int, label: str
+) -> tuple[dict[str, tuple[float, float]], dict[str, list[float]]]:
     """Each command's fastest wall time and largest peak RSS, and every run's wall time."""
     rows: dict[str, tuple[float, float]] = {}
     walls: dict[str, list[float]] = {name: [] for name in commands}  # every run, to show the spread
@@ -252,8 +265,14 @@ def time_interleaved(commands: dict[str, list[str]], outputs: dict[str, Path], b
     return rows, walls
 
 
-SEVERAL = ["stacked merge", "peft stacked merge", "combine cat", "combine svd r16", "peft combine cat",
-           "peft combine svd r16"]
+SEVERAL = [
+    "stacked merge",
+    "peft stacked merge",
+    "combine cat",
+    "combine svd r16",
+    "peft combine cat",
+    "peft combine svd r16",
+]
 
 
 def run_several(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
@@ -270,18 +289,44 @@ def run_several(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
     commands = {
         "stacked merge": [*tool, "merge", str(base), str(first), str(second), str(outputs["stacked merge"]), "-q"],
         "combine cat": [*tool, "combine", str(first), str(second), str(outputs["combine cat"]), "-q"],
-        "combine svd r16": [*tool, "combine", str(first), str(second), str(outputs["combine svd r16"]), "-q",
-                            "--method", "svd", "--rank", "16"],
+        "combine svd r16": [
+            *tool,
+            "combine",
+            str(first),
+            str(second),
+            str(outputs["combine svd r16"]),
+            "-q",
+            "--method",
+            "svd",
+            "--rank",
+            "16",
+        ],
     }
     peft_svd = None
     if not skip_peft:
+
         def peft_combine(method: str, name: str) -> list[str]:
-            return [sys.executable, "-c", PEFT_COMBINE_SCRIPT, str(base), str(first), str(second), str(outputs[name]),
-                    method]
+            return [
+                sys.executable,
+                "-c",
+                PEFT_COMBINE_SCRIPT,
+                str(base),
+                str(first),
+                str(second),
+                str(outputs[name]),
+                method,
+            ]
 
         commands["peft combine cat"] = peft_combine("cat", "peft combine cat")
-        commands["peft stacked merge"] = [sys.executable, "-c", PEFT_STACKED_SCRIPT, str(base), str(first), str(second),
-                                          str(outputs["peft stacked merge"])]  # last: its output is compared
+        commands["peft stacked merge"] = [
+            sys.executable,
+            "-c",
+            PEFT_STACKED_SCRIPT,
+            str(base),
+            str(first),
+            str(second),
+            str(outputs["peft stacked merge"]),
+        ]  # last: its output is compared
         peft_svd = peft_combine("svd", "peft combine svd r16")
     rows, walls = time_interleaved(commands, outputs, base, env, repeat, f"{layers} layers, two adapters")
     equal: dict[str, bool | None] = {}
@@ -289,8 +334,9 @@ def run_several(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
         subprocess.run(commands["stacked merge"], env=env, check=True)
         equal["stacked merge"] = same_tensors(outputs["stacked merge"], outputs["peft stacked merge"])
     if peft_svd is not None:  # several minutes (a full SVD per module): timed once
-        more_rows, more_walls = time_interleaved({"peft combine svd r16": peft_svd}, outputs, base, env, 1,
-                                                 f"{layers} layers, two adapters")
+        more_rows, more_walls = time_interleaved(
+            {"peft combine svd r16": peft_svd}, outputs, base, env, 1, f"{layers} layers, two adapters"
+        )
         rows.update(more_rows)
         walls.update(more_walls)
     for out in outputs.values():
@@ -300,13 +346,18 @@ def run_several(layers: int, work: Path, skip_peft: bool, repeat: int) -> dict:
 
 
 def render_several(r: dict) -> list[str]:
-    lines = ["## Several adapters", "",
-             f"{r['params'] / 1e9:.2f}B params, {r['layers']} layers: two r=16 adapters on all linear layers (one rsLoRA, "
-             "one classic). PEFT's stacked merge and add_weighted_adapter need the model loaded (bf16); its `svd` "
-             "is a full SVD of every module's delta (run once: it takes minutes), ours works on the factors "
-             "(docs/combining.md). PEFT's combined adapters here are sqrt(new rank) times too strong (the first input is "
-             "rsLoRA); they are timed, not used.", "",
-             "| run | wall (s) | peak RSS (MB) | output check | every run (s) |", "|---|---:|---:|---|---|"]
+    lines = [
+        "## Several adapters",
+        "",
+        f"{r['params'] / 1e9:.2f}B params, {r['layers']} layers: two r=16 adapters on all linear layers (one rsLoRA, "
+        "one classic). PEFT's stacked merge and add_weighted_adapter need the model loaded (bf16); its `svd` "
+        "is a full SVD of every module's delta (run once: it takes minutes), ours works on the factors "
+        "(docs/combining.md). PEFT's combined adapters here are sqrt(new rank) times too strong (the first input is "
+        "rsLoRA); they are timed, not used.",
+        "",
+        "| run | wall (s) | peak RSS (MB) | output check | every run (s) |",
+        "|---|---:|---:|---|---|",
+    ]
     for name, (wall, rss) in r["rows"].items():
         same = r["equal"].get(name)
         eq = "" if same is None else ("equals PEFT (torch.equal, every tensor)" if same else "NO")
@@ -325,8 +376,10 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def render(results: list[dict], gpu_note: str, several: dict | None = None) -> str:
@@ -338,7 +391,8 @@ def render(results: list[dict], gpu_note: str, several: dict | None = None) -> s
         "checkpoints in ~500 MB shards, r=16 rsLoRA adapter on all linear layers (built by PEFT). Inputs are "
         "read once, earlier outputs are deleted and `sync` runs before each run, so every command starts from a warm "
         "base in the page cache and no dirty pages; "
-        "the commands take turns, and the fastest of each one's runs is shown. Peak RSS from `/usr/bin/time -v` (the whole "
+        "the commands take turns, and the fastest of each one's runs is shown. Peak RSS from `/usr/bin/time -v` (the "
+        "whole "
         "process), the largest of the runs.",
         "",
         "| model | tool | wall (s) | vs copy | peak RSS (MB) | output check | every run (s) |",
@@ -349,30 +403,51 @@ def render(results: list[dict], gpu_note: str, several: dict | None = None) -> s
         copy_s = r["rows"]["copy"][0]
         for name, (wall, rss) in r["rows"].items():
             same = r["equal"].get(name)
-            eq = "" if same is None else ("NO" if not same else "equals PEFT (torch.equal, every tensor)" if name == "rslora-tools"
-                                          else "yes (equals the torch path, every tensor)")
+            eq = (
+                ""
+                if same is None
+                else (
+                    "NO"
+                    if not same
+                    else "equals PEFT (torch.equal, every tensor)"
+                    if name == "rslora-tools"
+                    else "yes (equals the torch path, every tensor)"
+                )
+            )
             runs = ", ".join(f"{w:.1f}" for w in r["walls"][name])
             lines.append(f"| {label} | {name} | {wall:.1f} | {wall / copy_s:.2f}x | {rss:.0f} | {eq} | {runs} |")
-    lines += ["", "Targets (issue 4): merge <= 2.0x copy; >= 8x faster than the PEFT path; peak RSS <= 512 MB and "
-              "within +10% when the model doubles; output bitwise equal to PEFT's. (issue 13): a merge as trained on "
-              "NF4 within 1.5x the time of a plain merge, memory flat.", ""]
+    lines += [
+        "",
+        "Targets (issue 4): merge <= 2.0x copy; >= 8x faster than the PEFT path; peak RSS <= 512 MB and "
+        "within +10% when the model doubles; output bitwise equal to PEFT's. (issue 13): a merge as trained on "
+        "NF4 within 1.5x the time of a plain merge, memory flat.",
+        "",
+    ]
     if len(results) == 2 and all("peft" in r["rows"] for r in results):
         small, big = results
         ours_s, ours_b = small["rows"]["rslora-tools"], big["rows"]["rslora-tools"]
         lines.append(
-            f"Measured: merge/copy {ours_s[0] / small['rows']['copy'][0]:.2f}x and {ours_b[0] / big['rows']['copy'][0]:.2f}x; "
+            f"Measured: merge/copy {ours_s[0] / small['rows']['copy'][0]:.2f}x and "
+            f"{ours_b[0] / big['rows']['copy'][0]:.2f}x; "
             f"PEFT/merge {small['rows']['peft'][0] / ours_s[0]:.1f}x and {big['rows']['peft'][0] / ours_b[0]:.1f}x; "
             f"RSS growth when the model doubles {100 * (ours_b[1] / ours_s[1] - 1):+.1f}%."
         )
         lines.append("")
     for r in results:
         plain = r["rows"]["rslora-tools"][0]
-        parts = [f"{name} {r['rows'][name][0] / plain:.2f}x" for name in TOOLS if name.startswith("as trained")
-                 and name in r["rows"]]
+        parts = [
+            f"{name} {r['rows'][name][0] / plain:.2f}x"
+            for name in TOOLS
+            if name.startswith("as trained") and name in r["rows"]
+        ]
         if parts:
             lines.append(f"As trained vs plain merge at {r['params'] / 1e9:.2f}B: " + ", ".join(parts) + ".")
-    lines += ["", "Double quantization computes the mean of the absmax values with torch, exactly as bitsandbytes "
-              "does, so that run imports torch (about 1.7 s here, whatever the model size).", ""]
+    lines += [
+        "",
+        "Double quantization computes the mean of the absmax values with torch, exactly as bitsandbytes "
+        "does, so that run imports torch (about 1.7 s here, whatever the model size).",
+        "",
+    ]
     if several is not None:
         lines += render_several(several)
     lines += ["## GPU", "", gpu_note, ""]
@@ -384,8 +459,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[22, 44], help="model depths to run (default 22 44)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per command; the fastest is reported (default 3)")
     parser.add_argument("--skip-peft", action="store_true", help="do not run the PEFT path")
-    parser.add_argument("--skip-trained-check", action="store_true",
-                        help="do not compare the as-trained output with the torch path (about a minute)")
+    parser.add_argument(
+        "--skip-trained-check",
+        action="store_true",
+        help="do not compare the as-trained output with the torch path (about a minute)",
+    )
     parser.add_argument("--skip-several", action="store_true", help="do not run the several-adapters benchmark")
     parser.add_argument("--work", type=Path, default=CACHE / "work", help="scratch folder for outputs")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md", help="where to write the table")

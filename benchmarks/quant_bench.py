@@ -32,9 +32,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_bench import CACHE, ROOT, build_adapter, build_base, machine, time_interleaved  # noqa: E402
 
-GPT_OSS = dict(vocab_size=32000, hidden_size=1024, intermediate_size=1024, num_attention_heads=16,
-               num_key_value_heads=4, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
-               tie_word_embeddings=False)
+GPT_OSS = dict(
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=1024,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_local_experts=32,
+    num_experts_per_tok=4,
+    tie_word_embeddings=False,
+)
 ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
@@ -60,11 +68,15 @@ def fp8_copy(base: Path, folder: Path) -> None:
             weight_map[name] = shard
             total += t.numel() * t.element_size()
         save_file(out, folder / shard, metadata={"format": "pt"})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
-                                     "activation_scheme": "dynamic"}
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+        "activation_scheme": "dynamic",
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -77,8 +89,12 @@ def gpt_oss_pair(bf16: Path, mxfp4: Path, layers: int, experts: int) -> None:
     from rslora_tools.compute.quantization import dequantize_mxfp4
     from rslora_tools.compute.requantize import quantize_mxfp4
 
-    config = GptOssConfig(**{**GPT_OSS, "num_local_experts": experts}, num_hidden_layers=layers,
-                          layer_types=["full_attention"] * layers, dtype="bfloat16")
+    config = GptOssConfig(
+        **{**GPT_OSS, "num_local_experts": experts},
+        num_hidden_layers=layers,
+        layer_types=["full_attention"] * layers,
+        dtype="bfloat16",
+    )
     with torch.device("meta"):
         shapes = [(n, tuple(p.shape)) for n, p in AutoModelForCausalLM.from_config(config).state_dict().items()]
     gen = torch.Generator().manual_seed(0)
@@ -86,8 +102,11 @@ def gpt_oss_pair(bf16: Path, mxfp4: Path, layers: int, experts: int) -> None:
     totals = {bf16: 0, mxfp4: 0}
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     for name, shape in shapes:  # a shard per layer, and one for the rest
-        if groups[-1] and name.startswith("model.layers.") and not groups[-1][-1][0].startswith(
-                ".".join(name.split(".")[:3]) + "."):
+        if (
+            groups[-1]
+            and name.startswith("model.layers.")
+            and not groups[-1][-1][0].startswith(".".join(name.split(".")[:3]) + ".")
+        ):
             groups.append([])
         groups[-1].append((name, shape))
     for folder in maps:
@@ -96,7 +115,9 @@ def gpt_oss_pair(bf16: Path, mxfp4: Path, layers: int, experts: int) -> None:
         shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         plain, packed = {}, {}
         for name, shape in group:
-            t = (torch.randn(shape, generator=gen) * 0.02 if "norm" not in name else torch.ones(shape)).to(torch.bfloat16)
+            t = (torch.randn(shape, generator=gen) * 0.02 if "norm" not in name else torch.ones(shape)).to(
+                torch.bfloat16
+            )
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 blocks, scales = quantize_mxfp4(t)
                 packed[name + "_blocks"], packed[name + "_scales"] = blocks, scales
@@ -109,12 +130,20 @@ def gpt_oss_pair(bf16: Path, mxfp4: Path, layers: int, experts: int) -> None:
                 maps[folder][name] = shard
                 totals[folder] += t.numel() * t.element_size()
     for folder in maps:
-        (folder / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": totals[folder]}, "weight_map": maps[folder]}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": totals[folder]}, "weight_map": maps[folder]})
+        )
         config.save_pretrained(folder)
     quantized = json.loads((mxfp4 / "config.json").read_text())
-    quantized["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    quantized["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (mxfp4 / "config.json").write_text(json.dumps(quantized, indent=2))
 
 
@@ -126,8 +155,13 @@ def gpt_oss_adapter(base: Path, folder: Path) -> None:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
-    lora = LoraConfig(r=16, lora_alpha=32, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+    )
     peft_model = get_peft_model(model, lora)
     gen = torch.Generator().manual_seed(1)
     for name, param in list(peft_model.named_parameters()):
@@ -175,23 +209,41 @@ def run(family: str, layers: int, work: Path, repeat: int, experts: int = 32) ->
         "copy": ["cp", "-r", str(quantized), str(outputs["copy"])],
         "bf16 merge": [*merge, str(bf16), str(adapter), str(outputs["bf16 merge"]), "-q"],
         "as trained": [*merge, str(quantized), str(adapter), str(outputs["as trained"]), "-q"],
-        "keep quantization": [*merge, str(quantized), str(adapter), str(outputs["keep quantization"]), "-q",
-                              "--keep-quantization"],
+        "keep quantization": [
+            *merge,
+            str(quantized),
+            str(adapter),
+            str(outputs["keep quantization"]),
+            "-q",
+            "--keep-quantization",
+        ],
     }
     rows, walls = time_interleaved(commands, outputs, quantized, ENV, repeat, f"{family} {layers} layers")
     checks = {}
     for name in ("as trained", "keep quantization"):  # made again (untimed), then checked
         shutil.rmtree(outputs[name], ignore_errors=True)
         subprocess.run(commands[name], env=ENV, check=True)
-        proc = subprocess.run([*merge[:-1], "verify", str(outputs[name]), str(quantized), str(adapter), "--sample",
-                               "12", "--json"], env=ENV, capture_output=True, text=True)
+        proc = subprocess.run(
+            [*merge[:-1], "verify", str(outputs[name]), str(quantized), str(adapter), "--sample", "12", "--json"],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
         checks[name] = json.loads(proc.stdout)["verdict"] if proc.stdout else f"failed: {proc.stderr[-300:]}"
     params = json.loads((bf16 / "model.safetensors.index.json").read_text())["metadata"]["total_size"] / 2
     size_gb = sum(f.stat().st_size for f in quantized.glob("*.safetensors")) / 1e9
     for out in outputs.values():
         shutil.rmtree(out, ignore_errors=True)
-    return {"family": family, "layers": layers, "experts": experts if family == "mxfp4" else None, "params": params,
-            "size_gb": size_gb, "rows": rows, "walls": walls, "checks": checks}
+    return {
+        "family": family,
+        "layers": layers,
+        "experts": experts if family == "mxfp4" else None,
+        "params": params,
+        "size_gb": size_gb,
+        "rows": rows,
+        "walls": walls,
+        "checks": checks,
+    }
 
 
 def render(results: list[dict]) -> str:
@@ -214,18 +266,29 @@ def render(results: list[dict]) -> str:
         plain = r["rows"]["bf16 merge"][0]
         for name, (wall, rss) in r["rows"].items():
             runs = ", ".join(f"{w:.1f}" for w in r["walls"][name])
-            lines.append(f"| {label} | {name} | {wall:.1f} | {wall / plain:.2f}x | {rss:.0f} | "
-                         f"{r['checks'].get(name, '')} | {runs} |")
-    lines += ["", "Targets (issue 26): as trained <= 1.5x the bf16 merge, --keep-quantization <= 2.0x, memory flat "
-              "when the model doubles.", ""]
+            lines.append(
+                f"| {label} | {name} | {wall:.1f} | {wall / plain:.2f}x | {rss:.0f} | "
+                f"{r['checks'].get(name, '')} | {runs} |"
+            )
+    lines += [
+        "",
+        "Targets (issue 26): as trained <= 1.5x the bf16 merge, --keep-quantization <= 2.0x, memory flat "
+        "when the model doubles.",
+        "",
+    ]
     for family in ("fp8", "mxfp4"):
         runs = [r for r in results if r["family"] == family]
         for big in runs[1:]:
             small = runs[0]
-            what = "the experts per layer double" if big["experts"] and big["experts"] > small["experts"] else \
-                "the model doubles"
-            parts = [f"{name} {100 * (big['rows'][name][1] / small['rows'][name][1] - 1):+.1f}%"
-                     for name in ("bf16 merge", "as trained", "keep quantization")]
+            what = (
+                "the experts per layer double"
+                if big["experts"] and big["experts"] > small["experts"]
+                else "the model doubles"
+            )
+            parts = [
+                f"{name} {100 * (big['rows'][name][1] / small['rows'][name][1] - 1):+.1f}%"
+                for name in ("bf16 merge", "as trained", "keep quantization")
+            ]
             lines.append(f"{family}: peak RSS when {what}: " + ", ".join(parts) + ".")
     lines.append("")
     return "\n".join(lines)

@@ -12,7 +12,8 @@ huggingface_hub client (HF_HUB_DISABLE_XET=1: the LFS path). In one run, each wi
   upload only     rslora-tools push OUT (the merged model, to a new repo)
   stream          rslora-tools merge org/base org/adapter --push-to-hub --stream
 Wall times, and the peak extra disk (bytes allocated to the files under the benchmark's work folder,
-which holds every cache, OUT and scratch folder, sampled every 20 ms) are measured; the streamed repo is checked equal to the sequential one, file by file.
+which holds every cache, OUT and scratch folder, sampled every 20 ms) are measured; the streamed repo is checked equal
+to the sequential one, file by file.
 Writes docs/stream_benchmark.md.
 """
 
@@ -84,9 +85,16 @@ def timed(name: str, args: list[str], env: dict[str, str]) -> dict:
 
 def environment(hub_url: str, home: Path) -> dict[str, str]:
     shutil.rmtree(home, ignore_errors=True)
-    return {**os.environ, "HF_ENDPOINT": hub_url, "HF_HOME": str(home), "HF_TOKEN": "hf_fake_token",
-            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0",
-            "PYTHONPATH": str(ROOT)}
+    return {
+        **os.environ,
+        "HF_ENDPOINT": hub_url,
+        "HF_HOME": str(home),
+        "HF_TOKEN": "hf_fake_token",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_OFFLINE": "0",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 def cli(*args: object) -> list[str]:
@@ -110,24 +118,48 @@ def main() -> None:
     hub.upload_local_folder("org/adapter", adapter)
     hub.download_rate, hub.upload_rate = args.down_rate, args.up_rate
     runs = {
-        "download only": timed("download only", [sys.executable, "-c", (
-            "from huggingface_hub import snapshot_download; "
-            "snapshot_download('org/base', allow_patterns=['*.json', '*.safetensors'])")],
-            environment(hub.url, WORK / "home-download")),
+        "download only": timed(
+            "download only",
+            [
+                sys.executable,
+                "-c",
+                (
+                    "from huggingface_hub import snapshot_download; "
+                    "snapshot_download('org/base', allow_patterns=['*.json', '*.safetensors'])"
+                ),
+            ],
+            environment(hub.url, WORK / "home-download"),
+        ),
     }
     shutil.rmtree(WORK / "home-download")
     out = WORK / "sequential-out"
-    runs["sequential"] = timed("sequential (download, merge, push)",
-                               cli("merge", "org/base", "org/adapter", out, "--push-to-hub", "me/sequential", "-q"),
-                               environment(hub.url, WORK / "home-sequential"))
+    runs["sequential"] = timed(
+        "sequential (download, merge, push)",
+        cli("merge", "org/base", "org/adapter", out, "--push-to-hub", "me/sequential", "-q"),
+        environment(hub.url, WORK / "home-sequential"),
+    )
     shutil.rmtree(WORK / "home-sequential")
-    runs["upload only"] = timed("upload only", cli("push", out, "me/upload-only"), environment(hub.url, WORK / "home-up"))
+    runs["upload only"] = timed(
+        "upload only", cli("push", out, "me/upload-only"), environment(hub.url, WORK / "home-up")
+    )
     hub.lfs.pop("me/upload-only", None)
     hub.repos.pop("me/upload-only", None)
     shutil.rmtree(out)
-    runs["stream"] = timed("stream", cli("merge", "org/base", "org/adapter", "--push-to-hub", "me/stream", "--stream",
-                                         "--scratch", WORK / "scratch", "--json"),
-                           environment(hub.url, WORK / "home-stream"))
+    runs["stream"] = timed(
+        "stream",
+        cli(
+            "merge",
+            "org/base",
+            "org/adapter",
+            "--push-to-hub",
+            "me/stream",
+            "--stream",
+            "--scratch",
+            WORK / "scratch",
+            "--json",
+        ),
+        environment(hub.url, WORK / "home-stream"),
+    )
     report = json.loads(runs["stream"]["stdout"])
     check_equal(hub)
     write_table(runs, report, args)
@@ -150,19 +182,25 @@ def write_table(runs: dict, report: dict, args: argparse.Namespace) -> None:
     lines = [
         "# Streaming benchmark: `merge --stream --push-to-hub`",
         "",
-        f"Written by `benchmarks/stream_bench.py` on {time.strftime('%Y-%m-%d')}: {platform.processor() or platform.machine()}, "
+        f"Written by `benchmarks/stream_bench.py` on {time.strftime('%Y-%m-%d')}: "
+        f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}. The 1.1B TinyLlama-shaped bf16 checkpoint "
         f"({gb:.2f} GB in {len(report['shards'])} shards) and an r=16 rsLoRA adapter on all linear layers, served by "
         f"the loopback Hub stand-in (tests/fake_hub.py) throttled to {args.down_rate / 1e6:.0f} MB/s down and "
         f"{args.up_rate / 1e6:.0f} MB/s up, to the real huggingface_hub client (LFS path). Every run starts with an "
-        "empty cache. Peak disk: the bytes allocated to the files of the run (caches, OUT, scratch), sampled every 20 ms.",
+        "empty cache. Peak disk: the bytes allocated to the files of the run (caches, OUT, scratch), sampled every "
+        "20 ms.",
         "",
         "| run | wall | vs the slower of download and upload | peak extra disk |",
         "|---|---|---|---|",
     ]
     for name, run in runs.items():
-        lines.append(f"| {name} | {run['seconds']:.1f} s | {run['seconds'] / slower:.2f}x | {run['disk'] / 1e9:.2f} GB |")
-    phases = ", ".join(f"{p} {v['bytes'] / 1e9:.2f} GB in {v['seconds']:.1f} s busy" for p, v in report["phases"].items())
+        lines.append(
+            f"| {name} | {run['seconds']:.1f} s | {run['seconds'] / slower:.2f}x | {run['disk'] / 1e9:.2f} GB |"
+        )
+    phases = ", ".join(
+        f"{p} {v['bytes'] / 1e9:.2f} GB in {v['seconds']:.1f} s busy" for p, v in report["phases"].items()
+    )
     lines += [
         "",
         f"- `--stream` stated its disk bound as {report['disk_bound'] / 1e9:.2f} GB "

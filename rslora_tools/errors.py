@@ -15,23 +15,56 @@ from typing import Any
 # A flag as the Python API says it. Flags that take a value end in "=" (`--initial INIT` -> `initial=INIT`);
 # every flag a library message names has an entry (tests/architecture/test_messages.py checks).
 API_WORDS: dict[str, str] = {
-    "--overwrite": "overwrite=True", "--dry-run": "dry_run=True", "--allow-nonfinite": "allow_nonfinite=True",
-    "--allow-pickle": "allow_pickle=True", "--base-is-residual": "base_is_residual=True", "--bake": "bake=True",
-    "--verify": "verify=True", "--rslora": "rslora=True", "--exact": "exact=True", "--classic": "rslora=False",
-    "--to-rslora": 'to="rslora"', "--to-classic": 'to="classic"',
-    "--stream": "stream=StreamOptions()", "--keep-cache": "StreamOptions(keep_cache=True)",
-    "--no-resume": "StreamOptions(no_resume=True)", "--scratch": "StreamOptions(scratch=",
-    "--push-to-hub": "push=PushTarget(", "--create-pr": "PushTarget(create_pr=True)",
-    "--private": "PushTarget(private=True)", "--commit-message": "PushTarget(commit_message=",
-    "--double-quant": "trained_on_scheme(double_quant=True)", "--quant-blocksize": "trained_on_scheme(blocksize=",
-    "--initial": "initial=", "--trained-on": "trained_on=", "--weights": "weights=", "--target": "target=",
-    "--rank": "rank=", "--dtype": "dtype=", "--device": "device=", "--token": "token=", "--revision": "revision=",
-    "--base-revision": "base_revision=", "--adapter-revision": "adapter_revision=", "--method": "method=",
-    "--max-error": "max_error=", "--energy": "energy=", "--density": "density=", "--base": "base=",
-    "--seed": "seed=", "--sample": "sample=", "--alpha": "alpha=", "--max-shard-size": "max_shard_size=",
-    "--target-modules": "target_modules=", "--runtime": "runtimes=", "--json": "the returned report",
-    "--expert-layout": "expert_layout=", "--key-layout": "key_layout=", "--keep-quantization": "keep_quantization=True",
-    "--outtype": "outtype=", "--llama-cpp": "llama_cpp=",
+    "--overwrite": "overwrite=True",
+    "--dry-run": "dry_run=True",
+    "--allow-nonfinite": "allow_nonfinite=True",
+    "--allow-pickle": "allow_pickle=True",
+    "--base-is-residual": "base_is_residual=True",
+    "--bake": "bake=True",
+    "--verify": "verify=True",
+    "--rslora": "rslora=True",
+    "--exact": "exact=True",
+    "--classic": "rslora=False",
+    "--to-rslora": 'to="rslora"',
+    "--to-classic": 'to="classic"',
+    "--stream": "stream=StreamOptions()",
+    "--keep-cache": "StreamOptions(keep_cache=True)",
+    "--no-resume": "StreamOptions(no_resume=True)",
+    "--scratch": "StreamOptions(scratch=",
+    "--push-to-hub": "push=PushTarget(",
+    "--create-pr": "PushTarget(create_pr=True)",
+    "--private": "PushTarget(private=True)",
+    "--commit-message": "PushTarget(commit_message=",
+    "--double-quant": "trained_on_scheme(double_quant=True)",
+    "--quant-blocksize": "trained_on_scheme(blocksize=",
+    "--initial": "initial=",
+    "--trained-on": "trained_on=",
+    "--weights": "weights=",
+    "--target": "target=",
+    "--rank": "rank=",
+    "--dtype": "dtype=",
+    "--device": "device=",
+    "--token": "token=",
+    "--revision": "revision=",
+    "--base-revision": "base_revision=",
+    "--adapter-revision": "adapter_revision=",
+    "--method": "method=",
+    "--max-error": "max_error=",
+    "--energy": "energy=",
+    "--density": "density=",
+    "--base": "base=",
+    "--seed": "seed=",
+    "--sample": "sample=",
+    "--alpha": "alpha=",
+    "--max-shard-size": "max_shard_size=",
+    "--target-modules": "target_modules=",
+    "--runtime": "runtimes=",
+    "--json": "the returned report",
+    "--expert-layout": "expert_layout=",
+    "--key-layout": "key_layout=",
+    "--keep-quantization": "keep_quantization=True",
+    "--outtype": "outtype=",
+    "--llama-cpp": "llama_cpp=",
 }
 _FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?: ([A-Z][A-Z0-9_]*|\d[\w.]*|'[^']*'))?")
 # A command a message suggests, up to the end of its backquotes, parentheses or clause.
@@ -45,11 +78,17 @@ def api_words(message: str) -> str:
 
 
 def _command_as_call(m: re.Match[str]) -> str:
-    """`rslora-tools push FOLDER REPO_ID --revision BRANCH` -> `rslora_tools.push(FOLDER, REPO_ID, revision=BRANCH)`."""
+    """`rslora-tools push FOLDER REPO_ID --revision BRANCH` -> `rslora_tools.push(FOLDER, REPO_ID,
+    revision=BRANCH)`."""
     words, args, i = m.group(2).split(), [], 0
     while i < len(words):
-        if words[i].startswith("--") and words[i] in API_WORDS and API_WORDS[words[i]].endswith("=") \
-                and i + 1 < len(words) and not words[i + 1].startswith("--"):
+        if (
+            words[i].startswith("--")
+            and words[i] in API_WORDS
+            and API_WORDS[words[i]].endswith("=")
+            and i + 1 < len(words)
+            and not words[i + 1].startswith("--")
+        ):
             args.append(f"{words[i]} {words[i + 1]}")
             i += 2
         else:

@@ -36,7 +36,9 @@ class Flag:
 
 
 # Flags declared in more than one stage's options (the Hub's push target and the commands' options).
-TOKEN = Flag("--token", metavar="TOKEN", help="Hugging Face token (default: HF_TOKEN or the stored login). Never printed.")
+TOKEN = Flag(
+    "--token", metavar="TOKEN", help="Hugging Face token (default: HF_TOKEN or the stored login). Never printed."
+)
 DRY_RUN = Flag("--dry-run", is_flag=True, help="Plan and print what would be done; write nothing.")
 
 

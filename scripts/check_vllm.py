@@ -1,4 +1,5 @@
-"""What vLLM's CPU build does with PEFT adapters, release by release, against PEFT; and whether rslora-tools predicts it.
+"""What vLLM's CPU build does with PEFT adapters, release by release, against PEFT; and whether rslora-tools predicts
+it.
 
     bash scripts/check_vllm.sh                      # venvs built once (cached), then this script
     python scripts/check_vllm.py --vllm 0.32.0=VENV/bin/python [--vllm 0.31.0=...] [--write docs/runtimes.md]
@@ -38,8 +39,13 @@ LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 CASES = {
     "classic": dict(r=8, lora_alpha=16),
     "rsLoRA": dict(r=16, lora_alpha=16, use_rslora=True),
-    "rsLoRA + patterns": dict(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"o_proj": 4, "layers.1.mlp.up_proj": 2},
-                              alpha_pattern={"down_proj": 8.5, "v_proj": 3}),
+    "rsLoRA + patterns": dict(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        rank_pattern={"o_proj": 4, "layers.1.mlp.up_proj": 2},
+        alpha_pattern={"down_proj": 8.5, "v_proj": 3},
+    ),
     "DoRA": dict(r=8, lora_alpha=16, use_dora=True),
     "lora_bias": dict(r=8, lora_alpha=16, lora_bias=True),
     'bias="all"': dict(r=8, lora_alpha=16, bias="all"),
@@ -54,9 +60,18 @@ def build(work: Path) -> tuple[Path, dict[str, Path]]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=128, bos_token_id=1,
-                         eos_token_id=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=384,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     base = work / "base"
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     with torch.no_grad():
@@ -64,9 +79,12 @@ def build(work: Path) -> tuple[Path, dict[str, Path]]:
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     model.save_pretrained(base)
-    adapters = {name: make_adapter(base, work / f"adapter-{i}", LoraConfig(init_lora_weights=False, target_modules=LINEAR,
-                                                                          **kwargs))
-                for i, (name, kwargs) in enumerate(CASES.items())}
+    adapters = {
+        name: make_adapter(
+            base, work / f"adapter-{i}", LoraConfig(init_lora_weights=False, target_modules=LINEAR, **kwargs)
+        )
+        for i, (name, kwargs) in enumerate(CASES.items())
+    }
     return base, adapters
 
 
@@ -82,7 +100,8 @@ def peft_logprobs(base: Path, adapter: Path | None) -> torch.Tensor:
 
 
 def predicted(adapter: Path, version: str) -> tuple[str, dict[str, float]]:
-    """What rslora-tools says this release does: "cannot serve", "exact" or "wrong scale", and the factor per module."""
+    """What rslora-tools says this release does: "cannot serve", "exact" or "wrong scale", and the factor per
+    module."""
     from rslora_tools.adapter.load import load_adapter
     from rslora_tools.adapter.module_scales import module_entries
     from rslora_tools.adapter.runtimes import missing_features, runtime, runtime_scale
@@ -123,8 +142,12 @@ def serve(python: str, base: Path, adapter: Path | None, work: Path) -> dict:
     tokens.write_text(json.dumps(TOKENS))
     out = work / f"out-{abs(hash((python, str(adapter))))}.json"
     log = (work / f"{out.stem}.log").open("w")
-    proc = subprocess.Popen([python, str(ROOT / "scripts" / "vllm_serve_case.py"), str(base), str(adapter or "-"),
-                             str(tokens), str(out)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [python, str(ROOT / "scripts" / "vllm_serve_case.py"), str(base), str(adapter or "-"), str(tokens), str(out)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         proc.wait(timeout=900)
     except subprocess.TimeoutExpired:
@@ -150,8 +173,9 @@ def check(version: str, python: str, base: Path, adapters: dict[str, Path], work
     from rslora_tools.cli import cli
 
     converted = work / f"converted-{version}"
-    result = CliRunner().invoke(cli, ["convert", str(adapters["rsLoRA + patterns"]), str(converted), "--target",
-                                      f"vllm@{version}"])
+    result = CliRunner().invoke(
+        cli, ["convert", str(adapters["rsLoRA + patterns"]), str(converted), "--target", f"vllm@{version}"]
+    )
     assert result.exit_code == 0, result.output
     cases = {**adapters, f"rsLoRA + patterns, converted --target vllm@{version}": converted}
     rows = []
@@ -169,12 +193,16 @@ def check(version: str, python: str, base: Path, adapters: dict[str, Path], work
             row.update(measured="PEFT's" if diff < SAME else "differs", max_diff=diff)
             if diff >= SAME and factors:
                 model = as_served(adapter, factors, work / f"served-{version}-{len(rows)}")
-                row["diff_to_predicted"] = (torch.tensor(served["logprobs"]) - peft_logprobs(base, model)).abs().max().item()
+                row["diff_to_predicted"] = (
+                    (torch.tensor(served["logprobs"]) - peft_logprobs(base, model)).abs().max().item()
+                )
         # "cannot serve" is right when the release refuses the adapter or serves another model silently;
         # "wrong scale" when it serves the adapter at the predicted scales; "exact" when it serves PEFT's model.
-        row["agrees"] = {"cannot serve": row["measured"] in ("refused", "differs"),
-                         "wrong scale": row.get("diff_to_predicted", 1.0) < SAME,
-                         "exact": row["measured"] == "PEFT's"}[prediction]
+        row["agrees"] = {
+            "cannot serve": row["measured"] in ("refused", "differs"),
+            "wrong scale": row.get("diff_to_predicted", 1.0) < SAME,
+            "exact": row["measured"] == "PEFT's",
+        }[prediction]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -188,19 +216,28 @@ def table(rows: list[dict]) -> str:
         elif r["measured"] == "PEFT's":
             served = f"PEFT's (max abs Δ log p {r['max_diff']:.1e})"
         elif "diff_to_predicted" in r:
-            served = (f"not PEFT's (max abs Δ log p {r['max_diff']:.2f}); the model at the predicted scales "
-                      f"(max abs Δ log p {r['diff_to_predicted']:.1e})")
+            served = (
+                f"not PEFT's (max abs Δ log p {r['max_diff']:.2f}); the model at the predicted scales "
+                f"(max abs Δ log p {r['diff_to_predicted']:.1e})"
+            )
         else:
             served = f"not PEFT's, without an error (max abs Δ log p {r['max_diff']:.2f})"
-        lines.append(f"| {r['vllm']} | {r['adapter']} | {served.replace('|', '/')} | {r['predicted']} | "
-                     f"{'yes' if r['agrees'] else 'NO'} |")
+        lines.append(
+            f"| {r['vllm']} | {r['adapter']} | {served.replace('|', '/')} | {r['predicted']} | "
+            f"{'yes' if r['agrees'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vllm", action="append", required=True, metavar="VERSION=PYTHON",
-                        help="a vLLM release and the python of an environment where it is installed (repeatable)")
+    parser.add_argument(
+        "--vllm",
+        action="append",
+        required=True,
+        metavar="VERSION=PYTHON",
+        help="a vLLM release and the python of an environment where it is installed (repeatable)",
+    )
     parser.add_argument("--write", type=Path, help="put the table into this file, between the check_vllm markers")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -215,8 +252,11 @@ def main() -> None:
     if args.write:
         doc = args.write.read_text()
         block = f"{START}\n{text}\n{END}"
-        doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S) if START in doc \
+        doc = (
+            re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
+            if START in doc
             else doc.rstrip("\n") + "\n\n" + block + "\n"
+        )
         args.write.write_text(doc)
     if not all(r["agrees"] for r in rows):
         sys.exit(1)

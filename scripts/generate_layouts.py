@@ -33,9 +33,14 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "rslora_tools" / "plan" / "layout_rules.json"
 # The auto mappings whose classes a LoRA adapter is trained on, first match gives a model type's default class.
-MAIN_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
-                 "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-                 "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
+MAIN_MAPPINGS = (
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "MODEL_MAPPING_NAMES",
+)
 SIMPLE = (int, float, str, bool, type(None))
 
 
@@ -44,17 +49,26 @@ def rules_fingerprint() -> str:
     from transformers import conversion_mapping
 
     raw = conversion_mapping._build_checkpoint_conversion_mapping()
-    text = json.dumps({
-        "mapping": {key: [describe(t, scoped=False) for t in transforms] for key, transforms in sorted(raw.items())},
-        "aliases": dict(sorted(conversion_mapping._MODEL_TO_CONVERSION_PATTERN.items())),
-    }, sort_keys=True)
+    text = json.dumps(
+        {
+            "mapping": {
+                key: [describe(t, scoped=False) for t in transforms] for key, transforms in sorted(raw.items())
+            },
+            "aliases": dict(sorted(conversion_mapping._MODEL_TO_CONVERSION_PATTERN.items())),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def describe(transform, *, scoped: bool = True) -> dict:
     """One transform as plan/layouts.py replays it: its class, compiled pattern, targets, scope and operations."""
-    entry = {"kind": type(transform).__name__, "pattern": transform.compiled_sources.pattern,
-             "sources": list(transform.source_patterns), "targets": list(transform.target_patterns)}
+    entry = {
+        "kind": type(transform).__name__,
+        "pattern": transform.compiled_sources.pattern,
+        "sources": list(transform.source_patterns),
+        "targets": list(transform.target_patterns),
+    }
     if scoped:
         entry["scope"] = transform.scope_prefix
         entry["base_prefix"] = transform.base_model_prefix
@@ -62,9 +76,17 @@ def describe(transform, *, scoped: bool = True) -> dict:
         entry["offset"] = transform.offset
     ops = getattr(transform, "operations", None)
     if ops:
-        entry["ops"] = [{"op": type(op).__name__, **{k: v for k, v in vars(op).items() if isinstance(v, SIMPLE)
-                                                     or (isinstance(v, list) and all(isinstance(x, str) for x in v))}}
-                        for op in ops]
+        entry["ops"] = [
+            {
+                "op": type(op).__name__,
+                **{
+                    k: v
+                    for k, v in vars(op).items()
+                    if isinstance(v, SIMPLE) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+                },
+            }
+            for op in ops
+        ]
     return entry
 
 
@@ -100,8 +122,10 @@ def class_transforms(model_type: str, class_name: str) -> tuple[list[dict], dict
     root = get_checkpoint_conversion_mapping(class_name) or get_checkpoint_conversion_mapping(model_type) or []
     legacy = get_checkpoint_conversion_mapping("legacy") or []
     cls = getattr(transformers, class_name)
-    keep = {"fp32": sorted(getattr(cls, "_keep_in_fp32_modules", None) or ()),
-            "fp32_strict": sorted(getattr(cls, "_keep_in_fp32_modules_strict", None) or ())}
+    keep = {
+        "fp32": sorted(getattr(cls, "_keep_in_fp32_modules", None) or ()),
+        "fp32_strict": sorted(getattr(cls, "_keep_in_fp32_modules_strict", None) or ()),
+    }
     return [describe(t) for t in [*root, *legacy]], {"built": False, **{k: v for k, v in keep.items() if v}}
 
 
@@ -128,15 +152,18 @@ def built_transforms(config, class_name: str) -> tuple[list[dict], dict[str, lis
             model = getattr(transformers, class_name)(config)
     finally:
         torch.set_default_dtype(default)
-    keep = {"fp32": sorted(model._keep_in_fp32_modules or ()),  # kept in float32 when loaded in float16
-            "fp32_strict": sorted(model._keep_in_fp32_modules_strict or ()),  # ... in float16 or bfloat16
-            # parameters and buffers the model makes in float32 whatever it is loaded in (a checkpoint's values are
-            # cast to them)
-            "fp32_params": sorted({numbered(n) for n, p in [*model.named_parameters(), *model.named_buffers()]
-                                   if p.dtype == torch.float32}),
-            "order": parameter_order(model),
-            # weights tied to another (not stored: transformers ties them on loading): tied name -> its source
-            "tied": {numbered(k): numbered(v) for k, v in sorted(model.get_expanded_tied_weights_keys().items())}}
+    keep = {
+        "fp32": sorted(model._keep_in_fp32_modules or ()),  # kept in float32 when loaded in float16
+        "fp32_strict": sorted(model._keep_in_fp32_modules_strict or ()),  # ... in float16 or bfloat16
+        # parameters and buffers the model makes in float32 whatever it is loaded in (a checkpoint's values are
+        # cast to them)
+        "fp32_params": sorted(
+            {numbered(n) for n, p in [*model.named_parameters(), *model.named_buffers()] if p.dtype == torch.float32}
+        ),
+        "order": parameter_order(model),
+        # weights tied to another (not stored: transformers ties them on loading): tied name -> its source
+        "tied": {numbered(k): numbered(v) for k, v in sorted(model.get_expanded_tied_weights_keys().items())},
+    }
     return [describe(t) for t in get_model_conversion_mapping(model)], {k: v for k, v in keep.items() if v}
 
 
@@ -182,13 +209,16 @@ def build() -> dict:
             architectures.setdefault(class_name, {})[model_type] = entry
         if sys.stderr.isatty():
             print(f"\r{n + 1}/{len(classes)} model types, {time.time() - started:.0f} s", end="", file=sys.stderr)
-    print(f"{len(classes)} model types, {len(architectures)} classes in {time.time() - started:.0f} s", file=sys.stderr)
+    print(
+        f"{len(classes)} model types, {len(architectures)} classes in {time.time() - started:.0f} s", file=sys.stderr
+    )
     return {
         "generated_by": "scripts/generate_layouts.py",
         "transformers": transformers.__version__,
         "rules_fingerprint": rules_fingerprint(),
-        "model_types": {t: [c, architectures[c][t]["rules"]] for t, c in sorted(default.items())
-                        if t in architectures.get(c, {})},
+        "model_types": {
+            t: [c, architectures[c][t]["rules"]] for t, c in sorted(default.items()) if t in architectures.get(c, {})
+        },
         "architectures": {c: dict(sorted(v.items())) for c, v in sorted(architectures.items())},
         "rule_sets": rule_sets,
         "transforms": [json.loads(t) for t in transforms_seen],
@@ -201,8 +231,10 @@ def render(table: dict) -> str:
     lists = ("rule_sets", "transforms", "extras")
     head = {k: v for k, v in table.items() if k not in lists}
     lines = json.dumps(head, indent=1, sort_keys=False)[:-2]
-    body = ",\n".join(f" {json.dumps(name)}: [\n" + ",\n".join("  " + json.dumps(x, sort_keys=True) for x in table[name])
-                      + "\n ]" for name in lists)
+    body = ",\n".join(
+        f" {json.dumps(name)}: [\n" + ",\n".join("  " + json.dumps(x, sort_keys=True) for x in table[name]) + "\n ]"
+        for name in lists
+    )
     return f"{lines},\n{body}\n}}\n"
 
 
@@ -220,8 +252,11 @@ def main() -> int:
     text = render(build())
     if args.check:
         same = OUT.read_text() == text
-        print("layout_rules.json is up to date" if same else
-              "layout_rules.json differs from the installed transformers: run scripts/generate_layouts.py")
+        print(
+            "layout_rules.json is up to date"
+            if same
+            else "layout_rules.json differs from the installed transformers: run scripts/generate_layouts.py"
+        )
         return 0 if same else 1
     OUT.write_text(text)
     print(f"wrote {OUT}")

@@ -28,9 +28,19 @@ def main() -> None:
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
 
-        llm = LLM(model=model, dtype="float32", skip_tokenizer_init=True, enforce_eager=True, max_model_len=64,
-                  max_logprobs=vocab, enable_lora=adapter != "-", max_lora_rank=64, max_loras=1,
-                  max_num_seqs=len(tokens), seed=0)
+        llm = LLM(
+            model=model,
+            dtype="float32",
+            skip_tokenizer_init=True,
+            enforce_eager=True,
+            max_model_len=64,
+            max_logprobs=vocab,
+            enable_lora=adapter != "-",
+            max_lora_rank=64,
+            max_loras=1,
+            max_num_seqs=len(tokens),
+            seed=0,
+        )
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=vocab, detokenize=False)
         lora = LoRARequest("adapter", 1, adapter) if adapter != "-" else None
         prompts = [{"prompt_token_ids": tokens[:n]} for n in range(1, len(tokens) + 1)]

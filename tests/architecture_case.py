@@ -42,13 +42,27 @@ def lora_config(model: torch.nn.Module, *, exclude: list[str] | None = None):
     another alpha, and the model's fused expert parameters (3-D, under `experts`) as `target_parameters`."""
     from peft import LoraConfig
 
-    leaves = sorted({name.rpartition(".")[2] for name, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and "lm_head" not in name})
-    experts = sorted({".".join(name.split(".")[-2:]) for name, p in model.named_parameters()
-                      if p.dim() == 3 and "experts" in name})
-    return LoraConfig(r=4, lora_alpha=8, use_rslora=True, init_lora_weights=False, target_modules="all-linear",
-                      rank_pattern={leaves[0]: 2} if leaves else {}, alpha_pattern={leaves[-1]: 16} if leaves else {},
-                      target_parameters=experts or None, exclude_modules=exclude)
+    leaves = sorted(
+        {
+            name.rpartition(".")[2]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in name
+        }
+    )
+    experts = sorted(
+        {".".join(name.split(".")[-2:]) for name, p in model.named_parameters() if p.dim() == 3 and "experts" in name}
+    )
+    return LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        init_lora_weights=False,
+        target_modules="all-linear",
+        rank_pattern={leaves[0]: 2} if leaves else {},
+        alpha_pattern={leaves[-1]: 16} if leaves else {},
+        target_parameters=experts or None,
+        exclude_modules=exclude,
+    )
 
 
 def _peft_model(load):
@@ -84,23 +98,31 @@ def build_case(row: Row, folder: Path, *, max_shard_size: str | None = None) -> 
         try:
             model.save_pretrained(base, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         except Exception as e:  # noqa: BLE001
-            pytest.skip(f"{row.model_type}: transformers' own save_pretrained fails on the tiny model "
-                        f"({type(e).__name__}: {str(e)[:160]})")
+            pytest.skip(
+                f"{row.model_type}: transformers' own save_pretrained fails on the tiny model "
+                f"({type(e).__name__}: {str(e)[:160]})"
+            )
         cls = _model_class(row)
         try:
             cls.from_pretrained(base, dtype=DTYPE)
         except Exception as e:  # noqa: BLE001
-            pytest.skip(f"{row.model_type}: transformers does not load the checkpoint its own save_pretrained wrote "
-                        f"({type(e).__name__}: {str(e)[:160]})")
+            pytest.skip(
+                f"{row.model_type}: transformers does not load the checkpoint its own save_pretrained wrote "
+                f"({type(e).__name__}: {str(e)[:160]})"
+            )
         try:
             trained = _peft_model(lambda: cls.from_pretrained(base, dtype=DTYPE))
         except Exception as e:  # noqa: BLE001
             pytest.skip(f"{row.model_type}: PEFT cannot make the adapter ({type(e).__name__}: {str(e)[:160]})")
         perturb_trainable(trained, seed=1)
         trained.save_pretrained(adapter)
-        case = Case(row, base, adapter, peft,
-                    target_parameters=json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
-                    or [])
+        case = Case(
+            row,
+            base,
+            adapter,
+            peft,
+            target_parameters=json.loads((adapter / "adapter_config.json").read_text())["target_parameters"] or [],
+        )
         fresh = cls.from_pretrained(base, dtype=DTYPE)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -60,7 +60,8 @@ def fake_hub(tmp_path, monkeypatch):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """Make a real file system of a given size (tmpfs, e.g. "24k"): needs root; skipped where mounting is not allowed."""
+    """Make a real file system of a given size (tmpfs, e.g. "24k"): needs root; skipped where mounting is not
+    allowed."""
     import subprocess
 
     mounts = []

@@ -3,7 +3,8 @@
 It implements what `snapshot_download`, `create_repo`, `upload_folder` (legacy LFS path, so
 run with HF_HUB_DISABLE_XET=1) and `list_repo_tree` use (the Hub's public HTTP API):
 repo info, tree, resolve (HEAD/GET), repo create, validate-yaml, preupload, LFS batch /
-upload / verify, and the NDJSON commit (added and deleted files, the parent commit checked). Every request is recorded; faults can be injected
+upload / verify, and the NDJSON commit (added and deleted files, the parent commit checked). Every request is
+recorded; faults can be injected
 (`fail`: every time, `fail_once`: the next time), and transfers can be throttled (`download_rate`,
 `upload_rate`, bytes per second, as a slow network would be). Downloads honour `Range`.
 """
@@ -64,15 +65,25 @@ class FakeHub:
 
     # --- state helpers for tests ------------------------------------------------------------------
 
-    def add_commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", message: str = "commit",
-                   parent: str | None = None, deleted: tuple[str, ...] = ()) -> str:
+    def add_commit(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        branch: str = "main",
+        message: str = "commit",
+        parent: str | None = None,
+        deleted: tuple[str, ...] = (),
+    ) -> str:
         repo = self.repos.setdefault(repo_id, Repo())
         base = dict(repo.commits.get(parent or repo.branches.get(branch, ""), {}))
         for path in deleted:
             base.pop(path, None)
         base.update(files)
-        sha = hashlib.sha1(json.dumps([repo_id, branch, message, len(repo.commits),
-                                       sorted((k, self.sha256(v)) for k, v in base.items())]).encode()).hexdigest()
+        sha = hashlib.sha1(
+            json.dumps(
+                [repo_id, branch, message, len(repo.commits), sorted((k, self.sha256(v)) for k, v in base.items())]
+            ).encode()
+        ).hexdigest()
         repo.commits[sha] = base
         repo.messages[sha] = message
         repo.branches[branch] = sha
@@ -149,8 +160,15 @@ class FakeHub:
                 # Headers and body go out in separate writes: without this, each answer waits for a delayed ACK.
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-            def _send(self, status: int, body: bytes | dict | list = b"", headers: dict | None = None,
-                      content_type: str = "application/json", head: bool = False, throttled: bool = False) -> None:
+            def _send(
+                self,
+                status: int,
+                body: bytes | dict | list = b"",
+                headers: dict | None = None,
+                content_type: str = "application/json",
+                head: bool = False,
+                throttled: bool = False,
+            ) -> None:
                 if not isinstance(body, bytes):
                     body = json.dumps(body).encode()
                 self.send_response(status)
@@ -164,7 +182,7 @@ class FakeHub:
                 view = memoryview(body)
                 try:
                     for start in range(0, len(body), _CHUNK):
-                        chunk = view[start:start + _CHUNK]
+                        chunk = view[start : start + _CHUNK]
                         if throttled:
                             hub.throttle("down", len(chunk))
                         self.wfile.write(chunk)
@@ -251,12 +269,18 @@ class FakeHub:
                     return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
                 repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
                 if repo_id in hub.repos:  # the real Hub's 409 body carries the repo url too
-                    return self._send(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
-                                      {"X-Error-Code": "RepoExists", "X-Error-Message": "You already created this model repo"})
+                    return self._send(
+                        409,
+                        {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
+                        {"X-Error-Code": "RepoExists", "X-Error-Message": "You already created this model repo"},
+                    )
                 private = payload.get("visibility") == "private" or bool(payload.get("private"))
                 hub.repos[repo_id] = Repo(private=private)
-                hub.add_commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
-                               message="initial commit")
+                hub.add_commit(
+                    repo_id,
+                    {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                    message="initial commit",
+                )
                 self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
 
             def _repo_or_error(self, repo_id: str, revision: str, head: bool = False):
@@ -274,8 +298,19 @@ class FakeHub:
                 if repo is None:
                     return
                 siblings = [{"rfilename": p} for p in sorted(repo.commits[sha])]
-                self._send(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
-                                 "siblings": siblings, "tags": [], "downloads": 0, "likes": 0})
+                self._send(
+                    200,
+                    {
+                        "id": repo_id,
+                        "modelId": repo_id,
+                        "sha": sha,
+                        "private": repo.private,
+                        "siblings": siblings,
+                        "tags": [],
+                        "downloads": 0,
+                        "likes": 0,
+                    },
+                )
 
             def _tree(self, repo_id: str, revision: str, prefix: str) -> None:
                 repo, sha = self._repo_or_error(repo_id, revision)
@@ -289,10 +324,20 @@ class FakeHub:
                     for i in range(1, len(parts)):
                         folders.add("/".join(parts[:i]))
                     oid = hub.sha256(content)
-                    entries.append({"type": "file", "path": p, "size": len(content), "oid": hub.git_oid(content),
-                                    "lfs": {"oid": oid, "size": len(content), "pointerSize": 134}})
-                entries += [{"type": "directory", "path": f, "oid": "0" * 40, "size": 0} for f in sorted(folders)
-                            if not prefix or f.startswith(prefix.rstrip("/") + "/")]
+                    entries.append(
+                        {
+                            "type": "file",
+                            "path": p,
+                            "size": len(content),
+                            "oid": hub.git_oid(content),
+                            "lfs": {"oid": oid, "size": len(content), "pointerSize": 134},
+                        }
+                    )
+                entries += [
+                    {"type": "directory", "path": f, "oid": "0" * 40, "size": 0}
+                    for f in sorted(folders)
+                    if not prefix or f.startswith(prefix.rstrip("/") + "/")
+                ]
                 self._send(200, entries)
 
             def _resolve(self, repo_id: str, revision: str, file: str, head: bool) -> None:
@@ -304,8 +349,13 @@ class FakeHub:
                     return self._error(404, "EntryNotFound", f"{file} does not exist", head=head)
                 etag = f'"{hub.sha256(content)}"'
                 content = hub.served.get(file, content)
-                headers = {"X-Repo-Commit": sha, "ETag": etag, "X-Linked-Etag": etag, "X-Linked-Size": str(len(content)),
-                           "Accept-Ranges": "bytes"}
+                headers = {
+                    "X-Repo-Commit": sha,
+                    "ETag": etag,
+                    "X-Linked-Etag": etag,
+                    "X-Linked-Size": str(len(content)),
+                    "Accept-Ranges": "bytes",
+                }
                 ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
                 if ranged and not head and not hub.ignore_range:
                     hub.ranged.append(self.path)
@@ -314,8 +364,9 @@ class FakeHub:
                     if start >= len(content):
                         return self._error(416, "RangeNotSatisfiable", "range not satisfiable")
                     headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
-                    return self._send(206, content[start:end + 1], headers, content_type="application/octet-stream",
-                                      throttled=True)
+                    return self._send(
+                        206, content[start : end + 1], headers, content_type="application/octet-stream", throttled=True
+                    )
                 self._send(200, content, headers, content_type="application/octet-stream", head=head, throttled=True)
 
             def _branch(self, repo_id: str, branch: str) -> None:
@@ -332,8 +383,15 @@ class FakeHub:
             def _preupload(self, repo_id: str, payload: dict) -> None:
                 if not self._authorized():
                     return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
-                files = [{"path": f["path"], "uploadMode": "lfs" if f["size"] > 0 else "regular",
-                          "shouldIgnore": False, "oid": None} for f in payload["files"]]
+                files = [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "lfs" if f["size"] > 0 else "regular",
+                        "shouldIgnore": False,
+                        "oid": None,
+                    }
+                    for f in payload["files"]
+                ]
                 self._send(200, {"files": files})
 
             def _lfs_batch(self, repo_id: str, payload: dict) -> None:
@@ -343,8 +401,10 @@ class FakeHub:
                 for obj in payload["objects"]:
                     entry = {"oid": obj["oid"], "size": obj["size"]}
                     if hub.lfs_object(repo_id, obj["oid"]) is None:
-                        entry["actions"] = {"upload": {"href": f"{hub.url}/lfs-upload/{repo_id}/{obj['oid']}"},
-                                            "verify": {"href": f"{hub.url}/lfs-verify/{obj['oid']}"}}
+                        entry["actions"] = {
+                            "upload": {"href": f"{hub.url}/lfs-upload/{repo_id}/{obj['oid']}"},
+                            "verify": {"href": f"{hub.url}/lfs-verify/{obj['oid']}"},
+                        }
                     objects.append(entry)
                 self._send(200, {"objects": objects}, content_type="application/vnd.git-lfs+json")
 
@@ -371,7 +431,9 @@ class FakeHub:
                         files[v["path"]] = content
                 parent = repo.branches.get(revision, revision)
                 if header.get("parentCommit") and header["parentCommit"] != parent:  # the branch moved meanwhile
-                    return self._error(412, "PreconditionFailed", "A commit has happened since. Please refresh and try again.")
+                    return self._error(
+                        412, "PreconditionFailed", "A commit has happened since. Please refresh and try again."
+                    )
                 branch = revision
                 pr_url = None
                 if create_pr:
@@ -380,8 +442,9 @@ class FakeHub:
                 elif revision not in repo.branches:
                     return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
                 sha = hub.add_commit(repo_id, files, branch, header["summary"], parent=parent, deleted=tuple(deleted))
-                self._send(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha,
-                                 "pullRequestUrl": pr_url})
+                self._send(
+                    200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": pr_url}
+                )
 
             def do_GET(self) -> None:
                 self._route("GET")

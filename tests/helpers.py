@@ -30,9 +30,11 @@ def peak_rss_mb(args: list) -> float:
     Read from /proc (VmHWM, which starts afresh at exec), not from getrusage, whose maximum
     includes the moments before exec when the child was a copy of this big test process.
     """
-    code = ("import re, sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', *sys.argv[1:]]\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
+    code = (
+        "import re, sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    )
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return int(done.stdout.strip().splitlines()[-1]) / 1024
@@ -55,5 +57,8 @@ def merged(tmp_path: Path, name: str = "out") -> Path:
 
 def tree_digest(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file under `folder`: its sha256 and modification time (to prove an input untouched)."""
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

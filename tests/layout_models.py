@@ -19,17 +19,35 @@ def moe_model(kind: str):
 
     torch.manual_seed(0)
     if kind == "mixtral":
-        config = MixtralConfig(vocab_size=64, hidden_size=H, intermediate_size=I, num_attention_heads=4,
-                               num_key_value_heads=2, num_hidden_layers=2, num_local_experts=E, num_experts_per_tok=2)
+        config = MixtralConfig(
+            vocab_size=64,
+            hidden_size=H,
+            intermediate_size=I,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            num_local_experts=E,
+            num_experts_per_tok=2,
+        )
     else:
-        config = Qwen3MoeConfig(vocab_size=64, hidden_size=H, moe_intermediate_size=I, intermediate_size=128,
-                                num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, num_experts=E,
-                                num_experts_per_tok=2, head_dim=16)
+        config = Qwen3MoeConfig(
+            vocab_size=64,
+            hidden_size=H,
+            moe_intermediate_size=I,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            num_experts=E,
+            num_experts_per_tok=2,
+            head_dim=16,
+        )
     return AutoModelForCausalLM.from_config(config)
 
 
-def peft_merged(base: Path, adapter: Path, dtype: torch.dtype, *, fix_gate_up_scale: float | None = None,
-                model_class=None) -> dict[str, torch.Tensor]:
+def peft_merged(
+    base: Path, adapter: Path, dtype: torch.dtype, *, fix_gate_up_scale: float | None = None, model_class=None
+) -> dict[str, torch.Tensor]:
     """PEFT's merged checkpoint, as `save_pretrained` writes it (optionally with the converted gate_up's scale set)."""
     from transformers import AutoModelForCausalLM
 
@@ -47,8 +65,11 @@ def peft_merged(base: Path, adapter: Path, dtype: torch.dtype, *, fix_gate_up_sc
 
 
 def per_expert_names(kind: str) -> dict[str, str]:
-    return {"gate": "w1", "up": "w3", "down": "w2"} if kind == "mixtral" else \
-        {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    return (
+        {"gate": "w1", "up": "w3", "down": "w2"}
+        if kind == "mixtral"
+        else {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    )
 
 
 def v4_adapter(folder: Path, kind: str, use_rslora: bool) -> Path:
@@ -66,9 +87,18 @@ def v4_adapter(folder: Path, kind: str, use_rslora: bool) -> Path:
                 tensors[f"{path}.lora_B.weight"] = torch.randn(out, R) * 0.1
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": 16, "use_rslora": use_rslora,
-        "target_modules": sorted(names.values())}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": R,
+                "lora_alpha": 16,
+                "use_rslora": use_rslora,
+                "target_modules": sorted(names.values()),
+            }
+        )
+    )
     return folder
 
 
@@ -76,32 +106,71 @@ def qwen2_vl():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(0)
-    text = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
-    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, in_channels=3, patch_size=2,
-                  spatial_merge_size=1, temporal_patch_size=1)
-    return Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision,
-                                                         bos_token_id=1, eos_token_id=2)), Qwen2VLForConditionalGeneration
+    text = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+    )
+    vision = dict(
+        depth=1,
+        embed_dim=16,
+        hidden_size=32,
+        num_heads=2,
+        mlp_ratio=2,
+        in_channels=3,
+        patch_size=2,
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+    )
+    return Qwen2VLForConditionalGeneration(
+        Qwen2VLConfig(text_config=text, vision_config=vision, bos_token_id=1, eos_token_id=2)
+    ), Qwen2VLForConditionalGeneration
 
 
 def llava():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                        num_attention_heads=2, image_size=8, patch_size=4),
-                         text_config=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=2), image_token_index=3)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        image_token_index=3,
+    )
     return LlavaForConditionalGeneration(config), LlavaForConditionalGeneration
-
-
 
 
 def gpt_oss():
     from transformers import AutoModelForCausalLM, GptOssConfig
 
     torch.manual_seed(0)
-    config = GptOssConfig(vocab_size=64, hidden_size=H, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=16, num_hidden_layers=2, num_local_experts=E, num_experts_per_tok=2,
-                          layer_types=["full_attention"] * 2)
+    config = GptOssConfig(
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=2,
+        num_local_experts=E,
+        num_experts_per_tok=2,
+        layer_types=["full_attention"] * 2,
+    )
     return AutoModelForCausalLM.from_config(config)

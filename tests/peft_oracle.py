@@ -11,13 +11,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 TINY_LLAMA = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-    num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    max_position_embeddings=64,
 )
 
 
-def make_llama(path: Path, dtype: torch.dtype = torch.float32, *, tie: bool = False, max_shard_size: str | None = None,
-               seed: int = 0, **overrides) -> Path:
+def make_llama(
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    *,
+    tie: bool = False,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+    **overrides,
+) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
@@ -119,7 +131,9 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
     """torch.equal per tensor, same dtype, same key set (keys in `skip` are ignored)."""
     expected = {k: v for k, v in expected.items() if k not in skip}
     actual_keys = {k for k in actual if k not in skip}
-    assert actual_keys == set(expected), f"keys differ: extra {actual_keys - set(expected)}, missing {set(expected) - actual_keys}"
+    assert actual_keys == set(expected), (
+        f"keys differ: extra {actual_keys - set(expected)}, missing {set(expected) - actual_keys}"
+    )
     bad = []
     for k, v in expected.items():
         a = actual[k]
@@ -132,8 +146,11 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
 def save_module(module: torch.nn.Module, folder: Path) -> Path:
     """Save a plain torch module as a one-file safetensors checkpoint."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in module.state_dict().items()},
+        folder / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     return folder
 
 
@@ -151,7 +168,7 @@ def make_init_variant(base: Path, folder: Path, config, *, vocab: int = 64, std:
         from peft.tuners.lora.corda import preprocess_corda
 
         config.corda_config = config.corda_config or CordaConfig()
-        preprocess_corda(model, config, run_model=lambda: [model(batch[i:i + 1]) for i in range(len(batch))])
+        preprocess_corda(model, config, run_model=lambda: [model(batch[i : i + 1]) for i in range(len(batch))])
     elif init == "lora_ga":
         from peft.tuners.lora.config import LoraGAConfig
         from peft.tuners.lora.loraga import preprocess_loraga

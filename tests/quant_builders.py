@@ -26,7 +26,7 @@ def _pack_cols(codes: torch.Tensor, bits: int, order=None) -> torch.Tensor:
     order = order or list(range(k))
     words = torch.zeros(codes.shape[0], codes.shape[1] // k, dtype=torch.int64)
     for j in range(k):
-        words |= codes[:, order[j]::k].to(torch.int64) << (bits * j)
+        words |= codes[:, order[j] :: k].to(torch.int64) << (bits * j)
     return _as_int32(words)
 
 
@@ -48,14 +48,27 @@ def _gptq_checkpoint(folder: Path, bits: int, fmt: str, desc_act: bool, group: i
         g_idx = g_idx[torch.randperm(in_f)]
     weight = (scales[g_idx].float() * (q - zeros[g_idx]).float()).to(torch.float16).T.contiguous()
     stored_zeros = zeros - 1 if fmt == "gptq" else zeros
-    tensors = {"model.proj.qweight": _pack_rows(q, bits), "model.proj.qzeros": _pack_cols(stored_zeros, bits),
-               "model.proj.scales": scales, "model.proj.g_idx": g_idx.to(torch.int32),
-               "model.norm.weight": torch.ones(in_f, dtype=torch.float16)}
+    tensors = {
+        "model.proj.qweight": _pack_rows(q, bits),
+        "model.proj.qzeros": _pack_cols(stored_zeros, bits),
+        "model.proj.scales": scales,
+        "model.proj.g_idx": g_idx.to(torch.int32),
+        "model.norm.weight": torch.ones(in_f, dtype=torch.float16),
+    }
     folder.mkdir(parents=True)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    config = {"model_type": "toy", "dtype": "float16", "quantization_config": {
-        "quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": desc_act, "sym": False,
-        "checkpoint_format": fmt}}
+    config = {
+        "model_type": "toy",
+        "dtype": "float16",
+        "quantization_config": {
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": group,
+            "desc_act": desc_act,
+            "sym": False,
+            "checkpoint_format": fmt,
+        },
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return folder, weight
 
@@ -63,16 +76,22 @@ def _gptq_checkpoint(folder: Path, bits: int, fmt: str, desc_act: bool, group: i
 def _lora_for_proj(folder: Path, out_f: int, in_f: int) -> Path:
     torch.manual_seed(5)
     folder.mkdir(parents=True)
-    save_file({"base_model.model.model.proj.lora_A.weight": torch.randn(4, in_f) * 0.1,
-               "base_model.model.model.proj.lora_B.weight": torch.randn(out_f, 4) * 0.1},
-              folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ["proj"]}))
+    save_file(
+        {
+            "base_model.model.model.proj.lora_A.weight": torch.randn(4, in_f) * 0.1,
+            "base_model.model.model.proj.lora_B.weight": torch.randn(out_f, 4) * 0.1,
+        },
+        folder / "adapter_model.safetensors",
+    )
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ["proj"]})
+    )
     return folder
 
 
-def ct_compress(w: torch.Tensor, args, global_scale: torch.Tensor | None = None
-                ) -> tuple[dict[str, torch.Tensor], Any, Any]:
+def ct_compress(
+    w: torch.Tensor, args, global_scale: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], Any, Any]:
     """One weight through compressed-tensors' own compressor for `args` (a QuantizationArgs: pack-quantized INT, or
     NVFP4 when 4-bit float), its scales from calculate_qparams on min/max as its observers take them (NVFP4: and
     generate_gparam's global scale, or `global_scale`, its fused group's as llm-compressor sets it). Returns the
@@ -89,7 +108,8 @@ def ct_compress(w: torch.Tensor, args, global_scale: torch.Tensor | None = None
     if nvfp4:
         state["weight_global_scale"] = generate_gparam(w.amin(), w.amax()) if global_scale is None else global_scale
     state["weight_scale"], state["weight_zero_point"] = calculate_qparams(
-        groups.amin(-1), groups.amax(-1), args, global_scale=state.get("weight_global_scale"))
+        groups.amin(-1), groups.amax(-1), args, global_scale=state.get("weight_global_scale")
+    )
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     compressor = NVFP4PackedCompressor if nvfp4 else PackedQuantizationCompressor
     return compressor.compress(state, scheme), compressor, scheme
@@ -104,9 +124,12 @@ def fused_global_scales(weights: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     shared = {}
     for m in own:
         parent, _, leaf = m.rpartition(".")
-        group = {"q_proj": ("q_proj", "k_proj", "v_proj"), "k_proj": ("q_proj", "k_proj", "v_proj"),
-                 "v_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj"),
-                 "up_proj": ("gate_proj", "up_proj")}.get(leaf, (leaf,))
+        group = {
+            "q_proj": ("q_proj", "k_proj", "v_proj"),
+            "k_proj": ("q_proj", "k_proj", "v_proj"),
+            "v_proj": ("q_proj", "k_proj", "v_proj"),
+            "gate_proj": ("gate_proj", "up_proj"),
+            "up_proj": ("gate_proj", "up_proj"),
+        }.get(leaf, (leaf,))
         shared[m] = torch.min(torch.cat([own[f"{parent}.{g}"] for g in group])).reshape([1])
     return shared
-

@@ -13,20 +13,78 @@ import warnings
 from dataclasses import dataclass
 
 SIZES = dict(
-    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=128, moe_intermediate_size=16, num_experts=4, num_local_experts=4, n_routed_experts=4,
-    num_experts_per_tok=2, n_shared_experts=1, shared_expert_intermediate_size=16, head_dim=8,
-    max_position_embeddings=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-    decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, d_ff=48, d_kv=8, num_layers=2, num_heads=4,
-    n_embd=32, n_layer=2, n_head=4, n_positions=64, ffn_dim=48, first_k_dense_replace=1,
-    kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-    num_decoder_layers=2, embed_dim=32, depth=1, emb_dim=32, dim=32, hidden_dim=48, n_layers=2, n_heads=4,
-    entity_vocab_size=64, entity_emb_size=32, d_latents=32, num_latents=8, num_self_attends_per_block=1,
-    encoder_hidden_size=32, decoder_hidden_size=32, projection_dim=32, text_hidden_size=32,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    moe_intermediate_size=16,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    shared_expert_intermediate_size=16,
+    head_dim=8,
+    max_position_embeddings=64,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    d_ff=48,
+    d_kv=8,
+    num_layers=2,
+    num_heads=4,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    n_positions=64,
+    ffn_dim=48,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    num_decoder_layers=2,
+    embed_dim=32,
+    depth=1,
+    emb_dim=32,
+    dim=32,
+    hidden_dim=48,
+    n_layers=2,
+    n_heads=4,
+    entity_vocab_size=64,
+    entity_emb_size=32,
+    d_latents=32,
+    num_latents=8,
+    num_self_attends_per_block=1,
+    encoder_hidden_size=32,
+    decoder_hidden_size=32,
+    projection_dim=32,
+    text_hidden_size=32,
 )
-TOKENS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id", "cls_token_id",
-          "image_token_id", "image_token_index", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-          "audio_token_id", "boi_token_id", "eoi_token_id", "mask_token_id")
+TOKENS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "decoder_start_token_id",
+    "sep_token_id",
+    "cls_token_id",
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "audio_token_id",
+    "boi_token_id",
+    "eoi_token_id",
+    "mask_token_id",
+)
 
 # model type -> config fields set after the shrinking (the values must agree with SIZES)
 QUIRKS: dict[str, dict] = {
@@ -39,8 +97,11 @@ QUIRKS: dict[str, dict] = {
     "kolibri1_1": dict(head_dim=16, num_attention_heads=2, num_key_value_heads=1),
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
     "reformer": dict(is_decoder=True),
-    "hunyuan_v1_dense": dict(head_dim=8), "hunyuan_v1_moe": dict(head_dim=8), "ministral": dict(head_dim=8),
-    "nemotron": dict(head_dim=8), "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    "hunyuan_v1_dense": dict(head_dim=8),
+    "hunyuan_v1_moe": dict(head_dim=8),
+    "ministral": dict(head_dim=8),
+    "nemotron": dict(head_dim=8),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
 }
 PER_LAYER = ("layer_types", "layers_block_type")  # lists with one entry per layer
 
@@ -60,10 +121,12 @@ class Row:
         return self.model_type if self.first else f"{self.model_type}-{self.kind.split('-')[0]}"
 
 
-MAPPINGS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text"),
-            ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "vision-language"),
-            ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "encoder-decoder"),
-            ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "encoder"))
+MAPPINGS = (
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text"),
+    ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "vision-language"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "encoder-decoder"),
+    ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "encoder"),
+)
 
 
 def rows() -> list[Row]:
@@ -90,8 +153,13 @@ def _tiny_kwargs(cls, default, per_layer: bool = False) -> dict:
     from transformers import AutoConfig, PretrainedConfig
 
     fields = _fields(cls)
-    kw = {k: v for k, v in SIZES.items() if k in fields and isinstance(getattr(default, k, None), int)
-          and not isinstance(getattr(default, k, None), bool)}
+    kw = {
+        k: v
+        for k, v in SIZES.items()
+        if k in fields
+        and isinstance(getattr(default, k, None), int)
+        and not isinstance(getattr(default, k, None), bool)
+    }
     layers = kw.get("num_hidden_layers")
     for name in PER_LAYER:
         value = getattr(default, name, None)

@@ -119,7 +119,8 @@ class Adapter:
 
     @property
     def relative_form(self) -> str | None:
-        """For an adapter made relative to the original base (adapter.adapter.relative, `--initial`), which form was built."""
+        """For an adapter made relative to the original base (adapter.adapter.relative, `--initial`), which form was
+        built."""
         return None
 
     @property
@@ -262,9 +263,7 @@ def _check_module(adapter: Adapter, module: LoraModule) -> None:
         raise InputError(f"{where}: module {module.name!r} has {have!r} but not both LoRA A and B tensors")
     a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
     if len(a) < 2 or len(b) < 2 or len(a) != len(b):
-        raise InputError(
-            f"{where}: module {module.name!r}: impossible LoRA shapes A{list(a)} and B{list(b)}"
-        )
+        raise InputError(f"{where}: module {module.name!r}: impossible LoRA shapes A{list(a)} and B{list(b)}")
     if module.bias_key is not None and adapter.shapes[module.bias_key] != (b[0],):
         raise InputError(
             f"{where}: module {module.name!r}: lora_B.bias has shape {list(adapter.shapes[module.bias_key])}, "

@@ -56,7 +56,8 @@ class AdapterConfig:
 
     @property
     def init_variant(self) -> str | None:
-        """"pissa", "olora", "corda", "lora_ga" or "loftq" when the adapter is relative to a modified base, else None."""
+        """ "pissa", "olora", "corda", "lora_ga" or "loftq" when the adapter is relative to a modified base, else
+        None."""
         init = self.json_dict.get("init_lora_weights", True)
         if not isinstance(init, str):
             return None
@@ -100,8 +101,13 @@ class AdapterConfig:
     def normalized(self) -> dict[str, Any]:
         """The config as a dict with the scale fields always present (PEFT's defaults filled in)."""
         fields = dict(self.json_dict)
-        fields.update(r=self.r, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora,
-                      rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern))
+        fields.update(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            use_rslora=self.use_rslora,
+            rank_pattern=dict(self.rank_pattern),
+            alpha_pattern=dict(self.alpha_pattern),
+        )
         return fields
 
 
@@ -154,10 +160,18 @@ def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
     r = get("r", 8, _is_positive_int, "a positive integer")
     lora_alpha = get("lora_alpha", 8, _is_number, "a number")
     use_rslora = get("use_rslora", False, _is_bool, "true or false")
-    rank_pattern = get("rank_pattern", {}, lambda v: isinstance(v, dict) and all(_is_positive_int(x) for x in v.values()),
-                       "an object mapping module patterns to positive integers")
-    alpha_pattern = get("alpha_pattern", {}, lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
-                        "an object mapping module patterns to numbers")
+    rank_pattern = get(
+        "rank_pattern",
+        {},
+        lambda v: isinstance(v, dict) and all(_is_positive_int(x) for x in v.values()),
+        "an object mapping module patterns to positive integers",
+    )
+    alpha_pattern = get(
+        "alpha_pattern",
+        {},
+        lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+        "an object mapping module patterns to numbers",
+    )
     _check_pattern_syntax(where, rank_pattern, alpha_pattern)
     flags = {name: get(name, False, _is_bool, "true or false") for name in ("fan_in_fan_out", "use_dora", "lora_bias")}
     bias = get("bias", "none", lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'")
@@ -166,11 +180,20 @@ def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
     ensure_weight_tying = get("ensure_weight_tying", False, _is_bool, "true or false")
     tokens = _token_indices(raw, where)
     config = AdapterConfig(
-        r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, rank_pattern=dict(rank_pattern),
-        alpha_pattern=dict(alpha_pattern), bias=bias, modules_to_save=list(modules_to_save),
-        trainable_token_indices=tokens, target_parameters=list(target_parameters),
-        ensure_weight_tying=ensure_weight_tying, base_model_name_or_path=_string_or_none(raw.get("base_model_name_or_path")),
-        revision=_string_or_none(raw.get("revision")), json_dict=raw, **flags,
+        r=r,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        rank_pattern=dict(rank_pattern),
+        alpha_pattern=dict(alpha_pattern),
+        bias=bias,
+        modules_to_save=list(modules_to_save),
+        trainable_token_indices=tokens,
+        target_parameters=list(target_parameters),
+        ensure_weight_tying=ensure_weight_tying,
+        base_model_name_or_path=_string_or_none(raw.get("base_model_name_or_path")),
+        revision=_string_or_none(raw.get("revision")),
+        json_dict=raw,
+        **flags,
     )
     _refuse_variants(raw, where)
     return config
@@ -190,9 +213,12 @@ def _check_peft_type(raw: dict[str, Any], where: str) -> None:
 def _token_indices(raw: dict[str, Any], where: str) -> Any:
     """`trainable_token_indices`: None, a list of token ids, or an object of such lists."""
     tokens = raw.get("trainable_token_indices")
-    if tokens is not None and not (_is_index_list(tokens) or (isinstance(tokens, dict) and all(_is_index_list(v) for v in tokens.values()))):
+    if tokens is not None and not (
+        _is_index_list(tokens) or (isinstance(tokens, dict) and all(_is_index_list(v) for v in tokens.values()))
+    ):
         raise AdapterConfigError(
-            f"{where}: 'trainable_token_indices' must be a list of token ids or an object of such lists, got {tokens!r}"
+            f"{where}: 'trainable_token_indices' must be a list of token ids or an object of such lists, got "
+            f"{tokens!r}"
         )
     return tokens
 

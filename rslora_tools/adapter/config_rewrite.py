@@ -92,8 +92,9 @@ def scale_one_config(fields: dict[str, Any], ranks: dict[str, int], *, use_rslor
     fields = dict(fields, use_rslora=use_rslora, rank_pattern={}, alpha_pattern={})
     new = _rewrite_canonical(fields, entries, use_rslora, [e.scale.alpha for e in entries])
     if not _keeps_scales(new, entries):
-        raise UnsupportedAdapterError("no config gives every combined module scale 1 (module names that match each "
-                                      "other as patterns)")
+        raise UnsupportedAdapterError(
+            "no config gives every combined module scale 1 (module names that match each other as patterns)"
+        )
     return new
 
 
@@ -103,10 +104,20 @@ def rank_doubled_config(adapter: Adapter, entries: list[ModuleEntry], *, unit: b
     scales folded into the weights). Raises UnsupportedAdapterError when no alphas do."""
     fields = adapter.config.normalized()
     use_rslora = False if unit else bool(fields["use_rslora"])
-    fields = dict(fields, r=2 * fields["r"], rank_pattern={k: 2 * v for k, v in fields["rank_pattern"].items()},
-                  init_lora_weights=True)
-    doubled = [dataclasses.replace(e, shape_rank=2 * e.shape_rank, scale=dataclasses.replace(
-        e.scale, r=2 * e.scale.r, scale=1.0 if unit else e.scale.scale)) for e in entries]
+    fields = dict(
+        fields,
+        r=2 * fields["r"],
+        rank_pattern={k: 2 * v for k, v in fields["rank_pattern"].items()},
+        init_lora_weights=True,
+    )
+    doubled = [
+        dataclasses.replace(
+            e,
+            shape_rank=2 * e.shape_rank,
+            scale=dataclasses.replace(e.scale, r=2 * e.scale.r, scale=1.0 if unit else e.scale.scale),
+        )
+        for e in entries
+    ]
     new = None
     if not unstable_patterns(fields, [e.name for e in doubled]):
         new = _rewrite_in_place(fields, doubled, use_rslora)
@@ -126,21 +137,28 @@ def keeping_scales(fields: dict[str, Any], entries: list[ModuleEntry]) -> dict[s
         return fields
     use_rslora = bool(fields.get("use_rslora"))
     alphas = [alpha_for_scale(e.scale.scale, e.scale.r, use_rslora) for e in entries]
-    new = _rewrite_canonical(dict(fields, rank_pattern={}, alpha_pattern={}), entries, use_rslora, alphas,
-                             anchored=True)
+    new = _rewrite_canonical(
+        dict(fields, rank_pattern={}, alpha_pattern={}), entries, use_rslora, alphas, anchored=True
+    )
     if not _same_scales(new, entries):
-        raise UnsupportedAdapterError("no adapter_config.json gives every rewritten module its scale (module names "
-                                      "that match each other as patterns)")
+        raise UnsupportedAdapterError(
+            "no adapter_config.json gives every rewritten module its scale (module names "
+            "that match each other as patterns)"
+        )
     return new
 
 
 def _rewrite_in_place(fields: dict[str, Any], entries: list[ModuleEntry], use_rslora: bool) -> dict[str, Any] | None:
-    """Rewrite lora_alpha and each alpha_pattern value for its rank; None when one value cannot serve all its modules."""
+    """Rewrite lora_alpha and each alpha_pattern value for its rank; None when one value cannot serve all its
+    modules."""
     # a module's group: its alpha_pattern key, else ("rank", its rank_pattern key), else None (the global alpha)
     groups: dict[str | tuple[str, str] | None, set[int | float]] = {}
     for e in entries:
-        key: str | tuple[str, str] | None = e.scale.alpha_key if e.scale.alpha_key is not None else (
-            ("rank", e.scale.rank_key) if e.scale.rank_key is not None else None)
+        key: str | tuple[str, str] | None = (
+            e.scale.alpha_key
+            if e.scale.alpha_key is not None
+            else (("rank", e.scale.rank_key) if e.scale.rank_key is not None else None)
+        )
         groups.setdefault(key, set()).add(alpha_for_scale(e.scale.scale, e.scale.r, use_rslora))
     if any(len(v) > 1 for v in groups.values()):
         return None
@@ -166,13 +184,18 @@ def _rewrite_in_place(fields: dict[str, Any], entries: list[ModuleEntry], use_rs
     # An entry under a rank key that now equals the global alpha is redundant (a round trip removes it).
     rank_keys = set(fields.get("rank_pattern") or {})
     new["alpha_pattern"] = {
-        k: v for k, v in sorted(alpha_pattern.items()) if not (k in rank_keys and v == new["lora_alpha"] and k in groups)
+        k: v
+        for k, v in sorted(alpha_pattern.items())
+        if not (k in rank_keys and v == new["lora_alpha"] and k in groups)
     }
     return new
 
 
 def _rewrite_canonical(
-    fields: dict[str, Any], entries: list[ModuleEntry], use_rslora: bool, alphas: list[int | float],
+    fields: dict[str, Any],
+    entries: list[ModuleEntry],
+    use_rslora: bool,
+    alphas: list[int | float],
     anchored: bool = False,
 ) -> dict[str, Any]:
     """Full-module-name patterns (same keys in both dicts) for modules that differ from the most common pair;
@@ -202,8 +225,11 @@ def _rewrite_canonical(
         alpha_pattern[key] = alpha
     new = dict(fields)
     new.update(
-        use_rslora=use_rslora, r=r_global, lora_alpha=alpha_global,
-        rank_pattern=dict(sorted(rank_pattern.items())), alpha_pattern=dict(sorted(alpha_pattern.items())),
+        use_rslora=use_rslora,
+        r=r_global,
+        lora_alpha=alpha_global,
+        rank_pattern=dict(sorted(rank_pattern.items())),
+        alpha_pattern=dict(sorted(alpha_pattern.items())),
     )
     return new
 

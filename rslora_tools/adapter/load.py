@@ -35,8 +35,14 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False) ->
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         header = read_header(weights)
-        adapter = Adapter(folder, weights, config, {k: v.shape for k, v in header.tensors.items()},
-                          {k: v.dtype for k, v in header.tensors.items()}, _header=header)
+        adapter = Adapter(
+            folder,
+            weights,
+            config,
+            {k: v.shape for k, v in header.tensors.items()},
+            {k: v.dtype for k, v in header.tensors.items()},
+            _header=header,
+        )
     elif (folder / PICKLE_NAME).is_file():
         weights = folder / PICKLE_NAME
         if not allow_pickle:
@@ -48,8 +54,14 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False) ->
         from ..formats.safetensors_file import torch_to_safetensors_dtype
 
         pickled = _load_pickle(weights)
-        adapter = Adapter(folder, weights, config, {k: tuple(v.shape) for k, v in pickled.items()},
-                          {k: torch_to_safetensors_dtype(v.dtype) for k, v in pickled.items()}, _pickled=pickled)
+        adapter = Adapter(
+            folder,
+            weights,
+            config,
+            {k: tuple(v.shape) for k, v in pickled.items()},
+            {k: torch_to_safetensors_dtype(v.dtype) for k, v in pickled.items()},
+            _pickled=pickled,
+        )
     else:
         raise InputError(f"{folder}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
     group_keys(adapter)
@@ -63,6 +75,8 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here; all mean "not a safe tensor pickle"
         raise InputError(f"{path}: cannot be loaded safely with torch.load(weights_only=True): {e}") from e
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise InputError(f"{path}: expected a dict of tensors")
     return state

@@ -82,7 +82,9 @@ def load_mlx_adapter(folder: Path, raw: dict[str, Any]) -> MlxAdapter:
     for key, info in header.tensors.items():
         module, _, leaf = key.rpartition(".")
         if leaf not in _LEAVES or not module:
-            raise UnsupportedAdapterError(f"{weights}: {key!r} is not an mlx-lm LoRA or DoRA tensor (lora_a, lora_b, m)")
+            raise UnsupportedAdapterError(
+                f"{weights}: {key!r} is not an mlx-lm LoRA or DoRA tensor (lora_a, lora_b, m)"
+            )
         _check_tensor(weights, key, leaf, info.shape, rank)
         peft_key = PEFT_PREFIX + module + _LEAVES[leaf]
         shapes[peft_key] = tuple(reversed(info.shape)) if leaf != "m" else tuple(info.shape)
@@ -95,7 +97,8 @@ def load_mlx_adapter(folder: Path, raw: dict[str, Any]) -> MlxAdapter:
         if "embed" in name.rsplit(".", 1)[-1]:
             raise UnsupportedAdapterError(
                 f"{weights}: module {name!r}: mlx-lm embedding LoRA is not read (mlx-lm also applies it to a tied "
-                "output projection, which PEFT does not); merge it with mlx_lm.fuse")
+                "output projection, which PEFT does not); merge it with mlx_lm.fuse"
+            )
     config = parse_config(peft_config(raw, modules, rank, scale, dropout, fine_tune_type == "dora"), where)
     adapter = MlxAdapter(folder, weights, config, shapes, dtypes, mlx_keys=mlx_keys, mlx_header=header)
     group_keys(adapter)
@@ -108,7 +111,8 @@ def _mlx_fields(raw: dict[str, Any], where: str) -> tuple[str, int, float, float
     if fine_tune_type == "full":
         raise UnsupportedAdapterError(
             f"{where}: fine_tune_type 'full': an mlx-lm full fine-tune saves whole weights, not an adapter; write the "
-            "model with mlx_lm.fuse, then make an adapter of it with: rslora-tools extract BASE TUNED OUT")
+            "model with mlx_lm.fuse, then make an adapter of it with: rslora-tools extract BASE TUNED OUT"
+        )
     if fine_tune_type not in ("lora", "dora"):
         raise UnsupportedAdapterError(f"{where}: fine_tune_type {fine_tune_type!r}; mlx-lm adapters are lora or dora")
     params = raw.get("lora_parameters")
@@ -132,10 +136,13 @@ def _check_tensor(weights: Path, key: str, leaf: str, shape: tuple[int, ...], ra
     if len(shape) != 2:
         raise UnsupportedAdapterError(
             f"{weights}: {key!r} has shape {list(shape)}: mlx-lm's LoRA on fused MoE experts (SwitchLinear) is not "
-            "read yet; merge it with mlx_lm.fuse")
+            "read yet; merge it with mlx_lm.fuse"
+        )
     if shape[1 if leaf == "lora_a" else 0] != rank:
-        raise InputError(f"{weights}: {key!r} has shape {list(shape)}, not rank {rank} as lora_parameters.rank says "
-                         "(mlx-lm would refuse to load it)")
+        raise InputError(
+            f"{weights}: {key!r} has shape {list(shape)}, not rank {rank} as lora_parameters.rank says "
+            "(mlx-lm would refuse to load it)"
+        )
 
 
 def alpha_for_scale(scale: float, r: int, use_rslora: bool = False) -> float:
@@ -150,13 +157,24 @@ def alpha_for_scale(scale: float, r: int, use_rslora: bool = False) -> float:
     raise UnsupportedAdapterError(f"no lora_alpha gives the scale {scale!r} at rank {r} exactly")
 
 
-def peft_config(raw: dict[str, Any], modules: list[str], rank: int, scale: float, dropout: float,
-                dora: bool) -> dict[str, Any]:
+def peft_config(
+    raw: dict[str, Any], modules: list[str], rank: int, scale: float, dropout: float, dora: bool
+) -> dict[str, Any]:
     """The PEFT LoraConfig (as saved) of an mlx-lm adapter: its rank, its scale as classic alpha / r, its modules."""
     config: dict[str, Any] = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha_for_scale(scale, rank),
-        "use_rslora": False, "use_dora": dora, "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
-        "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha_for_scale(scale, rank),
+        "use_rslora": False,
+        "use_dora": dora,
+        "lora_dropout": dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "modules_to_save": None,
         "base_model_name_or_path": raw.get("model") if isinstance(raw.get("model"), str) else None,
     }
     config.update(target_modules_for(modules))
@@ -177,5 +195,8 @@ def target_modules_for(modules: list[str]) -> dict[str, Any]:
     names = next(iter(layers.values()))
     if len(prefixes) != 1 or any(v != names for v in layers.values()):
         return {"target_modules": sorted(modules)}
-    return {"target_modules": sorted(names), "layers_to_transform": sorted(layers),
-            "layers_pattern": prefixes.pop().rsplit(".", 1)[-1]}
+    return {
+        "target_modules": sorted(names),
+        "layers_to_transform": sorted(layers),
+        "layers_pattern": prefixes.pop().rsplit(".", 1)[-1],
+    }

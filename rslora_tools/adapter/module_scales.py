@@ -40,8 +40,9 @@ class ModuleEntry:
         return "param" if self.name != self.module.name else "module"
 
 
-def module_entries(adapter: Adapter, *, check_ranks: bool = True,
-                   names: Callable[[LoraModule], str] | None = None) -> list[ModuleEntry]:
+def module_entries(
+    adapter: Adapter, *, check_ranks: bool = True, names: Callable[[LoraModule], str] | None = None
+) -> list[ModuleEntry]:
     """Every LoRA module of the adapter with PEFT's scale, in adapter file order; `names` gives each module's pattern
     name where a base model decides it (which parameter a target_parameters wrapper holds).
 
@@ -65,8 +66,10 @@ def module_entries(adapter: Adapter, *, check_ranks: bool = True,
 def rank_mismatch(entry: ModuleEntry) -> str:
     """The message for a module whose saved rank is not the rank the config gives it."""
     source = f"rank_pattern key {entry.scale.rank_key!r}" if entry.scale.rank_key is not None else "'r'"
-    return (f"module {entry.module.name!r}: the config gives rank {entry.scale.r} (from {source}) but the saved "
-            f"tensors have rank {entry.shape_rank}; the config does not belong to these weights (PEFT cannot load it)")
+    return (
+        f"module {entry.module.name!r}: the config gives rank {entry.scale.r} (from {source}) but the saved "
+        f"tensors have rank {entry.shape_rank}; the config does not belong to these weights (PEFT cannot load it)"
+    )
 
 
 def target_parameters_of(config: AdapterConfig, module_name: str, own: Collection[str] | None = None) -> list[str]:
@@ -93,8 +96,13 @@ def wraps_parameters(config: AdapterConfig, module: LoraModule, own: Collection[
     return bool(target_parameters_of(config, module.name, own))
 
 
-def pattern_name(adapter: Adapter, module: LoraModule, fits: Callable[[str], bool] | None = None,
-                 own: Collection[str] | None = None, order: Sequence[str] | None = None) -> str:
+def pattern_name(
+    adapter: Adapter,
+    module: LoraModule,
+    fits: Callable[[str], bool] | None = None,
+    own: Collection[str] | None = None,
+    order: Sequence[str] | None = None,
+) -> str:
     """The name PEFT matches this module's rank/alpha patterns against.
 
     A MultiheadAttention's out_proj uses the MHA's name; a target_parameters wrapper uses
@@ -129,9 +137,9 @@ def _most_specific(config: AdapterConfig, module_name: str, params: list[str], d
     """Without a base model to say which parameters a module holds, the names matched by the most specific targets
     (`gate.weight` over a bare `down_proj`, which PEFT's transformers-5 remap writes for fused experts), when as many
     of them are left as the module has wrappers; else all of them."""
+
     def parts(param: str) -> int:
-        return max(t.count(".") + 1 for t in config.target_parameters
-                   if param == t or param.endswith("." + t))
+        return max(t.count(".") + 1 for t in config.target_parameters if param == t or param.endswith("." + t))
 
     best = max(parts(p) for p in params)
     kept = [p for p in params if parts(p) == best]
@@ -177,14 +185,22 @@ def pattern_warnings(config: AdapterConfig, names: list[str]) -> list[PatternWar
         matched = {k for keys in hits.values() for k in keys}
         for key in pattern:
             if key not in matched:
-                found.append(PatternWarning("unmatched-pattern",
-                                            f"{field_name} key {key!r} matches no module of the adapter (typo, or a "
-                                            "leading '^' that needs the full module name?)"))
+                found.append(
+                    PatternWarning(
+                        "unmatched-pattern",
+                        f"{field_name} key {key!r} matches no module of the adapter (typo, or a "
+                        "leading '^' that needs the full module name?)",
+                    )
+                )
         for n, keys in hits.items():
             if len({pattern[k] for k in keys}) > 1:
                 values = ", ".join(f"{k!r}: {pattern[k]}" for k in keys)
-                found.append(PatternWarning("order-dependent",
-                                            f"module {n!r} is matched by several {field_name} keys with different "
-                                            f"values ({values}); PEFT takes the first in file order ({keys[0]!r}), and "
-                                            "saving sorts the keys, so the value can change between training and loading"))
+                found.append(
+                    PatternWarning(
+                        "order-dependent",
+                        f"module {n!r} is matched by several {field_name} keys with different "
+                        f"values ({values}); PEFT takes the first in file order ({keys[0]!r}), and "
+                        "saving sorts the keys, so the value can change between training and loading",
+                    )
+                )
     return found

@@ -26,12 +26,25 @@ if TYPE_CHECKING:
 
 _NAMES = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA", "loftq": "LoftQ"}
 # adapter_config.json fields that must agree between INIT and the trained adapter (the rest may change in training)
-_SHARED_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "fan_in_fan_out",
-                  "use_dora", "lora_bias", "target_parameters", "layers_to_transform", "layers_pattern", "exclude_modules")
+_SHARED_FIELDS = (
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "fan_in_fan_out",
+    "use_dora",
+    "lora_bias",
+    "target_parameters",
+    "layers_to_transform",
+    "layers_pattern",
+    "exclude_modules",
+)
 
 
 def variant_name(adapter: Adapter) -> str | None:
-    """"PiSSA", "OLoRA", ... for an adapter relative to a modified base, else None."""
+    """ "PiSSA", "OLoRA", ... for an adapter relative to a modified base, else None."""
     variant = adapter.config.init_variant
     return _NAMES[variant] if variant else None
 
@@ -67,25 +80,34 @@ def check_initial(trained: Adapter, initial: Adapter) -> None:
             f"init_lora_weights={init!r} ({what})"
         )
     if initial.config.init_variant not in (None, variant):
-        raise MismatchError(f"{initial.path}: INIT was initialised with {_NAMES[str(initial.config.init_variant)]}, "
-                            f"the trained adapter with {_NAMES[variant]}")
+        raise MismatchError(
+            f"{initial.path}: INIT was initialised with {_NAMES[str(initial.config.init_variant)]}, "
+            f"the trained adapter with {_NAMES[variant]}"
+        )
     mine, theirs = trained.config.normalized(), initial.config.normalized()
     for key in _SHARED_FIELDS:
         if _comparable(mine.get(key)) != _comparable(theirs.get(key)):
-            raise MismatchError(f"{initial.path}: INIT's {key} is {theirs.get(key)!r}, the trained adapter's "
-                                f"{mine.get(key)!r}; INIT must be this adapter right after initialisation")
+            raise MismatchError(
+                f"{initial.path}: INIT's {key} is {theirs.get(key)!r}, the trained adapter's "
+                f"{mine.get(key)!r}; INIT must be this adapter right after initialisation"
+            )
     modules = {m.name: m for m in trained.lora_modules}
     others = {m.name: m for m in initial.lora_modules}
     if set(modules) != set(others):
         missing = sorted(set(modules) ^ set(others))
-        raise MismatchError(f"{initial.path}: INIT and the trained adapter wrap different modules, e.g. {missing[0]!r}")
+        raise MismatchError(
+            f"{initial.path}: INIT and the trained adapter wrap different modules, e.g. {missing[0]!r}"
+        )
     for name, m in modules.items():
         o = others[name]
         if (trained.shapes[m.a_key], trained.shapes[m.b_key]) != (initial.shapes[o.a_key], initial.shapes[o.b_key]):
-            raise MismatchError(f"{initial.path}: module {name!r} has other LoRA shapes in INIT than in the trained "
-                                "adapter")
+            raise MismatchError(
+                f"{initial.path}: module {name!r} has other LoRA shapes in INIT than in the trained adapter"
+            )
     if trained.config.target_parameters:
-        raise UnsupportedAdapterError(f"{trained.path}: --initial with target_parameters (MoE experts) is not supported")
+        raise UnsupportedAdapterError(
+            f"{trained.path}: --initial with target_parameters (MoE experts) is not supported"
+        )
 
 
 def _comparable(value: Any) -> Any:
@@ -101,7 +123,9 @@ class RelativeAdapter(Adapter):
     trained: Adapter | None = None
     initial: Adapter | None = None
     form: str = ""  # which form was built, for reports
-    _parts: dict[str, tuple[str, str, int, float]] = field(default_factory=dict, repr=False)  # key -> (own, init, dim, factor)
+    _parts: dict[str, tuple[str, str, int, float]] = field(
+        default_factory=dict, repr=False
+    )  # key -> (own, init, dim, factor)
 
     @property
     def on_disk(self) -> bool:
@@ -167,9 +191,22 @@ def relative_to_original(trained: Adapter, initial: Adapter) -> RelativeAdapter:
         dtypes[m.a_key] = dtypes[m.b_key] = "F32"
         parts[m.a_key] = (m.a_key, o.a_key, 0, 1.0)
         parts[m.b_key] = (m.b_key, o.b_key, 1, factors.get(m.b_key, 1.0))
-    return RelativeAdapter(trained.path, trained.weights_path, parsed, shapes, dtypes, dict(trained.modules),
-                           dict(trained.replacements), dict(trained.token_deltas), _header=trained._header,
-                           _pickled=trained._pickled, trained=trained, initial=initial, form=form, _parts=parts)
+    return RelativeAdapter(
+        trained.path,
+        trained.weights_path,
+        parsed,
+        shapes,
+        dtypes,
+        dict(trained.modules),
+        dict(trained.replacements),
+        dict(trained.token_deltas),
+        _header=trained._header,
+        _pickled=trained._pickled,
+        trained=trained,
+        initial=initial,
+        form=form,
+        _parts=parts,
+    )
 
 
 def _without_variant(config: dict[str, Any]) -> dict[str, Any]:

@@ -18,8 +18,10 @@ from .runtimes import Runtime, version_key
 Level = Literal["error", "warning"]
 
 # Module path parts that belong to a multimodal model's vision (or audio) tower and its projector.
-_TOWER = re.compile(r"(^|\.)(visual|vision_tower|vision_model|vision_encoder|audio_tower|multi_modal_projector|"
-                    r"mm_projector|vision_embed_tokens)(\.|$)")
+_TOWER = re.compile(
+    r"(^|\.)(visual|vision_tower|vision_model|vision_encoder|audio_tower|multi_modal_projector|"
+    r"mm_projector|vision_embed_tokens)(\.|$)"
+)
 _PER_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
 
 # vLLM's MoE models whose experts take LoRA in the fused (3D) layout: `is_3d_moe_weight = True` in
@@ -63,26 +65,42 @@ def ignored_by(rt: Runtime, version: str, entries: list[ModuleEntry], model_type
         return found
     experts = per_expert + fused
     if at < version_key("0.11.1"):
-        found.append(Ignored("error", f"vLLM {version} applies no LoRA to MoE experts: {_count(experts)} would be "
-                                      "left out (experts take LoRA from 0.11.1)",
-                             _VLLM_SOURCE.format("0.11.0 and 0.11.1", "vllm/lora/layers (FusedMoEWithLoRA from 0.11.1)")))
+        found.append(
+            Ignored(
+                "error",
+                f"vLLM {version} applies no LoRA to MoE experts: {_count(experts)} would be "
+                "left out (experts take LoRA from 0.11.1)",
+                _VLLM_SOURCE.format("0.11.0 and 0.11.1", "vllm/lora/layers (FusedMoEWithLoRA from 0.11.1)"),
+            )
+        )
         return found
     if model_type is None:
         return found
     since = _VLLM_FUSED_EXPERTS.get(model_type)
     wants_fused = since is not None and at >= version_key(since)
     if fused and not wants_fused:
-        found.append(Ignored("error", f"vLLM {version} takes {model_type} expert LoRA per expert, not as fused "
-                                      f"parameters ({_count(fused)}): convert it with --expert-layout per-expert",
-                             _VLLM_SOURCE.format("0.11.1, 0.12.0 and 0.34.0", "vllm/lora/model_manager.py "
-                                                 "(is_3d_moe_weight)")))
+        found.append(
+            Ignored(
+                "error",
+                f"vLLM {version} takes {model_type} expert LoRA per expert, not as fused "
+                f"parameters ({_count(fused)}): convert it with --expert-layout per-expert",
+                _VLLM_SOURCE.format("0.11.1, 0.12.0 and 0.34.0", "vllm/lora/model_manager.py (is_3d_moe_weight)"),
+            )
+        )
     if per_expert and wants_fused:
         level: Level = "warning" if at >= version_key("0.22.0") else "error"
         flag = " or start vLLM with its enable_mixed_moe_lora_format option" if level == "warning" else ""
-        found.append(Ignored(level, f"vLLM {version} takes {model_type} expert LoRA as fused parameters, not per "
-                                    f"expert ({_count(per_expert)}): convert it with --expert-layout fused{flag}",
-                             _VLLM_SOURCE.format("0.12.0, 0.22.0 and 0.34.0", "vllm/lora/model_manager.py "
-                                                 "(is_3d_moe_weight, enable_mixed_moe_lora_format)")))
+        found.append(
+            Ignored(
+                level,
+                f"vLLM {version} takes {model_type} expert LoRA as fused parameters, not per "
+                f"expert ({_count(per_expert)}): convert it with --expert-layout fused{flag}",
+                _VLLM_SOURCE.format(
+                    "0.12.0, 0.22.0 and 0.34.0",
+                    "vllm/lora/model_manager.py (is_3d_moe_weight, enable_mixed_moe_lora_format)",
+                ),
+            )
+        )
     return found
 
 
@@ -91,16 +109,23 @@ def _vllm_towers(version: str, at: list[int], entries: list[ModuleEntry]) -> lis
     found = []
     towers = tower_modules(entries)
     if towers and at < version_key("0.14.0"):
-        found.append(Ignored("error", f"vLLM {version} applies no LoRA to the vision tower or projector: "
-                                      f"{_count(towers)} would be left out",
-                             _VLLM_SOURCE.format("0.9.2 to 0.13.0", "vllm/lora/models.py "
-                                                 "(_filter_unsupported_mm_module)")))
+        found.append(
+            Ignored(
+                "error",
+                f"vLLM {version} applies no LoRA to the vision tower or projector: {_count(towers)} would be left out",
+                _VLLM_SOURCE.format("0.9.2 to 0.13.0", "vllm/lora/models.py (_filter_unsupported_mm_module)"),
+            )
+        )
     elif towers:
-        found.append(Ignored("warning", f"vLLM {version} applies LoRA to the vision tower and projector only when "
-                                        "started with its enable_tower_connector_lora option, on models that "
-                                        f"support it; without it, it leaves out {_count(towers)}",
-                             _VLLM_SOURCE.format("0.14.0 to 0.34.0", "vllm/lora/model_manager.py "
-                                                 "(enable_tower_connector_lora)")))
+        found.append(
+            Ignored(
+                "warning",
+                f"vLLM {version} applies LoRA to the vision tower and projector only when "
+                "started with its enable_tower_connector_lora option, on models that "
+                f"support it; without it, it leaves out {_count(towers)}",
+                _VLLM_SOURCE.format("0.14.0 to 0.34.0", "vllm/lora/model_manager.py (enable_tower_connector_lora)"),
+            )
+        )
     return found
 
 
@@ -108,16 +133,27 @@ def _sglang(version: str, entries: list[ModuleEntry]) -> list[Ignored]:
     found = []
     towers = tower_modules(entries)
     if towers:
-        found.append(Ignored("error", f"SGLang {version} applies LoRA to a vision-language model's language model "
-                                      f"only: {_count(towers)} would be left out",
-                             _SGLANG_SOURCE.format("sglang/srt/lora/lora_manager.py (should_apply_lora)")))
+        found.append(
+            Ignored(
+                "error",
+                f"SGLang {version} applies LoRA to a vision-language model's language model "
+                f"only: {_count(towers)} would be left out",
+                _SGLANG_SOURCE.format("sglang/srt/lora/lora_manager.py (should_apply_lora)"),
+            )
+        )
     _, fused = expert_modules(entries)
     if fused:
-        found.append(Ignored("error", f"SGLang {version} takes expert LoRA per expert (or in its own 3-D layout), not "
-                                      f"as PEFT's fused target_parameters ({_count(fused)}): convert it with "
-                                      "--expert-layout per-expert",
-                             _SGLANG_SOURCE.format("sglang/srt/lora/lora.py (_process_weight, "
-                                                   "_rename_expert_w_to_proj); sglang issue 25528")))
+        found.append(
+            Ignored(
+                "error",
+                f"SGLang {version} takes expert LoRA per expert (or in its own 3-D layout), not "
+                f"as PEFT's fused target_parameters ({_count(fused)}): convert it with "
+                "--expert-layout per-expert",
+                _SGLANG_SOURCE.format(
+                    "sglang/srt/lora/lora.py (_process_weight, _rename_expert_w_to_proj); sglang issue 25528"
+                ),
+            )
+        )
     return found
 
 

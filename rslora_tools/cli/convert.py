@@ -67,7 +67,10 @@ def _print_convert(report: Any) -> None:
     for key, (before, after) in report.config_changes.items():
         click.echo(f"  {key}: {json.dumps(before)} -> {json.dumps(after)}")
     if report.action == "mlx":
-        click.echo(f"  weights: lora_a = A^T, lora_b = B^T in mlx-lm's adapters.safetensors ({report.weights_dtype or 'dtype kept'})")
+        click.echo(
+            f"  weights: lora_a = A^T, lora_b = B^T in mlx-lm's adapters.safetensors "
+            f"({report.weights_dtype or 'dtype kept'})"
+        )
     elif report.source_format == "mlx-lm" and report.action in ("copy", "config"):
         click.echo("  weights: lora_A = lora_a^T, lora_B = lora_b^T (the same values)")
     elif report.action == "relayout":

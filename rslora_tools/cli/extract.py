@@ -51,14 +51,21 @@ def _print_extract(report: Any) -> None:
 
     verb = "Would write" if report.dry_run else "Wrote"
     ranks = sorted({m["rank"] for m in report.modules})
-    rank_text = "no LoRA modules" if not ranks else (f"rank {ranks[0]}" if len(ranks) == 1 else
-                                                    f"ranks {ranks[0]} to {ranks[-1]}")
-    click.echo(f"{verb} {report.out}: {len(report.modules)} LoRA modules, {rank_text}, {human_size(report.bytes)}; "
-               f"{convention_label(report.convention, 'short')}")
+    rank_text = (
+        "no LoRA modules"
+        if not ranks
+        else (f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}")
+    )
+    click.echo(
+        f"{verb} {report.out}: {len(report.modules)} LoRA modules, {rank_text}, {human_size(report.bytes)}; "
+        f"{convention_label(report.convention, 'short')}"
+    )
     if report.worst_error is not None:
         worst = max(report.modules, key=lambda m: m["relative_error"] or 0.0)
-        click.echo(f"  largest relative error {report.worst_error:.3g} ({worst['name']}); {report.unchanged} unchanged "
-                   "tensors skipped")
+        click.echo(
+            f"  largest relative error {report.worst_error:.3g} ({worst['name']}); {report.unchanged} unchanged "
+            "tensors skipped"
+        )
     if report.biases not in ("none", "unknown"):
         click.echo(f"  biases: {report.biases} ({counted(len(report.bias_modules), 'module')})")
     for module in report.modules_to_save:

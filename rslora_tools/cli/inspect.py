@@ -69,8 +69,10 @@ def _print_inspection(report: Any) -> None:
         _print_applies_to(report.applies_to)
     if report.base_format is not None:
         changed = sum(map(len, report.applies_to.values()))
-        click.echo(f"  base format: {report.base_format}; {len(report.quantized_targets)} of the {changed} tensors the "
-                   "adapter changes are stored quantized (merge dequantizes them and writes them unquantized)")
+        click.echo(
+            f"  base format: {report.base_format}; {len(report.quantized_targets)} of the {changed} tensors the "
+            "adapter changes are stored quantized (merge dequantizes them and writes them unquantized)"
+        )
     if report.lints:
         click.echo()
     for lint in report.lints:
@@ -81,21 +83,43 @@ def _print_inspection(report: Any) -> None:
 def _print_runtime_table(report: Any) -> None:
     """One row per group of modules: rank, alpha, PEFT's scale and each runtime's scale as a multiple of it."""
     runtime_names = [n for n in report.runtimes if n != "peft"]
-    header = ["modules", "n", "layers", "rank", "alpha", "PEFT scale",
-              *(report.runtimes[n]["label"] + (f"@{n.partition('@')[2]}" if "@" in n else "") for n in runtime_names)]
+    header = [
+        "modules",
+        "n",
+        "layers",
+        "rank",
+        "alpha",
+        "PEFT scale",
+        *(report.runtimes[n]["label"] + (f"@{n.partition('@')[2]}" if "@" in n else "") for n in runtime_names),
+    ]
     rows = [header]
     for g in report.groups:
         ratios = [_ratio(g["ratios"][n], report.runtimes[n]["status"]) for n in runtime_names]
-        rows.append([g["modules"], str(g["count"]), g["layers"] or "-", str(g["rank"]), f"{g['alpha']:g}",
-                     f"{g['scale']:.6g}", *ratios])
+        rows.append(
+            [
+                g["modules"],
+                str(g["count"]),
+                g["layers"] or "-",
+                str(g["rank"]),
+                f"{g['alpha']:g}",
+                f"{g['scale']:.6g}",
+                *ratios,
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     click.echo()
     for row in rows:
         click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    click.echo("  (runtime columns: the runtime's scale as a multiple of PEFT's; 'no' = cannot serve; releases: "
-               + "; ".join(f"{report.runtimes[n]['label']}{'@' + n.partition('@')[2] if '@' in n else ''} "
-                           f"{report.runtimes[n]['version']}" for n in runtime_names if report.runtimes[n]["version"]
-                           != "all releases") + ")")
+    click.echo(
+        "  (runtime columns: the runtime's scale as a multiple of PEFT's; 'no' = cannot serve; releases: "
+        + "; ".join(
+            f"{report.runtimes[n]['label']}{'@' + n.partition('@')[2] if '@' in n else ''} "
+            f"{report.runtimes[n]['version']}"
+            for n in runtime_names
+            if report.runtimes[n]["version"] != "all releases"
+        )
+        + ")"
+    )
 
 
 def _print_applies_to(applies_to: dict[str, list[str]], shown: int = 12) -> None:

@@ -1,4 +1,5 @@
-"""`rslora-tools merge`: its flags, their mapping to MergeOptions, and its printers (the merge, the dry run, the stream)."""
+"""`rslora-tools merge`: its flags, their mapping to MergeOptions, and its printers (the merge, the dry run, the
+stream)."""
 
 from __future__ import annotations
 
@@ -85,7 +86,9 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
         if out is not None and flags["outtype"] is None:
             flags["outtype"] = DEFAULT_OUTTYPE  # named: MergeOptions refuses a stream with no destination
         with phase_progress(not (quiet or as_json)) as phases:
-            report = run_merge(base, list(adapters[:-1] if out else adapters), out, options=merge_options(flags, phases))
+            report = run_merge(
+                base, list(adapters[:-1] if out else adapters), out, options=merge_options(flags, phases)
+            )
     else:
         options = merge_options(flags, None)
         if len(adapters) < 2:
@@ -95,7 +98,9 @@ def merge(base: str, adapters: tuple[str, ...], **flags: Any) -> None:
     echo_warnings(report.warnings)
     finish(report, _print_report, as_json, quiet)
     if report.unmatched:  # a dry run that found adapter tensors matching nothing: a merge would fail
-        raise click.ClickException(f"{len(report.unmatched)} of the adapter's tensors match no base tensor; a merge would fail")
+        raise click.ClickException(
+            f"{len(report.unmatched)} of the adapter's tensors match no base tensor; a merge would fail"
+        )
 
 
 def merge_options(flags: dict[str, Any], progress: Any) -> MergeOptions:
@@ -119,16 +124,20 @@ def _print_merge(report: Any) -> None:
 
     scale = "no LoRA modules"
     if report.scale_min is not None:
-        scale = f"scale {report.scale_min:.6g}" if report.scale_min == report.scale_max else \
-            f"scales {report.scale_min:.6g} to {report.scale_max:.6g}"
+        scale = (
+            f"scale {report.scale_min:.6g}"
+            if report.scale_min == report.scale_max
+            else f"scales {report.scale_min:.6g} to {report.scale_max:.6g}"
+        )
     verb = "Would merge" if report.dry_run else "Merged"
     conventions = " + ".join(convention_label(c, "short") for c in report.convention.split(","))
     what = f"{len(report.adapters)} adapters, " if len(report.adapters) > 1 else ""
     click.echo(f"{verb} {what}{report.modules} LoRA modules ({conventions}, {scale}) into {report.out}")
     click.echo(
-        f"  tensors: {report.tensors_merged} changed, {report.tensors_copied} copied as is, {report.tensors_total} total; "
-        f"{counted(len(report.shards), 'shard')}, {human_size(report.bytes_written)}, {report.dtype or 'no float'} on {report.device}"
-        + ("" if report.dry_run else f", {report.seconds:.2f} s")
+        f"  tensors: {report.tensors_merged} changed, {report.tensors_copied} copied as is, {report.tensors_total} "
+        f"total; "
+        f"{counted(len(report.shards), 'shard')}, {human_size(report.bytes_written)}, {report.dtype or 'no float'} "
+        f"on {report.device}" + ("" if report.dry_run else f", {report.seconds:.2f} s")
     )
     for key, value in report.config_updates.items():
         click.echo(f"  config.json: {key} removed" if value is None else f"  config.json: {key} = {json.dumps(value)}")
@@ -140,8 +149,10 @@ def _print_merge(report: Any) -> None:
         click.echo(f"  {report.gguf['next_step']}")
     if report.verify is not None:
         v = report.verify
-        click.echo(f"  verified: {v['verdict']} ({v['exact']} exact, {v['rounding']} within rounding, "
-                   f"{v['tensors_checked']} tensors)")
+        click.echo(
+            f"  verified: {v['verdict']} ({v['exact']} exact, {v['rounding']} within rounding, "
+            f"{v['tensors_checked']} tensors)"
+        )
 
 
 def _print_quantization(quantization: dict[str, Any]) -> None:
@@ -152,16 +163,20 @@ def _print_quantization(quantization: dict[str, Any]) -> None:
     of = f"median of {measured['tensors']} of {measured['of']} targeted weights"
     delta = f"the adapter's own delta (which is {measured['delta_over_weight']:.1%} of their norm)"
     if quantization.get("mode") == "as trained":
-        click.echo(f"  quantization moved the weights by {measured['quant_error_over_weight']:.1%} of their norm, "
-                   f"{measured['quant_error_over_delta']:.2g}x {delta}; {of}; merging into the original weights "
-                   "would leave that out of the model the adapter was trained on")
+        click.echo(
+            f"  quantization moved the weights by {measured['quant_error_over_weight']:.1%} of their norm, "
+            f"{measured['quant_error_over_delta']:.2g}x {delta}; {of}; merging into the original weights "
+            "would leave that out of the model the adapter was trained on"
+        )
         return
     verb = "moved" if quantization.get("mode") == "kept" else "would move"
     worst = measured["quant_error_over_delta_max"]
-    click.echo(f"  requantizing the merged weights into the base's format {verb} them by "
-               f"{measured['quant_error_over_weight']:.2%} of their norm, {measured['quant_error_over_delta']:.2g}x {delta}"
-               f" (worst {worst:.2g}x); {of}" + ("; above 1x, rounding hides much of the adapter's change"
-                                                  if worst > 1 else ""))
+    click.echo(
+        f"  requantizing the merged weights into the base's format {verb} them by "
+        f"{measured['quant_error_over_weight']:.2%} of their norm, {measured['quant_error_over_delta']:.2g}x {delta}"
+        f" (worst {worst:.2g}x); {of}"
+        + ("; above 1x, rounding hides much of the adapter's change" if worst > 1 else "")
+    )
 
 
 def _print_dry_run(report: Any) -> None:
@@ -189,14 +204,21 @@ def _print_dry_run(report: Any) -> None:
 
 
 def _print_stream(report: Any) -> None:
-    bound = f"disk: up to {human_size(report.disk_bound)} in {report.scratch} for a {human_size(report.model_bytes)} model"
+    bound = (
+        f"disk: up to {human_size(report.disk_bound)} in {report.scratch} for a {human_size(report.model_bytes)} model"
+    )
     if report.free_bytes is not None:
-        bound += f", {human_size(report.free_bytes)} free ({'fits' if report.disk_bound <= report.free_bytes else 'DOES NOT FIT'})"
+        bound += (
+            f", {human_size(report.free_bytes)} free "
+            f"({'fits' if report.disk_bound <= report.free_bytes else 'DOES NOT FIT'})"
+        )
     click.echo(f"  {bound}")
     for why, names in report.skipped.items():
         if names:
-            click.echo(f"  skipped ({why.replace('_', ' ')}): {counted(len(names), 'shard')}: {', '.join(names[:3])}"
-                       f"{', ...' if len(names) > 3 else ''}")
+            click.echo(
+                f"  skipped ({why.replace('_', ' ')}): {counted(len(names), 'shard')}: {', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}"
+            )
     if report.dry_run:
         return
     rates = ", ".join(f"{phase} {human_size(p.bytes)} in {p.seconds:.1f} s" for phase, p in report.phases.items())

@@ -45,15 +45,19 @@ class RuntimeSpec(click.ParamType):
 
 def stack(*decorators: Decorator) -> Decorator:
     """Several click decorators as one, applied in the order listed (the first is the outermost)."""
+
     def apply(f: Callable[..., Any]) -> Callable[..., Any]:
         for decorator in reversed(decorators):
             f = decorator(f)
         return f
+
     return apply
 
 
 # The CLI's own flags: how a report is shown (every other flag is generated from an options field, below).
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document with the result on stdout."
+)
 
 
 def quiet_option(what: str = "Print nothing on success.") -> Decorator:
@@ -63,15 +67,23 @@ def quiet_option(what: str = "Print nothing on success.") -> Decorator:
 def push_target(flags: dict[str, Any]) -> Any:
     """The --push-to-hub flags as a hub.target.PushTarget (None without --push-to-hub)."""
     if not flags.get("push_to"):
-        given = [name for name, key in (("--private", "private"), ("--create-pr", "create_pr"),
-                                        ("--commit-message", "commit_message")) if flags.get(key)]
+        given = [
+            name
+            for name, key in (
+                ("--private", "private"),
+                ("--create-pr", "create_pr"),
+                ("--commit-message", "commit_message"),
+            )
+            if flags.get(key)
+        ]
         if given:
             raise OptionError(f"{given[0]} goes with --push-to-hub REPO_ID", options=("push",))
         return None
     from ..hub.target import PushTarget
 
-    return PushTarget(flags["push_to"], flags["private"], None, flags["create_pr"], flags["commit_message"],
-                      flags.get("token"))
+    return PushTarget(
+        flags["push_to"], flags["private"], None, flags["create_pr"], flags["commit_message"], flags.get("token")
+    )
 
 
 def trained_on(flags: dict[str, Any]) -> Any:
@@ -82,13 +94,18 @@ def trained_on(flags: dict[str, Any]) -> Any:
     block, skip = flags.get("quant_blocksize"), flags.get("skip_modules")
     if flags.get("trained_on") is None:
         if any(flags.get(k) is not None for k in ("double_quant", "quant_blocksize", "skip_modules")):
-            raise OptionError("--double-quant, --quant-blocksize and --skip-modules describe --trained-on; pass it too",
-                              options=("trained_on",))
+            raise OptionError(
+                "--double-quant, --quant-blocksize and --skip-modules describe --trained-on; pass it too",
+                options=("trained_on",),
+            )
         return None
     try:
-        return trained_on_scheme(flags["trained_on"], double_quant=flags.get("double_quant"),
-                                 blocksize=int(block) if block is not None else None,
-                                 skip_modules=[m.strip() for m in skip.split(",") if m.strip()] if skip else None)
+        return trained_on_scheme(
+            flags["trained_on"],
+            double_quant=flags.get("double_quant"),
+            blocksize=int(block) if block is not None else None,
+            skip_modules=[m.strip() for m in skip.split(",") if m.strip()] if skip else None,
+        )
     except InputError as e:
         raise OptionError(cli_message(e), options=("trained_on",)) from None
 
@@ -106,8 +123,9 @@ def stream(flags: dict[str, Any]) -> Any:
     from ..execute.options import StreamOptions
 
     if flags["stream"]:
-        return StreamOptions(Path(flags["scratch"]) if flags["scratch"] else None, flags["keep_cache"],
-                             flags["no_resume"])
+        return StreamOptions(
+            Path(flags["scratch"]) if flags["scratch"] else None, flags["keep_cache"], flags["no_resume"]
+        )
     if flags["scratch"] or flags["keep_cache"] or flags["no_resume"]:
         raise OptionError("--scratch, --keep-cache and --no-resume go with --stream", options=("stream",))
     return None
@@ -129,15 +147,20 @@ def names(text: str | None) -> tuple[str, ...] | None:
 
 # A field that several flags make up, or whose flag's text the options object does not parse: its value from the flags.
 BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "push": push_target, "trained_on": trained_on, "stream": stream, "to": to,
-    "weights": lambda flags: weights(flags["weights"]), "target_modules": lambda flags: names(flags["target_modules"]),
+    "push": push_target,
+    "trained_on": trained_on,
+    "stream": stream,
+    "to": to,
+    "weights": lambda flags: weights(flags["weights"]),
+    "target_modules": lambda flags: names(flags["target_modules"]),
 }
 
 
 # --- Flags generated from the options' fields (rslora_tools/flags.py) ------------------------------------------------
 
 PARAM_TYPES: dict[str, Callable[[], click.ParamType]] = {
-    "runtime": RuntimeSpec, "runtime_or_unit": lambda: RuntimeSpec(allow_unit=True),
+    "runtime": RuntimeSpec,
+    "runtime_or_unit": lambda: RuntimeSpec(allow_unit=True),
 }
 
 
@@ -146,8 +169,13 @@ def flags_from(options: type, verb: str = "", skip: tuple[str, ...] = ()) -> Dec
     order, then those it inherits; `{verb}` in a help text becomes `verb` ("Merge")."""
     own = vars(options).get("__annotations__", {})  # the command's own fields first, then the shared ones
     fields = sorted((f for f in flags_of(options) if f[0] not in skip), key=lambda f: f[0] not in own)
-    return stack(*(_click_option(dest(name, i, flag), default if i == 0 else None, flag, verb)
-                   for name, default, declared in fields for i, flag in enumerate(declared)))
+    return stack(
+        *(
+            _click_option(dest(name, i, flag), default if i == 0 else None, flag, verb)
+            for name, default, declared in fields
+            for i, flag in enumerate(declared)
+        )
+    )
 
 
 def _click_option(key: str, default: Any, flag: Flag, verb: str) -> Decorator:

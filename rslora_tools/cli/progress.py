@@ -40,8 +40,16 @@ def _byte_bar(desc: str, position: int | None = None) -> Any:
     from tqdm.auto import tqdm
 
     # decimal units (kB, MB, GB: 1000), as every size the commands print (formats.sizes.human_size)
-    return tqdm(unit="B", unit_scale=True, unit_divisor=1000, desc=desc, position=position, file=sys.stderr,
-                disable=None, dynamic_ncols=True)
+    return tqdm(
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc=desc,
+        position=position,
+        file=sys.stderr,
+        disable=None,
+        dynamic_ncols=True,
+    )
 
 
 def _advance(bar: Any, n: int, total: int) -> None:

@@ -21,8 +21,18 @@ from .render import echo_json, echo_push
 @o.flag_option(DRY_RUN)
 @o.json_option
 @o.quiet_option()
-def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
-         create_pr: bool, dry_run: bool, token: str | None, as_json: bool, quiet: bool) -> None:
+def push(
+    folder: str,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    create_pr: bool,
+    dry_run: bool,
+    token: str | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Upload FOLDER (a merged model or converted adapter) to the Hub repo REPO_ID, in one commit.
 
     Creates the repo if needed and commits FOLDER's files (re-run the same command to resume an
@@ -50,19 +60,30 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_
             return
         if quiet:
             return
-        click.echo(f"Would push {len(preview.files)} files to {repo_id} in one commit "
-                   f"({human_size(sum(preview.files.values()))}; stale weight files in the repo would be deleted):")
+        click.echo(
+            f"Would push {len(preview.files)} files to {repo_id} in one commit "
+            f"({human_size(sum(preview.files.values()))}; stale weight files in the repo would be deleted):"
+        )
         for name, size in preview.files.items():
-            click.echo(f"  {name}  {human_size(size)}" + ("  (generated model card)" if name == "README.md"
-                                                          and preview.card is not None else ""))
+            click.echo(
+                f"  {name}  {human_size(size)}"
+                + ("  (generated model card)" if name == "README.md" and preview.card is not None else "")
+            )
         if preview.card is not None:
             click.echo("\nThe model card (README.md):\n")
             click.echo(preview.card)
         return
     from ..hub.push import push as run_push
 
-    report = run_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
-                      create_pr=create_pr, token=token)
+    report = run_push(
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
+        token=token,
+    )
     if as_json:
         echo_json(report)
     elif not quiet:
@@ -74,6 +95,8 @@ def _check_order(folder: str, repo_id: str) -> None:
     if Path(folder).is_dir():
         return
     if Path(repo_id).is_dir():
-        raise click.UsageError(f"{folder!r} is not a folder but {repo_id!r} is: the order is FOLDER REPO_ID "
-                               f"(hf upload takes REPO_ID PATH); run: rslora-tools push {repo_id} {folder}")
+        raise click.UsageError(
+            f"{folder!r} is not a folder but {repo_id!r} is: the order is FOLDER REPO_ID "
+            f"(hf upload takes REPO_ID PATH); run: rslora-tools push {repo_id} {folder}"
+        )
     raise click.UsageError(f"FOLDER {folder!r} does not exist")

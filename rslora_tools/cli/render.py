@@ -28,8 +28,11 @@ def echo_push(push: dict[str, Any] | None) -> None:
     card = ", model card written" if push.get("card_written") else ""
     click.echo(f"Pushed {counted(push['files'], 'file')} to {push['repo_id']} in one commit{card}: {where}", err=True)
     if push.get("removed"):
-        click.echo(f"  removed from the repo in the same commit (stale weight or adapter files): "
-                   f"{', '.join(push['removed'])}", err=True)
+        click.echo(
+            f"  removed from the repo in the same commit (stale weight or adapter files): "
+            f"{', '.join(push['removed'])}",
+            err=True,
+        )
 
 
 def finish(report: Any, printer: Any, as_json: bool, quiet: bool) -> None:

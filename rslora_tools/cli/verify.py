@@ -1,4 +1,5 @@
-"""`rslora-tools verify`: its flags, their mapping to VerifyOptions, and its printer (problems, mismatches, verdict)."""
+"""`rslora-tools verify`: its flags, their mapping to VerifyOptions, and its printer (problems, mismatches,
+verdict)."""
 
 from __future__ import annotations
 
@@ -62,19 +63,25 @@ def _print_verify(report: Any) -> None:
         click.echo(f"problem: {problem}")
     for c in report.tensors:
         if c.status == "mismatch":
-            click.echo(f"mismatch: {c.name} ({c.dtype}): max abs error {c.max_abs_error:.3g}, "
-                       f"max rel error {c.max_rel_error:.3g}, {c.max_ulps:.3g} ulp")
+            click.echo(
+                f"mismatch: {c.name} ({c.dtype}): max abs error {c.max_abs_error:.3g}, "
+                f"max rel error {c.max_rel_error:.3g}, {c.max_ulps:.3g} ulp"
+            )
     worst = max(report.tensors, key=lambda c: c.max_ulps, default=None)
     if worst is not None and worst.status == "rounding":
-        click.echo(f"largest rounding difference: {worst.name}: {worst.max_abs_error:.3g} "
-                   f"({worst.max_ulps:.3g} ulp of {worst.dtype})")
+        click.echo(
+            f"largest rounding difference: {worst.name}: {worst.max_abs_error:.3g} "
+            f"({worst.max_ulps:.3g} ulp of {worst.dtype})"
+        )
     if report.verdict != "exact" and report.computed_with:
         click.echo(f"expected values computed with {report.computed_with}")
     sampled = f" (sample of {report.tensors_total})" if report.sampled else ""
     recipe = report.recipe
     how = f"; recipe from {recipe['from']}: {recipe_text(recipe)}" if recipe.get("from") != "the arguments" else ""
-    click.echo(f"{report.verdict.upper()}: {report.tensors_checked} tensors checked{sampled}: {report.exact} exact, "
-               f"{report.rounding} within rounding, {report.mismatched} mismatched, "
-               f"{counted(len(report.problems), 'folder problem')}; {report.seconds:.2f} s{how}")
+    click.echo(
+        f"{report.verdict.upper()}: {report.tensors_checked} tensors checked{sampled}: {report.exact} exact, "
+        f"{report.rounding} within rounding, {report.mismatched} mismatched, "
+        f"{counted(len(report.problems), 'folder problem')}; {report.seconds:.2f} s{how}"
+    )
     if recipe.get("note"):
         click.echo(f"note: {recipe['note']}")

@@ -92,14 +92,23 @@ def combine(
     if not adapters:
         raise OptionError("combine needs at least one adapter")
     if options.weights is not None and len(options.weights) != len(adapters):
-        raise OptionError(f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}")
+        raise OptionError(
+            f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}"
+        )
     resolved = [adapter_input(a, token=options.token, allow_pickle=options.allow_pickle) for a in adapters]
     sources = [source for _, source in resolved]
     check_push(options, {"adapters": sources})
     loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=options.allow_pickle) for a, _ in resolved]
     weights = list(options.weights) if options.weights is not None else [1.0] * len(loaded)
-    plan = plan_combination(loaded, weights, options.method, rank=options.rank, density=options.density,
-                            seed=options.seed, rslora=options.rslora)
+    plan = plan_combination(
+        loaded,
+        weights,
+        options.method,
+        rank=options.rank,
+        density=options.density,
+        seed=options.seed,
+        rslora=options.rslora,
+    )
     out = Path(out)
     written = check_output_location(out, [a.path for a in loaded], options.overwrite, writes_adapter=True)
     report = _report(loaded, out, plan, options.rslora, options.target, options.dry_run)
@@ -120,29 +129,63 @@ def combine(
     return report
 
 
-def _report(loaded: list[Adapter], out: Path, plan: CombinePlan, rslora: bool, target: str | None,
-            dry_run: bool) -> CombineReport:
-    modules = [{"name": m.name, "rank": m.rank, "inputs": [p.adapter for p in m.parts],
-                "input_ranks": [p.rank for p in m.parts], "energy": None, "relative_error": None}
-               for m in plan.modules]
+def _report(
+    loaded: list[Adapter], out: Path, plan: CombinePlan, rslora: bool, target: str | None, dry_run: bool
+) -> CombineReport:
+    modules = [
+        {
+            "name": m.name,
+            "rank": m.rank,
+            "inputs": [p.adapter for p in m.parts],
+            "input_ranks": [p.rank for p in m.parts],
+            "energy": None,
+            "relative_error": None,
+        }
+        for m in plan.modules
+    ]
     ranks = [m.rank for m in plan.modules]
-    return CombineReport([str(a.path) for a in loaded], str(out), plan.method, plan.weights,
-                         "rslora" if rslora else "classic", modules, min(ranks), max(ranks), plan.nbytes,
-                         plan.density, plan.seed, target, warnings=list(plan.warnings), dry_run=dry_run)
+    return CombineReport(
+        [str(a.path) for a in loaded],
+        str(out),
+        plan.method,
+        plan.weights,
+        "rslora" if rslora else "classic",
+        modules,
+        min(ranks),
+        max(ranks),
+        plan.nbytes,
+        plan.density,
+        plan.seed,
+        target,
+        warnings=list(plan.warnings),
+        dry_run=dry_run,
+    )
 
 
-def _write(loaded: list[Adapter], plan: CombinePlan, tmp: Path, report: CombineReport,
-           progress: ProgressCallback | None, sources: list[dict[str, Any]], allow_nonfinite: bool) -> None:
+def _write(
+    loaded: list[Adapter],
+    plan: CombinePlan,
+    tmp: Path,
+    report: CombineReport,
+    progress: ProgressCallback | None,
+    sources: list[dict[str, Any]],
+    allow_nonfinite: bool,
+) -> None:
     from ..compute.combine import combine_module
 
     entries = [(k, "F32", shape) for m in plan.modules for k, shape in ((m.a_key, m.a_shape), (m.b_key, m.b_shape))]
     entries += [(key, loaded[i].dtypes[key], loaded[i].shapes[key]) for key, i in plan.saved.items()]
-    metadata = {"format": "pt", "rslora_tools.combine": json.dumps(
-        {"tool": f"rslora-tools {__version__}", "method": plan.method, "weights": plan.weights}, sort_keys=True)}
+    metadata = {
+        "format": "pt",
+        "rslora_tools.combine": json.dumps(
+            {"tool": f"rslora-tools {__version__}", "method": plan.method, "weights": plan.weights}, sort_keys=True
+        ),
+    }
     with AdapterWriter(tmp, plan.config, entries, metadata, allow_nonfinite=allow_nonfinite) as writer:
         for m, row in zip(plan.modules, report.modules):
-            a, b, measures = combine_module(m, lambda i, key: loaded[i].tensor(key), plan.method, plan.density,
-                                            plan.seed)
+            a, b, measures = combine_module(
+                m, lambda i, key: loaded[i].tensor(key), plan.method, plan.density, plan.seed
+            )
             writer.write(m.a_key, a)
             writer.write(m.b_key, b)
             row.update(measures)
@@ -150,17 +193,31 @@ def _write(loaded: list[Adapter], plan: CombinePlan, tmp: Path, report: CombineR
                 progress(4 * (a.numel() + b.numel()), plan.nbytes)
         for key, i in plan.saved.items():
             writer.write(key, loaded[i].tensor(key))
-    write_provenance(tmp, {
-        "operation": "combine", "adapters": sources or [{"spec": str(a.path)} for a in loaded],
-        "method": plan.method, "weights": plan.weights, "density": plan.density, "seed": plan.seed,
-        "convention": report.convention, "base_model": loaded[0].config.base_model_name_or_path,
-        "revision": loaded[0].config.revision,
-    })
+    write_provenance(
+        tmp,
+        {
+            "operation": "combine",
+            "adapters": sources or [{"spec": str(a.path)} for a in loaded],
+            "method": plan.method,
+            "weights": plan.weights,
+            "density": plan.density,
+            "seed": plan.seed,
+            "convention": report.convention,
+            "base_model": loaded[0].config.base_model_name_or_path,
+            "revision": loaded[0].config.revision,
+        },
+    )
 
 
-def _write_for_target(loaded: list[Adapter], plan: CombinePlan, written: Path, report: CombineReport,
-                      progress: ProgressCallback | None, sources: list[dict[str, Any]],
-                      options: CombineOptions) -> ConvertReport:
+def _write_for_target(
+    loaded: list[Adapter],
+    plan: CombinePlan,
+    written: Path,
+    report: CombineReport,
+    progress: ProgressCallback | None,
+    sources: list[dict[str, Any]],
+    options: CombineOptions,
+) -> ConvertReport:
     """Combine into a scratch folder beside OUT, then convert it for the runtime into OUT (and push it when asked)."""
     from .convert import convert_adapter
 
@@ -168,9 +225,13 @@ def _write_for_target(loaded: list[Adapter], plan: CombinePlan, written: Path, r
     try:
         _write(loaded, plan, scratch, report, progress, sources, options.allow_nonfinite)
         combined_from = {"combined": sources, "method": plan.method, "weights": plan.weights}
-        convert_options = ConvertOptions(target=options.target, overwrite=options.overwrite,
-                                         allow_nonfinite=options.allow_nonfinite, token=options.token,
-                                         push=options.push)
+        convert_options = ConvertOptions(
+            target=options.target,
+            overwrite=options.overwrite,
+            allow_nonfinite=options.allow_nonfinite,
+            token=options.token,
+            push=options.push,
+        )
         return convert_adapter(load_adapter(scratch), written, convert_options, combined_from)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -46,16 +46,24 @@ def check_order(command: str, order: str, given: Sequence[tuple[str, Any, tuple[
     when two local folders each hold what the other's place needs (`merge ADAPTER BASE OUT`), say the order."""
     from ..hub.resolve import folder_kind
 
-    kinds = [(name, spec, wanted, folder_kind(spec) if isinstance(spec, (str, os.PathLike)) else None)
-             for name, spec, wanted in given]
+    kinds = [
+        (name, spec, wanted, folder_kind(spec) if isinstance(spec, (str, os.PathLike)) else None)
+        for name, spec, wanted in given
+    ]
     for i, (name, spec, wanted, kind) in enumerate(kinds):
         if kind is None or kind in wanted:
             continue
-        for other, other_spec, other_wanted, other_kind in kinds[i + 1:]:
-            if other_kind is not None and other_kind not in other_wanted and other_kind in wanted \
-                    and kind in other_wanted:
-                raise InputError(f"{name} {spec} holds {_kind_words(kind)} and {other} {other_spec} "
-                                 f"{_kind_words(other_kind)}: the order is `rslora-tools {command} {order}`")
+        for other, other_spec, other_wanted, other_kind in kinds[i + 1 :]:
+            if (
+                other_kind is not None
+                and other_kind not in other_wanted
+                and other_kind in wanted
+                and kind in other_wanted
+            ):
+                raise InputError(
+                    f"{name} {spec} holds {_kind_words(kind)} and {other} {other_spec} "
+                    f"{_kind_words(other_kind)}: the order is `rslora-tools {command} {order}`"
+                )
 
 
 def _kind_words(kind: str) -> str:
@@ -81,8 +89,9 @@ def source_of(spec: AdapterSpec | Source) -> dict[str, Any]:
     return {"spec": str(spec)}
 
 
-def adapter_input(spec: AdapterSpec, *, revision: str | None = None, token: str | None = None,
-                  allow_pickle: bool = False) -> tuple[Path | Adapter, dict[str, Any]]:
+def adapter_input(
+    spec: AdapterSpec, *, revision: str | None = None, token: str | None = None, allow_pickle: bool = False
+) -> tuple[Path | Adapter, dict[str, Any]]:
     """An adapter argument as something `load_adapter` reads (a local folder, or the adapter given) and its source."""
     if isinstance(spec, Adapter):
         return spec, source_of(spec)
@@ -90,8 +99,14 @@ def adapter_input(spec: AdapterSpec, *, revision: str | None = None, token: str 
     return source.path, source.to_dict()
 
 
-def base_input(spec: str | os.PathLike[str], *, role: InputRole = "base", revision: str | None = None,
-               token: str | None = None, shards: bool = True) -> Source:
+def base_input(
+    spec: str | os.PathLike[str],
+    *,
+    role: InputRole = "base",
+    revision: str | None = None,
+    token: str | None = None,
+    shards: bool = True,
+) -> Source:
     """A model argument (BASE, TUNED) as a local folder, its shards downloaded unless `shards` is False."""
     return resolve_input(os.fspath(spec), role=role, revision=revision, token=token, shards=shards)
 
@@ -127,5 +142,3 @@ def check_push(options: OutputOptions, sources: Any) -> None:
     target = options.push_target
     if target is not None:
         target.refuse_inputs(sources)
-
-

@@ -71,14 +71,20 @@ def convert(
     if gguf and (options.target is None or options.target == "unit" or runtime(options.target).name != "llama.cpp"):
         raise OptionError(f"{out}: a .gguf output is written only for --target llama.cpp")
     if gguf and options.base is None:
-        raise OptionError("--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)")
+        raise OptionError(
+            "--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)"
+        )
     if gguf and options.push is not None:
         raise OptionError("--push-to-hub pushes a folder; push a .gguf file with: hf upload REPO FILE")
     if options.base is not None:
-        check_order("convert", "ADAPTER OUT --base BASE", [("ADAPTER", adapter, ("adapter",)),
-                                                            ("--base", options.base, ("model", "merged"))])
-    path, source = adapter_input(adapter, revision=options.revision, token=options.token,
-                                 allow_pickle=options.allow_pickle)
+        check_order(
+            "convert",
+            "ADAPTER OUT --base BASE",
+            [("ADAPTER", adapter, ("adapter",)), ("--base", options.base, ("model", "merged"))],
+        )
+    path, source = adapter_input(
+        adapter, revision=options.revision, token=options.token, allow_pickle=options.allow_pickle
+    )
     check_push(options, {"adapter": source})
     loaded = path if isinstance(path, Adapter) else load_adapter(path, allow_pickle=options.allow_pickle)
     report = convert_adapter(loaded, out, options, source)
@@ -91,8 +97,9 @@ def convert_adapter(loaded: Adapter, out: Path, options: ConvertOptions, source:
     gguf = out.suffix == ".gguf"
     if options.initial is not None:
         init, _ = adapter_input(options.initial, token=options.token, allow_pickle=options.allow_pickle)
-        loaded = relative_to_original(loaded, init if isinstance(init, Adapter) else
-                                      load_adapter(init, allow_pickle=options.allow_pickle))
+        loaded = relative_to_original(
+            loaded, init if isinstance(init, Adapter) else load_adapter(init, allow_pickle=options.allow_pickle)
+        )
     require_plain(loaded)
     entries = module_entries(loaded)
     if options.expert_layout is not None or options.key_layout is not None:
@@ -112,7 +119,9 @@ def convert_adapter(loaded: Adapter, out: Path, options: ConvertOptions, source:
         assert options.base is not None
         base = base_input(options.base, token=options.token).path
         report = _convert_to_gguf(loaded, entries, base, out, options)
-    elif options.target is not None and options.target != "unit" and runtime(options.target).adapter_format == "mlx-lm":
+    elif (
+        options.target is not None and options.target != "unit" and runtime(options.target).adapter_format == "mlx-lm"
+    ):
         from ..execute.mlx_writer import convert_to_mlx
 
         report = convert_to_mlx(loaded, entries, out, options, source)
@@ -125,8 +134,9 @@ def convert_adapter(loaded: Adapter, out: Path, options: ConvertOptions, source:
     return report
 
 
-def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, options: ConvertOptions,
-                       source: dict[str, Any]) -> ConvertReport:
+def _convert_to_folder(
+    loaded: Adapter, entries: list[ModuleEntry], out: Path, options: ConvertOptions, source: dict[str, Any]
+) -> ConvertReport:
     written = check_output_location(out, [a.path for a in loaded.sources], options.overwrite, writes_adapter=True)
     if options.to is None and options.target is None:  # --initial alone
         plan = ConversionPlan("initial", loaded.config.normalized(), {}, "")
@@ -135,13 +145,19 @@ def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, o
     plan.message = _relative_message(loaded, plan.message)
     upcast = any(not is_power_of_two(abs(f)) for f in plan.factors.values() if f != 1.0)
     report = ConvertReport(
-        adapter=str(loaded.path), out=str(out), action=plan.action, source_convention=loaded.config.convention,
-        target=options.to or options.target or "original base", modules=len(entries), message=plan.message,
+        adapter=str(loaded.path),
+        out=str(out),
+        action=plan.action,
+        source_convention=loaded.config.convention,
+        target=options.to or options.target or "original base",
+        modules=len(entries),
+        message=plan.message,
         config_changes=config_changes(loaded.trained_adapter.config.normalized(), plan.config),
         weights_changed=any(f != 1.0 for f in plan.factors.values()) or not loaded.on_disk,
         weights_dtype="F32" if upcast or (not loaded.on_disk and loaded.source_format == "peft") else None,
         dry_run=options.dry_run,
-        relative_form=loaded.relative_form, source_format=loaded.source_format,
+        relative_form=loaded.relative_form,
+        source_format=loaded.source_format,
     )
     other_files(loaded)  # a side file that links out of the folder is refused before anything is written
     if options.dry_run:
@@ -150,16 +166,26 @@ def _convert_to_folder(loaded: Adapter, entries: list[ModuleEntry], out: Path, o
     with writing(out, written, overwrite=options.overwrite, what="the conversion", warnings=report.warnings) as tmp:
         _write_adapter(loaded, plan, upcast, tmp, options.allow_nonfinite)
         copy_other_files(loaded, tmp, plan)
-        write_provenance(tmp, {
-            "operation": "convert", "adapter": source, "base_model": loaded.config.base_model_name_or_path,
-            "message": plan.message, "revision": loaded.config.revision, "from": loaded.config.convention,
-            "target": report.target, "method": plan.action, "convention": convention,
-        })
+        write_provenance(
+            tmp,
+            {
+                "operation": "convert",
+                "adapter": source,
+                "base_model": loaded.config.base_model_name_or_path,
+                "message": plan.message,
+                "revision": loaded.config.revision,
+                "from": loaded.config.convention,
+                "target": report.target,
+                "method": plan.action,
+                "convention": convention,
+            },
+        )
     return report
 
 
-def _convert_to_gguf(loaded: Adapter, entries: list[ModuleEntry], base: Path, out: Path,
-                     options: ConvertOptions) -> ConvertReport:
+def _convert_to_gguf(
+    loaded: Adapter, entries: list[ModuleEntry], base: Path, out: Path, options: ConvertOptions
+) -> ConvertReport:
     from ..execute.gguf import write_gguf
     from ..plan.gguf import plan_gguf
 
@@ -167,14 +193,27 @@ def _convert_to_gguf(loaded: Adapter, entries: list[ModuleEntry], base: Path, ou
     written = check_output_file(out, [*(a.path for a in loaded.sources), checkpoint.folder], options.overwrite)
     plan = plan_gguf(loaded, entries, checkpoint)
     report = ConvertReport(
-        adapter=str(loaded.path), out=str(out), action="gguf", source_convention=loaded.config.convention,
-        target="llama.cpp", modules=len(entries), weights_changed=bool(plan.factors) or not loaded.on_disk,
-        weights_dtype="F32", dry_run=options.dry_run, message=_relative_message(loaded, plan.message),
+        adapter=str(loaded.path),
+        out=str(out),
+        action="gguf",
+        source_convention=loaded.config.convention,
+        target="llama.cpp",
+        modules=len(entries),
+        weights_changed=bool(plan.factors) or not loaded.on_disk,
+        weights_dtype="F32",
+        dry_run=options.dry_run,
+        message=_relative_message(loaded, plan.message),
         relative_form=loaded.relative_form,
     )
     if not options.dry_run:
-        with writing(out, written, overwrite=options.overwrite, what="writing the GGUF file", warnings=report.warnings,
-                     single_file=True) as tmp:
+        with writing(
+            out,
+            written,
+            overwrite=options.overwrite,
+            what="writing the GGUF file",
+            warnings=report.warnings,
+            single_file=True,
+        ) as tmp:
             write_gguf(plan, loaded, tmp, allow_nonfinite=options.allow_nonfinite)
     return report
 
@@ -186,13 +225,16 @@ def _relative_message(loaded: Adapter, message: str) -> str:
         return f"mlx-lm adapter read as PEFT's (factors transposed, lora_alpha = scale * rank); {message}"
     if loaded.relative_form is None:
         return message
-    relative = f"{variant_name(loaded.trained_adapter)} adapter made relative to the original base ({loaded.relative_form})"
+    relative = (
+        f"{variant_name(loaded.trained_adapter)} adapter made relative to the original base ({loaded.relative_form})"
+    )
     then = message.replace("weights unchanged", "no further change to the weights")
     return relative + (f"; then {then}" if then else "")
 
 
 def _write_adapter(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Path, allow_nonfinite: bool) -> None:
-    """Copy config and weights byte for byte, or write them (adapter_writer) with the factors folded into each lora_B."""
+    """Copy config and weights byte for byte, or write them (adapter_writer) with the factors folded into each
+    lora_B."""
     if not plan.factors and adapter.weights_path.name == WEIGHTS_NAME and adapter.on_disk:
         if plan.action == "copy":
             shutil.copyfile(adapter.path / CONFIG_NAME, tmp / CONFIG_NAME)
@@ -214,8 +256,14 @@ def _write_adapter(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Pa
     if adapter.weights_path.name == WEIGHTS_NAME:
         metadata.update(read_header(adapter.weights_path).metadata or {})
     metadata["rslora_tools.conversion"] = json.dumps(
-        {"tool": f"rslora-tools {__version__}", "method": plan.action, "message": plan.message,
-         "factors_folded_into_lora_B": len(scaled)}, sort_keys=True)
+        {
+            "tool": f"rslora-tools {__version__}",
+            "method": plan.action,
+            "message": plan.message,
+            "factors_folded_into_lora_B": len(scaled),
+        },
+        sort_keys=True,
+    )
     import torch
 
     keys = list(adapter.shapes)
@@ -225,7 +273,7 @@ def _write_adapter(adapter: Adapter, plan: ConversionPlan, upcast: bool, tmp: Pa
         for key in keys:
             tensor = adapter.tensor(key)
             if key in scaled or out_dtype[key] != adapter.dtypes[key]:
-                tensor = (tensor.to(torch.float32) * scaled.get(key, 1.0)).to(safetensors_to_torch_dtype(out_dtype[key]))
+                tensor = (tensor.to(torch.float32) * scaled.get(key, 1.0)).to(
+                    safetensors_to_torch_dtype(out_dtype[key])
+                )
             writer.write(key, tensor)
-
-

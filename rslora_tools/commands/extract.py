@@ -36,6 +36,7 @@ HEAD = "lm_head"  # the output head a tied input embedding is shared with (PEFT'
 if TYPE_CHECKING:
     import torch
 
+
 @dataclass
 class ExtractReport(Report):
     """What `extract` did (or would do); `to_dict()` is what `--json` prints."""
@@ -100,25 +101,40 @@ def extract(
         if scheme is not None:
             raise UnsupportedAdapterError(
                 f"{ckpt.folder}: {name} is quantized ({scheme.label}); extract compares unquantized weights: pass the "
-                "unquantized model it was made from")
+                "unquantized model it was made from"
+            )
     plan = plan_extraction(base_ckpt, tuned_ckpt, list(options.target_modules) if options.target_modules else None)
     out = Path(out)
-    written = check_output_location(out, [base_ckpt.folder, tuned_ckpt.folder], options.overwrite,
-                                    writes_adapter=True)
+    written = check_output_location(out, [base_ckpt.folder, tuned_ckpt.folder], options.overwrite, writes_adapter=True)
     convention = "rslora" if options.rslora else "classic"
     if options.dry_run:
         return _dry_report(plan, base_ckpt, tuned_ckpt, out, convention, options.rank)
-    found = _scan(plan, base_ckpt, tuned_ckpt, _torch_device(options.device), progress,
-                  dict(rank=options.rank, energy=options.energy, max_error=options.max_error, exact=options.exact))
-    tensors, config, report = _assemble(found, plan, base_ckpt, tuned_ckpt, out, options.rslora, options.alpha,
-                                        sources)
+    found = _scan(
+        plan,
+        base_ckpt,
+        tuned_ckpt,
+        _torch_device(options.device),
+        progress,
+        dict(rank=options.rank, energy=options.energy, max_error=options.max_error, exact=options.exact),
+    )
+    tensors, config, report = _assemble(
+        found, plan, base_ckpt, tuned_ckpt, out, options.rslora, options.alpha, sources
+    )
     with writing(out, written, overwrite=options.overwrite, what="writing the adapter", warnings=report.notes) as tmp:
         entries = [(k, _st_dtype(v), tuple(v.shape)) for k, v in tensors.items()]
         with AdapterWriter(tmp, config, entries, {"format": "pt"}, allowed_by_flag=False) as writer:
             for key, value in tensors.items():
                 writer.write(key, value)
-        write_provenance(tmp, {"operation": "extract", "base": sources["base"], "tuned": sources["tuned"],
-                               "convention": convention, "base_model": config.get("base_model_name_or_path")})
+        write_provenance(
+            tmp,
+            {
+                "operation": "extract",
+                "base": sources["base"],
+                "tuned": sources["tuned"],
+                "convention": convention,
+                "base_model": config.get("base_model_name_or_path"),
+            },
+        )
     pushed = publish(out, options)
     report.push = pushed.to_dict() if pushed is not None else None
     report.seconds = time.monotonic() - started
@@ -135,8 +151,14 @@ def _torch_device(device: str) -> str:
     return device
 
 
-def _scan(plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, device: str,
-          progress: ProgressCallback | None, how: dict[str, Any]) -> _Found:
+def _scan(
+    plan: ExtractionPlan,
+    base: Checkpoint,
+    tuned: Checkpoint,
+    device: str,
+    progress: ProgressCallback | None,
+    how: dict[str, Any],
+) -> _Found:
     """Read both models tensor by tensor and factorise what changed."""
     import torch
 
@@ -161,10 +183,21 @@ def _scan(plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, device: str
                 try:
                     f = factorize(delta, **how)
                 except torch.linalg.LinAlgError as e:
-                    raise InputError(f"{r.name}: the SVD of its delta did not converge ({e}); nothing was written") from e
+                    raise InputError(
+                        f"{r.name}: the SVD of its delta did not converge ({e}); nothing was written"
+                    ) from e
                 found.factors[r.module] = (f.b.cpu(), f.a.cpu(), r.role)
-                found.rows.append({"name": r.module, "kind": r.role, "shape": list(r.shape), "rank": f.rank,
-                                   "energy": f.energy, "relative_error": f.relative_error, "method": f.method})
+                found.rows.append(
+                    {
+                        "name": r.module,
+                        "kind": r.role,
+                        "shape": list(r.shape),
+                        "rank": f.rank,
+                        "energy": f.energy,
+                        "relative_error": f.relative_error,
+                        "method": f.method,
+                    }
+                )
             elif r.role == "bias":
                 found.bias_delta[r.module] = after.float() - before.float()
                 found.bias_tuned[r.module] = after
@@ -187,13 +220,22 @@ def _check_delta_finite(name: str, before: torch.Tensor, after: torch.Tensor, de
     where = f"TUNED's tensor holds {counted(tuned_bad, 'NaN or Inf value')}" if tuned_bad else "TUNED - BASE overflows"
     if base_bad:
         where += f" (BASE's holds {base_bad})"
-    raise InputError(f"{name}: {where}; a delta with NaN or Inf cannot be an adapter (a diverged fine-tune?), so "
-                     "nothing was written")
+    raise InputError(
+        f"{name}: {where}; a delta with NaN or Inf cannot be an adapter (a diverged fine-tune?), so "
+        "nothing was written"
+    )
 
 
-def _assemble(found: _Found, plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, out: Path, rslora: bool,
-              alpha: float | None, sources: dict[str, Any] | None
-              ) -> tuple[dict[str, torch.Tensor], dict[str, Any], ExtractReport]:
+def _assemble(
+    found: _Found,
+    plan: ExtractionPlan,
+    base: Checkpoint,
+    tuned: Checkpoint,
+    out: Path,
+    rslora: bool,
+    alpha: float | None,
+    sources: dict[str, Any] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], ExtractReport]:
     """The adapter's tensors (PEFT's key names), its config and the report."""
     import torch
 
@@ -203,8 +245,10 @@ def _assemble(found: _Found, plan: ExtractionPlan, base: Checkpoint, tuned: Chec
             del found.bias_delta[module], found.bias_tuned[module]
     clash = sorted(set(found.saved) & set(found.factors))
     if clash:
-        raise UnsupportedAdapterError(f"module {clash[0]!r} has a factorisable weight and another changed tensor; "
-                                      "PEFT cannot both wrap it with LoRA and save it whole")
+        raise UnsupportedAdapterError(
+            f"module {clash[0]!r} has a factorisable weight and another changed tensor; "
+            "PEFT cannot both wrap it with LoRA and save it whole"
+        )
     if not found.factors and not found.saved:
         raise InputError("BASE and TUNED are identical: there is nothing to extract")
     tied = tied_embedding(tuned)
@@ -230,16 +274,26 @@ def _assemble(found: _Found, plan: ExtractionPlan, base: Checkpoint, tuned: Chec
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
         if biases == "lora_bias":
             delta = found.bias_delta.get(module)
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = (delta / s if delta is not None else
-                                                             torch.zeros(b.shape[0])).contiguous()
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = (
+                delta / s if delta is not None else torch.zeros(b.shape[0])
+            ).contiguous()
     if tied_module in found.factors:  # the head's copy of the embedding LoRA, transposed, as PEFT saves it
         emb = f"{PEFT_PREFIX}{tied_module}"
         tensors[f"{PEFT_PREFIX}{HEAD}.lora_A.weight"] = tensors[f"{emb}.lora_embedding_B"].T.contiguous()
         tensors[f"{PEFT_PREFIX}{HEAD}.lora_B.weight"] = tensors[f"{emb}.lora_embedding_A"].T.contiguous()
     _add_saved(tensors, found, tuned, config, tied)
-    report = ExtractReport(str(base.folder), str(tuned.folder), str(out), "rslora" if rslora else "classic",
-                           found.rows, sorted(found.saved), biases, sorted(found.bias_delta), found.unchanged,
-                           sum(v.numel() * v.element_size() for v in tensors.values()))
+    report = ExtractReport(
+        str(base.folder),
+        str(tuned.folder),
+        str(out),
+        "rslora" if rslora else "classic",
+        found.rows,
+        sorted(found.saved),
+        biases,
+        sorted(found.bias_delta),
+        found.unchanged,
+        sum(v.numel() * v.element_size() for v in tensors.values()),
+    )
     return tensors, config, report
 
 
@@ -258,8 +312,9 @@ def _tie_the_head(config: dict[str, Any], found: _Found, tied_module: str | None
         config["modules_to_save"] = sorted({*(config["modules_to_save"] or []), HEAD})
 
 
-def _add_saved(tensors: dict[str, torch.Tensor], found: _Found, tuned: Checkpoint, config: dict[str, Any],
-               tied: str | None) -> None:
+def _add_saved(
+    tensors: dict[str, torch.Tensor], found: _Found, tuned: Checkpoint, config: dict[str, Any], tied: str | None
+) -> None:
     """lora_only biases and modules_to_save, whole, as PEFT saves them (a tied head saved whole as well)."""
     if config["bias"] == "lora_only":
         for module, value in found.bias_tuned.items():
@@ -276,26 +331,41 @@ def _add_saved(tensors: dict[str, torch.Tensor], found: _Found, tuned: Checkpoin
         reader.close()
 
 
-def _config(found: _Found, plan: ExtractionPlan, tuned: Checkpoint, rslora: bool, alpha: float | None,
-            sources: dict[str, Any] | None, tied_module: str | None = None) -> dict[str, Any]:
+def _config(
+    found: _Found,
+    plan: ExtractionPlan,
+    tuned: Checkpoint,
+    rslora: bool,
+    alpha: float | None,
+    sources: dict[str, Any] | None,
+    tied_module: str | None = None,
+) -> dict[str, Any]:
     model_config = tuned.config or {}
     architectures = model_config.get("architectures") or []
     base_source = (sources or {}).get("base") or {}
     fields: dict[str, Any] = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures)
-        else None, "base_model_name_or_path": base_source.get("repo_id") or base_source.get("spec"),
-        "revision": base_source.get("revision"), "lora_dropout": 0.0, "init_lora_weights": True,
-        "inference_mode": True, "fan_in_fan_out": plan.conv1d and any(role == "conv1d" for _, _, role in
-                                                                       found.factors.values()),
-        "target_modules": sorted(found.factors), "modules_to_save": sorted(found.saved) or None,
-        "layers_to_transform": None, "layers_pattern": None, "use_dora": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None,
+        "base_model_name_or_path": base_source.get("repo_id") or base_source.get("spec"),
+        "revision": base_source.get("revision"),
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "fan_in_fan_out": plan.conv1d and any(role == "conv1d" for _, _, role in found.factors.values()),
+        "target_modules": sorted(found.factors),
+        "modules_to_save": sorted(found.saved) or None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
     }
     ranks = {m: b.shape[1] for m, (b, _, _) in found.factors.items()}
     if not ranks:
         raise UnsupportedAdapterError(
             f"TUNED differs from BASE only in tensors LoRA cannot express ({', '.join(sorted(found.saved)[:3])}"
-            f"{', ...' if len(found.saved) > 3 else ''}); PEFT refuses an adapter without LoRA modules, so there is no "
-            "adapter to write: use TUNED itself")
+            f"{', ...' if len(found.saved) > 3 else ''}); PEFT refuses an adapter without LoRA modules, so there is "
+            f"no "
+            "adapter to write: use TUNED itself"
+        )
     if tied_module is not None:  # the tied head gets the embedding's rank (and so its scale) through the patterns
         ranks[HEAD] = ranks[tied_module]
     config = scale_one_config(fields, ranks, use_rslora=rslora)
@@ -304,8 +374,9 @@ def _config(found: _Found, plan: ExtractionPlan, tuned: Checkpoint, rslora: bool
     return config
 
 
-def _dry_report(plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, out: Path, convention: str,
-                rank: int | None) -> ExtractReport:
+def _dry_report(
+    plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, out: Path, convention: str, rank: int | None
+) -> ExtractReport:
     """The plan from headers only: which tensors could change, and the adapter's size at the fixed rank."""
     r = rank or 16  # with --energy or --max-error the ranks are only known from the data
     rows = []
@@ -313,13 +384,25 @@ def _dry_report(plan: ExtractionPlan, base: Checkpoint, tuned: Checkpoint, out: 
     for role in plan.roles:
         if role.role in ("linear", "conv1d", "embedding") and plan.targeted(role.module):
             k = min(r, *role.shape)
-            rows.append({"name": role.module, "kind": role.role, "shape": list(role.shape), "rank": k, "energy": None,
-                         "relative_error": None, "method": None})
+            rows.append(
+                {
+                    "name": role.module,
+                    "kind": role.role,
+                    "shape": list(role.shape),
+                    "rank": k,
+                    "energy": None,
+                    "relative_error": None,
+                    "method": None,
+                }
+            )
             size += 4 * k * sum(role.shape)
-    report = ExtractReport(str(base.folder), str(tuned.folder), str(out), convention, rows, [], "unknown", [], 0, size,
-                           dry_run=True)
-    report.notes.append("a dry run reads headers only: every factorisable weight is listed with the rank it would get "
-                        f"at --rank {r} (an upper bound of the size: unchanged weights are skipped when data is read)")
+    report = ExtractReport(
+        str(base.folder), str(tuned.folder), str(out), convention, rows, [], "unknown", [], 0, size, dry_run=True
+    )
+    report.notes.append(
+        "a dry run reads headers only: every factorisable weight is listed with the rank it would get "
+        f"at --rank {r} (an upper bound of the size: unchanged weights are skipped when data is read)"
+    )
     return report
 
 

@@ -81,9 +81,13 @@ class InspectReport(Report):
     base: str | None = None
     init_variant: str | None = None  # "PiSSA", "OLoRA", "CorDA", "LoRA-GA", "LoftQ": trained on a residual base
     merge_needs_initial: bool = False  # merge/convert need --initial INIT (or --base-is-residual)
-    applies_to: dict[str, list[str]] = field(default_factory=dict)  # with a base: adapter module -> the tensors it changes
+    applies_to: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # with a base: adapter module -> the tensors it changes
     base_format: str | None = None  # with a quantized base: its format ("fp8 (blocks 128x128)", "nf4 (...)")
-    quantized_targets: list[str] = field(default_factory=list)  # base tensors the adapter changes that are stored quantized
+    quantized_targets: list[str] = field(
+        default_factory=list
+    )  # base tensors the adapter changes that are stored quantized
     adapter_format: str = "peft"  # "mlx-lm": an mlx-lm adapter, shown as the PEFT adapter it equals (adapter/mlx.py)
 
     @property
@@ -114,8 +118,11 @@ def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = No
     """
     options = with_fields(options, InspectOptions, fields)
     if options.base is not None:
-        check_order("inspect", "ADAPTER --base BASE", [("ADAPTER", adapter, ("adapter",)),
-                                                        ("--base", options.base, ("model", "merged"))])
+        check_order(
+            "inspect",
+            "ADAPTER --base BASE",
+            [("ADAPTER", adapter, ("adapter",)), ("--base", options.base, ("model", "merged"))],
+        )
     path, _ = adapter_input(adapter, revision=options.revision, token=options.token, allow_pickle=options.allow_pickle)
     base_source = base_input(options.base, token=options.token) if options.base is not None else None
     base = base_source.path if base_source is not None else None
@@ -132,11 +139,21 @@ def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = No
     serving = {spec: rt for spec, rt in columns.items() if summaries[spec]["status"] != "cannot serve"}
     modules = [_module_row(fields, e, columns, serving) for e in entries]
     report = InspectReport(
-        adapter=str(loaded.path), convention=cfg.convention, r=cfg.r, lora_alpha=cfg.lora_alpha,
-        use_rslora=cfg.use_rslora, rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern,
-        features=[FEATURE_NAMES[f] for f in adapter_features(loaded)], modules=modules,
-        groups=_groups(modules), runtimes=summaries, lints=lints, base=str(base) if base is not None else None,
-        init_variant=variant_name(loaded), merge_needs_initial=loaded.config.init_variant in MUTATING_INITS,
+        adapter=str(loaded.path),
+        convention=cfg.convention,
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        use_rslora=cfg.use_rslora,
+        rank_pattern=cfg.rank_pattern,
+        alpha_pattern=cfg.alpha_pattern,
+        features=[FEATURE_NAMES[f] for f in adapter_features(loaded)],
+        modules=modules,
+        groups=_groups(modules),
+        runtimes=summaries,
+        lints=lints,
+        base=str(base) if base is not None else None,
+        init_variant=variant_name(loaded),
+        merge_needs_initial=loaded.config.init_variant in MUTATING_INITS,
         adapter_format=loaded.source_format,
     )
     _lint_initialisation(report, lints)
@@ -151,8 +168,9 @@ def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = No
     return report
 
 
-def _module_row(fields: dict[str, Any], e: ModuleEntry, columns: dict[str, Runtime],
-                serving: dict[str, Runtime]) -> dict[str, Any]:
+def _module_row(
+    fields: dict[str, Any], e: ModuleEntry, columns: dict[str, Runtime], serving: dict[str, Runtime]
+) -> dict[str, Any]:
     """One module's rank, alpha and PEFT scale, and each runtime's scale (None where it cannot serve the adapter)."""
     peft = e.scale.scale
     scales = {}
@@ -160,8 +178,16 @@ def _module_row(fields: dict[str, Any], e: ModuleEntry, columns: dict[str, Runti
         s = runtime_scale(rt, fields, e) if spec in serving else None
         scales[spec] = {"scale": s, "ratio": s / peft if s is not None and peft else None}
     return {
-        "name": e.module.name, "pattern_name": e.name, "kind": e.wrapping, "rank": e.shape_rank, "config_rank": e.scale.r, "alpha": e.scale.alpha,
-        "scale": peft, "rank_key": e.scale.rank_key, "alpha_key": e.scale.alpha_key, "runtimes": scales,
+        "name": e.module.name,
+        "pattern_name": e.name,
+        "kind": e.wrapping,
+        "rank": e.shape_rank,
+        "config_rank": e.scale.r,
+        "alpha": e.scale.alpha,
+        "scale": peft,
+        "rank_key": e.scale.rank_key,
+        "alpha_key": e.scale.alpha_key,
+        "runtimes": scales,
     }
 
 
@@ -177,10 +203,18 @@ def _groups(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:
         generic = layer_pattern(m["name"])
         layers = [int(x) for x in re.findall(r"\.(\d+)(?=\.|$)", m["name"])[:1]]
         key = (generic, m["rank"], m["alpha"], m["scale"], tuple(v["scale"] for v in m["runtimes"].values()))
-        g = groups.setdefault(key, {
-            "modules": generic, "count": 0, "layers": [], "rank": m["rank"], "alpha": m["alpha"], "scale": m["scale"],
-            "ratios": {k: v["ratio"] for k, v in m["runtimes"].items()},
-        })
+        g = groups.setdefault(
+            key,
+            {
+                "modules": generic,
+                "count": 0,
+                "layers": [],
+                "rank": m["rank"],
+                "alpha": m["alpha"],
+                "scale": m["scale"],
+                "ratios": {k: v["ratio"] for k, v in m["runtimes"].items()},
+            },
+        )
         g["count"] += 1
         g["layers"] += layers
     for g in groups.values():
@@ -212,8 +246,14 @@ def _summary(rt: Runtime, adapter: Adapter, fields: dict[str, Any], entries: lis
     ratios = [s / e.scale.scale for e, s in off if e.scale.scale]
     status: RuntimeStatus = "cannot serve" if lacks else ("wrong scale" if off else "exact")
     return {
-        "label": rt.label, "version": rt.versions, "evidence": rt.evidence, "status": status, "reasons": lacks,
-        "modules_off": len(off), "ratio_min": min(ratios) if ratios else 1.0, "ratio_max": max(ratios) if ratios else 1.0,
+        "label": rt.label,
+        "version": rt.versions,
+        "evidence": rt.evidence,
+        "status": status,
+        "reasons": lacks,
+        "modules_off": len(off),
+        "ratio_min": min(ratios) if ratios else 1.0,
+        "ratio_max": max(ratios) if ratios else 1.0,
     }
 
 
@@ -237,30 +277,45 @@ def _lint_features(adapter: Adapter, entries: list[ModuleEntry], lints: list[Lin
         lints.append(Lint("info", "feature", f"uses {FEATURE_NAMES[feature]}"))
     for e in entries:
         if _TIED_NAMES.search(e.module.name):
-            lints.append(Lint("info", "tied-embedding",
-                              f"{e.module.name}: LoRA on an embedding or output head; if the base ties them, merging "
-                              "unties them (check with --base)"))
+            lints.append(
+                Lint(
+                    "info",
+                    "tied-embedding",
+                    f"{e.module.name}: LoRA on an embedding or output head; if the base ties them, merging "
+                    "unties them (check with --base)",
+                )
+            )
 
 
 def _lint_initialisation(report: InspectReport, lints: list[Lint]) -> None:
     if report.init_variant is None:
         return
     if report.merge_needs_initial:
-        how = ("merge and convert need --initial INIT (the adapter saved right after initialisation), or "
-               "--base-is-residual with that residual base")
+        how = (
+            "merge and convert need --initial INIT (the adapter saved right after initialisation), or "
+            "--base-is-residual with that residual base"
+        )
     else:
         how = "LoftQ is refused; with its own base saved, merge with --base-is-residual"
-    lints.append(Lint("warning", "init-variant",
-                      f"{report.init_variant} adapter: trained on a residual base (W - s * B0 @ A0), not on the "
-                      f"original model; runtimes that apply it to the original base serve something else; {how}"))
+    lints.append(
+        Lint(
+            "warning",
+            "init-variant",
+            f"{report.init_variant} adapter: trained on a residual base (W - s * B0 @ A0), not on the "
+            f"original model; runtimes that apply it to the original base serve something else; {how}",
+        )
+    )
 
 
 def _lint_runtimes(report: InspectReport, selected: set[str], lints: list[Lint]) -> None:
     for spec, summary in report.runtimes.items():
         level: LintLevel = "warning" if spec in selected else "info"
-        who = summary["label"] if summary["version"] == "all releases" else f"{summary['label']} ({summary['version']})"
-        lint = _runtime_lint(level, who, summary, len(report.modules),
-                             f"rslora-tools convert {report.adapter} OUT --target {spec}")
+        who = (
+            summary["label"] if summary["version"] == "all releases" else f"{summary['label']} ({summary['version']})"
+        )
+        lint = _runtime_lint(
+            level, who, summary, len(report.modules), f"rslora-tools convert {report.adapter} OUT --target {spec}"
+        )
         if lint is not None:
             lints.append(lint)
 
@@ -271,8 +326,11 @@ def _runtime_lint(level: LintLevel, who: str, summary: dict[str, Any], modules: 
     if summary["status"] == "wrong scale":
         lo, hi = summary["ratio_min"], summary["ratio_max"]
         ratio = f"{lo:.4g}x" if lo == hi else f"{lo:.4g}x to {hi:.4g}x"
-        return Lint(level, "runtime-scale",
-                    f"{who} would apply {ratio} PEFT's scale to {summary['modules_off']} of {modules} modules; fix: {fix}")
+        return Lint(
+            level,
+            "runtime-scale",
+            f"{who} would apply {ratio} PEFT's scale to {summary['modules_off']} of {modules} modules; fix: {fix}",
+        )
     return None
 
 
@@ -294,9 +352,11 @@ def _base_names(adapter: Adapter, base: Path | None) -> Callable[[LoraModule], s
     return lambda module: fused_parameter(module, adapter, resolver, resolver.shape)
 
 
-def _lint_runtime_layouts(entries: list[ModuleEntry], selected: dict[str, Runtime], base: Path | None,
-                          lints: list[Lint]) -> None:
-    """For each runtime you name: the expert and vision-tower modules it would leave out (error) or needs a flag for."""
+def _lint_runtime_layouts(
+    entries: list[ModuleEntry], selected: dict[str, Runtime], base: Path | None, lints: list[Lint]
+) -> None:
+    """For each runtime you name: the expert and vision-tower modules it would leave out (error) or needs a flag
+    for."""
     from ..adapter.runtime_layouts import ignored_by
     from ..formats.checkpoint import read_json_file
 
@@ -307,8 +367,14 @@ def _lint_runtime_layouts(entries: list[ModuleEntry], selected: dict[str, Runtim
             lints.append(Lint(found.level, "runtime-ignores", f"{found.message} ({found.evidence})"))
 
 
-def _lint_older_releases(report: InspectReport, adapter: Adapter, fields: dict[str, Any], entries: list[ModuleEntry],
-                         selected: dict[str, Runtime], lints: list[Lint]) -> None:
+def _lint_older_releases(
+    report: InspectReport,
+    adapter: Adapter,
+    fields: dict[str, Any],
+    entries: list[ModuleEntry],
+    selected: dict[str, Runtime],
+    lints: list[Lint],
+) -> None:
     """For each runtime you name: its other releases where this adapter fares differently (info)."""
     for spec, chosen in selected.items():
         for rt in HISTORY[chosen.name]:
@@ -316,11 +382,17 @@ def _lint_older_releases(report: InspectReport, adapter: Adapter, fields: dict[s
                 continue
             summary = _summary(rt, adapter, fields, entries)
             if (summary["status"], summary["reasons"], summary["ratio_min"], summary["ratio_max"]) == tuple(
-                    report.runtimes[spec][k] for k in ("status", "reasons", "ratio_min", "ratio_max")):
+                report.runtimes[spec][k] for k in ("status", "reasons", "ratio_min", "ratio_max")
+            ):
                 continue
             pin = f"{rt.name}@{rt.since}" if rt.since else f"{rt.name}@{rt.versions.removeprefix('up to ')}"
-            lint = _runtime_lint("info", rt.title, summary, len(report.modules),
-                                 f"rslora-tools convert {report.adapter} OUT --target {pin}")
+            lint = _runtime_lint(
+                "info",
+                rt.title,
+                summary,
+                len(report.modules),
+                f"rslora-tools convert {report.adapter} OUT --target {pin}",
+            )
             if lint is not None:
                 lints.append(lint)
             elif summary["status"] == "exact":
@@ -339,10 +411,20 @@ def _recorded_base_lints(adapter: Adapter, checkpoint: Any, source: Source) -> l
     if other_repo is not None:
         lints.append(Lint("error", "base-differs", other_repo))
     recorded_revision = adapter.config.revision
-    if (source.repo_id is not None and recorded_revision and recorded_revision not in ("main", source.revision)
-            and not (source.commit or "").startswith(recorded_revision)):
-        lints.append(Lint("error", "base-differs", f"the adapter was trained on revision {recorded_revision!r} of its "
-                                                   f"base, BASE is at {source.revision or source.commit!r}"))
+    if (
+        source.repo_id is not None
+        and recorded_revision
+        and recorded_revision not in ("main", source.revision)
+        and not (source.commit or "").startswith(recorded_revision)
+    ):
+        lints.append(
+            Lint(
+                "error",
+                "base-differs",
+                f"the adapter was trained on revision {recorded_revision!r} of its "
+                f"base, BASE is at {source.revision or source.commit!r}",
+            )
+        )
     lints += _base_class_lints(adapter, checkpoint)
     found, _ = locate_recorded_base(recorded, adapter.path)
     recorded_folder = Path(found).expanduser()
@@ -358,9 +440,15 @@ def _base_class_lints(adapter: Adapter, checkpoint: Any) -> list[Lint]:
     trained_class = trained.get("base_model_class") if isinstance(trained, dict) else None
     architectures = config.get("architectures") or []
     if isinstance(trained_class, str) and architectures and trained_class not in architectures:
-        return [Lint("error", "base-class", f"the adapter was trained on a {trained_class}, BASE is a "
-                                            f"{', '.join(map(str, architectures))}: names may match while "
-                                            "runtimes load the two differently")]
+        return [
+            Lint(
+                "error",
+                "base-class",
+                f"the adapter was trained on a {trained_class}, BASE is a "
+                f"{', '.join(map(str, architectures))}: names may match while "
+                "runtimes load the two differently",
+            )
+        ]
     return []
 
 
@@ -369,17 +457,30 @@ def _recorded_config_lints(recorded: str, recorded_folder: Path, config: dict[st
     from ..formats.checkpoint import read_json_file
 
     theirs = read_json_file(recorded_folder / "config.json")
-    fields = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
-              "num_local_experts", "num_experts")
+    fields = (
+        "model_type",
+        "architectures",
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "vocab_size",
+        "num_local_experts",
+        "num_experts",
+    )
     differ = [k for k in fields if isinstance(theirs, dict) and theirs.get(k) != config.get(k)]
     if differ:
-        return [Lint("error", "base-differs", f"the adapter records its base as {recorded!r} ({recorded_folder.resolve()}), "
-                                              f"whose config.json differs from BASE's in {', '.join(differ)}")]
+        return [
+            Lint(
+                "error",
+                "base-differs",
+                f"the adapter records its base as {recorded!r} ({recorded_folder.resolve()}), "
+                f"whose config.json differs from BASE's in {', '.join(differ)}",
+            )
+        ]
     return []
 
 
-def _lint_base(adapter: Adapter, source: Source, report: InspectReport, selected: set[str],
-               lints: list[Lint]) -> None:
+def _lint_base(adapter: Adapter, source: Source, report: InspectReport, selected: set[str], lints: list[Lint]) -> None:
     try:
         checkpoint, _, plan = plan_merge(source.path, adapter, collect_unmatched=True)
     except RsloraError as e:
@@ -395,10 +496,18 @@ def _lint_base(adapter: Adapter, source: Source, report: InspectReport, selected
                         row["runtimes"][spec] = {"scale": None, "ratio": None}
                     else:
                         row["ratios"][spec] = None
-                lints[:] = [lint for lint in lints if not (lint.code == "runtime-scale" and "--target llama.cpp" in lint.message)]
-                lints.append(Lint("warning" if spec in selected else "info", "runtime-unsupported",
-                                  f"llama.cpp cannot serve this adapter on this base: embedding LoRA {tied}; merge "
-                                  "it instead"))
+                lints[:] = [
+                    lint
+                    for lint in lints
+                    if not (lint.code == "runtime-scale" and "--target llama.cpp" in lint.message)
+                ]
+                lints.append(
+                    Lint(
+                        "warning" if spec in selected else "info",
+                        "runtime-unsupported",
+                        f"llama.cpp cannot serve this adapter on this base: embedding LoRA {tied}; merge it instead",
+                    )
+                )
     for key in plan.unmatched:
         lints.append(Lint("error", "base", f"adapter tensor {key!r} matches no tensor in the base"))
     for t in plan.tensors:
@@ -409,8 +518,13 @@ def _lint_base(adapter: Adapter, source: Source, report: InspectReport, selected
         report.base_format = plan.quantization.label
         report.quantized_targets = [t.name for t in plan.tensors if t.quant is not None and t.all_lora]
     if adapter.lora_modules and not report.applies_to:
-        lints.append(Lint("error", "applies-to-nothing", "the adapter changes no tensor of the base: served on it, "
-                                                         "it would change nothing"))
+        lints.append(
+            Lint(
+                "error",
+                "applies-to-nothing",
+                "the adapter changes no tensor of the base: served on it, it would change nothing",
+            )
+        )
     lints.extend(_recorded_base_lints(adapter, checkpoint, source))
     for warning in plan.warnings:
         lints.append(Lint("warning", "base", warning))

@@ -56,14 +56,21 @@ def merge(
     """
     if isinstance(progress, bool):  # the library never draws (the CLI does)
         if progress:
-            warnings.warn("merge(progress=True) no longer draws a progress bar (the CLI does); pass a callback "
-                          "progress(bytes_done_now, total_bytes)", DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                "merge(progress=True) no longer draws a progress bar (the CLI does); pass a callback "
+                "progress(bytes_done_now, total_bytes)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         progress = None
     options = with_fields(options, MergeOptions, fields)
     adapters = adapter_list(adapter)
     output = merge_output(out, options)  # decided once: a folder, a GGUF file or a stream to the Hub
-    inputs = _stream_inputs(base, adapters, options) if isinstance(output, HubStream) else \
-        merge_inputs(base, adapters, options, base_shards=output.reads_base_shards)
+    inputs = (
+        _stream_inputs(base, adapters, options)
+        if isinstance(output, HubStream)
+        else merge_inputs(base, adapters, options, base_shards=output.reads_base_shards)
+    )
     check_push(options, inputs.sources)  # a push into an input's own repo: refused before any work
     report = _write(inputs, output, options, progress)
     if isinstance(output, Folder):  # pushed once complete on disk (a stream is its own push)
@@ -72,8 +79,9 @@ def merge(
     return report
 
 
-def _write(inputs: MergeInputs, output: Output, options: MergeOptions,
-           progress: ProgressCallback | None) -> MergeReport:
+def _write(
+    inputs: MergeInputs, output: Output, options: MergeOptions, progress: ProgressCallback | None
+) -> MergeReport:
     """The output's writer (execute/outputs.py), imported only when it writes (a folder merge loads neither the Hub
     nor the GGUF code)."""
     if isinstance(output, Folder):
@@ -97,26 +105,40 @@ def _stream_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], op
         last = adapters[-1]
         if isinstance(last, Adapter) or not e.cli_message.startswith(os.fspath(last)):
             raise
-        raise InputError(f"{e.cli_message} (with --stream there is no OUT: every argument after BASE is an adapter; "
-                         "--scratch DIR names the scratch folder)", **e.fields) from e
+        raise InputError(
+            f"{e.cli_message} (with --stream there is no OUT: every argument after BASE is an adapter; "
+            "--scratch DIR names the scratch folder)",
+            **e.fields,
+        ) from e
 
 
-def merge_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], options: MergeOptions,
-                 base_shards: bool = True) -> MergeInputs:
+def merge_inputs(
+    base: str | os.PathLike[str], adapters: list[AdapterSpec], options: MergeOptions, base_shards: bool = True
+) -> MergeInputs:
     """Resolve BASE and ADAPTER... (folders or Hub repos; BASE "auto": the adapter's own), load the adapters (several:
     stacked with their weights; --initial: made relative to the original base) and say where each came from."""
-    check_order("merge", "BASE ADAPTER... OUT", [("BASE", base, ("model", "merged")),
-                                                 ("ADAPTER", adapters[0], ("adapter",))])
+    check_order(
+        "merge", "BASE ADAPTER... OUT", [("BASE", base, ("model", "merged")), ("ADAPTER", adapters[0], ("adapter",))]
+    )
     if options.weights is not None and len(options.weights) != len(adapters):
-        raise OptionError(f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}")
+        raise OptionError(
+            f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}"
+        )
     if options.initial is not None and len(adapters) > 1:
-        raise OptionError("--initial applies to one adapter; convert each PiSSA/OLoRA/CorDA/LoRA-GA adapter with "
-                          "`convert --initial` first, then merge the converted adapters together")
+        raise OptionError(
+            "--initial applies to one adapter; convert each PiSSA/OLoRA/CorDA/LoRA-GA adapter with "
+            "`convert --initial` first, then merge the converted adapters together"
+        )
     first = adapters[0]
     base_source, first_source, warnings = resolve_merge_inputs(
-        os.fspath(base), os.fspath(first.path if isinstance(first, Adapter) else first),
-        base_revision=options.base_revision, adapter_revision=options.adapter_revision, token=options.token,
-        allow_pickle=options.allow_pickle, base_shards=base_shards)
+        os.fspath(base),
+        os.fspath(first.path if isinstance(first, Adapter) else first),
+        base_revision=options.base_revision,
+        adapter_revision=options.adapter_revision,
+        token=options.token,
+        allow_pickle=options.allow_pickle,
+        base_shards=base_shards,
+    )
     resolved = [(first if isinstance(first, Adapter) else first_source.path, first_source.to_dict())]
     resolved += [adapter_input(a, token=options.token, allow_pickle=options.allow_pickle) for a in adapters[1:]]
     loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=options.allow_pickle) for a, _ in resolved]
@@ -127,13 +149,16 @@ def merge_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], opti
     else:
         adapter_obj = loaded[0]
     if options.initial is not None:
-        init, sources["initial"] = adapter_input(options.initial, token=options.token, allow_pickle=options.allow_pickle)
+        init, sources["initial"] = adapter_input(
+            options.initial, token=options.token, allow_pickle=options.allow_pickle
+        )
         adapter_obj = with_initial(adapter_obj, init, options.allow_pickle)
     return MergeInputs(base_source.path, adapter_obj, sources, warnings, base_source)
 
 
-def with_initial(adapter: str | os.PathLike[str] | Adapter, initial: str | os.PathLike[str] | Adapter,
-                 allow_pickle: bool = False) -> RelativeAdapter:
+def with_initial(
+    adapter: str | os.PathLike[str] | Adapter, initial: str | os.PathLike[str] | Adapter, allow_pickle: bool = False
+) -> RelativeAdapter:
     """ADAPTER (PiSSA, OLoRA, CorDA, LoRA-GA) relative to the original base, given its INIT adapter."""
     trained = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
     init = initial if isinstance(initial, Adapter) else load_adapter(initial, allow_pickle=allow_pickle)

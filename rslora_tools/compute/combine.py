@@ -22,14 +22,19 @@ from ..plan.combine import CombinedModule
 Reader = Callable[[int, str], torch.Tensor]  # (adapter index, key) -> tensor as saved
 
 
-def combine_module(m: CombinedModule, read: Reader, method: str, density: float | None = None,
-                   seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def combine_module(
+    m: CombinedModule, read: Reader, method: str, density: float | None = None, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """(A, B) of the combined module in float32, and measures (svd: retained energy, relative error)."""
-    factors = [(read(p.adapter, p.module.a_key).float(), read(p.adapter, p.module.b_key).float(), p.factor)
-               for p in m.parts]
+    factors = [
+        (read(p.adapter, p.module.a_key).float(), read(p.adapter, p.module.b_key).float(), p.factor) for p in m.parts
+    ]
     if method == "cat":  # A * weight * scale, in PEFT's order
-        return (torch.cat([a * p.weight * p.scale for (a, _, _), p in zip(factors, m.parts)], dim=0).contiguous(),
-                torch.cat([b for _, b, _ in factors], dim=1).contiguous(), {})
+        return (
+            torch.cat([a * p.weight * p.scale for (a, _, _), p in zip(factors, m.parts)], dim=0).contiguous(),
+            torch.cat([b for _, b, _ in factors], dim=1).contiguous(),
+            {},
+        )
     if method == "svd":
         return svd_of_sum(factors, m.rank)
     generator = torch.Generator().manual_seed(module_seed(seed or 0, m.name))
@@ -40,8 +45,9 @@ def combine_module(m: CombinedModule, read: Reader, method: str, density: float 
     return a.contiguous(), b.contiguous(), {}
 
 
-def svd_of_sum(factors: list[tuple[torch.Tensor, torch.Tensor, float]], rank: int
-               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def svd_of_sum(
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]], rank: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """The best rank-`rank` approximation of sum(f * B @ A): B' = U S, A' = V^T (as PEFT's svd), and how much of the
     sum's squared Frobenius norm it keeps."""
     b = torch.cat([bb.double() * f for _, bb, f in factors], dim=1)  # (out, K)
@@ -54,8 +60,11 @@ def svd_of_sum(factors: list[tuple[torch.Tensor, torch.Tensor, float]], rank: in
     new_b = (qb @ u[:, :rank]) * s[:rank]
     new_a = vh[:rank] @ qa.T
     energy = kept / total if total > 0 else 1.0
-    return (new_a.float().contiguous(), new_b.float().contiguous(),
-            {"energy": energy, "relative_error": math.sqrt(max(0.0, 1.0 - energy))})
+    return (
+        new_a.float().contiguous(),
+        new_b.float().contiguous(),
+        {"energy": energy, "relative_error": math.sqrt(max(0.0, 1.0 - energy))},
+    )
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -64,8 +73,9 @@ def module_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _merge(tensors: list[torch.Tensor], weights: torch.Tensor, method: str, density: float | None,
-           generator: torch.Generator) -> torch.Tensor:
+def _merge(
+    tensors: list[torch.Tensor], weights: torch.Tensor, method: str, density: float | None, generator: torch.Generator
+) -> torch.Tensor:
     if method in ("magnitude_prune", "ties"):
         assert density is not None
         tensors = [_prune_magnitude(t, density) for t in tensors]

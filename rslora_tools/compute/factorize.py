@@ -33,8 +33,14 @@ class Factors:
     method: str  # "exact" or "randomized (q, iterations)"
 
 
-def factorize(delta: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-              max_error: float | None = None, exact: bool = False) -> Factors:
+def factorize(
+    delta: torch.Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    exact: bool = False,
+) -> Factors:
     """Factor `delta` (float32, 2-D) at a fixed rank, or at the smallest rank keeping `energy` of its squared norm, or
     with a relative error at most `max_error`."""
     rows, cols = delta.shape

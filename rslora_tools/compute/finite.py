@@ -27,7 +27,11 @@ def check_finite(adapter: Adapter) -> None:
         for key, dtype in adapter.dtypes.items():
             if dtype not in FLOAT_DTYPES:
                 continue
-            count = _count_in_file(adapter, fd, buffer, key, dtype) if buffer is not None else _count_in_memory(adapter, key)
+            count = (
+                _count_in_file(adapter, fd, buffer, key, dtype)
+                if buffer is not None
+                else _count_in_memory(adapter, key)
+            )
             if count:
                 bad.append(f"{key} ({counted(count, 'value')})")
     finally:

@@ -58,9 +58,20 @@ def available() -> bool:
     return compiled is not None and compiled.available()
 
 
-def supports(*, layer: str, transposed: bool, dtype: str, start_dtype: str, shape: tuple[int, ...],
-             a_dtype: str, b_dtype: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
-    """Whether the kernel computes this merge exactly: plain linear (or Conv1D) or embedding LoRA, same dtype in and out.
+def supports(
+    *,
+    layer: str,
+    transposed: bool,
+    dtype: str,
+    start_dtype: str,
+    shape: tuple[int, ...],
+    a_dtype: str,
+    b_dtype: str,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+) -> bool:
+    """Whether the kernel computes this merge exactly: plain linear (or Conv1D) or embedding LoRA, same dtype in and
+    out.
 
     `start_dtype` is the dtype of the value the delta is added to (the base tensor, or the adapter's
     replacement); `dtype` the output's.
@@ -94,7 +105,9 @@ class Operands:
     Embedding merge rounds that delta to W's dtype before adding it.
     """
 
-    def __init__(self, kind: str, a: bytearray, b: bytearray, rank: int, rows: int, cols: int, transposed: bool = False):
+    def __init__(
+        self, kind: str, a: bytearray, b: bytearray, rank: int, rows: int, cols: int, transposed: bool = False
+    ):
         self.rank, self.cols = rank, cols
         self.round_delta = kind == "embedding"
         if kind == "linear" and not transposed:
@@ -106,12 +119,15 @@ class Operands:
         self.panels = _loaded().pack(right, *right_strides, rank, cols)
 
 
-def merge_rows(w: memoryview, dtype: str, operands: Operands, start: int, rows: int, scale: float, out: memoryview) -> bool:
+def merge_rows(
+    w: memoryview, dtype: str, operands: Operands, start: int, rows: int, scale: float, out: memoryview
+) -> bool:
     """out = W + scale * delta for `rows` rows from row `start`; False when a sum is not finite (use torch instead)."""
     o = operands
-    left = o.left[start * o.left_strides[0] * 4:]
-    bad = _loaded().merge_rows(w, DTYPE_CODES[dtype], left, *o.left_strides, o.panels,
-                               rows, o.rank, o.cols, scale, o.round_delta, out)
+    left = o.left[start * o.left_strides[0] * 4 :]
+    bad = _loaded().merge_rows(
+        w, DTYPE_CODES[dtype], left, *o.left_strides, o.panels, rows, o.rank, o.cols, scale, o.round_delta, out
+    )
     return bad == 0
 
 
@@ -125,8 +141,14 @@ def count_nonfinite(data: bytes | bytearray | memoryview, dtype: str) -> int | N
 
 def quantizes(*, method: str, blocksize: int, dtype: str, shape: tuple[int, ...]) -> bool:
     """Whether the kernel quantizes this weight as bitsandbytes does: 4-bit, 2-D, rows made of whole blocks."""
-    return (method in FOUR_BIT_CODES and dtype in DTYPE_CODES and len(shape) == 2 and shape[1] % blocksize == 0
-            and blocksize % 8 == 0 and available())
+    return (
+        method in FOUR_BIT_CODES
+        and dtype in DTYPE_CODES
+        and len(shape) == 2
+        and shape[1] % blocksize == 0
+        and blocksize % 8 == 0
+        and available()
+    )
 
 
 def block_absmax(data: memoryview, dtype: str, blocksize: int, out: memoryview) -> int:
@@ -139,6 +161,7 @@ def block_absmax(data: memoryview, dtype: str, blocksize: int, out: memoryview) 
 def _four_bit_tables(method: str) -> tuple[bytes, bytes]:
     """(code sorted, the 15 midpoints between neighbours) as fp32, computed as bitsandbytes computes them in torch:
     code / max |code| and (a + b) / 2, each rounded to fp32 (exact through float64 for these operations)."""
+
     def f32(x: float) -> float:
         return float(struct.unpack("f", struct.pack("f", x))[0])
 
@@ -149,19 +172,34 @@ def _four_bit_tables(method: str) -> tuple[bytes, bytes]:
     return struct.pack("16f", *code), struct.pack("15f", *midpoints)
 
 
-def simulate_4bit(data: memoryview, dtype: str, method: str, blocksize: int, first_block: int, absmax: memoryview,
-                  scale: memoryview, out: memoryview, *, wide: bool = True) -> None:
+def simulate_4bit(
+    data: memoryview,
+    dtype: str,
+    method: str,
+    blocksize: int,
+    first_block: int,
+    absmax: memoryview,
+    scale: memoryview,
+    out: memoryview,
+    *,
+    wide: bool = True,
+) -> None:
     """out = bitsandbytes' 4-bit quantization of `data` (its blocks from `first_block` on, with `absmax`), dequantized
     with `scale` (the absmax values, double quantized or not) and rounded to `dtype`. AVX-512 where the CPU has it
     (and `wide`), else AVX2: the same bits (the tests check both)."""
     code, midpoints = _four_bit_tables(method)
-    _loaded().simulate_4bit(data, DTYPE_CODES[dtype], blocksize, first_block, absmax, scale, code, midpoints, out, wide)
+    _loaded().simulate_4bit(
+        data, DTYPE_CODES[dtype], blocksize, first_block, absmax, scale, code, midpoints, out, wide
+    )
 
 
-def quant_norms(w: memoryview, quantized: memoryview, merged: memoryview | None, dtype: str) -> tuple[float, float, float]:
+def quant_norms(
+    w: memoryview, quantized: memoryview, merged: memoryview | None, dtype: str
+) -> tuple[float, float, float]:
     """Squared norms for the merge report: (|W|^2, |Wq - W|^2, |merged - Wq|^2), W the original weight block."""
-    sums: tuple[float, float, float] = _loaded().quant_norms(w, quantized, merged if merged is not None else w,
-                                                            DTYPE_CODES[dtype], merged is not None)
+    sums: tuple[float, float, float] = _loaded().quant_norms(
+        w, quantized, merged if merged is not None else w, DTYPE_CODES[dtype], merged is not None
+    )
     return sums
 
 
@@ -188,8 +226,16 @@ def float8_table(dtype: str) -> bytes:
     return struct.pack("256f", *(_float8_value(b, bits, bias) for b in range(256)))
 
 
-def dequant_rows(codes: memoryview, fp8: str, scales: bytes | memoryview, per_row: bool, rows: int, cols: int,
-                 dtype: str, out: memoryview) -> bool:
+def dequant_rows(
+    codes: memoryview,
+    fp8: str,
+    scales: bytes | memoryview,
+    per_row: bool,
+    rows: int,
+    cols: int,
+    dtype: str,
+    out: memoryview,
+) -> bool:
     """out = float8 value * scale in fp32, rounded once to `dtype` (one fp32 scale per column, or per row); False when
     a value is not finite (use torch, whose NaN encodings this does not reproduce)."""
     bad: int = _loaded().dequant_rows(codes, float8_table(fp8), scales, per_row, rows, cols, DTYPE_CODES[dtype], out)
@@ -199,14 +245,33 @@ def dequant_rows(codes: memoryview, fp8: str, scales: bytes | memoryview, per_ro
 FP8_SCALE_MODES = {"F32": 0, "U8": 1, "F8_E8M0": 1, "BF16": 2}  # stored weight_scale_inv dtype -> quantize_fp8_band
 
 
-def quantize_fp8_band(merged: memoryview, start: memoryview | None, rows: int, cols: int, block_cols: int, dtype: str,
-                      scale_dtype: str, codes: memoryview, inv: memoryview) -> tuple[float, float, float] | None:
+def quantize_fp8_band(
+    merged: memoryview,
+    start: memoryview | None,
+    rows: int,
+    cols: int,
+    block_cols: int,
+    dtype: str,
+    scale_dtype: str,
+    codes: memoryview,
+    inv: memoryview,
+) -> tuple[float, float, float] | None:
     """transformers' Fp8Quantize of one block row (`rows` rows) of a merged weight into e4m3 `codes` and one fp32
     inverse scale per block (`inv`); with `start` (the weight before the merge) the requantization sums (|start|^2,
     |dequantized - merged|^2, |merged - start|^2). None when a value is not finite (use torch)."""
-    bad, sums = _loaded().quantize_fp8_band(merged, start if start is not None else merged, start is not None, rows,
-                                            cols, block_cols, DTYPE_CODES[dtype], FP8_SCALE_MODES[scale_dtype],
-                                            float8_table("F8_E4M3"), codes, inv)
+    bad, sums = _loaded().quantize_fp8_band(
+        merged,
+        start if start is not None else merged,
+        start is not None,
+        rows,
+        cols,
+        block_cols,
+        DTYPE_CODES[dtype],
+        FP8_SCALE_MODES[scale_dtype],
+        float8_table("F8_E4M3"),
+        codes,
+        inv,
+    )
     return None if bad else sums
 
 
@@ -217,10 +282,25 @@ def dequant_mxfp4(blocks: memoryview, scales: memoryview, rows: int, groups: int
     return bad == 0
 
 
-def quantize_mxfp4_rows(merged: memoryview, start: memoryview | None, rows: int, cols: int, dtype: str,
-                        blocks: memoryview, scales: memoryview) -> tuple[float, float, float] | None:
+def quantize_mxfp4_rows(
+    merged: memoryview,
+    start: memoryview | None,
+    rows: int,
+    cols: int,
+    dtype: str,
+    blocks: memoryview,
+    scales: memoryview,
+) -> tuple[float, float, float] | None:
     """triton_kernels' downcast_to_mxfp_torch (scales rounded up) of (out, in) rows into `blocks` and `scales`; with
     `start`, the requantization sums. None when a value is not finite (use torch)."""
-    bad, sums = _loaded().quantize_mxfp4_rows(merged, start if start is not None else merged, start is not None, rows,
-                                              cols, DTYPE_CODES[dtype], blocks, scales)
+    bad, sums = _loaded().quantize_mxfp4_rows(
+        merged,
+        start if start is not None else merged,
+        start is not None,
+        rows,
+        cols,
+        DTYPE_CODES[dtype],
+        blocks,
+        scales,
+    )
     return None if bad else sums

@@ -26,8 +26,14 @@ _MEASURED_TENSORS = 8  # how many LoRA-targeted weights --trained-on measures th
 def _measurable(plan: Plan) -> list[TensorPlan]:
     """The LoRA-targeted weights whose quantization can be measured: quantized as trained, or stored quantized in a
     format rslora-tools can quantize back."""
-    return [t for t in plan.tensors if t.quant is not None and t.lora is not None and t.replacement is None and
-            (t.quant.simulated or t.quant.scheme.method in REQUANTIZED_ROLES)]
+    return [
+        t
+        for t in plan.tensors
+        if t.quant is not None
+        and t.lora is not None
+        and t.replacement is None
+        and (t.quant.simulated or t.quant.scheme.method in REQUANTIZED_ROLES)
+    ]
 
 
 def measurable_weights(plan: Plan) -> int:
@@ -46,9 +52,12 @@ def sample_quantization(plan: Plan, checkpoint: Checkpoint, adapter: Adapter) ->
     step = max(1, len(targets) // _MEASURED_TENSORS)
     files = CheckpointFiles(checkpoint)
     try:
-        return {t.name: quantization_error(t, files.read, adapter.tensor) if t.quant is not None and t.quant.simulated
-                else requantization_error(t, checkpoint, files, adapter.tensor)
-                for t in targets[::step][:_MEASURED_TENSORS]}
+        return {
+            t.name: quantization_error(t, files.read, adapter.tensor)
+            if t.quant is not None and t.quant.simulated
+            else requantization_error(t, checkpoint, files, adapter.tensor)
+            for t in targets[::step][:_MEASURED_TENSORS]
+        }
     finally:
         files.close()
 
@@ -62,8 +71,10 @@ def measured_quantization(norms: dict[str, tuple[float, float, float]], targeted
     error_over_delta = sorted(e / d for _, e, d in roots if d > 0)
     delta_over_weight = sorted(d / w for w, _, d in roots if w > 0)
     return {
-        "tensors": len(norms), "of": targeted,
-        "quant_error_over_weight": _median(error_over_weight), "delta_over_weight": _median(delta_over_weight),
+        "tensors": len(norms),
+        "of": targeted,
+        "quant_error_over_weight": _median(error_over_weight),
+        "delta_over_weight": _median(delta_over_weight),
         "quant_error_over_delta": _median(error_over_delta),
         "quant_error_over_delta_max": error_over_delta[-1] if error_over_delta else None,
     }

@@ -97,7 +97,9 @@ def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) ->
     return out
 
 
-def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+def dequantize_blockwise_8bit(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> torch.Tensor:
     """bitsandbytes' dequantize_blockwise: code[q] * absmax of the block, fp32."""
     return _scale_blocks(code[q.reshape(-1).long()], absmax, blocksize)
 
@@ -119,8 +121,9 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torc
     return torch.where(zero, 0, codes).to(torch.uint8), absmax
 
 
-def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, method: str, blocksize: int,
-                    shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, method: str, blocksize: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
     """bitsandbytes' dequantize_4bit: two codes per byte (high nibble first), code * absmax in fp32, one rounding."""
     data = packed.reshape(-1).view(torch.uint8)
     n = 1
@@ -151,23 +154,35 @@ def dequantize_stored(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
     if method == "ct_int":
         recorded = tuple(int(d) for d in read(stored.parts["weight_shape"]).tolist())
         if recorded != stored.shape:
-            raise InputError(f"{stored.parts['weight_shape']} says {list(recorded)}, but the packed weight and its "
-                             f"scales are {list(stored.shape)}; the compressed-tensors checkpoint is corrupt (or, "
-                             "streamed, a per-channel weight whose inputs are not a multiple of 32 / bits: merge it "
-                             "without --stream)")
+            raise InputError(
+                f"{stored.parts['weight_shape']} says {list(recorded)}, but the packed weight and its "
+                f"scales are {list(stored.shape)}; the compressed-tensors checkpoint is corrupt (or, "
+                "streamed, a per-channel weight whose inputs are not a multiple of 32 / bits: merge it "
+                "without --stream)"
+            )
         zero = read(stored.parts["weight_zero_point"]) if "weight_zero_point" in stored.parts else None
-        return dequantize_ct_int(read(stored.parts["weight_packed"]), read(stored.parts["weight_scale"]), zero,
-                                 stored.shape, stored.scheme.bits)
+        return dequantize_ct_int(
+            read(stored.parts["weight_packed"]),
+            read(stored.parts["weight_scale"]),
+            zero,
+            stored.shape,
+            stored.scheme.bits,
+        )
     if method == "ct_nvfp4":
-        return dequantize_nvfp4(read(stored.parts["weight_packed"]), read(stored.parts["weight_scale"]),
-                                read(stored.parts["weight_global_scale"]))
+        return dequantize_nvfp4(
+            read(stored.parts["weight_packed"]),
+            read(stored.parts["weight_scale"]),
+            read(stored.parts["weight_global_scale"]),
+        )
     return dequantize_awq(stored, read)
 
 
-def dequantize_expert(stored: QuantizedWeight, read_slice: Callable[[str, int], torch.Tensor],
-                      expert: int) -> torch.Tensor:
+def dequantize_expert(
+    stored: QuantizedWeight, read_slice: Callable[[str, int], torch.Tensor], expert: int
+) -> torch.Tensor:
     """Expert `expert` of a quantized fused expert tensor (MXFP4, or FP8 with a leading expert dimension), dequantized
     as the whole tensor would be: the same values, one expert's memory."""
+
     def one(name: str) -> torch.Tensor:
         return read_slice(name, expert).unsqueeze(0)
 
@@ -210,7 +225,7 @@ def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     cols = values.shape[-1]
     row_scales = scales.repeat_interleave(block[1], dim=-1)[..., :cols]  # (..., block rows, cols): small
     for i in range(row_scales.shape[-2]):  # in place, a band of rows at a time: no second weight-sized tensor
-        values[..., i * block[0]:(i + 1) * block[0], :].mul_(row_scales[..., i:i + 1, :])
+        values[..., i * block[0] : (i + 1) * block[0], :].mul_(row_scales[..., i : i + 1, :])
     return values
 
 
@@ -228,8 +243,9 @@ def unpack_ct_int(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return ((fields & ((1 << bits) - 1)) - (1 << (bits - 1))).to(torch.int32)
 
 
-def dequantize_ct_int(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, shape: tuple[int, ...],
-                      bits: int) -> torch.Tensor:
+def dequantize_ct_int(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, shape: tuple[int, ...], bits: int
+) -> torch.Tensor:
     """compressed-tensors pack-quantized: (q - zero point) * scale per group (or row), in the scale's dtype."""
     rows, cols = shape
     q = unpack_ct_int(packed, bits, cols).to(scale.dtype)
@@ -271,12 +287,17 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 def _dequantize_bnb4(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
     absmax = read(stored.parts["absmax"])
     if stored.scheme.double_quant:
-        absmax = dequantize_blockwise_8bit(absmax, read(stored.parts["nested_absmax"]).float(),
-                                           read(stored.parts["nested_quant_map"]).float(), stored.nested_blocksize)
+        absmax = dequantize_blockwise_8bit(
+            absmax,
+            read(stored.parts["nested_absmax"]).float(),
+            read(stored.parts["nested_quant_map"]).float(),
+            stored.nested_blocksize,
+        )
         absmax += torch.tensor(stored.nested_offset, dtype=torch.float32)
     dtype = _TORCH[stored.dtype]
-    return dequantize_4bit(read(stored.parts["weight"]), absmax, stored.scheme.method, stored.scheme.blocksize,
-                           stored.shape, dtype)
+    return dequantize_4bit(
+        read(stored.parts["weight"]), absmax, stored.scheme.method, stored.scheme.blocksize, stored.shape, dtype
+    )
 
 
 def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
@@ -359,7 +380,8 @@ _AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
 
 
 def dequantize_awq(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
-    """AWQ GEMM: fields in AWQ's order (0, 2, 4, 6, 1, 3, 5, 7 per word), (q - zeros) * scales; returned as (out, in)."""
+    """AWQ GEMM: fields in AWQ's order (0, 2, 4, 6, 1, 3, 5, 7 per word), (q - zeros) * scales; returned as (out,
+    in)."""
     out_features, in_features = stored.shape
     scales = read(stored.parts["scales"])
     group = in_features if stored.scheme.blocksize == -1 else stored.scheme.blocksize

@@ -23,7 +23,7 @@ def relayout_tensor(recipe: Recipe, read: Reader) -> torch.Tensor:
     if recipe.op == "expert_a":  # rows e*r .. (e+1)*r: expert-major
         a = read(recipe.sources[0])
         r = a.shape[0] // experts
-        t = a[e * r:(e + 1) * r]
+        t = a[e * r : (e + 1) * r]
         return _ranks(t, recipe, dim=0).contiguous()
     if recipe.op == "expert_b":  # columns k*E + e: expert-minor
         b = read(recipe.sources[0])
@@ -37,7 +37,7 @@ def relayout_tensor(recipe: Recipe, read: Reader) -> torch.Tensor:
         per_expert = len(recipe.sources) // experts
         blocks = []
         for expert in range(experts):
-            parts = [read(k) for k in recipe.sources[expert * per_expert:(expert + 1) * per_expert]]
+            parts = [read(k) for k in recipe.sources[expert * per_expert : (expert + 1) * per_expert]]
             block = parts[0] if per_expert == 1 else torch.cat(parts) if recipe.shared else torch.block_diag(*parts)
             if recipe.interleaved and per_expert == 2:  # gate rows at even positions, up rows at odd ones
                 half = parts[0].shape[0]
@@ -61,8 +61,9 @@ def same_a(a_keys: list[tuple[str, str]], read: Reader) -> bool:
     return all(torch.equal(read(gate), read(up)) for gate, up in a_keys)
 
 
-def block_diagonal(b: torch.Tensor, experts: int, gate_rows: tuple[int, int, int], up_rows: tuple[int, int, int]
-                   ) -> tuple[bool, bool]:
+def block_diagonal(
+    b: torch.Tensor, experts: int, gate_rows: tuple[int, int, int], up_rows: tuple[int, int, int]
+) -> tuple[bool, bool]:
     """Whether a fused gate_up's B (out, r*E) is block-diagonal: gate rows zero in the rank's second half, up rows
     zero in its first half (an adapter fused from per-expert ones)."""
     b3 = b.reshape(b.shape[0], -1, experts)

@@ -44,8 +44,9 @@ Reader = Callable[[str], torch.Tensor]
 StoredLayout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # role -> (dtype, shape) of the base's stored tensor
 
 
-def requantize(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayout,
-               global_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def requantize(
+    stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayout, global_scale: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """The merged weight in `stored`'s format: role -> new tensor, in the dtypes and shapes the base stores them;
     `global_scale`: NVFP4, its fused group's (else the weight's own)."""
     method = stored.scheme.method
@@ -58,8 +59,9 @@ def requantize(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayo
         return {"weight": q, "weight_scale": scale.reshape(shape)}
     if method == "ct_int":
         dtype, shape = layout["weight_scale"]
-        packed, scale, zero = quantize_ct_int(merged, stored.scheme.bits, stored.scheme.blocksize, stored.scheme.sym,
-                                              dtype)
+        packed, scale, zero = quantize_ct_int(
+            merged, stored.scheme.bits, stored.scheme.blocksize, stored.scheme.sym, dtype
+        )
         out = {"weight_packed": packed, "weight_scale": scale.reshape(shape)}
         return out | ({"weight_zero_point": zero} if zero is not None else {})
     if method == "ct_nvfp4":
@@ -73,13 +75,19 @@ def requantize(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayo
 
 def stored_layout(stored: QuantizedWeight, checkpoint: Checkpoint) -> StoredLayout:
     """The dtype and shape of each stored tensor of a quantized weight, from the checkpoint's headers."""
-    return {role: (safetensors_to_torch_dtype(checkpoint.info(name).dtype), checkpoint.info(name).shape)
-            for role, name in stored.parts.items()}
+    return {
+        role: (safetensors_to_torch_dtype(checkpoint.info(name).dtype), checkpoint.info(name).shape)
+        for role, name in stored.parts.items()
+    }
 
 
-def requantized(stored: QuantizedWeight, merged: torch.Tensor, layout: StoredLayout,
-                read_base: Reader, global_scale: torch.Tensor | None = None
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def requantized(
+    stored: QuantizedWeight,
+    merged: torch.Tensor,
+    layout: StoredLayout,
+    read_base: Reader,
+    global_scale: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(the new stored tensors by role, what they dequantize to in merged's dtype): what the output holds, and what
     a loader makes of it."""
     from .quantization import dequantize_stored
@@ -102,8 +110,14 @@ class KeptWeight:
     start: torch.Tensor | None = None
 
 
-def kept_weight(t: TensorPlan, checkpoint: Checkpoint, read_base: Reader, read_adapter: Reader,
-                global_scales: dict[int, torch.Tensor] | None = None, device: torch.device | str = "cpu") -> KeptWeight:
+def kept_weight(
+    t: TensorPlan,
+    checkpoint: Checkpoint,
+    read_base: Reader,
+    read_adapter: Reader,
+    global_scales: dict[int, torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
+) -> KeptWeight:
     """--keep-quantization of one weight: merged in its compute dtype (on `device`) and quantized back on the CPU; an
     NVFP4 weight with the global scale of its fused group (`global_scales` caches them by group), a member the
     adapter leaves unchanged copied as it is where the group's scale is the one it is stored with."""
@@ -123,14 +137,16 @@ def kept_weight(t: TensorPlan, checkpoint: Checkpoint, read_base: Reader, read_a
             return KeptWeight({role: read_base(name) for role, name in q.stored.parts.items()})
     compute = safetensors_to_torch_dtype(q.keep.dtype)
     start = quantized_base(t, read_base).to(compute) if t.replacement is None else None
-    merged = merged_tensor(t, read_base, read_adapter, compute, device,
-                           base=start.to(device, copy=True) if start is not None else None).cpu()
+    merged = merged_tensor(
+        t, read_base, read_adapter, compute, device, base=start.to(device, copy=True) if start is not None else None
+    ).cpu()
     parts, back = requantized(q.stored, merged, stored_layout(q.stored, checkpoint), read_base, global_scale)
     return KeptWeight(parts, merged, back, start)
 
 
-def fused_global_scale(group: FusedGroup, read_base: Reader, read_adapter: Reader,
-                       device: torch.device | str = "cpu") -> torch.Tensor:
+def fused_global_scale(
+    group: FusedGroup, read_base: Reader, read_adapter: Reader, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The one NVFP4 global scale of a fused group after the merge, as llm-compressor sets it
     (update_fused_layer_weight_global_scales: the members' smallest): a changed member's is compressed-tensors'
     generate_gparam of its merged weight, an unchanged member's the one it is stored with."""
@@ -151,8 +167,9 @@ def fused_global_scale(group: FusedGroup, read_base: Reader, read_adapter: Reade
 _SAMPLED_EXPERTS = 4  # a fused expert tensor's requantization error is measured on this many experts, spread out
 
 
-def requantization_error(t: TensorPlan, checkpoint: Checkpoint, files: CheckpointFiles,
-                         read_adapter: Reader) -> tuple[float, float, float]:
+def requantization_error(
+    t: TensorPlan, checkpoint: Checkpoint, files: CheckpointFiles, read_adapter: Reader
+) -> tuple[float, float, float]:
     """requantization_norms of one quantized weight the adapter changes (a dry run's sample; an as-trained merge's
     measure of what keeping the format would cost); a fused expert tensor on a few of its experts."""
     from ..plan.quantization import by_expert
@@ -173,8 +190,11 @@ def requantization_error(t: TensorPlan, checkpoint: Checkpoint, files: Checkpoin
         _, back = requantized(q.stored, merged, stored_layout(q.stored, checkpoint), files.read)
         return requantization_norms(merged, back, start)
     experts = q.stored.shape[0]
-    factors = {key: adapter_weight(read_adapter, key, torch.device("cpu"))
-               for op in t.all_lora for key in (op.module.a_key, op.module.b_key)}
+    factors = {
+        key: adapter_weight(read_adapter, key, torch.device("cpu"))
+        for op in t.all_lora
+        for key in (op.module.a_key, op.module.b_key)
+    }
     layout = {role: (dtype, (1, *shape[1:])) for role, (dtype, shape) in stored_layout(q.stored, checkpoint).items()}
     sums = [0.0, 0.0, 0.0]
     for expert in sorted({round(i * (experts - 1) / max(1, _SAMPLED_EXPERTS - 1)) for i in range(_SAMPLED_EXPERTS)}):
@@ -188,8 +208,9 @@ def requantization_error(t: TensorPlan, checkpoint: Checkpoint, files: Checkpoin
 _UE8M0 = (torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
 
 
-def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int] | None, fp8: torch.dtype,
-                        scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_blocks(
+    w: torch.Tensor, block: tuple[int, int] | None, fp8: torch.dtype, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' Fp8Quantize on (..., rows, cols), a band of block rows at a time: (codes, weight_scale_inv)."""
     *lead, rows, cols = w.shape
     bm, bn = block if block is not None else (rows, cols)
@@ -198,7 +219,7 @@ def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int] | None, fp8: tor
     grid = (-(-rows // bm), -(-cols // bn))
     inv_all = torch.empty((*lead, *grid), dtype=torch.float32)
     for i in range(grid[0]):
-        band = w[..., i * bm:(i + 1) * bm, :].to(torch.float32)
+        band = w[..., i * bm : (i + 1) * bm, :].to(torch.float32)
         pad = grid[1] * bn - cols
         tiles = torch.nn.functional.pad(band, (0, pad)) if pad else band
         tiles = tiles.reshape(*lead, band.shape[-2], grid[1], bn)
@@ -214,15 +235,16 @@ def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int] | None, fp8: tor
             scales = 1.0 / inv
         scaled = tiles * scales.unsqueeze(-1).unsqueeze(-3)
         codes = torch.clamp(scaled, min=-fmax, max=fmax).to(fp8)
-        q[..., i * bm:(i + 1) * bm, :] = codes.reshape(*lead, band.shape[-2], grid[1] * bn)[..., :cols]
+        q[..., i * bm : (i + 1) * bm, :] = codes.reshape(*lead, band.shape[-2], grid[1] * bn)[..., :cols]
         inv_all[..., i, :] = inv
     if scale_dtype == torch.uint8:  # ue8m0 as bytes: the biased exponent
         return q, (torch.log2(inv_all).round() + 127).to(torch.uint8)
     return q, inv_all.to(scale_dtype)
 
 
-def quantize_ct_fp8(w: torch.Tensor, per_row: bool, fp8: torch.dtype,
-                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_ct_fp8(
+    w: torch.Tensor, per_row: bool, fp8: torch.dtype, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """compressed-tensors' symmetric FP8 quantization of a (rows, cols) weight: (codes, scale (rows, 1) or (1,))."""
     x = w.to(scale_dtype)
     if per_row:
@@ -241,18 +263,25 @@ def quantize_ct_fp8(w: torch.Tensor, per_row: bool, fp8: torch.dtype,
     return codes, scale
 
 
-def requantization_norms(merged: torch.Tensor, dequantized: torch.Tensor, start: torch.Tensor) -> tuple[float, float, float]:
+def requantization_norms(
+    merged: torch.Tensor, dequantized: torch.Tensor, start: torch.Tensor
+) -> tuple[float, float, float]:
     """(|start|^2, |Q(M) - M|^2, |M - start|^2): the requantization error of a merged weight M against the delta the
     merge added to the weight it started from (the same triple as torch_ops.quantization_norms). Norms in float32
     (a statistic for the report), squared in double."""
     m, s = merged.float(), start.float()
-    norms = (torch.linalg.vector_norm(s), torch.linalg.vector_norm(dequantized.float() - m), torch.linalg.vector_norm(m - s))
+    norms = (
+        torch.linalg.vector_norm(s),
+        torch.linalg.vector_norm(dequantized.float() - m),
+        torch.linalg.vector_norm(m - s),
+    )
     w, e, d = (float(n) ** 2 for n in norms)
     return w, e, d
 
 
-def quantize_ct_int(w: torch.Tensor, bits: int, group: int, symmetric: bool,
-                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize_ct_int(
+    w: torch.Tensor, bits: int, group: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """compressed-tensors' round-to-nearest INT quantization of a (rows, cols) weight, packed: (words, scale, packed
     zero points or None)."""
     x = w.to(scale_dtype)
@@ -261,8 +290,10 @@ def quantize_ct_int(w: torch.Tensor, bits: int, group: int, symmetric: bool,
     groups = x.unflatten(-1, (cols // size, size))
     lo, hi = groups.amin(-1), groups.amax(-1)
     lo, hi = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
-    qmin, qmax = torch.tensor(-(1 << (bits - 1)), dtype=torch.float32), torch.tensor((1 << (bits - 1)) - 1,
-                                                                                       dtype=torch.float32)
+    qmin, qmax = (
+        torch.tensor(-(1 << (bits - 1)), dtype=torch.float32),
+        torch.tensor((1 << (bits - 1)) - 1, dtype=torch.float32),
+    )
     span = qmax - qmin
     zero: torch.Tensor | None = None
     if symmetric:
@@ -299,7 +330,13 @@ _E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # betwe
 def quantize_mxfp4(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An (E, in, out) expert parameter as MXFP4: (blocks (E, out, in / 32, 16) uint8, scales (E, out, in / 32))."""
     experts, inputs, outputs = param.shape
-    x = param.to(torch.bfloat16).transpose(1, 2).to(torch.float32).contiguous().reshape(experts, outputs, inputs // 32, 32)
+    x = (
+        param.to(torch.bfloat16)
+        .transpose(1, 2)
+        .to(torch.float32)
+        .contiguous()
+        .reshape(experts, outputs, inputs // 32, 32)
+    )
     amax = x.abs().amax(dim=-1, keepdim=True)
     bits = (amax / 6.0).view(torch.int32)
     rounded = ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)  # up to a power of two (the exponent kept)
@@ -323,8 +360,9 @@ def nvfp4_global_scale(w: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(448.0 * 6.0 / top, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape(1)
 
 
-def quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_nvfp4(
+    w: torch.Tensor, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A (rows, cols) weight as compressed-tensors NVFP4: (packed uint8 (rows, cols / 2), float8 scales (rows,
     cols / 16), float32 global scale (1,)); `global_scale`: its fused group's (else its own, nvfp4_global_scale)."""
     rows, cols = w.shape
@@ -351,7 +389,14 @@ def quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor | None = None
 def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """|values| to the nearest e2m1 magnitude, ties to the even code (compressed-tensors' cast_to_fp4 thresholds)."""
     out = torch.full_like(x, 6.0)
-    for bound, value, inclusive in ((5.0, 4.0, True), (3.5, 3.0, False), (2.5, 2.0, True), (1.75, 1.5, False),
-                                    (1.25, 1.0, True), (0.75, 0.5, False), (0.25, 0.0, True)):
+    for bound, value, inclusive in (
+        (5.0, 4.0, True),
+        (3.5, 3.0, False),
+        (2.5, 2.0, True),
+        (1.75, 1.5, False),
+        (1.25, 1.0, True),
+        (0.75, 0.5, False),
+        (0.25, 0.0, True),
+    ):
         out = torch.where(x <= bound if inclusive else x < bound, value, out)
     return out

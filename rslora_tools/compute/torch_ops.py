@@ -188,7 +188,7 @@ def reordered(w: torch.Tensor, how: tuple[str, int, bool], *, back: bool = False
     inverse = inverse != back
     if kind == "interleave":
         shape = list(w.shape)
-        shape[arg:arg + 1] = [2, shape[arg] // 2] if inverse else [shape[arg] // 2, 2]
+        shape[arg : arg + 1] = [2, shape[arg] // 2] if inverse else [shape[arg] // 2, 2]
         return w.reshape(shape).transpose(arg, arg + 1).reshape(w.shape).contiguous()
     half = w.shape[0] // arg // 2
     head = (2, half) if inverse else (half, 2)
@@ -203,8 +203,8 @@ def _apply_expert_part(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tenso
     a = adapter_weight(read, op.module.a_key, w.device)
     b = adapter_weight(read, op.module.b_key, w.device)
     if part.fused_factors:  # expert e's factors out of every expert's (rows e*r + k of A, columns k*E + e of B)
-        a3 = a.reshape(part.experts, -1, a.shape[-1])[part.expert:part.expert + 1]
-        b3 = b.reshape(b.shape[0], -1, part.experts)[:, :, part.expert:part.expert + 1]
+        a3 = a.reshape(part.experts, -1, a.shape[-1])[part.expert : part.expert + 1]
+        b3 = b.reshape(b.shape[0], -1, part.experts)[:, :, part.expert : part.expert + 1]
     else:
         a3, b3 = a.unsqueeze(0), b.unsqueeze(2)
     delta = torch.einsum("o r e, e r i -> e o i", b3, a3)[0] * op.scale.scale  # (out, in)
@@ -313,7 +313,9 @@ def _apply_stacked(w: torch.Tensor, plan: TensorPlan, read: Reader) -> torch.Ten
     return w
 
 
-def _merge_one(w: torch.Tensor, op: LoraOp, read: Reader, norm_from: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _merge_one(
+    w: torch.Tensor, op: LoraOp, read: Reader, norm_from: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One adapter's merge into W; for DoRA (linear) with the norm taken from `norm_from`, returned for an unmerge."""
     if not op.dora or op.kind != "linear":  # a non-linear DoRA op is never merged after another (adapter/stacked.py)
         return apply_lora(w, op, read), None
@@ -366,7 +368,9 @@ def quantized_base(t: TensorPlan, read_base: Reader) -> torch.Tensor:
     return value.T.contiguous() if q.transposed else value
 
 
-def quantization_norms(original: torch.Tensor, quantized: torch.Tensor, merged: torch.Tensor) -> tuple[float, float, float]:
+def quantization_norms(
+    original: torch.Tensor, quantized: torch.Tensor, merged: torch.Tensor
+) -> tuple[float, float, float]:
     """(|W|^2, |Wq - W|^2, |merged - Wq|^2) in double: how far quantization moved a weight, against how far the
     merge moved it (for the merge report; the kernel computes the same sums)."""
     w, q, m = original.double(), quantized.double(), merged.double()
@@ -382,8 +386,14 @@ def quantization_error(t: TensorPlan, read_base: Reader, read_adapter: Reader) -
     return quantization_norms(original, quantized, merged)
 
 
-def merged_tensor(t: TensorPlan, read_base: Reader, read_adapter: Reader, out_dtype: torch.dtype,
-                  device: torch.device | str = "cpu", base: torch.Tensor | None = None) -> torch.Tensor:
+def merged_tensor(
+    t: TensorPlan,
+    read_base: Reader,
+    read_adapter: Reader,
+    out_dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The merged value of one planned tensor on `device`; `base` when the caller has read the base value already."""
     if base is None and t.quant is not None and t.replacement is None:
         base = quantized_base(t, read_base).to(device)
@@ -407,8 +417,8 @@ def merged_expert(t: TensorPlan, expert: int, w: torch.Tensor, factors: dict[str
             target = w[:, rows] if op.part.in_out else w[rows]
             target += (delta.T if op.part.in_out else delta).to(w.dtype)
             continue
-        a3 = a.reshape(op.experts, -1, a.shape[-1])[expert:expert + 1]
-        b3 = b.reshape(b.shape[0], -1, op.experts)[:, :, expert:expert + 1]
+        a3 = a.reshape(op.experts, -1, a.shape[-1])[expert : expert + 1]
+        b3 = b.reshape(b.shape[0], -1, op.experts)[:, :, expert : expert + 1]
         equation = "o r e, e r i -> e i o" if op.transpose else "o r e, e r i -> e o i"
         delta = torch.einsum(equation, b3, a3) * op.scale.scale
         if w.dtype in (torch.float16, torch.bfloat16, torch.float32):

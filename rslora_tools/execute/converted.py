@@ -45,17 +45,14 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[A
     return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
 
 
-
-
-
-
-
-
 def other_files(adapter: Adapter) -> list[Path]:
     """The adapter folder's other top-level files, which travel along (links out of the folder refused)."""
     skip = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, PROVENANCE_NAME, adapter.weights_path.name}
-    return [checked_file(adapter.path, path, "side file") for path in sorted(adapter.path.iterdir())
-            if path.name not in skip and not path.name.startswith(".") and path.is_file()]
+    return [
+        checked_file(adapter.path, path, "side file")
+        for path in sorted(adapter.path.iterdir())
+        if path.name not in skip and not path.name.startswith(".") and path.is_file()
+    ]
 
 
 def copy_other_files(adapter: Adapter, tmp: Path, plan: ConversionPlan, *, readme: bool = True) -> None:

@@ -43,9 +43,16 @@ from .run import NonFinite, ProgressCallback, Run, Slot, Staging, Stopped, Worke
 from .torch_steps import with_experts, with_requant, with_torch
 
 
-def execute(lowered: Lowered, checkpoint: Checkpoint, adapter: Adapter, folder: Path,
-            progress: ProgressCallback | None = None, *, allow_nonfinite: bool = False,
-            measures: dict[str, tuple[float, float, float]] | None = None) -> None:
+def execute(
+    lowered: Lowered,
+    checkpoint: Checkpoint,
+    adapter: Adapter,
+    folder: Path,
+    progress: ProgressCallback | None = None,
+    *,
+    allow_nonfinite: bool = False,
+    measures: dict[str, tuple[float, float, float]] | None = None,
+) -> None:
     """Write every shard of `lowered` into `folder`; on failure or interrupt the workers stop at their next block.
 
     A computed tensor with more NaN/Inf values than its starting value is an error (an adapter that
@@ -53,8 +60,17 @@ def execute(lowered: Lowered, checkpoint: Checkpoint, adapter: Adapter, folder: 
     weight quantized as in training (with a delta) the squared norms of compute.torch_ops.quantization_norms.
     """
     steps = lowered.steps
-    run = Run(checkpoint, adapter, CheckpointFiles(checkpoint), lowered.device, Staging(lowered.device),
-               sum(step.nbytes for step in steps), progress, allow_nonfinite, measures)
+    run = Run(
+        checkpoint,
+        adapter,
+        CheckpointFiles(checkpoint),
+        lowered.device,
+        Staging(lowered.device),
+        sum(step.nbytes for step in steps),
+        progress,
+        allow_nonfinite,
+        measures,
+    )
     if adapter.is_safetensors and any(s.kind in (StepKind.COPY_ADAPTER, StepKind.KERNEL) for s in steps):
         run.adapter_fd = os.open(adapter.weights_path, os.O_RDONLY)
     workers = Workers(run.stop)

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from .recompute import VerifyReport
 
 
-def write_folder(inputs: MergeInputs, output: Folder, options: MergeOptions,
-                 progress: ProgressCallback | None = None) -> MergeReport:
+def write_folder(
+    inputs: MergeInputs, output: Folder, options: MergeOptions, progress: ProgressCallback | None = None
+) -> MergeReport:
     """A merge of resolved inputs into the folder OUT (or, dry, its report)."""
     started = time.monotonic()
     out = output.path
@@ -57,11 +58,20 @@ def write_folder(inputs: MergeInputs, output: Folder, options: MergeOptions,
     return report
 
 
-def _write_output(tmp: Path, prepared: PreparedMerge, options: MergeOptions, progress: ProgressCallback | None) -> None:
+def _write_output(
+    tmp: Path, prepared: PreparedMerge, options: MergeOptions, progress: ProgressCallback | None
+) -> None:
     checkpoint, adapter, report = prepared.checkpoint, prepared.adapter, prepared.report
     measures: dict[str, tuple[float, float, float]] = {}
-    execute(prepared.lowered, checkpoint, adapter, tmp, progress, allow_nonfinite=options.allow_nonfinite,
-            measures=measures)
+    execute(
+        prepared.lowered,
+        checkpoint,
+        adapter,
+        tmp,
+        progress,
+        allow_nonfinite=options.allow_nonfinite,
+        measures=measures,
+    )
     record_measures(prepared, measures)
     write_extras(tmp, prepared, options)
     if options.verify:
@@ -69,22 +79,37 @@ def _write_output(tmp: Path, prepared: PreparedMerge, options: MergeOptions, pro
         from .recompute import check_folder  # torch: imported only when asked
 
         weights = list(adapter.weights)
-        checked_adapter = stack_adapters(adapter.parts, weights) if len(adapter.parts) > 1 or weights != [1.0] \
-            else adapter.parts[0]
-        checked = check_folder(tmp, checkpoint.folder, checked_adapter, trained_on=options.trained_on,
-                               base_is_residual=options.base_is_residual)
+        checked_adapter = (
+            stack_adapters(adapter.parts, weights) if len(adapter.parts) > 1 or weights != [1.0] else adapter.parts[0]
+        )
+        checked = check_folder(
+            tmp,
+            checkpoint.folder,
+            checked_adapter,
+            trained_on=options.trained_on,
+            base_is_residual=options.base_is_residual,
+        )
         report.verify = checked.to_dict()
         if not checked.ok:
-            raise MismatchError(f"verification of the merged output failed ({_verify_summary(checked)}); "
-                                "nothing was written")
-        add_to_provenance(tmp, verified={"verdict": checked.verdict, "tensors_checked": checked.tensors_checked,
-                                         "exact": checked.exact, "rounding": checked.rounding})
+            raise MismatchError(
+                f"verification of the merged output failed ({_verify_summary(checked)}); nothing was written"
+            )
+        add_to_provenance(
+            tmp,
+            verified={
+                "verdict": checked.verdict,
+                "tensors_checked": checked.tensors_checked,
+                "exact": checked.exact,
+                "rounding": checked.rounding,
+            },
+        )
 
 
 def check_free_space(out: Path, needed: int, free: int | None) -> None:
     if free is not None and needed > free:
         raise OutputError(
-            f"{out}: the merge writes {human_size(needed)} but only {human_size(free)} is free there; free some space or "
+            f"{out}: the merge writes {human_size(needed)} but only {human_size(free)} is free there; free some "
+            f"space or "
             "choose another output folder (nothing was written)"
         )
 

@@ -48,8 +48,10 @@ def write_gguf(plan: GgufPlan, adapter: Adapter, path: Path, *, allow_nonfinite:
         for suffix, tensor in (("lora_a", a), ("lora_b", b)):
             bad = 0 if allow_nonfinite else count_nonfinite(tensor)
             if bad:
-                raise nonfinite_error(f"{gguf_name}.{suffix}", f"{counted(bad, 'NaN or Inf value')} in the tensor computed "
-                                      f"for module {e.module.name!r}")
+                raise nonfinite_error(
+                    f"{gguf_name}.{suffix}",
+                    f"{counted(bad, 'NaN or Inf value')} in the tensor computed for module {e.module.name!r}",
+                )
             writer.add_tensor(f"{gguf_name}.{suffix}", tensor.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

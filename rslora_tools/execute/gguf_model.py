@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from ..adapter.adapter import Adapter
 
 
-
 @dataclass(frozen=True)
 class Outtype:
     """One `--outtype` of a merged GGUF (convert_hf_to_gguf.py's own): the file type the converter is given, and
@@ -43,29 +42,40 @@ class Outtype:
 
 
 # The one table of outtypes: MergeOptions checks against it, the CLI offers its keys, the writer sizes and converts.
-OUTTYPES = {"f16": Outtype("MOSTLY_F16", 2.0), "bf16": Outtype("MOSTLY_BF16", 2.0), "f32": Outtype("ALL_F32", 4.0),
-            "q8_0": Outtype("MOSTLY_Q8_0", 34 / 32)}
+OUTTYPES = {
+    "f16": Outtype("MOSTLY_F16", 2.0),
+    "bf16": Outtype("MOSTLY_BF16", 2.0),
+    "f32": Outtype("ALL_F32", 4.0),
+    "q8_0": Outtype("MOSTLY_Q8_0", 34 / 32),
+}
 DEFAULT_OUTTYPE = "f16"  # an OUT.gguf whose outtype is not given
 LLAMA_CPP_ENV = "RSLORA_TOOLS_LLAMA_CPP_DIR"
 _TEST_BUILD = "llama-cpp-python-0.3.36/llama.cpp"  # where scripts/setup_llama_cpp.sh unpacks the converter
-TWO_STEP = ("merge into a folder, then run llama.cpp's converter on it: rslora-tools merge BASE ADAPTER MERGED && "
-            "python convert_hf_to_gguf.py MERGED --outtype T")
+TWO_STEP = (
+    "merge into a folder, then run llama.cpp's converter on it: rslora-tools merge BASE ADAPTER MERGED && "
+    "python convert_hf_to_gguf.py MERGED --outtype T"
+)
 
 
 def find_llama_cpp(explicit: str | os.PathLike[str] | None) -> Path:
     """The llama.cpp checkout whose convert_hf_to_gguf.py writes the GGUF: `explicit` (--llama-cpp), else
     $RSLORA_TOOLS_LLAMA_CPP_DIR, else the copy scripts/setup_llama_cpp.sh unpacked."""
     cache = Path(os.environ.get("RSLORA_TOOLS_CACHE") or Path.home() / ".cache" / "rslora-tools")
-    candidates = [Path(explicit)] if explicit else [Path(p) for p in (os.environ.get(LLAMA_CPP_ENV),) if p] + [
-        cache / _TEST_BUILD]
+    candidates = (
+        [Path(explicit)]
+        if explicit
+        else [Path(p) for p in (os.environ.get(LLAMA_CPP_ENV),) if p] + [cache / _TEST_BUILD]
+    )
     for folder in candidates:
         if (folder / "convert_hf_to_gguf.py").is_file() and (folder / "gguf-py").is_dir():
             return folder
     where = explicit or os.environ.get(LLAMA_CPP_ENV) or str(cache / _TEST_BUILD)
-    raise InputError(f"{where}: no llama.cpp checkout here (convert_hf_to_gguf.py and gguf-py/); a GGUF OUT needs "
-                     f"one: run scripts/setup_llama_cpp.sh (in a clone of rslora-tools: it unpacks the llama.cpp the "
-                     f"tests use there), or pass --llama-cpp DIR or set {LLAMA_CPP_ENV} (git clone "
-                     "https://github.com/ggml-org/llama.cpp)")
+    raise InputError(
+        f"{where}: no llama.cpp checkout here (convert_hf_to_gguf.py and gguf-py/); a GGUF OUT needs "
+        f"one: run scripts/setup_llama_cpp.sh (in a clone of rslora-tools: it unpacks the llama.cpp the "
+        f"tests use there), or pass --llama-cpp DIR or set {LLAMA_CPP_ENV} (git clone "
+        "https://github.com/ggml-org/llama.cpp)"
+    )
 
 
 @contextmanager
@@ -80,11 +90,13 @@ def _converter_on_path(llama_cpp: Path) -> Iterator[Any]:
         try:
             conversion = importlib.import_module("conversion")
         except ImportError as e:
-            raise InputError(f"{llama_cpp}: llama.cpp's converter needs the Python package {e.name!r}: pip install "
-                             f"-r {llama_cpp}/requirements/requirements-convert_hf_to_gguf.txt") from e
+            raise InputError(
+                f"{llama_cpp}: llama.cpp's converter needs the Python package {e.name!r}: pip install "
+                f"-r {llama_cpp}/requirements/requirements-convert_hf_to_gguf.txt"
+            ) from e
         yield conversion
     finally:
-        del sys.path[:len(paths)]
+        del sys.path[: len(paths)]
         for name in [k for k in sys.modules if k == "gguf" or k.startswith(("gguf.", "conversion"))]:
             del sys.modules[name]
         sys.modules.update(saved)
@@ -92,10 +104,12 @@ def _converter_on_path(llama_cpp: Path) -> Iterator[Any]:
 
 class ShardUse:
     """A streamed base (`merge --stream OUT.gguf`): each base shard fetched when a tensor first needs it, and released
-    (closed, then deleted by `release`) once every tensor reading it is computed, whatever order the converter asks in."""
+    (closed, then deleted by `release`) once every tensor reading it is computed, whatever order the converter asks
+    in."""
 
-    def __init__(self, plan: Plan, files: CheckpointFiles, fetch: Callable[[str], object],
-                 release: Callable[[str], None]):
+    def __init__(
+        self, plan: Plan, files: CheckpointFiles, fetch: Callable[[str], object], release: Callable[[str], None]
+    ):
         from ..plan.stream import base_reads
 
         self.files, self.fetch, self.release = files, fetch, release
@@ -121,9 +135,16 @@ class ShardUse:
                 self.present.discard(shard)
 
 
-def write_merged_gguf(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, side_dir: Path, out: Path, outtype: str,
-                      llama_cpp: Path, streamed: tuple[Callable[[str], object], Callable[[str], None]] | None = None
-                      ) -> None:
+def write_merged_gguf(
+    plan: Plan,
+    checkpoint: Checkpoint,
+    adapter: Adapter,
+    side_dir: Path,
+    out: Path,
+    outtype: str,
+    llama_cpp: Path,
+    streamed: tuple[Callable[[str], object], Callable[[str], None]] | None = None,
+) -> None:
     """Write the merged model as one GGUF file at `out`, llama.cpp's converter reading `side_dir` for its metadata;
     `streamed`: (fetch, release) of a streamed base's shards (ShardUse)."""
     import logging
@@ -148,9 +169,14 @@ def write_merged_gguf(plan: Plan, checkpoint: Checkpoint, adapter: Adapter, side
                 def index_tensors(self, remote_hf_model_id: str | None = None) -> dict[str, Callable[[], Any]]:
                     indexed: dict[str, Callable[[], Any]] = {}
                     for name, (dtype, shape, compute) in tensors.items():
-                        def gen(dtype: torch.dtype = dtype, shape: tuple[int, ...] = shape,
-                                compute: Callable[[], torch.Tensor] = compute) -> Any:
+
+                        def gen(
+                            dtype: torch.dtype = dtype,
+                            shape: tuple[int, ...] = shape,
+                            compute: Callable[[], torch.Tensor] = compute,
+                        ) -> Any:
                             return lazy(meta=lazy.meta_with_dtype_and_shape(dtype, shape), args=(), func=compute)
+
                         if item := self.filter_tensors((name, gen)):
                             indexed[item[0]] = item[1]
                     return indexed
@@ -176,6 +202,7 @@ def _progress_on_terminal(writer: Any) -> None:
 
     def quiet_unless_terminal(*args: Any, progress: bool = False, **kwargs: Any) -> Any:
         return write_tensors(*args, progress=progress and sys.stderr.isatty(), **kwargs)
+
     writer.write_tensors_to_file = quiet_unless_terminal
 
 
@@ -184,14 +211,17 @@ def _model_class(conversion: Any, side_dir: Path) -> Any:
     try:
         architecture = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
     except ValueError as e:  # no "architectures" in config.json
-        raise InputError(f"BASE's config.json: llama.cpp's converter cannot tell the architecture ({e}); add "
-                         "\"architectures\" (e.g. [\"LlamaForCausalLM\"]) to it") from None
+        raise InputError(
+            f"BASE's config.json: llama.cpp's converter cannot tell the architecture ({e}); add "
+            '"architectures" (e.g. ["LlamaForCausalLM"]) to it'
+        ) from None
     try:
         return conversion.get_model_class(architecture, mmproj=False)
     except NotImplementedError:
         raise UnsupportedAdapterError(
             f"llama.cpp's converter does not support {architecture}, so no GGUF can be written for it; {TWO_STEP} "
-            "(with a llama.cpp that supports it)") from None
+            "(with a llama.cpp that supports it)"
+        ) from None
 
 
 def _no_vocabulary(checkpoint: Checkpoint, e: Exception) -> str:
@@ -200,13 +230,16 @@ def _no_vocabulary(checkpoint: Checkpoint, e: Exception) -> str:
     found = sorted(p.name for p in checkpoint.folder.iterdir() if p.name.startswith("tokenizer"))
     has = f"it has {', '.join(found)}" if found else "it has no tokenizer files"
     reason = " ".join(str(e).split())[:160]
-    return (f"{checkpoint.folder}: llama.cpp's converter cannot read BASE's tokenizer ({has}; it said: {reason}); a "
-            "GGUF holds the vocabulary, so BASE needs the model's tokenizer files (tokenizer.model, or tokenizer.json "
-            "with tokenizer_config.json), and the converter's Python needs (transformers, sentencepiece)")
+    return (
+        f"{checkpoint.folder}: llama.cpp's converter cannot read BASE's tokenizer ({has}; it said: {reason}); a "
+        "GGUF holds the vocabulary, so BASE needs the model's tokenizer files (tokenizer.model, or tokenizer.json "
+        "with tokenizer_config.json), and the converter's Python needs (transformers, sentencepiece)"
+    )
 
 
-def _merged_tensors(plan: Plan, files: CheckpointFiles, adapter: Adapter, use: ShardUse | None
-                    ) -> dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]:
+def _merged_tensors(
+    plan: Plan, files: CheckpointFiles, adapter: Adapter, use: ShardUse | None
+) -> dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]:
     """Every output tensor, in the order the converter reads the merged folder, with the function computing it."""
     order = sorted((shard, t.name) for shard, planned in plan.shards for t in planned)
     by_name = {t.name: t for t in plan.tensors}
@@ -217,8 +250,9 @@ def _merged_tensors(plan: Plan, files: CheckpointFiles, adapter: Adapter, use: S
     return out
 
 
-def _compute(t: TensorPlan, files: CheckpointFiles, adapter: Adapter, use: ShardUse | None
-             ) -> Callable[[], torch.Tensor]:
+def _compute(
+    t: TensorPlan, files: CheckpointFiles, adapter: Adapter, use: ShardUse | None
+) -> Callable[[], torch.Tensor]:
     def compute() -> torch.Tensor:
         from ..compute.torch_ops import merged_tensor
 
@@ -232,4 +266,5 @@ def _compute(t: TensorPlan, files: CheckpointFiles, adapter: Adapter, use: Shard
         if use is not None:
             use.after(t)
         return value
+
     return compute

@@ -29,12 +29,15 @@ from .options import MergeOptions
 from .outputs import GgufFile
 from .streamed_base import check_scratch, make_view, open_streamed_base, shard_fetcher
 
-NEXT_STEP = ("next: K-quants with an importance matrix, as llama.cpp advises: llama-imatrix on OUT with a "
-             "calibration text, then llama-quantize OUT with that matrix (README, 'Straight to GGUF')")
+NEXT_STEP = (
+    "next: K-quants with an importance matrix, as llama.cpp advises: llama-imatrix on OUT with a "
+    "calibration text, then llama-quantize OUT with that matrix (README, 'Straight to GGUF')"
+)
 
 
-def write_gguf_file(inputs: MergeInputs, output: GgufFile, options: MergeOptions,
-                    progress: ProgressCallback | None = None) -> MergeReport:
+def write_gguf_file(
+    inputs: MergeInputs, output: GgufFile, options: MergeOptions, progress: ProgressCallback | None = None
+) -> MergeReport:
     """A merge of resolved inputs into OUT.gguf (or, dry, its report); llama.cpp's converter draws its own progress
     on a terminal, not through `progress`."""
     started = time.monotonic()
@@ -53,8 +56,13 @@ def gguf_size(plan: Plan, outtype: str) -> int:
     return int(total)
 
 
-def _write(prepared: PreparedMerge, output: GgufFile, options: MergeOptions, started: float,
-           fetcher: ShardFetcher | None = None) -> MergeReport:
+def _write(
+    prepared: PreparedMerge,
+    output: GgufFile,
+    options: MergeOptions,
+    started: float,
+    fetcher: ShardFetcher | None = None,
+) -> MergeReport:
     """Write (or, dry, describe) OUT.gguf from a prepared merge; `fetcher`: a streamed Hub base's shards."""
     from .gguf_model import find_llama_cpp, write_merged_gguf
 
@@ -75,8 +83,14 @@ def _write(prepared: PreparedMerge, output: GgufFile, options: MergeOptions, sta
         side = Path(work) / out.name.removesuffix(".gguf")
         side.mkdir()
         copy_side_files(checkpoint.folder, adapter.path, side, plan.config_updates)
-        with writing(out, written, overwrite=options.overwrite, what="writing the GGUF file", warnings=report.warnings,
-                     single_file=True) as tmp:
+        with writing(
+            out,
+            written,
+            overwrite=options.overwrite,
+            what="writing the GGUF file",
+            warnings=report.warnings,
+            single_file=True,
+        ) as tmp:
             streamed = (fetcher.fetch, fetcher.release) if fetcher is not None else None
             write_merged_gguf(plan, checkpoint, adapter, side, tmp, outtype, llama_cpp, streamed)
     report.bytes_written = out.stat().st_size
@@ -96,9 +110,13 @@ def _streamed(inputs: MergeInputs, output: GgufFile, options: MergeOptions, star
         order = schedule(prepared.plan, checkpoint)
         fetcher = shard_fetcher(source, scratch, stream, options.token)
         stored = {s for s in order.base_bytes if fetcher is not None and fetcher.cached(s) is None}
-        largest = max((sum(order.base_bytes[s] for s in order.needs[o] if s in stored) for o in order.outputs), default=0)
-        prepared.report.notes.append(f"streamed: base shards fetched as needed and deleted after use (at most about "
-                                     f"{human_size(largest)} of them on disk at a time, in {scratch})")
+        largest = max(
+            (sum(order.base_bytes[s] for s in order.needs[o] if s in stored) for o in order.outputs), default=0
+        )
+        prepared.report.notes.append(
+            f"streamed: base shards fetched as needed and deleted after use (at most about "
+            f"{human_size(largest)} of them on disk at a time, in {scratch})"
+        )
         if options.dry_run:
             return _write(prepared, output, options, started)
         with work_folder(scratch, f"the scratch folder of a --stream into {out}"):

@@ -60,13 +60,17 @@ class StreamReport(MergeReport):
 def work_folder_path(repo_id: str, scratch: Path | None = None) -> Path:
     """The working folder of a push to `repo_id`: a folder of its own inside --scratch DIR (default
     ~/.cache/rslora-tools/stream), where a re-run finds its journal; never DIR itself (a user's folder)."""
-    root = scratch if scratch is not None else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
-        "rslora-tools" / "stream"
+    root = (
+        scratch
+        if scratch is not None
+        else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rslora-tools" / "stream"
+    )
     return root.expanduser().resolve() / f"rslora-tools-stream-{repo_id.replace('/', '--')}"
 
 
-def stream_to_hub(inputs: MergeInputs, output: HubStream, options: MergeOptions,
-                  progress: ProgressCallback | None = None) -> StreamReport:
+def stream_to_hub(
+    inputs: MergeInputs, output: HubStream, options: MergeOptions, progress: ProgressCallback | None = None
+) -> StreamReport:
     """Merge resolved inputs (BASE a Hub repo or a local folder, its shards not fetched) into the Hub repo
     `options.push`, shard by shard.
 
@@ -122,15 +126,23 @@ def _stream_merge(inputs: MergeInputs, options: MergeOptions, scratch: Path) -> 
     try:
         report.push = _commit(prepared, order, publisher, journal, operations, scratch, options).to_dict()
     except KeyboardInterrupt as e:
-        raise StreamInterrupted(f"interrupted during the final commit to {target.repo_id}; run the same command again: "
-                                "it uploads nothing again and makes (or repeats) the commit") from e
+        raise StreamInterrupted(
+            f"interrupted during the final commit to {target.repo_id}; run the same command again: "
+            "it uploads nothing again and makes (or repeats) the commit"
+        ) from e
     _clean(scratch, journal)
     report.seconds = time.monotonic() - started
     return report
 
 
-def _plan_report(prepared: PreparedMerge, order: StreamSchedule, fetcher: ShardFetcher | None, scratch: Path,
-                 stream: StreamOptions, repo_id: str) -> StreamReport:
+def _plan_report(
+    prepared: PreparedMerge,
+    order: StreamSchedule,
+    fetcher: ShardFetcher | None,
+    scratch: Path,
+    stream: StreamOptions,
+    repo_id: str,
+) -> StreamReport:
     """The disk bound: base shards this run stores (not cached; kept when --keep-cache), two output shards, the
     small files of the commit."""
     stored: set[str] = set()  # a local base: nothing is fetched
@@ -140,8 +152,9 @@ def _plan_report(prepared: PreparedMerge, order: StreamSchedule, fetcher: ShardF
     bound = order.disk_bound(set() if stream.keep_cache else stored) + extras
     if stream.keep_cache:
         bound += sum(order.base_bytes[s] for s in stored)
-    report = StreamReport.of(prepared.report, repo_id=repo_id, scratch=str(scratch), disk_bound=bound,
-                             model_bytes=order.total_out)
+    report = StreamReport.of(
+        prepared.report, repo_id=repo_id, scratch=str(scratch), disk_bound=bound, model_bytes=order.total_out
+    )
     report.free_bytes = free_space(scratch)
     if fetcher is not None:
         report.skipped["cached"] = sorted(set(order.base_bytes) - stored)
@@ -165,11 +178,19 @@ def _check_space(report: StreamReport, scratch: Path) -> None:
     if free is not None and report.disk_bound > free:
         raise OutputError(
             f"{scratch}: the streamed merge needs up to {human_size(report.disk_bound)} there but only "
-            f"{human_size(free)} is free; free some space or pass --scratch on a larger disk (nothing was uploaded)")
+            f"{human_size(free)} is free; free some space or pass --scratch on a larger disk (nothing was uploaded)"
+        )
 
 
-def _commit(prepared: PreparedMerge, order: StreamSchedule, publisher: Publisher, journal: Journal,
-            operations: dict[str, Any], scratch: Path, options: MergeOptions) -> Any:
+def _commit(
+    prepared: PreparedMerge,
+    order: StreamSchedule,
+    publisher: Publisher,
+    journal: Journal,
+    operations: dict[str, Any],
+    scratch: Path,
+    options: MergeOptions,
+) -> Any:
     """The one commit: every shard (uploaded now or by an earlier run), index, configs, provenance, card."""
     extras = scratch / "extras"
     shutil.rmtree(extras, ignore_errors=True)

@@ -91,7 +91,7 @@ def with_quant_kernel(run: Run, t: TensorPlan, slot: Slot) -> bool:
         for start in range(0, rows, step):
             size = min(step, rows - start) * row_bytes
             read_block(run, fd, offset + start * row_bytes, block_in[:size], what)
-            if kernel.block_absmax(block_in[:size], t.dtype, blocksize, absmax[start * row_blocks * 4:]):
+            if kernel.block_absmax(block_in[:size], t.dtype, blocksize, absmax[start * row_blocks * 4 :]):
                 return False
         scale = _double_quantized(absmax)
     operands = _operands(run, t) if t.lora is not None else None
@@ -99,15 +99,18 @@ def with_quant_kernel(run: Run, t: TensorPlan, slot: Slot) -> bool:
     for start in range(0, rows, step):
         size = min(step, rows - start) * row_bytes
         read_block(run, fd, offset + start * row_bytes, block_in[:size], what)
-        if not q.scheme.double_quant and kernel.block_absmax(block_in[:size], t.dtype, blocksize,
-                                                             absmax[start * row_blocks * 4:]):
+        if not q.scheme.double_quant and kernel.block_absmax(
+            block_in[:size], t.dtype, blocksize, absmax[start * row_blocks * 4 :]
+        ):
             return False
-        kernel.simulate_4bit(block_in[:size], t.dtype, q.scheme.method, blocksize, start * row_blocks, absmax, scale,
-                             block_out[:size])
+        kernel.simulate_4bit(
+            block_in[:size], t.dtype, q.scheme.method, blocksize, start * row_blocks, absmax, scale, block_out[:size]
+        )
         result = block_out
         if operands is not None and t.lora is not None:
-            if not kernel.merge_rows(block_out[:size], t.dtype, operands, start, size // row_bytes, t.lora.scale.scale,
-                                     merged[:size]):
+            if not kernel.merge_rows(
+                block_out[:size], t.dtype, operands, start, size // row_bytes, t.lora.scale.scale, merged[:size]
+            ):
                 return False
             if (start // step) % _MEASURE_EVERY == 0:  # a statistic for the report: a quarter of the rows is plenty
                 norms = kernel.quant_norms(block_in[:size], block_out[:size], merged[:size], t.dtype)
@@ -147,8 +150,17 @@ class _Fp8Requant:
         self.sums = (0.0, 0.0, 0.0)
 
     def add(self, rows: int, dequantized: memoryview | None, merged: memoryview) -> None:
-        sums = kernel.quantize_fp8_band(merged, dequantized, rows, self.cols, self.block[1], self.dtype,
-                                        self.scale_dtype, self.codes[:rows * self.cols], self.inv)
+        sums = kernel.quantize_fp8_band(
+            merged,
+            dequantized,
+            rows,
+            self.cols,
+            self.block[1],
+            self.dtype,
+            self.scale_dtype,
+            self.codes[: rows * self.cols],
+            self.inv,
+        )
         if sums is None:
             raise NonFinite
         self.sums = (self.sums[0] + sums[0], self.sums[1] + sums[1], self.sums[2] + sums[2])
@@ -178,9 +190,12 @@ def _kernel_requantizes(run: Run, t: TensorPlan) -> bool:
     q = t.quant
     assert q is not None and q.stored is not None
     stored = q.stored
-    return (stored.scheme.method == "fp8" and stored.scheme.block is not None
-            and run.checkpoint.info(stored.parts["weight"]).dtype == "F8_E4M3"
-            and run.checkpoint.info(stored.parts["scale_inv"]).dtype in kernel.FP8_SCALE_MODES)
+    return (
+        stored.scheme.method == "fp8"
+        and stored.scheme.block is not None
+        and run.checkpoint.info(stored.parts["weight"]).dtype == "F8_E4M3"
+        and run.checkpoint.info(stored.parts["scale_inv"]).dtype in kernel.FP8_SCALE_MODES
+    )
 
 
 def _fp8_bands(run: Run, t: TensorPlan, dtype: str) -> Iterator[tuple[int, int, memoryview, memoryview]]:
@@ -197,8 +212,12 @@ def _fp8_bands(run: Run, t: TensorPlan, dtype: str) -> Iterator[tuple[int, int, 
     if block is not None:  # one scale per block: a band is a block row, its scales one per column
         step, per_row = block[0], False
         grid_cols = -(-cols // block[1])
-        band_scales = [b"".join(scales[4 * (i * grid_cols + j):4 * (i * grid_cols + j + 1)] * block[1]
-                                for j in range(grid_cols))[:4 * cols] for i in range(-(-rows // block[0]))]
+        band_scales = [
+            b"".join(
+                scales[4 * (i * grid_cols + j) : 4 * (i * grid_cols + j + 1)] * block[1] for j in range(grid_cols)
+            )[: 4 * cols]
+            for i in range(-(-rows // block[0]))
+        ]
     else:  # one scale for the tensor, or one per row
         step, per_row = max(32, BLOCK_BYTES // row_bytes // 32 * 32), True
         row_scales = scales * rows if len(scales) == 4 else scales
@@ -211,9 +230,9 @@ def _fp8_bands(run: Run, t: TensorPlan, dtype: str) -> Iterator[tuple[int, int, 
     for start in range(0, rows, step):
         n = min(step, rows - start)
         size = n * row_bytes
-        read_block(run, fd, offset + start * cols, codes[:n * cols], what)
-        band = band_scales[start // step] if block is not None else row_scales[4 * start:4 * (start + n)]
-        if not kernel.dequant_rows(codes[:n * cols], fp8, band, per_row, n, cols, dtype, block_in[:size]):
+        read_block(run, fd, offset + start * cols, codes[: n * cols], what)
+        band = band_scales[start // step] if block is not None else row_scales[4 * start : 4 * (start + n)]
+        if not kernel.dequant_rows(codes[: n * cols], fp8, band, per_row, n, cols, dtype, block_in[:size]):
             raise NonFinite
         now, free = block_in, block_out
         for operands, scale in chain:
@@ -234,7 +253,7 @@ def _fp8_requant_bands(run: Run, t: TensorPlan, slots: list[Slot]) -> None:
     cols = requant.cols
     for start, n, dequantized, merged in _fp8_bands(run, t, q.keep.dtype):
         requant.add(n, dequantized if t.lora is not None else None, merged)
-        write_at(slots[0].fd, slots[0].offset + start * cols, requant.codes[:n * cols])
+        write_at(slots[0].fd, slots[0].offset + start * cols, requant.codes[: n * cols])
         write_at(slots[1].fd, slots[1].offset + start // requant.block[0] * scale_row, requant.stored_scales())
     if t.lora is not None:
         record(run, t.name, requant.sums)
@@ -264,12 +283,17 @@ def with_requant_kernel(run: Run, t: TensorPlan, slots: list[Slot]) -> None:
     sums = [0.0, 0.0, 0.0]
     for start, n, dequantized, merged in _fp8_bands(run, t, dtype):
         value = torch.frombuffer(merged, dtype=compute).view(n, cols)
-        band_layout = {"weight": (layout["weight"][0], (n, cols)),
-                       scale_role: (scale_dtype, (-(-n // block_rows), *scale_shape[1:]))}
+        band_layout = {
+            "weight": (layout["weight"][0], (n, cols)),
+            scale_role: (scale_dtype, (-(-n // block_rows), *scale_shape[1:])),
+        }
         parts, back = requantized(stored, value, band_layout, run.base.read)
         write_at(slots[0].fd, slots[0].offset + start * cols, tensor_bytes(parts["weight"].contiguous()))
-        write_at(slots[1].fd, slots[1].offset + start // block_rows * scale_row,
-                 tensor_bytes(parts[scale_role].contiguous()))
+        write_at(
+            slots[1].fd,
+            slots[1].offset + start // block_rows * scale_row,
+            tensor_bytes(parts[scale_role].contiguous()),
+        )
         if t.lora is not None:
             start_value = torch.frombuffer(dequantized, dtype=compute).view(n, cols)
             sums = [a + b for a, b in zip(sums, requantization_norms(value, back, start_value))]

@@ -47,7 +47,7 @@ class StepKind(str, Enum):
     DEQUANT_KERNEL = ("dequant-kernel", "dequantized and merged by the kernel")  # FP8 bases, a block of rows at a time
     DEQUANT = ("dequant", "dequantized with torch")  # a quantized base weight dequantized (or quantized) with torch
     REQUANT_KERNEL = ("requant-kernel", "dequantized and merged by the kernel, quantized back with torch")  # FP8 bands
-    EXPERTS = ("experts", "expert by expert with torch")  # a fused expert tensor, one expert's slice in memory at a time
+    EXPERTS = ("experts", "expert by expert with torch")  # a fused expert tensor, one expert's slice at a time
     REQUANT = ("requant", "dequantized, merged and quantized back with torch")  # --keep-quantization: codes and scales
     WITH_WEIGHT = ("with-weight", "rewritten with its weight")  # a scale the REQUANT step of its weight writes
     TORCH = ("torch", "torch")  # everything else, computed with torch (compute/torch_ops.py) on the device
@@ -124,14 +124,21 @@ class Lowered:
 
     @property
     def uses_torch(self) -> bool:
-        return any(step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT, StepKind.REQUANT_KERNEL,
-                                 StepKind.EXPERTS) for step in self.steps)
+        return any(
+            step.kind
+            in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT, StepKind.REQUANT_KERNEL, StepKind.EXPERTS)
+            for step in self.steps
+        )
 
     @property
     def imports_torch(self) -> bool:
         """torch computes a tensor, or double quantization's nested step (the kernel's 4-bit path) needs it."""
-        return self.uses_torch or any(step.kind is StepKind.QUANT_KERNEL and step.tensor.quant is not None
-                                      and step.tensor.quant.scheme.double_quant for step in self.steps)
+        return self.uses_torch or any(
+            step.kind is StepKind.QUANT_KERNEL
+            and step.tensor.quant is not None
+            and step.tensor.quant.scheme.double_quant
+            for step in self.steps
+        )
 
     @property
     def device_name(self) -> str:
@@ -167,8 +174,13 @@ def _step_kind(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter, device: 
         return StepKind.DEQUANT
     if t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
         return StepKind.COPY_BASE
-    if (t.replaced_whole and t.replacement is not None and adapter.is_safetensors and adapter.single_file
-            and adapter.dtypes[t.replacement] == t.dtype):
+    if (
+        t.replaced_whole
+        and t.replacement is not None
+        and adapter.is_safetensors
+        and adapter.single_file
+        and adapter.dtypes[t.replacement] == t.dtype
+    ):
         return StepKind.COPY_ADAPTER
     if device.kernel_allowed and _kernel_fits(t, checkpoint, adapter):
         return StepKind.KERNEL
@@ -194,18 +206,33 @@ def _kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> boo
     return all(_op_fits(o, t, start_dtype if o is op else t.dtype, adapter) for o in t.all_lora)
 
 
-def _op_fits(op: LoraOp, t: TensorPlan, start_dtype: str, adapter: Adapter, shape: tuple[int, ...] | None = None) -> bool:
+def _op_fits(
+    op: LoraOp, t: TensorPlan, start_dtype: str, adapter: Adapter, shape: tuple[int, ...] | None = None
+) -> bool:
     """One op of a tensor in the kernel: plain LoRA on one weight (a stacked op starts from the previous result).
     `shape` and `start_dtype` are the merged weight's when they are not the output tensor's (--keep-quantization)."""
-    if op.dora or op.experts != 1 or op.part is not None or op.rows is not None or op.reorder is not None \
-            or op.delta_rows is not None:
+    if (
+        op.dora
+        or op.experts != 1
+        or op.part is not None
+        or op.rows is not None
+        or op.reorder is not None
+        or op.delta_rows is not None
+    ):
         return False
     a, b = op.module.a_key, op.module.b_key
     dtype = start_dtype if shape is not None else t.dtype
-    return kernel.supports(layer=op.kind, transposed=op.transpose, dtype=dtype, start_dtype=start_dtype,
-                           shape=shape or t.shape,
-                           a_dtype=adapter.dtypes[a], b_dtype=adapter.dtypes[b], a_shape=adapter.shapes[a],
-                           b_shape=adapter.shapes[b])
+    return kernel.supports(
+        layer=op.kind,
+        transposed=op.transpose,
+        dtype=dtype,
+        start_dtype=start_dtype,
+        shape=shape or t.shape,
+        a_dtype=adapter.dtypes[a],
+        b_dtype=adapter.dtypes[b],
+        a_shape=adapter.shapes[a],
+        b_shape=adapter.shapes[b],
+    )
 
 
 def _quant_kernel_fits(t: TensorPlan, checkpoint: Checkpoint, adapter: Adapter) -> bool:
@@ -282,8 +309,10 @@ def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
     for step in lowered.steps:
         t = step.tensor
         if step.kind in (StepKind.KERNEL, StepKind.QUANT_KERNEL, StepKind.DEQUANT_KERNEL, StepKind.REQUANT_KERNEL):
-            ab = sum(4 * (math.prod(adapter.shapes[op.module.a_key]) + math.prod(adapter.shapes[op.module.b_key]))
-                     for op in t.all_lora)
+            ab = sum(
+                4 * (math.prod(adapter.shapes[op.module.a_key]) + math.prod(adapter.shapes[op.module.b_key]))
+                for op in t.all_lora
+            )
             absmax = 0
             if step.kind is StepKind.DEQUANT_KERNEL:  # the codes of a band and its scales
                 absmax = 2 * math.prod(t.shape) * 4 // max(1, t.shape[0])

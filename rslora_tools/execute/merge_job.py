@@ -64,7 +64,9 @@ class MergeReport(Report):
     adapters: list[str] = field(default_factory=list)  # every adapter merged, in order (several: a stacked merge)
     weights: list[float] = field(default_factory=list)  # each adapter's weight (its delta multiplied)
     push: dict[str, Any] | None = None  # the push of OUT when one was asked (hub.push.PushReport)
-    gguf: dict[str, Any] | None = None  # an OUT.gguf: outtype, the llama.cpp used, the next step (execute/gguf_writer.py)
+    gguf: dict[str, Any] | None = (
+        None  # an OUT.gguf: outtype, the llama.cpp used, the next step (execute/gguf_writer.py)
+    )
 
 
 @dataclass
@@ -93,13 +95,21 @@ class PreparedMerge:
 def prepare_merge(base: Path | Checkpoint, inputs: MergeInputs, out: Path, options: MergeOptions) -> PreparedMerge:
     """Open, plan and lower a merge (headers and configs only); `out` is only named in the report."""
     checkpoint, adapter, plan = plan_merge(
-        base, inputs.adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
-        allow_pickle=options.allow_pickle, collect_unmatched=options.dry_run, trained_on=options.trained_on,
-        base_is_residual=options.base_is_residual, keep_quantization=options.keep_quantization,
+        base,
+        inputs.adapter,
+        dtype=options.dtype,
+        max_shard_size=options.max_shard_size,
+        allow_pickle=options.allow_pickle,
+        collect_unmatched=options.dry_run,
+        trained_on=options.trained_on,
+        base_is_residual=options.base_is_residual,
+        keep_quantization=options.keep_quantization,
     )
     if adapter.relative_form is not None:
-        plan.notes.append(f"{variant_name(adapter.trained_adapter)} adapter made relative to the original "
-                          f"base with INIT {options.initial}: {adapter.relative_form}")
+        plan.notes.append(
+            f"{variant_name(adapter.trained_adapter)} adapter made relative to the original "
+            f"base with INIT {options.initial}: {adapter.relative_form}"
+        )
     lowered = lower(plan, checkpoint, adapter, Device(options.device))
     report = _report(checkpoint, adapter, plan, lowered, out, options)
     report.warnings = inputs.warnings + report.warnings
@@ -114,7 +124,8 @@ def measure_sample(prepared: PreparedMerge) -> None:
     report, plan = prepared.report, prepared.plan
     if report.quantization is not None and "measured" in report.quantization:
         report.quantization["measured"] = measured_quantization(
-            sample_quantization(plan, prepared.checkpoint, prepared.adapter), measurable_weights(plan))
+            sample_quantization(plan, prepared.checkpoint, prepared.adapter), measurable_weights(plan)
+        )
 
 
 def check_inputs_finite(adapter: Adapter, options: MergeOptions) -> None:
@@ -123,8 +134,9 @@ def check_inputs_finite(adapter: Adapter, options: MergeOptions) -> None:
             check_finite(source)
 
 
-def record_measures(prepared: PreparedMerge, measures: dict[str, tuple[float, float, float]], *,
-                    sample: bool = True) -> None:
+def record_measures(
+    prepared: PreparedMerge, measures: dict[str, tuple[float, float, float]], *, sample: bool = True
+) -> None:
     """The quantization error the executor measured (--trained-on, --keep-quantization, a block-scaled FP8 base
     through the kernel) into the report; otherwise a dequantized base's is measured on a sample after the merge."""
     quantization, plan = prepared.report.quantization, prepared.plan
@@ -147,22 +159,35 @@ def write_extras(folder: Path, prepared: PreparedMerge, options: MergeOptions) -
         write_index(folder, shards, plan.index_metadata)
     copy_side_files(checkpoint.folder, adapter.path, folder, plan.config_updates)
     sources = prepared.sources
-    write_provenance(folder, {
-        "operation": "merge",
-        "base": sources.get("base") or {"spec": str(checkpoint.folder)},
-        "adapter": sources.get("adapter") or {"spec": str(adapter.path)},
-        **({"adapters": sources.get("adapters") or [{"spec": str(p.path)} for p in adapter.parts],
-            "weights": list(adapter.weights)} if adapter.stacked else {}),
-        "convention": report.convention, "modules": report.modules,
-        "scale_min": report.scale_min, "scale_max": report.scale_max, "dtype": report.dtype,
-        **({"quantization": report.quantization} if report.quantization else {}),
-        **({"initial": sources.get("initial") or {"spec": options.initial}} if options.initial else {}),
-        **({"base_is_residual": True} if options.base_is_residual else {}),
-    })
+    write_provenance(
+        folder,
+        {
+            "operation": "merge",
+            "base": sources.get("base") or {"spec": str(checkpoint.folder)},
+            "adapter": sources.get("adapter") or {"spec": str(adapter.path)},
+            **(
+                {
+                    "adapters": sources.get("adapters") or [{"spec": str(p.path)} for p in adapter.parts],
+                    "weights": list(adapter.weights),
+                }
+                if adapter.stacked
+                else {}
+            ),
+            "convention": report.convention,
+            "modules": report.modules,
+            "scale_min": report.scale_min,
+            "scale_max": report.scale_max,
+            "dtype": report.dtype,
+            **({"quantization": report.quantization} if report.quantization else {}),
+            **({"initial": sources.get("initial") or {"spec": options.initial}} if options.initial else {}),
+            **({"base_is_residual": True} if options.base_is_residual else {}),
+        },
+    )
 
 
-def _report(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lowered, out: Path,
-            options: MergeOptions) -> MergeReport:
+def _report(
+    checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lowered, out: Path, options: MergeOptions
+) -> MergeReport:
     steps = lowered.steps
     scales = [op.scale.scale for op in plan.lora_ops]
     return MergeReport(
@@ -172,7 +197,9 @@ def _report(checkpoint: Checkpoint, adapter: Adapter, plan: Plan, lowered: Lower
         convention=",".join(dict.fromkeys(p.config.convention for p in adapter.parts)),
         adapters=[str(p.path) for p in adapter.parts],
         weights=list(adapter.weights),
-        modules=len({op.module.a_key for op in plan.lora_ops}),  # an expert module split over several tensors counts once
+        modules=len(
+            {op.module.a_key for op in plan.lora_ops}
+        ),  # an expert module split over several tensors counts once
         tensors_merged=sum(not s.tensor.untouched or s.tensor.written_with is not None for s in steps),
         tensors_copied=sum(s.kind is StepKind.COPY_BASE for s in steps),
         tensors_total=len(steps),
@@ -201,8 +228,11 @@ def _quantization(plan: Plan, checkpoint: Checkpoint, adapter: Adapter) -> dict[
     quantized = [t for t in plan.tensors if t.quant is not None]
     mode = "kept" if plan.keep_quantization else "dequantized" if plan.prequantized else "as trained"
     summary = {
-        "mode": mode, "scheme": scheme.label,
-        "method": scheme.method, "blocksize": scheme.blocksize, "double_quant": scheme.double_quant,
+        "mode": mode,
+        "scheme": scheme.label,
+        "method": scheme.method,
+        "blocksize": scheme.blocksize,
+        "double_quant": scheme.double_quant,
         "weights": len(quantized),
         "merged_dtypes": sorted({t.quant.keep.dtype if t.quant.keep else t.dtype for t in quantized if t.quant}),
         "skip_modules": list(scheme.skip_modules) if scheme.skip_modules is not None else None,
@@ -211,8 +241,9 @@ def _quantization(plan: Plan, checkpoint: Checkpoint, adapter: Adapter) -> dict[
         # after the merge (or by a dry run's sample): measured_quantization. A quantized base: how far quantizing the
         # merged weights back moves them (what --keep-quantization loses of the delta)
         summary["measured"] = None
-        summary["measure"] = "requantization of the merged weights" if plan.prequantized else \
-            "quantization of the base weights"
+        summary["measure"] = (
+            "requantization of the merged weights" if plan.prequantized else "quantization of the base weights"
+        )
     return summary
 
 
@@ -225,22 +256,35 @@ def _changes(lowered: Lowered) -> list[dict[str, Any]]:
             continue
         how = []
         if t.quant is not None:
-            how.append(f"quantized as trained ({t.quant.scheme.method})" if t.quant.simulated
-                       else f"dequantized and quantized back ({t.quant.scheme.method})" if t.quant.keep
-                       else f"dequantized ({t.quant.scheme.method})")
+            how.append(
+                f"quantized as trained ({t.quant.scheme.method})"
+                if t.quant.simulated
+                else f"dequantized and quantized back ({t.quant.scheme.method})"
+                if t.quant.keep
+                else f"dequantized ({t.quant.scheme.method})"
+            )
         if t.replacement is not None:
             how.append(f"replaced by adapter tensor {t.replacement}")
         for each in t.all_lora:
-            how.append(("DoRA" if each.dora else "LoRA") + f" ({each.kind})" + (f" at scale {each.scale.scale:g}"
-                                                                              if t.stacked else ""))
+            how.append(
+                ("DoRA" if each.dora else "LoRA")
+                + f" ({each.kind})"
+                + (f" at scale {each.scale.scale:g}" if t.stacked else "")
+            )
         if t.bias_of is not None or any(p.bias_of is not None for p in t.stacked):
             how.append("lora_bias")
         if t.tokens is not None:
             how.append(f"{len(t.tokens[1])} trainable token rows")
         op = t.lora or t.bias_of
-        changes.append({
-            "tensor": t.name, "how": ", ".join(how), "module": op.module.name if op is not None else None,
-            "scale": op.scale.scale if op is not None else None, "rank": op.scale.r if op is not None else None,
-            "alpha": op.scale.alpha if op is not None else None, "by": step.kind.value,
-        })
+        changes.append(
+            {
+                "tensor": t.name,
+                "how": ", ".join(how),
+                "module": op.module.name if op is not None else None,
+                "scale": op.scale.scale if op is not None else None,
+                "rank": op.scale.r if op is not None else None,
+                "alpha": op.scale.alpha if op is not None else None,
+                "by": step.kind.value,
+            }
+        )
     return changes

@@ -28,18 +28,27 @@ if TYPE_CHECKING:
     import torch
 
 
-def convert_to_mlx(loaded: Adapter, entries: list[ModuleEntry], out: Path, options: OutputOptions,
-                   source: dict[str, Any]) -> ConvertReport:
+def convert_to_mlx(
+    loaded: Adapter, entries: list[ModuleEntry], out: Path, options: OutputOptions, source: dict[str, Any]
+) -> ConvertReport:
     """Write OUT as an mlx-lm adapter (or, with `dry_run`, say what it would be)."""
     written = check_output_location(out, [a.path for a in loaded.sources], options.overwrite, writes_adapter=True)
     plan = plan_mlx(loaded, entries)
     config = plan.config(loaded.config.base_model_name_or_path)
     report = ConvertReport(
-        adapter=str(loaded.path), out=str(out), action="mlx", source_convention=loaded.config.convention,
-        target="mlx-lm", modules=len(entries), message=plan.message,
+        adapter=str(loaded.path),
+        out=str(out),
+        action="mlx",
+        source_convention=loaded.config.convention,
+        target="mlx-lm",
+        modules=len(entries),
+        message=plan.message,
         config_changes={"lora_parameters": [None, config["lora_parameters"]], "num_layers": [None, plan.num_layers]},
-        weights_changed=True, weights_dtype="F32" if plan.upcast else None, dry_run=options.dry_run,
-        relative_form=loaded.relative_form, source_format=loaded.source_format,
+        weights_changed=True,
+        weights_dtype="F32" if plan.upcast else None,
+        dry_run=options.dry_run,
+        relative_form=loaded.relative_form,
+        source_format=loaded.source_format,
     )
     other_files(loaded)  # a side file that links out of the folder is refused before anything is written
     if options.dry_run:
@@ -47,27 +56,43 @@ def convert_to_mlx(loaded: Adapter, entries: list[ModuleEntry], out: Path, optio
     with writing(out, written, overwrite=options.overwrite, what="the conversion", warnings=report.warnings) as tmp:
         _write_mlx(loaded, plan, config, tmp, options.allow_nonfinite)
         copy_other_files(loaded, tmp, ConversionPlan("mlx", config, {}, plan.message), readme=False)
-        write_provenance(tmp, {
-            "operation": "convert", "adapter": source, "base_model": loaded.config.base_model_name_or_path,
-            "message": plan.message, "revision": loaded.config.revision, "from": loaded.config.convention,
-            "target": "mlx-lm", "method": "mlx", "convention": "mlx-lm",
-        })
+        write_provenance(
+            tmp,
+            {
+                "operation": "convert",
+                "adapter": source,
+                "base_model": loaded.config.base_model_name_or_path,
+                "message": plan.message,
+                "revision": loaded.config.revision,
+                "from": loaded.config.convention,
+                "target": "mlx-lm",
+                "method": "mlx",
+                "convention": "mlx-lm",
+            },
+        )
     return report
 
 
 def _write_mlx(adapter: Adapter, plan: MlxPlan, config: dict[str, Any], tmp: Path, allow_nonfinite: bool) -> None:
     entries: list[tuple[str, str, tuple[int, ...]]] = []
     for m in plan.modules:
-        dtype_a, dtype_b = (("F32", "F32") if plan.upcast else (adapter.dtypes[m.a_key], adapter.dtypes[m.b_key]))
+        dtype_a, dtype_b = ("F32", "F32") if plan.upcast else (adapter.dtypes[m.a_key], adapter.dtypes[m.b_key])
         a_shape, b_shape = adapter.shapes[m.a_key], adapter.shapes[m.b_key]
-        entries += [(f"{m.name}.lora_a", dtype_a, (a_shape[1], plan.rank)),
-                    (f"{m.name}.lora_b", dtype_b, (plan.rank, b_shape[0]))]
+        entries += [
+            (f"{m.name}.lora_a", dtype_a, (a_shape[1], plan.rank)),
+            (f"{m.name}.lora_b", dtype_b, (plan.rank, b_shape[0])),
+        ]
         if m.magnitude_key is not None:
             entries.append((f"{m.name}.m", adapter.dtypes[m.magnitude_key], (b_shape[0],)))
-    metadata = {"format": "mlx", "rslora_tools.conversion": json.dumps(
-        {"tool": f"rslora-tools {__version__}", "method": "mlx", "message": plan.message}, sort_keys=True)}
-    with AdapterWriter(tmp, config, entries, metadata, allow_nonfinite=allow_nonfinite,
-                       weights_name=MLX_WEIGHTS_NAME) as writer:
+    metadata = {
+        "format": "mlx",
+        "rslora_tools.conversion": json.dumps(
+            {"tool": f"rslora-tools {__version__}", "method": "mlx", "message": plan.message}, sort_keys=True
+        ),
+    }
+    with AdapterWriter(
+        tmp, config, entries, metadata, allow_nonfinite=allow_nonfinite, weights_name=MLX_WEIGHTS_NAME
+    ) as writer:
         for m in plan.modules:
             a, b = mlx_factors(adapter, m, plan.rank, plan.upcast)
             writer.write(f"{m.name}.lora_a", a)

@@ -25,42 +25,93 @@ if TYPE_CHECKING:  # the push code is imported when a command pushes
     from ..hub.target import PushTarget
 
 # Flags several options objects share, declared once.
-ALLOW_PICKLE = Flag("--allow-pickle", is_flag=True, help="Read an adapter that exists only as adapter_model.bin "
-                    "(torch.load weights_only=True; no code runs).")
-PUSH = (Flag("--push-to-hub", dest="push_to", metavar="REPO_ID", help="Upload OUT to this Hub repo when done."),
-        Flag("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
-        Flag("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing to main."),
-        Flag("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message."))
-BASE_REVISION = Flag("--base-revision", metavar="REV", help="Branch, tag or commit of BASE when it is a Hub repo.")
-ADAPTER_REVISION = Flag("--adapter-revision", metavar="REV",
-                        help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
-TRAINED_ON = (
-    Flag("--trained-on", choices=("nf4", "fp4", "int8"), help="The adapter was trained on BASE quantized this way "
-         "(QLoRA): quantize the weights transformers would, as bitsandbytes does, then merge. A quantized BASE is "
-         "dequantized without this."),
-    Flag("--double-quant", secondary="--no-double-quant", dest="double_quant", help="With --trained-on nf4/fp4: "
-         "bnb_4bit_use_double_quant [default: off, as in BitsAndBytesConfig; most QLoRA recipes turn it on]."),
-    Flag("--quant-blocksize", dest="quant_blocksize", choices=tuple(str(2 ** i) for i in range(5, 13)),
-         help="With --trained-on nf4/fp4: the 4-bit block size [default: 64, bitsandbytes' and so "
-         "BitsAndBytesConfig's]."),
-    Flag("--skip-modules", dest="skip_modules", metavar="NAMES", help="With --trained-on: modules transformers left "
-         "unquantized, comma-separated, as llm_int8_skip_modules (replaces the default, which keeps the output head)."),
+ALLOW_PICKLE = Flag(
+    "--allow-pickle",
+    is_flag=True,
+    help="Read an adapter that exists only as adapter_model.bin (torch.load weights_only=True; no code runs).",
 )
-INITIAL = Flag("--initial", metavar="INIT", help="PiSSA/OLoRA/CorDA/LoRA-GA: the adapter saved right after "
-               "initialisation (folder or Hub repo); merge into the original BASE.")
+PUSH = (
+    Flag("--push-to-hub", dest="push_to", metavar="REPO_ID", help="Upload OUT to this Hub repo when done."),
+    Flag("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
+    Flag("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing to main."),
+    Flag("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message."),
+)
+BASE_REVISION = Flag("--base-revision", metavar="REV", help="Branch, tag or commit of BASE when it is a Hub repo.")
+ADAPTER_REVISION = Flag(
+    "--adapter-revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo."
+)
+TRAINED_ON = (
+    Flag(
+        "--trained-on",
+        choices=("nf4", "fp4", "int8"),
+        help="The adapter was trained on BASE quantized this way "
+        "(QLoRA): quantize the weights transformers would, as bitsandbytes does, then merge. A quantized BASE is "
+        "dequantized without this.",
+    ),
+    Flag(
+        "--double-quant",
+        secondary="--no-double-quant",
+        dest="double_quant",
+        help="With --trained-on nf4/fp4: "
+        "bnb_4bit_use_double_quant [default: off, as in BitsAndBytesConfig; most QLoRA recipes turn it on].",
+    ),
+    Flag(
+        "--quant-blocksize",
+        dest="quant_blocksize",
+        choices=tuple(str(2**i) for i in range(5, 13)),
+        help="With --trained-on nf4/fp4: the 4-bit block size [default: 64, bitsandbytes' and so "
+        "BitsAndBytesConfig's].",
+    ),
+    Flag(
+        "--skip-modules",
+        dest="skip_modules",
+        metavar="NAMES",
+        help="With --trained-on: modules transformers left "
+        "unquantized, comma-separated, as llm_int8_skip_modules (replaces the default, which keeps the output head).",
+    ),
+)
+INITIAL = Flag(
+    "--initial",
+    metavar="INIT",
+    help="PiSSA/OLoRA/CorDA/LoRA-GA: the adapter saved right after "
+    "initialisation (folder or Hub repo); merge into the original BASE.",
+)
 REVISION = Flag("--revision", metavar="REV", help="Branch, tag or commit of ADAPTER when it is a Hub repo.")
-BASE_IS_RESIDUAL = Flag("--base-is-residual", is_flag=True, help="PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ: BASE is the "
-                        "residual base the adapter was trained on (you saved it); merge as plain LoRA.")
+BASE_IS_RESIDUAL = Flag(
+    "--base-is-residual",
+    is_flag=True,
+    help="PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ: BASE is the "
+    "residual base the adapter was trained on (you saved it); merge as plain LoRA.",
+)
 STREAM = (
-    Flag("--stream", is_flag=True, help="With --push-to-hub: stream shard by shard from BASE to the Hub; OUT is "
-         "omitted (every argument after BASE is an adapter), the disk holds a few shards at a time."),
-    Flag("--scratch", dest="scratch", metavar="DIR", folder=True, help="With --stream: the run works in "
-         "DIR/rslora-tools-stream-ORG--NAME (default DIR ~/.cache/rslora-tools/stream), a folder of its own; a re-run "
-         "with the same one resumes."),
-    Flag("--keep-cache", dest="keep_cache", is_flag=True, help="With --stream: keep the downloaded base shards in the "
-         "Hugging Face cache (default: delete them after use; shards cached before are never deleted)."),
-    Flag("--no-resume", dest="no_resume", is_flag=True, help="With --stream: forget what an earlier run uploaded (its "
-         "journal in the scratch folder) and start over."),
+    Flag(
+        "--stream",
+        is_flag=True,
+        help="With --push-to-hub: stream shard by shard from BASE to the Hub; OUT is "
+        "omitted (every argument after BASE is an adapter), the disk holds a few shards at a time.",
+    ),
+    Flag(
+        "--scratch",
+        dest="scratch",
+        metavar="DIR",
+        folder=True,
+        help="With --stream: the run works in "
+        "DIR/rslora-tools-stream-ORG--NAME (default DIR ~/.cache/rslora-tools/stream), a folder of its own; a re-run "
+        "with the same one resumes.",
+    ),
+    Flag(
+        "--keep-cache",
+        dest="keep_cache",
+        is_flag=True,
+        help="With --stream: keep the downloaded base shards in the "
+        "Hugging Face cache (default: delete them after use; shards cached before are never deleted).",
+    ),
+    Flag(
+        "--no-resume",
+        dest="no_resume",
+        is_flag=True,
+        help="With --stream: forget what an earlier run uploaded (its journal in the scratch folder) and start over.",
+    ),
 )
 
 
@@ -68,12 +119,22 @@ STREAM = (
 class OutputOptions:
     """What every command that writes an output takes (the fields of its options object)."""
 
-    overwrite: bool = option(False, Flag(  # docs/reliability.md, "What --overwrite replaces"
-        "--overwrite", is_flag=True, help="Replace OUT if rslora-tools wrote it (an earlier output); other folders and "
-                                          "files are never replaced."))
+    overwrite: bool = option(
+        False,
+        Flag(  # docs/reliability.md, "What --overwrite replaces"
+            "--overwrite",
+            is_flag=True,
+            help="Replace OUT if rslora-tools wrote it (an earlier output); other folders and "
+            "files are never replaced.",
+        ),
+    )
     dry_run: bool = option(False, DRY_RUN)
-    allow_nonfinite: bool = option(False, Flag(  # write NaN/Inf where the inputs or the result hold them
-        "--allow-nonfinite", is_flag=True, help="{verb} even if the weights hold NaN or Inf."))
+    allow_nonfinite: bool = option(
+        False,
+        Flag(  # write NaN/Inf where the inputs or the result hold them
+            "--allow-nonfinite", is_flag=True, help="{verb} even if the weights hold NaN or Inf."
+        ),
+    )
     token: str | None = option(None, TOKEN)  # for Hub inputs (and the push, unless push.token is set)
     push: PushTarget | None = option(None, *PUSH)  # publish OUT to this repo when it is written
 
@@ -92,11 +153,13 @@ def parse_weights(weights: Any) -> tuple[float, ...]:
     try:
         values = tuple(float(w) for w in items) if not isinstance(items, (int, float)) else (float(items),)
     except (TypeError, ValueError):
-        raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)",
-                          options=("weights",)) from None
+        raise OptionError(
+            f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)", options=("weights",)
+        ) from None
     if not values or any(isinstance(w, bool) for w in (items if isinstance(items, (list, tuple)) else ())):
-        raise OptionError(f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)",
-                          options=("weights",))
+        raise OptionError(
+            f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)", options=("weights",)
+        )
     if not all(math.isfinite(w) for w in values):
         raise OptionError("--weights must be finite numbers", options=("weights",))
     return values
@@ -112,39 +175,88 @@ class MergeOptions(OutputOptions):
     as people write them and kept parsed.
     """
 
-    weights: tuple[float, ...] | None = option(None, Flag(  # each adapter's delta multiplied (PEFT's set_scale)
-        "--weights", metavar="W1,W2,...", help="Multiply each adapter's delta by its weight (PEFT's set_scale), one "
-        "weight per adapter (`--weights 0.5` with one adapter merges half its delta); default 1 each."))
-    dtype: str | None = option(None, Flag(  # safetensors dtype of the floating output tensors; None keeps the base's
-        "--dtype", choices=("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"), default="auto",
-        show_default=True, help="Dtype of the merged floating tensors; auto keeps the base's."))
-    device: str = option("cpu", Flag(
-        "--device", choices=("cpu", "cuda", "auto"), show_default=True, help="Where deltas are computed. cpu: "
-        "bit-exact with PEFT; cuda: every computed tensor on the GPU; auto: the merge kernel where it applies, CUDA "
-        "(when present) for the rest."))
-    max_shard_size: int | None = option(None, Flag(  # None keeps the base's shards
-        "--max-shard-size", metavar="SIZE", help="Re-shard the output, e.g. 5GB (decimal, like transformers) or 2GiB. "
-        "Default: keep the base's shards."))
-    verify: bool = option(False, Flag(
-        "--verify", is_flag=True, help="Recompute and compare every merged tensor before OUT is replaced; fail on a "
-        "mismatch."))
+    weights: tuple[float, ...] | None = option(
+        None,
+        Flag(  # each adapter's delta multiplied (PEFT's set_scale)
+            "--weights",
+            metavar="W1,W2,...",
+            help="Multiply each adapter's delta by its weight (PEFT's set_scale), one "
+            "weight per adapter (`--weights 0.5` with one adapter merges half its delta); default 1 each.",
+        ),
+    )
+    dtype: str | None = option(
+        None,
+        Flag(  # safetensors dtype of the floating output tensors; None keeps the base's
+            "--dtype",
+            choices=("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"),
+            default="auto",
+            show_default=True,
+            help="Dtype of the merged floating tensors; auto keeps the base's.",
+        ),
+    )
+    device: str = option(
+        "cpu",
+        Flag(
+            "--device",
+            choices=("cpu", "cuda", "auto"),
+            show_default=True,
+            help="Where deltas are computed. cpu: "
+            "bit-exact with PEFT; cuda: every computed tensor on the GPU; auto: the merge kernel where it applies, "
+            "CUDA "
+            "(when present) for the rest.",
+        ),
+    )
+    max_shard_size: int | None = option(
+        None,
+        Flag(  # None keeps the base's shards
+            "--max-shard-size",
+            metavar="SIZE",
+            help="Re-shard the output, e.g. 5GB (decimal, like transformers) or 2GiB. "
+            "Default: keep the base's shards.",
+        ),
+    )
+    verify: bool = option(
+        False,
+        Flag(
+            "--verify",
+            is_flag=True,
+            help="Recompute and compare every merged tensor before OUT is replaced; fail on a mismatch.",
+        ),
+    )
     allow_pickle: bool = option(False, ALLOW_PICKLE)
     trained_on: QuantScheme | None = option(None, *TRAINED_ON)  # quantize the base's weights as in training (QLoRA)
-    keep_quantization: bool = option(False, Flag(
-        "--keep-quantization", is_flag=True, help="A quantized BASE (FP8, MXFP4, compressed-tensors FP8/INT4/INT8/"
-        "NVFP4): write the merged weights back in BASE's own format, scales recomputed as its quantizer does; other "
-        "tensors copied byte for byte."))
+    keep_quantization: bool = option(
+        False,
+        Flag(
+            "--keep-quantization",
+            is_flag=True,
+            help="A quantized BASE (FP8, MXFP4, compressed-tensors FP8/INT4/INT8/"
+            "NVFP4): write the merged weights back in BASE's own format, scales recomputed as its quantizer does; "
+            "other "
+            "tensors copied byte for byte.",
+        ),
+    )
     initial: str | None = option(None, INITIAL)  # INIT (folder or Hub repo)
     base_is_residual: bool = option(False, BASE_IS_RESIDUAL)
     base_revision: str | None = option(None, BASE_REVISION)
     adapter_revision: str | None = option(None, ADAPTER_REVISION)
     stream: StreamOptions | None = option(None, *STREAM)  # stream from BASE to the Hub repo `push` (no OUT)
-    outtype: str | None = option(None, Flag(  # convert_hf_to_gguf.py's --outtype
-        "--outtype", choices=tuple(OUTTYPES), help=f"OUT.gguf: the GGUF's type, as convert_hf_to_gguf.py's --outtype "
-        f"(default {DEFAULT_OUTTYPE})."))
-    llama_cpp: str | None = option(None, Flag(
-        "--llama-cpp", metavar="DIR", help="OUT.gguf: the llama.cpp checkout whose converter writes it (default: "
-        "$RSLORA_TOOLS_LLAMA_CPP_DIR)."))
+    outtype: str | None = option(
+        None,
+        Flag(  # convert_hf_to_gguf.py's --outtype
+            "--outtype",
+            choices=tuple(OUTTYPES),
+            help=f"OUT.gguf: the GGUF's type, as convert_hf_to_gguf.py's --outtype (default {DEFAULT_OUTTYPE}).",
+        ),
+    )
+    llama_cpp: str | None = option(
+        None,
+        Flag(
+            "--llama-cpp",
+            metavar="DIR",
+            help="OUT.gguf: the llama.cpp checkout whose converter writes it (default: $RSLORA_TOOLS_LLAMA_CPP_DIR).",
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name, parse in (("dtype", parse_dtype), ("max_shard_size", parse_size), ("trained_on", trained_on_scheme)):
@@ -160,30 +272,45 @@ class MergeOptions(OutputOptions):
         if self.weights is not None:
             object.__setattr__(self, "weights", parse_weights(self.weights))
         if self.initial is not None and self.base_is_residual:
-            raise OptionError("--initial and --base-is-residual exclude each other: the first merges into the original "
-                              "base, the second into the residual base", options=("initial", "base_is_residual"))
+            raise OptionError(
+                "--initial and --base-is-residual exclude each other: the first merges into the original "
+                "base, the second into the residual base",
+                options=("initial", "base_is_residual"),
+            )
         if self.keep_quantization and self.trained_on is not None:
-            raise OptionError("--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized "
-                              "base (and the output is unquantized)", options=("keep_quantization", "trained_on"))
+            raise OptionError(
+                "--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized "
+                "base (and the output is unquantized)",
+                options=("keep_quantization", "trained_on"),
+            )
         if self.keep_quantization and self.dtype is not None:
-            raise OptionError("--keep-quantization writes the base's own dtypes; --dtype does not go with it",
-                              options=("keep_quantization", "dtype"))
+            raise OptionError(
+                "--keep-quantization writes the base's own dtypes; --dtype does not go with it",
+                options=("keep_quantization", "dtype"),
+            )
         if self.stream is not None:
             self._check_stream()
         if self.outtype is not None and self.outtype not in OUTTYPES:
             *first, last = OUTTYPES
-            raise OptionError(f"unknown --outtype {self.outtype!r}; use {', '.join(first)} or {last}",
-                              options=("outtype",))
+            raise OptionError(
+                f"unknown --outtype {self.outtype!r}; use {', '.join(first)} or {last}", options=("outtype",)
+            )
 
     def _check_stream(self) -> None:
         if self.push is None and self.outtype is None:
-            raise OptionError("--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (or name an "
-                              "OUT.gguf with --outtype; without --stream, merge into OUT)",
-                              options=("stream", "push", "outtype"))
+            raise OptionError(
+                "--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (or name an "
+                "OUT.gguf with --outtype; without --stream, merge into OUT)",
+                options=("stream", "push", "outtype"),
+            )
         for field in ("verify", "overwrite"):
             if getattr(self, field):
-                raise OptionError(f"{flag_name(MergeOptions, field)} does not go with --stream (no OUT is written); verify the pushed repo with "
-                                  "`rslora-tools verify` after downloading it", options=(field, "stream"))
+                raise OptionError(
+                    f"{flag_name(MergeOptions, field)} does not go with --stream (no OUT is written); verify the "
+                    f"pushed repo with "
+                    "`rslora-tools verify` after downloading it",
+                    options=(field, "stream"),
+                )
 
 
 @dataclass(frozen=True)

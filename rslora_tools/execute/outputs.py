@@ -51,8 +51,12 @@ class GgufFile:
     def of(cls, out: Path, options: MergeOptions) -> GgufFile:
         for field in ("keep_quantization", "max_shard_size", "verify", "push"):
             if getattr(options, field) not in (None, False):
-                raise OptionError(f"{flag_name(MergeOptions, field)} does not go with a .gguf OUT (one llama.cpp file); "
-                                  "merge into a folder for it", options=(field,), out=str(out))
+                raise OptionError(
+                    f"{flag_name(MergeOptions, field)} does not go with a .gguf OUT (one llama.cpp file); "
+                    "merge into a folder for it",
+                    options=(field,),
+                    out=str(out),
+                )
         return cls(out, options.outtype or DEFAULT_OUTTYPE, streamed=options.stream is not None)
 
 
@@ -72,18 +76,24 @@ def merge_output(out: str | os.PathLike[str] | None, options: MergeOptions) -> O
     """The output OUT and the options ask for (OUT None: a stream to the Hub), or an OptionError saying why none."""
     gguf = out is not None and Path(out).suffix == ".gguf"
     if (options.outtype or options.llama_cpp) and not gguf:
-        raise OptionError("--outtype and --llama-cpp go with an OUT ending in .gguf (one llama.cpp file)",
-                          options=("outtype", "llama_cpp"))
+        raise OptionError(
+            "--outtype and --llama-cpp go with an OUT ending in .gguf (one llama.cpp file)",
+            options=("outtype", "llama_cpp"),
+        )
     if gguf:
         assert out is not None
         return GgufFile.of(Path(out), options)
     if options.stream is not None:
         if out is not None:
-            raise OptionError("a streamed merge writes no OUT (to the Hub) or one OUT.gguf: every other argument after "
-                              "BASE is an adapter", options=("stream",))
+            raise OptionError(
+                "a streamed merge writes no OUT (to the Hub) or one OUT.gguf: every other argument after "
+                "BASE is an adapter",
+                options=("stream",),
+            )
         if options.push is None:
-            raise OptionError("--stream with --outtype writes an OUT.gguf: name it after the adapters",
-                              options=("stream", "outtype"))
+            raise OptionError(
+                "--stream with --outtype writes an OUT.gguf: name it after the adapters", options=("stream", "outtype")
+            )
         return HubStream(options.push.repo_id)
     if out is None:
         raise OptionError("missing OUT: merge BASE ADAPTER... OUT (or stream to the Hub)", argument="OUT")

@@ -93,10 +93,17 @@ class VerifyReport(Report):
         return self.verdict != "mismatch"
 
 
-
-def check_folder(merged: Path, base: Path | Checkpoint, adapter: Adapter, *, trained_on: QuantScheme | None = None,
-                 base_is_residual: bool = False, sample: int | None = None, recipe: dict[str, Any] | None = None,
-                 progress: ProgressCallback | None = None) -> VerifyReport:
+def check_folder(
+    merged: Path,
+    base: Path | Checkpoint,
+    adapter: Adapter,
+    *,
+    trained_on: QuantScheme | None = None,
+    base_is_residual: bool = False,
+    sample: int | None = None,
+    recipe: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> VerifyReport:
     """Every tensor of the merged folder `merged` (or `sample` of them) against what merging `adapter` (loaded, stacked
     or relative as the merge had it) into `base` must give, and the folder's structure and config.json; `recipe`:
     how the merge was made, as the caller established it (for the report)."""
@@ -111,16 +118,33 @@ def check_folder(merged: Path, base: Path | Checkpoint, adapter: Adapter, *, tra
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     dtype = _merge_dtype(out, checkpoint) if out is not None else None
     kept = _kept_quantization(recorded, out, checkpoint)
-    checkpoint, adapter, plan = plan_merge(checkpoint, adapter, dtype=dtype, trained_on=trained_on,
-                                           base_is_residual=base_is_residual, keep_quantization=kept)
+    checkpoint, adapter, plan = plan_merge(
+        checkpoint,
+        adapter,
+        dtype=dtype,
+        trained_on=trained_on,
+        base_is_residual=base_is_residual,
+        keep_quantization=kept,
+    )
     chosen = _choose(plan.tensors, sample)
-    report = VerifyReport(str(merged), str(checkpoint.folder), str(adapter.path), "mismatch", len(plan.tensors), 0,
-                          problems=problems, sampled=len(chosen) < len(plan.tensors), recipe=recipe or {})
+    report = VerifyReport(
+        str(merged),
+        str(checkpoint.folder),
+        str(adapter.path),
+        "mismatch",
+        len(plan.tensors),
+        0,
+        problems=problems,
+        sampled=len(chosen) < len(plan.tensors),
+        recipe=recipe or {},
+    )
     if out is not None:
         report.problems += _adapter_files(Path(out.folder)) + _structure_problems(out, checkpoint, plan)
         if out.config is None:
-            report.warnings.append(f"{merged} has no config.json (nor has BASE): transformers cannot load it without "
-                                   "one; copy the base model's config.json into it")
+            report.warnings.append(
+                f"{merged} has no config.json (nor has BASE): transformers cannot load it without "
+                "one; copy the base model's config.json into it"
+            )
         report.tensors = _check_tensors(out, checkpoint, adapter, chosen, progress, {t.name: t for t in plan.tensors})
     report.tensors_checked = len(report.tensors)
     from torch import __version__ as torch_version
@@ -137,12 +161,15 @@ def check_folder(merged: Path, base: Path | Checkpoint, adapter: Adapter, *, tra
 
 def _adapter_files(folder: Path) -> list[str]:
     """Adapter files in a merged folder: loaders would apply that adapter (again) on top of the merged weights."""
-    found = sorted(p.name for p in folder.iterdir() if p.name == "adapter_config.json"
-                   or p.name.startswith("adapter_model."))
+    found = sorted(
+        p.name for p in folder.iterdir() if p.name == "adapter_config.json" or p.name.startswith("adapter_model.")
+    )
     if not found:
         return []
-    return [f"{', '.join(found)} in the merged folder: transformers and PEFT load such a folder as an adapter and "
-            "apply it (again) on top of the merged weights; remove them from the merged model"]
+    return [
+        f"{', '.join(found)} in the merged folder: transformers and PEFT load such a folder as an adapter and "
+        "apply it (again) on top of the merged weights; remove them from the merged model"
+    ]
 
 
 def _kept_quantization(recorded: dict[str, Any], out: Checkpoint | None, base: Checkpoint) -> bool:
@@ -156,14 +183,21 @@ def _kept_quantization(recorded: dict[str, Any], out: Checkpoint | None, base: C
 
 
 def _merge_dtype(out: Checkpoint, base: Checkpoint) -> str | None:
-    """The `--dtype` the merged folder was made with: its floating tensors share one dtype the base's do not all have."""
+    """The `--dtype` the merged folder was made with: its floating tensors share one dtype the base's do not all
+    have."""
     merged = {out.info(n).dtype for n in out.weight_map} & FLOAT_DTYPES
     original = {base.info(n).dtype for n in base.weight_map} & FLOAT_DTYPES
     return next(iter(merged)) if len(merged) == 1 and merged != original else None
 
 
-def _check_tensors(out: Checkpoint, checkpoint: Checkpoint, adapter: Adapter, chosen: list[TensorPlan],
-                   progress: ProgressCallback | None, planned: dict[str, TensorPlan]) -> list[TensorCheck]:
+def _check_tensors(
+    out: Checkpoint,
+    checkpoint: Checkpoint,
+    adapter: Adapter,
+    chosen: list[TensorPlan],
+    progress: ProgressCallback | None,
+    planned: dict[str, TensorPlan],
+) -> list[TensorCheck]:
     checks = []
     total = sum(tensor_nbytes(t.dtype, t.shape) for t in chosen)
     files, merged_files = CheckpointFiles(checkpoint), CheckpointFiles(out)
@@ -180,8 +214,9 @@ def _check_tensors(out: Checkpoint, checkpoint: Checkpoint, adapter: Adapter, ch
             if anchor is not None:  # codes and scales: the reference quantizer's, on the merged weight, exactly
                 if anchor.name not in requantized:
                     requantized[anchor.name] = _requantized(anchor, checkpoint, files, adapter, global_scales)
-                checks.append(compare(t.name, merged_files.read(t.name), requantized[anchor.name][t.name],
-                                      changed=True))
+                checks.append(
+                    compare(t.name, merged_files.read(t.name), requantized[anchor.name][t.name], changed=True)
+                )
             elif t.untouched and t.source is not None and checkpoint.info(t.source).dtype == t.dtype:
                 checks.append(_compare_bytes(t, files, merged_files))
             elif has_torch_dtype(info.dtype):
@@ -206,8 +241,13 @@ def planned_anchor(t: TensorPlan, planned: dict[str, TensorPlan]) -> TensorPlan 
     return planned[t.written_with] if t.written_with is not None else None
 
 
-def _requantized(t: TensorPlan, checkpoint: Checkpoint, files: CheckpointFiles, adapter: Adapter,
-                 global_scales: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _requantized(
+    t: TensorPlan,
+    checkpoint: Checkpoint,
+    files: CheckpointFiles,
+    adapter: Adapter,
+    global_scales: dict[int, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """The stored tensors a --keep-quantization merge writes for one weight, by name (compute/requantize.py)."""
     from ..compute.requantize import kept_weight
 
@@ -270,8 +310,8 @@ def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, *, changed:
         return TensorCheck(name, dtype, changed, "mismatch", math.inf, math.inf, math.inf)
     max_abs = max_rel = max_ulps = 0.0
     for start in range(0, a_all.numel(), _BLOCK_ELEMENTS):
-        a = a_all[start:start + _BLOCK_ELEMENTS].double()
-        e = e_all[start:start + _BLOCK_ELEMENTS].double()
+        a = a_all[start : start + _BLOCK_ELEMENTS].double()
+        e = e_all[start : start + _BLOCK_ELEMENTS].double()
         both_nan = torch.isnan(a) & torch.isnan(e)
         diff = torch.nan_to_num(torch.where(both_nan, torch.zeros_like(a), (a - e).abs()), nan=math.inf)
         rel = torch.where(e != 0, diff / e.abs(), torch.where(diff > 0, math.inf, 0.0))
@@ -321,7 +361,9 @@ def _structure_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[s
     if out.index_metadata is not None and "total_size" in out.index_metadata:
         actual = sum(tensor_nbytes(out.info(n).dtype, out.info(n).shape) for n in present)
         if out.index_metadata["total_size"] != actual:
-            problems.append(f"{INDEX_FILE}: total_size is {out.index_metadata['total_size']}, the shards hold {actual} bytes")
+            problems.append(
+                f"{INDEX_FILE}: total_size is {out.index_metadata['total_size']}, the shards hold {actual} bytes"
+            )
     problems += _config_problems(out, base, plan)
     problems += _fused_scale_problems(out, base)
     return problems
@@ -348,9 +390,11 @@ def _fused_scale_problems(out: Checkpoint, base: Checkpoint) -> list[str]:
             theirs = [float(base_files.read(n).reshape(-1)[0]) for n in names]
             if len(set(theirs)) == 1 and len(set(ours)) > 1:
                 parts = "/".join(m.removesuffix(".weight").rpartition(".")[2] for m in members)
-                problems.append(f"{module}: {parts} share one weight_global_scale in BASE but not in the merged "
-                                f"folder ({', '.join(f'{v:g}' for v in ours)}); vLLM and SGLang load them as one layer "
-                                "with the largest, serving the others at the wrong scale")
+                problems.append(
+                    f"{module}: {parts} share one weight_global_scale in BASE but not in the merged "
+                    f"folder ({', '.join(f'{v:g}' for v in ours)}); vLLM and SGLang load them as one layer "
+                    "with the largest, serving the others at the wrong scale"
+                )
     finally:
         files.close()
         base_files.close()

@@ -38,8 +38,15 @@ class Relayout:
     key_layout: str | None = None  # "base" or "transformers-5"
 
 
-def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, relayout: Relayout, base: Path,
-                     options: OutputOptions, source: dict[str, Any]) -> ConvertReport:
+def relayout_adapter(
+    loaded: Adapter,
+    entries: list[ModuleEntry],
+    out: Path,
+    relayout: Relayout,
+    base: Path,
+    options: OutputOptions,
+    source: dict[str, Any],
+) -> ConvertReport:
     """The adapter in `relayout`'s layouts against the base folder `base` (relayout.base resolved), written to OUT."""
     from ..compute.relayout import block_diagonal, same_a
 
@@ -47,21 +54,41 @@ def relayout_adapter(loaded: Adapter, entries: list[ModuleEntry], out: Path, rel
     layouts = Layouts.of(checkpoint.config)
     if relayout.expert_layout is not None and not layouts.has_experts:
         _refuse_expert_layout(loaded, entries, checkpoint, layouts)
-    written = check_output_location(out, [*(a.path for a in loaded.sources), checkpoint.folder], options.overwrite,
-                                    writes_adapter=True)
+    written = check_output_location(
+        out, [*(a.path for a in loaded.sources), checkpoint.folder], options.overwrite, writes_adapter=True
+    )
     resolver = NameResolver(checkpoint, layouts=layouts)
-    entries = [dataclasses.replace(e, name=fused_parameter(e.module, loaded, resolver, resolver.shape))
-               if e.wrapping == "param" else e for e in entries]
-    zero_blocks = _zero_blocks(loaded, entries, layouts, block_diagonal) if relayout.expert_layout == "per-expert" else {}
+    entries = [
+        dataclasses.replace(e, name=fused_parameter(e.module, loaded, resolver, resolver.shape))
+        if e.wrapping == "param"
+        else e
+        for e in entries
+    ]
+    zero_blocks = (
+        _zero_blocks(loaded, entries, layouts, block_diagonal) if relayout.expert_layout == "per-expert" else {}
+    )
     shared = _shared_a(loaded, entries, layouts, same_a) if relayout.expert_layout == "fused" else frozenset()
-    plan = plan_relayout(loaded, entries, resolver, expert_layout=relayout.expert_layout,
-                         key_layout=relayout.key_layout, zero_blocks=zero_blocks, shared_a=shared)
+    plan = plan_relayout(
+        loaded,
+        entries,
+        resolver,
+        expert_layout=relayout.expert_layout,
+        key_layout=relayout.key_layout,
+        zero_blocks=zero_blocks,
+        shared_a=shared,
+    )
     report = ConvertReport(
-        adapter=str(loaded.path), out=str(out), action="relayout", source_convention=loaded.config.convention,
-        target=", ".join(f"{k} layout {v}" for k, v in (("expert", relayout.expert_layout),
-                                                          ("key", relayout.key_layout)) if v),
-        modules=len(entries), message=plan.message,
-        config_changes=config_changes(loaded.config.normalized(), plan.config), weights_changed=True,
+        adapter=str(loaded.path),
+        out=str(out),
+        action="relayout",
+        source_convention=loaded.config.convention,
+        target=", ".join(
+            f"{k} layout {v}" for k, v in (("expert", relayout.expert_layout), ("key", relayout.key_layout)) if v
+        ),
+        modules=len(entries),
+        message=plan.message,
+        config_changes=config_changes(loaded.config.normalized(), plan.config),
+        weights_changed=True,
         dry_run=options.dry_run,
     )
     other_files(loaded)
@@ -74,17 +101,28 @@ def _refuse_expert_layout(loaded: Adapter, entries: list[ModuleEntry], checkpoin
     """Refuse an expert layout asked of a base whose experts have no per-expert naming (always raises)."""
     fused = [e for e in entries if e.wrapping == "param" and e.name.rpartition(".")[2] in FUSED]
     if fused:
-        raise UnsupportedAdapterError(f"{loaded.path}: module {fused[0].module.name!r}: {layouts.model_class} models "
-                                      "store their experts fused, and no per-expert naming of them exists in "
-                                      "transformers' rules; keep the adapter fused")
+        raise UnsupportedAdapterError(
+            f"{loaded.path}: module {fused[0].module.name!r}: {layouts.model_class} models "
+            "store their experts fused, and no per-expert naming of them exists in "
+            "transformers' rules; keep the adapter fused"
+        )
     model_type = (checkpoint.config or {}).get("model_type")
-    raise UnsupportedAdapterError(f"{checkpoint.folder}: model_type {model_type!r} is not an MoE family whose "
-                                  "expert layouts are known here (transformers fuses no experts of it; "
-                                  "docs/peft-rules.md, 'Layouts')")
+    raise UnsupportedAdapterError(
+        f"{checkpoint.folder}: model_type {model_type!r} is not an MoE family whose "
+        "expert layouts are known here (transformers fuses no experts of it; "
+        "docs/peft-rules.md, 'Layouts')"
+    )
 
 
-def _write(loaded: Adapter, out: Path, written: Any, plan: Any, options: OutputOptions, source: dict[str, Any],
-           report: ConvertReport) -> None:
+def _write(
+    loaded: Adapter,
+    out: Path,
+    written: Any,
+    plan: Any,
+    options: OutputOptions,
+    source: dict[str, Any],
+    report: ConvertReport,
+) -> None:
     """The relaid adapter written to OUT, tensor by tensor, with its config, other files and provenance."""
     from ..compute.relayout import relayout_tensor
 
@@ -98,13 +136,23 @@ def _write(loaded: Adapter, out: Path, written: Any, plan: Any, options: OutputO
             for recipe in plan.recipes:
                 w.write(recipe.key, relayout_tensor(recipe, read))
         copy_other_files(loaded, tmp, ConversionPlan("relayout", plan.config, {}, plan.message))
-        write_provenance(tmp, {"operation": "convert", "adapter": source, "base_model": loaded.config.base_model_name_or_path,
-                               "message": plan.message, "target": report.target, "method": "relayout",
-                               "convention": loaded.config.convention})
+        write_provenance(
+            tmp,
+            {
+                "operation": "convert",
+                "adapter": source,
+                "base_model": loaded.config.base_model_name_or_path,
+                "message": plan.message,
+                "target": report.target,
+                "method": "relayout",
+                "convention": loaded.config.convention,
+            },
+        )
 
 
-def _zero_blocks(adapter: Adapter, entries: list[ModuleEntry], layouts: Layouts, block_diagonal: Any
-                 ) -> dict[str, tuple[bool, bool]]:
+def _zero_blocks(
+    adapter: Adapter, entries: list[ModuleEntry], layouts: Layouts, block_diagonal: Any
+) -> dict[str, tuple[bool, bool]]:
     """For each fused parameter of two parts (gate_up), whether its B is block-diagonal over the parts."""
     found = {}
     interleaved = layouts.hand is not None and layouts.hand.interleaved
@@ -129,9 +177,12 @@ def _shared_a(adapter: Adapter, entries: list[ModuleEntry], layouts: Layouts, sa
     shared = set()
     for fused, by in pairs.items():
         keys = [(by[(e, 0)], by.get((e, 1))) for e, part in by if part == 0]
-        if all(up is not None and _same_scale(gate, up) and adapter.shapes[gate.module.a_key] ==
-               adapter.shapes[up.module.a_key] for gate, up in keys) and \
-                same_a([(gate.module.a_key, up.module.a_key) for gate, up in keys if up is not None], adapter.tensor):
+        if all(
+            up is not None
+            and _same_scale(gate, up)
+            and adapter.shapes[gate.module.a_key] == adapter.shapes[up.module.a_key]
+            for gate, up in keys
+        ) and same_a([(gate.module.a_key, up.module.a_key) for gate, up in keys if up is not None], adapter.tensor):
             shared.add(fused)
     return frozenset(shared)
 
@@ -144,4 +195,3 @@ def _dtype(tensor: Any) -> str:
     from ..formats.safetensors_file import torch_to_safetensors_dtype
 
     return torch_to_safetensors_dtype(tensor.dtype)
-

@@ -184,8 +184,9 @@ class Workers:
                         errors.append((index, e))
                     return
 
-        self.threads = [threading.Thread(target=loop, name=f"rslora-tools-worker-{i}", daemon=True)
-                        for i in range(worker_count())]
+        self.threads = [
+            threading.Thread(target=loop, name=f"rslora-tools-worker-{i}", daemon=True) for i in range(worker_count())
+        ]
         for thread in self.threads:
             thread.start()
         try:

@@ -28,14 +28,25 @@ def journal_key(prepared: PreparedMerge, options: MergeOptions, base: Source) ->
     options and the output layout."""
     folders = [a.path for a in prepared.adapter.sources] + ([base.path] if base.repo_id is None else [])
     record = {
-        "version": __version__, "repo": options.push.repo_id if options.push else None,
+        "version": __version__,
+        "repo": options.push.repo_id if options.push else None,
         "create_pr": options.push.create_pr if options.push else None,
-        "sources": prepared.sources, "base": base.to_dict(),
+        "sources": prepared.sources,
+        "base": base.to_dict(),
         "inputs": [_listing(Path(f)) for f in folders] + ([options.initial] if options.initial else []),
-        "options": [options.dtype, options.max_shard_size, options.device, str(options.trained_on),
-                    options.base_is_residual, options.allow_nonfinite, options.keep_quantization],
+        "options": [
+            options.dtype,
+            options.max_shard_size,
+            options.device,
+            str(options.trained_on),
+            options.base_is_residual,
+            options.allow_nonfinite,
+            options.keep_quantization,
+        ],
         "weights": list(prepared.adapter.weights),
-        "shards": [(name, [(t.name, t.dtype, list(t.shape)) for t in tensors]) for name, tensors in prepared.plan.shards],
+        "shards": [
+            (name, [(t.name, t.dtype, list(t.shape)) for t in tensors]) for name, tensors in prepared.plan.shards
+        ],
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -67,15 +78,19 @@ class Journal:
                 return
             entries = [_journal_entry(e) for e in data["uploaded"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{self.path}: the journal of an earlier --stream run cannot be read ({_why(e)}); pass "
-                             "--no-resume to start over, or delete it") from None
+            raise InputError(
+                f"{self.path}: the journal of an earlier --stream run cannot be read ({_why(e)}); pass "
+                "--no-resume to start over, or delete it"
+            ) from None
         self.entries = {e.path_in_repo: e for e in entries}
 
     def add(self, blob: Uploaded) -> None:
         self.entries[blob.path_in_repo] = blob
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"key": self.key, "uploaded": [asdict(b) for b in self.entries.values()]}, indent=1),
-                       encoding="utf-8")
+        tmp.write_text(
+            json.dumps({"key": self.key, "uploaded": [asdict(b) for b in self.entries.values()]}, indent=1),
+            encoding="utf-8",
+        )
         os.replace(tmp, self.path)
 
 

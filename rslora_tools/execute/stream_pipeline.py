@@ -43,9 +43,17 @@ class Phase:
 class Pipeline:
     """Download, merge and upload threads over one schedule; the calling thread merges."""
 
-    def __init__(self, prepared: PreparedMerge, order: StreamSchedule, fetcher: ShardFetcher | None,
-                 publisher: Publisher, journal: Journal, out: Path, progress: PhaseProgress | None,
-                 options: MergeOptions):
+    def __init__(
+        self,
+        prepared: PreparedMerge,
+        order: StreamSchedule,
+        fetcher: ShardFetcher | None,
+        publisher: Publisher,
+        journal: Journal,
+        out: Path,
+        progress: PhaseProgress | None,
+        options: MergeOptions,
+    ):
         self.prepared, self.order, self.fetcher, self.publisher = prepared, order, fetcher, publisher
         self.journal, self.out, self.progress, self.options = journal, out, progress, options
         self.todo = order.todo
@@ -60,8 +68,9 @@ class Pipeline:
         self.phases = {p: Phase() for p in PHASES}
         self.measures: dict[str, tuple[float, float, float]] = {}
         self.hub_had: list[str] = []  # shards whose blob the Hub already stored (nothing sent)
-        self.download_total = sum(order.base_bytes[s] for s in self.ready
-                                  if fetcher is not None and fetcher.cached(s) is None)
+        self.download_total = sum(
+            order.base_bytes[s] for s in self.ready if fetcher is not None and fetcher.cached(s) is None
+        )
         if fetcher is not None and progress is not None:
             fetcher.progress = lambda n: progress("download", n, self.download_total)
 
@@ -70,8 +79,10 @@ class Pipeline:
         what each thread did, also after a failure)."""
         shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir(parents=True)
-        threads = [threading.Thread(target=self._guarded, args=(loop,), daemon=True, name=f"rslora-tools-{name}")
-                   for name, loop in (("download", self._download_all), ("upload", self._upload_all))]
+        threads = [
+            threading.Thread(target=self._guarded, args=(loop,), daemon=True, name=f"rslora-tools-{name}")
+            for name, loop in (("download", self._download_all), ("upload", self._upload_all))
+        ]
         for thread in threads:
             thread.start()
         try:
@@ -96,8 +107,10 @@ class Pipeline:
 
     def _interrupted(self) -> str:
         done = len(self.journal.entries)
-        return (f"interrupted; {done} of {len(self.order.outputs)} output shards are uploaded to {self.publisher.repo_id} "
-                "but not committed (the repo is unchanged); run the same command again to resume")
+        return (
+            f"interrupted; {done} of {len(self.order.outputs)} output shards are uploaded to {self.publisher.repo_id} "
+            "but not committed (the repo is unchanged); run the same command again to resume"
+        )
 
     def _guarded(self, loop: Callable[[], None]) -> None:
         try:
@@ -127,9 +140,15 @@ class Pipeline:
                 self._wait(self.ready[shard])
             started = time.monotonic()
             try:
-                execute(Lowered([(name, lowered[name])], self.prepared.lowered.device), self.prepared.checkpoint,
-                        self.prepared.adapter, self.out, self._counter("merge"),
-                        allow_nonfinite=self.options.allow_nonfinite, measures=self.measures)
+                execute(
+                    Lowered([(name, lowered[name])], self.prepared.lowered.device),
+                    self.prepared.checkpoint,
+                    self.prepared.adapter,
+                    self.out,
+                    self._counter("merge"),
+                    allow_nonfinite=self.options.allow_nonfinite,
+                    measures=self.measures,
+                )
             except BaseException:
                 (self.out / name).unlink(missing_ok=True)
                 raise

@@ -49,8 +49,10 @@ def open_streamed_base(base: Source, scratch: Path, token: str | None) -> Checkp
     checkpoint = open_checkpoint(base.path, remote=header)
     scheme = checkpoint_scheme(checkpoint.config, base.spec)
     if scheme is not None and scheme.method not in STREAMED_QUANTIZATION:
-        raise InputError(f"{base.spec}: a {scheme.label} base is not streamed yet (FP8, MXFP4 and compressed-tensors "
-                         "bases are); merge it without --stream (download, merge, then push)")
+        raise InputError(
+            f"{base.spec}: a {scheme.label} base is not streamed yet (FP8, MXFP4 and compressed-tensors "
+            "bases are); merge it without --stream (download, merge, then push)"
+        )
     return checkpoint
 
 
@@ -71,5 +73,11 @@ def make_view(base: Source, scratch: Path) -> None:
 def shard_fetcher(base: Source, scratch: Path, stream: StreamOptions, token: str | None) -> ShardFetcher | None:
     if base.repo_id is None:
         return None
-    return ShardFetcher(base, scratch / "view", scratch / "base", keep_cache=stream.keep_cache, token=token,
-                        listed=listed_sha256(base, token))
+    return ShardFetcher(
+        base,
+        scratch / "view",
+        scratch / "base",
+        keep_cache=stream.keep_cache,
+        token=token,
+        listed=listed_sha256(base, token),
+    )

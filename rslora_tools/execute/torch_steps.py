@@ -45,15 +45,20 @@ def with_torch(run: Run, t: TensorPlan, slot: Slot) -> None:
             elif t.source is not None:
                 base = _read_staged(run, staging, buffers, t.source).to(device, non_blocking=True)
             measure = t.quant is not None and t.quant.simulated and t.lora is not None and base is not None
-            quantized = base.to(safetensors_to_torch_dtype(t.dtype), copy=True) if measure and base is not None else None
-            value = merged_tensor(t, run.base.read, run.adapter.tensor, safetensors_to_torch_dtype(t.dtype), device,
-                                  base=base)
+            quantized = (
+                base.to(safetensors_to_torch_dtype(t.dtype), copy=True) if measure and base is not None else None
+            )
+            value = merged_tensor(
+                t, run.base.read, run.adapter.tensor, safetensors_to_torch_dtype(t.dtype), device, base=base
+            )
             if quantized is not None and t.source is not None:
                 record(run, t.name, quantization_norms(run.base.read(t.source).to(device), quantized, value))
             if not run.allow_nonfinite:
                 _check_finite(run, t, value)
             if value.device.type != "cpu":
-                out = staging.buffer(buffers, "out", tensor_nbytes(t.dtype, t.shape)).view(value.dtype).view(value.shape)
+                out = (
+                    staging.buffer(buffers, "out", tensor_nbytes(t.dtype, t.shape)).view(value.dtype).view(value.shape)
+                )
                 out.copy_(value, non_blocking=True)
                 buffers["stream"].synchronize()
                 value = out
@@ -71,8 +76,9 @@ def with_requant(run: Run, t: TensorPlan, slots: list[Slot]) -> None:
     q = t.quant
     assert q is not None and q.keep is not None and q.stored is not None
     with run.group_lock if q.keep.fused is not None else contextlib.nullcontext():  # a group's scale: once
-        kept = kept_weight(t, run.checkpoint, run.base.read, run.adapter.tensor, run.global_scales,
-                           run.device.torch_device)
+        kept = kept_weight(
+            t, run.checkpoint, run.base.read, run.adapter.tensor, run.global_scales, run.device.torch_device
+        )
     if kept.merged is not None and not run.allow_nonfinite:
         _check_finite(run, t, kept.merged)
     slots[0].write(kept.parts[REQUANTIZED_ROLES[q.scheme.method][0]])
@@ -96,12 +102,21 @@ def with_experts(run: Run, t: TensorPlan, slots: list[Slot]) -> None:
     experts = (keep.shape if keep is not None else t.shape)[0]
     dtype = safetensors_to_torch_dtype(keep.dtype if keep is not None else t.dtype)
     device = run.device.torch_device
-    factors = {key: adapter_weight(run.adapter.tensor, key, torch.device(device))
-               for op in t.all_lora for key in (op.module.a_key, op.module.b_key)}
+    factors = {
+        key: adapter_weight(run.adapter.tensor, key, torch.device(device))
+        for op in t.all_lora
+        for key in (op.module.a_key, op.module.b_key)
+    }
     sums = [0.0, 0.0, 0.0]
     # an as-trained MXFP4 merge measures what quantizing back would lose, on every 8th expert (kernel.available())
-    measure = (keep is None and q is not None and q.stored is not None and q.scheme.method == "mxfp4"
-               and (t.lora is not None or bool(t.parts)) and kernel.available())
+    measure = (
+        keep is None
+        and q is not None
+        and q.stored is not None
+        and q.scheme.method == "mxfp4"
+        and (t.lora is not None or bool(t.parts))
+        and kernel.available()
+    )
     for expert in range(experts):
         if run.stop.is_set():
             raise Stopped
@@ -128,8 +143,9 @@ def with_experts(run: Run, t: TensorPlan, slots: list[Slot]) -> None:
         record(run, t.name, (sums[0], sums[1], sums[2]))
 
 
-def _requantized_expert(run: Run, t: TensorPlan, slots: list[Slot], expert: int, experts: int, value: torch.Tensor,
-                        start: torch.Tensor) -> tuple[float, float, float] | None:
+def _requantized_expert(
+    run: Run, t: TensorPlan, slots: list[Slot], expert: int, experts: int, value: torch.Tensor, start: torch.Tensor
+) -> tuple[float, float, float] | None:
     """One merged expert quantized back into the base's format (--keep-quantization), its codes and scales written at
     the expert's offsets in their outputs; the requantization's norms when the adapter changed the tensor."""
     from ..compute.requantize import requantization_norms, requantized
@@ -142,10 +158,16 @@ def _requantized_expert(run: Run, t: TensorPlan, slots: list[Slot], expert: int,
         parts, norms = fast
     else:
         stored = q.stored
-        layout = {role: (torch_dtype(run.checkpoint.headers[run.checkpoint.weight_map[name]], name),
-                         (1, *run.checkpoint.info(name).shape[1:])) for role, name in stored.parts.items()}
-        parts, back = requantized(stored, value.unsqueeze(0), layout,
-                                  lambda name: run.base.read_slice(name, expert).unsqueeze(0))
+        layout = {
+            role: (
+                torch_dtype(run.checkpoint.headers[run.checkpoint.weight_map[name]], name),
+                (1, *run.checkpoint.info(name).shape[1:]),
+            )
+            for role, name in stored.parts.items()
+        }
+        parts, back = requantized(
+            stored, value.unsqueeze(0), layout, lambda name: run.base.read_slice(name, expert).unsqueeze(0)
+        )
         norms = requantization_norms(value.unsqueeze(0), back, start.unsqueeze(0))
     roles = (REQUANTIZED_ROLES[q.scheme.method][0], *(role for role, _ in q.keep.rewritten))
     for slot, role in zip(slots, roles):
@@ -153,8 +175,9 @@ def _requantized_expert(run: Run, t: TensorPlan, slots: list[Slot], expert: int,
     return norms if measured else None
 
 
-def _requantize_mxfp4_by_kernel(stored: QuantizedWeight, value: torch.Tensor, start: torch.Tensor | None, dtype: str
-                     ) -> tuple[dict[str, torch.Tensor], tuple[float, float, float]] | None:
+def _requantize_mxfp4_by_kernel(
+    stored: QuantizedWeight, value: torch.Tensor, start: torch.Tensor | None, dtype: str
+) -> tuple[dict[str, torch.Tensor], tuple[float, float, float]] | None:
     """One merged MXFP4 expert (in, out) quantized back by the kernel (the same codes as compute.requantize's
     quantize_mxfp4): its blocks and scales, and the requantization sums; None where the kernel cannot."""
     import torch
@@ -166,8 +189,15 @@ def _requantize_mxfp4_by_kernel(stored: QuantizedWeight, value: torch.Tensor, st
     start_rows = start.T.contiguous() if start is not None else None  # kept alive while the kernel reads its bytes
     blocks = torch.empty(outputs, inputs // 32, 16, dtype=torch.uint8)
     scales = torch.empty(outputs, inputs // 32, dtype=torch.uint8)
-    sums = kernel.quantize_mxfp4_rows(tensor_bytes(rows), tensor_bytes(start_rows) if start_rows is not None else None,
-                                      outputs, inputs, dtype, tensor_bytes(blocks), tensor_bytes(scales))
+    sums = kernel.quantize_mxfp4_rows(
+        tensor_bytes(rows),
+        tensor_bytes(start_rows) if start_rows is not None else None,
+        outputs,
+        inputs,
+        dtype,
+        tensor_bytes(blocks),
+        tensor_bytes(scales),
+    )
     if sums is None:
         return None
     return {"blocks": blocks, "scales": scales}, sums

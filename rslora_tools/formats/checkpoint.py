@@ -46,9 +46,21 @@ _NOT_SIDE_FILES = {"adapter_config.json", "README.md", ".gitattributes", "rslora
 # Tokenizer, chat template and processor files (glob patterns): what a merge takes from the adapter
 # folder when it has them, and what a Hub download fetches besides the configs.
 TOKENIZER_PATTERNS = (
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken",
-    "chat_template*", "*.jinja", "sentencepiece.*", "processor_config.json", "preprocessor_config.json",
-    "image_processor*.json", "video_preprocessor*.json", "feature_extractor*.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template*",
+    "*.jinja",
+    "sentencepiece.*",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "image_processor*.json",
+    "video_preprocessor*.json",
+    "feature_extractor*.json",
 )
 
 TensorEntry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)
@@ -121,8 +133,10 @@ def check_shard_name(index_path: Path, name: object, what: str) -> str:
 def _refuse_hidden(where: Path, name: str, what: str) -> None:
     """A shard's name may not start with '.': the output keeps the name, and a push skips hidden files."""
     if name.startswith("."):
-        raise InputError(f"{where}: {what}, a hidden file (its name starts with '.'), which the Hub and push skip; "
-                         "rename it (and the index entries)")
+        raise InputError(
+            f"{where}: {what}, a hidden file (its name starts with '.'), which the Hub and push skip; "
+            "rename it (and the index entries)"
+        )
 
 
 def _safe_member(folder: Path, name: object, what: str) -> Path:
@@ -153,8 +167,10 @@ def checked_file(folder: Path, path: Path, what: str = "file") -> Path:
     except (OSError, RuntimeError) as e:
         raise InputError(f"{path}: cannot be read ({e})") from e
     if not stays_inside(folder, resolved):
-        raise InputError(f"{folder}: {what} {path.relative_to(folder).as_posix()!r} is a link that leaves the "
-                         f"folder (to {resolved}); copy the file into the folder instead")
+        raise InputError(
+            f"{folder}: {what} {path.relative_to(folder).as_posix()!r} is a link that leaves the "
+            f"folder (to {resolved}); copy the file into the folder instead"
+        )
     return path
 
 
@@ -210,15 +226,18 @@ def open_checkpoint(folder: str | os.PathLike[str], remote: HeaderSource | None 
             opened = _open_sharded(folder, index_path, config, remote)
         else:
             header = remote(SINGLE_FILE)
-            opened = Checkpoint(folder, [SINGLE_FILE], {SINGLE_FILE: header}, OneShard(header, SINGLE_FILE), None,
-                                config)
+            opened = Checkpoint(
+                folder, [SINGLE_FILE], {SINGLE_FILE: header}, OneShard(header, SINGLE_FILE), None, config
+            )
         opened.remote = True
         return opened
     check_layout([p.name for p in (index_path, folder / SINGLE_FILE) if p.is_file()], str(folder))
     if index_path.is_file():
         return _open_sharded(folder, index_path, config)
-    candidates = [SINGLE_FILE] if (folder / SINGLE_FILE).is_file() else sorted(
-        p.name for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_model")
+    candidates = (
+        [SINGLE_FILE]
+        if (folder / SINGLE_FILE).is_file()
+        else sorted(p.name for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_model"))
     )
     if len(candidates) == 1:
         name = candidates[0]
@@ -226,7 +245,9 @@ def open_checkpoint(folder: str | os.PathLike[str], remote: HeaderSource | None 
         header = read_header(folder / name)
         return Checkpoint(folder, [name], {name: header}, OneShard(header, name), None, config)
     if len(candidates) > 1:
-        raise InputError(f"{folder}: several .safetensors files but no {INDEX_FILE}; the checkpoint layout is ambiguous")
+        raise InputError(
+            f"{folder}: several .safetensors files but no {INDEX_FILE}; the checkpoint layout is ambiguous"
+        )
     if any((folder / p).exists() for p in PICKLE_WEIGHTS):
         raise InputError(
             f"{folder}: the base model exists only as pickled PyTorch weights; pickles can execute code. "
@@ -244,8 +265,9 @@ def check_layout(names: list[str], where: str) -> None:
         )
 
 
-def _open_sharded(folder: Path, index_path: Path, config: dict[str, Any] | None,
-                  remote: HeaderSource | None = None) -> Checkpoint:
+def _open_sharded(
+    folder: Path, index_path: Path, config: dict[str, Any] | None, remote: HeaderSource | None = None
+) -> Checkpoint:
     index = read_json_file(index_path)
     weight_map = _weight_map(index_path, index)
     metadata = index.get("metadata") or {}
@@ -322,8 +344,12 @@ class CheckpointFiles:
         info = header.tensors[name]
         out = torch.empty(info.shape[1:], dtype=torch_dtype(header, name))
         size = info.nbytes // info.shape[0]
-        read_into(self.fd(shard), header.data_start + info.begin + index * size, tensor_bytes(out),
-                  f"{header.path}: tensor {name!r}")
+        read_into(
+            self.fd(shard),
+            header.data_start + info.begin + index * size,
+            tensor_bytes(out),
+            f"{header.path}: tensor {name!r}",
+        )
         return out
 
     def close(self) -> None:

@@ -45,7 +45,9 @@ def output_target(out: Path) -> Path:
     if out.is_symlink():
         target = out.resolve()
         if not target.exists():
-            raise OutputError(f"{out}: is a symbolic link to {target}, which does not exist; create it or give another OUT")
+            raise OutputError(
+                f"{out}: is a symbolic link to {target}, which does not exist; create it or give another OUT"
+            )
         return target
     return out.resolve()
 
@@ -76,8 +78,10 @@ def check_output_location(out: Path, inputs: list[Path], overwrite: bool, *, wri
     target = output_target(out)
     cwd = Path.cwd().resolve()
     if target == cwd or _inside(cwd, target):
-        raise OutputError(f"{out}: is the current directory or holds it; OUT is replaced by a new folder, so give "
-                          "one of its own (e.g. ./merged)")
+        raise OutputError(
+            f"{out}: is the current directory or holds it; OUT is replaced by a new folder, so give "
+            "one of its own (e.g. ./merged)"
+        )
     for folder in inputs:
         for entry, real in _input_files(folder):
             if entry is folder:
@@ -107,8 +111,9 @@ def _check_replaceable_folder(out: Path, folder: Path, writes_adapter: bool) -> 
     folder holding an adapter (PEFT's or mlx-lm's `adapter_config.json`) only with another adapter."""
     names = sorted(p.name for p in folder.iterdir())
     if "adapter_config.json" in names and not writes_adapter:
-        raise OutputError(f"{out}: holds an adapter; a merge never replaces one, even with --overwrite. Did you "
-                          "forget OUT?")
+        raise OutputError(
+            f"{out}: holds an adapter; a merge never replaces one, even with --overwrite. Did you forget OUT?"
+        )
     if written_by_us(read_provenance(folder)):
         return
     rule = "--overwrite replaces only an empty folder or one rslora-tools wrote"
@@ -117,8 +122,9 @@ def _check_replaceable_folder(out: Path, folder: Path, writes_adapter: bool) -> 
     if "config.json" in names or any(n.endswith(_MODEL_FILES) or n.endswith(".index.json") for n in names):
         raise OutputError(f"{out}: holds a model that rslora-tools did not write; {rule}. Did you forget OUT?")
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    raise OutputError(f"{out}: holds files that rslora-tools did not write ({shown}); {rule}: empty it or choose "
-                      "another OUT")
+    raise OutputError(
+        f"{out}: holds files that rslora-tools did not write ({shown}); {rule}: empty it or choose another OUT"
+    )
 
 
 def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> Path:
@@ -134,8 +140,10 @@ def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> Path:
         if not overwrite:
             raise OutputError(f"{out}: exists; pass --overwrite to replace it")
         if not written_file(target):
-            raise OutputError(f"{out}: is a file that rslora-tools did not write; --overwrite replaces only a file "
-                              "rslora-tools wrote. Did you forget OUT?")
+            raise OutputError(
+                f"{out}: is a file that rslora-tools did not write; --overwrite replaces only a file "
+                "rslora-tools wrote. Did you forget OUT?"
+            )
     return target
 
 
@@ -173,7 +181,7 @@ def remove_leftovers(out: Path) -> list[str]:
     except OSError:
         return []
     for path in candidates:
-        role, _, pid = path.name[len(prefix):].rpartition("-")
+        role, _, pid = path.name[len(prefix) :].rpartition("-")
         if role not in ("tmp", "old") or not pid.isdigit() or _process_exists(int(pid)):
             continue
         with _signals_held():
@@ -346,15 +354,18 @@ def _signals_held() -> Iterator[list[int]]:
 
 
 @contextmanager
-def writing(out: Path, target: Path, *, overwrite: bool, what: str, warnings: list[str],
-            single_file: bool = False) -> Iterator[Path]:
+def writing(
+    out: Path, target: Path, *, overwrite: bool, what: str, warnings: list[str], single_file: bool = False
+) -> Iterator[Path]:
     """The output skeleton every command uses once OUT is checked (`check_output_location`/`check_output_file`
     gave `target`) and the work is planned: what killed runs left beside OUT is removed (and said in `warnings`),
     the output is written into a temporary path (yielded) that replaces OUT atomically, and a failed write (a full
     disk) is one line that names OUT and `what` failed."""
-    warnings += [f"removed {name}, left beside OUT by an earlier run that was killed" for name in remove_leftovers(target)]
+    warnings += [
+        f"removed {name}, left beside OUT by an earlier run that was killed" for name in remove_leftovers(target)
+    ]
     try:
-        with (atomic_file(target) if single_file else atomic_folder(target, overwrite)) as tmp:
+        with atomic_file(target) if single_file else atomic_folder(target, overwrite) as tmp:
             yield tmp
     except OSError as e:  # a full disk (ENOSPC), a read error, ...: the partial output is already removed
         raise write_failure(out, e, what) from e
@@ -379,8 +390,10 @@ def work_folder(folder: Path, what: str) -> Iterator[Path]:
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise OutputError(f"{folder}: exists and is not a folder ({what})")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / SCRATCH_MARK).is_file():
-        raise OutputError(f"{folder}: exists and was not made by rslora-tools; it is not used as {what} (its files "
-                          "could be deleted). Move it, or choose another --scratch")
+        raise OutputError(
+            f"{folder}: exists and was not made by rslora-tools; it is not used as {what} (its files "
+            "could be deleted). Move it, or choose another --scratch"
+        )
     created = _make_parents(folder)
     fd = os.open(folder / SCRATCH_MARK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -389,8 +402,10 @@ def work_folder(folder: Path, what: str) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputError(f"{folder}: another run is using it as {what} (it is locked); wait for that run to "
-                              "finish, or give this one another --scratch") from None
+            raise OutputError(
+                f"{folder}: another run is using it as {what} (it is locked); wait for that run to "
+                "finish, or give this one another --scratch"
+            ) from None
         yield folder
     finally:
         _remove_if_unused(folder)

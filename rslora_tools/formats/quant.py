@@ -44,20 +44,41 @@ BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes'
 # largest |value|. FP4 code 0b1000 is the integer -0 there, so +0.0, as in bitsandbytes' torch path and AVX-512
 # CPU path (its CUDA kernel and scalar CPU path give -0.0: equal values, only an exact zero's sign differs).
 FOUR_BIT_CODES = {
-    "nf4": [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
-            1.0],
+    "nf4": [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
     "fp4": [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
 }
 
 # torch dtype names in configs and quant states -> safetensors dtypes
-_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16",
-           "torch.float32": "F32"}
+_DTYPES = {
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "float32": "F32",
+    "torch.bfloat16": "BF16",
+    "torch.float16": "F16",
+    "torch.float32": "F32",
+}
 
 
 def dtype_from_name(name: object) -> str | None:
-    """The safetensors dtype of a torch dtype name as configs write it ("bfloat16", "torch.float16"); None if unknown."""
+    """The safetensors dtype of a torch dtype name as configs write it ("bfloat16", "torch.float16"); None if
+    unknown."""
     return _DTYPES.get(name) if isinstance(name, str) else None
 
 
@@ -72,8 +93,10 @@ def config_dtype(config: dict[str, Any] | None) -> str | None:
 # `merge --keep-quantization`: the methods whose quantizer rslora-tools has (compute/requantize.py), and the stored
 # roles a requantization rewrites (the codes first); every other stored tensor is copied as it is.
 REQUANTIZED_ROLES: dict[str, tuple[str, ...]] = {
-    "fp8": ("weight", "scale_inv"), "ct_fp8": ("weight", "weight_scale"),
-    "ct_int": ("weight_packed", "weight_scale", "weight_zero_point"), "mxfp4": ("blocks", "scales"),
+    "fp8": ("weight", "scale_inv"),
+    "ct_fp8": ("weight", "weight_scale"),
+    "ct_int": ("weight_packed", "weight_scale", "weight_zero_point"),
+    "mxfp4": ("blocks", "scales"),
     "ct_nvfp4": ("weight_packed", "weight_scale", "weight_global_scale"),
 }
 
@@ -160,7 +183,8 @@ def checkpoint_scheme(config: dict[str, Any] | None, where: str) -> QuantScheme 
         return _compressed_tensors_scheme(quant, where)
     raise UnsupportedAdapterError(
         f"{where}: the base is quantized with {method!r}; rslora-tools dequantizes bitsandbytes (4-bit, 8-bit), GPTQ, "
-        "AWQ, block-scaled FP8 (quant_method fp8), MXFP4 and compressed-tensors (FP8, pack-quantized INT4/INT8, NVFP4) "
+        "AWQ, block-scaled FP8 (quant_method fp8), MXFP4 and compressed-tensors (FP8, pack-quantized INT4/INT8, "
+        "NVFP4) "
         "checkpoints only. "
         "Merge into the unquantized base model instead"
     )
@@ -174,50 +198,79 @@ def _compressed_tensors_scheme(quant: dict[str, Any], where: str) -> QuantScheme
         raise InputError(f"{where}: the compressed-tensors quantization_config has no config_groups")
     schemes = {_compressed_group_scheme(name, group, quant.get("format"), where) for name, group in groups.items()}
     if len(schemes) > 1:
-        raise UnsupportedAdapterError(f"{where}: the compressed-tensors config groups quantize weights in different "
-                                      f"ways ({', '.join(sorted(s.label for s in schemes))}); that is not supported")
+        raise UnsupportedAdapterError(
+            f"{where}: the compressed-tensors config groups quantize weights in different "
+            f"ways ({', '.join(sorted(s.label for s in schemes))}); that is not supported"
+        )
     return schemes.pop()
 
 
-_CT_SUPPORTED = ("rslora-tools reads float-quantized FP8 (per tensor or channel), pack-quantized INT4/INT8 (per group "
-                 "or channel) and nvfp4-pack-quantized weights")
+_CT_SUPPORTED = (
+    "rslora-tools reads float-quantized FP8 (per tensor or channel), pack-quantized INT4/INT8 (per group "
+    "or channel) and nvfp4-pack-quantized weights"
+)
 
 
 def _compressed_group_scheme(name: str, group: Any, fmt: Any, where: str) -> QuantScheme:
     weights = group.get("weights") if isinstance(group, dict) else None
     group_format = (group.get("format") if isinstance(group, dict) else None) or fmt
     if not isinstance(weights, dict):
-        raise UnsupportedAdapterError(f"{where}: compressed-tensors config group {name!r} has no weight quantization "
-                                      f"({group_format}); {_CT_SUPPORTED}")
+        raise UnsupportedAdapterError(
+            f"{where}: compressed-tensors config group {name!r} has no weight quantization "
+            f"({group_format}); {_CT_SUPPORTED}"
+        )
     kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
     symmetric = weights.get("symmetric", True) is True
     size = weights.get("group_size")
     if weights.get("actorder") not in (None, "static", "weight"):
-        raise UnsupportedAdapterError(f"{where}: compressed-tensors config group {name!r} uses activation-order group "
-                                      f"indices (actorder {weights.get('actorder')!r}); that is not supported")
-    if group_format == "float-quantized" and kind == "float" and bits == 8 and strategy in ("tensor", "channel") \
-            and symmetric:
+        raise UnsupportedAdapterError(
+            f"{where}: compressed-tensors config group {name!r} uses activation-order group "
+            f"indices (actorder {weights.get('actorder')!r}); that is not supported"
+        )
+    if (
+        group_format == "float-quantized"
+        and kind == "float"
+        and bits == 8
+        and strategy in ("tensor", "channel")
+        and symmetric
+    ):
         return QuantScheme("ct_fp8", format=f"per {strategy}")
-    if group_format == "pack-quantized" and kind == "int" and bits in (4, 8) and (
-            strategy == "channel" or (strategy == "group" and isinstance(size, int) and size > 0)):
-        return QuantScheme("ct_int", bits=bits, blocksize=size if strategy == "group" and isinstance(size, int) else -1,
-                           sym=symmetric)
-    if group_format == "nvfp4-pack-quantized" and kind == "float" and bits == 4 and strategy == "tensor_group" \
-            and size == 16 and symmetric:
+    if (
+        group_format == "pack-quantized"
+        and kind == "int"
+        and bits in (4, 8)
+        and (strategy == "channel" or (strategy == "group" and isinstance(size, int) and size > 0))
+    ):
+        return QuantScheme(
+            "ct_int", bits=bits, blocksize=size if strategy == "group" and isinstance(size, int) else -1, sym=symmetric
+        )
+    if (
+        group_format == "nvfp4-pack-quantized"
+        and kind == "float"
+        and bits == 4
+        and strategy == "tensor_group"
+        and size == 16
+        and symmetric
+    ):
         return QuantScheme("ct_nvfp4", blocksize=16)
     raise UnsupportedAdapterError(
         f"{where}: compressed-tensors {group_format} ({kind} {bits}-bit, strategy {strategy}) in config group "
-        f"{name!r} is not supported; {_CT_SUPPORTED}")
+        f"{name!r} is not supported; {_CT_SUPPORTED}"
+    )
 
 
 def _fp8_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
     block = quant.get("weight_block_size")
-    if block is not None and not (isinstance(block, list) and len(block) == 2 and
-                                  all(type(b) is int and b > 0 for b in block)):
+    if block is not None and not (
+        isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)
+    ):
         raise InputError(f"{where}: fp8 weight_block_size is {block!r}; it must be two positive integers or null")
     skip = quant.get("modules_to_not_convert")
-    return QuantScheme("fp8", block=(block[0], block[1]) if block else None,
-                       skip_modules=tuple(skip) if isinstance(skip, list) else None)
+    return QuantScheme(
+        "fp8",
+        block=(block[0], block[1]) if block else None,
+        skip_modules=tuple(skip) if isinstance(skip, list) else None,
+    )
 
 
 def _bitsandbytes_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
@@ -225,8 +278,10 @@ def _bitsandbytes_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
     skip_modules = tuple(skip) if isinstance(skip, list) else None
     if quant.get("load_in_8bit") or quant.get("_load_in_8bit"):
         if quant.get("llm_int8_has_fp16_weight"):
-            raise UnsupportedAdapterError(f"{where}: an 8-bit bitsandbytes checkpoint with llm_int8_has_fp16_weight "
-                                          "keeps 16-bit weights; it is not supported")
+            raise UnsupportedAdapterError(
+                f"{where}: an 8-bit bitsandbytes checkpoint with llm_int8_has_fp16_weight "
+                "keeps 16-bit weights; it is not supported"
+            )
         return QuantScheme("int8", skip_modules=skip_modules)
     if not (quant.get("load_in_4bit") or quant.get("_load_in_4bit")):
         raise InputError(f"{where}: the bitsandbytes quantization_config loads neither 4-bit nor 8-bit")
@@ -236,15 +291,21 @@ def _bitsandbytes_scheme(quant: dict[str, Any], where: str) -> QuantScheme:
     compute = dtype_from_name(quant.get("bnb_4bit_compute_dtype", "float32"))
     if compute is None:
         raise InputError(f"{where}: unknown bnb_4bit_compute_dtype {quant.get('bnb_4bit_compute_dtype')!r}")
-    return QuantScheme(kind, double_quant=bool(quant.get("bnb_4bit_use_double_quant")), compute_dtype=compute,
-                       skip_modules=skip_modules)
+    return QuantScheme(
+        kind,
+        double_quant=bool(quant.get("bnb_4bit_use_double_quant")),
+        compute_dtype=compute,
+        skip_modules=skip_modules,
+    )
 
 
 def _gptq_awq_scheme(quant: dict[str, Any], method: Literal["gptq", "awq"], where: str) -> QuantScheme:
     bits = quant.get("bits", 4)
     if type(bits) is not int:
-        raise InputError(f"{where}: {method} quantization_config bits is {bits!r} ({type(bits).__name__}); it must be "
-                         "the number 4 or 8")
+        raise InputError(
+            f"{where}: {method} quantization_config bits is {bits!r} ({type(bits).__name__}); it must be "
+            "the number 4 or 8"
+        )
     if bits not in (4, 8):
         raise UnsupportedAdapterError(f"{where}: {method} with {bits} bits is not supported (4 or 8 bits)")
     group = quant.get("group_size", 128)
@@ -255,20 +316,34 @@ def _gptq_awq_scheme(quant: dict[str, Any], method: Literal["gptq", "awq"], wher
     if method == "awq":
         fmt = str(quant.get("version", quant.get("format", "gemm"))).lower()
         if fmt != "gemm":
-            raise UnsupportedAdapterError(f"{where}: AWQ format {fmt!r} is not supported; only the GEMM packing is "
-                                          "(AWQ's default, what transformers writes)")
+            raise UnsupportedAdapterError(
+                f"{where}: AWQ format {fmt!r} is not supported; only the GEMM packing is "
+                "(AWQ's default, what transformers writes)"
+            )
         if bits != 4:
             raise UnsupportedAdapterError(f"{where}: AWQ with {bits} bits is not supported (4 bits)")
         return QuantScheme("awq", blocksize=group, bits=4, sym=False, format="gemm", skip_modules=skip_modules)
     fmt = str(quant.get("checkpoint_format", quant.get("format", "gptq"))).lower()
     if fmt not in ("gptq", "gptq_v2"):
         raise UnsupportedAdapterError(f"{where}: GPTQ checkpoint format {fmt!r} is not supported (gptq or gptq_v2)")
-    return QuantScheme("gptq", blocksize=group, bits=bits, sym=bool(quant.get("sym", True)),
-                       desc_act=bool(quant.get("desc_act", False)), format=fmt, skip_modules=skip_modules)
+    return QuantScheme(
+        "gptq",
+        blocksize=group,
+        bits=bits,
+        sym=bool(quant.get("sym", True)),
+        desc_act=bool(quant.get("desc_act", False)),
+        format=fmt,
+        skip_modules=skip_modules,
+    )
 
 
-def trained_on_scheme(method: str, *, double_quant: bool | None = None, blocksize: int | None = None,
-                      skip_modules: list[str] | None = None) -> QuantScheme:
+def trained_on_scheme(
+    method: str,
+    *,
+    double_quant: bool | None = None,
+    blocksize: int | None = None,
+    skip_modules: list[str] | None = None,
+) -> QuantScheme:
     """`--trained-on nf4|fp4|int8`: the scheme transformers' BitsAndBytesConfig gives for that choice.
 
     BitsAndBytesConfig's defaults: no double quantization, no llm_int8_skip_modules; bitsandbytes'
@@ -283,9 +358,12 @@ def trained_on_scheme(method: str, *, double_quant: bool | None = None, blocksiz
         return QuantScheme("int8", skip_modules=skip)
     size = 64 if blocksize is None else blocksize
     if size not in BNB_BLOCKSIZES:
-        raise InputError(f"--quant-blocksize {size} is not one bitsandbytes uses ({', '.join(map(str, BNB_BLOCKSIZES))})")
-    return QuantScheme("nf4" if method == "nf4" else "fp4", blocksize=size, double_quant=bool(double_quant),
-                       skip_modules=skip)
+        raise InputError(
+            f"--quant-blocksize {size} is not one bitsandbytes uses ({', '.join(map(str, BNB_BLOCKSIZES))})"
+        )
+    return QuantScheme(
+        "nf4" if method == "nf4" else "fp4", blocksize=size, double_quant=bool(double_quant), skip_modules=skip
+    )
 
 
 RawReader = Callable[[str], bytes]  # a checkpoint tensor's raw bytes, by name
@@ -327,8 +405,10 @@ def _check_group_indices(stored: QuantizedWeight, checkpoint: Checkpoint, read: 
     values = array("i" if info.dtype == "I32" else "q", bytes(read(stored.parts["g_idx"])))
     groups = checkpoint.info(stored.parts["scales"]).shape[0]
     if values and (min(values) < 0 or max(values) >= groups):
-        raise InputError(f"{where}: {stored.parts['g_idx']} has group indices from {min(values)} to {max(values)}, "
-                         f"but {stored.parts['scales']} holds {groups} groups; the GPTQ checkpoint is corrupt")
+        raise InputError(
+            f"{where}: {stored.parts['g_idx']} has group indices from {min(values)} to {max(values)}, "
+            f"but {stored.parts['scales']} holds {groups} groups; the GPTQ checkpoint is corrupt"
+        )
 
 
 def _check_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) -> None:
@@ -340,8 +420,10 @@ def _check_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) ->
         if have != want:
             what = f"{want} values" if isinstance(want, int) else f"shape {list(want)}"
             got = f"{have} values" if isinstance(have, int) else f"shape {list(have)}"
-            raise InputError(f"{where}: {stored.parts[role]} has {got}; {method} needs {what} for {stored.name} "
-                             f"{list(stored.shape)}")
+            raise InputError(
+                f"{where}: {stored.parts[role]} has {got}; {method} needs {what} for {stored.name} "
+                f"{list(stored.shape)}"
+            )
 
 
 def _expected_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str) -> dict[str, tuple[int, ...] | int]:
@@ -357,8 +439,10 @@ def _expected_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str)
         expected = {"absmax": blocks, "quant_map": 16}
         packed = checkpoint.info(stored.parts["weight"])
         if packed.nbytes != -(-n // 2):
-            raise InputError(f"{where}: {stored.parts['weight']} holds {packed.nbytes} bytes; {n} 4-bit values of "
-                             f"{stored.name} need {-(-n // 2)}")
+            raise InputError(
+                f"{where}: {stored.parts['weight']} holds {packed.nbytes} bytes; {n} 4-bit values of "
+                f"{stored.name} need {-(-n // 2)}"
+            )
         if "nested_absmax" in stored.parts:
             expected |= {"nested_absmax": -(-blocks // stored.nested_blocksize), "nested_quant_map": 256}
     elif method == "int8":
@@ -370,8 +454,10 @@ def _expected_parts(stored: QuantizedWeight, checkpoint: Checkpoint, where: str)
     elif method == "ct_fp8":
         scale = checkpoint.info(stored.parts["weight_scale"])
         if scale.numel != 1 and scale.shape != (stored.shape[0], 1):
-            raise InputError(f"{where}: {stored.parts['weight_scale']} has shape {list(scale.shape)}; a float-quantized "
-                             f"weight of shape {list(stored.shape)} takes one scale or [{stored.shape[0]}, 1]")
+            raise InputError(
+                f"{where}: {stored.parts['weight_scale']} has shape {list(scale.shape)}; a float-quantized "
+                f"weight of shape {list(stored.shape)} takes one scale or [{stored.shape[0]}, 1]"
+            )
     elif method == "mxfp4":
         experts, columns, rows = stored.shape
         expected = {"scales": (experts, rows, columns // 32)}
@@ -406,9 +492,15 @@ def _bnb4_weights(scheme: QuantScheme, names: list[str], read: RawReader, where:
             continue
         state = _quant_state(read(key), key, where)
         if kind != scheme.method or state.get("quant_type") != scheme.method:
-            raise UnsupportedAdapterError(f"{where}: {key} is {kind} but the config says {scheme.method}; mixed 4-bit "
-                                          "types are not supported")
-        roles = {"weight": weight, "absmax": weight + ".absmax", "quant_map": weight + ".quant_map", "quant_state": key}
+            raise UnsupportedAdapterError(
+                f"{where}: {key} is {kind} but the config says {scheme.method}; mixed 4-bit types are not supported"
+            )
+        roles = {
+            "weight": weight,
+            "absmax": weight + ".absmax",
+            "quant_map": weight + ".quant_map",
+            "quant_state": key,
+        }
         nested = "nested_offset" in state
         if nested:
             roles |= {"nested_absmax": weight + ".nested_absmax", "nested_quant_map": weight + ".nested_quant_map"}
@@ -417,14 +509,28 @@ def _bnb4_weights(scheme: QuantScheme, names: list[str], read: RawReader, where:
             raise InputError(f"{where}: the quantized weight {weight!r} lacks {missing[0]!r}")
         shape, dtype = state.get("shape"), dtype_from_name(state.get("dtype"))
         blocksize = state.get("blocksize")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) or dtype is None or \
-                blocksize not in BNB_BLOCKSIZES:
+        if (
+            not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape))
+            or dtype is None
+            or blocksize not in BNB_BLOCKSIZES
+        ):
             raise InputError(f"{where}: {key} is not a bitsandbytes quant state (shape, dtype, blocksize)")
-        own = QuantScheme(scheme.method, blocksize=blocksize, double_quant=nested, compute_dtype=scheme.compute_dtype,
-                          skip_modules=scheme.skip_modules)
-        found[weight] = QuantizedWeight(weight, own, roles, tuple(shape), dtype,
-                                        nested_offset=float(state.get("nested_offset", 0.0)),
-                                        nested_blocksize=int(state.get("nested_blocksize", 256)))
+        own = QuantScheme(
+            scheme.method,
+            blocksize=blocksize,
+            double_quant=nested,
+            compute_dtype=scheme.compute_dtype,
+            skip_modules=scheme.skip_modules,
+        )
+        found[weight] = QuantizedWeight(
+            weight,
+            own,
+            roles,
+            tuple(shape),
+            dtype,
+            nested_offset=float(state.get("nested_offset", 0.0)),
+            nested_blocksize=int(state.get("nested_blocksize", 256)),
+        )
     return found
 
 
@@ -438,7 +544,9 @@ def _quant_state(raw: bytes, key: str, where: str) -> dict[str, Any]:
     return state
 
 
-def _int8_weights(scheme: QuantScheme, checkpoint: Checkpoint, read: RawReader, where: str) -> dict[str, QuantizedWeight]:
+def _int8_weights(
+    scheme: QuantScheme, checkpoint: Checkpoint, read: RawReader, where: str
+) -> dict[str, QuantizedWeight]:
     present = checkpoint.weight_map
     found = {}
     for key in checkpoint.tensor_names():
@@ -453,8 +561,10 @@ def _int8_weights(scheme: QuantScheme, checkpoint: Checkpoint, read: RawReader, 
             roles["weight_format"] = module + ".weight_format"
             layout = read(roles["weight_format"])
             if any(layout):  # bitsandbytes: 0 "row"; 1-3 are GPU tile layouts of old releases
-                raise UnsupportedAdapterError(f"{where}: {roles['weight_format']} says the int8 weight is stored in "
-                                              f"tile layout {layout[0]}, not row-major; it is not supported")
+                raise UnsupportedAdapterError(
+                    f"{where}: {roles['weight_format']} says the int8 weight is stored in "
+                    f"tile layout {layout[0]}, not row-major; it is not supported"
+                )
         found[weight] = QuantizedWeight(weight, scheme, roles, checkpoint.info(weight).shape, "F32")
     return found
 
@@ -476,8 +586,10 @@ def _packed_int_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str)
             raise InputError(f"{where}: the quantized module {module!r} lacks {missing[0]!r}")
         packed, scales = checkpoint.info(key), checkpoint.info(roles["scales"])
         if len(packed.shape) != 2 or len(scales.shape) != 2 or packed.dtype != "I32":
-            raise InputError(f"{where}: {key} is {packed.dtype}{list(packed.shape)} and {roles['scales']} "
-                             f"{list(scales.shape)}; {scheme.method} stores 2-D int32 words and 2-D scales")
+            raise InputError(
+                f"{where}: {key} is {packed.dtype}{list(packed.shape)} and {roles['scales']} "
+                f"{list(scales.shape)}; {scheme.method} stores 2-D int32 words and 2-D scales"
+            )
         rows, cols = packed.shape
         out_features = scales.shape[1]
         in_features = rows * per_int if scheme.method == "gptq" else rows
@@ -485,8 +597,9 @@ def _packed_int_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str)
             raise InputError(f"{where}: {key} has shape {[rows, cols]}, which does not pack {out_features} outputs")
         if scheme.method == "gptq" and cols != out_features:
             raise InputError(f"{where}: {key} has shape {[rows, cols]}, which does not fit {out_features} outputs")
-        found[module + ".weight"] = QuantizedWeight(module + ".weight", scheme, roles, (out_features, in_features),
-                                                    scales.dtype)
+        found[module + ".weight"] = QuantizedWeight(
+            module + ".weight", scheme, roles, (out_features, in_features), scales.dtype
+        )
     return found
 
 
@@ -495,7 +608,8 @@ _E8M0_DTYPES = ("U8", "F8_E8M0")  # ue8m0 scales (2 ** (byte - 127)), as MXFP8 c
 
 
 def _fp8_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str) -> dict[str, QuantizedWeight]:
-    """Block-scaled FP8: every float8 `.weight` with its `.weight_scale_inv`; a float8 weight without one is refused."""
+    """Block-scaled FP8: every float8 `.weight` with its `.weight_scale_inv`; a float8 weight without one is
+    refused."""
     present = checkpoint.weight_map
     found = {}
     for key in checkpoint.tensor_names():
@@ -505,18 +619,24 @@ def _fp8_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str) -> dic
             if weight not in present:
                 raise InputError(f"{where}: {key} has no weight {weight!r} beside it")
             if checkpoint.info(weight).dtype not in FP8_WEIGHT_DTYPES:
-                raise UnsupportedAdapterError(f"{where}: {weight} is {checkpoint.info(weight).dtype}, scaled by {key}; "
-                                              "only float8 (e4m3, e5m2) weights of an fp8 checkpoint are supported "
-                                              "(not packed FP4)")
+                raise UnsupportedAdapterError(
+                    f"{where}: {weight} is {checkpoint.info(weight).dtype}, scaled by {key}; "
+                    "only float8 (e4m3, e5m2) weights of an fp8 checkpoint are supported "
+                    "(not packed FP4)"
+                )
             continue
         if info.dtype not in FP8_WEIGHT_DTYPES:
             continue
         scale = key + "_scale_inv"
         if not key.endswith(".weight") or scale not in present:
-            raise InputError(f"{where}: {key} is {info.dtype} without a {scale.rpartition('.')[2]!r} beside it; the "
-                             "fp8 checkpoint is incomplete (rslora-tools never adds a delta to raw float8 values)")
+            raise InputError(
+                f"{where}: {key} is {info.dtype} without a {scale.rpartition('.')[2]!r} beside it; the "
+                "fp8 checkpoint is incomplete (rslora-tools never adds a delta to raw float8 values)"
+            )
         if len(info.shape) < 2:
-            raise InputError(f"{where}: {key} is a float8 tensor of shape {list(info.shape)}; fp8 weights are matrices")
+            raise InputError(
+                f"{where}: {key} is a float8 tensor of shape {list(info.shape)}; fp8 weights are matrices"
+            )
         scale_info = checkpoint.info(scale)
         if scale_info.dtype not in ("F32", "BF16", "F16", *_E8M0_DTYPES):
             raise InputError(f"{where}: {scale} is {scale_info.dtype}; fp8 scales are float32, bfloat16 or ue8m0")
@@ -540,12 +660,16 @@ def _compressed_fp8_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: 
         module = key[: -len(".weight")]
         scale = module + ".weight_scale"
         if not key.endswith(".weight") or scale not in present:
-            raise InputError(f"{where}: {key} is {info.dtype} without a 'weight_scale' beside it; the compressed-tensors "
-                             "checkpoint is incomplete (rslora-tools never adds a delta to raw float8 values)")
+            raise InputError(
+                f"{where}: {key} is {info.dtype} without a 'weight_scale' beside it; the compressed-tensors "
+                "checkpoint is incomplete (rslora-tools never adds a delta to raw float8 values)"
+            )
         scale_dtype = checkpoint.info(scale).dtype
         if scale_dtype not in ("F32", "BF16", "F16") or len(info.shape) != 2:
-            raise InputError(f"{where}: {key} {list(info.shape)} with a {scale_dtype} scale is not a float-quantized "
-                             "weight (a matrix with a float scale)")
+            raise InputError(
+                f"{where}: {key} {list(info.shape)} with a {scale_dtype} scale is not a float-quantized "
+                "weight (a matrix with a float scale)"
+            )
         roles = {"weight": key, "weight_scale": scale}
         for side in ("input_scale", "weight_zero_point", "input_zero_point"):
             if f"{module}.{side}" in present:
@@ -554,8 +678,9 @@ def _compressed_fp8_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: 
     return found
 
 
-def _compressed_packed_weights(scheme: QuantScheme, checkpoint: Checkpoint, read: RawReader,
-                               where: str) -> dict[str, QuantizedWeight]:
+def _compressed_packed_weights(
+    scheme: QuantScheme, checkpoint: Checkpoint, read: RawReader, where: str
+) -> dict[str, QuantizedWeight]:
     """compressed-tensors pack-quantized and nvfp4-pack-quantized: each `<module>.weight_packed` with its scales
     (and `weight_shape`, zero points, global scale); the dequantized weight is `<module>.weight`, (out, in)."""
     present = checkpoint.weight_map
@@ -568,8 +693,11 @@ def _compressed_packed_weights(scheme: QuantScheme, checkpoint: Checkpoint, read
             continue
         module = key[: -len(".weight_packed")]
         roles = {"weight_packed": key, "weight_scale": module + ".weight_scale"}
-        roles |= {"weight_global_scale": module + ".weight_global_scale"} if nvfp4 else \
-            {"weight_shape": module + ".weight_shape"}
+        roles |= (
+            {"weight_global_scale": module + ".weight_global_scale"}
+            if nvfp4
+            else {"weight_shape": module + ".weight_shape"}
+        )
         if not nvfp4 and not scheme.sym:
             roles["weight_zero_point"] = module + ".weight_zero_point"
         missing = [k for k in roles.values() if k not in present]
@@ -599,7 +727,9 @@ def _compressed_packed_weights(scheme: QuantScheme, checkpoint: Checkpoint, read
                 shape = _stored_shape(checkpoint, roles["weight_shape"], read, where)
             dtype = scale_dtype
             if scale_dtype not in ("F32", "BF16", "F16"):
-                raise InputError(f"{where}: {roles['weight_scale']} is {scale_dtype}; pack-quantized scales are floats")
+                raise InputError(
+                    f"{where}: {roles['weight_scale']} is {scale_dtype}; pack-quantized scales are floats"
+                )
         found[module + ".weight"] = QuantizedWeight(module + ".weight", scheme, roles, shape, dtype)
     return found
 
@@ -629,10 +759,18 @@ def _mxfp4_weights(scheme: QuantScheme, checkpoint: Checkpoint, where: str) -> d
         if scales not in present:
             raise InputError(f"{where}: {key} has no {scales.rpartition('.')[2]!r} beside it")
         blocks = checkpoint.info(key)
-        if blocks.dtype != "U8" or len(blocks.shape) != 4 or blocks.shape[3] != 16 or checkpoint.info(scales).dtype != "U8":
-            raise InputError(f"{where}: {key} is {blocks.dtype}{list(blocks.shape)}; MXFP4 stores uint8 blocks of shape "
-                             "[experts, rows, groups, 16] with uint8 scales")
+        if (
+            blocks.dtype != "U8"
+            or len(blocks.shape) != 4
+            or blocks.shape[3] != 16
+            or checkpoint.info(scales).dtype != "U8"
+        ):
+            raise InputError(
+                f"{where}: {key} is {blocks.dtype}{list(blocks.shape)}; MXFP4 stores uint8 blocks of shape "
+                "[experts, rows, groups, 16] with uint8 scales"
+            )
         experts, rows, groups, _ = blocks.shape
-        found[name] = QuantizedWeight(name, scheme, {"blocks": key, "scales": scales}, (experts, groups * 32, rows),
-                                      dtype)
+        found[name] = QuantizedWeight(
+            name, scheme, {"blocks": key, "scales": scales}, (experts, groups * 32, rows), dtype
+        )
     return found

@@ -40,18 +40,50 @@ MAX_HEADER_SIZE = 100_000_000  # the Rust reader's limit
 
 # safetensors dtype name -> bits per element
 DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8,
-    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
-    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
 }
 
 _TORCH_DTYPES: dict[str, str] = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
-    "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
-    "C64": "complex64", "F64": "float64", "I64": "int64", "U64": "uint64",
-    "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "C64": "complex64",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }
 
 
@@ -158,8 +190,13 @@ class TensorTable(Mapping[str, TensorInfo]):
         return self._by_name()[name]
 
     def row(self, row: int) -> TensorInfo:
-        return TensorInfo(self._names[row], _DTYPE_NAMES[self._dtypes[row]], self._shape_list[self._shapes[row]],
-                          self._offsets[2 * row], self._offsets[2 * row + 1])
+        return TensorInfo(
+            self._names[row],
+            _DTYPE_NAMES[self._dtypes[row]],
+            self._shape_list[self._shapes[row]],
+            self._offsets[2 * row],
+            self._offsets[2 * row + 1],
+        )
 
     def __getitem__(self, name: str) -> TensorInfo:
         return self.row(self.row_of(name))
@@ -268,8 +305,9 @@ class _Rows:
         self.shape_ids: dict[object, int] = {}  # a shape (or its JSON bytes) -> its id
         self.offsets = array("q")
 
-    def add(self, name: str, dtype: str, shape_key: object, shape: tuple[int, ...] | None, begin: int,
-            end: int) -> None:
+    def add(
+        self, name: str, dtype: str, shape_key: object, shape: tuple[int, ...] | None, begin: int, end: int
+    ) -> None:
         shape_id = self.shape_ids.get(shape_key)
         if shape_id is None:
             assert shape is not None
@@ -309,13 +347,73 @@ _W = rb"[ \t\n\r]*"  # JSON whitespace, allowed between any two tokens
 _STRING = rb'"((?:[^"\\\x00-\x1f]|\\.)*)"'
 _NUMBER = rb"(?:0|[1-9][0-9]*)"
 _NUMBERS = rb"((?:" + _W + _NUMBER + _W + rb"(?:," + _W + _NUMBER + _W + rb")*)?)"
-_ENTRY = re.compile(_W + _STRING + _W + rb":" + _W + rb'\{' + _W + rb'"dtype"' + _W + rb":" + _W + rb'"([A-Z0-9_]+)"'
-                    + _W + rb"," + _W + rb'"shape"' + _W + rb":" + _W + rb"\[" + _NUMBERS + rb"\]" + _W + rb"," + _W
-                    + rb'"data_offsets"' + _W + rb":" + _W + rb"\[" + _W + rb"(" + _NUMBER + rb")" + _W + rb"," + _W
-                    + rb"(" + _NUMBER + rb")" + _W + rb"\]" + _W + rb"\}" + _W + rb"([,}])")
+_ENTRY = re.compile(
+    _W
+    + _STRING
+    + _W
+    + rb":"
+    + _W
+    + rb"\{"
+    + _W
+    + rb'"dtype"'
+    + _W
+    + rb":"
+    + _W
+    + rb'"([A-Z0-9_]+)"'
+    + _W
+    + rb","
+    + _W
+    + rb'"shape"'
+    + _W
+    + rb":"
+    + _W
+    + rb"\["
+    + _NUMBERS
+    + rb"\]"
+    + _W
+    + rb","
+    + _W
+    + rb'"data_offsets"'
+    + _W
+    + rb":"
+    + _W
+    + rb"\["
+    + _W
+    + rb"("
+    + _NUMBER
+    + rb")"
+    + _W
+    + rb","
+    + _W
+    + rb"("
+    + _NUMBER
+    + rb")"
+    + _W
+    + rb"\]"
+    + _W
+    + rb"\}"
+    + _W
+    + rb"([,}])"
+)
 _PAIR = _W + _STRING.replace(b"(", b"(?:", 1) + _W + b":" + _W + _STRING.replace(b"(", b"(?:", 1) + _W
-_METADATA = re.compile(_W + rb'\{' + _W + rb'"__metadata__"' + _W + rb":" + _W + rb"(\{(?:" + _PAIR + rb"(?:,"
-                       + _PAIR + rb")*|" + _W + rb")\})" + _W + rb"([,}])")
+_METADATA = re.compile(
+    _W
+    + rb"\{"
+    + _W
+    + rb'"__metadata__"'
+    + _W
+    + rb":"
+    + _W
+    + rb"(\{(?:"
+    + _PAIR
+    + rb"(?:,"
+    + _PAIR
+    + rb")*|"
+    + _W
+    + rb")\})"
+    + _W
+    + rb"([,}])"
+)
 
 
 def _scan_canonical(raw: bytes | bytearray) -> tuple[dict[str, str] | None, _Rows] | None:
@@ -333,7 +431,7 @@ def _scan_canonical(raw: bytes | bytearray) -> tuple[dict[str, str] | None, _Row
         except ValueError:  # not UTF-8, a bad escape: the JSON path names it
             return None
         pos, last = found.end(), found.group(2)
-    elif raw[pos:pos + 1] == b"}":
+    elif raw[pos : pos + 1] == b"}":
         pos, last = pos + 1, b"}"
     rows = _Rows()
     while last == b",":
@@ -350,8 +448,13 @@ def _scan_canonical(raw: bytes | bytearray) -> tuple[dict[str, str] | None, _Row
         if shape_bytes not in rows.shape_ids:
             shape = tuple(int(d) for d in shape_bytes.split(b",")) if shape_bytes.strip(b" \t\n\r") else ()
         first, stop = int(begin), int(end)
-        if dtype is None or first > stop or name == "__metadata__" or \
-                stop - first != tensor_nbytes(dtype, shape if shape is not None else rows.shape_list[rows.shape_ids[shape_bytes]]):
+        if (
+            dtype is None
+            or first > stop
+            or name == "__metadata__"
+            or stop - first
+            != tensor_nbytes(dtype, shape if shape is not None else rows.shape_list[rows.shape_ids[shape_bytes]])
+        ):
             return None
         rows.add(name, dtype, shape_bytes, shape, first, stop)
         pos = m.end()
@@ -371,6 +474,7 @@ def _ordered_table(path: Path, rows: _Rows) -> _Ordered:
     refused."""
     offsets = rows.offsets
     count = len(rows.names)
+
     def key(i: int) -> int:  # by offset; an empty tensor before a non-empty one at the same offset
         return 2 * offsets[2 * i] + (offsets[2 * i + 1] > offsets[2 * i])
 
@@ -405,8 +509,10 @@ def check_unchanged(fd: int, header: SafetensorsHeader) -> None:
         digest.update(os.pread(fd, min(1 << 20, header.data_start - start), start))
     if size != header.size or digest.digest() != header.digest:
         what = f"now {size} bytes, planned {header.size}" if size != header.size else "its header differs"
-        raise InputError(f"{header.path}: changed since the merge was planned ({what}); nothing was written from it. "
-                         "Run the command again")
+        raise InputError(
+            f"{header.path}: changed since the merge was planned ({what}); nothing was written from it. "
+            "Run the command again"
+        )
 
 
 def _read_prefix_and_header(path: Path) -> tuple[bytearray, int, int]:
@@ -437,17 +543,27 @@ def _compact_entry(pairs: list[tuple[str, object]]) -> object:
     if len(pairs) == 3 and tuple(sorted(k for k, _ in pairs)) == _ENTRY_KEYS:
         entry = dict(pairs)
         shape, offsets = entry["shape"], entry["data_offsets"]
-        return (entry["dtype"], tuple(shape) if isinstance(shape, list) else shape,
-                tuple(offsets) if isinstance(offsets, list) else offsets)
+        return (
+            entry["dtype"],
+            tuple(shape) if isinstance(shape, list) else shape,
+            tuple(offsets) if isinstance(offsets, list) else offsets,
+        )
     return dict(pairs)
 
 
 def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
     if type(entry) is tuple:  # the usual case, checked fast: str dtype, tuples of non-negative ints
         dtype, shape, offsets = entry
-        if (type(dtype) is str and dtype in DTYPE_BITS and type(shape) is tuple and type(offsets) is tuple
-                and len(offsets) == 2 and all(type(d) is int and d >= 0 for d in (*shape, *offsets))
-                and offsets[0] <= offsets[1] and offsets[1] - offsets[0] == tensor_nbytes(dtype, shape)):
+        if (
+            type(dtype) is str
+            and dtype in DTYPE_BITS
+            and type(shape) is tuple
+            and type(offsets) is tuple
+            and len(offsets) == 2
+            and all(type(d) is int and d >= 0 for d in (*shape, *offsets))
+            and offsets[0] <= offsets[1]
+            and offsets[1] - offsets[0] == tensor_nbytes(dtype, shape)
+        ):
             return TensorInfo(name, sys.intern(dtype), shape, offsets[0], offsets[1])
     return _checked_entry(path, name, entry)
 
@@ -456,14 +572,18 @@ def _checked_entry(path: Path, name: str, entry: object) -> TensorInfo:
     """An entry the fast path did not take: the same checks, one at a time, to name the defect."""
     bad = f"{path}: corrupt safetensors header (tensor {name!r}"
     if isinstance(entry, dict):  # an object with other keys than a tensor entry's
-        entry = tuple(tuple(v) if isinstance(v, list) else v
-                      for v in (entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")))
+        entry = tuple(
+            tuple(v) if isinstance(v, list) else v
+            for v in (entry.get("dtype"), entry.get("shape"), entry.get("data_offsets"))
+        )
     if not isinstance(entry, tuple):
         raise InputError(f"{bad} is not an object)")
     dtype, shape, offsets = entry
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise InputError(f"{bad} has unknown dtype {dtype!r})")
-    if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise InputError(f"{bad} has an invalid shape {_as_json(shape)!r})")
     if (
         not isinstance(offsets, tuple)
@@ -475,7 +595,8 @@ def _checked_entry(path: Path, name: str, entry: object) -> TensorInfo:
     expected = tensor_nbytes(dtype, shape)
     if offsets[1] - offsets[0] != expected:
         raise InputError(
-            f"{bad}: dtype {dtype} and shape {list(shape)} need {expected} bytes, offsets give {offsets[1] - offsets[0]})"
+            f"{bad}: dtype {dtype} and shape {list(shape)} need {expected} bytes, offsets give "
+            f"{offsets[1] - offsets[0]})"
         )
     return TensorInfo(name, sys.intern(dtype), shape, offsets[0], offsets[1])
 
@@ -554,9 +675,13 @@ class HeaderLayout:
         """The 8-byte length, then the header, a chunk of about `size` bytes at a time."""
         parts = [struct.pack("<Q", self.raw_length), b"{"]
         pending = written = 1
-        pieces = itertools.chain([self._metadata_part()] if self.metadata is not None else [],
-                                 (_entry_json(info.name, info.dtype, info.shape, info.begin, info.end)
-                                  for info in map(self.table.row, range(self.table.rows))))
+        pieces = itertools.chain(
+            [self._metadata_part()] if self.metadata is not None else [],
+            (
+                _entry_json(info.name, info.dtype, info.shape, info.begin, info.end)
+                for info in map(self.table.row, range(self.table.rows))
+            ),
+        )
         for i, piece in enumerate(pieces):
             data = (b"," if i else b"") + piece.encode("utf-8")
             parts.append(data)
@@ -572,12 +697,17 @@ class HeaderLayout:
 
 
 def _entry_json(name: str, dtype: str, shape: tuple[int, ...], begin: int, end: int) -> str:
-    return (f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],'
-            f'"data_offsets":[{begin},{end}]}}')
+    return (
+        f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],'
+        f'"data_offsets":[{begin},{end}]}}'
+    )
 
 
-def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
-    """A header's bytes and its tensors' offsets, in memory (small files; a shard's header goes through HeaderLayout)."""
+def build_header(
+    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None
+) -> tuple[bytes, list[TensorInfo]]:
+    """A header's bytes and its tensors' offsets, in memory (small files; a shard's header goes through
+    HeaderLayout)."""
     layout = HeaderLayout(entries, metadata)
     return layout.header(), list(layout.table.values())
 
@@ -651,7 +781,9 @@ class SafetensorsWriter:
     own offset (`offset(name)`), in any order and from any thread.
     """
 
-    def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
+    def __init__(
+        self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None
+    ):
         self.path = path
         layout = HeaderLayout(entries, metadata)
         self.infos = layout.table
@@ -681,8 +813,9 @@ class SafetensorsWriter:
     def write_row(self, row: int, tensor: torch.Tensor) -> None:
         info = self.infos.row(row)
         if torch_to_safetensors_dtype(tensor.dtype) != info.dtype or tuple(tensor.shape) != info.shape:
-            raise RuntimeError(f"tensor {info.name!r} is {tensor.dtype}{tuple(tensor.shape)}, header says "
-                               f"{info.dtype}{info.shape}")
+            raise RuntimeError(
+                f"tensor {info.name!r} is {tensor.dtype}{tuple(tensor.shape)}, header says {info.dtype}{info.shape}"
+            )
         write_at(self.fd, self.data_start + info.begin, tensor_bytes(tensor.contiguous()))
 
     def copy_raw(self, name: str, source_fd: int, source_offset: int) -> None:

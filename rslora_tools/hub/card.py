@@ -64,7 +64,8 @@ def project_url() -> str | None:
 
 
 def _tool(version: str) -> str:
-    """"rslora-tools VERSION", linked to the project's own page when it declares one (never a page it does not own)."""
+    """ "rslora-tools VERSION", linked to the project's own page when it declares one (never a page it does not
+    own)."""
     url = project_url()
     return f"[rslora-tools]({url}) {version}" if url else f"rslora-tools {version}"
 
@@ -79,7 +80,10 @@ def _hub_id(source: Any) -> str | None:
 
 def _describe(source: Any) -> str:
     if isinstance(source, dict) and isinstance(source.get("combined"), list):
-        return f"a combination ({source.get('method', '?')}) of {_describe_all(source['combined'], source.get('weights'))}"
+        return (
+            f"a combination ({source.get('method', '?')}) of "
+            f"{_describe_all(source['combined'], source.get('weights'))}"
+        )
     if isinstance(source, dict):
         if source.get("repo_id"):
             rev = f" at revision `{source['revision']}`" if source.get("revision") else ""
@@ -99,14 +103,22 @@ def _describe_all(sources: list[Any], weights: Any = None) -> str:
 def _mlx_body(repo_id: str, prov: dict[str, Any], base: str | None) -> str:
     """The card of an mlx-lm adapter (`convert --target mlx`): what it is, and how mlx-lm loads it."""
     lines = [
-        f"# {repo_id.split('/')[-1]}", "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
         f"An mlx-lm LoRA adapter{f' for [{base}](https://huggingface.co/{base})' if base else ''}, converted from the "
-        f"PEFT adapter {_describe(prov.get('adapter'))} with {_tool(prov.get('version', __version__))}: {prov.get('message') or 'converted'}.",
+        f"PEFT adapter {_describe(prov.get('adapter'))} with {_tool(prov.get('version', __version__))}: "
+        f"{prov.get('message') or 'converted'}.",
         "mlx-lm serves it with the function PEFT gives the original adapter.",
-        "", "## Use", "", "```python", "from huggingface_hub import snapshot_download",
-        "from mlx_lm import generate, load", "",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        "from mlx_lm import generate, load",
+        "",
         f'model, tokenizer = load("{base or "BASE"}", adapter_path=snapshot_download("{repo_id}"))',
-        'print(generate(model, tokenizer, prompt="Hello"))', "```",
+        'print(generate(model, tokenizer, prompt="Hello"))',
+        "```",
     ]
     return "\n".join(lines + _how_it_was_made(prov)) + "\n"
 
@@ -123,8 +135,16 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
         lines += _merged_model_lines(repo_id, prov, version, tokenizer)
     elif is_adapter:
         lines += _adapter_lines(prov, version, base)
-        lines += ["", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
-                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```"]
+        lines += [
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
+            "```",
+        ]
     else:
         lines += ["Uploaded with rslora-tools."]
     return "\n".join(lines + _how_it_was_made(prov)) + "\n"
@@ -133,11 +153,13 @@ def _card_body(repo_id: str, prov: dict[str, Any], is_adapter: bool, base: str |
 def _merged_model_lines(repo_id: str, prov: dict[str, Any], version: str, tokenizer: bool) -> list[str]:
     """What a merged model is made of, how it was checked, and how to load it."""
     stacked = isinstance(prov.get("adapters"), list)
-    what = (f"the LoRA adapters {_describe_all(prov['adapters'], prov.get('weights'))}, merged one after another,"
-            if stacked else f"the LoRA adapter {_describe(prov.get('adapter'))}")
+    what = (
+        f"the LoRA adapters {_describe_all(prov['adapters'], prov.get('weights'))}, merged one after another,"
+        if stacked
+        else f"the LoRA adapter {_describe(prov.get('adapter'))}"
+    )
     lines = [
-        f"This model is {what} merged into "
-        f"{_describe(prov.get('base'))} with {_tool(version)}.",
+        f"This model is {what} merged into {_describe(prov.get('base'))} with {_tool(version)}.",
         "The merged weights equal PEFT's `merge_and_unload()` bit for bit.",
         "",
         f"- Adapter convention: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",
@@ -148,29 +170,44 @@ def _merged_model_lines(repo_id: str, prov: dict[str, Any], version: str, tokeni
         lines.append(f"- Per-module scale: {lo:.6g}" + ("" if lo == hi else f" to {hi:.6g} (rank/alpha patterns)"))
     verified = prov.get("verified")
     if isinstance(verified, dict):
-        lines.append(f"- Verified after merging (`--verify`): {verified.get('verdict')}, "
-                     f"{verified.get('tensors_checked')} tensors recomputed and compared")
-    return lines + ["", "## Use", "", "```python",
-                    "from transformers import AutoModelForCausalLM" + (", AutoTokenizer" if tokenizer else ""), "",
-                    f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-                    *([f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'] if tokenizer else []), "```"]
+        lines.append(
+            f"- Verified after merging (`--verify`): {verified.get('verdict')}, "
+            f"{verified.get('tensors_checked')} tensors recomputed and compared"
+        )
+    return lines + [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM" + (", AutoTokenizer" if tokenizer else ""),
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+        *([f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'] if tokenizer else []),
+        "```",
+    ]
 
 
 def _adapter_lines(prov: dict[str, Any], version: str, base: str | None) -> list[str]:
     """What an adapter is (extracted, combined or converted) and where it came from."""
     for_base = f" for [{base}](https://huggingface.co/{base})" if base else ""
     if prov.get("operation") == "extract":
-        return [f"A PEFT LoRA adapter extracted from {_describe(prov.get('tuned'))} as its difference to "
-                f"{_describe(prov.get('base'))}, with {_tool(version)}.",
-                "Each module's rank, retained energy and relative error were reported when it was made."]
+        return [
+            f"A PEFT LoRA adapter extracted from {_describe(prov.get('tuned'))} as its difference to "
+            f"{_describe(prov.get('base'))}, with {_tool(version)}.",
+            "Each module's rank, retained energy and relative error were reported when it was made.",
+        ]
     if prov.get("operation") == "combine":
-        return [f"A PEFT LoRA adapter{for_base} combining "
-                f"{_describe_all(prov.get('adapters') or [], prov.get('weights'))} by `{prov.get('method', '?')}`, "
-                f"made with {_tool(version)}.",
-                "Its factors carry every input's scale and weight; its config gives every module scale 1."]
+        return [
+            f"A PEFT LoRA adapter{for_base} combining "
+            f"{_describe_all(prov.get('adapters') or [], prov.get('weights'))} by `{prov.get('method', '?')}`, "
+            f"made with {_tool(version)}.",
+            "Its factors carry every input's scale and weight; its config gives every module scale 1.",
+        ]
     what = prov.get("message") or "converted"
-    return [f"A PEFT LoRA adapter{for_base}, converted with {_tool(version)}: {what}.",
-            f"Every module keeps the scale PEFT applied to the original adapter {_describe(prov.get('adapter'))}.",
-            "",
-            f"- Convention now: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",
-            f"- Conversion: {prov.get('method', '?')} (target: {prov.get('target', '?')})"]
+    return [
+        f"A PEFT LoRA adapter{for_base}, converted with {_tool(version)}: {what}.",
+        f"Every module keeps the scale PEFT applied to the original adapter {_describe(prov.get('adapter'))}.",
+        "",
+        f"- Convention now: {convention_label(str(prov.get('convention', 'unknown')), 'formula')}",
+        f"- Conversion: {prov.get('method', '?')} (target: {prov.get('target', '?')})",
+    ]

@@ -95,27 +95,38 @@ def download_error(spec: str, ref: HubRef, e: Exception, offline: bool) -> str:
     partly = isinstance(e, errors.IncompleteSnapshotError)
     if partly or (offline and isinstance(e, errors.LocalEntryNotFoundError)):
         missing = re.search(r"are missing \((.*)\)\. (?:The Hub|Outgoing)", str(e)) if partly else None
-        cached = (f"not completely in the local cache (missing: {missing.group(1) if missing else '?'})" if partly
-                  else "not in the local cache")
+        cached = (
+            f"not completely in the local cache (missing: {missing.group(1) if missing else '?'})"
+            if partly
+            else "not in the local cache"
+        )
         if not offline:
-            return (f"{where}: {cached}, and the Hub at {endpoint() or 'https://huggingface.co'} cannot be reached "
-                    f"({_root_cause(e)}); check the network or HF_ENDPOINT")
-        return (f"{where}: {cached}, and HF_HUB_OFFLINE=1 forbids downloading; run once online (HF_HUB_OFFLINE=0) "
-                f"to download it{_not_local(spec) if not partly else ''}")
+            return (
+                f"{where}: {cached}, and the Hub at {endpoint() or 'https://huggingface.co'} cannot be reached "
+                f"({_root_cause(e)}); check the network or HF_ENDPOINT"
+            )
+        return (
+            f"{where}: {cached}, and HF_HUB_OFFLINE=1 forbids downloading; run once online (HF_HUB_OFFLINE=0) "
+            f"to download it{_not_local(spec) if not partly else ''}"
+        )
     if isinstance(e, errors.RevisionNotFoundError):
         return f"{where}: revision {ref.revision!r} not found in {ref.repo_id} (check the branch, tag or commit)"
     if isinstance(e, errors.GatedRepoError):
         return f"{ref.repo_id}: gated repo; accept its terms on the Hub and pass --token or set HF_TOKEN"
     if isinstance(e, errors.RepositoryNotFoundError):
-        return (f"{ref.repo_id}: no such repo on the Hub, or it is private (pass --token or set HF_TOKEN)"
-                f"{_not_local(spec)}")
+        return (
+            f"{ref.repo_id}: no such repo on the Hub, or it is private (pass --token or set HF_TOKEN)"
+            f"{_not_local(spec)}"
+        )
     if isinstance(e, errors.HfHubHTTPError):
         return f"{where}: the Hub answered {_status(e)}: {_first_line(e)}"
     if _timed_out(e):
         return f"{where}: {_timed_out(e)}"
     if isinstance(e, errors.LocalEntryNotFoundError):  # online, but no answer and nothing cached
-        return (f"{where}: the Hub at {endpoint() or 'https://huggingface.co'} cannot be reached ({_root_cause(e)}) "
-                f"and the repo is not in the local cache; check the network or HF_ENDPOINT{_not_local(spec)}")
+        return (
+            f"{where}: the Hub at {endpoint() or 'https://huggingface.co'} cannot be reached ({_root_cause(e)}) "
+            f"and the repo is not in the local cache; check the network or HF_ENDPOINT{_not_local(spec)}"
+        )
     return f"{where}: download failed ({type(e).__name__}: {_first_line(e)})"
 
 
@@ -141,8 +152,10 @@ def _timed_out(e: BaseException) -> str:
         seen.add(id(cause))
         if "Timeout" in type(cause).__name__ or "ReadTimeout" in str(cause):
             connect, read = _http_timeouts or (10, 60)
-            return (f"the Hub did not answer in time (connect {connect:g} s, read {read:g} s; set "
-                    "HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT to wait longer); check the network or HF_ENDPOINT")
+            return (
+                f"the Hub did not answer in time (connect {connect:g} s, read {read:g} s; set "
+                "HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT to wait longer); check the network or HF_ENDPOINT"
+            )
         cause = cause.__cause__ or cause.__context__
     return ""
 
@@ -178,8 +191,10 @@ def push_error(repo_id: str, e: Exception) -> str:
     if status == "403":
         return f"{repo_id}: forbidden (403): the token cannot write to this repo or namespace"
     if isinstance(e, errors.HfHubHTTPError):
-        return (f"{repo_id}: the Hub answered {status} during the upload ({_first_line(e)}); "
-                "re-run the same push to resume, files already uploaded are skipped")
+        return (
+            f"{repo_id}: the Hub answered {status} during the upload ({_first_line(e)}); "
+            "re-run the same push to resume, files already uploaded are skipped"
+        )
     if _timed_out(e):
         return f"{repo_id}: {_timed_out(e)}; re-run the same push to resume"
     return f"{repo_id}: upload failed ({type(e).__name__}: {_first_line(e)}); re-run the same push to resume"

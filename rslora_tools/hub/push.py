@@ -33,8 +33,17 @@ from .target import PushTarget
 
 # Top-level files a push replaces as a whole: a stale one left beside the new files would be loaded instead of
 # them (model.safetensors beside a new index) or on top of them (adapter_config.json beside merged weights).
-STALE_PATTERNS = ("*.safetensors", "*.index.json", "adapter_config.json", "adapter_model.*", "*.bin", "*.pt",
-                  "*.pth", "*.gguf", "rslora_tools.json")
+STALE_PATTERNS = (
+    "*.safetensors",
+    "*.index.json",
+    "adapter_config.json",
+    "adapter_model.*",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.gguf",
+    "rslora_tools.json",
+)
 
 
 @dataclass
@@ -92,8 +101,9 @@ class PushPreview(Report):
     dry_run: bool = True
 
 
-def preview_push(folder: str | os.PathLike[str], repo_id: str, *, revision: str | None = None,
-                 create_pr: bool = False) -> PushPreview:
+def preview_push(
+    folder: str | os.PathLike[str], repo_id: str, *, revision: str | None = None, create_pr: bool = False
+) -> PushPreview:
     """The files and the model card a push would upload, checked as a push checks them; no network.
 
     The stale files a push deletes are known only from the repo, so they are not in the preview.
@@ -147,8 +157,9 @@ def files_to_push(folder: Path) -> dict[str, Path]:
             in_repo = f"{prefix}/{shard}" if prefix else str(shard)
             if in_repo not in files:
                 why = "a hidden file, which a push skips" if str(shard).startswith(".") else "not in the folder"
-                raise InputError(f"{folder / name}: names shard {shard!r}, which is {why}; the pushed model would "
-                                 "be incomplete")
+                raise InputError(
+                    f"{folder / name}: names shard {shard!r}, which is {why}; the pushed model would be incomplete"
+                )
     return files
 
 
@@ -169,27 +180,53 @@ def commit(api: Any, target: PushTarget, operations: list[Any], sizes: dict[str,
     before = _call(target, lambda: list_files(api, target.repo_id, head, recursive=False))
     removed = stale_files(before, sizes)
     deletions = [CommitOperationDelete(path_in_repo=name) for name in removed]
-    info = _call(target, lambda: api.create_commit(
-        target.repo_id, operations=[*operations, *deletions], commit_message=target.commit_message or message,
-        revision=target.revision, create_pr=target.create_pr,
-        parent_commit=head))
+    info = _call(
+        target,
+        lambda: api.create_commit(
+            target.repo_id,
+            operations=[*operations, *deletions],
+            commit_message=target.commit_message or message,
+            revision=target.revision,
+            create_pr=target.create_pr,
+            parent_commit=head,
+        ),
+    )
     after = _call(target, lambda: list_files(api, target.repo_id, info.oid, recursive=True))
     check_arrived(target.repo_id, sizes, after, removed)
-    return PushReport(target.repo_id, "", info.oid, str(info.commit_url), info.pr_url, len(sizes), False,
-                      target.private, target.revision, sorted(sizes), removed)
+    return PushReport(
+        target.repo_id,
+        "",
+        info.oid,
+        str(info.commit_url),
+        info.pr_url,
+        len(sizes),
+        False,
+        target.private,
+        target.revision,
+        sorted(sizes),
+        removed,
+    )
 
 
 def stale_files(remote: dict[str, int], pushed: dict[str, int]) -> list[str]:
     """The repo's top-level weight and adapter files (STALE_PATTERNS) that this push does not bring."""
-    return sorted(name for name in remote if "/" not in name and name not in pushed
-                  and any(fnmatch.fnmatchcase(name, pattern) for pattern in STALE_PATTERNS))
+    return sorted(
+        name
+        for name in remote
+        if "/" not in name
+        and name not in pushed
+        and any(fnmatch.fnmatchcase(name, pattern) for pattern in STALE_PATTERNS)
+    )
 
 
 def list_files(api: Any, repo_id: str, revision: str, *, recursive: bool) -> dict[str, int]:
     from huggingface_hub.hf_api import RepoFile
 
-    return {f.path: f.size for f in api.list_repo_tree(repo_id, revision=revision, recursive=recursive)
-            if isinstance(f, RepoFile)}
+    return {
+        f.path: f.size
+        for f in api.list_repo_tree(repo_id, revision=revision, recursive=recursive)
+        if isinstance(f, RepoFile)
+    }
 
 
 def check_arrived(repo_id: str, expected: dict[str, int], remote: dict[str, int], removed: Sequence[str] = ()) -> None:
@@ -202,8 +239,10 @@ def check_arrived(repo_id: str, expected: dict[str, int], remote: dict[str, int]
         )
     left = sorted(p for p in removed if p in remote)
     if left:
-        raise HubError(f"{repo_id}: the commit should have deleted {', '.join(left[:5])}, but the repo still holds "
-                       "it; run the same push again")
+        raise HubError(
+            f"{repo_id}: the commit should have deleted {', '.join(left[:5])}, but the repo still holds "
+            "it; run the same push again"
+        )
 
 
 def _call(target: PushTarget, what: Any) -> Any:

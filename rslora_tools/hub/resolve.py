@@ -41,12 +41,24 @@ class Source:
         """What provenance records (no cache paths: the file may be published)."""
         if self.repo_id is None:
             return {"spec": self.spec}
-        return {"spec": self.spec, "repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
-                "subfolder": self.subfolder}
+        return {
+            "spec": self.spec,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "subfolder": self.subfolder,
+        }
 
 
-def resolve_input(spec: str, *, role: InputRole, revision: str | None = None, token: str | None = None,
-                  allow_pickle: bool = False, shards: bool = True) -> Source:
+def resolve_input(
+    spec: str,
+    *,
+    role: InputRole,
+    revision: str | None = None,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    shards: bool = True,
+) -> Source:
     """A local folder for BASE ("base") or ADAPTER ("adapter"): the path itself, or a cached Hub snapshot.
 
     `shards=False`: a Hub base's weight shards are not downloaded (a streamed merge fetches them one at a time).
@@ -134,7 +146,7 @@ def folder_kind(path: str | os.PathLike[str]) -> FolderKind | None:
 
 
 def _did_you_mean(path: Path, role: InputRole) -> str:
-    """" (did you mean NAME?)" for the closest name in the path's folder that holds what `role` needs (an adapter
+    """ " (did you mean NAME?)" for the closest name in the path's folder that holds what `role` needs (an adapter
     for ADAPTER, a model for BASE), when one is close."""
     import difflib
 
@@ -152,7 +164,9 @@ def _looks_local(spec: str) -> bool:
     """A path, not a repo id: starts with / . or ~, or has more than one '/' (mergekit's rule), not hf://."""
     if spec.startswith("hf://"):
         return False
-    return spec.startswith(("/", ".", "~")) or spec.partition("@")[0].count("/") > 1 or os.sep != "/" and os.sep in spec
+    return (
+        spec.startswith(("/", ".", "~")) or spec.partition("@")[0].count("/") > 1 or os.sep != "/" and os.sep in spec
+    )
 
 
 def _download(spec: str, ref: HubRef, patterns: list[str], token: str | None, exact: bool = False) -> Path:
@@ -165,8 +179,15 @@ def _download(spec: str, ref: HubRef, patterns: list[str], token: str | None, ex
     local_only = offline()
     try:
         path = snapshot_download(
-            ref.repo_id, revision=ref.revision, allow_patterns=allow, ignore_patterns=ignore, token=token,
-            cache_dir=cache_dir(), endpoint=endpoint(), local_files_only=local_only, library_name=LIBRARY_NAME,
+            ref.repo_id,
+            revision=ref.revision,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
+            token=token,
+            cache_dir=cache_dir(),
+            endpoint=endpoint(),
+            local_files_only=local_only,
+            library_name=LIBRARY_NAME,
             library_version=__version__,
         )
     except Exception as e:  # each client error becomes one line that says what to do
@@ -184,15 +205,22 @@ def auto_base(adapter_config: dict[str, Any], adapter_spec: str) -> tuple[str, s
 
 
 def resolve_merge_inputs(
-    base: str, adapter: str, *, base_revision: str | None = None, adapter_revision: str | None = None,
-    token: str | None = None, allow_pickle: bool = False, base_shards: bool = True,
+    base: str,
+    adapter: str,
+    *,
+    base_revision: str | None = None,
+    adapter_revision: str | None = None,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    base_shards: bool = True,
 ) -> tuple[Source, Source, list[str]]:
     """Resolve ADAPTER, then BASE (`auto` = the base the adapter records); warn on a base mismatch.
 
     `base_shards=False`: a Hub base's shards are not downloaded (a streamed merge fetches them itself).
     """
-    adapter_source = resolve_input(adapter, role="adapter", revision=adapter_revision, token=token,
-                                   allow_pickle=allow_pickle)
+    adapter_source = resolve_input(
+        adapter, role="adapter", revision=adapter_revision, token=token, allow_pickle=allow_pickle
+    )
     try:
         config = read_config_file(find_adapter_folder(adapter_source.path))
     except RsloraError:
@@ -204,16 +232,22 @@ def resolve_merge_inputs(
         recorded, recorded_revision = auto_base(config, adapter)
         base, looked = locate_recorded_base(recorded, adapter_source.path)
         if base != recorded:
-            warnings.append(f"BASE auto: the adapter records its base as the relative path {recorded!r}; "
-                            f"using {base}, found from the adapter's folder")
+            warnings.append(
+                f"BASE auto: the adapter records its base as the relative path {recorded!r}; "
+                f"using {base}, found from the adapter's folder"
+            )
         try:
-            base_source = resolve_input(base, role="base", revision=base_revision or recorded_revision, token=token,
-                                        shards=base_shards)
+            base_source = resolve_input(
+                base, role="base", revision=base_revision or recorded_revision, token=token, shards=base_shards
+            )
         except RsloraError as e:
             if not looked:
                 raise
-            raise type(e)(f"{e.cli_message}; BASE auto: the adapter records its base as {recorded!r}, which as a "
-                          f"relative path is in none of {', '.join(map(str, looked))}; pass BASE", **e.fields) from e
+            raise type(e)(
+                f"{e.cli_message}; BASE auto: the adapter records its base as {recorded!r}, which as a "
+                f"relative path is in none of {', '.join(map(str, looked))}; pass BASE",
+                **e.fields,
+            ) from e
     warning = base_mismatch(base_source, config)
     return base_source, adapter_source, warnings + ([warning] if warning else [])
 
@@ -248,5 +282,3 @@ def base_mismatch(base: Source, adapter_config: dict[str, Any]) -> str | None:
 
 
 # --- the client for publishing (hub/push.py) --------------------------------------------------------
-
-

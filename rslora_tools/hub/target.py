@@ -19,20 +19,27 @@ class PushTarget:
     """Where a push goes: `--push-to-hub REPO_ID` and its companions (or `push`'s options)."""
 
     repo_id: str
-    private: bool = option(False, Flag(
-        "--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility)."))
-    revision: str | None = option(None, Flag(  # a branch (created when missing); None: main
-        "--revision", metavar="BRANCH", help="Commit to this branch (created if needed) instead of main."))
-    create_pr: bool = option(False, Flag(
-        "--create-pr", is_flag=True, help="Open a pull request instead of committing."))
+    private: bool = option(
+        False, Flag("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+    )
+    revision: str | None = option(
+        None,
+        Flag(  # a branch (created when missing); None: main
+            "--revision", metavar="BRANCH", help="Commit to this branch (created if needed) instead of main."
+        ),
+    )
+    create_pr: bool = option(
+        False, Flag("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+    )
     commit_message: str | None = option(None, Flag("--commit-message", metavar="TEXT", help="The commit message."))
     token: str | None = option(None, TOKEN)
 
     def __post_init__(self) -> None:
         ref = parse_ref(self.repo_id)
         if ref is None or ref.revision or ref.subfolder:
-            raise OptionError(f"{self.repo_id}: not a Hub repo id (org/name); use --revision for a branch",
-                              options=("repo_id",))
+            raise OptionError(
+                f"{self.repo_id}: not a Hub repo id (org/name); use --revision for a branch", options=("repo_id",)
+            )
         object.__setattr__(self, "repo_id", ref.repo_id)
 
     @property
@@ -55,12 +62,16 @@ class PushTarget:
             return
         for repo, _, role in input_repos(sources):
             if repo.lower() == self.repo_id.lower():
-                raise InputError(self._into_input(role, repo) + "; push to another repo, or there with --create-pr "
-                                 "(a pull request) or `rslora-tools push FOLDER REPO_ID --revision BRANCH`")
+                raise InputError(
+                    self._into_input(role, repo) + "; push to another repo, or there with --create-pr "
+                    "(a pull request) or `rslora-tools push FOLDER REPO_ID --revision BRANCH`"
+                )
 
     def _into_input(self, role: str, repo: str) -> str:
-        return (f"{self.repo_id}: is the repo of the {role} ({repo}); pushing the output into it would change what "
-                f"loaders read as the {role}")
+        return (
+            f"{self.repo_id}: is the repo of the {role} ({repo}); pushing the output into it would change what "
+            f"loaders read as the {role}"
+        )
 
 
 def input_repos(record: Any, role: str = "input") -> Iterator[tuple[str, str | None, str]]:

@@ -70,7 +70,7 @@ def remote_header(source: Source, shard: str, view: Path, token: str | None) -> 
         raise
     except Exception as e:  # one line, as every Hub failure
         raise HubError(shard_error(source, shard, e, False)) from e
-    return parse_header(where, data[8:8 + n], n, size)
+    return parse_header(where, data[8 : 8 + n], n, size)
 
 
 def shard_error(source: Source, shard: str, e: Exception, is_offline: bool) -> str:
@@ -116,8 +116,10 @@ def _get_range(source: Source, shard: str, start: int, end: int, token: str | No
             return data, int(total.group(1))
         length = response.headers.get("Content-Length")
         if length is None or not length.isdigit():
-            raise HubError(f"{source.repo_id}: {shard}: the server ignored the byte range and did not say the file's "
-                           "size; it cannot be streamed (merge without --stream)")
+            raise HubError(
+                f"{source.repo_id}: {shard}: the server ignored the byte range and did not say the file's "
+                "size; it cannot be streamed (merge without --stream)"
+            )
         return data[start:end], int(length)  # the server ignored the range: only the beginning was read
 
 
@@ -127,15 +129,21 @@ def listed_sha256(source: Source, token: str | None) -> dict[str, str]:
 
     assert source.repo_id is not None
     try:
-        entries = list(hub_api(token).list_repo_tree(source.repo_id, path_in_repo=source.subfolder or None,
-                                                     revision=source.commit, recursive=False))
+        entries = list(
+            hub_api(token).list_repo_tree(
+                source.repo_id, path_in_repo=source.subfolder or None, revision=source.commit, recursive=False
+            )
+        )
     except RsloraError:
         raise
     except Exception as e:
         raise HubError(download_error(source.spec, _ref(source), e, False)) from e
     prefix = f"{source.subfolder}/" if source.subfolder else ""
-    return {f.path.removeprefix(prefix): f.lfs.sha256 for f in entries
-            if isinstance(f, RepoFile) and f.lfs is not None and f.path.endswith(".safetensors")}
+    return {
+        f.path.removeprefix(prefix): f.lfs.sha256
+        for f in entries
+        if isinstance(f, RepoFile) and f.lfs is not None and f.path.endswith(".safetensors")
+    }
 
 
 def cached_shard(source: Source, shard: str) -> Path | None:
@@ -143,8 +151,9 @@ def cached_shard(source: Source, shard: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     assert source.repo_id is not None
-    found = try_to_load_from_cache(source.repo_id, _remote_name(source, shard), cache_dir=cache_dir(),
-                                   revision=source.commit)
+    found = try_to_load_from_cache(
+        source.repo_id, _remote_name(source, shard), cache_dir=cache_dir(), revision=source.commit
+    )
     return Path(found) if isinstance(found, str) else None
 
 
@@ -160,8 +169,17 @@ class Fetched:
 class ShardFetcher:
     """Base shards of a Hub repo, one at a time, linked into `view` for the merge to read."""
 
-    def __init__(self, source: Source, view: Path, scratch: Path, *, keep_cache: bool, token: str | None,
-                 progress: Callable[[int], None] | None = None, listed: dict[str, str] | None = None):
+    def __init__(
+        self,
+        source: Source,
+        view: Path,
+        scratch: Path,
+        *,
+        keep_cache: bool,
+        token: str | None,
+        progress: Callable[[int], None] | None = None,
+        listed: dict[str, str] | None = None,
+    ):
         self.source, self.view, self.scratch = source, view, scratch
         self.keep_cache, self.token, self.progress = keep_cache, token, progress
         self.listed = listed or {}  # shard -> the sha256 the Hub lists for it at the source's commit
@@ -204,9 +222,17 @@ class ShardFetcher:
 
         place: dict[str, Any] = {"cache_dir": cache_dir()} if self.keep_cache else {"local_dir": self.scratch}
         try:
-            path = hf_hub_download(self.source.repo_id, _remote_name(self.source, shard), revision=self.source.commit,
-                                   token=self.token, endpoint=endpoint(), library_name=LIBRARY_NAME,
-                                   library_version=__version__, tqdm_class=_counting_bar(count), **place)
+            path = hf_hub_download(
+                self.source.repo_id,
+                _remote_name(self.source, shard),
+                revision=self.source.commit,
+                token=self.token,
+                endpoint=endpoint(),
+                library_name=LIBRARY_NAME,
+                library_version=__version__,
+                tqdm_class=_counting_bar(count),
+                **place,
+            )
         except Exception as e:
             raise HubError(shard_error(self.source, shard, e, offline())) from e
         return Fetched(Path(path), counted[0], not self.keep_cache)
@@ -230,9 +256,11 @@ class ShardFetcher:
             if hashed:
                 real.unlink(missing_ok=True)
                 path.unlink(missing_ok=True)
-            raise HubError(f"{self.source.spec}: {shard}: the bytes received have sha256 {found[:12]}..., the Hub lists "
-                           f"{expected[:12]}... for this commit; the shard was deleted and nothing was pushed from it. "
-                           "Run the command again")
+            raise HubError(
+                f"{self.source.spec}: {shard}: the bytes received have sha256 {found[:12]}..., the Hub lists "
+                f"{expected[:12]}... for this commit; the shard was deleted and nothing was pushed from it. "
+                "Run the command again"
+            )
 
     def release(self, shard: str) -> None:
         """The merge is done with `shard`: unlink it from the view, delete it if this run stored it in scratch."""
@@ -241,7 +269,9 @@ class ShardFetcher:
             fetched = self.fetched.pop(shard, None)
         if fetched is not None and fetched.temporary:
             fetched.path.unlink(missing_ok=True)
-            metadata = self.scratch / ".cache" / "huggingface" / "download" / f"{_remote_name(self.source, shard)}.metadata"
+            metadata = (
+                self.scratch / ".cache" / "huggingface" / "download" / f"{_remote_name(self.source, shard)}.metadata"
+            )
             metadata.unlink(missing_ok=True)
 
 
@@ -304,8 +334,9 @@ class Publisher:
         infos = [UploadInfo(size=b.size, sample=b"", sha256=bytes.fromhex(b.sha256)) for b in blobs]
         headers = build_hf_headers(token=self.target.token, library_name=LIBRARY_NAME, library_version=__version__)
         try:
-            actions, _, _ = post_lfs_batch_info(infos, self.target.token, "model", self.repo_id, endpoint=api.endpoint,
-                                                headers=headers)
+            actions, _, _ = post_lfs_batch_info(
+                infos, self.target.token, "model", self.repo_id, endpoint=api.endpoint, headers=headers
+            )
         except Exception as e:
             if _status_of(e) == 404:  # no such repo (any more): nothing is stored
                 return set()
@@ -323,8 +354,11 @@ class Publisher:
         operation = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(path))
         blob = Uploaded(path_in_repo, operation.upload_info.sha256.hex(), operation.upload_info.size)
         had = blob.sha256 in self.stored([blob])
-        self._call(lambda: self.api.preupload_lfs_files(self.repo_id, additions=[operation],
-                                                         create_pr=self.target.create_pr, free_memory=True))
+        self._call(
+            lambda: self.api.preupload_lfs_files(
+                self.repo_id, additions=[operation], create_pr=self.target.create_pr, free_memory=True
+            )
+        )
         if operation._upload_mode != "lfs":
             operation = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=path.read_bytes())
         return operation, blob, had
@@ -345,8 +379,11 @@ class Publisher:
         """One commit: `operations` (the shards) plus every file of `folder` (and the card); check what arrived."""
         from huggingface_hub import CommitOperationAdd
 
-        small = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(folder.iterdir())
-                 if p.is_file()]
+        small = [
+            CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+            for p in sorted(folder.iterdir())
+            if p.is_file()
+        ]
         expected = {**sizes, **{p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}}
         if card is not None:
             small.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))

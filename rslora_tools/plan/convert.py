@@ -33,21 +33,39 @@ class ConversionPlan:
     message: str
 
 
-def plan_conversion(adapter: Adapter, entries: list[ModuleEntry], *, to: str | None = None,
-                    target: str | None = None, bake: bool = False) -> ConversionPlan:
+def plan_conversion(
+    adapter: Adapter,
+    entries: list[ModuleEntry],
+    *,
+    to: str | None = None,
+    target: str | None = None,
+    bake: bool = False,
+) -> ConversionPlan:
     """Choose how to convert: `to` a convention ("rslora"/"classic"), or for a `target` runtime (or "unit")."""
     fields = adapter.config.normalized()
     current = adapter.config.convention
     if to is not None:
         use_rslora = CONVENTIONS[to]
         if to == current:
-            return ConversionPlan("copy", fields, {}, f"the adapter is already {convention_label(to)}; copied unchanged")
+            return ConversionPlan(
+                "copy", fields, {}, f"the adapter is already {convention_label(to)}; copied unchanged"
+            )
         if bake:
             new = dict(fields, use_rslora=use_rslora)
             factors = {_key(e): e.scale.scale / scale(e.scale.alpha, e.scale.r, use_rslora) for e in entries}
-            return ConversionPlan("bake", new, factors, f"{convention_label(current)} -> {convention_label(to)}: scale change folded into lora_B")
+            return ConversionPlan(
+                "bake",
+                new,
+                factors,
+                f"{convention_label(current)} -> {convention_label(to)}: scale change folded into lora_B",
+            )
         new = convention_config(adapter, entries, use_rslora)
-        return ConversionPlan("config", new, {}, f"{convention_label(current)} -> {convention_label(to)}: alphas rewritten, weights unchanged")
+        return ConversionPlan(
+            "config",
+            new,
+            {},
+            f"{convention_label(current)} -> {convention_label(to)}: alphas rewritten, weights unchanged",
+        )
 
     if target == "unit" or target is None:
         return _unit_plan(adapter, entries, "unit-scale form (scale 1 in every runtime)")
@@ -61,27 +79,45 @@ def plan_conversion(adapter: Adapter, entries: list[ModuleEntry], *, to: str | N
     return _plan_for_runtime(adapter, entries, rt, fields)
 
 
-def _plan_for_runtime(adapter: Adapter, entries: list[ModuleEntry], runtime: Runtime,
-                      fields: dict[str, Any]) -> ConversionPlan:
+def _plan_for_runtime(
+    adapter: Adapter, entries: list[ModuleEntry], runtime: Runtime, fields: dict[str, Any]
+) -> ConversionPlan:
     """The least change that makes `runtime` apply PEFT's scales: nothing, a config rewrite, or folding them in."""
     if runtime.honours_patterns and unstable_patterns(fields, [e.name for e in entries]):
         stable = convention_config(adapter, entries, adapter.config.use_rslora)
-        return ConversionPlan("config", stable, {}, "pattern keys rewritten so that every PEFT version reads the same "
-                                                    "per-module scales; weights unchanged")
+        return ConversionPlan(
+            "config",
+            stable,
+            {},
+            "pattern keys rewritten so that every PEFT version reads the same per-module scales; weights unchanged",
+        )
     if _serves_right(runtime, fields, entries):
-        return ConversionPlan("copy", fields, {}, f"{runtime.title} already applies PEFT's scale to every module; copied unchanged")
+        return ConversionPlan(
+            "copy", fields, {}, f"{runtime.title} already applies PEFT's scale to every module; copied unchanged"
+        )
     try:
         rewritten = convention_config(adapter, entries, adapter.config.use_rslora and runtime.honours_rslora)
     except UnsupportedAdapterError:
         rewritten = None
     if rewritten is not None and _serves_right(runtime, rewritten, entries):
-        return ConversionPlan("config", rewritten, {}, f"config rewritten so that {runtime.title} applies PEFT's scales; weights unchanged")
+        return ConversionPlan(
+            "config",
+            rewritten,
+            {},
+            f"config rewritten so that {runtime.title} applies PEFT's scales; weights unchanged",
+        )
     if runtime.rank_from_shape:
         new = unit_config(adapter, entries, global_alpha_only=True)
         factors = {_key(e): e.scale.scale / scale(new["lora_alpha"], e.scale.r, False) for e in entries}
-        return ConversionPlan("unit", new, factors,
-                              f"scales folded into lora_B so that {runtime.title}'s alpha/rank per tensor gives PEFT's scale")
-    return _unit_plan(adapter, entries, f"{runtime.title} {_ignored(runtime, adapter)}: scales folded into lora_B (unit-scale form)")
+        return ConversionPlan(
+            "unit",
+            new,
+            factors,
+            f"scales folded into lora_B so that {runtime.title}'s alpha/rank per tensor gives PEFT's scale",
+        )
+    return _unit_plan(
+        adapter, entries, f"{runtime.title} {_ignored(runtime, adapter)}: scales folded into lora_B (unit-scale form)"
+    )
 
 
 def _unit_plan(adapter: Adapter, entries: list[ModuleEntry], message: str) -> ConversionPlan:

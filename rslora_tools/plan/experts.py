@@ -69,8 +69,14 @@ def expert_slot(name: str, layouts: Layouts) -> ExpertSlot | None:
         return None
     for fused, names in layouts.hand.per_expert:
         if m["name"] in names:
-            return ExpertSlot(f"{m['experts']}.{fused}", int(m["expert"]), names.index(m["name"]), len(names),
-                              layouts.hand.interleaved, layouts.hand.in_out)
+            return ExpertSlot(
+                f"{m['experts']}.{fused}",
+                int(m["expert"]),
+                names.index(m["name"]),
+                len(names),
+                layouts.hand.interleaved,
+                layouts.hand.in_out,
+            )
     return None
 
 
@@ -91,14 +97,15 @@ def per_expert_names(fused: str, experts: int, resolver: NameResolver) -> list[l
     for t in resolver.layouts.converters:
         target = t.targets[0].replace("\\.", ".")
         if t.stacks_experts and fused.endswith(target.lstrip(".")):
-            stem = fused[:len(fused) - len(target.lstrip("."))]
+            stem = fused[: len(fused) - len(target.lstrip("."))]
             sources = [s.replace("\\.", ".").lstrip(".").removesuffix(".weight") for s in t.sources]
             return [[stem + s.replace("*", str(e)) for s in sources] for e in range(experts)]
     return None
 
 
-def place_across_layouts(module: LoraModule, adapter: Adapter, resolver: NameResolver, shape_of: ShapeOf,
-                         layouts: Layouts) -> list[tuple[str, LoraOp]] | None:
+def place_across_layouts(
+    module: LoraModule, adapter: Adapter, resolver: NameResolver, shape_of: ShapeOf, layouts: Layouts
+) -> list[tuple[str, LoraOp]] | None:
     """The tensors a module that matches nothing as named changes in the checkpoint's other expert layout, with
     the op for each; None when it is not an expert module of a known family (the caller reports it unmatched)."""
     if not layouts.has_experts:
@@ -115,14 +122,20 @@ def place_across_layouts(module: LoraModule, adapter: Adapter, resolver: NameRes
 def as_expert_op(op: LoraOp, module: LoraModule, layouts: Layouts) -> LoraOp:
     """A per-expert module placed on its own tensor, in a family transformers 5 fuses: merged as PEFT's ParamWrapper
     merges the fused parameter it becomes (the delta cast to the weight's dtype first)."""
-    if (op.kind != "linear" or op.transpose or op.dora or module.bias_key is not None
-            or expert_slot(module.name + ".weight", layouts) is None):
+    if (
+        op.kind != "linear"
+        or op.transpose
+        or op.dora
+        or module.bias_key is not None
+        or expert_slot(module.name + ".weight", layouts) is None
+    ):
         return op
     return dataclasses.replace(op, kind="param")
 
 
-def _fused_on_per_expert(module: LoraModule, adapter: Adapter, resolver: NameResolver, shape_of: ShapeOf,
-                         layouts: Layouts) -> list[tuple[str, LoraOp]] | None:
+def _fused_on_per_expert(
+    module: LoraModule, adapter: Adapter, resolver: NameResolver, shape_of: ShapeOf, layouts: Layouts
+) -> list[tuple[str, LoraOp]] | None:
     a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
     name = fused_parameter(module, adapter, resolver, shape_of)
     stacked = resolver.stacked(name)
@@ -138,18 +151,24 @@ def _fused_on_per_expert(module: LoraModule, adapter: Adapter, resolver: NameRes
         raise MismatchError(f"{where}: the adapter's factors hold {experts} experts, the checkpoint has more")
     missing = sorted(set(range(experts)) - set(found))
     if missing:
-        raise MismatchError(f"{where}: the checkpoint stores its experts per expert but has no expert {missing[0]} "
-                            f"of {name!r} (it stores {_expert_range(found)})")
+        raise MismatchError(
+            f"{where}: the checkpoint stores its experts per expert but has no expert {missing[0]} "
+            f"of {name!r} (it stores {_expert_range(found)})"
+        )
     placed: list[tuple[str, LoraOp]] = []
     outs = _part_outs(stacked, shape_of)
     for p in stacked:
-        start = sum(outs[:p.part])
+        start = sum(outs[: p.part])
         out, in_ = shape_of(p.stored)[0], a[1]
         if sum(outs) != b[0] or shape_of(p.stored) != (outs[p.part], in_):
-            raise MismatchError(f"{where}: expert {p.expert}'s part {p.part} is {list(shape_of(p.stored))} in the "
-                                f"checkpoint ({p.stored!r}); the adapter's factors give ({b[0]} split as {outs}, {in_})")
+            raise MismatchError(
+                f"{where}: expert {p.expert}'s part {p.part} is {list(shape_of(p.stored))} in the "
+                f"checkpoint ({p.stored!r}); the adapter's factors give ({b[0]} split as {outs}, {in_})"
+            )
         rows = (start, start + out, 1) if p.parts > 1 else None
-        placed.append((p.stored, LoraOp(module, "param", scale, part=ExpertPart(p.expert, experts, True, rows, False))))
+        placed.append(
+            (p.stored, LoraOp(module, "param", scale, part=ExpertPart(p.expert, experts, True, rows, False)))
+        )
     return placed
 
 
@@ -184,19 +203,23 @@ def fused_parameter(module: LoraModule, adapter: Adapter, resolver: NameResolver
         outs = _part_outs(stacked, shape_of)
         return sum(outs) == b[0] and all(shape_of(p.stored)[1:] == (a[1],) for p in stacked if p.expert == 0)
 
-    return pattern_name(adapter, module, fits, resolver.own_parameters(module.name),
-                        resolver.parameter_order(module.name))
+    return pattern_name(
+        adapter, module, fits, resolver.own_parameters(module.name), resolver.parameter_order(module.name)
+    )
 
 
-def _per_expert_on_fused(module: LoraModule, adapter: Adapter, resolver: NameResolver, shape_of: ShapeOf,
-                         slot: ExpertSlot) -> tuple[str, LoraOp] | None:
+def _per_expert_on_fused(
+    module: LoraModule, adapter: Adapter, resolver: NameResolver, shape_of: ShapeOf, slot: ExpertSlot
+) -> tuple[str, LoraOp] | None:
     target = resolver.find(slot.fused, record=False)
     if target is None:
         return None
     where = f"{adapter.weights_path}: module {module.name!r}"
     if module.magnitude_key is not None or module.bias_key is not None:
-        raise UnsupportedAdapterError(f"{where}: DoRA or lora_bias on a per-expert module cannot be merged into the "
-                                      f"fused expert parameter {target!r} (PEFT cannot either)")
+        raise UnsupportedAdapterError(
+            f"{where}: DoRA or lora_bias on a per-expert module cannot be merged into the "
+            f"fused expert parameter {target!r} (PEFT cannot either)"
+        )
     w = shape_of(target)
     if len(w) != 3:
         raise MismatchError(f"{where}: {target!r} is {list(w)}, not a fused expert parameter")
@@ -205,8 +228,9 @@ def _per_expert_on_fused(module: LoraModule, adapter: Adapter, resolver: NameRes
     out = len(range(*rows)) if rows else fused_out
     a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
     if slot.expert >= experts or len(a) != 2 or len(b) != 2 or (b[0], a[1]) != (out, fused_in):
-        raise MismatchError(f"{where}: LoRA A{list(a)} and B{list(b)} do not fit expert {slot.expert}'s part "
-                            f"{slot.part} of {target!r} {list(w)} ({experts} experts of ({out}, {fused_in}))")
+        raise MismatchError(
+            f"{where}: LoRA A{list(a)} and B{list(b)} do not fit expert {slot.expert}'s part "
+            f"{slot.part} of {target!r} {list(w)} ({experts} experts of ({out}, {fused_in}))"
+        )
     op = make_op(module, adapter, "param", (out, fused_in), False)
     return target, dataclasses.replace(op, part=ExpertPart(slot.expert, experts, False, rows, slot.in_out))
-

@@ -51,19 +51,24 @@ def plan_extraction(base: Checkpoint, tuned: Checkpoint, target_modules: list[st
         only = sorted(base_names ^ tuned_names)
         side = "TUNED" if only[0] in tuned_names else "BASE"
         raise UnsupportedAdapterError(
-            f"{only[0]!r} is only in {side} ({len(only)} of their tensors differ between the models); extract needs the same "
+            f"{only[0]!r} is only in {side} ({len(only)} of their tensors differ between the models); extract needs "
+            f"the same "
             "tensors in both (a grown vocabulary or an added head cannot be an adapter here: merge-free serving of "
-            "such a model needs the full weights)")
+            "such a model needs the full weights)"
+        )
     model_type = (tuned.config or {}).get("model_type")
     conv1d = model_type in CONV1D_MODEL_TYPES
     roles = []
     for name in tuned.tensor_names():
         b, t = base.info(name), tuned.info(name)
         if tuple(b.shape) != tuple(t.shape) or b.dtype != t.dtype:
-            raise MismatchError(f"{name!r} is {b.dtype}{list(b.shape)} in BASE and {t.dtype}{list(t.shape)} in TUNED; "
-                                "the models must have the same shapes and dtypes")
-        roles.append(TensorRole(name, _role(name, tuple(t.shape), t.dtype, conv1d), name.rpartition(".")[0],
-                                tuple(t.shape)))
+            raise MismatchError(
+                f"{name!r} is {b.dtype}{list(b.shape)} in BASE and {t.dtype}{list(t.shape)} in TUNED; "
+                "the models must have the same shapes and dtypes"
+            )
+        roles.append(
+            TensorRole(name, _role(name, tuple(t.shape), t.dtype, conv1d), name.rpartition(".")[0], tuple(t.shape))
+        )
     plan = ExtractionPlan(roles, conv1d, target_modules)
     weights = {r.module for r in roles if r.role in ("linear", "conv1d", "embedding")}
     for r in roles:  # a bias belongs with its module's LoRA only if that module has a factorisable weight
@@ -72,8 +77,10 @@ def plan_extraction(base: Checkpoint, tuned: Checkpoint, target_modules: list[st
     for wanted in target_modules or []:
         if not any(module == wanted or module.endswith("." + wanted) for module in weights):
             examples = sorted({m.rpartition(".")[2] for m in weights})
-            raise InputError(f"--target-modules {wanted!r} names no module of the models that LoRA can express (a "
-                             f"module's name or its last part: {', '.join(examples[:6])}{', ...' if len(examples) > 6 else ''})")
+            raise InputError(
+                f"--target-modules {wanted!r} names no module of the models that LoRA can express (a "
+                f"module's name or its last part: {', '.join(examples[:6])}{', ...' if len(examples) > 6 else ''})"
+            )
     return plan
 
 

@@ -1,4 +1,5 @@
-"""What a llama.cpp GGUF LoRA file holds for an adapter on a base: architecture, tensor names, one alpha or scales folded.
+"""What a llama.cpp GGUF LoRA file holds for an adapter on a base: architecture, tensor names, one alpha or scales
+folded.
 
 llama.cpp applies `alpha / rank` per tensor (rank from lora_b's shape, one alpha per file) and
 ignores use_rslora and the patterns (docs/runtimes.md). When one alpha reproduces every module's
@@ -43,7 +44,9 @@ class GgufPlan:
     architecture: str  # llama.cpp's architecture name
     alpha: float
     factors: dict[str, float]  # module name -> scale folded into its lora_b (empty: alpha does it)
-    tensors: list[tuple[ModuleEntry, str, tuple[int, ...]]] = field(default_factory=list)  # entry, GGUF name, base shape
+    tensors: list[tuple[ModuleEntry, str, tuple[int, ...]]] = field(
+        default_factory=list
+    )  # entry, GGUF name, base shape
     config: dict[str, Any] = field(default_factory=dict)
     permute_qk: bool = False
     name: str = ""  # general.name
@@ -52,8 +55,9 @@ class GgufPlan:
 
     @property
     def message(self) -> str:
-        return (f"GGUF LoRA for llama.cpp ({self.architecture}), adapter.lora.alpha = {self.alpha:g}"
-                + ("; scales folded into the weights" if self.factors else "; weights unchanged"))
+        return f"GGUF LoRA for llama.cpp ({self.architecture}), adapter.lora.alpha = {self.alpha:g}" + (
+            "; scales folded into the weights" if self.factors else "; weights unchanged"
+        )
 
 
 def gguf_module() -> Any:
@@ -83,15 +87,27 @@ def plan_gguf(adapter: Adapter, entries: list[ModuleEntry], checkpoint: Checkpoi
     names = gguf.get_tensor_name_map(arch, _block_count(checkpoint))
     alpha, factors = _alpha_and_factors(entries)
     tags = ("lora", "rslora") if adapter.config.use_rslora else ("lora",)
-    plan = GgufPlan(gguf.MODEL_ARCH_NAMES[arch], alpha, factors, config=config, permute_qk=permute_qk,
-                    name=adapter.path.name, base_model=adapter.config.base_model_name_or_path, tags=tags)
+    plan = GgufPlan(
+        gguf.MODEL_ARCH_NAMES[arch],
+        alpha,
+        factors,
+        config=config,
+        permute_qk=permute_qk,
+        name=adapter.path.name,
+        base_model=adapter.config.base_model_name_or_path,
+        tags=tags,
+    )
     for e in entries:
         hf_name = f"{e.module.name}.weight"
         if hf_name not in checkpoint.weight_map:
-            raise MismatchError(f"{adapter.path}: module {e.module.name!r} has no weight {hf_name!r} in the base {checkpoint.folder}")
+            raise MismatchError(
+                f"{adapter.path}: module {e.module.name!r} has no weight {hf_name!r} in the base {checkpoint.folder}"
+            )
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise UnsupportedAdapterError(f"module {e.module.name!r} has no llama.cpp tensor in the {model_type} architecture")
+            raise UnsupportedAdapterError(
+                f"module {e.module.name!r} has no llama.cpp tensor in the {model_type} architecture"
+            )
         plan.tensors.append((e, gguf_name, checkpoint.info(hf_name).shape))
     if permute_qk:
         _check_heads(plan, checkpoint)
@@ -108,13 +124,16 @@ def _block_count(checkpoint: Checkpoint) -> int:
     blocks = max(found) + 1 if found else 0
     stated = (checkpoint.config or {}).get("num_hidden_layers")
     if stated is not None and (type(stated) is not int or stated != blocks):
-        raise InputError(f"{checkpoint.folder / 'config.json'}: num_hidden_layers is {stated!r}, but the checkpoint's "
-                         f"tensors have {blocks} layers")
+        raise InputError(
+            f"{checkpoint.folder / 'config.json'}: num_hidden_layers is {stated!r}, but the checkpoint's "
+            f"tensors have {blocks} layers"
+        )
     return blocks
 
 
 def head_counts(config: dict[str, Any]) -> tuple[Any, Any]:
-    """num_attention_heads and num_key_value_heads (the former when the latter is not given), as config.json has them."""
+    """num_attention_heads and num_key_value_heads (the former when the latter is not given), as config.json has
+    them."""
     heads = config.get("num_attention_heads")
     kv = config.get("num_key_value_heads")
     return heads, heads if kv is None else kv
@@ -130,8 +149,10 @@ def _check_heads(plan: GgufPlan, checkpoint: Checkpoint) -> None:
     for _, gguf_name, shape in plan.tensors:
         count = heads if gguf_name.endswith("attn_q.weight") else kv if gguf_name.endswith("attn_k.weight") else None
         if count is not None and shape[0] % (2 * count):
-            raise InputError(f"{where}: {shape[0]} rows of {gguf_name} do not split into {count} heads of two "
-                             "rotary halves; num_attention_heads / num_key_value_heads do not fit the weights")
+            raise InputError(
+                f"{where}: {shape[0]} rows of {gguf_name} do not split into {count} heads of two "
+                "rotary halves; num_attention_heads / num_key_value_heads do not fit the weights"
+            )
 
 
 def _refuse_unsupported(adapter: Adapter, entries: list[ModuleEntry]) -> None:
@@ -157,8 +178,9 @@ def is_repo_id(name: str) -> bool:
         return False
 
 
-TIED_EMBEDDING_REASON = ("it uses token_embd as the output matrix too (tied embeddings) and cannot apply an "
-                         "embedding LoRA there")
+TIED_EMBEDDING_REASON = (
+    "it uses token_embd as the output matrix too (tied embeddings) and cannot apply an embedding LoRA there"
+)
 
 
 def tied_embedding_problem(adapter: Adapter, checkpoint: Checkpoint) -> str | None:

@@ -1,4 +1,5 @@
-"""Names and expert layouts across transformers versions: how an adapter made for one maps onto a checkpoint in another.
+"""Names and expert layouts across transformers versions: how an adapter made for one maps onto a checkpoint in
+another.
 
 transformers 5 loads a checkpoint under other names than it stores (its conversion_mapping.py): a multimodal model's
 language model is `model.language_model.*` in memory and `model.*` (Qwen2-VL) or `language_model.model.*` (LLaVA
@@ -27,7 +28,11 @@ from pathlib import Path
 from typing import Any
 
 RULES_FILE = Path(__file__).with_name("layout_rules.json")
-FUSED = ("gate_up_proj", "up_proj", "down_proj")  # the fused expert parameters' names, in the order models register them
+FUSED = (
+    "gate_up_proj",
+    "up_proj",
+    "down_proj",
+)  # the fused expert parameters' names, in the order models register them
 _PAIR = re.compile(r"layers\.(\d+)\.(mixer|attn_alpha|mlp_alpha)(?=\.|$)")  # transformers' LayerPairCollapse
 
 
@@ -48,12 +53,25 @@ class Transform:
 
     @classmethod
     def of(cls, entry: dict[str, Any]) -> Transform:
-        ops = tuple((op["op"], tuple(v for k, v in sorted(op.items()) if isinstance(v, int) and not isinstance(v, bool)))
-                    for op in entry.get("ops", ()))
-        args = tuple(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in op.items() if k != "op"))
-                     for op in entry.get("ops", ()))
-        return cls(entry["kind"], re.compile(entry["pattern"]), tuple(entry["sources"]), tuple(entry["targets"]),
-                   entry.get("scope"), entry.get("base_prefix"), ops, entry.get("offset", 0), args)
+        ops = tuple(
+            (op["op"], tuple(v for k, v in sorted(op.items()) if isinstance(v, int) and not isinstance(v, bool)))
+            for op in entry.get("ops", ())
+        )
+        args = tuple(
+            tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in op.items() if k != "op"))
+            for op in entry.get("ops", ())
+        )
+        return cls(
+            entry["kind"],
+            re.compile(entry["pattern"]),
+            tuple(entry["sources"]),
+            tuple(entry["targets"]),
+            entry.get("scope"),
+            entry.get("base_prefix"),
+            ops,
+            entry.get("offset", 0),
+            args,
+        )
 
     @property
     def converter(self) -> bool:
@@ -152,7 +170,7 @@ class Transform:
             return key, None, None
         index, name = int(m[1]), m[2]
         name = {"attn_alpha": "lambda_1", "mlp_alpha": "lambda_2"}.get(name, ("self_attn", "mlp")[index % 2])
-        return key[:m.start()] + f"layers.{index // 2}.{name}" + key[m.end():], 0, m
+        return key[: m.start()] + f"layers.{index // 2}.{name}" + key[m.end() :], 0, m
 
     def wildcard(self, index: int, m: re.Match[str]) -> str | None:
         """What the `*` of source pattern `index` matched (a converter's expert number)."""
@@ -190,8 +208,11 @@ class HandExperts:
 
 
 # gpt-oss (transformers 5.25 GptOssExperts: gate_up_proj (E, H, 2I), gate = [..., ::2], up = [..., 1::2])
-HAND_EXPERTS = {"gpt_oss": HandExperts((("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))),
-                                       interleaved=True, in_out=True)}
+HAND_EXPERTS = {
+    "gpt_oss": HandExperts(
+        (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))), interleaved=True, in_out=True
+    )
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -241,9 +262,16 @@ class Layouts:
             return cls((), None, hand)
         name, entry = found
         extra = table["extras"][entry["extra"]] if "extra" in entry else {}
-        return cls(_rule_set(entry["rules"]), name, hand, tuple(extra.get("fp32", ())),
-                   tuple(extra.get("fp32_strict", ())), tuple(extra.get("fp32_params", ())),
-                   tuple((k, tuple(v)) for k, v in extra.get("order", {}).items()), tuple(extra.get("tied", {}).items()))
+        return cls(
+            _rule_set(entry["rules"]),
+            name,
+            hand,
+            tuple(extra.get("fp32", ())),
+            tuple(extra.get("fp32_strict", ())),
+            tuple(extra.get("fp32_params", ())),
+            tuple((k, tuple(v)) for k, v in extra.get("order", {}).items()),
+            tuple(extra.get("tied", {}).items()),
+        )
 
     def keeps_fp32(self, memory_name: str, dtype: str) -> bool:
         """Whether transformers loads this tensor (in-memory name) in float32 when it loads the model in `dtype`
@@ -252,8 +280,9 @@ class Layouts:
         if dtype not in ("F16", "BF16"):
             return False
         keep = (*self.fp32_strict, *self.fp32) if dtype == "F16" else self.fp32_strict
-        return any(re.search(k.replace("*", ".*"), memory_name) for k in keep) or \
-            any(_numbered(p).fullmatch(memory_name) for p in self.fp32_params)
+        return any(re.search(k.replace("*", ".*"), memory_name) for k in keep) or any(
+            _numbered(p).fullmatch(memory_name) for p in self.fp32_params
+        )
 
     @property
     def fp32_possible(self) -> bool:
@@ -300,7 +329,9 @@ class Layouts:
             renamed, index, m = t.rename(name, active)
             if index is not None and m is not None:
                 star = t.wildcard(index, m)
-                pieces = tuple(t.rename(name, set(), i)[0] for i in range(len(t.targets))) if len(t.targets) > 1 else ()
+                pieces = (
+                    tuple(t.rename(name, set(), i)[0] for i in range(len(t.targets))) if len(t.targets) > 1 else ()
+                )
                 return Loaded(renamed, t, index, int(star) if star is not None and star.isdigit() else None, pieces)
         return Loaded(name)
 
@@ -340,6 +371,6 @@ def dot_natural_key(name: str) -> list[tuple[Any, ...]]:
             parts.append((0, int(part)))
             continue
         text = part.rstrip("0123456789")
-        digits = part[len(text):]
+        digits = part[len(text) :]
         parts.append((1, text, int(digits)) if digits else (1, text))
     return parts

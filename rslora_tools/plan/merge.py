@@ -47,7 +47,8 @@ def plan_merge(
     `dtype` is a parsed dtype (plan.tensors.parse_dtype): None keeps the base's. A quantized base is
     dequantized; `trained_on` quantizes an unquantized base's weights as they were in training. A StackedAdapter
     is planned adapter by adapter and folded (adapter.stacked.fold_plans). A PiSSA/OLoRA/
-    CorDA/LoRA-GA adapter is refused unless it was made relative to the original base (adapter.relative.relative_to_original)
+    CorDA/LoRA-GA adapter is refused unless it was made relative to the original base
+    (adapter.relative.relative_to_original)
     or `base_is_residual` says BASE is its residual base. `keep_quantization` writes a quantized base's changed
     weights back in its format (plan.quantization.keep_quantized).
     """
@@ -59,11 +60,22 @@ def plan_merge(
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     quant = plan_quantization(checkpoint, trained_on)
     if keep_quantization and len(parts) > 1:
-        raise UnsupportedAdapterError("--keep-quantization merges one adapter; combine the adapters into one first "
-                                      "(`rslora-tools combine`), then merge that")
-    plans = [build_plan(checkpoint, part, dtype=dtype, max_shard_size=max_shard_size,
-                        collect_unmatched=collect_unmatched, quant=quant, keep_quantization=keep_quantization)
-             for part in parts]
+        raise UnsupportedAdapterError(
+            "--keep-quantization merges one adapter; combine the adapters into one first "
+            "(`rslora-tools combine`), then merge that"
+        )
+    plans = [
+        build_plan(
+            checkpoint,
+            part,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            collect_unmatched=collect_unmatched,
+            quant=quant,
+            keep_quantization=keep_quantization,
+        )
+        for part in parts
+    ]
     plan = fold_plans(adapter, plans) if adapter.stacked else plans[0]
     return checkpoint, adapter, plan
 
@@ -96,24 +108,40 @@ def build_plan(
     shards = _layout(checkpoint, builder.plans, extra, builder.output_dtype, max_shard_size, quant)
     if builder.kept_fp32:
         kept = sorted(set(builder.kept_fp32))
-        builder.notes.append(f"{len(kept)} tensors are written in F32, as transformers loads them "
-                             f"({builder.resolver.layouts.model_class} keeps them in float32; e.g. {kept[0]})")
+        builder.notes.append(
+            f"{len(kept)} tensors are written in F32, as transformers loads them "
+            f"({builder.resolver.layouts.model_class} keeps them in float32; e.g. {kept[0]})"
+        )
     index = None
     if len(shards) > 1 or (checkpoint.sharded and max_shard_size is None):
         index = dict(checkpoint.index_metadata or {})
-    warnings = builder.warnings + [w.message for w in pattern_warnings(adapter.config, [m.name for m in adapter.lora_modules])]
+    warnings = builder.warnings + [
+        w.message for w in pattern_warnings(adapter.config, [m.name for m in adapter.lora_modules])
+    ]
     if checkpoint.config is None:
-        warnings.append(f"{checkpoint.folder} has no config.json, so the merged model has none either: transformers "
-                        "cannot load it without one (copy the base model's config.json into OUT)")
-    return Plan(shards, _config_updates(checkpoint, builder, dtype, quant), builder.notes, warnings, builder.unmatched,
-                index, quantization=quant.scheme, prequantized=quant.prequantized, keep_quantization=quant.keep)
+        warnings.append(
+            f"{checkpoint.folder} has no config.json, so the merged model has none either: transformers "
+            "cannot load it without one (copy the base model's config.json into OUT)"
+        )
+    return Plan(
+        shards,
+        _config_updates(checkpoint, builder, dtype, quant),
+        builder.notes,
+        warnings,
+        builder.unmatched,
+        index,
+        quantization=quant.scheme,
+        prequantized=quant.prequantized,
+        keep_quantization=quant.keep,
+    )
 
 
 class _PlanBuilder:
     """The state of one build_plan call: a TensorPlan per changed base tensor, notes, warnings, unmatched keys."""
 
-    def __init__(self, checkpoint: Checkpoint, adapter: Adapter, dtype: str | None, collect_unmatched: bool,
-                 quant: QuantPlan):
+    def __init__(
+        self, checkpoint: Checkpoint, adapter: Adapter, dtype: str | None, collect_unmatched: bool, quant: QuantPlan
+    ):
         self.checkpoint, self.adapter, self.dtype = checkpoint, adapter, dtype
         self.collect_unmatched = collect_unmatched
         self.quant = quant
@@ -134,8 +162,12 @@ class _PlanBuilder:
         float32; plan/layouts.py): PEFT merges such a tensor in float32 and saves it so."""
         out = output_dtype(stored, self.dtype)
         layouts = self.resolver.layouts
-        if out in ("BF16", "F16") and self.load_dtype in ("BF16", "F16") and layouts.fp32_possible \
-                and layouts.keeps_fp32(self.resolver.in_memory(name), self.load_dtype):
+        if (
+            out in ("BF16", "F16")
+            and self.load_dtype in ("BF16", "F16")
+            and layouts.fp32_possible
+            and layouts.keeps_fp32(self.resolver.in_memory(name), self.load_dtype)
+        ):
             self.kept_fp32.append(name)
             return "F32"
         return out
@@ -150,38 +182,53 @@ class _PlanBuilder:
         """Weights whose base value is dequantized (or quantized as in training): merged in their compute dtype."""
         for name, source in self.quant.sources.items():
             compute = merge_dtype(source, self.checkpoint, name)
-            self.plans[name] = TensorPlan(name, name, dtype=output_dtype(compute, self.dtype),
-                                          shape=output_shape(source, self.checkpoint, name), quant=source)
+            self.plans[name] = TensorPlan(
+                name,
+                name,
+                dtype=output_dtype(compute, self.dtype),
+                shape=output_shape(source, self.checkpoint, name),
+                quant=source,
+            )
         scheme = self.quant.scheme
         if self.quant.prequantized and scheme is not None:
             dtypes = sorted({p.dtype for p in self.plans.values() if p.quant is not None})
-            self.notes.append(f"the base is quantized ({scheme.label}): {len(self.quant.sources)} weights are "
-                              f"dequantized and merged in {', '.join(dtypes)}; quantization_config leaves config.json")
+            self.notes.append(
+                f"the base is quantized ({scheme.label}): {len(self.quant.sources)} weights are "
+                f"dequantized and merged in {', '.join(dtypes)}; quantization_config leaves config.json"
+            )
             config = self.checkpoint.config or {}
             model_dtype = config_dtype(config)
             if self.dtype is None and model_dtype is not None and dtypes != [model_dtype]:
                 self.warnings.append(
-                    f"the dequantized weights are written in {', '.join(dtypes)} (the dtype the quantized layers compute "
-                    f"in), the model's other weights are {model_dtype}, which is what transformers loads them as; pass "
-                    "--dtype for one dtype throughout")
+                    f"the dequantized weights are written in {', '.join(dtypes)} (the dtype the quantized layers "
+                    f"compute "
+                    f"in), the model's other weights are {model_dtype}, which is what transformers loads them as; "
+                    f"pass "
+                    "--dtype for one dtype throughout"
+                )
         elif scheme is not None:
-            self.notes.append(f"merged as trained on {scheme.label}: {len(self.quant.sources)} weights are quantized "
-                              "and dequantized as bitsandbytes does, then merged")
+            self.notes.append(
+                f"merged as trained on {scheme.label}: {len(self.quant.sources)} weights are quantized "
+                "and dequantized as bitsandbytes does, then merged"
+            )
 
     def note_kept(self, kept: QuantPlan) -> None:
         """--keep-quantization: the note on dequantizing every weight becomes one on the weights quantized back."""
         assert kept.scheme is not None
         self.notes = [n for n in self.notes if not n.startswith("the base is quantized")]
         self.warnings = [w for w in self.warnings if not w.startswith("the dequantized weights are written")]
-        self.notes.append(f"the base's format is kept ({kept.scheme.label}): {kept.changed} of "
-                          f"{len(self.quant.sources)} quantized weights are changed by the adapter, merged and quantized "
-                          "back; every other stored tensor is copied as it is, and quantization_config stays")
+        self.notes.append(
+            f"the base's format is kept ({kept.scheme.label}): {kept.changed} of "
+            f"{len(self.quant.sources)} quantized weights are changed by the adapter, merged and quantized "
+            "back; every other stored tensor is copied as it is, and quantization_config stays"
+        )
         if kept.fused:
             self.notes.append(
                 f"{kept.fused} groups of weights that vLLM and SGLang load as one layer (q/k/v, gate/up) keep one "
                 "weight_global_scale each, as llm-compressor writes them: the group's smallest after the merge; a "
                 "member the adapter leaves unchanged is copied as it is unless the merge widens its group's range, "
-                "then quantized again with the group's scale")
+                "then quantized again with the group's scale"
+            )
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.plans[name].shape if name in self.plans else self.checkpoint.info(name).shape
@@ -228,8 +275,9 @@ class _PlanBuilder:
             if target is None and self.tie.is_missing_head(module.name + ".weight"):
                 self.tie.add_head_lora(module, self.adapter)
                 continue
-            placed = [(target, as_expert_op(op, module, layouts))] if target is not None else \
-                self._place_elsewhere(module)
+            placed = (
+                [(target, as_expert_op(op, module, layouts))] if target is not None else self._place_elsewhere(module)
+            )
             if not placed:
                 self._unplaced(module)
                 continue
@@ -246,8 +294,9 @@ class _PlanBuilder:
         tied = self._tied_source(module)
         if tied is not None:
             return [tied]
-        return place_concatenated(module, self.adapter, self.shape_of, self.resolver) or \
-            place_across_layouts(module, self.adapter, self.resolver, self.shape_of, self.resolver.layouts)
+        return place_concatenated(module, self.adapter, self.shape_of, self.resolver) or place_across_layouts(
+            module, self.adapter, self.resolver, self.shape_of, self.resolver.layouts
+        )
 
     def _tied_source(self, module: LoraModule) -> tuple[str, LoraOp] | None:
         """A Linear LoRA on an output layer tied to an input embedding (BLIP's text decoder, LUKE's entity decoder):
@@ -261,10 +310,14 @@ class _PlanBuilder:
             return None
         a, b = self.adapter.shapes[module.a_key], self.adapter.shapes[module.b_key]
         if self.shape_of(stored) != (b[0], a[1]):
-            raise MismatchError(f"{self.where}: module {module.name!r} is tied to {stored!r} "
-                                f"{list(self.shape_of(stored))}, which LoRA A{list(a)} and B{list(b)} do not fit")
-        self.warnings.append(f"{module.name} is tied to {stored} (one parameter in the model): its LoRA is merged "
-                             "into that tensor, as PEFT merges it, so the input embedding changes too")
+            raise MismatchError(
+                f"{self.where}: module {module.name!r} is tied to {stored!r} "
+                f"{list(self.shape_of(stored))}, which LoRA A{list(a)} and B{list(b)} do not fit"
+            )
+        self.warnings.append(
+            f"{module.name} is tied to {stored} (one parameter in the model): its LoRA is merged "
+            "into that tensor, as PEFT merges it, so the input embedding changes too"
+        )
         op = make_op(module, self.adapter, "linear", (b[0], a[1]), False)
         self.tied_outputs.add(id(op))  # the tie stays: one parameter (plan/ties.py's lm_head rules do not apply)
         return stored, op
@@ -274,7 +327,9 @@ class _PlanBuilder:
         self._check_float(module, target)
         if op.part is not None and not op.part.fused_factors and plan.lora is not None:
             if plan.lora.part is None or any(o.part == op.part for o in plan.all_lora):
-                raise MismatchError(f"{self.where}: two adapter modules change the same part of base tensor {target!r}")
+                raise MismatchError(
+                    f"{self.where}: two adapter modules change the same part of base tensor {target!r}"
+                )
             plan.parts = (*plan.parts, op)
             return
         if op.delta_rows is not None:
@@ -285,7 +340,9 @@ class _PlanBuilder:
             return
         if op.rows is not None:
             if plan.lora is not None and plan.lora.rows is None or any(o.rows == op.rows for o in plan.all_lora):
-                raise MismatchError(f"{self.where}: two adapter modules change the same rows of base tensor {target!r}")
+                raise MismatchError(
+                    f"{self.where}: two adapter modules change the same rows of base tensor {target!r}"
+                )
             check_shapes(op, self.adapter, (op.rows[1] - op.rows[0], *plan.shape[1:]), target)
             if plan.lora is None:
                 plan.lora = op
@@ -307,15 +364,20 @@ class _PlanBuilder:
         """Say what was mapped: adapter names in the checkpoint's other naming, experts across layouts."""
         if self.resolver.renamed:
             path, target = next(iter(self.resolver.renamed.items()))
-            self.notes.append(f"{len(self.resolver.renamed)} adapter names follow the architecture's other naming and "
-                              f"were mapped to the checkpoint's (e.g. {path} -> {target})")
+            self.notes.append(
+                f"{len(self.resolver.renamed)} adapter names follow the architecture's other naming and "
+                f"were mapped to the checkpoint's (e.g. {path} -> {target})"
+            )
         ops = [op for p in self.plans.values() for op in p.all_lora if op.part is not None]
         if any(op.part.fused_factors for op in ops if op.part is not None):
-            self.notes.append("fused expert LoRA (target_parameters) applied to the checkpoint's per-expert tensors, "
-                              "expert by expert")
+            self.notes.append(
+                "fused expert LoRA (target_parameters) applied to the checkpoint's per-expert tensors, "
+                "expert by expert"
+            )
         if any(not op.part.fused_factors for op in ops if op.part is not None):
-            self.notes.append("per-expert LoRA applied to the checkpoint's fused expert parameters, each to its "
-                              "expert's slice")
+            self.notes.append(
+                "per-expert LoRA applied to the checkpoint's fused expert parameters, each to its expert's slice"
+            )
 
     def _unplaced(self, module: LoraModule) -> None:
         tied = self.resolver.layouts.tied_to(module.name + ".weight")
@@ -323,18 +385,23 @@ class _PlanBuilder:
             raise UnsupportedAdapterError(
                 f"{self.where}: adapter module {module.name!r}: its weight is tied to {tied} (the checkpoint stores "
                 f"only that one; {self.resolver.layouts.model_class} ties them); rslora-tools merges LoRA on a tied "
-                "output layer only for lm_head; merge this adapter with PEFT")
-        names = [module.name + ".weight", *(f"{module.name}.{p}" for p in sorted(
-            self.resolver.own_parameters(module.name) or ()))]
+                "output layer only for lm_head; merge this adapter with PEFT"
+            )
+        names = [
+            module.name + ".weight",
+            *(f"{module.name}.{p}" for p in sorted(self.resolver.own_parameters(module.name) or ())),
+        ]
         made = next((m for m in map(self.resolver.converted, names) if m is not None), None)
         if made is not None and made.converter is not None:
             ops = " + ".join(op for op, _ in made.converter.ops)
             raise UnsupportedAdapterError(
                 f"{self.where}: adapter module {module.name!r}: transformers makes its weight on loading by "
                 f"{ops} of the checkpoint's {', '.join(made.converter.sources)} ({self.resolver.layouts.model_class}"
-                "'s conversion rules), which rslora-tools does not merge across; merge this adapter with PEFT")
+                "'s conversion rules), which rslora-tools does not merge across; merge this adapter with PEFT"
+            )
         self.no_match(
-            f"{self.where}: adapter module {module.name!r} (tensor {module.a_key!r}) matches no tensor in the base checkpoint",
+            f"{self.where}: adapter module {module.name!r} (tensor {module.a_key!r}) matches no tensor in the base "
+            f"checkpoint",
             module.keys,
         )
 
@@ -352,7 +419,8 @@ class _PlanBuilder:
         dtype = self.plan_for(target).dtype
         if dtype not in FLOAT_DTYPES:
             raise UnsupportedAdapterError(
-                f"{self.where}: module {module.name!r} changes base tensor {target!r}, which has dtype {dtype}; a LoRA "
+                f"{self.where}: module {module.name!r} changes base tensor {target!r}, which has dtype {dtype}; a "
+                f"LoRA "
                 f"delta merges only into floating-point tensors ({', '.join(sorted(FLOAT_DTYPES))}), and PEFT cannot "
                 "merge it either"
             )
@@ -367,12 +435,15 @@ class _PlanBuilder:
                 self.tie.add_head_tokens((key, indices))
                 continue
             if target is None:
-                self.no_match(f"{self.where}: trainable tokens of {path!r} match no tensor in the base checkpoint", [key])
+                self.no_match(
+                    f"{self.where}: trainable tokens of {path!r} match no tensor in the base checkpoint", [key]
+                )
                 continue
             plan = self.plan_for(target)
             if any(i >= plan.shape[0] for i in indices) or adapter.shapes[key] != (len(indices), plan.shape[1]):
                 raise MismatchError(
-                    f"{self.where}: trainable tokens {key!r} ({list(adapter.shapes[key])}, indices up to {max(indices)}) "
+                    f"{self.where}: trainable tokens {key!r} ({list(adapter.shapes[key])}, indices up to "
+                    f"{max(indices)}) "
                     f"do not fit {target!r} {list(plan.shape)}"
                 )
             plan.tokens = (key, indices)
@@ -387,10 +458,14 @@ def _token_indices(adapter: Adapter, path: str, key: str) -> list[int]:
         for name, indices in spec.items():
             if path == name or path.endswith("." + name):
                 return indices
-    raise MismatchError(f"{adapter.path}: trainable tokens {key!r} have no matching trainable_token_indices in the config")
+    raise MismatchError(
+        f"{adapter.path}: trainable tokens {key!r} have no matching trainable_token_indices in the config"
+    )
 
 
-def _config_updates(checkpoint: Checkpoint, builder: _PlanBuilder, dtype: str | None, quant: QuantPlan) -> dict[str, Any]:
+def _config_updates(
+    checkpoint: Checkpoint, builder: _PlanBuilder, dtype: str | None, quant: QuantPlan
+) -> dict[str, Any]:
     config = checkpoint.config or {}
     updates: dict[str, Any] = {}
     embedding = builder.tie.embedding
@@ -446,4 +521,3 @@ def _layout(
         buckets[-1].append(t)
         size += n
     return [(shard_file_name(i, len(buckets)), b) for i, b in enumerate(buckets)]
-

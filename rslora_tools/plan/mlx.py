@@ -56,7 +56,8 @@ class MlxPlan:
     def config(self, base_model: str | None) -> dict[str, Any]:
         """adapter_config.json as mlx-lm reads it."""
         config: dict[str, Any] = {
-            "fine_tune_type": self.fine_tune_type, "num_layers": self.num_layers,
+            "fine_tune_type": self.fine_tune_type,
+            "num_layers": self.num_layers,
             "lora_parameters": {"rank": self.rank, "scale": self.scale, "dropout": self.dropout, "keys": self.keys},
         }
         if base_model:
@@ -69,8 +70,12 @@ def plan_mlx(adapter: Adapter, entries: list[ModuleEntry]) -> MlxPlan:
     _refuse(adapter, entries)
     rank = max(e.shape_rank for e in entries)
     scale = Counter(e.scale.scale for e in entries).most_common(1)[0][0]
-    modules = [MlxModule(e.module.name, e.module.a_key, e.module.b_key, e.module.magnitude_key, e.shape_rank,
-                         e.scale.scale / scale) for e in entries]
+    modules = [
+        MlxModule(
+            e.module.name, e.module.a_key, e.module.b_key, e.module.magnitude_key, e.shape_rank, e.scale.scale / scale
+        )
+        for e in entries
+    ]
     num_layers, keys = attachment(adapter, [m.name for m in modules])
     folded = sum(m.factor != 1.0 for m in modules)
     padded = sum(m.rank != rank for m in modules)
@@ -81,9 +86,14 @@ def plan_mlx(adapter: Adapter, entries: list[ModuleEntry]) -> MlxPlan:
         notes.append(f"{counted(padded, 'module')} of a smaller rank padded with zeros (exact)")
     dropout = adapter.config.json_dict.get("lora_dropout", 0.0)
     return MlxPlan(
-        fine_tune_type="dora" if adapter.config.use_dora else "lora", rank=rank, scale=scale,
-        dropout=float(dropout) if isinstance(dropout, (int, float)) else 0.0, num_layers=num_layers, keys=keys,
-        modules=modules, upcast=any(not is_power_of_two(abs(m.factor)) for m in modules if m.factor != 1.0),
+        fine_tune_type="dora" if adapter.config.use_dora else "lora",
+        rank=rank,
+        scale=scale,
+        dropout=float(dropout) if isinstance(dropout, (int, float)) else 0.0,
+        num_layers=num_layers,
+        keys=keys,
+        modules=modules,
+        upcast=any(not is_power_of_two(abs(m.factor)) for m in modules if m.factor != 1.0),
         message="mlx-lm adapter: " + "; ".join(notes),
     )
 
@@ -102,7 +112,8 @@ def _refuse(adapter: Adapter, entries: list[ModuleEntry]) -> None:
     if reasons:
         raise UnsupportedAdapterError(
             f"{rt.title} cannot serve this adapter: {'; '.join(reasons)}. Merge it into the base model instead "
-            "(rslora-tools merge BASE ADAPTER OUT) and convert the merged model with mlx_lm.convert")
+            "(rslora-tools merge BASE ADAPTER OUT) and convert the merged model with mlx_lm.convert"
+        )
 
 
 def attachment(adapter: Adapter, names: list[str]) -> tuple[int, list[str]]:
@@ -123,8 +134,12 @@ def attachment(adapter: Adapter, names: list[str]) -> tuple[int, list[str]]:
             layers.setdefault(int(found["index"]), set()).add(found["rest"])
     fields = adapter.config.json_dict
     targets = fields.get("target_modules")
-    all_layers = (isinstance(targets, list) and not any(_NUMBERED.search(str(t)) for t in targets)
-                  and not fields.get("layers_to_transform") and not fields.get("exclude_modules"))
+    all_layers = (
+        isinstance(targets, list)
+        and not any(_NUMBERED.search(str(t)) for t in targets)
+        and not fields.get("layers_to_transform")
+        and not fields.get("exclude_modules")
+    )
     rel = next(iter(layers.values()), set())
     if layers and all_layers and sorted(layers) == list(range(len(layers))) and all(v == rel for v in layers.values()):
         return len(layers), sorted(rel) + sorted(outside)

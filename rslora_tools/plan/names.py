@@ -83,8 +83,9 @@ class _MemoryView:
                     self.pieces[piece] = Piece(stored, i, loaded.pieces, equal, converter.piece_reorder(i))
             elif loaded.expert_part:
                 assert loaded.expert is not None
-                self.stacked[loaded.memory].append(StackedPart(stored, loaded.expert, loaded.source,
-                                                               len(converter.sources)))
+                self.stacked[loaded.memory].append(
+                    StackedPart(stored, loaded.expert, loaded.source, len(converter.sources))
+                )
             else:
                 for memory in loaded.pieces or (loaded.memory,):
                     self.converted[memory] = loaded
@@ -132,8 +133,10 @@ class NameResolver:
             if other is not None:
                 candidates.add(other)
         if len(candidates) > 1:
-            raise MismatchError(f"adapter module path {path!r} matches several base tensors ({', '.join(sorted(candidates))}) "
-                                "under the architecture's renames")
+            raise MismatchError(
+                f"adapter module path {path!r} matches several base tensors ({', '.join(sorted(candidates))}) "
+                "under the architecture's renames"
+            )
         if candidates and record:
             self.renamed[path] = next(iter(candidates))
         return candidates.pop() if candidates else None
@@ -205,11 +208,16 @@ class NameResolver:
             names = set(self.names)
             if self.layouts.transforms:
                 view = self.view
-                names = names - set(view.renamed.values()) | set(view.renamed) | set(view.stacked) | set(view.converted)
+                names = (
+                    names - set(view.renamed.values()) | set(view.renamed) | set(view.stacked) | set(view.converted)
+                )
                 names = names - {p.stored for parts in view.stacked.values() for p in parts} | set(view.pieces)
                 names = names - {p.stored for p in view.pieces.values()} - set(view.transposed.values())
-                names = names - {s for s, _ in view.reordered.values()} - \
-                    {s for parts in view.concatenated.values() for _, s in parts}
+                names = (
+                    names
+                    - {s for s, _ in view.reordered.values()}
+                    - {s for parts in view.concatenated.values() for _, s in parts}
+                )
                 names |= set(view.transposed) | set(view.reordered) | set(view.concatenated)
             for name in names:
                 parent, _, leaf = name.rpartition(".")

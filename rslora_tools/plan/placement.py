@@ -38,22 +38,25 @@ def place_module(
     target = resolver.find(module.name + ".weight")
     transposed = resolver.transposed(module.name + ".weight") if target is None else None
     reordered = resolver.reordered(module.name + ".weight") if target is None else None
-    if wraps_parameters(cfg, module, own) or (cfg.target_parameters and target is None and transposed is None
-                                              and reordered is None):
+    if wraps_parameters(cfg, module, own) or (
+        cfg.target_parameters and target is None and transposed is None and reordered is None
+    ):
         return _place_parameter(module, adapter, shape_of, resolver, model_type, own)
     name = pattern_name(adapter, module, own=own)
     if reordered is not None and len(adapter.shapes[module.a_key]) == 2 and not module.embedding:
         stored, how = reordered
         shape = shape_of(stored)
-        op = make_op(module, adapter, "linear", shape, _linear_layout(module, adapter, shape, model_type),
-                     scale_name=name)
+        op = make_op(
+            module, adapter, "linear", shape, _linear_layout(module, adapter, shape, model_type), scale_name=name
+        )
         op.reorder = reorder_of(how, resolver, stored)
         return stored, op
     if transposed is not None and len(adapter.shapes[module.a_key]) == 2 and not module.embedding:
         # transformers transposes the stored (in, out) weight on loading: the stored tensor gets the delta transposed
         shape = shape_of(transposed)
-        return transposed, make_op(module, adapter, "linear", shape, _transposed_fits(module, adapter, shape),
-                                   scale_name=name)
+        return transposed, make_op(
+            module, adapter, "linear", shape, _transposed_fits(module, adapter, shape), scale_name=name
+        )
     if target is None:
         in_proj = resolver.find(module.name + ".in_proj_weight")
         if in_proj is not None:
@@ -73,8 +76,9 @@ def place_module(
     return target, make_op(module, adapter, kind, w_shape, transpose, scale_name=name)
 
 
-def place_piece(module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver
-                ) -> tuple[str, LoraOp] | None:
+def place_piece(
+    module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver
+) -> tuple[str, LoraOp] | None:
     """A Linear LoRA whose weight transformers cuts out of a stored tensor's rows (a fused q/k/v or gate/up stored as
     one tensor, a Chunk or Split converter): the stored tensor, and the op on its rows. None: not such a module."""
     piece = resolver.piece(module.name + ".weight")
@@ -86,29 +90,41 @@ def place_piece(module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolve
         sizes = [max(0, min(size, w[0] - i * size)) for i in range(len(piece.names))]
     else:  # torch.split by the model's parameter sizes: the adapter's LoRA on each piece gives them
         modules = {m.name + ".weight": m for m in adapter.lora_modules if m.depth == 0}
-        found = [modules.get(n) or next((m for k, m in modules.items() if k.endswith("." + n) or n.endswith("." + k)),
-                                        None) for n in piece.names]
+        found = [
+            modules.get(n) or next((m for k, m in modules.items() if k.endswith("." + n) or n.endswith("." + k)), None)
+            for n in piece.names
+        ]
         if any(m is None for m in found):
             raise UnsupportedAdapterError(
                 f"{adapter.weights_path}: module {module.name!r}: the checkpoint stores it inside {piece.stored!r}, "
                 f"which transformers splits into {', '.join(piece.names)} by the model's parameter sizes; the adapter "
-                "gives those sizes only when it has a LoRA on every piece")
+                "gives those sizes only when it has a LoRA on every piece"
+            )
         sizes = [adapter.shapes[m.b_key][0] for m in found if m is not None]
-    start = sum(sizes[:piece.index])
+    start = sum(sizes[: piece.index])
     shape = (sizes[piece.index], *w[1:])
     if sum(sizes) != w[0]:
-        raise MismatchError(f"{adapter.weights_path}: module {module.name!r}: the pieces of {piece.stored!r} "
-                            f"{list(w)} would have {sizes} rows")
-    op = make_op(module, adapter, "linear", shape, _linear_layout(module, adapter, shape, None),
-                 scale_name=pattern_name(adapter, module, own=resolver.own_parameters(module.name)))
+        raise MismatchError(
+            f"{adapter.weights_path}: module {module.name!r}: the pieces of {piece.stored!r} "
+            f"{list(w)} would have {sizes} rows"
+        )
+    op = make_op(
+        module,
+        adapter,
+        "linear",
+        shape,
+        _linear_layout(module, adapter, shape, None),
+        scale_name=pattern_name(adapter, module, own=resolver.own_parameters(module.name)),
+    )
     op.rows = (start, start + shape[0])
     if piece.reorder is not None:
         op.reorder = reorder_of(piece.reorder, resolver, piece.stored, shape[0])
     return piece.stored, op
 
 
-def reorder_of(how: tuple[str, Any, bool], resolver: NameResolver, stored: str, rows: int | None = None
-               ) -> tuple[str, int, bool]:
+def reorder_of(
+    how: tuple[str, Any, bool], resolver: NameResolver, stored: str, rows: int | None = None
+) -> tuple[str, int, bool]:
     """A converter's reordering with what it reads from the config: Interleave's dim, or the attention heads
     PermuteForRope splits the rows (`rows`: of a piece; else the stored tensor's) into (the config's, or its
     sub-config's, `num_attention_heads`)."""
@@ -119,13 +135,16 @@ def reorder_of(how: tuple[str, Any, bool], resolver: NameResolver, stored: str, 
     sub = config.get(arg) if isinstance(arg, str) and isinstance(config.get(arg), dict) else config
     heads = sub.get("num_attention_heads", 1) if isinstance(sub, dict) else 1
     if not isinstance(heads, int) or heads < 1 or (rows or resolver.shape(stored)[0]) % (2 * heads):
-        raise UnsupportedAdapterError(f"{stored!r}: transformers permutes it for RoPE by {heads!r} attention heads, "
-                                      "which do not divide its rows; rslora-tools cannot place a LoRA on it")
+        raise UnsupportedAdapterError(
+            f"{stored!r}: transformers permutes it for RoPE by {heads!r} attention heads, "
+            "which do not divide its rows; rslora-tools cannot place a LoRA on it"
+        )
     return kind, heads, inverse
 
 
-def place_concatenated(module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver
-                       ) -> list[tuple[str, LoraOp]] | None:
+def place_concatenated(
+    module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver
+) -> list[tuple[str, LoraOp]] | None:
     """A Linear LoRA on a weight that transformers concatenates from stored tensors along their rows (a
     `gate_up_proj` stored as `gate_proj` and `up_proj`): each stored tensor and the op that gives it its rows of the
     delta. None: not such a module."""
@@ -134,13 +153,17 @@ def place_concatenated(module: LoraModule, adapter: Adapter, shape_of: ShapeOf, 
         return None
     where = f"{adapter.weights_path}: module {module.name!r}"
     if module.magnitude_key is not None or module.bias_key is not None:
-        raise UnsupportedAdapterError(f"{where}: DoRA or lora_bias on a weight the checkpoint stores in "
-                                      f"{len(parts)} tensors ({', '.join(parts)}) cannot be split onto them")
+        raise UnsupportedAdapterError(
+            f"{where}: DoRA or lora_bias on a weight the checkpoint stores in "
+            f"{len(parts)} tensors ({', '.join(parts)}) cannot be split onto them"
+        )
     a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
     shapes = [shape_of(p) for p in parts]
     if sum(s[0] for s in shapes) != b[0] or any(len(s) != 2 or s[1] != a[1] for s in shapes):
-        raise MismatchError(f"{where}: LoRA A{list(a)} and B{list(b)} do not fit {', '.join(parts)} "
-                            f"({', '.join(str(list(s)) for s in shapes)}), which transformers concatenates")
+        raise MismatchError(
+            f"{where}: LoRA A{list(a)} and B{list(b)} do not fit {', '.join(parts)} "
+            f"({', '.join(str(list(s)) for s in shapes)}), which transformers concatenates"
+        )
     placed, start = [], 0
     name = pattern_name(adapter, module, own=resolver.own_parameters(module.name))
     for stored, shape in zip(parts, shapes):
@@ -154,8 +177,10 @@ def place_concatenated(module: LoraModule, adapter: Adapter, shape_of: ShapeOf, 
 def _transposed_fits(module: LoraModule, adapter: Adapter, w: tuple[int, ...]) -> bool:
     a, b = adapter.shapes[module.a_key], adapter.shapes[module.b_key]
     if w != (a[1], b[0]):
-        raise MismatchError(f"{adapter.weights_path}: module {module.name!r}: LoRA A{list(a)} and B{list(b)} give a "
-                            f"({b[0]}, {a[1]}) delta, but the base stores the weight transposed as {list(w)}")
+        raise MismatchError(
+            f"{adapter.weights_path}: module {module.name!r}: LoRA A{list(a)} and B{list(b)} give a "
+            f"({b[0]}, {a[1]}) delta, but the base stores the weight transposed as {list(w)}"
+        )
     return True
 
 
@@ -174,8 +199,9 @@ def _linear_layout(module: LoraModule, adapter: Adapter, w_shape: tuple[int, ...
     return transposed
 
 
-def _parameter_op(module: LoraModule, adapter: Adapter, target: str, w: tuple[int, ...], name: str,
-                  model_type: str | None) -> LoraOp | None:
+def _parameter_op(
+    module: LoraModule, adapter: Adapter, target: str, w: tuple[int, ...], name: str, model_type: str | None
+) -> LoraOp | None:
     """The op for a target_parameters wrapper on base tensor `target` of shape `w`, or None when it does not fit.
 
     A square expert parameter (gpt-oss's down_proj) is oriented as PEFT orients it: by the architecture's experts
@@ -201,11 +227,16 @@ def _parameter_op(module: LoraModule, adapter: Adapter, target: str, w: tuple[in
 
 
 def _place_parameter(
-    module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver, model_type: str | None,
+    module: LoraModule,
+    adapter: Adapter,
+    shape_of: ShapeOf,
+    resolver: NameResolver,
+    model_type: str | None,
     own: set[str] | None,
 ) -> tuple[str | None, LoraOp]:
     """target_parameters (ParamWrapper): the parameter this wrapper holds (adapter.module_scales.pattern_name decides,
     among the module's own parameters in the base, `own`)."""
+
     def stored(name: str) -> tuple[str | None, tuple[str, Any, bool] | None]:
         target = resolver.find(name)
         reordered = resolver.reordered(name) if target is None else None
@@ -277,7 +308,8 @@ def check_shapes(op: LoraOp, adapter: Adapter, w: tuple[int, ...], target: str) 
             raise bad("a convolution LoRA needs a convolution weight")
         if b[1] != r or (w[1] != a[1] and a[1] % w[1] == 0):
             raise UnsupportedAdapterError(
-                f"{where}: module {module.name!r}: convolution with groups > 1; PEFT cannot merge LoRA into grouped convolutions"
+                f"{where}: module {module.name!r}: convolution with groups > 1; PEFT cannot merge LoRA into grouped "
+                f"convolutions"
             )
         if w[0] != b[0] or w[1] != a[1] or tuple(w[2:]) != tuple(a[2:]) or any(d != 1 for d in b[2:]):
             raise bad(f"expected A [r, {w[1]}, {', '.join(map(str, w[2:]))}] and B [{w[0]}, r, 1...]")
@@ -296,4 +328,6 @@ def check_shapes(op: LoraOp, adapter: Adapter, w: tuple[int, ...], target: str) 
                 f"{where}: module {module.name!r}: DoRA magnitude vector has shape {list(m)}, expected {out} values"
             )
         if op.kind not in ("linear", "embedding", "conv"):
-            raise UnsupportedAdapterError(f"{where}: module {module.name!r}: DoRA is not supported on {op.kind} layers")
+            raise UnsupportedAdapterError(
+                f"{where}: module {module.name!r}: DoRA is not supported on {op.kind} layers"
+            )

@@ -35,21 +35,43 @@ from .tensors import FusedGroup, QuantSource, Requant, TensorPlan
 # The model types whose classes keep modules unquantized (`_keep_in_fp32_modules`), read from
 # transformers 5.24.0 (tests/merge/test_quantized.py checks it against the installed transformers).
 KEEP_IN_FP32 = {
-    "afmoe": ("input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm", "q_norm",
-              "k_norm", "norm"),
-    "axk2": ("indexer.weights_proj",), "deepseek_v32": ("indexer.weights_proj",), "glm_moe_dsa": ("indexer.weights_proj",),
-    "mistral_large4": ("indexer.weights_proj",), "mistral_large4_text": ("indexer.weights_proj",),
-    "deepseek_v4": ("self_attn.compressor.kv_proj", "self_attn.compressor.gate_proj",
-                    "self_attn.compressor.indexer.kv_proj", "self_attn.compressor.indexer.gate_proj",
-                    "self_attn.compressor.indexer.scorer.weights_proj"),
-    "blip-2": ("query_tokens", "qformer"), "blip_2_qformer": ("query_tokens", "qformer"),
+    "afmoe": (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_mlp_layernorm",
+        "post_mlp_layernorm",
+        "q_norm",
+        "k_norm",
+        "norm",
+    ),
+    "axk2": ("indexer.weights_proj",),
+    "deepseek_v32": ("indexer.weights_proj",),
+    "glm_moe_dsa": ("indexer.weights_proj",),
+    "mistral_large4": ("indexer.weights_proj",),
+    "mistral_large4_text": ("indexer.weights_proj",),
+    "deepseek_v4": (
+        "self_attn.compressor.kv_proj",
+        "self_attn.compressor.gate_proj",
+        "self_attn.compressor.indexer.kv_proj",
+        "self_attn.compressor.indexer.gate_proj",
+        "self_attn.compressor.indexer.scorer.weights_proj",
+    ),
+    "blip-2": ("query_tokens", "qformer"),
+    "blip_2_qformer": ("query_tokens", "qformer"),
     "blip_2_vision_model": ("query_tokens", "qformer"),
-    "instructblip": ("query_tokens",), "instructblip_qformer": ("query_tokens",),
-    "instructblip_vision_model": ("query_tokens",), "instructblipvideo": ("query_tokens",),
-    "instructblipvideo_qformer": ("query_tokens",), "instructblipvideo_vision_model": ("query_tokens",),
+    "instructblip": ("query_tokens",),
+    "instructblip_qformer": ("query_tokens",),
+    "instructblip_vision_model": ("query_tokens",),
+    "instructblipvideo": ("query_tokens",),
+    "instructblipvideo_qformer": ("query_tokens",),
+    "instructblipvideo_vision_model": ("query_tokens",),
     "gpt_oss": ("post_attention_layernorm", "input_layernorm", "norm"),
     "longcat_flash": ("classifier.weight",),
-    "t5": ("wo",), "mt5": ("wo",), "umt5": ("wo",), "udop": ("wo",), "pop2piano": ("wo",),
+    "t5": ("wo",),
+    "mt5": ("wo",),
+    "umt5": ("wo",),
+    "udop": ("wo",),
+    "pop2piano": ("wo",),
     "rwkv": ("time_decay", "time_first"),
 }
 # Module names of embeddings (nn.Embedding, never quantized): any containing "embed", and these.
@@ -81,8 +103,10 @@ def plan_quantization(checkpoint: Checkpoint, trained_on: QuantScheme | None) ->
     conv1d = (checkpoint.config or {}).get("model_type") in CONV1D_MODEL_TYPES
     if scheme is not None:
         if trained_on is not None:
-            raise InputError(f"{where}: the base is already quantized ({scheme.label}); --trained-on is for an "
-                             "unquantized base (a quantized base is dequantized as it is)")
+            raise InputError(
+                f"{where}: the base is already quantized ({scheme.label}); --trained-on is for an "
+                "unquantized base (a quantized base is dequantized as it is)"
+            )
         return _prequantized(checkpoint, scheme, conv1d)
     if trained_on is None:
         return QuantPlan()
@@ -104,8 +128,10 @@ def _prequantized(checkpoint: Checkpoint, scheme: QuantScheme, conv1d: bool) -> 
     finally:
         files.close()
     if not stored:
-        raise InputError(f"{checkpoint.folder}: config.json says the checkpoint is quantized ({scheme.label}) but no "
-                         "quantized weight was found in it")
+        raise InputError(
+            f"{checkpoint.folder}: config.json says the checkpoint is quantized ({scheme.label}) but no "
+            "quantized weight was found in it"
+        )
     plan = QuantPlan(scheme, prequantized=True)
     for name, weight in stored.items():
         plan.sources[name] = QuantSource(weight.scheme, weight, transposed=conv1d)
@@ -122,13 +148,16 @@ def keep_quantized(plans: dict[str, TensorPlan], quant: QuantPlan, checkpoint: C
     where = str(checkpoint.folder)
     scheme = quant.scheme
     if scheme is None or not quant.prequantized:
-        raise InputError(f"{where}: --keep-quantization keeps a quantized base's format, and this base is not "
-                         "quantized" + (" (--trained-on only says how it was quantized in training)" if scheme else ""))
+        raise InputError(
+            f"{where}: --keep-quantization keeps a quantized base's format, and this base is not "
+            "quantized" + (" (--trained-on only says how it was quantized in training)" if scheme else "")
+        )
     if scheme.method not in REQUANTIZED_ROLES:
         raise UnsupportedAdapterError(
             f"{where}: --keep-quantization is not supported for {scheme.label} bases yet (block-scaled FP8, MXFP4 "
             "and compressed-tensors FP8, INT4/INT8 and NVFP4 are); merge without it to write the merged model "
-            "unquantized")
+            "unquantized"
+        )
     kept = QuantPlan(scheme, prequantized=True, keep=True)
     changed = {name for name in quant.sources if name in plans and plans[name].changed}
     fused: dict[str, FusedGroup] = {}  # NVFP4: a member of a group with a changed weight -> its group
@@ -146,8 +175,9 @@ def keep_quantized(plans: dict[str, TensorPlan], quant: QuantPlan, checkpoint: C
             continue  # every stored tensor of it is copied as it is
         roles = REQUANTIZED_ROLES[scheme.method]
         rewritten = tuple((role, stored.parts[role]) for role in roles[1:] if role in stored.parts)
-        keep = Requant(merge_dtype(source, checkpoint, name), output_shape(source, checkpoint, name), rewritten,
-                       fused.get(name))
+        keep = Requant(
+            merge_dtype(source, checkpoint, name), output_shape(source, checkpoint, name), rewritten, fused.get(name)
+        )
         t.quant = replace(source, keep=keep)
         t.name = stored.parts[roles[0]]
         t.dtype, t.shape = checkpoint.info(t.name).dtype, checkpoint.info(t.name).shape
@@ -155,8 +185,10 @@ def keep_quantized(plans: dict[str, TensorPlan], quant: QuantPlan, checkpoint: C
         if name in fused:
             fused[name].members.append(t)
         kept.dropped.update(n for _, n in rewritten)  # placed right after the codes instead
-        kept.companions[t.name] = [TensorPlan(n, None, dtype=checkpoint.info(n).dtype, shape=checkpoint.info(n).shape,
-                                              written_with=t.name) for _, n in rewritten]
+        kept.companions[t.name] = [
+            TensorPlan(n, None, dtype=checkpoint.info(n).dtype, shape=checkpoint.info(n).shape, written_with=t.name)
+            for _, n in rewritten
+        ]
     kept.fused = len({id(g) for g in fused.values()})
     return kept
 
@@ -219,8 +251,7 @@ def merge_dtype(source: QuantSource, checkpoint: Checkpoint, name: str) -> str:
     if source.scheme.compute_dtype is not None:
         return source.scheme.compute_dtype
     config = checkpoint.config or {}
-    return config_dtype(config) or _common_float_dtype(checkpoint) or \
-        source.stored.dtype
+    return config_dtype(config) or _common_float_dtype(checkpoint) or source.stored.dtype
 
 
 def _common_float_dtype(checkpoint: Checkpoint) -> str | None:

@@ -60,9 +60,16 @@ class Relayout:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_relayout(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, *, expert_layout: str | None,
-                  key_layout: str | None, zero_blocks: dict[str, tuple[bool, bool]],
-                  shared_a: frozenset[str] = frozenset()) -> Relayout:
+def plan_relayout(
+    adapter: Adapter,
+    entries: list[ModuleEntry],
+    base: NameResolver,
+    *,
+    expert_layout: str | None,
+    key_layout: str | None,
+    zero_blocks: dict[str, tuple[bool, bool]],
+    shared_a: frozenset[str] = frozenset(),
+) -> Relayout:
     """The new adapter's tensors and config. `entries` name each fused module's parameter as the base's shapes tell
     (plan.experts.fused_parameter). `zero_blocks`: for each fused gate_up module (by its a_key), whether B's gate
     rows are zero in the up half of the rank and B's up rows in the gate half (a block-diagonal B). `shared_a`: the
@@ -91,15 +98,20 @@ def plan_relayout(adapter: Adapter, entries: list[ModuleEntry], base: NameResolv
         recipes.append(Recipe(key, "copy", (key,)))
     if key_layout is not None:
         renamed, scales = _rename_keys(recipes, base, key_layout == "transformers-5", scales)
-        naming = "transformers 5's naming of the base" if key_layout == "transformers-5" else "the base checkpoint's naming"
-        messages.append(f"{renamed} module paths renamed to {naming}" if renamed
-                        else f"module paths already follow {naming}")
+        naming = (
+            "transformers 5's naming of the base" if key_layout == "transformers-5" else "the base checkpoint's naming"
+        )
+        messages.append(
+            f"{renamed} module paths renamed to {naming}" if renamed else f"module paths already follow {naming}"
+        )
     if not expert_layout and key_layout is None:
         raise AssertionError("nothing to relayout")
     if expert_layout is not None and not any(r.op != "copy" for r in recipes):
-        raise UnsupportedAdapterError(f"{adapter.path}: no expert module to rewrite "
-                                      f"({'fused' if expert_layout == 'per-expert' else 'per-expert'} modules of a "
-                                      f"{base.layouts.family or 'known MoE'} model); the adapter is already {expert_layout}")
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: no expert module to rewrite "
+            f"({'fused' if expert_layout == 'per-expert' else 'per-expert'} modules of a "
+            f"{base.layouts.family or 'known MoE'} model); the adapter is already {expert_layout}"
+        )
     config = _unused_patterns_removed(config, [e.name for e in entries], list(scales))
     config = keeping_scales(config, [ModuleEntry(LoraModule(n), n, s.r, s) for n, s in scales.items()])
     return Relayout(recipes, config, "; ".join(messages))
@@ -111,13 +123,20 @@ def _keys(module: LoraModule) -> list[str]:
 
 def _at(scale: ModuleScale, r: int) -> ModuleScale:
     """The same scale at another rank (alpha as the config would need it)."""
-    return dataclasses.replace(scale, r=r, alpha=alpha_for_scale(scale.scale, r, scale.use_rslora), rank_key=None,
-                               alpha_key=None)
+    return dataclasses.replace(
+        scale, r=r, alpha=alpha_for_scale(scale.scale, r, scale.use_rslora), rank_key=None, alpha_key=None
+    )
 
 
-def _to_per_expert(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, config: dict[str, Any],
-                   zero_blocks: dict[str, tuple[bool, bool]], done: set[str], scales: dict[str, ModuleScale]
-                   ) -> list[Recipe]:
+def _to_per_expert(
+    adapter: Adapter,
+    entries: list[ModuleEntry],
+    base: NameResolver,
+    config: dict[str, Any],
+    zero_blocks: dict[str, tuple[bool, bool]],
+    done: set[str],
+    scales: dict[str, ModuleScale],
+) -> list[Recipe]:
     recipes = []
     names: set[str] = set()
     hand = base.layouts.hand
@@ -129,9 +148,11 @@ def _to_per_expert(adapter: Adapter, entries: list[ModuleEntry], base: NameResol
         r, experts = entry.scale.r, a[0] // entry.scale.r
         paths = per_expert_names(entry.name, experts, base)
         if paths is None:
-            raise UnsupportedAdapterError(f"{adapter.path}: module {module.name!r}: {base.layouts.model_class or 'this'} "
-                                          "models store their experts fused, and no per-expert naming of them exists "
-                                          "in transformers' rules; keep the adapter fused")
+            raise UnsupportedAdapterError(
+                f"{adapter.path}: module {module.name!r}: {base.layouts.model_class or 'this'} "
+                "models store their experts fused, and no per-expert naming of them exists "
+                "in transformers' rules; keep the adapter fused"
+            )
         parts = len(paths[0])
         halves = zero_blocks.get(module.a_key, (False, False)) if parts == 2 else (False, False)
         split = all(halves) and r % 2 == 0
@@ -146,10 +167,12 @@ def _to_per_expert(adapter: Adapter, entries: list[ModuleEntry], base: NameResol
                 path = paths[e][part]
                 names.add(path.rpartition(".")[2])
                 scales[path] = _at(entry.scale, rank)
-                recipes.append(Recipe(f"{PEFT_PREFIX}{path}.lora_A.weight", "expert_a", (module.a_key,), e, experts,
-                                      None, ranks))
-                recipes.append(Recipe(f"{PEFT_PREFIX}{path}.lora_B.weight", "expert_b", (module.b_key,), e, experts,
-                                      rows, ranks))
+                recipes.append(
+                    Recipe(f"{PEFT_PREFIX}{path}.lora_A.weight", "expert_a", (module.a_key,), e, experts, None, ranks)
+                )
+                recipes.append(
+                    Recipe(f"{PEFT_PREFIX}{path}.lora_B.weight", "expert_b", (module.b_key,), e, experts, rows, ranks)
+                )
         done.update(_keys(module))
     config["target_modules"] = sorted({*(config.get("target_modules") or []), *names})
     remaining = [t for t in config.get("target_parameters") or [] if t.rpartition(".")[2] not in FUSED]
@@ -157,8 +180,15 @@ def _to_per_expert(adapter: Adapter, entries: list[ModuleEntry], base: NameResol
     return recipes
 
 
-def _to_fused(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, config: dict[str, Any],
-              done: set[str], shared_a: frozenset[str], scales: dict[str, ModuleScale]) -> list[Recipe]:
+def _to_fused(
+    adapter: Adapter,
+    entries: list[ModuleEntry],
+    base: NameResolver,
+    config: dict[str, Any],
+    done: set[str],
+    shared_a: frozenset[str],
+    scales: dict[str, ModuleScale],
+) -> list[Recipe]:
     by_fused, parts_of = _fused_groups(adapter, entries, base)
     recipes = []
     produced: set[str] = set()
@@ -168,8 +198,11 @@ def _to_fused(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, 
         by_module[fused.rpartition(".")[0]].append(fused)
     for module_name, params in by_module.items():
         registered = base.parameter_order(module_name) or FUSED  # PEFT nests them in this order
-        params.sort(key=lambda f: registered.index(f.rpartition(".")[2]) if f.rpartition(".")[2] in registered
-                    else len(registered))
+        params.sort(
+            key=lambda f: (
+                registered.index(f.rpartition(".")[2]) if f.rpartition(".")[2] in registered else len(registered)
+            )
+        )
         for i, fused in enumerate(params):
             slot = parts_of[fused]
             experts, present = _fused_members(adapter, base, fused, slot, by_fused[fused])
@@ -178,11 +211,21 @@ def _to_fused(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, 
             shared = slot.parts == 2 and fused in shared_a
             rank = present[0].scale.r * (1 if shared else slot.parts)
             wrapper = f"{PEFT_PREFIX}{module_name}" + ".base_layer" * (len(params) - 1 - i)
-            a_keys = tuple(c.module.a_key for c in present)[::2 if shared else 1]  # shared: the gate's A stands for both
+            a_keys = tuple(c.module.a_key for c in present)[
+                :: 2 if shared else 1
+            ]  # shared: the gate's A stands for both
             b_keys = tuple(c.module.b_key for c in present)
             recipes.append(Recipe(f"{wrapper}.lora_A.weight", "fuse_a", a_keys, experts=experts))
-            recipes.append(Recipe(f"{wrapper}.lora_B.weight", "fuse_b", b_keys, experts=experts,
-                                  interleaved=slot.interleaved and slot.parts == 2, shared=shared))
+            recipes.append(
+                Recipe(
+                    f"{wrapper}.lora_B.weight",
+                    "fuse_b",
+                    b_keys,
+                    experts=experts,
+                    interleaved=slot.interleaved and slot.parts == 2,
+                    shared=shared,
+                )
+            )
             scales[fused] = _at(present[0].scale, rank)
             _pattern(config, rf".*\.{re.escape(fused.rpartition('.')[2])}", scales[fused])
             done.update(k for c in present for k in _keys(c.module))
@@ -193,8 +236,9 @@ def _to_fused(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver, 
     return recipes
 
 
-def _fused_groups(adapter: Adapter, entries: list[ModuleEntry], base: NameResolver
-                  ) -> tuple[dict[str, dict[tuple[int, int], ModuleEntry]], dict[str, ExpertSlot]]:
+def _fused_groups(
+    adapter: Adapter, entries: list[ModuleEntry], base: NameResolver
+) -> tuple[dict[str, dict[tuple[int, int], ModuleEntry]], dict[str, ExpertSlot]]:
     """The adapter's per-expert modules grouped by the fused base parameter each is a slice of, keyed by (expert,
     part); and each fused parameter's slot (how it splits)."""
     by_fused: dict[str, dict[tuple[int, int], ModuleEntry]] = defaultdict(dict)
@@ -203,15 +247,18 @@ def _fused_groups(adapter: Adapter, entries: list[ModuleEntry], base: NameResolv
         slot = expert_slot(entry.module.name + ".weight", base.layouts)
         if slot is not None:
             if entry.module.magnitude_key or entry.module.bias_key:
-                raise UnsupportedAdapterError(f"{adapter.path}: module {entry.module.name!r} has DoRA or lora_bias, "
-                                              "which fused expert parameters (PEFT's ParamWrapper) cannot hold")
+                raise UnsupportedAdapterError(
+                    f"{adapter.path}: module {entry.module.name!r} has DoRA or lora_bias, "
+                    "which fused expert parameters (PEFT's ParamWrapper) cannot hold"
+                )
             by_fused[slot.fused][(slot.expert, slot.part)] = entry
             parts_of[slot.fused] = slot
     return by_fused, parts_of
 
 
-def _fused_members(adapter: Adapter, base: NameResolver, fused: str, slot: ExpertSlot,
-                   chosen: dict[tuple[int, int], ModuleEntry]) -> tuple[int, list[ModuleEntry]]:
+def _fused_members(
+    adapter: Adapter, base: NameResolver, fused: str, slot: ExpertSlot, chosen: dict[tuple[int, int], ModuleEntry]
+) -> tuple[int, list[ModuleEntry]]:
     """The number of experts of `fused` and its members in (expert, part) order; refused unless every expert's part
     has a LoRA and all of them have one rank and scale."""
     experts = _base_experts(base, fused, slot) or 1 + max(e for e, _ in chosen)
@@ -220,13 +267,16 @@ def _fused_members(adapter: Adapter, base: NameResolver, fused: str, slot: Exper
         raise UnsupportedAdapterError(
             f"{adapter.path}: fused {fused} needs a LoRA on every expert's part ({experts} experts x "
             f"{slot.parts}); {len(missing)} are missing (expert {missing[0][0]} first): a fused adapter with "
-            "experts left out would not load")
+            "experts left out would not load"
+        )
     present = [chosen[(e, p)] for e in range(experts) for p in range(slot.parts)]
     found = {(c.scale.scale, c.scale.r, c.scale.use_rslora) for c in present}
     if len(found) != 1:
-        raise UnsupportedAdapterError(f"{adapter.path}: fused {fused}: its per-expert LoRAs have different "
-                                      "ranks or scales; a fused parameter has one (convert each to the same "
-                                      "scale first)")
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: fused {fused}: its per-expert LoRAs have different "
+            "ranks or scales; a fused parameter has one (convert each to the same "
+            "scale first)"
+        )
     return experts, present
 
 
@@ -259,14 +309,18 @@ def _base_experts(base: NameResolver, fused: str, slot: ExpertSlot) -> int | Non
     return None if target is None else base.shape(target)[0]
 
 
-def _rename_keys(recipes: list[Recipe], base: NameResolver, in_memory: bool, scales: dict[str, ModuleScale]
-                 ) -> tuple[int, dict[str, ModuleScale]]:
+def _rename_keys(
+    recipes: list[Recipe], base: NameResolver, in_memory: bool, scales: dict[str, ModuleScale]
+) -> tuple[int, dict[str, ModuleScale]]:
     """Each recipe's key with its module path in the base checkpoint's naming (or, `in_memory`, in transformers 5's
     in-memory naming of it), when that differs: how many modules, and the scales under the new names."""
     renamed: dict[str, str] = {}
     for i, recipe in enumerate(recipes):
-        m = re.match(r"^(?P<path>.*?)\.(?P<tail>(?:base_layer\.)*(?:lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|"
-                     r"modules_to_save|token_adapter|original_module)\b.*)$", strip_peft_prefix(recipe.key))
+        m = re.match(
+            r"^(?P<path>.*?)\.(?P<tail>(?:base_layer\.)*(?:lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|"
+            r"modules_to_save|token_adapter|original_module)\b.*)$",
+            strip_peft_prefix(recipe.key),
+        )
         if m is None:
             continue
         path = m["path"]

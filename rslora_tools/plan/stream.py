@@ -59,7 +59,7 @@ class StreamSchedule:
         peak = 0
         for i, name in enumerate(todo):
             alive = [s for s in first if s in counted and first[s] <= i + FETCH_AHEAD and last[s] >= i]
-            outputs = todo[max(0, i - OUTPUTS_ON_DISK + 1):i + 1]
+            outputs = todo[max(0, i - OUTPUTS_ON_DISK + 1) : i + 1]
             peak = max(peak, sum(self.base_bytes[s] for s in alive) + sum(self.out_bytes[o] for o in outputs))
         return peak
 
@@ -100,6 +100,7 @@ def schedule(plan: Plan, checkpoint: Checkpoint) -> StreamSchedule:
         needs[name] = list(shards)
         layout = HeaderLayout([(t.name, t.dtype, t.shape) for t in tensors], OUTPUT_METADATA)
         out_bytes[name] = layout.data_start + layout.data_size
-    base_bytes = {shard: h.data_start + sum(t.nbytes for t in h.tensors.values())
-                  for shard, h in checkpoint.headers.items()}
+    base_bytes = {
+        shard: h.data_start + sum(t.nbytes for t in h.tensors.values()) for shard, h in checkpoint.headers.items()
+    }
     return StreamSchedule([name for name, _ in plan.shards], needs, out_bytes, base_bytes)

@@ -135,7 +135,8 @@ class TensorPlan:
     dtype: str = ""
     shape: tuple[int, ...] = ()
     quant: QuantSource | None = None  # the base value is dequantized (or quantized as in training) first
-    # a stacked merge (adapter/stacked.py): later adapters' LoRA / lora_bias on this tensor, applied in order after the above
+    # a stacked merge (adapter/stacked.py): later adapters' LoRA / lora_bias on this tensor, applied in order after
+    # the above
     stacked: tuple[TensorPlan, ...] = ()
     # more ops of the same adapter on other parts of this tensor: per-expert modules on a fused expert parameter, or
     # modules on the rows transformers cuts out of it (a fused q/k/v)
@@ -144,20 +145,38 @@ class TensorPlan:
 
     @property
     def untouched(self) -> bool:
-        return (self.replacement is None and self.lora is None and self.bias_of is None and self.tokens is None
-                and self.quant is None and not self.stacked and not self.parts)
+        return (
+            self.replacement is None
+            and self.lora is None
+            and self.bias_of is None
+            and self.tokens is None
+            and self.quant is None
+            and not self.stacked
+            and not self.parts
+        )
 
     @property
     def changed(self) -> bool:
         """The adapter changes this tensor (a replacement, LoRA, lora_bias, trainable tokens, stacked or in parts)."""
-        return bool(self.replacement is not None or self.lora is not None or self.bias_of is not None
-                    or self.tokens is not None or self.stacked or self.parts)
+        return bool(
+            self.replacement is not None
+            or self.lora is not None
+            or self.bias_of is not None
+            or self.tokens is not None
+            or self.stacked
+            or self.parts
+        )
 
     @property
     def replaced_whole(self) -> bool:
         """The adapter gives the whole value, with nothing applied on top (modules_to_save, saved biases)."""
-        return (self.replacement is not None and self.lora is None and self.bias_of is None and self.tokens is None
-                and not self.stacked)
+        return (
+            self.replacement is not None
+            and self.lora is None
+            and self.bias_of is None
+            and self.tokens is None
+            and not self.stacked
+        )
 
     @property
     def expert_sliceable(self) -> bool:
@@ -166,9 +185,11 @@ class TensorPlan:
         slices, with nothing else on top."""
         if self.replacement is not None or self.bias_of is not None or self.tokens is not None or self.stacked:
             return False
-        return all((op.kind == "experts" and op.part is None and not op.dora) or
-                   (op.part is not None and not op.part.fused_factors) for op in self.all_lora) \
-            and all(op.rows is None and op.reorder is None and op.delta_rows is None for op in self.all_lora)
+        return all(
+            (op.kind == "experts" and op.part is None and not op.dora)
+            or (op.part is not None and not op.part.fused_factors)
+            for op in self.all_lora
+        ) and all(op.rows is None and op.reorder is None and op.delta_rows is None for op in self.all_lora)
 
     @property
     def all_lora(self) -> list[LoraOp]:

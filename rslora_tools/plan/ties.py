@@ -84,8 +84,9 @@ class TieState:
         elif name == self.head_present:
             self.head_kinds.add(kind)
 
-    def resolve(self, plan_for: Callable[[str], TensorPlan], adapter: Adapter, notes: list[str],
-                warnings: list[str]) -> list[tuple[str, TensorPlan]]:
+    def resolve(
+        self, plan_for: Callable[[str], TensorPlan], adapter: Adapter, notes: list[str], warnings: list[str]
+    ) -> list[tuple[str, TensorPlan]]:
         """Apply the tie rules; return tensors to add to the output, each after an anchor tensor."""
         if not self.tied or self.embedding is None:
             return []
@@ -95,8 +96,13 @@ class TieState:
         if not head_kinds and "lora" not in self.embedding_kinds:
             return []
         lora_head = self.head_ops.lora
-        if (adapter.config.ensure_weight_tying and emb.lora is not None and lora_head is not None
-                and head_kinds == {"lora"} and _mirrors(adapter, emb.lora, lora_head)):
+        if (
+            adapter.config.ensure_weight_tying
+            and emb.lora is not None
+            and lora_head is not None
+            and head_kinds == {"lora"}
+            and _mirrors(adapter, emb.lora, lora_head)
+        ):
             notes.append(
                 f"{self.head_name}: tied to {self.embedding} with ensure_weight_tying; its LoRA copy is applied once "
                 "(PEFT's merge_and_unload would add it twice)"

@@ -46,8 +46,14 @@ def test_scale_conventions():
 
 
 def test_module_scale_patterns_and_float_alpha():
-    s = module_scale("model.layers.1.mlp.down_proj", r=8, lora_alpha=16, use_rslora=True,
-                     rank_pattern={"down_proj": 4}, alpha_pattern={"layers.1.mlp.down_proj": 3.5})
+    s = module_scale(
+        "model.layers.1.mlp.down_proj",
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        rank_pattern={"down_proj": 4},
+        alpha_pattern={"layers.1.mlp.down_proj": 3.5},
+    )
     assert (s.r, s.alpha, s.scale) == (4, 3.5, 3.5 / 2)
     assert (s.rank_key, s.alpha_key) == ("down_proj", "layers.1.mlp.down_proj")
 

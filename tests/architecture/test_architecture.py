@@ -103,8 +103,11 @@ def test_no_module_imports_a_later_stage():
 
 
 def test_imports_have_no_cycles():
-    graph = {name: {m for m in imports_of(name, tree) if not m.endswith("__init__")} for name, tree in modules().items()
-             if not name.endswith("__init__")}
+    graph = {
+        name: {m for m in imports_of(name, tree) if not m.endswith("__init__")}
+        for name, tree in modules().items()
+        if not name.endswith("__init__")
+    }
     state: dict[str, int] = {}
 
     def visit(node: str, path: list[str]) -> None:
@@ -180,8 +183,7 @@ def render_table() -> str:
     trees = modules()
     lines = [BEGIN, "", "| stage | folder | modules (what each does) |", "|---|---|---|"]
     top = [n for n in TOP_LEVEL if n != "__main__"]
-    lines.append("| 0 | `rslora_tools/` | " + "; ".join(
-        f"`{n}.py`: {_first_line(trees[n])}" for n in top) + " |")
+    lines.append("| 0 | `rslora_tools/` | " + "; ".join(f"`{n}.py`: {_first_line(trees[n])}" for n in top) + " |")
     for i, folder in enumerate(STAGES, start=1):
         owns = _first_line(trees[f"{folder}.__init__"]).split(": ", 1)[1]
         members = sorted(n for n in trees if n.startswith(folder + ".") and not n.endswith("__init__"))
@@ -199,13 +201,14 @@ def render_step_kinds() -> str:
     """The generated list of execute.lowering.StepKind: each kind, its name in reports (`by`) and what it does (the
     description and the comment on its line)."""
     source = (PACKAGE / "execute" / "lowering.py").read_text()
-    body = source[source.index("class StepKind"):].split("\n\n\n")[0]
+    body = source[source.index("class StepKind") :].split("\n\n\n")[0]
     lines = [STEPS_BEGIN, "", "| step | `by` | how the tensor is produced |", "|---|---|---|"]
     for name, by, description, comment in re.findall(
-            r'^    ([A-Z_]+) = \("([^"]+)", "([^"]+)"\)  # (.+)$', body, flags=re.M):
+        r'^    ([A-Z_]+) = \("([^"]+)", "([^"]+)"\)  # (.+)$', body, flags=re.M
+    ):
         lines.append(f"| `{name}` | `{by}` | {description}: {comment.replace('|', chr(92) + '|')} |")
     members = re.findall(r"^    [A-Z_]+ = ", body, flags=re.M)
-    assert len(lines) - 4 == len(members), "each StepKind on one line: NAME = (\"by\", \"description\")  # what it does"
+    assert len(lines) - 4 == len(members), 'each StepKind on one line: NAME = ("by", "description")  # what it does'
     return "\n".join(lines + ["", STEPS_END])
 
 

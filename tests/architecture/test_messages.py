@@ -28,11 +28,20 @@ def message_strings(path: Path) -> list[str]:
     """The string constants of a module that are not docstrings, comments or a flag's declaration (f-strings' literal
     parts joined)."""
     tree = ast.parse(path.read_text())
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
-    helps = {id(sub) for node in ast.walk(tree)  # a flag's help (rslora_tools.flags.Flag) is CLI words, not a message
-             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Flag" for sub in ast.walk(node)}
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    helps = {
+        id(sub)
+        for node in ast.walk(tree)  # a flag's help (rslora_tools.flags.Flag) is CLI words, not a message
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Flag"
+        for sub in ast.walk(node)
+    }
     found = []
     for node in ast.walk(tree):
         if id(node) in helps:
@@ -55,9 +64,13 @@ EVERYWHERE = sorted(PACKAGE.rglob("*.py"))
 
 
 def test_every_flag_a_message_names_is_an_option_of_a_command():
-    unknown = {(p.relative_to(PACKAGE).as_posix(), flag) for p in EVERYWHERE for text in message_strings(p)
-               for flag in FLAG.findall(text)
-               if flag not in EVERY_OPTION | {"--help", "--version"} and not flag.endswith("-")}  # "--to-{x}"
+    unknown = {
+        (p.relative_to(PACKAGE).as_posix(), flag)
+        for p in EVERYWHERE
+        for text in message_strings(p)
+        for flag in FLAG.findall(text)
+        if flag not in EVERY_OPTION | {"--help", "--version"} and not flag.endswith("-")
+    }  # "--to-{x}"
     assert unknown == set()
 
 
@@ -71,14 +84,18 @@ def test_every_suggested_command_exists_and_takes_the_options_shown():
                 if name not in COMMANDS:
                     wrong.append(f"{path.name}: rslora-tools {name}{rest}: no such command")
                     continue
-                wrong += [f"{path.name}: rslora-tools {name}{rest}: {flag} is not an option of {name}"
-                          for flag in FLAG.findall(rest) if flag not in COMMANDS[name]]
+                wrong += [
+                    f"{path.name}: rslora-tools {name}{rest}: {flag} is not an option of {name}"
+                    for flag in FLAG.findall(rest)
+                    if flag not in COMMANDS[name]
+                ]
     assert wrong == []
 
 
 def test_every_flag_a_library_message_names_has_python_words():
-    missing = {flag for p in LIBRARY for text in message_strings(p) for flag in FLAG.findall(text)
-               if flag not in API_WORDS}
+    missing = {
+        flag for p in LIBRARY for text in message_strings(p) for flag in FLAG.findall(text) if flag not in API_WORDS
+    }
     assert missing == set()
 
 
@@ -90,8 +107,14 @@ def test_the_python_words_of_a_flag_name_the_field_it_is_declared_on():
     from rslora_tools.flags import flags_of
     from rslora_tools.hub.target import PushTarget
 
-    classes = [merge_options.MergeOptions, PushTarget, *(getattr(command_options, n) for n in (
-        "ConvertOptions", "CombineOptions", "ExtractOptions", "VerifyOptions", "InspectOptions"))]
+    classes = [
+        merge_options.MergeOptions,
+        PushTarget,
+        *(
+            getattr(command_options, n)
+            for n in ("ConvertOptions", "CombineOptions", "ExtractOptions", "VerifyOptions", "InspectOptions")
+        ),
+    ]
     wrong = []
     for options in classes:
         for field, _, declared in flags_of(options):
@@ -99,23 +122,36 @@ def test_the_python_words_of_a_flag_name_the_field_it_is_declared_on():
                 continue  # a field several flags make up says each in its own words (PushTarget(private=True))
             flag = declared[0]
             said = API_WORDS[flag.name]
-            expected = {f"{field}=True"} if flag.is_flag and flag.secondary is None else {f"{field}=True", f"{field}="} \
-                if flag.secondary else {f"{field}="}
+            expected = (
+                {f"{field}=True"}
+                if flag.is_flag and flag.secondary is None
+                else {f"{field}=True", f"{field}="}
+                if flag.secondary
+                else {f"{field}="}
+            )
             if said not in expected and not said.startswith(f"{options.__name__}("):
                 wrong.append(f"{options.__name__}.{field}: {flag.name} is said {said!r}")
     assert wrong == []
 
 
-@pytest.mark.parametrize(("cli_words", "python_words"), [
-    ("pass --overwrite to replace it", "pass overwrite=True to replace it"),
-    ("pass --initial INIT or --base-is-residual", "pass initial=INIT or base_is_residual=True"),
-    ("--rank 8 and --energy go together", "rank=8 and energy go together"),
-    ("--scratch and --keep-cache go with --stream",
-     "StreamOptions(scratch=...) and StreamOptions(keep_cache=True) go with stream=StreamOptions()"),
-    ("or `rslora-tools push FOLDER REPO_ID --revision BRANCH`", "or `rslora_tools.push(FOLDER, REPO_ID, revision=BRANCH)`"),
-    ("instead (rslora-tools merge BASE ADAPTER OUT) and", "instead (rslora_tools.merge(BASE, ADAPTER, OUT)) and"),
-    ("the --dry-run-like --unknown flag", "the --dry-run-like --unknown flag"),
-])
+@pytest.mark.parametrize(
+    ("cli_words", "python_words"),
+    [
+        ("pass --overwrite to replace it", "pass overwrite=True to replace it"),
+        ("pass --initial INIT or --base-is-residual", "pass initial=INIT or base_is_residual=True"),
+        ("--rank 8 and --energy go together", "rank=8 and energy go together"),
+        (
+            "--scratch and --keep-cache go with --stream",
+            "StreamOptions(scratch=...) and StreamOptions(keep_cache=True) go with stream=StreamOptions()",
+        ),
+        (
+            "or `rslora-tools push FOLDER REPO_ID --revision BRANCH`",
+            "or `rslora_tools.push(FOLDER, REPO_ID, revision=BRANCH)`",
+        ),
+        ("instead (rslora-tools merge BASE ADAPTER OUT) and", "instead (rslora_tools.merge(BASE, ADAPTER, OUT)) and"),
+        ("the --dry-run-like --unknown flag", "the --dry-run-like --unknown flag"),
+    ],
+)
 def test_api_words(cli_words, python_words):
     assert api_words(cli_words) == python_words
 

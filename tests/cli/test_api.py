@@ -23,7 +23,7 @@ def hub(fake_hub):
 
 def readme_python_block() -> str:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Python API"):]
+    section = text[text.index("## Python API") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -36,7 +36,10 @@ def test_the_readme_python_section_runs_as_written(hub, tmp_path, monkeypatch, c
     assert printed[1] == "exact" and printed[2].startswith(hub.url) and "wrong scale" in printed[-1]
     with safe_open(tmp_path / "merged-bf16" / "model.safetensors", "pt") as f:  # the Hub merge, in bf16
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-    assert hub.files("me/merged-bf16")["model.safetensors"] == (tmp_path / "merged-bf16" / "model.safetensors").read_bytes()
+    assert (
+        hub.files("me/merged-bf16")["model.safetensors"]
+        == (tmp_path / "merged-bf16" / "model.safetensors").read_bytes()
+    )
     assert hub.repos["me/merged-bf16"].private
     record = json.loads((tmp_path / "stacked" / "rslora_tools.json").read_text())  # the stacked merge
     assert record["weights"] == [0.7, 0.4] and [a.get("repo_id") for a in record["adapters"]] == ["org/adapter", None]
@@ -66,12 +69,15 @@ def test_errors_carry_what_they_are_about(tmp_path):
         PushTarget("me/x@dev")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(max_shard_size=-1), "invalid size -1; it must be a positive number of bytes"),
-    (dict(max_shard_size=0), "invalid size 0"),
-    (dict(weights="0.7,x"), "weights='0.7,x' is not a comma-separated list of numbers"),
-    (dict(weights=[float("nan")]), "weights must be finite numbers"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(max_shard_size=-1), "invalid size -1; it must be a positive number of bytes"),
+        (dict(max_shard_size=0), "invalid size 0"),
+        (dict(weights="0.7,x"), "weights='0.7,x' is not a comma-separated list of numbers"),
+        (dict(weights=[float("nan")]), "weights must be finite numbers"),
+    ],
+)
 def test_bad_values_are_option_errors_in_the_python_api(tmp_path, kwargs, message):
     """max_shard_size=-1 wrote one shard per tensor; a weights string was read character by character."""
     import rslora_tools

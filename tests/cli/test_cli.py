@@ -106,8 +106,12 @@ def test_output_may_not_be_an_input(tmp_path, which):
 
 
 def test_missing_inputs(tmp_path):
-    assert_clean_error(cli_run("merge", tmp_path / "nope", ADAPTER, tmp_path / "o", code=None), "base model folder not found")
-    assert_clean_error(cli_run("merge", BASE, tmp_path / "nope", tmp_path / "o", code=None), "adapter folder not found")
+    assert_clean_error(
+        cli_run("merge", tmp_path / "nope", ADAPTER, tmp_path / "o", code=None), "base model folder not found"
+    )
+    assert_clean_error(
+        cli_run("merge", BASE, tmp_path / "nope", tmp_path / "o", code=None), "adapter folder not found"
+    )
     (tmp_path / "empty").mkdir()
     assert_clean_error(cli_run("merge", BASE, tmp_path / "empty", tmp_path / "o", code=None), "no adapter_config.json")
 
@@ -149,22 +153,34 @@ def test_invalid_json_config(tmp_path):
 
 def test_adapter_tensor_matching_no_base_tensor(tmp_path):
     def rename(t):
-        t["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
-        t["base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight"] = t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+        t["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = t.pop(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        )
+        t["base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight"] = t.pop(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        )
+
     adapter = copy_adapter(tmp_path, edit_tensors=rename)
-    assert_clean_error(cli_run("merge", BASE, adapter, tmp_path / "out", code=None), "layers.7.self_attn.q_proj", "matches no tensor")
+    assert_clean_error(
+        cli_run("merge", BASE, adapter, tmp_path / "out", code=None), "layers.7.self_attn.q_proj", "matches no tensor"
+    )
 
 
 def test_shape_mismatch(tmp_path):
     def grow(t):
         k = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
         t[k] = torch.zeros(40, t[k].shape[1])
+
     adapter = copy_adapter(tmp_path, edit_tensors=grow)
-    assert_clean_error(cli_run("merge", BASE, adapter, tmp_path / "out", code=None), "q_proj", "base weight is [32, 32]")
+    assert_clean_error(
+        cli_run("merge", BASE, adapter, tmp_path / "out", code=None), "q_proj", "base weight is [32, 32]"
+    )
 
 
 def test_lora_without_b(tmp_path):
-    adapter = copy_adapter(tmp_path, edit_tensors=lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"))
+    adapter = copy_adapter(
+        tmp_path, edit_tensors=lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+    )
     assert_clean_error(cli_run("merge", BASE, adapter, tmp_path / "out", code=None), "not both LoRA A and B")
 
 
@@ -242,7 +258,9 @@ def test_corrupt_base_shard(tmp_path):
     shutil.copytree(BASE, base)
     data = (base / "model.safetensors").read_bytes()
     (base / "model.safetensors").write_bytes(data[:-100])
-    assert_clean_error(cli_run("merge", base, ADAPTER, tmp_path / "out", code=None), "model.safetensors", "truncated or corrupt")
+    assert_clean_error(
+        cli_run("merge", base, ADAPTER, tmp_path / "out", code=None), "model.safetensors", "truncated or corrupt"
+    )
 
 
 def test_index_naming_a_file_outside_the_folder(tmp_path):
@@ -271,7 +289,9 @@ def test_unsupported_quantized_base_refused(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(tmp_path):
-    assert_clean_error(cli_run("merge", BASE, ADAPTER, tmp_path / "out", "--device", "cuda", code=None), "CUDA is not available")
+    assert_clean_error(
+        cli_run("merge", BASE, ADAPTER, tmp_path / "out", "--device", "cuda", code=None), "CUDA is not available"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -296,8 +316,10 @@ def test_closed_stdout_pipe_ends_quietly(tmp_path):
     import subprocess
     import sys
 
-    script = f"{sys.executable} -m rslora_tools merge {BASE} {ADAPTER} {tmp_path / 'out'} --dry-run | true; " \
-             "exit ${PIPESTATUS[0]}"
+    script = (
+        f"{sys.executable} -m rslora_tools merge {BASE} {ADAPTER} {tmp_path / 'out'} --dry-run | true; "
+        "exit ${PIPESTATUS[0]}"
+    )
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
     assert done.stderr == "" and done.returncode == 141, (done.returncode, done.stderr)
     assert not (tmp_path / "out").exists()
@@ -307,12 +329,19 @@ def test_every_command_takes_q_and_prints_nothing_on_stdout_when_it_succeeds(tmp
     """The README's promise: `-q` on every command (inspect and push had none; verify still printed its verdict)."""
     from rslora_tools.cli import cli
 
-    assert all(any("-q" in p.opts for p in command.params) for command in cli.commands.values()), \
-        [name for name, command in cli.commands.items() if not any("-q" in p.opts for p in command.params)]
+    assert all(any("-q" in p.opts for p in command.params) for command in cli.commands.values()), [
+        name for name, command in cli.commands.items() if not any("-q" in p.opts for p in command.params)
+    ]
     out = tmp_path / "out"
-    runs = [("merge", BASE, ADAPTER, out), ("verify", out, BASE, ADAPTER), ("inspect", ADAPTER),
-            ("convert", ADAPTER, tmp_path / "classic", "--to-classic"), ("combine", ADAPTER, tmp_path / "combined"),
-            ("extract", BASE, out, tmp_path / "extracted", "--rank", "4"), ("push", out, "me/merged", "--dry-run")]
+    runs = [
+        ("merge", BASE, ADAPTER, out),
+        ("verify", out, BASE, ADAPTER),
+        ("inspect", ADAPTER),
+        ("convert", ADAPTER, tmp_path / "classic", "--to-classic"),
+        ("combine", ADAPTER, tmp_path / "combined"),
+        ("extract", BASE, out, tmp_path / "extracted", "--rank", "4"),
+        ("push", out, "me/merged", "--dry-run"),
+    ]
     for args in runs:
         result = cli_run(*args, "-q")
         assert result.stdout == "", (args, result.stdout)

@@ -74,9 +74,11 @@ def test_a_new_merge_option_is_one_declaration_plus_its_use():
 
 
 def test_a_flag_given_without_the_one_it_qualifies_is_a_usage_error():
-    for args, said in ((["--scratch", "s"], "--scratch, --keep-cache and --no-resume go with --stream"),
-                       (["--private"], "--private goes with --push-to-hub REPO_ID"),
-                       (["--double-quant"], "describe --trained-on; pass it too")):
+    for args, said in (
+        (["--scratch", "s"], "--scratch, --keep-cache and --no-resume go with --stream"),
+        (["--private"], "--private goes with --push-to-hub REPO_ID"),
+        (["--double-quant"], "describe --trained-on; pass it too"),
+    ):
         result = CliRunner().invoke(cli, ["merge", "b", "a", "out", *args])
         assert result.exit_code == 2 and said in result.output, result.output
 
@@ -93,20 +95,37 @@ def test_every_option_error_of_the_options_names_the_fields_it_is_about():
     import rslora_tools
 
     package = Path(rslora_tools.__file__).parent
-    known = {name for cls in (MergeOptions, PushTarget, ConvertOptions, CombineOptions, ExtractOptions, VerifyOptions,
-                              InspectOptions) for name in cls.__dataclass_fields__}
+    known = {
+        name
+        for cls in (
+            MergeOptions,
+            PushTarget,
+            ConvertOptions,
+            CombineOptions,
+            ExtractOptions,
+            VerifyOptions,
+            InspectOptions,
+        )
+        for name in cls.__dataclass_fields__
+    }
     missing, unknown = [], []
     for module in OPTION_MODULES:
         for node in ast.walk(ast.parse((package / module).read_text())):
-            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
-                    and getattr(node.exc.func, "id", None) == "OptionError"):
+            if not (
+                isinstance(node, ast.Raise)
+                and isinstance(node.exc, ast.Call)
+                and getattr(node.exc.func, "id", None) == "OptionError"
+            ):
                 continue
             keywords = {k.arg: k.value for k in node.exc.keywords}
             if "options" not in keywords and "argument" not in keywords:
                 missing.append(f"{module}:{node.lineno}")
             elif "options" in keywords and isinstance(keywords["options"], ast.Tuple):
-                unknown += [f"{module}:{node.lineno}: {e.value}" for e in keywords["options"].elts
-                            if isinstance(e, ast.Constant) and e.value not in known]
+                unknown += [
+                    f"{module}:{node.lineno}: {e.value}"
+                    for e in keywords["options"].elts
+                    if isinstance(e, ast.Constant) and e.value not in known
+                ]
     assert missing == [] and unknown == []
 
 

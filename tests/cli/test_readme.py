@@ -1,4 +1,5 @@
-"""The README as a newcomer follows it (and docs/layouts.md, docs/quantized-bases.md): its sample outputs are what the commands print, and its exit-code table is
+"""The README as a newcomer follows it (and docs/layouts.md, docs/quantized-bases.md): its sample outputs are what the
+commands print, and its exit-code table is
 what they return.
 
 Each `<!-- output of: COMMAND -->` block is the output of COMMAND (`<!-- output of (exit N): COMMAND -->`: one
@@ -28,8 +29,14 @@ def run_as_user(command: str, cwd: Path) -> subprocess.CompletedProcess:
     args = shlex.split(command)
     assert args[0] == "rslora-tools"
     env = {**os.environ, "COLUMNS": "120"}
-    return subprocess.run([sys.executable, "-m", "rslora_tools", *args[1:]], cwd=cwd, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.run(
+        [sys.executable, "-m", "rslora_tools", *args[1:]],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 @pytest.fixture
@@ -39,8 +46,9 @@ def user_folder(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("page", [README, ROOT / "docs" / "layouts.md", ROOT / "docs" / "quantized-bases.md"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "page", [README, ROOT / "docs" / "layouts.md", ROOT / "docs" / "quantized-bases.md"], ids=lambda p: p.name
+)
 def test_the_sample_outputs_are_what_the_commands_print(user_folder, page):
     text = page.read_text()
     blocks = BLOCK.findall(text)
@@ -50,18 +58,24 @@ def test_the_sample_outputs_are_what_the_commands_print(user_folder, page):
         done = run_as_user(command, user_folder)
         assert done.returncode == int(code or 0), (command, done.stdout)
         if os.environ.get("RSLORA_TOOLS_WRITE_DOCS") == "1":
-            made = made.replace(f"<!-- output of{exit_note}: {command} -->\n```text\n{shown}```",
-                                f"<!-- output of{exit_note}: {command} -->\n```text\n{done.stdout}```")
+            made = made.replace(
+                f"<!-- output of{exit_note}: {command} -->\n```text\n{shown}```",
+                f"<!-- output of{exit_note}: {command} -->\n```text\n{done.stdout}```",
+            )
             continue
-        assert TIMING.sub("N s", shown) == TIMING.sub("N s", done.stdout), f"{page.name}'s output of `{command}` is stale"
+        assert TIMING.sub("N s", shown) == TIMING.sub("N s", done.stdout), (
+            f"{page.name}'s output of `{command}` is stale"
+        )
     if made != text:
         page.write_text(made)
 
 
 def exit_code_rows() -> list[tuple[int, str]]:
     section = README.read_text().split("## Conventions", 1)[1]
-    return [(int(code), example) for code, example in re.findall(r"^\| (\d+) \| [^|]+ \| `(rslora-tools [^`]+)` \|$",
-                                                                  section, re.M)]
+    return [
+        (int(code), example)
+        for code, example in re.findall(r"^\| (\d+) \| [^|]+ \| `(rslora-tools [^`]+)` \|$", section, re.M)
+    ]
 
 
 @pytest.mark.parametrize(("code", "example"), exit_code_rows())

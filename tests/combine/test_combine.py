@@ -20,20 +20,28 @@ from peft_oracle import load_causal_lm, make_adapter, make_llama
 
 INPUTS = {
     "rslora": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "embed_tokens"]),
-    "rslora-patterns": dict(r=16, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "up_proj"],
-                            rank_pattern={"up_proj": 4}, alpha_pattern={"layers.1.self_attn.q_proj": 40}),
+    "rslora-patterns": dict(
+        r=16,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "up_proj"],
+        rank_pattern={"up_proj": 4},
+        alpha_pattern={"layers.1.self_attn.q_proj": 40},
+    ),
     "classic": dict(r=8, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
     "classic-b": dict(r=8, lora_alpha=24, target_modules=["q_proj", "down_proj", "v_proj"]),
 }
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("combine")
     base = make_llama(root / "base")
-    adapters = {name: make_adapter(base, root / name, LoraConfig(init_lora_weights=False, **kwargs), seed=i + 1)
-                for i, (name, kwargs) in enumerate(INPUTS.items())}
+    adapters = {
+        name: make_adapter(base, root / name, LoraConfig(init_lora_weights=False, **kwargs), seed=i + 1)
+        for i, (name, kwargs) in enumerate(INPUTS.items())
+    }
     return base, adapters
 
 
@@ -43,8 +51,11 @@ def peft_deltas(base: Path, adapter: Path, name: str = "default", model=None) ->
 
     if model is None:
         model = PeftModel.from_pretrained(load_causal_lm(base), str(adapter), adapter_name=name)
-    return {n.removeprefix("base_model.model."): m.get_delta_weight(name).detach().double()
-            for n, m in model.named_modules() if isinstance(m, LoraLayer) and name in m.scaling}
+    return {
+        n.removeprefix("base_model.model."): m.get_delta_weight(name).detach().double()
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLayer) and name in m.scaling
+    }
 
 
 def weighted_sum(base: Path, adapters: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -79,8 +90,11 @@ def test_cat_is_the_exact_weighted_sum_of_peft_deltas(setup, tmp_path):
     assert peft_scales(base, out) == {1.0}  # every module at scale 1: the factors carry the scales
     for key, want in expected.items():
         k = sum(m["rank"] for m in report["modules"] if m["name"] == key)
-        magnitude = sum(abs(w) * d.abs() for w, d in ((w, peft_deltas_abs(base, p).get(key)) for w, p in
-                                                       zip(weights, paths)) if d is not None)
+        magnitude = sum(
+            abs(w) * d.abs()
+            for w, d in ((w, peft_deltas_abs(base, p).get(key)) for w, p in zip(weights, paths))
+            if d is not None
+        )
         assert bool(((got[key] - want).abs() <= 4 * k * U32 * magnitude + 1e-30).all()), key
 
 
@@ -88,7 +102,8 @@ _ABS_CACHE: dict[Path, dict[str, torch.Tensor]] = {}
 
 
 def peft_deltas_abs(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
-    """|s| * |B| @ |A| per module (embedding: transposed, as its delta), in float64: the magnitude of a delta's terms."""
+    """|s| * |B| @ |A| per module (embedding: transposed, as its delta), in float64: the magnitude of a delta's
+    terms."""
     if adapter not in _ABS_CACHE:
         from peft.tuners.lora import LoraLayer
 
@@ -98,10 +113,14 @@ def peft_deltas_abs(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
             if isinstance(m, LoraLayer) and "default" in m.scaling:
                 if "default" in m.lora_A:
                     a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
-                    out[n.removeprefix("base_model.model.")] = abs(m.scaling["default"]) * (b.abs().double() @ a.abs().double())
+                    out[n.removeprefix("base_model.model.")] = abs(m.scaling["default"]) * (
+                        b.abs().double() @ a.abs().double()
+                    )
                 else:
                     a, b = m.lora_embedding_A["default"], m.lora_embedding_B["default"]
-                    out[n.removeprefix("base_model.model.")] = (abs(m.scaling["default"]) * (b.abs().double() @ a.abs().double())).T
+                    out[n.removeprefix("base_model.model.")] = (
+                        abs(m.scaling["default"]) * (b.abs().double() @ a.abs().double())
+                    ).T
         _ABS_CACHE[adapter] = out
     return _ABS_CACHE[adapter]
 
@@ -125,8 +144,9 @@ def test_svd_is_at_least_as_accurate_as_peft_svd_and_reports_its_error(setup, tm
     base, adapters = setup
     a, b = adapters["rslora"], adapters["rslora-patterns"]
     out = tmp_path / "svd"
-    report = json.loads(cli_run("combine", a, b, out, "--weights", "0.7,0.4", "--method", "svd", "--rank", "8",
-                            "--json").stdout)
+    report = json.loads(
+        cli_run("combine", a, b, out, "--weights", "0.7,0.4", "--method", "svd", "--rank", "8", "--json").stdout
+    )
     expected = weighted_sum(base, [a, b], [0.7, 0.4])
     ours = peft_deltas(base, out)
     # PEFT's svd on the same inputs, with the rsLoRA fix applied: its factors at scale 1
@@ -141,7 +161,7 @@ def test_svd_is_at_least_as_accurate_as_peft_svd_and_reports_its_error(setup, tm
         peft = ((theirs[key] - want).norm() / want.norm()).item()
         assert mine <= peft * (1 + 1e-4) + 1e-6, (key, mine, peft)
         assert math.isclose(reported[key]["relative_error"], mine, rel_tol=1e-3, abs_tol=1e-6), key
-        assert math.isclose(reported[key]["energy"], 1 - mine ** 2, rel_tol=1e-4, abs_tol=1e-6), key
+        assert math.isclose(reported[key]["energy"], 1 - mine**2, rel_tol=1e-4, abs_tol=1e-6), key
         truncated += mine > 1e-3
     assert truncated > 0  # q_proj (rank 8 + 16 > 8) really is truncated
 
@@ -159,8 +179,13 @@ def test_classic_inputs_give_peft_results(setup, tmp_path, method):
     masks keep everything; their randomness is checked below)."""
     base, adapters = setup
     paths = [adapters[n] for n in CLASSIC]
-    extra = {"ties": ["--density", "0.5"], "magnitude_prune": ["--density", "0.5"], "svd": ["--rank", "8"],
-             "dare_linear": ["--density", "1"], "dare_ties": ["--density", "1"]}.get(method, [])
+    extra = {
+        "ties": ["--density", "0.5"],
+        "magnitude_prune": ["--density", "0.5"],
+        "svd": ["--rank", "8"],
+        "dare_linear": ["--density", "1"],
+        "dare_ties": ["--density", "1"],
+    }.get(method, [])
     out = tmp_path / method
     cli_run("combine", *paths, out, "--weights", "0.6,1.5", "--method", method, *extra)
     model = PeftModel.from_pretrained(load_causal_lm(base), str(paths[0]), adapter_name="a")
@@ -252,10 +277,14 @@ def test_dry_run_json_and_refusals(setup, tmp_path):
     assert dry["dry_run"] and dry["bytes"] > 0 and not (tmp_path / "d").exists()
     q = next(m for m in dry["modules"] if m["name"] == "model.layers.0.self_attn.q_proj")
     assert q["rank"] == 8 + 16 + 8 and q["inputs"] == [0, 1, 2]
-    dora = make_adapter(base, tmp_path / "dora", LoraConfig(r=8, lora_alpha=8, use_dora=True, target_modules=["q_proj"],
-                                                            init_lora_weights=False))
-    saving = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
-                        init_lora_weights=False)
+    dora = make_adapter(
+        base,
+        tmp_path / "dora",
+        LoraConfig(r=8, lora_alpha=8, use_dora=True, target_modules=["q_proj"], init_lora_weights=False),
+    )
+    saving = LoraConfig(
+        r=8, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False
+    )
     saved = make_adapter(base, tmp_path / "saved", saving, seed=1)
     other = make_adapter(base, tmp_path / "saved-other", saving, seed=2)
     # one input's modules_to_save is copied as it is (not weighted): PEFT merges it as in that input

@@ -19,11 +19,16 @@ def test_kernel_is_built_where_it_can_be():
     import shutil
 
     flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
-    if not (shutil.which("cc") and platform.machine() == "x86_64" and all(f" {f} " in flags for f in ("avx2", "fma", "f16c"))):
+    if not (
+        shutil.which("cc")
+        and platform.machine() == "x86_64"
+        and all(f" {f} " in flags for f in ("avx2", "fma", "f16c"))
+    ):
         pytest.skip("no C compiler or CPU without AVX2/FMA/F16C here")
     if os.environ.get("RSLORA_TOOLS_KERNEL") == "0":
         pytest.skip("RSLORA_TOOLS_KERNEL=0")
     assert kernel.available()
+
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -35,8 +40,15 @@ def peft_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> t
     return w
 
 
-def kernel_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float, block: int | None = None,
-                 kind: str = "linear", transposed: bool = False) -> tuple[torch.Tensor, bool]:
+def kernel_merge(
+    w: torch.Tensor,
+    b: torch.Tensor,
+    a: torch.Tensor,
+    s: float,
+    block: int | None = None,
+    kind: str = "linear",
+    transposed: bool = False,
+) -> tuple[torch.Tensor, bool]:
     """The kernel over row blocks of `block` rows (all rows at once by default)."""
     dtype = next(k for k, v in DTYPES.items() if v == w.dtype)
     a32 = kernel.widen(tensor_bytes(a), next(k for k, v in DTYPES.items() if v == a.dtype))
@@ -48,8 +60,9 @@ def kernel_merge(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float, bl
     finite = True
     for start in range(0, rows, block):
         n = min(block, rows - start)
-        finite &= kernel.merge_rows(tensor_bytes(w[start:start + n]), dtype, operands, start, n, s,
-                                    tensor_bytes(out[start:start + n]))
+        finite &= kernel.merge_rows(
+            tensor_bytes(w[start : start + n]), dtype, operands, start, n, s, tensor_bytes(out[start : start + n])
+        )
     return out, finite
 
 

@@ -47,7 +47,10 @@ def peft_layers(base: Path, adapter: Path) -> dict[str, tuple[float, torch.Tenso
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.scaling:
             with torch.no_grad():
-                out[name.removeprefix("base_model.model.")] = (module.scaling["default"], module.get_delta_weight("default").float())
+                out[name.removeprefix("base_model.model.")] = (
+                    module.scaling["default"],
+                    module.get_delta_weight("default").float(),
+                )
     return out
 
 
@@ -80,8 +83,14 @@ def assert_same_merge(base: Path, original: Path, converted: Path, *, exact: boo
 
 def patterned(use_rslora: bool, **extra) -> LoraConfig:
     return LoraConfig(
-        r=8, lora_alpha=16, use_rslora=use_rslora, target_modules=ALL_LINEAR, init_lora_weights=False,
-        rank_pattern={"o_proj": 4, "layers.1.mlp.up_proj": 2}, alpha_pattern={"down_proj": 8.5, "v_proj": 3}, **extra,
+        r=8,
+        lora_alpha=16,
+        use_rslora=use_rslora,
+        target_modules=ALL_LINEAR,
+        init_lora_weights=False,
+        rank_pattern={"o_proj": 4, "layers.1.mlp.up_proj": 2},
+        alpha_pattern={"down_proj": 8.5, "v_proj": 3},
+        **extra,
     )
 
 
@@ -95,7 +104,9 @@ def test_convention_rewrite_is_exact_and_keeps_weights(llama_fp32, tmp_path, use
     report = convert(adapter, tmp_path / "c", to)
     assert report["action"] == "config"
     assert config(tmp_path / "c")["use_rslora"] is (not use_rslora)
-    assert (tmp_path / "c/adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "c/adapter_model.safetensors").read_bytes() == (
+        adapter / "adapter_model.safetensors"
+    ).read_bytes()
     assert_same_peft_deltas(llama_fp32, adapter, tmp_path / "c", exact=True)
     assert_same_merge(llama_fp32, adapter, tmp_path / "c", exact=True)
 
@@ -109,12 +120,21 @@ def test_round_trip_gives_back_config_and_weights(llama_fp32, tmp_path, start):
     convert(tmp_path / "there", tmp_path / "back", back)
     assert config(tmp_path / "back") == config(adapter)
     assert (tmp_path / "back/adapter_config.json").read_text() == (adapter / "adapter_config.json").read_text()
-    assert (tmp_path / "back/adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "back/adapter_model.safetensors").read_bytes() == (
+        adapter / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_overlapping_patterns_are_rewritten_to_full_names(llama_fp32, tmp_path):
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False,
-                     rank_pattern={"proj": 4, "q_proj": 2}, alpha_pattern={"^model.layers.0.self_attn.q_proj": 5, "q_proj": 7.5})
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=ALL_LINEAR,
+        init_lora_weights=False,
+        rank_pattern={"proj": 4, "q_proj": 2},
+        alpha_pattern={"^model.layers.0.self_attn.q_proj": 5, "q_proj": 7.5},
+    )
     adapter = make_adapter(llama_fp32, tmp_path / "a", cfg)
     convert(adapter, tmp_path / "c", "--to-classic")
     new = config(tmp_path / "c")
@@ -124,7 +144,8 @@ def test_overlapping_patterns_are_rewritten_to_full_names(llama_fp32, tmp_path):
 
 
 def legacy_scale(cfg: dict, name: str, version: str) -> float:
-    """The scale older PEFT versions compute (docs/peft-rules.md, Patterns): 0.13 one combined lookup, 0.14 `.*\\.key$`."""
+    """The scale older PEFT versions compute (docs/peft-rules.md, Patterns): 0.13 one combined lookup, 0.14
+    `.*\\.key$`."""
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
 
     def find(keys):
@@ -142,8 +163,15 @@ def legacy_scale(cfg: dict, name: str, version: str) -> float:
 @pytest.mark.parametrize("overlapping", [False, True])
 def test_rewritten_patterns_mean_the_same_in_old_peft_versions(llama_fp32, tmp_path, overlapping):
     if overlapping:
-        cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False,
-                         rank_pattern={"proj": 4, "q_proj": 2}, alpha_pattern={"layers.0.self_attn.q_proj": 5, "q_proj": 7.5})
+        cfg = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules=ALL_LINEAR,
+            init_lora_weights=False,
+            rank_pattern={"proj": 4, "q_proj": 2},
+            alpha_pattern={"layers.0.self_attn.q_proj": 5, "q_proj": 7.5},
+        )
     else:
         cfg = patterned(True)
     adapter = make_adapter(llama_fp32, tmp_path / "a", cfg)
@@ -178,8 +206,15 @@ def test_bake_folds_the_scale_change_into_lora_b(llama_fp32, tmp_path, use_rslor
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_dora_and_embedding_lora_convert_exactly(llama_fp32, tmp_path, use_dora):
-    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, use_dora=use_dora, init_lora_weights=False,
-                     target_modules=["embed_tokens", "q_proj", "v_proj"], rank_pattern={"v_proj": 2})
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        use_dora=use_dora,
+        init_lora_weights=False,
+        target_modules=["embed_tokens", "q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+    )
     adapter = make_adapter(llama_fp32, tmp_path / "a", cfg)
     convert(adapter, tmp_path / "c", "--to-classic")
     assert_same_merge(llama_fp32, adapter, tmp_path / "c", exact=True)
@@ -189,8 +224,15 @@ def test_dora_and_embedding_lora_convert_exactly(llama_fp32, tmp_path, use_dora)
 
 def test_fan_in_fan_out_gpt2_converts_exactly(tmp_path):
     base = make_gpt2(tmp_path / "gpt2", torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, fan_in_fan_out=True, target_modules=["c_attn", "c_proj"],
-                     rank_pattern={"c_proj": 2}, init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        fan_in_fan_out=True,
+        target_modules=["c_attn", "c_proj"],
+        rank_pattern={"c_proj": 2},
+        init_lora_weights=False,
+    )
     adapter = make_adapter(base, tmp_path / "a", cfg)
     convert(adapter, tmp_path / "c", "--to-classic")
     assert_same_merge(base, adapter, tmp_path / "c", exact=True)
@@ -213,7 +255,9 @@ def served_scale(runtime: str, cfg: dict, name: str, b_shape: tuple[int, ...]) -
         assert not rslora, "vLLM 0.6.5 refuses rsLoRA adapters"
     if runtime == "vllm":
         r = next((v for k, v in cfg["rank_pattern"].items() if re.match(rf"(.*\.)?({k})$", name)), cfg["r"])
-        alpha = next((v for k, v in cfg["alpha_pattern"].items() if re.match(rf"(.*\.)?({k})$", name)), cfg["lora_alpha"])
+        alpha = next(
+            (v for k, v in cfg["alpha_pattern"].items() if re.match(rf"(.*\.)?({k})$", name)), cfg["lora_alpha"]
+        )
         return alpha / math.sqrt(r) if rslora else alpha / r
     alpha, r = cfg["lora_alpha"], cfg["r"]
     if runtime in ("vllm@0.31.0", "tgi", "lorax"):
@@ -236,8 +280,9 @@ def served_deltas(folder: Path, runtime: str) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("runtime", ["vllm", "vllm@0.31.0", "vllm@0.6.5", "vllm@0.6.4", "tgi", "lorax", "sglang",
-                                     "llama.cpp"])
+@pytest.mark.parametrize(
+    "runtime", ["vllm", "vllm@0.31.0", "vllm@0.6.5", "vllm@0.6.4", "tgi", "lorax", "sglang", "llama.cpp"]
+)
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_target_runtime_serves_peft_scales(llama_fp32, tmp_path, runtime, use_rslora):
     adapter = make_adapter(llama_fp32, tmp_path / "a", patterned(use_rslora), save_dtype=torch.bfloat16)
@@ -258,7 +303,9 @@ def test_target_that_already_serves_right_is_a_noop(llama_fp32, tmp_path):
     for runtime in ("peft", "vllm", "tgi"):
         report = convert(adapter, tmp_path / runtime, "--target", runtime)
         assert report["action"] == "copy", runtime
-        assert (tmp_path / runtime / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+        assert (tmp_path / runtime / "adapter_model.safetensors").read_bytes() == (
+            adapter / "adapter_model.safetensors"
+        ).read_bytes()
 
 
 def test_sglang_gets_a_lossless_config_rewrite_when_one_scale_fits(llama_fp32, tmp_path):
@@ -267,7 +314,9 @@ def test_sglang_gets_a_lossless_config_rewrite_when_one_scale_fits(llama_fp32, t
     report = convert(adapter, tmp_path / "s", "--target", "sglang")
     assert report["action"] == "config" and not report["weights_changed"]
     assert config(tmp_path / "s")["use_rslora"] is False
-    assert (tmp_path / "s/adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "s/adapter_model.safetensors").read_bytes() == (
+        adapter / "adapter_model.safetensors"
+    ).read_bytes()
     for name, (_, delta) in peft_layers(llama_fp32, adapter).items():
         assert_close_fp32(served_deltas(tmp_path / "s", "sglang")[name], delta)
     report = convert(adapter, tmp_path / "v", "--target", "vllm@0.6.5")  # refuses rsLoRA: the same rewrite
@@ -286,16 +335,19 @@ def test_unit_form(llama_fp32, tmp_path):
     assert_same_peft_deltas(llama_fp32, adapter, tmp_path / "u", exact=False)
 
 
-@pytest.mark.parametrize(("runtime", "cfg_kwargs", "says"), [
-    ("vllm", {"use_dora": True}, "DoRA"),
-    ("vllm", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ("vllm", {"lora_bias": True}, "lora_bias"),
-    ("vllm", {"bias": "all"}, "trained biases"),
-    ("vllm@0.20.0", {"use_dora": True}, "DoRA"),
-    ("tgi", {"target_modules": ["embed_tokens", "q_proj"]}, "embedding"),
-    ("lorax", {"use_dora": True}, "DoRA"),
-    ("llama.cpp", {"use_dora": True}, "DoRA"),
-])
+@pytest.mark.parametrize(
+    ("runtime", "cfg_kwargs", "says"),
+    [
+        ("vllm", {"use_dora": True}, "DoRA"),
+        ("vllm", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ("vllm", {"lora_bias": True}, "lora_bias"),
+        ("vllm", {"bias": "all"}, "trained biases"),
+        ("vllm@0.20.0", {"use_dora": True}, "DoRA"),
+        ("tgi", {"target_modules": ["embed_tokens", "q_proj"]}, "embedding"),
+        ("lorax", {"use_dora": True}, "DoRA"),
+        ("llama.cpp", {"use_dora": True}, "DoRA"),
+    ],
+)
 def test_runtime_that_cannot_serve_is_refused(llama_fp32, tmp_path, runtime, cfg_kwargs, says):
     kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "init_lora_weights": False, **cfg_kwargs}
     adapter = make_adapter(llama_fp32, tmp_path / "a", LoraConfig(**kwargs))
@@ -367,9 +419,15 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def gguf_name(module: str) -> str:
@@ -382,8 +440,14 @@ def gguf_name(module: str) -> str:
 @pytest.mark.parametrize("patterns", [False, True])
 def test_gguf_lora_reproduces_peft_deltas(llama_fp32, tmp_path, patterns):
     kwargs = dict(rank_pattern={"o_proj": 4}, alpha_pattern={"down_proj": 8.5}) if patterns else {}
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, init_lora_weights=False,
-                     target_modules=["embed_tokens", *ALL_LINEAR], **kwargs)
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        init_lora_weights=False,
+        target_modules=["embed_tokens", *ALL_LINEAR],
+        **kwargs,
+    )
     adapter = make_adapter(llama_fp32, tmp_path / "a", cfg, save_dtype=torch.bfloat16)
     report = convert(adapter, tmp_path / "lora.gguf", "--target", "llama.cpp", "--base", llama_fp32)
     assert report["action"] == "gguf"
@@ -398,7 +462,9 @@ def test_gguf_lora_reproduces_peft_deltas(llama_fp32, tmp_path, patterns):
             g = unpermute(g, heads)
         elif name.endswith("k_proj"):
             g = unpermute(g, kv_heads)
-        assert g.shape == delta.shape, name  # the embedding's delta is laid over the [vocab, dim] table, never transposed
+        assert g.shape == delta.shape, (
+            name
+        )  # the embedding's delta is laid over the [vocab, dim] table, never transposed
         assert_close_fp32(g, delta, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -406,15 +472,24 @@ def test_gguf_needs_base_and_refuses_what_it_cannot_hold(llama_fp32, tmp_path):
     adapter = make_adapter(llama_fp32, tmp_path / "a", patterned(True))
     result = cli_run("convert", adapter, tmp_path / "x.gguf", "--target", "llama.cpp", code=None)
     assert result.exit_code == 2 and "--base" in result.output  # a missing flag: a usage error
-    bias = make_adapter(llama_fp32, tmp_path / "b", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                               lora_bias=True, init_lora_weights=False))
+    bias = make_adapter(
+        llama_fp32,
+        tmp_path / "b",
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False),
+    )
     result = cli_run("convert", bias, tmp_path / "y.gguf", "--target", "llama.cpp", "--base", llama_fp32, code=None)
     assert result.exit_code == 1 and "lora_bias" in result.output and not (tmp_path / "y.gguf").exists()
 
 
 def test_target_peft_makes_order_dependent_patterns_version_stable(llama_fp32, tmp_path):
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False,
-                     alpha_pattern={"^model.layers.0.self_attn.q_proj": 5, "q_proj": 7.5})
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=ALL_LINEAR,
+        init_lora_weights=False,
+        alpha_pattern={"^model.layers.0.self_attn.q_proj": 5, "q_proj": 7.5},
+    )
     adapter = make_adapter(llama_fp32, tmp_path / "a", cfg)
     report = convert(adapter, tmp_path / "p", "--target", "peft")
     assert report["action"] == "config" and config(tmp_path / "p")["use_rslora"] is True
@@ -427,7 +502,9 @@ def test_target_peft_makes_order_dependent_patterns_version_stable(llama_fp32, t
 
 def test_gguf_output_may_not_land_in_an_input(llama_fp32, tmp_path):
     adapter = make_adapter(llama_fp32, tmp_path / "a", patterned(True))
-    result = cli_run("convert", adapter, adapter / "lora.gguf", "--target", "llama.cpp", "--base", llama_fp32, code=None)
+    result = cli_run(
+        "convert", adapter, adapter / "lora.gguf", "--target", "llama.cpp", "--base", llama_fp32, code=None
+    )
     assert result.exit_code == 1 and "may not be an input or inside one" in result.output
     assert not (adapter / "lora.gguf").exists()
     cli_run("convert", adapter, tmp_path / "x.gguf", "--target", "llama.cpp", "--base", llama_fp32)
@@ -440,8 +517,15 @@ def test_multihead_attention_adapter_converts_exactly(tmp_path):
 
     torch.manual_seed(0)
     net = TwoAttentions()
-    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["mha", "other"], init_lora_weights=False,
-                     rank_pattern={"other": 2}, alpha_pattern={"other": 3})
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["mha", "other"],
+        init_lora_weights=False,
+        rank_pattern={"other": 2},
+        alpha_pattern={"other": 3},
+    )
     adapter = make_adapter(net, tmp_path / "a", cfg)
     convert(adapter, tmp_path / "c", "--to-classic")
     want, got = peft_merged_state_dict(net, adapter), peft_merged_state_dict(net, tmp_path / "c")

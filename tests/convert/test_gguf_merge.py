@@ -34,16 +34,31 @@ pytestmark = [pytest.mark.llama_cpp, pytest.mark.skipif(_MISSING is not None, re
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gguf-merge-bases")
-    specs = {"llama": ("llama", {}), "llama-mha": ("llama", {"kv_heads": 4}), "qwen2": ("qwen2", {}),
-             "llama-tied": ("llama", {"tie": True})}
+    specs = {
+        "llama": ("llama", {}),
+        "llama-mha": ("llama", {"kv_heads": 4}),
+        "qwen2": ("qwen2", {}),
+        "llama-tied": ("llama", {"tie": True}),
+    }
     return {name: make_model(root / name, kind, **kwargs) for name, (kind, kwargs) in specs.items()}
 
 
 def two_step(base: Path, adapters: list[Path], folder: Path, outtype: str, *flags: object) -> bytes:
     """merge into a folder named `merged`, then llama.cpp's converter on it."""
     cli_run("merge", base, *adapters, folder / "merged", *flags)
-    done = subprocess.run([sys.executable, str(CONVERTER_DIR / "convert_hf_to_gguf.py"), str(folder / "merged"),
-                           "--outtype", outtype, "--outfile", str(folder / "two-step.gguf")], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(CONVERTER_DIR / "convert_hf_to_gguf.py"),
+            str(folder / "merged"),
+            "--outtype",
+            outtype,
+            "--outfile",
+            str(folder / "two-step.gguf"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return (folder / "two-step.gguf").read_bytes()
 
@@ -61,11 +76,20 @@ def adapter(base: Path, folder: Path, name: str, **kwargs) -> Path:
     return make_adapter(base, folder, LoraConfig(init_lora_weights=False, **ADAPTERS[name]), **kwargs)
 
 
-@pytest.mark.parametrize(("base_name", "adapter_name", "outtype"), [
-    ("llama", "rslora-patterns", "f16"), ("llama", "rslora-patterns", "bf16"), ("llama", "rslora-patterns", "f32"),
-    ("llama", "rslora-patterns", "q8_0"), ("llama-mha", "rslora", "f16"), ("qwen2", "rslora-patterns", "f16"),
-    ("qwen2", "embedding", "q8_0"), ("llama-tied", "lm_head", "f16"), ("llama-tied", "classic", "bf16"),
-])
+@pytest.mark.parametrize(
+    ("base_name", "adapter_name", "outtype"),
+    [
+        ("llama", "rslora-patterns", "f16"),
+        ("llama", "rslora-patterns", "bf16"),
+        ("llama", "rslora-patterns", "f32"),
+        ("llama", "rslora-patterns", "q8_0"),
+        ("llama-mha", "rslora", "f16"),
+        ("qwen2", "rslora-patterns", "f16"),
+        ("qwen2", "embedding", "q8_0"),
+        ("llama-tied", "lm_head", "f16"),
+        ("llama-tied", "classic", "bf16"),
+    ],
+)
 def test_the_direct_gguf_is_the_two_step_gguf_byte_for_byte(bases, tmp_path, base_name, adapter_name, outtype):
     base = bases[base_name]
     lora = adapter(base, tmp_path / "adapter", adapter_name)
@@ -74,8 +98,13 @@ def test_the_direct_gguf_is_the_two_step_gguf_byte_for_byte(bases, tmp_path, bas
 
 def test_a_grown_vocabulary(bases, tmp_path):
     base = bases["llama"]
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                        modules_to_save=["embed_tokens", "lm_head"])
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        modules_to_save=["embed_tokens", "lm_head"],
+    )
     lora = make_adapter(base, tmp_path / "adapter", config, prepare=lambda model: model.resize_token_embeddings(520))
     assert direct(base, [lora], tmp_path, "f16") == two_step(base, [lora], tmp_path, "f16")
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == 520
@@ -85,14 +114,22 @@ def test_several_adapters_qlora_as_trained_and_initial(bases, tmp_path):
     base = bases["llama"]
     first, second = adapter(base, tmp_path / "a1", "classic"), adapter(base, tmp_path / "a2", "rslora", seed=2)
     assert direct(base, [first, second], tmp_path / "stacked", "f16", "--weights", "0.7,0.4") == two_step(
-        base, [first, second], tmp_path / "stacked", "f16", "--weights", "0.7,0.4")
+        base, [first, second], tmp_path / "stacked", "f16", "--weights", "0.7,0.4"
+    )
     assert direct(base, [first], tmp_path / "qlora", "f16", "--trained-on", "nf4") == two_step(
-        base, [first], tmp_path / "qlora", "f16", "--trained-on", "nf4")
-    variant = make_init_variant(base, tmp_path / "variant", LoraConfig(
-        r=8, lora_alpha=16, use_rslora=True, target_modules=LINEAR, init_lora_weights="pissa"), vocab=512, std=0.05)
+        base, [first], tmp_path / "qlora", "f16", "--trained-on", "nf4"
+    )
+    variant = make_init_variant(
+        base,
+        tmp_path / "variant",
+        LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=LINEAR, init_lora_weights="pissa"),
+        vocab=512,
+        std=0.05,
+    )
     init = ("--initial", variant / "init")
     assert direct(base, [variant / "trained"], tmp_path / "pissa", "f16", *init) == two_step(
-        base, [variant / "trained"], tmp_path / "pissa", "f16", *init)
+        base, [variant / "trained"], tmp_path / "pissa", "f16", *init
+    )
 
 
 @pytest.mark.parametrize("adapter_name", ["rslora-patterns", "embedding", "lm_head"])
@@ -125,15 +162,20 @@ def test_an_architecture_the_converter_lacks_names_the_two_step_route(bases, tmp
     (base / "config.json").write_text(json.dumps(config))
     lora = adapter(bases["llama"], tmp_path / "adapter", "classic")
     result = cli_run("merge", base, lora, tmp_path / "m.gguf", code=1)
-    assert "does not support NoSuchModelForCausalLM" in result.output and "convert_hf_to_gguf.py MERGED" in result.output
+    assert (
+        "does not support NoSuchModelForCausalLM" in result.output and "convert_hf_to_gguf.py MERGED" in result.output
+    )
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize("flags, says", [
-    (("--verify",), "--verify does not go with a .gguf OUT"),
-    (("--llama-cpp", "/nonexistent"), "no llama.cpp checkout here"),
-    (("--outtype", "q4_k"), "q4_k"),
-])
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (("--verify",), "--verify does not go with a .gguf OUT"),
+        (("--llama-cpp", "/nonexistent"), "no llama.cpp checkout here"),
+        (("--outtype", "q4_k"), "q4_k"),
+    ],
+)
 def test_gguf_options_are_checked(bases, tmp_path, flags, says):
     lora = adapter(bases["llama"], tmp_path / "adapter", "classic")
     result = cli_run("merge", bases["llama"], lora, tmp_path / "m.gguf", *flags, code=None)
@@ -166,6 +208,7 @@ def test_a_streamed_hub_base_gives_the_same_gguf_and_leaves_no_shard_behind(base
         fetched = fetch(self, shard)
         on_disk.append(len(list(self.scratch.rglob("*.safetensors"))))
         return fetched
+
     monkeypatch.setattr(ShardFetcher, "fetch", counting_fetch)
 
     base = tmp_path / "sharded"
@@ -177,8 +220,9 @@ def test_a_streamed_hub_base_gives_the_same_gguf_and_leaves_no_shard_behind(base
     lora = adapter(base, tmp_path / "adapter", "rslora-patterns")
     fake_hub.upload_local_folder("org/sharded", base)
     scratch = tmp_path / "scratch"
-    dry = cli_run("merge", "org/sharded", lora, tmp_path / "hub" / "merged.gguf", "--stream", "--scratch", scratch,
-                  "--dry-run").output
+    dry = cli_run(
+        "merge", "org/sharded", lora, tmp_path / "hub" / "merged.gguf", "--stream", "--scratch", scratch, "--dry-run"
+    ).output
     assert "streamed: base shards fetched as needed" in dry and not scratch.exists()
     cli_run("merge", "org/sharded", lora, tmp_path / "hub" / "merged.gguf", "--stream", "--scratch", scratch)
     assert not scratch.exists()  # every fetched shard deleted, the scratch folder removed
@@ -187,7 +231,8 @@ def test_a_streamed_hub_base_gives_the_same_gguf_and_leaves_no_shard_behind(base
 
 
 def test_the_readme_row_runs_on_the_shipped_fixtures_and_a_base_without_a_tokenizer_is_one_true_line(tmp_path):
-    """`merge BASE ADAPTER OUT.gguf` on fixtures/tiny-llama said "install sentencepiece" (it was installed): the fixture
+    """`merge BASE ADAPTER OUT.gguf` on fixtures/tiny-llama said "install sentencepiece" (it was installed): the
+    fixture
     had no tokenizer. It ships one now; a base without one is named as such (issue 36)."""
     from helpers import ADAPTER, BASE
 

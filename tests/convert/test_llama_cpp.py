@@ -23,8 +23,12 @@ from peft import LoraConfig, PeftModel
 from peft_oracle import make_adapter
 
 VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
-CONVERTER_DIR = Path(os.environ.get("RSLORA_TOOLS_LLAMA_CPP_DIR") or Path(
-    os.environ.get("RSLORA_TOOLS_CACHE", Path.home() / ".cache" / "rslora-tools")) / f"llama-cpp-python-{VERSION}" / "llama.cpp")
+CONVERTER_DIR = Path(
+    os.environ.get("RSLORA_TOOLS_LLAMA_CPP_DIR")
+    or Path(os.environ.get("RSLORA_TOOLS_CACHE", Path.home() / ".cache" / "rslora-tools"))
+    / f"llama-cpp-python-{VERSION}"
+    / "llama.cpp"
+)
 TOKENS = [1, 17, 42, 99, 300, 7, 256, 511, 3, 64, 128, 200, 5, 480]
 TOLERANCE = 1e-4  # max |logit difference|; measured: at most 3e-6 (f32 weights, f32 KV cache)
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -56,8 +60,18 @@ def sentencepiece_tokenizer(folder: Path) -> None:
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(400)]
     lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(3000)]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=512, model_type="bpe",
-                                   character_coverage=1.0, minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=512,
+        model_type="bpe",
+        character_coverage=1.0,
+        minloglevel=2,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+    )
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     LlamaTokenizer(vocab_file=str(folder / "tokenizer.model")).save_pretrained(folder)
 
@@ -68,9 +82,18 @@ def make_model(folder: Path, kind: str, *, tie: bool = False, kv_heads: int = 2)
     folder.mkdir(parents=True)
     sentencepiece_tokenizer(folder)
     torch.manual_seed(0)
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                  num_key_value_heads=kv_heads, num_hidden_layers=2, max_position_embeddings=128,
-                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     config = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     if kind == "qwen2":  # random q/k/v biases, so that a wrong bias layout shows
@@ -84,8 +107,19 @@ def make_model(folder: Path, kind: str, *, tie: bool = False, kv_heads: int = 2)
 
 def to_gguf(model: Path, out: Path) -> Path:
     """llama.cpp's own converter, f32."""
-    done = subprocess.run([sys.executable, str(CONVERTER_DIR / "convert_hf_to_gguf.py"), str(model), "--outtype", "f32",
-                           "--outfile", str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(CONVERTER_DIR / "convert_hf_to_gguf.py"),
+            str(model),
+            "--outtype",
+            "f32",
+            "--outfile",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
@@ -117,8 +151,12 @@ def peft_logits(base: Path, adapter: Path | None = None) -> torch.Tensor:
 def bases(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """name -> (HF folder, its f32 GGUF): Llama with GQA and with MHA, Qwen2 (q/k/v biases), a tied Llama."""
     root = tmp_path_factory.mktemp("llama-cpp-bases")
-    specs = {"llama": ("llama", {}), "llama-mha": ("llama", {"kv_heads": 4}), "qwen2": ("qwen2", {}),
-             "llama-tied": ("llama", {"tie": True})}
+    specs = {
+        "llama": ("llama", {}),
+        "llama-mha": ("llama", {"kv_heads": 4}),
+        "qwen2": ("qwen2", {}),
+        "llama-tied": ("llama", {"tie": True}),
+    }
     out = {}
     for name, (kind, kwargs) in specs.items():
         folder = make_model(root / name, kind, **kwargs)
@@ -129,14 +167,23 @@ def bases(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 ADAPTERS = {
     "classic": dict(r=8, lora_alpha=16, target_modules=LINEAR),
     "rslora": dict(r=16, lora_alpha=16, use_rslora=True, target_modules=LINEAR),
-    "rslora-patterns": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=LINEAR,
-                            rank_pattern={"o_proj": 4, "layers.1.mlp.up_proj": 2},
-                            alpha_pattern={"down_proj": 8.5, "v_proj": 3}),
+    "rslora-patterns": dict(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=LINEAR,
+        rank_pattern={"o_proj": 4, "layers.1.mlp.up_proj": 2},
+        alpha_pattern={"down_proj": 8.5, "v_proj": 3},
+    ),
     "embedding": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["embed_tokens", "q_proj"]),
     "lm_head": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["lm_head", "v_proj"]),
 }
-CASES = [("llama", name) for name in ADAPTERS] + [("llama-mha", "rslora-patterns"), ("qwen2", "classic"),
-                                                  ("qwen2", "rslora-patterns"), ("qwen2", "embedding")]
+CASES = [("llama", name) for name in ADAPTERS] + [
+    ("llama-mha", "rslora-patterns"),
+    ("qwen2", "classic"),
+    ("qwen2", "rslora-patterns"),
+    ("qwen2", "embedding"),
+]
 
 
 @pytest.mark.parametrize(("base_name", "adapter_name"), CASES)
@@ -167,9 +214,21 @@ def test_llama_cpps_own_converter_applies_what_inspect_predicts(bases, tmp_path,
 
     base, base_gguf = bases["llama"]
     adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(init_lora_weights=False, **ADAPTERS[adapter_name]))
-    done = subprocess.run([sys.executable, str(CONVERTER_DIR / "convert_lora_to_gguf.py"), str(adapter), "--base",
-                           str(base), "--outtype", "f32", "--outfile", str(tmp_path / "theirs.gguf")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(CONVERTER_DIR / "convert_lora_to_gguf.py"),
+            str(adapter),
+            "--base",
+            str(base),
+            "--outtype",
+            "f32",
+            "--outfile",
+            str(tmp_path / "theirs.gguf"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     got = llama_cpp_logits(base_gguf, tmp_path / "theirs.gguf")
     # The same adapter as PEFT would read a config of llama.cpp's rule: classic, alpha / r per module.
@@ -196,17 +255,41 @@ def test_a_pissa_adapter_converted_with_initial_is_served_by_llama_cpp_on_the_or
     from peft_oracle import make_init_variant
 
     base, base_gguf = bases["llama"]
-    folder = make_init_variant(base, tmp_path / "variant", LoraConfig(
-        r=8, lora_alpha=16, use_rslora=True, target_modules=LINEAR, init_lora_weights=init,
-        rank_pattern={"o_proj": 4}, alpha_pattern={"down_proj": 8.5}), vocab=512, std=0.05)
-    cli_run("convert", folder / "trained", tmp_path / "lora.gguf", "--initial", folder / "init", "--target", "llama.cpp",
-        "--base", base)
+    folder = make_init_variant(
+        base,
+        tmp_path / "variant",
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules=LINEAR,
+            init_lora_weights=init,
+            rank_pattern={"o_proj": 4},
+            alpha_pattern={"down_proj": 8.5},
+        ),
+        vocab=512,
+        std=0.05,
+    )
+    cli_run(
+        "convert",
+        folder / "trained",
+        tmp_path / "lora.gguf",
+        "--initial",
+        folder / "init",
+        "--target",
+        "llama.cpp",
+        "--base",
+        base,
+    )
     config = LoraConfig.from_pretrained(folder / "trained")
     config.init_lora_weights = True  # the residual base is already residual
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder / "residual", dtype=torch.float32),
-                                      str(folder / "trained"), config=config)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(folder / "residual", dtype=torch.float32),
+        str(folder / "trained"),
+        config=config,
+    )
     with torch.no_grad():
         want = model(torch.tensor([TOKENS])).logits[0].float()
     got = llama_cpp_logits(base_gguf, tmp_path / "lora.gguf")
@@ -230,16 +313,30 @@ def test_embedding_lora_on_tied_embeddings_is_refused_because_llama_cpp_cannot_a
     loaded = load_adapter(adapter)
     entries = module_entries(loaded)
     checkpoint = open_checkpoint(base)
-    names = {"model.embed_tokens": "token_embd.weight", **{
-        f"model.layers.{i}.self_attn.q_proj": f"blk.{i}.attn_q.weight" for i in range(2)}}
-    plan = GgufPlan("llama", 0.0, {e.module.name: e.scale.scale for e in entries}, config=checkpoint.config or {},
-                    permute_qk=True, name="x")
+    names = {
+        "model.embed_tokens": "token_embd.weight",
+        **{f"model.layers.{i}.self_attn.q_proj": f"blk.{i}.attn_q.weight" for i in range(2)},
+    }
+    plan = GgufPlan(
+        "llama",
+        0.0,
+        {e.module.name: e.scale.scale for e in entries},
+        config=checkpoint.config or {},
+        permute_qk=True,
+        name="x",
+    )
     plan.tensors = [(e, names[e.module.name], checkpoint.info(e.module.name + ".weight").shape) for e in entries]
     write_gguf(plan, loaded, tmp_path / "forced.gguf")
-    code = ("import sys; from llama_cpp import Llama\n"
-            "Llama(model_path=sys.argv[1], lora_path=sys.argv[2], verbose=False, n_ctx=32).eval([1, 2, 3])")
-    done = subprocess.run([sys.executable, "-c", code, str(base_gguf), str(tmp_path / "forced.gguf")],
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; from llama_cpp import Llama\n"
+        "Llama(model_path=sys.argv[1], lora_path=sys.argv[2], verbose=False, n_ctx=32).eval([1, 2, 3])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(base_gguf), str(tmp_path / "forced.gguf")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
 
 

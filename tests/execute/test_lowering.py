@@ -27,7 +27,8 @@ def test_every_tensor_gets_one_step_and_the_report_reads_it(tmp_path):
     assert {kinds[t.name] for t in plan.tensors if not t.untouched} == {changed}
     report = json.loads(cli_run("merge", BASE, ADAPTER, tmp_path / "o", "--dry-run", "--json").stdout)
     assert {c["tensor"]: c["by"] for c in report["changes"]} == {
-        name: kind.value for name, kind in kinds.items() if kind is not StepKind.COPY_BASE}
+        name: kind.value for name, kind in kinds.items() if kind is not StepKind.COPY_BASE
+    }
     assert report["tensors_copied"] == sum(k is StepKind.COPY_BASE for k in kinds.values())
 
 
@@ -39,7 +40,9 @@ def test_device_auto_takes_the_kernel_where_it_applies(tmp_path):
         assert {c["by"] for c in report["changes"]} == {"kernel"} and report["device"] == "cpu"
     cli_run("merge", BASE, ADAPTER, tmp_path / "auto", "--device", "auto")
     cli_run("merge", BASE, ADAPTER, tmp_path / "cpu")
-    assert (tmp_path / "auto" / "model.safetensors").read_bytes() == (tmp_path / "cpu" / "model.safetensors").read_bytes()
+    assert (tmp_path / "auto" / "model.safetensors").read_bytes() == (
+        tmp_path / "cpu" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_device_auto_with_the_kernel_never_imports_torch(tmp_path):
@@ -48,11 +51,17 @@ def test_device_auto_with_the_kernel_never_imports_torch(tmp_path):
     if not kernel.available():
         pytest.skip("merge kernel not built or CPU without AVX2/FMA/F16C")
     unused = ["torch", "_hashlib", "huggingface_hub", "rslora_tools.hub.push", "rslora_tools.execute.hub_stream"]
-    code = ("import sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', 'merge', *sys.argv[1:]]\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            f"print(sorted(set({unused!r}) & set(sys.modules)))")
-    result = subprocess.run([sys.executable, "-c", code, str(BASE), str(ADAPTER), str(tmp_path / "out"), "-q",
-                             "--device", "auto"], capture_output=True, text=True, check=True)
+    code = (
+        "import sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', 'merge', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        f"print(sorted(set({unused!r}) & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(BASE), str(ADAPTER), str(tmp_path / "out"), "-q", "--device", "auto"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
@@ -63,8 +72,12 @@ def test_unknown_device_is_refused():
 
 def test_progress_callback_gets_every_byte_once(tmp_path):
     calls: list[tuple[int, int, str]] = []
-    report = merge(BASE, ADAPTER, tmp_path / "out", progress=lambda n, total: calls.append(
-        (n, total, threading.current_thread().name)))
+    report = merge(
+        BASE,
+        ADAPTER,
+        tmp_path / "out",
+        progress=lambda n, total: calls.append((n, total, threading.current_thread().name)),
+    )
     assert sum(n for n, _, _ in calls) == report.bytes_written
     assert {total for _, total, _ in calls} == {report.bytes_written}
     assert len(calls) >= report.tensors_merged  # untouched neighbours are copied together

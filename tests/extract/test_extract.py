@@ -34,7 +34,9 @@ def low_rank(tensors: dict, g, ranks: dict[str, int], scale: float = 0.02) -> No
         for module, r in ranks.items():
             if f".{module}." in key and key.endswith(".weight") and tensors[key].dim() == 2:
                 rows, cols = tensors[key].shape
-                tensors[key] = tensors[key] + (torch.randn(rows, r, generator=g) @ torch.randn(r, cols, generator=g)) * scale
+                tensors[key] = (
+                    tensors[key] + (torch.randn(rows, r, generator=g) @ torch.randn(r, cols, generator=g)) * scale
+                )
 
 
 def assert_merges_to(base: Path, adapter: Path, tuned: Path, tied: str | None = None) -> None:
@@ -84,8 +86,12 @@ def test_known_ranks_are_recovered_and_peft_merges_back_to_tuned(llama, tmp_path
     out = tmp_path / "adapter"
     report = json.loads(cli_run("extract", base, tuned, out, "--energy", "0.999", convention, "--json").stdout)
     ranks = {m["name"]: m["rank"] for m in report["modules"]}
-    assert ranks == {f"model.layers.{i}.{part}.{module}": r for i in range(2) for module, r in RANKS.items()
-                     for part in (("self_attn",) if "proj" in module and module[0] in "qv" else ("mlp",))}
+    assert ranks == {
+        f"model.layers.{i}.{part}.{module}": r
+        for i in range(2)
+        for module, r in RANKS.items()
+        for part in (("self_attn",) if "proj" in module and module[0] in "qv" else ("mlp",))
+    }
     assert report["modules_to_save"] == ["model.norm"] and report["biases"] == "none"
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_rslora"] is (convention == "--rslora") and config["modules_to_save"] == ["model.norm"]
@@ -132,8 +138,15 @@ def qwen2(path: Path) -> Path:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+    )
     AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(path)
     return path
 
@@ -190,7 +203,8 @@ def test_a_tied_embedding_is_served_through_the_tied_head_too(tmp_path):
 
     def edit(t, g):
         t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"] + 0.1 * (
-            torch.randn(64, 2, generator=g) @ torch.randn(2, 32, generator=g))
+            torch.randn(64, 2, generator=g) @ torch.randn(2, 32, generator=g)
+        )
         low_rank(t, g, {"q_proj": 2})
 
     tuned = tuned_copy(base, tmp_path / "tuned", edit)
@@ -226,8 +240,10 @@ def test_a_tuned_model_with_nan_or_inf_gives_one_true_line(tmp_path, value):
     result = cli_run("extract", base, tuned, tmp_path / "out", code=None)
     line = result.output.strip()
     assert result.exit_code == 1 and line.count("\n") == 0 and "unexpected" not in line, line
-    assert line == ("Error: model.layers.0.self_attn.q_proj.weight: TUNED's tensor holds 1 NaN or Inf value; a "
-                    "delta with NaN or Inf cannot be an adapter (a diverged fine-tune?), so nothing was written")
+    assert line == (
+        "Error: model.layers.0.self_attn.q_proj.weight: TUNED's tensor holds 1 NaN or Inf value; a "
+        "delta with NaN or Inf cannot be an adapter (a diverged fine-tune?), so nothing was written"
+    )
     assert not (tmp_path / "out").exists()
 
 

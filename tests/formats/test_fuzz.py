@@ -34,7 +34,7 @@ VALID_CONFIG = json.loads((FIXTURES / "tiny-llama-rslora" / "adapter_config.json
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | st.text(max_size=12),
+    st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats(allow_nan=True) | st.text(max_size=12),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
@@ -49,7 +49,7 @@ def clean(call) -> None:
 
 def header_and_data(raw: bytes) -> tuple[dict, bytes]:
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 @SETTINGS
@@ -76,11 +76,13 @@ def test_mutated_valid_file(data):
         clean(lambda: read_header(path))
 
 
-entry = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["F32", "BF16", "F16", "I64", "BOOL", "Q4", "", "F8_E4M3"]) | json_values,
-    "shape": st.lists(st.integers(-2, 9), max_size=4) | json_values,
-    "data_offsets": st.lists(st.integers(-5, 300), min_size=0, max_size=3) | json_values,
-})
+entry = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "BF16", "F16", "I64", "BOOL", "Q4", "", "F8_E4M3"]) | json_values,
+        "shape": st.lists(st.integers(-2, 9), max_size=4) | json_values,
+        "data_offsets": st.lists(st.integers(-5, 300), min_size=0, max_size=3) | json_values,
+    }
+)
 
 
 @SETTINGS
@@ -94,9 +96,15 @@ def test_random_header_json(header, data_len):
 
 
 @SETTINGS
-@given(st.dictionaries(st.sampled_from(sorted(VALID_CONFIG) + ["use_dora", "trainable_token_indices",
-                                                              "target_parameters", "layer_replication"]),
-                       json_values, max_size=6))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            sorted(VALID_CONFIG) + ["use_dora", "trainable_token_indices", "target_parameters", "layer_replication"]
+        ),
+        json_values,
+        max_size=6,
+    )
+)
 def test_mutated_config(changes):
     config = {**VALID_CONFIG, **changes}
     clean(lambda: parse_config(config))
@@ -117,11 +125,33 @@ def test_adapter_with_mutated_config_and_renamed_tensors(data):
     for key in data.draw(st.lists(st.sampled_from(keys), max_size=3, unique=True)):
         value = tensors.pop(key)
         if data.draw(st.booleans()):
-            tensors[key.replace(data.draw(st.sampled_from(["lora_A", "lora_B", "weight", "q_proj", "."])),
-                                data.draw(st.sampled_from(["lora_B", "", "bias", "base_layer", "..", "lora_embedding_A"])))] = value
-    config = {**VALID_CONFIG, **data.draw(st.dictionaries(
-        st.sampled_from(["r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora",
-                         "target_parameters", "modules_to_save"]), json_values, max_size=3))}
+            tensors[
+                key.replace(
+                    data.draw(st.sampled_from(["lora_A", "lora_B", "weight", "q_proj", "."])),
+                    data.draw(st.sampled_from(["lora_B", "", "bias", "base_layer", "..", "lora_embedding_A"])),
+                )
+            ] = value
+    config = {
+        **VALID_CONFIG,
+        **data.draw(
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "r",
+                        "lora_alpha",
+                        "use_rslora",
+                        "rank_pattern",
+                        "alpha_pattern",
+                        "use_dora",
+                        "target_parameters",
+                        "modules_to_save",
+                    ]
+                ),
+                json_values,
+                max_size=3,
+            )
+        ),
+    }
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as d:
@@ -132,11 +162,31 @@ def test_adapter_with_mutated_config_and_renamed_tensors(data):
 
 
 @SETTINGS
-@given(json_values | st.fixed_dictionaries({"metadata": json_values, "weight_map": st.dictionaries(
-    st.sampled_from(["lm_head.weight", "model.norm.weight", "x", ""]),
-    st.sampled_from(["model-00001-of-00001.safetensors", "../model.safetensors", "/abs", "", "missing.safetensors",
-                     "tokenizer.json", "a\0b.safetensors", "model.safetensors"]) | json_values,
-    max_size=3)}))
+@given(
+    json_values
+    | st.fixed_dictionaries(
+        {
+            "metadata": json_values,
+            "weight_map": st.dictionaries(
+                st.sampled_from(["lm_head.weight", "model.norm.weight", "x", ""]),
+                st.sampled_from(
+                    [
+                        "model-00001-of-00001.safetensors",
+                        "../model.safetensors",
+                        "/abs",
+                        "",
+                        "missing.safetensors",
+                        "tokenizer.json",
+                        "a\0b.safetensors",
+                        "model.safetensors",
+                    ]
+                )
+                | json_values,
+                max_size=3,
+            ),
+        }
+    )
+)
 def test_mutated_index(index):
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
@@ -152,6 +202,7 @@ class _Hung(Exception):
 @contextmanager
 def no_hang(seconds: int = 20):
     """Fail (instead of hanging the run) when the body takes longer than `seconds`."""
+
     def alarm(signum, frame):
         raise _Hung(f"took longer than {seconds} s")
 
@@ -208,7 +259,9 @@ def test_links_and_special_files_in_a_base(kinds, sharded):
             for shard, keys in shards.items():
                 save_file({k: tensors[k] for k in keys}, folder / shard, metadata={"format": "pt"})
             weight_map = {k: shard for shard, keys in shards.items() for k in keys}
-            (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+            (folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map})
+            )
             files = [*shards, "model.safetensors.index.json", "config.json"]
         else:
             shutil.copy(FIXTURES / "tiny-llama" / "model.safetensors", folder / "model.safetensors")
@@ -220,8 +273,27 @@ def test_links_and_special_files_in_a_base(kinds, sharded):
 
 
 # Pattern keys from a small regular-expression grammar over the pieces of module names.
-atoms = st.sampled_from(["q_proj", "o_proj", "down_proj", "layers", "model", "mlp", "self_attn", "0", "1", ".",
-                         "\\.", "\\d", "[0-9]", "[a-z_]", "proj", "_", "x"])
+atoms = st.sampled_from(
+    [
+        "q_proj",
+        "o_proj",
+        "down_proj",
+        "layers",
+        "model",
+        "mlp",
+        "self_attn",
+        "0",
+        "1",
+        ".",
+        "\\.",
+        "\\d",
+        "[0-9]",
+        "[a-z_]",
+        "proj",
+        "_",
+        "x",
+    ]
+)
 
 
 def _regex(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
@@ -234,8 +306,18 @@ def _regex(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
 
 
 regex_keys = st.recursive(atoms, _regex, max_leaves=6)
-MODULE_NAMES = [f"model.layers.{i}.{m}" for i in (0, 1) for m in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
+MODULE_NAMES = [
+    f"model.layers.{i}.{m}"
+    for i in (0, 1)
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+]
 
 
 @SETTINGS
@@ -254,4 +336,6 @@ def test_pattern_keys_from_a_regex_grammar(keys, values):
         for name in MODULE_NAMES:
             expected = next((k for k in keys if re.match(rf"(.*\.)?({k})$", name)), None)
             assert pattern_key(keys, name) == expected
-            assert parsed.scale_for(name).alpha == (config["alpha_pattern"][expected] if expected else parsed.lora_alpha)
+            assert parsed.scale_for(name).alpha == (
+                config["alpha_pattern"][expected] if expected else parsed.lora_alpha
+            )

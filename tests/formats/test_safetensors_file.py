@@ -43,8 +43,14 @@ def test_read_matches_safetensors(tmp_path):
 def test_writer_output_is_readable_by_safetensors(tmp_path):
     tensors = _tensors()
     path = tmp_path / "out.safetensors"
-    entries = [(k, {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32", torch.float16: "F16"}[v.dtype], tuple(v.shape))
-               for k, v in tensors.items()]
+    entries = [
+        (
+            k,
+            {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32", torch.float16: "F16"}[v.dtype],
+            tuple(v.shape),
+        )
+        for k, v in tensors.items()
+    ]
     w = SafetensorsWriter(path, entries, {"format": "pt"})
     for k, v in tensors.items():
         w.write_tensor(k, v)
@@ -84,8 +90,15 @@ def _write_raw(path, header: dict, data: bytes, n: int | None = None):
         ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, 10**6, "runs past the end"),
         ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "truncated or corrupt"),
         ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12, None, "need 8 bytes"),
-        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlap"),
+        (
+            {
+                "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            None,
+            "overlap",
+        ),
         ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "leave a hole"),
         ({"x": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "unknown dtype"),
         ({"x": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, b"\0" * 8, None, "invalid shape"),
@@ -119,8 +132,14 @@ def test_tensors_written_in_any_order_from_threads(tmp_path):
     import threading
 
     tensors = _tensors()
-    entries = [(k, {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32", torch.float16: "F16"}[v.dtype], tuple(v.shape))
-               for k, v in tensors.items()]
+    entries = [
+        (
+            k,
+            {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32", torch.float16: "F16"}[v.dtype],
+            tuple(v.shape),
+        )
+        for k, v in tensors.items()
+    ]
     in_order = SafetensorsWriter(tmp_path / "a.safetensors", entries, {"format": "pt"})
     for k, v in tensors.items():
         in_order.write_tensor(k, v)
@@ -157,10 +176,15 @@ def _entries_and_layouts():
     from hypothesis import strategies as st
 
     name = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=12)
-    entry = st.tuples(name, st.sampled_from(["F32", "BF16", "U8", "I64"]),
-                      st.lists(st.integers(0, 4), max_size=3).map(tuple))
-    return st.lists(entry, max_size=8, unique_by=lambda e: e[0]), st.sampled_from(
-        [dict(separators=(",", ":")), dict(), dict(indent=2)]), st.booleans(), st.booleans()
+    entry = st.tuples(
+        name, st.sampled_from(["F32", "BF16", "U8", "I64"]), st.lists(st.integers(0, 4), max_size=3).map(tuple)
+    )
+    return (
+        st.lists(entry, max_size=8, unique_by=lambda e: e[0]),
+        st.sampled_from([dict(separators=(",", ":")), dict(), dict(indent=2)]),
+        st.booleans(),
+        st.booleans(),
+    )
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -180,7 +204,7 @@ def test_the_in_place_scan_reads_what_the_json_parser_reads(seed):
     def check(entries, dumps, metadata, reverse):
         header, position = {}, 0
         if metadata:
-            header["__metadata__"] = {"format": "pt", "note": "a \"quoted\" }value{"}
+            header["__metadata__"] = {"format": "pt", "note": 'a "quoted" }value{'}
         for key, dtype, shape in entries:
             end = position + tensor_nbytes(dtype, shape)
             header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, end]}

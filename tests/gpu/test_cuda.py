@@ -18,4 +18,3 @@ def test_cuda_merge_matches_cpu_within_rounding(tmp_path):
     for k in cpu:
         assert cuda[k].dtype == cpu[k].dtype
         torch.testing.assert_close(cuda[k].float(), cpu[k].float(), rtol=1e-2, atol=1e-2)
-

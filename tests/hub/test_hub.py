@@ -71,8 +71,11 @@ def test_merge_from_repo_ids_push_and_download_again(hub, tmp_path):
     from huggingface_hub import ModelCard
 
     data = ModelCard(card).data.to_dict()  # huggingface_hub's own parsing of the metadata
-    assert (data["base_model"], data["base_model_relation"], data["library_name"]) == ("org/base", "merge",
-                                                                                       "transformers")
+    assert (data["base_model"], data["base_model_relation"], data["library_name"]) == (
+        "org/base",
+        "merge",
+        "transformers",
+    )
     assert f"rslora-tools merge org/base@{revision} org/adapter out --push-to-hub me/merged" in card
     # Downloading the pushed repo gives the same bytes.
     from huggingface_hub import snapshot_download
@@ -103,17 +106,22 @@ def test_offline_merge_from_the_cache_sends_no_request(hub, tmp_path, monkeypatc
     hub.requests.clear()
     cli_run("merge", "org/base", "org/adapter", tmp_path / "offline")
     assert hub.requests == []
-    assert local_files(tmp_path / "offline")["model.safetensors"] == local_files(tmp_path / "online")["model.safetensors"]
+    assert (
+        local_files(tmp_path / "offline")["model.safetensors"] == local_files(tmp_path / "online")["model.safetensors"]
+    )
     result = cli_run("merge", "org/base", "org/never-downloaded", tmp_path / "x", code=1)
     assert "HF_HUB_OFFLINE" in result.output and hub.requests == []
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (("org/base", "org/missing"), "org/missing: no such repo on the Hub"),
-    (("org/base@nope", "org/adapter"), "revision 'nope' not found"),
-    (("not a repo!", "org/adapter"), "not a Hub repo id"),
-])
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("org/base", "org/missing"), "org/missing: no such repo on the Hub"),
+        (("org/base@nope", "org/adapter"), "revision 'nope' not found"),
+        (("not a repo!", "org/adapter"), "not a Hub repo id"),
+    ],
+)
 def test_download_errors_are_one_line(hub, tmp_path, args, says):
     result = cli_run("merge", *args, tmp_path / "out", code=1)
     assert says in result.output
@@ -197,16 +205,38 @@ def test_push_card_for_a_converted_adapter_without_readme(hub, tmp_path):
 
 def test_readme_workflow_in_a_subprocess(hub, tmp_path):
     """The README's Hub command, as a user runs it: env vars only, a fresh process."""
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "fresh-home"), "HF_TOKEN": TOKEN,
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0", "TQDM_DISABLE": "1"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "fresh-home"),
+        "HF_TOKEN": TOKEN,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_OFFLINE": "0",
+        "TQDM_DISABLE": "1",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "rslora_tools", "merge", "org/base", "org/adapter", str(tmp_path / "out"),
-         "--push-to-hub", "me/merged"], env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "rslora_tools",
+            "merge",
+            "org/base",
+            "org/adapter",
+            str(tmp_path / "out"),
+            "--push-to-hub",
+            "me/merged",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert TOKEN not in result.stdout + result.stderr
-    assert "Pushed" in result.stderr and hub.files("me/merged")["model.safetensors"] == \
-        (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert (
+        "Pushed" in result.stderr
+        and hub.files("me/merged")["model.safetensors"] == (tmp_path / "out" / "model.safetensors").read_bytes()
+    )
 
 
 def test_hf_uri_with_subfolder_and_pickle_only_base(hub, tmp_path):
@@ -233,8 +263,9 @@ def test_offline_with_a_cached_base_missing_one_shard_names_the_shard(hub, tmp_p
     shards = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
     for shard, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, sharded / shard, metadata={"format": "pt"})
-    (sharded / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}})
+    )
     hub.upload_local_folder("org/sharded", sharded)
     cli_run("merge", "org/sharded", "org/adapter", tmp_path / "online")
     for link in (tmp_path / "hf-home" / "hub").rglob("model-00002-of-00002.safetensors"):
@@ -246,8 +277,16 @@ def test_offline_with_a_cached_base_missing_one_shard_names_the_shard(hub, tmp_p
 
 
 def test_combine_from_the_hub_and_push(hub, tmp_path):
-    cli_run("combine", "org/adapter", ADAPTER, tmp_path / "combined", "--weights", "0.5,0.5", "--push-to-hub",
-        "me/combined")
+    cli_run(
+        "combine",
+        "org/adapter",
+        ADAPTER,
+        tmp_path / "combined",
+        "--weights",
+        "0.5,0.5",
+        "--push-to-hub",
+        "me/combined",
+    )
     remote = hub.files("me/combined")
     assert set(remote) >= {"adapter_config.json", "adapter_model.safetensors", "README.md", "rslora_tools.json"}
     card = remote["README.md"].decode()
@@ -258,8 +297,17 @@ def test_combine_from_the_hub_and_push(hub, tmp_path):
 
 
 def test_stacked_merge_card_names_every_adapter(hub, tmp_path):
-    cli_run("merge", "org/base", "org/adapter", ADAPTER, tmp_path / "stacked", "--weights", "1,-1", "--push-to-hub",
-        "me/stacked")
+    cli_run(
+        "merge",
+        "org/base",
+        "org/adapter",
+        ADAPTER,
+        tmp_path / "stacked",
+        "--weights",
+        "1,-1",
+        "--push-to-hub",
+        "me/stacked",
+    )
     card = hub.files("me/stacked")["README.md"].decode()
     assert "merged one after another" in card and "org/adapter" in card and "weight -1" in card
 
@@ -268,7 +316,16 @@ def test_extract_from_the_hub_and_push(hub, tmp_path):
     """TUNED = the fixture base with the fixture adapter merged: extracted from two Hub repos, pushed with a card."""
     cli_run("merge", BASE, ADAPTER, tmp_path / "tuned")
     hub.upload_local_folder("org/tuned", tmp_path / "tuned")
-    cli_run("extract", "org/base", "org/tuned", tmp_path / "extracted", "--energy", "0.999", "--push-to-hub", "me/extracted")
+    cli_run(
+        "extract",
+        "org/base",
+        "org/tuned",
+        tmp_path / "extracted",
+        "--energy",
+        "0.999",
+        "--push-to-hub",
+        "me/extracted",
+    )
     remote = hub.files("me/extracted")
     card = remote["README.md"].decode()
     assert "extracted from" in card and "org/tuned" in card and "base_model:adapter:org/base" in card

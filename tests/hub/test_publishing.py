@@ -18,9 +18,15 @@ from peft import LoraConfig
 from peft_oracle import make_adapter, make_llama
 from safetensors.torch import load_file, save_file
 
-STALE = {"model.safetensors": b"an older merge", "adapter_config.json": b"{}", "adapter_model.safetensors": b"old",
-         "pytorch_model.bin": b"pickle", "model-q4.gguf": b"GGUF", "notes.txt": b"kept",
-         "original/consolidated.safetensors": b"kept too (not top-level)"}
+STALE = {
+    "model.safetensors": b"an older merge",
+    "adapter_config.json": b"{}",
+    "adapter_model.safetensors": b"old",
+    "pytorch_model.bin": b"pickle",
+    "model-q4.gguf": b"GGUF",
+    "notes.txt": b"kept",
+    "original/consolidated.safetensors": b"kept too (not top-level)",
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +34,9 @@ def sharded(tmp_path_factory) -> tuple[Path, Path]:
     """A base in 3+ shards and an adapter for it (a merge of it is an index and shards)."""
     root = tmp_path_factory.mktemp("publishing-models")
     base = make_llama(root / "base", torch.float32, max_shard_size="40KB")
-    adapter = make_adapter(base, root / "adapter", LoraConfig(r=4, lora_alpha=8, use_rslora=True,
-                                                            target_modules=["q_proj", "v_proj"]))
+    adapter = make_adapter(
+        base, root / "adapter", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"])
+    )
     return base, adapter
 
 
@@ -42,8 +49,12 @@ def hub(fake_hub, sharded):
 
 
 def weight_files(files: dict[str, bytes]) -> list[str]:
-    return sorted(n for n in files if "/" not in n and (n.endswith((".safetensors", ".gguf", ".bin"))
-                                                        or n.startswith("adapter_") or n.endswith(".index.json")))
+    return sorted(
+        n
+        for n in files
+        if "/" not in n
+        and (n.endswith((".safetensors", ".gguf", ".bin")) or n.startswith("adapter_") or n.endswith(".index.json"))
+    )
 
 
 # --- 1. a push makes the repo's weight and adapter files exactly the new ones ---------------------------------
@@ -60,16 +71,30 @@ def test_a_push_deletes_stale_weight_and_adapter_files_in_the_same_commit(hub, s
     elif how == "--push-to-hub":
         result = cli_run("merge", "org/base", "org/adapter", out, "--push-to-hub", "me/merged", "--json")
     else:
-        result = cli_run("merge", "org/base", "org/adapter", "--push-to-hub", "me/merged", "--stream", "--json",
-                     "--scratch", tmp_path / "scratch")
+        result = cli_run(
+            "merge",
+            "org/base",
+            "org/adapter",
+            "--push-to-hub",
+            "me/merged",
+            "--stream",
+            "--json",
+            "--scratch",
+            tmp_path / "scratch",
+        )
     pushed = json.loads(result.stdout)
     report = pushed if how == "push" else pushed["push"]
     files = hub.files("me/merged")
     new_weights = [n for n in weight_files(files)]
     assert "model.safetensors.index.json" in new_weights and "model.safetensors" not in new_weights
     assert all(n.startswith("model-") or n.endswith(".index.json") for n in new_weights), new_weights
-    assert report["removed"] == ["adapter_config.json", "adapter_model.safetensors", "model-q4.gguf",
-                                 "model.safetensors", "pytorch_model.bin"]
+    assert report["removed"] == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "model-q4.gguf",
+        "model.safetensors",
+        "pytorch_model.bin",
+    ]
     assert files["notes.txt"] == b"kept" and "original/consolidated.safetensors" in files
     assert len(hub.repos["me/merged"].commits) == before + 1  # one commit adds and deletes
     if how == "push":
@@ -149,16 +174,23 @@ def test_a_hub_base_with_both_a_single_file_and_an_index_is_refused_as_a_local_o
     both = dict(hub.files("org/base"))
     both["model.safetensors"] = (BASE / "model.safetensors").read_bytes()
     hub.add_commit("org/both", both)
-    expected = ("holds both model.safetensors and model.safetensors.index.json; transformers loads model.safetensors "
-                "and ignores the index, so which one is the model is ambiguous: remove the other one")
-    for args in (["merge", "org/both", "org/adapter", tmp_path / "out"],
-                 ["merge", "org/both", "org/adapter", "--push-to-hub", "me/x", "--stream"]):
+    expected = (
+        "holds both model.safetensors and model.safetensors.index.json; transformers loads model.safetensors "
+        "and ignores the index, so which one is the model is ambiguous: remove the other one"
+    )
+    for args in (
+        ["merge", "org/both", "org/adapter", tmp_path / "out"],
+        ["merge", "org/both", "org/adapter", "--push-to-hub", "me/x", "--stream"],
+    ):
         result = cli_run(*args, code=1)
         assert result.output.strip() == f"Error: org/both: {expected}"
     local = tmp_path / "both"
     shutil.copytree(base, local)
     shutil.copy(BASE / "model.safetensors", local / "model.safetensors")
-    assert cli_run("merge", local, "org/adapter", tmp_path / "out", code=1).output.strip() == f"Error: {local}: {expected}"
+    assert (
+        cli_run("merge", local, "org/adapter", tmp_path / "out", code=1).output.strip()
+        == f"Error: {local}: {expected}"
+    )
 
 
 # --- 16. what a push would skip is refused --------------------------------------------------------------------
@@ -186,8 +218,17 @@ def test_a_stream_checks_each_base_shard_against_the_sha256_the_hub_lists(hub, s
     save_file(tampered, path, metadata={"format": "pt"})
     hub.served[shards[-1]] = path.read_bytes()
     assert len(hub.served[shards[-1]]) == len(hub.files("org/base")[shards[-1]])
-    result = cli_run("merge", "org/base", "org/adapter", "--push-to-hub", "me/x", "--stream", "--scratch",
-                 tmp_path / "scratch", code=1)
+    result = cli_run(
+        "merge",
+        "org/base",
+        "org/adapter",
+        "--push-to-hub",
+        "me/x",
+        "--stream",
+        "--scratch",
+        tmp_path / "scratch",
+        code=1,
+    )
     assert f"{shards[-1]}: the bytes received have sha256" in result.output and "the Hub lists" in result.output
     assert len(hub.repos["me/x"].commits) == 1  # created, nothing committed
 
@@ -207,5 +248,6 @@ def test_the_card_links_no_page_the_project_does_not_own_and_shows_only_what_the
     url = project_url()  # [project.urls] in pyproject.toml; none declared: the card names the tool without a link
     assert f"[rslora-tools]({url})" in card if url else "with rslora-tools 0." in card
     cli_run("merge", BASE, ADAPTER, tmp_path / "with-tokenizer")
-    assert 'tokenizer = AutoTokenizer.from_pretrained("me/merged")' in model_card(tmp_path / "with-tokenizer",
-                                                                                   "me/merged")
+    assert 'tokenizer = AutoTokenizer.from_pretrained("me/merged")' in model_card(
+        tmp_path / "with-tokenizer", "me/merged"
+    )

@@ -28,10 +28,24 @@ from peft_oracle import make_adapter, make_llama
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("stream-models")
-    base = make_llama(root / "base", torch.float32, max_shard_size="1MB", hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=6, vocab_size=1024, num_attention_heads=8, num_key_value_heads=4)
-    config = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
-                        rank_pattern={"down_proj": 4})
+    base = make_llama(
+        root / "base",
+        torch.float32,
+        max_shard_size="1MB",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=6,
+        vocab_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"down_proj": 4},
+    )
     adapter = make_adapter(base, root / "adapter", config)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "org/base"
@@ -173,6 +187,7 @@ def test_upload_failing_halfway_resumes_without_uploading_again(hub, plain, tmp_
     def fail_after_five(oid: str) -> None:
         if len(hub.uploads) == 5:
             hub.fail[r"^/lfs-upload/"] = 400
+
     hub.on_upload = fail_after_five
     failed = stream("me/resumed", "--scratch", scratch, code=1)["output"]
     assert failed.startswith("Error: me/resumed: the Hub answered 400") and "re-run" in failed
@@ -207,9 +222,25 @@ def test_ctrl_c_leaves_the_repo_unchanged_and_a_rerun_resumes(hub, plain, tmp_pa
     hub.upload_rate = 2e6  # 16 MB at 2 MB/s: time to interrupt after a few shards
     hub.uploads.clear()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "rslora_tools", "merge", "org/base", "org/adapter", "--push-to-hub",
-                             "me/interrupted", "--stream", "--scratch", str(scratch)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rslora_tools",
+            "merge",
+            "org/base",
+            "org/adapter",
+            "--push-to-hub",
+            "me/interrupted",
+            "--stream",
+            "--scratch",
+            str(scratch),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while len(hub.uploads) < 3 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -222,7 +253,7 @@ def test_ctrl_c_leaves_the_repo_unchanged_and_a_rerun_resumes(hub, plain, tmp_pa
     assert len(first) >= 3
     hub.upload_rate = None
     report = stream("me/interrupted", "--scratch", scratch)
-    assert not set(first) & set(hub.uploads[len(first):])
+    assert not set(first) & set(hub.uploads[len(first) :])
     assert len(report["skipped"]["uploaded_before"]) >= 3
     assert_same_repo(hub, "me/interrupted", plain)
     assert not scratch.exists()
@@ -244,6 +275,7 @@ def test_peak_disk_stays_under_the_stated_bound_on_a_small_disk(hub, plain, smal
         while not done.is_set():
             peak[0] = max(peak[0], shutil.disk_usage(disk).used)
             time.sleep(0.002)
+
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
@@ -263,21 +295,33 @@ def test_not_enough_space_is_refused_before_anything_is_uploaded(hub, small_disk
 
 
 def test_dry_run_prints_the_bound(hub, tmp_path):
-    result = cli_run("merge", "org/base", "org/adapter", "--push-to-hub", "me/dry", "--stream", "--dry-run",
-                 "--scratch", tmp_path / "s")
+    result = cli_run(
+        "merge",
+        "org/base",
+        "org/adapter",
+        "--push-to-hub",
+        "me/dry",
+        "--stream",
+        "--dry-run",
+        "--scratch",
+        tmp_path / "s",
+    )
     assert "disk: up to" in result.output and "model" in result.output and "fits" in result.output
     assert "me/dry" not in hub.repos
     assert not (tmp_path / "s").exists()  # a dry run writes nothing, not even the scratch folder
     assert shard_downloads(hub) == []
 
 
-@pytest.mark.parametrize("args, says, code", [
-    (["--stream"], "pass --push-to-hub REPO_ID", 2),
-    (["--scratch", "x"], "--scratch, --keep-cache and --no-resume go with --stream", 2),
-    (["--stream", "--push-to-hub", "me/x", "--verify"], "--verify does not go with --stream", 2),
-    (["--stream", "--push-to-hub", "me/x", "merged-out/"], "with --stream there is no OUT", 1),
-    (["--stream", "--push-to-hub", "me/x@dev"], "me/x@dev: not a Hub repo id", 2),
-])
+@pytest.mark.parametrize(
+    "args, says, code",
+    [
+        (["--stream"], "pass --push-to-hub REPO_ID", 2),
+        (["--scratch", "x"], "--scratch, --keep-cache and --no-resume go with --stream", 2),
+        (["--stream", "--push-to-hub", "me/x", "--verify"], "--verify does not go with --stream", 2),
+        (["--stream", "--push-to-hub", "me/x", "merged-out/"], "with --stream there is no OUT", 1),
+        (["--stream", "--push-to-hub", "me/x@dev"], "me/x@dev: not a Hub repo id", 2),
+    ],
+)
 def test_wrong_flags_are_one_line(hub, args, says, code):
     """A flag mistake is a usage error (exit 2: the usage line, then the one error line); a bad input is exit 1."""
     result = cli_run("merge", "org/base", "org/adapter", *args, code=code)
@@ -287,25 +331,31 @@ def test_wrong_flags_are_one_line(hub, args, says, code):
 
 
 def test_offline_and_hub_errors_are_one_line(hub, monkeypatch, tmp_path):
-    result = cli_run("merge", "org/nothing", "org/adapter", "--push-to-hub", "me/x", "--stream", "--scratch",
-                 tmp_path / "s", code=1)
+    result = cli_run(
+        "merge", "org/nothing", "org/adapter", "--push-to-hub", "me/x", "--stream", "--scratch", tmp_path / "s", code=1
+    )
     assert "org/nothing: no such repo on the Hub" in result.output and result.output.count("\n") == 1
     hub.fail[r"/api/repos/create"] = 403
-    result = cli_run("merge", "org/base", "org/adapter", "--push-to-hub", "me/x", "--stream", "--scratch",
-                 tmp_path / "s", code=1)
+    result = cli_run(
+        "merge", "org/base", "org/adapter", "--push-to-hub", "me/x", "--stream", "--scratch", tmp_path / "s", code=1
+    )
     assert "forbidden (403)" in result.output and result.output.count("\n") == 1
     hub.fail.clear()
     cli_run("merge", "org/base", "org/adapter", tmp_path / "warm")  # everything in the cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = cli_run("merge", "org/base", "org/adapter", "--push-to-hub", "me/x", "--stream", "--scratch",
-                 tmp_path / "s", code=1)
+    result = cli_run(
+        "merge", "org/base", "org/adapter", "--push-to-hub", "me/x", "--stream", "--scratch", tmp_path / "s", code=1
+    )
     assert "HF_HUB_OFFLINE=1 is set; pushing needs the network" in result.output
 
 
-@pytest.mark.parametrize("more", [
-    ["--max-shard-size", "3MB"],  # output shards that each read several base shards
-    ["--dtype", "bf16"],
-])
+@pytest.mark.parametrize(
+    "more",
+    [
+        ["--max-shard-size", "3MB"],  # output shards that each read several base shards
+        ["--dtype", "bf16"],
+    ],
+)
 def test_streamed_options_equal_the_plain_merge_with_them(hub, plain, tmp_path, more):
     cli_run("merge", "org/base", "org/adapter", tmp_path / "out", *more)
     report = stream("me/options", "--scratch", tmp_path / "s", *more)
@@ -323,7 +373,9 @@ def test_streamed_options_equal_the_plain_merge_with_them(hub, plain, tmp_path, 
 def test_several_adapters_stream_as_they_merge(hub, plain, tmp_path):
     args = ["org/adapter", "org/adapter", "--weights", "0.5,0.25"]
     cli_run("merge", "org/base", *args[:2], tmp_path / "out", *args[2:])
-    result = cli_run("merge", "org/base", *args, "--push-to-hub", "me/stacked", "--stream", "--scratch", tmp_path / "s")
+    result = cli_run(
+        "merge", "org/base", *args, "--push-to-hub", "me/stacked", "--stream", "--scratch", tmp_path / "s"
+    )
     assert "Merged 2 adapters" in result.output and "into hf://me/stacked" in result.output
     assert "streamed in" in result.output and "Pushed 26 files to me/stacked in one commit" in result.output
     files = hub.files("me/stacked")
@@ -359,26 +411,46 @@ def int_weights(name: str, w: torch.Tensor, weights: dict) -> dict[str, torch.Te
 
 QUANTIZED = {
     "fp8": (fp8_weights, {"quant_method": "fp8", "weight_block_size": [128, 128]}),
-    "int4": (lambda n, w: int_weights(n, w, INT4), {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                                                    "config_groups": {"group_0": {"targets": ["Linear"],
-                                                                                  "weights": INT4}}}),
-    "int8-channel": (lambda n, w: int_weights(n, w, INT8), {"quant_method": "compressed-tensors",
-                                                            "format": "pack-quantized", "config_groups": {
-                                                                "group_0": {"targets": ["Linear"], "weights": INT8}}}),
+    "int4": (
+        lambda n, w: int_weights(n, w, INT4),
+        {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": INT4}},
+        },
+    ),
+    "int8-channel": (
+        lambda n, w: int_weights(n, w, INT8),
+        {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": INT8}},
+        },
+    ),
 }
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["as-trained", "keep-quantization"])
 @pytest.mark.parametrize("kind", list(QUANTIZED))
 def test_a_quantized_base_streams_as_it_merges(fake_hub, tmp_path, keep, kind, monkeypatch):
-    """A block-scaled FP8 base (DeepSeek-V3's format) or a compressed-tensors W4A16 / W8A16 one on the Hub, 1 MB shards,
+    """A block-scaled FP8 base (DeepSeek-V3's format) or a compressed-tensors W4A16 / W8A16 one on the Hub, 1 MB
+    shards,
     streamed to the Hub: the repo holds what a plain merge pushes, with or without --keep-quantization."""
     from safetensors.torch import load_file, save_file
 
     quantize, quantization_config = QUANTIZED[kind]
     root = tmp_path / "models"
-    base = make_llama(root / "bf16", torch.bfloat16, max_shard_size="1MB", hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=4, vocab_size=1024, num_attention_heads=8, num_key_value_heads=4)
+    base = make_llama(
+        root / "bf16",
+        torch.bfloat16,
+        max_shard_size="1MB",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        vocab_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     quantized = root / kind
     quantized.mkdir()
     index = json.loads((base / "model.safetensors.index.json").read_text())
@@ -394,8 +466,9 @@ def test_a_quantized_base_streams_as_it_merges(fake_hub, tmp_path, keep, kind, m
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = quantization_config
     (quantized / "config.json").write_text(json.dumps(config))
-    adapter = make_adapter(base, root / "adapter", LoraConfig(r=8, lora_alpha=16, use_rslora=True,
-                                                              target_modules=["q_proj", "down_proj"]))
+    adapter = make_adapter(
+        base, root / "adapter", LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "down_proj"])
+    )
     fake_hub.upload_local_folder("org/quantized", quantized)
     fake_hub.upload_local_folder("org/q-adapter", adapter)
     more = ("--keep-quantization",) if keep else ()

@@ -101,8 +101,10 @@ def test_a_second_run_with_the_same_scratch_folder_is_refused_while_the_first_ho
 
 def failed_halfway(hub: FakeHub, scratch: Path, repo: str) -> Path:
     """A run whose uploads fail after the first shard: the journal stays in the working folder."""
+
     def fail_after_one(oid: str) -> None:
         hub.fail[r"^/lfs-upload/"] = 400
+
     hub.on_upload = fail_after_one
     stream(repo, "--scratch", scratch, code=1)
     hub.on_upload = None
@@ -153,7 +155,7 @@ def test_a_server_ignoring_byte_ranges_is_read_no_further_than_the_header(hub, t
     shutil.copytree(BASE, big)
     raw = (BASE / "model.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
     size = 64 << 20
     header["extra.big"] = {"dtype": "U8", "shape": [size], "data_offsets": [len(data), len(data) + size]}
     blob = json.dumps(header).encode()
@@ -162,15 +164,35 @@ def test_a_server_ignoring_byte_ranges_is_read_no_further_than_the_header(hub, t
     hub.upload_local_folder("org/big", big)
     hub.upload_local_folder("org/small-adapter", ADAPTER)
     hub.ignore_range = True
-    result = cli_run("merge", "org/big", "org/small-adapter", "--push-to-hub", "me/x", "--stream", "--dry-run", "--json")
+    result = cli_run(
+        "merge", "org/big", "org/small-adapter", "--push-to-hub", "me/x", "--stream", "--dry-run", "--json"
+    )
     assert json.loads(result.stdout)["dry_run"] is True
     sent = [b for path, b in hub.sent.items() if "org/big/resolve" in path and path.endswith("model.safetensors")]
     assert sent and max(sent) < size // 2, sent  # the client stopped reading after the header (a socket buffer more)
-    code = ("import re, sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', *sys.argv[1:]]\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
-    done = subprocess.run([sys.executable, "-c", code, "merge", "org/big", "org/small-adapter", "--push-to-hub",
-                           "me/x", "--stream", "--dry-run", "-q"], capture_output=True, text=True, env=os.environ)
+    code = (
+        "import re, sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "merge",
+            "org/big",
+            "org/small-adapter",
+            "--push-to-hub",
+            "me/x",
+            "--stream",
+            "--dry-run",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
     assert done.returncode == 0, done.stderr
     peak_mb = int(done.stdout.strip().splitlines()[-1]) / 1024
     assert peak_mb < 64 * 1.5 + 40, peak_mb  # not the 64 MB shard on top of the run's own ~100 MB
@@ -193,8 +215,8 @@ def test_a_local_base_shard_replaced_after_planning_is_refused(tmp_path, monkeyp
         os.replace(base / "model.safetensors.new", base / "model.safetensors")
         header = bytearray(raw)
         (n,) = struct.unpack("<Q", header[:8])
-        text = header[8:8 + n].replace(b'"format":"pt"', b'"format":"PT"')
-        (base / "model.safetensors").write_bytes(header[:8] + text + header[8 + n:])
+        text = header[8 : 8 + n].replace(b'"format":"pt"', b'"format":"PT"')
+        (base / "model.safetensors").write_bytes(header[:8] + text + header[8 + n :])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(merging, "check_inputs_finite", replace_shard)

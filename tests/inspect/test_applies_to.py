@@ -17,16 +17,21 @@ def test_each_module_and_the_tensors_it_changes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(tmp_path / "base")
-        get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "qkv"])).save_pretrained(tmp_path / "a")
+        get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "qkv"])).save_pretrained(
+            tmp_path / "a"
+        )
     report = json.loads(cli_run("inspect", tmp_path / "a", "--base", tmp_path / "base", "--json").stdout)
     assert report["applies_to"] == {
         "model.language_model.layers.0.self_attn.q_proj": ["model.layers.0.self_attn.q_proj.weight"],
         "model.language_model.layers.1.self_attn.q_proj": ["model.layers.1.self_attn.q_proj.weight"],
-        "model.visual.blocks.0.attn.qkv": ["visual.blocks.0.attn.qkv.weight"]}
+        "model.visual.blocks.0.attn.qkv": ["visual.blocks.0.attn.qkv.weight"],
+    }
     assert report["errors"] == 0
     text = cli_run("inspect", tmp_path / "a", "--base", tmp_path / "base").output
-    assert "  applies to (3 base tensors):\n  model.language_model.layers.0.self_attn.q_proj -> " \
-           "model.layers.0.self_attn.q_proj.weight\n" in text
+    assert (
+        "  applies to (3 base tensors):\n  model.language_model.layers.0.self_attn.q_proj -> "
+        "model.layers.0.self_attn.q_proj.weight\n" in text
+    )
 
 
 def test_fused_experts_apply_to_every_expert(tmp_path):
@@ -34,11 +39,13 @@ def test_fused_experts_apply_to_every_expert(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(tmp_path / "base")
-        get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_parameters=["experts.down_proj"])
-                       ).save_pretrained(tmp_path / "a")
+        get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_parameters=["experts.down_proj"])).save_pretrained(
+            tmp_path / "a"
+        )
     report = json.loads(cli_run("inspect", tmp_path / "a", "--base", tmp_path / "base", "--json").stdout)
     assert report["applies_to"]["model.layers.0.mlp.experts"] == [
-        f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight" for e in range(4)]
+        f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight" for e in range(4)
+    ]
 
 
 def test_an_adapter_that_changes_nothing_of_the_base_fails(tmp_path):
@@ -47,8 +54,9 @@ def test_an_adapter_that_changes_nothing_of_the_base_fails(tmp_path):
         warnings.simplefilter("ignore")
         get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"])).save_pretrained(tmp_path / "a")
     result = cli_run("inspect", tmp_path / "a", "--base", BASE, code=1)
-    assert ("error: the adapter changes no tensor of the base: served on it, it would change nothing "
-            "[applies-to-nothing]") in result.output
+    assert (
+        "error: the adapter changes no tensor of the base: served on it, it would change nothing [applies-to-nothing]"
+    ) in result.output
     assert json.loads(cli_run("inspect", tmp_path / "a", "--base", BASE, "--json", code=1).stdout)["applies_to"] == {}
 
 
@@ -62,8 +70,10 @@ def test_an_adapter_trained_on_another_model_fails(tmp_path, monkeypatch):
     adapter = tmp_path / "fixtures" / "adapter"
     shutil.copytree(ADAPTER, adapter)
     result = cli_run("inspect", adapter, "--base", BASE, code=1)
-    assert (f"error: the adapter records its base as 'fixtures/tiny-llama' ({other}), whose config.json differs from "
-            "BASE's in num_hidden_layers [base-differs]") in result.output
+    assert (
+        f"error: the adapter records its base as 'fixtures/tiny-llama' ({other}), whose config.json differs from "
+        "BASE's in num_hidden_layers [base-differs]"
+    ) in result.output
 
 
 def test_an_adapter_trained_on_another_model_class_fails(tmp_path):
@@ -73,5 +83,7 @@ def test_an_adapter_trained_on_another_model_class_fails(tmp_path):
     config["auto_mapping"] = {"base_model_class": "LlavaForConditionalGeneration", "parent_library": "transformers"}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     result = cli_run("inspect", adapter, "--base", BASE, code=1)
-    assert ("error: the adapter was trained on a LlavaForConditionalGeneration, BASE is a LlamaForCausalLM: names "
-            "may match while runtimes load the two differently [base-class]") in result.output
+    assert (
+        "error: the adapter was trained on a LlavaForConditionalGeneration, BASE is a LlamaForCausalLM: names "
+        "may match while runtimes load the two differently [base-class]"
+    ) in result.output

@@ -31,8 +31,15 @@ def edit_config(adapter: Path, **changes) -> None:
 
 @pytest.fixture
 def patterned(llama_fp32, tmp_path) -> Path:
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ATTN, init_lora_weights=False,
-                     rank_pattern={"o_proj": 4}, alpha_pattern={"v_proj": 4})
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=ATTN,
+        init_lora_weights=False,
+        rank_pattern={"o_proj": 4},
+        alpha_pattern={"v_proj": 4},
+    )
     return make_adapter(llama_fp32, tmp_path / "a", cfg)
 
 
@@ -43,7 +50,9 @@ def test_modules_scales_and_runtime_ratios(patterned):
     assert len(by_name) == 8
     o = by_name["model.layers.0.self_attn.o_proj"]
     assert (o["rank"], o["alpha"], o["scale"]) == (4, 16, 8.0)
-    assert o["runtimes"]["vllm"]["scale"] == 8.0 and o["runtimes"]["vllm"]["ratio"] == 1.0  # patterns honoured since 0.32
+    assert (
+        o["runtimes"]["vllm"]["scale"] == 8.0 and o["runtimes"]["vllm"]["ratio"] == 1.0
+    )  # patterns honoured since 0.32
     assert o["runtimes"]["vllm@0.31.0"]["scale"] == 16 / math.sqrt(8)  # global r: patterns ignored
     assert o["runtimes"]["vllm@0.6.4"]["scale"] == 16 / 8  # alpha / r: use_rslora ignored too
     assert o["runtimes"]["sglang"]["scale"] == 2.0  # alpha / r, use_rslora ignored
@@ -52,7 +61,9 @@ def test_modules_scales_and_runtime_ratios(patterned):
     groups = {g["modules"]: g for g in report["groups"]}
     assert groups["model.layers.*.self_attn.q_proj"]["count"] == 2
     assert groups["model.layers.*.self_attn.q_proj"]["layers"] == "0-1"
-    assert report["runtimes"]["vllm"]["status"] == "exact" and report["runtimes"]["vllm"]["version"] == "0.32.0 and later"
+    assert (
+        report["runtimes"]["vllm"]["status"] == "exact" and report["runtimes"]["vllm"]["version"] == "0.32.0 and later"
+    )
     assert report["runtimes"]["vllm@0.31.0"]["status"] == "wrong scale"
     assert report["runtimes"]["vllm@0.31.0"]["modules_off"] == 4
     assert report["runtimes"]["peft"]["status"] == "exact"
@@ -87,7 +98,9 @@ def test_rank_mismatch_is_an_error(patterned):
 
 
 def test_features_and_runtimes_that_cannot_serve(llama_fp32, tmp_path):
-    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False
+    )
     adapter = make_adapter(llama_fp32, tmp_path / "a", cfg)
     report = inspect_json(adapter, "--runtime", "vllm")
     assert "DoRA (use_dora)" in report["features"] and "embedding LoRA" in report["features"]

@@ -55,8 +55,12 @@ def test_dry_run_lists_every_unmatched_tensor(tmp_path):
 def test_lora_on_an_integer_weight_is_refused_by_inspect_and_the_dry_run(tmp_path):
     base = tmp_path / "base"
     shutil.copytree(BASE, base)
-    edit_tensors(base / "model.safetensors", lambda t: t.update(
-        {"model.layers.0.self_attn.q_proj.weight": t["model.layers.0.self_attn.q_proj.weight"].to(torch.int64)}))
+    edit_tensors(
+        base / "model.safetensors",
+        lambda t: t.update(
+            {"model.layers.0.self_attn.q_proj.weight": t["model.layers.0.self_attn.q_proj.weight"].to(torch.int64)}
+        ),
+    )
     result = cli_run("merge", base, ADAPTER, tmp_path / "out", "--dry-run", code=1)
     assert "dtype I64" in result.output and "unexpected" not in result.output
     report = json.loads(cli_run("inspect", ADAPTER, "--base", base, "--json", code=1).stdout)

@@ -2,7 +2,8 @@
 
 The oracle: transformers loads the quantized checkpoint dequantized (FP8 on a machine without a GPU, MXFP4 with
 `Mxfp4Config(dequantize=True)`, compressed-tensors with `CompressedTensorsConfig(dequantize=True)`, which
-decompresses through the compressed-tensors package), PEFT merges, `save_pretrained` writes. Test checkpoints are packed here from
+decompresses through the compressed-tensors package), PEFT merges, `save_pretrained` writes. Test checkpoints are
+packed here from
 known codes (transformers quantizes FP8 only on a GPU). Where transformers 5.25 dequantizes FP8 wrongly (a
 dimension that is not a multiple of the block: it derives the block from the scale grid), the oracle is the
 format's definition (one scale per `weight_block_size` block, the edge blocks partial), as DeepSeek's
@@ -31,8 +32,15 @@ def tiny_llama(folder: Path, hidden: int, intermediate: int, kv_heads: int = 2) 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, num_hidden_layers=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
@@ -63,17 +71,20 @@ def fp8_checkpoint(base: Path, folder: Path, block: int) -> dict[str, torch.Tens
         q = torch.empty(w.shape)
         for i in range(grid[0]):
             for j in range(grid[1]):
-                part = w[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+                part = w[i * block : (i + 1) * block, j * block : (j + 1) * block].float()
                 scale[i, j] = part.abs().max() / 448.0
-                q[i * block:(i + 1) * block, j * block:(j + 1) * block] = part / scale[i, j]
+                q[i * block : (i + 1) * block, j * block : (j + 1) * block] = part / scale[i, j]
         tensors[name] = q.to(torch.float8_e4m3fn)
         tensors[name[: -len("weight")] + "weight_scale_inv"] = scale
         reference[name] = definition(tensors[name], scale, block).to(torch.bfloat16)
     folder.mkdir()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [block, block],
-                                     "activation_scheme": "dynamic"}
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "weight_block_size": [block, block],
+        "activation_scheme": "dynamic",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return reference
 
@@ -96,7 +107,9 @@ def peft_merge(model, adapter_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     return read_folder(out)
 
 
-LORA = dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "down_proj"])
+LORA = dict(
+    r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "down_proj"]
+)
 
 
 def test_fp8_blocks_merge_as_peft_merges_the_model_transformers_dequantizes(tmp_path):
@@ -160,8 +173,10 @@ def test_a_float8_weight_without_its_scale_is_refused(tmp_path):
     save_file(tensors, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
     ad = adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     result = cli_run("merge", tmp_path / "fp8", ad, tmp_path / "out", code=1)
-    assert ("model.layers.0.mlp.up_proj.weight is F8_E4M3 without a 'weight_scale_inv' beside it; the fp8 checkpoint "
-            "is incomplete (rslora-tools never adds a delta to raw float8 values)") in result.output
+    assert (
+        "model.layers.0.mlp.up_proj.weight is F8_E4M3 without a 'weight_scale_inv' beside it; the fp8 checkpoint "
+        "is incomplete (rslora-tools never adds a delta to raw float8 values)"
+    ) in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -170,9 +185,18 @@ def gpt_oss_mxfp4(folder: Path, intermediate: int = 96) -> Path:
     from transformers import AutoModelForCausalLM, GptOssConfig
 
     torch.manual_seed(0)
-    config = GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=intermediate, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, num_hidden_layers=2, num_local_experts=4,
-                          num_experts_per_tok=2, layer_types=["full_attention"] * 2)
+    config = GptOssConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=intermediate,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["full_attention"] * 2,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder / "bf16")
@@ -181,17 +205,26 @@ def gpt_oss_mxfp4(folder: Path, intermediate: int = 96) -> Path:
     for name, t in load_file(folder / "bf16" / "model.safetensors").items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             experts, inputs, outputs = t.shape  # stored (E, in, out); packed as (E, out, in / 32, 16)
-            tensors[name + "_blocks"] = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), dtype=torch.uint8,
-                                                      generator=generator)
-            tensors[name + "_scales"] = torch.randint(118, 126, (experts, outputs, inputs // 32), dtype=torch.uint8,
-                                                      generator=generator)
+            tensors[name + "_blocks"] = torch.randint(
+                0, 256, (experts, outputs, inputs // 32, 16), dtype=torch.uint8, generator=generator
+            )
+            tensors[name + "_scales"] = torch.randint(
+                118, 126, (experts, outputs, inputs // 32), dtype=torch.uint8, generator=generator
+            )
         else:
             tensors[name] = t
     (folder / "mxfp4").mkdir()
     save_file(tensors, folder / "mxfp4" / "model.safetensors", metadata={"format": "pt"})
     config_json = json.loads((folder / "bf16" / "config.json").read_text())
-    config_json["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    config_json["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (folder / "mxfp4" / "config.json").write_text(json.dumps(config_json))
     return folder / "mxfp4"
 
@@ -201,21 +234,31 @@ def test_mxfp4_experts_merge_as_peft_merges_the_model_transformers_dequantizes(t
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
     base = gpt_oss_mxfp4(tmp_path)
-    ad = adapter(tmp_path / "bf16", tmp_path / "adapter", r=8, lora_alpha=16, use_rslora=use_rslora,
-                 target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    ad = adapter(
+        tmp_path / "bf16",
+        tmp_path / "adapter",
+        r=8,
+        lora_alpha=16,
+        use_rslora=use_rslora,
+        target_modules=["q_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+    )
     result = cli_run("merge", base, ad, tmp_path / "out")
     assert "the base is quantized (mxfp4 (blocks of 32, e8m0 scales)): 4 weights are dequantized" in result.output
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16,
-                                                     quantization_config=Mxfp4Config(dequantize=True))
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=torch.bfloat16, quantization_config=Mxfp4Config(dequantize=True)
+        )
     merged = read_folder(tmp_path / "out")
     assert_same_tensors(merged, peft_merge(model, ad, tmp_path / "peft"))
     assert merged["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 192)
     assert not any(k.endswith(("_blocks", "_scales")) for k in merged)
     text = cli_run("inspect", ad, "--base", base).output
-    assert ("  base format: mxfp4 (blocks of 32, e8m0 scales); 4 of the 6 tensors the adapter changes are stored "
-            "quantized (merge dequantizes them and writes them unquantized)") in text
+    assert (
+        "  base format: mxfp4 (blocks of 32, e8m0 scales); 4 of the 6 tensors the adapter changes are stored "
+        "quantized (merge dequantizes them and writes them unquantized)"
+    ) in text
 
 
 def test_square_gpt_oss_experts_merge_as_peft_merges_them(tmp_path):
@@ -223,8 +266,15 @@ def test_square_gpt_oss_experts_merge_as_peft_merges_them(tmp_path):
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
     base = gpt_oss_mxfp4(tmp_path, intermediate=64)
-    ad = adapter(tmp_path / "bf16", tmp_path / "adapter", r=8, lora_alpha=16, use_rslora=True,
-                 target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    ad = adapter(
+        tmp_path / "bf16",
+        tmp_path / "adapter",
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+    )
     for quantized, folder in ((False, tmp_path / "bf16"), (True, base)):
         cli_run("merge", folder, ad, tmp_path / f"out-{quantized}")
         with warnings.catch_warnings():
@@ -243,7 +293,9 @@ def test_mxfp4_dequantization_is_transformers_op_for_op():
     blocks = torch.randint(0, 256, (2, 48, 3, 16), dtype=torch.uint8)
     scales = torch.randint(100, 140, (2, 48, 3), dtype=torch.uint8)
     for dtype in (torch.bfloat16, torch.float32):
-        assert torch.equal(dequantize_mxfp4(blocks, scales, dtype), convert_moe_packed_tensors(blocks, scales, dtype=dtype))
+        assert torch.equal(
+            dequantize_mxfp4(blocks, scales, dtype), convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+        )
 
 
 def compressed_fp8_checkpoint(base: Path, folder: Path, strategy: str, scale_dtype: torch.dtype) -> None:
@@ -263,10 +315,18 @@ def compressed_fp8_checkpoint(base: Path, folder: Path, strategy: str, scale_dty
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
-            "num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}}},
-        "ignore": ["lm_head"]}
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "input_activations": None,
+                "weights": {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False},
+            }
+        },
+        "ignore": ["lm_head"],
+    }
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -282,8 +342,9 @@ def test_compressed_tensors_fp8_merges_as_peft_merges_the_decompressed_model(tmp
     assert f"compressed-tensors float-quantized fp8 (per {strategy})" in result.output
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16,
-                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "ct", dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merge(model, ad, tmp_path / "peft"))
 
 
@@ -292,13 +353,17 @@ def test_other_compressed_tensors_formats_are_refused_by_name(tmp_path):
     compressed_fp8_checkpoint(base, tmp_path / "ct", "channel", torch.bfloat16)
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     config["quantization_config"]["format"] = "int-quantized"
-    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(type="int", num_bits=8, strategy="channel")
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+        type="int", num_bits=8, strategy="channel"
+    )
     (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
     ad = adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     result = cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", code=1)
-    assert ("compressed-tensors int-quantized (int 8-bit, strategy channel) in config group 'group_0' is not supported; "
-            "rslora-tools reads float-quantized FP8 (per tensor or channel), pack-quantized INT4/INT8 (per group or "
-            "channel) and nvfp4-pack-quantized weights") in result.output
+    assert (
+        "compressed-tensors int-quantized (int 8-bit, strategy channel) in config group 'group_0' is not supported; "
+        "rslora-tools reads float-quantized FP8 (per tensor or channel), pack-quantized INT4/INT8 (per group or "
+        "channel) and nvfp4-pack-quantized weights"
+    ) in result.output
 
 
 def compressed_packed_checkpoint(base: Path, folder: Path, fmt: str, weights: dict, fused: bool = False) -> None:
@@ -309,7 +374,9 @@ def compressed_packed_checkpoint(base: Path, folder: Path, fmt: str, weights: di
 
     args = QuantizationArgs(**weights)
     stored = load_file(base / "model.safetensors")
-    shared = fused_global_scales({n.removesuffix(".weight"): w for n, w in stored.items() if n.endswith("proj.weight")})
+    shared = fused_global_scales(
+        {n.removesuffix(".weight"): w for n, w in stored.items() if n.endswith("proj.weight")}
+    )
     tensors = {}
     for name, w in stored.items():
         if not name.endswith("proj.weight"):
@@ -322,19 +389,26 @@ def compressed_packed_checkpoint(base: Path, folder: Path, fmt: str, weights: di
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": weights}},
-        "ignore": ["lm_head"]}
+        "ignore": ["lm_head"],
+    }
     (folder / "config.json").write_text(json.dumps(config))
 
 
 PACKED = {
     "int4-group": ("pack-quantized", dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=True)),
-    "int4-group-asym": ("pack-quantized", dict(num_bits=4, type="int", strategy="group", group_size=32,
-                                               symmetric=False)),
+    "int4-group-asym": (
+        "pack-quantized",
+        dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=False),
+    ),
     "int8-channel": ("pack-quantized", dict(num_bits=8, type="int", strategy="channel", symmetric=True)),
-    "nvfp4": ("nvfp4-pack-quantized", dict(num_bits=4, type="float", strategy="tensor_group", group_size=16,
-                                           symmetric=True)),
+    "nvfp4": (
+        "nvfp4-pack-quantized",
+        dict(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True),
+    ),
 }
 
 
@@ -351,8 +425,9 @@ def test_compressed_tensors_packed_formats_merge_as_peft_merges_the_decompressed
     assert f"compressed-tensors {fmt}" in result.output
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16,
-                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "ct", dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
     merged = read_folder(tmp_path / "out")
     assert_same_tensors(merged, peft_merge(model, ad, tmp_path / "peft"))
     assert not any(k.endswith(("weight_packed", "weight_scale", "weight_shape")) for k in merged)
@@ -368,12 +443,18 @@ def test_packed_dequantization_is_compressed_tensors_op_for_op():
         w = torch.randn(rows, cols, dtype=torch.bfloat16)
         for bits in (4, 8):
             for size, sym in ((32, True), (32, False), (None, True), (None, False)):
-                args = QuantizationArgs(num_bits=bits, type="int", strategy="group" if size else "channel",
-                                        group_size=size, symmetric=sym)
+                args = QuantizationArgs(
+                    num_bits=bits, type="int", strategy="group" if size else "channel", group_size=size, symmetric=sym
+                )
                 packed, compressor, scheme = ct_compress(w, args)
                 theirs = compressor.decompress(packed, scheme)["weight"]
-                ours = dequantize_ct_int(packed["weight_packed"], packed["weight_scale"],
-                                         packed.get("weight_zero_point"), (rows, cols), bits)
+                ours = dequantize_ct_int(
+                    packed["weight_packed"],
+                    packed["weight_scale"],
+                    packed.get("weight_zero_point"),
+                    (rows, cols),
+                    bits,
+                )
                 assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), (rows, bits, size, sym)
         args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True)
         packed, compressor, scheme = ct_compress(w, args)
@@ -411,7 +492,8 @@ def test_the_fp8_kernel_path_gives_the_torch_paths_bits(tmp_path, variant, monke
 
 
 def test_a_weight_shape_the_scales_contradict_is_refused(tmp_path):
-    """Per group the scales give the shape (so a streamed base plans from headers); the stored weight_shape must agree."""
+    """Per group the scales give the shape (so a streamed base plans from headers); the stored weight_shape must
+    agree."""
     base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
     compressed_packed_checkpoint(base, tmp_path / "ct", *PACKED["int4-group"])
     tensors = load_file(tmp_path / "ct" / "model.safetensors")
@@ -419,6 +501,8 @@ def test_a_weight_shape_the_scales_contradict_is_refused(tmp_path):
     save_file(tensors, tmp_path / "ct" / "model.safetensors", metadata={"format": "pt"})
     ad = adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     result = cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", code=1)
-    assert ("model.layers.0.mlp.up_proj.weight_shape says [160, 64], but the packed weight and its scales are "
-            "[160, 96]; the compressed-tensors checkpoint is corrupt") in result.output
+    assert (
+        "model.layers.0.mlp.up_proj.weight_shape says [160, 64], but the packed weight and its scales are "
+        "[160, 96]; the compressed-tensors checkpoint is corrupt"
+    ) in result.output
     assert not (tmp_path / "out").exists()

@@ -42,7 +42,7 @@ from peft_oracle import (
 from safetensors import safe_open
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-U = 2.0 ** -24  # float32 unit roundoff
+U = 2.0**-24  # float32 unit roundoff
 
 # name -> (init_lora_weights, use_rslora, rank_pattern, alpha_pattern)
 VARIANTS = {
@@ -69,9 +69,19 @@ def variants(base, tmp_path_factory):
     def get(name: str) -> Path:
         if name not in built:
             init, use_rslora, rank_pattern, alpha_pattern = VARIANTS[name]
-            built[name] = make_init_variant(base, tmp_path_factory.mktemp(name), LoraConfig(
-                r=8, lora_alpha=16, use_rslora=use_rslora, target_modules=TARGETS, init_lora_weights=init,
-                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
+            built[name] = make_init_variant(
+                base,
+                tmp_path_factory.mktemp(name),
+                LoraConfig(
+                    r=8,
+                    lora_alpha=16,
+                    use_rslora=use_rslora,
+                    target_modules=TARGETS,
+                    init_lora_weights=init,
+                    rank_pattern=rank_pattern,
+                    alpha_pattern=alpha_pattern,
+                ),
+            )
         return built[name]
 
     return get
@@ -90,8 +100,11 @@ def residual_route(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, flo
     config = LoraConfig.from_pretrained(folder / "trained")
     config.init_lora_weights = True  # the residual base is already residual: loading must not subtract again
     model = PeftModel.from_pretrained(load_causal_lm(folder / "residual"), str(folder / "trained"), config=config)
-    scales = {name.removeprefix("base_model.model.") + ".weight": m.scaling["default"]
-              for name, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.scaling}
+    scales = {
+        name.removeprefix("base_model.model.") + ".weight": m.scaling["default"]
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer) and "default" in m.scaling
+    }
     return unique_tensors(model.merge_and_unload().state_dict()), scales
 
 
@@ -134,7 +147,9 @@ def test_merge_with_initial_equals_peft_on_the_residual_base_within_float32_roun
     assert_within_bound(folder, read_folder(out), read_folder(base))
     provenance = json.loads((out / "rslora_tools.json").read_text())
     assert "initial" in provenance
-    checked = json.loads(cli_run("verify", out, base, folder / "trained", "--initial", folder / "init", "--json").stdout)
+    checked = json.loads(
+        cli_run("verify", out, base, folder / "trained", "--initial", folder / "init", "--json").stdout
+    )
     assert checked["verdict"] == "exact", checked["problems"]
 
 
@@ -188,7 +203,8 @@ def test_convert_initial_merges_like_peft_own_conversion(name, base, variants, t
 
 
 def test_peft_conversion_rsLoRA_alpha_is_inexact_where_ours_is_exact(variants, tmp_path):
-    """A documented comparison, not an oracle: PEFT's alpha*sqrt(2) at rank 2r misses alpha/sqrt(r) for r=8, alpha=16."""
+    """A documented comparison, not an oracle: PEFT's alpha*sqrt(2) at rank 2r misses alpha/sqrt(r) for r=8,
+    alpha=16."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
@@ -203,7 +219,7 @@ def test_peft_conversion_rsLoRA_alpha_is_inexact_where_ours_is_exact(variants, t
         return {m.scaling["default"] for m in model.modules() if isinstance(m, LoraLayer) and "default" in m.scaling}
 
     assert scales(ours) == {exact}
-    assert scales(theirs) == {16 * 2 ** 0.5 / math.sqrt(16)} != {exact}
+    assert scales(theirs) == {16 * 2**0.5 / math.sqrt(16)} != {exact}
 
 
 def test_convert_initial_rslora_with_patterns_where_peft_refuses(base, variants, tmp_path):
@@ -237,8 +253,11 @@ def test_unit_form_when_no_alpha_keeps_a_scale(base, variants, tmp_path):
 def test_convert_initial_with_a_runtime_target(base, variants, tmp_path):
     folder = variants("pissa_niter")
     out = tmp_path / "vllm"
-    report = json.loads(cli_run("convert", folder / "trained", out, "--initial", folder / "init", "--target", "vllm@0.6.3",
-                            "--json").stdout)
+    report = json.loads(
+        cli_run(
+            "convert", folder / "trained", out, "--initial", folder / "init", "--target", "vllm@0.6.3", "--json"
+        ).stdout
+    )
     assert "relative to the original base" in report["message"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True
@@ -266,8 +285,10 @@ def _merged(base: Path, folder: Path, tmp_path: Path) -> Path:
 
 def test_without_initial_merge_and_convert_refuse_with_the_flag_named(base, variants, tmp_path):
     folder = variants("olora")
-    for args in (("merge", base, folder / "trained", tmp_path / "m"), ("convert", folder / "trained", tmp_path / "c",
-                                                                        "--to-rslora")):
+    for args in (
+        ("merge", base, folder / "trained", tmp_path / "m"),
+        ("convert", folder / "trained", tmp_path / "c", "--to-rslora"),
+    ):
         result = cli_run(*args, code=None)
         assert result.exit_code != 0
         lines = [line for line in result.output.splitlines() if line.startswith("Error")]
@@ -291,7 +312,9 @@ def test_initial_mismatches_are_one_line_errors(base, variants, tmp_path):
         (variants("pissa_unit") / "init", "rank_pattern"),  # other ranks
     ]
     for init, expected in cases:
-        result = cli_run("merge", base, folder / "trained", tmp_path / "out", "--initial", init, "--dry-run", code=None)
+        result = cli_run(
+            "merge", base, folder / "trained", tmp_path / "out", "--initial", init, "--dry-run", code=None
+        )
         if expected == "trained":
             assert result.exit_code == 0, result.output
             continue
@@ -305,8 +328,16 @@ def test_initial_mismatches_are_one_line_errors(base, variants, tmp_path):
     make_adapter(base, plain, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     result = cli_run("merge", base, plain, tmp_path / "out", "--initial", folder / "init", code=None)
     assert result.exit_code != 0 and "it is plain LoRA" in result.output
-    result = cli_run("merge", base, folder / "trained", tmp_path / "out", "--initial", folder / "init",
-                 "--base-is-residual", code=None)
+    result = cli_run(
+        "merge",
+        base,
+        folder / "trained",
+        tmp_path / "out",
+        "--initial",
+        folder / "init",
+        "--base-is-residual",
+        code=None,
+    )
     assert result.exit_code != 0 and "exclude each other" in result.output
 
 
@@ -337,9 +368,14 @@ def build_eva(base: Path, folder: Path, use_rslora: bool) -> Path:
     from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
 
     model = load_causal_lm(base)
-    config = LoraConfig(r=8, lora_alpha=16, use_rslora=use_rslora, target_modules=["q_proj", "k_proj", "v_proj",
-                        "o_proj", "up_proj", "down_proj"], init_lora_weights="eva",
-                        eva_config=EvaConfig(rho=2.0, tau=0.99))
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=use_rslora,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        init_lora_weights="eva",
+        eva_config=EvaConfig(rho=2.0, tau=0.99),
+    )
     peft_model = get_peft_model(model, config)
     g = torch.Generator().manual_seed(5)
     batches = [{"input_ids": torch.randint(0, 64, (4, 16), generator=g)} for _ in range(4)]
@@ -381,13 +417,18 @@ def test_init_target_modules_in_another_order_is_the_same_init(base, variants, t
 def test_pissa_with_dora_merges_with_initial(base, tmp_path):
     """DoRA on a PiSSA adapter: the magnitude divides by the norm of W_res + s*B@A = W + s*(B'@A'), so the routes
     agree to float32 rounding passed through m/||W'||: within 16 ulps of the weight's largest entry (measured: 2)."""
-    folder = make_init_variant(base, tmp_path / "dora", LoraConfig(
-        r=8, lora_alpha=16, use_rslora=True, use_dora=True, target_modules=TARGETS, init_lora_weights="pissa"))
+    folder = make_init_variant(
+        base,
+        tmp_path / "dora",
+        LoraConfig(
+            r=8, lora_alpha=16, use_rslora=True, use_dora=True, target_modules=TARGETS, init_lora_weights="pissa"
+        ),
+    )
     out = tmp_path / "merged"
     cli_run("merge", base, folder / "trained", out, "--initial", folder / "init")
     expected, scales = residual_route(folder)
     merged = read_folder(out)
     for key in scales:
-        limit = 16 * 2.0 ** -23 * expected[key].abs().max().item()
+        limit = 16 * 2.0**-23 * expected[key].abs().max().item()
         assert (merged[key].double() - expected[key].double()).abs().max().item() <= limit, key
     assert_same_tensors(merged, expected, skip=set(scales))

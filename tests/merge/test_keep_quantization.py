@@ -57,8 +57,11 @@ def peft_reference(tmp_path: Path, quantized: Path, ad: Path, **kwargs) -> dict[
     return peft_merge(model, ad, tmp_path / "peft")
 
 
-CHANGED = [f"model.layers.{i}.{p}" for i in range(2)
-           for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj")]
+CHANGED = [
+    f"model.layers.{i}.{p}"
+    for i in range(2)
+    for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj")
+]
 
 
 def test_fp8_blocks_keep_their_format_with_transformers_quantizer(tmp_path):
@@ -78,12 +81,16 @@ def test_fp8_blocks_keep_their_format_with_transformers_quantizer(tmp_path):
         if module in CHANGED:
             q, inv = fp8_quantize(peft[module + ".weight"], 32)
             expected = q if name.endswith(".weight") else inv
-            assert out[name].dtype == value.dtype and torch.equal(out[name].view(torch.uint8), expected.view(torch.uint8)), name
+            assert out[name].dtype == value.dtype and torch.equal(
+                out[name].view(torch.uint8), expected.view(torch.uint8)
+            ), name
         else:  # untouched: the base's bytes
             assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
     base_config = json.loads((tmp_path / "fp8" / "config.json").read_text())
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == \
-        base_config["quantization_config"]
+    assert (
+        json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+        == base_config["quantization_config"]
+    )
     # transformers loads it as it loads the base: each weight is the quantizer's codes times its scales
     loaded = load_dequantized(tmp_path / "out")
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
@@ -109,12 +116,14 @@ def test_partial_fp8_blocks_are_quantized_by_the_format_definition(tmp_path):
         rows, cols = w.shape
         for i in range(0, rows, 32):
             for j in range(0, cols, 32):
-                part = w[i:i + 32, j:j + 32]
+                part = w[i : i + 32, j : j + 32]
                 amax = part.abs().max()
                 inv = out[module + ".weight_scale_inv"][i // 32, j // 32]
                 assert inv == (1.0 / (448.0 / amax)).float(), (module, i, j)
                 codes = torch.clamp(part * (448.0 / amax), -448, 448).to(torch.float8_e4m3fn)
-                assert torch.equal(out[module + ".weight"][i:i + 32, j:j + 32].view(torch.uint8), codes.view(torch.uint8))
+                assert torch.equal(
+                    out[module + ".weight"][i : i + 32, j : j + 32].view(torch.uint8), codes.view(torch.uint8)
+                )
     checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "fp8", ad, "--json").stdout)
     assert checked["verdict"] == "exact"
 
@@ -165,7 +174,9 @@ def test_compressed_tensors_fp8_keeps_its_format_with_its_quantizer(tmp_path, st
         if module in CHANGED:
             q, scale = ct_reference(peft[module + ".weight"], strategy)
             expected = q if name.endswith(".weight") else scale.reshape(value.shape)
-            assert out[name].dtype == value.dtype and torch.equal(out[name].view(torch.uint8), expected.view(torch.uint8)), name
+            assert out[name].dtype == value.dtype and torch.equal(
+                out[name].view(torch.uint8), expected.view(torch.uint8)
+            ), name
         else:
             assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
     loaded = load_dequantized(tmp_path / "out", quantization_config=CompressedTensorsConfig(dequantize=True))
@@ -194,8 +205,9 @@ def test_a_dry_run_says_what_requantizing_would_lose_of_the_delta(tmp_path):
     fp8_checkpoint(base, tmp_path / "fp8", block=32)
     ad = adapter(base, tmp_path / "adapter", **LORA)
     for extra in ((), ("--keep-quantization",)):
-        report = json.loads(cli_run("merge", tmp_path / "fp8", ad, tmp_path / "out", "--dry-run", "--json",
-                                    *extra).stdout)
+        report = json.loads(
+            cli_run("merge", tmp_path / "fp8", ad, tmp_path / "out", "--dry-run", "--json", *extra).stdout
+        )
         measured = report["quantization"]["measured"]
         assert report["quantization"]["measure"] == "requantization of the merged weights"
         assert measured["tensors"] == 8 and measured["of"] == 10
@@ -210,14 +222,18 @@ def test_keep_quantization_refusals(tmp_path):
     gptq, _ = _gptq_checkpoint(tmp_path / "gptq", 4, "gptq", False)
     ad = _lora_for_proj(tmp_path / "adapter", 24, 64)
     result = cli_run("merge", gptq, ad, tmp_path / "out", "--keep-quantization", code=1)
-    assert "--keep-quantization is not supported for gptq 4-bit (group 16, gptq) bases yet (block-scaled FP8" in \
-        result.output
+    assert (
+        "--keep-quantization is not supported for gptq 4-bit (group 16, gptq) bases yet (block-scaled FP8"
+        in result.output
+    )
     base = tiny_llama(tmp_path / "base", hidden=64, intermediate=96)
     plain = adapter(base, tmp_path / "plain-adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     result = cli_run("merge", base, plain, tmp_path / "out", "--keep-quantization", code=1)
     assert "--keep-quantization keeps a quantized base's format, and this base is not quantized" in result.output
     result = cli_run("merge", gptq, ad, tmp_path / "out", "--keep-quantization", "--trained-on", "nf4", code=2)
-    assert "--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized base" in result.output
+    assert (
+        "--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized base" in result.output
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -228,7 +244,10 @@ def assert_kept(tmp_path: Path, base: Path, ad: Path, expected: dict[str, dict[s
     assert sorted(out) == sorted(stored)
     for module, tensors in expected.items():
         for key, value in tensors.items():
-            assert torch.equal(out[f"{module}.{key}"].view(torch.uint8), value.contiguous().view(torch.uint8)), (module, key)
+            assert torch.equal(out[f"{module}.{key}"].view(torch.uint8), value.contiguous().view(torch.uint8)), (
+                module,
+                key,
+            )
     for name, value in stored.items():
         if name.rsplit(".", 1)[0] not in expected:
             assert torch.equal(out[name].view(torch.uint8), value.view(torch.uint8)), name
@@ -261,12 +280,18 @@ def test_compressed_tensors_packed_formats_keep_theirs_with_their_compressor(tmp
     assert_kept(tmp_path, tmp_path / "ct", ad, {m: ct_compress(peft[m + ".weight"], args)[0] for m in CHANGED})
 
 
-FUSED = {"q_proj": ("q_proj", "k_proj", "v_proj"), "k_proj": ("q_proj", "k_proj", "v_proj"),
-         "v_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj"), "up_proj": ("gate_proj", "up_proj")}
+FUSED = {
+    "q_proj": ("q_proj", "k_proj", "v_proj"),
+    "k_proj": ("q_proj", "k_proj", "v_proj"),
+    "v_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_proj": ("gate_proj", "up_proj"),
+    "up_proj": ("gate_proj", "up_proj"),
+}
 
 
-def nvfp4_expected(peft: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], changed: set[str], args
-                   ) -> dict[str, dict[str, torch.Tensor]]:
+def nvfp4_expected(
+    peft: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], changed: set[str], args
+) -> dict[str, dict[str, torch.Tensor]]:
     """What a kept NVFP4 merge must write (module -> stored tensors by role), by llm-compressor's rule on PEFT's merged
     model (update_fused_layer_weight_global_scales: q/k/v, and gate/up, share the smallest global scale): a group's
     scale is the smallest of compressed-tensors' generate_gparam over its changed members' merged weights and its
@@ -281,8 +306,12 @@ def nvfp4_expected(peft: dict[str, torch.Tensor], stored: dict[str, torch.Tensor
         group = [f"{parent}.{m}" for m in FUSED.get(leaf, (leaf,))]
         if not changed.intersection(group):
             continue
-        scales = [generate_gparam(peft[m + ".weight"].amin(), peft[m + ".weight"].amax()) if m in changed
-                  else stored[m + ".weight_global_scale"] for m in group]
+        scales = [
+            generate_gparam(peft[m + ".weight"].amin(), peft[m + ".weight"].amax())
+            if m in changed
+            else stored[m + ".weight_global_scale"]
+            for m in group
+        ]
         scale = torch.min(torch.cat([s.reshape(1) for s in scales])).reshape([1])
         if module in changed or not torch.equal(stored[module + ".weight_global_scale"], scale):
             expected[module] = ct_compress(peft[module + ".weight"], args, scale)[0]
@@ -303,17 +332,32 @@ def test_nvfp4_fused_groups_keep_one_global_scale(tmp_path, alpha):
 
     fmt, weights = PACKED["nvfp4"]
     base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
-    edit_tensors(base / "model.safetensors", lambda t: t.update(  # the untouched members hold their groups' ranges
-        {n: w * 4 for n, w in t.items() if n.endswith(("k_proj.weight", "up_proj.weight"))}))
+    edit_tensors(
+        base / "model.safetensors",
+        lambda t: t.update(  # the untouched members hold their groups' ranges
+            {n: w * 4 for n, w in t.items() if n.endswith(("k_proj.weight", "up_proj.weight"))}
+        ),
+    )
     compressed_packed_checkpoint(base, tmp_path / "ct", fmt, weights, fused=True)
-    ad = adapter(base, tmp_path / "adapter", r=8, lora_alpha=alpha, use_rslora=True,
-                 target_modules=["q_proj", "v_proj", "gate_proj"])
+    ad = adapter(
+        base,
+        tmp_path / "adapter",
+        r=8,
+        lora_alpha=alpha,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "gate_proj"],
+    )
     result = cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", "--keep-quantization", "--json")
-    assert any("4 groups of weights that vLLM and SGLang load as one layer (q/k/v, gate/up) keep one "
-               "weight_global_scale each" in n for n in json.loads(result.stdout)["notes"])
+    assert any(
+        "4 groups of weights that vLLM and SGLang load as one layer (q/k/v, gate/up) keep one "
+        "weight_global_scale each" in n
+        for n in json.loads(result.stdout)["notes"]
+    )
     peft = peft_reference(tmp_path, tmp_path / "ct", ad, quantization_config=CompressedTensorsConfig(dequantize=True))
     stored = load_file(tmp_path / "ct" / "model.safetensors")
-    changed = {f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj")}
+    changed = {
+        f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj")
+    }
     expected = nvfp4_expected(peft, stored, changed, NVFP4["weights"])
     untouched = {m for m in expected if m not in changed}
     widened = {f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.k_proj", "mlp.up_proj")}
@@ -337,21 +381,33 @@ def test_verify_finds_a_fused_nvfp4_group_split(tmp_path):
 
     fmt, weights = PACKED["nvfp4"]
     base = tiny_llama(tmp_path / "base", hidden=96, intermediate=160)
-    edit_tensors(base / "model.safetensors", lambda t: t.update(  # k_proj holds the group's range
-        {n: w * 4 for n, w in t.items() if n.endswith("k_proj.weight")}))
+    edit_tensors(
+        base / "model.safetensors",
+        lambda t: t.update(  # k_proj holds the group's range
+            {n: w * 4 for n, w in t.items() if n.endswith("k_proj.weight")}
+        ),
+    )
     compressed_packed_checkpoint(base, tmp_path / "ct", fmt, weights, fused=True)
     ad = adapter(base, tmp_path / "adapter", r=8, lora_alpha=0.5, use_rslora=True, target_modules=["q_proj"])
     cli_run("merge", tmp_path / "ct", ad, tmp_path / "out", "--keep-quantization")
     peft = peft_reference(tmp_path, tmp_path / "ct", ad, quantization_config=CompressedTensorsConfig(dequantize=True))
     own = ct_compress(peft["model.layers.0.self_attn.q_proj.weight"], NVFP4["weights"])[0]  # its own global scale
-    edit_tensors(tmp_path / "out" / "model.safetensors",
-                 lambda t: t.update({f"model.layers.0.self_attn.q_proj.{k}": v for k, v in own.items()}))
+    edit_tensors(
+        tmp_path / "out" / "model.safetensors",
+        lambda t: t.update({f"model.layers.0.self_attn.q_proj.{k}": v for k, v in own.items()}),
+    )
     checked = json.loads(cli_run("verify", tmp_path / "out", tmp_path / "ct", ad, "--json", code=1).stdout)
     assert checked["verdict"] == "mismatch"
-    assert any(p.startswith("model.layers.0.self_attn: q_proj/k_proj/v_proj share one weight_global_scale in BASE "
-                            "but not in the merged folder (") and p.endswith(
-        "); vLLM and SGLang load them as one layer with the largest, serving the others at the wrong scale")
-        for p in checked["problems"]), checked["problems"]
+    assert any(
+        p.startswith(
+            "model.layers.0.self_attn: q_proj/k_proj/v_proj share one weight_global_scale in BASE "
+            "but not in the merged folder ("
+        )
+        and p.endswith(
+            "); vLLM and SGLang load them as one layer with the largest, serving the others at the wrong scale"
+        )
+        for p in checked["problems"]
+    ), checked["problems"]
 
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -367,13 +423,13 @@ def mxfp4_reference(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for e in range(experts):
         for o in range(outputs):
             for g in range(inputs // 32):
-                group = x[e, o, g * 32:(g + 1) * 32]
+                group = x[e, o, g * 32 : (g + 1) * 32]
                 amax = float(group.abs().max())
                 exponent = 0 if amax == 0 else int(torch.ceil(torch.log2(torch.tensor(amax / 6.0))))
                 scales[e, o, g] = 0 if amax == 0 else exponent + 127
                 codes = []
                 for v in group.tolist():
-                    q = 0.0 if amax == 0 else v / 2.0 ** exponent
+                    q = 0.0 if amax == 0 else v / 2.0**exponent
                     distance = [abs(abs(q) - c) for c in E2M1]
                     best = min(range(8), key=lambda i: (distance[i], i % 2))  # nearest, a tie to the even code
                     codes.append(best | (8 if torch.signbit(torch.tensor(q)) else 0))
@@ -385,11 +441,19 @@ def test_mxfp4_experts_keep_their_format(tmp_path):
     from transformers import Mxfp4Config
 
     base = gpt_oss_mxfp4(tmp_path)
-    ad = adapter(tmp_path / "bf16", tmp_path / "adapter", r=8, lora_alpha=16, use_rslora=True,
-                 target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"])
+    ad = adapter(
+        tmp_path / "bf16",
+        tmp_path / "adapter",
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj"],
+        target_parameters=["experts.gate_up_proj"],
+    )
     result = json.loads(cli_run("merge", base, ad, tmp_path / "out", "--keep-quantization", "--json").stdout)
-    assert sorted(result["quantization"]["requantized"]) == [f"model.layers.{i}.mlp.experts.gate_up_proj_blocks"
-                                                           for i in range(2)]
+    assert sorted(result["quantization"]["requantized"]) == [
+        f"model.layers.{i}.mlp.experts.gate_up_proj_blocks" for i in range(2)
+    ]
     peft = peft_reference(tmp_path, base, ad, quantization_config=Mxfp4Config(dequantize=True))
     out, stored = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
     assert sorted(out) == sorted(stored)
@@ -412,13 +476,15 @@ def test_mxfp4_quantizer_gives_back_the_codes_it_was_given():
     blocks = torch.randint(0, 256, (2, 8, 3, 16), dtype=torch.uint8)
     blocks[..., 0] = (blocks[..., 0] & 0xF0) | 0x7  # a 6 in every group: the scale comes back the same
     scales = torch.randint(110, 130, (2, 8, 3), dtype=torch.uint8)
-    assert [torch.equal(a, b) for a, b in zip(quantize_mxfp4(dequantize_mxfp4(blocks, scales, torch.bfloat16)),
-                                                (blocks, scales))] == [True, True]
+    assert [
+        torch.equal(a, b)
+        for a, b in zip(quantize_mxfp4(dequantize_mxfp4(blocks, scales, torch.bfloat16)), (blocks, scales))
+    ] == [True, True]
     param = torch.randn(2, 64, 4, dtype=torch.bfloat16) * 3
     param[0, :32, 0] = 0  # an all-zero group
     param[1, :32, 1] = 0  # ties at the group's scale 2 ** -3, -0 among them
-    param[1, :8, 1] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]) * 2 ** -3
-    param[1, 8:12, 1] = torch.tensor([-0.25, -2.5, -0.0, 0.1]) * 2 ** -3
+    param[1, :8, 1] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]) * 2**-3
+    param[1, 8:12, 1] = torch.tensor([-0.25, -2.5, -0.0, 0.1]) * 2**-3
     blocks, scales = quantize_mxfp4(param)
     assert [torch.equal(a, b) for a, b in zip((blocks, scales), mxfp4_reference(param))] == [True, True]
     assert scales[1, 1, 0] == 124 and blocks[1, 1, 0, :6].tolist() == [0x07, 0x22, 0x44, 0x66, 0xC8, 0x08]
@@ -437,9 +503,13 @@ def test_kept_fp8_bands_from_the_kernel_equal_the_whole_tensor_torch_path(tmp_pa
     report = json.loads(cli_run("merge", tmp_path / "q", ad, tmp_path / "k", "--keep-quantization", "--json").stdout)
     assert {c["by"] for c in report["changes"] if "quantized back" in c["how"]} == {"requant-kernel"}
     monkeypatch.setenv("RSLORA_TOOLS_KERNEL", "0")
-    torch_report = json.loads(cli_run("merge", tmp_path / "q", ad, tmp_path / "t", "--keep-quantization",
-                                      "--json").stdout)
-    kernel_out, torch_out = load_file(tmp_path / "k" / "model.safetensors"), load_file(tmp_path / "t" / "model.safetensors")
+    torch_report = json.loads(
+        cli_run("merge", tmp_path / "q", ad, tmp_path / "t", "--keep-quantization", "--json").stdout
+    )
+    kernel_out, torch_out = (
+        load_file(tmp_path / "k" / "model.safetensors"),
+        load_file(tmp_path / "t" / "model.safetensors"),
+    )
     assert all(torch.equal(kernel_out[k].view(torch.uint8), torch_out[k].view(torch.uint8)) for k in torch_out)
     ours, theirs = report["quantization"]["requantized"], torch_report["quantization"]["requantized"]
     assert ours.keys() == theirs.keys()

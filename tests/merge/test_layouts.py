@@ -34,14 +34,22 @@ def moe(request, tmp_path_factory):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_a_fused_adapter_merges_into_the_per_expert_checkpoint_it_was_trained_on(moe, tmp_path, use_rslora, dtype):
     kind, base, model = moe
-    config = LoraConfig(r=R, lora_alpha=16, use_rslora=use_rslora, init_lora_weights=False,
-                        target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    config = LoraConfig(
+        r=R,
+        lora_alpha=16,
+        use_rslora=use_rslora,
+        init_lora_weights=False,
+        target_modules=["q_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         get_peft_model(moe_model(kind), config).save_pretrained(tmp_path / "adapter")
     flag = "bf16" if dtype == torch.bfloat16 else "fp32"
     result = cli_run("merge", base, tmp_path / "adapter", tmp_path / "out", "--dtype", flag)
-    assert "note: fused expert LoRA (target_parameters) applied to the checkpoint's per-expert tensors" in result.output
+    assert (
+        "note: fused expert LoRA (target_parameters) applied to the checkpoint's per-expert tensors" in result.output
+    )
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged(base, tmp_path / "adapter", dtype))
 
 
@@ -83,8 +91,11 @@ def test_a_per_expert_adapter_merges_into_a_fused_checkpoint(moe, tmp_path, dtyp
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     fused = tmp_path / "fused"
     fused.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              fused / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        fused / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     (fused / "config.json").write_text((base / "config.json").read_text())
     adapter = v4_adapter(tmp_path / "v4", kind, use_rslora=False)
     result = cli_run("merge", fused, adapter, tmp_path / "out")
@@ -105,7 +116,9 @@ def test_a_fused_adapter_whose_expert_count_is_not_the_checkpoints_is_refused(mo
     from safetensors.torch import load_file
 
     tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    tensors = {k: (v[: (E - 1) * R] if "lora_A" in k else v[:, : (E - 1) * R]).contiguous() for k, v in tensors.items()}
+    tensors = {
+        k: (v[: (E - 1) * R] if "lora_A" in k else v[:, : (E - 1) * R]).contiguous() for k, v in tensors.items()
+    }
     save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
     line = cli_run("merge", base, tmp_path / "adapter", tmp_path / "out", code=1).output
     assert "the adapter's factors hold 3 experts, the checkpoint has more" in line and not (tmp_path / "out").exists()
@@ -114,14 +127,27 @@ def test_a_fused_adapter_whose_expert_count_is_not_the_checkpoints_is_refused(mo
 # --- multimodal: the language model and the vision tower under other names -----------------------------------
 
 
-@pytest.mark.parametrize(("make", "targets", "renamed"), [
-    (qwen2_vl, ["q_proj", "v_proj", "qkv", "lm_head"], "model.language_model.layers.0.self_attn.q_proj.weight -> "
-                                                       "model.layers.0.self_attn.q_proj.weight"),
-    (llava, ["q_proj", "v_proj", "linear_1", "lm_head"], "model.language_model.layers.0.self_attn.q_proj.weight -> "
-                                                         "language_model.model.layers.0.self_attn.q_proj.weight"),
-], ids=["qwen2_vl", "llava"])
+@pytest.mark.parametrize(
+    ("make", "targets", "renamed"),
+    [
+        (
+            qwen2_vl,
+            ["q_proj", "v_proj", "qkv", "lm_head"],
+            "model.language_model.layers.0.self_attn.q_proj.weight -> model.layers.0.self_attn.q_proj.weight",
+        ),
+        (
+            llava,
+            ["q_proj", "v_proj", "linear_1", "lm_head"],
+            "model.language_model.layers.0.self_attn.q_proj.weight -> "
+            "language_model.model.layers.0.self_attn.q_proj.weight",
+        ),
+    ],
+    ids=["qwen2_vl", "llava"],
+)
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["classic", "rslora"])
-def test_a_multimodal_adapter_merges_into_the_checkpoint_it_was_trained_on(tmp_path, make, targets, renamed, use_rslora):
+def test_a_multimodal_adapter_merges_into_the_checkpoint_it_was_trained_on(
+    tmp_path, make, targets, renamed, use_rslora
+):
     model, model_class = make()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -59,7 +59,11 @@ def test_classic_and_rslora_all_dtypes(bases, tmp_path, dtype, use_rslora):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_patterns_overlapping_keys_and_float_alpha(bases, tmp_path, dtype):
     cfg = LoraConfig(
-        r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False,
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=ALL_LINEAR,
+        init_lora_weights=False,
         rank_pattern={"o_proj": 4, "layers.1.mlp.down_proj": 2, "^model.layers.0.self_attn.q_proj": 6},
         alpha_pattern={"q_proj": 16, "^model.layers.0.self_attn.q_proj": 4, "down_proj": 3.5, "up_proj": 7.25},
     )
@@ -76,23 +80,44 @@ def test_dora_linear(llama_bf16, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_dora_rslora_with_patterns(bases, tmp_path, dtype):
-    cfg = LoraConfig(r=8, lora_alpha=8, use_rslora=True, use_dora=True, target_modules=ALL_LINEAR,
-                     init_lora_weights=False, rank_pattern={"mlp.*": 4}, alpha_pattern={"v_proj": 2.5})
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=8,
+        use_rslora=True,
+        use_dora=True,
+        target_modules=ALL_LINEAR,
+        init_lora_weights=False,
+        rank_pattern={"mlp.*": 4},
+        alpha_pattern={"v_proj": 2.5},
+    )
     check(bases[dtype], make_adapter(bases[dtype], tmp_path / "adapter", cfg), tmp_path / "out")
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_embedding_lora(llama_bf16, tmp_path, use_dora):
-    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=use_dora, target_modules=["embed_tokens", "q_proj"],
-                     init_lora_weights=False, use_rslora=True)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_dora=use_dora,
+        target_modules=["embed_tokens", "q_proj"],
+        init_lora_weights=False,
+        use_rslora=True,
+    )
     check(llama_bf16, make_adapter(llama_bf16, tmp_path / "adapter", cfg), tmp_path / "out")
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_gpt2_conv1d_fan_in_fan_out(gpt2_bf16, tmp_path, use_dora):
     # c_attn (32, 96) is decided by shape; c_proj (32, 32) is square: decided by the architecture
-    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, use_dora=use_dora,
-                     target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False, fan_in_fan_out=True)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        use_dora=use_dora,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        init_lora_weights=False,
+        fan_in_fan_out=True,
+    )
     check(gpt2_bf16, make_adapter(gpt2_bf16, tmp_path / "adapter", cfg), tmp_path / "out")
 
 
@@ -114,8 +139,15 @@ def test_conv_1d_2d_3d(tmp_path, dtype, use_dora):
     net = ConvNet().to(dtype)
     base = save_module(net, tmp_path / "base")
     targets = ["c1", "c2", "c2_1x1", "c3", "fc"]
-    cfg = LoraConfig(r=2, lora_alpha=6, use_rslora=True, use_dora=use_dora, target_modules=targets,
-                     init_lora_weights=False, rank_pattern={"c3": 3})
+    cfg = LoraConfig(
+        r=2,
+        lora_alpha=6,
+        use_rslora=True,
+        use_dora=use_dora,
+        target_modules=targets,
+        init_lora_weights=False,
+        rank_pattern={"c3": 3},
+    )
     adapter = make_adapter(net, tmp_path / "adapter", cfg)
     cli_merge(base, adapter, tmp_path / "out")
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(net, adapter))
@@ -155,12 +187,18 @@ def test_bias_all_and_lora_only(tmp_path, bias):
 def _resize(rows: int):
     def prepare(model):
         model.resize_token_embeddings(rows)
+
     return prepare
 
 
 def test_modules_to_save_with_grown_vocabulary(llama_bf16, tmp_path):
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                     modules_to_save=["embed_tokens", "lm_head"])
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        modules_to_save=["embed_tokens", "lm_head"],
+    )
     adapter = make_adapter(llama_bf16, tmp_path / "adapter", cfg, prepare=_resize(80))
     report = check(llama_bf16, adapter, tmp_path / "out", prepare=_resize(80))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -176,14 +214,20 @@ def test_embedding_lora_on_grown_vocabulary_uses_saved_base_layer(llama_bf16, tm
 
 
 def test_trainable_tokens(llama_bf16, tmp_path):
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
-                     trainable_token_indices=[1, 5, 7])
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False, trainable_token_indices=[1, 5, 7]
+    )
     check(llama_bf16, make_adapter(llama_bf16, tmp_path / "adapter", cfg), tmp_path / "out")
 
 
 def test_trainable_tokens_dict_form(llama_bf16, tmp_path):
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
-                     trainable_token_indices={"embed_tokens": [2, 3]})
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj"],
+        init_lora_weights=False,
+        trainable_token_indices={"embed_tokens": [2, 3]},
+    )
     check(llama_bf16, make_adapter(llama_bf16, tmp_path / "adapter", cfg), tmp_path / "out")
 
 
@@ -195,7 +239,9 @@ def test_sharded_base_keeps_its_shards(llama_sharded, tmp_path):
     out_index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert out_index["weight_map"] == base_index["weight_map"]
     assert sorted(report["shards"]) == sorted(set(base_index["weight_map"].values()))
-    assert out_index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in read_folder(tmp_path / "out").values())
+    assert out_index["metadata"]["total_size"] == sum(
+        v.numel() * v.element_size() for v in read_folder(tmp_path / "out").values()
+    )
 
 
 def test_reshard_and_merge_into_single_file(llama_sharded, llama_bf16, tmp_path):
@@ -255,7 +301,9 @@ def test_tied_embedding_lora_unties_and_keeps_head(llama_tied, tmp_path):
 
 
 def test_tied_trainable_tokens_stay_tied(llama_tied, tmp_path):
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False, trainable_token_indices=[3, 4])
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False, trainable_token_indices=[3, 4]
+    )
     adapter = make_adapter(llama_tied, tmp_path / "adapter", cfg)
     check(llama_tied, adapter, tmp_path / "out", skip={"lm_head.weight"})
     assert "lm_head.weight" not in read_folder(tmp_path / "out")
@@ -271,7 +319,9 @@ def test_adapter_trained_on_bare_model_merges_into_causal_lm_checkpoint(llama_bf
     keys = json.loads(json.dumps(list(read_folder(adapter).keys())))
     assert all(k.startswith("base_model.model.layers.") for k in keys)
     cli_merge(llama_bf16, adapter, tmp_path / "out")
-    expected = PeftModel.from_pretrained(AutoModel.from_pretrained(llama_bf16, dtype="auto"), str(adapter)).merge_and_unload()
+    expected = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(llama_bf16, dtype="auto"), str(adapter)
+    ).merge_and_unload()
     expected_sd = {f"model.{k}": v for k, v in expected.state_dict().items()}
     merged = read_folder(tmp_path / "out")
     assert_same_tensors(merged, expected_sd, skip={"lm_head.weight"})
@@ -367,8 +417,15 @@ def test_multihead_attention_in_and_out_proj(tmp_path, dtype):
     torch.manual_seed(0)
     net = TwoAttentions().to(dtype)
     base = save_module(net, tmp_path / "base")
-    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["mha", "other"], init_lora_weights=False,
-                     rank_pattern={"other": 2}, alpha_pattern={"other": 3})
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["mha", "other"],
+        init_lora_weights=False,
+        rank_pattern={"other": 2},
+        alpha_pattern={"other": 3},
+    )
     adapter = make_adapter(net, tmp_path / "adapter", cfg)
     cli_merge(base, adapter, tmp_path / "out")
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(net, adapter))
@@ -378,8 +435,9 @@ def test_multihead_attention_in_and_out_proj(tmp_path, dtype):
 def test_large_embedding_merged_in_blocks_equals_peft(tmp_path, dtype):
     """A vocabulary big enough that the embedding delta is added in several row blocks."""
     base = make_llama(tmp_path / "base", dtype, vocab_size=40_000)
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=["embed_tokens", "q_proj"],
-                     init_lora_weights=False)
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, use_rslora=True, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False
+    )
     adapter = make_adapter(base, tmp_path / "adapter", cfg)
     check(base, adapter, tmp_path / "out")
 
@@ -389,8 +447,9 @@ def test_torch_path_and_kernel_path_both_equal_peft(bases, tmp_path, dtype, monk
     """Linear and embedding LoRA go through the C kernel when it is built; with RSLORA_TOOLS_KERNEL=0 through torch."""
     from rslora_tools.compute import kernel
 
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR + ["embed_tokens"],
-                     init_lora_weights=False)
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR + ["embed_tokens"], init_lora_weights=False
+    )
     adapter = make_adapter(bases[dtype], tmp_path / "adapter", cfg)
     expected = peft_merged_state_dict(bases[dtype], adapter)
     plan = cli_merge(bases[dtype], adapter, tmp_path / "plan", "--dry-run")
@@ -413,14 +472,26 @@ def test_plain_linear_merge_never_imports_torch(llama_bf16, tmp_path):
 
     if not kernel.available():
         pytest.skip("merge kernel not built or CPU without AVX2/FMA/F16C")
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR, init_lora_weights=False,
-                     modules_to_save=["lm_head"])
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=ALL_LINEAR,
+        init_lora_weights=False,
+        modules_to_save=["lm_head"],
+    )
     adapter = make_adapter(llama_bf16, tmp_path / "adapter", cfg)
-    code = ("import sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', 'merge', *sys.argv[1:], '-q']\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code, str(llama_bf16), str(adapter), str(tmp_path / "out")],
-                            capture_output=True, text=True, check=True)
+    code = (
+        "import sys; from rslora_tools.cli import main; sys.argv = ['rslora-tools', 'merge', *sys.argv[1:], '-q']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(llama_bf16), str(adapter), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.strip() == "False", result.stderr
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(llama_bf16, adapter))
 
@@ -433,7 +504,8 @@ class _TwoLinear(torch.nn.Module):
 
 
 def test_non_finite_base_weights_are_merged_by_torch(tmp_path, monkeypatch):
-    """An Inf in a base weight makes a sum the kernel does not round like torch: that tensor is recomputed with torch."""
+    """An Inf in a base weight makes a sum the kernel does not round like torch: that tensor is recomputed with
+    torch."""
     import importlib
 
     executor = importlib.import_module("rslora_tools.execute.executor")
@@ -460,8 +532,11 @@ def test_mica_merges_with_its_own_rounding(bases, tmp_path, dtype):
     """MiCA's merge casts the delta to the weight's dtype before adding (two roundings): a plain Linear merge was
     one ulp off in bf16 (issue 36)."""
     base = bases[dtype]
-    adapter = make_adapter(base, tmp_path / "mica", LoraConfig(r=4, lora_alpha=8, init_lora_weights="mica",
-                                                               target_modules=["q_proj", "v_proj", "embed_tokens"]))
+    adapter = make_adapter(
+        base,
+        tmp_path / "mica",
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights="mica", target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    )
     cli_run("merge", base, adapter, tmp_path / "out")
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(base, adapter))
 
@@ -473,8 +548,11 @@ def test_velora_and_monteclora_merge_as_plain_lora_without_their_training_tensor
     from peft.tuners.lora.config import MontecloraConfig, VeloraConfig
 
     extra = {"velora_config": VeloraConfig()} if variant == "velora" else {"monteclora_config": MontecloraConfig()}
-    adapter = make_adapter(llama_bf16, tmp_path / variant, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                                       target_modules=["q_proj", "v_proj"], **extra))
+    adapter = make_adapter(
+        llama_bf16,
+        tmp_path / variant,
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"], **extra),
+    )
     cli_run("merge", llama_bf16, adapter, tmp_path / "out")
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(llama_bf16, adapter))
 
@@ -484,8 +562,11 @@ def test_target_parameters_on_a_linear_weight_round_as_peft_param_wrapper(bases,
     """`target_parameters=["q_proj.weight"]`: PEFT wraps the 2-D weight as a parameter (ParamWrapper: the delta cast to
     the weight's dtype, then added: two roundings), not as a Linear; the Linear path was one ulp off (issue 36)."""
     base = bases[dtype]
-    adapter = make_adapter(base, tmp_path / "param", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                                target_modules=[], target_parameters=["q_proj.weight"]))
+    adapter = make_adapter(
+        base,
+        tmp_path / "param",
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=[], target_parameters=["q_proj.weight"]),
+    )
     cli_run("merge", base, adapter, tmp_path / "out")
     assert_same_tensors(read_folder(tmp_path / "out"), peft_merged_state_dict(base, adapter))
 
@@ -541,13 +622,20 @@ def test_torch_computes_each_tensor_on_one_thread_whatever_the_thread_count(tmp_
     torch.manual_seed(0)
     net = _WideNet().to(dtype)
     base = save_module(net, tmp_path / "base")
-    cfg = LoraConfig(r=16, lora_alpha=8, use_rslora=True, use_dora=use_dora, init_lora_weights=False,
-                     target_modules=["emb", "conv", "lin", "small"])
+    cfg = LoraConfig(
+        r=16,
+        lora_alpha=8,
+        use_rslora=True,
+        use_dora=use_dora,
+        init_lora_weights=False,
+        target_modules=["emb", "conv", "lin", "small"],
+    )
     adapter = make_adapter(net, tmp_path / "adapter", cfg)
     seen = []
     real = torch_ops.apply_lora
-    monkeypatch.setattr(torch_ops, "apply_lora", lambda w, op, read: seen.append(torch.get_num_threads()) or
-                        real(w, op, read))
+    monkeypatch.setattr(
+        torch_ops, "apply_lora", lambda w, op, read: seen.append(torch.get_num_threads()) or real(w, op, read)
+    )
     monkeypatch.setenv("RSLORA_TOOLS_KERNEL", "0")  # every tensor through torch
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

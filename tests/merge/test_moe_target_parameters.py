@@ -23,8 +23,16 @@ def tiny_mixtral(dtype=torch.bfloat16):
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_attention_heads=4,
-                           num_key_value_heads=2, num_hidden_layers=2, num_local_experts=3, num_experts_per_tok=2)
+    config = MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=24,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+    )
     return AutoModelForCausalLM.from_config(config).to(dtype)
 
 
@@ -34,9 +42,15 @@ def test_fused_expert_parameters_equal_peft(tmp_path, use_rslora):
     # a checkpoint that stores the experts fused, as the model holds them (E, out, in)
     base = save_module(model, tmp_path / "base")
     (base / "config.json").write_text(model.config.to_json_string())
-    cfg = LoraConfig(r=2, lora_alpha=4, use_rslora=use_rslora, init_lora_weights=False,
-                     target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-                     rank_pattern={"down_proj": 3})
+    cfg = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        use_rslora=use_rslora,
+        init_lora_weights=False,
+        target_modules=["q_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        rank_pattern={"down_proj": 3},
+    )
     adapter = make_adapter(model, tmp_path / "adapter", cfg)
     result = CliRunner().invoke(cli, ["merge", str(base), str(adapter), str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
@@ -49,9 +63,16 @@ def test_target_parameters_convert_and_inspect(tmp_path):
     model = tiny_mixtral(torch.float32)
     base = save_module(model, tmp_path / "base")
     (base / "config.json").write_text(model.config.to_json_string())
-    cfg = LoraConfig(r=2, lora_alpha=4, use_rslora=True, init_lora_weights=False,
-                     target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-                     rank_pattern={"down_proj": 3}, alpha_pattern={"down_proj": 5})
+    cfg = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        use_rslora=True,
+        init_lora_weights=False,
+        target_modules=["q_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        rank_pattern={"down_proj": 3},
+        alpha_pattern={"down_proj": 5},
+    )
     adapter = make_adapter(model, tmp_path / "adapter", cfg)
     runner = CliRunner()
     report = json.loads(runner.invoke(cli, ["inspect", str(adapter), "--json"]).stdout)

@@ -47,8 +47,13 @@ def bnb_config(kind: str, double_quant: bool = False, compute=torch.bfloat16, **
 
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, **kw)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=compute, **kw)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute,
+        **kw,
+    )
 
 
 def oracle(base: Path, adapter: Path, dequant_dtype: torch.dtype, quantization=None) -> dict[str, torch.Tensor]:
@@ -64,7 +69,9 @@ def oracle(base: Path, adapter: Path, dequant_dtype: torch.dtype, quantization=N
 def save_quantized(base: Path, out: Path, quantization) -> Path:
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=quantization).save_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=quantization).save_pretrained(
+        out
+    )
     return out
 
 
@@ -111,8 +118,10 @@ def test_merge_into_prequantized_base_equals_dequantize_then_peft(name, prequant
     assert result.exit_code == 0, result.output
     actual = read_folder(tmp_path / "out")
     assert_same_tensors(actual, oracle(base, qadapter, PREQUANTIZED[name][1]))
-    assert not any(k.endswith((".absmax", ".quant_map", ".SCB", ".weight_format")) or ".quant_state." in k or
-                   ".nested_" in k for k in actual)
+    assert not any(
+        k.endswith((".absmax", ".quant_map", ".SCB", ".weight_format")) or ".quant_state." in k or ".nested_" in k
+        for k in actual
+    )
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config
     verify = cli_run("verify", tmp_path / "out", base, qadapter, code=None)
@@ -132,8 +141,12 @@ def test_untargeted_quantized_weights_are_bitsandbytes_dequantization(prequantiz
     expected = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
     assert torch.equal(actual["model.layers.1.mlp.down_proj.weight"], expected)
     with safe_open(base / "model.safetensors", "pt") as f:
-        for key in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-                    "model.layers.0.input_layernorm.weight"):
+        for key in (
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.norm.weight",
+            "model.layers.0.input_layernorm.weight",
+        ):
             raw = f.get_tensor(key)
             assert actual[key].dtype == raw.dtype and torch.equal(actual[key].view(torch.uint8), raw.view(torch.uint8))
     assert_same_tensors(actual, oracle(base, qv_adapter, torch.bfloat16))
@@ -161,19 +174,38 @@ def test_trained_on_equals_transformers_bitsandbytes_then_peft(name, qbase, qada
     assert json.loads((tmp_path / "out" / "rslora_tools.json").read_text())["quantization"]["mode"] == "as trained"
     verify = cli_run("verify", tmp_path / "out", qbase, qadapter, code=None)  # the scheme comes from rslora_tools.json
     assert verify.exit_code == 0 and verify.output.startswith("EXACT"), verify.output
-    plain = cli_run("verify", tmp_path / "out", qbase, qadapter, "--trained-on", "fp4" if "nf4" in name else "nf4", code=None)
+    plain = cli_run(
+        "verify", tmp_path / "out", qbase, qadapter, "--trained-on", "fp4" if "nf4" in name else "nf4", code=None
+    )
     assert plain.exit_code == 1 and "MISMATCH" in plain.output
 
 
 def test_trained_on_blocksize_and_skip_modules(tmp_path, monkeypatch):
-    """--quant-blocksize 128, and --skip-modules, which replaces transformers' default skips (so lm_head is quantized)."""
+    """--quant-blocksize 128, and --skip-modules, which replaces transformers' default skips (so lm_head is
+    quantized)."""
     from peft import LoraConfig
 
     base = make_llama(tmp_path / "base", torch.bfloat16, hidden_size=128, intermediate_size=256)
-    adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(r=8, lora_alpha=8, use_rslora=True,
-                                                                    target_modules=["q_proj", "down_proj"]))
-    result = cli_run("merge", base, adapter, tmp_path / "out", "-q", "--trained-on", "nf4", "--quant-blocksize", "128",
-                 "--double-quant", "--skip-modules", "mlp.up_proj,o_proj", code=None)
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "down_proj"]),
+    )
+    result = cli_run(
+        "merge",
+        base,
+        adapter,
+        tmp_path / "out",
+        "-q",
+        "--trained-on",
+        "nf4",
+        "--quant-blocksize",
+        "128",
+        "--double-quant",
+        "--skip-modules",
+        "mlp.up_proj,o_proj",
+        code=None,
+    )
     assert result.exit_code == 0, result.output
     original = bnb.nn.Params4bit.__new__  # transformers has no blocksize setting: bitsandbytes' layers get 128
 
@@ -187,7 +219,9 @@ def test_trained_on_blocksize_and_skip_modules(tmp_path, monkeypatch):
     assert_same_tensors(actual, oracle(base, adapter, torch.bfloat16, config))
     with safe_open(base / "model.safetensors", "pt") as f:
         assert not torch.equal(actual["lm_head.weight"], f.get_tensor("lm_head.weight"))
-        assert torch.equal(actual["model.layers.0.mlp.up_proj.weight"], f.get_tensor("model.layers.0.mlp.up_proj.weight"))
+        assert torch.equal(
+            actual["model.layers.0.mlp.up_proj.weight"], f.get_tensor("model.layers.0.mlp.up_proj.weight")
+        )
 
 
 def test_gpt2_conv1d_trained_on_nf4(tmp_path):
@@ -195,22 +229,36 @@ def test_gpt2_conv1d_trained_on_nf4(tmp_path):
     from peft import LoraConfig
 
     base = make_gpt2(tmp_path / "base", torch.bfloat16, n_embd=64)  # rows of 64: clear of the AVX-512 bug
-    adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(r=8, lora_alpha=16, use_rslora=True,
-                                                                    target_modules=["c_attn", "c_fc"],
-                                                                    fan_in_fan_out=True))
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    )
     result = cli_run("merge", base, adapter, tmp_path / "out", "-q", "--trained-on", "nf4", code=None)
     assert result.exit_code == 0, result.output
     actual = read_folder(tmp_path / "out")
     expected = oracle(base, adapter, torch.bfloat16, bnb_config("nf4"))
     for key, value in expected.items():
         if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            expected[key] = value.T.contiguous()  # transformers' dequantized Linear is (out, in); GPT-2 stores (in, out)
+            expected[key] = (
+                value.T.contiguous()
+            )  # transformers' dequantized Linear is (out, in); GPT-2 stores (in, out)
     assert_same_tensors(actual, expected)
 
 
 def test_dry_run_and_report_say_what_is_quantized(prequantized, qbase, qadapter, tmp_path):
-    result = cli_run("merge", qbase, qadapter, tmp_path / "out", "--dry-run", "--json", "--trained-on", "nf4",
-                 "--double-quant", code=None)
+    result = cli_run(
+        "merge",
+        qbase,
+        qadapter,
+        tmp_path / "out",
+        "--dry-run",
+        "--json",
+        "--trained-on",
+        "nf4",
+        "--double-quant",
+        code=None,
+    )
     report = json.loads(result.output)
     assert report["quantization"]["mode"] == "as trained" and report["quantization"]["weights"] == 14
     assert report["quantization"]["scheme"] == "nf4 (double quant, blocksize 64)"
@@ -230,8 +278,9 @@ def test_sharded_prequantized_base(qbase, qadapter, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = tmp_path / "sharded"
-    AutoModelForCausalLM.from_pretrained(qbase, dtype=torch.bfloat16, quantization_config=bnb_config("nf4", True)) \
-        .save_pretrained(base, max_shard_size="40KB")
+    AutoModelForCausalLM.from_pretrained(
+        qbase, dtype=torch.bfloat16, quantization_config=bnb_config("nf4", True)
+    ).save_pretrained(base, max_shard_size="40KB")
     assert (base / "model.safetensors.index.json").is_file()
     cli_run("merge", base, qadapter, tmp_path / "out", "-q")
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
@@ -244,7 +293,9 @@ def test_quantization_errors(prequantized, qbase, qadapter, tmp_path):
     out = tmp_path / "out"
     result = cli_run("merge", prequantized["nf4"], qadapter, out, "--trained-on", "nf4", code=None)
     assert result.exit_code == 1 and "already quantized" in result.output
-    result = cli_run("merge", qbase, qadapter, out, "--double-quant", code=None)  # flag mistakes are usage errors (exit 2)
+    result = cli_run(
+        "merge", qbase, qadapter, out, "--double-quant", code=None
+    )  # flag mistakes are usage errors (exit 2)
     assert result.exit_code == 2 and "--trained-on" in result.output
     result = cli_run("merge", qbase, qadapter, out, "--trained-on", "int8", "--double-quant", code=None)
     assert result.exit_code == 2 and "int8" in result.output
@@ -252,6 +303,7 @@ def test_quantization_errors(prequantized, qbase, qadapter, tmp_path):
 
 
 # ---- the arithmetic against bitsandbytes itself ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -264,8 +316,11 @@ def test_4bit_quantize_and_dequantize_match_bitsandbytes(method, double_quant, d
         expected = F.dequantize_4bit(packed, state)
         actual = D.simulate(w, QuantScheme(method, blocksize=64, double_quant=double_quant))
         assert_same_bits_but_fp4_zero_sign(actual, expected, method, shape)
-        absmax = state.absmax if not double_quant else \
-            D.dequantize_blockwise_8bit(state.absmax, state.state2.absmax, state.state2.code, 256) + state.offset
+        absmax = (
+            state.absmax
+            if not double_quant
+            else D.dequantize_blockwise_8bit(state.absmax, state.state2.absmax, state.state2.code, 256) + state.offset
+        )
         from_packed = D.dequantize_4bit(packed, absmax, method, 64, tuple(shape), dtype)
         assert_same_bits_but_fp4_zero_sign(from_packed, expected, method, shape)
 
@@ -274,8 +329,9 @@ def assert_same_bits_but_fp4_zero_sign(actual: torch.Tensor, expected: torch.Ten
     """Same bits; except that bitsandbytes' scalar CPU path (rows whose length is not a multiple of 16) writes -0.0
     for FP4 code 0b1000, where its torch and AVX-512 paths and rslora-tools write +0.0 (docs/quantization.md)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    same = actual.view(-1).view(torch.uint8 if actual.element_size() == 1 else _int_of(actual)) == \
-        expected.view(-1).view(_int_of(expected))
+    same = actual.view(-1).view(torch.uint8 if actual.element_size() == 1 else _int_of(actual)) == expected.view(
+        -1
+    ).view(_int_of(expected))
     if method == "fp4":
         zero_sign = (actual.view(-1) == 0) & (expected.view(-1) == 0) & torch.signbit(expected.view(-1))
         same |= zero_sign
@@ -295,14 +351,16 @@ def test_4bit_format_on_the_shapes_of_the_avx512_bug():
     for method in ("nf4", "fp4"):
         w = (torch.randn(48, 32) * 0.05).to(torch.bfloat16)
         packed, state = F.quantize_4bit(w, blocksize=64, quant_type=method)
-        expected = _dequantize_4bit_compute(packed.reshape(-1), state.absmax, _get_4bit_code(method, w.device), 64,
-                                            (48, 32), torch.bfloat16)
+        expected = _dequantize_4bit_compute(
+            packed.reshape(-1), state.absmax, _get_4bit_code(method, w.device), 64, (48, 32), torch.bfloat16
+        )
         actual = D.dequantize_4bit(packed, state.absmax, method, 64, (48, 32), torch.bfloat16)
         assert torch.equal(actual.view(torch.int16), expected.view(torch.int16))
 
 
 def test_double_quantization_lookup_table_matches_bitsandbytes():
-    """8-bit blockwise quantization of the absmax values goes through bitsandbytes' 65536-entry table, not nearest-code."""
+    """8-bit blockwise quantization of the absmax values goes through bitsandbytes' 65536-entry table, not
+    nearest-code."""
     torch.manual_seed(2)
     assert torch.equal(D.dynamic_map(), F.create_dynamic_map())
     x = torch.cat([torch.ones(4000, 1), torch.rand(4000, 255) * 2 - 1], dim=1).reshape(-1)
@@ -334,15 +392,20 @@ def test_keep_in_fp32_table_matches_transformers():
     for model_type, names in KEEP_IN_FP32.items():
         module_name = model_type_to_module_name(model_type)
         module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-        declared = {tuple(obj._keep_in_fp32_modules) for obj in vars(module).values()
-                    if isinstance(obj, type) and obj.__module__ == module.__name__
-                    and getattr(obj, "_keep_in_fp32_modules", None)}
+        declared = {
+            tuple(obj._keep_in_fp32_modules)
+            for obj in vars(module).values()
+            if isinstance(obj, type)
+            and obj.__module__ == module.__name__
+            and getattr(obj, "_keep_in_fp32_modules", None)
+        }
         assert declared == {names}, model_type
     llama = importlib.import_module("transformers.models.llama.modeling_llama")
     assert not llama.LlamaForCausalLM._keep_in_fp32_modules
 
 
 # ---- GPTQ and AWQ, from the format definition ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bits,fmt,desc_act", [(4, "gptq", False), (4, "gptq_v2", True), (8, "gptq", True)])
 def test_gptq_dequantization_from_the_format(bits, fmt, desc_act, tmp_path):
@@ -377,13 +440,28 @@ def test_awq_gemm_dequantization_from_the_format(tmp_path):
     rows = torch.arange(in_f) // group
     weight = ((q - zeros[rows]).float() * scales[rows].float()).to(torch.float16).T.contiguous()
     awq_order = [0, 2, 4, 6, 1, 3, 5, 7]
-    tensors = {"model.proj.qweight": _pack_cols_awq(q, awq_order), "model.proj.qzeros": _pack_cols_awq(zeros, awq_order),
-               "model.proj.scales": scales}
+    tensors = {
+        "model.proj.qweight": _pack_cols_awq(q, awq_order),
+        "model.proj.qzeros": _pack_cols_awq(zeros, awq_order),
+        "model.proj.scales": scales,
+    }
     base = tmp_path / "base"
     base.mkdir()
     save_file(tensors, base / "model.safetensors")
-    (base / "config.json").write_text(json.dumps({"dtype": "float16", "quantization_config": {
-        "quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm", "zero_point": True}}))
+    (base / "config.json").write_text(
+        json.dumps(
+            {
+                "dtype": "float16",
+                "quantization_config": {
+                    "quant_method": "awq",
+                    "bits": 4,
+                    "group_size": group,
+                    "version": "gemm",
+                    "zero_point": True,
+                },
+            }
+        )
+    )
     adapter = _lora_for_proj(tmp_path / "adapter", out_f, in_f)
     cli_run("merge", base, adapter, tmp_path / "out", "-q")
     a = read_folder(adapter)
@@ -401,7 +479,7 @@ def _pack_cols_awq(codes: torch.Tensor, order: list[int]) -> torch.Tensor:
     """AWQ GEMM packing: word c holds columns 8c + order[j] in field j."""
     words = torch.zeros(codes.shape[0], codes.shape[1] // 8, dtype=torch.int64)
     for j in range(8):
-        words |= codes[:, order[j]::8].to(torch.int64) << (4 * j)
+        words |= codes[:, order[j] :: 8].to(torch.int64) << (4 * j)
     return _as_int32(words)
 
 
@@ -417,12 +495,17 @@ def test_merging_as_trained_gives_the_model_the_adapter_was_trained_with(qbase, 
                 if "lora_B" in name:
                     p.mul_(0.02)  # a delta about a tenth of the weights, as after real training
 
-    adapter = make_adapter(qbase, tmp_path / "adapter", LoraConfig(r=16, lora_alpha=16, use_rslora=True,
-                                                                     target_modules="all-linear"), after=small_delta)
+    adapter = make_adapter(
+        qbase,
+        tmp_path / "adapter",
+        LoraConfig(r=16, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
+        after=small_delta,
+    )
     quantization = bnb_config("nf4", True)
     trained = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(qbase, dtype=torch.bfloat16, quantization_config=quantization),
-        str(adapter))
+        str(adapter),
+    )
     cli_run("merge", qbase, adapter, tmp_path / "original", "-q")
     cli_run("merge", qbase, adapter, tmp_path / "as-trained", "-q", "--trained-on", "nf4", "--double-quant")
     tokens = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -434,8 +517,10 @@ def test_merging_as_trained_gives_the_model_the_adapter_was_trained_with(qbase, 
             top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
             measured[name] = ((logits - reference).abs().mean().item(), top1)
     with capsys.disabled():
-        print("\nlogits vs the QLoRA model (mean |diff|, top-1 agreement):",
-              {k: (f"{e:.2e}", f"{t:.0%}") for k, (e, t) in measured.items()})
+        print(
+            "\nlogits vs the QLoRA model (mean |diff|, top-1 agreement):",
+            {k: (f"{e:.2e}", f"{t:.0%}") for k, (e, t) in measured.items()},
+        )
     assert measured["as-trained"][0] < measured["original"][0] / 4
     assert measured["as-trained"][1] > measured["original"][1]
 
@@ -462,9 +547,17 @@ def test_kernel_4bit_path_matches_torch_path(wide):
                 half = w.numel() // 2  # two calls, the second starting mid-tensor, as the executor's blocks of rows do
                 first = half // blocksize
                 for lo, hi, block in ((0, half, 0), (half, w.numel(), first)):
-                    kernel.simulate_4bit(tensor_bytes(w.view(-1)[lo:hi]), name, method, blocksize, block,
-                                         memoryview(absmax), memoryview(bytearray(tensor_bytes(scale))),
-                                         tensor_bytes(out.view(-1)[lo:hi]), wide=wide)
+                    kernel.simulate_4bit(
+                        tensor_bytes(w.view(-1)[lo:hi]),
+                        name,
+                        method,
+                        blocksize,
+                        block,
+                        memoryview(absmax),
+                        memoryview(bytearray(tensor_bytes(scale))),
+                        tensor_bytes(out.view(-1)[lo:hi]),
+                        wide=wide,
+                    )
                 expected = D.simulate(w, QuantScheme(method, blocksize=blocksize, double_quant=double_quant))
                 assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8)), (name, method, blocksize)
 
@@ -475,10 +568,20 @@ def test_trained_on_kernel_path_over_several_blocks_of_rows(double_quant, tmp_pa
     plus PEFT's delta, and the torch path (RSLORA_TOOLS_KERNEL=0) gives the same bytes."""
     from peft import LoraConfig
 
-    base = make_llama(tmp_path / "base", torch.bfloat16, hidden_size=512, intermediate_size=2048,
-                      num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=1)
-    adapter = make_adapter(base, tmp_path / "adapter", LoraConfig(r=8, lora_alpha=16, use_rslora=True,
-                                                                    target_modules=["down_proj", "up_proj"]))
+    base = make_llama(
+        tmp_path / "base",
+        torch.bfloat16,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        num_hidden_layers=1,
+    )
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=["down_proj", "up_proj"]),
+    )
     flags = ["--trained-on", "nf4"] + (["--double-quant"] if double_quant else [])
     dry = json.loads(cli_run("merge", base, adapter, tmp_path / "x", "--dry-run", "--json", *flags).output)
     from rslora_tools.compute import kernel
@@ -497,8 +600,9 @@ def test_trained_on_kernel_path_over_several_blocks_of_rows(double_quant, tmp_pa
 def test_prequantized_bf16_quant_storage_and_dtype_override(qbase, qadapter, tmp_path):
     """bnb_4bit_quant_storage=bfloat16 (FSDP-QLoRA checkpoints) packs the codes in bf16 words; --dtype fp32 merges in
     fp32, as dequantize(dtype=float32) then PEFT does."""
-    base = save_quantized(qbase, tmp_path / "bf16-storage",
-                          bnb_config("nf4", True, bnb_4bit_quant_storage=torch.bfloat16))
+    base = save_quantized(
+        qbase, tmp_path / "bf16-storage", bnb_config("nf4", True, bnb_4bit_quant_storage=torch.bfloat16)
+    )
     with safe_open(base / "model.safetensors", "pt") as f:
         assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
     cli_run("merge", base, qadapter, tmp_path / "out", "-q")

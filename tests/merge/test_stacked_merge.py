@@ -25,11 +25,23 @@ from peft_oracle import (
 )
 
 ADAPTERS = {
-    "rslora-patterns": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
-                            rank_pattern={"v_proj": 4}, alpha_pattern={"layers.1.self_attn.q_proj": 5}),
+    "rslora-patterns": dict(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 4},
+        alpha_pattern={"layers.1.self_attn.q_proj": 5},
+    ),
     "classic-dora": dict(r=16, lora_alpha=8, target_modules=["q_proj", "up_proj", "down_proj"], use_dora=True),
-    "rslora-dora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "o_proj"], use_dora=True,
-                        alpha_pattern={"o_proj": 3}),
+    "rslora-dora": dict(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "o_proj"],
+        use_dora=True,
+        alpha_pattern={"o_proj": 3},
+    ),
     "classic-embedding": dict(r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj", "lm_head"]),
 }
 
@@ -38,8 +50,10 @@ ADAPTERS = {
 def setup(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"stacked-{str(request.param)[6:]}")
     base = make_llama(root / "base", request.param)
-    adapters = {name: make_adapter(base, root / name, LoraConfig(init_lora_weights=False, **kwargs), seed=i + 1)
-                for i, (name, kwargs) in enumerate(ADAPTERS.items())}
+    adapters = {
+        name: make_adapter(base, root / name, LoraConfig(init_lora_weights=False, **kwargs), seed=i + 1)
+        for i, (name, kwargs) in enumerate(ADAPTERS.items())
+    }
     return base, adapters
 
 
@@ -107,8 +121,9 @@ def test_the_same_adapter_with_weights_one_and_minus_one_cancels(setup, tmp_path
     cli_run("merge", base, adapter, adapter, out, "--weights", "1,-1")
     merged, original = read_folder(out), read_folder(base)
     for key, value in original.items():  # W + d - d: at most one rounding of d away from W
-        assert torch.allclose(merged[key].float(), value.float(), rtol=0, atol=2e-2 if value.dtype == torch.bfloat16
-                              else 1e-6), key
+        assert torch.allclose(
+            merged[key].float(), value.float(), rtol=0, atol=2e-2 if value.dtype == torch.bfloat16 else 1e-6
+        ), key
 
 
 def test_verify_and_dry_run_of_a_stacked_merge(setup, tmp_path):
@@ -146,10 +161,22 @@ def test_a_later_adapters_modules_to_save_are_kept_where_peft_drops_them(tmp_pat
     first, PEFT and rslora-tools agree bit for bit; with it second, PEFT drops the saved lm_head, rslora-tools keeps
     it and says so."""
     base = make_llama(tmp_path / "base")
-    a = make_adapter(base, tmp_path / "a", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                      init_lora_weights=False), seed=1)
-    b = make_adapter(base, tmp_path / "b", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["v_proj"],
-                                                      modules_to_save=["lm_head"], init_lora_weights=False), seed=2)
+    a = make_adapter(
+        base, tmp_path / "a", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False), seed=1
+    )
+    b = make_adapter(
+        base,
+        tmp_path / "b",
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["v_proj"],
+            modules_to_save=["lm_head"],
+            init_lora_weights=False,
+        ),
+        seed=2,
+    )
     cli_run("merge", base, b, a, tmp_path / "ba")
     assert_same_tensors(read_folder(tmp_path / "ba"), peft_stacked(base, [b, a]))
     report = json.loads(cli_run("merge", base, a, b, tmp_path / "ab", "--json").stdout)
@@ -182,7 +209,9 @@ def test_verify_command_with_several_adapters_and_weights(setup, tmp_path):
     cli_run("merge", base, *paths, out, "--weights", "0.5,2")
     report = json.loads(cli_run("verify", out, base, *paths, "--weights", "0.5,2", "--json").stdout)
     assert report["verdict"] == "exact", report["problems"]
-    wrong = cli_run("verify", out, base, *paths, "--weights", "1,1", "--json", code=None)  # other weights: not this merge
+    wrong = cli_run(
+        "verify", out, base, *paths, "--weights", "1,1", "--json", code=None
+    )  # other weights: not this merge
     assert wrong.exit_code == 1 and json.loads(wrong.stdout)["verdict"] == "mismatch"
     recorded = json.loads(cli_run("verify", out, base, *paths, "--json").stdout)  # none given: the merge's own record
     assert recorded["verdict"] == "exact" and recorded["recipe"]["weights"] == [0.5, 2.0]
@@ -191,13 +220,24 @@ def test_verify_command_with_several_adapters_and_weights(setup, tmp_path):
 
 def test_trainable_tokens_of_one_adapter_are_applied_where_peft_cannot_stack_them(tmp_path):
     """PEFT 0.21.2 cannot stack an adapter with trainable tokens and one without: load_adapter or merge_and_unload
-    raises KeyError, in either order. rslora-tools merges them: each tensor as the adapter that changes it merges it."""
+    raises KeyError, in either order. rslora-tools merges them: each tensor as the adapter that changes it merges
+    it."""
     base = make_llama(tmp_path / "base")
-    a = make_adapter(base, tmp_path / "a", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                      init_lora_weights=False), seed=1)
-    b = make_adapter(base, tmp_path / "b", LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"],
-                                                      trainable_token_indices={"embed_tokens": [1, 5]},
-                                                      init_lora_weights=False), seed=2)
+    a = make_adapter(
+        base, tmp_path / "a", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False), seed=1
+    )
+    b = make_adapter(
+        base,
+        tmp_path / "b",
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["v_proj"],
+            trainable_token_indices={"embed_tokens": [1, 5]},
+            init_lora_weights=False,
+        ),
+        seed=2,
+    )
     for order in ([a, b], [b, a]):
         with pytest.raises(KeyError):
             peft_stacked(base, order)
@@ -214,15 +254,27 @@ def test_two_adapters_that_train_tokens_merge_as_peft_merges_them(setup, tmp_pat
     """PEFT's own multi-adapter case "LoRA + trainable tokens" (disjoint indices): both adapters' rows are written
     in order; it was refused ("replaced by this adapter ... and changed by another one")."""
     base, _ = setup
-    first = make_adapter(base, tmp_path / "t1", LoraConfig(init_lora_weights=False, target_modules=["q_proj"],
-                                                           trainable_token_indices=[1, 5, 7]), seed=5)
-    second = make_adapter(base, tmp_path / "t2", LoraConfig(init_lora_weights=False, target_modules=["v_proj"],
-                                                            trainable_token_indices=[2, 3]), seed=6)
+    first = make_adapter(
+        base,
+        tmp_path / "t1",
+        LoraConfig(init_lora_weights=False, target_modules=["q_proj"], trainable_token_indices=[1, 5, 7]),
+        seed=5,
+    )
+    second = make_adapter(
+        base,
+        tmp_path / "t2",
+        LoraConfig(init_lora_weights=False, target_modules=["v_proj"], trainable_token_indices=[2, 3]),
+        seed=6,
+    )
     out = tmp_path / "merged"
     cli_run("merge", base, first, second, out)
     assert_same_tensors(read_folder(out), peft_stacked(base, [first, second]))
     assert "EXACT" in cli_run("verify", out, base, first, second).output
-    overlapping = make_adapter(base, tmp_path / "t3", LoraConfig(init_lora_weights=False, target_modules=["v_proj"],
-                                                                 trainable_token_indices=[5, 9]), seed=7)
+    overlapping = make_adapter(
+        base,
+        tmp_path / "t3",
+        LoraConfig(init_lora_weights=False, target_modules=["v_proj"], trainable_token_indices=[5, 9]),
+        seed=7,
+    )
     line = cli_run("merge", base, first, overlapping, tmp_path / "o", code=1).output
     assert "trainable tokens [5] of 'model.embed_tokens.weight' are trained by an earlier adapter too" in line

@@ -41,8 +41,16 @@ def make_qwen2(path: Path) -> Path:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     # mlx-lm 0.32.2's qwen2.py reads a top-level rope_theta (default 1e6), not transformers 5's rope_parameters:
     # without it the two run different base models (measured: logits 3e-4 apart without any adapter)
@@ -54,8 +62,10 @@ def make_qwen2(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    return {"llama": make_llama(tmp_path_factory.mktemp("llama"), torch.float32),
-            "qwen2": make_qwen2(tmp_path_factory.mktemp("qwen2"))}
+    return {
+        "llama": make_llama(tmp_path_factory.mktemp("llama"), torch.float32),
+        "qwen2": make_qwen2(tmp_path_factory.mktemp("qwen2")),
+    }
 
 
 def mlx_model(base: Path, adapter: Path | None = None):
@@ -105,8 +115,9 @@ def test_a_converted_adapter_gives_peft_logits_in_mlx_lm(models, tmp_path, arch,
     result = cli_run("convert", adapter, tmp_path / "mlx", "--target", "mlx")
     assert "mlx-lm adapter" in result.output
     model = mlx_model(base, tmp_path / "mlx")
-    peft_modules = {k.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
-                    for k in read_folder(adapter) if ".lora_A." in k}
+    peft_modules = {
+        k.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0] for k in read_folder(adapter) if ".lora_A." in k
+    }
     assert wrapped_modules(model) == peft_modules  # every module, and nothing else
     got = np.array(model(mx.array(IDS)))
     want = peft_logits(base, adapter)
@@ -122,9 +133,14 @@ def test_patterns_get_one_rank_and_scale_with_the_rest_folded_and_padded(models,
     assert "4 modules with another PEFT scale: the ratio folded into lora_b" in report["message"]
     assert "2 modules of a smaller rank padded with zeros (exact)" in report["message"]
     config = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
-    assert config["lora_parameters"]["rank"] == 8 and config["lora_parameters"]["scale"] == 16 / 8 ** 0.5
+    assert config["lora_parameters"]["rank"] == 8 and config["lora_parameters"]["scale"] == 16 / 8**0.5
     assert config["num_layers"] == 2 and config["lora_parameters"]["keys"] == [
-        "mlp.down_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+        "mlp.down_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
 
 
 def test_a_layer_subset_is_named_by_full_paths(models, tmp_path):
@@ -151,7 +167,8 @@ def test_peft_to_mlx_to_peft_is_exact(models, tmp_path, name):
 
 
 def mlx_trained(base: Path, out: Path, *, dora: bool, num_layers: int = 2, scale: float = 3.0, steps: int = 4) -> Path:
-    """An adapter trained for a few steps with mlx-lm's own LoRA/DoRA layers and loss, saved as mlx_lm.lora saves it."""
+    """An adapter trained for a few steps with mlx-lm's own LoRA/DoRA layers and loss, saved as mlx_lm.lora saves
+    it."""
     mx.random.seed(0)
     model = mlx_model(base)
     model.freeze()
@@ -167,8 +184,14 @@ def mlx_trained(base: Path, out: Path, *, dora: bool, num_layers: int = 2, scale
         mx.eval(model.parameters(), optimizer.state)
     out.mkdir(parents=True)
     mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-    config = {"model": str(base), "fine_tune_type": "dora" if dora else "lora", "num_layers": num_layers,
-              "lora_parameters": params, "seed": 0, "iters": steps}
+    config = {
+        "model": str(base),
+        "fine_tune_type": "dora" if dora else "lora",
+        "num_layers": num_layers,
+        "lora_parameters": params,
+        "seed": 0,
+        "iters": steps,
+    }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=4))
     return out
 
@@ -218,24 +241,31 @@ def test_inspect_reads_an_mlx_adapter_and_says_who_serves_it(models, tmp_path):
     assert peft["runtimes"]["mlx"]["status"] == "cannot serve"
 
 
-@pytest.mark.parametrize("fields, says", [
-    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
-    (dict(lora_bias=True), "lora_bias"),
-    (dict(target_modules=["embed_tokens", "q_proj"]), "embedding LoRA"),
-])
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(lora_bias=True), "lora_bias"),
+        (dict(target_modules=["embed_tokens", "q_proj"]), "embedding LoRA"),
+    ],
+)
 def test_what_mlx_lm_cannot_serve_is_refused(models, tmp_path, fields, says):
-    adapter = make_adapter(models["llama"], tmp_path / "peft", LoraConfig(**{"r": 4, "target_modules": ["q_proj"],
-                                                                             **fields}))
+    adapter = make_adapter(
+        models["llama"], tmp_path / "peft", LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **fields})
+    )
     result = cli_run("convert", adapter, tmp_path / "mlx", "--target", "mlx", code=1)
     assert "mlx-lm cannot serve this adapter" in result.output and says in result.output
     assert not (tmp_path / "mlx").exists()
 
 
-@pytest.mark.parametrize("edit, says", [
-    (lambda c: c.update(fine_tune_type="full"), "rslora-tools extract"),
-    (lambda c: c["lora_parameters"].pop("scale"), "lora_parameters.scale"),
-    (lambda c: c["lora_parameters"].update(rank=8), "not rank 8"),
-])
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (lambda c: c.update(fine_tune_type="full"), "rslora-tools extract"),
+        (lambda c: c["lora_parameters"].pop("scale"), "lora_parameters.scale"),
+        (lambda c: c["lora_parameters"].update(rank=8), "not rank 8"),
+    ],
+)
 def test_a_broken_or_full_mlx_adapter_is_refused_in_one_line(models, tmp_path, edit, says):
     adapter = mlx_trained(models["llama"], tmp_path / "mlx", dora=False, num_layers=1, steps=1)
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -263,13 +293,23 @@ def test_a_dry_run_writes_nothing(models, tmp_path):
     assert report["dry_run"] and report["action"] == "mlx" and not (tmp_path / "mlx").exists()
 
 
-@pytest.mark.parametrize("tensors, says", [
-    ({"model.layers.0.mlp.switch_mlp.gate_proj.lora_a": torch.zeros(4, 4, 32),
-      "model.layers.0.mlp.switch_mlp.gate_proj.lora_b": torch.zeros(4, 48, 4)}, "fused MoE experts (SwitchLinear)"),
-    ({"model.embed_tokens.lora_a": torch.zeros(64, 4), "model.embed_tokens.lora_b": torch.zeros(4, 32)},
-     "mlx-lm embedding LoRA is not read"),
-    ({"model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32)}, "is not an mlx-lm LoRA or DoRA tensor"),
-])
+@pytest.mark.parametrize(
+    "tensors, says",
+    [
+        (
+            {
+                "model.layers.0.mlp.switch_mlp.gate_proj.lora_a": torch.zeros(4, 4, 32),
+                "model.layers.0.mlp.switch_mlp.gate_proj.lora_b": torch.zeros(4, 48, 4),
+            },
+            "fused MoE experts (SwitchLinear)",
+        ),
+        (
+            {"model.embed_tokens.lora_a": torch.zeros(64, 4), "model.embed_tokens.lora_b": torch.zeros(4, 32)},
+            "mlx-lm embedding LoRA is not read",
+        ),
+        ({"model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 32)}, "is not an mlx-lm LoRA or DoRA tensor"),
+    ],
+)
 def test_mlx_adapters_rslora_tools_cannot_read_are_refused(models, tmp_path, tensors, says):
     from safetensors.torch import save_file
 

@@ -28,15 +28,35 @@ from rslora_tools.reporting import counted
 
 # one row per layout family: plain, experts stacked on loading (renamed or not), fused on disk, kept in float32,
 # hybrid SSM, multimodal renames, a fused q/k/v cut on loading, a transposed weight, encoder-decoder, encoder
-REPRESENTATIVE = {"llama", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "nemotron_h", "jamba",
-                  "qwen2_vl", "llava", "mllama-vision", "qwen3_5_moe-vision", "hrm_text", "sarvam_moe", "ergo", "xlnet",
-                  "t5", "bert", "bart"}
+REPRESENTATIVE = {
+    "llama",
+    "qwen3_moe",
+    "mixtral",
+    "deepseek_v3",
+    "gpt_oss",
+    "granitemoe",
+    "nemotron_h",
+    "jamba",
+    "qwen2_vl",
+    "llava",
+    "mllama-vision",
+    "qwen3_5_moe-vision",
+    "hrm_text",
+    "sarvam_moe",
+    "ergo",
+    "xlnet",
+    "t5",
+    "bert",
+    "bart",
+}
 ROWS = rows()
 # model types whose ordinary adapter is refused, by name (nothing written): what transformers does on loading there
 # is not merged across (yet); docs/layouts.md lists them
 REFUSED = {  # model type -> (what the refusal says, why, for docs/layouts.md)
-    "inkling_mm_model": ("by Interleave + Chunk of the checkpoint's", "its shared experts are one stored tensor, "
-                         "interleaved and cut on loading"),
+    "inkling_mm_model": (
+        "by Interleave + Chunk of the checkpoint's",
+        "its shared experts are one stored tensor, interleaved and cut on loading",
+    ),
 }
 
 
@@ -60,8 +80,11 @@ def test_the_ordinary_adapter_merges_bit_for_bit_as_peft(row: Row, tmp_path):
         case = build_case(row, tmp_path)
     except pytest.skip.Exception as e:
         reason = str(e.msg).partition(": ")[2]
-        RESULTS[row.id] = "not built here: " + reason.split(" (")[0] + \
-            (f" ({reason.split(' (', 1)[1].split(':')[0]})" if " (" in reason else "")
+        RESULTS[row.id] = (
+            "not built here: "
+            + reason.split(" (")[0]
+            + (f" ({reason.split(' (', 1)[1].split(':')[0]})" if " (" in reason else "")
+        )
         raise
     if row.model_type in REFUSED:
         refused = cli_run("merge", case.base, case.adapter, tmp_path / "out", code=1).output
@@ -75,12 +98,16 @@ def test_the_ordinary_adapter_merges_bit_for_bit_as_peft(row: Row, tmp_path):
     assert_same_tensors(read_folder(tmp_path / "out"), truth)
     report = json.loads(result.stdout)
     _applies_to_is_what_changes(case, truth)
-    if any(re.search(r"\.experts\.(base_layer\.)*lora_A", k) for k in load_file(case.adapter / "adapter_model.safetensors")):
+    if any(
+        re.search(r"\.experts\.(base_layer\.)*lora_A", k)
+        for k in load_file(case.adapter / "adapter_model.safetensors")
+    ):
         _expert_layouts_round_trip(case, truth, tmp_path)
     if any("other naming" in note for note in report["notes"]):
         _key_layouts_round_trip(case, truth, tmp_path)
-    RESULTS[row.id] = "bit for bit" + ("; PEFT does not reload its own adapter (truth: the model it trained)"
-                                              if case.notes else "")
+    RESULTS[row.id] = "bit for bit" + (
+        "; PEFT does not reload its own adapter (truth: the model it trained)" if case.notes else ""
+    )
 
 
 def test_docs_list_what_the_matrix_shows():
@@ -90,21 +117,31 @@ def test_docs_list_what_the_matrix_shows():
     assert BEGIN in text and END in text, "docs/layouts.md lost its generated-matrix markers"
     before, _, rest = text.partition(BEGIN)
     table, _, after = rest.partition(END)
-    documented = {line.split(" | ")[0].strip("| `") + "/" + line.split(" | ")[1]: line for line in table.splitlines()
-                  if line.startswith("| `")}
-    lines = {f"{r.model_type}/{r.class_name}": f"| `{r.model_type}` | {r.class_name} | {r.kind} | {RESULTS[r.id]} |"
-             for r in ROWS if r.id in RESULTS}
+    documented = {
+        line.split(" | ")[0].strip("| `") + "/" + line.split(" | ")[1]: line
+        for line in table.splitlines()
+        if line.startswith("| `")
+    }
+    lines = {
+        f"{r.model_type}/{r.class_name}": f"| `{r.model_type}` | {r.class_name} | {r.kind} | {RESULTS[r.id]} |"
+        for r in ROWS
+        if r.id in RESULTS
+    }
     if os.environ.get("RSLORA_TOOLS_WRITE_DOCS") == "1" and len(lines) == len(ROWS):
         merged = sum(1 for v in RESULTS.values() if v.startswith("bit for bit"))
         types = len({r.model_type for r in ROWS})
-        body = (f"\n{merged} of {len(ROWS)} model classes ({types} model types) merge bit for bit as PEFT; "
-                f"{counted(sum(1 for v in RESULTS.values() if v.startswith('refused')), 'model class')} refused by "
-                "name; the rest are not built by the matrix (the reason is given).\n\n| model type | class | kind | the ordinary adapter |\n"
-                "|---|---|---|---|\n" + "\n".join(lines[f"{r.model_type}/{r.class_name}"] for r in ROWS) + "\n")
+        body = (
+            f"\n{merged} of {len(ROWS)} model classes ({types} model types) merge bit for bit as PEFT; "
+            f"{counted(sum(1 for v in RESULTS.values() if v.startswith('refused')), 'model class')} refused by "
+            "name; the rest are not built by the matrix (the reason is given).\n\n| model type | class | kind | the "
+            "ordinary adapter |\n"
+            "|---|---|---|---|\n" + "\n".join(lines[f"{r.model_type}/{r.class_name}"] for r in ROWS) + "\n"
+        )
         DOCS.write_text(before + BEGIN + body + END + after)
         return
-    assert {k: documented.get(k) for k in lines} == lines, \
+    assert {k: documented.get(k) for k in lines} == lines, (
         "docs/layouts.md's matrix is out of date: RSLORA_TOOLS_WRITE_DOCS=1 pytest tests/models -m 'slow or not slow'"
+    )
 
 
 def test_a_sharded_moe_checkpoint_with_experts_split_across_shards(tmp_path):
@@ -136,7 +173,9 @@ def _same_adapter_tensors(a: Path, b: Path) -> None:
     assert [k for k in x if not torch.equal(x[k], y[k])] == []
 
 
-def _round_trip(case: Case, truth: dict[str, torch.Tensor], tmp_path: Path, option: str, there: str, back: str) -> None:
+def _round_trip(
+    case: Case, truth: dict[str, torch.Tensor], tmp_path: Path, option: str, there: str, back: str
+) -> None:
     """`convert --OPTION there`, then `--OPTION back`: the same tensors again; both forms merge to PEFT's result."""
     for source, layout in ((case.adapter, there), (tmp_path / f"as-{there}", back)):
         result = cli_run("convert", source, tmp_path / f"as-{layout}", option, layout, "--base", case.base, code=None)

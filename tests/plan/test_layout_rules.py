@@ -21,9 +21,30 @@ from rslora_tools.plan.layouts import HAND_EXPERTS, RULES_FILE, Layouts
 
 GENERATOR = ROOT / "scripts" / "generate_layouts.py"
 # families whose loading renames, stacks, cuts, concatenates, transposes or reorders stored tensors
-REPLAYED = ["mixtral", "qwen3_moe", "qwen2_vl", "llava", "llava_next", "mllama", "qwen3_5_moe", "nemotron_h",
-            "granitemoe", "phimoe", "jamba", "hrm_text", "sarvam_moe", "ergo", "kimi_linear", "laguna", "minimax_m3_vl",
-            "mistral_large4", "gemma3", "paligemma", "kimi_k25", "step3p7"]
+REPLAYED = [
+    "mixtral",
+    "qwen3_moe",
+    "qwen2_vl",
+    "llava",
+    "llava_next",
+    "mllama",
+    "qwen3_5_moe",
+    "nemotron_h",
+    "granitemoe",
+    "phimoe",
+    "jamba",
+    "hrm_text",
+    "sarvam_moe",
+    "ergo",
+    "kimi_linear",
+    "laguna",
+    "minimax_m3_vl",
+    "mistral_large4",
+    "gemma3",
+    "paligemma",
+    "kimi_k25",
+    "step3p7",
+]
 
 
 def generator():
@@ -38,10 +59,12 @@ def test_the_table_is_the_installed_transformers_rules():
     import transformers
 
     table = json.loads(RULES_FILE.read_text())
-    assert table["transformers"] == transformers.__version__, \
+    assert table["transformers"] == transformers.__version__, (
         "layout_rules.json was generated from another transformers: run scripts/generate_layouts.py"
-    assert table["rules_fingerprint"] == generator().rules_fingerprint(), \
+    )
+    assert table["rules_fingerprint"] == generator().rules_fingerprint(), (
         "transformers' conversion rules differ from layout_rules.json: run scripts/generate_layouts.py"
+    )
 
 
 @pytest.mark.slow
@@ -62,8 +85,11 @@ def test_every_stored_name_loads_to_the_name_transformers_gives_it(model_type, t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(tmp_path)
-    stored = sorted(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
-                    if (tmp_path / "model.safetensors.index.json").exists() else _names(tmp_path / "model.safetensors"))
+    stored = sorted(
+        json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+        if (tmp_path / "model.safetensors.index.json").exists()
+        else _names(tmp_path / "model.safetensors")
+    )
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]

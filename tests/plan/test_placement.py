@@ -65,7 +65,9 @@ def test_a_path_is_found_as_it_is_with_a_missing_prefix_or_with_an_extra_one(tmp
 
 def test_a_path_two_prefixes_could_complete_is_refused(tmp_path):
     ckpt = checkpoint(tmp_path / "base", {"encoder.block.weight": (4, 4), "decoder.block.weight": (4, 4)})
-    with pytest.raises(MismatchError, match="matches several base tensors.*decoder.block.weight, encoder.block.weight"):
+    with pytest.raises(
+        MismatchError, match="matches several base tensors.*decoder.block.weight, encoder.block.weight"
+    ):
         NameResolver(ckpt).find("block.weight")
 
 
@@ -87,18 +89,29 @@ def test_a_conv1d_weight_is_in_by_out_and_read_from_the_shape(tmp_path):
     assert (op.kind, op.transpose) == ("linear", True)
 
 
-@pytest.mark.parametrize(("model_type", "fan_in_fan_out", "transpose"),
-                         [("llama", False, False), ("gpt2", False, True), ("llama", True, True)])
-def test_a_square_weight_takes_its_layout_from_the_architecture_or_the_config(tmp_path, model_type, fan_in_fan_out,
-                                                                              transpose):
-    _, op, _ = place(tmp_path, {"h.proj.weight": (8, 8)}, lora("h.proj", 4, 8, 8), model_type=model_type,
-                     fan_in_fan_out=fan_in_fan_out)
+@pytest.mark.parametrize(
+    ("model_type", "fan_in_fan_out", "transpose"),
+    [("llama", False, False), ("gpt2", False, True), ("llama", True, True)],
+)
+def test_a_square_weight_takes_its_layout_from_the_architecture_or_the_config(
+    tmp_path, model_type, fan_in_fan_out, transpose
+):
+    _, op, _ = place(
+        tmp_path,
+        {"h.proj.weight": (8, 8)},
+        lora("h.proj", 4, 8, 8),
+        model_type=model_type,
+        fan_in_fan_out=fan_in_fan_out,
+    )
     assert op.transpose is transpose
 
 
 def test_lora_factors_that_fit_neither_layout_name_both_shapes(tmp_path):
-    with pytest.raises(MismatchError, match=r"LoRA A\[4, 8\] and B\[12, 4\] give a \(12, 8\) delta, but the base "
-                                            r"weight is \[16, 8\]"):
+    with pytest.raises(
+        MismatchError,
+        match=r"LoRA A\[4, 8\] and B\[12, 4\] give a \(12, 8\) delta, but the base "
+        r"weight is \[16, 8\]",
+    ):
         place(tmp_path, {"model.proj.weight": (16, 8)}, lora("model.proj", 4, 8, 12))
 
 
@@ -126,8 +139,9 @@ def test_a_grouped_convolution_is_refused_as_peft_refuses_it(tmp_path):
 
 
 def test_multihead_attention_in_projection(tmp_path):
-    target, op, _ = place(tmp_path, {"model.attn.in_proj_weight": (24, 8)}, lora("model.attn", 4, 8, 24),
-                          target_modules=["attn"])
+    target, op, _ = place(
+        tmp_path, {"model.attn.in_proj_weight": (24, 8)}, lora("model.attn", 4, 8, 24), target_modules=["attn"]
+    )
     assert (target, op.kind) == ("model.attn.in_proj_weight", "mha")
 
 
@@ -138,26 +152,49 @@ def test_multihead_attention_in_projection(tmp_path):
 def test_fused_experts_take_their_orientation_from_the_shape(tmp_path, expert_shape, swapped):
     """PEFT's ParamWrapper on a 3-D expert parameter: A is [experts * r, in], B [out, experts * r]."""
     shapes = {"model.experts.lora_A.weight": (8, 8), "model.experts.lora_B.weight": (16, 8)}
-    target, op, _ = place(tmp_path, {"model.experts.gate_up_proj": expert_shape}, shapes, target_modules=[],
-                          target_parameters=["experts.gate_up_proj"])
-    assert (target, op.kind, op.experts, op.transpose, op.scale.r) == ("model.experts.gate_up_proj", "experts", 2,
-                                                                        swapped, 4)
+    target, op, _ = place(
+        tmp_path,
+        {"model.experts.gate_up_proj": expert_shape},
+        shapes,
+        target_modules=[],
+        target_parameters=["experts.gate_up_proj"],
+    )
+    assert (target, op.kind, op.experts, op.transpose, op.scale.r) == (
+        "model.experts.gate_up_proj",
+        "experts",
+        2,
+        swapped,
+        4,
+    )
 
 
 def test_square_experts_without_an_architecture_are_refused_as_ambiguous(tmp_path):
     shapes = {"model.experts.lora_A.weight": (8, 8), "model.experts.lora_B.weight": (8, 8)}
-    with pytest.raises(UnsupportedAdapterError, match="is square .* no config.json model_type, so the orientation .* "
-                                                      "ambiguous"):
-        place(tmp_path, {"model.experts.down_proj": (2, 8, 8)}, shapes, model_type=None, target_modules=[],
-              target_parameters=["experts.down_proj"])
+    with pytest.raises(
+        UnsupportedAdapterError, match="is square .* no config.json model_type, so the orientation .* ambiguous"
+    ):
+        place(
+            tmp_path,
+            {"model.experts.down_proj": (2, 8, 8)},
+            shapes,
+            model_type=None,
+            target_modules=[],
+            target_parameters=["experts.down_proj"],
+        )
 
 
 @pytest.mark.parametrize(("model_type", "swapped"), [("gpt_oss", True), ("qwen3_moe", False), ("mixtral", False)])
 def test_square_experts_take_their_orientation_from_the_architecture(tmp_path, model_type, swapped):
     """gpt-oss's down_proj is (experts, 2880, 2880): PEFT orients it by the experts' is_transposed."""
     shapes = {"model.experts.lora_A.weight": (8, 8), "model.experts.lora_B.weight": (8, 8)}
-    _, op, _ = place(tmp_path, {"model.experts.down_proj": (2, 8, 8)}, shapes, model_type=model_type,
-                     target_modules=[], target_parameters=["experts.down_proj"])
+    _, op, _ = place(
+        tmp_path,
+        {"model.experts.down_proj": (2, 8, 8)},
+        shapes,
+        model_type=model_type,
+        target_modules=[],
+        target_parameters=["experts.down_proj"],
+    )
     assert (op.kind, op.transpose) == ("experts", swapped)
 
 

@@ -107,7 +107,9 @@ def test_a_tensor_only_a_later_adapter_replaces_is_kept_with_a_note(tmp_path):
 
 def test_adapters_that_change_the_output_tensors_differently_are_refused(tmp_path):
     """An embedding LoRA on a tied head unties it: the folded plan would have to both write and drop lm_head."""
-    assert {t.name for t in stacked_plan(ADAPTER, ADAPTER).tensors} == {t.name for t in plan_merge(BASE, ADAPTER)[2].tensors}
+    assert {t.name for t in stacked_plan(ADAPTER, ADAPTER).tensors} == {
+        t.name for t in plan_merge(BASE, ADAPTER)[2].tensors
+    }
     tied = tmp_path / "tied-base"
     shutil.copytree(BASE, tied)
     weights = load_file(tied / "model.safetensors")
@@ -125,8 +127,7 @@ def test_adapters_that_change_the_output_tensors_differently_are_refused(tmp_pat
         plan_merge(tied, stack_adapters([load_adapter(plain), load_adapter(embedding)]))
 
 
-@pytest.mark.parametrize(("weights", "message"), [([1.0], "has 1 value for 2 adapters"),
-                                                  ([1.0, math.inf], "finite")])
+@pytest.mark.parametrize(("weights", "message"), [([1.0], "has 1 value for 2 adapters"), ([1.0, math.inf], "finite")])
 def test_weights_must_be_one_finite_number_per_adapter(weights, message):
     with pytest.raises(InputError, match=message):
         stack_adapters([load_adapter(ADAPTER), load_adapter(ADAPTER)], weights)

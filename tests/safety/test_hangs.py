@@ -36,18 +36,23 @@ def test_a_fifo_never_blocks(tmp_path, command):
         "inspect": ["inspect", ADAPTER, "--base", base],
         "convert": ["convert", ADAPTER, tmp_path / "g.gguf", "--target", "llama.cpp", "--base", base],
     }[command]
-    done = subprocess.run([sys.executable, "-m", "rslora_tools", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "rslora_tools", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 1 and "not a regular file" in done.stdout + done.stderr
 
 
 def eva_like(tmp: Path, modules: int) -> tuple[Path, Path]:
-    """A base of many small Linear weights and an adapter with one rank/alpha pattern key per module (as EVA writes)."""
+    """A base of many small Linear weights and an adapter with one rank/alpha pattern key per module (as EVA
+    writes)."""
     base, adapter = tmp / "base", tmp / "adapter"
     base.mkdir()
     adapter.mkdir()
-    save_file({f"model.layers.{i}.proj.weight": torch.randn(16, 16).to(torch.bfloat16) for i in range(modules)},
-              base / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {f"model.layers.{i}.proj.weight": torch.randn(16, 16).to(torch.bfloat16) for i in range(modules)},
+        base / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     tensors, ranks, alphas = {}, {}, {}
     for i in range(modules):
         r = 2 + i % 5
@@ -56,8 +61,18 @@ def eva_like(tmp: Path, modules: int) -> tuple[Path, Path]:
         ranks[f"model.layers.{i}.proj"] = r
         alphas[f"model.layers.{i}.proj"] = 1.5 * r
     save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "use_rslora": True, "rank_pattern": ranks, "alpha_pattern": alphas}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 8,
+                "lora_alpha": 8,
+                "use_rslora": True,
+                "rank_pattern": ranks,
+                "alpha_pattern": alphas,
+            }
+        )
+    )
     return base, adapter
 
 
@@ -73,6 +88,7 @@ def test_one_pattern_key_per_module_is_not_quadratic(tmp_path, monkeypatch):
         def wrapper(*args, **kwargs):
             calls["n"] += 1
             return real(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(re, "match", counted(real_match))
@@ -125,12 +141,25 @@ class SilentServer:
 @pytest.mark.parametrize("command", ["merge", "push"])
 def test_a_hub_that_never_answers_times_out(tmp_path, command):
     server = SilentServer()
-    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
-           "HF_HUB_ETAG_TIMEOUT": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "1", "HF_TOKEN": "hf_x", "HF_HUB_DISABLE_XET": "1"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": server.url,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_ETAG_TIMEOUT": "1",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "1",
+        "HF_TOKEN": "hf_x",
+        "HF_HUB_DISABLE_XET": "1",
+    }
     args = ["merge", "org/base", "org/adapter", tmp_path / "out"] if command == "merge" else ["push", BASE, "me/x"]
     try:
-        done = subprocess.run([sys.executable, "-m", "rslora_tools", *map(str, args)], capture_output=True, text=True,
-                              env=env, timeout=180)
+        done = subprocess.run(
+            [sys.executable, "-m", "rslora_tools", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=180,
+        )
     finally:
         server.close()
     assert done.returncode == 1 and "did not answer in time" in done.stderr, done.stderr

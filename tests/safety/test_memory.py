@@ -23,7 +23,9 @@ def test_the_nan_check_reads_in_blocks(tmp_path):
     save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     from rslora_tools.compute import kernel
 
-    limit = 128 if kernel._kernel() is not None else 128 + 300  # without the compiled counter, torch counts (and loads)
+    limit = (
+        128 if kernel._kernel() is not None else 128 + 300
+    )  # without the compiled counter, torch counts (and loads)
     assert peak_rss_mb(["convert", adapter, tmp_path / "c", "--to-classic"]) < limit
 
 
@@ -35,14 +37,27 @@ def test_verify_compares_in_blocks(tmp_path):
     save_file({"layer.weight": w}, base / "model.safetensors", metadata={"format": "pt"})
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    save_file({"base_model.model.layer.lora_A.weight": torch.randn(8, 4096) * 0.01,
-               "base_model.model.layer.lora_B.weight": torch.randn(4096, 8) * 0.01},
-              adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {
+            "base_model.model.layer.lora_A.weight": torch.randn(8, 4096) * 0.01,
+            "base_model.model.layer.lora_B.weight": torch.randn(4096, 8) * 0.01,
+        },
+        adapter / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 8}))
     cli_run("merge", base, adapter, tmp_path / "out")
-    edit_tensors(tmp_path / "out" / "model.safetensors", lambda t: t["layer.weight"].view(torch.int16).add_(
-        (torch.arange(4096 * 4096).reshape(4096, 4096) % 2).to(torch.int16)))  # half the elements one ulp up
-    assert json.loads(cli_run("verify", tmp_path / "out", base, adapter, "--json").stdout)["verdict"] == "within rounding"
+    edit_tensors(
+        tmp_path / "out" / "model.safetensors",
+        lambda t: (
+            t["layer.weight"]
+            .view(torch.int16)
+            .add_((torch.arange(4096 * 4096).reshape(4096, 4096) % 2).to(torch.int16))
+        ),
+    )  # half the elements one ulp up
+    assert (
+        json.loads(cli_run("verify", tmp_path / "out", base, adapter, "--json").stdout)["verdict"] == "within rounding"
+    )
     assert peak_rss_mb(["verify", tmp_path / "out", base, adapter, "-q"]) < 700  # was ~2.4 GB
 
 
@@ -59,12 +74,15 @@ def test_a_huge_header_costs_memory_in_proportion(tmp_path):
     shutil.copy(BASE / "config.json", base / "config.json")
     raw = (BASE / "model.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
     header.pop("__metadata__", None)
     count = 400_000
     for i in range(count):
         header[f"extra.block_{i}.some_long_parameter_name.weight"] = {
-            "dtype": "F32", "shape": [1], "data_offsets": [len(data) + 4 * i, len(data) + 4 * i + 4]}
+            "dtype": "F32",
+            "shape": [1],
+            "data_offsets": [len(data) + 4 * i, len(data) + 4 * i + 4],
+        }
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     (base / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + data + bytes(4 * count))

@@ -24,8 +24,11 @@ NORM = "model.norm.weight"  # untouched by the adapter
 
 def digest(folder: Path) -> dict[str, str]:
     """Each file's sha256; rslora_tools.json without the command line it records (OUT's name differs by run)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(_without_command(p)).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(_without_command(p)).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _without_command(path: Path) -> bytes:
@@ -268,8 +271,12 @@ def test_signals_from_another_process_at_random_times(old_and_new):
     rng = random.Random(1)
     outcomes = []
     for i in range(16):
-        proc = subprocess.Popen([sys.executable, "-c", _SLOW_SWAP, "merge", str(BASE), str(ADAPTER), str(out),
-                                 "--overwrite", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_SWAP, "merge", str(BASE), str(ADAPTER), str(out), "--overwrite", "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 60
         while proc.poll() is None and not any(".rslora-tools-" in p.name for p in out.parent.iterdir()):
             assert time.monotonic() < deadline
@@ -312,10 +319,12 @@ def torch_merge(tmp_path_factory) -> tuple[Path, Path]:
     from peft_oracle import make_adapter, make_llama
 
     root = tmp_path_factory.mktemp("torch-merge")
-    base = make_llama(root / "base", torch.float32, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                      vocab_size=4096)
-    adapter = make_adapter(base, root / "adapter", LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                            use_dora=True))
+    base = make_llama(
+        root / "base", torch.float32, hidden_size=512, intermediate_size=1024, num_hidden_layers=8, vocab_size=4096
+    )
+    adapter = make_adapter(
+        base, root / "adapter", LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    )
     return base, adapter
 
 
@@ -329,8 +338,12 @@ def test_two_sigterms_in_quick_succession_end_in_one_clean_interrupted_exit(torc
     outcomes: dict[int, list[str]] = {}
     for _ in range(20):
         out = tmp_path / "out"
-        proc = subprocess.Popen([sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(out),
-                                 "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(out), "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 60
         while proc.poll() is None and not any(".rslora-tools-" in p.name for p in tmp_path.iterdir()):
             assert time.monotonic() < deadline
@@ -362,8 +375,16 @@ def test_leftovers_of_a_killed_run_are_removed_and_mentioned(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["rslora_tools.cli.app", "click", "rslora_tools.cli.merge", "rslora_tools.cli.verify",
-                                    "rslora_tools.commands.inspect"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "rslora_tools.cli.app",
+        "click",
+        "rslora_tools.cli.merge",
+        "rslora_tools.cli.verify",
+        "rslora_tools.commands.inspect",
+    ],
+)
 def test_ctrl_c_in_the_first_fraction_of_a_second_is_one_line_and_exit_130(module):
     """A Ctrl-C while the console script loads the commands (before the command's own handler is installed)
     printed a KeyboardInterrupt traceback. The signal comes as `module` is imported. (One while the interpreter
@@ -371,15 +392,17 @@ def test_ctrl_c_in_the_first_fraction_of_a_second_is_one_line_and_exit_130(modul
     import subprocess
     import sys
 
-    code = ("import importlib.abc, os, signal, sys\n"
-            "class Fire(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path, target=None):\n"
-            f"        if name == {module!r}:\n"
-            "            os.kill(os.getpid(), signal.SIGINT)\n"
-            "        return None\n"
-            "sys.meta_path.insert(0, Fire())\n"
-            f"sys.argv = ['rslora-tools', 'inspect', {str(ADAPTER)!r}]\n"
-            "from rslora_tools.cli import main\nmain()\n")
+    code = (
+        "import importlib.abc, os, signal, sys\n"
+        "class Fire(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name == {module!r}:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Fire())\n"
+        f"sys.argv = ['rslora-tools', 'inspect', {str(ADAPTER)!r}]\n"
+        "from rslora_tools.cli import main\nmain()\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "Traceback" not in done.stderr + done.stdout, done.stderr
     assert done.returncode == 130 and done.stderr.strip().splitlines() == ["Error: interrupted; nothing was written"]

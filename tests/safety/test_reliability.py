@@ -50,13 +50,17 @@ def sharded_base(tmp: Path) -> Path:
         shutil.copy(FIXTURES / "tiny-llama" / name, dst / name)
     tensors = load_file(FIXTURES / "tiny-llama" / "model.safetensors")
     names = sorted(tensors)
-    half = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-            "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    half = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     weight_map = {}
     for shard, keys in half.items():
         save_file({k: tensors[k] for k in keys}, dst / shard, metadata={"format": "pt"})
         weight_map.update({k: shard for k in keys})
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
     return dst
 
 
@@ -101,8 +105,14 @@ X = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
 def merge_args(base=None, adapter=None, *extra):
     def build(tmp: Path) -> list:
-        return ["merge", base(tmp) if base else base_copy(tmp), adapter(tmp) if adapter else adapter_copy(tmp),
-                tmp / "out", *extra]
+        return [
+            "merge",
+            base(tmp) if base else base_copy(tmp),
+            adapter(tmp) if adapter else adapter_copy(tmp),
+            tmp / "out",
+            *extra,
+        ]
+
     return build
 
 
@@ -126,15 +136,26 @@ def duplicated_tensor(tmp: Path) -> Path:
 
 def mlx_adapter(edit: Callable[[dict], object]) -> Callable[[Path], Path]:
     """An mlx-lm adapter folder (rank 4 on one q_proj), its config edited."""
+
     def make(tmp: Path) -> Path:
         folder = tmp / "mlx-adapter"
         folder.mkdir()
-        save_file({"model.layers.0.self_attn.q_proj.lora_a": torch.zeros(32, 4),
-                   "model.layers.0.self_attn.q_proj.lora_b": torch.zeros(4, 32)}, folder / "adapters.safetensors")
-        config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0}}
+        save_file(
+            {
+                "model.layers.0.self_attn.q_proj.lora_a": torch.zeros(32, 4),
+                "model.layers.0.self_attn.q_proj.lora_b": torch.zeros(4, 32),
+            },
+            folder / "adapters.safetensors",
+        )
+        config = {
+            "fine_tune_type": "lora",
+            "num_layers": 2,
+            "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0},
+        }
         edit(config)
         (folder / "adapter_config.json").write_text(json.dumps(config))
         return folder
+
     return make
 
 
@@ -215,6 +236,7 @@ def index_naming_a_side_file(name: str):
         edit["weight_map"] = {k: (name if v == shard.name else v) for k, v in edit["weight_map"].items()}
         (base / "model.safetensors.index.json").write_text(json.dumps(edit))
         return base
+
     return build
 
 
@@ -236,6 +258,7 @@ def deeply_nested_config(tmp: Path) -> Path:
 
 def pissa_init(edit: Callable[[dict], None]):
     """merge args for a PiSSA adapter with --initial: a copy of it as INIT, its config edited by `edit`."""
+
     def build(tmp: Path) -> list:
         adapter = edit_config(tmp, lambda c: c.update(init_lora_weights="pissa"))
         init = tmp / "init"
@@ -244,6 +267,7 @@ def pissa_init(edit: Callable[[dict], None]):
         edit(cfg)
         (init / "adapter_config.json").write_text(json.dumps(cfg))
         return ["merge", base_copy(tmp), adapter, tmp / "out", "--initial", init]
+
     return build
 
 
@@ -256,6 +280,7 @@ def two_adapters_saving_lm_head(tmp: Path) -> list:
 
 def side_file_link(where: str, name: str):
     """A side file (tokenizer, chat template) of BASE or ADAPTER that is a symbolic link to a file outside it."""
+
     def build(tmp: Path) -> Path:
         folder = base_copy(tmp) if where == "base" else adapter_copy(tmp)
         secret = tmp / "secret.txt"
@@ -263,6 +288,7 @@ def side_file_link(where: str, name: str):
         (folder / name).unlink(missing_ok=True)  # the fixture's own tokenizer.json, replaced by the link
         (folder / name).symlink_to(secret)
         return folder
+
     return build
 
 
@@ -273,10 +299,12 @@ def hidden_shard(tmp: Path) -> Path:
 
 def out_holding(kind: str):
     """An OUT that rslora-tools did not write: a PEFT adapter (a forgotten OUT) or a model."""
+
     def build(tmp: Path) -> Path:
         out = tmp / "out"
         shutil.copytree(FIXTURES / ("tiny-llama-rslora" if kind == "adapter" else "tiny-llama"), out)
         return out
+
     return build
 
 
@@ -298,23 +326,34 @@ def converted_merge(tmp: Path) -> Path:
 
 def gguf_args(edit: Callable[[dict], None]) -> Callable[[Path], list]:
     """convert --target llama.cpp into a .gguf file, with BASE's config.json edited."""
+
     def build(tmp: Path) -> list:
         base = base_copy(tmp)
         cfg = json.loads((base / "config.json").read_text())
         edit(cfg)
         (base / "config.json").write_text(json.dumps(cfg))
         return ["convert", adapter_copy(tmp), tmp / "out.gguf", "--target", "llama.cpp", "--base", base]
+
     return build
 
 
 def foreign_gguf(tmp: Path) -> list:
     (tmp / "model-q4.gguf").write_bytes(b"GGUF" + b"\0" * 60)
-    return ["convert", adapter_copy(tmp), tmp / "model-q4.gguf", "--target", "llama.cpp", "--base", base_copy(tmp),
-            "--overwrite"]
+    return [
+        "convert",
+        adapter_copy(tmp),
+        tmp / "model-q4.gguf",
+        "--target",
+        "llama.cpp",
+        "--base",
+        base_copy(tmp),
+        "--overwrite",
+    ]
 
 
 def gptq(edit: Callable[[dict, dict], None]) -> Callable[[Path], list]:
     """A GPTQ base (one layer, known codes) and a LoRA for it, with its tensors or config edited."""
+
     def build(tmp: Path) -> list:
         from quant_builders import _gptq_checkpoint, _lora_for_proj
 
@@ -325,6 +364,7 @@ def gptq(edit: Callable[[dict, dict], None]) -> Callable[[Path], list]:
         save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
         (base / "config.json").write_text(json.dumps(cfg))
         return ["merge", base, _lora_for_proj(tmp / "adapter", 24, 64), tmp / "out"]
+
     return build
 
 
@@ -333,21 +373,27 @@ _BNB: dict[str, Path] = {}
 
 def bnb(kind: str, edit: Callable[[dict], None]) -> Callable[[Path], list]:
     """A bitsandbytes base (nf4 or int8, saved by transformers from the fixture) with one of its tensors edited."""
+
     def build(tmp: Path) -> list:
         if kind not in _BNB:
             from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-            config = BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4")
+            config = (
+                BitsAndBytesConfig(load_in_8bit=True)
+                if kind == "int8"
+                else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+            )
             _BNB[kind] = Path(tempfile.mkdtemp(prefix=f"rslora-tools-{kind}-"))
-            AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny-llama", dtype=torch.bfloat16,
-                                                 quantization_config=config).save_pretrained(_BNB[kind])
+            AutoModelForCausalLM.from_pretrained(
+                FIXTURES / "tiny-llama", dtype=torch.bfloat16, quantization_config=config
+            ).save_pretrained(_BNB[kind])
         base = tmp / "base"
         shutil.copytree(_BNB[kind], base)
         tensors = load_file(base / "model.safetensors")
         edit(tensors)
         save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
         return ["merge", base, adapter_copy(tmp), tmp / "out"]
+
     return build
 
 
@@ -370,6 +416,7 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 def nonfinite(value: float):
     def edit(t):
         t[Q_A][0, 0] = value
+
     return lambda tmp: edit_adapter_tensors(tmp, edit)
 
 
@@ -379,60 +426,192 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
     ("header length past the end of the file", merge_args(lambda t: bad_base_file(t, {"x": X}, b"\0" * 8, n=10**6))),
     ("huge header length", merge_args(lambda t: bad_base_file(t, {"x": X}, b"\0" * 8, n=10**9))),
     ("header is not JSON", merge_args(lambda t: not_json_header(t))),
-    ("tensor offsets overlap", merge_args(lambda t: bad_base_file(t, {"x": X, "y": {**X, "data_offsets": [4, 12]}}, b"\0" * 12))),
-    ("tensor offsets leave a hole", merge_args(lambda t: bad_base_file(t, {"x": {**X, "data_offsets": [4, 12]}}, b"\0" * 12))),
-    ("dtype does not match the byte count", merge_args(lambda t: bad_base_file(t, {"x": {**X, "data_offsets": [0, 12]}}, b"\0" * 12))),
+    (
+        "tensor offsets overlap",
+        merge_args(lambda t: bad_base_file(t, {"x": X, "y": {**X, "data_offsets": [4, 12]}}, b"\0" * 12)),
+    ),
+    (
+        "tensor offsets leave a hole",
+        merge_args(lambda t: bad_base_file(t, {"x": {**X, "data_offsets": [4, 12]}}, b"\0" * 12)),
+    ),
+    (
+        "dtype does not match the byte count",
+        merge_args(lambda t: bad_base_file(t, {"x": {**X, "data_offsets": [0, 12]}}, b"\0" * 12)),
+    ),
     ("unknown dtype", merge_args(lambda t: bad_base_file(t, {"x": {**X, "dtype": "Q4"}}, b"\0" * 8))),
-    ("shard listed in the index is missing", merge_args(lambda t: (sharded_base(t) / "model-00002-of-00002.safetensors").unlink() or t / "base")),
-    ("tensor in a shard but not in the index", merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].pop(next(iter(i["weight_map"])))))),
+    (
+        "shard listed in the index is missing",
+        merge_args(lambda t: (sharded_base(t) / "model-00002-of-00002.safetensors").unlink() or t / "base"),
+    ),
+    (
+        "tensor in a shard but not in the index",
+        merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].pop(next(iter(i["weight_map"]))))),
+    ),
     ("tensor duplicated across shards", merge_args(duplicated_tensor)),
-    ("index maps a tensor to the wrong shard", merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "model-00002-of-00002.safetensors"})))),
-    ("index names a file with ../", merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "../evil.safetensors"})))),
-    ("index names an absolute path", merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "/etc/passwd"})))),
+    (
+        "index maps a tensor to the wrong shard",
+        merge_args(
+            lambda t: edit_index(
+                t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "model-00002-of-00002.safetensors"})
+            )
+        ),
+    ),
+    (
+        "index names a file with ../",
+        merge_args(
+            lambda t: edit_index(
+                t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "../evil.safetensors"})
+            )
+        ),
+    ),
+    (
+        "index names an absolute path",
+        merge_args(
+            lambda t: edit_index(t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "/etc/passwd"}))
+        ),
+    ),
     ("shard is a symlink out of the folder", merge_args(link_outside)),
     ("index without weight_map", merge_args(lambda t: edit_index(t, lambda i: i.pop("weight_map")))),
-    ("base exists only as a pickle", merge_args(lambda t: ((base_copy(t) / "model.safetensors").rename(t / "base" / "pytorch_model.bin"), t / "base")[1])),
-    ("config says GPTQ, weights are not quantized", merge_args(lambda t: ((base_copy(t) / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}})), t / "base")[1])),
-    ("base quantized with an unsupported method", merge_args(lambda t: ((base_copy(t) / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "hqq"}})), t / "base")[1])),
-    ("adapter_config.json is not JSON", merge_args(adapter=lambda t: ((adapter_copy(t) / "adapter_config.json").write_text("{oops"), t / "adapter")[1])),
+    (
+        "base exists only as a pickle",
+        merge_args(
+            lambda t: ((base_copy(t) / "model.safetensors").rename(t / "base" / "pytorch_model.bin"), t / "base")[1]
+        ),
+    ),
+    (
+        "config says GPTQ, weights are not quantized",
+        merge_args(
+            lambda t: (
+                (base_copy(t) / "config.json").write_text(
+                    json.dumps({"quantization_config": {"quant_method": "gptq"}})
+                ),
+                t / "base",
+            )[1]
+        ),
+    ),
+    (
+        "base quantized with an unsupported method",
+        merge_args(
+            lambda t: (
+                (base_copy(t) / "config.json").write_text(
+                    json.dumps({"quantization_config": {"quant_method": "hqq"}})
+                ),
+                t / "base",
+            )[1]
+        ),
+    ),
+    (
+        "adapter_config.json is not JSON",
+        merge_args(
+            adapter=lambda t: ((adapter_copy(t) / "adapter_config.json").write_text("{oops"), t / "adapter")[1]
+        ),
+    ),
     ("adapter_config.json is a list", merge_args(adapter=lambda t: edit_config(t, lambda c: [c]))),
-    ("adapter_config.json without peft_type", merge_args(adapter=lambda t: edit_config(t, lambda c: c.pop("peft_type") and None))),
+    (
+        "adapter_config.json without peft_type",
+        merge_args(adapter=lambda t: edit_config(t, lambda c: c.pop("peft_type") and None)),
+    ),
     ("unknown peft_type", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(peft_type="LOKR")))),
     ("r is a string", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(r="8")))),
-    ("lora_alpha is not a number", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(lora_alpha=None) or c.update(lora_alpha=[16])))),
-    ("rank_pattern value is not a positive integer", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(rank_pattern={"o_proj": 0})))),
-    ("pattern key is not a valid regex", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(alpha_pattern={"o_proj(": 4})))),
-    ("rank in config disagrees with the tensors", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(r=16)))),
-    ("layer_replication (cannot be merged)", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(layer_replication=[[0, 1]])))),
-    ("PiSSA adapter not converted", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(init_lora_weights="pissa")))),
+    (
+        "lora_alpha is not a number",
+        merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(lora_alpha=None) or c.update(lora_alpha=[16]))),
+    ),
+    (
+        "rank_pattern value is not a positive integer",
+        merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(rank_pattern={"o_proj": 0}))),
+    ),
+    (
+        "pattern key is not a valid regex",
+        merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(alpha_pattern={"o_proj(": 4}))),
+    ),
+    (
+        "rank in config disagrees with the tensors",
+        merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(r=16))),
+    ),
+    (
+        "layer_replication (cannot be merged)",
+        merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(layer_replication=[[0, 1]]))),
+    ),
+    (
+        "PiSSA adapter not converted",
+        merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(init_lora_weights="pissa"))),
+    ),
     ("--initial INIT with another lora_alpha than the adapter", pissa_init(lambda c: c.update(lora_alpha=7))),
     ("--initial INIT of another variant", pissa_init(lambda c: c.update(init_lora_weights="olora"))),
-    ("--initial with a plain LoRA adapter", lambda t: ["merge", base_copy(t), adapter_copy(t), t / "out", "--initial",
-                                                       adapter_copy(t)]),
+    (
+        "--initial with a plain LoRA adapter",
+        lambda t: ["merge", base_copy(t), adapter_copy(t), t / "out", "--initial", adapter_copy(t)],
+    ),
     ("--initial and --base-is-residual together", lambda t: [*pissa_init(lambda c: None)(t), "--base-is-residual"]),
     ("two adapters save the same tensor (modules_to_save)", two_adapters_saving_lm_head),
-    ("--weights with the wrong count", lambda t: ["merge", base_copy(t), adapter_copy(t), adapter_copy(t), t / "out",
-                                                  "--weights", "1,2,3"]),
-    ("combine --method ties without --density", lambda t: ["combine", adapter_copy(t), adapter_copy(t), t / "out",
-                                                           "--method", "ties"]),
+    (
+        "--weights with the wrong count",
+        lambda t: ["merge", base_copy(t), adapter_copy(t), adapter_copy(t), t / "out", "--weights", "1,2,3"],
+    ),
+    (
+        "combine --method ties without --density",
+        lambda t: ["combine", adapter_copy(t), adapter_copy(t), t / "out", "--method", "ties"],
+    ),
     ("combine --rank without --method svd", lambda t: ["combine", adapter_copy(t), t / "out", "--rank", "4"]),
     ("extract from two identical models", lambda t: ["extract", base_copy(t), base_copy(t), t / "out"]),
-    ("extract with both --rank and --energy", lambda t: ["extract", base_copy(t), base_copy(t), t / "out", "--rank",
-                                                         "4", "--energy", "0.9"]),
+    (
+        "extract with both --rank and --energy",
+        lambda t: ["extract", base_copy(t), base_copy(t), t / "out", "--rank", "4", "--energy", "0.9"],
+    ),
     ("NaN in adapter weights", merge_args(adapter=nonfinite(float("nan")))),
     ("Inf in adapter weights", merge_args(adapter=nonfinite(float("inf")))),
-    ("adapter tensor with an impossible shape", merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: x.update({Q_A: torch.zeros(8)})))),
-    ("LoRA A without B", merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: x.pop(Q_A.replace("lora_A", "lora_B"))))),
-    ("adapter module not in the base", merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: [x.update({k.replace("layers.0.", "layers.9."): x.pop(k)}) for k in list(x) if "layers.0.self_attn.q_proj" in k]))),
-    ("LoRA shapes do not fit the base weight", merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: x.update({Q_A.replace("lora_A", "lora_B"): torch.zeros(40, 8)})))),
-    ("adapter safetensors header corrupt", merge_args(adapter=lambda t: (raw_safetensors(adapter_copy(t) / "adapter_model.safetensors", {"x": X}, b"\0" * 4), t / "adapter")[1])),
+    (
+        "adapter tensor with an impossible shape",
+        merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: x.update({Q_A: torch.zeros(8)}))),
+    ),
+    (
+        "LoRA A without B",
+        merge_args(adapter=lambda t: edit_adapter_tensors(t, lambda x: x.pop(Q_A.replace("lora_A", "lora_B")))),
+    ),
+    (
+        "adapter module not in the base",
+        merge_args(
+            adapter=lambda t: edit_adapter_tensors(
+                t,
+                lambda x: [
+                    x.update({k.replace("layers.0.", "layers.9."): x.pop(k)})
+                    for k in list(x)
+                    if "layers.0.self_attn.q_proj" in k
+                ],
+            )
+        ),
+    ),
+    (
+        "LoRA shapes do not fit the base weight",
+        merge_args(
+            adapter=lambda t: edit_adapter_tensors(
+                t, lambda x: x.update({Q_A.replace("lora_A", "lora_B"): torch.zeros(40, 8)})
+            )
+        ),
+    ),
+    (
+        "adapter safetensors header corrupt",
+        merge_args(
+            adapter=lambda t: (
+                raw_safetensors(adapter_copy(t) / "adapter_model.safetensors", {"x": X}, b"\0" * 4),
+                t / "adapter",
+            )[1]
+        ),
+    ),
     ("adapter only as a pickle (adapter_model.bin)", merge_args(adapter=pickle_only)),
     ("adapter folder without adapter_config.json", merge_args(adapter=lambda t: (t / "empty").mkdir() or t / "empty")),
     ("mlx-lm full fine-tune as ADAPTER", merge_args(adapter=mlx_adapter(lambda c: c.update(fine_tune_type="full")))),
-    ("mlx-lm adapter with alpha instead of scale", merge_args(adapter=mlx_adapter(
-        lambda c: c["lora_parameters"].update(alpha=16) or c["lora_parameters"].pop("scale")))),
-    ("mlx-lm adapter whose factors have another rank", merge_args(adapter=mlx_adapter(
-        lambda c: c["lora_parameters"].update(rank=8)))),
+    (
+        "mlx-lm adapter with alpha instead of scale",
+        merge_args(
+            adapter=mlx_adapter(lambda c: c["lora_parameters"].update(alpha=16) or c["lora_parameters"].pop("scale"))
+        ),
+    ),
+    (
+        "mlx-lm adapter whose factors have another rank",
+        merge_args(adapter=mlx_adapter(lambda c: c["lora_parameters"].update(rank=8))),
+    ),
     ("OUT inside an input", lambda t: ["merge", base_copy(t), adapter_copy(t), t / "base" / "out"]),
     ("OUT exists and is not empty", lambda t: [*merge_args()(t)[:3], existing_out(t)]),
     ("OUT holds the real file of a linked base shard (--overwrite)", linked_base),
@@ -442,46 +621,110 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
     ("base holds model.safetensors and an index", merge_args(both_single_and_index)),
     ("index names a shard tokenizer.json", merge_args(index_naming_a_side_file("tokenizer.json"))),
     ("index names a shard rslora_tools.json", merge_args(index_naming_a_side_file("rslora_tools.json"))),
-    ("index names a shard with a NUL byte", merge_args(lambda t: edit_index(t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "model\0.safetensors"})))),
+    (
+        "index names a shard with a NUL byte",
+        merge_args(
+            lambda t: edit_index(
+                t, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "model\0.safetensors"})
+            )
+        ),
+    ),
     ("config.json nested too deeply", merge_args(deeply_nested_config)),
     ("LoRA on an int64 base weight", merge_args(integer_base_weight)),
-    ("pattern key that backtracks exponentially", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(alpha_pattern={"(.*)*z": 4})))),
-    ("lora_alpha 1e308 (merged weights overflow)", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(lora_alpha=1e308)))),
+    (
+        "pattern key that backtracks exponentially",
+        merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(alpha_pattern={"(.*)*z": 4}))),
+    ),
+    (
+        "lora_alpha 1e308 (merged weights overflow)",
+        merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(lora_alpha=1e308))),
+    ),
     ("BASE neither a folder nor a repo id", lambda t: ["merge", "not a repo!", adapter_copy(t), t / "out"]),
     # Trust, round three (issue 23): what commands copy, overwrite and write
-    ("adapter's chat template is a link out of its folder", merge_args(adapter=side_file_link("adapter", "chat_template.jinja"))),
+    (
+        "adapter's chat template is a link out of its folder",
+        merge_args(adapter=side_file_link("adapter", "chat_template.jinja")),
+    ),
     ("base's tokenizer.json is a link out of its folder", merge_args(side_file_link("base", "tokenizer.json"))),
-    ("convert: adapter's tokenizer.json is a link out of its folder", lambda t: ["convert", side_file_link("adapter", "tokenizer.json")(t), t / "out", "--target", "vllm"]),
+    (
+        "convert: adapter's tokenizer.json is a link out of its folder",
+        lambda t: ["convert", side_file_link("adapter", "tokenizer.json")(t), t / "out", "--target", "vllm"],
+    ),
     ("base shard named like a hidden file", merge_args(hidden_shard)),
-    ("--overwrite of a PEFT adapter rslora-tools did not write (OUT forgotten)", lambda t: ["merge", base_copy(t), adapter_copy(t), out_holding("adapter")(t), "--overwrite"]),
-    ("combine --overwrite of a PEFT adapter (OUT forgotten)", lambda t: ["combine", adapter_copy(t), out_holding("adapter")(t), "--overwrite"]),
-    ("merge --overwrite of an adapter rslora-tools wrote (OUT forgotten)", lambda t: ["merge", base_copy(t), adapter_copy(t), converted_adapter(t), "--overwrite"]),
+    (
+        "--overwrite of a PEFT adapter rslora-tools did not write (OUT forgotten)",
+        lambda t: ["merge", base_copy(t), adapter_copy(t), out_holding("adapter")(t), "--overwrite"],
+    ),
+    (
+        "combine --overwrite of a PEFT adapter (OUT forgotten)",
+        lambda t: ["combine", adapter_copy(t), out_holding("adapter")(t), "--overwrite"],
+    ),
+    (
+        "merge --overwrite of an adapter rslora-tools wrote (OUT forgotten)",
+        lambda t: ["merge", base_copy(t), adapter_copy(t), converted_adapter(t), "--overwrite"],
+    ),
     ("OUT is the current directory", lambda t: ["merge", base_copy(t), adapter_copy(t), "."]),
     ("extract with an FP8 BASE", lambda t: ["extract", FIXTURES / "tiny-llama-fp8", base_copy(t), t / "out"]),
     ("merge ADAPTER BASE OUT (the order swapped)", lambda t: ["merge", adapter_copy(t), base_copy(t), t / "out"]),
-    ("verify BASE MERGED ADAPTER (MERGED records its base)", lambda t: ["verify", base_copy(t), converted_merge(t),
-                                                                         adapter_copy(t)]),
+    (
+        "verify BASE MERGED ADAPTER (MERGED records its base)",
+        lambda t: ["verify", base_copy(t), converted_merge(t), adapter_copy(t)],
+    ),
     ("inspect BASE --base ADAPTER", lambda t: ["inspect", base_copy(t), "--base", adapter_copy(t)]),
-    ("a mistyped adapter path next to a base (no base is suggested)", lambda t: ["merge", base_copy(t),
-                                                                                 t / "bse", t / "out"]),
-    ("--overwrite of a model rslora-tools did not write", lambda t: ["merge", base_copy(t), adapter_copy(t), out_holding("model")(t), "--overwrite"]),
+    (
+        "a mistyped adapter path next to a base (no base is suggested)",
+        lambda t: ["merge", base_copy(t), t / "bse", t / "out"],
+    ),
+    (
+        "--overwrite of a model rslora-tools did not write",
+        lambda t: ["merge", base_copy(t), adapter_copy(t), out_holding("model")(t), "--overwrite"],
+    ),
     ("--overwrite of a GGUF file rslora-tools did not write", foreign_gguf),
     ("combine --weights 3e38 (factors overflow)", huge_weights_combine),
-    ("convert --target sglang with lora_alpha 1e308", lambda t: ["convert", edit_config(t, lambda c: c.update(lora_alpha=1e308)), t / "out", "--target", "sglang"]),
-    ("convert --to-classic with lora_alpha 1e308", lambda t: ["convert", edit_config(t, lambda c: c.update(lora_alpha=1e308)), t / "out", "--to-classic"]),
-    ("GGUF with lora_alpha 1e308", lambda t: ["convert", edit_config(t, lambda c: c.update(lora_alpha=1e308)), t / "out.gguf", "--target", "llama.cpp", "--base", base_copy(t)]),
+    (
+        "convert --target sglang with lora_alpha 1e308",
+        lambda t: ["convert", edit_config(t, lambda c: c.update(lora_alpha=1e308)), t / "out", "--target", "sglang"],
+    ),
+    (
+        "convert --to-classic with lora_alpha 1e308",
+        lambda t: ["convert", edit_config(t, lambda c: c.update(lora_alpha=1e308)), t / "out", "--to-classic"],
+    ),
+    (
+        "GGUF with lora_alpha 1e308",
+        lambda t: [
+            "convert",
+            edit_config(t, lambda c: c.update(lora_alpha=1e308)),
+            t / "out.gguf",
+            "--target",
+            "llama.cpp",
+            "--base",
+            base_copy(t),
+        ],
+    ),
     ("extract from a TUNED with an Inf weight", extract_from_inf),
     ("GGUF: config says 1e6 layers", gguf_args(lambda c: c.update(num_hidden_layers=1_000_000))),
     ("GGUF: num_attention_heads 0", gguf_args(lambda c: c.update(num_attention_heads=0))),
     ("GGUF: num_attention_heads 5 (does not divide the rows)", gguf_args(lambda c: c.update(num_attention_heads=5))),
-    ("GGUF: num_attention_heads \"x\"", gguf_args(lambda c: c.update(num_attention_heads="x"))),
-    ("nf4 base: absmax too short", bnb("nf4", lambda t: t.update({f"{Q_PROJ}.weight.absmax": t[f"{Q_PROJ}.weight.absmax"][:-1].clone()}))),
-    ("nf4 base: packed weight too short", bnb("nf4", lambda t: t.update({f"{Q_PROJ}.weight": t[f"{Q_PROJ}.weight"][:-2].clone()}))),
+    ('GGUF: num_attention_heads "x"', gguf_args(lambda c: c.update(num_attention_heads="x"))),
+    (
+        "nf4 base: absmax too short",
+        bnb("nf4", lambda t: t.update({f"{Q_PROJ}.weight.absmax": t[f"{Q_PROJ}.weight.absmax"][:-1].clone()})),
+    ),
+    (
+        "nf4 base: packed weight too short",
+        bnb("nf4", lambda t: t.update({f"{Q_PROJ}.weight": t[f"{Q_PROJ}.weight"][:-2].clone()})),
+    ),
     ("int8 base: SCB too short", bnb("int8", lambda t: t.update({f"{Q_PROJ}.SCB": t[f"{Q_PROJ}.SCB"][:-1].clone()}))),
     ("GPTQ: g_idx out of range", gptq(lambda t, c: t["model.proj.g_idx"].__setitem__(0, 99))),
-    ("GPTQ: too few scale groups", gptq(lambda t, c: t.update({"model.proj.scales": t["model.proj.scales"][:2].clone()}))),
-    ("GPTQ: 1-D qweight", gptq(lambda t, c: t.update({"model.proj.qweight": t["model.proj.qweight"].reshape(-1).clone()}))),
-    ("GPTQ: bits \"4\" (a string)", gptq(lambda t, c: c["quantization_config"].update(bits="4"))),
+    (
+        "GPTQ: too few scale groups",
+        gptq(lambda t, c: t.update({"model.proj.scales": t["model.proj.scales"][:2].clone()})),
+    ),
+    (
+        "GPTQ: 1-D qweight",
+        gptq(lambda t, c: t.update({"model.proj.qweight": t["model.proj.qweight"].reshape(-1).clone()})),
+    ),
+    ('GPTQ: bits "4" (a string)', gptq(lambda t, c: c["quantization_config"].update(bits="4"))),
 ]
 
 

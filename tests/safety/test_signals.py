@@ -44,8 +44,12 @@ def slow_merge_inputs(tmp_path_factory) -> tuple[Path, Path]:
 def test_signal_midway_leaves_nothing(slow_merge_inputs, tmp_path, sig):
     base, adapter = slow_merge_inputs
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(out), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rslora_tools", "merge", str(base), str(adapter), str(out), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".out.rslora-tools-tmp") for p in tmp_path.iterdir()):
         assert proc.poll() is None, proc.communicate()
@@ -110,8 +114,12 @@ def test_ctrl_c_with_a_worker_still_busy_exits_cleanly(tmp_path):
     """The process neither waits for the busy worker nor aborts under it ("terminate called ..."), and cleans up."""
     import time
 
-    proc = subprocess.Popen([sys.executable, "-c", _STUCK_WORKER, "merge", str(BASE), str(ADAPTER), str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STUCK_WORKER, "merge", str(BASE), str(ADAPTER), str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".out.rslora-tools-tmp") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline

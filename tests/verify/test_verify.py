@@ -28,9 +28,11 @@ def test_a_merged_folder_that_also_holds_the_adapter_is_a_folder_problem(tmp_pat
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(ADAPTER / name, out / name)
     result = cli_run("verify", out, BASE, ADAPTER, code=1)
-    assert ("problem: adapter_config.json, adapter_model.safetensors in the merged folder: transformers and PEFT load "
-            "such a folder as an adapter and apply it (again) on top of the merged weights; remove them from the "
-            "merged model") in result.output
+    assert (
+        "problem: adapter_config.json, adapter_model.safetensors in the merged folder: transformers and PEFT load "
+        "such a folder as an adapter and apply it (again) on top of the merged weights; remove them from the "
+        "merged model"
+    ) in result.output
     assert "MISMATCH" in result.output and "1 folder problem;" in result.output
 
 
@@ -56,8 +58,11 @@ def test_a_trained_on_recipe_taken_from_the_record_is_named_too(tmp_path):
 
 
 def tree_digest(folder: Path) -> dict[str, tuple[str, int]]:
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_verify_exact(tmp_path):
@@ -69,8 +74,14 @@ def test_verify_exact(tmp_path):
 
 
 def test_verify_a_merge_made_by_peft(llama_fp32, tmp_path):
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
-                     init_lora_weights=False, rank_pattern={"v_proj": 4})
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        rank_pattern={"v_proj": 4},
+    )
     adapter = make_adapter(llama_fp32, tmp_path / "a", cfg)
     from peft import PeftModel
     from peft_oracle import load_causal_lm
@@ -90,6 +101,7 @@ def test_verify_tells_rounding_from_mismatch(tmp_path):
 
     def corrupt(t):
         t[Q][3, 4] += 0.5
+
     edit_tensors(out / "model.safetensors", corrupt)
     result = cli_run("verify", out, BASE, ADAPTER, code=1)
     assert f"mismatch: {Q}" in result.output and result.output.splitlines()[-1].startswith("MISMATCH")
@@ -104,13 +116,27 @@ def test_verify_sample(tmp_path):
     cli_run("verify", out, BASE, ADAPTER, "--sample", "14", code=1)
 
 
-@pytest.mark.parametrize(("damage", "says"), [
-    (lambda out: (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "vocab_size": 7})), "vocab_size"),
-    (lambda out: (out / "config.json").unlink(), "config.json is missing"),
-    (lambda out: edit_tensors(out / "model.safetensors", lambda t: t.pop("model.norm.weight")), "missing from the merged folder"),
-    (lambda out: edit_tensors(out / "model.safetensors", lambda t: t.update(extra=torch.zeros(2))), "unexpected tensor"),
-    (lambda out: (out / "model.safetensors").write_bytes(b"\x00" * 7), "cannot be read"),
-])
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (
+            lambda out: (out / "config.json").write_text(
+                json.dumps({**json.loads((out / "config.json").read_text()), "vocab_size": 7})
+            ),
+            "vocab_size",
+        ),
+        (lambda out: (out / "config.json").unlink(), "config.json is missing"),
+        (
+            lambda out: edit_tensors(out / "model.safetensors", lambda t: t.pop("model.norm.weight")),
+            "missing from the merged folder",
+        ),
+        (
+            lambda out: edit_tensors(out / "model.safetensors", lambda t: t.update(extra=torch.zeros(2))),
+            "unexpected tensor",
+        ),
+        (lambda out: (out / "model.safetensors").write_bytes(b"\x00" * 7), "cannot be read"),
+    ],
+)
 def test_verify_catches_folder_problems(tmp_path, damage, says):
     out = merged(tmp_path)
     damage(out)
@@ -122,7 +148,9 @@ def test_verify_catches_index_disagreements(llama_sharded, tmp_path):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
     adapter = make_adapter(llama_sharded, tmp_path / "a", cfg)
     cli_run("merge", llama_sharded, adapter, tmp_path / "out")
-    assert json.loads(cli_run("verify", tmp_path / "out", llama_sharded, adapter, "--json").stdout)["verdict"] == "exact"
+    assert (
+        json.loads(cli_run("verify", tmp_path / "out", llama_sharded, adapter, "--json").stdout)["verdict"] == "exact"
+    )
     index_path = tmp_path / "out" / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     index["metadata"]["total_size"] = 123
@@ -210,8 +238,8 @@ def with_f4_tensor(folder: Path) -> None:
     path = folder / "model.safetensors"
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    data = raw[8 + n:]
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
     header["quant.packed"] = {"dtype": "F4", "shape": [32], "data_offsets": [len(data), len(data) + 16]}
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
