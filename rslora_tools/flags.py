@@ -33,6 +33,9 @@ class Flag:
     show_default: bool = False
     folder: bool = False  # a folder path (click.Path(file_okay=False))
     multiple: bool = False  # the flag may be given several times (its values a tuple)
+    api: str | None = None  # how a message names it in the Python API's words, where that is not the field's own
+    # (`field=True` for a switch, `field=` + value): 'to="rslora"', "PushTarget(private=True)"; a value follows a
+    # form ending in "=" or "(" ("StreamOptions(scratch=" + "DIR" + ")")
 
 
 # Flags declared in more than one stage's options (the Hub's push target and the commands' options).
@@ -54,10 +57,21 @@ def dest(field: str, index: int, flag: Flag) -> str:
     return field if index == 0 else flag.name.removeprefix("--").replace("-", "_")
 
 
-def flag_name(options: type, field: str) -> str:
-    """How the command line spells a field of an options class: its (first) flag, "--push-to-hub" for `push`."""
+def api_words(field: str, index: int, flag: Flag) -> tuple[str, ...]:
+    """How library messages name a field's `index`th flag (rslora_tools/errors.py: `[[overwrite=True]]`): the Python
+    API's words for it, then, for a three-state switch, those of its off switch (`flag.secondary`)."""
+    said = flag.api or (f"{field}=True" if flag.is_flag or flag.secondary else f"{field}=")
+    if index and flag.api is None:
+        raise ValueError(f"{flag.name}: a field's second flag says how the Python API names it (Flag.api)")
+    return (said, said.replace("=True", "=False")) if flag.secondary else (said,)
+
+
+def marked(options: type, field: str) -> str:
+    """How a message names a field of an options class, marked (rslora_tools/errors.py): `[[verify=True]]`,
+    `[[max_shard_size]]`, `[[push=PushTarget(...)]]`; the CLI says it as the field's first flag."""
     declared: tuple[Flag, ...] = next(f.metadata["flags"] for f in dataclasses.fields(options) if f.name == field)
-    return declared[0].name
+    said = api_words(field, 0, declared[0])[0]
+    return f"[[{said}...)]]" if said.endswith("(") else f"[[{said.removesuffix('=')}]]"
 
 
 def flags_of(options: type) -> Iterator[tuple[str, Any, tuple[Flag, ...]]]:

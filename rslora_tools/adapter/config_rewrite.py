@@ -53,10 +53,11 @@ def convention_config(adapter: Adapter, entries: list[ModuleEntry], use_rslora: 
             alphas = [alpha_for_scale(e.scale.scale, e.scale.r, use_rslora) for e in entries]
             new = _rewrite_canonical(fields, entries, use_rslora, alphas)
     except UnsupportedAdapterError as e:
-        new, reason = None, f" ({e.cli_message})"
+        new, reason = None, f" ({e.message})"
     if new is None or not _keeps_scales(new, entries):
         raise UnsupportedAdapterError(
-            f"{adapter.path}: cannot express these per-module scales in a config{reason}; use --bake to fold the "
+            f"{adapter.path}: cannot express these per-module scales in a config{reason}; use [[bake=True]] to fold "
+            f"the "
             "change into lora_B instead"
         )
     return new

@@ -49,7 +49,7 @@ def load_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False) ->
             raise InputError(
                 f"{weights}: the adapter exists only as a pickle; pickles can execute code, so they are refused. "
                 "Convert it to safetensors (PEFT: save_pretrained(..., safe_serialization=True)) or pass "
-                "--allow-pickle to load it with torch.load(weights_only=True)"
+                "[[allow_pickle=True]] to load it with torch.load(weights_only=True)"
             )
         from ..formats.safetensors_file import torch_to_safetensors_dtype
 

@@ -111,7 +111,7 @@ def _mlx_fields(raw: dict[str, Any], where: str) -> tuple[str, int, float, float
     if fine_tune_type == "full":
         raise UnsupportedAdapterError(
             f"{where}: fine_tune_type 'full': an mlx-lm full fine-tune saves whole weights, not an adapter; write the "
-            "model with mlx_lm.fuse, then make an adapter of it with: rslora-tools extract BASE TUNED OUT"
+            "model with mlx_lm.fuse, then make an adapter of it with: [[rslora_tools.extract(BASE, TUNED, OUT)]]"
         )
     if fine_tune_type not in ("lora", "dora"):
         raise UnsupportedAdapterError(f"{where}: fine_tune_type {fine_tune_type!r}; mlx-lm adapters are lora or dora")

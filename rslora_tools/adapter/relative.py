@@ -60,12 +60,12 @@ def require_plain(adapter: Adapter, *, base_is_residual: bool = False) -> None:
         raise UnsupportedAdapterError(
             f"{where}: init_lora_weights='loftq': LoftQ trains on its own quantization of the base (PEFT's "
             "loftq_utils, not bitsandbytes), which rslora-tools does not reproduce; save that base and merge with "
-            "--base-is-residual"
+            "[[base_is_residual=True]]"
         )
     raise UnsupportedAdapterError(
         f"{where}: init_lora_weights={init!r}: this {_NAMES[variant]} adapter is relative to a residual base "
-        "(W - s * B0 @ A0), not to BASE; pass --initial INIT (the adapter saved right after initialisation) to use "
-        "it with the original base, or --base-is-residual if BASE is that residual base"
+        "(W - s * B0 @ A0), not to BASE; pass [[initial=INIT]] (the adapter saved right after initialisation) to use "
+        "it with the original base, or [[base_is_residual=True]] if BASE is that residual base"
     )
 
 
@@ -76,7 +76,7 @@ def check_initial(trained: Adapter, initial: Adapter) -> None:
         init = trained.config.json_dict.get("init_lora_weights", True)
         what = "LoftQ changes the base itself" if variant == "loftq" else "it is plain LoRA"
         raise UnsupportedAdapterError(
-            f"{trained.path}: --initial applies to PiSSA, OLoRA, CorDA and LoRA-GA adapters; this one has "
+            f"{trained.path}: [[initial]] applies to PiSSA, OLoRA, CorDA and LoRA-GA adapters; this one has "
             f"init_lora_weights={init!r} ({what})"
         )
     if initial.config.init_variant not in (None, variant):
@@ -106,7 +106,7 @@ def check_initial(trained: Adapter, initial: Adapter) -> None:
             )
     if trained.config.target_parameters:
         raise UnsupportedAdapterError(
-            f"{trained.path}: --initial with target_parameters (MoE experts) is not supported"
+            f"{trained.path}: [[initial]] with target_parameters (MoE experts) is not supported"
         )
 
 

@@ -74,9 +74,9 @@ def stack_adapters(adapters: list[Adapter], weights: list[float] | None = None) 
         raise InputError("a merge needs at least one adapter")
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
-        raise InputError(f"--weights has {counted(len(weights), 'value')} for {counted(len(adapters), 'adapter')}")
+        raise InputError(f"[[weights]] has {counted(len(weights), 'value')} for {counted(len(adapters), 'adapter')}")
     if not all(math.isfinite(w) for w in weights):
-        raise InputError("--weights must be finite numbers")
+        raise InputError("[[weights]] must be finite numbers")
     shapes = {namespaced_key(i, k): v for i, a in enumerate(adapters) for k, v in a.shapes.items()}
     dtypes = {namespaced_key(i, k): v for i, a in enumerate(adapters) for k, v in a.dtypes.items()}
     first = adapters[0]

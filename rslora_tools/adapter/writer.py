@@ -29,7 +29,7 @@ TensorEntry = tuple[str, str, tuple[int, ...]]
 
 def nonfinite_error(where: str, detail: str, allowed_by_flag: bool = True) -> InputError:
     """The one message for NaN or Inf a command would write (an adapter, a GGUF file); nothing is written."""
-    hint = " Pass --allow-nonfinite to write it anyway" if allowed_by_flag else ""
+    hint = " Pass [[allow_nonfinite=True]] to write it anyway" if allowed_by_flag else ""
     return InputError(f"{where}: {detail}; the output would serve NaN or Inf, so nothing was written.{hint}")
 
 

@@ -18,6 +18,7 @@ import click
 
 from .._version import __version__
 from ..errors import OptionError, OutputInterrupted, PushAfterWriteError, RsloraError
+from .words import as_flags
 
 DEBUG_ENV = "RSLORA_TOOLS_DEBUG"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -30,7 +31,7 @@ class _Command(click.Command):
         try:
             return super().invoke(ctx)
         except OptionError as e:
-            raise click.UsageError(_one_line(e.cli_message), ctx=ctx) from None
+            raise click.UsageError(_one_line(as_flags(e.message)), ctx=ctx) from None
 
 
 class _Group(click.Group):
@@ -84,8 +85,8 @@ def _worded(e: RsloraError) -> str:
     """The library's message, with the command-line words its fields call for."""
     if isinstance(e, PushAfterWriteError):
         out, repo = e.fields.get("out"), e.fields.get("repo_id")
-        return f"{e.cli_message} ({out} is complete on disk; push it later with: rslora-tools push {out} {repo})"
-    return e.cli_message
+        return f"{as_flags(e.message)} ({out} is complete on disk; push it later with: rslora-tools push {out} {repo})"
+    return as_flags(e.message)
 
 
 def _worded_interruption(e: OutputInterrupted) -> str:

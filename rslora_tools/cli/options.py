@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ..errors import OptionError, RsloraError, cli_message
+from ..errors import OptionError, RsloraError, marked_message
 from ..flags import Flag, dest, flags_of
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -33,13 +33,14 @@ class RuntimeSpec(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         from ..adapter.runtimes import runtime
+        from .words import error_as_flags
 
         if self.allow_unit and value == "unit":
             return str(value)
         try:
             runtime(str(value))
         except RsloraError as e:
-            self.fail(cli_message(e), param, ctx)
+            self.fail(error_as_flags(e), param, ctx)
         return str(value)
 
 
@@ -107,7 +108,7 @@ def trained_on(flags: dict[str, Any]) -> Any:
             skip_modules=[m.strip() for m in skip.split(",") if m.strip()] if skip else None,
         )
     except InputError as e:
-        raise OptionError(cli_message(e), options=("trained_on",)) from None
+        raise OptionError(marked_message(e), options=("trained_on",)) from None
 
 
 def weights(text: str | None) -> tuple[float, ...] | None:

@@ -93,7 +93,7 @@ def combine(
         raise OptionError("combine needs at least one adapter")
     if options.weights is not None and len(options.weights) != len(adapters):
         raise OptionError(
-            f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}"
+            f"[[weights]] has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}"
         )
     resolved = [adapter_input(a, token=options.token, allow_pickle=options.allow_pickle) for a in adapters]
     sources = [source for _, source in resolved]

@@ -62,7 +62,7 @@ def check_order(command: str, order: str, given: Sequence[tuple[str, Any, tuple[
             ):
                 raise InputError(
                     f"{name} {spec} holds {_kind_words(kind)} and {other} {other_spec} "
-                    f"{_kind_words(other_kind)}: the order is `rslora-tools {command} {order}`"
+                    f"{_kind_words(other_kind)}: the order is `[[rslora_tools.{command}({order})]]`"
                 )
 
 
@@ -121,7 +121,7 @@ def publish(out: Path, options: OutputOptions) -> PushReport | None:
     try:
         return push_folder(out, target)
     except RsloraError as e:
-        raise PushAfterWriteError(e.cli_message, out=str(out), repo_id=target.repo_id) from e
+        raise PushAfterWriteError(e.message, out=str(out), repo_id=target.repo_id) from e
     except KeyboardInterrupt as e:
         raise PushInterrupted(str(out), target.repo_id) from e
 

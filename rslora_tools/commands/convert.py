@@ -69,18 +69,18 @@ def convert(
     out = Path(out)
     gguf = out.suffix == ".gguf"
     if gguf and (options.target is None or options.target == "unit" or runtime(options.target).name != "llama.cpp"):
-        raise OptionError(f"{out}: a .gguf output is written only for --target llama.cpp")
+        raise OptionError(f"{out}: a .gguf output is written only for [[target]] llama.cpp")
     if gguf and options.base is None:
         raise OptionError(
-            "--target llama.cpp with a .gguf OUT needs --base BASE (for the architecture's tensor names)"
+            "[[target]] llama.cpp with a .gguf OUT needs [[base=BASE]] (for the architecture's tensor names)"
         )
     if gguf and options.push is not None:
-        raise OptionError("--push-to-hub pushes a folder; push a .gguf file with: hf upload REPO FILE")
+        raise OptionError("[[push=PushTarget(...)]] pushes a folder; push a .gguf file with: hf upload REPO FILE")
     if options.base is not None:
         check_order(
             "convert",
-            "ADAPTER OUT --base BASE",
-            [("ADAPTER", adapter, ("adapter",)), ("--base", options.base, ("model", "merged"))],
+            "ADAPTER, OUT, base=BASE",
+            [("ADAPTER", adapter, ("adapter",)), ("[[base]]", options.base, ("model", "merged"))],
         )
     path, source = adapter_input(
         adapter, revision=options.revision, token=options.token, allow_pickle=options.allow_pickle

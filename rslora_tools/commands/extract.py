@@ -145,7 +145,7 @@ def _torch_device(device: str) -> str:
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: CUDA is not available")
+        raise InputError("[[device]] cuda: CUDA is not available")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device

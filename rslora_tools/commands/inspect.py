@@ -120,8 +120,8 @@ def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = No
     if options.base is not None:
         check_order(
             "inspect",
-            "ADAPTER --base BASE",
-            [("ADAPTER", adapter, ("adapter",)), ("--base", options.base, ("model", "merged"))],
+            "ADAPTER, base=BASE",
+            [("ADAPTER", adapter, ("adapter",)), ("[[base]]", options.base, ("model", "merged"))],
         )
     path, _ = adapter_input(adapter, revision=options.revision, token=options.token, allow_pickle=options.allow_pickle)
     base_source = base_input(options.base, token=options.token) if options.base is not None else None
@@ -484,7 +484,7 @@ def _lint_base(adapter: Adapter, source: Source, report: InspectReport, selected
     try:
         checkpoint, _, plan = plan_merge(source.path, adapter, collect_unmatched=True)
     except RsloraError as e:
-        lints.append(Lint("error", "base", e.cli_message))
+        lints.append(Lint("error", "base", str(e)))
         return
     tied = tied_embedding_problem(adapter, checkpoint)
     if tied:  # llama.cpp cannot take it on this base: say so instead of recommending a conversion

@@ -103,11 +103,11 @@ def _stream_inputs(base: str | os.PathLike[str], adapters: list[AdapterSpec], op
         return merge_inputs(base, adapters, options, base_shards=False)
     except InputError as e:
         last = adapters[-1]
-        if isinstance(last, Adapter) or not e.cli_message.startswith(os.fspath(last)):
+        if isinstance(last, Adapter) or not e.message.startswith(os.fspath(last)):
             raise
         raise InputError(
-            f"{e.cli_message} (with --stream there is no OUT: every argument after BASE is an adapter; "
-            "--scratch DIR names the scratch folder)",
+            f"{e.message} (with [[stream=StreamOptions()]] there is no OUT: every argument after BASE is an adapter; "
+            "[[StreamOptions(scratch=DIR)]] names the scratch folder)",
             **e.fields,
         ) from e
 
@@ -118,16 +118,16 @@ def merge_inputs(
     """Resolve BASE and ADAPTER... (folders or Hub repos; BASE "auto": the adapter's own), load the adapters (several:
     stacked with their weights; --initial: made relative to the original base) and say where each came from."""
     check_order(
-        "merge", "BASE ADAPTER... OUT", [("BASE", base, ("model", "merged")), ("ADAPTER", adapters[0], ("adapter",))]
+        "merge", "BASE, ADAPTER..., OUT", [("BASE", base, ("model", "merged")), ("ADAPTER", adapters[0], ("adapter",))]
     )
     if options.weights is not None and len(options.weights) != len(adapters):
         raise OptionError(
-            f"--weights has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}"
+            f"[[weights]] has {counted(len(options.weights), 'weight')} for {counted(len(adapters), 'adapter')}"
         )
     if options.initial is not None and len(adapters) > 1:
         raise OptionError(
-            "--initial applies to one adapter; convert each PiSSA/OLoRA/CorDA/LoRA-GA adapter with "
-            "`convert --initial` first, then merge the converted adapters together"
+            "[[initial]] applies to one adapter; convert each PiSSA/OLoRA/CorDA/LoRA-GA adapter with "
+            "`convert [[initial]]` first, then merge the converted adapters together"
         )
     first = adapters[0]
     base_source, first_source, warnings = resolve_merge_inputs(

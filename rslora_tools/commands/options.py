@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..adapter.runtimes import runtime
-from ..errors import InputError, OptionError, RsloraError, cli_message
+from ..errors import InputError, OptionError, RsloraError, marked_message
 from ..execute.options import (
     ADAPTER_REVISION,
     ALLOW_PICKLE,
@@ -40,10 +40,18 @@ class ConvertOptions(OutputOptions):
         option(  # "rslora" or "classic": rewrite the alphas (or, with `bake`, fold the change into lora_B)
             None,
             Flag(
-                "--to-rslora", dest="to_rslora", is_flag=True, help="Rewrite to rsLoRA (alpha/sqrt(r)), same scales."
+                "--to-rslora",
+                dest="to_rslora",
+                is_flag=True,
+                api='to="rslora"',
+                help="Rewrite to rsLoRA (alpha/sqrt(r)), same scales.",
             ),
             Flag(
-                "--to-classic", dest="to_classic", is_flag=True, help="Rewrite to classic LoRA (alpha/r), same scales."
+                "--to-classic",
+                dest="to_classic",
+                is_flag=True,
+                api='to="classic"',
+                help="Rewrite to classic LoRA (alpha/r), same scales.",
             ),
         )
     )
@@ -116,21 +124,22 @@ class ConvertOptions(OutputOptions):
             self.to is None and self.target is None and self.initial is None
         ):
             raise OptionError(
-                "choose one of --to-rslora, --to-classic or --target RUNTIME (or --initial INIT alone), "
-                "or --expert-layout / --key-layout",
+                'choose one of [[to="rslora"]], [[to="classic"]] or [[target=RUNTIME]] (or [[initial=INIT]] alone), '
+                "or [[expert_layout]] / [[key_layout]]",
                 options=("to", "target", "initial", "expert_layout", "key_layout"),
             )
         if self.to is not None and self.to not in CONVENTIONS:
             raise OptionError(f"unknown convention {self.to!r}; use rslora or classic", options=("to",))
         if self.bake and self.to is None:
             raise OptionError(
-                "--bake goes with --to-rslora or --to-classic (--target bakes when it must)", options=("bake", "to")
+                '[[bake=True]] goes with [[to="rslora"]] or [[to="classic"]] ([[target]] bakes when it must)',
+                options=("bake", "to"),
             )
         if self.target is not None and self.target != "unit":
             try:
                 runtime(self.target)  # an unknown runtime or version is an error before anything is read
             except InputError as e:
-                raise OptionError(cli_message(e), options=("target",)) from None
+                raise OptionError(marked_message(e), options=("target",)) from None
 
     def _check_relayout(self) -> None:
         if self.expert_layout not in (None, "per-expert", "fused"):
@@ -143,13 +152,13 @@ class ConvertOptions(OutputOptions):
             )
         if self.to is not None or self.target is not None or self.initial is not None or self.bake:
             raise OptionError(
-                "--expert-layout and --key-layout rewrite the layout only; convert the convention or "
+                "[[expert_layout]] and [[key_layout]] rewrite the layout only; convert the convention or "
                 "for a runtime in a second convert",
                 options=("expert_layout", "key_layout"),
             )
         if self.base is None:
             raise OptionError(
-                "--expert-layout and --key-layout need --base BASE (its config.json names the "
+                "[[expert_layout]] and [[key_layout]] need [[base=BASE]] (its config.json names the "
                 "architecture and its checkpoint the tensors)",
                 options=("expert_layout", "key_layout", "base"),
             )
@@ -215,25 +224,27 @@ class CombineOptions(OutputOptions):
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
             if not all(math.isfinite(w) for w in self.weights):
-                raise OptionError("--weights must be finite numbers", options=("weights",))
+                raise OptionError("[[weights]] must be finite numbers", options=("weights",))
         if self.rank is not None and (self.method != "svd" or self.rank < 1):
-            raise OptionError("--rank goes with --method svd and is a positive integer", options=("rank", "method"))
+            raise OptionError(
+                "[[rank]] goes with [[method]] svd and is a positive integer", options=("rank", "method")
+            )
         density, method = self.density, self.method
         if method in DENSITY_METHODS:
             low_ok = density is not None and (density > 0.0 if method.startswith("dare") else density >= 0.0)
             if density is None or not low_ok or density > 1.0:
                 raise OptionError(
-                    f"--method {method} needs --density D, the fraction of values kept (0 to 1; above 0 "
+                    f"[[method={method}]] needs [[density=D]], the fraction of values kept (0 to 1; above 0 "
                     "for dare, which divides by it)",
                     options=("method", "density"),
                 )
         elif density is not None:
-            raise OptionError(f"--density goes with {', '.join(DENSITY_METHODS)}", options=("density", "method"))
+            raise OptionError(f"[[density]] goes with {', '.join(DENSITY_METHODS)}", options=("density", "method"))
         if self.target is not None and self.target != "unit":
             try:
                 runtime(self.target)  # an unknown runtime is refused before anything is computed
             except InputError as e:
-                raise OptionError(cli_message(e), options=("target",)) from None
+                raise OptionError(marked_message(e), options=("target",)) from None
 
 
 @dataclass(frozen=True)
@@ -299,17 +310,19 @@ class ExtractOptions(OutputOptions):
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.rank, self.energy, self.max_error)) > 1:
-            raise OptionError("choose one of --rank, --energy or --max-error", options=("rank", "energy", "max_error"))
+            raise OptionError(
+                "choose one of [[rank]], [[energy]] or [[max_error]]", options=("rank", "energy", "max_error")
+            )
         if self.rank is not None and self.rank < 1:
-            raise OptionError("--rank must be a positive integer", options=("rank",))
+            raise OptionError("[[rank]] must be a positive integer", options=("rank",))
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise OptionError(
-                "--energy is a fraction of the delta's squared norm, above 0 and at most 1", options=("energy",)
+                "[[energy]] is a fraction of the delta's squared norm, above 0 and at most 1", options=("energy",)
             )
         if self.max_error is not None and not 0.0 <= self.max_error < 1.0:
-            raise OptionError("--max-error is a relative error, at least 0 and below 1", options=("max_error",))
+            raise OptionError("[[max_error]] is a relative error, at least 0 and below 1", options=("max_error",))
         if self.alpha is not None and not (self.alpha > 0 and self.alpha < float("inf")):
-            raise OptionError("--alpha must be a positive number", options=("alpha",))
+            raise OptionError("[[alpha]] must be a positive number", options=("alpha",))
         if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
             raise OptionError(f"unknown device {self.device!r}; use cpu, cuda or auto", options=("device",))
         if self.target_modules is not None:
@@ -348,17 +361,17 @@ class VerifyOptions:
 
     def __post_init__(self) -> None:
         if self.sample is not None and self.sample < 1:
-            raise OptionError("--sample must be a positive number of tensors", options=("sample",))
+            raise OptionError("[[sample]] must be a positive number of tensors", options=("sample",))
         if isinstance(self.trained_on, str):
             try:
                 object.__setattr__(self, "trained_on", trained_on_scheme(self.trained_on))
             except InputError as e:
-                raise OptionError(cli_message(e), options=("trained_on",)) from None
+                raise OptionError(marked_message(e), options=("trained_on",)) from None
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
         if self.initial is not None and self.base_is_residual:
             raise OptionError(
-                "--initial and --base-is-residual exclude each other: the first merges into the original "
+                "[[initial]] and [[base_is_residual=True]] exclude each other: the first merges into the original "
                 "base, the second into the residual base",
                 options=("initial", "base_is_residual"),
             )
@@ -400,4 +413,4 @@ class InspectOptions:
             try:
                 runtime(spec)
             except RsloraError as e:
-                raise OptionError(cli_message(e), options=("runtimes",)) from None
+                raise OptionError(marked_message(e), options=("runtimes",)) from None

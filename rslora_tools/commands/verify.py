@@ -53,7 +53,7 @@ def verify(
     adapters = adapter_list(adapter)
     check_order(
         "verify",
-        "MERGED BASE ADAPTER...",
+        "MERGED, BASE, ADAPTER...",
         [("MERGED", merged, ("merged",)), ("BASE", base, ("model",)), ("ADAPTER", adapters[0], ("adapter",))],
     )
     base_path, loaded = _inputs(base, adapters, options)

@@ -41,7 +41,7 @@ def check_finite(adapter: Adapter) -> None:
         raise InputError(
             f"{adapter.weights_path}: NaN or Inf in {counted(len(bad), 'adapter tensor')}: {', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}; the adapter is broken (diverged training?). "
-            "Pass --allow-nonfinite to merge it anyway"
+            "Pass [[allow_nonfinite=True]] to merge it anyway"
         )
 
 

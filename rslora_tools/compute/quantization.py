@@ -158,7 +158,7 @@ def dequantize_stored(stored: QuantizedWeight, read: Reader) -> torch.Tensor:
                 f"{stored.parts['weight_shape']} says {list(recorded)}, but the packed weight and its "
                 f"scales are {list(stored.shape)}; the compressed-tensors checkpoint is corrupt (or, "
                 "streamed, a per-channel weight whose inputs are not a multiple of 32 / bits: merge it "
-                "without --stream)"
+                "without [[stream=StreamOptions()]])"
             )
         zero = read(stored.parts["weight_zero_point"]) if "weight_zero_point" in stored.parts else None
         return dequantize_ct_int(

@@ -52,7 +52,7 @@ DEFAULT_OUTTYPE = "f16"  # an OUT.gguf whose outtype is not given
 LLAMA_CPP_ENV = "RSLORA_TOOLS_LLAMA_CPP_DIR"
 _TEST_BUILD = "llama-cpp-python-0.3.36/llama.cpp"  # where scripts/setup_llama_cpp.sh unpacks the converter
 TWO_STEP = (
-    "merge into a folder, then run llama.cpp's converter on it: rslora-tools merge BASE ADAPTER MERGED && "
+    "merge into a folder, then run llama.cpp's converter on it: [[rslora_tools.merge(BASE, ADAPTER, MERGED)]] && "
     "python convert_hf_to_gguf.py MERGED --outtype T"
 )
 
@@ -73,7 +73,7 @@ def find_llama_cpp(explicit: str | os.PathLike[str] | None) -> Path:
     raise InputError(
         f"{where}: no llama.cpp checkout here (convert_hf_to_gguf.py and gguf-py/); a GGUF OUT needs "
         f"one: run scripts/setup_llama_cpp.sh (in a clone of rslora-tools: it unpacks the llama.cpp the "
-        f"tests use there), or pass --llama-cpp DIR or set {LLAMA_CPP_ENV} (git clone "
+        f"tests use there), or pass [[llama_cpp=DIR]] or set {LLAMA_CPP_ENV} (git clone "
         "https://github.com/ggml-org/llama.cpp)"
     )
 

@@ -119,7 +119,7 @@ def _streamed(inputs: MergeInputs, output: GgufFile, options: MergeOptions, star
         )
         if options.dry_run:
             return _write(prepared, output, options, started)
-        with work_folder(scratch, f"the scratch folder of a --stream into {out}"):
+        with work_folder(scratch, f"the scratch folder of a [[stream=StreamOptions()]] into {out}"):
             make_view(source, scratch)
             report = _write(prepared, output, options, started, fetcher)
             shutil.rmtree(scratch, ignore_errors=True)  # this tool made it and owns all in it (links, download notes)

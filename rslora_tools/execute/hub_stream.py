@@ -89,7 +89,7 @@ def stream_to_hub(
     with hub_bars_hidden():
         if options.dry_run:
             return _stream_merge(inputs, options, work)
-        with work_folder(work, f"the scratch folder of a --stream into {target.repo_id}"):
+        with work_folder(work, f"the scratch folder of a [[stream=StreamOptions()]] into {target.repo_id}"):
             return _stream_merge(inputs, options, work)
 
 
@@ -178,7 +178,8 @@ def _check_space(report: StreamReport, scratch: Path) -> None:
     if free is not None and report.disk_bound > free:
         raise OutputError(
             f"{scratch}: the streamed merge needs up to {human_size(report.disk_bound)} there but only "
-            f"{human_size(free)} is free; free some space or pass --scratch on a larger disk (nothing was uploaded)"
+            f"{human_size(free)} is free; free some space or pass [[StreamOptions(scratch=...)]] on a larger disk "
+            f"(nothing was uploaded)"
         )
 
 

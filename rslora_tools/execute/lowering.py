@@ -73,7 +73,7 @@ class Device:
         self._torch: str | None = "cpu" if spec == "cpu" else None
         if spec.startswith("cuda"):
             if not _cuda_available():
-                raise InputError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
+                raise InputError("[[device]] cuda was requested but CUDA is not available; use [[device]] cpu or auto")
             self._torch = spec
 
     @property

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputError, OptionError, cli_message
-from ..flags import DRY_RUN, TOKEN, Flag, flag_name, option
+from ..errors import InputError, OptionError, marked_message
+from ..flags import DRY_RUN, TOKEN, Flag, marked, option
 from ..formats.quant import QuantScheme, trained_on_scheme
 from ..formats.sizes import parse_size
 from ..plan.tensors import parse_dtype
@@ -31,10 +31,28 @@ ALLOW_PICKLE = Flag(
     help="Read an adapter that exists only as adapter_model.bin (torch.load weights_only=True; no code runs).",
 )
 PUSH = (
-    Flag("--push-to-hub", dest="push_to", metavar="REPO_ID", help="Upload OUT to this Hub repo when done."),
-    Flag("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
-    Flag("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing to main."),
-    Flag("--commit-message", metavar="TEXT", help="With --push-to-hub: the commit message."),
+    Flag(
+        "--push-to-hub",
+        dest="push_to",
+        metavar="REPO_ID",
+        api="push=PushTarget(",
+        help="Upload OUT to this Hub repo when done.",
+    ),
+    Flag(
+        "--private", is_flag=True, api="PushTarget(private=True)", help="With --push-to-hub: create the repo private."
+    ),
+    Flag(
+        "--create-pr",
+        is_flag=True,
+        api="PushTarget(create_pr=True)",
+        help="With --push-to-hub: open a pull request instead of committing to main.",
+    ),
+    Flag(
+        "--commit-message",
+        metavar="TEXT",
+        api="PushTarget(commit_message=",
+        help="With --push-to-hub: the commit message.",
+    ),
 )
 BASE_REVISION = Flag("--base-revision", metavar="REV", help="Branch, tag or commit of BASE when it is a Hub repo.")
 ADAPTER_REVISION = Flag(
@@ -52,12 +70,14 @@ TRAINED_ON = (
         "--double-quant",
         secondary="--no-double-quant",
         dest="double_quant",
+        api="trained_on_scheme(double_quant=True)",
         help="With --trained-on nf4/fp4: "
         "bnb_4bit_use_double_quant [default: off, as in BitsAndBytesConfig; most QLoRA recipes turn it on].",
     ),
     Flag(
         "--quant-blocksize",
         dest="quant_blocksize",
+        api="trained_on_scheme(blocksize=",
         choices=tuple(str(2**i) for i in range(5, 13)),
         help="With --trained-on nf4/fp4: the 4-bit block size [default: 64, bitsandbytes' and so "
         "BitsAndBytesConfig's].",
@@ -65,6 +85,7 @@ TRAINED_ON = (
     Flag(
         "--skip-modules",
         dest="skip_modules",
+        api="trained_on_scheme(skip_modules=",
         metavar="NAMES",
         help="With --trained-on: modules transformers left "
         "unquantized, comma-separated, as llm_int8_skip_modules (replaces the default, which keeps the output head).",
@@ -87,12 +108,14 @@ STREAM = (
     Flag(
         "--stream",
         is_flag=True,
+        api="stream=StreamOptions()",
         help="With --push-to-hub: stream shard by shard from BASE to the Hub; OUT is "
         "omitted (every argument after BASE is an adapter), the disk holds a few shards at a time.",
     ),
     Flag(
         "--scratch",
         dest="scratch",
+        api="StreamOptions(scratch=",
         metavar="DIR",
         folder=True,
         help="With --stream: the run works in "
@@ -102,6 +125,7 @@ STREAM = (
     Flag(
         "--keep-cache",
         dest="keep_cache",
+        api="StreamOptions(keep_cache=True)",
         is_flag=True,
         help="With --stream: keep the downloaded base shards in the "
         "Hugging Face cache (default: delete them after use; shards cached before are never deleted).",
@@ -109,6 +133,7 @@ STREAM = (
     Flag(
         "--no-resume",
         dest="no_resume",
+        api="StreamOptions(no_resume=True)",
         is_flag=True,
         help="With --stream: forget what an earlier run uploaded (its journal in the scratch folder) and start over.",
     ),
@@ -154,14 +179,14 @@ def parse_weights(weights: Any) -> tuple[float, ...]:
         values = tuple(float(w) for w in items) if not isinstance(items, (int, float)) else (float(items),)
     except (TypeError, ValueError):
         raise OptionError(
-            f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)", options=("weights",)
+            f"[[weights={weights!r}]] is not a comma-separated list of numbers (e.g. 0.7,0.3)", options=("weights",)
         ) from None
     if not values or any(isinstance(w, bool) for w in (items if isinstance(items, (list, tuple)) else ())):
         raise OptionError(
-            f"--weights {weights!r} is not a comma-separated list of numbers (e.g. 0.7,0.3)", options=("weights",)
+            f"[[weights={weights!r}]] is not a comma-separated list of numbers (e.g. 0.7,0.3)", options=("weights",)
         )
     if not all(math.isfinite(w) for w in values):
-        raise OptionError("--weights must be finite numbers", options=("weights",))
+        raise OptionError("[[weights]] must be finite numbers", options=("weights",))
     return values
 
 
@@ -266,26 +291,26 @@ class MergeOptions(OutputOptions):
             try:
                 object.__setattr__(self, name, parse(value))
             except (ValueError, InputError) as e:
-                raise OptionError(cli_message(e), options=(name,)) from None
+                raise OptionError(marked_message(e), options=(name,)) from None
         if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
             raise OptionError(f"unknown device {self.device!r}; use cpu, cuda or auto", options=("device",))
         if self.weights is not None:
             object.__setattr__(self, "weights", parse_weights(self.weights))
         if self.initial is not None and self.base_is_residual:
             raise OptionError(
-                "--initial and --base-is-residual exclude each other: the first merges into the original "
+                "[[initial]] and [[base_is_residual=True]] exclude each other: the first merges into the original "
                 "base, the second into the residual base",
                 options=("initial", "base_is_residual"),
             )
         if self.keep_quantization and self.trained_on is not None:
             raise OptionError(
-                "--keep-quantization keeps a quantized base's format; --trained-on is for an unquantized "
+                "[[keep_quantization=True]] keeps a quantized base's format; [[trained_on]] is for an unquantized "
                 "base (and the output is unquantized)",
                 options=("keep_quantization", "trained_on"),
             )
         if self.keep_quantization and self.dtype is not None:
             raise OptionError(
-                "--keep-quantization writes the base's own dtypes; --dtype does not go with it",
+                "[[keep_quantization=True]] writes the base's own dtypes; [[dtype]] does not go with it",
                 options=("keep_quantization", "dtype"),
             )
         if self.stream is not None:
@@ -293,22 +318,24 @@ class MergeOptions(OutputOptions):
         if self.outtype is not None and self.outtype not in OUTTYPES:
             *first, last = OUTTYPES
             raise OptionError(
-                f"unknown --outtype {self.outtype!r}; use {', '.join(first)} or {last}", options=("outtype",)
+                f"unknown [[outtype={self.outtype!r}]]; use {', '.join(first)} or {last}", options=("outtype",)
             )
 
     def _check_stream(self) -> None:
         if self.push is None and self.outtype is None:
             raise OptionError(
-                "--stream sends the merged model to the Hub: pass --push-to-hub REPO_ID (or name an "
-                "OUT.gguf with --outtype; without --stream, merge into OUT)",
+                "[[stream=StreamOptions()]] sends the merged model to the Hub: pass [[push=PushTarget(REPO_ID)]] (or "
+                "name an "
+                "OUT.gguf with [[outtype]]; without [[stream=StreamOptions()]], merge into OUT)",
                 options=("stream", "push", "outtype"),
             )
         for field in ("verify", "overwrite"):
             if getattr(self, field):
                 raise OptionError(
-                    f"{flag_name(MergeOptions, field)} does not go with --stream (no OUT is written); verify the "
+                    f"{marked(MergeOptions, field)} does not go with [[stream=StreamOptions()]] (no OUT is written); "
+                    f"verify the "
                     f"pushed repo with "
-                    "`rslora-tools verify` after downloading it",
+                    "`[[rslora_tools.verify()]]` after downloading it",
                     options=(field, "stream"),
                 )
 

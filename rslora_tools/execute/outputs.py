@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OptionError
-from ..flags import flag_name
+from ..flags import marked
 from .gguf_model import DEFAULT_OUTTYPE
 from .options import MergeOptions
 
@@ -52,7 +52,7 @@ class GgufFile:
         for field in ("keep_quantization", "max_shard_size", "verify", "push"):
             if getattr(options, field) not in (None, False):
                 raise OptionError(
-                    f"{flag_name(MergeOptions, field)} does not go with a .gguf OUT (one llama.cpp file); "
+                    f"{marked(MergeOptions, field)} does not go with a .gguf OUT (one llama.cpp file); "
                     "merge into a folder for it",
                     options=(field,),
                     out=str(out),
@@ -77,7 +77,7 @@ def merge_output(out: str | os.PathLike[str] | None, options: MergeOptions) -> O
     gguf = out is not None and Path(out).suffix == ".gguf"
     if (options.outtype or options.llama_cpp) and not gguf:
         raise OptionError(
-            "--outtype and --llama-cpp go with an OUT ending in .gguf (one llama.cpp file)",
+            "[[outtype]] and [[llama_cpp]] go with an OUT ending in .gguf (one llama.cpp file)",
             options=("outtype", "llama_cpp"),
         )
     if gguf:
@@ -92,7 +92,8 @@ def merge_output(out: str | os.PathLike[str] | None, options: MergeOptions) -> O
             )
         if options.push is None:
             raise OptionError(
-                "--stream with --outtype writes an OUT.gguf: name it after the adapters", options=("stream", "outtype")
+                "[[stream=StreamOptions()]] with [[outtype]] writes an OUT.gguf: name it after the adapters",
+                options=("stream", "outtype"),
             )
         return HubStream(options.push.repo_id)
     if out is None:

@@ -114,7 +114,7 @@ def check_folder(
         out: Checkpoint | None = open_checkpoint(merged)
     except RsloraError as e:
         out = None
-        problems.append(f"the merged folder cannot be read: {e.cli_message}")
+        problems.append(f"the merged folder cannot be read: {e}")
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     dtype = _merge_dtype(out, checkpoint) if out is not None else None
     kept = _kept_quantization(recorded, out, checkpoint)
@@ -411,7 +411,7 @@ def _config_problems(out: Checkpoint, base: Checkpoint, plan: Plan) -> list[str]
     try:
         merged_config = read_json_file(path)
     except RsloraError as e:
-        return [e.cli_message]
+        return [str(e)]
     if not isinstance(merged_config, dict):
         return ["config.json in the merged folder is not a JSON object"]
     expected = updated_config(base.config, plan.config_updates)

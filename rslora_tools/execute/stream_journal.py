@@ -79,8 +79,9 @@ class Journal:
             entries = [_journal_entry(e) for e in data["uploaded"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(
-                f"{self.path}: the journal of an earlier --stream run cannot be read ({_why(e)}); pass "
-                "--no-resume to start over, or delete it"
+                f"{self.path}: the journal of an earlier [[stream=StreamOptions()]] run cannot be read ({_why(e)}); "
+                f"pass "
+                "[[StreamOptions(no_resume=True)]] to start over, or delete it"
             ) from None
         self.entries = {e.path_in_repo: e for e in entries}
 

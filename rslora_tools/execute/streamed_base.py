@@ -28,7 +28,7 @@ def check_scratch(scratch: Path, base: Source, adapter: Adapter) -> None:
         if scratch == real or real in scratch.parents or scratch in real.parents:
             raise OutputError(f"{scratch}: the scratch folder may not be, contain or be inside an input ({folder})")
     if scratch.exists() and not scratch.is_dir():
-        raise OutputError(f"{scratch}: exists and is not a folder (the scratch folder of --stream)")
+        raise OutputError(f"{scratch}: exists and is not a folder (the scratch folder of [[stream=StreamOptions()]])")
 
 
 def open_streamed_base(base: Source, scratch: Path, token: str | None) -> Checkpoint:
@@ -51,7 +51,7 @@ def open_streamed_base(base: Source, scratch: Path, token: str | None) -> Checkp
     if scheme is not None and scheme.method not in STREAMED_QUANTIZATION:
         raise InputError(
             f"{base.spec}: a {scheme.label} base is not streamed yet (FP8, MXFP4 and compressed-tensors "
-            "bases are); merge it without --stream (download, merge, then push)"
+            "bases are); merge it without [[stream=StreamOptions()]] (download, merge, then push)"
         )
     return checkpoint
 

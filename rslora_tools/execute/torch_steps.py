@@ -225,7 +225,7 @@ def _check_finite(run: Run, t: TensorPlan, value: torch.Tensor, start: torch.Ten
         cause = f" (module {op.module.name!r}, scale {op.scale.scale:g})" if op is not None else ""
         raise InputError(
             f"{t.name}: the merge gives {bad} NaN or Inf values where the base has {before}{cause}; the adapter would "
-            "break the model. Pass --allow-nonfinite to merge it anyway"
+            "break the model. Pass [[allow_nonfinite=True]] to merge it anyway"
         )
 
 

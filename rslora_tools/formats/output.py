@@ -96,7 +96,7 @@ def check_output_location(out: Path, inputs: list[Path], overwrite: bool, *, wri
         raise OutputError(f"{out}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
-            raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+            raise OutputError(f"{out}: exists and is not empty; pass [[overwrite=True]] to replace it")
         _check_replaceable_folder(out, target, writes_adapter)
     return target
 
@@ -112,11 +112,11 @@ def _check_replaceable_folder(out: Path, folder: Path, writes_adapter: bool) -> 
     names = sorted(p.name for p in folder.iterdir())
     if "adapter_config.json" in names and not writes_adapter:
         raise OutputError(
-            f"{out}: holds an adapter; a merge never replaces one, even with --overwrite. Did you forget OUT?"
+            f"{out}: holds an adapter; a merge never replaces one, even with [[overwrite=True]]. Did you forget OUT?"
         )
     if written_by_us(read_provenance(folder)):
         return
-    rule = "--overwrite replaces only an empty folder or one rslora-tools wrote"
+    rule = "[[overwrite=True]] replaces only an empty folder or one rslora-tools wrote"
     if "adapter_config.json" in names:
         raise OutputError(f"{out}: holds a PEFT adapter that rslora-tools did not write; {rule}. Did you forget OUT?")
     if "config.json" in names or any(n.endswith(_MODEL_FILES) or n.endswith(".index.json") for n in names):
@@ -138,10 +138,10 @@ def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> Path:
         raise OutputError(f"{out}: is a folder; give a file name ending in .gguf")
     if target.exists():
         if not overwrite:
-            raise OutputError(f"{out}: exists; pass --overwrite to replace it")
+            raise OutputError(f"{out}: exists; pass [[overwrite=True]] to replace it")
         if not written_file(target):
             raise OutputError(
-                f"{out}: is a file that rslora-tools did not write; --overwrite replaces only a file "
+                f"{out}: is a file that rslora-tools did not write; [[overwrite=True]] replaces only a file "
                 "rslora-tools wrote. Did you forget OUT?"
             )
     return target
@@ -392,7 +392,7 @@ def work_folder(folder: Path, what: str) -> Iterator[Path]:
     if folder.is_dir() and any(folder.iterdir()) and not (folder / SCRATCH_MARK).is_file():
         raise OutputError(
             f"{folder}: exists and was not made by rslora-tools; it is not used as {what} (its files "
-            "could be deleted). Move it, or choose another --scratch"
+            "could be deleted). Move it, or choose another [[StreamOptions(scratch=...)]]"
         )
     created = _make_parents(folder)
     fd = os.open(folder / SCRATCH_MARK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -404,7 +404,7 @@ def work_folder(folder: Path, what: str) -> Iterator[Path]:
         except BlockingIOError:
             raise OutputError(
                 f"{folder}: another run is using it as {what} (it is locked); wait for that run to "
-                "finish, or give this one another --scratch"
+                "finish, or give this one another [[StreamOptions(scratch=...)]]"
             ) from None
         yield folder
     finally:

@@ -351,15 +351,19 @@ def trained_on_scheme(
     """
     skip = tuple(skip_modules) if skip_modules is not None else None
     if method not in ("nf4", "fp4", "int8"):
-        raise InputError(f"unknown --trained-on {method!r}; use nf4, fp4 or int8")
+        raise InputError(f"unknown [[trained_on={method!r}]]; use nf4, fp4 or int8")
     if method == "int8":
         if double_quant or blocksize is not None:
-            raise InputError("--double-quant and --quant-blocksize apply to 4-bit quantization (nf4, fp4), not int8")
+            raise InputError(
+                "[[trained_on_scheme(double_quant=True)]] and [[trained_on_scheme(blocksize=...)]] apply to 4-bit "
+                "quantization (nf4, fp4), not int8"
+            )
         return QuantScheme("int8", skip_modules=skip)
     size = 64 if blocksize is None else blocksize
     if size not in BNB_BLOCKSIZES:
         raise InputError(
-            f"--quant-blocksize {size} is not one bitsandbytes uses ({', '.join(map(str, BNB_BLOCKSIZES))})"
+            f"[[trained_on_scheme(blocksize={size})]] is not one bitsandbytes uses "
+            f"({', '.join(map(str, BNB_BLOCKSIZES))})"
         )
     return QuantScheme(
         "nf4" if method == "nf4" else "fp4", blocksize=size, double_quant=bool(double_quant), skip_modules=skip

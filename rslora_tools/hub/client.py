@@ -112,10 +112,10 @@ def download_error(spec: str, ref: HubRef, e: Exception, offline: bool) -> str:
     if isinstance(e, errors.RevisionNotFoundError):
         return f"{where}: revision {ref.revision!r} not found in {ref.repo_id} (check the branch, tag or commit)"
     if isinstance(e, errors.GatedRepoError):
-        return f"{ref.repo_id}: gated repo; accept its terms on the Hub and pass --token or set HF_TOKEN"
+        return f"{ref.repo_id}: gated repo; accept its terms on the Hub and pass [[token]] or set HF_TOKEN"
     if isinstance(e, errors.RepositoryNotFoundError):
         return (
-            f"{ref.repo_id}: no such repo on the Hub, or it is private (pass --token or set HF_TOKEN)"
+            f"{ref.repo_id}: no such repo on the Hub, or it is private (pass [[token]] or set HF_TOKEN)"
             f"{_not_local(spec)}"
         )
     if isinstance(e, errors.HfHubHTTPError):
@@ -187,7 +187,7 @@ def push_error(repo_id: str, e: Exception) -> str:
     e = _http_cause(e)
     status = _status(e)
     if status == "401" or isinstance(e, errors.LocalTokenNotFoundError):
-        return f"{repo_id}: not authorized (401): log in with 'hf auth login', set HF_TOKEN or pass --token"
+        return f"{repo_id}: not authorized (401): log in with 'hf auth login', set HF_TOKEN or pass [[token]]"
     if status == "403":
         return f"{repo_id}: forbidden (403): the token cannot write to this repo or namespace"
     if isinstance(e, errors.HfHubHTTPError):

@@ -41,5 +41,5 @@ def parse_ref(spec: str, revision: str | None = None) -> HubRef | None:
 
 def _one_revision(spec: str, in_spec: str | None, option: str | None) -> str | None:
     if in_spec and option and in_spec != option:
-        raise InputError(f"{spec}: the revision is given twice ({in_spec!r} and --revision {option!r})")
+        raise InputError(f"{spec}: the revision is given twice ({in_spec!r} and [[revision={option!r}]])")
     return in_spec or option

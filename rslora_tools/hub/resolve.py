@@ -105,7 +105,7 @@ def _download_shards(spec: str, pinned: HubRef, folder: Path, token: str | None)
     try:
         shards = index_shard_names(folder) or [SINGLE_FILE]
     except InputError as e:
-        raise InputError(f"{spec}: the repo's index is not valid: {e.cli_message}") from e
+        raise InputError(f"{spec}: the repo's index is not valid: {e.message}") from e
     _download(spec, pinned, shards, token, exact=True)
     missing = [s for s in shards if not (folder / s).is_file()]
     if missing == [SINGLE_FILE]:
@@ -244,7 +244,7 @@ def resolve_merge_inputs(
             if not looked:
                 raise
             raise type(e)(
-                f"{e.cli_message}; BASE auto: the adapter records its base as {recorded!r}, which as a "
+                f"{e.message}; BASE auto: the adapter records its base as {recorded!r}, which as a "
                 f"relative path is in none of {', '.join(map(str, looked))}; pass BASE",
                 **e.fields,
             ) from e

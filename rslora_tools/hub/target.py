@@ -38,7 +38,7 @@ class PushTarget:
         ref = parse_ref(self.repo_id)
         if ref is None or ref.revision or ref.subfolder:
             raise OptionError(
-                f"{self.repo_id}: not a Hub repo id (org/name); use --revision for a branch", options=("repo_id",)
+                f"{self.repo_id}: not a Hub repo id (org/name); use [[revision]] for a branch", options=("repo_id",)
             )
         object.__setattr__(self, "repo_id", ref.repo_id)
 
@@ -63,8 +63,9 @@ class PushTarget:
         for repo, _, role in input_repos(sources):
             if repo.lower() == self.repo_id.lower():
                 raise InputError(
-                    self._into_input(role, repo) + "; push to another repo, or there with --create-pr "
-                    "(a pull request) or `rslora-tools push FOLDER REPO_ID --revision BRANCH`"
+                    self._into_input(role, repo)
+                    + "; push to another repo, or there with [[PushTarget(create_pr=True)]] "
+                    "(a pull request) or `[[rslora_tools.push(FOLDER, REPO_ID, revision=BRANCH)]]`"
                 )
 
     def _into_input(self, role: str, repo: str) -> str:

@@ -118,7 +118,7 @@ def _get_range(source: Source, shard: str, start: int, end: int, token: str | No
         if length is None or not length.isdigit():
             raise HubError(
                 f"{source.repo_id}: {shard}: the server ignored the byte range and did not say the file's "
-                "size; it cannot be streamed (merge without --stream)"
+                "size; it cannot be streamed (merge without [[stream=StreamOptions()]])"
             )
         return data[start:end], int(length)  # the server ignored the range: only the beginning was read
 

@@ -198,7 +198,7 @@ def _combined(
         ranks = {p.rank for p in parts}
         if len(ranks) > 1:
             raise UnsupportedAdapterError(
-                f"module {name!r} has ranks {sorted(ranks)} in the inputs; --method {method} "
+                f"module {name!r} has ranks {sorted(ranks)} in the inputs; [[method={method}]] "
                 "adds the A and B factors themselves, which needs one rank (use cat or svd)"
             )
         r = ranks.pop()

@@ -74,7 +74,7 @@ def plan_conversion(
     if lacks:
         raise UnsupportedAdapterError(
             f"{rt.title} cannot serve this adapter: {'; '.join(lacks)}. Merge it into the base model "
-            "instead (rslora-tools merge BASE ADAPTER OUT) and serve the merged model"
+            "instead ([[rslora_tools.merge(BASE, ADAPTER, OUT)]]) and serve the merged model"
         )
     return _plan_for_runtime(adapter, entries, rt, fields)
 

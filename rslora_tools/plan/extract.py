@@ -78,7 +78,7 @@ def plan_extraction(base: Checkpoint, tuned: Checkpoint, target_modules: list[st
         if not any(module == wanted or module.endswith("." + wanted) for module in weights):
             examples = sorted({m.rpartition(".")[2] for m in weights})
             raise InputError(
-                f"--target-modules {wanted!r} names no module of the models that LoRA can express (a "
+                f"[[target_modules={wanted!r}]] names no module of the models that LoRA can express (a "
                 f"module's name or its last part: {', '.join(examples[:6])}{', ...' if len(examples) > 6 else ''})"
             )
     return plan

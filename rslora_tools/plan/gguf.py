@@ -76,7 +76,7 @@ def plan_gguf(adapter: Adapter, entries: list[ModuleEntry], checkpoint: Checkpoi
     if model_type not in ARCHITECTURES:
         raise UnsupportedAdapterError(
             f"{checkpoint.folder}: model_type {model_type!r} is not one rslora-tools maps to llama.cpp tensor names "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))}); write a PEFT folder with --target llama.cpp and use "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))}); write a PEFT folder with [[target]] llama.cpp and use "
             "llama.cpp's convert_lora_to_gguf.py"
         )
     arch_member, permute_qk = ARCHITECTURES[model_type]
@@ -167,7 +167,7 @@ def _refuse_unsupported(adapter: Adapter, entries: list[ModuleEntry]) -> None:
     if problems:
         raise UnsupportedAdapterError(
             f"llama.cpp LoRA files cannot hold {', '.join(problems)}; merge the adapter instead "
-            "(rslora-tools merge BASE ADAPTER OUT) and convert the merged model to GGUF"
+            "([[rslora_tools.merge(BASE, ADAPTER, OUT)]]) and convert the merged model to GGUF"
         )
 
 
@@ -201,7 +201,7 @@ def _refuse_tied_embedding(adapter: Adapter, checkpoint: Checkpoint) -> None:
     if problem:
         raise UnsupportedAdapterError(
             f"{adapter.path}: LoRA on the embedding {problem}; merge the adapter instead "
-            "(rslora-tools merge BASE ADAPTER OUT) and convert the merged model to GGUF"
+            "([[rslora_tools.merge(BASE, ADAPTER, OUT)]]) and convert the merged model to GGUF"
         )
 
 

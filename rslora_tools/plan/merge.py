@@ -61,8 +61,8 @@ def plan_merge(
     quant = plan_quantization(checkpoint, trained_on)
     if keep_quantization and len(parts) > 1:
         raise UnsupportedAdapterError(
-            "--keep-quantization merges one adapter; combine the adapters into one first "
-            "(`rslora-tools combine`), then merge that"
+            "[[keep_quantization=True]] merges one adapter; combine the adapters into one first "
+            "(`[[rslora_tools.combine()]]`), then merge that"
         )
     plans = [
         build_plan(

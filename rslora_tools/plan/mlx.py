@@ -112,7 +112,7 @@ def _refuse(adapter: Adapter, entries: list[ModuleEntry]) -> None:
     if reasons:
         raise UnsupportedAdapterError(
             f"{rt.title} cannot serve this adapter: {'; '.join(reasons)}. Merge it into the base model instead "
-            "(rslora-tools merge BASE ADAPTER OUT) and convert the merged model with mlx_lm.convert"
+            "([[rslora_tools.merge(BASE, ADAPTER, OUT)]]) and convert the merged model with mlx_lm.convert"
         )
 
 

@@ -104,7 +104,7 @@ def plan_quantization(checkpoint: Checkpoint, trained_on: QuantScheme | None) ->
     if scheme is not None:
         if trained_on is not None:
             raise InputError(
-                f"{where}: the base is already quantized ({scheme.label}); --trained-on is for an "
+                f"{where}: the base is already quantized ({scheme.label}); [[trained_on]] is for an "
                 "unquantized base (a quantized base is dequantized as it is)"
             )
         return _prequantized(checkpoint, scheme, conv1d)
@@ -149,12 +149,13 @@ def keep_quantized(plans: dict[str, TensorPlan], quant: QuantPlan, checkpoint: C
     scheme = quant.scheme
     if scheme is None or not quant.prequantized:
         raise InputError(
-            f"{where}: --keep-quantization keeps a quantized base's format, and this base is not "
-            "quantized" + (" (--trained-on only says how it was quantized in training)" if scheme else "")
+            f"{where}: [[keep_quantization=True]] keeps a quantized base's format, and this base is not "
+            "quantized" + (" ([[trained_on]] only says how it was quantized in training)" if scheme else "")
         )
     if scheme.method not in REQUANTIZED_ROLES:
         raise UnsupportedAdapterError(
-            f"{where}: --keep-quantization is not supported for {scheme.label} bases yet (block-scaled FP8, MXFP4 "
+            f"{where}: [[keep_quantization=True]] is not supported for {scheme.label} bases yet (block-scaled FP8, "
+            f"MXFP4 "
             "and compressed-tensors FP8, INT4/INT8 and NVFP4 are); merge without it to write the merged model "
             "unquantized"
         )

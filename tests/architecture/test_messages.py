@@ -1,13 +1,15 @@
 """Messages give advice that can be followed, in the caller's words.
 
 Every flag a message names is an option of a command; every command a message suggests exists and takes the
-options it is shown with; the library's messages name flags the Python API can say in its own words
-(errors.API_WORDS), and a Python caller reads those words, a CLI user the flags.
+options it is shown with. The library's errors name options marked, in the Python API's words
+(`[[overwrite=True]]`, rslora_tools/errors.py), never as flags; the CLI says each as the flag declared on its field
+(rslora_tools/cli/words.py), so a Python caller reads keywords and a CLI user flags.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from helpers import ADAPTER, BASE, cli_run
 
 import rslora_tools
 from rslora_tools.cli import cli
-from rslora_tools.errors import API_WORDS, OutputError, api_words
+from rslora_tools.cli.words import as_flags, said_as_flags
+from rslora_tools.errors import MARKED, OutputError, python_words
 
 PACKAGE = Path(rslora_tools.__file__).parent
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
@@ -26,7 +29,12 @@ SUGGESTION = re.compile(r"rslora-tools (\w+)((?: [^`);,\"]*)?)")
 
 def message_strings(path: Path) -> list[str]:
     """The string constants of a module that are not docstrings, comments or a flag's declaration (f-strings' literal
-    parts joined)."""
+    parts joined), in command-line words (marked options said as their flags)."""
+    return [as_flags(text) for text in marked_strings(path)]
+
+
+def marked_strings(path: Path) -> list[str]:
+    """message_strings as the code writes them, options marked."""
     tree = ast.parse(path.read_text())
     docstrings = {
         id(node.body[0].value)
@@ -92,68 +100,123 @@ def test_every_suggested_command_exists_and_takes_the_options_shown():
     assert wrong == []
 
 
-def test_every_flag_a_library_message_names_has_python_words():
-    missing = {
-        flag for p in LIBRARY for text in message_strings(p) for flag in FLAG.findall(text) if flag not in API_WORDS
+def test_every_marked_option_is_a_flag_of_a_command():
+    """Every `[[...]]` a message marks is said as a flag some command declares (or a command that exists)."""
+    unknown = []
+    for p in EVERYWHERE:
+        for text in marked_strings(p):
+            for words in MARKED.findall(text):
+                if words.startswith("X"):  # made by an expression (flags.marked)
+                    continue
+                try:
+                    said_as_flags(words)
+                except KeyError:
+                    unknown.append(f"{p.relative_to(PACKAGE).as_posix()}: [[{words}]]")
+    assert unknown == []
+
+
+def error_strings(path: Path) -> list[str]:
+    """The string constants (f-strings' literal parts joined) of the errors a module raises or makes."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        called = getattr(node.func, "id", getattr(node.func, "attr", "")) if isinstance(node, ast.Call) else ""
+        if (isinstance(node, ast.Raise) and node.exc is not None) or called.endswith("Error"):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.JoinedStr):
+                    found.append("".join(v.value if isinstance(v, ast.Constant) else "X" for v in sub.values))
+                elif isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                    found.append(sub.value)
+    return found
+
+
+def test_library_errors_name_options_marked_never_as_flags():
+    """A library error says an option in the Python API's words, marked; a flag in one would reach Python callers."""
+    flags = {
+        (p.relative_to(PACKAGE).as_posix(), flag)
+        for p in LIBRARY
+        for text in error_strings(p)
+        for flag in FLAG.findall(MARKED.sub("", text))
     }
-    assert missing == set()
+    assert flags == set()
 
 
-def test_the_python_words_of_a_flag_name_the_field_it_is_declared_on():
-    """API_WORDS says a one-flag option as its field (rslora_tools/flags.py declares which field a flag sets): a
-    renamed field or flag cannot leave a message telling Python callers a keyword that does not exist."""
+def test_each_flag_is_said_back_from_its_python_words():
+    """The words flags.api_words gives each declared flag (its field's, or its Flag.api) are said as that flag: a
+    renamed field or flag cannot leave a message naming a keyword or flag that does not exist."""
+    from rslora_tools.cli.words import flag_table
     from rslora_tools.commands import options as command_options
     from rslora_tools.execute import options as merge_options
-    from rslora_tools.flags import flags_of
+    from rslora_tools.flags import api_words, flags_of
     from rslora_tools.hub.target import PushTarget
 
-    classes = [
-        merge_options.MergeOptions,
-        PushTarget,
-        *(
-            getattr(command_options, n)
-            for n in ("ConvertOptions", "CombineOptions", "ExtractOptions", "VerifyOptions", "InspectOptions")
-        ),
-    ]
+    classes = [merge_options.MergeOptions, merge_options.StreamOptions, PushTarget]
+    classes += [getattr(command_options, n) for n in ("ConvertOptions", "CombineOptions", "ExtractOptions")]
+    classes += [command_options.VerifyOptions, command_options.InspectOptions]
     wrong = []
     for options in classes:
+        fields = {f.name for f in dataclasses.fields(options)}
         for field, _, declared in flags_of(options):
-            if len(declared) != 1 or declared[0].name not in API_WORDS:
-                continue  # a field several flags make up says each in its own words (PushTarget(private=True))
-            flag = declared[0]
-            said = API_WORDS[flag.name]
-            expected = (
-                {f"{field}=True"}
-                if flag.is_flag and flag.secondary is None
-                else {f"{field}=True", f"{field}="}
-                if flag.secondary
-                else {f"{field}="}
-            )
-            if said not in expected and not said.startswith(f"{options.__name__}("):
-                wrong.append(f"{options.__name__}.{field}: {flag.name} is said {said!r}")
+            for index, flag in enumerate(declared):
+                for said, name in zip(api_words(field, index, flag), (flag.name, flag.secondary)):
+                    alone = said + "...)" if said.endswith("(") else said.removesuffix("=")
+                    if said_as_flags(alone) != name or flag_table()[said] != name:
+                        wrong.append(f"{options.__name__}.{field}: {said!r} is not said {name}")
+                    if flag.api is None and said.partition("=")[0] not in fields:
+                        wrong.append(f"{options.__name__}.{field}: {said!r} names no field")
     assert wrong == []
 
 
 @pytest.mark.parametrize(
-    ("cli_words", "python_words"),
+    ("marked", "python", "command_line"),
     [
-        ("pass --overwrite to replace it", "pass overwrite=True to replace it"),
-        ("pass --initial INIT or --base-is-residual", "pass initial=INIT or base_is_residual=True"),
-        ("--rank 8 and --energy go together", "rank=8 and energy go together"),
         (
-            "--scratch and --keep-cache go with --stream",
+            "pass [[overwrite=True]] to replace it",
+            "pass overwrite=True to replace it",
+            "pass --overwrite to replace it",
+        ),
+        (
+            "pass [[initial=INIT]] or [[base_is_residual=True]]",
+            "pass initial=INIT or base_is_residual=True",
+            "pass --initial INIT or --base-is-residual",
+        ),
+        (
+            "[[rank=8]] and [[energy]] go together",
+            "rank=8 and energy go together",
+            "--rank 8 and --energy go together",
+        ),
+        (
+            "[[StreamOptions(scratch=...)]] and [[StreamOptions(keep_cache=True)]] go with [[stream=StreamOptions()]]",
             "StreamOptions(scratch=...) and StreamOptions(keep_cache=True) go with stream=StreamOptions()",
+            "--scratch and --keep-cache go with --stream",
+        ),
+        ("[[StreamOptions(scratch=DIR)]]", "StreamOptions(scratch=DIR)", "--scratch DIR"),
+        (
+            "[[push=PushTarget(REPO_ID)]] [[rslora=False]]",
+            "push=PushTarget(REPO_ID) rslora=False",
+            "--push-to-hub REPO_ID --classic",
         ),
         (
-            "or `rslora-tools push FOLDER REPO_ID --revision BRANCH`",
-            "or `rslora_tools.push(FOLDER, REPO_ID, revision=BRANCH)`",
+            '[[to="rslora"]], [[trained_on_scheme(double_quant=False)]]',
+            'to="rslora", trained_on_scheme(double_quant=False)',
+            "--to-rslora, --no-double-quant",
         ),
-        ("instead (rslora-tools merge BASE ADAPTER OUT) and", "instead (rslora_tools.merge(BASE, ADAPTER, OUT)) and"),
-        ("the --dry-run-like --unknown flag", "the --dry-run-like --unknown flag"),
+        (
+            "or `[[rslora_tools.push(FOLDER, REPO_ID, revision=BRANCH)]]`",
+            "or `rslora_tools.push(FOLDER, REPO_ID, revision=BRANCH)`",
+            "or `rslora-tools push FOLDER REPO_ID --revision BRANCH`",
+        ),
+        (
+            "instead ([[rslora_tools.inspect_adapter(ADAPTER, base=BASE)]]) and",
+            "instead (rslora_tools.inspect_adapter(ADAPTER, base=BASE)) and",
+            "instead (rslora-tools inspect ADAPTER --base BASE) and",
+        ),
+        ("the --dry-run-like words", "the --dry-run-like words", "the --dry-run-like words"),
     ],
 )
-def test_api_words(cli_words, python_words):
-    assert api_words(cli_words) == python_words
+def test_python_and_command_line_words(marked, python, command_line):
+    assert python_words(marked) == python
+    assert as_flags(marked) == command_line
 
 
 def test_a_python_caller_reads_keywords_and_a_cli_user_flags(tmp_path):

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from rslora_tools.cli import cli
 from rslora_tools.cli import options as o
+from rslora_tools.cli.words import as_flags
 from rslora_tools.commands.options import (
     CombineOptions,
     ConvertOptions,
@@ -138,7 +139,7 @@ def test_an_option_error_carries_its_fields_and_says_them_in_each_callers_words(
         MergeOptions(initial="init/", base_is_residual=True)
     assert caught.value.fields["options"] == ("initial", "base_is_residual")
     assert str(caught.value).startswith("initial and base_is_residual=True exclude each other")
-    assert caught.value.cli_message.startswith("--initial and --base-is-residual exclude each other")
+    assert as_flags(caught.value.message).startswith("--initial and --base-is-residual exclude each other")
     with pytest.raises(OptionError) as caught:
         MergeOptions(dtype="fp8")
     assert caught.value.fields["options"] == ("dtype",)
