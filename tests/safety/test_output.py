@@ -199,7 +199,17 @@ def test_a_signal_at_each_step_of_the_swap(old_and_new, monkeypatch, exchange, w
     assert result.exit_code == 130 and "it holds the new output" in result.output
 
 
-def test_signals_from_another_thread_while_writing_and_while_swapping(old_and_new, monkeypatch):
+@pytest.fixture
+def python_sigint():
+    """SIGINT with Python's own handler (KeyboardInterrupt), as a shell gives the command: a process started in the
+    background by a non-interactive shell (`cmd &`, as CI scripts do) inherits SIGINT ignored, and the signal sent
+    here would then be lost. The CLI's `main` installs its own handler; the tests call the commands in-process."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_signals_from_another_thread_while_writing_and_while_swapping(old_and_new, monkeypatch, python_sigint):
     """Another thread signals while the output is written (OUT keeps the old folder) or right after the swap
     (OUT holds the new one): each moment is reached by an event, not a timer, so a busy machine cannot move it."""
     out, old, new = old_and_new
