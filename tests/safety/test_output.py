@@ -404,6 +404,9 @@ def test_ctrl_c_in_the_first_fraction_of_a_second_is_one_line_and_exit_130(modul
 
     code = (
         "import importlib.abc, os, signal, sys\n"
+        # SIGINT as a terminal's shell starts the command (a background job of a non-interactive shell, as a CI
+        # script may run the tests, inherits it ignored)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "class Fire(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
         f"        if name == {module!r}:\n"
