@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import AdapterConfigError, InputError
+from ..errors import AdapterConfigError, InputError, UnsupportedAdapterError
 from ..formats.safetensors_file import SafetensorsHeader, read_bytes, read_tensor
 from .config import CONFIG_NAME, AdapterConfig
+from .tuners import LORA, TUNERS, Tuner, delta_size, saved_rank
 
 if TYPE_CHECKING:
     import torch
@@ -51,11 +52,22 @@ class LoraModule:
     # MultiheadAttention's out_proj: PEFT wraps it inside the MHA layer with the MHA's rank and
     # alpha (patterns match the MHA's name, kept here), and merges its delta twice (see compute/torch_ops.py).
     mha_parent: str | None = None
+    # the PEFT tuner that saved it (adapter/tuners.py): "LORA", or e.g. "LOHA", whose tensors are `factors`
+    method: str = LORA
+    factors: dict[str, str] = field(default_factory=dict)  # a non-LoRA tuner's factor role -> adapter key
+    # PEFT loads the factors into parameters of the base weight's dtype before upcasting them (AdaLoRA's modules
+    # resized by rank_pattern): in half precision they are rounded to it first (docs/peft-rules.md)
+    factors_in_base_dtype: bool = False
 
     @property
     def keys(self) -> list[str]:
         """Every adapter key of this module."""
-        return [k for k in (self.a_key, self.b_key, self.bias_key, self.magnitude_key) if k]
+        return [k for k in (self.a_key, self.b_key, self.bias_key, self.magnitude_key, *self.factors.values()) if k]
+
+    @property
+    def is_lora(self) -> bool:
+        """Saved by PEFT's LoRA (A and B factors), not by another tuner."""
+        return self.method == LORA
 
 
 @dataclass
@@ -71,6 +83,7 @@ class Adapter:
     replacements: dict[str, str] = field(default_factory=dict)  # base parameter path -> adapter key
     token_deltas: dict[str, str] = field(default_factory=dict)  # module path -> adapter key of trainable_tokens_delta
     training_only: list[str] = field(default_factory=list)  # keys a variant saves for training only (not merged)
+    shared: dict[str, str] = field(default_factory=dict)  # adapter-wide tensors of a tuner (VeRA's): role -> key
     _header: SafetensorsHeader | None = field(default=None, repr=False)
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -184,10 +197,15 @@ def strip_peft_prefix(key: str) -> str:
 def group_keys(adapter: Adapter) -> None:
     """Sort adapter keys into LoRA modules, full-tensor replacements and trainable tokens."""
     loose: list[tuple[str, str]] = []
+    tuner = TUNERS.get(adapter.config.method)
     for key in adapter.shapes:
         path = strip_peft_prefix(key)
         if path.endswith(TRAINING_ONLY_SUFFIXES) or any(part in path for part in TRAINING_ONLY_PARTS):
             adapter.training_only.append(key)
+            continue
+        if tuner is not None:
+            if not _add_factor(adapter, tuner, path, key):
+                loose.append((path, key))
             continue
         for suffix, role in _LORA_SUFFIXES.items():
             if path.endswith(suffix):
@@ -214,6 +232,23 @@ def group_keys(adapter: Adapter) -> None:
             adapter.replacements[target] = key
     for module in adapter.modules.values():
         _check_module(adapter, module)
+        if not module.is_lora:
+            module.factors.update(adapter.shared)  # VeRA's shared projections are factors of every module
+            module.factors_in_base_dtype = module.name in resized_modules(adapter.config)
+
+
+def _add_factor(adapter: Adapter, tuner: Tuner, path: str, key: str) -> bool:
+    """Add a key of a non-LoRA tuner: one of its adapter-wide tensors, or a factor of a module (False: neither)."""
+    if tuner.shared and key in tuner.shared:
+        adapter.shared[tuner.shared[key]] = key
+        return True
+    suffix = next((s for s in tuner.factors if path.endswith(s)), None)
+    if suffix is None:
+        return False
+    name = path[: -len(suffix)]
+    module = adapter.modules.setdefault((name, 0), LoraModule(name=name, method=tuner.peft_type))
+    module.factors[tuner.factors[suffix]] = key
+    return True
 
 
 def _unwrap(path: str, wrapped: set[str]) -> str:
@@ -258,6 +293,9 @@ def _add_role(adapter: Adapter, path: str, role: str, key: str) -> None:
 
 def _check_module(adapter: Adapter, module: LoraModule) -> None:
     where = adapter.weights_path
+    if not module.is_lora:
+        _check_tuner_module(adapter, module)
+        return
     if not module.a_key or not module.b_key:
         have = module.a_key or module.b_key or module.magnitude_key or module.bias_key
         raise InputError(f"{where}: module {module.name!r} has {have!r} but not both LoRA A and B tensors")
@@ -275,3 +313,30 @@ def _check_module(adapter: Adapter, module: LoraModule) -> None:
         )
     if adapter.config.use_dora and module.magnitude_key is None and module.depth == 0:
         raise InputError(f"{where}: use_dora is true but module {module.name!r} has no lora_magnitude_vector")
+
+
+def resized_modules(config: AdapterConfig) -> set[str]:
+    """The modules AdaLoRA's loading resizes: each key of its saved rank_pattern (a rank mask) names
+    `<module>.lora_E` (peft 0.21.2 AdaLoraModel.resize_modules_by_rank_pattern, whose new parameters take the base
+    layer's dtype)."""
+    pattern = config.json_dict.get("rank_pattern") if config.method == "ADALORA" else None
+    return {key.rsplit(".", 1)[0] for key in pattern} if isinstance(pattern, dict) else set()
+
+
+def _check_tuner_module(adapter: Adapter, module: LoraModule) -> None:
+    """A non-LoRA module has exactly the factors PEFT's tuner creates, of consistent shapes."""
+    tuner = TUNERS[module.method]
+    where = f"{adapter.weights_path}: module {module.name!r}"
+    if tuner.form_of(set(module.factors)) is None:
+        have = ", ".join(sorted(module.factors))
+        raise InputError(f"{where}: {tuner.name} factors {have} are not a set PEFT saves for one module")
+    if tuner.shared and set(tuner.shared.values()) - set(adapter.shared):
+        raise UnsupportedAdapterError(
+            f"{adapter.weights_path}: the {tuner.name} adapter was saved without its shared projections "
+            "vera_A and vera_B (save_projection=false); rslora-tools merges VeRA adapters that save them"
+        )
+    try:
+        delta_size(module, adapter.shapes)
+        saved_rank(module, adapter.shapes)
+    except (IndexError, KeyError) as e:
+        raise InputError(f"{where}: impossible {tuner.name} factor shapes ({e})") from e

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import AdapterConfigError, UnsupportedAdapterError
 from .scaling import Convention, ModuleScale, backtracking_risk, module_scale
+from .tuners import LORA, TUNERS, Tuner, tuner_scale
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -53,6 +54,11 @@ class AdapterConfig:
     base_model_name_or_path: str | None
     revision: str | None
     json_dict: dict[str, Any] = field(repr=False)
+    method: str = LORA  # the PEFT tuner (`peft_type`): LoRA, or one of adapter/tuners.py's
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method == LORA
 
     @property
     def init_variant(self) -> str | None:
@@ -75,6 +81,8 @@ class AdapterConfig:
 
     def scale_for(self, module_name: str) -> ModuleScale:
         """PEFT's rank, alpha and scale for a module (the one scale implementation)."""
+        if not self.is_lora:
+            return tuner_scale(self, module_name)
         return module_scale(
             module_name,
             r=self.r,
@@ -148,6 +156,8 @@ def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
     if not isinstance(raw, dict):
         raise AdapterConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     _check_peft_type(raw, where)
+    if raw["peft_type"] in TUNERS:
+        return _parse_tuner_config(raw, where, TUNERS[raw["peft_type"]])
 
     def get(name: str, default: Any, check: Callable[[Any], bool], expected: str) -> Any:
         value = raw.get(name, default)
@@ -203,11 +213,67 @@ def _check_peft_type(raw: dict[str, Any], where: str) -> None:
     peft_type = raw.get("peft_type")
     if peft_type is None:
         raise AdapterConfigError(f"{where}: missing 'peft_type'; is this a PEFT adapter folder?")
-    if peft_type != "LORA":
+    if peft_type != LORA and peft_type not in TUNERS:
+        methods = ", ".join(["LORA", *TUNERS])
         raise UnsupportedAdapterError(
-            f"{where}: peft_type is {peft_type!r}; rslora-tools merges LoRA adapters only "
-            "(other PEFT methods use different formulas: merge those with PEFT itself)"
+            f"{where}: peft_type is {peft_type!r}; rslora-tools merges {methods} adapters "
+            "(other PEFT methods use other formulas: merge those with PEFT itself)"
         )
+
+
+def _parse_tuner_config(raw: dict[str, Any], where: str, tuner: Tuner) -> AdapterConfig:
+    """The config of a non-LoRA tuner: its rank and alpha fields as `r` and `lora_alpha`, its patterns (LoHa,
+    LoKr), the fields shared with LoRA; what none of these tuners merges (DoRA, layer replication) refused."""
+
+    def get(name: str, default: Any, check: Callable[[Any], bool], expected: str) -> Any:
+        value = raw.get(name, default)
+        if value is None:
+            value = default
+        if not check(value):
+            raise AdapterConfigError(f"{where}: '{name}' must be {expected}, got {value!r}")
+        return value
+
+    r = get(tuner.rank_field, 8, _is_positive_int, "a positive integer")
+    alpha = get(tuner.alpha_field, 8, _is_number, "a number") if tuner.alpha_field else 1.0
+    patterns: dict[str, dict[str, Any]] = {"rank_pattern": {}, "alpha_pattern": {}}
+    if tuner.alpha_field == "alpha":  # LyCORIS tuners: patterns as LoRA's (AdaLoRA's rank_pattern is its masks)
+        patterns["rank_pattern"] = get(
+            "rank_pattern",
+            {},
+            lambda v: isinstance(v, dict) and all(_is_positive_int(x) for x in v.values()),
+            "an object mapping module patterns to positive integers",
+        )
+        patterns["alpha_pattern"] = get(
+            "alpha_pattern",
+            {},
+            lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+            "an object mapping module patterns to numbers",
+        )
+        _check_pattern_syntax(where, patterns["rank_pattern"], patterns["alpha_pattern"])
+    for name in ("use_dora", "layer_replication", "use_rslora"):
+        if raw.get(name):
+            raise UnsupportedAdapterError(f"{where}: '{name}' is set on a {tuner.name} adapter, which PEFT does not merge")
+    if tuner.peft_type == "ADALORA":
+        _refuse_variants(raw, where)
+    return AdapterConfig(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=False,
+        rank_pattern=dict(patterns["rank_pattern"]),
+        alpha_pattern=dict(patterns["alpha_pattern"]),
+        fan_in_fan_out=get("fan_in_fan_out", False, _is_bool, "true or false"),
+        use_dora=False,
+        lora_bias=False,
+        bias=get("bias", "none", lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'"),
+        modules_to_save=list(get("modules_to_save", [], _is_string_list, "a list of module names")),
+        trainable_token_indices=None,
+        target_parameters=[],
+        ensure_weight_tying=False,
+        base_model_name_or_path=_string_or_none(raw.get("base_model_name_or_path")),
+        revision=_string_or_none(raw.get("revision")),
+        json_dict=raw,
+        method=tuner.peft_type,
+    )
 
 
 def _token_indices(raw: dict[str, Any], where: str) -> Any:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..formats.safetensors_file import safetensors_to_torch_dtype
 from ..plan.tensors import LoraOp, TensorPlan
+from .tuners import apply_tuner
 
 _HALF = {torch.float16, torch.bfloat16}
 _UPCAST = _HALF | {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
@@ -135,6 +136,14 @@ def _add_embedding_in_blocks(w: torch.Tensor, op: LoraOp, read: Reader) -> torch
 
 def apply_lora(w: torch.Tensor, op: LoraOp, read: Reader) -> torch.Tensor:
     """Merge one LoRA module into its (writable) weight; returns the merged weight."""
+    if not op.module.is_lora:  # another tuner (compute/tuners.py), on its layer's own weight
+        factors, rounded = op.module.factors, op.module.factors_in_base_dtype and w.dtype in _HALF
+
+        def factor(role: str) -> torch.Tensor:
+            t = adapter_weight(read, factors[role], w.device)
+            return t.to(w.dtype).float() if rounded else t
+
+        return apply_tuner(w, op, factor)
     if op.rows is not None:  # the module's weight is these rows of W (then maybe reordered): merged in place
         start, stop = op.rows
         view = w[start:stop]

@@ -212,7 +212,8 @@ def _op_fits(
     """One op of a tensor in the kernel: plain LoRA on one weight (a stacked op starts from the previous result).
     `shape` and `start_dtype` are the merged weight's when they are not the output tensor's (--keep-quantization)."""
     if (
-        op.dora
+        not op.module.is_lora
+        or op.dora
         or op.experts != 1
         or op.part is not None
         or op.rows is not None
@@ -326,7 +327,7 @@ def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
             one = math.prod(shape[1:]) * 4  # an expert's slice in fp32
             torch_peak = max(torch_peak, one * (3 + _DEQUANT_FP32_COPIES))
         elif step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT):
-            blocked = all(op.kind in ("linear", "embedding") and not op.dora for op in t.all_lora)
+            blocked = all(op.kind in ("linear", "embedding") and op.module.is_lora and not op.dora for op in t.all_lora)
             shape, nbytes = t.shape, step.nbytes
             if t.quant is not None and t.quant.keep is not None:  # the merged weight, then its codes
                 shape, nbytes = t.quant.keep.shape, tensor_nbytes(t.quant.keep.dtype, t.quant.keep.shape)

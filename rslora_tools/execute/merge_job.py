@@ -197,9 +197,7 @@ def _report(
         convention=",".join(dict.fromkeys(p.config.convention for p in adapter.parts)),
         adapters=[str(p.path) for p in adapter.parts],
         weights=list(adapter.weights),
-        modules=len(
-            {op.module.a_key for op in plan.lora_ops}
-        ),  # an expert module split over several tensors counts once
+        modules=len({op.module.keys[0] for op in plan.lora_ops}),  # an expert module over several tensors: once
         tensors_merged=sum(not s.tensor.untouched or s.tensor.written_with is not None for s in steps),
         tensors_copied=sum(s.kind is StepKind.COPY_BASE for s in steps),
         tensors_total=len(steps),

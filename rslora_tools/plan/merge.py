@@ -272,6 +272,12 @@ class _PlanBuilder:
         layouts = self.resolver.layouts
         for module in self.adapter.lora_modules:
             target, op = place_module(module, self.adapter, self.shape_of, self.resolver, model_type)
+            if not module.is_lora:  # another tuner's module: on its own weight only (plan/placement.py)
+                if target is None:
+                    self._unplaced(module)
+                else:
+                    self._add_op(module, target, op)
+                continue
             if target is None and self.tie.is_missing_head(module.name + ".weight"):
                 self.tie.add_head_lora(module, self.adapter)
                 continue
@@ -352,7 +358,8 @@ class _PlanBuilder:
             return
         if plan.lora is not None:
             raise MismatchError(f"{self.where}: two adapter modules target base tensor {target!r}")
-        check_shapes(op, self.adapter, plan.shape, target)
+        if module.is_lora:  # another tuner's shapes are checked where it is placed
+            check_shapes(op, self.adapter, plan.shape, target)
         plan.lora = op
         if id(op) not in self.tied_outputs:
             self.tie.note_target(target, "lora")
@@ -400,7 +407,7 @@ class _PlanBuilder:
                 "'s conversion rules), which rslora-tools does not merge across; merge this adapter with PEFT"
             )
         self.no_match(
-            f"{self.where}: adapter module {module.name!r} (tensor {module.a_key!r}) matches no tensor in the base "
+            f"{self.where}: adapter module {module.name!r} (tensor {module.keys[0]!r}) matches no tensor in the base "
             f"checkpoint",
             module.keys,
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..adapter.adapter import Adapter, LoraModule
 from ..adapter.module_scales import ModuleEntry, pattern_name, rank_mismatch, target_parameters_of, wraps_parameters
+from ..adapter.tuners import TUNERS, delta_size, saved_rank
 from ..errors import MismatchError, UnsupportedAdapterError
 from .names import NameResolver
 from .tensors import LayerKind, LoraOp
@@ -33,6 +34,8 @@ def place_module(
     module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver, model_type: str | None
 ) -> tuple[str | None, LoraOp]:
     """Find the base tensor a LoRA module changes, and the kind of delta (target None: nothing matches)."""
+    if not module.is_lora:
+        return _place_tuner_module(module, adapter, shape_of, resolver, model_type)
     cfg = adapter.config
     own = resolver.own_parameters(module.name) if cfg.target_parameters else None
     target = resolver.find(module.name + ".weight")
@@ -74,6 +77,60 @@ def place_module(
     # roundings, as a ParamWrapper's); a Linear's adds it in float32 (one)
     kind: LayerKind = "param" if cfg.delta_cast_first and not transpose and module.magnitude_key is None else "linear"
     return target, make_op(module, adapter, kind, w_shape, transpose, scale_name=name)
+
+
+def _place_tuner_module(
+    module: LoraModule, adapter: Adapter, shape_of: ShapeOf, resolver: NameResolver, model_type: str | None
+) -> tuple[str | None, LoraOp]:
+    """A module of another tuner (adapter/tuners.py) on its layer's weight: a Linear, a convolution (LoHa, LoKr,
+    AdaLoRA) or transformers' Conv1D (AdaLoRA, VeRA: fan_in_fan_out), the layers PEFT 0.21.2 wraps with it. Its
+    delta's (out, in * kernel) size must be the weight's, as PEFT reshapes it; its saved rank the config's."""
+    tuner = TUNERS[module.method]
+    scale = adapter.config.scale_for(module.name)
+    target = resolver.find(module.name + ".weight")
+    if target is None:
+        return None, LoraOp(module, "linear", scale)
+    w = shape_of(target)
+    out, inner = delta_size(module, adapter.shapes)
+    where = f"{adapter.weights_path}: {tuner.name} module {module.name!r}"
+    _check_tuner_rank(module, adapter, scale.r, where)
+    if len(w) > 2:
+        if not tuner.conv or len(w) > 4:
+            raise UnsupportedAdapterError(f"{where}: PEFT's {tuner.name} does not wrap a {len(w) - 2}-D convolution")
+        if (out, inner) != (w[0], math.prod(w[1:])):
+            raise MismatchError(f"{where}: its delta is ({out}, {inner}), which does not reshape to {list(w)}")
+        return target, LoraOp(module, "conv", scale)
+    if len(w) != 2:
+        raise MismatchError(f"{where}: base tensor {target!r} {list(w)} is not a layer's weight")
+    plain = out == w[0] and inner in (w[1], -1)
+    transposed = tuner.conv1d and out == w[1] and inner in (w[0], -1)
+    if plain and transposed:  # square: the architecture or the config decides, as for LoRA
+        plain = not (model_type in CONV1D_MODEL_TYPES or adapter.config.fan_in_fan_out)
+    if not plain and not transposed:
+        size = f"({out}, {'in' if inner < 0 else inner})"
+        raise MismatchError(f"{where}: its delta is {size}, but the base weight {target!r} is {list(w)}")
+    if "vera_A" in adapter.shared:
+        _check_vera_projections(adapter, w if plain else w[::-1], scale.r, where)
+    return target, LoraOp(module, "linear", scale, transpose=not plain)
+
+
+def _check_tuner_rank(module: LoraModule, adapter: Adapter, r: int, where: str) -> None:
+    """The saved rank is the config's (AdaLoRA: at most its init_r, which pruning lowers), else PEFT cannot load it."""
+    rank = saved_rank(module, adapter.shapes)
+    pruned = module.method == "ADALORA"
+    if rank is not None and (rank > r if pruned else rank != r):
+        field = "init_r" if pruned else "r (or rank_pattern)"
+        raise MismatchError(f"{where}: the saved factors have rank {rank}, but the config's {field} gives {r}")
+
+
+def _check_vera_projections(adapter: Adapter, w: tuple[int, ...], r: int, where: str) -> None:
+    """VeRA's shared vera_A (r, in) and vera_B (out, r) cover this (out, in) weight (PEFT slices them to it)."""
+    a, b = adapter.shapes[adapter.shared["vera_A"]], adapter.shapes[adapter.shared["vera_B"]]
+    if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r or a[1] < w[1] or b[0] < w[0]:
+        raise MismatchError(
+            f"{where}: the shared vera_A {list(a)} and vera_B {list(b)} do not cover a rank-{r} delta of "
+            f"{list(w)}"
+        )
 
 
 def place_piece(
