@@ -252,7 +252,9 @@ def _parse_tuner_config(raw: dict[str, Any], where: str, tuner: Tuner) -> Adapte
         _check_pattern_syntax(where, patterns["rank_pattern"], patterns["alpha_pattern"])
     for name in ("use_dora", "layer_replication", "use_rslora"):
         if raw.get(name):
-            raise UnsupportedAdapterError(f"{where}: '{name}' is set on a {tuner.name} adapter, which PEFT does not merge")
+            raise UnsupportedAdapterError(
+                f"{where}: '{name}' is set on a {tuner.name} adapter, which PEFT does not merge"
+            )
     if tuner.peft_type == "ADALORA":
         _refuse_variants(raw, where)
     return AdapterConfig(

@@ -30,6 +30,7 @@ from .common import (
     AdapterSpec,
     adapter_input,
     check_push,
+    lora_only,
     publish,
     with_fields,
 )
@@ -99,6 +100,7 @@ def combine(
     sources = [source for _, source in resolved]
     check_push(options, {"adapters": sources})
     loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=options.allow_pickle) for a, _ in resolved]
+    lora_only(loaded, "combine")
     weights = list(options.weights) if options.weights is not None else [1.0] * len(loaded)
     plan = plan_combination(
         loaded,

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..adapter.adapter import Adapter
-from ..errors import InputError, OptionError, OutputInterrupted, PushAfterWriteError, RsloraError
+from ..adapter.tuners import method_name
+from ..errors import (
+    InputError,
+    OptionError,
+    OutputInterrupted,
+    PushAfterWriteError,
+    RsloraError,
+    UnsupportedAdapterError,
+)
 from ..execute.options import OutputOptions
 from ..hub.resolve import InputRole, Source, resolve_input
 
@@ -142,3 +150,14 @@ def check_push(options: OutputOptions, sources: Any) -> None:
     target = options.push_target
     if target is not None:
         target.refuse_inputs(sources)
+
+
+def lora_only(adapters: Sequence[Adapter], what: str) -> None:
+    """Refuse another tuner's adapter (AdaLoRA, LoHa, ...) where only LoRA is handled yet: only a single merge
+    takes those (issue 38)."""
+    for a in adapters:
+        if not a.config.is_lora:
+            raise UnsupportedAdapterError(
+                f"{a.path}: a {method_name(a.config.method)} adapter; {what} takes LoRA adapters only so far "
+                "(merge takes this one alone)"
+            )

@@ -41,6 +41,7 @@ from .common import (
     base_input,
     check_order,
     check_push,
+    lora_only,
     publish,
     with_fields,
 )
@@ -87,6 +88,7 @@ def convert(
     )
     check_push(options, {"adapter": source})
     loaded = path if isinstance(path, Adapter) else load_adapter(path, allow_pickle=options.allow_pickle)
+    lora_only([loaded], "convert")
     report = convert_adapter(loaded, out, options, source)
     report.seconds = time.monotonic() - started
     return report

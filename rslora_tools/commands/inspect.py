@@ -40,7 +40,7 @@ from ..errors import RsloraError
 from ..plan.gguf import tied_embedding_problem
 from ..plan.merge import plan_merge
 from ..reporting import Report
-from .common import AdapterSpec, adapter_input, base_input, check_order, with_fields
+from .common import AdapterSpec, adapter_input, base_input, check_order, lora_only, with_fields
 from .options import InspectOptions
 
 if TYPE_CHECKING:
@@ -129,6 +129,7 @@ def inspect_adapter(adapter: AdapterSpec, *, options: InspectOptions | None = No
     runtimes = list(options.runtimes)
     allow_pickle = options.allow_pickle
     loaded = path if isinstance(path, Adapter) else load_adapter(path, allow_pickle=allow_pickle)
+    lora_only([loaded], "inspect")
     cfg = loaded.config
     entries = module_entries(loaded, check_ranks=False, names=_base_names(loaded, base))
     fields = cfg.normalized()

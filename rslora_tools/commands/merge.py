@@ -25,7 +25,7 @@ from ..execute.options import MergeOptions
 from ..execute.outputs import Folder, GgufFile, HubStream, Output, merge_output
 from ..hub.resolve import resolve_merge_inputs
 from ..reporting import ProgressCallback, counted
-from .common import AdapterSpec, adapter_input, adapter_list, check_order, check_push, publish, with_fields
+from .common import AdapterSpec, adapter_input, adapter_list, check_order, check_push, lora_only, publish, with_fields
 
 __all__ = ["MergeOptions", "MergeReport", "merge", "merge_inputs", "with_initial"]
 
@@ -144,6 +144,7 @@ def merge_inputs(
     loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=options.allow_pickle) for a, _ in resolved]
     sources: dict[str, Any] = {"base": base_source.to_dict(), "adapter": resolved[0][1]}
     if len(loaded) > 1 or options.weights is not None:  # one adapter with a weight: a stack of one
+        lora_only(loaded, "a stacked merge")
         sources["adapters"] = [source for _, source in resolved]
         adapter_obj: Adapter = stack_adapters(loaded, list(options.weights) if options.weights else None)
     else:
@@ -162,4 +163,5 @@ def with_initial(
     """ADAPTER (PiSSA, OLoRA, CorDA, LoRA-GA) relative to the original base, given its INIT adapter."""
     trained = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
     init = initial if isinstance(initial, Adapter) else load_adapter(initial, allow_pickle=allow_pickle)
+    lora_only([trained, init], "a merge relative to the original base ([[initial=INIT]])")
     return relative_to_original(trained, init)

@@ -22,7 +22,7 @@ from ..formats.provenance import PROVENANCE_NAME, read_provenance
 from ..formats.quant import QuantScheme, trained_on_scheme
 from ..hub.resolve import resolve_merge_inputs
 from ..reporting import ProgressCallback
-from .common import AdapterSpec, adapter_input, adapter_list, check_order, with_fields
+from .common import AdapterSpec, adapter_input, adapter_list, check_order, lora_only, with_fields
 from .options import VerifyOptions
 
 __all__ = ["TensorCheck", "VerifyOptions", "VerifyReport", "check_merged", "recipe_text", "verify"]
@@ -75,9 +75,9 @@ def _inputs(
     )
     specs = [first if isinstance(first, Adapter) else first_source.path]
     specs += [adapter_input(a, token=options.token, allow_pickle=options.allow_pickle)[0] for a in adapters[1:]]
-    return base_source.path, [
-        a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=options.allow_pickle) for a in specs
-    ]
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a, allow_pickle=options.allow_pickle) for a in specs]
+    lora_only(loaded, "verify")
+    return base_source.path, loaded
 
 
 def check_merged(

@@ -327,7 +327,9 @@ def estimate_memory(lowered: Lowered, adapter: Adapter) -> int:
             one = math.prod(shape[1:]) * 4  # an expert's slice in fp32
             torch_peak = max(torch_peak, one * (3 + _DEQUANT_FP32_COPIES))
         elif step.kind in (StepKind.TORCH, StepKind.DEQUANT, StepKind.REQUANT):
-            blocked = all(op.kind in ("linear", "embedding") and op.module.is_lora and not op.dora for op in t.all_lora)
+            blocked = all(
+                op.kind in ("linear", "embedding") and op.module.is_lora and not op.dora for op in t.all_lora
+            )
             shape, nbytes = t.shape, step.nbytes
             if t.quant is not None and t.quant.keep is not None:  # the merged weight, then its codes
                 shape, nbytes = t.quant.keep.shape, tensor_nbytes(t.quant.keep.dtype, t.quant.keep.shape)

@@ -128,8 +128,7 @@ def _check_vera_projections(adapter: Adapter, w: tuple[int, ...], r: int, where:
     a, b = adapter.shapes[adapter.shared["vera_A"]], adapter.shapes[adapter.shared["vera_B"]]
     if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r or a[1] < w[1] or b[0] < w[0]:
         raise MismatchError(
-            f"{where}: the shared vera_A {list(a)} and vera_B {list(b)} do not cover a rank-{r} delta of "
-            f"{list(w)}"
+            f"{where}: the shared vera_A {list(a)} and vera_B {list(b)} do not cover a rank-{r} delta of {list(w)}"
         )
 
 

@@ -119,7 +119,10 @@ def test_missing_inputs(tmp_path):
 @pytest.mark.parametrize(
     "edit,fragments",
     [
-        (lambda c: c.update(peft_type="LOHA"), ["peft_type is 'LOHA'", "LoRA adapters only"]),
+        (
+            lambda c: c.update(peft_type="BOFT"),
+            ["peft_type is 'BOFT'", "merges LORA, LOHA, LOKR, ADALORA, VERA adapters"],
+        ),
         (lambda c: c.update(layer_replication=[[0, 2], [1, 2]]), ["layer_replication"]),
         (lambda c: c.update(init_lora_weights="pissa"), ["pissa", "--initial INIT", "--base-is-residual"]),
         (lambda c: c.update(init_lora_weights="pissa_niter_4"), ["pissa_niter_4"]),

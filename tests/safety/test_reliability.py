@@ -511,7 +511,7 @@ CASES: list[tuple[str, Callable[[Path], list]]] = [
         "adapter_config.json without peft_type",
         merge_args(adapter=lambda t: edit_config(t, lambda c: c.pop("peft_type") and None)),
     ),
-    ("unknown peft_type", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(peft_type="LOKR")))),
+    ("unknown peft_type", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(peft_type="BOFT")))),
     ("r is a string", merge_args(adapter=lambda t: edit_config(t, lambda c: c.update(r="8")))),
     (
         "lora_alpha is not a number",

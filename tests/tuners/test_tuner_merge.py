@@ -52,7 +52,12 @@ LINEAR_CONFIGS = {
         r=2, alpha=6, target_modules=ALL_LINEAR, init_weights=False, decompose_both=True, decompose_factor=4
     ),
     "lokr-patterns": lambda: LoKrConfig(
-        r=8, alpha=4, target_modules=ALL_LINEAR, init_weights=False, rank_pattern={"v_proj": 2}, alpha_pattern={"k_proj": 1}
+        r=8,
+        alpha=4,
+        target_modules=ALL_LINEAR,
+        init_weights=False,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"k_proj": 1},
     ),
     "adalora": lambda: adalora(init_r=6, target_r=3, lora_alpha=16, target_modules=ALL_LINEAR),
     "vera": lambda: VeraConfig(r=8, target_modules=ALL_LINEAR, init_weights=False),
@@ -175,3 +180,17 @@ def test_lokr_conv1d_effective_form_merges_where_peft_crashes(tmp_path):
     delta = torch.stack(taps, -1) * 3.0
     merged = read_folder(tmp_path / "out")["c1.weight"]
     torch.testing.assert_close(merged, net.c1.weight.detach() + delta, rtol=1e-5, atol=1e-6)
+
+
+def test_commands_other_than_a_single_merge_refuse_other_tuners_in_one_line(llama_fp32, tmp_path):
+    adapter = make_adapter(llama_fp32, tmp_path / "adapter", LINEAR_CONFIGS["loha"]())
+    for args in (
+        ["inspect", str(adapter)],
+        ["verify", str(llama_fp32), str(llama_fp32), str(adapter)],
+        ["convert", str(adapter), str(tmp_path / "c"), "--to-rslora"],
+        ["merge", str(llama_fp32), str(adapter), str(adapter), str(tmp_path / "m")],
+    ):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert "a LoHa adapter; " in result.output and "LoRA adapters only so far" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
