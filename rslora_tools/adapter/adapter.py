@@ -336,7 +336,7 @@ def _check_tuner_module(adapter: Adapter, module: LoraModule) -> None:
             "vera_A and vera_B (save_projection=false); rslora-tools merges VeRA adapters that save them"
         )
     try:
-        delta_size(module, adapter.shapes)
-        saved_rank(module, adapter.shapes)
+        delta_size(module.method, module.factors, adapter.shapes)
+        saved_rank(module.method, module.factors, adapter.shapes)
     except (IndexError, KeyError) as e:
         raise InputError(f"{where}: impossible {tuner.name} factor shapes ({e})") from e

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import AdapterConfigError, UnsupportedAdapterError
 from .scaling import Convention, ModuleScale, backtracking_risk, module_scale
-from .tuners import LORA, TUNERS, Tuner, tuner_scale
+from .tuners import LORA, TUNERS, Tuner
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -119,6 +119,28 @@ class AdapterConfig:
         return fields
 
 
+def tuner_scale(config: AdapterConfig, module_name: str) -> ModuleScale:
+    """A non-LoRA module's rank, alpha and scale as PEFT's tuner sets them.
+
+    LoHa and LoKr: `alpha / r`, with rank_pattern and alpha_pattern matched as LoRA's. AdaLoRA: `lora_alpha` (its
+    rank when `lora_alpha <= 0`) divided by `ranknum + 1e-5`, ranknum being `init_r` (the rank before pruning,
+    kept when `rank_pattern` resizes a module); the compute reads `alpha` and `r` of this scale to divide as PEFT
+    does. VeRA: no scale (its vectors hold it), 1."""
+    if config.method in ("LOHA", "LOKR"):
+        return module_scale(
+            module_name,
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            use_rslora=False,
+            rank_pattern=config.rank_pattern,
+            alpha_pattern=config.alpha_pattern,
+        )
+    if config.method == "ADALORA":
+        alpha = config.lora_alpha if config.lora_alpha > 0 else float(config.r)
+        return ModuleScale(config.r, config.lora_alpha, alpha / (config.r + 1e-5), False, None, None)
+    return ModuleScale(config.r, 1.0, 1.0, False, None, None)
+
+
 def read_config_file(folder: Path) -> dict[str, Any]:
     """The JSON object in FOLDER/adapter_config.json (not yet validated)."""
     path = folder / CONFIG_NAME
@@ -156,7 +178,7 @@ def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
     if not isinstance(raw, dict):
         raise AdapterConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     _check_peft_type(raw, where)
-    if raw["peft_type"] in TUNERS:
+    if isinstance(raw["peft_type"], str) and raw["peft_type"] in TUNERS:
         return _parse_tuner_config(raw, where, TUNERS[raw["peft_type"]])
 
     def get(name: str, default: Any, check: Callable[[Any], bool], expected: str) -> Any:
@@ -213,7 +235,7 @@ def _check_peft_type(raw: dict[str, Any], where: str) -> None:
     peft_type = raw.get("peft_type")
     if peft_type is None:
         raise AdapterConfigError(f"{where}: missing 'peft_type'; is this a PEFT adapter folder?")
-    if peft_type != LORA and peft_type not in TUNERS:
+    if peft_type != LORA and not (isinstance(peft_type, str) and peft_type in TUNERS):
         methods = ", ".join(["LORA", *TUNERS])
         raise UnsupportedAdapterError(
             f"{where}: peft_type is {peft_type!r}; rslora-tools merges {methods} adapters "

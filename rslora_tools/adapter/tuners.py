@@ -8,14 +8,8 @@ Each tuner's delta is defined once, in compute/tuners.py; this module holds what
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from .scaling import ModuleScale, module_scale
-
-if TYPE_CHECKING:
-    from .adapter import LoraModule
-    from .config import AdapterConfig
 
 LORA = "LORA"
 
@@ -91,51 +85,32 @@ def method_name(peft_type: str) -> str:
     return "LoRA" if peft_type == LORA else TUNERS[peft_type].name
 
 
-def tuner_scale(config: AdapterConfig, module_name: str) -> ModuleScale:
-    """A non-LoRA module's rank, alpha and scale as PEFT's tuner sets them.
-
-    LoHa and LoKr: `alpha / r`, with rank_pattern and alpha_pattern matched as LoRA's. AdaLoRA: `lora_alpha` (its
-    rank when `lora_alpha <= 0`) divided by `ranknum + 1e-5`, ranknum being `init_r` (the rank before pruning,
-    kept when `rank_pattern` resizes a module); the compute reads `alpha` and `r` of this scale to divide as PEFT
-    does. VeRA: no scale (its vectors hold it), 1."""
-    if config.method in (LOHA.peft_type, LOKR.peft_type):
-        return module_scale(
-            module_name,
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            use_rslora=False,
-            rank_pattern=config.rank_pattern,
-            alpha_pattern=config.alpha_pattern,
-        )
-    if config.method == ADALORA.peft_type:
-        alpha = config.lora_alpha if config.lora_alpha > 0 else float(config.r)
-        return ModuleScale(config.r, config.lora_alpha, alpha / (config.r + 1e-5), False, None, None)
-    return ModuleScale(config.r, 1.0, 1.0, False, None, None)
+Shapes = Mapping[str, tuple[int, ...]]
 
 
-def saved_rank(module: LoraModule, shapes: dict[str, tuple[int, ...]]) -> int | None:
-    """The rank a module's saved factors have (None: a LoKr module with both Kronecker factors full has none)."""
-    f = module.factors
-    if module.method == LOHA.peft_type:
+def saved_rank(method: str, f: Mapping[str, str], shapes: Shapes) -> int | None:
+    """The rank a module's saved factors `f` (role -> key) have (None: a LoKr module with both Kronecker factors
+    full has none)."""
+    if method == LOHA.peft_type:
         return shapes[f["w1_b"]][0]
-    if module.method == LOKR.peft_type:
+    if method == LOKR.peft_type:
         if "w1_b" in f:
             return shapes[f["w1_b"]][0]
         return shapes[f["w2_b"]][0] if "w2_b" in f else None
-    if module.method == ADALORA.peft_type:
+    if method == ADALORA.peft_type:
         return shapes[f["A"]][0]
     return shapes[f["lambda_d"]][0]
 
 
-def delta_size(module: LoraModule, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
-    """The (out, in * kernel) size of a module's delta, which PEFT reshapes to the base weight's shape."""
-    f = module.factors
-    if module.method == LOHA.peft_type:
+def delta_size(method: str, f: Mapping[str, str], shapes: Shapes) -> tuple[int, int]:
+    """The (out, in * kernel) size of a module's delta from its factors `f` (role -> key), which PEFT reshapes to the
+    base weight's shape."""
+    if method == LOHA.peft_type:
         if "t1" in f:  # (r, out), (r, in), (r, r, k1, k2)
             t = shapes[f["t1"]]
             return shapes[f["w1_a"]][1], shapes[f["w1_b"]][1] * math.prod(t[2:])
         return shapes[f["w1_a"]][0], shapes[f["w1_b"]][1]
-    if module.method == LOKR.peft_type:
+    if method == LOKR.peft_type:
         w1 = shapes[f["w1"]] if "w1" in f else (shapes[f["w1_a"]][0], shapes[f["w1_b"]][1])
         if "w2" in f:
             w2 = shapes[f["w2"]]
@@ -144,6 +119,6 @@ def delta_size(module: LoraModule, shapes: dict[str, tuple[int, ...]]) -> tuple[
             t = shapes[f["t2"]]
             return w1[0] * shapes[f["w2_a"]][1], w1[1] * shapes[f["w2_b"]][1] * math.prod(t[2:])
         return w1[0] * shapes[f["w2_a"]][0], w1[1] * shapes[f["w2_b"]][1]
-    if module.method == ADALORA.peft_type:
+    if method == ADALORA.peft_type:
         return shapes[f["B"]][0], shapes[f["A"]][1]
     return shapes[f["lambda_b"]][0], -1  # VeRA: its input width is the base's (vera_A is sliced to it)

@@ -91,7 +91,7 @@ def _place_tuner_module(
     if target is None:
         return None, LoraOp(module, "linear", scale)
     w = shape_of(target)
-    out, inner = delta_size(module, adapter.shapes)
+    out, inner = delta_size(module.method, module.factors, adapter.shapes)
     where = f"{adapter.weights_path}: {tuner.name} module {module.name!r}"
     _check_tuner_rank(module, adapter, scale.r, where)
     if len(w) > 2:
@@ -116,7 +116,7 @@ def _place_tuner_module(
 
 def _check_tuner_rank(module: LoraModule, adapter: Adapter, r: int, where: str) -> None:
     """The saved rank is the config's (AdaLoRA: at most its init_r, which pruning lowers), else PEFT cannot load it."""
-    rank = saved_rank(module, adapter.shapes)
+    rank = saved_rank(module.method, module.factors, adapter.shapes)
     pruned = module.method == "ADALORA"
     if rank is not None and (rank > r if pruned else rank != r):
         field = "init_r" if pruned else "r (or rank_pattern)"
