@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import AdapterConfigError, InputError, UnsupportedAdapterError
 from ..formats.safetensors_file import SafetensorsHeader, read_bytes, read_tensor
 from .config import CONFIG_NAME, AdapterConfig
-from .tuners import LORA, TUNERS, Tuner, delta_size, saved_rank
+from .tuners import ADALORA, LORA, TUNERS, Tuner, delta_size, saved_rank
 
 if TYPE_CHECKING:
     import torch
@@ -319,7 +319,7 @@ def resized_modules(config: AdapterConfig) -> set[str]:
     """The modules AdaLoRA's loading resizes: each key of its saved rank_pattern (a rank mask) names
     `<module>.lora_E` (peft 0.21.2 AdaLoraModel.resize_modules_by_rank_pattern, whose new parameters take the base
     layer's dtype)."""
-    pattern = config.json_dict.get("rank_pattern") if config.method == "ADALORA" else None
+    pattern = config.json_dict.get("rank_pattern") if config.method == ADALORA.peft_type else None
     return {key.rsplit(".", 1)[0] for key in pattern} if isinstance(pattern, dict) else set()
 
 

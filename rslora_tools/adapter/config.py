@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import AdapterConfigError, UnsupportedAdapterError
 from .scaling import Convention, ModuleScale, backtracking_risk, module_scale
-from .tuners import LORA, TUNERS, Tuner
+from .tuners import ADALORA, LOHA, LOKR, LORA, TUNERS, Tuner
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -126,7 +126,7 @@ def tuner_scale(config: AdapterConfig, module_name: str) -> ModuleScale:
     rank when `lora_alpha <= 0`) divided by `ranknum + 1e-5`, ranknum being `init_r` (the rank before pruning,
     kept when `rank_pattern` resizes a module); the compute reads `alpha` and `r` of this scale to divide as PEFT
     does. VeRA: no scale (its vectors hold it), 1."""
-    if config.method in ("LOHA", "LOKR"):
+    if config.method in (LOHA.peft_type, LOKR.peft_type):
         return module_scale(
             module_name,
             r=config.r,
@@ -135,7 +135,7 @@ def tuner_scale(config: AdapterConfig, module_name: str) -> ModuleScale:
             rank_pattern=config.rank_pattern,
             alpha_pattern=config.alpha_pattern,
         )
-    if config.method == "ADALORA":
+    if config.method == ADALORA.peft_type:
         alpha = config.lora_alpha if config.lora_alpha > 0 else float(config.r)
         return ModuleScale(config.r, config.lora_alpha, alpha / (config.r + 1e-5), False, None, None)
     return ModuleScale(config.r, 1.0, 1.0, False, None, None)
@@ -173,13 +173,11 @@ def _is_bool(v: object) -> bool:
     return isinstance(v, bool)
 
 
-def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
-    """Validate a loaded adapter_config.json dict; refuse what cannot be merged."""
-    if not isinstance(raw, dict):
-        raise AdapterConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    _check_peft_type(raw, where)
-    if isinstance(raw["peft_type"], str) and raw["peft_type"] in TUNERS:
-        return _parse_tuner_config(raw, where, TUNERS[raw["peft_type"]])
+Getter = Callable[[str, Any, Callable[[Any], bool], str], Any]
+
+
+def _getter(raw: dict[str, Any], where: str) -> Getter:
+    """`get(name, default, check, expected)`: a config field (its default when absent or null), checked."""
 
     def get(name: str, default: Any, check: Callable[[Any], bool], expected: str) -> Any:
         value = raw.get(name, default)
@@ -189,9 +187,12 @@ def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
             raise AdapterConfigError(f"{where}: '{name}' must be {expected}, got {value!r}")
         return value
 
-    r = get("r", 8, _is_positive_int, "a positive integer")
-    lora_alpha = get("lora_alpha", 8, _is_number, "a number")
-    use_rslora = get("use_rslora", False, _is_bool, "true or false")
+    return get
+
+
+def _patterns(get: Getter, where: str) -> tuple[dict[str, int], dict[str, float]]:
+    """rank_pattern and alpha_pattern, checked: positive ranks, finite alphas, keys that are safe regular
+    expressions."""
     rank_pattern = get(
         "rank_pattern",
         {},
@@ -205,6 +206,22 @@ def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
         "an object mapping module patterns to numbers",
     )
     _check_pattern_syntax(where, rank_pattern, alpha_pattern)
+    return rank_pattern, alpha_pattern
+
+
+def parse_config(raw: object, where: str = CONFIG_NAME) -> AdapterConfig:
+    """Validate a loaded adapter_config.json dict; refuse what cannot be merged."""
+    if not isinstance(raw, dict):
+        raise AdapterConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    _check_peft_type(raw, where)
+    if isinstance(raw["peft_type"], str) and raw["peft_type"] in TUNERS:
+        return _parse_tuner_config(raw, where, TUNERS[raw["peft_type"]])
+
+    get = _getter(raw, where)
+    r = get("r", 8, _is_positive_int, "a positive integer")
+    lora_alpha = get("lora_alpha", 8, _is_number, "a number")
+    use_rslora = get("use_rslora", False, _is_bool, "true or false")
+    rank_pattern, alpha_pattern = _patterns(get, where)
     flags = {name: get(name, False, _is_bool, "true or false") for name in ("fan_in_fan_out", "use_dora", "lora_bias")}
     bias = get("bias", "none", lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'")
     modules_to_save = get("modules_to_save", [], _is_string_list, "a list of module names")
@@ -247,44 +264,24 @@ def _parse_tuner_config(raw: dict[str, Any], where: str, tuner: Tuner) -> Adapte
     """The config of a non-LoRA tuner: its rank and alpha fields as `r` and `lora_alpha`, its patterns (LoHa,
     LoKr), the fields shared with LoRA; what none of these tuners merges (DoRA, layer replication) refused."""
 
-    def get(name: str, default: Any, check: Callable[[Any], bool], expected: str) -> Any:
-        value = raw.get(name, default)
-        if value is None:
-            value = default
-        if not check(value):
-            raise AdapterConfigError(f"{where}: '{name}' must be {expected}, got {value!r}")
-        return value
-
+    get = _getter(raw, where)
     r = get(tuner.rank_field, 8, _is_positive_int, "a positive integer")
     alpha = get(tuner.alpha_field, 8, _is_number, "a number") if tuner.alpha_field else 1.0
-    patterns: dict[str, dict[str, Any]] = {"rank_pattern": {}, "alpha_pattern": {}}
-    if tuner.alpha_field == "alpha":  # LyCORIS tuners: patterns as LoRA's (AdaLoRA's rank_pattern is its masks)
-        patterns["rank_pattern"] = get(
-            "rank_pattern",
-            {},
-            lambda v: isinstance(v, dict) and all(_is_positive_int(x) for x in v.values()),
-            "an object mapping module patterns to positive integers",
-        )
-        patterns["alpha_pattern"] = get(
-            "alpha_pattern",
-            {},
-            lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
-            "an object mapping module patterns to numbers",
-        )
-        _check_pattern_syntax(where, patterns["rank_pattern"], patterns["alpha_pattern"])
+    # LyCORIS tuners match patterns as LoRA does; AdaLoRA's rank_pattern holds its rank masks, VeRA has none
+    rank_pattern, alpha_pattern = _patterns(get, where) if tuner.alpha_field == "alpha" else ({}, {})
     for name in ("use_dora", "layer_replication", "use_rslora"):
         if raw.get(name):
             raise UnsupportedAdapterError(
                 f"{where}: '{name}' is set on a {tuner.name} adapter, which PEFT does not merge"
             )
-    if tuner.peft_type == "ADALORA":
+    if tuner is ADALORA:
         _refuse_variants(raw, where)
     return AdapterConfig(
         r=r,
         lora_alpha=alpha,
         use_rslora=False,
-        rank_pattern=dict(patterns["rank_pattern"]),
-        alpha_pattern=dict(patterns["alpha_pattern"]),
+        rank_pattern=dict(rank_pattern),
+        alpha_pattern=dict(alpha_pattern),
         fan_in_fan_out=get("fan_in_fan_out", False, _is_bool, "true or false"),
         use_dora=False,
         lora_bias=False,

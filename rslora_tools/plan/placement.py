@@ -14,7 +14,7 @@ from typing import Any
 
 from ..adapter.adapter import Adapter, LoraModule
 from ..adapter.module_scales import ModuleEntry, pattern_name, rank_mismatch, target_parameters_of, wraps_parameters
-from ..adapter.tuners import TUNERS, delta_size, saved_rank
+from ..adapter.tuners import ADALORA, TUNERS, delta_size, saved_rank
 from ..errors import MismatchError, UnsupportedAdapterError
 from .names import NameResolver
 from .tensors import LayerKind, LoraOp
@@ -117,7 +117,7 @@ def _place_tuner_module(
 def _check_tuner_rank(module: LoraModule, adapter: Adapter, r: int, where: str) -> None:
     """The saved rank is the config's (AdaLoRA: at most its init_r, which pruning lowers), else PEFT cannot load it."""
     rank = saved_rank(module.method, module.factors, adapter.shapes)
-    pruned = module.method == "ADALORA"
+    pruned = module.method == ADALORA.peft_type
     if rank is not None and (rank > r if pruned else rank != r):
         field = "init_r" if pruned else "r (or rank_pattern)"
         raise MismatchError(f"{where}: the saved factors have rank {rank}, but the config's {field} gives {r}")

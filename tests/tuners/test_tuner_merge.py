@@ -12,19 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import cli_run
 from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, VeraConfig
 from peft_oracle import assert_same_tensors, make_adapter, peft_merged_state_dict, read_folder, save_module
-
-from rslora_tools.cli import cli
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def cli_merge(base: Path, adapter: Path, out: Path, *args: str) -> dict:
-    result = CliRunner().invoke(cli, ["merge", str(base), str(adapter), str(out), "--json", *args])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return json.loads(cli_run("merge", base, adapter, out, "--json", *args).stdout)
 
 
 def check(base, adapter: Path, out: Path, *args: str, model=None) -> dict:
@@ -190,7 +186,6 @@ def test_commands_other_than_a_single_merge_refuse_other_tuners_in_one_line(llam
         ["convert", str(adapter), str(tmp_path / "c"), "--to-rslora"],
         ["merge", str(llama_fp32), str(adapter), str(adapter), str(tmp_path / "m")],
     ):
-        result = CliRunner().invoke(cli, args)
-        assert result.exit_code == 1, (args, result.output)
+        result = cli_run(*args, code=1)
         assert "a LoHa adapter; " in result.output and "LoRA adapters only so far" in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
